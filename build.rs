@@ -1,0 +1,504 @@
+//! Build script: turns kernels/*.cu into
+//! - CUBINs for sm_80 and sm_90 plus a compute_80 PTX fallback, compiled by NVRTC and embedded in the
+//!   binary, with each kernel's registers / shared memory / stack / spills parsed from ptxas' report;
+//! - the emu device: the same sources compiled by g++ against src/device/emu/emu.h, one translation
+//!   unit per .cu (only the changed ones are recompiled);
+//! - `kernels_generated.rs`: the table of kernel names Rust code uses (a misspelt kernel does not
+//!   compile).
+//!
+//! NVRTC is found through NVRTC_LIB_DIR, else the usual places. Without it the build still succeeds
+//! with one warning and the binary compiles the embedded source at run time; with
+//! RECLMIS_REQUIRE_NVRTC=1 (CI) a missing NVRTC fails the build.
+
+use std::collections::hash_map::DefaultHasher;
+use std::fmt::Write as _;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::{env, fs};
+
+/// Real-architecture targets that get a CUBIN; the PTX fallback is for compute_80 (JIT on newer GPUs).
+const CUBIN_ARCHS: [u32; 2] = [80, 90];
+const PTX_ARCH: u32 = 80;
+
+struct Module {
+    name: String,
+    /// Source with local #includes inlined (what NVRTC compiles and what the binary embeds).
+    expanded: String,
+    kernels: Vec<String>,
+}
+
+#[derive(Default, Clone)]
+struct Resources {
+    kernel: String,
+    arch: u32,
+    registers: u32,
+    smem: u32,
+    stack: u32,
+    spill_stores: u32,
+    spill_loads: u32,
+}
+
+fn main() {
+    let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
+    let out = PathBuf::from(env::var("OUT_DIR").unwrap());
+    let kdir = root.join("kernels");
+    println!("cargo:rerun-if-changed=kernels");
+    println!("cargo:rerun-if-changed=src/device/emu/emu.h");
+    println!("cargo:rerun-if-changed=src/device/emu/runtime.cpp");
+    for v in [
+        "NVRTC_LIB_DIR",
+        "NVRTC_INCLUDE_DIR",
+        "RECLMIS_REQUIRE_NVRTC",
+        "CUDA_HOME",
+        "CUDA_PATH",
+    ] {
+        println!("cargo:rerun-if-env-changed={v}");
+    }
+
+    let mut cu_files: Vec<PathBuf> = fs::read_dir(&kdir)
+        .expect("kernels/ folder")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cu"))
+        .collect();
+    cu_files.sort();
+    for f in fs::read_dir(&kdir).unwrap() {
+        println!("cargo:rerun-if-changed={}", f.unwrap().path().display());
+    }
+
+    let modules: Vec<Module> = cu_files
+        .iter()
+        .map(|p| {
+            let name = p.file_stem().unwrap().to_string_lossy().into_owned();
+            let expanded = expand_includes(p, &kdir, &mut Vec::new());
+            let kernels = kernel_names(&expanded, p);
+            Module {
+                name,
+                expanded,
+                kernels,
+            }
+        })
+        .collect();
+    check_unique(&modules);
+
+    let want_cuda = env::var_os("CARGO_FEATURE_CUDA").is_some();
+    let require = env::var("RECLMIS_REQUIRE_NVRTC").is_ok_and(|v| v == "1");
+    let mut resources = Vec::new();
+    let mut nvrtc_version = None;
+    for m in &modules {
+        for a in CUBIN_ARCHS {
+            fs::write(out.join(format!("{}.sm_{a}.cubin", m.name)), b"").unwrap();
+        }
+        fs::write(out.join(format!("{}.ptx", m.name)), b"").unwrap();
+        fs::write(out.join(format!("{}.cu", m.name)), &m.expanded).unwrap();
+    }
+    if want_cuda || require {
+        match nvrtc::Nvrtc::load() {
+            Ok(nv) => {
+                nvrtc_version = Some(nv.version.clone());
+                for m in &modules {
+                    resources.extend(nv.compile_module(m, &out));
+                }
+            }
+            Err(why) => {
+                if require {
+                    panic!("RECLMIS_REQUIRE_NVRTC=1 but NVRTC is not usable: {why}");
+                }
+                println!(
+                    "cargo:warning=reclmis: NVRTC not found ({why}); kernels are embedded as source and \
+                     compiled at run time by the target machine's NVRTC. Set NVRTC_LIB_DIR to compile them now."
+                );
+            }
+        }
+    }
+
+    if env::var_os("CARGO_FEATURE_EMU").is_some() {
+        build_emu(&root, &out, &modules);
+    }
+    write_table(&out, &modules, &resources, nvrtc_version.as_deref());
+}
+
+/// Inlines `#include "x"` of files in kernels/ (once each), keeping #line markers for error messages.
+fn expand_includes(path: &Path, kdir: &Path, seen: &mut Vec<PathBuf>) -> String {
+    let text = fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut out = format!("#line 1 \"{}\"\n", path.display());
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim_start();
+        if let Some(rest) = t.strip_prefix("#include \"") {
+            let inc = rest.split('"').next().unwrap();
+            let p = kdir.join(inc);
+            if !seen.contains(&p) {
+                seen.push(p.clone());
+                out.push_str(&expand_includes(&p, kdir, seen));
+            }
+            let _ = writeln!(out, "#line {} \"{}\"", i + 2, path.display());
+        } else if t.starts_with("#pragma once") {
+            out.push('\n');
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// Finds `extern "C" __global__ void name(` and checks the `<op>_<fwd|bwd>_<dtype>` naming rule.
+fn kernel_names(src: &str, path: &Path) -> Vec<String> {
+    let mut names = Vec::new();
+    for (pos, _) in src.match_indices("__global__") {
+        let line_start = src[..pos].rfind('\n').map_or(0, |i| i + 1);
+        let line = &src[line_start..];
+        if line.trim_start().starts_with("//") || line.trim_start().starts_with("#define") {
+            continue;
+        }
+        if !src[line_start..pos].contains("extern \"C\"") {
+            panic!(
+                "{}: every __global__ must be extern \"C\" (unmangled name)",
+                path.display()
+            );
+        }
+        let mut after = src[pos + "__global__".len()..].to_string();
+        // `void __launch_bounds__(256) name(`: drop the attribute and its argument first.
+        if let Some(lb) = after.find("__launch_bounds__") {
+            if after[..lb].trim() == "void" {
+                let close = after[lb..].find(')').unwrap() + lb;
+                after.replace_range(lb..=close, "");
+            }
+        }
+        let paren = after.find('(').unwrap();
+        let name = after[..paren]
+            .split_whitespace()
+            .last()
+            .unwrap()
+            .to_string();
+        let ok = name.ends_with("_f32") || name.ends_with("_bf16") || name.ends_with("_i32");
+        let dir = name.contains("_fwd_") || name.contains("_bwd_");
+        assert!(
+            ok && dir
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+            "{}: kernel `{name}` must be named <op>_<fwd|bwd>_<dtype>",
+            path.display()
+        );
+        names.push(name);
+    }
+    names
+}
+
+fn check_unique(modules: &[Module]) {
+    let mut all: Vec<&str> = modules
+        .iter()
+        .flat_map(|m| m.kernels.iter().map(|s| s.as_str()))
+        .collect();
+    all.sort();
+    for w in all.windows(2) {
+        assert!(w[0] != w[1], "kernel name {} is defined twice", w[0]);
+    }
+}
+
+fn hash_of(parts: &[&[u8]]) -> u64 {
+    let mut h = DefaultHasher::new();
+    for p in parts {
+        p.hash(&mut h);
+    }
+    h.finish()
+}
+
+/// The emu device: one g++ translation unit per module, recompiled only when its inputs changed.
+fn build_emu(root: &Path, out: &Path, modules: &[Module]) {
+    let emu_dir = root.join("src/device/emu");
+    let kdir = root.join("kernels");
+    let header = fs::read(emu_dir.join("emu.h")).unwrap();
+    let common = fs::read(kdir.join("common.cuh")).unwrap();
+    let obj_dir = out.join("emu_obj");
+    fs::create_dir_all(&obj_dir).unwrap();
+    const FLAGS: &str = "-std=c++20 -O2 -DRECLMIS_EMU";
+
+    let mut units: Vec<(String, String)> = Vec::new();
+    for m in modules {
+        let src_path = kdir.join(format!("{}.cu", m.name));
+        let raw = fs::read_to_string(&src_path).unwrap();
+        let mut tu = String::from("#include \"emu.h\"\n");
+        let _ = writeln!(tu, "#line 1 \"{}\"", src_path.display());
+        for line in raw.lines() {
+            tu.push_str(&rewrite_extern_shared(line));
+            tu.push('\n');
+        }
+        tu.push_str("\n// launchers: unpack a cuLaunchKernel-style argument array by the kernel's signature\n");
+        for k in &m.kernels {
+            let _ = writeln!(
+                tu,
+                "extern \"C\" int reclmis_emu_{k}(const emu::LaunchCfg* c, void** a, char* e, size_t n) \
+                 {{ return emu::launch(&{k}, c, a, e, n); }}"
+            );
+        }
+        units.push((m.name.clone(), tu));
+    }
+    units.push((
+        "runtime".into(),
+        fs::read_to_string(emu_dir.join("runtime.cpp")).unwrap(),
+    ));
+
+    let objects: Vec<PathBuf> = std::thread::scope(|s| {
+        let handles: Vec<_> = units
+            .iter()
+            .map(|(name, tu)| {
+                let (obj_dir, emu_dir, kdir) = (&obj_dir, &emu_dir, &kdir);
+                let (header, common) = (&header, &common);
+                s.spawn(move || {
+                    let cpp = obj_dir.join(format!("{name}.cpp"));
+                    let obj = obj_dir.join(format!("{name}.o"));
+                    let stamp = obj_dir.join(format!("{name}.stamp"));
+                    let h = hash_of(&[tu.as_bytes(), header, common, FLAGS.as_bytes()]).to_string();
+                    if obj.exists() && fs::read_to_string(&stamp).is_ok_and(|s| s == h) {
+                        return obj;
+                    }
+                    fs::write(&cpp, tu).unwrap();
+                    let mut b = cc::Build::new();
+                    b.cpp(true)
+                        .file(&cpp)
+                        .include(emu_dir)
+                        .include(kdir)
+                        .opt_level(2)
+                        .debug(false)
+                        .warnings(false)
+                        .cargo_metadata(false);
+                    for f in FLAGS.split_whitespace().filter(|f| !f.starts_with("-O")) {
+                        b.flag(f);
+                    }
+                    b.flag("-Wno-unknown-pragmas");
+                    let objs = b.compile_intermediates();
+                    fs::copy(&objs[0], &obj).unwrap();
+                    fs::write(&stamp, h).unwrap();
+                    obj
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("emu compile"))
+            .collect()
+    });
+    let mut b = cc::Build::new();
+    b.cpp(true);
+    for o in &objects {
+        b.object(o);
+    }
+    b.compile("reclmis_emu");
+}
+
+/// `extern __shared__ __align__(16) float smem[];` is not C++: the emu reads dynamic shared memory
+/// through a pointer instead.
+fn rewrite_extern_shared(line: &str) -> String {
+    let t = line.trim_start();
+    let Some(rest) = t.strip_prefix("extern __shared__") else {
+        return line.to_string();
+    };
+    let mut rest = rest.trim();
+    if let Some(r) = rest.strip_prefix("__align__(") {
+        rest = r.split_once(')').unwrap().1.trim();
+    }
+    let decl = rest.trim_end_matches(';').trim();
+    let decl = decl
+        .strip_suffix("[]")
+        .expect("extern __shared__ T name[];")
+        .trim();
+    let (ty, name) = decl.rsplit_once(char::is_whitespace).unwrap();
+    format!("{ty}* {name} = reinterpret_cast<{ty}*>(::emu::dynamic_smem());")
+}
+
+fn write_table(out: &Path, modules: &[Module], res: &[Resources], nvrtc: Option<&str>) {
+    let mut s = String::from("// Generated by build.rs from kernels/*.cu. Do not edit.\n\n");
+    s.push_str(
+        "/// Every CUDA kernel of the project; the variant names are the `extern \"C\"` kernel names.\n\
+         #[allow(non_camel_case_types)]\n#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]\npub enum Kernel {\n",
+    );
+    let all: Vec<(usize, &String)> = modules
+        .iter()
+        .enumerate()
+        .flat_map(|(i, m)| m.kernels.iter().map(move |k| (i, k)))
+        .collect();
+    for (_, k) in &all {
+        let _ = writeln!(s, "    {k},");
+    }
+    s.push_str("}\n\nimpl Kernel {\n    pub const ALL: &'static [Kernel] = &[");
+    for (_, k) in &all {
+        let _ = write!(s, "Kernel::{k}, ");
+    }
+    s.push_str("];\n    pub const fn name(self) -> &'static str {\n        match self {\n");
+    for (_, k) in &all {
+        let _ = writeln!(s, "            Kernel::{k} => \"{k}\",");
+    }
+    s.push_str("        }\n    }\n    /// Index into [`MODULES`].\n    pub const fn module(self) -> usize {\n        match self {\n");
+    for (i, k) in &all {
+        let _ = writeln!(s, "            Kernel::{k} => {i},");
+    }
+    s.push_str("        }\n    }\n}\n\n");
+    s.push_str("pub static MODULES: &[ModuleInfo] = &[\n");
+    for m in modules {
+        let _ = write!(
+            s,
+            "    ModuleInfo {{ name: \"{n}\", source: include_str!(concat!(env!(\"OUT_DIR\"), \"/{n}.cu\")), \
+             ptx: include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{n}.ptx\")), cubins: &[",
+            n = m.name
+        );
+        for a in CUBIN_ARCHS {
+            let _ = write!(
+                s,
+                "({a}, include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{}.sm_{a}.cubin\"))), ",
+                m.name
+            );
+        }
+        s.push_str("] },\n");
+    }
+    s.push_str("];\n\npub static RESOURCES: &[KernelResources] = &[\n");
+    for r in res {
+        let _ = writeln!(
+            s,
+            "    KernelResources {{ kernel: \"{}\", arch: {}, registers: {}, smem_bytes: {}, stack_bytes: {}, \
+             spill_stores: {}, spill_loads: {} }},",
+            r.kernel, r.arch, r.registers, r.smem, r.stack, r.spill_stores, r.spill_loads
+        );
+    }
+    s.push_str("];\n\n");
+    let _ = writeln!(
+        s,
+        "/// NVRTC version that compiled the embedded CUBINs, or None (run-time compile)."
+    );
+    match nvrtc {
+        Some(v) => {
+            let _ = writeln!(s, "pub const NVRTC_AT_BUILD: Option<&str> = Some(\"{v}\");");
+        }
+        None => s.push_str("pub const NVRTC_AT_BUILD: Option<&str> = None;\n"),
+    }
+    let _ = writeln!(s, "pub const PTX_ARCH: u32 = {PTX_ARCH};\n");
+    s.push_str("#[cfg(feature = \"emu\")]\nmod emu_symbols {\n    use crate::device::emu::EmuLaunchFn;\n    extern \"C\" {\n");
+    for (_, k) in &all {
+        let _ = writeln!(
+            s,
+            "        pub fn reclmis_emu_{k}(cfg: *const crate::device::emu::EmuLaunchCfg, args: *mut *mut core::ffi::c_void, err: *mut core::ffi::c_char, errlen: usize) -> i32;"
+        );
+    }
+    s.push_str("    }\n    pub fn entry(k: super::Kernel) -> EmuLaunchFn {\n        match k {\n");
+    for (_, k) in &all {
+        let _ = writeln!(s, "            super::Kernel::{k} => reclmis_emu_{k},");
+    }
+    s.push_str("        }\n    }\n}\n#[cfg(feature = \"emu\")]\npub(crate) use emu_symbols::entry as emu_entry;\n");
+    fs::write(out.join("kernels_generated.rs"), s).unwrap();
+}
+
+#[path = "src/device/nvrtc_compile.rs"]
+#[allow(dead_code)]
+mod nvrtc_compile;
+
+mod nvrtc {
+    use super::nvrtc_compile::{load_nvrtc, nvrtc_compile};
+    use super::*;
+
+    pub struct Nvrtc {
+        pub version: String,
+        include_dir: Option<String>,
+    }
+
+    impl Nvrtc {
+        pub fn load() -> Result<Nvrtc, String> {
+            if env::var_os("NVRTC_LIB_DIR").is_none() {
+                if let Some(home) = env::var_os("HOME") {
+                    // where .ci/run and ../shared/gpu/bundle.sh keep the pinned wheel
+                    let d = PathBuf::from(home)
+                        .join(".cache/reclmis-nvrtc/lib/python3.11/site-packages/nvidia/cu13/lib");
+                    if d.exists() {
+                        env::set_var("NVRTC_LIB_DIR", d);
+                    }
+                }
+            }
+            let version = load_nvrtc()?;
+            let include_dir = env::var("NVRTC_INCLUDE_DIR").ok();
+            Ok(Nvrtc {
+                version,
+                include_dir,
+            })
+        }
+
+        fn compile(
+            &self,
+            m: &Module,
+            arch: &str,
+            verbose: bool,
+        ) -> Result<(Vec<u8>, String), String> {
+            nvrtc_compile(
+                &m.expanded,
+                &format!("{}.cu", m.name),
+                arch,
+                verbose,
+                self.include_dir.as_deref(),
+            )
+        }
+
+        pub fn compile_module(&self, m: &Module, out: &Path) -> Vec<Resources> {
+            let mut res = Vec::new();
+            for a in CUBIN_ARCHS {
+                let (cubin, log) =
+                    self.compile(m, &format!("sm_{a}"), true)
+                        .unwrap_or_else(|log| {
+                            panic!("NVRTC failed on kernels/{}.cu for sm_{a}:\n{log}", m.name)
+                        });
+                fs::write(out.join(format!("{}.sm_{a}.cubin", m.name)), cubin).unwrap();
+                fs::write(out.join(format!("{}.sm_{a}.log", m.name)), &log).unwrap();
+                let parsed = parse_ptxas(&log, a);
+                for k in &m.kernels {
+                    let r = parsed.iter().find(|r| &r.kernel == k).cloned();
+                    res.push(r.unwrap_or_else(|| {
+                        panic!("ptxas report has no entry for {k} (sm_{a}):\n{log}")
+                    }));
+                }
+            }
+            let (ptx, _) = self
+                .compile(m, &format!("compute_{PTX_ARCH}"), false)
+                .unwrap_or_else(|log| {
+                    panic!("NVRTC failed on kernels/{}.cu (PTX):\n{log}", m.name)
+                });
+            fs::write(out.join(format!("{}.ptx", m.name)), ptx).unwrap();
+            res
+        }
+    }
+
+    fn num_before(s: &str, key: &str) -> Option<u32> {
+        let i = s.find(key)?;
+        s[..i].split_whitespace().last()?.parse().ok()
+    }
+
+    /// ptxas -v reports, per entry function:
+    ///   ptxas info : Compiling entry function 'k' for 'sm_80'
+    ///   ptxas info : Function properties for k
+    ///       0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+    ///   ptxas info : Used 40 registers, used 1 barriers, 8704 bytes smem, 400 bytes cmem[0]
+    pub(super) fn parse_ptxas(log: &str, arch: u32) -> Vec<Resources> {
+        let mut out: Vec<Resources> = Vec::new();
+        let mut cur: Option<usize> = None;
+        for line in log.lines() {
+            if let Some(i) = line.find("Compiling entry function '") {
+                let name = line[i + 26..].split('\'').next().unwrap().to_string();
+                out.push(Resources {
+                    kernel: name,
+                    arch,
+                    ..Default::default()
+                });
+                cur = Some(out.len() - 1);
+                continue;
+            }
+            let Some(c) = cur else { continue };
+            let r = &mut out[c];
+            if line.contains("bytes stack frame") {
+                r.stack = num_before(line, "bytes stack frame").unwrap_or(0);
+                r.spill_stores = num_before(line, "bytes spill stores").unwrap_or(0);
+                r.spill_loads = num_before(line, "bytes spill loads").unwrap_or(0);
+            }
+            if line.contains("Used ") && line.contains("registers") {
+                r.registers = num_before(line, "registers").unwrap_or(0);
+                r.smem = num_before(line, "bytes smem").unwrap_or(0);
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,105 @@
+// common.cuh: device helpers shared by every kernel family.
+//
+// The only place with inline PTX: each wrapper has a real path under NVRTC and an emulated path
+// under g++ (the emu device, RECLMIS_EMU), so kernels never contain raw asm.
+#pragma once
+
+#ifndef RECLMIS_EMU
+typedef unsigned int uint32_t;
+typedef int int32_t;
+typedef unsigned long long uint64_t;
+typedef long long int64_t;
+#endif
+
+#define RECLMIS_INF __int_as_float(0x7f800000)
+
+// Parameter structs are shared with Rust (#[repr(C)]): a size mismatch must not compile.
+#define RECLMIS_PARAMS_SIZE(T, n) static_assert(sizeof(T) == (n), #T " must match its Rust mirror")
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Block-wide sum for blockDim.x a multiple of 32 (<= 1024); `scratch` holds 32 floats.
+// Every thread gets the result.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();  // scratch may still be read by a previous call
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < nwarps ? scratch[lane] : 0.f;
+    return warp_sum(v);
+}
+
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < nwarps ? scratch[lane] : -RECLMIS_INF;
+    return warp_max(v);
+}
+
+// f32 -> tf32 (cvt.rna: round to nearest, ties away from zero; 10 mantissa bits kept).
+__device__ __forceinline__ uint32_t f32_to_tf32(float x) {
+#ifdef RECLMIS_EMU
+    uint32_t u = __float_as_uint(x);
+    if ((u & 0x7f800000u) != 0x7f800000u) u += 0x1000u;  // inf/nan pass through
+    return u & 0xffffe000u;
+#else
+    uint32_t r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+    return r;
+#endif
+}
+
+// d = a * b + c for one warp, m16n8k8, tf32 operands and f32 accumulation.
+// Fragment layout (PTX ISA, mma.m16n8k8 .tf32), g = lane / 4, t = lane % 4:
+//   a[0] = A[g][t]   a[1] = A[g+8][t]   a[2] = A[g][t+4]   a[3] = A[g+8][t+4]      (A: 16x8, row major)
+//   b[0] = B[t][g]   b[1] = B[t+4][g]                                            (B: 8x8, k x n)
+//   c[i] = C[g + 8*(i/2)][2*t + i%2]                                              (C, D: 16x8)
+// The emulator below is written from the same table, so only a GPU run checks it against the
+// hardware: tests/gemm.rs has the GPU-vs-emu cross-check.
+__device__ __forceinline__ void mma_m16n8k8_tf32(float d[4], const uint32_t a[4], const uint32_t b[2],
+                                                 const float c[4]) {
+#ifdef RECLMIS_EMU
+    uint64_t* s = emu::warp_slots();  // this warp's slots, [lane][16]
+    const unsigned me = emu::lane();
+    uint64_t* mine = s + me * 16;
+    for (int i = 0; i < 4; ++i) mine[i] = a[i];
+    for (int i = 0; i < 2; ++i) mine[4 + i] = b[i];
+    emu::sync_warp(__LINE__);
+    if (emu::warp_live_mask() != 0xffffffffu) emu::trap("mma.sync needs all 32 lanes", __LINE__);
+    const unsigned g = me / 4, t = me % 4;
+    float out[4];
+    for (int i = 0; i < 4; ++i) {
+        const unsigned row = g + 8 * (i / 2), col = 2 * t + i % 2;
+        float acc = c[i];
+        for (unsigned k = 0; k < 8; ++k) {
+            const uint64_t* la = s + ((row % 8) * 4 + k % 4) * 16;  // lane holding A[row][k]
+            const uint64_t* lb = s + (col * 4 + k % 4) * 16;        // lane holding B[k][col]
+            float av = __uint_as_float((uint32_t)la[(row >= 8 ? 1 : 0) + (k >= 4 ? 2 : 0)] & 0xffffe000u);
+            float bv = __uint_as_float((uint32_t)lb[4 + (k >= 4 ? 1 : 0)] & 0xffffe000u);
+            acc = fmaf(av, bv, acc);
+        }
+        out[i] = acc;
+    }
+    emu::sync_warp(__LINE__);  // everyone has read the slots before they are reused
+    for (int i = 0; i < 4; ++i) d[i] = out[i];
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%10,%11,%12,%13};"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
+          "f"(c[3]));
+#endif
+}

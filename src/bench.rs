@@ -1,0 +1,346 @@
+//! `reclmis bench`: per kernel and shape, the median time, GFLOP/s and GB/s (minimum bytes moved).
+//!
+//! cpu: wall clock around the op. cuda: device events around the op after warm-up runs, with the L2
+//! cache flushed (a 256 MiB memset) before every repetition so that each run starts cold. emu: wall
+//! clock on small shapes; it measures the emulator, not a GPU.
+//!
+//! With a peer (`--peer PYTHON`), the same cases run in PyTorch in the same invocation (the script
+//! benches/peer_torch.py, 2 threads on cpu) and each line gets the ratio of our throughput to the
+//! peer's.
+
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::ops::elementwise::{self, UnaryOp};
+use crate::ops::gemm::{self, GemmAlgo, GemmOpts};
+use crate::ops::{reduce, softmax, transpose};
+use crate::tensor::Tensor;
+use std::time::Instant;
+
+/// One benchmark case: what it computes and how to call it.
+pub struct Case {
+    /// Group name used by `--op` (gemm, gemm_tc, softmax, ...).
+    pub op: &'static str,
+    pub shape: String,
+    pub flops: f64,
+    pub bytes: f64,
+    /// The equivalent PyTorch expression for the peer script, if any.
+    pub peer: Option<String>,
+    run: Box<dyn Fn() -> Result<Tensor>>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Measurement {
+    pub op: &'static str,
+    pub shape: String,
+    pub median_s: f64,
+    pub gflops: f64,
+    pub gbs: f64,
+    pub peer_median_s: Option<f64>,
+}
+
+fn rand_tensor(shape: &[usize], seed: u64, dev: &Device) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    let v = (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        })
+        .collect();
+    Tensor::from_vec(v, shape, dev)
+}
+
+/// The cases for a device. emu gets small shapes: it runs every CUDA thread as a fiber.
+pub fn cases(dev: &Device) -> Result<Vec<Case>> {
+    let small = matches!(dev, Device::Emu);
+    let mut v = Vec::new();
+    let gemm_sizes: &[usize] = if small {
+        &[64, 128]
+    } else if dev.is_gpu_like() {
+        &[1024, 2048, 4096]
+    } else {
+        &[256, 1024, 2048]
+    };
+    for &s in gemm_sizes {
+        let algos: &[(&str, GemmAlgo)] = if dev.is_gpu_like() {
+            &[("gemm", GemmAlgo::Tiled), ("gemm_tc", GemmAlgo::TensorCore)]
+        } else {
+            &[("gemm", GemmAlgo::Auto)]
+        };
+        for &(name, algo) in algos {
+            let (a, b) = (rand_tensor(&[s, s], 1, dev)?, rand_tensor(&[s, s], 2, dev)?);
+            v.push(Case {
+                op: name,
+                shape: format!("{s}x{s}x{s}"),
+                flops: 2.0 * (s * s * s) as f64,
+                bytes: 12.0 * (s * s) as f64,
+                peer: Some(format!("mm {s} {s} {s}")),
+                run: Box::new(move || {
+                    gemm::matmul(
+                        &a,
+                        &b,
+                        GemmOpts {
+                            algo,
+                            ..Default::default()
+                        },
+                    )
+                }),
+            });
+        }
+    }
+    // Attention-like shapes of the model: 32 images x 4 heads, 196 image tokens.
+    let (rows, cols) = if small {
+        (96, 196)
+    } else {
+        (32 * 4 * 196, 196)
+    };
+    let x = rand_tensor(&[rows, cols], 3, dev)?;
+    let x2 = x.clone();
+    v.push(Case {
+        op: "softmax",
+        shape: format!("{rows}x{cols}"),
+        flops: 5.0 * (rows * cols) as f64,
+        bytes: 8.0 * (rows * cols) as f64,
+        peer: Some(format!("softmax {rows} {cols}")),
+        run: Box::new(move || softmax::softmax(&x)),
+    });
+    let y = softmax::softmax(&x2)?;
+    let dy = rand_tensor(&[rows, cols], 4, dev)?;
+    v.push(Case {
+        op: "softmax_bwd",
+        shape: format!("{rows}x{cols}"),
+        flops: 4.0 * (rows * cols) as f64,
+        bytes: 12.0 * (rows * cols) as f64,
+        peer: None,
+        run: Box::new(move || softmax::softmax_backward(&y, &dy, false)),
+    });
+    // A U-Net activation: batch 8 (2 on emu), 64 channels, 224x224 (28x28 on emu).
+    let (bt, c, hw) = if small { (2, 8, 28) } else { (8, 64, 224) };
+    let act = rand_tensor(&[bt, c, hw, hw], 5, dev)?;
+    let bias = rand_tensor(&[1, c, 1, 1], 6, dev)?;
+    let n = (bt * c * hw * hw) as f64;
+    let a1 = act.clone();
+    v.push(Case {
+        op: "relu",
+        shape: format!("{bt}x{c}x{hw}x{hw}"),
+        flops: n,
+        bytes: 8.0 * n,
+        peer: Some(format!("relu {bt} {c} {hw} {hw}")),
+        run: Box::new(move || elementwise::unary(&a1, UnaryOp::Relu)),
+    });
+    let a2 = act.clone();
+    v.push(Case {
+        op: "add_bcast",
+        shape: format!("{bt}x{c}x{hw}x{hw}+1x{c}x1x1"),
+        flops: n,
+        bytes: 8.0 * n,
+        peer: Some(format!("add_bcast {bt} {c} {hw} {hw}")),
+        run: Box::new(move || elementwise::add(&a2, &bias)),
+    });
+    let a3 = act.clone();
+    v.push(Case {
+        op: "sum",
+        shape: format!("{bt}x{c}x{hw}x{hw} axis 1"),
+        flops: n,
+        bytes: 4.0 * n + 4.0 * n / c as f64,
+        peer: Some(format!("sum1 {bt} {c} {hw} {hw}")),
+        run: Box::new(move || reduce::sum(&a3, 1)),
+    });
+    let a4 = act.clone();
+    v.push(Case {
+        op: "max",
+        shape: format!("{bt}x{c}x{} axis -1", hw * hw),
+        flops: n,
+        bytes: 4.0 * n + 8.0 * n / (hw * hw) as f64,
+        peer: None,
+        run: Box::new(move || Ok(reduce::max(&a4.reshape(&[bt, c, hw * hw])?, -1)?.0)),
+    });
+    let (tb, tr, tc) = if small { (2, 36, 40) } else { (32, 196, 512) };
+    let t = rand_tensor(&[tb, tr, tc], 7, dev)?;
+    v.push(Case {
+        op: "transpose",
+        shape: format!("{tb}x{tr}x{tc} -> {tb}x{tc}x{tr}"),
+        flops: 0.0,
+        bytes: 8.0 * (tb * tr * tc) as f64,
+        peer: Some(format!("transpose {tb} {tr} {tc}")),
+        run: Box::new(move || transpose::transpose(&t, 1, 2)),
+    });
+    Ok(v)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Times one case: `warmup` untimed runs, then the median of `reps`.
+pub fn measure(dev: &Device, case: &Case, warmup: usize, reps: usize) -> Result<f64> {
+    for _ in 0..warmup {
+        case.run.as_ref()()?;
+    }
+    dev.synchronize()?;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = dev {
+        use cudarc::driver::sys::CUevent_flags;
+        let flush = d
+            .context()
+            .default_stream()
+            .alloc_zeros::<u8>(256 << 20)
+            .map_err(|e| Error::Cuda(e.to_string()))?;
+        let mut times = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            d.fill(&flush, 0)?;
+            let ev = |_| {
+                d.stream()
+                    .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                    .map_err(|e| Error::Cuda(e.to_string()))
+            };
+            let start = ev(())?;
+            let out = case.run.as_ref()()?;
+            let end = ev(())?;
+            end.synchronize().map_err(|e| Error::Cuda(e.to_string()))?;
+            times.push(
+                start
+                    .elapsed_ms(&end)
+                    .map_err(|e| Error::Cuda(e.to_string()))? as f64
+                    / 1e3,
+            );
+            drop(out);
+        }
+        return Ok(median(times));
+    }
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        let out = case.run.as_ref()()?;
+        dev.synchronize()?;
+        times.push(t0.elapsed().as_secs_f64());
+        drop(out);
+    }
+    Ok(median(times))
+}
+
+/// Runs the peer script once for all cases that have a PyTorch form; returns median seconds by
+/// peer spec.
+fn run_peer(
+    python: &str,
+    specs: &[String],
+    device: &str,
+    reps: usize,
+) -> Result<Vec<(String, f64)>> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/peer_torch.py");
+    let out = std::process::Command::new(python)
+        .arg(script)
+        .arg("--device")
+        .arg(device)
+        .arg("--reps")
+        .arg(reps.to_string())
+        .args(specs)
+        .output()
+        .map_err(|e| Error::Other(format!("cannot run peer {python}: {e}")))?;
+    if !out.status.success() {
+        return Err(Error::Other(format!(
+            "peer script failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut res = Vec::new();
+    for line in text.lines() {
+        // "<spec>\t<median seconds>"
+        if let Some((spec, t)) = line.rsplit_once('\t') {
+            if let Ok(t) = t.trim().parse::<f64>() {
+                res.push((spec.to_string(), t));
+            }
+        }
+    }
+    Ok(res)
+}
+
+pub struct BenchOpts<'a> {
+    pub filter: Option<&'a str>,
+    pub peer: Option<&'a str>,
+    pub reps: usize,
+}
+
+pub fn run(dev: &Device, opts: &BenchOpts) -> Result<Vec<Measurement>> {
+    let all = cases(dev)?;
+    let chosen: Vec<&Case> = all
+        .iter()
+        .filter(|c| opts.filter.is_none_or(|f| c.op == f))
+        .collect();
+    if chosen.is_empty() {
+        let names: Vec<&str> = all.iter().map(|c| c.op).collect();
+        return Err(Error::Other(format!(
+            "no benchmark named {:?}; known: {}",
+            opts.filter.unwrap_or(""),
+            names.join(", ")
+        )));
+    }
+    let mut out = Vec::new();
+    for c in &chosen {
+        let (warm, reps) = if matches!(dev, Device::Emu) {
+            (1, 3)
+        } else {
+            (2, opts.reps)
+        };
+        let t = measure(dev, c, warm, reps)?;
+        out.push(Measurement {
+            op: c.op,
+            shape: c.shape.clone(),
+            median_s: t,
+            gflops: c.flops / t / 1e9,
+            gbs: c.bytes / t / 1e9,
+            peer_median_s: None,
+        });
+    }
+    if let Some(py) = opts.peer {
+        let specs: Vec<String> = chosen.iter().filter_map(|c| c.peer.clone()).collect();
+        let device = if matches!(dev, Device::Cuda(_)) {
+            "cuda"
+        } else {
+            "cpu"
+        };
+        let peer = run_peer(py, &specs, device, opts.reps)?;
+        for (m, c) in out.iter_mut().zip(&chosen) {
+            if let Some(spec) = &c.peer {
+                m.peer_median_s = peer.iter().find(|(s, _)| s == spec).map(|(_, t)| *t);
+            }
+        }
+    }
+    Ok(out)
+}
+
+pub fn format_table(dev: &Device, ms: &[Measurement]) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(s, "device: {}", dev.describe());
+    let _ = writeln!(
+        s,
+        "{:<12} {:<34} {:>12} {:>10} {:>9} {:>12} {:>8}",
+        "op", "shape", "median", "GFLOP/s", "GB/s", "peer median", "ratio"
+    );
+    for m in ms {
+        let (pt, ratio) = match m.peer_median_s {
+            Some(p) => (
+                format!("{:.3} ms", p * 1e3),
+                format!("{:.2}x", p / m.median_s),
+            ),
+            None => ("-".into(), "-".into()),
+        };
+        let _ = writeln!(
+            s,
+            "{:<12} {:<34} {:>9.3} ms {:>10.1} {:>9.1} {:>12} {:>8}",
+            m.op,
+            m.shape,
+            m.median_s * 1e3,
+            m.gflops,
+            m.gbs,
+            pt,
+            ratio
+        );
+    }
+    s
+}

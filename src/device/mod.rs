@@ -1,0 +1,250 @@
+//! Devices: `cpu` (fast Rust), `cuda` (cudarc, kernels from kernels/*.cu) and `emu` (the same .cu
+//! sources compiled by g++ and run by a fiber scheduler, for tests on machines with no GPU).
+//!
+//! cuda and emu share one launch path: an op computes its [`LaunchCfg`] and its `#[repr(C)]`
+//! params struct once and calls [`Device::launch`]; only buffer handling and the final call differ.
+
+#[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(feature = "emu")]
+pub mod emu;
+#[cfg(feature = "cuda")]
+pub(crate) mod nvrtc_compile;
+
+use crate::error::{Error, Result};
+use crate::kernels::Kernel;
+use crate::tensor::{CpuStorage, DType, Storage};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[cfg(feature = "cuda")]
+pub use cuda::CudaDevice;
+/// Stand-in when built without the `cuda` feature: it has no values, so `Device::Cuda` cannot be
+/// constructed and every path returns [`Error::NoCuda`] at the point of choosing the device.
+#[cfg(not(feature = "cuda"))]
+#[derive(Debug)]
+pub enum CudaDevice {}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DeviceKind {
+    Cpu,
+    Cuda,
+    Emu,
+}
+
+impl fmt::Display for DeviceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Cuda => "cuda",
+            DeviceKind::Emu => "emu",
+        })
+    }
+}
+
+/// What the user asked for with `--device`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceChoice {
+    /// cuda when a GPU is usable, else cpu
+    Auto,
+    Cpu,
+    Cuda,
+    Emu,
+}
+
+#[derive(Clone)]
+pub enum Device {
+    Cpu,
+    Cuda(Arc<CudaDevice>),
+    Emu,
+}
+
+impl fmt::Debug for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.kind())
+    }
+}
+
+impl PartialEq for Device {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Device::Cuda(a), Device::Cuda(b)) => Arc::ptr_eq(a, b),
+            _ => self.kind() == other.kind(),
+        }
+    }
+}
+
+/// Grid, block and dynamic shared memory of one launch, computed once by the op for cuda and emu.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaunchCfg {
+    pub grid: (u32, u32, u32),
+    pub block: (u32, u32, u32),
+    pub smem_bytes: u32,
+}
+
+impl LaunchCfg {
+    /// A 1-D grid-stride launch over `n` elements: enough blocks to fill a large GPU, capped so
+    /// that the emulator does not spin up millions of blocks for big tensors.
+    pub fn elementwise(n: usize) -> LaunchCfg {
+        let block = 256u32;
+        let blocks = n.div_ceil(block as usize).clamp(1, 4096) as u32;
+        LaunchCfg {
+            grid: (blocks, 1, 1),
+            block: (block, 1, 1),
+            smem_bytes: 0,
+        }
+    }
+}
+
+/// A kernel's parameter struct.
+///
+/// # Safety
+/// The type must be `#[repr(C)]`, `Copy`, contain no references, and have exactly the layout of
+/// the struct the kernel takes (the .cu side checks its size with a `static_assert`).
+pub unsafe trait KernelParams: Copy + 'static {}
+
+static POISON: AtomicBool = AtomicBool::new(false);
+
+/// Tests call this: every output buffer is then filled with NaN (0xFF bytes) before the kernel
+/// runs, so an element the kernel forgets to write fails the comparison.
+pub fn set_poison(on: bool) {
+    POISON.store(on, Ordering::Relaxed);
+}
+
+pub(crate) fn poison_enabled() -> bool {
+    POISON.load(Ordering::Relaxed)
+}
+
+impl Device {
+    /// Resolves a `--device` choice. `auto` never fails: no driver or no GPU means the cpu.
+    pub fn from_choice(choice: DeviceChoice) -> Result<Device> {
+        match choice {
+            DeviceChoice::Cpu => Ok(Device::Cpu),
+            DeviceChoice::Emu => Device::emu(),
+            DeviceChoice::Cuda => Device::cuda(0),
+            DeviceChoice::Auto => Ok(Device::cuda(0).unwrap_or(Device::Cpu)),
+        }
+    }
+
+    /// The first usable CUDA device, or a clear reason why there is none. Never panics.
+    pub fn cuda(ordinal: usize) -> Result<Device> {
+        #[cfg(feature = "cuda")]
+        {
+            Ok(Device::Cuda(Arc::new(CudaDevice::open(ordinal)?)))
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = ordinal;
+            Err(Error::NoCuda(
+                "this binary was built without the `cuda` feature".into(),
+            ))
+        }
+    }
+
+    pub fn emu() -> Result<Device> {
+        if cfg!(feature = "emu") {
+            Ok(Device::Emu)
+        } else {
+            Err(Error::NoEmu)
+        }
+    }
+
+    pub fn kind(&self) -> DeviceKind {
+        match self {
+            Device::Cpu => DeviceKind::Cpu,
+            Device::Cuda(_) => DeviceKind::Cuda,
+            Device::Emu => DeviceKind::Emu,
+        }
+    }
+
+    /// A one-line description (GPU name and compute capability for cuda).
+    pub fn describe(&self) -> String {
+        match self {
+            Device::Cpu => format!("cpu ({} rayon threads)", rayon::current_num_threads()),
+            Device::Emu => "emu (CUDA source compiled by g++, one fiber per CUDA thread)".into(),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => d.describe(),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(d) => match **d {},
+        }
+    }
+
+    /// Allocates a buffer for `numel` elements. Poisoned with NaN bytes when [`set_poison`] is on,
+    /// zeroed otherwise.
+    pub(crate) fn alloc(&self, dtype: DType, numel: usize) -> Result<Storage> {
+        let poison = poison_enabled();
+        match self {
+            Device::Cpu => Ok(Storage::Cpu(match dtype {
+                DType::F32 => CpuStorage::F32(vec![if poison { f32::NAN } else { 0.0 }; numel]),
+                DType::I32 => CpuStorage::I32(vec![if poison { -1 } else { 0 }; numel]),
+            })),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => Ok(Storage::Cuda(d.alloc(numel * dtype.size(), poison)?)),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(d) => match **d {},
+            #[cfg(feature = "emu")]
+            Device::Emu => Ok(Storage::Emu(emu::EmuBuffer::new(
+                numel * dtype.size(),
+                poison,
+            ))),
+            #[cfg(not(feature = "emu"))]
+            Device::Emu => Err(Error::NoEmu),
+        }
+    }
+
+    /// Copies host bytes into a new buffer on this device.
+    pub(crate) fn upload(&self, host: CpuStorage) -> Result<Storage> {
+        match self {
+            Device::Cpu => Ok(Storage::Cpu(host)),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => Ok(Storage::Cuda(d.upload(host.as_bytes())?)),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(d) => match **d {},
+            #[cfg(feature = "emu")]
+            Device::Emu => Ok(Storage::Emu(emu::EmuBuffer::from_bytes(host.as_bytes()))),
+            #[cfg(not(feature = "emu"))]
+            Device::Emu => Err(Error::NoEmu),
+        }
+    }
+
+    /// Launches `kernel` with one argument, its params struct, exactly as cuLaunchKernel takes it.
+    pub fn launch<P: KernelParams>(
+        &self,
+        kernel: Kernel,
+        cfg: LaunchCfg,
+        params: &P,
+    ) -> Result<()> {
+        let mut args = [params as *const P as *mut core::ffi::c_void];
+        match self {
+            Device::Cpu => Err(Error::Unsupported {
+                op: kernel.name(),
+                detail: "CUDA kernels do not run on the cpu device (its ops use Rust code)".into(),
+            }),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => d.launch(kernel, cfg, &mut args),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(d) => match **d {},
+            #[cfg(feature = "emu")]
+            Device::Emu => emu::launch(kernel, cfg, &mut args),
+            #[cfg(not(feature = "emu"))]
+            Device::Emu => {
+                let _ = (cfg, &mut args);
+                Err(Error::NoEmu)
+            }
+        }
+    }
+
+    /// Waits for every launched kernel (cuda); a no-op elsewhere.
+    pub fn synchronize(&self) -> Result<()> {
+        match self {
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => d.synchronize(),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn is_gpu_like(&self) -> bool {
+        !matches!(self, Device::Cpu)
+    }
+}

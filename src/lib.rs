@@ -1,0 +1,18 @@
+//! reclmis: a from-scratch GPU compute engine for language-guided medical image segmentation.
+//!
+//! Layers, each knowing only the ones below: `ops` (one folder per op: API, params struct, cpu
+//! path, reference, kernel launch), `tensor`, `device` (cpu | cuda | emu), `kernels` (the table
+//! generated from kernels/*.cu).
+
+pub mod bench;
+pub mod device;
+pub mod error;
+pub mod kernels;
+pub mod ops;
+pub mod selfcheck;
+pub mod tensor;
+pub mod testing;
+
+pub use device::{Device, DeviceChoice, DeviceKind};
+pub use error::{Error, Result};
+pub use tensor::{DType, Tensor};

@@ -1,0 +1,95 @@
+//! The `reclmis` command line.
+
+use clap::{Parser, Subcommand};
+use reclmis::device::{Device, DeviceChoice};
+use reclmis::{bench, kernels, selfcheck};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "reclmis",
+    version,
+    about = "GPU compute engine for language-guided medical image segmentation"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run every op on the device and compare it with the f64 reference (the quick health check)
+    Selfcheck {
+        #[arg(long, value_enum, default_value = "auto")]
+        device: DeviceChoice,
+    },
+    /// Time each kernel: median, GFLOP/s, GB/s, and the ratio to PyTorch with --peer
+    Bench {
+        #[arg(long, value_enum, default_value = "auto")]
+        device: DeviceChoice,
+        /// Only this benchmark group (gemm, gemm_tc, softmax, softmax_bwd, relu, add_bcast, sum, max, transpose)
+        #[arg(long)]
+        op: Option<String>,
+        /// A Python with torch installed: run benches/peer_torch.py in the same invocation
+        #[arg(long)]
+        peer: Option<String>,
+        /// Timed repetitions per case (the median is reported)
+        #[arg(long, default_value_t = 10)]
+        reps: usize,
+    },
+    /// List the kernels with the registers, shared memory, stack and spills ptxas reported
+    Kernels,
+    /// Say which devices are usable here, and why not
+    Devices,
+}
+
+fn run(cli: Cli) -> reclmis::Result<()> {
+    match cli.cmd {
+        Cmd::Selfcheck { device } => {
+            let dev = Device::from_choice(device)?;
+            let report = selfcheck::run(&dev)?;
+            print!("{}", report.text);
+            if !report.ok {
+                return Err(reclmis::Error::Other("self-check failed".into()));
+            }
+        }
+        Cmd::Bench {
+            device,
+            op,
+            peer,
+            reps,
+        } => {
+            let dev = Device::from_choice(device)?;
+            let opts = bench::BenchOpts {
+                filter: op.as_deref(),
+                peer: peer.as_deref(),
+                reps: reps.max(1),
+            };
+            let ms = bench::run(&dev, &opts)?;
+            print!("{}", bench::format_table(&dev, &ms));
+        }
+        Cmd::Kernels => print!("{}", kernels::report()),
+        Cmd::Devices => {
+            println!("cpu: usable ({} threads)", rayon::current_num_threads());
+            match Device::cuda(0) {
+                Ok(d) => println!("cuda: usable: {}", d.describe()),
+                Err(e) => println!("cuda: not usable: {e}"),
+            }
+            match Device::emu() {
+                Ok(_) => println!("emu: usable (test device: CUDA source on the CPU)"),
+                Err(e) => println!("emu: {e}"),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("reclmis: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

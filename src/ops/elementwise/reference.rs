@@ -1,0 +1,107 @@
+//! Naive references in f64, written to be obviously right. Tests only.
+
+use super::{broadcast_shape, BinaryOp, UnaryOp};
+use crate::ops::contiguous_strides;
+
+pub fn unary(x: &[f32], op: UnaryOp) -> Vec<f64> {
+    x.iter()
+        .map(|&v| {
+            let v = v as f64;
+            match op {
+                UnaryOp::Relu => {
+                    if v > 0.0 {
+                        v
+                    } else {
+                        0.0
+                    }
+                }
+                UnaryOp::Sigmoid => 1.0 / (1.0 + (-v).exp()),
+                UnaryOp::Exp => v.exp(),
+                UnaryOp::Log => v.ln(),
+                UnaryOp::Scale(s) => s as f64 * v,
+                UnaryOp::AddScalar(s) => v + s as f64,
+            }
+        })
+        .collect()
+}
+
+/// dx = dy · f'(x), with the derivative written from x (not from y as the fast paths do).
+pub fn unary_backward(op: UnaryOp, x: &[f32], dy: &[f32]) -> Vec<f64> {
+    x.iter()
+        .zip(dy)
+        .map(|(&v, &g)| {
+            let (v, g) = (v as f64, g as f64);
+            g * match op {
+                UnaryOp::Relu => {
+                    if v > 0.0 {
+                        1.0
+                    } else {
+                        0.0
+                    }
+                }
+                UnaryOp::Sigmoid => {
+                    let s = 1.0 / (1.0 + (-v).exp());
+                    s * (1.0 - s)
+                }
+                UnaryOp::Exp => v.exp(),
+                UnaryOp::Log => 1.0 / v,
+                UnaryOp::Scale(s) => s as f64,
+                UnaryOp::AddScalar(_) => 1.0,
+            }
+        })
+        .collect()
+}
+
+/// Index of output coordinate `c` in an operand of `shape` broadcast to `out`.
+fn source_index(c: &[usize], shape: &[usize], out: &[usize]) -> usize {
+    let off = out.len() - shape.len();
+    let st = contiguous_strides(shape);
+    (0..shape.len())
+        .map(|i| if shape[i] == 1 { 0 } else { c[i + off] * st[i] })
+        .sum()
+}
+
+pub fn binary(a: &[f32], sa: &[usize], b: &[f32], sb: &[usize], op: BinaryOp) -> Vec<f64> {
+    let out = broadcast_shape(sa, sb).unwrap();
+    let n: usize = out.iter().product();
+    let st = contiguous_strides(&out);
+    (0..n)
+        .map(|i| {
+            let c: Vec<usize> = (0..out.len()).map(|d| (i / st[d]) % out[d]).collect();
+            let x = a[source_index(&c, sa, &out)] as f64;
+            let z = b[source_index(&c, sb, &out)] as f64;
+            match op {
+                BinaryOp::Add => x + z,
+                BinaryOp::Sub => x - z,
+                BinaryOp::Mul => x * z,
+            }
+        })
+        .collect()
+}
+
+/// (da, db): dy times the local derivative, accumulated into each operand's elements.
+pub fn binary_backward(
+    a: &[f32],
+    sa: &[usize],
+    b: &[f32],
+    sb: &[usize],
+    dy: &[f32],
+    op: BinaryOp,
+) -> (Vec<f64>, Vec<f64>) {
+    let out = broadcast_shape(sa, sb).unwrap();
+    let st = contiguous_strides(&out);
+    let (mut da, mut db) = (vec![0.0; a.len()], vec![0.0; b.len()]);
+    for (i, &g) in dy.iter().enumerate() {
+        let c: Vec<usize> = (0..out.len()).map(|d| (i / st[d]) % out[d]).collect();
+        let (ia, ib) = (source_index(&c, sa, &out), source_index(&c, sb, &out));
+        let g = g as f64;
+        let (ga, gb) = match op {
+            BinaryOp::Add => (g, g),
+            BinaryOp::Sub => (g, -g),
+            BinaryOp::Mul => (g * b[ib] as f64, g * a[ia] as f64),
+        };
+        da[ia] += ga;
+        db[ib] += gb;
+    }
+    (da, db)
+}

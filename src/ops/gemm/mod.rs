@@ -1,0 +1,249 @@
+//! Batched GEMM: C = alpha · op(A) · op(B), f32 in and out, op = identity or transpose.
+//!
+//! Shapes: A is [..., m, k] ([..., k, m] when transposed), B is [..., k, n] ([..., n, k]); the batch
+//! dims of A and B must match, or one operand is 2-D and shared by every batch (a weight). The
+//! result is [..., m, n]. Transposes cost nothing: they only swap the strides the kernel reads.
+//!
+//! On cuda and emu, `GemmAlgo::Tiled` is exact f32 (FMA, shared-memory tiles) and
+//! `GemmAlgo::TensorCore` rounds operands to tf32 (10-bit mantissa, like PyTorch's allow_tf32)
+//! with f32 accumulation. `Auto` picks Tiled: exactness is the default, speed is asked for.
+
+pub mod cpu;
+pub mod reference;
+
+use crate::device::{Device, KernelParams, LaunchCfg};
+use crate::error::{Error, Result};
+use crate::kernels::Kernel;
+use crate::ops::check_u32;
+use crate::tensor::{DType, Tensor};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum GemmAlgo {
+    #[default]
+    Auto,
+    Tiled,
+    TensorCore,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GemmOpts {
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub alpha: f32,
+    pub algo: GemmAlgo,
+}
+
+impl Default for GemmOpts {
+    fn default() -> Self {
+        GemmOpts {
+            trans_a: false,
+            trans_b: false,
+            alpha: 1.0,
+            algo: GemmAlgo::Auto,
+        }
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct GemmParams {
+    a: u64,
+    b: u64,
+    c: u64,
+    m: u32,
+    n: u32,
+    k: u32,
+    batch: u32,
+    sa_batch: i64,
+    sa_row: i64,
+    sa_col: i64,
+    sb_batch: i64,
+    sb_row: i64,
+    sb_col: i64,
+    sc_batch: i64,
+    sc_row: i64,
+    alpha: f32,
+    beta: f32,
+}
+unsafe impl KernelParams for GemmParams {}
+const _: () = assert!(std::mem::size_of::<GemmParams>() == 112);
+
+/// Sizes and element strides of one batched product, shared by every device path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemmShape {
+    pub batch: usize,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    /// (batch, row, col) strides of A as an m x k matrix (batch stride 0 when shared).
+    pub sa: (usize, usize, usize),
+    pub sb: (usize, usize, usize),
+}
+
+impl GemmShape {
+    pub fn flops(&self) -> f64 {
+        2.0 * (self.batch * self.m * self.n * self.k) as f64
+    }
+}
+
+/// Works out the product's sizes and strides, and the output shape.
+pub fn plan(
+    a: &[usize],
+    b: &[usize],
+    trans_a: bool,
+    trans_b: bool,
+) -> Result<(GemmShape, Vec<usize>)> {
+    if a.len() < 2 || b.len() < 2 {
+        return Err(Error::shape(
+            "matmul",
+            format!("operands need 2+ dims, got {a:?} and {b:?}"),
+        ));
+    }
+    let (ra, rb) = (a.len(), b.len());
+    let (m, ka) = if trans_a {
+        (a[ra - 1], a[ra - 2])
+    } else {
+        (a[ra - 2], a[ra - 1])
+    };
+    let (kb, n) = if trans_b {
+        (b[rb - 1], b[rb - 2])
+    } else {
+        (b[rb - 2], b[rb - 1])
+    };
+    if ka != kb {
+        return Err(Error::shape(
+            "matmul",
+            format!(
+                "inner dims differ: {a:?}{} x {b:?}{}",
+                if trans_a { "ᵀ" } else { "" },
+                if trans_b { "ᵀ" } else { "" }
+            ),
+        ));
+    }
+    let (ba, bb) = (&a[..ra - 2], &b[..rb - 2]);
+    let batch_dims = if ba == bb || bb.is_empty() {
+        ba
+    } else if ba.is_empty() {
+        bb
+    } else {
+        return Err(Error::shape(
+            "matmul",
+            format!("batch dims {ba:?} and {bb:?} differ"),
+        ));
+    };
+    let batch: usize = batch_dims.iter().product();
+    // A stored [.., rows_a, cols_a] row-major; as an m x k matrix its strides are (cols_a, 1), or
+    // (1, cols_a) when transposed.
+    let sa = (
+        if ba.is_empty() { 0 } else { m * ka },
+        if trans_a { 1 } else { ka },
+        if trans_a { m } else { 1 },
+    );
+    let sb = (
+        if bb.is_empty() { 0 } else { ka * n },
+        if trans_b { 1 } else { n },
+        if trans_b { ka } else { 1 },
+    );
+    let mut out = batch_dims.to_vec();
+    out.extend([m, n]);
+    Ok((
+        GemmShape {
+            batch,
+            m,
+            n,
+            k: ka,
+            sa,
+            sb,
+        },
+        out,
+    ))
+}
+
+pub fn matmul(a: &Tensor, b: &Tensor, opts: GemmOpts) -> Result<Tensor> {
+    a.same_device("matmul", &[b])?;
+    a.expect_dtype("matmul", DType::F32)?;
+    b.expect_dtype("matmul", DType::F32)?;
+    let (s, out_shape) = plan(a.shape(), b.shape(), opts.trans_a, opts.trans_b)?;
+    let dev = a.device();
+    if let Device::Cpu = dev {
+        let c = cpu::gemm(a.cpu_f32("matmul")?, b.cpu_f32("matmul")?, &s, opts.alpha);
+        return Tensor::from_vec(c, &out_shape, dev);
+    }
+    let c = Tensor::empty(&out_shape, DType::F32, dev)?;
+    if c.numel() == 0 {
+        return Ok(c);
+    }
+    if s.k == 0 {
+        // Nothing to accumulate: C is zero (the kernels would not run their k loop at all, but
+        // zero-filling is clearer than relying on that).
+        return Tensor::zeros(&out_shape, dev);
+    }
+    launch(
+        dev,
+        a.dev_ptr(),
+        b.dev_ptr(),
+        c.dev_ptr(),
+        &s,
+        opts.alpha,
+        0.0,
+        opts.algo,
+    )?;
+    Ok(c)
+}
+
+/// Launches one batched GEMM on cuda or emu; `beta != 0` accumulates into `c`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn launch(
+    dev: &Device,
+    a: u64,
+    b: u64,
+    c: u64,
+    s: &GemmShape,
+    alpha: f32,
+    beta: f32,
+    algo: GemmAlgo,
+) -> Result<()> {
+    if s.batch > 65535 {
+        return Err(Error::Unsupported {
+            op: "matmul",
+            detail: format!("batch {} exceeds a grid's z range", s.batch),
+        });
+    }
+    let p = GemmParams {
+        a,
+        b,
+        c,
+        m: check_u32("matmul", s.m)?,
+        n: check_u32("matmul", s.n)?,
+        k: check_u32("matmul", s.k)?,
+        batch: s.batch as u32,
+        sa_batch: s.sa.0 as i64,
+        sa_row: s.sa.1 as i64,
+        sa_col: s.sa.2 as i64,
+        sb_batch: s.sb.0 as i64,
+        sb_row: s.sb.1 as i64,
+        sb_col: s.sb.2 as i64,
+        sc_batch: (s.m * s.n) as i64,
+        sc_row: s.n as i64,
+        alpha,
+        beta,
+    };
+    let grid = (
+        (s.n as u32).div_ceil(64),
+        (s.m as u32).div_ceil(64),
+        s.batch as u32,
+    );
+    let (kernel, threads) = match algo {
+        GemmAlgo::TensorCore => (Kernel::gemm_tc_fwd_f32, 128),
+        GemmAlgo::Tiled | GemmAlgo::Auto => (Kernel::gemm_fwd_f32, 256),
+    };
+    dev.launch(
+        kernel,
+        LaunchCfg {
+            grid,
+            block: (threads, 1, 1),
+            smem_bytes: 0,
+        },
+        &p,
+    )
+}

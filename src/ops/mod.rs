@@ -1,0 +1,43 @@
+//! Ops, one folder each: the public API with its backward, the `#[repr(C)]` params struct and
+//! launch configuration for cuda and emu, the fast cpu path (`cpu.rs`) and the naive reference
+//! with f64 accumulation (`reference.rs`, what the tests compare against).
+
+pub mod elementwise;
+pub mod gemm;
+pub mod reduce;
+pub mod softmax;
+pub mod transpose;
+
+use crate::error::{Error, Result};
+
+/// Largest rank the index-decoding kernels take after adjacent dims are merged.
+pub const MAX_RANK: usize = 6;
+
+/// Row-major strides of a shape.
+pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1; shape.len()];
+    for d in (0..shape.len().saturating_sub(1)).rev() {
+        s[d] = s[d + 1] * shape[d + 1];
+    }
+    s
+}
+
+/// Kernels index with u32 dims and strides; bigger tensors get an error instead of wrong results.
+pub(crate) fn check_u32(op: &'static str, what: usize) -> Result<u32> {
+    u32::try_from(what).map_err(|_| Error::Unsupported {
+        op,
+        detail: format!("{what} exceeds the u32 index range"),
+    })
+}
+
+/// Normalises a possibly negative axis.
+pub(crate) fn axis_index(op: &'static str, axis: isize, rank: usize) -> Result<usize> {
+    let a = if axis < 0 { axis + rank as isize } else { axis };
+    if a < 0 || a as usize >= rank {
+        return Err(Error::shape(
+            op,
+            format!("axis {axis} out of range for rank {rank}"),
+        ));
+    }
+    Ok(a as usize)
+}

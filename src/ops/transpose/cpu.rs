@@ -1,0 +1,49 @@
+//! Fast cpu permutation: 32x32 tiles for a swap of the last two dims (both sides stay in cache),
+//! an index walk for anything else.
+
+use crate::ops::contiguous_strides;
+use rayon::prelude::*;
+
+const TILE: usize = 32;
+
+/// `shape`, `perm` as returned by `simplify` (merged, at least 2 dims).
+pub fn permute(x: &[f32], shape: &[usize], perm: &[usize]) -> Vec<f32> {
+    let r = perm.len();
+    let mut y = vec![0.0f32; x.len()];
+    if x.is_empty() {
+        return y;
+    }
+    if perm[..r - 2].iter().enumerate().all(|(i, &p)| i == p) && perm[r - 2] == r - 1 {
+        let (rows, cols) = (shape[r - 2], shape[r - 1]);
+        y.par_chunks_mut(rows * cols)
+            .zip(x.par_chunks(rows * cols))
+            .for_each(|(yb, xb)| {
+                for r0 in (0..rows).step_by(TILE) {
+                    for c0 in (0..cols).step_by(TILE) {
+                        for c in c0..(c0 + TILE).min(cols) {
+                            for rr in r0..(r0 + TILE).min(rows) {
+                                yb[c * rows + rr] = xb[rr * cols + c];
+                            }
+                        }
+                    }
+                }
+            });
+        return y;
+    }
+    let st = contiguous_strides(shape);
+    let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+    let in_strides: Vec<usize> = perm.iter().map(|&p| st[p]).collect();
+    let inner = out_shape[r - 1];
+    y.par_chunks_mut(inner).enumerate().for_each(|(row, yr)| {
+        let (mut src, mut rem) = (0, row);
+        for d in (0..r - 1).rev() {
+            src += (rem % out_shape[d]) * in_strides[d];
+            rem /= out_shape[d];
+        }
+        let s = in_strides[r - 1];
+        for (j, o) in yr.iter_mut().enumerate() {
+            *o = x[src + j * s];
+        }
+    });
+    y
+}

@@ -1,0 +1,287 @@
+//! Tensors: a shape, a dtype, a device and shared storage. Always contiguous (row-major); views that
+//! would need strides (permute) are materialised by their op, so kernels see plain buffers.
+
+use crate::device::Device;
+use crate::error::{Error, Result};
+use std::sync::Arc;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    /// Indices (argmax).
+    I32,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        4
+    }
+}
+
+/// Host-side data.
+#[derive(Clone, Debug)]
+pub enum CpuStorage {
+    F32(Vec<f32>),
+    I32(Vec<i32>),
+}
+
+impl CpuStorage {
+    pub fn dtype(&self) -> DType {
+        match self {
+            CpuStorage::F32(_) => DType::F32,
+            CpuStorage::I32(_) => DType::I32,
+        }
+    }
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            CpuStorage::F32(v) => bytemuck::cast_slice(v),
+            CpuStorage::I32(v) => bytemuck::cast_slice(v),
+        }
+    }
+    fn from_bytes(dtype: DType, bytes: &[u8]) -> CpuStorage {
+        // pod_collect_to_vec copies, so the source needs no alignment.
+        match dtype {
+            DType::F32 => CpuStorage::F32(bytemuck::pod_collect_to_vec(bytes)),
+            DType::I32 => CpuStorage::I32(bytemuck::pod_collect_to_vec(bytes)),
+        }
+    }
+}
+
+pub enum Storage {
+    Cpu(CpuStorage),
+    #[cfg(feature = "cuda")]
+    Cuda(cudarc::driver::CudaSlice<u8>),
+    #[cfg(feature = "emu")]
+    Emu(crate::device::emu::EmuBuffer),
+}
+
+#[derive(Clone)]
+pub struct Tensor {
+    shape: Vec<usize>,
+    dtype: DType,
+    device: Device,
+    storage: Arc<Storage>,
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Tensor({:?}, {:?}, {:?})",
+            self.shape, self.dtype, self.device
+        )
+    }
+}
+
+pub(crate) fn numel(shape: &[usize]) -> usize {
+    shape.iter().product()
+}
+
+impl Tensor {
+    pub(crate) fn from_storage(
+        storage: Storage,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Tensor {
+        Tensor {
+            shape: shape.to_vec(),
+            dtype,
+            device: device.clone(),
+            storage: Arc::new(storage),
+        }
+    }
+
+    pub fn from_vec(data: Vec<f32>, shape: &[usize], device: &Device) -> Result<Tensor> {
+        Self::from_cpu(CpuStorage::F32(data), shape, device)
+    }
+
+    pub fn from_vec_i32(data: Vec<i32>, shape: &[usize], device: &Device) -> Result<Tensor> {
+        Self::from_cpu(CpuStorage::I32(data), shape, device)
+    }
+
+    fn from_cpu(data: CpuStorage, shape: &[usize], device: &Device) -> Result<Tensor> {
+        let n = data.as_bytes().len() / 4;
+        if numel(shape) != n {
+            return Err(Error::shape(
+                "from_vec",
+                format!("{n} values do not fill shape {shape:?}"),
+            ));
+        }
+        let dtype = data.dtype();
+        Ok(Self::from_storage(
+            device.upload(data)?,
+            shape,
+            dtype,
+            device,
+        ))
+    }
+
+    pub fn zeros(shape: &[usize], device: &Device) -> Result<Tensor> {
+        Self::from_vec(vec![0.0; numel(shape)], shape, device)
+    }
+
+    /// An output buffer for a kernel (NaN-poisoned under test).
+    pub(crate) fn empty(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        Ok(Self::from_storage(
+            device.alloc(dtype, numel(shape))?,
+            shape,
+            dtype,
+            device,
+        ))
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+    pub fn numel(&self) -> usize {
+        numel(&self.shape)
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    /// The same data with another shape of equal size (no copy).
+    pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
+        if numel(shape) != self.numel() {
+            return Err(Error::shape(
+                "reshape",
+                format!("{:?} -> {shape:?} changes the size", self.shape),
+            ));
+        }
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            ..self.clone()
+        })
+    }
+
+    /// Copies the data to the host.
+    pub fn to_cpu_storage(&self) -> Result<CpuStorage> {
+        match &*self.storage {
+            Storage::Cpu(c) => Ok(c.clone()),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => match &self.device {
+                Device::Cuda(d) => Ok(CpuStorage::from_bytes(self.dtype, &d.download(s)?)),
+                _ => unreachable!("cuda storage always belongs to a cuda device"),
+            },
+            #[cfg(feature = "emu")]
+            Storage::Emu(b) => Ok(CpuStorage::from_bytes(self.dtype, b.bytes())),
+        }
+    }
+
+    pub fn to_vec(&self) -> Result<Vec<f32>> {
+        match self.to_cpu_storage()? {
+            CpuStorage::F32(v) => Ok(v),
+            CpuStorage::I32(_) => Err(Error::DType {
+                op: "to_vec",
+                expected: DType::F32,
+                got: DType::I32,
+            }),
+        }
+    }
+
+    pub fn to_vec_i32(&self) -> Result<Vec<i32>> {
+        match self.to_cpu_storage()? {
+            CpuStorage::I32(v) => Ok(v),
+            CpuStorage::F32(_) => Err(Error::DType {
+                op: "to_vec_i32",
+                expected: DType::I32,
+                got: DType::F32,
+            }),
+        }
+    }
+
+    pub fn to_device(&self, device: &Device) -> Result<Tensor> {
+        if *device == self.device {
+            return Ok(self.clone());
+        }
+        let host = self.to_cpu_storage()?;
+        Ok(Self::from_storage(
+            device.upload(host)?,
+            &self.shape,
+            self.dtype,
+            device,
+        ))
+    }
+
+    /// Host f32 slice of a cpu tensor.
+    pub(crate) fn cpu_f32(&self, op: &'static str) -> Result<&[f32]> {
+        match &*self.storage {
+            Storage::Cpu(CpuStorage::F32(v)) => Ok(v),
+            Storage::Cpu(CpuStorage::I32(_)) => Err(Error::DType {
+                op,
+                expected: DType::F32,
+                got: DType::I32,
+            }),
+            #[allow(unreachable_patterns)]
+            _ => Err(Error::Unsupported {
+                op,
+                detail: "expected a cpu tensor".into(),
+            }),
+        }
+    }
+
+    pub(crate) fn cpu_i32(&self, op: &'static str) -> Result<&[i32]> {
+        match &*self.storage {
+            Storage::Cpu(CpuStorage::I32(v)) => Ok(v),
+            Storage::Cpu(CpuStorage::F32(_)) => Err(Error::DType {
+                op,
+                expected: DType::I32,
+                got: DType::F32,
+            }),
+            #[allow(unreachable_patterns)]
+            _ => Err(Error::Unsupported {
+                op,
+                detail: "expected a cpu tensor".into(),
+            }),
+        }
+    }
+
+    /// The device address of the data, for a kernel's params struct (cuda and emu).
+    pub(crate) fn dev_ptr(&self) -> u64 {
+        match &*self.storage {
+            Storage::Cpu(c) => c.as_bytes().as_ptr() as u64,
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => match &self.device {
+                Device::Cuda(d) => d.ptr(s),
+                _ => unreachable!("cuda storage always belongs to a cuda device"),
+            },
+            #[cfg(feature = "emu")]
+            Storage::Emu(b) => b.ptr(),
+        }
+    }
+
+    /// Errors unless every tensor is on this one's device.
+    pub(crate) fn same_device(&self, op: &'static str, others: &[&Tensor]) -> Result<()> {
+        for o in others {
+            if o.device != self.device {
+                return Err(Error::DeviceMismatch {
+                    op,
+                    a: self.device.kind(),
+                    b: o.device.kind(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn expect_dtype(&self, op: &'static str, dtype: DType) -> Result<()> {
+        if self.dtype != dtype {
+            return Err(Error::DType {
+                op,
+                expected: dtype,
+                got: self.dtype,
+            });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,72 @@
+//! Helpers shared by the tests and `reclmis selfcheck`: seeded data and the comparison rule.
+
+/// A small xorshift generator: tests need reproducible data without extra dependencies in the
+/// library.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E3779B97F4A7C15) | 1)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    /// Uniform in [lo, hi).
+    pub fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
+        lo + (hi - lo) * ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32)
+    }
+    pub fn vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..n).map(|_| self.uniform(lo, hi)).collect()
+    }
+}
+
+/// The first element where |got - want| > atol + rtol·|want| (NaN in `got` where `want` is finite
+/// counts as a mismatch, NaN where `want` is NaN as a match), described for an assertion message.
+pub fn mismatch(got: &[f32], want: &[f64], atol: f64, rtol: f64) -> Option<String> {
+    if got.len() != want.len() {
+        return Some(format!("length {} vs reference {}", got.len(), want.len()));
+    }
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let g = g as f64;
+        let ok = if w.is_nan() {
+            g.is_nan()
+        } else if w.is_infinite() {
+            g == w
+        } else {
+            (g - w).abs() <= atol + rtol * w.abs()
+        };
+        if !ok {
+            return Some(format!(
+                "element {i}: got {g}, reference {w} (atol {atol:e}, rtol {rtol:e})"
+            ));
+        }
+    }
+    None
+}
+
+/// Like [`mismatch`] with a per-element error scale: |got - want| <= tol · scale[i] + atol.
+pub fn mismatch_scaled(
+    got: &[f32],
+    want: &[f64],
+    scale: &[f64],
+    tol: f64,
+    atol: f64,
+) -> Option<String> {
+    for (i, ((&g, &w), &s)) in got.iter().zip(want).zip(scale).enumerate() {
+        if (g as f64 - w).abs() > tol * s + atol || g.is_nan() {
+            return Some(format!(
+                "element {i}: got {g}, reference {w} (allowed {:e})",
+                tol * s + atol
+            ));
+        }
+    }
+    None
+}
+
+/// f32 unit roundoff.
+pub const EPS32: f64 = f32::EPSILON as f64 / 2.0;
+/// tf32 keeps 10 mantissa bits: unit roundoff 2^-11.
+pub const EPS_TF32: f64 = 1.0 / 2048.0;
