@@ -7,7 +7,7 @@ use crate::ops::elementwise::{self, BinaryOp, UnaryOp};
 use crate::ops::gemm::{self, GemmAlgo, GemmOpts};
 use crate::ops::{reduce, softmax, transpose};
 use crate::tensor::Tensor;
-use crate::testing::{mismatch, mismatch_scaled, Rng, EPS32, EPS_TF32};
+use crate::testing::{f64s, mismatch, mismatch_scaled, Rng, EPS32, EPS_TF32};
 
 pub struct Report {
     pub ok: bool,
@@ -40,7 +40,7 @@ pub fn run(dev: &Device) -> Result<Report> {
             &format!("unary {op:?}"),
             mismatch(
                 &y,
-                &elementwise::reference::unary(&x, op),
+                &elementwise::reference::unary(&f64s(&x), op),
                 1e-6,
                 4.0 * EPS32,
             ),
@@ -50,7 +50,7 @@ pub fn run(dev: &Device) -> Result<Report> {
     let bt = Tensor::from_vec(b.clone(), &[1, 53], dev)?;
     for op in [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul] {
         let y = elementwise::binary(&xt, &bt, op)?.to_vec()?;
-        let want = elementwise::reference::binary(&x, &[37, 53], &b, &[1, 53], op);
+        let want = elementwise::reference::binary(&f64s(&x), &[37, 53], &f64s(&b), &[1, 53], op);
         record(
             &format!("binary {op:?} (broadcast)"),
             mismatch(&y, &want, 1e-6, 2.0 * EPS32),
@@ -59,7 +59,7 @@ pub fn run(dev: &Device) -> Result<Report> {
     for (axis, (outer, n, inner)) in [(1isize, (37, 53, 1)), (0, (1, 37, 53))] {
         for op in [reduce::ReduceOp::Sum, reduce::ReduceOp::Max] {
             let (y, _) = reduce::reduce(&xt, axis, op)?;
-            let (want, _) = reduce::reference::reduce(&x, outer, n, inner, op);
+            let (want, _) = reduce::reference::reduce(&f64s(&x), outer, n, inner, op);
             // a sum of n values of magnitude <= 4 has rounding error below n·eps·4
             record(
                 &format!("reduce {op:?} axis {axis}"),
@@ -72,7 +72,7 @@ pub fn run(dev: &Device) -> Result<Report> {
         "softmax",
         mismatch(
             &s,
-            &softmax::reference::forward(&x, 53, false),
+            &softmax::reference::forward(&f64s(&x), 53, false),
             1e-7,
             64.0 * EPS32,
         ),
@@ -82,7 +82,7 @@ pub fn run(dev: &Device) -> Result<Report> {
         "transpose",
         mismatch(
             &t,
-            &transpose::reference::permute(&x, &[37, 53], &[1, 0]),
+            &transpose::reference::permute(&f64s(&x), &[37, 53], &[1, 0]),
             0.0,
             0.0,
         ),
@@ -96,7 +96,7 @@ pub fn run(dev: &Device) -> Result<Report> {
         Tensor::from_vec(bb.clone(), &[k, n], dev)?,
     );
     let (plan, _) = gemm::plan(&[m, k], &[k, n], false, false)?;
-    let (want, mag) = gemm::reference::gemm(&a, &bb, &plan, 1.0);
+    let (want, mag) = gemm::reference::gemm(&f64s(&a), &f64s(&bb), &plan, 1.0);
     let algos: &[(GemmAlgo, f64)] = if dev.is_gpu_like() {
         &[
             (GemmAlgo::Tiled, k as f64 * EPS32),

@@ -247,7 +247,7 @@ impl Tensor {
     }
 
     /// The device address of the data, for a kernel's params struct (cuda and emu).
-    pub(crate) fn dev_ptr(&self) -> u64 {
+    pub fn dev_ptr(&self) -> u64 {
         match &*self.storage {
             Storage::Cpu(c) => c.as_bytes().as_ptr() as u64,
             #[cfg(feature = "cuda")]

@@ -70,3 +70,37 @@ pub fn mismatch_scaled(
 pub const EPS32: f64 = f32::EPSILON as f64 / 2.0;
 /// tf32 keeps 10 mantissa bits: unit roundoff 2^-11.
 pub const EPS_TF32: f64 = 1.0 / 2048.0;
+
+/// Widens f32 data for the f64 references.
+pub fn f64s(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+/// Checks `grad` (the reference backward: Jᵀ·dy) against central finite differences of
+/// L(x) = Σ dy · f(x) in f64. Returns the first disagreement beyond tol·(1 + |fd|).
+pub fn fd_mismatch(
+    f: impl Fn(&[f64]) -> Vec<f64>,
+    x: &[f64],
+    dy: &[f64],
+    grad: &[f64],
+    tol: f64,
+) -> Option<String> {
+    let h = 1e-6;
+    let loss = |x: &[f64]| f(x).iter().zip(dy).map(|(a, b)| a * b).sum::<f64>();
+    let mut xp = x.to_vec();
+    for j in 0..x.len() {
+        xp[j] = x[j] + h;
+        let lp = loss(&xp);
+        xp[j] = x[j] - h;
+        let lm = loss(&xp);
+        xp[j] = x[j];
+        let fd = (lp - lm) / (2.0 * h);
+        if (fd - grad[j]).abs() > tol * (1.0 + fd.abs()) {
+            return Some(format!(
+                "d/dx[{j}]: finite difference {fd}, backward {}",
+                grad[j]
+            ));
+        }
+    }
+    None
+}

@@ -179,6 +179,15 @@ impl CudaDevice {
         Ok(f)
     }
 
+    /// Loads every kernel now (modules are otherwise loaded on first use): a quick check that the
+    /// embedded images suit this GPU.
+    pub fn load_all(&self) -> Result<()> {
+        for &k in Kernel::ALL {
+            self.function(k)?;
+        }
+        Ok(())
+    }
+
     pub(crate) fn launch(
         &self,
         k: Kernel,

@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::ffi::{c_char, c_void, CStr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
+use std::thread::ThreadId;
 
 /// Mirrors `emu::LaunchCfg` in emu.h.
 #[repr(C)]
@@ -27,88 +28,134 @@ pub struct EmuLaunchCfg {
 pub type EmuLaunchFn =
     unsafe extern "C" fn(*const EmuLaunchCfg, *mut *mut c_void, *mut c_char, usize) -> i32;
 
-const GUARD: usize = 64;
+/// Guard bytes on each side: enough to catch a tile that overruns by a row of a few thousand floats.
+const GUARD: usize = 16 << 10;
 const GUARD_BYTE: u8 = 0xA5;
 
-/// A buffer with GUARD bytes of a known pattern on each side.
+/// A buffer with GUARD bytes of a known pattern on each side. The memory is a raw allocation:
+/// kernels write it through raw pointers, so Rust holds no reference into it between reads.
 pub struct EmuBuffer {
-    mem: Vec<u128>, // u128: 16-byte alignment, as cudaMalloc gives at least that
+    base: std::ptr::NonNull<u8>,
     len: usize,
 }
 
-fn live_buffers() -> &'static Mutex<HashMap<usize, usize>> {
-    static LIVE: OnceLock<Mutex<HashMap<usize, usize>>> = OnceLock::new();
-    LIVE.get_or_init(|| Mutex::new(HashMap::new()))
-}
+// SAFETY: the buffer owns its allocation; kernels touching it run synchronously on the thread
+// that launches them.
+unsafe impl Send for EmuBuffer {}
+unsafe impl Sync for EmuBuffer {}
 
 impl EmuBuffer {
+    fn layout(len: usize) -> std::alloc::Layout {
+        // 16-byte alignment at least, as cudaMalloc gives (float4 loads).
+        std::alloc::Layout::from_size_align(len + 2 * GUARD, 64).expect("buffer size")
+    }
+
     pub fn new(len: usize, poison: bool) -> EmuBuffer {
-        let words = (len + 2 * GUARD).div_ceil(16);
-        let mut b = EmuBuffer {
-            mem: vec![0u128; words],
-            len,
+        let layout = Self::layout(len);
+        // SAFETY: the layout has a non-zero size (2 * GUARD at least).
+        let base = unsafe { std::alloc::alloc(layout) };
+        let Some(base) = std::ptr::NonNull::new(base) else {
+            std::alloc::handle_alloc_error(layout)
         };
-        let bytes = b.all_bytes_mut();
-        bytes.fill(GUARD_BYTE);
-        bytes[GUARD..GUARD + len].fill(if poison { 0xff } else { 0 });
-        live_buffers().lock().unwrap().insert(b.ptr() as usize, len);
+        // SAFETY: freshly allocated, len + 2 * GUARD bytes.
+        unsafe {
+            std::ptr::write_bytes(base.as_ptr(), GUARD_BYTE, len + 2 * GUARD);
+            std::ptr::write_bytes(base.as_ptr().add(GUARD), if poison { 0xff } else { 0 }, len);
+        }
+        let b = EmuBuffer { base, len };
+        live_buffers()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(b.ptr() as usize, (len, std::thread::current().id()));
         b
     }
 
     pub fn from_bytes(data: &[u8]) -> EmuBuffer {
-        let mut b = EmuBuffer::new(data.len(), false);
-        let len = b.len;
-        b.all_bytes_mut()[GUARD..GUARD + len].copy_from_slice(data);
+        let b = EmuBuffer::new(data.len(), false);
+        // SAFETY: the data region holds exactly data.len() bytes.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), b.ptr() as *mut u8, data.len()) };
         b
     }
 
-    fn all_bytes_mut(&mut self) -> &mut [u8] {
-        bytemuck::cast_slice_mut(&mut self.mem)
-    }
-
     pub fn bytes(&self) -> &[u8] {
-        &bytemuck::cast_slice(&self.mem)[GUARD..GUARD + self.len]
+        // SAFETY: len initialised bytes after the guard; no kernel runs while the slice lives
+        // (launches are synchronous and need the caller's thread).
+        unsafe { std::slice::from_raw_parts(self.ptr() as *const u8, self.len) }
     }
 
     pub fn ptr(&self) -> u64 {
-        self.mem.as_ptr() as u64 + GUARD as u64
+        self.base.as_ptr() as u64 + GUARD as u64
     }
 }
 
 impl Drop for EmuBuffer {
     fn drop(&mut self) {
-        if let Ok(mut live) = live_buffers().lock() {
-            live.remove(&(self.ptr() as usize));
-        }
+        live_buffers()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(self.ptr() as usize));
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.base.as_ptr(), Self::layout(self.len)) };
     }
 }
 
-/// Finds live buffers whose guard bytes changed. Holding the registry lock keeps them alive.
+/// Live buffers: data address -> (length, thread that allocated it).
+type Registry = Mutex<HashMap<usize, (usize, ThreadId)>>;
+
+fn live_buffers() -> &'static Registry {
+    static LIVE: OnceLock<Registry> = OnceLock::new();
+    LIVE.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// Finds buffers allocated by this thread whose guard bytes changed, reports the first and
+/// restores the guards (so one bad write is reported once). Launches run on the calling thread
+/// and tests allocate their buffers there, so concurrent tests do not see each other's faults.
+/// Holding the registry lock keeps the buffers alive.
 fn check_guards() -> Option<String> {
     let live = live_buffers().lock().unwrap_or_else(|e| e.into_inner());
-    for (&data, &len) in live.iter() {
-        // SAFETY: the buffer is registered, so its allocation (GUARD + len + GUARD) is alive.
-        let before = unsafe { std::slice::from_raw_parts((data - GUARD) as *const u8, GUARD) };
-        let after = unsafe { std::slice::from_raw_parts((data + len) as *const u8, GUARD) };
+    let me = std::thread::current().id();
+    let mut report = None;
+    for (&data, &(len, _)) in live.iter().filter(|(_, (_, owner))| *owner == me) {
+        // SAFETY: the buffer is registered, so its allocation (GUARD + len + GUARD) is alive, and
+        // only kernels launched from this thread write to it.
+        let before = unsafe { std::slice::from_raw_parts_mut((data - GUARD) as *mut u8, GUARD) };
+        let after = unsafe { std::slice::from_raw_parts_mut((data + len) as *mut u8, GUARD) };
         if let Some(i) = before.iter().rposition(|&b| b != GUARD_BYTE) {
-            return Some(format!(
+            report.get_or_insert(format!(
                 "wrote {} bytes before the start of a {len}-byte buffer",
                 GUARD - i
             ));
         }
         if let Some(i) = after.iter().position(|&b| b != GUARD_BYTE) {
-            return Some(format!(
-                "wrote at byte {} past the end of a {len}-byte buffer",
-                i
+            report.get_or_insert(format!(
+                "wrote at byte {i} past the end of a {len}-byte buffer"
             ));
         }
+        before.fill(GUARD_BYTE);
+        after.fill(GUARD_BYTE);
     }
-    None
+    report
+}
+
+thread_local! {
+    static SEED_OVERRIDE: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with a fixed schedule seed for the launches it makes on this thread: seed % 3 picks
+/// forward (0), reversed (1) or seeded-random (2) thread order. For tests that must see each order.
+pub fn with_schedule<R>(seed: u64, f: impl FnOnce() -> R) -> R {
+    let old = SEED_OVERRIDE.with(|s| s.replace(Some(seed)));
+    let r = f();
+    SEED_OVERRIDE.with(|s| s.set(old));
+    r
 }
 
 /// The schedule seed: RECLMIS_EMU_SEED if set, else taken from the clock once per process, then
 /// advanced per launch, so thread orders (forward, reversed, random) vary within and across runs.
 fn next_seed() -> u64 {
+    if let Some(s) = SEED_OVERRIDE.with(|s| s.get()) {
+        return s;
+    }
     static BASE: OnceLock<u64> = OnceLock::new();
     static COUNT: AtomicU64 = AtomicU64::new(0);
     let base = *BASE.get_or_init(|| {

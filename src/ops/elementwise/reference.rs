@@ -3,34 +3,31 @@
 use super::{broadcast_shape, BinaryOp, UnaryOp};
 use crate::ops::contiguous_strides;
 
-pub fn unary(x: &[f32], op: UnaryOp) -> Vec<f64> {
+pub fn unary(x: &[f64], op: UnaryOp) -> Vec<f64> {
     x.iter()
-        .map(|&v| {
-            let v = v as f64;
-            match op {
-                UnaryOp::Relu => {
-                    if v > 0.0 {
-                        v
-                    } else {
-                        0.0
-                    }
+        .map(|&v| match op {
+            UnaryOp::Relu => {
+                if v > 0.0 {
+                    v
+                } else {
+                    0.0
                 }
-                UnaryOp::Sigmoid => 1.0 / (1.0 + (-v).exp()),
-                UnaryOp::Exp => v.exp(),
-                UnaryOp::Log => v.ln(),
-                UnaryOp::Scale(s) => s as f64 * v,
-                UnaryOp::AddScalar(s) => v + s as f64,
             }
+            UnaryOp::Sigmoid => 1.0 / (1.0 + (-v).exp()),
+            UnaryOp::Exp => v.exp(),
+            UnaryOp::Log => v.ln(),
+            UnaryOp::Scale(s) => s as f64 * v,
+            UnaryOp::AddScalar(s) => v + s as f64,
         })
         .collect()
 }
 
 /// dx = dy · f'(x), with the derivative written from x (not from y as the fast paths do).
-pub fn unary_backward(op: UnaryOp, x: &[f32], dy: &[f32]) -> Vec<f64> {
+pub fn unary_backward(op: UnaryOp, x: &[f64], dy: &[f64]) -> Vec<f64> {
     x.iter()
         .zip(dy)
         .map(|(&v, &g)| {
-            let (v, g) = (v as f64, g as f64);
+            let (v, g) = (v, g);
             g * match op {
                 UnaryOp::Relu => {
                     if v > 0.0 {
@@ -61,15 +58,15 @@ fn source_index(c: &[usize], shape: &[usize], out: &[usize]) -> usize {
         .sum()
 }
 
-pub fn binary(a: &[f32], sa: &[usize], b: &[f32], sb: &[usize], op: BinaryOp) -> Vec<f64> {
+pub fn binary(a: &[f64], sa: &[usize], b: &[f64], sb: &[usize], op: BinaryOp) -> Vec<f64> {
     let out = broadcast_shape(sa, sb).unwrap();
     let n: usize = out.iter().product();
     let st = contiguous_strides(&out);
     (0..n)
         .map(|i| {
             let c: Vec<usize> = (0..out.len()).map(|d| (i / st[d]) % out[d]).collect();
-            let x = a[source_index(&c, sa, &out)] as f64;
-            let z = b[source_index(&c, sb, &out)] as f64;
+            let x = a[source_index(&c, sa, &out)];
+            let z = b[source_index(&c, sb, &out)];
             match op {
                 BinaryOp::Add => x + z,
                 BinaryOp::Sub => x - z,
@@ -81,11 +78,11 @@ pub fn binary(a: &[f32], sa: &[usize], b: &[f32], sb: &[usize], op: BinaryOp) ->
 
 /// (da, db): dy times the local derivative, accumulated into each operand's elements.
 pub fn binary_backward(
-    a: &[f32],
+    a: &[f64],
     sa: &[usize],
-    b: &[f32],
+    b: &[f64],
     sb: &[usize],
-    dy: &[f32],
+    dy: &[f64],
     op: BinaryOp,
 ) -> (Vec<f64>, Vec<f64>) {
     let out = broadcast_shape(sa, sb).unwrap();
@@ -94,11 +91,10 @@ pub fn binary_backward(
     for (i, &g) in dy.iter().enumerate() {
         let c: Vec<usize> = (0..out.len()).map(|d| (i / st[d]) % out[d]).collect();
         let (ia, ib) = (source_index(&c, sa, &out), source_index(&c, sb, &out));
-        let g = g as f64;
         let (ga, gb) = match op {
             BinaryOp::Add => (g, g),
             BinaryOp::Sub => (g, -g),
-            BinaryOp::Mul => (g * b[ib] as f64, g * a[ia] as f64),
+            BinaryOp::Mul => (g * b[ib], g * a[ia]),
         };
         da[ia] += ga;
         db[ib] += gb;

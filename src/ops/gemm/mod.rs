@@ -247,3 +247,40 @@ pub(crate) fn launch(
         &p,
     )
 }
+
+/// (dA, dB) for C = alpha · op(A) · op(B), as GEMMs on the same device:
+/// d op(A) = alpha · dC · op(B)ᵀ and d op(B) = alpha · op(A)ᵀ · dC, transposed back when the
+/// operand was stored transposed; a shared (2-D) operand's gradient is summed over the batch.
+pub fn matmul_backward(
+    a: &Tensor,
+    b: &Tensor,
+    dc: &Tensor,
+    opts: GemmOpts,
+) -> Result<(Tensor, Tensor)> {
+    let (_, out) = plan(a.shape(), b.shape(), opts.trans_a, opts.trans_b)?;
+    if dc.shape() != out.as_slice() {
+        return Err(Error::shape(
+            "matmul_backward",
+            format!("dC {:?} vs C {out:?}", dc.shape()),
+        ));
+    }
+    let g = |ta: bool, tb: bool| GemmOpts {
+        trans_a: ta,
+        trans_b: tb,
+        ..opts
+    };
+    let da = if opts.trans_a {
+        matmul(b, dc, g(opts.trans_b, true))?
+    } else {
+        matmul(dc, b, g(false, !opts.trans_b))?
+    };
+    let db = if opts.trans_b {
+        matmul(dc, a, g(true, opts.trans_a))?
+    } else {
+        matmul(a, dc, g(!opts.trans_a, false))?
+    };
+    Ok((
+        crate::ops::reduce::sum_to_shape(&da, a.shape())?,
+        crate::ops::reduce::sum_to_shape(&db, b.shape())?,
+    ))
+}

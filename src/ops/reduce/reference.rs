@@ -5,7 +5,7 @@ use super::ReduceOp;
 /// (values, argmax) over n of [outer, n, inner]. Max follows the documented rule: NaN wins, ties
 /// go to the lowest index.
 pub fn reduce(
-    x: &[f32],
+    x: &[f64],
     outer: usize,
     n: usize,
     inner: usize,
@@ -14,7 +14,7 @@ pub fn reduce(
     let (mut y, mut idx) = (Vec::new(), Vec::new());
     for b in 0..outer {
         for c in 0..inner {
-            let col: Vec<f64> = (0..n).map(|j| x[(b * n + j) * inner + c] as f64).collect();
+            let col: Vec<f64> = (0..n).map(|j| x[(b * n + j) * inner + c]).collect();
             match op {
                 ReduceOp::Sum => y.push(col.iter().sum()),
                 ReduceOp::Mean => y.push(col.iter().sum::<f64>() / n as f64),
@@ -37,7 +37,7 @@ pub fn reduce(
 
 /// dx[b, j, c] for dy[b, c]: the derivative of the reduction written out element by element.
 pub fn reduce_backward(
-    dy: &[f32],
+    dy: &[f64],
     idx: &[i32],
     outer: usize,
     n: usize,
@@ -48,7 +48,7 @@ pub fn reduce_backward(
     for b in 0..outer {
         for j in 0..n {
             for c in 0..inner {
-                let g = dy[b * inner + c] as f64;
+                let g = dy[b * inner + c];
                 dx[(b * n + j) * inner + c] = match op {
                     ReduceOp::Sum => g,
                     ReduceOp::Mean => g / n as f64,

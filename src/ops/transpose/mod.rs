@@ -41,8 +41,17 @@ const _: () = assert!(std::mem::size_of::<PermuteParams>() == 80);
 /// Merges input dims that stay adjacent and in order under `perm` (size-1 dims dropped).
 /// Returns (merged input shape, merged permutation).
 pub fn simplify(shape: &[usize], perm: &[usize]) -> (Vec<usize>, Vec<usize>) {
-    // Output-order list of input dims, without size-1 dims.
-    let kept: Vec<usize> = perm.iter().copied().filter(|&d| shape[d] != 1).collect();
+    // Output-order list of input dims, without size-1 dims, renumbered among the kept dims so
+    // that dims separated only by a size-1 dim count as adjacent.
+    let rank_of = |d: usize| (0..d).filter(|&e| shape[e] != 1).count();
+    let kept_dims: Vec<usize> = (0..shape.len()).filter(|&d| shape[d] != 1).collect();
+    let compact: Vec<usize> = kept_dims.iter().map(|&d| shape[d]).collect();
+    let kept: Vec<usize> = perm
+        .iter()
+        .copied()
+        .filter(|&d| kept_dims.contains(&d))
+        .map(rank_of)
+        .collect();
     // Group runs d, d+1, ... that appear consecutively in the output.
     let mut groups: Vec<Vec<usize>> = Vec::new();
     for &d in &kept {
@@ -56,7 +65,7 @@ pub fn simplify(shape: &[usize], perm: &[usize]) -> (Vec<usize>, Vec<usize>) {
     by_input.sort_by_key(|&g| groups[g][0]);
     let in_shape: Vec<usize> = by_input
         .iter()
-        .map(|&g| groups[g].iter().map(|&d| shape[d]).product())
+        .map(|&g| groups[g].iter().map(|&d| compact[d]).product())
         .collect();
     let mut new_perm = vec![0; groups.len()];
     for (pos_out, g) in (0..groups.len()).enumerate() {

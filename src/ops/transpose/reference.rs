@@ -2,7 +2,7 @@
 
 use crate::ops::contiguous_strides;
 
-pub fn permute(x: &[f32], shape: &[usize], perm: &[usize]) -> Vec<f64> {
+pub fn permute(x: &[f64], shape: &[usize], perm: &[usize]) -> Vec<f64> {
     let out: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
     let (so, si) = (contiguous_strides(&out), contiguous_strides(shape));
     (0..x.len())
@@ -10,7 +10,7 @@ pub fn permute(x: &[f32], shape: &[usize], perm: &[usize]) -> Vec<f64> {
             let src: usize = (0..out.len())
                 .map(|d| ((i / so[d]) % out[d]) * si[perm[d]])
                 .sum();
-            x[src] as f64
+            x[src]
         })
         .collect()
 }

@@ -1,0 +1,207 @@
+//! Batched GEMM with transposes and shared operands: the exact-f32 tiled kernel, the tf32
+//! tensor-core kernel, the cpu path and the backward, against the f64 reference; on a GPU, the
+//! tensor-core kernel against the emulator (the only check of the mma fragment layout).
+
+mod common;
+use common::*;
+use proptest::prelude::*;
+use reclmis::ops::gemm::{self, reference, GemmAlgo, GemmOpts};
+use reclmis::testing::{fd_mismatch, mismatch_scaled, EPS32, EPS_TF32};
+use reclmis::Device;
+
+#[derive(Clone, Debug)]
+struct Case {
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    trans_a: bool,
+    trans_b: bool,
+    /// 0: both batched, 1: A shared (2-D), 2: B shared
+    shared: u8,
+    alpha: f32,
+}
+
+impl Case {
+    fn shapes(&self) -> (Vec<usize>, Vec<usize>) {
+        let a2 = if self.trans_a {
+            vec![self.k, self.m]
+        } else {
+            vec![self.m, self.k]
+        };
+        let b2 = if self.trans_b {
+            vec![self.n, self.k]
+        } else {
+            vec![self.k, self.n]
+        };
+        let with_batch = |s: Vec<usize>, shared: bool| {
+            if shared {
+                s
+            } else {
+                [vec![self.batch], s].concat()
+            }
+        };
+        (
+            with_batch(a2, self.shared == 1),
+            with_batch(b2, self.shared == 2),
+        )
+    }
+    fn opts(&self, algo: GemmAlgo) -> GemmOpts {
+        GemmOpts {
+            trans_a: self.trans_a,
+            trans_b: self.trans_b,
+            alpha: self.alpha,
+            algo,
+        }
+    }
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    (
+        1usize..4,
+        dim(),
+        dim(),
+        dim(),
+        any::<bool>(),
+        any::<bool>(),
+        0u8..3,
+        prop_oneof![Just(1.0f32), -2.0f32..2.0],
+    )
+        .prop_map(|(batch, m, n, k, trans_a, trans_b, shared, alpha)| Case {
+            batch,
+            m,
+            n,
+            k,
+            trans_a,
+            trans_b,
+            shared,
+            alpha,
+        })
+}
+
+/// Error bounds, per element, in units of alpha·Σ_k |a||b| (the reference's `mag`):
+/// f32 FMA accumulation over k terms: k·eps (the classic γ_k bound). tf32 also rounds each
+/// operand to 10 mantissa bits: + 2·2^-11.
+fn tolerance(algo: GemmAlgo, k: usize) -> f64 {
+    let f32_acc = (k as f64 + 2.0) * EPS32;
+    match algo {
+        GemmAlgo::TensorCore => 2.0 * EPS_TF32 + f32_acc,
+        _ => f32_acc,
+    }
+}
+
+fn check_gemm(dev: &Device, c: Case, seed: u64) -> Result<(), TestCaseError> {
+    let (sa, sb) = c.shapes();
+    let a = values(sa.iter().product(), seed, false);
+    let b = values(sb.iter().product(), seed ^ 7, false);
+    let (at, bt) = (tensor(&a, &sa, dev), tensor(&b, &sb, dev));
+    let (plan, out) = gemm::plan(&sa, &sb, c.trans_a, c.trans_b).unwrap();
+    let (want, mag) = reference::gemm(&f64s(&a), &f64s(&b), &plan, c.alpha as f64);
+    let algos: &[GemmAlgo] = if dev.is_gpu_like() {
+        &[GemmAlgo::Tiled, GemmAlgo::TensorCore]
+    } else {
+        &[GemmAlgo::Auto]
+    };
+    for &algo in algos {
+        let y = gemm::matmul(&at, &bt, c.opts(algo)).unwrap();
+        prop_assert_eq!(y.shape(), out.as_slice());
+        assert_none(
+            &format!("{algo:?}"),
+            mismatch_scaled(&y.to_vec().unwrap(), &want, &mag, tolerance(algo, c.k), 0.0),
+        )?;
+    }
+    // Backward (exact-f32 GEMMs): each gradient element sums n (dA) or m·batch (dB) products.
+    let dc = values(out.iter().product(), seed ^ 11, false);
+    let (da, db) =
+        gemm::matmul_backward(&at, &bt, &tensor(&dc, &out, dev), c.opts(GemmAlgo::Tiled)).unwrap();
+    let (wa, wb) =
+        reference::gemm_backward(&f64s(&a), &f64s(&b), &f64s(&dc), &plan, c.alpha as f64);
+    let abs = |v: &[f32]| -> Vec<f64> { v.iter().map(|x| x.abs() as f64).collect() };
+    let (ma, mb) =
+        reference::gemm_backward(&abs(&a), &abs(&b), &abs(&dc), &plan, c.alpha.abs() as f64);
+    let terms = (c.m.max(c.n) * c.batch) as f64;
+    assert_none(
+        "dA",
+        mismatch_scaled(&da.to_vec().unwrap(), &wa, &ma, (terms + 2.0) * EPS32, 0.0),
+    )?;
+    assert_none(
+        "dB",
+        mismatch_scaled(&db.to_vec().unwrap(), &wb, &mb, (terms + 2.0) * EPS32, 0.0),
+    )
+}
+
+per_device!(check_gemm, (c in case(), seed in any::<u64>()));
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn reference_grad_matches_finite_differences(c in case(), seed in any::<u64>()) {
+        let c = Case { m: c.m.min(9), n: c.n.min(9), k: c.k.min(9), ..c };
+        let (sa, sb) = c.shapes();
+        let (plan, out) = gemm::plan(&sa, &sb, c.trans_a, c.trans_b).unwrap();
+        let a = f64s(&values(sa.iter().product(), seed, false));
+        let b = f64s(&values(sb.iter().product(), seed ^ 7, false));
+        let dc = f64s(&values(out.iter().product(), seed ^ 11, false));
+        let alpha = c.alpha as f64;
+        let (ga, gb) = reference::gemm_backward(&a, &b, &dc, &plan, alpha);
+        assert_none("fd a", fd_mismatch(|a| reference::gemm(a, &b, &plan, alpha).0, &a, &dc, &ga, 1e-6))?;
+        assert_none("fd b", fd_mismatch(|b| reference::gemm(&a, b, &plan, alpha).0, &b, &dc, &gb, 1e-6))?;
+    }
+}
+
+/// The tensor-core kernel on the GPU against the same kernel on the emulator. Both round the
+/// operands to tf32 identically, so they differ only by f32 accumulation order: a wrong fragment
+/// layout in the emulator or the kernel shows as O(1) errors, far beyond this tolerance.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn tensor_core_gemm_gpu_matches_emulator() {
+    let gpu = device("cuda");
+    let emu = device("emu");
+    for (batch, m, n, k) in [
+        (1, 16, 8, 8),
+        (1, 64, 64, 16),
+        (2, 67, 45, 33),
+        (3, 129, 97, 131),
+    ] {
+        let a = values(batch * m * k, 1, false);
+        let b = values(batch * k * n, 2, false);
+        let opts = GemmOpts {
+            algo: GemmAlgo::TensorCore,
+            ..Default::default()
+        };
+        let run = |dev: &Device| {
+            gemm::matmul(
+                &tensor(&a, &[batch, m, k], dev),
+                &tensor(&b, &[batch, k, n], dev),
+                opts,
+            )
+            .unwrap()
+            .to_vec()
+            .unwrap()
+        };
+        let (g, e) = (run(&gpu), run(&emu));
+        let (plan, _) = gemm::plan(&[batch, m, k], &[batch, k, n], false, false).unwrap();
+        let (_, mag) = reference::gemm(&f64s(&a), &f64s(&b), &plan, 1.0);
+        let e64: Vec<f64> = e.iter().map(|&x| x as f64).collect();
+        if let Some(err) = mismatch_scaled(&g, &e64, &mag, 2.0 * (k as f64 + 2.0) * EPS32, 0.0) {
+            panic!("{batch}x{m}x{n}x{k}: GPU vs emulator: {err}");
+        }
+    }
+}
+
+#[test]
+fn shape_errors_are_typed() {
+    let dev = Device::Cpu;
+    let a = tensor(&[0.0; 6], &[2, 3], &dev);
+    let e = gemm::matmul(&a, &a, GemmOpts::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("inner dims differ"), "{e}");
+    let b = tensor(&[0.0; 24], &[4, 3, 2], &dev);
+    let c = tensor(&[0.0; 36], &[3, 2, 6], &dev);
+    let e = gemm::matmul(&b, &c, GemmOpts::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("batch dims"), "{e}");
+}
