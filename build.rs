@@ -45,13 +45,7 @@ fn main() {
     println!("cargo:rerun-if-changed=kernels");
     println!("cargo:rerun-if-changed=src/device/emu/emu.h");
     println!("cargo:rerun-if-changed=src/device/emu/runtime.cpp");
-    for v in [
-        "NVRTC_LIB_DIR",
-        "NVRTC_INCLUDE_DIR",
-        "RECLMIS_REQUIRE_NVRTC",
-        "CUDA_HOME",
-        "CUDA_PATH",
-    ] {
+    for v in ["NVRTC_LIB_DIR", "NVRTC_INCLUDE_DIR", "RECLMIS_REQUIRE_NVRTC", "CUDA_HOME", "CUDA_PATH"] {
         println!("cargo:rerun-if-env-changed={v}");
     }
 
@@ -71,11 +65,7 @@ fn main() {
             let name = p.file_stem().unwrap().to_string_lossy().into_owned();
             let expanded = expand_includes(p, &kdir, &mut Vec::new());
             let kernels = kernel_names(&expanded, p);
-            Module {
-                name,
-                expanded,
-                kernels,
-            }
+            Module { name, expanded, kernels }
         })
         .collect();
     check_unique(&modules);
@@ -151,10 +141,7 @@ fn kernel_names(src: &str, path: &Path) -> Vec<String> {
             continue;
         }
         if !src[line_start..pos].contains("extern \"C\"") {
-            panic!(
-                "{}: every __global__ must be extern \"C\" (unmangled name)",
-                path.display()
-            );
+            panic!("{}: every __global__ must be extern \"C\" (unmangled name)", path.display());
         }
         let mut after = src[pos + "__global__".len()..].to_string();
         // `void __launch_bounds__(256) name(`: drop the attribute and its argument first.
@@ -165,18 +152,11 @@ fn kernel_names(src: &str, path: &Path) -> Vec<String> {
             }
         }
         let paren = after.find('(').unwrap();
-        let name = after[..paren]
-            .split_whitespace()
-            .last()
-            .unwrap()
-            .to_string();
+        let name = after[..paren].split_whitespace().last().unwrap().to_string();
         let ok = name.ends_with("_f32") || name.ends_with("_bf16") || name.ends_with("_i32");
         let dir = name.contains("_fwd_") || name.contains("_bwd_");
         assert!(
-            ok && dir
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+            ok && dir && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
             "{}: kernel `{name}` must be named <op>_<fwd|bwd>_<dtype>",
             path.display()
         );
@@ -186,10 +166,7 @@ fn kernel_names(src: &str, path: &Path) -> Vec<String> {
 }
 
 fn check_unique(modules: &[Module]) {
-    let mut all: Vec<&str> = modules
-        .iter()
-        .flat_map(|m| m.kernels.iter().map(|s| s.as_str()))
-        .collect();
+    let mut all: Vec<&str> = modules.iter().flat_map(|m| m.kernels.iter().map(|s| s.as_str())).collect();
     all.sort();
     for w in all.windows(2) {
         assert!(w[0] != w[1], "kernel name {} is defined twice", w[0]);
@@ -234,10 +211,7 @@ fn build_emu(root: &Path, out: &Path, modules: &[Module]) {
         }
         units.push((m.name.clone(), tu));
     }
-    units.push((
-        "runtime".into(),
-        fs::read_to_string(emu_dir.join("runtime.cpp")).unwrap(),
-    ));
+    units.push(("runtime".into(), fs::read_to_string(emu_dir.join("runtime.cpp")).unwrap()));
 
     let objects: Vec<PathBuf> = std::thread::scope(|s| {
         let handles: Vec<_> = units
@@ -274,10 +248,7 @@ fn build_emu(root: &Path, out: &Path, modules: &[Module]) {
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("emu compile"))
-            .collect()
+        handles.into_iter().map(|h| h.join().expect("emu compile")).collect()
     });
     let mut b = cc::Build::new();
     b.cpp(true);
@@ -299,10 +270,7 @@ fn rewrite_extern_shared(line: &str) -> String {
         rest = r.split_once(')').unwrap().1.trim();
     }
     let decl = rest.trim_end_matches(';').trim();
-    let decl = decl
-        .strip_suffix("[]")
-        .expect("extern __shared__ T name[];")
-        .trim();
+    let decl = decl.strip_suffix("[]").expect("extern __shared__ T name[];").trim();
     let (ty, name) = decl.rsplit_once(char::is_whitespace).unwrap();
     format!("{ty}* {name} = reinterpret_cast<{ty}*>(::emu::dynamic_smem());")
 }
@@ -313,11 +281,8 @@ fn write_table(out: &Path, modules: &[Module], res: &[Resources], nvrtc: Option<
         "/// Every CUDA kernel of the project; the variant names are the `extern \"C\"` kernel names.\n\
          #[allow(non_camel_case_types)]\n#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]\npub enum Kernel {\n",
     );
-    let all: Vec<(usize, &String)> = modules
-        .iter()
-        .enumerate()
-        .flat_map(|(i, m)| m.kernels.iter().map(move |k| (i, k)))
-        .collect();
+    let all: Vec<(usize, &String)> =
+        modules.iter().enumerate().flat_map(|(i, m)| m.kernels.iter().map(move |k| (i, k))).collect();
     for (_, k) in &all {
         let _ = writeln!(s, "    {k},");
     }
@@ -343,11 +308,7 @@ fn write_table(out: &Path, modules: &[Module], res: &[Resources], nvrtc: Option<
             n = m.name
         );
         for a in CUBIN_ARCHS {
-            let _ = write!(
-                s,
-                "({a}, include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{}.sm_{a}.cubin\"))), ",
-                m.name
-            );
+            let _ = write!(s, "({a}, include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{}.sm_{a}.cubin\"))), ", m.name);
         }
         s.push_str("] },\n");
     }
@@ -361,10 +322,7 @@ fn write_table(out: &Path, modules: &[Module], res: &[Resources], nvrtc: Option<
         );
     }
     s.push_str("];\n\n");
-    let _ = writeln!(
-        s,
-        "/// NVRTC version that compiled the embedded CUBINs, or None (run-time compile)."
-    );
+    let _ = writeln!(s, "/// NVRTC version that compiled the embedded CUBINs, or None (run-time compile).");
     match nvrtc {
         Some(v) => {
             let _ = writeln!(s, "pub const NVRTC_AT_BUILD: Option<&str> = Some(\"{v}\");");
@@ -372,7 +330,9 @@ fn write_table(out: &Path, modules: &[Module], res: &[Resources], nvrtc: Option<
         None => s.push_str("pub const NVRTC_AT_BUILD: Option<&str> = None;\n"),
     }
     let _ = writeln!(s, "pub const PTX_ARCH: u32 = {PTX_ARCH};\n");
-    s.push_str("#[cfg(feature = \"emu\")]\nmod emu_symbols {\n    use crate::device::emu::EmuLaunchFn;\n    extern \"C\" {\n");
+    s.push_str(
+        "#[cfg(feature = \"emu\")]\nmod emu_symbols {\n    use crate::device::emu::EmuLaunchFn;\n    extern \"C\" {\n",
+    );
     for (_, k) in &all {
         let _ = writeln!(
             s,
@@ -405,8 +365,8 @@ mod nvrtc {
             if env::var_os("NVRTC_LIB_DIR").is_none() {
                 if let Some(home) = env::var_os("HOME") {
                     // where .ci/run and ../shared/gpu/bundle.sh keep the pinned wheel
-                    let d = PathBuf::from(home)
-                        .join(".cache/reclmis-nvrtc/lib/python3.11/site-packages/nvidia/cu13/lib");
+                    let d =
+                        PathBuf::from(home).join(".cache/reclmis-nvrtc/lib/python3.11/site-packages/nvidia/cu13/lib");
                     if d.exists() {
                         env::set_var("NVRTC_LIB_DIR", d);
                     }
@@ -414,50 +374,30 @@ mod nvrtc {
             }
             let version = load_nvrtc()?;
             let include_dir = env::var("NVRTC_INCLUDE_DIR").ok();
-            Ok(Nvrtc {
-                version,
-                include_dir,
-            })
+            Ok(Nvrtc { version, include_dir })
         }
 
-        fn compile(
-            &self,
-            m: &Module,
-            arch: &str,
-            verbose: bool,
-        ) -> Result<(Vec<u8>, String), String> {
-            nvrtc_compile(
-                &m.expanded,
-                &format!("{}.cu", m.name),
-                arch,
-                verbose,
-                self.include_dir.as_deref(),
-            )
+        fn compile(&self, m: &Module, arch: &str, verbose: bool) -> Result<(Vec<u8>, String), String> {
+            nvrtc_compile(&m.expanded, &format!("{}.cu", m.name), arch, verbose, self.include_dir.as_deref())
         }
 
         pub fn compile_module(&self, m: &Module, out: &Path) -> Vec<Resources> {
             let mut res = Vec::new();
             for a in CUBIN_ARCHS {
-                let (cubin, log) =
-                    self.compile(m, &format!("sm_{a}"), true)
-                        .unwrap_or_else(|log| {
-                            panic!("NVRTC failed on kernels/{}.cu for sm_{a}:\n{log}", m.name)
-                        });
+                let (cubin, log) = self
+                    .compile(m, &format!("sm_{a}"), true)
+                    .unwrap_or_else(|log| panic!("NVRTC failed on kernels/{}.cu for sm_{a}:\n{log}", m.name));
                 fs::write(out.join(format!("{}.sm_{a}.cubin", m.name)), cubin).unwrap();
                 fs::write(out.join(format!("{}.sm_{a}.log", m.name)), &log).unwrap();
                 let parsed = parse_ptxas(&log, a);
                 for k in &m.kernels {
                     let r = parsed.iter().find(|r| &r.kernel == k).cloned();
-                    res.push(r.unwrap_or_else(|| {
-                        panic!("ptxas report has no entry for {k} (sm_{a}):\n{log}")
-                    }));
+                    res.push(r.unwrap_or_else(|| panic!("ptxas report has no entry for {k} (sm_{a}):\n{log}")));
                 }
             }
             let (ptx, _) = self
                 .compile(m, &format!("compute_{PTX_ARCH}"), false)
-                .unwrap_or_else(|log| {
-                    panic!("NVRTC failed on kernels/{}.cu (PTX):\n{log}", m.name)
-                });
+                .unwrap_or_else(|log| panic!("NVRTC failed on kernels/{}.cu (PTX):\n{log}", m.name));
             fs::write(out.join(format!("{}.ptx", m.name)), ptx).unwrap();
             res
         }
@@ -479,11 +419,7 @@ mod nvrtc {
         for line in log.lines() {
             if let Some(i) = line.find("Compiling entry function '") {
                 let name = line[i + 26..].split('\'').next().unwrap().to_string();
-                out.push(Resources {
-                    kernel: name,
-                    arch,
-                    ..Default::default()
-                });
+                out.push(Resources { kernel: name, arch, ..Default::default() });
                 cur = Some(out.len() - 1);
                 continue;
             }

@@ -19,31 +19,19 @@ fn bench(c: &mut Criterion) {
     for s in [256usize, 1024] {
         let (a, b) = (t(&[s, s], 1), t(&[s, s], 2));
         g.throughput(Throughput::Elements((2 * s * s * s) as u64));
-        g.bench_function(format!("gemm_{s}"), |bch| {
-            bch.iter(|| gemm::matmul(&a, &b, GemmOpts::default()).unwrap())
-        });
+        g.bench_function(format!("gemm_{s}"), |bch| bch.iter(|| gemm::matmul(&a, &b, GemmOpts::default()).unwrap()));
     }
     let x = t(&[32 * 4 * 196, 196], 3);
     g.throughput(Throughput::Bytes((8 * x.numel()) as u64));
-    g.bench_function("softmax_25088x196", |bch| {
-        bch.iter(|| softmax::softmax(&x).unwrap())
-    });
+    g.bench_function("softmax_25088x196", |bch| bch.iter(|| softmax::softmax(&x).unwrap()));
     let act = t(&[8, 64, 112, 112], 4);
     let bias = t(&[1, 64, 1, 1], 5);
     g.throughput(Throughput::Bytes((8 * act.numel()) as u64));
-    g.bench_function("relu_8x64x112x112", |bch| {
-        bch.iter(|| elementwise::unary(&act, UnaryOp::Relu).unwrap())
-    });
-    g.bench_function("add_bcast_8x64x112x112", |bch| {
-        bch.iter(|| elementwise::add(&act, &bias).unwrap())
-    });
-    g.bench_function("sum_axis1_8x64x112x112", |bch| {
-        bch.iter(|| reduce::sum(&act, 1).unwrap())
-    });
+    g.bench_function("relu_8x64x112x112", |bch| bch.iter(|| elementwise::unary(&act, UnaryOp::Relu).unwrap()));
+    g.bench_function("add_bcast_8x64x112x112", |bch| bch.iter(|| elementwise::add(&act, &bias).unwrap()));
+    g.bench_function("sum_axis1_8x64x112x112", |bch| bch.iter(|| reduce::sum(&act, 1).unwrap()));
     let tt = t(&[32, 196, 512], 6);
-    g.bench_function("transpose_32x196x512", |bch| {
-        bch.iter(|| transpose::transpose(&tt, 1, 2).unwrap())
-    });
+    g.bench_function("transpose_32x196x512", |bch| bch.iter(|| transpose::transpose(&tt, 1, 2).unwrap()));
     g.finish();
 }
 

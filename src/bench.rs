@@ -26,6 +26,8 @@ pub struct Case {
     /// The equivalent PyTorch expression for the peer script, if any.
     pub peer: Option<String>,
     run: Box<dyn Fn() -> Result<Tensor>>,
+    /// Checks one output before anything is timed (a fast wrong kernel is worth nothing).
+    validate: Option<Box<dyn Fn(&Tensor) -> Result<()>>>,
 }
 
 #[derive(Clone, Debug)]
@@ -71,31 +73,22 @@ pub fn cases(dev: &Device) -> Result<Vec<Case>> {
         };
         for &(name, algo) in algos {
             let (a, b) = (rand_tensor(&[s, s], 1, dev)?, rand_tensor(&[s, s], 2, dev)?);
+            let (ha, hb) = (a.to_vec()?, b.to_vec()?);
+            // tf32 rounds operands to 11 significant bits; exact f32 accumulates k roundings.
+            let tol = if algo == GemmAlgo::TensorCore { 2.0 / 2048.0 } else { s as f64 * f32::EPSILON as f64 };
             v.push(Case {
                 op: name,
                 shape: format!("{s}x{s}x{s}"),
                 flops: 2.0 * (s * s * s) as f64,
                 bytes: 12.0 * (s * s) as f64,
                 peer: Some(format!("mm {s} {s} {s}")),
-                run: Box::new(move || {
-                    gemm::matmul(
-                        &a,
-                        &b,
-                        GemmOpts {
-                            algo,
-                            ..Default::default()
-                        },
-                    )
-                }),
+                run: Box::new(move || gemm::matmul(&a, &b, GemmOpts { algo, ..Default::default() })),
+                validate: Some(Box::new(move |c| check_gemm_samples(&ha, &hb, &c.to_vec()?, s, tol))),
             });
         }
     }
     // Attention-like shapes of the model: 32 images x 4 heads, 196 image tokens.
-    let (rows, cols) = if small {
-        (96, 196)
-    } else {
-        (32 * 4 * 196, 196)
-    };
+    let (rows, cols) = if small { (96, 196) } else { (32 * 4 * 196, 196) };
     let x = rand_tensor(&[rows, cols], 3, dev)?;
     let x2 = x.clone();
     v.push(Case {
@@ -105,6 +98,7 @@ pub fn cases(dev: &Device) -> Result<Vec<Case>> {
         bytes: 8.0 * (rows * cols) as f64,
         peer: Some(format!("softmax {rows} {cols}")),
         run: Box::new(move || softmax::softmax(&x)),
+        validate: None,
     });
     let y = softmax::softmax(&x2)?;
     let dy = rand_tensor(&[rows, cols], 4, dev)?;
@@ -115,6 +109,7 @@ pub fn cases(dev: &Device) -> Result<Vec<Case>> {
         bytes: 12.0 * (rows * cols) as f64,
         peer: None,
         run: Box::new(move || softmax::softmax_backward(&y, &dy, false)),
+        validate: None,
     });
     // A U-Net activation: batch 8 (2 on emu), 64 channels, 224x224 (28x28 on emu).
     let (bt, c, hw) = if small { (2, 8, 28) } else { (8, 64, 224) };
@@ -129,6 +124,7 @@ pub fn cases(dev: &Device) -> Result<Vec<Case>> {
         bytes: 8.0 * n,
         peer: Some(format!("relu {bt} {c} {hw} {hw}")),
         run: Box::new(move || elementwise::unary(&a1, UnaryOp::Relu)),
+        validate: None,
     });
     let a2 = act.clone();
     v.push(Case {
@@ -138,6 +134,7 @@ pub fn cases(dev: &Device) -> Result<Vec<Case>> {
         bytes: 8.0 * n,
         peer: Some(format!("add_bcast {bt} {c} {hw} {hw}")),
         run: Box::new(move || elementwise::add(&a2, &bias)),
+        validate: None,
     });
     let a3 = act.clone();
     v.push(Case {
@@ -147,6 +144,7 @@ pub fn cases(dev: &Device) -> Result<Vec<Case>> {
         bytes: 4.0 * n + 4.0 * n / c as f64,
         peer: Some(format!("sum1 {bt} {c} {hw} {hw}")),
         run: Box::new(move || reduce::sum(&a3, 1)),
+        validate: None,
     });
     let a4 = act.clone();
     v.push(Case {
@@ -156,6 +154,7 @@ pub fn cases(dev: &Device) -> Result<Vec<Case>> {
         bytes: 4.0 * n + 8.0 * n / (hw * hw) as f64,
         peer: None,
         run: Box::new(move || Ok(reduce::max(&a4.reshape(&[bt, c, hw * hw])?, -1)?.0)),
+        validate: None,
     });
     let (tb, tr, tc) = if small { (2, 36, 40) } else { (32, 196, 512) };
     let t = rand_tensor(&[tb, tr, tc], 7, dev)?;
@@ -166,8 +165,27 @@ pub fn cases(dev: &Device) -> Result<Vec<Case>> {
         bytes: 8.0 * (tb * tr * tc) as f64,
         peer: Some(format!("transpose {tb} {tr} {tc}")),
         run: Box::new(move || transpose::transpose(&t, 1, 2)),
+        validate: None,
     });
     Ok(v)
+}
+
+/// Compares 64 sampled elements of an s x s x s product with f64 dot products.
+fn check_gemm_samples(a: &[f32], b: &[f32], c: &[f32], s: usize, tol: f64) -> Result<()> {
+    let mut r = crate::testing::Rng::new(99);
+    for _ in 0..64 {
+        let (i, j) = ((r.next_u64() % s as u64) as usize, (r.next_u64() % s as u64) as usize);
+        let (mut acc, mut mag) = (0.0f64, 0.0f64);
+        for k in 0..s {
+            acc += a[i * s + k] as f64 * b[k * s + j] as f64;
+            mag += (a[i * s + k] as f64 * b[k * s + j] as f64).abs();
+        }
+        let got = c[i * s + j] as f64;
+        if (got - acc).abs() > tol * mag {
+            return Err(Error::Other(format!("gemm {s}^3 is wrong at ({i},{j}): {got} vs {acc}")));
+        }
+    }
+    Ok(())
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -177,6 +195,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Times one case: `warmup` untimed runs, then the median of `reps`.
 pub fn measure(dev: &Device, case: &Case, warmup: usize, reps: usize) -> Result<f64> {
+    let first = case.run.as_ref()()?;
+    if let Some(v) = &case.validate {
+        v(&first)?;
+    }
     for _ in 0..warmup {
         case.run.as_ref()()?;
     }
@@ -184,29 +206,19 @@ pub fn measure(dev: &Device, case: &Case, warmup: usize, reps: usize) -> Result<
     #[cfg(feature = "cuda")]
     if let Device::Cuda(d) = dev {
         use cudarc::driver::sys::CUevent_flags;
-        let flush = d
-            .context()
-            .default_stream()
-            .alloc_zeros::<u8>(256 << 20)
-            .map_err(|e| Error::Cuda(e.to_string()))?;
+        let flush =
+            d.context().default_stream().alloc_zeros::<u8>(256 << 20).map_err(|e| Error::Cuda(e.to_string()))?;
         let mut times = Vec::with_capacity(reps);
         for _ in 0..reps {
             d.fill(&flush, 0)?;
             let ev = |_| {
-                d.stream()
-                    .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-                    .map_err(|e| Error::Cuda(e.to_string()))
+                d.stream().record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| Error::Cuda(e.to_string()))
             };
             let start = ev(())?;
             let out = case.run.as_ref()()?;
             let end = ev(())?;
             end.synchronize().map_err(|e| Error::Cuda(e.to_string()))?;
-            times.push(
-                start
-                    .elapsed_ms(&end)
-                    .map_err(|e| Error::Cuda(e.to_string()))? as f64
-                    / 1e3,
-            );
+            times.push(start.elapsed_ms(&end).map_err(|e| Error::Cuda(e.to_string()))? as f64 / 1e3);
             drop(out);
         }
         return Ok(median(times));
@@ -224,12 +236,7 @@ pub fn measure(dev: &Device, case: &Case, warmup: usize, reps: usize) -> Result<
 
 /// Runs the peer script once for all cases that have a PyTorch form; returns median seconds by
 /// peer spec.
-fn run_peer(
-    python: &str,
-    specs: &[String],
-    device: &str,
-    reps: usize,
-) -> Result<Vec<(String, f64)>> {
+fn run_peer(python: &str, specs: &[String], device: &str, reps: usize) -> Result<Vec<(String, f64)>> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/peer_torch.py");
     let out = std::process::Command::new(python)
         .arg(script)
@@ -241,10 +248,7 @@ fn run_peer(
         .output()
         .map_err(|e| Error::Other(format!("cannot run peer {python}: {e}")))?;
     if !out.status.success() {
-        return Err(Error::Other(format!(
-            "peer script failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )));
+        return Err(Error::Other(format!("peer script failed: {}", String::from_utf8_lossy(&out.stderr))));
     }
     let text = String::from_utf8_lossy(&out.stdout);
     let mut res = Vec::new();
@@ -267,10 +271,7 @@ pub struct BenchOpts<'a> {
 
 pub fn run(dev: &Device, opts: &BenchOpts) -> Result<Vec<Measurement>> {
     let all = cases(dev)?;
-    let chosen: Vec<&Case> = all
-        .iter()
-        .filter(|c| opts.filter.is_none_or(|f| c.op == f))
-        .collect();
+    let chosen: Vec<&Case> = all.iter().filter(|c| opts.filter.is_none_or(|f| c.op == f)).collect();
     if chosen.is_empty() {
         let names: Vec<&str> = all.iter().map(|c| c.op).collect();
         return Err(Error::Other(format!(
@@ -281,11 +282,7 @@ pub fn run(dev: &Device, opts: &BenchOpts) -> Result<Vec<Measurement>> {
     }
     let mut out = Vec::new();
     for c in &chosen {
-        let (warm, reps) = if matches!(dev, Device::Emu) {
-            (1, 3)
-        } else {
-            (2, opts.reps)
-        };
+        let (warm, reps) = if matches!(dev, Device::Emu) { (1, 3) } else { (2, opts.reps) };
         let t = measure(dev, c, warm, reps)?;
         out.push(Measurement {
             op: c.op,
@@ -298,11 +295,7 @@ pub fn run(dev: &Device, opts: &BenchOpts) -> Result<Vec<Measurement>> {
     }
     if let Some(py) = opts.peer {
         let specs: Vec<String> = chosen.iter().filter_map(|c| c.peer.clone()).collect();
-        let device = if matches!(dev, Device::Cuda(_)) {
-            "cuda"
-        } else {
-            "cpu"
-        };
+        let device = if matches!(dev, Device::Cuda(_)) { "cuda" } else { "cpu" };
         let peer = run_peer(py, &specs, device, opts.reps)?;
         for (m, c) in out.iter_mut().zip(&chosen) {
             if let Some(spec) = &c.peer {
@@ -324,10 +317,7 @@ pub fn format_table(dev: &Device, ms: &[Measurement]) -> String {
     );
     for m in ms {
         let (pt, ratio) = match m.peer_median_s {
-            Some(p) => (
-                format!("{:.3} ms", p * 1e3),
-                format!("{:.2}x", p / m.median_s),
-            ),
+            Some(p) => (format!("{:.3} ms", p * 1e3), format!("{:.2}x", p / m.median_s)),
             None => ("-".into(), "-".into()),
         };
         let _ = writeln!(

@@ -12,25 +12,13 @@ pub enum Error {
     #[error("{op}: shape mismatch: {detail}")]
     Shape { op: &'static str, detail: String },
     #[error("{op}: tensors live on different devices ({a} and {b})")]
-    DeviceMismatch {
-        op: &'static str,
-        a: DeviceKind,
-        b: DeviceKind,
-    },
+    DeviceMismatch { op: &'static str, a: DeviceKind, b: DeviceKind },
     #[error("{op}: expected dtype {expected:?}, got {got:?}")]
-    DType {
-        op: &'static str,
-        expected: DType,
-        got: DType,
-    },
+    DType { op: &'static str, expected: DType, got: DType },
     #[error("{op}: {detail}")]
     Unsupported { op: &'static str, detail: String },
     #[error("kernel {kernel} failed on the {device} device: {detail}")]
-    Launch {
-        kernel: &'static str,
-        device: DeviceKind,
-        detail: String,
-    },
+    Launch { kernel: &'static str, device: DeviceKind, detail: String },
     #[error("CUDA driver: {0}")]
     Cuda(String),
     #[error("NVRTC: {0}")]
@@ -43,9 +31,6 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub(crate) fn shape(op: &'static str, detail: impl Into<String>) -> Self {
-        Error::Shape {
-            op,
-            detail: detail.into(),
-        }
+        Error::Shape { op, detail: detail.into() }
     }
 }

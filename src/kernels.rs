@@ -32,10 +32,12 @@ pub fn report() -> String {
     let mut s = String::new();
     match NVRTC_AT_BUILD {
         Some(v) => {
-            let _ = writeln!(s, "kernels compiled at build time by NVRTC {v} (CUBIN sm_80, sm_90; PTX compute_{PTX_ARCH})");
+            let _ =
+                writeln!(s, "kernels compiled at build time by NVRTC {v} (CUBIN sm_80, sm_90; PTX compute_{PTX_ARCH})");
         }
         None => {
-            let _ = writeln!(s, "kernels NOT compiled at build time (no NVRTC): the cuda device compiles them at run time");
+            let _ =
+                writeln!(s, "kernels NOT compiled at build time (no NVRTC): the cuda device compiles them at run time");
         }
     }
     let _ = writeln!(
@@ -62,12 +64,7 @@ pub fn report() -> String {
             );
         }
         if !any {
-            let _ = writeln!(
-                s,
-                "{:<22} {:<12} (no resource figures: not compiled at build time)",
-                k.name(),
-                module
-            );
+            let _ = writeln!(s, "{:<22} {:<12} (no resource figures: not compiled at build time)", k.name(), module);
         }
     }
     s

@@ -6,11 +6,7 @@ use reclmis::{bench, kernels, selfcheck};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(
-    name = "reclmis",
-    version,
-    about = "GPU compute engine for language-guided medical image segmentation"
-)]
+#[command(name = "reclmis", version, about = "GPU compute engine for language-guided medical image segmentation")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -53,18 +49,9 @@ fn run(cli: Cli) -> reclmis::Result<()> {
                 return Err(reclmis::Error::Other("self-check failed".into()));
             }
         }
-        Cmd::Bench {
-            device,
-            op,
-            peer,
-            reps,
-        } => {
+        Cmd::Bench { device, op, peer, reps } => {
             let dev = Device::from_choice(device)?;
-            let opts = bench::BenchOpts {
-                filter: op.as_deref(),
-                peer: peer.as_deref(),
-                reps: reps.max(1),
-            };
+            let opts = bench::BenchOpts { filter: op.as_deref(), peer: peer.as_deref(), reps: reps.max(1) };
             let ms = bench::run(&dev, &opts)?;
             print!("{}", bench::format_table(&dev, &ms));
         }

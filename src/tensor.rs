@@ -65,11 +65,7 @@ pub struct Tensor {
 
 impl std::fmt::Debug for Tensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "Tensor({:?}, {:?}, {:?})",
-            self.shape, self.dtype, self.device
-        )
+        write!(f, "Tensor({:?}, {:?}, {:?})", self.shape, self.dtype, self.device)
     }
 }
 
@@ -78,18 +74,8 @@ pub(crate) fn numel(shape: &[usize]) -> usize {
 }
 
 impl Tensor {
-    pub(crate) fn from_storage(
-        storage: Storage,
-        shape: &[usize],
-        dtype: DType,
-        device: &Device,
-    ) -> Tensor {
-        Tensor {
-            shape: shape.to_vec(),
-            dtype,
-            device: device.clone(),
-            storage: Arc::new(storage),
-        }
+    pub(crate) fn from_storage(storage: Storage, shape: &[usize], dtype: DType, device: &Device) -> Tensor {
+        Tensor { shape: shape.to_vec(), dtype, device: device.clone(), storage: Arc::new(storage) }
     }
 
     pub fn from_vec(data: Vec<f32>, shape: &[usize], device: &Device) -> Result<Tensor> {
@@ -103,18 +89,10 @@ impl Tensor {
     fn from_cpu(data: CpuStorage, shape: &[usize], device: &Device) -> Result<Tensor> {
         let n = data.as_bytes().len() / 4;
         if numel(shape) != n {
-            return Err(Error::shape(
-                "from_vec",
-                format!("{n} values do not fill shape {shape:?}"),
-            ));
+            return Err(Error::shape("from_vec", format!("{n} values do not fill shape {shape:?}")));
         }
         let dtype = data.dtype();
-        Ok(Self::from_storage(
-            device.upload(data)?,
-            shape,
-            dtype,
-            device,
-        ))
+        Ok(Self::from_storage(device.upload(data)?, shape, dtype, device))
     }
 
     pub fn zeros(shape: &[usize], device: &Device) -> Result<Tensor> {
@@ -123,12 +101,7 @@ impl Tensor {
 
     /// An output buffer for a kernel (NaN-poisoned under test).
     pub(crate) fn empty(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
-        Ok(Self::from_storage(
-            device.alloc(dtype, numel(shape))?,
-            shape,
-            dtype,
-            device,
-        ))
+        Ok(Self::from_storage(device.alloc(dtype, numel(shape))?, shape, dtype, device))
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -153,15 +126,9 @@ impl Tensor {
     /// The same data with another shape of equal size (no copy).
     pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
         if numel(shape) != self.numel() {
-            return Err(Error::shape(
-                "reshape",
-                format!("{:?} -> {shape:?} changes the size", self.shape),
-            ));
+            return Err(Error::shape("reshape", format!("{:?} -> {shape:?} changes the size", self.shape)));
         }
-        Ok(Tensor {
-            shape: shape.to_vec(),
-            ..self.clone()
-        })
+        Ok(Tensor { shape: shape.to_vec(), ..self.clone() })
     }
 
     /// Copies the data to the host.
@@ -181,22 +148,14 @@ impl Tensor {
     pub fn to_vec(&self) -> Result<Vec<f32>> {
         match self.to_cpu_storage()? {
             CpuStorage::F32(v) => Ok(v),
-            CpuStorage::I32(_) => Err(Error::DType {
-                op: "to_vec",
-                expected: DType::F32,
-                got: DType::I32,
-            }),
+            CpuStorage::I32(_) => Err(Error::DType { op: "to_vec", expected: DType::F32, got: DType::I32 }),
         }
     }
 
     pub fn to_vec_i32(&self) -> Result<Vec<i32>> {
         match self.to_cpu_storage()? {
             CpuStorage::I32(v) => Ok(v),
-            CpuStorage::F32(_) => Err(Error::DType {
-                op: "to_vec_i32",
-                expected: DType::I32,
-                got: DType::F32,
-            }),
+            CpuStorage::F32(_) => Err(Error::DType { op: "to_vec_i32", expected: DType::I32, got: DType::F32 }),
         }
     }
 
@@ -205,44 +164,25 @@ impl Tensor {
             return Ok(self.clone());
         }
         let host = self.to_cpu_storage()?;
-        Ok(Self::from_storage(
-            device.upload(host)?,
-            &self.shape,
-            self.dtype,
-            device,
-        ))
+        Ok(Self::from_storage(device.upload(host)?, &self.shape, self.dtype, device))
     }
 
     /// Host f32 slice of a cpu tensor.
     pub(crate) fn cpu_f32(&self, op: &'static str) -> Result<&[f32]> {
         match &*self.storage {
             Storage::Cpu(CpuStorage::F32(v)) => Ok(v),
-            Storage::Cpu(CpuStorage::I32(_)) => Err(Error::DType {
-                op,
-                expected: DType::F32,
-                got: DType::I32,
-            }),
+            Storage::Cpu(CpuStorage::I32(_)) => Err(Error::DType { op, expected: DType::F32, got: DType::I32 }),
             #[allow(unreachable_patterns)]
-            _ => Err(Error::Unsupported {
-                op,
-                detail: "expected a cpu tensor".into(),
-            }),
+            _ => Err(Error::Unsupported { op, detail: "expected a cpu tensor".into() }),
         }
     }
 
     pub(crate) fn cpu_i32(&self, op: &'static str) -> Result<&[i32]> {
         match &*self.storage {
             Storage::Cpu(CpuStorage::I32(v)) => Ok(v),
-            Storage::Cpu(CpuStorage::F32(_)) => Err(Error::DType {
-                op,
-                expected: DType::I32,
-                got: DType::F32,
-            }),
+            Storage::Cpu(CpuStorage::F32(_)) => Err(Error::DType { op, expected: DType::I32, got: DType::F32 }),
             #[allow(unreachable_patterns)]
-            _ => Err(Error::Unsupported {
-                op,
-                detail: "expected a cpu tensor".into(),
-            }),
+            _ => Err(Error::Unsupported { op, detail: "expected a cpu tensor".into() }),
         }
     }
 
@@ -264,11 +204,7 @@ impl Tensor {
     pub(crate) fn same_device(&self, op: &'static str, others: &[&Tensor]) -> Result<()> {
         for o in others {
             if o.device != self.device {
-                return Err(Error::DeviceMismatch {
-                    op,
-                    a: self.device.kind(),
-                    b: o.device.kind(),
-                });
+                return Err(Error::DeviceMismatch { op, a: self.device.kind(), b: o.device.kind() });
             }
         }
         Ok(())
@@ -276,11 +212,7 @@ impl Tensor {
 
     pub(crate) fn expect_dtype(&self, op: &'static str, dtype: DType) -> Result<()> {
         if self.dtype != dtype {
-            return Err(Error::DType {
-                op,
-                expected: dtype,
-                got: self.dtype,
-            });
+            return Err(Error::DType { op, expected: dtype, got: self.dtype });
         }
         Ok(())
     }

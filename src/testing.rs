@@ -39,28 +39,17 @@ pub fn mismatch(got: &[f32], want: &[f64], atol: f64, rtol: f64) -> Option<Strin
             (g - w).abs() <= atol + rtol * w.abs()
         };
         if !ok {
-            return Some(format!(
-                "element {i}: got {g}, reference {w} (atol {atol:e}, rtol {rtol:e})"
-            ));
+            return Some(format!("element {i}: got {g}, reference {w} (atol {atol:e}, rtol {rtol:e})"));
         }
     }
     None
 }
 
 /// Like [`mismatch`] with a per-element error scale: |got - want| <= tol · scale[i] + atol.
-pub fn mismatch_scaled(
-    got: &[f32],
-    want: &[f64],
-    scale: &[f64],
-    tol: f64,
-    atol: f64,
-) -> Option<String> {
+pub fn mismatch_scaled(got: &[f32], want: &[f64], scale: &[f64], tol: f64, atol: f64) -> Option<String> {
     for (i, ((&g, &w), &s)) in got.iter().zip(want).zip(scale).enumerate() {
         if (g as f64 - w).abs() > tol * s + atol || g.is_nan() {
-            return Some(format!(
-                "element {i}: got {g}, reference {w} (allowed {:e})",
-                tol * s + atol
-            ));
+            return Some(format!("element {i}: got {g}, reference {w} (allowed {:e})", tol * s + atol));
         }
     }
     None
@@ -78,13 +67,7 @@ pub fn f64s(v: &[f32]) -> Vec<f64> {
 
 /// Checks `grad` (the reference backward: Jᵀ·dy) against central finite differences of
 /// L(x) = Σ dy · f(x) in f64. Returns the first disagreement beyond tol·(1 + |fd|).
-pub fn fd_mismatch(
-    f: impl Fn(&[f64]) -> Vec<f64>,
-    x: &[f64],
-    dy: &[f64],
-    grad: &[f64],
-    tol: f64,
-) -> Option<String> {
+pub fn fd_mismatch(f: impl Fn(&[f64]) -> Vec<f64>, x: &[f64], dy: &[f64], grad: &[f64], tol: f64) -> Option<String> {
     let h = 1e-6;
     let loss = |x: &[f64]| f(x).iter().zip(dy).map(|(a, b)| a * b).sum::<f64>();
     let mut xp = x.to_vec();
@@ -96,10 +79,7 @@ pub fn fd_mismatch(
         xp[j] = x[j];
         let fd = (lp - lm) / (2.0 * h);
         if (fd - grad[j]).abs() > tol * (1.0 + fd.abs()) {
-            return Some(format!(
-                "d/dx[{j}]: finite difference {fd}, backward {}",
-                grad[j]
-            ));
+            return Some(format!("d/dx[{j}]: finite difference {fd}, backward {}", grad[j]));
         }
     }
     None

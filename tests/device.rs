@@ -20,12 +20,7 @@ fn auto_never_fails_and_cuda_probe_does_not_panic() {
 fn every_kernel_is_in_a_module_with_source() {
     for &k in Kernel::ALL {
         let m = &MODULES[k.module()];
-        assert!(
-            m.source.contains(k.name()),
-            "{} not in kernels/{}.cu",
-            k.name(),
-            m.name
-        );
+        assert!(m.source.contains(k.name()), "{} not in kernels/{}.cu", k.name(), m.name);
     }
 }
 
@@ -39,42 +34,22 @@ fn kernels_were_compiled_by_nvrtc_when_required() {
     assert!(NVRTC_AT_BUILD.is_some(), "built without NVRTC");
     for &k in Kernel::ALL {
         for arch in [80, 90] {
-            let r = RESOURCES
-                .iter()
-                .find(|r| r.kernel == k.name() && r.arch == arch);
-            assert!(
-                r.is_some_and(|r| r.registers > 0),
-                "{} has no sm_{arch} resource figures",
-                k.name()
-            );
+            let r = RESOURCES.iter().find(|r| r.kernel == k.name() && r.arch == arch);
+            assert!(r.is_some_and(|r| r.registers > 0), "{} has no sm_{arch} resource figures", k.name());
         }
     }
     for m in MODULES {
-        assert!(
-            !m.ptx.is_empty() && m.cubins.iter().all(|(_, c)| !c.is_empty()),
-            "{} not embedded",
-            m.name
-        );
+        assert!(!m.ptx.is_empty() && m.cubins.iter().all(|(_, c)| !c.is_empty()), "{} not embedded", m.name);
     }
 }
 
 #[test]
 fn tensor_errors_are_typed() {
-    let e = Tensor::from_vec(vec![1.0; 5], &[2, 3], &Device::Cpu)
-        .unwrap_err()
-        .to_string();
+    let e = Tensor::from_vec(vec![1.0; 5], &[2, 3], &Device::Cpu).unwrap_err().to_string();
     assert!(e.contains("5 values do not fill shape [2, 3]"), "{e}");
     let t = Tensor::from_vec(vec![1.0; 6], &[2, 3], &Device::Cpu).unwrap();
-    assert!(t
-        .reshape(&[4])
-        .unwrap_err()
-        .to_string()
-        .contains("changes the size"));
-    assert!(t
-        .to_vec_i32()
-        .unwrap_err()
-        .to_string()
-        .contains("expected dtype I32"));
+    assert!(t.reshape(&[4]).unwrap_err().to_string().contains("changes the size"));
+    assert!(t.to_vec_i32().unwrap_err().to_string().contains("expected dtype I32"));
 }
 
 #[test]

@@ -20,11 +20,7 @@ fn unary_op() -> impl Strategy<Value = UnaryOp> {
 }
 
 fn binary_op() -> impl Strategy<Value = BinaryOp> {
-    prop_oneof![
-        Just(BinaryOp::Add),
-        Just(BinaryOp::Sub),
-        Just(BinaryOp::Mul)
-    ]
+    prop_oneof![Just(BinaryOp::Add), Just(BinaryOp::Sub), Just(BinaryOp::Mul)]
 }
 
 /// Inputs inside the op's domain: log needs x > 0.
@@ -36,12 +32,7 @@ fn unary_input(op: UnaryOp, n: usize, seed: u64) -> Vec<f32> {
     }
 }
 
-fn check_unary(
-    dev: &Device,
-    shape: Vec<usize>,
-    seed: u64,
-    op: UnaryOp,
-) -> Result<(), TestCaseError> {
+fn check_unary(dev: &Device, shape: Vec<usize>, seed: u64, op: UnaryOp) -> Result<(), TestCaseError> {
     let n = shape.iter().product();
     let x = unary_input(op, n, seed);
     let dy = values(n, seed ^ 1, false);
@@ -49,28 +40,12 @@ fn check_unary(
     let y = ew::unary(&xt, op).unwrap();
     // libm and CUDA's expf/logf are within 2 ulp; a few ulp of slack covers the f32 rounding of
     // the surrounding arithmetic (sigmoid: 1 + e, one division).
-    assert_none(
-        "forward",
-        mismatch(
-            &y.to_vec().unwrap(),
-            &reference::unary(&f64s(&x), op),
-            1e-7,
-            8.0 * EPS32,
-        ),
-    )?;
+    assert_none("forward", mismatch(&y.to_vec().unwrap(), &reference::unary(&f64s(&x), op), 1e-7, 8.0 * EPS32))?;
     let dx = ew::unary_backward(op, &xt, &y, &tensor(&dy, &shape, dev)).unwrap();
     // The fast paths use y (sigmoid: y(1-y), exp: y), rounded to f32: the product of three
     // rounded factors is within ~6 eps of the exact value, plus 1 - y's absolute error near y = 1.
     let want = reference::unary_backward(op, &f64s(&x), &f64s(&dy));
-    assert_none(
-        "backward",
-        mismatch(
-            &dx.to_vec().unwrap(),
-            &want,
-            4.0 * EPS32 * 3.0,
-            16.0 * EPS32,
-        ),
-    )
+    assert_none("backward", mismatch(&dx.to_vec().unwrap(), &want, 4.0 * EPS32 * 3.0, 16.0 * EPS32))
 }
 
 per_device!(check_unary, (shape in prop::collection::vec(dim(), 1..3), seed in any::<u64>(), op in unary_op()));
@@ -78,32 +53,19 @@ per_device!(check_unary, (shape in prop::collection::vec(dim(), 1..3), seed in a
 /// An output shape and two operand shapes that broadcast to it (dims set to 1, leading dims
 /// dropped).
 fn broadcast_shapes() -> impl Strategy<Value = (Vec<usize>, Vec<usize>)> {
-    (
-        prop::collection::vec(small_dim(), 1..5),
-        any::<u64>(),
-        any::<u64>(),
-        0usize..3,
-        0usize..3,
-    )
-        .prop_map(|(out, ma, mb, da, db)| {
+    (prop::collection::vec(small_dim(), 1..5), any::<u64>(), any::<u64>(), 0usize..3, 0usize..3).prop_map(
+        |(out, ma, mb, da, db)| {
             let make = |mask: u64, drop: usize| -> Vec<usize> {
-                let s: Vec<usize> = out
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &d)| if mask >> i & 1 == 1 { 1 } else { d })
-                    .collect();
+                let s: Vec<usize> =
+                    out.iter().enumerate().map(|(i, &d)| if mask >> i & 1 == 1 { 1 } else { d }).collect();
                 s[drop.min(s.len() - 1)..].to_vec()
             };
             (make(ma % 16, da), make(mb % 16, db))
-        })
+        },
+    )
 }
 
-fn check_binary(
-    dev: &Device,
-    shapes: (Vec<usize>, Vec<usize>),
-    seed: u64,
-    op: BinaryOp,
-) -> Result<(), TestCaseError> {
+fn check_binary(dev: &Device, shapes: (Vec<usize>, Vec<usize>), seed: u64, op: BinaryOp) -> Result<(), TestCaseError> {
     let (sa, sb) = shapes;
     let out = ew::broadcast_shape(&sa, &sb).unwrap();
     let a = values(sa.iter().product(), seed, false);
@@ -121,32 +83,10 @@ fn check_binary(
     // probabilistic bound); 4x slack. Σ|terms| is the reference evaluated on absolute values.
     let abs = |v: &[f32]| -> Vec<f64> { v.iter().map(|x| x.abs() as f64).collect() };
     let (ma, mb) = reference::binary_backward(&abs(&a), &sa, &abs(&b), &sb, &abs(&dy), op);
-    let (ma, mb): (Vec<f64>, Vec<f64>) = (
-        ma.iter().map(|x| x.abs()).collect(),
-        mb.iter().map(|x| x.abs()).collect(),
-    );
-    let reps =
-        |s: &[usize]| (out.iter().product::<usize>() / s.iter().product::<usize>().max(1)) as f64;
-    assert_none(
-        "da",
-        mismatch_scaled(
-            &da.to_vec().unwrap(),
-            &wa,
-            &ma,
-            4.0 * EPS32 * (reps(&sa).sqrt() + 1.0),
-            0.0,
-        ),
-    )?;
-    assert_none(
-        "db",
-        mismatch_scaled(
-            &db.to_vec().unwrap(),
-            &wb,
-            &mb,
-            4.0 * EPS32 * (reps(&sb).sqrt() + 1.0),
-            0.0,
-        ),
-    )
+    let (ma, mb): (Vec<f64>, Vec<f64>) = (ma.iter().map(|x| x.abs()).collect(), mb.iter().map(|x| x.abs()).collect());
+    let reps = |s: &[usize]| (out.iter().product::<usize>() / s.iter().product::<usize>().max(1)) as f64;
+    assert_none("da", mismatch_scaled(&da.to_vec().unwrap(), &wa, &ma, 4.0 * EPS32 * (reps(&sa).sqrt() + 1.0), 0.0))?;
+    assert_none("db", mismatch_scaled(&db.to_vec().unwrap(), &wb, &mb, 4.0 * EPS32 * (reps(&sb).sqrt() + 1.0), 0.0))
 }
 
 per_device!(check_binary, (shapes in broadcast_shapes(), seed in any::<u64>(), op in binary_op()));

@@ -25,17 +25,8 @@ fn run(mode: u32, seed: u64) -> Result<f32> {
     let x: Vec<f32> = (0..THREADS).map(|i| (i % 7) as f32).collect();
     let xt = Tensor::from_vec(x, &[THREADS as usize], &dev)?;
     let y = Tensor::zeros(&[1], &dev)?;
-    let p = SelftestParams {
-        x: xt.dev_ptr(),
-        y: y.dev_ptr(),
-        n: THREADS,
-        mode,
-    };
-    let cfg = LaunchCfg {
-        grid: (1, 1, 1),
-        block: (THREADS, 1, 1),
-        smem_bytes: THREADS * 4,
-    };
+    let p = SelftestParams { x: xt.dev_ptr(), y: y.dev_ptr(), n: THREADS, mode };
+    let cfg = LaunchCfg { grid: (1, 1, 1), block: (THREADS, 1, 1), smem_bytes: THREADS * 4 };
     with_schedule(seed, || dev.launch(Kernel::selftest_fwd_f32, cfg, &p))?;
     Ok(y.to_vec()?[0])
 }
@@ -45,14 +36,7 @@ fn expected() -> f32 {
 }
 
 fn error_of(mode: u32) -> String {
-    (0..3)
-        .map(|seed| {
-            run(mode, seed)
-                .expect_err("the emulator must reject this kernel")
-                .to_string()
-        })
-        .next()
-        .unwrap()
+    (0..3).map(|seed| run(mode, seed).expect_err("the emulator must reject this kernel").to_string()).next().unwrap()
 }
 
 #[test]
@@ -66,48 +50,28 @@ fn correct_kernel_passes_in_every_order() {
 fn missing_barrier_gives_wrong_results() {
     // Forward order: thread 0 reads s[128] before thread 128 has written it (NaN-poisoned shared
     // memory). Reversed order happens to hide this race; the random orders expose it.
-    let wrong: Vec<u64> = (0..9)
-        .filter(|&seed| run(1, seed).unwrap() != expected())
-        .collect();
-    assert!(
-        wrong.contains(&0),
-        "forward order must expose the race; wrong under seeds {wrong:?}"
-    );
-    assert!(
-        wrong.len() >= 5,
-        "most schedules must expose the race; wrong under seeds {wrong:?}"
-    );
+    let wrong: Vec<u64> = (0..9).filter(|&seed| run(1, seed).unwrap() != expected()).collect();
+    assert!(wrong.contains(&0), "forward order must expose the race; wrong under seeds {wrong:?}");
+    assert!(wrong.len() >= 5, "most schedules must expose the race; wrong under seeds {wrong:?}");
 }
 
 #[test]
 fn early_exit_before_barrier_is_divergence() {
     let e = error_of(2);
-    assert!(
-        e.contains("barrier divergence") && e.contains("exited"),
-        "{e}"
-    );
-    assert!(
-        e.contains("RECLMIS_EMU_SEED"),
-        "the message says how to reproduce: {e}"
-    );
+    assert!(e.contains("barrier divergence") && e.contains("exited"), "{e}");
+    assert!(e.contains("RECLMIS_EMU_SEED"), "the message says how to reproduce: {e}");
 }
 
 #[test]
 fn different_barriers_are_divergence() {
     let e = error_of(3);
-    assert!(
-        e.contains("barrier divergence") && e.contains("lines"),
-        "{e}"
-    );
+    assert!(e.contains("barrier divergence") && e.contains("lines"), "{e}");
 }
 
 #[test]
 fn out_of_bounds_write_is_reported() {
     let e = error_of(4);
-    assert!(
-        e.contains("out-of-bounds write") && e.contains("past the end"),
-        "{e}"
-    );
+    assert!(e.contains("out-of-bounds write") && e.contains("past the end"), "{e}");
 }
 
 #[test]
@@ -125,20 +89,7 @@ fn deadlock_is_reported() {
 #[test]
 fn bad_launch_shapes_are_errors() {
     let dev = Device::emu().unwrap();
-    let p = SelftestParams {
-        x: 0,
-        y: 0,
-        n: 0,
-        mode: 0,
-    };
-    let e = dev.launch(
-        Kernel::selftest_fwd_f32,
-        LaunchCfg {
-            grid: (1, 1, 1),
-            block: (2048, 1, 1),
-            smem_bytes: 0,
-        },
-        &p,
-    );
+    let p = SelftestParams { x: 0, y: 0, n: 0, mode: 0 };
+    let e = dev.launch(Kernel::selftest_fwd_f32, LaunchCfg { grid: (1, 1, 1), block: (2048, 1, 1), smem_bytes: 0 }, &p);
     assert!(e.unwrap_err().to_string().contains("1..1024"));
 }

@@ -24,16 +24,8 @@ struct Case {
 
 impl Case {
     fn shapes(&self) -> (Vec<usize>, Vec<usize>) {
-        let a2 = if self.trans_a {
-            vec![self.k, self.m]
-        } else {
-            vec![self.m, self.k]
-        };
-        let b2 = if self.trans_b {
-            vec![self.n, self.k]
-        } else {
-            vec![self.k, self.n]
-        };
+        let a2 = if self.trans_a { vec![self.k, self.m] } else { vec![self.m, self.k] };
+        let b2 = if self.trans_b { vec![self.n, self.k] } else { vec![self.k, self.n] };
         let with_batch = |s: Vec<usize>, shared: bool| {
             if shared {
                 s
@@ -41,32 +33,15 @@ impl Case {
                 [vec![self.batch], s].concat()
             }
         };
-        (
-            with_batch(a2, self.shared == 1),
-            with_batch(b2, self.shared == 2),
-        )
+        (with_batch(a2, self.shared == 1), with_batch(b2, self.shared == 2))
     }
     fn opts(&self, algo: GemmAlgo) -> GemmOpts {
-        GemmOpts {
-            trans_a: self.trans_a,
-            trans_b: self.trans_b,
-            alpha: self.alpha,
-            algo,
-        }
+        GemmOpts { trans_a: self.trans_a, trans_b: self.trans_b, alpha: self.alpha, algo }
     }
 }
 
 fn case() -> impl Strategy<Value = Case> {
-    (
-        1usize..4,
-        dim(),
-        dim(),
-        dim(),
-        any::<bool>(),
-        any::<bool>(),
-        0u8..3,
-        prop_oneof![Just(1.0f32), -2.0f32..2.0],
-    )
+    (1usize..4, dim(), dim(), dim(), any::<bool>(), any::<bool>(), 0u8..3, prop_oneof![Just(1.0f32), -2.0f32..2.0])
         .prop_map(|(batch, m, n, k, trans_a, trans_b, shared, alpha)| Case {
             batch,
             m,
@@ -97,11 +72,8 @@ fn check_gemm(dev: &Device, c: Case, seed: u64) -> Result<(), TestCaseError> {
     let (at, bt) = (tensor(&a, &sa, dev), tensor(&b, &sb, dev));
     let (plan, out) = gemm::plan(&sa, &sb, c.trans_a, c.trans_b).unwrap();
     let (want, mag) = reference::gemm(&f64s(&a), &f64s(&b), &plan, c.alpha as f64);
-    let algos: &[GemmAlgo] = if dev.is_gpu_like() {
-        &[GemmAlgo::Tiled, GemmAlgo::TensorCore]
-    } else {
-        &[GemmAlgo::Auto]
-    };
+    let algos: &[GemmAlgo] =
+        if dev.is_gpu_like() { &[GemmAlgo::Tiled, GemmAlgo::TensorCore] } else { &[GemmAlgo::Auto] };
     for &algo in algos {
         let y = gemm::matmul(&at, &bt, c.opts(algo)).unwrap();
         prop_assert_eq!(y.shape(), out.as_slice());
@@ -112,22 +84,13 @@ fn check_gemm(dev: &Device, c: Case, seed: u64) -> Result<(), TestCaseError> {
     }
     // Backward (exact-f32 GEMMs): each gradient element sums n (dA) or m·batch (dB) products.
     let dc = values(out.iter().product(), seed ^ 11, false);
-    let (da, db) =
-        gemm::matmul_backward(&at, &bt, &tensor(&dc, &out, dev), c.opts(GemmAlgo::Tiled)).unwrap();
-    let (wa, wb) =
-        reference::gemm_backward(&f64s(&a), &f64s(&b), &f64s(&dc), &plan, c.alpha as f64);
+    let (da, db) = gemm::matmul_backward(&at, &bt, &tensor(&dc, &out, dev), c.opts(GemmAlgo::Tiled)).unwrap();
+    let (wa, wb) = reference::gemm_backward(&f64s(&a), &f64s(&b), &f64s(&dc), &plan, c.alpha as f64);
     let abs = |v: &[f32]| -> Vec<f64> { v.iter().map(|x| x.abs() as f64).collect() };
-    let (ma, mb) =
-        reference::gemm_backward(&abs(&a), &abs(&b), &abs(&dc), &plan, c.alpha.abs() as f64);
+    let (ma, mb) = reference::gemm_backward(&abs(&a), &abs(&b), &abs(&dc), &plan, c.alpha.abs() as f64);
     let terms = (c.m.max(c.n) * c.batch) as f64;
-    assert_none(
-        "dA",
-        mismatch_scaled(&da.to_vec().unwrap(), &wa, &ma, (terms + 2.0) * EPS32, 0.0),
-    )?;
-    assert_none(
-        "dB",
-        mismatch_scaled(&db.to_vec().unwrap(), &wb, &mb, (terms + 2.0) * EPS32, 0.0),
-    )
+    assert_none("dA", mismatch_scaled(&da.to_vec().unwrap(), &wa, &ma, (terms + 2.0) * EPS32, 0.0))?;
+    assert_none("dB", mismatch_scaled(&db.to_vec().unwrap(), &wb, &mb, (terms + 2.0) * EPS32, 0.0))
 }
 
 per_device!(check_gemm, (c in case(), seed in any::<u64>()));
@@ -158,27 +121,15 @@ proptest! {
 fn tensor_core_gemm_gpu_matches_emulator() {
     let gpu = device("cuda");
     let emu = device("emu");
-    for (batch, m, n, k) in [
-        (1, 16, 8, 8),
-        (1, 64, 64, 16),
-        (2, 67, 45, 33),
-        (3, 129, 97, 131),
-    ] {
+    for (batch, m, n, k) in [(1, 16, 8, 8), (1, 64, 64, 16), (2, 67, 45, 33), (3, 129, 97, 131)] {
         let a = values(batch * m * k, 1, false);
         let b = values(batch * k * n, 2, false);
-        let opts = GemmOpts {
-            algo: GemmAlgo::TensorCore,
-            ..Default::default()
-        };
+        let opts = GemmOpts { algo: GemmAlgo::TensorCore, ..Default::default() };
         let run = |dev: &Device| {
-            gemm::matmul(
-                &tensor(&a, &[batch, m, k], dev),
-                &tensor(&b, &[batch, k, n], dev),
-                opts,
-            )
-            .unwrap()
-            .to_vec()
-            .unwrap()
+            gemm::matmul(&tensor(&a, &[batch, m, k], dev), &tensor(&b, &[batch, k, n], dev), opts)
+                .unwrap()
+                .to_vec()
+                .unwrap()
         };
         let (g, e) = (run(&gpu), run(&emu));
         let (plan, _) = gemm::plan(&[batch, m, k], &[batch, k, n], false, false).unwrap();
@@ -194,14 +145,10 @@ fn tensor_core_gemm_gpu_matches_emulator() {
 fn shape_errors_are_typed() {
     let dev = Device::Cpu;
     let a = tensor(&[0.0; 6], &[2, 3], &dev);
-    let e = gemm::matmul(&a, &a, GemmOpts::default())
-        .unwrap_err()
-        .to_string();
+    let e = gemm::matmul(&a, &a, GemmOpts::default()).unwrap_err().to_string();
     assert!(e.contains("inner dims differ"), "{e}");
     let b = tensor(&[0.0; 24], &[4, 3, 2], &dev);
     let c = tensor(&[0.0; 36], &[3, 2, 6], &dev);
-    let e = gemm::matmul(&b, &c, GemmOpts::default())
-        .unwrap_err()
-        .to_string();
+    let e = gemm::matmul(&b, &c, GemmOpts::default()).unwrap_err().to_string();
     assert!(e.contains("batch dims"), "{e}");
 }

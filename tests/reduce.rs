@@ -8,11 +8,7 @@ use reclmis::testing::{fd_mismatch, mismatch, EPS32};
 use reclmis::Device;
 
 fn reduce_op() -> impl Strategy<Value = ReduceOp> {
-    prop_oneof![
-        Just(ReduceOp::Sum),
-        Just(ReduceOp::Mean),
-        Just(ReduceOp::Max)
-    ]
+    prop_oneof![Just(ReduceOp::Sum), Just(ReduceOp::Mean), Just(ReduceOp::Max)]
 }
 
 /// Shapes with an axis; the last axis is chosen often (it has its own kernel).
@@ -22,9 +18,7 @@ fn shape_axis() -> impl Strategy<Value = (Vec<usize>, usize)> {
             let r = s.len();
             (Just(s), prop_oneof![Just(r - 1), 0..r])
         })
-        .prop_filter("keep emulated sizes small", |(s, _)| {
-            s.iter().product::<usize>() <= 40_000
-        })
+        .prop_filter("keep emulated sizes small", |(s, _)| s.iter().product::<usize>() <= 40_000)
 }
 
 /// `ties`: values rounded to integers in [-3, 3], so equal maxima are everywhere and the argmax
@@ -48,53 +42,23 @@ fn check_reduce(
     // A sequential f32 sum of n values |v| <= 3: error below n·eps·3·n/2 in the worst case; the
     // random-walk bound sqrt(n)·eps·Σ|v| with 4x slack is what we allow (values have both signs).
     let atol = 4.0 * EPS32 * (n as f64).sqrt() * 3.0 * n as f64;
-    let atol = if op == ReduceOp::Mean {
-        atol / n as f64
-    } else {
-        atol
-    };
-    assert_none(
-        "values",
-        mismatch(
-            &y.to_vec().unwrap(),
-            &want,
-            if op == ReduceOp::Max { 0.0 } else { atol },
-            0.0,
-        ),
-    )?;
+    let atol = if op == ReduceOp::Mean { atol / n as f64 } else { atol };
+    assert_none("values", mismatch(&y.to_vec().unwrap(), &want, if op == ReduceOp::Max { 0.0 } else { atol }, 0.0))?;
     if op == ReduceOp::Max {
         prop_assert_eq!(idx.as_ref().unwrap().to_vec_i32().unwrap(), widx.clone());
     }
     let dy = values(outer * inner, seed ^ 5, false);
-    let dx = reduce::reduce_backward(
-        op,
-        &tensor(&dy, &y.shape().to_vec(), dev),
-        idx.as_ref(),
-        &shape,
-        axis as isize,
-    )
-    .unwrap();
+    let dx = reduce::reduce_backward(op, &tensor(&dy, &y.shape().to_vec(), dev), idx.as_ref(), &shape, axis as isize)
+        .unwrap();
     let wdx = reference::reduce_backward(&f64s(&dy), &widx, outer, n, inner, op);
     // mean's g·(1/n) rounds twice (the cpu path multiplies by a rounded 1/n): 2 half-ulps.
-    assert_none(
-        "backward",
-        mismatch(&dx.to_vec().unwrap(), &wdx, 0.0, 2.0 * EPS32),
-    )
+    assert_none("backward", mismatch(&dx.to_vec().unwrap(), &wdx, 0.0, 2.0 * EPS32))
 }
 
 per_device!(check_reduce, (sa in shape_axis(), seed in any::<u64>(), op in reduce_op(), ties in any::<bool>()));
 
-fn check_sum_to_shape(
-    dev: &Device,
-    shape: Vec<usize>,
-    mask: u64,
-    seed: u64,
-) -> Result<(), TestCaseError> {
-    let target: Vec<usize> = shape
-        .iter()
-        .enumerate()
-        .map(|(i, &d)| if mask >> i & 1 == 1 { 1 } else { d })
-        .collect();
+fn check_sum_to_shape(dev: &Device, shape: Vec<usize>, mask: u64, seed: u64) -> Result<(), TestCaseError> {
+    let target: Vec<usize> = shape.iter().enumerate().map(|(i, &d)| if mask >> i & 1 == 1 { 1 } else { d }).collect();
     let x = values(shape.iter().product(), seed, false);
     let got = reduce::sum_to_shape(&tensor(&x, &shape, dev), &target).unwrap();
     prop_assert_eq!(got.shape(), target.as_slice());
@@ -103,27 +67,11 @@ fn check_sum_to_shape(
     let tt = reclmis::ops::contiguous_strides(&target);
     let mut want = vec![0.0f64; target.iter().product()];
     for (i, &v) in x.iter().enumerate() {
-        let j: usize = (0..shape.len())
-            .map(|d| {
-                if target[d] == 1 {
-                    0
-                } else {
-                    (i / st[d]) % shape[d] * tt[d]
-                }
-            })
-            .sum();
+        let j: usize = (0..shape.len()).map(|d| if target[d] == 1 { 0 } else { (i / st[d]) % shape[d] * tt[d] }).sum();
         want[j] += v as f64;
     }
     let reps = (x.len() / want.len().max(1)) as f64;
-    assert_none(
-        "sum_to_shape",
-        mismatch(
-            &got.to_vec().unwrap(),
-            &want,
-            4.0 * EPS32 * reps.sqrt() * 3.0 * reps,
-            0.0,
-        ),
-    )
+    assert_none("sum_to_shape", mismatch(&got.to_vec().unwrap(), &want, 4.0 * EPS32 * reps.sqrt() * 3.0 * reps, 0.0))
 }
 
 per_device!(check_sum_to_shape, (shape in prop::collection::vec(small_dim(), 1..5), mask in any::<u64>(), seed in any::<u64>()));
@@ -149,11 +97,7 @@ proptest! {
 fn max_propagates_nan_and_picks_the_first() {
     for kind in ["cpu", "emu"] {
         let dev = device(kind);
-        let x = tensor(
-            &[1.0, f32::NAN, 5.0, f32::NAN, 2.0, 7.0, 7.0, 0.0],
-            &[2, 4],
-            &dev,
-        );
+        let x = tensor(&[1.0, f32::NAN, 5.0, f32::NAN, 2.0, 7.0, 7.0, 0.0], &[2, 4], &dev);
         let (v, i) = reduce::max(&x, 1).unwrap();
         let v = v.to_vec().unwrap();
         assert!(v[0].is_nan(), "{kind}: {v:?}");
@@ -165,13 +109,7 @@ fn max_propagates_nan_and_picks_the_first() {
 #[test]
 fn bad_axis_and_empty_max_are_errors() {
     let x = tensor(&[1.0; 6], &[2, 3], &Device::Cpu);
-    assert!(reduce::sum(&x, 2)
-        .unwrap_err()
-        .to_string()
-        .contains("out of range"));
+    assert!(reduce::sum(&x, 2).unwrap_err().to_string().contains("out of range"));
     let e = tensor(&[], &[2, 0], &Device::Cpu);
-    assert!(reduce::max(&e, 1)
-        .unwrap_err()
-        .to_string()
-        .contains("empty"));
+    assert!(reduce::max(&e, 1).unwrap_err().to_string().contains("empty"));
 }

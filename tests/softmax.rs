@@ -15,32 +15,18 @@ fn rows_cols() -> impl Strategy<Value = (usize, usize)> {
     ]
 }
 
-fn check_softmax(
-    dev: &Device,
-    rc: (usize, usize),
-    seed: u64,
-    log: bool,
-    outliers: bool,
-) -> Result<(), TestCaseError> {
+fn check_softmax(dev: &Device, rc: (usize, usize), seed: u64, log: bool, outliers: bool) -> Result<(), TestCaseError> {
     let (rows, cols) = rc;
     let x = values(rows * cols, seed, outliers);
     let xt = tensor(&x, &[rows, cols], dev);
-    let y = if log {
-        softmax::log_softmax(&xt)
-    } else {
-        softmax::softmax(&xt)
-    }
-    .unwrap();
+    let y = if log { softmax::log_softmax(&xt) } else { softmax::softmax(&xt) }.unwrap();
     let want = reference::forward(&f64s(&x), cols, log);
     let xmax = x.iter().fold(0.0f32, |m, v| m.max(v.abs())) as f64;
     // exp(x - m) has relative error eps·|x - m| from rounding x - m, plus a few ulp from expf;
     // log-softmax has absolute error ~eps·(|x| + |m| + log cols). Values below 1e-30 are what
     // e^-80 outliers give; f32 represents them only roughly (denormals).
     let (atol, rtol) = if log {
-        (
-            8.0 * EPS32 * (2.0 * xmax + (cols as f64).ln() + 1.0),
-            4.0 * EPS32,
-        )
+        (8.0 * EPS32 * (2.0 * xmax + (cols as f64).ln() + 1.0), 4.0 * EPS32)
     } else {
         (1e-30, 8.0 * EPS32 * (2.0 * xmax + 8.0))
     };
@@ -52,10 +38,7 @@ fn check_softmax(
     // into each element with factor y <= 1 (softmax) or exp(y) <= 1 (log-softmax); plus the
     // forward's error in y times |dy| <= 3.
     let atol = 4.0 * EPS32 * 3.0 * ((cols as f64).sqrt() + 1.0) + 3.0 * atol;
-    assert_none(
-        "backward",
-        mismatch(&dx.to_vec().unwrap(), &wdx, atol, rtol),
-    )
+    assert_none("backward", mismatch(&dx.to_vec().unwrap(), &wdx, atol, rtol))
 }
 
 per_device!(check_softmax, (rc in rows_cols(), seed in any::<u64>(), log in any::<bool>(), outliers in any::<bool>()));
@@ -77,16 +60,9 @@ fn huge_logits_do_not_overflow_and_all_minus_inf_is_nan() {
     for kind in ["cpu", "emu"] {
         let dev = device(kind);
         let ninf = f32::NEG_INFINITY;
-        let x = tensor(
-            &[1e30, 1e30, -1e30, ninf, ninf, ninf, ninf, ninf],
-            &[2, 4],
-            &dev,
-        );
+        let x = tensor(&[1e30, 1e30, -1e30, ninf, ninf, ninf, ninf, ninf], &[2, 4], &dev);
         let y = softmax::softmax(&x).unwrap().to_vec().unwrap();
         assert_eq!(&y[..4], &[0.5, 0.5, 0.0, 0.0], "{kind}");
-        assert!(
-            y[4..].iter().all(|v| v.is_nan()),
-            "{kind}: a row of -inf is NaN, as in PyTorch: {y:?}"
-        );
+        assert!(y[4..].iter().all(|v| v.is_nan()), "{kind}: a row of -inf is NaN, as in PyTorch: {y:?}");
     }
 }

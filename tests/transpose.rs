@@ -9,52 +9,32 @@ use reclmis::Device;
 
 fn shape_perm() -> impl Strategy<Value = (Vec<usize>, Vec<usize>)> {
     prop::collection::vec(prop_oneof![small_dim(), dim()], 2..6)
-        .prop_filter("small enough to emulate", |s| {
-            s.iter().product::<usize>() <= 60_000
-        })
+        .prop_filter("small enough to emulate", |s| s.iter().product::<usize>() <= 60_000)
         .prop_flat_map(|s| {
             let r = s.len();
             (Just(s), Just((0..r).collect::<Vec<usize>>()).prop_shuffle())
         })
 }
 
-fn check_permute(
-    dev: &Device,
-    sp: (Vec<usize>, Vec<usize>),
-    seed: u64,
-) -> Result<(), TestCaseError> {
+fn check_permute(dev: &Device, sp: (Vec<usize>, Vec<usize>), seed: u64) -> Result<(), TestCaseError> {
     let (shape, perm) = sp;
     let x = values(shape.iter().product(), seed, false);
     let xt = tensor(&x, &shape, dev);
     let y = transpose::permute(&xt, &perm).unwrap();
     let want_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
     prop_assert_eq!(y.shape(), want_shape.as_slice());
-    assert_none(
-        "forward",
-        mismatch(
-            &y.to_vec().unwrap(),
-            &reference::permute(&f64s(&x), &shape, &perm),
-            0.0,
-            0.0,
-        ),
-    )?;
+    assert_none("forward", mismatch(&y.to_vec().unwrap(), &reference::permute(&f64s(&x), &shape, &perm), 0.0, 0.0))?;
     // Backward: the inverse permutation restores the input exactly.
     let back = transpose::permute_backward(&y, &perm).unwrap();
     prop_assert_eq!(back.shape(), shape.as_slice());
-    assert_none(
-        "backward",
-        mismatch(&back.to_vec().unwrap(), &f64s(&x), 0.0, 0.0),
-    )
+    assert_none("backward", mismatch(&back.to_vec().unwrap(), &f64s(&x), 0.0, 0.0))
 }
 
 per_device!(check_permute, (sp in shape_perm(), seed in any::<u64>()));
 
 #[test]
 fn simplify_merges_adjacent_dims() {
-    assert_eq!(
-        simplify(&[2, 3, 4], &[0, 2, 1]),
-        (vec![2, 3, 4], vec![0, 2, 1])
-    );
+    assert_eq!(simplify(&[2, 3, 4], &[0, 2, 1]), (vec![2, 3, 4], vec![0, 2, 1]));
     assert_eq!(simplify(&[2, 3, 4], &[1, 2, 0]), (vec![2, 12], vec![1, 0]));
     assert_eq!(simplify(&[2, 1, 4], &[1, 0, 2]), (vec![8], vec![0]));
 }
@@ -62,8 +42,5 @@ fn simplify_merges_adjacent_dims() {
 #[test]
 fn bad_permutation_is_an_error() {
     let x = tensor(&[0.0; 6], &[2, 3], &Device::Cpu);
-    assert!(transpose::permute(&x, &[0, 0])
-        .unwrap_err()
-        .to_string()
-        .contains("not a permutation"));
+    assert!(transpose::permute(&x, &[0, 0]).unwrap_err().to_string().contains("not a permutation"));
 }

@@ -5,9 +5,7 @@
 use super::{DeviceKind, LaunchCfg};
 use crate::error::{Error, Result};
 use crate::kernels::{Kernel, MODULES, NVRTC_AT_BUILD, PTX_ARCH};
-use cudarc::driver::{
-    self, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr,
-};
+use cudarc::driver::{self, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -31,24 +29,18 @@ impl CudaDevice {
     /// catch_unwind in case a present libcuda lacks a symbol.
     pub fn open(ordinal: usize) -> Result<CudaDevice> {
         if !unsafe { driver::sys::is_culib_present() } {
-            return Err(Error::NoCuda(
-                "libcuda.so not found (no NVIDIA driver on this machine)".into(),
-            ));
+            return Err(Error::NoCuda("libcuda.so not found (no NVIDIA driver on this machine)".into()));
         }
         let probe = std::panic::catch_unwind(|| -> Result<CudaDevice> {
             driver::result::init().map_err(|e| Error::NoCuda(format!("cuInit failed: {e}")))?;
-            let n = CudaContext::device_count()
-                .map_err(|e| Error::NoCuda(format!("cannot count devices: {e}")))?;
+            let n = CudaContext::device_count().map_err(|e| Error::NoCuda(format!("cannot count devices: {e}")))?;
             if n <= 0 {
                 return Err(Error::NoCuda("the driver reports no CUDA device".into()));
             }
             if ordinal >= n as usize {
-                return Err(Error::NoCuda(format!(
-                    "device {ordinal} requested, {n} present"
-                )));
+                return Err(Error::NoCuda(format!("device {ordinal} requested, {n} present")));
             }
-            let ctx = CudaContext::new(ordinal)
-                .map_err(|e| Error::NoCuda(format!("cannot create a context: {e}")))?;
+            let ctx = CudaContext::new(ordinal).map_err(|e| Error::NoCuda(format!("cannot create a context: {e}")))?;
             // One stream and raw pointers in params structs: cudarc's per-buffer events add nothing.
             unsafe { ctx.disable_event_tracking() };
             let stream = ctx.default_stream();
@@ -63,11 +55,7 @@ impl CudaDevice {
                 functions: Mutex::new(HashMap::new()),
             })
         });
-        probe.unwrap_or_else(|_| {
-            Err(Error::NoCuda(
-                "the CUDA driver library is unusable (missing symbols)".into(),
-            ))
-        })
+        probe.unwrap_or_else(|_| Err(Error::NoCuda("the CUDA driver library is unusable (missing symbols)".into())))
     }
 
     pub fn describe(&self) -> String {
@@ -99,8 +87,7 @@ impl CudaDevice {
     /// Sets every byte of `s` (stream-ordered).
     pub fn fill(&self, s: &CudaSlice<u8>, byte: u8) -> Result<()> {
         let (p, _g) = s.device_ptr(&self.stream);
-        unsafe { driver::result::memset_d8_async(p, byte, s.len(), self.stream.cu_stream()) }
-            .map_err(drv)
+        unsafe { driver::result::memset_d8_async(p, byte, s.len(), self.stream.cu_stream()) }.map_err(drv)
     }
 
     pub(crate) fn upload(&self, bytes: &[u8]) -> Result<CudaSlice<u8>> {
@@ -144,38 +131,21 @@ impl CudaDevice {
             // Built without NVRTC: compile the embedded source for this GPU now.
             super::nvrtc_compile::load_nvrtc().map_err(Error::Nvrtc)?;
             let arch = format!("sm_{}", self.arch);
-            let (bin, _) =
-                super::nvrtc_compile::nvrtc_compile(info.source, info.name, &arch, false, None)
-                    .map_err(|log| {
-                        Error::Nvrtc(format!("kernels/{}.cu for {arch}:\n{log}", info.name))
-                    })?;
+            let (bin, _) = super::nvrtc_compile::nvrtc_compile(info.source, info.name, &arch, false, None)
+                .map_err(|log| Error::Nvrtc(format!("kernels/{}.cu for {arch}:\n{log}", info.name)))?;
             cudarc::nvrtc::Ptx::from_binary(bin)
         };
-        let m = self
-            .ctx
-            .load_module(image)
-            .map_err(|e| Error::Cuda(format!("loading module {}: {e}", info.name)))?;
+        let m = self.ctx.load_module(image).map_err(|e| Error::Cuda(format!("loading module {}: {e}", info.name)))?;
         mods.insert(index, m.clone());
         Ok(m)
     }
 
     fn function(&self, k: Kernel) -> Result<CudaFunction> {
-        if let Some(f) = self
-            .functions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&k)
-        {
+        if let Some(f) = self.functions.lock().unwrap_or_else(|e| e.into_inner()).get(&k) {
             return Ok(f.clone());
         }
-        let f = self
-            .module(k.module())?
-            .load_function(k.name())
-            .map_err(drv)?;
-        self.functions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(k, f.clone());
+        let f = self.module(k.module())?.load_function(k.name()).map_err(drv)?;
+        self.functions.lock().unwrap_or_else(|e| e.into_inner()).insert(k, f.clone());
         Ok(f)
     }
 
@@ -188,12 +158,7 @@ impl CudaDevice {
         Ok(())
     }
 
-    pub(crate) fn launch(
-        &self,
-        k: Kernel,
-        cfg: LaunchCfg,
-        args: &mut [*mut core::ffi::c_void],
-    ) -> Result<()> {
+    pub(crate) fn launch(&self, k: Kernel, cfg: LaunchCfg, args: &mut [*mut core::ffi::c_void]) -> Result<()> {
         let f = self.function(k)?;
         self.ctx.bind_to_thread().map_err(drv)?;
         // SAFETY: args holds one pointer to the kernel's params struct (KernelParams), whose buffer
@@ -208,11 +173,7 @@ impl CudaDevice {
                 args,
             )
         }
-        .map_err(|e| Error::Launch {
-            kernel: k.name(),
-            device: DeviceKind::Cuda,
-            detail: e.to_string(),
-        })
+        .map_err(|e| Error::Launch { kernel: k.name(), device: DeviceKind::Cuda, detail: e.to_string() })
     }
 
     /// Which NVRTC produced the images this binary carries ("13.0"), or None for run-time compile.

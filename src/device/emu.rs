@@ -25,8 +25,7 @@ pub struct EmuLaunchCfg {
     name: *const c_char,
 }
 
-pub type EmuLaunchFn =
-    unsafe extern "C" fn(*const EmuLaunchCfg, *mut *mut c_void, *mut c_char, usize) -> i32;
+pub type EmuLaunchFn = unsafe extern "C" fn(*const EmuLaunchCfg, *mut *mut c_void, *mut c_char, usize) -> i32;
 
 /// Guard bytes on each side: enough to catch a tile that overruns by a row of a few thousand floats.
 const GUARD: usize = 16 << 10;
@@ -54,9 +53,7 @@ impl EmuBuffer {
         let layout = Self::layout(len);
         // SAFETY: the layout has a non-zero size (2 * GUARD at least).
         let base = unsafe { std::alloc::alloc(layout) };
-        let Some(base) = std::ptr::NonNull::new(base) else {
-            std::alloc::handle_alloc_error(layout)
-        };
+        let Some(base) = std::ptr::NonNull::new(base) else { std::alloc::handle_alloc_error(layout) };
         // SAFETY: freshly allocated, len + 2 * GUARD bytes.
         unsafe {
             std::ptr::write_bytes(base.as_ptr(), GUARD_BYTE, len + 2 * GUARD);
@@ -90,10 +87,7 @@ impl EmuBuffer {
 
 impl Drop for EmuBuffer {
     fn drop(&mut self) {
-        live_buffers()
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&(self.ptr() as usize));
+        live_buffers().lock().unwrap_or_else(|e| e.into_inner()).remove(&(self.ptr() as usize));
         // SAFETY: allocated in `new` with this layout.
         unsafe { std::alloc::dealloc(self.base.as_ptr(), Self::layout(self.len)) };
     }
@@ -121,15 +115,10 @@ fn check_guards() -> Option<String> {
         let before = unsafe { std::slice::from_raw_parts_mut((data - GUARD) as *mut u8, GUARD) };
         let after = unsafe { std::slice::from_raw_parts_mut((data + len) as *mut u8, GUARD) };
         if let Some(i) = before.iter().rposition(|&b| b != GUARD_BYTE) {
-            report.get_or_insert(format!(
-                "wrote {} bytes before the start of a {len}-byte buffer",
-                GUARD - i
-            ));
+            report.get_or_insert(format!("wrote {} bytes before the start of a {len}-byte buffer", GUARD - i));
         }
         if let Some(i) = after.iter().position(|&b| b != GUARD_BYTE) {
-            report.get_or_insert(format!(
-                "wrote at byte {i} past the end of a {len}-byte buffer"
-            ));
+            report.get_or_insert(format!("wrote at byte {i} past the end of a {len}-byte buffer"));
         }
         before.fill(GUARD_BYTE);
         after.fill(GUARD_BYTE);
@@ -159,14 +148,9 @@ fn next_seed() -> u64 {
     static BASE: OnceLock<u64> = OnceLock::new();
     static COUNT: AtomicU64 = AtomicU64::new(0);
     let base = *BASE.get_or_init(|| {
-        std::env::var("RECLMIS_EMU_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(7, |d| d.as_nanos() as u64)
-            })
+        std::env::var("RECLMIS_EMU_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(7, |d| d.as_nanos() as u64)
+        })
     });
     base.wrapping_add(COUNT.fetch_add(1, Ordering::Relaxed))
 }
@@ -181,11 +165,7 @@ pub(crate) fn launch(kernel: Kernel, cfg: LaunchCfg, args: &mut [*mut c_void]) -
         seed,
         name: std::ptr::null(),
     };
-    let fail = |detail: String| Error::Launch {
-        kernel: kernel.name(),
-        device: super::DeviceKind::Emu,
-        detail,
-    };
+    let fail = |detail: String| Error::Launch { kernel: kernel.name(), device: super::DeviceKind::Emu, detail };
     if cfg.grid.0 == 0 || cfg.grid.1 == 0 || cfg.grid.2 == 0 {
         return Err(fail(format!("empty grid {:?}", cfg.grid)));
     }
@@ -194,12 +174,8 @@ pub(crate) fn launch(kernel: Kernel, cfg: LaunchCfg, args: &mut [*mut c_void]) -
     // params struct that mirrors it (KernelParams), and every pointer in it is a live buffer.
     let rc = unsafe { emu_entry(kernel)(&c, args.as_mut_ptr(), err.as_mut_ptr(), err.len()) };
     if rc != 0 {
-        let msg = unsafe { CStr::from_ptr(err.as_ptr()) }
-            .to_string_lossy()
-            .into_owned();
-        return Err(fail(format!(
-            "{msg} (schedule seed {seed}; rerun with RECLMIS_EMU_SEED={seed})"
-        )));
+        let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
+        return Err(fail(format!("{msg} (schedule seed {seed}; rerun with RECLMIS_EMU_SEED={seed})")));
     }
     if let Some(oob) = check_guards() {
         return Err(fail(format!("out-of-bounds write: {oob}")));

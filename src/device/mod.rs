@@ -89,11 +89,7 @@ impl LaunchCfg {
     pub fn elementwise(n: usize) -> LaunchCfg {
         let block = 256u32;
         let blocks = n.div_ceil(block as usize).clamp(1, 4096) as u32;
-        LaunchCfg {
-            grid: (blocks, 1, 1),
-            block: (block, 1, 1),
-            smem_bytes: 0,
-        }
+        LaunchCfg { grid: (blocks, 1, 1), block: (block, 1, 1), smem_bytes: 0 }
     }
 }
 
@@ -136,9 +132,7 @@ impl Device {
         #[cfg(not(feature = "cuda"))]
         {
             let _ = ordinal;
-            Err(Error::NoCuda(
-                "this binary was built without the `cuda` feature".into(),
-            ))
+            Err(Error::NoCuda("this binary was built without the `cuda` feature".into()))
         }
     }
 
@@ -184,10 +178,7 @@ impl Device {
             #[cfg(not(feature = "cuda"))]
             Device::Cuda(d) => match **d {},
             #[cfg(feature = "emu")]
-            Device::Emu => Ok(Storage::Emu(emu::EmuBuffer::new(
-                numel * dtype.size(),
-                poison,
-            ))),
+            Device::Emu => Ok(Storage::Emu(emu::EmuBuffer::new(numel * dtype.size(), poison))),
             #[cfg(not(feature = "emu"))]
             Device::Emu => Err(Error::NoEmu),
         }
@@ -209,12 +200,7 @@ impl Device {
     }
 
     /// Launches `kernel` with one argument, its params struct, exactly as cuLaunchKernel takes it.
-    pub fn launch<P: KernelParams>(
-        &self,
-        kernel: Kernel,
-        cfg: LaunchCfg,
-        params: &P,
-    ) -> Result<()> {
+    pub fn launch<P: KernelParams>(&self, kernel: Kernel, cfg: LaunchCfg, params: &P) -> Result<()> {
         let mut args = [params as *const P as *mut core::ffi::c_void];
         match self {
             Device::Cpu => Err(Error::Unsupported {

@@ -42,9 +42,7 @@ pub fn load_nvrtc() -> Result<String, String> {
         if let Ok(entries) = std::fs::read_dir(&dir) {
             for e in entries.flatten() {
                 let p = e.path();
-                if p.file_name()
-                    .is_some_and(|f| f.to_string_lossy().starts_with("libnvrtc-builtins.so"))
-                {
+                if p.file_name().is_some_and(|f| f.to_string_lossy().starts_with("libnvrtc-builtins.so")) {
                     let l = unsafe { libloading::os::unix::Library::open(Some(&p), flags) };
                     std::mem::forget(l.map_err(|e| format!("{}: {e}", p.display()))?);
                     break;
@@ -56,19 +54,12 @@ pub fn load_nvrtc() -> Result<String, String> {
         break;
     }
     if !unsafe { sys::is_culib_present() } {
-        return Err(format!(
-            "no libnvrtc.so.13 in {} nor on the library path",
-            searched.join(", ")
-        ));
+        return Err(format!("no libnvrtc.so.13 in {} nor on the library path", searched.join(", ")));
     }
     let (mut major, mut minor) = (0, 0);
-    unsafe { sys::nvrtcVersion(&mut major, &mut minor) }
-        .result()
-        .map_err(|e| format!("{e:?}"))?;
+    unsafe { sys::nvrtcVersion(&mut major, &mut minor) }.result().map_err(|e| format!("{e:?}"))?;
     if major != 13 || minor != 0 {
-        return Err(format!(
-            "found NVRTC {major}.{minor}; pin 13.0 (the GPU machine's driver speaks CUDA 13.0)"
-        ));
+        return Err(format!("found NVRTC {major}.{minor}; pin 13.0 (the GPU machine's driver speaks CUDA 13.0)"));
     }
     Ok(format!("{major}.{minor}"))
 }
@@ -99,9 +90,7 @@ pub fn nvrtc_compile(
     }
     let status = unsafe { result::compile_program(prog, &opts) };
     let log = match unsafe { result::get_program_log(prog) } {
-        Ok(l) => unsafe { CStr::from_ptr(l.as_ptr()) }
-            .to_string_lossy()
-            .into_owned(),
+        Ok(l) => unsafe { CStr::from_ptr(l.as_ptr()) }.to_string_lossy().into_owned(),
         Err(e) => format!("(no log: {e:?})"),
     };
     let image = if status.is_err() {

@@ -2,6 +2,7 @@
 //! launch configuration for cuda and emu, the fast cpu path (`cpu.rs`) and the naive reference
 //! with f64 accumulation (`reference.rs`, what the tests compare against).
 
+pub(crate) mod cpu_math;
 pub mod elementwise;
 pub mod gemm;
 pub mod reduce;
@@ -24,20 +25,14 @@ pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
 
 /// Kernels index with u32 dims and strides; bigger tensors get an error instead of wrong results.
 pub(crate) fn check_u32(op: &'static str, what: usize) -> Result<u32> {
-    u32::try_from(what).map_err(|_| Error::Unsupported {
-        op,
-        detail: format!("{what} exceeds the u32 index range"),
-    })
+    u32::try_from(what).map_err(|_| Error::Unsupported { op, detail: format!("{what} exceeds the u32 index range") })
 }
 
 /// Normalises a possibly negative axis.
 pub(crate) fn axis_index(op: &'static str, axis: isize, rank: usize) -> Result<usize> {
     let a = if axis < 0 { axis + rank as isize } else { axis };
     if a < 0 || a as usize >= rank {
-        return Err(Error::shape(
-            op,
-            format!("axis {axis} out of range for rank {rank}"),
-        ));
+        return Err(Error::shape(op, format!("axis {axis} out of range for rank {rank}")));
     }
     Ok(a as usize)
 }

@@ -27,9 +27,7 @@ pub fn cases(kind: &str) -> ProptestConfig {
 
 /// Sizes that catch tile edges: 1, primes, and neighbours of the tile sizes 8, 16, 32, 64.
 pub fn dim() -> impl Strategy<Value = usize> {
-    prop::sample::select(vec![
-        1usize, 2, 3, 5, 7, 8, 13, 15, 16, 17, 31, 32, 33, 37, 63, 64, 65, 67, 97, 127, 129,
-    ])
+    prop::sample::select(vec![1usize, 2, 3, 5, 7, 8, 13, 15, 16, 17, 31, 32, 33, 37, 63, 64, 65, 67, 97, 127, 129])
 }
 
 /// Small dims for higher-rank shapes (the product stays small enough for the emulator).
@@ -46,10 +44,7 @@ pub fn values(n: usize, seed: u64, outliers: bool) -> Vec<f32> {
             let i = (rng.next_u64() % n as u64) as usize;
             v[i] = if rng.next_u64() % 2 == 0 { 80.0 } else { -80.0 };
         }
-        let (i, j) = (
-            (rng.next_u64() % n as u64) as usize,
-            (rng.next_u64() % n as u64) as usize,
-        );
+        let (i, j) = ((rng.next_u64() % n as u64) as usize, (rng.next_u64() % n as u64) as usize);
         v[i] = v[j];
     }
     v

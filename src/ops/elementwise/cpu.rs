@@ -1,6 +1,7 @@
 //! Fast cpu paths: rayon over large chunks, inner loops simple enough to auto-vectorise.
 
 use super::{BinaryOp, BroadcastPlan, UnaryOp};
+use crate::ops::cpu_math;
 use rayon::prelude::*;
 
 /// Elements per rayon task: large enough that scheduling costs nothing, small enough to split a
@@ -9,13 +10,11 @@ const CHUNK: usize = 1 << 15;
 
 fn map1(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
     let mut y = vec![0.0f32; x.len()];
-    y.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .for_each(|(yc, xc)| {
-            for (o, &v) in yc.iter_mut().zip(xc) {
-                *o = f(v);
-            }
-        });
+    y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(yc, xc)| {
+        for (o, &v) in yc.iter_mut().zip(xc) {
+            *o = f(v);
+        }
+    });
     y
 }
 
@@ -33,8 +32,8 @@ fn map3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32 + Sync
 pub fn unary(x: &[f32], op: UnaryOp) -> Vec<f32> {
     match op {
         UnaryOp::Relu => map1(x, |v| v.max(0.0)),
-        UnaryOp::Sigmoid => map1(x, |v| 1.0 / (1.0 + (-v).exp())),
-        UnaryOp::Exp => map1(x, f32::exp),
+        UnaryOp::Sigmoid => map1(x, |v| 1.0 / (1.0 + cpu_math::exp(-v))),
+        UnaryOp::Exp => map1(x, cpu_math::exp),
         UnaryOp::Log => map1(x, f32::ln),
         UnaryOp::Scale(s) => map1(x, |v| s * v),
         UnaryOp::AddScalar(s) => map1(x, |v| v + s),
@@ -82,22 +81,16 @@ pub fn binary(a: &[f32], b: &[f32], plan: &BroadcastPlan, op: BinaryOp) -> Vec<f
             ob += c * plan.sb[d];
         }
         match (ia, ib) {
-            (1, 1) => yr
-                .iter_mut()
-                .zip(&a[oa..oa + inner])
-                .zip(&b[ob..ob + inner])
-                .for_each(|((o, &x), &z)| *o = f(x, z)),
+            (1, 1) => {
+                yr.iter_mut().zip(&a[oa..oa + inner]).zip(&b[ob..ob + inner]).for_each(|((o, &x), &z)| *o = f(x, z))
+            }
             (1, _) => {
                 let z = b[ob];
-                yr.iter_mut()
-                    .zip(&a[oa..oa + inner])
-                    .for_each(|(o, &x)| *o = f(x, z))
+                yr.iter_mut().zip(&a[oa..oa + inner]).for_each(|(o, &x)| *o = f(x, z))
             }
             (_, 1) => {
                 let x = a[oa];
-                yr.iter_mut()
-                    .zip(&b[ob..ob + inner])
-                    .for_each(|(o, &z)| *o = f(x, z))
+                yr.iter_mut().zip(&b[ob..ob + inner]).for_each(|(o, &z)| *o = f(x, z))
             }
             _ => yr.fill(f(a[oa], b[ob])),
         }

@@ -105,13 +105,7 @@ pub fn unary(x: &Tensor, op: UnaryOp) -> Result<Tensor> {
         return Tensor::from_vec(y, x.shape(), dev);
     }
     let y = Tensor::empty(x.shape(), DType::F32, dev)?;
-    let p = UnaryParams {
-        x: x.dev_ptr(),
-        y: y.dev_ptr(),
-        n: x.numel() as u64,
-        alpha: op.alpha(),
-        op: op.code(),
-    };
+    let p = UnaryParams { x: x.dev_ptr(), y: y.dev_ptr(), n: x.numel() as u64, alpha: op.alpha(), op: op.code() };
     if x.numel() > 0 {
         dev.launch(Kernel::unary_fwd_f32, LaunchCfg::elementwise(x.numel()), &p)?;
     }
@@ -142,10 +136,7 @@ pub fn unary_backward(op: UnaryOp, x: &Tensor, y: &Tensor, dy: &Tensor) -> Resul
     x.same_device("unary_backward", &[y, dy])?;
     for t in [y, dy] {
         if t.shape() != x.shape() {
-            return Err(Error::shape(
-                "unary_backward",
-                format!("{:?} vs {:?}", t.shape(), x.shape()),
-            ));
+            return Err(Error::shape("unary_backward", format!("{:?} vs {:?}", t.shape(), x.shape())));
         }
     }
     let dev = x.device();
@@ -179,26 +170,13 @@ pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
     let r = a.len().max(b.len());
     let mut out = vec![0; r];
     for i in 0..r {
-        let da = if i + a.len() >= r {
-            a[i + a.len() - r]
-        } else {
-            1
-        };
-        let db = if i + b.len() >= r {
-            b[i + b.len() - r]
-        } else {
-            1
-        };
+        let da = if i + a.len() >= r { a[i + a.len() - r] } else { 1 };
+        let db = if i + b.len() >= r { b[i + b.len() - r] } else { 1 };
         out[i] = match (da, db) {
             (x, y) if x == y => x,
             (1, y) => y,
             (x, 1) => x,
-            _ => {
-                return Err(Error::shape(
-                    "broadcast",
-                    format!("{a:?} and {b:?} do not broadcast"),
-                ))
-            }
+            _ => return Err(Error::shape("broadcast", format!("{a:?} and {b:?} do not broadcast"))),
         };
     }
     Ok(out)
@@ -217,23 +195,12 @@ pub struct BroadcastPlan {
 fn operand_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
     let cs = contiguous_strides(shape);
     let off = out.len() - shape.len();
-    (0..out.len())
-        .map(|i| {
-            if i < off || shape[i - off] == 1 {
-                0
-            } else {
-                cs[i - off]
-            }
-        })
-        .collect()
+    (0..out.len()).map(|i| if i < off || shape[i - off] == 1 { 0 } else { cs[i - off] }).collect()
 }
 
 pub fn broadcast_plan(a: &[usize], b: &[usize]) -> Result<BroadcastPlan> {
     let out_shape = broadcast_shape(a, b)?;
-    let (sa, sb) = (
-        operand_strides(a, &out_shape),
-        operand_strides(b, &out_shape),
-    );
+    let (sa, sb) = (operand_strides(a, &out_shape), operand_strides(b, &out_shape));
     let (mut dims, mut ra, mut rb): (Vec<usize>, Vec<usize>, Vec<usize>) = (vec![], vec![], vec![]);
     for i in 0..out_shape.len() {
         if out_shape[i] == 1 {
@@ -258,12 +225,7 @@ pub fn broadcast_plan(a: &[usize], b: &[usize]) -> Result<BroadcastPlan> {
         ra.push(0);
         rb.push(0);
     }
-    Ok(BroadcastPlan {
-        out_shape,
-        dims,
-        sa: ra,
-        sb: rb,
-    })
+    Ok(BroadcastPlan { out_shape, dims, sa: ra, sb: rb })
 }
 
 pub fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Result<Tensor> {
@@ -279,10 +241,7 @@ pub fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Result<Tensor> {
     if plan.dims.len() > MAX_RANK {
         return Err(Error::Unsupported {
             op: "binary",
-            detail: format!(
-                "broadcast pattern needs {} dims after merging (max {MAX_RANK})",
-                plan.dims.len()
-            ),
+            detail: format!("broadcast pattern needs {} dims after merging (max {MAX_RANK})", plan.dims.len()),
         });
     }
     let y = Tensor::empty(&plan.out_shape, DType::F32, dev)?;
@@ -303,11 +262,7 @@ pub fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Result<Tensor> {
         p.sb[i] = check_u32("binary", plan.sb[i])?;
     }
     if y.numel() > 0 {
-        dev.launch(
-            Kernel::binary_fwd_f32,
-            LaunchCfg::elementwise(y.numel()),
-            &p,
-        )?;
+        dev.launch(Kernel::binary_fwd_f32, LaunchCfg::elementwise(y.numel()), &p)?;
     }
     Ok(y)
 }
@@ -324,26 +279,15 @@ pub fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// (da, db) for y = a op b: the gradient of each operand, summed over the dims it was broadcast
 /// along so that it has the operand's shape.
-pub fn binary_backward(
-    op: BinaryOp,
-    a: &Tensor,
-    b: &Tensor,
-    dy: &Tensor,
-) -> Result<(Tensor, Tensor)> {
+pub fn binary_backward(op: BinaryOp, a: &Tensor, b: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
     let out = broadcast_shape(a.shape(), b.shape())?;
     if dy.shape() != out.as_slice() {
-        return Err(Error::shape(
-            "binary_backward",
-            format!("dy {:?} vs output {out:?}", dy.shape()),
-        ));
+        return Err(Error::shape("binary_backward", format!("dy {:?} vs output {out:?}", dy.shape())));
     }
     let (ga, gb) = match op {
         BinaryOp::Add => (dy.clone(), dy.clone()),
         BinaryOp::Sub => (dy.clone(), scale(dy, -1.0)?),
         BinaryOp::Mul => (mul(dy, b)?, mul(dy, a)?),
     };
-    Ok((
-        reduce::sum_to_shape(&ga, a.shape())?,
-        reduce::sum_to_shape(&gb, b.shape())?,
-    ))
+    Ok((reduce::sum_to_shape(&ga, a.shape())?, reduce::sum_to_shape(&gb, b.shape())?))
 }

@@ -53,9 +53,7 @@ pub fn unary_backward(op: UnaryOp, x: &[f64], dy: &[f64]) -> Vec<f64> {
 fn source_index(c: &[usize], shape: &[usize], out: &[usize]) -> usize {
     let off = out.len() - shape.len();
     let st = contiguous_strides(shape);
-    (0..shape.len())
-        .map(|i| if shape[i] == 1 { 0 } else { c[i + off] * st[i] })
-        .sum()
+    (0..shape.len()).map(|i| if shape[i] == 1 { 0 } else { c[i + off] * st[i] }).sum()
 }
 
 pub fn binary(a: &[f64], sa: &[usize], b: &[f64], sb: &[usize], op: BinaryOp) -> Vec<f64> {

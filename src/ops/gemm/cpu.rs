@@ -44,18 +44,12 @@ pub fn gemm(a: &[f32], b: &[f32], s: &GemmShape, alpha: f32) -> Vec<f32> {
         }
     };
     if m * n * k >= PAR_INSIDE || s.batch == 1 {
-        let par = if m * n * k >= PAR_INSIDE {
-            Parallelism::Rayon(0)
-        } else {
-            Parallelism::None
-        };
+        let par = if m * n * k >= PAR_INSIDE { Parallelism::Rayon(0) } else { Parallelism::None };
         for (z, cz) in c.chunks_mut(m * n).enumerate() {
             one(z, cz, par);
         }
     } else {
-        c.par_chunks_mut(m * n)
-            .enumerate()
-            .for_each(|(z, cz)| one(z, cz, Parallelism::None));
+        c.par_chunks_mut(m * n).enumerate().for_each(|(z, cz)| one(z, cz, Parallelism::None));
     }
     c
 }

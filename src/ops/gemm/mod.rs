@@ -35,12 +35,7 @@ pub struct GemmOpts {
 
 impl Default for GemmOpts {
     fn default() -> Self {
-        GemmOpts {
-            trans_a: false,
-            trans_b: false,
-            alpha: 1.0,
-            algo: GemmAlgo::Auto,
-        }
+        GemmOpts { trans_a: false, trans_b: false, alpha: 1.0, algo: GemmAlgo::Auto }
     }
 }
 
@@ -87,29 +82,13 @@ impl GemmShape {
 }
 
 /// Works out the product's sizes and strides, and the output shape.
-pub fn plan(
-    a: &[usize],
-    b: &[usize],
-    trans_a: bool,
-    trans_b: bool,
-) -> Result<(GemmShape, Vec<usize>)> {
+pub fn plan(a: &[usize], b: &[usize], trans_a: bool, trans_b: bool) -> Result<(GemmShape, Vec<usize>)> {
     if a.len() < 2 || b.len() < 2 {
-        return Err(Error::shape(
-            "matmul",
-            format!("operands need 2+ dims, got {a:?} and {b:?}"),
-        ));
+        return Err(Error::shape("matmul", format!("operands need 2+ dims, got {a:?} and {b:?}")));
     }
     let (ra, rb) = (a.len(), b.len());
-    let (m, ka) = if trans_a {
-        (a[ra - 1], a[ra - 2])
-    } else {
-        (a[ra - 2], a[ra - 1])
-    };
-    let (kb, n) = if trans_b {
-        (b[rb - 1], b[rb - 2])
-    } else {
-        (b[rb - 2], b[rb - 1])
-    };
+    let (m, ka) = if trans_a { (a[ra - 1], a[ra - 2]) } else { (a[ra - 2], a[ra - 1]) };
+    let (kb, n) = if trans_b { (b[rb - 1], b[rb - 2]) } else { (b[rb - 2], b[rb - 1]) };
     if ka != kb {
         return Err(Error::shape(
             "matmul",
@@ -126,37 +105,16 @@ pub fn plan(
     } else if ba.is_empty() {
         bb
     } else {
-        return Err(Error::shape(
-            "matmul",
-            format!("batch dims {ba:?} and {bb:?} differ"),
-        ));
+        return Err(Error::shape("matmul", format!("batch dims {ba:?} and {bb:?} differ")));
     };
     let batch: usize = batch_dims.iter().product();
     // A stored [.., rows_a, cols_a] row-major; as an m x k matrix its strides are (cols_a, 1), or
     // (1, cols_a) when transposed.
-    let sa = (
-        if ba.is_empty() { 0 } else { m * ka },
-        if trans_a { 1 } else { ka },
-        if trans_a { m } else { 1 },
-    );
-    let sb = (
-        if bb.is_empty() { 0 } else { ka * n },
-        if trans_b { 1 } else { n },
-        if trans_b { ka } else { 1 },
-    );
+    let sa = (if ba.is_empty() { 0 } else { m * ka }, if trans_a { 1 } else { ka }, if trans_a { m } else { 1 });
+    let sb = (if bb.is_empty() { 0 } else { ka * n }, if trans_b { 1 } else { n }, if trans_b { ka } else { 1 });
     let mut out = batch_dims.to_vec();
     out.extend([m, n]);
-    Ok((
-        GemmShape {
-            batch,
-            m,
-            n,
-            k: ka,
-            sa,
-            sb,
-        },
-        out,
-    ))
+    Ok((GemmShape { batch, m, n, k: ka, sa, sb }, out))
 }
 
 pub fn matmul(a: &Tensor, b: &Tensor, opts: GemmOpts) -> Result<Tensor> {
@@ -178,16 +136,7 @@ pub fn matmul(a: &Tensor, b: &Tensor, opts: GemmOpts) -> Result<Tensor> {
         // zero-filling is clearer than relying on that).
         return Tensor::zeros(&out_shape, dev);
     }
-    launch(
-        dev,
-        a.dev_ptr(),
-        b.dev_ptr(),
-        c.dev_ptr(),
-        &s,
-        opts.alpha,
-        0.0,
-        opts.algo,
-    )?;
+    launch(dev, a.dev_ptr(), b.dev_ptr(), c.dev_ptr(), &s, opts.alpha, 0.0, opts.algo)?;
     Ok(c)
 }
 
@@ -204,10 +153,7 @@ pub(crate) fn launch(
     algo: GemmAlgo,
 ) -> Result<()> {
     if s.batch > 65535 {
-        return Err(Error::Unsupported {
-            op: "matmul",
-            detail: format!("batch {} exceeds a grid's z range", s.batch),
-        });
+        return Err(Error::Unsupported { op: "matmul", detail: format!("batch {} exceeds a grid's z range", s.batch) });
     }
     let p = GemmParams {
         a,
@@ -228,59 +174,24 @@ pub(crate) fn launch(
         alpha,
         beta,
     };
-    let grid = (
-        (s.n as u32).div_ceil(64),
-        (s.m as u32).div_ceil(64),
-        s.batch as u32,
-    );
+    let grid = ((s.n as u32).div_ceil(64), (s.m as u32).div_ceil(64), s.batch as u32);
     let (kernel, threads) = match algo {
         GemmAlgo::TensorCore => (Kernel::gemm_tc_fwd_f32, 128),
         GemmAlgo::Tiled | GemmAlgo::Auto => (Kernel::gemm_fwd_f32, 256),
     };
-    dev.launch(
-        kernel,
-        LaunchCfg {
-            grid,
-            block: (threads, 1, 1),
-            smem_bytes: 0,
-        },
-        &p,
-    )
+    dev.launch(kernel, LaunchCfg { grid, block: (threads, 1, 1), smem_bytes: 0 }, &p)
 }
 
 /// (dA, dB) for C = alpha · op(A) · op(B), as GEMMs on the same device:
 /// d op(A) = alpha · dC · op(B)ᵀ and d op(B) = alpha · op(A)ᵀ · dC, transposed back when the
 /// operand was stored transposed; a shared (2-D) operand's gradient is summed over the batch.
-pub fn matmul_backward(
-    a: &Tensor,
-    b: &Tensor,
-    dc: &Tensor,
-    opts: GemmOpts,
-) -> Result<(Tensor, Tensor)> {
+pub fn matmul_backward(a: &Tensor, b: &Tensor, dc: &Tensor, opts: GemmOpts) -> Result<(Tensor, Tensor)> {
     let (_, out) = plan(a.shape(), b.shape(), opts.trans_a, opts.trans_b)?;
     if dc.shape() != out.as_slice() {
-        return Err(Error::shape(
-            "matmul_backward",
-            format!("dC {:?} vs C {out:?}", dc.shape()),
-        ));
+        return Err(Error::shape("matmul_backward", format!("dC {:?} vs C {out:?}", dc.shape())));
     }
-    let g = |ta: bool, tb: bool| GemmOpts {
-        trans_a: ta,
-        trans_b: tb,
-        ..opts
-    };
-    let da = if opts.trans_a {
-        matmul(b, dc, g(opts.trans_b, true))?
-    } else {
-        matmul(dc, b, g(false, !opts.trans_b))?
-    };
-    let db = if opts.trans_b {
-        matmul(dc, a, g(true, opts.trans_a))?
-    } else {
-        matmul(a, dc, g(!opts.trans_a, false))?
-    };
-    Ok((
-        crate::ops::reduce::sum_to_shape(&da, a.shape())?,
-        crate::ops::reduce::sum_to_shape(&db, b.shape())?,
-    ))
+    let g = |ta: bool, tb: bool| GemmOpts { trans_a: ta, trans_b: tb, ..opts };
+    let da = if opts.trans_a { matmul(b, dc, g(opts.trans_b, true))? } else { matmul(dc, b, g(false, !opts.trans_b))? };
+    let db = if opts.trans_b { matmul(dc, a, g(true, opts.trans_a))? } else { matmul(a, dc, g(!opts.trans_a, false))? };
+    Ok((crate::ops::reduce::sum_to_shape(&da, a.shape())?, crate::ops::reduce::sum_to_shape(&db, b.shape())?))
 }

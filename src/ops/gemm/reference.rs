@@ -28,13 +28,7 @@ pub fn gemm(a: &[f64], b: &[f64], s: &GemmShape, alpha: f64) -> (Vec<f64>, Vec<f
 /// (dA, dB) in the operands' storage layout, accumulated element by element from
 /// C[z,i,j] = alpha Σ_k A[z,i,k] B[z,k,j] (a shared operand has batch stride 0 and so collects
 /// every batch's contribution).
-pub fn gemm_backward(
-    a: &[f64],
-    b: &[f64],
-    dc: &[f64],
-    s: &GemmShape,
-    alpha: f64,
-) -> (Vec<f64>, Vec<f64>) {
+pub fn gemm_backward(a: &[f64], b: &[f64], dc: &[f64], s: &GemmShape, alpha: f64) -> (Vec<f64>, Vec<f64>) {
     let (mut da, mut db) = (vec![0.0; a.len()], vec![0.0; b.len()]);
     for z in 0..s.batch {
         for i in 0..s.m {

@@ -29,27 +29,13 @@ fn better(v: f32, i: usize, best: f32, bi: usize) -> bool {
     v > best
 }
 
-pub fn reduce(
-    x: &[f32],
-    outer: usize,
-    n: usize,
-    inner: usize,
-    op: ReduceOp,
-) -> (Vec<f32>, Option<Vec<i32>>) {
+pub fn reduce(x: &[f32], outer: usize, n: usize, inner: usize, op: ReduceOp) -> (Vec<f32>, Option<Vec<i32>>) {
     let mut y = vec![0.0f32; outer * inner];
-    let mut idx = if op == ReduceOp::Max {
-        vec![0i32; outer * inner]
-    } else {
-        Vec::new()
-    };
+    let mut idx = if op == ReduceOp::Max { vec![0i32; outer * inner] } else { Vec::new() };
     if outer * inner == 0 {
         return (y, (op == ReduceOp::Max).then_some(idx));
     }
-    let scale = if op == ReduceOp::Mean {
-        1.0 / n as f32
-    } else {
-        1.0
-    };
+    let scale = if op == ReduceOp::Mean { 1.0 / n as f32 } else { 1.0 };
     let work = |b: usize, yb: &mut [f32], ib: &mut [i32]| {
         let xb = &x[b * n * inner..(b + 1) * n * inner];
         match op {
@@ -82,14 +68,9 @@ pub fn reduce(
         }
     };
     if op == ReduceOp::Max {
-        y.par_chunks_mut(inner)
-            .zip(idx.par_chunks_mut(inner))
-            .enumerate()
-            .for_each(|(b, (yb, ib))| work(b, yb, ib));
+        y.par_chunks_mut(inner).zip(idx.par_chunks_mut(inner)).enumerate().for_each(|(b, (yb, ib))| work(b, yb, ib));
     } else {
-        y.par_chunks_mut(inner)
-            .enumerate()
-            .for_each(|(b, yb)| work(b, yb, &mut []));
+        y.par_chunks_mut(inner).enumerate().for_each(|(b, yb)| work(b, yb, &mut []));
     }
     (y, (op == ReduceOp::Max).then_some(idx))
 }
@@ -106,32 +87,26 @@ pub fn reduce_backward(
     if dx.is_empty() {
         return dx;
     }
-    let scale = if op == ReduceOp::Mean {
-        1.0 / n as f32
-    } else {
-        1.0
-    };
-    dx.par_chunks_mut(n * inner)
-        .enumerate()
-        .for_each(|(b, xb)| {
-            let g = &dy[b * inner..(b + 1) * inner];
-            match (op, idx) {
-                (ReduceOp::Max, Some(ix)) => {
-                    for c in 0..inner {
-                        let j = ix[b * inner + c] as usize;
-                        if j < n {
-                            xb[j * inner + c] = g[c];
-                        }
-                    }
-                }
-                _ => {
-                    for row in xb.chunks_mut(inner) {
-                        for (o, &v) in row.iter_mut().zip(g) {
-                            *o = v * scale;
-                        }
+    let scale = if op == ReduceOp::Mean { 1.0 / n as f32 } else { 1.0 };
+    dx.par_chunks_mut(n * inner).enumerate().for_each(|(b, xb)| {
+        let g = &dy[b * inner..(b + 1) * inner];
+        match (op, idx) {
+            (ReduceOp::Max, Some(ix)) => {
+                for c in 0..inner {
+                    let j = ix[b * inner + c] as usize;
+                    if j < n {
+                        xb[j * inner + c] = g[c];
                     }
                 }
             }
-        });
+            _ => {
+                for row in xb.chunks_mut(inner) {
+                    for (o, &v) in row.iter_mut().zip(g) {
+                        *o = v * scale;
+                    }
+                }
+            }
+        }
+    });
     dx
 }

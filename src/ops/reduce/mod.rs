@@ -48,11 +48,7 @@ const _: () = assert!(std::mem::size_of::<ReduceBwdParams>() == 40);
 
 /// The input viewed as [outer, n, inner] around `axis`.
 pub fn split_at_axis(shape: &[usize], axis: usize) -> (usize, usize, usize) {
-    (
-        shape[..axis].iter().product(),
-        shape[axis],
-        shape[axis + 1..].iter().product(),
-    )
+    (shape[..axis].iter().product(), shape[axis], shape[axis + 1..].iter().product())
 }
 
 /// Rows per block of the warp-per-row kernel.
@@ -65,10 +61,7 @@ pub fn reduce(x: &Tensor, axis: isize, op: ReduceOp) -> Result<(Tensor, Option<T
     let axis = axis_index("reduce", axis, x.rank())?;
     let (outer, n, inner) = split_at_axis(x.shape(), axis);
     if n == 0 && op == ReduceOp::Max {
-        return Err(Error::shape(
-            "max",
-            format!("axis {axis} of {:?} is empty", x.shape()),
-        ));
+        return Err(Error::shape("max", format!("axis {axis} of {:?} is empty", x.shape())));
     }
     let mut out_shape = x.shape().to_vec();
     out_shape.remove(axis);
@@ -82,11 +75,7 @@ pub fn reduce(x: &Tensor, axis: isize, op: ReduceOp) -> Result<(Tensor, Option<T
         return Ok((Tensor::from_vec(y, &out_shape, dev)?, idx));
     }
     let y = Tensor::empty(&out_shape, DType::F32, dev)?;
-    let idx = if op == ReduceOp::Max {
-        Some(Tensor::empty(&out_shape, DType::I32, dev)?)
-    } else {
-        None
-    };
+    let idx = if op == ReduceOp::Max { Some(Tensor::empty(&out_shape, DType::I32, dev)?) } else { None };
     let p = ReduceParams {
         x: x.dev_ptr(),
         y: y.dev_ptr(),
@@ -101,18 +90,10 @@ pub fn reduce(x: &Tensor, axis: isize, op: ReduceOp) -> Result<(Tensor, Option<T
     }
     if inner == 1 {
         let blocks = (outer as u32).div_ceil(ROWS_PER_BLOCK);
-        let cfg = LaunchCfg {
-            grid: (blocks, 1, 1),
-            block: (32, ROWS_PER_BLOCK, 1),
-            smem_bytes: 0,
-        };
+        let cfg = LaunchCfg { grid: (blocks, 1, 1), block: (32, ROWS_PER_BLOCK, 1), smem_bytes: 0 };
         dev.launch(Kernel::reduce_last_fwd_f32, cfg, &p)?;
     } else {
-        dev.launch(
-            Kernel::reduce_mid_fwd_f32,
-            LaunchCfg::elementwise(outer * inner),
-            &p,
-        )?;
+        dev.launch(Kernel::reduce_mid_fwd_f32, LaunchCfg::elementwise(outer * inner), &p)?;
     }
     Ok((y, idx))
 }
@@ -143,10 +124,7 @@ pub fn reduce_backward(
     if dy.numel() != outer * inner {
         return Err(Error::shape(
             "reduce_backward",
-            format!(
-                "dy {:?} does not match input {in_shape:?} without axis {axis}",
-                dy.shape()
-            ),
+            format!("dy {:?} does not match input {in_shape:?} without axis {axis}", dy.shape()),
         ));
     }
     let idx = match (op, idx) {
@@ -155,12 +133,7 @@ pub fn reduce_backward(
             dy.same_device("reduce_backward", &[i])?;
             Some(i)
         }
-        (ReduceOp::Max, None) => {
-            return Err(Error::shape(
-                "reduce_backward",
-                "max needs its argmax indices",
-            ))
-        }
+        (ReduceOp::Max, None) => return Err(Error::shape("reduce_backward", "max needs its argmax indices")),
         _ => None,
     };
     let dev = dy.device();
@@ -183,11 +156,7 @@ pub fn reduce_backward(
         op: op as u32,
     };
     if dx.numel() > 0 {
-        dev.launch(
-            Kernel::reduce_bwd_f32,
-            LaunchCfg::elementwise(dx.numel()),
-            &p,
-        )?;
+        dev.launch(Kernel::reduce_bwd_f32, LaunchCfg::elementwise(dx.numel()), &p)?;
     }
     Ok(dx)
 }
@@ -200,10 +169,7 @@ pub fn sum_to_shape(x: &Tensor, shape: &[usize]) -> Result<Tensor> {
     }
     let r = x.rank();
     if shape.len() > r {
-        return Err(Error::shape(
-            "sum_to_shape",
-            format!("{:?} cannot come from broadcasting {shape:?}", x.shape()),
-        ));
+        return Err(Error::shape("sum_to_shape", format!("{:?} cannot come from broadcasting {shape:?}", x.shape())));
     }
     let off = r - shape.len();
     let mut cur = x.clone();

@@ -4,13 +4,7 @@ use super::ReduceOp;
 
 /// (values, argmax) over n of [outer, n, inner]. Max follows the documented rule: NaN wins, ties
 /// go to the lowest index.
-pub fn reduce(
-    x: &[f64],
-    outer: usize,
-    n: usize,
-    inner: usize,
-    op: ReduceOp,
-) -> (Vec<f64>, Vec<i32>) {
+pub fn reduce(x: &[f64], outer: usize, n: usize, inner: usize, op: ReduceOp) -> (Vec<f64>, Vec<i32>) {
     let (mut y, mut idx) = (Vec::new(), Vec::new());
     for b in 0..outer {
         for c in 0..inner {
@@ -36,14 +30,7 @@ pub fn reduce(
 }
 
 /// dx[b, j, c] for dy[b, c]: the derivative of the reduction written out element by element.
-pub fn reduce_backward(
-    dy: &[f64],
-    idx: &[i32],
-    outer: usize,
-    n: usize,
-    inner: usize,
-    op: ReduceOp,
-) -> Vec<f64> {
+pub fn reduce_backward(dy: &[f64], idx: &[i32], outer: usize, n: usize, inner: usize, op: ReduceOp) -> Vec<f64> {
     let mut dx = vec![0.0; outer * n * inner];
     for b in 0..outer {
         for j in 0..n {

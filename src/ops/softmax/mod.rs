@@ -42,17 +42,9 @@ const _: () = assert!(std::mem::size_of::<SoftmaxBwdParams>() == 40);
 /// A warp per row with 4 rows per block up to 1024 columns; beyond, 256 threads per row.
 fn launch_cfg(rows: usize, cols: usize) -> LaunchCfg {
     if cols <= 1024 {
-        LaunchCfg {
-            grid: ((rows as u32).div_ceil(4), 1, 1),
-            block: (32, 4, 1),
-            smem_bytes: 0,
-        }
+        LaunchCfg { grid: ((rows as u32).div_ceil(4), 1, 1), block: (32, 4, 1), smem_bytes: 0 }
     } else {
-        LaunchCfg {
-            grid: (rows as u32, 1, 1),
-            block: (256, 1, 1),
-            smem_bytes: 0,
-        }
+        LaunchCfg { grid: (rows as u32, 1, 1), block: (256, 1, 1), smem_bytes: 0 }
     }
 }
 
@@ -101,19 +93,12 @@ pub fn softmax_backward(y: &Tensor, dy: &Tensor, log: bool) -> Result<Tensor> {
     let op = "softmax_backward";
     y.same_device(op, &[dy])?;
     if y.shape() != dy.shape() {
-        return Err(Error::shape(
-            op,
-            format!("y {:?} vs dy {:?}", y.shape(), dy.shape()),
-        ));
+        return Err(Error::shape(op, format!("y {:?} vs dy {:?}", y.shape(), dy.shape())));
     }
     let (rows, cols) = rows_cols(y, op)?;
     let dev = y.device();
     if let Device::Cpu = dev {
-        return Tensor::from_vec(
-            cpu::backward(y.cpu_f32(op)?, dy.cpu_f32(op)?, cols, log),
-            y.shape(),
-            dev,
-        );
+        return Tensor::from_vec(cpu::backward(y.cpu_f32(op)?, dy.cpu_f32(op)?, cols, log), y.shape(), dev);
     }
     let dx = Tensor::empty(y.shape(), DType::F32, dev)?;
     if y.numel() == 0 {

@@ -6,11 +6,7 @@ pub fn forward(x: &[f64], cols: usize, log: bool) -> Vec<f64> {
         let m = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let s: f64 = row.iter().map(|&v| (v - m).exp()).sum();
         for &v in row {
-            out.push(if log {
-                v - m - s.ln()
-            } else {
-                (v - m).exp() / s
-            });
+            out.push(if log { v - m - s.ln() } else { (v - m).exp() / s });
         }
     }
     out
@@ -27,11 +23,7 @@ pub fn backward(x: &[f64], dy: &[f64], cols: usize, log: bool) -> Vec<f64> {
             let mut acc = 0.0;
             for i in 0..cols {
                 let d = if i == j { 1.0 } else { 0.0 };
-                let jac = if log {
-                    d - s[o + j]
-                } else {
-                    s[o + i] * (d - s[o + j])
-                };
+                let jac = if log { d - s[o + j] } else { s[o + i] * (d - s[o + j]) };
                 acc += jac * dy[o + i];
             }
             dx[o + j] = acc;

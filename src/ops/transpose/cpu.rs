@@ -15,19 +15,17 @@ pub fn permute(x: &[f32], shape: &[usize], perm: &[usize]) -> Vec<f32> {
     }
     if perm[..r - 2].iter().enumerate().all(|(i, &p)| i == p) && perm[r - 2] == r - 1 {
         let (rows, cols) = (shape[r - 2], shape[r - 1]);
-        y.par_chunks_mut(rows * cols)
-            .zip(x.par_chunks(rows * cols))
-            .for_each(|(yb, xb)| {
-                for r0 in (0..rows).step_by(TILE) {
-                    for c0 in (0..cols).step_by(TILE) {
-                        for c in c0..(c0 + TILE).min(cols) {
-                            for rr in r0..(r0 + TILE).min(rows) {
-                                yb[c * rows + rr] = xb[rr * cols + c];
-                            }
+        y.par_chunks_mut(rows * cols).zip(x.par_chunks(rows * cols)).for_each(|(yb, xb)| {
+            for r0 in (0..rows).step_by(TILE) {
+                for c0 in (0..cols).step_by(TILE) {
+                    for c in c0..(c0 + TILE).min(cols) {
+                        for rr in r0..(r0 + TILE).min(rows) {
+                            yb[c * rows + rr] = xb[rr * cols + c];
                         }
                     }
                 }
-            });
+            }
+        });
         return y;
     }
     let st = contiguous_strides(shape);

@@ -46,12 +46,7 @@ pub fn simplify(shape: &[usize], perm: &[usize]) -> (Vec<usize>, Vec<usize>) {
     let rank_of = |d: usize| (0..d).filter(|&e| shape[e] != 1).count();
     let kept_dims: Vec<usize> = (0..shape.len()).filter(|&d| shape[d] != 1).collect();
     let compact: Vec<usize> = kept_dims.iter().map(|&d| shape[d]).collect();
-    let kept: Vec<usize> = perm
-        .iter()
-        .copied()
-        .filter(|&d| kept_dims.contains(&d))
-        .map(rank_of)
-        .collect();
+    let kept: Vec<usize> = perm.iter().copied().filter(|&d| kept_dims.contains(&d)).map(rank_of).collect();
     // Group runs d, d+1, ... that appear consecutively in the output.
     let mut groups: Vec<Vec<usize>> = Vec::new();
     for &d in &kept {
@@ -63,10 +58,7 @@ pub fn simplify(shape: &[usize], perm: &[usize]) -> (Vec<usize>, Vec<usize>) {
     // Order groups by their first input dim to get the merged input shape.
     let mut by_input: Vec<usize> = (0..groups.len()).collect();
     by_input.sort_by_key(|&g| groups[g][0]);
-    let in_shape: Vec<usize> = by_input
-        .iter()
-        .map(|&g| groups[g].iter().map(|&d| compact[d]).product())
-        .collect();
+    let in_shape: Vec<usize> = by_input.iter().map(|&g| groups[g].iter().map(|&d| compact[d]).product()).collect();
     let mut new_perm = vec![0; groups.len()];
     for (pos_out, g) in (0..groups.len()).enumerate() {
         new_perm[pos_out] = by_input.iter().position(|&x| x == g).unwrap();
@@ -84,15 +76,8 @@ pub fn inverse(perm: &[usize]) -> Vec<usize> {
 
 fn check_perm(perm: &[usize], rank: usize) -> Result<()> {
     let mut seen = vec![false; rank];
-    if perm.len() != rank
-        || perm
-            .iter()
-            .any(|&p| p >= rank || std::mem::replace(&mut seen[p], true))
-    {
-        return Err(Error::shape(
-            "permute",
-            format!("{perm:?} is not a permutation of {rank} dims"),
-        ));
+    if perm.len() != rank || perm.iter().any(|&p| p >= rank || std::mem::replace(&mut seen[p], true)) {
+        return Err(Error::shape("permute", format!("{perm:?} is not a permutation of {rank} dims")));
     }
     Ok(())
 }
@@ -107,18 +92,11 @@ pub fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
     }
     let dev = x.device();
     if let Device::Cpu = dev {
-        return Tensor::from_vec(
-            cpu::permute(x.cpu_f32("permute")?, &ms, &mp),
-            &out_shape,
-            dev,
-        );
+        return Tensor::from_vec(cpu::permute(x.cpu_f32("permute")?, &ms, &mp), &out_shape, dev);
     }
     let y = Tensor::empty(&out_shape, DType::F32, dev)?;
     let r = mp.len();
-    if mp[..r - 2].iter().enumerate().all(|(i, &p)| i == p)
-        && mp[r - 2] == r - 1
-        && mp[r - 1] == r - 2
-    {
+    if mp[..r - 2].iter().enumerate().all(|(i, &p)| i == p) && mp[r - 2] == r - 1 && mp[r - 1] == r - 2 {
         let (rows, cols) = (ms[r - 2], ms[r - 1]);
         let batch: usize = ms[..r - 2].iter().product();
         if batch > 65535 {
@@ -136,11 +114,7 @@ pub fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
             pad: 0,
         };
         let cfg = LaunchCfg {
-            grid: (
-                (cols as u32).div_ceil(32),
-                (rows as u32).div_ceil(32),
-                batch as u32,
-            ),
+            grid: ((cols as u32).div_ceil(32), (rows as u32).div_ceil(32), batch as u32),
             block: (32, 8, 1),
             smem_bytes: 0,
         };
@@ -148,10 +122,7 @@ pub fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
         return Ok(y);
     }
     if r > MAX_RANK {
-        return Err(Error::Unsupported {
-            op: "permute",
-            detail: format!("{r} dims after merging (max {MAX_RANK})"),
-        });
+        return Err(Error::Unsupported { op: "permute", detail: format!("{r} dims after merging (max {MAX_RANK})") });
     }
     let st = contiguous_strides(&ms);
     let mut p = PermuteParams {
@@ -167,11 +138,7 @@ pub fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
         p.out_shape[i] = check_u32("permute", ms[mp[i]])?;
         p.in_strides[i] = check_u32("permute", st[mp[i]])?;
     }
-    dev.launch(
-        Kernel::permute_fwd_f32,
-        LaunchCfg::elementwise(x.numel()),
-        &p,
-    )?;
+    dev.launch(Kernel::permute_fwd_f32, LaunchCfg::elementwise(x.numel()), &p)?;
     Ok(y)
 }
 
@@ -179,10 +146,7 @@ pub fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
 pub fn transpose(x: &Tensor, d0: usize, d1: usize) -> Result<Tensor> {
     let mut perm: Vec<usize> = (0..x.rank()).collect();
     if d0 >= x.rank() || d1 >= x.rank() {
-        return Err(Error::shape(
-            "transpose",
-            format!("dims {d0}, {d1} for rank {}", x.rank()),
-        ));
+        return Err(Error::shape("transpose", format!("dims {d0}, {d1} for rank {}", x.rank())));
     }
     perm.swap(d0, d1);
     permute(x, &perm)

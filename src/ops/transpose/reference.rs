@@ -7,9 +7,7 @@ pub fn permute(x: &[f64], shape: &[usize], perm: &[usize]) -> Vec<f64> {
     let (so, si) = (contiguous_strides(&out), contiguous_strides(shape));
     (0..x.len())
         .map(|i| {
-            let src: usize = (0..out.len())
-                .map(|d| ((i / so[d]) % out[d]) * si[perm[d]])
-                .sum();
+            let src: usize = (0..out.len()).map(|d| ((i / so[d]) % out[d]) * si[perm[d]]).sum();
             x[src]
         })
         .collect()
