@@ -16,6 +16,8 @@ use crate::ops::{reduce, softmax, transpose};
 use crate::tensor::Tensor;
 use std::time::Instant;
 
+type Validator = Box<dyn Fn(&Tensor) -> Result<()>>;
+
 /// One benchmark case: what it computes and how to call it.
 pub struct Case {
     /// Group name used by `--op` (gemm, gemm_tc, softmax, ...).
@@ -27,7 +29,7 @@ pub struct Case {
     pub peer: Option<String>,
     run: Box<dyn Fn() -> Result<Tensor>>,
     /// Checks one output before anything is timed (a fast wrong kernel is worth nothing).
-    validate: Option<Box<dyn Fn(&Tensor) -> Result<()>>>,
+    validate: Option<Validator>,
 }
 
 #[derive(Clone, Debug)]

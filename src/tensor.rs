@@ -38,6 +38,7 @@ impl CpuStorage {
             CpuStorage::I32(v) => bytemuck::cast_slice(v),
         }
     }
+    #[cfg_attr(not(any(feature = "cuda", feature = "emu")), allow(dead_code))]
     fn from_bytes(dtype: DType, bytes: &[u8]) -> CpuStorage {
         // pod_collect_to_vec copies, so the source needs no alignment.
         match dtype {
