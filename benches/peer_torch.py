@@ -2,7 +2,7 @@
 
 usage: python peer_torch.py --device cpu|cuda --reps N SPEC...
 SPEC is one of: "mm M N K", "softmax R C", "relu B C H W", "add_bcast B C H W", "sum1 B C H W",
-"transpose B R C". Prints "SPEC<TAB>median seconds" per spec. cpu: 2 threads (the machine's cores),
+"transpose B R C", "permute0213 B T H D". Prints "SPEC<TAB>median seconds" per spec. cpu: 2 threads (the machine's cores),
 f32, TF32 off on cuda so that "gemm" compares like with like (gemm_tc is the TF32 figure).
 A peer, not a dependency: needs torch in a virtual environment outside the repository.
 """
@@ -33,6 +33,9 @@ def build(spec, dev):
     if kind == "sum1":
         x = r(*d)
         return lambda: x.sum(1)
+    if kind == "permute0213":
+        x = r(*d)
+        return lambda: x.permute(0, 2, 1, 3).contiguous()
     if kind == "transpose":
         x = r(*d)
         return lambda: x.transpose(1, 2).contiguous()

@@ -128,6 +128,17 @@ pub fn cases(dev: &Device) -> Result<Vec<Case>> {
         run: Box::new(move || elementwise::unary(&a1, UnaryOp::Relu)),
         validate: None,
     });
+    let (a5, g5) = (act.clone(), rand_tensor(&[bt, c, hw, hw], 8, dev)?);
+    let y5 = elementwise::unary(&a5, UnaryOp::Relu)?;
+    v.push(Case {
+        op: "relu_bwd",
+        shape: format!("{bt}x{c}x{hw}x{hw}"),
+        flops: n,
+        bytes: 12.0 * n,
+        peer: None,
+        run: Box::new(move || elementwise::unary_backward(UnaryOp::Relu, &a5, &y5, &g5)),
+        validate: None,
+    });
     let a2 = act.clone();
     v.push(Case {
         op: "add_bcast",
@@ -167,6 +178,29 @@ pub fn cases(dev: &Device) -> Result<Vec<Case>> {
         bytes: 8.0 * (tb * tr * tc) as f64,
         peer: Some(format!("transpose {tb} {tr} {tc}")),
         run: Box::new(move || transpose::transpose(&t, 1, 2)),
+        validate: None,
+    });
+    let g6 = rand_tensor(&[bt, hw, hw], 9, dev)?;
+    let shape6 = [bt, c, hw, hw];
+    v.push(Case {
+        op: "sum_bwd",
+        shape: format!("{bt}x{hw}x{hw} -> {bt}x{c}x{hw}x{hw}"),
+        flops: 0.0,
+        bytes: 4.0 * n + 4.0 * n / c as f64,
+        peer: None,
+        run: Box::new(move || reduce::reduce_backward(reduce::ReduceOp::Sum, &g6, None, &shape6, 1)),
+        validate: None,
+    });
+    // The attention head split: [B, T, H, D] -> [B, H, T, D] (a general permutation).
+    let (pb, pt, ph, pd) = if small { (2, 17, 4, 16) } else { (32, 196, 4, 128) };
+    let q = rand_tensor(&[pb, pt, ph, pd], 10, dev)?;
+    v.push(Case {
+        op: "permute",
+        shape: format!("{pb}x{pt}x{ph}x{pd} [0,2,1,3]"),
+        flops: 0.0,
+        bytes: 8.0 * (pb * pt * ph * pd) as f64,
+        peer: Some(format!("permute0213 {pb} {pt} {ph} {pd}")),
+        run: Box::new(move || transpose::permute(&q, &[0, 2, 1, 3])),
         validate: None,
     });
     Ok(v)

@@ -23,7 +23,7 @@ enum Cmd {
     Bench {
         #[arg(long, value_enum, default_value = "auto")]
         device: DeviceChoice,
-        /// Only this benchmark group (gemm, gemm_tc, softmax, softmax_bwd, relu, add_bcast, sum, max, transpose)
+        /// Only this benchmark group (gemm, gemm_tc, softmax, softmax_bwd, relu, relu_bwd, add_bcast, sum, sum_bwd, max, transpose, permute)
         #[arg(long)]
         op: Option<String>,
         /// A Python with torch installed: run benches/peer_torch.py in the same invocation

@@ -48,8 +48,7 @@ fn check_reduce(
         prop_assert_eq!(idx.as_ref().unwrap().to_vec_i32().unwrap(), widx.clone());
     }
     let dy = values(outer * inner, seed ^ 5, false);
-    let dx = reduce::reduce_backward(op, &tensor(&dy, y.shape(), dev), idx.as_ref(), &shape, axis as isize)
-        .unwrap();
+    let dx = reduce::reduce_backward(op, &tensor(&dy, y.shape(), dev), idx.as_ref(), &shape, axis as isize).unwrap();
     let wdx = reference::reduce_backward(&f64s(&dy), &widx, outer, n, inner, op);
     // mean's g·(1/n) rounds twice (the cpu path multiplies by a rounded 1/n): 2 half-ulps.
     assert_none("backward", mismatch(&dx.to_vec().unwrap(), &wdx, 0.0, 2.0 * EPS32))
