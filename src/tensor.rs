@@ -138,7 +138,8 @@ impl Tensor {
             Storage::Cpu(c) => Ok(c.clone()),
             #[cfg(feature = "cuda")]
             Storage::Cuda(s) => match &self.device {
-                Device::Cuda(d) => Ok(CpuStorage::from_bytes(self.dtype, &d.download(s)?)),
+                // The allocation may be larger than the data (empty tensors get one byte).
+                Device::Cuda(d) => Ok(CpuStorage::from_bytes(self.dtype, &d.download(s)?[..self.numel() * 4])),
                 _ => unreachable!("cuda storage always belongs to a cuda device"),
             },
             #[cfg(feature = "emu")]
