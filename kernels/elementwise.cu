@@ -97,11 +97,16 @@ extern "C" __global__ void binary_fwd_f32(BinaryParams p) {
     const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
     for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < p.n; i += stride) {
         uint64_t rem = i, ia = 0, ib = 0;
-        for (int d = (int)p.rank - 1; d >= 0; --d) {
-            const uint64_t c = rem % p.shape[d];
-            rem /= p.shape[d];
-            ia += c * p.sa[d];
-            ib += c * p.sb[d];
+        // Unrolled with a guard rather than a loop to p.rank: constant indices keep the param
+        // arrays out of local memory (a runtime index forces a 112-byte stack copy).
+#pragma unroll
+        for (int d = BINARY_MAX_RANK - 1; d >= 0; --d) {
+            if (d < (int)p.rank) {
+                const uint64_t c = rem % p.shape[d];
+                rem /= p.shape[d];
+                ia += c * p.sa[d];
+                ib += c * p.sb[d];
+            }
         }
         const float a = p.a[ia], b = p.b[ib];
         p.y[i] = p.op == BINARY_ADD ? a + b : (p.op == BINARY_SUB ? a - b : a * b);

@@ -51,9 +51,12 @@ extern "C" __global__ void permute_fwd_f32(PermuteParams p) {
     const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
     for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < p.n; i += stride) {
         uint64_t rem = i, src = 0;
-        for (int d = (int)p.rank - 1; d >= 0; --d) {
-            src += (rem % p.out_shape[d]) * p.in_strides[d];
-            rem /= p.out_shape[d];
+#pragma unroll  // constant indices keep the param arrays out of local memory
+        for (int d = PERMUTE_MAX_RANK - 1; d >= 0; --d) {
+            if (d < (int)p.rank) {
+                src += (rem % p.out_shape[d]) * p.in_strides[d];
+                rem /= p.out_shape[d];
+            }
         }
         p.y[i] = p.x[src];
     }
