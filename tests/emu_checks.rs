@@ -3,19 +3,18 @@
 #![cfg(feature = "emu")]
 
 use reclmis::device::emu::with_schedule;
-use reclmis::device::{Device, KernelParams, LaunchCfg};
+use reclmis::device::{Device, LaunchCfg};
 use reclmis::kernels::Kernel;
 use reclmis::{Result, Tensor};
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct SelftestParams {
-    x: u64,
-    y: u64,
-    n: u32,
-    mode: u32,
+reclmis::kernel_params! {
+    struct SelftestParams [24] {
+        x: u64,
+        y: u64,
+        n: u32,
+        mode: u32,
+    }
 }
-unsafe impl KernelParams for SelftestParams {}
 
 const THREADS: u32 = 256;
 

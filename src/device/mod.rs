@@ -100,6 +100,21 @@ impl LaunchCfg {
 /// the struct the kernel takes (the .cu side checks its size with a `static_assert`).
 pub unsafe trait KernelParams: Copy + 'static {}
 
+/// Declares a kernel's params struct: `#[repr(C)]`, `Copy`, [`KernelParams`], and a compile-time
+/// check of its size against the `RECLMIS_PARAMS_SIZE` of its mirror in the .cu file.
+#[macro_export]
+macro_rules! kernel_params {
+    ($(#[$m:meta])* $vis:vis struct $name:ident [$size:expr] { $($fvis:vis $field:ident: $ty:ty),* $(,)? }) => {
+        $(#[$m])*
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug)]
+        $vis struct $name { $($fvis $field: $ty),* }
+        // SAFETY: repr(C), Copy, plain integers and floats, size checked below.
+        unsafe impl $crate::device::KernelParams for $name {}
+        const _: () = assert!(std::mem::size_of::<$name>() == $size, concat!(stringify!($name), " must match its .cu mirror"));
+    };
+}
+
 static POISON: AtomicBool = AtomicBool::new(false);
 
 /// Tests call this: every output buffer is then filled with NaN (0xFF bytes) before the kernel

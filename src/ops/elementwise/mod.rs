@@ -4,7 +4,7 @@
 pub mod cpu;
 pub mod reference;
 
-use crate::device::{Device, KernelParams, LaunchCfg};
+use crate::device::{Device, LaunchCfg};
 use crate::error::{Error, Result};
 use crate::kernels::Kernel;
 use crate::ops::{check_u32, contiguous_strides, reduce, MAX_RANK};
@@ -55,47 +55,41 @@ impl BinaryOp {
     }
 }
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct UnaryParams {
-    x: u64,
-    y: u64,
-    n: u64,
-    alpha: f32,
-    op: u32,
+crate::kernel_params! {
+    struct UnaryParams [32] {
+        x: u64,
+        y: u64,
+        n: u64,
+        alpha: f32,
+        op: u32,
+    }
 }
-unsafe impl KernelParams for UnaryParams {}
-const _: () = assert!(std::mem::size_of::<UnaryParams>() == 32);
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct UnaryBwdParams {
-    x: u64,
-    y: u64,
-    dy: u64,
-    dx: u64,
-    n: u64,
-    alpha: f32,
-    op: u32,
+crate::kernel_params! {
+    struct UnaryBwdParams [48] {
+        x: u64,
+        y: u64,
+        dy: u64,
+        dx: u64,
+        n: u64,
+        alpha: f32,
+        op: u32,
+    }
 }
-unsafe impl KernelParams for UnaryBwdParams {}
-const _: () = assert!(std::mem::size_of::<UnaryBwdParams>() == 48);
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct BinaryParams {
-    a: u64,
-    b: u64,
-    y: u64,
-    n: u64,
-    rank: u32,
-    op: u32,
-    shape: [u32; MAX_RANK],
-    sa: [u32; MAX_RANK],
-    sb: [u32; MAX_RANK],
+crate::kernel_params! {
+    struct BinaryParams [112] {
+        a: u64,
+        b: u64,
+        y: u64,
+        n: u64,
+        rank: u32,
+        op: u32,
+        shape: [u32; MAX_RANK],
+        sa: [u32; MAX_RANK],
+        sb: [u32; MAX_RANK],
+    }
 }
-unsafe impl KernelParams for BinaryParams {}
-const _: () = assert!(std::mem::size_of::<BinaryParams>() == 112);
 
 pub fn unary(x: &Tensor, op: UnaryOp) -> Result<Tensor> {
     x.expect_dtype("unary", DType::F32)?;

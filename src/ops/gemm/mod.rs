@@ -11,7 +11,7 @@
 pub mod cpu;
 pub mod reference;
 
-use crate::device::{Device, KernelParams, LaunchCfg};
+use crate::device::{Device, LaunchCfg};
 use crate::error::{Error, Result};
 use crate::kernels::Kernel;
 use crate::ops::check_u32;
@@ -39,29 +39,27 @@ impl Default for GemmOpts {
     }
 }
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub(crate) struct GemmParams {
-    a: u64,
-    b: u64,
-    c: u64,
-    m: u32,
-    n: u32,
-    k: u32,
-    batch: u32,
-    sa_batch: i64,
-    sa_row: i64,
-    sa_col: i64,
-    sb_batch: i64,
-    sb_row: i64,
-    sb_col: i64,
-    sc_batch: i64,
-    sc_row: i64,
-    alpha: f32,
-    beta: f32,
+crate::kernel_params! {
+    pub(crate) struct GemmParams [112] {
+        a: u64,
+        b: u64,
+        c: u64,
+        m: u32,
+        n: u32,
+        k: u32,
+        batch: u32,
+        sa_batch: i64,
+        sa_row: i64,
+        sa_col: i64,
+        sb_batch: i64,
+        sb_row: i64,
+        sb_col: i64,
+        sc_batch: i64,
+        sc_row: i64,
+        alpha: f32,
+        beta: f32,
+    }
 }
-unsafe impl KernelParams for GemmParams {}
-const _: () = assert!(std::mem::size_of::<GemmParams>() == 112);
 
 /// Sizes and element strides of one batched product, shared by every device path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -4,7 +4,7 @@
 pub mod cpu;
 pub mod reference;
 
-use crate::device::{Device, KernelParams, LaunchCfg};
+use crate::device::{Device, LaunchCfg};
 use crate::error::{Error, Result};
 use crate::kernels::Kernel;
 use crate::ops::{axis_index, check_u32};
@@ -18,33 +18,29 @@ pub enum ReduceOp {
     Max = 2,
 }
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct ReduceParams {
-    x: u64,
-    y: u64,
-    idx: u64,
-    outer: u32,
-    n: u32,
-    inner: u32,
-    op: u32,
+crate::kernel_params! {
+    struct ReduceParams [40] {
+        x: u64,
+        y: u64,
+        idx: u64,
+        outer: u32,
+        n: u32,
+        inner: u32,
+        op: u32,
+    }
 }
-unsafe impl KernelParams for ReduceParams {}
-const _: () = assert!(std::mem::size_of::<ReduceParams>() == 40);
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct ReduceBwdParams {
-    dy: u64,
-    idx: u64,
-    dx: u64,
-    outer: u32,
-    n: u32,
-    inner: u32,
-    op: u32,
+crate::kernel_params! {
+    struct ReduceBwdParams [40] {
+        dy: u64,
+        idx: u64,
+        dx: u64,
+        outer: u32,
+        n: u32,
+        inner: u32,
+        op: u32,
+    }
 }
-unsafe impl KernelParams for ReduceBwdParams {}
-const _: () = assert!(std::mem::size_of::<ReduceBwdParams>() == 40);
 
 /// The input viewed as [outer, n, inner] around `axis`.
 pub fn split_at_axis(shape: &[usize], axis: usize) -> (usize, usize, usize) {

@@ -6,38 +6,34 @@
 pub mod cpu;
 pub mod reference;
 
-use crate::device::{Device, KernelParams, LaunchCfg};
+use crate::device::{Device, LaunchCfg};
 use crate::error::{Error, Result};
 use crate::kernels::Kernel;
 use crate::ops::check_u32;
 use crate::tensor::{DType, Tensor};
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct SoftmaxParams {
-    x: u64,
-    y: u64,
-    rows: u32,
-    cols: u32,
-    log: u32,
-    pad: u32,
+crate::kernel_params! {
+    struct SoftmaxParams [32] {
+        x: u64,
+        y: u64,
+        rows: u32,
+        cols: u32,
+        log: u32,
+        pad: u32,
+    }
 }
-unsafe impl KernelParams for SoftmaxParams {}
-const _: () = assert!(std::mem::size_of::<SoftmaxParams>() == 32);
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct SoftmaxBwdParams {
-    y: u64,
-    dy: u64,
-    dx: u64,
-    rows: u32,
-    cols: u32,
-    log: u32,
-    pad: u32,
+crate::kernel_params! {
+    struct SoftmaxBwdParams [40] {
+        y: u64,
+        dy: u64,
+        dx: u64,
+        rows: u32,
+        cols: u32,
+        log: u32,
+        pad: u32,
+    }
 }
-unsafe impl KernelParams for SoftmaxBwdParams {}
-const _: () = assert!(std::mem::size_of::<SoftmaxBwdParams>() == 40);
 
 /// A warp per row with 4 rows per block up to 1024 columns; beyond, 256 threads per row.
 fn launch_cfg(rows: usize, cols: usize) -> LaunchCfg {

@@ -5,38 +5,34 @@
 pub mod cpu;
 pub mod reference;
 
-use crate::device::{Device, KernelParams, LaunchCfg};
+use crate::device::{Device, LaunchCfg};
 use crate::error::{Error, Result};
 use crate::kernels::Kernel;
 use crate::ops::{check_u32, contiguous_strides, MAX_RANK};
 use crate::tensor::{DType, Tensor};
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct TransposeParams {
-    x: u64,
-    y: u64,
-    batch: u32,
-    rows: u32,
-    cols: u32,
-    pad: u32,
+crate::kernel_params! {
+    struct TransposeParams [32] {
+        x: u64,
+        y: u64,
+        batch: u32,
+        rows: u32,
+        cols: u32,
+        pad: u32,
+    }
 }
-unsafe impl KernelParams for TransposeParams {}
-const _: () = assert!(std::mem::size_of::<TransposeParams>() == 32);
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct PermuteParams {
-    x: u64,
-    y: u64,
-    n: u64,
-    rank: u32,
-    pad: u32,
-    out_shape: [u32; MAX_RANK],
-    in_strides: [u32; MAX_RANK],
+crate::kernel_params! {
+    struct PermuteParams [80] {
+        x: u64,
+        y: u64,
+        n: u64,
+        rank: u32,
+        pad: u32,
+        out_shape: [u32; MAX_RANK],
+        in_strides: [u32; MAX_RANK],
+    }
 }
-unsafe impl KernelParams for PermuteParams {}
-const _: () = assert!(std::mem::size_of::<PermuteParams>() == 80);
 
 /// Merges input dims that stay adjacent and in order under `perm` (size-1 dims dropped).
 /// Returns (merged input shape, merged permutation).
