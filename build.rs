@@ -269,6 +269,7 @@ fn rewrite_extern_shared(line: &str) -> String {
     if let Some(r) = rest.strip_prefix("__align__(") {
         rest = r.split_once(')').unwrap().1.trim();
     }
+    let rest = rest.split("//").next().unwrap().trim(); // a trailing comment
     let decl = rest.trim_end_matches(';').trim();
     let decl = decl.strip_suffix("[]").expect("extern __shared__ T name[];").trim();
     let (ty, name) = decl.rsplit_once(char::is_whitespace).unwrap();

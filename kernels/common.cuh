@@ -26,6 +26,16 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
+// Max rule shared by every max-with-argmax (reduce, ccl) and their cpu paths and references:
+// NaN wins (it propagates, as in PyTorch), and among equal values the lowest index wins, so the
+// argmax does not depend on the schedule.
+__device__ __forceinline__ bool max_better(float v, int32_t i, float best, int32_t bi) {
+    const bool vn = v != v, bn = best != best;
+    if (vn != bn) return vn;
+    if (vn || v == best) return i < bi;
+    return v > best;
+}
+
 // Block-wide sum for blockDim.x a multiple of 32 (<= 1024); `scratch` holds 32 floats.
 // Every thread gets the result.
 __device__ __forceinline__ float block_sum(float v, float* scratch) {

@@ -21,15 +21,6 @@ struct ReduceParams {
 };
 RECLMIS_PARAMS_SIZE(ReduceParams, 40);
 
-// Max rule, shared with the cpu path and the reference: NaN wins (it propagates, as in PyTorch),
-// and among equal values the lowest index wins, so the argmax does not depend on the schedule.
-__device__ __forceinline__ bool max_better(float v, int32_t i, float best, int32_t bi) {
-    const bool vn = v != v, bn = best != best;
-    if (vn != bn) return vn;
-    if (vn || v == best) return i < bi;
-    return v > best;
-}
-
 // One warp per row; blockDim = (32, rows per block).
 extern "C" __global__ void reduce_last_fwd_f32(ReduceParams p) {
     const uint32_t row = blockIdx.x * blockDim.y + threadIdx.y;

@@ -40,7 +40,8 @@ pub fn exp(x: f32) -> f32 {
 /// portable (the GPU machine's CPU differs from the build machine's) while hot loops use the
 /// widest vectors the CPU has.
 macro_rules! multiversion {
-    (fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {
+    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])*
         fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {

@@ -1,0 +1,332 @@
+//! Fused cpu CCL. Forward: for each text sample a (in parallel), the similarities with a chunk of
+//! image samples come from one GEMM (t̂_a [L×D] times the chunk's v̂ᵀ, through the `gemm` crate)
+//! into a small per-thread buffer [L × chunk·N], which is reduced at once to the maxima over v and
+//! over t; the B×B×L×N tensor never exists. Backward: only the argmax pairs are touched, so it
+//! costs O(B²(L+N)D) instead of the composed version's two more B·L × B·N × D GEMMs.
+
+use super::CclSizes;
+use crate::ops::cpu_math::multiversion;
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Image samples per GEMM: the buffer (L × 8N floats, 113 KB at the official size) stays in L2.
+const CHUNK: usize = 8;
+
+pub fn l2_normalize(x: &[f32], d: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut y = vec![0.0f32; x.len()];
+    let mut inv = vec![0.0f32; x.len() / d.max(1)];
+    if d == 0 {
+        return (y, inv);
+    }
+    y.par_chunks_mut(d).zip(inv.par_iter_mut()).zip(x.par_chunks(d)).for_each(|((yr, iv), xr)| {
+        let s: f32 = xr.iter().map(|v| v * v).sum();
+        *iv = 1.0 / s.sqrt();
+        for (o, &v) in yr.iter_mut().zip(xr) {
+            *o = v * *iv;
+        }
+    });
+    (y, inv)
+}
+
+pub fn l2_normalize_backward(y: &[f32], inv: &[f32], dy: &[f32], d: usize) -> Vec<f32> {
+    let mut dx = vec![0.0f32; y.len()];
+    if d == 0 {
+        return dx;
+    }
+    dx.par_chunks_mut(d).enumerate().for_each(|(r, out)| {
+        let (yr, gr) = (&y[r * d..(r + 1) * d], &dy[r * d..(r + 1) * d]);
+        let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+        for ((o, &yv), &g) in out.iter_mut().zip(yr).zip(gr) {
+            *o = inv[r] * (g - yv * dot);
+        }
+    });
+    dx
+}
+
+pub struct Forward {
+    pub t2v: Vec<f32>,
+    pub v2t: Vec<f32>,
+    pub logits: Vec<f32>,
+    pub max_v: Vec<f32>,
+    pub arg_v: Vec<i32>,
+    pub max_t: Vec<f32>,
+    pub arg_t: Vec<i32>,
+}
+
+/// The argmax rule of the kernels (common.cuh `max_better`): NaN wins, ties to the lowest index.
+fn better(v: f32, i: usize, best: f32, bi: usize) -> bool {
+    if v.is_nan() != best.is_nan() {
+        return v.is_nan();
+    }
+    if v.is_nan() || v == best {
+        return i < bi;
+    }
+    v > best
+}
+
+multiversion! {
+    /// Max and argmax of one row: the max by lanes (vectorised), then the first index holding it.
+    /// A NaN anywhere falls back to the scalar rule.
+    fn row_argmax(x: &[f32]) -> (f32, usize) {
+        let mut m = [f32::NEG_INFINITY; 16];
+        let mut nan = false;
+        let chunks = x.chunks_exact(16);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for l in 0..16 {
+                m[l] = if c[l] > m[l] { c[l] } else { m[l] };
+                nan |= c[l].is_nan();
+            }
+        }
+        let mut mm = m.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for &v in tail {
+            mm = if v > mm { v } else { mm };
+            nan |= v.is_nan();
+        }
+        if nan {
+            let mut bi = 0;
+            for (i, &v) in x.iter().enumerate().skip(1) {
+                if better(v, i, x[bi], bi) {
+                    bi = i;
+                }
+            }
+            return (x[bi], bi);
+        }
+        (mm, x.iter().position(|&v| v == mm).unwrap_or(0))
+    }
+}
+
+multiversion! {
+    /// Column maxima over the rows of s (row stride `stride`, n columns from `off`), rows
+    /// scaled by the mask, walking rows in order so that "strictly greater" keeps the lowest t.
+    fn col_argmax(s: &[f32], stride: usize, off: usize, mask: &[f32], cmax: &mut [f32], carg: &mut [i32]) {
+        cmax.fill(f32::NEG_INFINITY);
+        carg.fill(0);
+        let mut nan = false;
+        for (t, &m) in mask.iter().enumerate() {
+            let row = &s[t * stride + off..t * stride + off + cmax.len()];
+            for ((c, a), &x) in cmax.iter_mut().zip(carg.iter_mut()).zip(row) {
+                let x = x * m;
+                nan |= x.is_nan();
+                if x > *c {
+                    *c = x;
+                    *a = t as i32;
+                }
+            }
+        }
+        if nan {
+            // rare: redo with the scalar rule so NaN propagates like everywhere else
+            for v in 0..cmax.len() {
+                let (mut best, mut bi) = (s[off + v] * mask[0], 0usize);
+                for (t, &m) in mask.iter().enumerate().skip(1) {
+                    let x = s[t * stride + off + v] * m;
+                    if better(x, t, best, bi) {
+                        best = x;
+                        bi = t;
+                    }
+                }
+                cmax[v] = best;
+                carg[v] = bi as i32;
+            }
+        }
+    }
+}
+
+/// th [B,L,D], vh [B,N,D] normalised; mask, tw [B,L]; vw [B,N].
+pub fn forward(th: &[f32], vh: &[f32], mask: &[f32], tw: &[f32], vw: &[f32], s: CclSizes) -> Forward {
+    let CclSizes { b: nb, l, n, d } = s;
+    // One task per text sample a; each owns row a of every output.
+    let rows: Vec<_> = (0..nb)
+        .into_par_iter()
+        .map(|a| {
+            let (mut t2v, mut v2t) = (vec![0.0f32; nb], vec![0.0f32; nb]);
+            let (mut max_v, mut arg_v) = (vec![0.0f32; nb * l], vec![0i32; nb * l]);
+            let (mut max_t, mut arg_t) = (vec![0.0f32; nb * n], vec![0i32; nb * n]);
+            let ta = &th[a * l * d..(a + 1) * l * d];
+            let ma = &mask[a * l..(a + 1) * l];
+            let mut sim = vec![0.0f32; l * CHUNK * n];
+            for b0 in (0..nb).step_by(CHUNK) {
+                let bc = CHUNK.min(nb - b0);
+                let w = bc * n; // columns of this chunk's similarity block
+                                // SAFETY: sim holds l x w; ta is l x d row-major; the chunk of vh is w x d row-major,
+                                // read transposed through its strides.
+                unsafe {
+                    gemm::gemm(
+                        l,
+                        w,
+                        d,
+                        sim.as_mut_ptr(),
+                        1,
+                        w as isize,
+                        false,
+                        ta.as_ptr(),
+                        1,
+                        d as isize,
+                        vh[b0 * n * d..].as_ptr(),
+                        d as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    )
+                };
+                for bi in 0..bc {
+                    let b = b0 + bi;
+                    let mut acc = 0.0f32;
+                    for t in 0..l {
+                        let row = &sim[t * w + bi * n..t * w + bi * n + n];
+                        let (mx, ix) = if ma[t] == 1.0 {
+                            row_argmax(row)
+                        } else if ma[t] == 0.0 {
+                            // every value is ±0 (ties: v = 0) unless the row holds a NaN
+                            let (mx, ix) = row_argmax(row);
+                            if mx.is_nan() {
+                                (mx, ix)
+                            } else {
+                                (0.0, 0)
+                            }
+                        } else {
+                            let scaled: Vec<f32> = row.iter().map(|x| x * ma[t]).collect();
+                            row_argmax(&scaled)
+                        };
+                        max_v[b * l + t] = mx;
+                        arg_v[b * l + t] = ix as i32;
+                        acc += tw[a * l + t] * mx;
+                    }
+                    t2v[b] = acc;
+                    let (cm, ca) = (&mut max_t[b * n..(b + 1) * n], &mut arg_t[b * n..(b + 1) * n]);
+                    col_argmax(&sim[..l * w], w, bi * n, ma, cm, ca);
+                    v2t[b] = cm.iter().zip(&vw[b * n..(b + 1) * n]).map(|(x, y)| x * y).sum();
+                }
+            }
+            (t2v, v2t, max_v, arg_v, max_t, arg_t)
+        })
+        .collect();
+    let mut f = Forward {
+        t2v: Vec::with_capacity(nb * nb),
+        v2t: Vec::with_capacity(nb * nb),
+        logits: Vec::new(),
+        max_v: Vec::with_capacity(nb * nb * l),
+        arg_v: Vec::with_capacity(nb * nb * l),
+        max_t: Vec::with_capacity(nb * nb * n),
+        arg_t: Vec::with_capacity(nb * nb * n),
+    };
+    for r in rows {
+        f.t2v.extend(r.0);
+        f.v2t.extend(r.1);
+        f.max_v.extend(r.2);
+        f.arg_v.extend(r.3);
+        f.max_t.extend(r.4);
+        f.arg_t.extend(r.5);
+    }
+    f.logits = f.t2v.iter().zip(&f.v2t).map(|(x, y)| 0.5 * (x + y)).collect();
+    f
+}
+
+multiversion! {
+    fn axpy(c: f32, x: &[f32], y: &mut [f32]) {
+        for (o, &v) in y.iter_mut().zip(x) {
+            *o += c * v;
+        }
+    }
+}
+
+/// Gradients w.r.t. the normalised t̂, v̂ and the weights: (dth, dvh, dtw, dvw).
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    th: &[f32],
+    vh: &[f32],
+    mask: &[f32],
+    tw: &[f32],
+    vw: &[f32],
+    d_t2v: &[f32],
+    d_v2t: &[f32],
+    (max_v, arg_v): (&[f32], &[i32]),
+    (max_t, arg_t): (&[f32], &[i32]),
+    s: CclSizes,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+    let CclSizes { b: nb, l, n, d } = s;
+    let mut dth = vec![0.0f32; nb * l * d];
+    let mut dvh = vec![0.0f32; nb * n * d];
+    // Text side: sample a gathers from every image sample's chosen tokens.
+    dth.par_chunks_mut(l * d).enumerate().for_each(|(a, acc)| {
+        for b in 0..nb {
+            let pair = a * nb + b;
+            let vb = &vh[b * n * d..(b + 1) * n * d];
+            for t in 0..l {
+                let c = d_t2v[pair] * tw[a * l + t] * mask[a * l + t];
+                let vi = arg_v[pair * l + t] as usize;
+                if c != 0.0 {
+                    axpy(c, &vb[vi * d..(vi + 1) * d], &mut acc[t * d..(t + 1) * d]);
+                }
+            }
+            for vi in 0..n {
+                let t = arg_t[pair * n + vi] as usize;
+                let c = d_v2t[pair] * vw[b * n + vi] * mask[a * l + t];
+                if c != 0.0 {
+                    axpy(c, &vb[vi * d..(vi + 1) * d], &mut acc[t * d..(t + 1) * d]);
+                }
+            }
+        }
+    });
+    // Image side: sample b gathers from every text sample's chosen tokens.
+    dvh.par_chunks_mut(n * d).enumerate().for_each(|(b, acc)| {
+        for a in 0..nb {
+            let pair = a * nb + b;
+            let ta = &th[a * l * d..(a + 1) * l * d];
+            for t in 0..l {
+                let c = d_t2v[pair] * tw[a * l + t] * mask[a * l + t];
+                let vi = arg_v[pair * l + t] as usize;
+                if c != 0.0 {
+                    axpy(c, &ta[t * d..(t + 1) * d], &mut acc[vi * d..(vi + 1) * d]);
+                }
+            }
+            for vi in 0..n {
+                let t = arg_t[pair * n + vi] as usize;
+                let c = d_v2t[pair] * vw[b * n + vi] * mask[a * l + t];
+                if c != 0.0 {
+                    axpy(c, &ta[t * d..(t + 1) * d], &mut acc[vi * d..(vi + 1) * d]);
+                }
+            }
+        }
+    });
+    let dtw = (0..nb * l)
+        .map(|i| (0..nb).map(|b| d_t2v[(i / l) * nb + b] * max_v[((i / l) * nb + b) * l + i % l]).sum())
+        .collect();
+    let dvw = (0..nb * n)
+        .map(|j| {
+            let (b, vi) = (j / n, j % n);
+            (0..nb).map(|a| d_v2t[a * nb + b] * max_t[(a * nb + b) * n + vi]).sum()
+        })
+        .collect();
+    (dth, dvh, dtw, dvw)
+}
+
+/// ([loss, CE rows, CE cols], d loss / d logits).
+pub fn info_nce(logits: &[f32], b: usize, s: f32) -> ([f32; 3], Vec<f32>) {
+    let g = 0.5 * s / b as f32;
+    let mut dl = vec![0.0f32; b * b];
+    let (mut ce_r, mut ce_c) = (0.0f32, 0.0f32);
+    for pass in 0..2 {
+        for i in 0..b {
+            // pass 0: row i of s·L; pass 1: column i (row i of s·Lᵀ)
+            let at = |j: usize| if pass == 0 { i * b + j } else { j * b + i };
+            let m = (0..b).map(|j| s * logits[at(j)]).fold(f32::NEG_INFINITY, f32::max);
+            let lse = m + (0..b).map(|j| (s * logits[at(j)] - m).exp()).sum::<f32>().ln();
+            let ce = lse - s * logits[at(i)];
+            if pass == 0 {
+                ce_r += ce;
+            } else {
+                ce_c += ce;
+            }
+            for j in 0..b {
+                dl[at(j)] += g * ((s * logits[at(j)] - lse).exp() - if j == i { 1.0 } else { 0.0 });
+            }
+        }
+    }
+    let (r, c) = (ce_r / b as f32, ce_c / b as f32);
+    ([0.5 * (r + c), r, c], dl)
+}

@@ -1,0 +1,300 @@
+//! The fused CCL similarity (forward, backward), L2 normalisation and InfoNCE on cpu, emu and cuda
+//! against the f64 reference; the composed (unfused) version against the fused one; ties, padding
+//! and B = 1.
+
+mod common;
+use common::*;
+use proptest::prelude::*;
+use reclmis::ops::ccl::{self, composed, reference, reference::Sizes};
+use reclmis::testing::{fd_mismatch, mismatch, EPS32};
+use reclmis::{Device, Tensor};
+
+#[derive(Clone, Debug)]
+struct Case {
+    b: usize,
+    l: usize,
+    n: usize,
+    d: usize,
+    /// 0: all words valid, 1: random padding at the end of each text, 2: duplicated tokens (ties)
+    kind: u8,
+    seed: u64,
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    (
+        prop::sample::select(vec![1usize, 2, 3, 5]),
+        prop::sample::select(vec![1usize, 3, 18, 33]),
+        prop::sample::select(vec![1usize, 7, 16, 65, 70]),
+        prop::sample::select(vec![1usize, 5, 33, 64]),
+        0u8..3,
+        any::<u64>(),
+    )
+        .prop_map(|(b, l, n, d, kind, seed)| Case { b, l, n, d, kind, seed })
+}
+
+struct Data {
+    t: Vec<f32>,
+    v: Vec<f32>,
+    mask: Vec<f32>,
+    tw: Vec<f32>,
+    vw: Vec<f32>,
+    d_t2v: Vec<f32>,
+    d_v2t: Vec<f32>,
+}
+
+fn data(c: &Case) -> Data {
+    let mut rng = reclmis::testing::Rng::new(c.seed);
+    let mut t = rng.vec(c.b * c.l * c.d, -1.0, 1.0);
+    let mut v = rng.vec(c.b * c.n * c.d, -1.0, 1.0);
+    let mut mask = vec![1.0f32; c.b * c.l];
+    if c.kind == 1 {
+        for a in 0..c.b {
+            let valid = 1 + (rng.next_u64() as usize) % c.l;
+            mask[a * c.l + valid..(a + 1) * c.l].fill(0.0);
+        }
+    }
+    if c.kind == 2 {
+        // exact duplicates: the max then has ties, which must go to the lowest index
+        for b in 0..c.b {
+            for j in 1..c.n {
+                if rng.next_u64() % 3 == 0 {
+                    let i = (rng.next_u64() as usize) % j;
+                    let (src, dst) = ((b * c.n + i) * c.d, (b * c.n + j) * c.d);
+                    v.copy_within(src..src + c.d, dst);
+                }
+            }
+        }
+        for a in 0..c.b {
+            for j in 1..c.l {
+                if rng.next_u64() % 3 == 0 {
+                    let i = (rng.next_u64() as usize) % j;
+                    let (src, dst) = ((a * c.l + i) * c.d, (a * c.l + j) * c.d);
+                    t.copy_within(src..src + c.d, dst);
+                }
+            }
+        }
+    }
+    let tw = rng.vec(c.b * c.l, 0.0, 1.0);
+    let vw = rng.vec(c.b * c.n, 0.0, 1.0);
+    let d_t2v = rng.vec(c.b * c.b, -1.0, 1.0);
+    let d_v2t = rng.vec(c.b * c.b, -1.0, 1.0);
+    Data { t, v, mask, tw, vw, d_t2v, d_v2t }
+}
+
+fn inf_norm(v: &[f64]) -> f64 {
+    v.iter().fold(0.0, |m, x| m.max(x.abs()))
+}
+
+/// ‖got − want‖∞ <= tol · ‖want‖∞ (a norm-wise bound: every element of the gradient gathers
+/// terms of the same magnitude, so the largest element sets the scale of the rounding error).
+fn normwise(what: &str, got: &[f32], want: &[f64], tol: f64) -> Result<(), TestCaseError> {
+    let scale = inf_norm(want).max(1e-30);
+    assert_none(what, mismatch(got, want, tol * scale, 0.0))
+}
+
+fn check_ccl(dev: &Device, c: Case) -> Result<(), TestCaseError> {
+    let x = data(&c);
+    let s = Sizes { b: c.b, l: c.l, n: c.n, d: c.d };
+    let tt = |v: &[f32], shape: &[usize]| tensor(v, shape, dev);
+    let (t, v) = (tt(&x.t, &[c.b, c.l, c.d]), tt(&x.v, &[c.b, c.n, c.d]));
+    let (mask, tw, vw) = (tt(&x.mask, &[c.b, c.l]), tt(&x.tw, &[c.b, c.l]), tt(&x.vw, &[c.b, c.n]));
+    let f = ccl::ccl_similarity(&t, &v, &mask, &tw, &vw).unwrap();
+    let (rt2v, rv2t, rlog, rav, rat) =
+        reference::ccl(&f64s(&x.t), &f64s(&x.v), &f64s(&x.mask), &f64s(&x.tw), &f64s(&x.vw), &s);
+    // Each similarity is a D-term dot product of unit vectors (error <= (D + 4)·eps after the
+    // normalisation's own rounding); t2v / v2t add L / N weighted terms on top.
+    let tol = (c.d + c.l.max(c.n) + 8) as f64 * EPS32;
+    let wsum: f64 = x.tw.iter().chain(&x.vw).map(|w| *w as f64).sum::<f64>().max(1.0);
+    for (name, got, want) in [("t2v", &f.t2v, &rt2v), ("v2t", &f.v2t, &rv2t), ("logits", &f.logits, &rlog)] {
+        assert_none(name, mismatch(&got.to_vec().unwrap(), want, tol * wsum, 0.0))?;
+    }
+    // Argmaxes: each pick must be optimal up to the rounding error, and an exact tie (tokens
+    // duplicated bit for bit) must go to the lowest index: no lower index may hold the same token.
+    let av: Vec<usize> = f.saved.arg_v.to_vec_i32().unwrap().iter().map(|&i| i as usize).collect();
+    let at: Vec<usize> = f.saved.arg_t.to_vec_i32().unwrap().iter().map(|&i| i as usize).collect();
+    let (th, vh) = (reference::l2_normalize(&f64s(&x.t), c.d), reference::l2_normalize(&f64s(&x.v), c.d));
+    let sim = |a: usize, b: usize, t: usize, vi: usize| -> f64 {
+        let p: f64 = (0..c.d).map(|k| th[(a * c.l + t) * c.d + k] * vh[(b * c.n + vi) * c.d + k]).sum();
+        p * x.mask[a * c.l + t] as f64
+    };
+    let same_v = |b: usize, i: usize, j: usize| x.v[(b * c.n + i) * c.d..][..c.d] == x.v[(b * c.n + j) * c.d..][..c.d];
+    let same_t = |a: usize, i: usize, j: usize| {
+        x.t[(a * c.l + i) * c.d..][..c.d] == x.t[(a * c.l + j) * c.d..][..c.d]
+            && x.mask[a * c.l + i] == x.mask[a * c.l + j]
+    };
+    let eps = 4.0 * (c.d + 4) as f64 * EPS32;
+    for a in 0..c.b {
+        for b in 0..c.b {
+            for t in 0..c.l {
+                let (r, g) = (rav[(a * c.b + b) * c.l + t], av[(a * c.b + b) * c.l + t]);
+                prop_assert!(sim(a, b, t, g) >= sim(a, b, t, r) - eps, "arg_v[{a},{b},{t}] = {g}, reference {r}");
+                let masked = x.mask[a * c.l + t] == 0.0;
+                prop_assert!(
+                    masked || (0..g).all(|i| !same_v(b, i, g)),
+                    "arg_v[{a},{b},{t}] = {g}: a lower duplicate exists"
+                );
+                prop_assert!(!masked || g == 0, "a padded row's max over v is at v = 0 (all values tie at 0)");
+            }
+            for vi in 0..c.n {
+                let (r, g) = (rat[(a * c.b + b) * c.n + vi], at[(a * c.b + b) * c.n + vi]);
+                prop_assert!(sim(a, b, g, vi) >= sim(a, b, r, vi) - eps, "arg_t[{a},{b},{vi}] = {g}, reference {r}");
+                prop_assert!((0..g).all(|i| !same_t(a, i, g)), "arg_t[{a},{b},{vi}] = {g}: a lower duplicate exists");
+            }
+        }
+    }
+    // Backward, routed through the device's own argmaxes (checked above).
+    let (gt2v, gv2t) = (tt(&x.d_t2v, &[c.b, c.b]), tt(&x.d_v2t, &[c.b, c.b]));
+    let g = ccl::ccl_similarity_backward(&f, &mask, &tw, &vw, &gt2v, &gv2t).unwrap();
+    let (dt, dv, dtw, dvw) = reference::ccl_backward(
+        &f64s(&x.t),
+        &f64s(&x.v),
+        &f64s(&x.mask),
+        &f64s(&x.tw),
+        &f64s(&x.vw),
+        &s,
+        &f64s(&x.d_t2v),
+        &f64s(&x.d_v2t),
+        &av,
+        &at,
+    );
+    let tol = 4.0 * (c.b * (c.l + c.n) + c.d + 16) as f64 * EPS32;
+    // The normalisation's backward can cancel (D = 1: the gradient is exactly 0); its input, the
+    // gradient w.r.t. the unit vectors times 1/‖x‖, sets the scale of the rounding error then.
+    let (dth, dvh, _, _) = reference::ccl_backward_unit(
+        &th,
+        &vh,
+        &f64s(&x.mask),
+        &f64s(&x.tw),
+        &f64s(&x.vw),
+        &s,
+        &f64s(&x.d_t2v),
+        &f64s(&x.d_v2t),
+        &av,
+        &at,
+    );
+    let inv_max = |v: &[f32]| {
+        v.chunks(c.d).map(|r| 1.0 / r.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt()).fold(0.0, f64::max)
+    };
+    let floor_t = inf_norm(&dth) * inv_max(&x.t);
+    let floor_v = inf_norm(&dvh) * inv_max(&x.v);
+    assert_none("dt", mismatch(&g.dt.to_vec().unwrap(), &dt, tol * inf_norm(&dt).max(floor_t), 0.0))?;
+    assert_none("dv", mismatch(&g.dv.to_vec().unwrap(), &dv, tol * inf_norm(&dv).max(floor_v), 0.0))?;
+    normwise("dtw", &g.dtw.to_vec().unwrap(), &dtw, tol)?;
+    normwise("dvw", &g.dvw.to_vec().unwrap(), &dvw, tol)
+}
+
+per_device!(check_ccl, (c in case()));
+
+/// The fused similarity against the same expression composed from GEMM, permute, mul, max and
+/// sum (which materialises the B×B×L×N tensor), forward and backward.
+fn check_fused_vs_composed(dev: &Device, c: Case) -> Result<(), TestCaseError> {
+    let c = Case { kind: c.kind.min(1), ..c }; // no exact ties: the two may round them apart
+    let x = data(&c);
+    let tt = |v: &[f32], shape: &[usize]| tensor(v, shape, dev);
+    let (t, v) = (tt(&x.t, &[c.b, c.l, c.d]), tt(&x.v, &[c.b, c.n, c.d]));
+    let (mask, tw, vw) = (tt(&x.mask, &[c.b, c.l]), tt(&x.tw, &[c.b, c.l]), tt(&x.vw, &[c.b, c.n]));
+    let f = ccl::ccl_similarity(&t, &v, &mask, &tw, &vw).unwrap();
+    let k = composed::forward(&t, &v, &mask, &tw, &vw).unwrap();
+    let tol = (c.d + c.l.max(c.n) + 8) as f64 * EPS32 * 4.0;
+    assert_none("logits", mismatch(&f.logits.to_vec().unwrap(), &f64s(&k.logits.to_vec().unwrap()), tol * 8.0, 0.0))?;
+    prop_assume!(
+        f.saved.arg_v.to_vec_i32().unwrap() == reclmis::ops::reduce::max(&k_s(&k), 3).unwrap().1.to_vec_i32().unwrap()
+    );
+    let (gt2v, gv2t) = (tt(&x.d_t2v, &[c.b, c.b]), tt(&x.d_v2t, &[c.b, c.b]));
+    let g = ccl::ccl_similarity_backward(&f, &mask, &tw, &vw, &gt2v, &gv2t).unwrap();
+    let (dt, dv, dtw, dvw) = composed::backward(&k, &mask, &tw, &vw, &gt2v, &gv2t).unwrap();
+    let tol = 8.0 * (c.b * (c.l + c.n) + c.d + 16) as f64 * EPS32;
+    normwise("dt", &g.dt.to_vec().unwrap(), &f64s(&dt.to_vec().unwrap()), tol)?;
+    normwise("dv", &g.dv.to_vec().unwrap(), &f64s(&dv.to_vec().unwrap()), tol)?;
+    normwise("dtw", &g.dtw.to_vec().unwrap(), &f64s(&dtw.to_vec().unwrap()), tol)?;
+    normwise("dvw", &g.dvw.to_vec().unwrap(), &f64s(&dvw.to_vec().unwrap()), tol)
+}
+
+fn k_s(k: &composed::Composed) -> Tensor {
+    k.alignment().clone()
+}
+
+per_device!(check_fused_vs_composed, (c in case()));
+
+fn check_info_nce(dev: &Device, b: usize, seed: u64, big: bool) -> Result<(), TestCaseError> {
+    let scale = if big { 100.0 } else { 1.0 };
+    let l = values(b * b, seed, false).iter().map(|x| x / 3.0).collect::<Vec<_>>();
+    let r = ccl::info_nce(&tensor(&l, &[b, b], dev), scale).unwrap();
+    let (loss, ce_r, ce_c) = reference::info_nce(&f64s(&l), b, scale as f64);
+    // s·logits up to 100: log-sum-exp error ~eps·(|s·x| + log B) per term
+    let tol = 8.0 * EPS32 * (scale as f64 + (b as f64).ln() + 1.0);
+    assert_none("loss", mismatch(&r.loss.to_vec().unwrap(), &[loss, ce_r, ce_c], tol, 0.0))?;
+    // gradient against finite differences of the reference loss (f64, central, h = 1e-6)
+    let lw = f64s(&l);
+    let mut fd = vec![0.0; b * b];
+    for j in 0..b * b {
+        let mut p = lw.clone();
+        p[j] += 1e-6;
+        let up = reference::info_nce(&p, b, scale as f64).0;
+        p[j] -= 2e-6;
+        fd[j] = (up - reference::info_nce(&p, b, scale as f64).0) / 2e-6;
+    }
+    assert_none("dlogits", mismatch(&r.dlogits.to_vec().unwrap(), &fd, tol * scale as f64 / b as f64 + 1e-6, 1e-4))
+}
+
+per_device!(check_info_nce, (b in 1usize..40, seed in any::<u64>(), big in any::<bool>()));
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// The reference backward (argmax routing + normalisation Jacobian) against finite
+    /// differences of the reference forward; random data has no ties, so the max is locally smooth.
+    #[test]
+    fn reference_grad_matches_finite_differences(c in case()) {
+        let c = Case { kind: c.kind.min(1), d: c.d.min(8), l: c.l.min(5), n: c.n.min(9), b: c.b.min(3), ..c };
+        let x = data(&c);
+        let s = Sizes { b: c.b, l: c.l, n: c.n, d: c.d };
+        let (t, v, m, tw, vw) = (f64s(&x.t), f64s(&x.v), f64s(&x.mask), f64s(&x.tw), f64s(&x.vw));
+        let (dy1, dy2) = (f64s(&x.d_t2v), f64s(&x.d_v2t));
+        let (_, _, _, av, at) = reference::ccl(&t, &v, &m, &tw, &vw, &s);
+        let (dt, dv, dtw, dvw) = reference::ccl_backward(&t, &v, &m, &tw, &vw, &s, &dy1, &dy2, &av, &at);
+        // one scalar output: Σ dy1·t2v + Σ dy2·v2t
+        let both = |o: reference::CclRef| [o.0, o.1].concat();
+        let dy = [dy1.clone(), dy2.clone()].concat();
+        assert_none("t", fd_mismatch(|t| both(reference::ccl(t, &v, &m, &tw, &vw, &s)), &t, &dy, &dt, 1e-5))?;
+        assert_none("v", fd_mismatch(|v| both(reference::ccl(&t, v, &m, &tw, &vw, &s)), &v, &dy, &dv, 1e-5))?;
+        assert_none("tw", fd_mismatch(|tw| both(reference::ccl(&t, &v, &m, tw, &vw, &s)), &tw, &dy, &dtw, 1e-5))?;
+        assert_none("vw", fd_mismatch(|vw| both(reference::ccl(&t, &v, &m, &tw, vw, &s)), &vw, &dy, &dvw, 1e-5))?;
+    }
+}
+
+/// Padded text rows count as 0 in the max over t (not −inf): with every valid similarity
+/// negative, the padded row wins and v2t is 0.
+#[test]
+fn padded_rows_count_as_zero_in_the_max_over_t() {
+    for kind in ["cpu", "emu"] {
+        let dev = device(kind);
+        let t = tensor(&[1.0, 0.0, 0.0, 1.0], &[1, 2, 2], &dev); // token 0 valid, token 1 padding
+        let v = tensor(&[-1.0, 0.0, -1.0, 0.1], &[1, 2, 2], &dev); // both opposite to token 0
+        let mask = tensor(&[1.0, 0.0], &[1, 2], &dev);
+        let w = tensor(&[0.5, 0.5], &[1, 2], &dev);
+        let f = ccl::ccl_similarity(&t, &v, &mask, &w, &w).unwrap();
+        assert_eq!(f.saved.arg_t.to_vec_i32().unwrap(), vec![1, 1], "{kind}");
+        assert_eq!(f.v2t.to_vec().unwrap(), vec![0.0], "{kind}");
+    }
+}
+
+#[test]
+fn a_batch_of_one_has_zero_contrastive_loss() {
+    for kind in ["cpu", "emu"] {
+        let r = ccl::info_nce(&tensor(&[0.7], &[1, 1], &device(kind)), 100.0).unwrap();
+        assert_eq!(r.loss.to_vec().unwrap(), vec![0.0, 0.0, 0.0], "{kind}");
+        assert_eq!(r.dlogits.to_vec().unwrap(), vec![0.0], "{kind}");
+    }
+}
+
+#[test]
+fn shape_errors_name_the_input() {
+    let dev = Device::Cpu;
+    let t = tensor(&[0.5; 12], &[2, 3, 2], &dev);
+    let v = tensor(&[0.5; 8], &[2, 2, 2], &dev);
+    let mask = tensor(&[1.0; 6], &[2, 3], &dev);
+    let bad = tensor(&[1.0; 4], &[2, 2], &dev);
+    let e = ccl::ccl_similarity(&t, &v, &mask, &bad, &bad).err().unwrap().to_string();
+    assert!(e.contains("word weights"), "{e}");
+}
