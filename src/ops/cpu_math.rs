@@ -35,6 +35,35 @@ pub fn exp(x: f32) -> f32 {
     }
 }
 
+/// ln(1 + u) for u in [0, 1], within 2 ulp; vectorises (libm's log1pf is a scalar call).
+/// The rounding of 1 + u is corrected with the classic log1p(u) = ln(w) · u / (w − 1), w = 1 + u.
+#[inline(always)]
+pub fn log1p_unit(u: f32) -> f32 {
+    let w = 1.0 + u;
+    // w in [1, 2]: w = m · 2^e with m in [1/√2, √2) (Cephes logf range reduction)
+    let big = w > std::f32::consts::SQRT_2;
+    let (m, e) = if big { (w * 0.5, 1.0f32) } else { (w, 0.0) };
+    let x = m - 1.0;
+    let z = x * x;
+    let p = 7.037_683_6e-2_f32;
+    let p = p * x - 1.151_461_1e-1;
+    let p = p * x + 1.167_699_9e-1;
+    let p = p * x - 1.242_014_1e-1;
+    let p = p * x + 1.424_932_3e-1;
+    let p = p * x - 1.666_805_8e-1;
+    let p = p * x + 2.000_071_5e-1;
+    let p = p * x - 2.499_999_4e-1;
+    let p = p * x + 0.333_333_34;
+    let y = p * x * z + e * LN2_LO - 0.5 * z;
+    let ln_w = x + y + e * LN2_HI;
+    let d = w - 1.0;
+    if d == 0.0 {
+        u
+    } else {
+        ln_w * (u / d)
+    }
+}
+
 /// Runs `$body` (a closure-free block that calls only `#[inline(always)]` helpers) compiled three
 /// times: for AVX-512, for AVX2+FMA and for the baseline, choosing at run time. The binary stays
 /// portable (the GPU machine's CPU differs from the build machine's) while hot loops use the
@@ -80,5 +109,20 @@ mod tests {
         assert_eq!(super::exp(-100.0), 0.0);
         assert!(super::exp(f32::NAN).is_nan());
         assert_eq!(super::exp(0.0), 1.0);
+    }
+
+    #[test]
+    fn log1p_unit_is_within_two_ulp_of_f64() {
+        let mut worst = 0.0f64;
+        for i in 0..=100_000 {
+            let u = i as f32 / 100_000.0;
+            let u = if i % 7 == 0 { u * 1e-6 } else { u };
+            let (got, want) = (super::log1p_unit(u) as f64, (u as f64).ln_1p());
+            if want > 0.0 {
+                worst = worst.max((got - want).abs() / (want * f32::EPSILON as f64));
+            }
+        }
+        assert!(worst <= 2.0, "worst error {worst} ulp");
+        assert_eq!(super::log1p_unit(0.0), 0.0);
     }
 }

@@ -6,6 +6,7 @@ pub mod ccl;
 pub(crate) mod cpu_math;
 pub mod elementwise;
 pub mod gemm;
+pub mod loss;
 pub mod reduce;
 pub mod softmax;
 pub mod transpose;

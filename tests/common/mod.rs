@@ -1,5 +1,7 @@
-//! Shared by the integration tests: devices, data, proptest settings.
+//! Shared by the integration tests: devices, data, proptest settings, the golden fixture.
 #![allow(dead_code)]
+
+pub mod fixture;
 
 use proptest::prelude::*;
 use reclmis::device::{set_poison, Device};
