@@ -2,7 +2,8 @@
 
 usage: python peer_torch.py --device cpu|cuda --reps N SPEC...
 SPEC is one of: "mm M N K", "softmax R C", "relu B C H W", "add_bcast B C H W", "sum1 B C H W",
-"transpose B R C", "permute0213 B T H D". Prints "SPEC<TAB>median seconds" per spec. cpu: 2 threads (the machine's cores),
+"transpose B R C", "permute0213 B T H D",
+"ccl B L N D", "ccl_fb B L N D", "dice_bce B HW", "mse B HW". Prints "SPEC<TAB>median seconds" per spec. cpu: 2 threads (the machine's cores),
 f32, TF32 off on cuda so that "gemm" compares like with like (gemm_tc is the TF32 figure).
 A peer, not a dependency: needs torch in a virtual environment outside the repository.
 """
@@ -36,6 +37,47 @@ def build(spec, dev):
     if kind == "permute0213":
         x = r(*d)
         return lambda: x.permute(0, 2, 1, 3).contiguous()
+    if kind in ("ccl", "ccl_fb"):
+        # the official composition (einsum + amax), as in ../shared/peer/reclmis_torch.py
+        B, L, N, D = d
+        t, v = r(B, L, D), r(B, N, D)
+        mask = torch.ones(B, L, device=dev)
+        tw, vw = torch.softmax(r(B, L), -1), torch.softmax(r(B, N), -1)
+        g = r(B, B)
+
+        def ccl():
+            tn = t / t.norm(dim=-1, keepdim=True)
+            vn = v / v.norm(dim=-1, keepdim=True)
+            S = torch.einsum("atc,bvc->abtv", tn, vn) * mask[:, None, :, None]
+            t2v = (S.amax(dim=3) * tw[:, None, :]).sum(-1)
+            v2t = (S.amax(dim=2) * vw[None, :, :]).sum(-1)
+            return t2v, v2t
+
+        if kind == "ccl":
+            return lambda: ccl()[0]
+
+        def fb():
+            t.requires_grad_(True)
+            v.requires_grad_(True)
+            t2v, v2t = ccl()
+            ((t2v + v2t) * g).sum().backward()
+            t.grad = v.grad = None
+        return fb
+    if kind == "dice_bce":
+        b, hw = d
+        z, g = r(b, hw * hw), (r(b, hw * hw) > 0).float()
+
+        def seg():
+            p = torch.sigmoid(z)
+            pw, gw = p * 0.5, g * 0.5
+            dice = (1 - (2 * (pw * gw).sum(1) + 1e-5) / ((pw * pw).sum(1) + (gw * gw).sum(1) + 1e-5)).mean()
+            bce = torch.nn.functional.binary_cross_entropy(p, g)
+            return 0.5 * dice + 0.5 * bce
+        return seg
+    if kind == "mse":
+        b, hw = d
+        x, y = r(b, hw * hw), r(b, hw * hw)
+        return lambda: torch.nn.functional.mse_loss(x, y)
     if kind == "transpose":
         x = r(*d)
         return lambda: x.transpose(1, 2).contiguous()

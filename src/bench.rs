@@ -12,7 +12,7 @@ use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::ops::elementwise::{self, UnaryOp};
 use crate::ops::gemm::{self, GemmAlgo, GemmOpts};
-use crate::ops::{reduce, softmax, transpose};
+use crate::ops::{ccl, loss, reduce, softmax, transpose};
 use crate::tensor::Tensor;
 use std::time::Instant;
 
@@ -57,9 +57,34 @@ fn rand_tensor(shape: &[usize], seed: u64, dev: &Device) -> Result<Tensor> {
 }
 
 /// The cases for a device. emu gets small shapes: it runs every CUDA thread as a fiber.
-pub fn cases(dev: &Device) -> Result<Vec<Case>> {
+type Group = fn(&Device, bool, &mut Vec<Case>) -> Result<()>;
+
+/// Every benchmark group with the case names it defines.
+const GROUPS: [(&[&str], Group); 6] = [
+    (&["gemm", "gemm_tc"], gemm_cases),
+    (&["softmax", "softmax_bwd"], softmax_cases),
+    (&["relu", "relu_bwd", "add_bcast", "sum", "max", "sum_bwd"], activation_cases),
+    (&["transpose", "permute"], layout_cases),
+    (&["ccl", "ccl_composed", "ccl_fwd_bwd", "ccl_composed_fwd_bwd"], ccl_cases),
+    (&["copy", "dice_bce", "dice_bce_bwd", "metrics", "mse"], seg_cases),
+];
+
+/// The cases for a device, only the groups `filter` names (so that a run allocates only what it
+/// times). emu gets small shapes: it runs every CUDA thread as a fiber.
+pub fn cases(dev: &Device, filter: Option<&str>) -> Result<Vec<Case>> {
     let small = matches!(dev, Device::Emu);
+    let want = |ops: &[&str]| filter.is_none_or(|f| ops.contains(&f));
     let mut v = Vec::new();
+    for (ops, group) in GROUPS {
+        if want(ops) {
+            group(dev, small, &mut v)?;
+        }
+    }
+    Ok(v)
+}
+
+/// Square GEMMs (exact f32 and, on cuda/emu, the tf32 tensor-core kernel).
+fn gemm_cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
     let gemm_sizes: &[usize] = if small {
         &[64, 128]
     } else if dev.is_gpu_like() {
@@ -89,6 +114,11 @@ pub fn cases(dev: &Device) -> Result<Vec<Case>> {
             });
         }
     }
+    Ok(())
+}
+
+/// Attention-like softmax rows.
+fn softmax_cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
     // Attention-like shapes of the model: 32 images x 4 heads, 196 image tokens.
     let (rows, cols) = if small { (96, 196) } else { (32 * 4 * 196, 196) };
     let x = rand_tensor(&[rows, cols], 3, dev)?;
@@ -113,6 +143,11 @@ pub fn cases(dev: &Device) -> Result<Vec<Case>> {
         run: Box::new(move || softmax::softmax_backward(&y, &dy, false)),
         validate: None,
     });
+    Ok(())
+}
+
+/// Elementwise ops and reductions on a U-Net activation.
+fn activation_cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
     // A U-Net activation: batch 8 (2 on emu), 64 channels, 224x224 (28x28 on emu).
     let (bt, c, hw) = if small { (2, 8, 28) } else { (8, 64, 224) };
     let act = rand_tensor(&[bt, c, hw, hw], 5, dev)?;
@@ -169,17 +204,6 @@ pub fn cases(dev: &Device) -> Result<Vec<Case>> {
         run: Box::new(move || Ok(reduce::max(&a4.reshape(&[bt, c, hw * hw])?, -1)?.0)),
         validate: None,
     });
-    let (tb, tr, tc) = if small { (2, 36, 40) } else { (32, 196, 512) };
-    let t = rand_tensor(&[tb, tr, tc], 7, dev)?;
-    v.push(Case {
-        op: "transpose",
-        shape: format!("{tb}x{tr}x{tc} -> {tb}x{tc}x{tr}"),
-        flops: 0.0,
-        bytes: 8.0 * (tb * tr * tc) as f64,
-        peer: Some(format!("transpose {tb} {tr} {tc}")),
-        run: Box::new(move || transpose::transpose(&t, 1, 2)),
-        validate: None,
-    });
     let g6 = rand_tensor(&[bt, hw, hw], 9, dev)?;
     let shape6 = [bt, c, hw, hw];
     v.push(Case {
@@ -189,6 +213,22 @@ pub fn cases(dev: &Device) -> Result<Vec<Case>> {
         bytes: 4.0 * n + 4.0 * n / c as f64,
         peer: None,
         run: Box::new(move || reduce::reduce_backward(reduce::ReduceOp::Sum, &g6, None, &shape6, 1)),
+        validate: None,
+    });
+    Ok(())
+}
+
+/// Transpose and the attention head split.
+fn layout_cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
+    let (tb, tr, tc) = if small { (2, 36, 40) } else { (32, 196, 512) };
+    let t = rand_tensor(&[tb, tr, tc], 7, dev)?;
+    v.push(Case {
+        op: "transpose",
+        shape: format!("{tb}x{tr}x{tc} -> {tb}x{tc}x{tr}"),
+        flops: 0.0,
+        bytes: 8.0 * (tb * tr * tc) as f64,
+        peer: Some(format!("transpose {tb} {tr} {tc}")),
+        run: Box::new(move || transpose::transpose(&t, 1, 2)),
         validate: None,
     });
     // The attention head split: [B, T, H, D] -> [B, H, T, D] (a general permutation).
@@ -203,7 +243,146 @@ pub fn cases(dev: &Device) -> Result<Vec<Case>> {
         run: Box::new(move || transpose::permute(&q, &[0, 2, 1, 3])),
         validate: None,
     });
-    Ok(v)
+    Ok(())
+}
+
+/// CCL at the official size (B = 32 texts and images, L = 18 words, N = 196 patches, D = 512),
+/// fused and composed, forward and forward + backward.
+fn ccl_cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
+    let (b, l, n, d) = if small { (4, 18, 16, 64) } else { (32, 18, 196, 512) };
+    let t = rand_tensor(&[b, l, d], 11, dev)?;
+    let im = rand_tensor(&[b, n, d], 12, dev)?;
+    let mut mv = vec![1.0f32; b * l];
+    for a in 0..b {
+        mv[a * l + 12 + a % 6..(a + 1) * l].fill(0.0); // 12..17 valid words, as in QaTa notes
+    }
+    let mask = Tensor::from_vec(mv, &[b, l], dev)?;
+    let tw = softmax::softmax(&rand_tensor(&[b, l], 13, dev)?)?;
+    let vw = softmax::softmax(&rand_tensor(&[b, n], 14, dev)?)?;
+    let g = rand_tensor(&[b, b], 15, dev)?;
+    let flops = 2.0 * (b * b * l * n * d) as f64;
+    let bytes = 4.0 * (b * (l + n) * d) as f64;
+    let shape = format!("B{b} L{l} N{n} D{d}");
+    let inputs = std::rc::Rc::new((t, im, mask, tw, vw, g));
+    let spec = Some(format!("ccl {b} {l} {n} {d}"));
+    let x = inputs.clone();
+    v.push(Case {
+        op: "ccl",
+        shape: shape.clone(),
+        flops,
+        bytes,
+        peer: spec.clone(),
+        validate: None,
+        run: Box::new(move || Ok(ccl::ccl_similarity(&x.0, &x.1, &x.2, &x.3, &x.4)?.logits)),
+    });
+    let x = inputs.clone();
+    v.push(Case {
+        op: "ccl_composed",
+        shape: shape.clone(),
+        flops,
+        bytes,
+        peer: spec,
+        validate: None,
+        run: Box::new(move || Ok(ccl::composed::forward(&x.0, &x.1, &x.2, &x.3, &x.4)?.logits)),
+    });
+    let x = inputs.clone();
+    let spec_fb = Some(format!("ccl_fb {b} {l} {n} {d}"));
+    v.push(Case {
+        op: "ccl_fwd_bwd",
+        shape: shape.clone(),
+        flops,
+        bytes: 2.0 * bytes,
+        peer: spec_fb.clone(),
+        validate: None,
+        run: Box::new(move || {
+            let f = ccl::ccl_similarity(&x.0, &x.1, &x.2, &x.3, &x.4)?;
+            Ok(ccl::ccl_similarity_backward(&f, &x.2, &x.3, &x.4, &x.5, &x.5)?.dv)
+        }),
+    });
+    let x = inputs;
+    v.push(Case {
+        op: "ccl_composed_fwd_bwd",
+        shape,
+        flops: 3.0 * flops,
+        bytes: 2.0 * bytes,
+        peer: spec_fb,
+        validate: None,
+        run: Box::new(move || {
+            let f = ccl::composed::forward(&x.0, &x.1, &x.2, &x.3, &x.4)?;
+            Ok(ccl::composed::backward(&f, &x.2, &x.3, &x.4, &x.5, &x.5)?.1)
+        }),
+    });
+
+    Ok(())
+}
+
+/// Dice + BCE, metrics and MSE on 32 masks of 224², next to a plain copy of the same bytes.
+fn seg_cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
+    let (mb, hw) = if small { (2, 28) } else { (32, 224) };
+    let px = mb * hw * hw;
+    let z = rand_tensor(&[mb, hw * hw], 16, dev)?;
+    let tgt = unary_step(&rand_tensor(&[mb, hw * hw], 17, dev)?)?;
+    let seg = std::rc::Rc::new((z, tgt));
+    let x = seg.clone();
+    v.push(Case {
+        op: "copy",
+        shape: format!("{mb}x{hw}x{hw} f32 (scale by 1)"),
+        flops: 0.0,
+        bytes: 8.0 * px as f64,
+        peer: None,
+        validate: None,
+        run: Box::new(move || elementwise::scale(&x.0, 1.0)),
+    });
+    let x = seg.clone();
+    v.push(Case {
+        op: "dice_bce",
+        shape: format!("{mb}x{hw}x{hw}"),
+        flops: 0.0,
+        bytes: 8.0 * px as f64,
+        peer: Some(format!("dice_bce {mb} {hw}")),
+        validate: None,
+        run: Box::new(move || Ok(loss::dice_bce(&x.0, &x.1)?.loss)),
+    });
+    let x = seg.clone();
+    v.push(Case {
+        op: "dice_bce_bwd",
+        shape: format!("{mb}x{hw}x{hw}"),
+        flops: 0.0,
+        bytes: 12.0 * px as f64,
+        peer: None,
+        validate: None,
+        run: Box::new(move || {
+            let f = loss::dice_bce(&x.0, &x.1)?;
+            loss::dice_bce_backward(&x.0, &x.1, &f, 1.0)
+        }),
+    });
+    let x = seg.clone();
+    v.push(Case {
+        op: "metrics",
+        shape: format!("{mb}x{hw}x{hw}"),
+        flops: 0.0,
+        bytes: 8.0 * px as f64,
+        peer: None,
+        validate: None,
+        run: Box::new(move || Ok(loss::metrics(&x.0, &x.1)?.mean)),
+    });
+    let x = seg;
+    v.push(Case {
+        op: "mse",
+        shape: format!("{mb}x{hw}x{hw}"),
+        flops: 0.0,
+        bytes: 8.0 * px as f64,
+        peer: Some(format!("mse {mb} {hw}")),
+        validate: None,
+        run: Box::new(move || loss::mse(&x.0, &x.1)),
+    });
+    Ok(())
+}
+
+/// 1 where x > 0, else 0 (a synthetic mask).
+fn unary_step(x: &Tensor) -> Result<Tensor> {
+    let host: Vec<f32> = x.to_vec()?.iter().map(|&v| if v > 0.0 { 1.0 } else { 0.0 }).collect();
+    Tensor::from_vec(host, x.shape(), x.device())
 }
 
 /// Compares 64 sampled elements of an s x s x s product with f64 dot products.
@@ -306,10 +485,10 @@ pub struct BenchOpts<'a> {
 }
 
 pub fn run(dev: &Device, opts: &BenchOpts) -> Result<Vec<Measurement>> {
-    let all = cases(dev)?;
+    let all = cases(dev, opts.filter)?;
     let chosen: Vec<&Case> = all.iter().filter(|c| opts.filter.is_none_or(|f| c.op == f)).collect();
     if chosen.is_empty() {
-        let names: Vec<&str> = all.iter().map(|c| c.op).collect();
+        let names: Vec<&str> = GROUPS.iter().flat_map(|(ops, _)| ops.iter().copied()).collect();
         return Err(Error::Other(format!(
             "no benchmark named {:?}; known: {}",
             opts.filter.unwrap_or(""),
@@ -348,7 +527,7 @@ pub fn format_table(dev: &Device, ms: &[Measurement]) -> String {
     let _ = writeln!(s, "device: {}", dev.describe());
     let _ = writeln!(
         s,
-        "{:<12} {:<34} {:>12} {:>10} {:>9} {:>12} {:>8}",
+        "{:<20} {:<34} {:>12} {:>10} {:>9} {:>12} {:>8}",
         "op", "shape", "median", "GFLOP/s", "GB/s", "peer median", "ratio"
     );
     for m in ms {
@@ -358,7 +537,7 @@ pub fn format_table(dev: &Device, ms: &[Measurement]) -> String {
         };
         let _ = writeln!(
             s,
-            "{:<12} {:<34} {:>9.3} ms {:>10.1} {:>9.1} {:>12} {:>8}",
+            "{:<20} {:<34} {:>9.3} ms {:>10.1} {:>9.1} {:>12} {:>8}",
             m.op,
             m.shape,
             m.median_s * 1e3,

@@ -23,7 +23,8 @@ enum Cmd {
     Bench {
         #[arg(long, value_enum, default_value = "auto")]
         device: DeviceChoice,
-        /// Only this benchmark group (gemm, gemm_tc, softmax, softmax_bwd, relu, relu_bwd, add_bcast, sum, sum_bwd, max, transpose, permute)
+        /// Only this benchmark group (gemm, gemm_tc, softmax, softmax_bwd, relu, relu_bwd, add_bcast, sum, sum_bwd, max, transpose,
+        /// permute, ccl, ccl_composed, ccl_fwd_bwd, ccl_composed_fwd_bwd, copy, dice_bce, dice_bce_bwd, metrics, mse)
         #[arg(long)]
         op: Option<String>,
         /// A Python with torch installed: run benches/peer_torch.py in the same invocation
@@ -72,6 +73,7 @@ fn run(cli: Cli) -> reclmis::Result<()> {
 }
 
 fn main() -> ExitCode {
+    reclmis::device::tune_host_allocator();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -68,22 +68,30 @@ pub fn dice_bce(z: &[f32], g: &[f32], b: usize, p: usize) -> (Vec<f32>, [f32; 3]
     (per, [dice as f32, bce as f32, (0.5 * dice + 0.5 * bce) as f32])
 }
 
-pub fn dice_bce_backward(z: &[f32], g: &[f32], per: &[f32], b: usize, p: usize, scale: f32) -> Vec<f32> {
-    let mut dx = vec![0.0f32; z.len()];
-    let (wd, wb) = (0.5 * scale / b as f32, 0.5 * scale / (b as f32 * p as f32));
-    dx.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, out)| {
-        for (j, o) in out.iter_mut().enumerate() {
-            let i = ci * CHUNK + j;
-            let s = i / p;
-            let (x, t) = (z[i], g[i]);
+multiversion! {
+    /// dx over one chunk of one sample; `inter`, `den` = ¼Σpg and ¼(Σp² + Σg²) + ε of the sample.
+    fn dice_bce_grad_chunk(z: &[f32], g: &[f32], dx: &mut [f32], inter: f32, den: f32, wd: f32, wb: f32) {
+        for ((o, &x), &t) in dx.iter_mut().zip(z).zip(g) {
             // 1 − q as σ(−z): forming it from q would cancel to a few bits for large z
             let (q, qn) = (1.0 / (1.0 + cpu_math::exp(-x)), 1.0 / (1.0 + cpu_math::exp(x)));
-            let (inter, den) = (per[s * 4], per[s * 4 + 1] + 1e-5);
             let dq = -(0.5 * t * den - (2.0 * inter + 1e-5) * 0.5 * q) / (den * den);
             let dpos = if neg_log_sigmoid(x) < 100.0 { -qn } else { 0.0 };
             let dneg = if neg_log_sigmoid(-x) < 100.0 { q } else { 0.0 };
             *o = wd * dq * q * qn + wb * (t * dpos + (1.0 - t) * dneg);
         }
+    }
+}
+
+pub fn dice_bce_backward(z: &[f32], g: &[f32], per: &[f32], b: usize, p: usize, scale: f32) -> Vec<f32> {
+    let mut dx = vec![0.0f32; z.len()];
+    let (wd, wb) = (0.5 * scale / b as f32, 0.5 * scale / (b as f32 * p as f32));
+    dx.par_chunks_mut(p).enumerate().for_each(|(s, ds)| {
+        let (inter, den) = (per[s * 4], per[s * 4 + 1] + 1e-5);
+        let (zs, gs) = (&z[s * p..(s + 1) * p], &g[s * p..(s + 1) * p]);
+        ds.par_chunks_mut(CHUNK)
+            .zip(zs.par_chunks(CHUNK))
+            .zip(gs.par_chunks(CHUNK))
+            .for_each(|((o, zc), gc)| dice_bce_grad_chunk(zc, gc, o, inter, den, wd, wb));
     });
     dx
 }
