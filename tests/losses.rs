@@ -105,6 +105,19 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// MSE's analytic gradient (what `check_mse` compares the devices with) against finite
+    /// differences.
+    #[test]
+    fn mse_grad_matches_finite_differences(n in 1usize..50, seed in any::<u64>()) {
+        let (x, y) = (f64s(&values(n, seed, false)), f64s(&values(n, seed ^ 5, false)));
+        let grad: Vec<f64> = x.iter().zip(&y).map(|(a, b)| 2.0 * (a - b) / n as f64).collect();
+        assert_none("fd", fd_mismatch(|x| vec![reference::mse(x, &y)], &x, &[1.0], &grad, 1e-6))?;
+    }
+}
+
 /// Where the logits saturate, the official BCE of probabilities reads log(0) and clamps it to
 /// −100; from logits we keep the true value up to the same clamp.
 #[test]

@@ -171,3 +171,21 @@ pub fn info_nce(logits: &[f64], b: usize, scale: f64) -> (f64, f64, f64) {
     let c = ce(&|i, j| logits[j * b + i]);
     ((r + c) / 2.0, r, c)
 }
+
+/// The official CCL loss in f64: tw = softmax(W_woi), vw = softmax(W_poi) (row-wise), the
+/// similarity, then InfoNCE with s = exp(logit_scale).
+#[allow(clippy::too_many_arguments)]
+pub fn ccl_loss(t: &[f64], v: &[f64], mask: &[f64], w_woi: &[f64], w_poi: &[f64], s: &Sizes, logit_scale: f64) -> f64 {
+    let softmax_rows = |x: &[f64], k: usize| -> Vec<f64> {
+        x.chunks(k)
+            .flat_map(|r| {
+                let m = r.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = r.iter().map(|v| (v - m).exp()).sum();
+                r.iter().map(move |v| (v - m).exp() / z)
+            })
+            .collect()
+    };
+    let (tw, vw) = (softmax_rows(w_woi, s.l), softmax_rows(w_poi, s.n));
+    let (_, _, logits, _, _) = ccl(t, v, mask, &tw, &vw, s);
+    info_nce(&logits, s.b, logit_scale.exp()).0
+}
