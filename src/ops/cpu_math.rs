@@ -13,7 +13,8 @@ const ROUND: f32 = 12_582_912.0;
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     let xc = x.clamp(-87.33, 88.72);
-    let n = (xc * LOG2E + ROUND) - ROUND;
+    let t = xc * LOG2E + ROUND;
+    let n = t - ROUND;
     let r = (xc - n * LN2_HI) - n * LN2_LO;
     // Minimax polynomial for e^r on [-ln2/2, ln2/2] (Cephes expf coefficients).
     let p = 1.987_569_1e-4_f32;
@@ -23,8 +24,13 @@ pub fn exp(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
-    // 2^n through the exponent bits; n is in [-126, 128] after the clamp.
-    let scale = f32::from_bits((((n as i32) + 127).clamp(0, 255) as u32) << 23);
+    // 2^n from the bits: t's mantissa holds n exactly (its ulp is 1), so no float-to-int
+    // conversion (which LLVM does not vectorise with Rust's saturating `as`). n is in [-126, 128]
+    // after the clamp; 2^128 is not an f32, so n = 128 is done as 2 · 2^127.
+    let i = t.to_bits() as i32 - ROUND.to_bits() as i32;
+    let top = i == 128;
+    let scale = f32::from_bits(((if top { 127 } else { i }) + 127) as u32 * (1 << 23));
+    let e = if top { e * 2.0 } else { e };
     let y = e * scale;
     if x > 88.72 {
         f32::INFINITY
@@ -105,6 +111,11 @@ mod tests {
             x += 0.0137;
         }
         assert!(worst <= 2.0, "worst error {worst} ulp");
+        for x in [88.0f32, 88.5, 88.7] {
+            // n = 128 takes the 2 · 2^127 path
+            let (got, want) = (super::exp(x) as f64, (x as f64).exp());
+            assert!((got - want).abs() <= 2.0 * want * f32::EPSILON as f64, "exp({x}) = {got}, want {want}");
+        }
         assert_eq!(super::exp(100.0), f32::INFINITY);
         assert_eq!(super::exp(-100.0), 0.0);
         assert!(super::exp(f32::NAN).is_nan());

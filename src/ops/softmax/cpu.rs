@@ -6,6 +6,8 @@ use crate::ops::cpu_math::{self, multiversion};
 use rayon::prelude::*;
 
 const LANES: usize = 16;
+/// Elements per rayon task.
+const TASK: usize = 1 << 14;
 
 /// Row max, ignoring NaN: a NaN then reaches the sum through exp(NaN - m) and poisons the whole
 /// row, as it must, without a separate check.
@@ -19,8 +21,8 @@ fn row_max(x: &[f32]) -> f32 {
             m[l] = if c[l] > m[l] { c[l] } else { m[l] };
         }
     }
-    let mm = m.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    tail.iter().copied().fold(mm, f32::max)
+    let mm = m.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    tail.iter().fold(mm, |a, &b| if b > a { b } else { a })
 }
 
 /// Writes exp(x - m) into y and returns the sum.
@@ -65,7 +67,13 @@ pub fn forward(x: &[f32], cols: usize, log: bool) -> Vec<f32> {
     if cols == 0 {
         return y;
     }
-    y.par_chunks_mut(cols).zip(x.par_chunks(cols)).for_each(|(yr, xr)| forward_row(xr, yr, log));
+    // Several rows per task: attention rows are short (18 to 196 floats) and there are many.
+    let rows = (TASK / cols).max(1);
+    y.par_chunks_mut(cols * rows).zip(x.par_chunks(cols * rows)).for_each(|(yt, xt)| {
+        for (yr, xr) in yt.chunks_mut(cols).zip(xt.chunks(cols)) {
+            forward_row(xr, yr, log)
+        }
+    });
     y
 }
 
@@ -103,8 +111,12 @@ pub fn backward(y: &[f32], dy: &[f32], cols: usize, log: bool) -> Vec<f32> {
     if cols == 0 {
         return dx;
     }
-    dx.par_chunks_mut(cols)
-        .enumerate()
-        .for_each(|(r, dr)| backward_row(&y[r * cols..(r + 1) * cols], &dy[r * cols..(r + 1) * cols], dr, log));
+    let rows = (TASK / cols).max(1);
+    dx.par_chunks_mut(cols * rows).enumerate().for_each(|(task, dt)| {
+        for (k, dr) in dt.chunks_mut(cols).enumerate() {
+            let r = task * rows + k;
+            backward_row(&y[r * cols..(r + 1) * cols], &dy[r * cols..(r + 1) * cols], dr, log)
+        }
+    });
     dx
 }

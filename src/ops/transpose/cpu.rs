@@ -5,6 +5,8 @@ use crate::ops::contiguous_strides;
 use rayon::prelude::*;
 
 const TILE: usize = 32;
+/// Elements per rayon task of the general permutation.
+const TASK: usize = 1 << 14;
 
 /// `shape`, `perm` as returned by `simplify` (merged, at least 2 dims).
 pub fn permute(x: &[f32], shape: &[usize], perm: &[usize]) -> Vec<f32> {
@@ -32,15 +34,23 @@ pub fn permute(x: &[f32], shape: &[usize], perm: &[usize]) -> Vec<f32> {
     let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
     let in_strides: Vec<usize> = perm.iter().map(|&p| st[p]).collect();
     let inner = out_shape[r - 1];
-    y.par_chunks_mut(inner).enumerate().for_each(|(row, yr)| {
-        let (mut src, mut rem) = (0, row);
-        for d in (0..r - 1).rev() {
-            src += (rem % out_shape[d]) * in_strides[d];
-            rem /= out_shape[d];
-        }
-        let s = in_strides[r - 1];
-        for (j, o) in yr.iter_mut().enumerate() {
-            *o = x[src + j * s];
+    let s = in_strides[r - 1];
+    // Several rows per task: rows can be short (a head of 64 floats) and there are many.
+    let rows_per_task = (TASK / inner).max(1);
+    y.par_chunks_mut(inner * rows_per_task).enumerate().for_each(|(task, yt)| {
+        for (k, yr) in yt.chunks_mut(inner).enumerate() {
+            let (mut src, mut rem) = (0, task * rows_per_task + k);
+            for d in (0..r - 1).rev() {
+                src += (rem % out_shape[d]) * in_strides[d];
+                rem /= out_shape[d];
+            }
+            if s == 1 {
+                yr.copy_from_slice(&x[src..src + inner]);
+            } else {
+                for (j, o) in yr.iter_mut().enumerate() {
+                    *o = x[src + j * s];
+                }
+            }
         }
     });
     y
