@@ -3,7 +3,8 @@
 usage: python peer_torch.py --device cpu|cuda --reps N SPEC...
 SPEC is one of: "mm M N K", "softmax R C", "relu B C H W", "add_bcast B C H W", "sum1 B C H W",
 "transpose B R C", "permute0213 B T H D",
-"ccl B L N D", "ccl_fb B L N D", "dice_bce B HW", "mse B HW". Prints "SPEC<TAB>median seconds" per spec. cpu: 2 threads (the machine's cores),
+"ccl B L N D", "ccl_fb B L N D", "dice_bce B HW", "mse B HW", "maxpool B C HW",
+"upsample B C HW". Prints "SPEC<TAB>median seconds" per spec. cpu: 2 threads (the machine's cores),
 f32, TF32 off on cuda so that "gemm" compares like with like (gemm_tc is the TF32 figure).
 A peer, not a dependency: needs torch in a virtual environment outside the repository.
 """
@@ -78,6 +79,14 @@ def build(spec, dev):
         b, hw = d
         x, y = r(b, hw * hw), r(b, hw * hw)
         return lambda: torch.nn.functional.mse_loss(x, y)
+    if kind == "maxpool":
+        b, c, hw = d
+        x = r(b, c, hw, hw)
+        return lambda: torch.nn.functional.max_pool2d(x, 2)
+    if kind == "upsample":
+        b, c, hw = d
+        x = r(b, c, hw, hw)
+        return lambda: torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")
     if kind == "transpose":
         x = r(*d)
         return lambda: x.transpose(1, 2).contiguous()

@@ -12,7 +12,7 @@ use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::ops::elementwise::{self, UnaryOp};
 use crate::ops::gemm::{self, GemmAlgo, GemmOpts};
-use crate::ops::{ccl, loss, reduce, softmax, transpose};
+use crate::ops::{ccl, loss, pool, reduce, softmax, transpose};
 use crate::tensor::Tensor;
 use std::time::Instant;
 
@@ -60,13 +60,14 @@ fn rand_tensor(shape: &[usize], seed: u64, dev: &Device) -> Result<Tensor> {
 type Group = fn(&Device, bool, &mut Vec<Case>) -> Result<()>;
 
 /// Every benchmark group with the case names it defines.
-const GROUPS: [(&[&str], Group); 6] = [
+const GROUPS: [(&[&str], Group); 7] = [
     (&["gemm", "gemm_tc"], gemm_cases),
     (&["softmax", "softmax_bwd"], softmax_cases),
     (&["relu", "relu_bwd", "add_bcast", "sum", "max", "sum_bwd"], activation_cases),
     (&["transpose", "permute"], layout_cases),
     (&["ccl", "ccl_composed", "ccl_fwd_bwd", "ccl_composed_fwd_bwd"], ccl_cases),
     (&["copy", "dice_bce", "dice_bce_bwd", "metrics", "mse"], seg_cases),
+    (&["max_pool2", "max_pool2_bwd", "upsample2", "upsample2_bwd"], pool_cases),
 ];
 
 /// The cases for a device, only the groups `filter` names (so that a run allocates only what it
@@ -375,6 +376,55 @@ fn seg_cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
         peer: Some(format!("mse {mb} {hw}")),
         validate: None,
         run: Box::new(move || loss::mse(&x.0, &x.1)),
+    });
+    Ok(())
+}
+
+/// The U-Net's first pooling (8×64×224² -> 112²) and last upsampling (112² -> 224²).
+fn pool_cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
+    let (b, c, hw) = if small { (2, 4, 28) } else { (8, 64, 224) };
+    let big = rand_tensor(&[b, c, hw, hw], 18, dev)?;
+    let (pooled, idx) = pool::max_pool2(&big)?;
+    let n = (b * c * hw * hw) as f64;
+    let shape = format!("{b}x{c}x{hw}x{hw} <-> {}x{}", hw / 2, hw / 2);
+    let x = big.clone();
+    v.push(Case {
+        op: "max_pool2",
+        shape: shape.clone(),
+        flops: 0.75 * n,
+        bytes: 4.0 * n * 1.5,
+        peer: Some(format!("maxpool {b} {c} {hw}")),
+        validate: None,
+        run: Box::new(move || Ok(pool::max_pool2(&x)?.0)),
+    });
+    let (g, i, full) = (pooled.clone(), idx, big.shape().to_vec());
+    v.push(Case {
+        op: "max_pool2_bwd",
+        shape: shape.clone(),
+        flops: 0.0,
+        bytes: 4.0 * n * 1.5,
+        peer: None,
+        validate: None,
+        run: Box::new(move || pool::max_pool2_backward(&g, &i, &full)),
+    });
+    let x = pooled;
+    v.push(Case {
+        op: "upsample2",
+        shape: shape.clone(),
+        flops: 0.0,
+        bytes: 4.0 * n * 1.25,
+        peer: Some(format!("upsample {b} {c} {}", hw / 2)),
+        validate: None,
+        run: Box::new(move || pool::upsample2(&x)),
+    });
+    v.push(Case {
+        op: "upsample2_bwd",
+        shape,
+        flops: 0.75 * n,
+        bytes: 4.0 * n * 1.25,
+        peer: None,
+        validate: None,
+        run: Box::new(move || pool::upsample2_backward(&big)),
     });
     Ok(())
 }

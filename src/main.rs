@@ -24,7 +24,8 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "auto")]
         device: DeviceChoice,
         /// Only this benchmark group (gemm, gemm_tc, softmax, softmax_bwd, relu, relu_bwd, add_bcast, sum, sum_bwd, max, transpose,
-        /// permute, ccl, ccl_composed, ccl_fwd_bwd, ccl_composed_fwd_bwd, copy, dice_bce, dice_bce_bwd, metrics, mse)
+        /// permute, ccl, ccl_composed, ccl_fwd_bwd, ccl_composed_fwd_bwd, copy, dice_bce, dice_bce_bwd, metrics, mse,
+        /// max_pool2, max_pool2_bwd, upsample2, upsample2_bwd)
         #[arg(long)]
         op: Option<String>,
         /// A Python with torch installed: run benches/peer_torch.py in the same invocation

@@ -7,6 +7,7 @@ pub(crate) mod cpu_math;
 pub mod elementwise;
 pub mod gemm;
 pub mod loss;
+pub mod pool;
 pub mod reduce;
 pub mod softmax;
 pub mod transpose;

@@ -1,0 +1,98 @@
+// pool.cu: the U-Net's 2×2 max-pool (stride 2) and nearest ×2 upsampling, forward and backward
+// (f32, NCHW).
+//
+// The pooling windows do not overlap, so both backward passes are gathers over the input: each
+// input element reads the one output it fed (no atomics, deterministic).
+#include "common.cuh"
+
+// x: [planes, h, w]; y, idx: [planes, h/2, w/2] (floor, as PyTorch's MaxPool2d(2)).
+// idx = position of the max inside its window, (dy·2 + dx); NaN wins, ties go to the first in
+// row-major order (PyTorch's rule).
+struct Pool2Params {
+    const float* x;
+    float* y;
+    int32_t* idx;
+    uint64_t planes;
+    uint32_t h;
+    uint32_t w;
+};
+RECLMIS_PARAMS_SIZE(Pool2Params, 40);
+
+extern "C" __global__ void maxpool2_fwd_f32(Pool2Params p) {
+    const uint32_t oh = p.h / 2, ow = p.w / 2;
+    const uint64_t n = p.planes * oh * ow;
+    const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
+    for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const uint64_t plane = i / ((uint64_t)oh * ow);
+        const uint32_t r = (uint32_t)(i / ow % oh), c = (uint32_t)(i % ow);
+        const float* x = p.x + plane * p.h * p.w + (uint64_t)(2 * r) * p.w + 2 * c;
+        float best = x[0];
+        int32_t bi = 0;
+        const float v[3] = {x[1], x[p.w], x[p.w + 1]};
+        for (int k = 1; k < 4; ++k)
+            if (max_better(v[k - 1], k, best, bi)) best = v[k - 1], bi = k;
+        p.y[i] = best;
+        p.idx[i] = bi;
+    }
+}
+
+// dy, idx: [planes, h/2, w/2]; dx: [planes, h, w] (rows / columns past the last window get 0)
+struct Pool2BwdParams {
+    const float* dy;
+    const int32_t* idx;
+    float* dx;
+    uint64_t planes;
+    uint32_t h;
+    uint32_t w;
+};
+RECLMIS_PARAMS_SIZE(Pool2BwdParams, 40);
+
+extern "C" __global__ void maxpool2_bwd_f32(Pool2BwdParams p) {
+    const uint32_t oh = p.h / 2, ow = p.w / 2;
+    const uint64_t n = p.planes * p.h * p.w;
+    const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
+    for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const uint64_t plane = i / ((uint64_t)p.h * p.w);
+        const uint32_t r = (uint32_t)(i / p.w % p.h), c = (uint32_t)(i % p.w);
+        float g = 0.f;
+        if (r / 2 < oh && c / 2 < ow) {
+            const uint64_t o = plane * oh * ow + (uint64_t)(r / 2) * ow + c / 2;
+            if (p.idx[o] == (int32_t)((r % 2) * 2 + c % 2)) g = p.dy[o];
+        }
+        p.dx[i] = g;
+    }
+}
+
+// x: [planes, h, w] -> y: [planes, 2h, 2w], y[2r + a][2c + b] = x[r][c]
+struct Up2Params {
+    const float* x;
+    float* y;
+    uint64_t planes;
+    uint32_t h;
+    uint32_t w;
+};
+RECLMIS_PARAMS_SIZE(Up2Params, 32);
+
+extern "C" __global__ void upsample2_fwd_f32(Up2Params p) {
+    const uint32_t oh = 2 * p.h, ow = 2 * p.w;
+    const uint64_t n = p.planes * oh * ow;
+    const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
+    for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const uint64_t plane = i / ((uint64_t)oh * ow);
+        const uint32_t r = (uint32_t)(i / ow % oh), c = (uint32_t)(i % ow);
+        p.y[i] = p.x[plane * p.h * p.w + (uint64_t)(r / 2) * p.w + c / 2];
+    }
+}
+
+// dy: [planes, 2h, 2w] -> dx: [planes, h, w], the sum of the four copies' gradients
+extern "C" __global__ void upsample2_bwd_f32(Up2Params p) {
+    const uint64_t n = p.planes * p.h * p.w;
+    const uint32_t ow = 2 * p.w;
+    const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
+    for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const uint64_t plane = i / ((uint64_t)p.h * p.w);
+        const uint32_t r = (uint32_t)(i / p.w % p.h), c = (uint32_t)(i % p.w);
+        const float* g = p.x + plane * 4 * p.h * p.w + (uint64_t)(2 * r) * ow + 2 * c;
+        p.y[i] = (g[0] + g[1]) + (g[ow] + g[ow + 1]);
+    }
+}

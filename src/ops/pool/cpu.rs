@@ -1,0 +1,104 @@
+//! cpu pooling and upsampling: rayon over planes, row pairs inside.
+
+use rayon::prelude::*;
+
+use crate::ops::cpu_math::multiversion;
+
+/// The window rule of kernels/pool.cu: NaN wins, ties to the first in row-major order. Written
+/// with non-short-circuit operators so that it compiles to vector selects.
+#[inline(always)]
+fn better(v: f32, best: f32) -> bool {
+    (v.is_nan() & !best.is_nan()) | (v > best)
+}
+
+multiversion! {
+    /// One output row from the two input rows of its windows (straight-line selects, vectorised).
+    fn pool_row(r0: &[f32], r1: &[f32], y: &mut [f32], idx: &mut [i32]) {
+        for (c, (o, i)) in y.iter_mut().zip(idx.iter_mut()).enumerate() {
+            let (a, b, e, f) = (r0[2 * c], r0[2 * c + 1], r1[2 * c], r1[2 * c + 1]);
+            let (mut best, mut bi) = (a, 0i32);
+            let t = better(b, best);
+            best = if t { b } else { best };
+            bi = if t { 1 } else { bi };
+            let t = better(e, best);
+            best = if t { e } else { best };
+            bi = if t { 2 } else { bi };
+            let t = better(f, best);
+            best = if t { f } else { best };
+            bi = if t { 3 } else { bi };
+            *o = best;
+            *i = bi;
+        }
+    }
+}
+
+pub fn max_pool2(x: &[f32], planes: usize, h: usize, w: usize) -> (Vec<f32>, Vec<i32>) {
+    let (oh, ow) = (h / 2, w / 2);
+    let mut y = vec![0.0f32; planes * oh * ow];
+    let mut idx = vec![0i32; planes * oh * ow];
+    if y.is_empty() {
+        return (y, idx);
+    }
+    y.par_chunks_mut(oh * ow).zip(idx.par_chunks_mut(oh * ow)).enumerate().for_each(|(pl, (yp, ip))| {
+        let xp = &x[pl * h * w..(pl + 1) * h * w];
+        for r in 0..oh {
+            let (r0, r1) = (&xp[2 * r * w..2 * r * w + w], &xp[(2 * r + 1) * w..(2 * r + 1) * w + w]);
+            pool_row(r0, r1, &mut yp[r * ow..(r + 1) * ow], &mut ip[r * ow..(r + 1) * ow]);
+        }
+    });
+    (y, idx)
+}
+
+pub fn max_pool2_backward(dy: &[f32], idx: &[i32], planes: usize, h: usize, w: usize) -> Vec<f32> {
+    let (oh, ow) = (h / 2, w / 2);
+    let mut dx = vec![0.0f32; planes * h * w];
+    if dx.is_empty() {
+        return dx;
+    }
+    dx.par_chunks_mut(h * w).enumerate().for_each(|(pl, dp)| {
+        for r in 0..oh {
+            for c in 0..ow {
+                let o = pl * oh * ow + r * ow + c;
+                let k = idx[o] as usize;
+                dp[(2 * r + k / 2) * w + 2 * c + k % 2] = dy[o];
+            }
+        }
+    });
+    dx
+}
+
+pub fn upsample2(x: &[f32], planes: usize, h: usize, w: usize) -> Vec<f32> {
+    let mut y = vec![0.0f32; planes * 4 * h * w];
+    if y.is_empty() {
+        return y;
+    }
+    y.par_chunks_mut(4 * h * w).enumerate().for_each(|(pl, yp)| {
+        let xp = &x[pl * h * w..(pl + 1) * h * w];
+        for (r, pair) in yp.chunks_mut(4 * w).enumerate() {
+            let (top, bottom) = pair.split_at_mut(2 * w);
+            for (c, &v) in xp[r * w..(r + 1) * w].iter().enumerate() {
+                top[2 * c] = v;
+                top[2 * c + 1] = v;
+            }
+            bottom.copy_from_slice(top);
+        }
+    });
+    y
+}
+
+pub fn upsample2_backward(dy: &[f32], planes: usize, h: usize, w: usize) -> Vec<f32> {
+    let mut dx = vec![0.0f32; planes * h * w];
+    if dx.is_empty() {
+        return dx;
+    }
+    dx.par_chunks_mut(h * w).enumerate().for_each(|(pl, dp)| {
+        let gp = &dy[pl * 4 * h * w..(pl + 1) * 4 * h * w];
+        for r in 0..h {
+            let (g0, g1) = (&gp[2 * r * 2 * w..(2 * r + 1) * 2 * w], &gp[(2 * r + 1) * 2 * w..(2 * r + 2) * 2 * w]);
+            for c in 0..w {
+                dp[r * w + c] = (g0[2 * c] + g0[2 * c + 1]) + (g1[2 * c] + g1[2 * c + 1]);
+            }
+        }
+    });
+    dx
+}

@@ -1,0 +1,166 @@
+//! 2×2 max-pool (stride 2) and nearest ×2 upsampling over the last two dims of NCHW tensors,
+//! forward and backward (the U-Net's down and up steps).
+//!
+//! Max-pool output sizes are floor(H/2) × floor(W/2), as PyTorch's MaxPool2d(2); a trailing odd
+//! row or column is ignored and gets zero gradient. Inputs smaller than 2×2 are an error (PyTorch
+//! refuses them too). Within a window NaN wins and ties go to the first element in row-major
+//! order; the backward sends each output's gradient to that element.
+
+pub mod cpu;
+pub mod reference;
+
+use crate::device::{Device, LaunchCfg};
+use crate::error::{Error, Result};
+use crate::kernels::Kernel;
+use crate::ops::check_u32;
+use crate::tensor::{DType, Tensor};
+
+crate::kernel_params! {
+    struct Pool2Params [40] {
+        x: u64,
+        y: u64,
+        idx: u64,
+        planes: u64,
+        h: u32,
+        w: u32,
+    }
+}
+
+crate::kernel_params! {
+    struct Pool2BwdParams [40] {
+        dy: u64,
+        idx: u64,
+        dx: u64,
+        planes: u64,
+        h: u32,
+        w: u32,
+    }
+}
+
+crate::kernel_params! {
+    struct Up2Params [32] {
+        x: u64,
+        y: u64,
+        planes: u64,
+        h: u32,
+        w: u32,
+    }
+}
+
+/// (planes, h, w) of a [..., H, W] tensor.
+fn planes(op: &'static str, x: &Tensor) -> Result<(usize, usize, usize)> {
+    x.expect_dtype(op, DType::F32)?;
+    if x.rank() < 2 {
+        return Err(Error::shape(op, format!("{:?} has no H, W dims", x.shape())));
+    }
+    let r = x.rank();
+    let (h, w) = (x.shape()[r - 2], x.shape()[r - 1]);
+    Ok((x.numel() / (h * w).max(1), h, w))
+}
+
+fn with_hw(shape: &[usize], h: usize, w: usize) -> Vec<usize> {
+    let mut s = shape.to_vec();
+    let r = s.len();
+    s[r - 2] = h;
+    s[r - 1] = w;
+    s
+}
+
+/// (y, argmax within each window as dy·2 + dx, i32).
+pub fn max_pool2(x: &Tensor) -> Result<(Tensor, Tensor)> {
+    let op = "max_pool2";
+    let (np, h, w) = planes(op, x)?;
+    if h < 2 || w < 2 {
+        return Err(Error::shape(op, format!("input {:?} is smaller than one 2x2 window", x.shape())));
+    }
+    let out = with_hw(x.shape(), h / 2, w / 2);
+    let dev = x.device();
+    if let Device::Cpu = dev {
+        let (y, idx) = cpu::max_pool2(x.cpu_f32(op)?, np, h, w);
+        return Ok((Tensor::from_vec(y, &out, dev)?, Tensor::from_vec_i32(idx, &out, dev)?));
+    }
+    let y = Tensor::empty(&out, DType::F32, dev)?;
+    let idx = Tensor::empty(&out, DType::I32, dev)?;
+    let p = Pool2Params {
+        x: x.dev_ptr(),
+        y: y.dev_ptr(),
+        idx: idx.dev_ptr(),
+        planes: np as u64,
+        h: check_u32(op, h)?,
+        w: check_u32(op, w)?,
+    };
+    if y.numel() > 0 {
+        dev.launch(Kernel::maxpool2_fwd_f32, LaunchCfg::elementwise(y.numel()), &p)?;
+    }
+    Ok((y, idx))
+}
+
+/// dx of the input's shape `in_shape` from dy and the forward's argmax.
+pub fn max_pool2_backward(dy: &Tensor, idx: &Tensor, in_shape: &[usize]) -> Result<Tensor> {
+    let op = "max_pool2_backward";
+    idx.expect_dtype(op, DType::I32)?;
+    dy.same_device(op, &[idx])?;
+    let r = in_shape.len();
+    if r < 2 || dy.shape() != with_hw(in_shape, in_shape[r - 2] / 2, in_shape[r - 1] / 2) || idx.shape() != dy.shape() {
+        return Err(Error::shape(op, format!("dy {:?}, idx {:?} for input {in_shape:?}", dy.shape(), idx.shape())));
+    }
+    let (h, w) = (in_shape[r - 2], in_shape[r - 1]);
+    let np = in_shape.iter().product::<usize>() / (h * w).max(1);
+    let dev = dy.device();
+    if let Device::Cpu = dev {
+        return Tensor::from_vec(cpu::max_pool2_backward(dy.cpu_f32(op)?, idx.cpu_i32(op)?, np, h, w), in_shape, dev);
+    }
+    let dx = Tensor::empty(in_shape, DType::F32, dev)?;
+    let p = Pool2BwdParams {
+        dy: dy.dev_ptr(),
+        idx: idx.dev_ptr(),
+        dx: dx.dev_ptr(),
+        planes: np as u64,
+        h: check_u32(op, h)?,
+        w: check_u32(op, w)?,
+    };
+    if dx.numel() > 0 {
+        dev.launch(Kernel::maxpool2_bwd_f32, LaunchCfg::elementwise(dx.numel()), &p)?;
+    }
+    Ok(dx)
+}
+
+/// Nearest-neighbour ×2: [..., H, W] -> [..., 2H, 2W].
+pub fn upsample2(x: &Tensor) -> Result<Tensor> {
+    let op = "upsample2";
+    let (np, h, w) = planes(op, x)?;
+    let out = with_hw(x.shape(), 2 * h, 2 * w);
+    let dev = x.device();
+    if let Device::Cpu = dev {
+        return Tensor::from_vec(cpu::upsample2(x.cpu_f32(op)?, np, h, w), &out, dev);
+    }
+    let y = Tensor::empty(&out, DType::F32, dev)?;
+    let p = Up2Params { x: x.dev_ptr(), y: y.dev_ptr(), planes: np as u64, h: check_u32(op, h)?, w: check_u32(op, w)? };
+    if y.numel() > 0 {
+        dev.launch(Kernel::upsample2_fwd_f32, LaunchCfg::elementwise(y.numel()), &p)?;
+    }
+    Ok(y)
+}
+
+/// dx [..., H, W]: each element's gradient is the sum over its four copies in dy [..., 2H, 2W].
+pub fn upsample2_backward(dy: &Tensor) -> Result<Tensor> {
+    let op = "upsample2_backward";
+    let (np, h2, w2) = planes(op, dy)?;
+    if h2 % 2 != 0 || w2 % 2 != 0 {
+        return Err(Error::shape(op, format!("dy {:?} is not an upsampled shape (odd H or W)", dy.shape())));
+    }
+    let (h, w) = (h2 / 2, w2 / 2);
+    let out = with_hw(dy.shape(), h, w);
+    let dev = dy.device();
+    if let Device::Cpu = dev {
+        return Tensor::from_vec(cpu::upsample2_backward(dy.cpu_f32(op)?, np, h, w), &out, dev);
+    }
+    let dx = Tensor::empty(&out, DType::F32, dev)?;
+    // upsample2_bwd_f32 reads x = dy (the large map) and writes y = dx (the small one)
+    let p =
+        Up2Params { x: dy.dev_ptr(), y: dx.dev_ptr(), planes: np as u64, h: check_u32(op, h)?, w: check_u32(op, w)? };
+    if dx.numel() > 0 {
+        dev.launch(Kernel::upsample2_bwd_f32, LaunchCfg::elementwise(dx.numel()), &p)?;
+    }
+    Ok(dx)
+}

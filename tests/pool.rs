@@ -1,0 +1,92 @@
+//! 2×2 max-pool and nearest ×2 upsampling, forward and backward, on cpu, emu and cuda against the
+//! f64 references (exact: these ops only move and add values); ties, NaN, odd sizes.
+
+mod common;
+use common::*;
+use proptest::prelude::*;
+use reclmis::ops::pool::{self, reference};
+use reclmis::testing::{fd_mismatch, mismatch, EPS32};
+use reclmis::Device;
+
+fn nchw() -> impl Strategy<Value = Vec<usize>> {
+    (
+        1usize..3,
+        prop::sample::select(vec![1usize, 2, 3, 7]),
+        prop::sample::select(vec![2usize, 3, 5, 8, 17, 33]),
+        prop::sample::select(vec![2usize, 3, 4, 9, 16, 31]),
+    )
+        .prop_map(|(b, c, h, w)| vec![b, c, h, w])
+}
+
+/// `ties`: values rounded to integers so windows hold equal maxima; `nan`: a few NaNs.
+fn check_max_pool(dev: &Device, shape: Vec<usize>, seed: u64, ties: bool, nan: bool) -> Result<(), TestCaseError> {
+    let n: usize = shape.iter().product();
+    let (h, w) = (shape[2], shape[3]);
+    let planes = n / (h * w);
+    let mut x = values(n, seed, false);
+    if ties {
+        x.iter_mut().for_each(|v| *v = v.round());
+    }
+    if nan {
+        for i in (0..n).step_by(7) {
+            x[i] = f32::NAN;
+        }
+    }
+    let (y, idx) = pool::max_pool2(&tensor(&x, &shape, dev)).unwrap();
+    let (wy, widx) = reference::max_pool2(&f64s(&x), planes, h, w);
+    assert_none("values", mismatch(&y.to_vec().unwrap(), &wy, 0.0, 0.0))?;
+    prop_assert_eq!(idx.to_vec_i32().unwrap(), widx.clone());
+    let dy = values(y.numel(), seed ^ 1, false);
+    let dx = pool::max_pool2_backward(&tensor(&dy, y.shape(), dev), &idx, &shape).unwrap();
+    assert_none(
+        "backward",
+        mismatch(&dx.to_vec().unwrap(), &reference::max_pool2_backward(&f64s(&dy), &widx, planes, h, w), 0.0, 0.0),
+    )
+}
+
+per_device!(check_max_pool, (shape in nchw(), seed in any::<u64>(), ties in any::<bool>(), nan in any::<bool>()));
+
+fn check_upsample(dev: &Device, shape: Vec<usize>, seed: u64) -> Result<(), TestCaseError> {
+    let n: usize = shape.iter().product();
+    let (h, w) = (shape[2], shape[3]);
+    let planes = n / (h * w);
+    let x = values(n, seed, false);
+    let y = pool::upsample2(&tensor(&x, &shape, dev)).unwrap();
+    prop_assert_eq!(y.shape(), &[shape[0], shape[1], 2 * h, 2 * w][..]);
+    assert_none("forward", mismatch(&y.to_vec().unwrap(), &reference::upsample2(&f64s(&x), planes, h, w), 0.0, 0.0))?;
+    let dy = values(y.numel(), seed ^ 1, false);
+    let dx = pool::upsample2_backward(&tensor(&dy, y.shape(), dev)).unwrap();
+    // a sum of four values, added as (a + b) + (c + d): within 2 roundings of the exact sum
+    let want = reference::upsample2_backward(&f64s(&dy), planes, h, w);
+    assert_none("backward", mismatch(&dx.to_vec().unwrap(), &want, 4.0 * 3.0 * EPS32 * 2.0, 0.0))
+}
+
+per_device!(check_upsample, (shape in nchw(), seed in any::<u64>()));
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Both backward references against finite differences (random data: no ties in a window).
+    #[test]
+    fn reference_grads_match_finite_differences(shape in nchw(), seed in any::<u64>()) {
+        let n: usize = shape.iter().product();
+        prop_assume!(n <= 2000);
+        let (h, w) = (shape[2], shape[3]);
+        let planes = n / (h * w);
+        let x = f64s(&values(n, seed, false));
+        let (_, idx) = reference::max_pool2(&x, planes, h, w);
+        let dy = f64s(&values(planes * (h / 2) * (w / 2), seed ^ 1, false));
+        let g = reference::max_pool2_backward(&dy, &idx, planes, h, w);
+        assert_none("max_pool2", fd_mismatch(|x| reference::max_pool2(x, planes, h, w).0, &x, &dy, &g, 1e-6))?;
+        let dy = f64s(&values(4 * n, seed ^ 2, false));
+        let g = reference::upsample2_backward(&dy, planes, h, w);
+        assert_none("upsample2", fd_mismatch(|x| reference::upsample2(x, planes, h, w), &x, &dy, &g, 1e-6))?;
+    }
+}
+
+#[test]
+fn inputs_below_one_window_are_errors() {
+    let x = tensor(&[1.0; 3], &[1, 1, 1, 3], &Device::Cpu);
+    let e = pool::max_pool2(&x).unwrap_err().to_string();
+    assert!(e.contains("smaller than one 2x2 window"), "{e}");
+}
