@@ -186,7 +186,14 @@ fn build_emu(root: &Path, out: &Path, modules: &[Module]) {
     let emu_dir = root.join("src/device/emu");
     let kdir = root.join("kernels");
     let header = fs::read(emu_dir.join("emu.h")).unwrap();
-    let common = fs::read(kdir.join("common.cuh")).unwrap();
+    // Every shared header: a change to any of them recompiles every unit (they may include it).
+    let mut headers: Vec<PathBuf> = fs::read_dir(&kdir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cuh"))
+        .collect();
+    headers.sort();
+    let common: Vec<u8> = headers.iter().flat_map(|h| fs::read(h).unwrap()).collect();
     let obj_dir = out.join("emu_obj");
     fs::create_dir_all(&obj_dir).unwrap();
     const FLAGS: &str = "-std=c++20 -O2 -DRECLMIS_EMU";

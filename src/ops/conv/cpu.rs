@@ -1,0 +1,200 @@
+//! cpu convolution as implicit GEMM over bands of output rows: each task builds the im2col of a
+//! few rows (at most 256K floats, within L2) and runs one GEMM (`gemm` crate) straight into the
+//! output; the whole batch's im2col never exists. 1×1 convolutions need no im2col at all.
+
+use super::ConvShape;
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Floats of im2col per task.
+const COL_FLOATS: usize = 1 << 18;
+/// The weight gradient is summed in this many fixed parts (then in order), so the result does not
+/// depend on the thread count or the schedule.
+const WGRAD_PARTS: usize = 4;
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: tasks write disjoint regions of the buffer (see each use).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    // A method, so that closures capture the whole (Sync) wrapper, not its raw-pointer field.
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Output rows per task.
+fn band_rows(s: &ConvShape) -> usize {
+    if s.k == 1 {
+        return (COL_FLOATS / s.w.max(1)).clamp(1, s.h.max(1));
+    }
+    (COL_FLOATS / (s.ci * s.k * s.k * s.w).max(1)).clamp(1, s.h.max(1))
+}
+
+/// The im2col of rows [r0, r0 + rows) of image `xb` [Ci, H, W]: col [Ci·k², rows·W].
+fn im2col(xb: &[f32], s: &ConvShape, r0: usize, rows: usize, col: &mut [f32]) {
+    let (k, pad, w) = (s.k, s.k / 2, s.w);
+    let px = rows * w;
+    for ci in 0..s.ci {
+        let plane = &xb[ci * s.h * w..(ci + 1) * s.h * w];
+        for kh in 0..k {
+            for kw in 0..k {
+                let dst = &mut col[((ci * k + kh) * k + kw) * px..][..px];
+                for r in 0..rows {
+                    let iy = (r0 + r + kh) as isize - pad as isize;
+                    let out = &mut dst[r * w..(r + 1) * w];
+                    if iy < 0 || iy >= s.h as isize {
+                        out.fill(0.0);
+                        continue;
+                    }
+                    let src = &plane[iy as usize * w..(iy as usize + 1) * w];
+                    // out[x] = src[x + kw - pad] where in range
+                    let shift = kw as isize - pad as isize;
+                    let (lo, hi) = ((-shift).max(0) as usize, (w as isize - shift).min(w as isize).max(0) as usize);
+                    out[..lo.min(w)].fill(0.0);
+                    if hi > lo {
+                        out[lo..hi]
+                            .copy_from_slice(&src[(lo as isize + shift) as usize..(hi as isize + shift) as usize]);
+                    }
+                    out[hi.max(lo)..].fill(0.0);
+                }
+            }
+        }
+    }
+}
+
+/// y [B,Co,H,W] = conv(x [B,Ci,H,W], w [Co,Ci,k,k]) + bias.
+pub fn conv2d(x: &[f32], w: &[f32], bias: Option<&[f32]>, s: &ConvShape) -> Vec<f32> {
+    let (hw, kk) = (s.h * s.w, s.ci * s.k * s.k);
+    let mut y = vec![0.0f32; s.b * s.co * hw];
+    if y.is_empty() {
+        return y;
+    }
+    let rows = band_rows(s);
+    let bands = s.h.div_ceil(rows);
+    let yp = SendPtr(y.as_mut_ptr());
+    (0..s.b * bands).into_par_iter().for_each_init(Vec::new, |col: &mut Vec<f32>, task| {
+        let (b, band) = (task / bands, task % bands);
+        let (r0, nr) = (band * rows, rows.min(s.h - band * rows));
+        let px = nr * s.w;
+        let xb = &x[b * s.ci * hw..(b + 1) * s.ci * hw];
+        // SAFETY: this task alone writes rows [r0, r0 + nr) of every channel of image b.
+        let yb = unsafe { yp.get().add(b * s.co * hw + r0 * s.w) };
+        for co in 0..s.co {
+            let v = bias.map_or(0.0, |bv| bv[co]);
+            // SAFETY: as above; px floats of channel co's band.
+            unsafe { std::slice::from_raw_parts_mut(yb.add(co * hw), px) }.fill(v);
+        }
+        let (rhs, rhs_rs) = if s.k == 1 {
+            (xb[r0 * s.w..].as_ptr(), hw as isize)
+        } else {
+            col.resize(kk * px, 0.0);
+            im2col(xb, s, r0, nr, col);
+            (col.as_ptr(), px as isize)
+        };
+        // SAFETY: dst is co x px with row stride hw inside image b's band; lhs is co x kk
+        // row-major; rhs is kk x px with row stride rhs_rs.
+        unsafe {
+            gemm::gemm(
+                s.co,
+                px,
+                kk,
+                yb,
+                1,
+                hw as isize,
+                true,
+                w.as_ptr(),
+                1,
+                kk as isize,
+                rhs,
+                1,
+                rhs_rs,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                Parallelism::None,
+            )
+        }
+    });
+    y
+}
+
+/// w [Co,Ci,k,k] -> [Ci,Co,k,k] with both kernel axes reversed: the weights of the convolution
+/// that maps dy to dx.
+pub fn flip_weights(w: &[f32], co: usize, ci: usize, k: usize) -> Vec<f32> {
+    let k2 = k * k;
+    let mut wt = vec![0.0f32; w.len()];
+    for o in 0..co {
+        for i in 0..ci {
+            for r in 0..k2 {
+                wt[(i * co + o) * k2 + r] = w[(o * ci + i) * k2 + (k2 - 1 - r)];
+            }
+        }
+    }
+    wt
+}
+
+/// dw [Co, Ci·k²] = Σ over images and bands of dy_band [Co, px] · col_bandᵀ.
+pub fn conv2d_wgrad(x: &[f32], dy: &[f32], s: &ConvShape) -> Vec<f32> {
+    let (hw, kk) = (s.h * s.w, s.ci * s.k * s.k);
+    let rows = band_rows(s);
+    let bands = s.h.div_ceil(rows);
+    let tasks = s.b * bands;
+    let parts: Vec<Vec<f32>> = (0..WGRAD_PARTS)
+        .into_par_iter()
+        .map(|part| {
+            let mut dw = vec![0.0f32; s.co * kk];
+            let mut col = Vec::new();
+            for task in (part * tasks / WGRAD_PARTS)..((part + 1) * tasks / WGRAD_PARTS) {
+                let (b, band) = (task / bands, task % bands);
+                let (r0, nr) = (band * rows, rows.min(s.h - band * rows));
+                let px = nr * s.w;
+                let xb = &x[b * s.ci * hw..(b + 1) * s.ci * hw];
+                let (col_ptr, col_rs) = if s.k == 1 {
+                    (xb[r0 * s.w..].as_ptr(), hw as isize)
+                } else {
+                    col.resize(kk * px, 0.0);
+                    im2col(xb, s, r0, nr, &mut col);
+                    (col.as_ptr(), px as isize)
+                };
+                // SAFETY: dw is co x kk; lhs = dy band (co x px, row stride hw); rhs = colᵀ
+                // (px x kk: element (p, j) at col[j * col_rs + p]).
+                unsafe {
+                    gemm::gemm(
+                        s.co,
+                        kk,
+                        px,
+                        dw.as_mut_ptr(),
+                        1,
+                        kk as isize,
+                        true,
+                        dy[b * s.co * hw + r0 * s.w..].as_ptr(),
+                        1,
+                        hw as isize,
+                        col_ptr,
+                        col_rs,
+                        1,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    )
+                }
+            }
+            dw
+        })
+        .collect();
+    let mut dw = vec![0.0f32; s.co * kk];
+    for p in parts {
+        for (o, v) in dw.iter_mut().zip(p) {
+            *o += v;
+        }
+    }
+    dw
+}

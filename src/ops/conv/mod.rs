@@ -1,0 +1,229 @@
+//! 2-D convolution, k x k with k odd (the model uses 3 and 1), padding k/2 ("same"), stride 1,
+//! NCHW, with bias; forward and backward to the input, the weights and the bias.
+//!
+//! cuda / emu: implicit GEMMs on the shared tile core (kernels/conv.cu); `GemmAlgo::TensorCore`
+//! uses tf32 mma.sync with f32 accumulation, `Tiled` exact f32. The input gradient is the forward
+//! convolution of dy with the flipped, transposed weights; the weight gradient is split over the
+//! pixels into partial sums that are then added in a fixed order (deterministic).
+//! cpu: implicit GEMM over bands of output rows (see cpu.rs).
+
+pub mod cpu;
+pub mod reference;
+
+use crate::device::{Device, LaunchCfg};
+use crate::error::{Error, Result};
+use crate::kernels::Kernel;
+use crate::ops::check_u32;
+use crate::ops::gemm::GemmAlgo;
+use crate::ops::reduce;
+use crate::tensor::{DType, Tensor};
+
+crate::kernel_params! {
+    struct ConvParams [64] {
+        x: u64,
+        w: u64,
+        bias: u64,
+        y: u64,
+        b: u32,
+        ci: u32,
+        co: u32,
+        h: u32,
+        w_: u32,
+        k: u32,
+        splits: u32,
+        pad: u32,
+    }
+}
+
+crate::kernel_params! {
+    struct WflipParams [32] {
+        w: u64,
+        wt: u64,
+        co: u32,
+        ci: u32,
+        k: u32,
+        pad: u32,
+    }
+}
+
+/// Sizes of one convolution: x [b, ci, h, w], weights [co, ci, k, k].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvShape {
+    pub b: usize,
+    pub ci: usize,
+    pub co: usize,
+    pub h: usize,
+    pub w: usize,
+    pub k: usize,
+}
+
+impl ConvShape {
+    pub fn flops(&self) -> f64 {
+        2.0 * (self.b * self.co * self.h * self.w * self.ci * self.k * self.k) as f64
+    }
+}
+
+pub struct Conv2dGrads {
+    pub dx: Tensor,
+    pub dw: Tensor,
+    pub db: Option<Tensor>,
+}
+
+/// Checks x [B,Ci,H,W], w [Co,Ci,k,k] (k odd), bias [Co].
+pub fn shape(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<ConvShape> {
+    let op = "conv2d";
+    x.expect_dtype(op, DType::F32)?;
+    w.expect_dtype(op, DType::F32)?;
+    if x.rank() != 4 || w.rank() != 4 {
+        return Err(Error::shape(
+            op,
+            format!("input {:?} must be [B,C,H,W] and weights {:?} [Co,Ci,k,k]", x.shape(), w.shape()),
+        ));
+    }
+    let (xs, ws) = (x.shape(), w.shape());
+    if ws[1] != xs[1] || ws[2] != ws[3] || ws[2] % 2 == 0 {
+        return Err(Error::shape(
+            op,
+            format!("weights {ws:?} do not fit input {xs:?} (need [Co,{},k,k] with k odd)", xs[1]),
+        ));
+    }
+    if let Some(b) = bias {
+        b.expect_dtype(op, DType::F32)?;
+        x.same_device(op, &[b])?;
+        if b.shape() != [ws[0]] {
+            return Err(Error::shape(op, format!("bias {:?} must be [{}]", b.shape(), ws[0])));
+        }
+    }
+    x.same_device(op, &[w])?;
+    Ok(ConvShape { b: xs[0], ci: xs[1], co: ws[0], h: xs[2], w: xs[3], k: ws[2] })
+}
+
+fn launch_fwd(dev: &Device, x: u64, w: u64, bias: u64, y: u64, s: &ConvShape, algo: GemmAlgo) -> Result<()> {
+    let op = "conv2d";
+    let n = s.b * s.h * s.w;
+    let p = ConvParams {
+        x,
+        w,
+        bias,
+        y,
+        b: check_u32(op, s.b)?,
+        ci: check_u32(op, s.ci)?,
+        co: check_u32(op, s.co)?,
+        h: check_u32(op, s.h)?,
+        w_: check_u32(op, s.w)?,
+        k: check_u32(op, s.k)?,
+        splits: 1,
+        pad: 0,
+    };
+    let grid = (check_u32(op, n.div_ceil(64))?, check_u32(op, s.co.div_ceil(64))?, 1);
+    if grid.1 > 65535 {
+        return Err(Error::Unsupported { op, detail: format!("{} output channels", s.co) });
+    }
+    let (kernel, threads) = match algo {
+        GemmAlgo::TensorCore => (Kernel::conv2d_tc_fwd_f32, 128),
+        _ => (Kernel::conv2d_fwd_f32, 256),
+    };
+    dev.launch(kernel, LaunchCfg { grid, block: (threads, 1, 1), smem_bytes: 0 }, &p)
+}
+
+/// y [B,Co,H,W] = conv(x, w) + bias.
+pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, algo: GemmAlgo) -> Result<Tensor> {
+    let s = shape(x, w, bias)?;
+    let out = [s.b, s.co, s.h, s.w];
+    let dev = x.device();
+    if let Device::Cpu = dev {
+        let bv = match bias {
+            Some(b) => Some(b.cpu_f32("conv2d")?),
+            None => None,
+        };
+        return Tensor::from_vec(cpu::conv2d(x.cpu_f32("conv2d")?, w.cpu_f32("conv2d")?, bv, &s), &out, dev);
+    }
+    let y = Tensor::empty(&out, DType::F32, dev)?;
+    if y.numel() > 0 {
+        launch_fwd(dev, x.dev_ptr(), w.dev_ptr(), bias.map_or(0, |b| b.dev_ptr()), y.dev_ptr(), &s, algo)?;
+    }
+    Ok(y)
+}
+
+/// Gradients of Σ dy · conv2d(x, w, bias): dx, dw [Co,Ci,k,k] and (with a bias) db [Co].
+pub fn conv2d_backward(x: &Tensor, w: &Tensor, dy: &Tensor, with_bias: bool, algo: GemmAlgo) -> Result<Conv2dGrads> {
+    let op = "conv2d_backward";
+    let s = shape(x, w, None)?;
+    dy.same_device(op, &[x])?;
+    if dy.shape() != [s.b, s.co, s.h, s.w] {
+        return Err(Error::shape(
+            op,
+            format!("dy {:?} is not the output shape {:?}", dy.shape(), [s.b, s.co, s.h, s.w]),
+        ));
+    }
+    let dev = x.device();
+    let kk = s.ci * s.k * s.k;
+    // The input gradient: dy convolved with the flipped, transposed weights.
+    let st = ConvShape { ci: s.co, co: s.ci, ..s };
+    let (dx, dw) = if let Device::Cpu = dev {
+        let wt = cpu::flip_weights(w.cpu_f32(op)?, s.co, s.ci, s.k);
+        let dx = cpu::conv2d(dy.cpu_f32(op)?, &wt, None, &st);
+        let dw = cpu::conv2d_wgrad(x.cpu_f32(op)?, dy.cpu_f32(op)?, &s);
+        (Tensor::from_vec(dx, x.shape(), dev)?, Tensor::from_vec(dw, w.shape(), dev)?)
+    } else {
+        let wt = Tensor::empty(&[s.ci, s.co, s.k, s.k], DType::F32, dev)?;
+        let fp = WflipParams {
+            w: w.dev_ptr(),
+            wt: wt.dev_ptr(),
+            co: check_u32(op, s.co)?,
+            ci: check_u32(op, s.ci)?,
+            k: check_u32(op, s.k)?,
+            pad: 0,
+        };
+        if wt.numel() > 0 {
+            dev.launch(Kernel::conv_wflip_bwd_f32, LaunchCfg::elementwise(wt.numel()), &fp)?;
+        }
+        let dx = Tensor::empty(x.shape(), DType::F32, dev)?;
+        if dx.numel() > 0 {
+            launch_fwd(dev, dy.dev_ptr(), wt.dev_ptr(), 0, dx.dev_ptr(), &st, algo)?;
+        }
+        (dx, wgrad(dev, x, dy, &s, algo)?.reshape(w.shape())?)
+    };
+    let db = if with_bias {
+        let per_image = reduce::sum(&dy.reshape(&[s.b, s.co, s.h * s.w])?, 2)?;
+        Some(reduce::sum(&per_image, 0)?)
+    } else {
+        None
+    };
+    let _ = kk;
+    Ok(Conv2dGrads { dx, dw, db })
+}
+
+/// The weight gradient on cuda / emu: split-K partial sums [splits, Co, Ci·k²], then their sum.
+fn wgrad(dev: &Device, x: &Tensor, dy: &Tensor, s: &ConvShape, algo: GemmAlgo) -> Result<Tensor> {
+    let op = "conv2d_backward";
+    let kk = s.ci * s.k * s.k;
+    let pixels = s.b * s.h * s.w;
+    let tiles_mn = kk.div_ceil(64) * s.co.div_ceil(64);
+    // Enough blocks to fill a large GPU; each split keeps at least one 16-pixel tile.
+    let splits = 256usize.div_ceil(tiles_mn).clamp(1, pixels.div_ceil(16).clamp(1, 65535));
+    let partial = Tensor::empty(&[splits, s.co, kk], DType::F32, dev)?;
+    let p = ConvParams {
+        x: x.dev_ptr(),
+        w: dy.dev_ptr(),
+        bias: 0,
+        y: partial.dev_ptr(),
+        b: check_u32(op, s.b)?,
+        ci: check_u32(op, s.ci)?,
+        co: check_u32(op, s.co)?,
+        h: check_u32(op, s.h)?,
+        w_: check_u32(op, s.w)?,
+        k: check_u32(op, s.k)?,
+        splits: splits as u32,
+        pad: 0,
+    };
+    let grid = (check_u32(op, kk.div_ceil(64))?, check_u32(op, s.co.div_ceil(64))?, splits as u32);
+    let (kernel, threads) = match algo {
+        GemmAlgo::TensorCore => (Kernel::conv2d_tc_wgrad_bwd_f32, 128),
+        _ => (Kernel::conv2d_wgrad_bwd_f32, 256),
+    };
+    if partial.numel() > 0 {
+        dev.launch(kernel, LaunchCfg { grid, block: (threads, 1, 1), smem_bytes: 0 }, &p)?;
+    }
+    reduce::sum(&partial, 0)
+}

@@ -1,0 +1,107 @@
+//! 2-D convolution (k = 1 and 3, padding k/2, stride 1, NCHW, bias) forward and backward on cpu,
+//! emu and cuda (exact-f32 tiled and tf32 tensor-core kernels) against the f64 reference; the
+//! reference's gradients against finite differences.
+
+mod common;
+use common::*;
+use proptest::prelude::*;
+use reclmis::ops::conv::{self, reference, ConvShape};
+use reclmis::ops::gemm::GemmAlgo;
+use reclmis::testing::{fd_mismatch, mismatch_scaled, EPS32, EPS_TF32};
+use reclmis::Device;
+
+fn conv_shape() -> impl Strategy<Value = ConvShape> {
+    (
+        1usize..3,
+        prop::sample::select(vec![1usize, 3, 8, 17]),
+        prop::sample::select(vec![1usize, 5, 16, 65]),
+        prop::sample::select(vec![1usize, 2, 5, 12]),
+        prop::sample::select(vec![1usize, 3, 7, 16]),
+        prop::sample::select(vec![1usize, 3]),
+    )
+        .prop_map(|(b, ci, co, h, w, k)| ConvShape { b, ci, co, h, w, k })
+}
+
+/// Per element: Σ|w||x| (the reference on absolute values) times k·eps (f32 FMA chain over
+/// K = Ci·k² terms, plus the bias), + 2·2^-11 for tf32 operands.
+fn tol(algo: GemmAlgo, terms: usize) -> f64 {
+    let f32_acc = (terms as f64 + 2.0) * EPS32;
+    if algo == GemmAlgo::TensorCore {
+        2.0 * EPS_TF32 + f32_acc
+    } else {
+        f32_acc
+    }
+}
+
+fn check_conv(dev: &Device, s: ConvShape, seed: u64, with_bias: bool) -> Result<(), TestCaseError> {
+    let (nx, nw) = (s.b * s.ci * s.h * s.w, s.co * s.ci * s.k * s.k);
+    let x = values(nx, seed, false);
+    let w = values(nw, seed ^ 1, false);
+    let bias = values(s.co, seed ^ 2, false);
+    let dy = values(s.b * s.co * s.h * s.w, seed ^ 3, false);
+    let xt = tensor(&x, &[s.b, s.ci, s.h, s.w], dev);
+    let wt = tensor(&w, &[s.co, s.ci, s.k, s.k], dev);
+    let bt = tensor(&bias, &[s.co], dev);
+    let abs = |v: &[f32]| -> Vec<f64> { v.iter().map(|a| a.abs() as f64).collect() };
+    let bref = f64s(&bias);
+    let want = reference::conv2d(&f64s(&x), &f64s(&w), with_bias.then_some(&bref[..]), &s);
+    let babs = abs(&bias);
+    let mag = reference::conv2d(&abs(&x), &abs(&w), with_bias.then_some(&babs[..]), &s);
+    let (wdx, wdw, wdb) = reference::conv2d_backward(&f64s(&x), &f64s(&w), &f64s(&dy), &s);
+    let (mdx, mdw, mdb) = reference::conv2d_backward(&abs(&x), &abs(&w), &abs(&dy), &s);
+    let algos: &[GemmAlgo] =
+        if dev.is_gpu_like() { &[GemmAlgo::Tiled, GemmAlgo::TensorCore] } else { &[GemmAlgo::Auto] };
+    for &algo in algos {
+        let y = conv::conv2d(&xt, &wt, with_bias.then_some(&bt), algo).unwrap();
+        assert_none(
+            &format!("{algo:?} forward"),
+            mismatch_scaled(&y.to_vec().unwrap(), &want, &mag, tol(algo, s.ci * s.k * s.k), 0.0),
+        )?;
+        let g = conv::conv2d_backward(&xt, &wt, &tensor(&dy, y.shape(), dev), with_bias, algo).unwrap();
+        let kdx = s.co * s.k * s.k;
+        assert_none(
+            &format!("{algo:?} dx"),
+            mismatch_scaled(&g.dx.to_vec().unwrap(), &wdx, &mdx, tol(algo, kdx), 0.0),
+        )?;
+        // the weight gradient sums B·H·W products per element (partials then their sum)
+        let kdw = s.b * s.h * s.w + 64;
+        assert_none(
+            &format!("{algo:?} dw"),
+            mismatch_scaled(&g.dw.to_vec().unwrap(), &wdw, &mdw, tol(algo, kdw), 0.0),
+        )?;
+        prop_assert_eq!(g.db.is_some(), with_bias);
+        if let Some(db) = g.db {
+            assert_none("db", mismatch_scaled(&db.to_vec().unwrap(), &wdb, &mdb, tol(GemmAlgo::Tiled, kdw), 0.0))?;
+        }
+    }
+    Ok(())
+}
+
+per_device!(check_conv, (s in conv_shape(), seed in any::<u64>(), with_bias in any::<bool>()));
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn reference_grads_match_finite_differences(s in conv_shape(), seed in any::<u64>()) {
+        let s = ConvShape { co: s.co.min(5), ci: s.ci.min(3), h: s.h.min(5), w: s.w.min(7), ..s };
+        let x = f64s(&values(s.b * s.ci * s.h * s.w, seed, false));
+        let w = f64s(&values(s.co * s.ci * s.k * s.k, seed ^ 1, false));
+        let bias = f64s(&values(s.co, seed ^ 2, false));
+        let dy = f64s(&values(s.b * s.co * s.h * s.w, seed ^ 3, false));
+        let (dx, dw, db) = reference::conv2d_backward(&x, &w, &dy, &s);
+        assert_none("dx", fd_mismatch(|x| reference::conv2d(x, &w, Some(&bias), &s), &x, &dy, &dx, 1e-6))?;
+        assert_none("dw", fd_mismatch(|w| reference::conv2d(&x, w, Some(&bias), &s), &w, &dy, &dw, 1e-6))?;
+        assert_none("db", fd_mismatch(|b| reference::conv2d(&x, &w, Some(b), &s), &bias, &dy, &db, 1e-6))?;
+    }
+}
+
+#[test]
+fn even_kernels_and_channel_mismatches_are_errors() {
+    let dev = Device::Cpu;
+    let x = tensor(&[0.0; 2 * 4 * 4], &[1, 2, 4, 4], &dev);
+    let w2 = tensor(&[0.0; 3 * 2 * 2 * 2], &[3, 2, 2, 2], &dev);
+    assert!(conv::conv2d(&x, &w2, None, GemmAlgo::Auto).unwrap_err().to_string().contains("k odd"));
+    let w3 = tensor(&[0.0; 3 * 5 * 9], &[3, 5, 3, 3], &dev);
+    assert!(conv::conv2d(&x, &w3, None, GemmAlgo::Auto).unwrap_err().to_string().contains("do not fit"));
+}
