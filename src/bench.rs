@@ -12,7 +12,7 @@ use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::ops::elementwise::{self, UnaryOp};
 use crate::ops::gemm::{self, GemmAlgo, GemmOpts};
-use crate::ops::{ccl, loss, pool, reduce, softmax, transpose};
+use crate::ops::{ccl, conv, loss, pool, reduce, softmax, transpose};
 use crate::tensor::Tensor;
 use std::time::Instant;
 
@@ -60,7 +60,7 @@ fn rand_tensor(shape: &[usize], seed: u64, dev: &Device) -> Result<Tensor> {
 type Group = fn(&Device, bool, &mut Vec<Case>) -> Result<()>;
 
 /// Every benchmark group with the case names it defines.
-const GROUPS: [(&[&str], Group); 7] = [
+const GROUPS: [(&[&str], Group); 8] = [
     (&["gemm", "gemm_tc"], gemm_cases),
     (&["softmax", "softmax_bwd"], softmax_cases),
     (&["relu", "relu_bwd", "add_bcast", "sum", "max", "sum_bwd"], activation_cases),
@@ -68,6 +68,7 @@ const GROUPS: [(&[&str], Group); 7] = [
     (&["ccl", "ccl_composed", "ccl_fwd_bwd", "ccl_composed_fwd_bwd"], ccl_cases),
     (&["copy", "dice_bce", "dice_bce_bwd", "metrics", "mse"], seg_cases),
     (&["max_pool2", "max_pool2_bwd", "upsample2", "upsample2_bwd"], pool_cases),
+    (&["conv3x3", "conv3x3_b8", "conv3x3_bwd", "conv1x1"], conv_cases),
 ];
 
 /// The cases for a device, only the groups `filter` names (so that a run allocates only what it
@@ -426,6 +427,72 @@ fn pool_cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
         validate: None,
         run: Box::new(move || pool::upsample2_backward(&big)),
     });
+    Ok(())
+}
+
+/// The U-Net's 3×3 convolutions at the official shapes (encoder 224² × 64 down to 14² × 512, the
+/// decoder's 1024→256, 512→128, 256→64, 128→64), batch 1, some at batch 8, one backward; and the
+/// PLAM gate's 1×1 convolution.
+fn conv_cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
+    // (op, batch, ci, co, hw)
+    let shapes: &[(&'static str, usize, usize, usize, usize)] = if small {
+        &[
+            ("conv3x3", 1, 8, 8, 16),
+            ("conv3x3_b8", 2, 8, 8, 16),
+            ("conv3x3_bwd", 1, 8, 8, 16),
+            ("conv1x1", 1, 16, 16, 16),
+        ]
+    } else {
+        &[
+            ("conv3x3", 1, 64, 64, 224),
+            ("conv3x3", 1, 128, 128, 112),
+            ("conv3x3", 1, 256, 256, 56),
+            ("conv3x3", 1, 512, 512, 28),
+            ("conv3x3", 1, 512, 512, 14),
+            ("conv3x3", 1, 1024, 256, 28),
+            ("conv3x3", 1, 512, 128, 56),
+            ("conv3x3", 1, 256, 64, 112),
+            ("conv3x3", 1, 128, 64, 224),
+            ("conv3x3_b8", 8, 64, 64, 224),
+            ("conv3x3_b8", 8, 256, 256, 28),
+            ("conv3x3_bwd", 1, 64, 64, 224),
+            ("conv3x3_bwd", 1, 512, 512, 28),
+            ("conv1x1", 1, 64, 64, 224),
+            ("conv1x1", 1, 512, 512, 28),
+        ]
+    };
+    for (i, &(op, b, ci, co, hw)) in shapes.iter().enumerate() {
+        let k = if op == "conv1x1" { 1 } else { 3 };
+        let x = rand_tensor(&[b, ci, hw, hw], 20 + i as u64, dev)?;
+        let w = rand_tensor(&[co, ci, k, k], 40 + i as u64, dev)?;
+        let bias = rand_tensor(&[co], 60 + i as u64, dev)?;
+        let s = conv::ConvShape { b, ci, co, h: hw, w: hw, k };
+        let algo = if dev.is_gpu_like() { GemmAlgo::TensorCore } else { GemmAlgo::Auto };
+        let bytes = 4.0 * (b * (ci + co) * hw * hw + co * ci * k * k) as f64;
+        let shape = format!("b{b} {ci}->{co} {hw}x{hw} k{k}");
+        if op == "conv3x3_bwd" {
+            let dy = rand_tensor(&[b, co, hw, hw], 80 + i as u64, dev)?;
+            v.push(Case {
+                op,
+                shape,
+                flops: 2.0 * s.flops(),
+                bytes: 2.0 * bytes,
+                peer: Some(format!("conv_bwd {b} {ci} {co} {hw} {k}")),
+                validate: None,
+                run: Box::new(move || Ok(conv::conv2d_backward(&x, &w, &dy, true, algo)?.dw)),
+            });
+        } else {
+            v.push(Case {
+                op,
+                shape,
+                flops: s.flops(),
+                bytes,
+                peer: Some(format!("conv {b} {ci} {co} {hw} {k}")),
+                validate: None,
+                run: Box::new(move || conv::conv2d(&x, &w, Some(&bias), algo)),
+            });
+        }
+    }
     Ok(())
 }
 
