@@ -4,7 +4,8 @@ usage: python peer_torch.py --device cpu|cuda --reps N SPEC...
 SPEC is one of: "mm M N K", "softmax R C", "relu B C H W", "add_bcast B C H W", "sum1 B C H W",
 "transpose B R C", "permute0213 B T H D",
 "ccl B L N D", "ccl_fb B L N D", "dice_bce B HW", "mse B HW", "maxpool B C HW",
-"upsample B C HW", "conv B CI CO HW K", "conv_bwd B CI CO HW K". Prints "SPEC<TAB>median seconds" per spec. cpu: 2 threads (the machine's cores),
+"upsample B C HW", "conv B CI CO HW K", "conv_bwd B CI CO HW K",
+"bn_relu B C HW". Prints "SPEC<TAB>median seconds" per spec. cpu: 2 threads (the machine's cores),
 f32, TF32 off on cuda so that "gemm" compares like with like (gemm_tc is the TF32 figure).
 A peer, not a dependency: needs torch in a virtual environment outside the repository.
 """
@@ -90,6 +91,11 @@ def build(spec, dev):
             return torch.ops.aten.convolution_backward(g, x, w, [co], [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], 1,
                                                        [True, True, True])
         return bwd
+    if kind == "bn_relu":
+        b, c, hw = d
+        x, g, bt = r(b, c, hw, hw), r(c), r(c)
+        rm, rv = torch.zeros(c, device=dev), torch.ones(c, device=dev)
+        return lambda: torch.relu(torch.nn.functional.batch_norm(x, rm, rv, g, bt, training=True))
     if kind == "maxpool":
         b, c, hw = d
         x = r(b, c, hw, hw)

@@ -12,7 +12,7 @@ use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::ops::elementwise::{self, UnaryOp};
 use crate::ops::gemm::{self, GemmAlgo, GemmOpts};
-use crate::ops::{ccl, conv, loss, pool, reduce, softmax, transpose};
+use crate::ops::{ccl, conv, loss, norm, pool, reduce, softmax, transpose};
 use crate::tensor::Tensor;
 use std::time::Instant;
 
@@ -60,7 +60,7 @@ fn rand_tensor(shape: &[usize], seed: u64, dev: &Device) -> Result<Tensor> {
 type Group = fn(&Device, bool, &mut Vec<Case>) -> Result<()>;
 
 /// Every benchmark group with the case names it defines.
-const GROUPS: [(&[&str], Group); 8] = [
+const GROUPS: [(&[&str], Group); 9] = [
     (&["gemm", "gemm_tc"], gemm_cases),
     (&["softmax", "softmax_bwd"], softmax_cases),
     (&["relu", "relu_bwd", "add_bcast", "sum", "max", "sum_bwd"], activation_cases),
@@ -69,6 +69,7 @@ const GROUPS: [(&[&str], Group); 8] = [
     (&["copy", "dice_bce", "dice_bce_bwd", "metrics", "mse"], seg_cases),
     (&["max_pool2", "max_pool2_bwd", "upsample2", "upsample2_bwd"], pool_cases),
     (&["conv3x3", "conv3x3_b8", "conv3x3_bwd", "conv1x1"], conv_cases),
+    (&["batch_norm_relu", "batch_norm_relu_bwd"], bn_cases),
 ];
 
 /// The cases for a device, only the groups `filter` names (so that a run allocates only what it
@@ -493,6 +494,40 @@ fn conv_cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
             });
         }
     }
+    Ok(())
+}
+
+/// Training-mode batch norm + ReLU on the first U-Net activation (8×64×224²), and its backward.
+fn bn_cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
+    let (b, c, hw) = if small { (2, 4, 16) } else { (8, 64, 224) };
+    let x = rand_tensor(&[b, c, hw, hw], 90, dev)?;
+    let (g, bt) = (rand_tensor(&[c], 91, dev)?, rand_tensor(&[c], 92, dev)?);
+    let (rm, rv) = (Tensor::zeros(&[c], dev)?, Tensor::from_vec(vec![1.0; c], &[c], dev)?);
+    let o = norm::BnOpts { relu: true, ..Default::default() };
+    let n = (b * c * hw * hw) as f64;
+    let shape = format!("{b}x{c}x{hw}x{hw} train");
+    let p = std::rc::Rc::new((x, g, bt, rm, rv));
+    let q = p.clone();
+    v.push(Case {
+        op: "batch_norm_relu",
+        shape: shape.clone(),
+        flops: 0.0,
+        bytes: 3.0 * 4.0 * n, // two reads for the statistics, one for the output, one write
+        peer: Some(format!("bn_relu {b} {c} {hw}")),
+        validate: None,
+        run: Box::new(move || Ok(norm::batch_norm(&q.0, &q.1, &q.2, &q.3, &q.4, o)?.y)),
+    });
+    let f = norm::batch_norm(&p.0, &p.1, &p.2, &p.3, &p.4, o)?;
+    let dy = rand_tensor(&[b, c, hw, hw], 93, dev)?;
+    v.push(Case {
+        op: "batch_norm_relu_bwd",
+        shape,
+        flops: 0.0,
+        bytes: 7.0 * 4.0 * n,
+        peer: None,
+        validate: None,
+        run: Box::new(move || Ok(norm::batch_norm_backward(&p.0, &p.1, &f, &dy, o)?.dx)),
+    });
     Ok(())
 }
 

@@ -8,6 +8,7 @@ pub(crate) mod cpu_math;
 pub mod elementwise;
 pub mod gemm;
 pub mod loss;
+pub mod norm;
 pub mod pool;
 pub mod reduce;
 pub mod softmax;

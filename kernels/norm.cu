@@ -1,0 +1,151 @@
+// norm.cu: batch normalisation over the channel axis of [B, C, S] (BatchNorm2d with S = H·W,
+// BatchNorm1d with S = L), training and evaluation, with an optional fused ReLU, and the
+// backward (f32).
+//
+// Training statistics: a block per channel, two passes (the mean, then the mean squared
+// deviation) so that a large mean does not cancel the variance. The running statistics follow
+// PyTorch: rm ← (1 − m)·rm + m·mean, rv ← (1 − m)·rv + m·var·n/(n − 1) (unbiased).
+#include "common.cuh"
+
+// x: [B, C, S]; mean, var: [C] (biased batch variance); rm, rv: [C] running stats, read and
+// written back updated (new_rm, new_rv)
+struct BnStatsParams {
+    const float* x;
+    float* mean;
+    float* var;
+    const float* rm;
+    const float* rv;
+    float* new_rm;
+    float* new_rv;
+    uint32_t b;
+    uint32_t c;
+    uint32_t s;
+    float momentum;
+};
+RECLMIS_PARAMS_SIZE(BnStatsParams, 72);
+
+// grid = C, block = 256
+extern "C" __global__ void bn_stats_fwd_f32(BnStatsParams p) {
+    __shared__ float red[32];
+    const uint32_t c = blockIdx.x;
+    const uint64_t n = (uint64_t)p.b * p.s;
+    float s = 0.f;
+    for (uint64_t i = threadIdx.x; i < n; i += blockDim.x) s += p.x[((i / p.s) * p.c + c) * p.s + i % p.s];
+    const float mean = block_sum(s, red) / (float)n;
+    float q = 0.f;
+    for (uint64_t i = threadIdx.x; i < n; i += blockDim.x) {
+        const float d = p.x[((i / p.s) * p.c + c) * p.s + i % p.s] - mean;
+        q += d * d;
+    }
+    const float var = block_sum(q, red) / (float)n;
+    if (threadIdx.x == 0) {
+        p.mean[c] = mean;
+        p.var[c] = var;
+        const float unbiased = n > 1 ? var * (float)n / (float)(n - 1) : var;
+        p.new_rm[c] = (1.f - p.momentum) * p.rm[c] + p.momentum * mean;
+        p.new_rv[c] = (1.f - p.momentum) * p.rv[c] + p.momentum * unbiased;
+    }
+}
+
+// y = γ (x − mean) / sqrt(var + eps) + β, then ReLU if relu != 0. mean / var are the batch
+// statistics (training) or the running ones (evaluation).
+struct BnApplyParams {
+    const float* x;
+    const float* mean;
+    const float* var;
+    const float* gamma;
+    const float* beta;
+    float* y;
+    uint64_t n;
+    uint32_t c;
+    uint32_t s;
+    float eps;
+    uint32_t relu;
+};
+RECLMIS_PARAMS_SIZE(BnApplyParams, 72);
+
+extern "C" __global__ void bn_apply_fwd_f32(BnApplyParams p) {
+    const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
+    for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < p.n; i += stride) {
+        const uint32_t c = (uint32_t)(i / p.s % p.c);
+        const float v = p.gamma[c] * (p.x[i] - p.mean[c]) / sqrtf(p.var[c] + p.eps) + p.beta[c];
+        p.y[i] = p.relu && v < 0.f ? 0.f : v;
+    }
+}
+
+// Backward, per channel: dγ = Σ g·x̂, dβ = Σ g with g = dy (masked by y > 0 when the ReLU was
+// fused) and x̂ = (x − mean)/sqrt(var + eps). y: the forward output (for the ReLU mask).
+struct BnReduceParams {
+    const float* x;
+    const float* y;
+    const float* dy;
+    const float* mean;
+    const float* var;
+    float* dgamma;
+    float* dbeta;
+    uint32_t b;
+    uint32_t c;
+    uint32_t s;
+    float eps;
+    uint32_t relu;
+    uint32_t pad_;
+};
+RECLMIS_PARAMS_SIZE(BnReduceParams, 80);
+
+// grid = C, block = 256
+extern "C" __global__ void bn_reduce_bwd_f32(BnReduceParams p) {
+    __shared__ float red[32];
+    const uint32_t c = blockIdx.x;
+    const uint64_t n = (uint64_t)p.b * p.s;
+    const float mean = p.mean[c], inv = 1.f / sqrtf(p.var[c] + p.eps);
+    float sg = 0.f, sgx = 0.f;
+    for (uint64_t i = threadIdx.x; i < n; i += blockDim.x) {
+        const uint64_t e = ((i / p.s) * p.c + c) * p.s + i % p.s;
+        const float g = p.relu && p.y[e] <= 0.f ? 0.f : p.dy[e];
+        sg += g;
+        sgx += g * (p.x[e] - mean) * inv;
+    }
+    sg = block_sum(sg, red);
+    sgx = block_sum(sgx, red);
+    if (threadIdx.x == 0) {
+        p.dbeta[c] = sg;
+        p.dgamma[c] = sgx;
+    }
+}
+
+// dx. Training (batch statistics): dx = γ·inv/n · (n·g − dβ − x̂·dγ); evaluation (running
+// statistics, constants): dx = γ·inv·g.
+struct BnApplyBwdParams {
+    const float* x;
+    const float* y;
+    const float* dy;
+    const float* mean;
+    const float* var;
+    const float* gamma;
+    const float* dgamma;
+    const float* dbeta;
+    float* dx;
+    uint64_t n;
+    uint32_t c;
+    uint32_t s;
+    float eps;
+    uint32_t relu;
+    uint32_t train;
+    uint32_t count;  // B·S, the elements per channel
+};
+RECLMIS_PARAMS_SIZE(BnApplyBwdParams, 104);
+
+extern "C" __global__ void bn_apply_bwd_f32(BnApplyBwdParams p) {
+    const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
+    for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < p.n; i += stride) {
+        const uint32_t c = (uint32_t)(i / p.s % p.c);
+        const float inv = 1.f / sqrtf(p.var[c] + p.eps);
+        const float g = p.relu && p.y[i] <= 0.f ? 0.f : p.dy[i];
+        if (p.train) {
+            const float xh = (p.x[i] - p.mean[c]) * inv, cnt = (float)p.count;
+            p.dx[i] = p.gamma[c] * inv / cnt * (cnt * g - p.dbeta[c] - xh * p.dgamma[c]);
+        } else {
+            p.dx[i] = p.gamma[c] * inv * g;
+        }
+    }
+}

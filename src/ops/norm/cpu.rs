@@ -1,0 +1,157 @@
+//! cpu batch norm: rayon over channels for the statistics and the per-channel sums (f64
+//! accumulators: one channel sums B·H·W values), rayon over (image, channel) planes for the
+//! elementwise passes.
+
+use super::BnOpts;
+use crate::ops::cpu_math::multiversion;
+use rayon::prelude::*;
+
+type Dims = (usize, usize, usize);
+
+multiversion! {
+    /// Σ (x − m) over a plane, or Σ (x − m)² with `square` (16 f32 lanes; the planes' sums are
+    /// added in f64 by the caller).
+    fn plane_dev_sum(x: &[f32], m: f32, square: bool) -> f32 {
+        let mut acc = [0.0f32; 16];
+        let c = x.chunks_exact(16);
+        let tail = c.remainder();
+        for xs in c {
+            for l in 0..16 {
+                let d = xs[l] - m;
+                acc[l] += if square { d * d } else { d };
+            }
+        }
+        acc.iter().sum::<f32>() + tail.iter().map(|&v| if square { (v - m) * (v - m) } else { v - m }).sum::<f32>()
+    }
+}
+
+/// (y, mean, var, new running mean, new running var)
+#[allow(clippy::type_complexity)]
+pub fn forward(
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    rm: &[f32],
+    rv: &[f32],
+    d: Dims,
+    o: BnOpts,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (b, c, s) = d;
+    let n = (b * s) as f64;
+    let (mean, var, nrm, nrv) = if o.train {
+        let stats: Vec<(f32, f32)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let planes = (0..b).map(|i| &x[(i * c + ch) * s..(i * c + ch + 1) * s]);
+                let m = planes.clone().map(|p| plane_dev_sum(p, 0.0, false) as f64).sum::<f64>() / n;
+                let v = planes.map(|p| plane_dev_sum(p, m as f32, true) as f64).sum::<f64>() / n;
+                (m as f32, v as f32)
+            })
+            .collect();
+        let mean: Vec<f32> = stats.iter().map(|s| s.0).collect();
+        let var: Vec<f32> = stats.iter().map(|s| s.1).collect();
+        let m = o.momentum;
+        let unb = if n > 1.0 { n / (n - 1.0) } else { 1.0 } as f32;
+        let nrm = rm.iter().zip(&mean).map(|(r, v)| (1.0 - m) * r + m * v).collect();
+        let nrv = rv.iter().zip(&var).map(|(r, v)| (1.0 - m) * r + m * v * unb).collect();
+        (mean, var, nrm, nrv)
+    } else {
+        (rm.to_vec(), rv.to_vec(), rm.to_vec(), rv.to_vec())
+    };
+    let mut y = vec![0.0f32; x.len()];
+    if s > 0 {
+        y.par_chunks_mut(s).enumerate().for_each(|(plane, yp)| {
+            let ch = plane % c;
+            let scale = gamma[ch] / (var[ch] + o.eps).sqrt();
+            let shift = beta[ch] - mean[ch] * scale;
+            for (o_, &v) in yp.iter_mut().zip(&x[plane * s..(plane + 1) * s]) {
+                let r = v * scale + shift;
+                *o_ = if o.relu && r < 0.0 { 0.0 } else { r };
+            }
+        });
+    }
+    (y, mean, var, nrm, nrv)
+}
+
+multiversion! {
+    /// (Σ g, Σ g·(x − mean)) over one plane, g = dy masked by y > 0 when the ReLU was fused.
+    /// Zipped 16-lane chunks: no bounds checks in the loop, so it vectorises.
+    fn plane_sums(x: &[f32], y: &[f32], dy: &[f32], mean: f32, relu: bool) -> (f32, f32) {
+        let (mut sg, mut sgx) = ([0.0f32; 16], [0.0f32; 16]);
+        let (xc, yc, gc) = (x.chunks_exact(16), y.chunks_exact(16), dy.chunks_exact(16));
+        let (xt, yt, gt) = (xc.remainder(), yc.remainder(), gc.remainder());
+        for ((xs, ys), gs) in xc.zip(yc).zip(gc) {
+            for l in 0..16 {
+                let g = if relu && ys[l] <= 0.0 { 0.0 } else { gs[l] };
+                sg[l] += g;
+                sgx[l] += g * (xs[l] - mean);
+            }
+        }
+        let (mut a, mut b) = (sg.iter().sum::<f32>(), sgx.iter().sum::<f32>());
+        for ((&xv, &yv), &gv) in xt.iter().zip(yt).zip(gt) {
+            let g = if relu && yv <= 0.0 { 0.0 } else { gv };
+            a += g;
+            b += g * (xv - mean);
+        }
+        (a, b)
+    }
+}
+
+multiversion! {
+    /// dx over one plane: k1·g − k0 − k2·(x − mean) (training) or k1·g (evaluation).
+    fn plane_dx(x: &[f32], y: &[f32], dy: &[f32], dx: &mut [f32], mean: f32, k: (f32, f32, f32), relu: bool) {
+        for (((o, &xv), &yv), &gv) in dx.iter_mut().zip(x).zip(y).zip(dy) {
+            let g = if relu && yv <= 0.0 { 0.0 } else { gv };
+            *o = k.1 * g - k.0 - k.2 * (xv - mean);
+        }
+    }
+}
+
+/// (dx, dγ, dβ)
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    x: &[f32],
+    y: &[f32],
+    dy: &[f32],
+    mean: &[f32],
+    var: &[f32],
+    gamma: &[f32],
+    d: Dims,
+    o: BnOpts,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (b, c, s) = d;
+    // per channel: f32 sums per plane (vectorised), planes added in f64
+    let sums: Vec<(f32, f32)> = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let inv = 1.0 / (var[ch] as f64 + o.eps as f64).sqrt();
+            let (mut sg, mut sgx) = (0.0f64, 0.0f64);
+            for i in 0..b {
+                let r = (i * c + ch) * s..(i * c + ch + 1) * s;
+                let (a, bb) = plane_sums(&x[r.clone()], &y[r.clone()], &dy[r], mean[ch], o.relu);
+                sg += a as f64;
+                sgx += bb as f64;
+            }
+            ((sgx * inv) as f32, sg as f32)
+        })
+        .collect();
+    let dgamma: Vec<f32> = sums.iter().map(|v| v.0).collect();
+    let dbeta: Vec<f32> = sums.iter().map(|v| v.1).collect();
+    let mut dx = vec![0.0f32; x.len()];
+    let cnt = (b * s) as f32;
+    if s > 0 {
+        dx.par_chunks_mut(s).enumerate().for_each(|(plane, dp)| {
+            let ch = plane % c;
+            let inv = 1.0 / (var[ch] + o.eps).sqrt();
+            // training: γ·inv/n · (n·g − dβ − x̂·dγ) = k1·g − k0 − k2·(x − mean)
+            let k = if o.train {
+                (gamma[ch] * inv / cnt * dbeta[ch], gamma[ch] * inv, gamma[ch] * inv * inv / cnt * dgamma[ch])
+            } else {
+                (0.0, gamma[ch] * inv, 0.0)
+            };
+            let r = plane * s..(plane + 1) * s;
+            plane_dx(&x[r.clone()], &y[r.clone()], &dy[r], dp, mean[ch], k, o.relu);
+        });
+    }
+    (dx, dgamma, dbeta)
+}

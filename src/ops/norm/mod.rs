@@ -1,0 +1,287 @@
+//! Batch normalisation over the channel axis (dim 1) of [B, C, ...] tensors (BatchNorm2d and
+//! BatchNorm1d), training and evaluation, with an optional fused ReLU, forward and backward.
+//!
+//! Training normalises with the batch statistics (biased variance) and returns the running
+//! statistics updated as PyTorch does (momentum 0.1 by default, unbiased variance); evaluation
+//! uses the running statistics. Functional: the caller keeps the new running statistics.
+
+pub mod cpu;
+pub mod reference;
+
+use crate::device::{Device, LaunchCfg};
+use crate::error::{Error, Result};
+use crate::kernels::Kernel;
+use crate::ops::check_u32;
+use crate::tensor::{DType, Tensor};
+
+crate::kernel_params! {
+    struct BnStatsParams [72] {
+        x: u64,
+        mean: u64,
+        var: u64,
+        rm: u64,
+        rv: u64,
+        new_rm: u64,
+        new_rv: u64,
+        b: u32,
+        c: u32,
+        s: u32,
+        momentum: f32,
+    }
+}
+
+crate::kernel_params! {
+    struct BnApplyParams [72] {
+        x: u64,
+        mean: u64,
+        var: u64,
+        gamma: u64,
+        beta: u64,
+        y: u64,
+        n: u64,
+        c: u32,
+        s: u32,
+        eps: f32,
+        relu: u32,
+    }
+}
+
+crate::kernel_params! {
+    struct BnReduceParams [80] {
+        x: u64,
+        y: u64,
+        dy: u64,
+        mean: u64,
+        var: u64,
+        dgamma: u64,
+        dbeta: u64,
+        b: u32,
+        c: u32,
+        s: u32,
+        eps: f32,
+        relu: u32,
+        pad: u32,
+    }
+}
+
+crate::kernel_params! {
+    struct BnApplyBwdParams [104] {
+        x: u64,
+        y: u64,
+        dy: u64,
+        mean: u64,
+        var: u64,
+        gamma: u64,
+        dgamma: u64,
+        dbeta: u64,
+        dx: u64,
+        n: u64,
+        c: u32,
+        s: u32,
+        eps: f32,
+        relu: u32,
+        train: u32,
+        count: u32,
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BnOpts {
+    pub eps: f32,
+    pub momentum: f32,
+    /// Apply ReLU to the output (BatchNorm + ReLU in one pass).
+    pub relu: bool,
+    /// Batch statistics (and a running-statistics update) or the running statistics.
+    pub train: bool,
+}
+
+impl Default for BnOpts {
+    fn default() -> Self {
+        BnOpts { eps: 1e-5, momentum: 0.1, relu: false, train: true }
+    }
+}
+
+pub struct BnForward {
+    pub y: Tensor,
+    /// The statistics used: the batch's (training) or the running ones (evaluation), [C].
+    pub mean: Tensor,
+    pub var: Tensor,
+    /// Updated running statistics (training); the inputs unchanged (evaluation).
+    pub running_mean: Tensor,
+    pub running_var: Tensor,
+}
+
+pub struct BnGrads {
+    pub dx: Tensor,
+    pub dgamma: Tensor,
+    pub dbeta: Tensor,
+}
+
+/// (B, C, S) of x [B, C, ...].
+fn dims(op: &'static str, x: &Tensor, params: &[&Tensor]) -> Result<(usize, usize, usize)> {
+    x.expect_dtype(op, DType::F32)?;
+    if x.rank() < 2 {
+        return Err(Error::shape(op, format!("input {:?} needs [B, C, ...]", x.shape())));
+    }
+    let (b, c) = (x.shape()[0], x.shape()[1]);
+    for p in params {
+        if p.shape() != [c] {
+            return Err(Error::shape(op, format!("a per-channel parameter is {:?}, expected [{c}]", p.shape())));
+        }
+    }
+    x.same_device(op, params)?;
+    Ok((b, c, x.numel() / (b * c).max(1)))
+}
+
+pub fn batch_norm(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    o: BnOpts,
+) -> Result<BnForward> {
+    let op = "batch_norm";
+    let (b, c, s) = dims(op, x, &[gamma, beta, running_mean, running_var])?;
+    if o.train && b * s < 2 {
+        return Err(Error::shape(op, format!("training needs more than one value per channel, got {:?}", x.shape())));
+    }
+    let dev = x.device();
+    if let Device::Cpu = dev {
+        let f = cpu::forward(
+            x.cpu_f32(op)?,
+            gamma.cpu_f32(op)?,
+            beta.cpu_f32(op)?,
+            running_mean.cpu_f32(op)?,
+            running_var.cpu_f32(op)?,
+            (b, c, s),
+            o,
+        );
+        return Ok(BnForward {
+            y: Tensor::from_vec(f.0, x.shape(), dev)?,
+            mean: Tensor::from_vec(f.1, &[c], dev)?,
+            var: Tensor::from_vec(f.2, &[c], dev)?,
+            running_mean: Tensor::from_vec(f.3, &[c], dev)?,
+            running_var: Tensor::from_vec(f.4, &[c], dev)?,
+        });
+    }
+    let (mean, var, nrm, nrv) = if o.train {
+        let t = |_| Tensor::empty(&[c], DType::F32, dev);
+        let (mean, var, nrm, nrv) = (t(0)?, t(1)?, t(2)?, t(3)?);
+        let p = BnStatsParams {
+            x: x.dev_ptr(),
+            mean: mean.dev_ptr(),
+            var: var.dev_ptr(),
+            rm: running_mean.dev_ptr(),
+            rv: running_var.dev_ptr(),
+            new_rm: nrm.dev_ptr(),
+            new_rv: nrv.dev_ptr(),
+            b: check_u32(op, b)?,
+            c: check_u32(op, c)?,
+            s: check_u32(op, s)?,
+            momentum: o.momentum,
+        };
+        if c > 0 {
+            dev.launch(
+                Kernel::bn_stats_fwd_f32,
+                LaunchCfg { grid: (c as u32, 1, 1), block: (256, 1, 1), smem_bytes: 0 },
+                &p,
+            )?;
+        }
+        (mean, var, nrm, nrv)
+    } else {
+        (running_mean.clone(), running_var.clone(), running_mean.clone(), running_var.clone())
+    };
+    let y = Tensor::empty(x.shape(), DType::F32, dev)?;
+    let p = BnApplyParams {
+        x: x.dev_ptr(),
+        mean: mean.dev_ptr(),
+        var: var.dev_ptr(),
+        gamma: gamma.dev_ptr(),
+        beta: beta.dev_ptr(),
+        y: y.dev_ptr(),
+        n: x.numel() as u64,
+        c: c as u32,
+        s: check_u32(op, s)?,
+        eps: o.eps,
+        relu: o.relu as u32,
+    };
+    if x.numel() > 0 {
+        dev.launch(Kernel::bn_apply_fwd_f32, LaunchCfg::elementwise(x.numel()), &p)?;
+    }
+    Ok(BnForward { y, mean, var, running_mean: nrm, running_var: nrv })
+}
+
+/// Gradients given the forward's input x, output y (for the fused ReLU's mask) and statistics.
+pub fn batch_norm_backward(x: &Tensor, gamma: &Tensor, f: &BnForward, dy: &Tensor, o: BnOpts) -> Result<BnGrads> {
+    let op = "batch_norm_backward";
+    let (b, c, s) = dims(op, x, &[gamma, &f.mean, &f.var])?;
+    if dy.shape() != x.shape() {
+        return Err(Error::shape(op, format!("dy {:?} vs x {:?}", dy.shape(), x.shape())));
+    }
+    let dev = x.device();
+    if let Device::Cpu = dev {
+        let g = cpu::backward(
+            x.cpu_f32(op)?,
+            f.y.cpu_f32(op)?,
+            dy.cpu_f32(op)?,
+            f.mean.cpu_f32(op)?,
+            f.var.cpu_f32(op)?,
+            gamma.cpu_f32(op)?,
+            (b, c, s),
+            o,
+        );
+        return Ok(BnGrads {
+            dx: Tensor::from_vec(g.0, x.shape(), dev)?,
+            dgamma: Tensor::from_vec(g.1, &[c], dev)?,
+            dbeta: Tensor::from_vec(g.2, &[c], dev)?,
+        });
+    }
+    let dgamma = Tensor::empty(&[c], DType::F32, dev)?;
+    let dbeta = Tensor::empty(&[c], DType::F32, dev)?;
+    let rp = BnReduceParams {
+        x: x.dev_ptr(),
+        y: f.y.dev_ptr(),
+        dy: dy.dev_ptr(),
+        mean: f.mean.dev_ptr(),
+        var: f.var.dev_ptr(),
+        dgamma: dgamma.dev_ptr(),
+        dbeta: dbeta.dev_ptr(),
+        b: check_u32(op, b)?,
+        c: check_u32(op, c)?,
+        s: check_u32(op, s)?,
+        eps: o.eps,
+        relu: o.relu as u32,
+        pad: 0,
+    };
+    if c > 0 {
+        dev.launch(
+            Kernel::bn_reduce_bwd_f32,
+            LaunchCfg { grid: (c as u32, 1, 1), block: (256, 1, 1), smem_bytes: 0 },
+            &rp,
+        )?;
+    }
+    let dx = Tensor::empty(x.shape(), DType::F32, dev)?;
+    let ap = BnApplyBwdParams {
+        x: x.dev_ptr(),
+        y: f.y.dev_ptr(),
+        dy: dy.dev_ptr(),
+        mean: f.mean.dev_ptr(),
+        var: f.var.dev_ptr(),
+        gamma: gamma.dev_ptr(),
+        dgamma: dgamma.dev_ptr(),
+        dbeta: dbeta.dev_ptr(),
+        dx: dx.dev_ptr(),
+        n: x.numel() as u64,
+        c: c as u32,
+        s: s as u32,
+        eps: o.eps,
+        relu: o.relu as u32,
+        train: o.train as u32,
+        count: check_u32(op, b * s)?,
+    };
+    if x.numel() > 0 {
+        dev.launch(Kernel::bn_apply_bwd_f32, LaunchCfg::elementwise(x.numel()), &ap)?;
+    }
+    Ok(BnGrads { dx, dgamma, dbeta })
+}
