@@ -1,16 +1,17 @@
-// conv.cu: 2-D convolution, k x k (k odd: 1 or 3 in the model), padding (k-1)/2, stride 1, NCHW,
+// conv.cu: 2-D convolution, kh x kw (both odd: 3x3 and 1x1 in the U-Net, 1x3 for the text
+// branch's Conv1d over tokens), padding (kh/2, kw/2), stride 1, NCHW,
 // as implicit GEMMs over the shared tile core (tile_gemm.cuh): im2col is computed on the fly while
 // the tiles are loaded, never stored in global memory.
 //
-//   forward:        y[b,co,p] = bias[co] + Σ_kk w[co,kk] · col[kk,(b,p)]       M=Co, N=B·H·W, K=Ci·k²
+//   forward:        y[b,co,p] = bias[co] + Σ_kk w[co,kk] · col[kk,(b,p)]       M=Co, N=B·H·W, K=Ci·kh·kw
 //   input gradient: the forward applied to dy with the flipped, transposed weights (conv_wflip)
-//   weight grad.:   dw[co,kk] = Σ_(b,p) dy[b,co,p] · col[kk,(b,p)]             M=Co, N=Ci·k², K=B·H·W
-//                   split over grid.z into partial sums [splits, Co, Ci·k²] that the host adds
-// where col[kk,(b,p)] = x[b, ci, h + kh - pad, w + kw - pad] (0 outside), kk = (ci·k + kh)·k + kw.
+//   weight grad.:   dw[co,kk] = Σ_(b,p) dy[b,co,p] · col[kk,(b,p)]             M=Co, N=Ci·kh·kw, K=B·H·W
+//                   split over grid.z into partial sums [splits, Co, Ci·kh·kw] that the host adds
+// where col[kk,(b,p)] = x[b, ci, y + ky - kh/2, x + kx - kw/2] (0 outside), kk = (ci·kh + ky)·kw + kx.
 #include "tile_gemm.cuh"
 
-// x: [B,Ci,H,W]; w: forward [Co, Ci·k²] / weight gradient: dy [B,Co,H,W]; bias: [Co] or null;
-// y: forward [B,Co,H,W] / weight gradient: partial [splits, Co, Ci·k²]
+// x: [B,Ci,H,W]; w: forward [Co, Ci·kh·kw] / weight gradient: dy [B,Co,H,W]; bias: [Co] or null;
+// y: forward [B,Co,H,W] / weight gradient: partial [splits, Co, Ci·kh·kw]
 struct ConvParams {
     const float* x;
     const float* w;
@@ -21,20 +22,20 @@ struct ConvParams {
     uint32_t co;
     uint32_t h;
     uint32_t w_;
-    uint32_t k;
+    uint32_t kh;
+    uint32_t kw;
     uint32_t splits;
-    uint32_t pad_;
 };
 RECLMIS_PARAMS_SIZE(ConvParams, 64);
 
 // The im2col element col[kk, q] with q = b·H·W + y·W + x.
 __device__ __forceinline__ float im2col(const ConvParams& p, uint64_t kk, uint64_t q) {
-    const uint32_t k2 = p.k * p.k, pad = p.k / 2;
-    const uint32_t ci = (uint32_t)(kk / k2), r = (uint32_t)(kk % k2), kh = r / p.k, kw = r % p.k;
+    const uint32_t k2 = p.kh * p.kw;
+    const uint32_t ci = (uint32_t)(kk / k2), r = (uint32_t)(kk % k2), ky = r / p.kw, kx = r % p.kw;
     const uint64_t hw = (uint64_t)p.h * p.w_;
     const uint64_t b = q / hw;
     const uint32_t pix = (uint32_t)(q % hw), y = pix / p.w_, x = pix % p.w_;
-    const int iy = (int)y + (int)kh - (int)pad, ix = (int)x + (int)kw - (int)pad;
+    const int iy = (int)y + (int)ky - (int)(p.kh / 2), ix = (int)x + (int)kx - (int)(p.kw / 2);
     if (iy < 0 || ix < 0 || iy >= (int)p.h || ix >= (int)p.w_) return 0.f;
     return p.x[((b * p.ci + ci) * p.h + iy) * p.w_ + ix];
 }
@@ -58,7 +59,7 @@ __device__ __forceinline__ ConvFwdProblem fwd_problem(const ConvParams& p) {
     pr.m = p.co;
     pr.n = p.b * p.h * p.w_;
     pr.k0 = 0;
-    pr.k1 = (uint64_t)p.ci * p.k * p.k;
+    pr.k1 = (uint64_t)p.ci * p.kh * p.kw;
     pr.a_k_fast = true;  // weights are contiguous along kk
     pr.b_n_fast = true;  // im2col rows are contiguous along the output pixels
     return pr;
@@ -83,7 +84,7 @@ __device__ __forceinline__ ConvWgradProblem wgrad_problem(const ConvParams& p) {
     ConvWgradProblem pr;
     pr.p = &p;
     pr.m = p.co;
-    pr.n = p.ci * p.k * p.k;
+    pr.n = p.ci * p.kh * p.kw;
     const uint64_t total = (uint64_t)p.b * p.h * p.w_;
     // split z of `splits` takes a whole number of k-tiles
     const uint64_t tiles = (total + TG_BK - 1) / TG_BK, per = (tiles + p.splits - 1) / p.splits;
@@ -100,26 +101,27 @@ extern "C" __global__ void __launch_bounds__(256) conv2d_fwd_f32(ConvParams p) {
 // grid = (ceil(B·H·W / 64), ceil(Co / 64)), block = 128; tf32 operands, f32 accumulation
 extern "C" __global__ void __launch_bounds__(128) conv2d_tc_fwd_f32(ConvParams p) { tg_mma_body(fwd_problem(p)); }
 
-// grid = (ceil(Ci·k² / 64), ceil(Co / 64), splits), block = 256
+// grid = (ceil(Ci·kh·kw / 64), ceil(Co / 64), splits), block = 256
 extern "C" __global__ void __launch_bounds__(256) conv2d_wgrad_bwd_f32(ConvParams p) { tg_fma_body(wgrad_problem(p)); }
 
-// grid = (ceil(Ci·k² / 64), ceil(Co / 64), splits), block = 128
+// grid = (ceil(Ci·kh·kw / 64), ceil(Co / 64), splits), block = 128
 extern "C" __global__ void __launch_bounds__(128) conv2d_tc_wgrad_bwd_f32(ConvParams p) { tg_mma_body(wgrad_problem(p)); }
 
-// w: [Co, Ci, k, k] -> wt: [Ci, Co, k, k] with both kernel axes reversed: the weights of the
-// convolution that maps dy to dx (stride 1, same padding).
+// w: [Co, Ci, kh, kw] -> wt: [Ci, Co, kh, kw] with both kernel axes reversed (reversing the
+// flattened kh·kw index reverses both): the weights of the convolution that maps dy to dx
+// (stride 1, same padding). k2 = kh·kw.
 struct WflipParams {
     const float* w;
     float* wt;
     uint32_t co;
     uint32_t ci;
-    uint32_t k;
+    uint32_t k2;
     uint32_t pad_;
 };
 RECLMIS_PARAMS_SIZE(WflipParams, 32);
 
 extern "C" __global__ void conv_wflip_bwd_f32(WflipParams p) {
-    const uint32_t k2 = p.k * p.k;
+    const uint32_t k2 = p.k2;
     const uint64_t n = (uint64_t)p.co * p.ci * k2;
     const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
     for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {

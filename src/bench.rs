@@ -467,7 +467,7 @@ fn conv_cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
         let x = rand_tensor(&[b, ci, hw, hw], 20 + i as u64, dev)?;
         let w = rand_tensor(&[co, ci, k, k], 40 + i as u64, dev)?;
         let bias = rand_tensor(&[co], 60 + i as u64, dev)?;
-        let s = conv::ConvShape { b, ci, co, h: hw, w: hw, k };
+        let s = conv::ConvShape { b, ci, co, h: hw, w: hw, kh: k, kw: k };
         let algo = if dev.is_gpu_like() { GemmAlgo::TensorCore } else { GemmAlgo::Auto };
         let bytes = 4.0 * (b * (ci + co) * hw * hw + co * ci * k * k) as f64;
         let shape = format!("b{b} {ci}->{co} {hw}x{hw} k{k}");

@@ -17,9 +17,9 @@ fn conv_shape() -> impl Strategy<Value = ConvShape> {
         prop::sample::select(vec![1usize, 5, 16, 65]),
         prop::sample::select(vec![1usize, 2, 5, 12]),
         prop::sample::select(vec![1usize, 3, 7, 16]),
-        prop::sample::select(vec![1usize, 3]),
+        prop::sample::select(vec![(1usize, 1usize), (3, 3), (1, 3), (3, 1)]),
     )
-        .prop_map(|(b, ci, co, h, w, k)| ConvShape { b, ci, co, h, w, k })
+        .prop_map(|(b, ci, co, h, w, (kh, kw))| ConvShape { b, ci, co, h, w, kh, kw })
 }
 
 /// Per element: Σ|w||x| (the reference on absolute values) times k·eps (f32 FMA chain over
@@ -34,13 +34,13 @@ fn tol(algo: GemmAlgo, terms: usize) -> f64 {
 }
 
 fn check_conv(dev: &Device, s: ConvShape, seed: u64, with_bias: bool) -> Result<(), TestCaseError> {
-    let (nx, nw) = (s.b * s.ci * s.h * s.w, s.co * s.ci * s.k * s.k);
+    let (nx, nw) = (s.b * s.ci * s.h * s.w, s.co * s.ci * s.kh * s.kw);
     let x = values(nx, seed, false);
     let w = values(nw, seed ^ 1, false);
     let bias = values(s.co, seed ^ 2, false);
     let dy = values(s.b * s.co * s.h * s.w, seed ^ 3, false);
     let xt = tensor(&x, &[s.b, s.ci, s.h, s.w], dev);
-    let wt = tensor(&w, &[s.co, s.ci, s.k, s.k], dev);
+    let wt = tensor(&w, &[s.co, s.ci, s.kh, s.kw], dev);
     let bt = tensor(&bias, &[s.co], dev);
     let abs = |v: &[f32]| -> Vec<f64> { v.iter().map(|a| a.abs() as f64).collect() };
     let bref = f64s(&bias);
@@ -55,10 +55,10 @@ fn check_conv(dev: &Device, s: ConvShape, seed: u64, with_bias: bool) -> Result<
         let y = conv::conv2d(&xt, &wt, with_bias.then_some(&bt), algo).unwrap();
         assert_none(
             &format!("{algo:?} forward"),
-            mismatch_scaled(&y.to_vec().unwrap(), &want, &mag, tol(algo, s.ci * s.k * s.k), 0.0),
+            mismatch_scaled(&y.to_vec().unwrap(), &want, &mag, tol(algo, s.depth()), 0.0),
         )?;
         let g = conv::conv2d_backward(&xt, &wt, &tensor(&dy, y.shape(), dev), with_bias, algo).unwrap();
-        let kdx = s.co * s.k * s.k;
+        let kdx = s.co * s.kh * s.kw;
         assert_none(
             &format!("{algo:?} dx"),
             mismatch_scaled(&g.dx.to_vec().unwrap(), &wdx, &mdx, tol(algo, kdx), 0.0),
@@ -86,7 +86,7 @@ proptest! {
     fn reference_grads_match_finite_differences(s in conv_shape(), seed in any::<u64>()) {
         let s = ConvShape { co: s.co.min(5), ci: s.ci.min(3), h: s.h.min(5), w: s.w.min(7), ..s };
         let x = f64s(&values(s.b * s.ci * s.h * s.w, seed, false));
-        let w = f64s(&values(s.co * s.ci * s.k * s.k, seed ^ 1, false));
+        let w = f64s(&values(s.co * s.ci * s.kh * s.kw, seed ^ 1, false));
         let bias = f64s(&values(s.co, seed ^ 2, false));
         let dy = f64s(&values(s.b * s.co * s.h * s.w, seed ^ 3, false));
         let (dx, dw, db) = reference::conv2d_backward(&x, &w, &dy, &s);
@@ -101,7 +101,45 @@ fn even_kernels_and_channel_mismatches_are_errors() {
     let dev = Device::Cpu;
     let x = tensor(&[0.0; 2 * 4 * 4], &[1, 2, 4, 4], &dev);
     let w2 = tensor(&[0.0; 3 * 2 * 2 * 2], &[3, 2, 2, 2], &dev);
-    assert!(conv::conv2d(&x, &w2, None, GemmAlgo::Auto).unwrap_err().to_string().contains("k odd"));
+    assert!(conv::conv2d(&x, &w2, None, GemmAlgo::Auto).unwrap_err().to_string().contains("kh, kw odd"));
     let w3 = tensor(&[0.0; 3 * 5 * 9], &[3, 5, 3, 3], &dev);
     assert!(conv::conv2d(&x, &w3, None, GemmAlgo::Auto).unwrap_err().to_string().contains("do not fit"));
 }
+
+/// Conv1d over tokens (the text branch's k = 3, padding 1) is the 1×k case: checked against the
+/// 2-D reference on [B, C, 1, L].
+fn check_conv1d(dev: &Device, b: usize, ci: usize, co: usize, l: usize, seed: u64) -> Result<(), TestCaseError> {
+    let s = ConvShape { b, ci, co, h: 1, w: l, kh: 1, kw: 3 };
+    let x = values(b * ci * l, seed, false);
+    let w = values(co * ci * 3, seed ^ 1, false);
+    let bias = values(co, seed ^ 2, false);
+    let dy = values(b * co * l, seed ^ 3, false);
+    let y = conv::conv1d(
+        &tensor(&x, &[b, ci, l], dev),
+        &tensor(&w, &[co, ci, 3], dev),
+        Some(&tensor(&bias, &[co], dev)),
+        GemmAlgo::Tiled,
+    )
+    .unwrap();
+    prop_assert_eq!(y.shape(), &[b, co, l][..]);
+    let abs = |v: &[f32]| -> Vec<f64> { v.iter().map(|a| a.abs() as f64).collect() };
+    let want = reference::conv2d(&f64s(&x), &f64s(&w), Some(&f64s(&bias)), &s);
+    let mag = reference::conv2d(&abs(&x), &abs(&w), Some(&abs(&bias)), &s);
+    assert_none("forward", mismatch_scaled(&y.to_vec().unwrap(), &want, &mag, tol(GemmAlgo::Tiled, ci * 3), 0.0))?;
+    let g = conv::conv1d_backward(
+        &tensor(&x, &[b, ci, l], dev),
+        &tensor(&w, &[co, ci, 3], dev),
+        &tensor(&dy, &[b, co, l], dev),
+        true,
+        GemmAlgo::Tiled,
+    )
+    .unwrap();
+    prop_assert_eq!(g.dx.shape(), &[b, ci, l][..]);
+    prop_assert_eq!(g.dw.shape(), &[co, ci, 3][..]);
+    let (wdx, wdw, _) = reference::conv2d_backward(&f64s(&x), &f64s(&w), &f64s(&dy), &s);
+    let (mdx, mdw, _) = reference::conv2d_backward(&abs(&x), &abs(&w), &abs(&dy), &s);
+    assert_none("dx", mismatch_scaled(&g.dx.to_vec().unwrap(), &wdx, &mdx, tol(GemmAlgo::Tiled, co * 3), 0.0))?;
+    assert_none("dw", mismatch_scaled(&g.dw.to_vec().unwrap(), &wdw, &mdw, tol(GemmAlgo::Tiled, b * l + 64), 0.0))
+}
+
+per_device!(check_conv1d, (b in 1usize..3, ci in prop::sample::select(vec![1usize, 4, 33]), co in prop::sample::select(vec![1usize, 7, 64]), l in prop::sample::select(vec![1usize, 2, 18, 77]), seed in any::<u64>()));

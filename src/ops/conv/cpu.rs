@@ -29,7 +29,7 @@ impl SendPtr {
 
 /// Output rows per task.
 fn band_rows(s: &ConvShape) -> usize {
-    let per_row = if s.k == 1 { s.w } else { s.ci * s.k * s.k * s.w };
+    let per_row = if is_pointwise(s) { s.w } else { s.depth() * s.w };
     (COL_FLOATS / per_row.max(1)).clamp(1, s.h.max(1))
 }
 
@@ -39,17 +39,22 @@ fn few_tasks() -> usize {
     4 * rayon::current_num_threads()
 }
 
-/// The im2col of rows [r0, r0 + rows) of image `xb` [Ci, H, W]: col [Ci·k², rows·W].
+/// 1×1: the input itself is the GEMM operand, no im2col.
+fn is_pointwise(s: &ConvShape) -> bool {
+    s.kh == 1 && s.kw == 1
+}
+
+/// The im2col of rows [r0, r0 + rows) of image `xb` [Ci, H, W]: col [Ci·kh·kw, rows·W].
 fn im2col(xb: &[f32], s: &ConvShape, r0: usize, rows: usize, col: &mut [f32]) {
-    let (k, pad, w) = (s.k, s.k / 2, s.w);
+    let (ph, pw, w) = (s.kh / 2, s.kw / 2, s.w);
     let px = rows * w;
     for ci in 0..s.ci {
         let plane = &xb[ci * s.h * w..(ci + 1) * s.h * w];
-        for kh in 0..k {
-            for kw in 0..k {
-                let dst = &mut col[((ci * k + kh) * k + kw) * px..][..px];
+        for kh in 0..s.kh {
+            for kw in 0..s.kw {
+                let dst = &mut col[((ci * s.kh + kh) * s.kw + kw) * px..][..px];
                 for r in 0..rows {
-                    let iy = (r0 + r + kh) as isize - pad as isize;
+                    let iy = (r0 + r + kh) as isize - ph as isize;
                     let out = &mut dst[r * w..(r + 1) * w];
                     if iy < 0 || iy >= s.h as isize {
                         out.fill(0.0);
@@ -57,7 +62,7 @@ fn im2col(xb: &[f32], s: &ConvShape, r0: usize, rows: usize, col: &mut [f32]) {
                     }
                     let src = &plane[iy as usize * w..(iy as usize + 1) * w];
                     // out[x] = src[x + kw - pad] where in range
-                    let shift = kw as isize - pad as isize;
+                    let shift = kw as isize - pw as isize;
                     let (lo, hi) = ((-shift).max(0) as usize, (w as isize - shift).min(w as isize).max(0) as usize);
                     out[..lo.min(w)].fill(0.0);
                     if hi > lo {
@@ -71,9 +76,9 @@ fn im2col(xb: &[f32], s: &ConvShape, r0: usize, rows: usize, col: &mut [f32]) {
     }
 }
 
-/// y [B,Co,H,W] = conv(x [B,Ci,H,W], w [Co,Ci,k,k]) + bias.
+/// y [B,Co,H,W] = conv(x [B,Ci,H,W], w [Co,Ci,kh,kw]) + bias.
 pub fn conv2d(x: &[f32], w: &[f32], bias: Option<&[f32]>, s: &ConvShape) -> Vec<f32> {
-    let (hw, kk) = (s.h * s.w, s.ci * s.k * s.k);
+    let (hw, kk) = (s.h * s.w, s.depth());
     let mut y = vec![0.0f32; s.b * s.co * hw];
     if y.is_empty() {
         return y;
@@ -96,7 +101,7 @@ pub fn conv2d(x: &[f32], w: &[f32], bias: Option<&[f32]>, s: &ConvShape) -> Vec<
             // SAFETY: as above; px floats of channel co's band.
             unsafe { std::slice::from_raw_parts_mut(yb.add(co * hw), px) }.fill(v);
         }
-        let (rhs, rhs_rs) = if s.k == 1 {
+        let (rhs, rhs_rs) = if is_pointwise(s) {
             (xb[r0 * s.w..].as_ptr(), hw as isize)
         } else {
             col.resize(kk * px, 0.0);
@@ -138,10 +143,9 @@ pub fn conv2d(x: &[f32], w: &[f32], bias: Option<&[f32]>, s: &ConvShape) -> Vec<
     y
 }
 
-/// w [Co,Ci,k,k] -> [Ci,Co,k,k] with both kernel axes reversed: the weights of the convolution
-/// that maps dy to dx.
-pub fn flip_weights(w: &[f32], co: usize, ci: usize, k: usize) -> Vec<f32> {
-    let k2 = k * k;
+/// w [Co,Ci,kh,kw] -> [Ci,Co,kh,kw] with both kernel axes reversed (k2 = kh·kw; reversing the
+/// flattened index reverses both): the weights of the convolution that maps dy to dx.
+pub fn flip_weights(w: &[f32], co: usize, ci: usize, k2: usize) -> Vec<f32> {
     let mut wt = vec![0.0f32; w.len()];
     for o in 0..co {
         for i in 0..ci {
@@ -153,9 +157,9 @@ pub fn flip_weights(w: &[f32], co: usize, ci: usize, k: usize) -> Vec<f32> {
     wt
 }
 
-/// dw [Co, Ci·k²] = Σ over images and bands of dy_band [Co, px] · col_bandᵀ.
+/// dw [Co, Ci·kh·kw] = Σ over images and bands of dy_band [Co, px] · col_bandᵀ.
 pub fn conv2d_wgrad(x: &[f32], dy: &[f32], s: &ConvShape) -> Vec<f32> {
-    let (hw, kk) = (s.h * s.w, s.ci * s.k * s.k);
+    let (hw, kk) = (s.h * s.w, s.depth());
     let rows = band_rows(s);
     let bands = s.h.div_ceil(rows);
     let tasks = s.b * bands;
@@ -171,7 +175,7 @@ pub fn conv2d_wgrad(x: &[f32], dy: &[f32], s: &ConvShape) -> Vec<f32> {
                 let (r0, nr) = (band * rows, rows.min(s.h - band * rows));
                 let px = nr * s.w;
                 let xb = &x[b * s.ci * hw..(b + 1) * s.ci * hw];
-                let (col_ptr, col_rs) = if s.k == 1 {
+                let (col_ptr, col_rs) = if is_pointwise(s) {
                     (xb[r0 * s.w..].as_ptr(), hw as isize)
                 } else {
                     col.resize(kk * px, 0.0);

@@ -1,5 +1,7 @@
-//! 2-D convolution, k x k with k odd (the model uses 3 and 1), padding k/2 ("same"), stride 1,
-//! NCHW, with bias; forward and backward to the input, the weights and the bias.
+//! 2-D convolution, kh x kw with both odd (the U-Net uses 3×3 and 1×1; the text branch's Conv1d
+//! over tokens is a 1×3 convolution of [B, C, 1, L], see `conv1d`), padding (kh/2, kw/2)
+//! ("same"), stride 1, NCHW, with bias; forward and backward to the input, the weights and the
+//! bias.
 //!
 //! cuda / emu: implicit GEMMs on the shared tile core (kernels/conv.cu); `GemmAlgo::TensorCore`
 //! uses tf32 mma.sync with f32 accumulation, `Tiled` exact f32. The input gradient is the forward
@@ -29,9 +31,9 @@ crate::kernel_params! {
         co: u32,
         h: u32,
         w_: u32,
-        k: u32,
+        kh: u32,
+        kw: u32,
         splits: u32,
-        pad: u32,
     }
 }
 
@@ -41,12 +43,12 @@ crate::kernel_params! {
         wt: u64,
         co: u32,
         ci: u32,
-        k: u32,
+        k2: u32,
         pad: u32,
     }
 }
 
-/// Sizes of one convolution: x [b, ci, h, w], weights [co, ci, k, k].
+/// Sizes of one convolution: x [b, ci, h, w], weights [co, ci, kh, kw].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConvShape {
     pub b: usize,
@@ -54,12 +56,17 @@ pub struct ConvShape {
     pub co: usize,
     pub h: usize,
     pub w: usize,
-    pub k: usize,
+    pub kh: usize,
+    pub kw: usize,
 }
 
 impl ConvShape {
     pub fn flops(&self) -> f64 {
-        2.0 * (self.b * self.co * self.h * self.w * self.ci * self.k * self.k) as f64
+        2.0 * (self.b * self.co * self.h * self.w * self.ci * self.kh * self.kw) as f64
+    }
+    /// Ci·kh·kw, the GEMM depth of the forward.
+    pub fn depth(&self) -> usize {
+        self.ci * self.kh * self.kw
     }
 }
 
@@ -69,7 +76,7 @@ pub struct Conv2dGrads {
     pub db: Option<Tensor>,
 }
 
-/// Checks x [B,Ci,H,W], w [Co,Ci,k,k] (k odd), bias [Co].
+/// Checks x [B,Ci,H,W], w [Co,Ci,kh,kw] (both odd), bias [Co].
 pub fn shape(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<ConvShape> {
     let op = "conv2d";
     x.expect_dtype(op, DType::F32)?;
@@ -77,14 +84,14 @@ pub fn shape(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<ConvShape>
     if x.rank() != 4 || w.rank() != 4 {
         return Err(Error::shape(
             op,
-            format!("input {:?} must be [B,C,H,W] and weights {:?} [Co,Ci,k,k]", x.shape(), w.shape()),
+            format!("input {:?} must be [B,C,H,W] and weights {:?} [Co,Ci,kh,kw]", x.shape(), w.shape()),
         ));
     }
     let (xs, ws) = (x.shape(), w.shape());
-    if ws[1] != xs[1] || ws[2] != ws[3] || ws[2] % 2 == 0 {
+    if ws[1] != xs[1] || ws[2] % 2 == 0 || ws[3] % 2 == 0 {
         return Err(Error::shape(
             op,
-            format!("weights {ws:?} do not fit input {xs:?} (need [Co,{},k,k] with k odd)", xs[1]),
+            format!("weights {ws:?} do not fit input {xs:?} (need [Co,{},kh,kw] with kh, kw odd)", xs[1]),
         ));
     }
     if let Some(b) = bias {
@@ -95,7 +102,7 @@ pub fn shape(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<ConvShape>
         }
     }
     x.same_device(op, &[w])?;
-    Ok(ConvShape { b: xs[0], ci: xs[1], co: ws[0], h: xs[2], w: xs[3], k: ws[2] })
+    Ok(ConvShape { b: xs[0], ci: xs[1], co: ws[0], h: xs[2], w: xs[3], kh: ws[2], kw: ws[3] })
 }
 
 fn launch_fwd(dev: &Device, x: u64, w: u64, bias: u64, y: u64, s: &ConvShape, algo: GemmAlgo) -> Result<()> {
@@ -111,9 +118,9 @@ fn launch_fwd(dev: &Device, x: u64, w: u64, bias: u64, y: u64, s: &ConvShape, al
         co: check_u32(op, s.co)?,
         h: check_u32(op, s.h)?,
         w_: check_u32(op, s.w)?,
-        k: check_u32(op, s.k)?,
+        kh: check_u32(op, s.kh)?,
+        kw: check_u32(op, s.kw)?,
         splits: 1,
-        pad: 0,
     };
     let grid = (check_u32(op, n.div_ceil(64))?, check_u32(op, s.co.div_ceil(64))?, 1);
     if grid.1 > 65535 {
@@ -145,7 +152,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, algo: GemmAlgo) -> 
     Ok(y)
 }
 
-/// Gradients of Σ dy · conv2d(x, w, bias): dx, dw [Co,Ci,k,k] and (with a bias) db [Co].
+/// Gradients of Σ dy · conv2d(x, w, bias): dx, dw [Co,Ci,kh,kw] and (with a bias) db [Co].
 pub fn conv2d_backward(x: &Tensor, w: &Tensor, dy: &Tensor, with_bias: bool, algo: GemmAlgo) -> Result<Conv2dGrads> {
     let op = "conv2d_backward";
     let s = shape(x, w, None)?;
@@ -157,22 +164,21 @@ pub fn conv2d_backward(x: &Tensor, w: &Tensor, dy: &Tensor, with_bias: bool, alg
         ));
     }
     let dev = x.device();
-    let kk = s.ci * s.k * s.k;
     // The input gradient: dy convolved with the flipped, transposed weights.
     let st = ConvShape { ci: s.co, co: s.ci, ..s };
     let (dx, dw) = if let Device::Cpu = dev {
-        let wt = cpu::flip_weights(w.cpu_f32(op)?, s.co, s.ci, s.k);
+        let wt = cpu::flip_weights(w.cpu_f32(op)?, s.co, s.ci, s.kh * s.kw);
         let dx = cpu::conv2d(dy.cpu_f32(op)?, &wt, None, &st);
         let dw = cpu::conv2d_wgrad(x.cpu_f32(op)?, dy.cpu_f32(op)?, &s);
         (Tensor::from_vec(dx, x.shape(), dev)?, Tensor::from_vec(dw, w.shape(), dev)?)
     } else {
-        let wt = Tensor::empty(&[s.ci, s.co, s.k, s.k], DType::F32, dev)?;
+        let wt = Tensor::empty(&[s.ci, s.co, s.kh, s.kw], DType::F32, dev)?;
         let fp = WflipParams {
             w: w.dev_ptr(),
             wt: wt.dev_ptr(),
             co: check_u32(op, s.co)?,
             ci: check_u32(op, s.ci)?,
-            k: check_u32(op, s.k)?,
+            k2: check_u32(op, s.kh * s.kw)?,
             pad: 0,
         };
         if wt.numel() > 0 {
@@ -190,14 +196,13 @@ pub fn conv2d_backward(x: &Tensor, w: &Tensor, dy: &Tensor, with_bias: bool, alg
     } else {
         None
     };
-    let _ = kk;
     Ok(Conv2dGrads { dx, dw, db })
 }
 
-/// The weight gradient on cuda / emu: split-K partial sums [splits, Co, Ci·k²], then their sum.
+/// The weight gradient on cuda / emu: split-K partial sums [splits, Co, Ci·kh·kw], then their sum.
 fn wgrad(dev: &Device, x: &Tensor, dy: &Tensor, s: &ConvShape, algo: GemmAlgo) -> Result<Tensor> {
     let op = "conv2d_backward";
-    let kk = s.ci * s.k * s.k;
+    let kk = s.depth();
     let pixels = s.b * s.h * s.w;
     let tiles_mn = kk.div_ceil(64) * s.co.div_ceil(64);
     // Enough blocks to fill a large GPU; each split keeps at least one 16-pixel tile.
@@ -213,9 +218,9 @@ fn wgrad(dev: &Device, x: &Tensor, dy: &Tensor, s: &ConvShape, algo: GemmAlgo) -
         co: check_u32(op, s.co)?,
         h: check_u32(op, s.h)?,
         w_: check_u32(op, s.w)?,
-        k: check_u32(op, s.k)?,
+        kh: check_u32(op, s.kh)?,
+        kw: check_u32(op, s.kw)?,
         splits: splits as u32,
-        pad: 0,
     };
     let grid = (check_u32(op, kk.div_ceil(64))?, check_u32(op, s.co.div_ceil(64))?, splits as u32);
     let (kernel, threads) = match algo {
@@ -226,4 +231,32 @@ fn wgrad(dev: &Device, x: &Tensor, dy: &Tensor, s: &ConvShape, algo: GemmAlgo) -
         dev.launch(kernel, LaunchCfg { grid, block: (threads, 1, 1), smem_bytes: 0 }, &p)?;
     }
     reduce::sum(&partial, 0)
+}
+
+/// 1-D convolution over the last axis, kernel k odd, padding k/2, stride 1: x [B, Ci, L],
+/// w [Co, Ci, k], bias [Co] (PyTorch's Conv1d(k, padding = k/2)), as the 1×k 2-D convolution of
+/// [B, Ci, 1, L].
+pub fn conv1d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, algo: GemmAlgo) -> Result<Tensor> {
+    let (x4, w4) = as_2d(x, w)?;
+    let y = conv2d(&x4, &w4, bias, algo)?;
+    y.reshape(&[x.shape()[0], w.shape()[0], x.shape()[2]])
+}
+
+/// Gradients of `conv1d`: dx [B, Ci, L], dw [Co, Ci, k], db [Co].
+pub fn conv1d_backward(x: &Tensor, w: &Tensor, dy: &Tensor, with_bias: bool, algo: GemmAlgo) -> Result<Conv2dGrads> {
+    let (x4, w4) = as_2d(x, w)?;
+    let dy4 = dy.reshape(&[dy.shape()[0], dy.shape()[1], 1, dy.shape()[2]])?;
+    let g = conv2d_backward(&x4, &w4, &dy4, with_bias, algo)?;
+    Ok(Conv2dGrads { dx: g.dx.reshape(x.shape())?, dw: g.dw.reshape(w.shape())?, db: g.db })
+}
+
+fn as_2d(x: &Tensor, w: &Tensor) -> Result<(Tensor, Tensor)> {
+    if x.rank() != 3 || w.rank() != 3 {
+        return Err(Error::shape(
+            "conv1d",
+            format!("input {:?} must be [B,C,L] and weights {:?} [Co,Ci,k]", x.shape(), w.shape()),
+        ));
+    }
+    let (xs, ws) = (x.shape(), w.shape());
+    Ok((x.reshape(&[xs[0], xs[1], 1, xs[2]])?, w.reshape(&[ws[0], ws[1], 1, ws[2]])?))
 }
