@@ -5,7 +5,7 @@ SPEC is one of: "mm M N K", "softmax R C", "relu B C H W", "add_bcast B C H W", 
 "transpose B R C", "permute0213 B T H D",
 "ccl B L N D", "ccl_fb B L N D", "dice_bce B HW", "mse B HW", "maxpool B C HW",
 "upsample B C HW", "conv B CI CO HW K", "conv_bwd B CI CO HW K",
-"bn_relu B C HW". Prints "SPEC<TAB>median seconds" per spec. cpu: 2 threads (the machine's cores),
+"bn_relu B C HW", "plam B C HW". Prints "SPEC<TAB>median seconds" per spec. cpu: 2 threads (the machine's cores),
 f32, TF32 off on cuda so that "gemm" compares like with like (gemm_tc is the TF32 figure).
 A peer, not a dependency: needs torch in a virtual environment outside the repository.
 """
@@ -96,6 +96,19 @@ def build(spec, dev):
         x, g, bt = r(b, c, hw, hw), r(c), r(c)
         rm, rv = torch.zeros(c, device=dev), torch.ones(c, device=dev)
         return lambda: torch.relu(torch.nn.functional.batch_norm(x, rm, rv, g, bt, training=True))
+    if kind == "plam":
+        b, c, hw = d
+        s_, wa, wm = r(b, c, hw, hw), r(c, c, 1, 1), r(c, c, 1, 1)
+        l1, l2 = torch.nn.Linear(3, 6).to(dev), torch.nn.Linear(6, 1).to(dev)
+
+        def gate():
+            with torch.no_grad():
+                a = torch.relu(torch.nn.functional.conv2d(s_, wa)).mean(1, keepdim=True)
+                m = torch.relu(torch.nn.functional.conv2d(s_, wm)).amax(1, keepdim=True)
+                f = torch.cat([a, m, a + m], 1).permute(0, 2, 3, 1)
+                g = l2(torch.relu(l1(f))).permute(0, 3, 1, 2)
+                return g * s_
+        return gate
     if kind == "maxpool":
         b, c, hw = d
         x = r(b, c, hw, hw)

@@ -12,7 +12,7 @@ use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::ops::elementwise::{self, UnaryOp};
 use crate::ops::gemm::{self, GemmAlgo, GemmOpts};
-use crate::ops::{ccl, conv, loss, norm, pool, reduce, softmax, transpose};
+use crate::ops::{ccl, conv, loss, norm, plam, pool, reduce, softmax, transpose};
 use crate::tensor::Tensor;
 use std::time::Instant;
 
@@ -60,7 +60,7 @@ fn rand_tensor(shape: &[usize], seed: u64, dev: &Device) -> Result<Tensor> {
 type Group = fn(&Device, bool, &mut Vec<Case>) -> Result<()>;
 
 /// Every benchmark group with the case names it defines.
-const GROUPS: [(&[&str], Group); 9] = [
+const GROUPS: [(&[&str], Group); 10] = [
     (&["gemm", "gemm_tc"], gemm_cases),
     (&["softmax", "softmax_bwd"], softmax_cases),
     (&["relu", "relu_bwd", "add_bcast", "sum", "max", "sum_bwd"], activation_cases),
@@ -70,6 +70,7 @@ const GROUPS: [(&[&str], Group); 9] = [
     (&["max_pool2", "max_pool2_bwd", "upsample2", "upsample2_bwd"], pool_cases),
     (&["conv3x3", "conv3x3_b8", "conv3x3_bwd", "conv1x1"], conv_cases),
     (&["batch_norm_relu", "batch_norm_relu_bwd"], bn_cases),
+    (&["plam", "plam_bwd"], plam_cases),
 ];
 
 /// The cases for a device, only the groups `filter` names (so that a run allocates only what it
@@ -529,6 +530,64 @@ fn bn_cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
         run: Box::new(move || Ok(norm::batch_norm_backward(&p.0, &p.1, &f, &dy, o)?.dx)),
     });
     Ok(())
+}
+
+/// The PLAM gate of the first and last decoder stages (512 channels at 28², 64 at 224²), batch 1.
+fn plam_cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
+    let shapes: &[(usize, usize)] = if small { &[(8, 8)] } else { &[(512, 28), (64, 224)] };
+    for (i, &(c, hw)) in shapes.iter().enumerate() {
+        let r = |shape: &[usize], k: u64| rand_tensor(shape, 100 + 10 * i as u64 + k, dev);
+        let s = r(&[1, c, hw, hw], 0)?;
+        let ws = std::rc::Rc::new([
+            r(&[c, c, 1, 1], 1)?,
+            r(&[c, c, 1, 1], 2)?,
+            r(&[6, 3], 3)?,
+            r(&[6], 4)?,
+            r(&[1, 6], 5)?,
+            r(&[1], 6)?,
+        ]);
+        let algo = if dev.is_gpu_like() { GemmAlgo::TensorCore } else { GemmAlgo::Auto };
+        let flops = 4.0 * (c * c * hw * hw) as f64; // the two 1×1 convolutions
+        let bytes = 4.0 * 4.0 * (c * hw * hw) as f64;
+        let (s1, w1) = (s.clone(), ws.clone());
+        v.push(Case {
+            op: "plam",
+            shape: format!("b1 C{c} {hw}x{hw}"),
+            flops,
+            bytes,
+            peer: Some(format!("plam 1 {c} {hw}")),
+            validate: None,
+            run: Box::new(move || {
+                let w = PlamRef(&w1).get();
+                Ok(plam::plam_gate(&s1, &w, algo)?.out)
+            }),
+        });
+        let dout = r(&[1, c, hw, hw], 7)?;
+        v.push(Case {
+            op: "plam_bwd",
+            shape: format!("b1 C{c} {hw}x{hw}"),
+            flops: 3.0 * flops,
+            bytes: 3.0 * bytes,
+            peer: None,
+            validate: None,
+            run: Box::new(move || {
+                let w = PlamRef(&ws).get();
+                let f = plam::plam_gate(&s, &w, algo)?;
+                Ok(plam::plam_gate_backward(&s, &w, &f, &dout, algo)?.ds)
+            }),
+        });
+    }
+    Ok(())
+}
+
+/// The six gate tensors as `PlamWeights`.
+struct PlamRef<'a>(&'a [Tensor; 6]);
+
+impl<'a> PlamRef<'a> {
+    fn get(&self) -> plam::PlamWeights<'a> {
+        let w = self.0;
+        plam::PlamWeights { w_avg: &w[0], w_max: &w[1], fc1_w: &w[2], fc1_b: &w[3], fc2_w: &w[4], fc2_b: &w[5] }
+    }
 }
 
 /// 1 where x > 0, else 0 (a synthetic mask).

@@ -9,6 +9,7 @@ pub mod elementwise;
 pub mod gemm;
 pub mod loss;
 pub mod norm;
+pub mod plam;
 pub mod pool;
 pub mod reduce;
 pub mod softmax;

@@ -1,0 +1,230 @@
+//! The PLAM skip gate of the official decoder: a = mean_c ReLU(conv_avg s),
+//! m = max_c ReLU(conv_max s) (1×1 convolutions, no bias), g = Linear(6→1)(ReLU(Linear(3→6)
+//! ([a, m, a + m]))) per pixel with no sigmoid, out = g · s broadcast over channels. The two 1×1
+//! convolutions run as GEMMs (the conv op); everything after them is one fused pass per pixel
+//! (kernels/plam.cu). Ties in the channel max go to the lowest channel.
+
+pub mod cpu;
+pub mod reference;
+
+use crate::device::{Device, LaunchCfg};
+use crate::error::{Error, Result};
+use crate::kernels::Kernel;
+use crate::ops::conv;
+use crate::ops::gemm::GemmAlgo;
+use crate::ops::{check_u32, elementwise, reduce};
+use crate::tensor::{DType, Tensor};
+
+crate::kernel_params! {
+    struct PlamParams [136] {
+        a: u64,
+        m: u64,
+        s: u64,
+        fc1w: u64,
+        fc1b: u64,
+        fc2w: u64,
+        fc2b: u64,
+        dout: u64,
+        out: u64,
+        g: u64,
+        arg: u64,
+        ds: u64,
+        da: u64,
+        dm: u64,
+        fcgrad: u64,
+        b: u32,
+        c: u32,
+        hw: u32,
+        pad: u32,
+    }
+}
+
+/// The gate's parameters (official names: conv_avg, conv_max, bottleneck.0, bottleneck.2).
+pub struct PlamWeights<'a> {
+    /// [C, C, 1, 1]
+    pub w_avg: &'a Tensor,
+    /// [C, C, 1, 1]
+    pub w_max: &'a Tensor,
+    /// [6, 3], [6]
+    pub fc1_w: &'a Tensor,
+    pub fc1_b: &'a Tensor,
+    /// [1, 6], [1]
+    pub fc2_w: &'a Tensor,
+    pub fc2_b: &'a Tensor,
+}
+
+pub struct PlamForward {
+    pub out: Tensor,
+    /// [B, 1, H, W]
+    pub g: Tensor,
+    /// what the backward needs: the two 1×1 convolutions' outputs and the channel argmax
+    a: Tensor,
+    m: Tensor,
+    arg: Tensor,
+}
+
+pub struct PlamGrads {
+    pub ds: Tensor,
+    pub dw_avg: Tensor,
+    pub dw_max: Tensor,
+    pub dfc1_w: Tensor,
+    pub dfc1_b: Tensor,
+    pub dfc2_w: Tensor,
+    pub dfc2_b: Tensor,
+}
+
+fn check(s: &Tensor, w: &PlamWeights) -> Result<(usize, usize, usize)> {
+    let op = "plam_gate";
+    if s.rank() != 4 {
+        return Err(Error::shape(op, format!("skip input {:?} must be [B,C,H,W]", s.shape())));
+    }
+    let c = s.shape()[1];
+    for (name, t, shape) in [
+        ("conv_avg", w.w_avg, vec![c, c, 1, 1]),
+        ("conv_max", w.w_max, vec![c, c, 1, 1]),
+        ("bottleneck.0.weight", w.fc1_w, vec![6, 3]),
+        ("bottleneck.0.bias", w.fc1_b, vec![6]),
+        ("bottleneck.2.weight", w.fc2_w, vec![1, 6]),
+        ("bottleneck.2.bias", w.fc2_b, vec![1]),
+    ] {
+        t.expect_dtype(op, DType::F32)?;
+        if t.shape() != shape.as_slice() {
+            return Err(Error::shape(op, format!("{name} is {:?}, expected {shape:?}", t.shape())));
+        }
+    }
+    s.same_device(op, &[w.w_avg, w.w_max, w.fc1_w, w.fc1_b, w.fc2_w, w.fc2_b])?;
+    Ok((s.shape()[0], c, s.shape()[2] * s.shape()[3]))
+}
+
+pub fn plam_gate(s: &Tensor, w: &PlamWeights, algo: GemmAlgo) -> Result<PlamForward> {
+    let op = "plam_gate";
+    let (b, c, hw) = check(s, w)?;
+    let a = conv::conv2d(s, w.w_avg, None, algo)?;
+    let m = conv::conv2d(s, w.w_max, None, algo)?;
+    let gshape = [b, 1, s.shape()[2], s.shape()[3]];
+    let dev = s.device();
+    if let Device::Cpu = dev {
+        let fc = cpu::Fc::read(w)?;
+        let (out, g, arg) = cpu::forward(a.cpu_f32(op)?, m.cpu_f32(op)?, s.cpu_f32(op)?, &fc, b, c, hw);
+        return Ok(PlamForward {
+            out: Tensor::from_vec(out, s.shape(), dev)?,
+            g: Tensor::from_vec(g, &gshape, dev)?,
+            a,
+            m,
+            arg: Tensor::from_vec_i32(arg, &gshape, dev)?,
+        });
+    }
+    let out = Tensor::empty(s.shape(), DType::F32, dev)?;
+    let g = Tensor::empty(&gshape, DType::F32, dev)?;
+    let arg = Tensor::empty(&gshape, DType::I32, dev)?;
+    let p = params(&a, &m, s, w, (b, c, hw), [out.dev_ptr(), g.dev_ptr(), arg.dev_ptr(), 0, 0, 0, 0, 0])?;
+    if b * hw > 0 {
+        dev.launch(Kernel::plam_gate_fwd_f32, LaunchCfg::elementwise(b * hw), &p)?;
+    }
+    Ok(PlamForward { out, g, a, m, arg })
+}
+
+/// `ptrs`: out, g, arg, dout, ds, da, dm, fcgrad.
+fn params(
+    a: &Tensor,
+    m: &Tensor,
+    s: &Tensor,
+    w: &PlamWeights,
+    (b, c, hw): (usize, usize, usize),
+    ptrs: [u64; 8],
+) -> Result<PlamParams> {
+    let op = "plam_gate";
+    Ok(PlamParams {
+        a: a.dev_ptr(),
+        m: m.dev_ptr(),
+        s: s.dev_ptr(),
+        fc1w: w.fc1_w.dev_ptr(),
+        fc1b: w.fc1_b.dev_ptr(),
+        fc2w: w.fc2_w.dev_ptr(),
+        fc2b: w.fc2_b.dev_ptr(),
+        out: ptrs[0],
+        g: ptrs[1],
+        arg: ptrs[2],
+        dout: ptrs[3],
+        ds: ptrs[4],
+        da: ptrs[5],
+        dm: ptrs[6],
+        fcgrad: ptrs[7],
+        b: check_u32(op, b)?,
+        c: check_u32(op, c)?,
+        hw: check_u32(op, hw)?,
+        pad: 0,
+    })
+}
+
+pub fn plam_gate_backward(
+    s: &Tensor,
+    w: &PlamWeights,
+    f: &PlamForward,
+    dout: &Tensor,
+    algo: GemmAlgo,
+) -> Result<PlamGrads> {
+    let op = "plam_gate_backward";
+    let (b, c, hw) = check(s, w)?;
+    if dout.shape() != s.shape() {
+        return Err(Error::shape(op, format!("dout {:?} vs skip input {:?}", dout.shape(), s.shape())));
+    }
+    let dev = s.device();
+    let (ds_direct, da, dm, fcg) = if let Device::Cpu = dev {
+        let fc = cpu::Fc::read(w)?;
+        let r = cpu::backward(
+            f.a.cpu_f32(op)?,
+            f.m.cpu_f32(op)?,
+            s.cpu_f32(op)?,
+            dout.cpu_f32(op)?,
+            f.g.cpu_f32(op)?,
+            &fc,
+            b,
+            c,
+            hw,
+        );
+        (
+            Tensor::from_vec(r.0, s.shape(), dev)?,
+            Tensor::from_vec(r.1, s.shape(), dev)?,
+            Tensor::from_vec(r.2, s.shape(), dev)?,
+            Tensor::from_vec(r.3, &[31], dev)?,
+        )
+    } else {
+        let t = |_| Tensor::empty(s.shape(), DType::F32, dev);
+        let (ds, da, dm) = (t(0)?, t(1)?, t(2)?);
+        let cfg = LaunchCfg::elementwise((b * hw).max(1));
+        let fcgrad = Tensor::empty(&[cfg.grid.0 as usize, 31], DType::F32, dev)?;
+        let p = params(
+            &f.a,
+            &f.m,
+            s,
+            w,
+            (b, c, hw),
+            [
+                0,
+                f.g.dev_ptr(),
+                f.arg.dev_ptr(),
+                dout.dev_ptr(),
+                ds.dev_ptr(),
+                da.dev_ptr(),
+                dm.dev_ptr(),
+                fcgrad.dev_ptr(),
+            ],
+        )?;
+        dev.launch(Kernel::plam_gate_bwd_f32, cfg, &p)?;
+        (ds, da, dm, reduce::sum(&fcgrad, 0)?)
+    };
+    let ga = conv::conv2d_backward(s, w.w_avg, &da, false, algo)?;
+    let gm = conv::conv2d_backward(s, w.w_max, &dm, false, algo)?;
+    let ds = elementwise::add(&elementwise::add(&ds_direct, &ga.dx)?, &gm.dx)?;
+    let fcv = fcg.to_vec()?;
+    Ok(PlamGrads {
+        ds,
+        dw_avg: ga.dw,
+        dw_max: gm.dw,
+        dfc1_w: Tensor::from_vec(fcv[0..18].to_vec(), &[6, 3], dev)?,
+        dfc1_b: Tensor::from_vec(fcv[18..24].to_vec(), &[6], dev)?,
+        dfc2_w: Tensor::from_vec(fcv[24..30].to_vec(), &[1, 6], dev)?,
+        dfc2_b: Tensor::from_vec(fcv[30..31].to_vec(), &[1], dev)?,
+    })
+}
