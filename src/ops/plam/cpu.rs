@@ -72,9 +72,9 @@ pub fn forward(
 fn gate(fc: &Fc, f: [f32; 3]) -> (f32, [f32; 6]) {
     let mut z = [0.0f32; 6];
     let mut g = fc.b2;
-    for j in 0..6 {
-        z[j] = fc.w1[j * 3] * f[0] + fc.w1[j * 3 + 1] * f[1] + fc.w1[j * 3 + 2] * f[2] + fc.b1[j];
-        g += fc.w2[j] * z[j].max(0.0);
+    for (j, zj) in z.iter_mut().enumerate() {
+        *zj = fc.w1[j * 3] * f[0] + fc.w1[j * 3 + 1] * f[1] + fc.w1[j * 3 + 2] * f[2] + fc.b1[j];
+        g += fc.w2[j] * zj.max(0.0);
     }
     (g, z)
 }
