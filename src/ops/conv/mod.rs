@@ -105,14 +105,14 @@ pub fn shape(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<ConvShape>
     Ok(ConvShape { b: xs[0], ci: xs[1], co: ws[0], h: xs[2], w: xs[3], kh: ws[2], kw: ws[3] })
 }
 
-fn launch_fwd(dev: &Device, x: u64, w: u64, bias: u64, y: u64, s: &ConvShape, algo: GemmAlgo) -> Result<()> {
+/// The params of one conv launch; `ptrs`: x, w (or dy), bias (or 0), y (or the partial sums).
+fn conv_params(ptrs: [u64; 4], s: &ConvShape, splits: usize) -> Result<ConvParams> {
     let op = "conv2d";
-    let n = s.b * s.h * s.w;
-    let p = ConvParams {
-        x,
-        w,
-        bias,
-        y,
+    Ok(ConvParams {
+        x: ptrs[0],
+        w: ptrs[1],
+        bias: ptrs[2],
+        y: ptrs[3],
         b: check_u32(op, s.b)?,
         ci: check_u32(op, s.ci)?,
         co: check_u32(op, s.co)?,
@@ -120,8 +120,14 @@ fn launch_fwd(dev: &Device, x: u64, w: u64, bias: u64, y: u64, s: &ConvShape, al
         w_: check_u32(op, s.w)?,
         kh: check_u32(op, s.kh)?,
         kw: check_u32(op, s.kw)?,
-        splits: 1,
-    };
+        splits: check_u32(op, splits)?,
+    })
+}
+
+fn launch_fwd(dev: &Device, x: u64, w: u64, bias: u64, y: u64, s: &ConvShape, algo: GemmAlgo) -> Result<()> {
+    let op = "conv2d";
+    let n = s.b * s.h * s.w;
+    let p = conv_params([x, w, bias, y], s, 1)?;
     let grid = (check_u32(op, n.div_ceil(64))?, check_u32(op, s.co.div_ceil(64))?, 1);
     if grid.1 > 65535 {
         return Err(Error::Unsupported { op, detail: format!("{} output channels", s.co) });
@@ -208,20 +214,7 @@ fn wgrad(dev: &Device, x: &Tensor, dy: &Tensor, s: &ConvShape, algo: GemmAlgo) -
     // Enough blocks to fill a large GPU; each split keeps at least one 16-pixel tile.
     let splits = 256usize.div_ceil(tiles_mn).clamp(1, pixels.div_ceil(16).clamp(1, 65535));
     let partial = Tensor::empty(&[splits, s.co, kk], DType::F32, dev)?;
-    let p = ConvParams {
-        x: x.dev_ptr(),
-        w: dy.dev_ptr(),
-        bias: 0,
-        y: partial.dev_ptr(),
-        b: check_u32(op, s.b)?,
-        ci: check_u32(op, s.ci)?,
-        co: check_u32(op, s.co)?,
-        h: check_u32(op, s.h)?,
-        w_: check_u32(op, s.w)?,
-        kh: check_u32(op, s.kh)?,
-        kw: check_u32(op, s.kw)?,
-        splits: splits as u32,
-    };
+    let p = conv_params([x.dev_ptr(), dy.dev_ptr(), 0, partial.dev_ptr()], s, splits)?;
     let grid = (check_u32(op, kk.div_ceil(64))?, check_u32(op, s.co.div_ceil(64))?, splits as u32);
     let (kernel, threads) = match algo {
         GemmAlgo::TensorCore => (Kernel::conv2d_tc_wgrad_bwd_f32, 128),
