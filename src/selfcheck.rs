@@ -5,7 +5,7 @@ use crate::device::Device;
 use crate::error::Result;
 use crate::ops::elementwise::{self, BinaryOp, UnaryOp};
 use crate::ops::gemm::{self, GemmAlgo, GemmOpts};
-use crate::ops::{reduce, softmax, transpose};
+use crate::ops::{ccl, conv, loss, pool, reduce, softmax, transpose};
 use crate::tensor::Tensor;
 use crate::testing::{f64s, mismatch, mismatch_scaled, Rng, EPS32, EPS_TF32};
 
@@ -73,6 +73,48 @@ pub fn run(dev: &Device) -> Result<Report> {
         let c = gemm::matmul(&at, &bt2, GemmOpts { algo, ..Default::default() })?.to_vec()?;
         record(&format!("gemm {algo:?} {m}x{k}x{n}"), mismatch_scaled(&c, &want, &mag, tol, 0.0));
     }
+
+    // U-Net pieces: a 3×3 convolution with bias, 2×2 max-pool.
+    let cs = conv::ConvShape { b: 2, ci: 5, co: 7, h: 9, w: 11, kh: 3, kw: 3 };
+    let (xv, wv, bv) = (rng.vec(2 * 5 * 99, -1.0, 1.0), rng.vec(7 * 5 * 9, -1.0, 1.0), rng.vec(7, -1.0, 1.0));
+    let want = conv::reference::conv2d(&f64s(&xv), &f64s(&wv), Some(&f64s(&bv)), &cs);
+    let abs = |v: &[f32]| -> Vec<f64> { v.iter().map(|a| a.abs() as f64).collect() };
+    let mag = conv::reference::conv2d(&abs(&xv), &abs(&wv), Some(&abs(&bv)), &cs);
+    let (xt, wt, bt) = (
+        Tensor::from_vec(xv.clone(), &[2, 5, 9, 11], dev)?,
+        Tensor::from_vec(wv, &[7, 5, 3, 3], dev)?,
+        Tensor::from_vec(bv, &[7], dev)?,
+    );
+    for &(algo, tol) in algos {
+        let y = conv::conv2d(&xt, &wt, Some(&bt), algo)?.to_vec()?;
+        // tol was set for k = 45 terms above; the convolution sums 45 too
+        record(&format!("conv2d 3x3 {algo:?}"), mismatch_scaled(&y, &want, &mag, tol, 0.0));
+    }
+    let (pooled, _) = pool::max_pool2(&xt)?;
+    let (pw, _) = pool::reference::max_pool2(&f64s(&xv), 10, 9, 11);
+    record("max_pool2", mismatch(&pooled.to_vec()?, &pw, 0.0, 0.0));
+
+    // Losses: Dice + BCE from logits, the CCL similarity.
+    let (z, g) = (rng.vec(3 * 50, -4.0, 4.0), (0..150).map(|i| (i % 3 == 0) as u8 as f32).collect::<Vec<_>>());
+    let seg =
+        loss::dice_bce(&Tensor::from_vec(z.clone(), &[3, 50], dev)?, &Tensor::from_vec(g.clone(), &[3, 50], dev)?)?;
+    let (dice, bce, crit) = loss::reference::dice_bce(&f64s(&z), &f64s(&g), 3, 50);
+    record("dice + bce", mismatch(&seg.loss.to_vec()?, &[dice, bce, crit], 1e-5, 1e-5));
+    let s = ccl::reference::Sizes { b: 3, l: 5, n: 7, d: 16 };
+    let (tv, vv) = (rng.vec(3 * 5 * 16, -1.0, 1.0), rng.vec(3 * 7 * 16, -1.0, 1.0));
+    let (mv, twv, vwv) = (vec![1.0f32; 15], rng.vec(15, 0.0, 1.0), rng.vec(21, 0.0, 1.0));
+    let t = |v: &[f32], sh: &[usize]| Tensor::from_vec(v.to_vec(), sh, dev);
+    let f = ccl::ccl_similarity(
+        &t(&tv, &[3, 5, 16])?,
+        &t(&vv, &[3, 7, 16])?,
+        &t(&mv, &[3, 5])?,
+        &t(&twv, &[3, 5])?,
+        &t(&vwv, &[3, 7])?,
+    )?;
+    let (_, _, logits, _, _) = ccl::reference::ccl(&f64s(&tv), &f64s(&vv), &f64s(&mv), &f64s(&twv), &f64s(&vwv), &s);
+    // dot products of 16 unit-vector terms, weighted sums of 5 and 7: well within 1e-5
+    record("ccl similarity", mismatch(&f.logits.to_vec()?, &logits, 1e-5, 0.0));
+
     lines.push(if ok { "all ok".into() } else { "FAILED".into() });
     Ok(Report { ok, text: lines.join("\n") + "\n" })
 }
