@@ -145,22 +145,9 @@ fn check_ccl(dev: &Device, c: Case) -> Result<(), TestCaseError> {
     // Backward, routed through the device's own argmaxes (checked above).
     let (gt2v, gv2t) = (tt(&x.d_t2v, &[c.b, c.b]), tt(&x.d_v2t, &[c.b, c.b]));
     let g = ccl::ccl_similarity_backward(&f, &mask, &tw, &vw, &gt2v, &gv2t).unwrap();
-    let (dt, dv, dtw, dvw) = reference::ccl_backward(
-        &f64s(&x.t),
-        &f64s(&x.v),
-        &f64s(&x.mask),
-        &f64s(&x.tw),
-        &f64s(&x.vw),
-        &s,
-        &f64s(&x.d_t2v),
-        &f64s(&x.d_v2t),
-        &av,
-        &at,
-    );
-    let tol = 4.0 * (c.b * (c.l + c.n) + c.d + 16) as f64 * EPS32;
-    // The normalisation's backward can cancel (D = 1: the gradient is exactly 0); its input, the
-    // gradient w.r.t. the unit vectors times 1/‖x‖, sets the scale of the rounding error then.
-    let (dth, dvh, _, _) = reference::ccl_backward_unit(
+    // Gradients w.r.t. the unit vectors, then through the normalisation: the first also sets the
+    // error scale where the normalisation's backward cancels (D = 1 makes the gradient exactly 0).
+    let (dth, dvh, dtw, dvw) = reference::ccl_backward_unit(
         &th,
         &vh,
         &f64s(&x.mask),
@@ -172,6 +159,9 @@ fn check_ccl(dev: &Device, c: Case) -> Result<(), TestCaseError> {
         &av,
         &at,
     );
+    let dt = reference::l2_normalize_backward(&f64s(&x.t), &dth, c.d);
+    let dv = reference::l2_normalize_backward(&f64s(&x.v), &dvh, c.d);
+    let tol = 4.0 * (c.b * (c.l + c.n) + c.d + 16) as f64 * EPS32;
     let inv_max = |v: &[f32]| {
         v.chunks(c.d).map(|r| 1.0 / r.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt()).fold(0.0, f64::max)
     };

@@ -295,6 +295,24 @@ pub fn backward(
     let CclSizes { b: nb, l, n, d } = s;
     let mut dth = vec![0.0f32; nb * l * d];
     let mut dvh = vec![0.0f32; nb * n * d];
+    // Every (t, v, coefficient) through which pair (a, b) routes gradient: the max over v of each
+    // word (t2v) and the max over t of each patch (v2t). Both sides below walk the same routes.
+    let routes = |a: usize, b: usize, f: &mut dyn FnMut(usize, usize, f32)| {
+        let pair = a * nb + b;
+        for t in 0..l {
+            let c = d_t2v[pair] * tw[a * l + t] * mask[a * l + t];
+            if c != 0.0 {
+                f(t, arg_v[pair * l + t] as usize, c);
+            }
+        }
+        for vi in 0..n {
+            let t = arg_t[pair * n + vi] as usize;
+            let c = d_v2t[pair] * vw[b * n + vi] * mask[a * l + t];
+            if c != 0.0 {
+                f(t, vi, c);
+            }
+        }
+    };
     // Text side: text sample a gathers from every image sample's chosen tokens. Blocks of CHUNK
     // texts walk the image samples in the outer loop, so each v̂_b (N·D floats) is read once per
     // block while the block's accumulators (CHUNK·L·D floats) stay in L2.
@@ -305,44 +323,16 @@ pub fn backward(
             let vb = &vh[b * n * d..(b + 1) * n * d];
             for ai in 0..ac {
                 let a = a0 + ai;
-                let pair = a * nb + b;
                 let acc_a = &mut acc[ai * l * d..(ai + 1) * l * d];
-                for t in 0..l {
-                    let c = d_t2v[pair] * tw[a * l + t] * mask[a * l + t];
-                    let vi = arg_v[pair * l + t] as usize;
-                    if c != 0.0 {
-                        axpy(c, &vb[vi * d..(vi + 1) * d], &mut acc_a[t * d..(t + 1) * d]);
-                    }
-                }
-                for vi in 0..n {
-                    let t = arg_t[pair * n + vi] as usize;
-                    let c = d_v2t[pair] * vw[b * n + vi] * mask[a * l + t];
-                    if c != 0.0 {
-                        axpy(c, &vb[vi * d..(vi + 1) * d], &mut acc_a[t * d..(t + 1) * d]);
-                    }
-                }
+                routes(a, b, &mut |t, vi, c| axpy(c, &vb[vi * d..(vi + 1) * d], &mut acc_a[t * d..(t + 1) * d]));
             }
         }
     });
     // Image side: sample b gathers from every text sample's chosen tokens.
     dvh.par_chunks_mut(n * d).enumerate().for_each(|(b, acc)| {
         for a in 0..nb {
-            let pair = a * nb + b;
             let ta = &th[a * l * d..(a + 1) * l * d];
-            for t in 0..l {
-                let c = d_t2v[pair] * tw[a * l + t] * mask[a * l + t];
-                let vi = arg_v[pair * l + t] as usize;
-                if c != 0.0 {
-                    axpy(c, &ta[t * d..(t + 1) * d], &mut acc[vi * d..(vi + 1) * d]);
-                }
-            }
-            for vi in 0..n {
-                let t = arg_t[pair * n + vi] as usize;
-                let c = d_v2t[pair] * vw[b * n + vi] * mask[a * l + t];
-                if c != 0.0 {
-                    axpy(c, &ta[t * d..(t + 1) * d], &mut acc[vi * d..(vi + 1) * d]);
-                }
-            }
+            routes(a, b, &mut |t, vi, c| axpy(c, &ta[t * d..(t + 1) * d], &mut acc[vi * d..(vi + 1) * d]));
         }
     });
     let dtw = (0..nb * l)
