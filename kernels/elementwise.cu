@@ -75,6 +75,7 @@ extern "C" __global__ void unary_bwd_f32(UnaryBwdParams p) {
 #define BINARY_ADD 0
 #define BINARY_SUB 1
 #define BINARY_MUL 2
+#define BINARY_DIV 3
 #define BINARY_MAX_RANK 6
 
 // y[i] = a[.] op b[.] with numpy broadcasting. shape is y's shape after the host merged every run
@@ -109,6 +110,6 @@ extern "C" __global__ void binary_fwd_f32(BinaryParams p) {
             }
         }
         const float a = p.a[ia], b = p.b[ib];
-        p.y[i] = p.op == BINARY_ADD ? a + b : (p.op == BINARY_SUB ? a - b : a * b);
+        p.y[i] = p.op == BINARY_ADD ? a + b : p.op == BINARY_SUB ? a - b : p.op == BINARY_MUL ? a * b : a / b;
     }
 }

@@ -56,6 +56,7 @@ fn apply(op: BinaryOp) -> impl Fn(f32, f32) -> f32 + Sync + Copy {
         BinaryOp::Add => a + b,
         BinaryOp::Sub => a - b,
         BinaryOp::Mul => a * b,
+        BinaryOp::Div => a / b,
     }
 }
 

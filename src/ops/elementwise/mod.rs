@@ -47,6 +47,8 @@ pub enum BinaryOp {
     Add,
     Sub,
     Mul,
+    /// a / b (IEEE: x/0 is ±inf or NaN, as in PyTorch)
+    Div,
 }
 
 impl BinaryOp {
@@ -270,6 +272,9 @@ pub fn sub(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 pub fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     binary(a, b, BinaryOp::Mul)
 }
+pub fn div(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    binary(a, b, BinaryOp::Div)
+}
 
 /// (da, db) for y = a op b: the gradient of each operand, summed over the dims it was broadcast
 /// along so that it has the operand's shape.
@@ -282,6 +287,8 @@ pub fn binary_backward(op: BinaryOp, a: &Tensor, b: &Tensor, dy: &Tensor) -> Res
         BinaryOp::Add => (dy.clone(), dy.clone()),
         BinaryOp::Sub => (dy.clone(), scale(dy, -1.0)?),
         BinaryOp::Mul => (mul(dy, b)?, mul(dy, a)?),
+        // d(a/b)/db = -(a/b)/b
+        BinaryOp::Div => (div(dy, b)?, mul(dy, &scale(&div(&div(a, b)?, b)?, -1.0)?)?),
     };
     Ok((reduce::sum_to_shape(&ga, a.shape())?, reduce::sum_to_shape(&gb, b.shape())?))
 }

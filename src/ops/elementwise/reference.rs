@@ -69,6 +69,7 @@ pub fn binary(a: &[f64], sa: &[usize], b: &[f64], sb: &[usize], op: BinaryOp) ->
                 BinaryOp::Add => x + z,
                 BinaryOp::Sub => x - z,
                 BinaryOp::Mul => x * z,
+                BinaryOp::Div => x / z,
             }
         })
         .collect()
@@ -93,6 +94,7 @@ pub fn binary_backward(
             BinaryOp::Add => (g, g),
             BinaryOp::Sub => (g, -g),
             BinaryOp::Mul => (g * b[ib], g * a[ia]),
+            BinaryOp::Div => (g / b[ib], -g * a[ia] / (b[ib] * b[ib])),
         };
         da[ia] += ga;
         db[ib] += gb;
