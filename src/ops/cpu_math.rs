@@ -99,6 +99,20 @@ macro_rules! multiversion {
 }
 pub(crate) use multiversion;
 
+multiversion! {
+    /// x ← e^x for every element, vectorised (see `exp`).
+    fn exp_slice_impl(x: &mut [f32]) {
+        for v in x.iter_mut() {
+            *v = exp(*v);
+        }
+    }
+}
+
+/// x ← e^x for every element, vectorised (see `exp`).
+pub fn exp_slice(x: &mut [f32]) {
+    exp_slice_impl(x)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

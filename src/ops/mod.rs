@@ -2,6 +2,7 @@
 //! launch configuration for cuda and emu, the fast cpu path (`cpu.rs`) and the naive reference
 //! with f64 accumulation (`reference.rs`, what the tests compare against).
 
+pub mod attention;
 pub mod ccl;
 pub mod conv;
 pub(crate) mod cpu_math;

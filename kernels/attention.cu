@@ -1,0 +1,480 @@
+// attention.cu: fused multi-head attention, forward and backward (FlashAttention-2 scheme).
+//
+// q [B,Tq,E], k, v [B,S,E], o [B,Tq,E] with E = H·Dh (head h = columns h·Dh..); lse [B,H,Tq].
+// Every product is done per warp on 16-row tiles in the mma.m16n8k8 fragment layout (see
+// common.cuh): with tc != 0 on tensor cores (tf32 operands), else by exact f32 FMAs that produce
+// the same fragments, so the softmax code is shared. Keys come in tiles of 16; the online softmax
+// keeps a running max and sum per query row, so the Tq×S score matrix never leaves the SM.
+//
+// Logit of (i, j): t = scale·⟨q_i, k_j⟩; z = t·kw_j + kb_j, where kb_j = ln(w_j + 1e-10) under the
+// official condition (= multiplying the probabilities by w + 1e-10 and renormalising), kw_j = w_j
+// under the paper's condition, and kb_j = −inf for invalid or out-of-range keys; −inf when
+// causal and j > i. Rows with no key get o = 0, lse = −inf, and zero gradients.
+//
+// Head dims are padded (zeros) to DP ∈ {16, 32, 64, 128}; the warps per block are chosen per DP
+// so that the tiles fit in 48 KiB of static shared memory (mirrored in src/ops/attention/mod.rs).
+#include "common.cuh"
+
+struct AttnParams {
+    const float* q;
+    const float* k;
+    const float* v;
+    float* o;       // forward output; in the backward, the forward's output (read)
+    float* lse;     // forward output; in the backward, read
+    const float* w;         // [B,S] condition weights, or null
+    const int32_t* valid;   // [B,S] nonzero = key taken, or null
+    const float* dout;      // [B,Tq,E]
+    float* delta;           // [B,H,Tq]: Σ_d dO·O
+    float* dq;
+    float* dk;
+    float* dv;
+    float* dw;      // [B,H,S] per-head partial dw, or null
+    float* probs;   // [B,H,Tq,S], or null
+    uint32_t b, h, tq, s, dh, e;
+    float scale;
+    uint32_t causal;
+    uint32_t cond;  // ATTN_COND_*
+    uint32_t tc;
+};
+RECLMIS_PARAMS_SIZE(AttnParams, 152);
+
+#define ATTN_COND_NONE 0
+#define ATTN_COND_PROBS 1
+#define ATTN_COND_LOGITS 2
+#define ATTN_COND_EPS 1e-10f
+#define ATTN_BC 16         // keys per tile
+#define ATTN_LDP (ATTN_BC + 4)  // row stride of the per-warp 16x16 probability tiles
+
+__host__ __device__ constexpr int attn_fwd_warps(int dp) { return dp == 128 ? 2 : 4; }
+__host__ __device__ constexpr int attn_bwd_warps(int dp) { return dp == 128 ? 1 : (dp == 64 ? 2 : 4); }
+
+// acc[NT][4] += A (16 x K) · B (K x 8·NT) for one warp, in the mma fragment layout:
+// acc[nt][c] is row g + 8·(c/2), column 8·nt + 2t + c%2 (g = lane/4, t = lane%4).
+// a(r, k) and b(k, n) read shared memory; K is a multiple of 8.
+template <bool TC, int NT, int K, class FA, class FB>
+__device__ __forceinline__ void warp_tile(float (*acc)[4], FA a, FB b) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll 2
+    for (int k = 0; k < K; k += 8) {
+        if constexpr (TC) {
+            const uint32_t af[4] = {f32_to_tf32(a(g, k + t)), f32_to_tf32(a(g + 8, k + t)),
+                                    f32_to_tf32(a(g, k + t + 4)), f32_to_tf32(a(g + 8, k + t + 4))};
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                const uint32_t bf[2] = {f32_to_tf32(b(k + t, 8 * nt + g)), f32_to_tf32(b(k + t + 4, 8 * nt + g))};
+                mma_m16n8k8_tf32(acc[nt], af, bf, acc[nt]);
+            }
+        } else {
+#pragma unroll
+            for (int kk = 0; kk < 8; ++kk) {
+                const float a0 = a(g, k + kk), a1 = a(g + 8, k + kk);
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+                    const float b0 = b(k + kk, 8 * nt + 2 * t), b1 = b(k + kk, 8 * nt + 2 * t + 1);
+                    acc[nt][0] = fmaf(a0, b0, acc[nt][0]);
+                    acc[nt][1] = fmaf(a0, b1, acc[nt][1]);
+                    acc[nt][2] = fmaf(a1, b0, acc[nt][2]);
+                    acc[nt][3] = fmaf(a1, b1, acc[nt][3]);
+                }
+            }
+        }
+    }
+}
+
+// Rows r0.. r0+R of head h of x [B,T,E] into dst[R][LD], zero outside T and Dh.
+template <int DP, int LD>
+__device__ __forceinline__ void load_rows(float* dst, const float* x, const AttnParams& p, uint32_t bb, uint32_t h,
+                                          uint32_t T, uint32_t r0, int R) {
+    for (int e = threadIdx.x; e < R * DP; e += blockDim.x) {
+        const int r = e / DP, d = e % DP;
+        const uint32_t row = r0 + r;
+        dst[r * LD + d] = (row < T && (uint32_t)d < p.dh) ? x[((uint64_t)bb * T + row) * p.e + (uint64_t)h * p.dh + d] : 0.f;
+    }
+}
+
+// Additive bias and logit multiplier of key j of batch row bb (see the file comment).
+__device__ __forceinline__ void key_terms(const AttnParams& p, uint32_t bb, uint32_t j, float& bias, float& mult) {
+    bias = 0.f;
+    mult = 1.f;
+    if (j >= p.s || (p.valid && p.valid[(uint64_t)bb * p.s + j] == 0)) {
+        bias = -RECLMIS_INF;
+        return;
+    }
+    if (p.cond == ATTN_COND_PROBS) bias = logf(p.w[(uint64_t)bb * p.s + j] + ATTN_COND_EPS);
+    else if (p.cond == ATTN_COND_LOGITS) mult = p.w[(uint64_t)bb * p.s + j];
+}
+
+// Keys j0..j0+n of the tile: bias and multiplier into shared memory (threads 0..n-1).
+__device__ __forceinline__ void load_key_terms(const AttnParams& p, uint32_t bb, uint32_t j0, int n, float* kb, float* kw) {
+    if ((int)threadIdx.x < n) key_terms(p, bb, j0 + threadIdx.x, kb[threadIdx.x], kw[threadIdx.x]);
+}
+
+// Shared-memory floats each body needs; one array of the largest size is declared per kernel
+// (a __shared__ array in each template instance would be allocated for all of them).
+template <int DP>
+__host__ __device__ constexpr int attn_fwd_smem() {
+    return 16 * attn_fwd_warps(DP) * (DP + 4) + ATTN_BC * (DP + 4) + ATTN_BC * (DP + 8) +
+           attn_fwd_warps(DP) * 16 * ATTN_LDP + 2 * ATTN_BC;
+}
+template <int DP>
+__host__ __device__ constexpr int attn_bwd_smem() {
+    // rows owned by the block (16·warps) and the streamed tile (16 rows), two operands each, the
+    // per-warp probability and dS tiles, and 2 x 16·warps per-row or per-key scalars.
+    return 2 * 16 * attn_bwd_warps(DP) * (DP + 4) + 2 * 16 * (DP + 4) + 2 * attn_bwd_warps(DP) * 16 * ATTN_LDP +
+           2 * 16 * attn_bwd_warps(DP) + 2 * 16;
+}
+constexpr int cmax(int a, int b) { return a > b ? a : b; }
+#define ATTN_FWD_SMEM cmax(cmax(attn_fwd_smem<16>(), attn_fwd_smem<32>()), cmax(attn_fwd_smem<64>(), attn_fwd_smem<128>()))
+#define ATTN_BWD_SMEM cmax(cmax(attn_bwd_smem<16>(), attn_bwd_smem<32>()), cmax(attn_bwd_smem<64>(), attn_bwd_smem<128>()))
+static_assert(ATTN_FWD_SMEM * 4 <= 48 * 1024, "forward tiles exceed static shared memory");
+static_assert(ATTN_BWD_SMEM * 4 <= 48 * 1024, "backward tiles exceed static shared memory");
+
+// ---------------------------------------------------------------------------------------------
+// Forward: block = 16·NW query rows of one (b, h); warp w owns rows 16w..16w+15.
+template <int DP, bool TC>
+__device__ __forceinline__ void attn_fwd(const AttnParams& p, float* sm) {
+    constexpr int NW = attn_fwd_warps(DP), BR = 16 * NW, LD = DP + 4, LDV = DP + 8, NT = DP / 8;
+    float* qs = sm;                     // [BR][LD]
+    float* ks = qs + BR * LD;           // [BC][LD]
+    float* vs = ks + ATTN_BC * LD;      // [BC][LDV]
+    float* ps_all = vs + ATTN_BC * LDV;  // [NW][16][LDP]
+    float* kb = ps_all + NW * 16 * ATTN_LDP;
+    float* kw = kb + ATTN_BC;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    float* ps = ps_all + warp * 16 * ATTN_LDP;
+    const uint32_t bb = blockIdx.y / p.h, h = blockIdx.y % p.h;
+    const uint32_t i_blk = blockIdx.x * BR, i_w = i_blk + 16 * warp;
+    load_rows<DP, LD>(qs, p.q, p, bb, h, p.tq, i_blk, BR);
+
+    float m[2] = {-RECLMIS_INF, -RECLMIS_INF}, l[2] = {0.f, 0.f};
+    float acc[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+    // Causal: no key beyond the block's last row is taken.
+    const uint32_t kend = p.causal ? min(p.s, i_blk + BR) : p.s;
+    for (uint32_t j0 = 0; j0 < kend; j0 += ATTN_BC) {
+        __syncthreads();  // everyone is done with the previous ks / vs
+        load_rows<DP, LD>(ks, p.k, p, bb, h, p.s, j0, ATTN_BC);
+        load_rows<DP, LDV>(vs, p.v, p, bb, h, p.s, j0, ATTN_BC);
+        load_key_terms(p, bb, j0, ATTN_BC, kb, kw);
+        __syncthreads();
+        float sc[2][4] = {};
+        warp_tile<TC, 2, DP>(
+            sc, [&](int r, int k) { return qs[(16 * warp + r) * LD + k]; }, [&](int k, int n) { return ks[n * LD + k]; });
+#pragma unroll
+        for (int rh = 0; rh < 2; ++rh) {
+            const uint32_t i = i_w + g + 8 * rh;
+            float mx = -RECLMIS_INF;
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    const int col = 8 * nt + 2 * t + c;
+                    float z = sc[nt][2 * rh + c] * p.scale * kw[col] + kb[col];
+                    if (p.causal && j0 + col > i) z = -RECLMIS_INF;
+                    sc[nt][2 * rh + c] = z;
+                    mx = fmaxf(mx, z);
+                }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float mnew = fmaxf(m[rh], mx);
+            // With no key so far (mnew = −inf) every term is 0 and acc stays 0.
+            const float alpha = m[rh] == -RECLMIS_INF ? 0.f : expf(m[rh] - mnew);
+            float sum = 0.f;
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    const float z = sc[nt][2 * rh + c];
+                    const float e = z == -RECLMIS_INF ? 0.f : expf(z - mnew);
+                    sum += e;
+                    ps[(g + 8 * rh) * ATTN_LDP + 8 * nt + 2 * t + c] = e;
+                }
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            l[rh] = l[rh] * alpha + sum;
+            m[rh] = mnew;
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) acc[nt][2 * rh] *= alpha, acc[nt][2 * rh + 1] *= alpha;
+        }
+        __syncwarp();  // ps written by the whole warp before it is read as an A operand
+        warp_tile<TC, NT, ATTN_BC>(
+            acc, [&](int r, int k) { return ps[r * ATTN_LDP + k]; }, [&](int k, int n) { return vs[k * LDV + n]; });
+        __syncwarp();
+    }
+#pragma unroll
+    for (int rh = 0; rh < 2; ++rh) {
+        const uint32_t i = i_w + g + 8 * rh;
+        if (i >= p.tq) continue;
+        const float inv = l[rh] > 0.f ? 1.f / l[rh] : 0.f;
+        float* orow = p.o + ((uint64_t)bb * p.tq + i) * p.e + (uint64_t)h * p.dh;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                const uint32_t d = 8 * nt + 2 * t + c;
+                if (d < p.dh) orow[d] = acc[nt][2 * rh + c] * inv;
+            }
+        if (t == 0) p.lse[((uint64_t)bb * p.h + h) * p.tq + i] = l[rh] > 0.f ? m[rh] + logf(l[rh]) : -RECLMIS_INF;
+    }
+}
+
+template <bool TC>
+__device__ __forceinline__ void attn_fwd_dispatch(const AttnParams& p, float* sm) {
+    if (p.dh <= 16) attn_fwd<16, TC>(p, sm);
+    else if (p.dh <= 32) attn_fwd<32, TC>(p, sm);
+    else if (p.dh <= 64) attn_fwd<64, TC>(p, sm);
+    else attn_fwd<128, TC>(p, sm);
+}
+
+extern "C" __global__ void attention_fwd_f32(AttnParams p) {
+    __shared__ float sm[ATTN_FWD_SMEM];
+    if (p.tc) attn_fwd_dispatch<true>(p, sm);
+    else attn_fwd_dispatch<false>(p, sm);
+}
+
+// Probabilities on request: one thread per (b, h, i, j), from the saved lse. Under tc the
+// operands are rounded to tf32 as the forward's tensor cores round them, so the rows sum to 1
+// to f32 accuracy.
+extern "C" __global__ void attention_probs_fwd_f32(AttnParams p) {
+    const uint64_t n = (uint64_t)p.b * p.h * p.tq * p.s;
+    for (uint64_t x = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; x < n; x += (uint64_t)gridDim.x * blockDim.x) {
+        const uint32_t j = x % p.s, i = (x / p.s) % p.tq, h = (x / ((uint64_t)p.s * p.tq)) % p.h;
+        const uint32_t bb = x / ((uint64_t)p.s * p.tq * p.h);
+        const float lse = p.lse[((uint64_t)bb * p.h + h) * p.tq + i];
+        float bias, mult;
+        key_terms(p, bb, j, bias, mult);
+        float out = 0.f;
+        if (lse != -RECLMIS_INF && bias != -RECLMIS_INF && !(p.causal && j > i)) {
+            const float* q = p.q + ((uint64_t)bb * p.tq + i) * p.e + (uint64_t)h * p.dh;
+            const float* k = p.k + ((uint64_t)bb * p.s + j) * p.e + (uint64_t)h * p.dh;
+            float dot = 0.f;
+            for (uint32_t d = 0; d < p.dh; ++d)
+                dot = p.tc ? fmaf(__uint_as_float(f32_to_tf32(q[d])), __uint_as_float(f32_to_tf32(k[d])), dot)
+                           : fmaf(q[d], k[d], dot);
+            out = expf(dot * p.scale * mult + bias - lse);
+        }
+        p.probs[x] = out;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward. delta[b,h,i] = Σ_d dO·O (a warp per row; block (32, 8)).
+extern "C" __global__ void attention_delta_bwd_f32(AttnParams p) {
+    const uint64_t row = (uint64_t)blockIdx.x * blockDim.y + threadIdx.y;
+    const bool active = row < (uint64_t)p.b * p.h * p.tq;
+    const uint32_t i = active ? row % p.tq : 0, h = active ? (row / p.tq) % p.h : 0;
+    const uint32_t bb = active ? row / ((uint64_t)p.tq * p.h) : 0;
+    const uint64_t off = ((uint64_t)bb * p.tq + i) * p.e + (uint64_t)h * p.dh;
+    float s = 0.f;
+    for (uint32_t d = threadIdx.x; active && d < p.dh; d += 32) s = fmaf(p.dout[off + d], p.o[off + d], s);
+    s = warp_sum(s);
+    if (active && threadIdx.x == 0) p.delta[row] = s;
+}
+
+// One (query, key) element of the backward: the probability pr and dS = pr·(dP − delta), from the
+// raw product t = ⟨q_i, k_j⟩; dw_term is this element's share of dw_j (by condition).
+struct BwdElem {
+    float pr, ds, dw_term;
+};
+__device__ __forceinline__ BwdElem bwd_elem(const AttnParams& p, float dot, float dpv, float lse, float dl, float bias,
+                                            float mult, bool masked) {
+    BwdElem r = {0.f, 0.f, 0.f};
+    if (masked || bias == -RECLMIS_INF || lse == -RECLMIS_INF) return r;
+    const float t = dot * p.scale, u = t * mult;
+    r.pr = expf(u + bias - lse);
+    r.ds = r.pr * (dpv - dl);
+    // Official: d/dw_j of ln(w_j + eps) = 1/(w_j + eps), and pr/(w_j + eps) = exp(u − lse) exactly
+    // (no division by a tiny w). Paper: z = t·w_j, so dz/dw_j = t.
+    if (p.cond == ATTN_COND_PROBS) r.dw_term = expf(u - lse) * (dpv - dl);
+    else if (p.cond == ATTN_COND_LOGITS) r.dw_term = r.ds * t;
+    return r;
+}
+
+// dK, dV and dw: block = 16·NW keys of one (b, h), warp w owns keys 16w..; query tiles of 16
+// stream through. The warp computes the transposed tiles Sᵀ = K Qᵀ and dPᵀ = V dOᵀ so that its
+// accumulators are rows of dK and dV.
+template <int DP, bool TC>
+__device__ __forceinline__ void attn_dkdv(const AttnParams& p, float* sm) {
+    constexpr int NW = attn_bwd_warps(DP), BK = 16 * NW, LD = DP + 4, NT = DP / 8;
+    float* ks = sm;                  // [BK][LD]
+    float* vs = ks + BK * LD;        // [BK][LD]
+    float* qs = vs + BK * LD;        // [16][LD]
+    float* dos = qs + 16 * LD;       // [16][LD]
+    float* pt_all = dos + 16 * LD;   // [NW][16][LDP] Pᵀ
+    float* dt_all = pt_all + NW * 16 * ATTN_LDP;  // [NW][16][LDP] dSᵀ·scale·kw
+    float* kb = dt_all + NW * 16 * ATTN_LDP;      // [BK]
+    float* kw = kb + BK;                          // [BK]
+    float* lse_s = kw + BK;                       // [16]
+    float* dl_s = lse_s + 16;                     // [16]
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    float *pt = pt_all + warp * 16 * ATTN_LDP, *dt = dt_all + warp * 16 * ATTN_LDP;
+    const uint32_t bb = blockIdx.y / p.h, h = blockIdx.y % p.h;
+    const uint32_t j_blk = blockIdx.x * BK, j_w = j_blk + 16 * warp;
+    load_rows<DP, LD>(ks, p.k, p, bb, h, p.s, j_blk, BK);
+    load_rows<DP, LD>(vs, p.v, p, bb, h, p.s, j_blk, BK);
+    load_key_terms(p, bb, j_blk, BK, kb, kw);
+
+    float dk[NT][4], dv[NT][4], dwacc[2] = {0.f, 0.f};
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) dk[nt][c] = dv[nt][c] = 0.f;
+    // Causal: queries before the block's first key see none of its keys.
+    const uint32_t i_start = p.causal ? j_blk : 0;
+    for (uint32_t i0 = i_start; i0 < p.tq; i0 += 16) {
+        __syncthreads();
+        load_rows<DP, LD>(qs, p.q, p, bb, h, p.tq, i0, 16);
+        load_rows<DP, LD>(dos, p.dout, p, bb, h, p.tq, i0, 16);
+        if (threadIdx.x < 16) {
+            const uint32_t i = i0 + threadIdx.x;
+            const uint64_t r = ((uint64_t)bb * p.h + h) * p.tq + i;
+            lse_s[threadIdx.x] = i < p.tq ? p.lse[r] : -RECLMIS_INF;
+            dl_s[threadIdx.x] = i < p.tq ? p.delta[r] : 0.f;
+        }
+        __syncthreads();
+        float st[2][4] = {}, dpt[2][4] = {};
+        warp_tile<TC, 2, DP>(
+            st, [&](int r, int k) { return ks[(16 * warp + r) * LD + k]; }, [&](int k, int n) { return qs[n * LD + k]; });
+        warp_tile<TC, 2, DP>(
+            dpt, [&](int r, int k) { return vs[(16 * warp + r) * LD + k]; }, [&](int k, int n) { return dos[n * LD + k]; });
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const int kr = 16 * warp + g + 8 * (c / 2), qc = 8 * nt + 2 * t + c % 2;
+                const uint32_t j = j_blk + kr, i = i0 + qc;
+                const BwdElem e =
+                    bwd_elem(p, st[nt][c], dpt[nt][c], lse_s[qc], dl_s[qc], kb[kr], kw[kr], p.causal && j > i);
+                dwacc[c / 2] += e.dw_term;
+                pt[(g + 8 * (c / 2)) * ATTN_LDP + qc] = e.pr;
+                dt[(g + 8 * (c / 2)) * ATTN_LDP + qc] = e.ds * p.scale * kw[kr];
+            }
+        __syncwarp();
+        warp_tile<TC, NT, 16>(
+            dv, [&](int r, int k) { return pt[r * ATTN_LDP + k]; }, [&](int k, int n) { return dos[k * LD + n]; });
+        warp_tile<TC, NT, 16>(
+            dk, [&](int r, int k) { return dt[r * ATTN_LDP + k]; }, [&](int k, int n) { return qs[k * LD + n]; });
+        __syncwarp();
+    }
+#pragma unroll
+    for (int rh = 0; rh < 2; ++rh) {
+        float s = dwacc[rh];
+        s += __shfl_xor_sync(0xffffffffu, s, 1);
+        s += __shfl_xor_sync(0xffffffffu, s, 2);
+        const uint32_t j = j_w + g + 8 * rh;
+        if (j >= p.s) continue;
+        const uint64_t off = ((uint64_t)bb * p.s + j) * p.e + (uint64_t)h * p.dh;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                const uint32_t d = 8 * nt + 2 * t + c;
+                if (d < p.dh) p.dk[off + d] = dk[nt][2 * rh + c], p.dv[off + d] = dv[nt][2 * rh + c];
+            }
+        if (p.dw && t == 0) p.dw[((uint64_t)bb * p.h + h) * p.s + j] = s;
+    }
+}
+
+// dQ: block = 16·NW queries of one (b, h), warp w owns queries 16w..; key tiles of 16 stream.
+template <int DP, bool TC>
+__device__ __forceinline__ void attn_dq(const AttnParams& p, float* sm) {
+    constexpr int NW = attn_bwd_warps(DP), BQ = 16 * NW, LD = DP + 4, NT = DP / 8;
+    float* qs = sm;                  // [BQ][LD]
+    float* dos = qs + BQ * LD;       // [BQ][LD]
+    float* ks = dos + BQ * LD;       // [16][LD]
+    float* vs = ks + 16 * LD;        // [16][LD]
+    float* ds_all = vs + 16 * LD;    // [NW][16][LDP]
+    float* kb = ds_all + 2 * NW * 16 * ATTN_LDP;  // [16] (layout shared with attn_dkdv's budget)
+    float* kw = kb + 16;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    float* dsw = ds_all + warp * 16 * ATTN_LDP;
+    const uint32_t bb = blockIdx.y / p.h, h = blockIdx.y % p.h;
+    const uint32_t i_blk = blockIdx.x * BQ, i_w = i_blk + 16 * warp;
+    load_rows<DP, LD>(qs, p.q, p, bb, h, p.tq, i_blk, BQ);
+    load_rows<DP, LD>(dos, p.dout, p, bb, h, p.tq, i_blk, BQ);
+    float lse[2], dl[2];
+#pragma unroll
+    for (int rh = 0; rh < 2; ++rh) {
+        const uint32_t i = i_w + g + 8 * rh;
+        const uint64_t r = ((uint64_t)bb * p.h + h) * p.tq + i;
+        lse[rh] = i < p.tq ? p.lse[r] : -RECLMIS_INF;
+        dl[rh] = i < p.tq ? p.delta[r] : 0.f;
+    }
+    float dq[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) dq[nt][0] = dq[nt][1] = dq[nt][2] = dq[nt][3] = 0.f;
+    const uint32_t kend = p.causal ? min(p.s, i_blk + BQ) : p.s;
+    for (uint32_t j0 = 0; j0 < kend; j0 += 16) {
+        __syncthreads();
+        load_rows<DP, LD>(ks, p.k, p, bb, h, p.s, j0, 16);
+        load_rows<DP, LD>(vs, p.v, p, bb, h, p.s, j0, 16);
+        load_key_terms(p, bb, j0, 16, kb, kw);
+        __syncthreads();
+        float sc[2][4] = {}, dpv[2][4] = {};
+        warp_tile<TC, 2, DP>(
+            sc, [&](int r, int k) { return qs[(16 * warp + r) * LD + k]; }, [&](int k, int n) { return ks[n * LD + k]; });
+        warp_tile<TC, 2, DP>(
+            dpv, [&](int r, int k) { return dos[(16 * warp + r) * LD + k]; }, [&](int k, int n) { return vs[n * LD + k]; });
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const int rh = c / 2, col = 8 * nt + 2 * t + c % 2;
+                const uint32_t i = i_w + g + 8 * rh, j = j0 + col;
+                const BwdElem e = bwd_elem(p, sc[nt][c], dpv[nt][c], lse[rh], dl[rh], kb[col], kw[col], p.causal && j > i);
+                dsw[(g + 8 * rh) * ATTN_LDP + col] = e.ds * p.scale * kw[col];
+            }
+        __syncwarp();
+        warp_tile<TC, NT, 16>(
+            dq, [&](int r, int k) { return dsw[r * ATTN_LDP + k]; }, [&](int k, int n) { return ks[k * LD + n]; });
+        __syncwarp();
+    }
+#pragma unroll
+    for (int rh = 0; rh < 2; ++rh) {
+        const uint32_t i = i_w + g + 8 * rh;
+        if (i >= p.tq) continue;
+        float* row = p.dq + ((uint64_t)bb * p.tq + i) * p.e + (uint64_t)h * p.dh;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                const uint32_t d = 8 * nt + 2 * t + c;
+                if (d < p.dh) row[d] = dq[nt][2 * rh + c];
+            }
+    }
+}
+
+// Picks the body instance for the head dim and the product kind (one source, eight instances).
+template <template <int, bool> class Body>
+__device__ __forceinline__ void attn_bwd_dispatch(const AttnParams& p, float* sm) {
+    if (p.tc) {
+        if (p.dh <= 16) Body<16, true>::run(p, sm);
+        else if (p.dh <= 32) Body<32, true>::run(p, sm);
+        else if (p.dh <= 64) Body<64, true>::run(p, sm);
+        else Body<128, true>::run(p, sm);
+    } else {
+        if (p.dh <= 16) Body<16, false>::run(p, sm);
+        else if (p.dh <= 32) Body<32, false>::run(p, sm);
+        else if (p.dh <= 64) Body<64, false>::run(p, sm);
+        else Body<128, false>::run(p, sm);
+    }
+}
+template <int DP, bool TC>
+struct DkDv {
+    static __device__ __forceinline__ void run(const AttnParams& p, float* sm) { attn_dkdv<DP, TC>(p, sm); }
+};
+template <int DP, bool TC>
+struct Dq {
+    static __device__ __forceinline__ void run(const AttnParams& p, float* sm) { attn_dq<DP, TC>(p, sm); }
+};
+
+extern "C" __global__ void attention_dkdv_bwd_f32(AttnParams p) {
+    __shared__ float sm[ATTN_BWD_SMEM];
+    attn_bwd_dispatch<DkDv>(p, sm);
+}
+
+extern "C" __global__ void attention_dq_bwd_f32(AttnParams p) {
+    __shared__ float sm[ATTN_BWD_SMEM];
+    attn_bwd_dispatch<Dq>(p, sm);
+}

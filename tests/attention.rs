@@ -1,0 +1,429 @@
+//! Fused attention: forward and backward against the f64 reference (which follows the official
+//! code literally), against the same computation composed from primitive ops, finite-difference
+//! checks of the reference, and the documented edge cases (rows with no key, w = 0).
+
+mod common;
+use common::*;
+use proptest::prelude::*;
+use reclmis::ops::attention::{
+    self as attn, composed,
+    reference::{Cond, Problem},
+    AttnOpts, Condition,
+};
+use reclmis::ops::gemm::GemmAlgo;
+use reclmis::testing::{fd_mismatch, mismatch_scaled, Rng, EPS32, EPS_TF32};
+use reclmis::{Device, Tensor};
+
+/// Sequence lengths: 1, the model's 18 text tokens, 16 and 36 of the fixtures, tile neighbours,
+/// and (rarely, the emulator is slow) the 196 image tokens of a 224² input.
+fn seq() -> impl Strategy<Value = usize> {
+    prop_oneof![
+        8 => prop::sample::select(vec![1usize, 2, 5, 15, 16, 17, 18, 33, 36]),
+        1 => Just(196usize),
+    ]
+}
+
+/// Head dims: every padding class (16, 32, 64, 128) at and off its edge.
+fn head_dim() -> impl Strategy<Value = usize> {
+    prop::sample::select(vec![1usize, 3, 8, 16, 17, 32, 33, 64, 100, 128])
+}
+
+#[derive(Clone, Debug)]
+struct Case {
+    b: usize,
+    h: usize,
+    tq: usize,
+    s: usize,
+    dh: usize,
+    causal: bool,
+    /// 0: no key mask, 1: random invalid keys, 2: also one batch row with no valid key
+    mask_kind: u8,
+    /// 0: none, 1: official (probabilities), 2: paper (logits)
+    cond: u8,
+    tc: bool,
+    probs: bool,
+    amp: f32,
+    seed: u64,
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    (
+        (1usize..=2, 1usize..=3, seq(), seq(), head_dim()),
+        (any::<bool>(), 0u8..3, 0u8..3, any::<bool>(), any::<bool>()),
+        (prop::sample::select(vec![0.5f32, 1.0, 3.0]), any::<u64>()),
+    )
+        .prop_filter("keep the emulator's work bounded", |((b, h, tq, s, dh), _, _)| b * h * tq * s * dh <= 2_000_000)
+        .prop_map(|((b, h, tq, s, dh), (causal, mask_kind, cond, tc, probs), (amp, seed))| Case {
+            b,
+            h,
+            tq,
+            s,
+            dh,
+            causal,
+            mask_kind,
+            cond,
+            tc,
+            probs,
+            amp,
+            seed,
+        })
+}
+
+struct Data {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    dout: Vec<f32>,
+    valid: Option<Vec<i32>>,
+    w: Option<Vec<f32>>,
+}
+
+/// Condition weights with exact zeros, tiny values, ordinary ones and large ones (large means
+/// 50 for probability weights, 4 for logit multipliers, which sharpen the softmax).
+fn weights(rng: &mut Rng, n: usize, cond: u8) -> Vec<f32> {
+    (0..n)
+        .map(|_| match rng.next_u64() % 8 {
+            0 => 0.0,
+            1 => 1e-12,
+            2 => {
+                if cond == 1 {
+                    50.0
+                } else {
+                    4.0
+                }
+            }
+            3 if cond == 2 => -1.0,
+            _ => rng.uniform(0.0, 1.0),
+        })
+        .collect()
+}
+
+fn data(c: &Case) -> Data {
+    let mut rng = Rng::new(c.seed);
+    let e = c.h * c.dh;
+    let mut vals = |n: usize, a: f32| rng.vec(n, -a, a);
+    let (q, k, v, dout) =
+        (vals(c.b * c.tq * e, c.amp), vals(c.b * c.s * e, c.amp), vals(c.b * c.s * e, 1.0), vals(c.b * c.tq * e, 1.0));
+    let valid = (c.mask_kind > 0).then(|| {
+        let mut m: Vec<i32> = (0..c.b * c.s).map(|_| (rng.next_u64() % 4 != 0) as i32).collect();
+        if c.mask_kind == 2 {
+            m[..c.s].fill(0);
+        }
+        m
+    });
+    let w = (c.cond > 0).then(|| weights(&mut rng, c.b * c.s, c.cond));
+    Data { q, k, v, dout, valid, w }
+}
+
+fn problem(c: &Case, d: &Data) -> Problem {
+    let w64 = || f64s(d.w.as_ref().unwrap());
+    Problem {
+        b: c.b,
+        h: c.h,
+        tq: c.tq,
+        s: c.s,
+        dh: c.dh,
+        scale: (1.0 / (c.dh as f32).sqrt()) as f64,
+        causal: c.causal,
+        valid: d.valid.as_ref().map(|m| m.iter().map(|&x| x != 0).collect()),
+        cond: match c.cond {
+            0 => Cond::None,
+            1 => Cond::Probs(w64()),
+            _ => Cond::Logits(w64()),
+        },
+    }
+}
+
+/// The first-order error bounds of the computation, as multiples of each output's magnitude
+/// (the reference's sums of absolute terms). u_op is the operand rounding of the products
+/// (tf32: 2^-11 per operand; exact f32: 0), each f32 sum of n terms adds n·eps (worst case).
+/// A logit is off by at most E = (2·u_op + Dh·eps)·max|logit terms| plus the rounding of
+/// ln(w + 1e-10) and of the logsumexp; a probability is then off by 2E relative, and every output
+/// is a sum of probability-weighted terms. Factor 2 of slack over the bound.
+struct Tol {
+    o: f64,
+    dv: f64,
+    dqk: f64,
+}
+
+fn tolerances(c: &Case, d: &Data, p: &Problem) -> Tol {
+    let u_op = if c.tc { EPS_TF32 } else { 0.0 };
+    let e = c.h * c.dh;
+    let mut lmax: f64 = 0.0;
+    for b in 0..c.b {
+        for h in 0..c.h {
+            for i in 0..c.tq {
+                for j in 0..c.s {
+                    let wj = match &d.w {
+                        Some(w) if c.cond == 2 => w[b * c.s + j].abs() as f64,
+                        _ => 1.0,
+                    };
+                    let dot: f64 = (0..c.dh)
+                        .map(|x| {
+                            (d.q[(b * c.tq + i) * e + h * c.dh + x] * d.k[(b * c.s + j) * e + h * c.dh + x]).abs()
+                                as f64
+                        })
+                        .sum();
+                    lmax = lmax.max(p.scale * dot * wj);
+                }
+            }
+        }
+    }
+    let lse_mag = lmax + 24.0 + (c.s as f64 + 1.0).ln();
+    let big_e = (2.0 * u_op + c.dh as f64 * EPS32) * lmax + 4.0 * EPS32 * lse_mag;
+    Tol {
+        o: 2.0 * (2.0 * big_e + 2.0 * u_op + (c.s + 4) as f64 * EPS32),
+        dv: 2.0 * (2.0 * big_e + 2.0 * u_op + (c.tq + 4) as f64 * EPS32),
+        dqk: 2.0 * (2.0 * big_e + 4.0 * u_op + (c.dh + c.s.max(c.tq) + 4) as f64 * EPS32),
+    }
+}
+
+struct Tensors {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    dout: Tensor,
+    valid: Option<Tensor>,
+    w: Option<Tensor>,
+}
+
+fn tensors(c: &Case, d: &Data, dev: &Device) -> Tensors {
+    let e = c.h * c.dh;
+    Tensors {
+        q: tensor(&d.q, &[c.b, c.tq, e], dev),
+        k: tensor(&d.k, &[c.b, c.s, e], dev),
+        v: tensor(&d.v, &[c.b, c.s, e], dev),
+        dout: tensor(&d.dout, &[c.b, c.tq, e], dev),
+        valid: d.valid.as_ref().map(|m| Tensor::from_vec_i32(m.clone(), &[c.b, c.s], dev).unwrap()),
+        w: d.w.as_ref().map(|w| tensor(w, &[c.b, c.s], dev)),
+    }
+}
+
+fn opts<'a>(c: &Case, t: &'a Tensors) -> AttnOpts<'a> {
+    AttnOpts {
+        causal: c.causal,
+        key_valid: t.valid.as_ref(),
+        condition: match (c.cond, &t.w) {
+            (1, Some(w)) => Condition::Probs(w),
+            (2, Some(w)) => Condition::Logits(w),
+            _ => Condition::None,
+        },
+        want_probs: c.probs,
+        algo: if c.tc { GemmAlgo::TensorCore } else { GemmAlgo::Tiled },
+        ..AttnOpts::new(c.h)
+    }
+}
+
+fn check_fused(dev: &Device, c: Case) -> Result<(), TestCaseError> {
+    let d = data(&c);
+    let p = problem(&c, &d);
+    let tol = tolerances(&c, &d, &p);
+    let t = tensors(&c, &d, dev);
+    let o = opts(&c, &t);
+    let f = attn::attention(&t.q, &t.k, &t.v, &o).unwrap();
+    let want = p.forward(&f64s(&d.q), &f64s(&d.k), &f64s(&d.v));
+    let tiny = 1e-30;
+    assert_none("o", mismatch_scaled(&f.o.to_vec().unwrap(), &want.o, &want.o_mag, tol.o, tiny))?;
+    if c.probs {
+        let pr = f.probs.as_ref().expect("probabilities were asked for");
+        assert_none("probs", mismatch_scaled(&pr.to_vec().unwrap(), &want.probs, &want.probs, tol.o, tiny))?;
+    }
+    let g = attn::attention_backward(&t.q, &t.k, &t.v, &f, &t.dout, &o).unwrap();
+    let wg = p.backward(&f64s(&d.q), &f64s(&d.k), &f64s(&d.v), &f64s(&d.dout));
+    assert_none("dv", mismatch_scaled(&g.dv.to_vec().unwrap(), &wg.dv, &wg.dv_mag, tol.dv, tiny))?;
+    assert_none("dq", mismatch_scaled(&g.dq.to_vec().unwrap(), &wg.dq, &wg.dq_mag, tol.dqk, tiny))?;
+    assert_none("dk", mismatch_scaled(&g.dk.to_vec().unwrap(), &wg.dk, &wg.dk_mag, tol.dqk, tiny))?;
+    match (&g.dw, c.cond) {
+        (None, 0) => Ok(()),
+        (Some(dw), 1 | 2) => {
+            assert_none("dw", mismatch_scaled(&dw.to_vec().unwrap(), &wg.dw, &wg.dw_mag, tol.dqk, tiny))
+        }
+        _ => Err(TestCaseError::fail("dw present exactly when there is a condition")),
+    }
+}
+
+per_device!(check_fused, (c in case()));
+
+/// The composition of primitive ops computes the same thing (it is what the fused op is
+/// benchmarked against). Rows with no key are excluded: there the composition gives NaN.
+fn check_composed(dev: &Device, mut c: Case) -> Result<(), TestCaseError> {
+    if c.mask_kind == 2 {
+        c.mask_kind = 1;
+    }
+    let mut d = data(&c);
+    if let Some(m) = &mut d.valid {
+        // Keep key 0 valid so that no row is empty (causal rows always see key 0).
+        for b in 0..c.b {
+            m[b * c.s] = 1;
+        }
+    }
+    let p = problem(&c, &d);
+    let tol = tolerances(&c, &d, &p);
+    let t = tensors(&c, &d, dev);
+    let o = opts(&c, &t);
+    let cf = composed::forward(&t.q, &t.k, &t.v, &o).unwrap();
+    let want = p.forward(&f64s(&d.q), &f64s(&d.k), &f64s(&d.v));
+    // The composition rounds a few more times (separate scale, mask, renormalisation passes).
+    let slack = 2.0;
+    assert_none("o", mismatch_scaled(&cf.o.to_vec().unwrap(), &want.o, &want.o_mag, slack * tol.o, 1e-30))?;
+    let (dq, dk, dv, dw) = composed::backward(&cf, &t.dout, &o).unwrap();
+    let wg = p.backward(&f64s(&d.q), &f64s(&d.k), &f64s(&d.v), &f64s(&d.dout));
+    assert_none("dv", mismatch_scaled(&dv.to_vec().unwrap(), &wg.dv, &wg.dv_mag, slack * tol.dv, 1e-30))?;
+    // Under the official condition the composition backpropagates through the softmax before
+    // the ·(w + eps): its dz = p·(dp − Σ p·dp) cancels to ~0 for a key with tiny w, leaving
+    // rounding noise of the size of the unconditioned p, not of the final probability. Its error
+    // is then bounded only normwise (by the largest magnitude in the tensor), which is what is
+    // checked there; the fused op does not have this weakness (checked elementwise above).
+    let normwise = |mag: &[f64]| -> Vec<f64> {
+        let m = mag.iter().fold(0.0f64, |a, &b| a.max(b));
+        if c.cond == 1 {
+            vec![m; mag.len()]
+        } else {
+            mag.to_vec()
+        }
+    };
+    assert_none("dq", mismatch_scaled(&dq.to_vec().unwrap(), &wg.dq, &normwise(&wg.dq_mag), slack * tol.dqk, 1e-30))?;
+    assert_none("dk", mismatch_scaled(&dk.to_vec().unwrap(), &wg.dk, &normwise(&wg.dk_mag), slack * tol.dqk, 1e-30))?;
+    if let Some(dw) = dw {
+        assert_none(
+            "dw",
+            mismatch_scaled(&dw.to_vec().unwrap(), &wg.dw, &normwise(&wg.dw_mag), slack * tol.dqk, 1e-30),
+        )?;
+    }
+    Ok(())
+}
+
+mod composed_matches_reference {
+    use super::*;
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, failure_persistence: None, ..ProptestConfig::default() })]
+        #[test]
+        fn cpu(c in case()) { check_composed(&device("cpu"), c)?; }
+        #[test]
+        fn emu(c in case().prop_filter("small", |c| c.b * c.h * c.tq * c.s * c.dh <= 200_000)) {
+            check_composed(&device("emu"), c)?;
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// The reference backward (chain rule through softmax, ·(w + eps), renormalisation) equals
+    /// central finite differences of the reference forward, for q, k, v and w.
+    #[test]
+    fn reference_grads_match_finite_differences(
+        (b, h, tq, s, dh) in (1usize..=2, 1usize..=2, 1usize..=5, 1usize..=5, 1usize..=4),
+        causal in any::<bool>(), masked in any::<bool>(), cond in 0u8..3, seed in any::<u64>()
+    ) {
+        let c = Case { b, h, tq, s, dh, causal, mask_kind: masked as u8, cond, tc: false, probs: false, amp: 1.0, seed };
+        let mut d = data(&c);
+        if let Some(w) = &mut d.w {
+            // finite differences need a smooth neighbourhood: w away from 0 under the official form
+            for x in w.iter_mut() {
+                if cond == 1 {
+                    *x = x.abs().clamp(0.05, 5.0);
+                }
+            }
+        }
+        let p = problem(&c, &d);
+        let (q, k, v, dout) = (f64s(&d.q), f64s(&d.k), f64s(&d.v), f64s(&d.dout));
+        let g = p.backward(&q, &k, &v, &dout);
+        assert_none("dq", fd_mismatch(|x| p.forward(x, &k, &v).o, &q, &dout, &g.dq, 1e-6))?;
+        assert_none("dk", fd_mismatch(|x| p.forward(&q, x, &v).o, &k, &dout, &g.dk, 1e-6))?;
+        assert_none("dv", fd_mismatch(|x| p.forward(&q, &k, x).o, &v, &dout, &g.dv, 1e-6))?;
+        if let Some(w) = &d.w {
+            let with_w = |x: &[f64]| {
+                let mut p2 = p.clone();
+                p2.cond = if cond == 1 { Cond::Probs(x.to_vec()) } else { Cond::Logits(x.to_vec()) };
+                p2.forward(&q, &k, &v).o
+            };
+            assert_none("dw", fd_mismatch(with_w, &f64s(w), &dout, &g.dw, 1e-6))?;
+        }
+    }
+}
+
+/// Rows with no key: zeros everywhere (output, probabilities, gradients), a logsumexp of −inf,
+/// and no NaN, on every device and both product kinds.
+#[test]
+fn rows_without_keys_are_zero_not_nan() {
+    for kind in ["cpu", "emu"] {
+        for tc in [false, true] {
+            let c = Case {
+                b: 2,
+                h: 2,
+                tq: 5,
+                s: 7,
+                dh: 8,
+                causal: false,
+                mask_kind: 2,
+                cond: 1,
+                tc,
+                probs: true,
+                amp: 1.0,
+                seed: 3,
+            };
+            let dev = device(kind);
+            let d = data(&c);
+            let t = tensors(&c, &d, &dev);
+            let o = opts(&c, &t);
+            let f = attn::attention(&t.q, &t.k, &t.v, &o).unwrap();
+            let g = attn::attention_backward(&t.q, &t.k, &t.v, &f, &t.dout, &o).unwrap();
+            let e = c.h * c.dh;
+            let out = f.o.to_vec().unwrap();
+            assert!(out[..c.tq * e].iter().all(|&x| x == 0.0), "{kind} tc={tc}: batch 0 has no key: {out:?}");
+            assert!(out.iter().all(|x| x.is_finite()), "{kind}");
+            let lse = f.lse.to_vec().unwrap();
+            assert!(lse[..c.h * c.tq].iter().all(|&x| x == f32::NEG_INFINITY), "{kind}: {lse:?}");
+            assert!(f.probs.unwrap().to_vec().unwrap()[..c.h * c.tq * c.s].iter().all(|&x| x == 0.0), "{kind}");
+            for (name, x, n) in [("dq", &g.dq, c.tq * e), ("dk", &g.dk, c.s * e), ("dv", &g.dv, c.s * e)] {
+                let x = x.to_vec().unwrap();
+                assert!(x[..n].iter().all(|&v| v == 0.0) && x.iter().all(|v| v.is_finite()), "{kind} {name}: {x:?}");
+            }
+            let dw = g.dw.unwrap().to_vec().unwrap();
+            assert!(dw[..c.s].iter().all(|&v| v == 0.0) && dw.iter().all(|v| v.is_finite()), "{kind}: {dw:?}");
+        }
+    }
+}
+
+/// The official condition with w = 0 on every key a row sees leaves only the 1e-10: the row is
+/// then the plain softmax over those keys (renormalised), not NaN or zero.
+#[test]
+fn all_zero_weights_fall_back_to_the_plain_softmax() {
+    for kind in ["cpu", "emu"] {
+        let dev = device(kind);
+        let mut rng = Rng::new(11);
+        let (b, tq, s, e) = (1, 4, 6, 8);
+        let q = tensor(&rng.vec(b * tq * e, -1.0, 1.0), &[b, tq, e], &dev);
+        let k = tensor(&rng.vec(b * s * e, -1.0, 1.0), &[b, s, e], &dev);
+        let v = tensor(&rng.vec(b * s * e, -1.0, 1.0), &[b, s, e], &dev);
+        let w = tensor(&vec![0.0; b * s], &[b, s], &dev);
+        let plain = attn::attention(&q, &k, &v, &AttnOpts::new(2)).unwrap().o.to_vec().unwrap();
+        let zero_w = AttnOpts { condition: Condition::Probs(&w), ..AttnOpts::new(2) };
+        let got = attn::attention(&q, &k, &v, &zero_w).unwrap().o.to_vec().unwrap();
+        for (a, z) in plain.iter().zip(&got) {
+            assert!((a - z).abs() <= 1e-5 * (1.0 + a.abs()), "{kind}: {a} vs {z}");
+        }
+    }
+}
+
+#[test]
+fn bad_shapes_are_named() {
+    let dev = Device::Cpu;
+    let q = tensor(&[0.0; 2 * 3 * 8], &[2, 3, 8], &dev);
+    let k = tensor(&[0.0; 2 * 5 * 8], &[2, 5, 8], &dev);
+    let e = attn::attention(&q, &k, &k, &AttnOpts::new(3)).err().unwrap().to_string();
+    assert!(e.contains("width 8 does not split into 3 heads"), "{e}");
+    let short = tensor(&[0.0; 2 * 5 * 4], &[2, 5, 4], &dev);
+    let e = attn::attention(&q, &short, &short, &AttnOpts::new(2)).err().unwrap().to_string();
+    assert!(e.contains("k and v must be [B,S,E]"), "{e}");
+    let w = tensor(&[0.0; 2 * 4], &[2, 4], &dev);
+    let e = attn::attention(&q, &k, &k, &AttnOpts { condition: Condition::Logits(&w), ..AttnOpts::new(2) })
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("condition weights must be [B,S] = [2,5]"), "{e}");
+    let wide = tensor(&vec![0.0; 2 * 3 * 258], &[2, 3, 258], &dev);
+    let e = attn::attention(&wide, &wide, &wide, &AttnOpts::new(1)).err().unwrap().to_string();
+    assert!(e.contains("head dim 258 > 128"), "{e}");
+}
