@@ -5,7 +5,9 @@ SPEC is one of: "mm M N K", "softmax R C", "relu B C H W", "add_bcast B C H W", 
 "transpose B R C", "permute0213 B T H D",
 "ccl B L N D", "ccl_fb B L N D", "dice_bce B HW", "mse B HW", "maxpool B C HW",
 "upsample B C HW", "conv B CI CO HW K", "conv_bwd B CI CO HW K",
-"bn_relu B C HW", "plam B C HW". Prints "SPEC<TAB>median seconds" per spec. cpu: 2 threads (the machine's cores),
+"bn_relu B C HW", "plam B C HW",
+"attn B H TQ S DH CAUSAL COND KEYMASK", "attn_fb ..." (the official composition: matmul, mask, softmax,
+·(w + 1e-10), renormalise, matmul; fb adds the backward to q, k, v and w). Prints "SPEC<TAB>median seconds" per spec. cpu: 2 threads (the machine's cores),
 f32, TF32 off on cuda so that "gemm" compares like with like (gemm_tc is the TF32 figure).
 A peer, not a dependency: needs torch in a virtual environment outside the repository.
 """
@@ -109,6 +111,34 @@ def build(spec, dev):
                 g = l2(torch.relu(l1(f))).permute(0, 3, 1, 2)
                 return g * s_
         return gate
+    if kind in ("attn", "attn_fb"):
+        B, H, TQ, S, DH, causal, cond, keymask = d
+        fb = kind == "attn_fb"
+        q, k, v = r(B, H, TQ, DH), r(B, H, S, DH), r(B, H, S, DH)
+        w = torch.softmax(r(B, S), -1)
+        for t in (q, k, v, w):
+            t.requires_grad_(fb)
+        valid = torch.tensor([[j < 12 + b % 6 for j in range(S)] for b in range(B)], device=dev)
+        bias = torch.zeros(B, 1, TQ, S, device=dev)
+        if causal:
+            bias = bias.masked_fill(torch.ones(TQ, S, dtype=torch.bool, device=dev).triu(1), float("-inf"))
+        if keymask:
+            bias = bias.masked_fill(~valid[:, None, None, :], float("-inf"))
+        go = r(B, H, TQ, DH)
+
+        def attn():
+            p = torch.softmax(q @ k.transpose(-1, -2) * DH ** -0.5 + bias, -1)
+            if cond:
+                p = p * (w[:, None, None, :] + 1e-10)
+                p = p / p.sum(-1, keepdim=True)
+            return p @ v
+
+        if not fb:
+            def fwd():
+                with torch.no_grad():
+                    return attn()
+            return fwd
+        return lambda: torch.autograd.grad(attn(), (q, k, v, w) if cond else (q, k, v), go)
     if kind == "maxpool":
         b, c, hw = d
         x = r(b, c, hw, hw)
