@@ -10,9 +10,9 @@
 
 use crate::device::Device;
 use crate::error::{Error, Result};
+use crate::ops::attention::{self as attn, AttnOpts, Condition};
 use crate::ops::elementwise::{self, UnaryOp};
 use crate::ops::gemm::{self, GemmAlgo, GemmOpts};
-use crate::ops::attention::{self as attn, AttnOpts, Condition};
 use crate::ops::{ccl, conv, loss, norm, plam, pool, reduce, softmax, transpose};
 use crate::tensor::Tensor;
 use std::time::Instant;
@@ -378,7 +378,9 @@ fn attention_cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
             let sh = attn::AttnShape { b, h, tq, s, dh };
             let flops = sh.flops();
             let bytes = 4.0 * (2 * b * tq * e + 2 * b * s * e) as f64;
-            let spec = |kind: &str| Some(format!("{kind} {b} {h} {tq} {s} {dh} {} {} {}", causal as u8, cond as u8, masked as u8));
+            let spec = |kind: &str| {
+                Some(format!("{kind} {b} {h} {tq} {s} {dh} {} {} {}", causal as u8, cond as u8, masked as u8))
+            };
             let cfg = AttnCfg { h, causal, cond, masked };
             let x = inputs.clone();
             v.push(Case {

@@ -53,6 +53,9 @@ struct Dst {
     accumulate: bool,
 }
 
+/// Per key: (additive bias, logit multiplier, ln(w + eps)).
+type KeyTerms = (Vec<f32>, Vec<f32>, Vec<f32>);
+
 /// A block of query rows [i0, i0 + rows) of head (b, h), which sees keys [0, kn).
 struct Block {
     b: usize,
@@ -93,11 +96,16 @@ unsafe fn mm((m, n, k): (usize, usize, usize), dst: Dst, a: Mat, b: Mat) {
 }
 
 impl Problem<'_> {
-    /// Per key of batch row b: (additive bias, logit multiplier); bias −inf = key not taken.
-    fn key_terms(&self, b: usize) -> (Vec<f32>, Vec<f32>) {
+    /// Per key of batch row b: (additive bias, logit multiplier, ln(w + eps) or 0); bias −inf =
+    /// key not taken.
+    fn key_terms(&self, b: usize) -> KeyTerms {
         let s = self.sh.s;
         let mut bias = vec![0.0f32; s];
         let mut mult = vec![1.0f32; s];
+        let lnw: Vec<f32> = match self.cond {
+            Cond::Probs(w) => w[b * s..(b + 1) * s].iter().map(|&x| (x + COND_EPS).ln()).collect(),
+            _ => vec![0.0; s],
+        };
         for j in 0..s {
             if self.valid.is_some_and(|v| v[b * s + j] == 0) {
                 bias[j] = f32::NEG_INFINITY;
@@ -105,11 +113,11 @@ impl Problem<'_> {
             }
             match self.cond {
                 Cond::None => {}
-                Cond::Probs(w) => bias[j] = (w[b * s + j] + COND_EPS).ln(),
+                Cond::Probs(_) => bias[j] = lnw[j],
                 Cond::Logits(w) => mult[j] = w[b * s + j],
             }
         }
-        (bias, mult)
+        (bias, mult, lnw)
     }
 
     /// Keys a query block [i0, i1) can see.
@@ -166,13 +174,13 @@ fn exp_row(row: &mut [f32]) -> (f32, f32) {
 pub fn forward(q: &[f32], k: &[f32], v: &[f32], pr: &Problem, want_probs: bool) -> Forward {
     let AttnShape { b: nb, h: nh, tq, s, dh } = pr.sh;
     let e = pr.sh.e();
-    let terms: Vec<(Vec<f32>, Vec<f32>)> = (0..nb).map(|b| pr.key_terms(b)).collect();
+    let terms: Vec<KeyTerms> = (0..nb).map(|b| pr.key_terms(b)).collect();
     // One task per (b, h): its output columns [Tq, Dh], lse [Tq] and probabilities [Tq, S].
     let parts: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..nb * nh)
         .into_par_iter()
         .map(|bh| {
             let (b, h) = (bh / nh, bh % nh);
-            let (bias, mult) = &terms[b];
+            let (bias, mult, _) = &terms[b];
             let mut o = vec![0.0f32; tq * dh];
             let mut lse = vec![f32::NEG_INFINITY; tq];
             let mut probs = if want_probs { vec![0.0f32; tq * s] } else { Vec::new() };
@@ -224,7 +232,7 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], pr: &Problem, want_probs: bool) 
 pub fn backward(q: &[f32], k: &[f32], v: &[f32], o: &[f32], lse: &[f32], dout: &[f32], pr: &Problem) -> Grads {
     let AttnShape { b: nb, h: nh, tq, s, dh } = pr.sh;
     let e = pr.sh.e();
-    let terms: Vec<(Vec<f32>, Vec<f32>)> = (0..nb).map(|b| pr.key_terms(b)).collect();
+    let terms: Vec<KeyTerms> = (0..nb).map(|b| pr.key_terms(b)).collect();
     let has_w = !matches!(pr.cond, Cond::None);
     // Per (b, h): dq [Tq, Dh], dk and dv [S, Dh], dw [S] (this head's share).
     type Part = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
@@ -232,7 +240,7 @@ pub fn backward(q: &[f32], k: &[f32], v: &[f32], o: &[f32], lse: &[f32], dout: &
         .into_par_iter()
         .map(|bh| {
             let (b, h) = (bh / nh, bh % nh);
-            let (bias, mult) = &terms[b];
+            let (bias, mult, lnw) = &terms[b];
             let (mut dq, mut dk, mut dv) = (vec![0.0f32; tq * dh], vec![0.0f32; s * dh], vec![0.0f32; s * dh]);
             let mut dw = vec![0.0f32; if has_w { s } else { 0 }];
             let cap = QB.min(tq) * s;
@@ -255,29 +263,39 @@ pub fn backward(q: &[f32], k: &[f32], v: &[f32], o: &[f32], lse: &[f32], dout: &
                     let orow = &o[(b * tq + i) * e + h * dh..][..dh];
                     let drow = &dout[(b * tq + i) * e + h * dh..][..dh];
                     let delta: f32 = orow.iter().zip(drow).map(|(x, y)| x * y).sum();
-                    let prow = &mut p[r * s..r * s + kn];
+                    let (prow, trow) = (&mut p[r * s..r * s + kn], &mut t[r * s..r * s + kn]);
+                    let dprow = &mut dp[r * s..r * s + kn];
                     if l == f32::NEG_INFINITY {
+                        // a row with no key: no gradient anywhere
                         prow.fill(0.0);
-                    } else {
-                        for z in prow.iter_mut() {
-                            *z -= l;
-                        }
-                        exp_slice(prow);
+                        dprow.fill(0.0);
+                        continue;
                     }
-                    let (trow, dprow) = (&mut t[r * s..r * s + kn], &mut dp[r * s..r * s + kn]);
-                    for j in 0..kn {
-                        let (pj, g) = (prow[j], dprow[j] - delta);
-                        let ds = pj * g;
-                        if has_w && pj != 0.0 {
-                            let tj = trow[j] * pr.scale;
-                            dw[j] += match pr.cond {
-                                // p/(w + eps) = exp(t·scale − lse), without dividing by a tiny w.
-                                Cond::Probs(_) => (tj - l).exp() * g,
-                                _ => ds * tj,
-                            };
+                    // Official condition: dw_j gets p/(w_j + eps)·(dP − delta), and
+                    // p/(w_j + eps) = exp(z − ln(w_j + eps) − lse), with no division by a tiny w
+                    // (masked logits are −inf, so they give 0).
+                    if let Cond::Probs(_) = pr.cond {
+                        for j in 0..kn {
+                            trow[j] = prow[j] - lnw[j] - l;
                         }
-                        // dp now holds dS·scale·mult: the coefficient of the q and k products.
-                        dprow[j] = ds * pr.scale * mult[j];
+                        exp_slice(trow);
+                        for j in 0..kn {
+                            dw[j] += trow[j] * (dprow[j] - delta);
+                        }
+                    }
+                    for z in prow.iter_mut() {
+                        *z -= l;
+                    }
+                    exp_slice(prow);
+                    if let Cond::Logits(_) = pr.cond {
+                        // z = t·scale·w_j: dz/dw_j = t·scale
+                        for j in 0..kn {
+                            dw[j] += prow[j] * (dprow[j] - delta) * trow[j] * pr.scale;
+                        }
+                    }
+                    // dp becomes dS·scale·mult: the coefficient of the q and k products.
+                    for j in 0..kn {
+                        dprow[j] = prow[j] * (dprow[j] - delta) * pr.scale * mult[j];
                     }
                 }
                 let pa_t = Mat { ptr: p.as_ptr(), rs: 1, cs: s as isize };
