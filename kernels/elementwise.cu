@@ -12,6 +12,12 @@
 #define UNARY_LOG 3
 #define UNARY_SCALE 4       // y = alpha * x
 #define UNARY_ADD_SCALAR 5  // y = x + alpha
+#define UNARY_GELU 6        // y = x·Φ(x)
+#define UNARY_QUICK_GELU 7  // y = x·σ(1.702x)
+#define QUICK_GELU_A 1.702f
+
+// Φ(x) = erfc(−x/√2)/2: erfc keeps the small left tail accurate (1 + erf would cancel).
+__device__ __forceinline__ float normal_cdf(float x) { return 0.5f * erfcf(-x * 0.70710678f); }
 
 // x, y: [n]
 struct UnaryParams {
@@ -31,6 +37,8 @@ __device__ __forceinline__ float unary_apply(uint32_t op, float x, float alpha) 
         case UNARY_EXP: return expf(x);
         case UNARY_LOG: return logf(x);
         case UNARY_SCALE: return alpha * x;
+        case UNARY_GELU: return x * normal_cdf(x);
+        case UNARY_QUICK_GELU: return x / (1.f + expf(-QUICK_GELU_A * x));
         default: return x + alpha;
     }
 }
@@ -42,7 +50,7 @@ extern "C" __global__ void unary_fwd_f32(UnaryParams p) {
 }
 
 // x (forward input), y (forward output), dy, dx: [n]. Each op reads the one it needs:
-// relu and log read x; sigmoid and exp read y (cheaper than recomputing); scale and add_scalar
+// relu, log, gelu and quick gelu read x; sigmoid and exp read y (cheaper than recomputing); scale and add_scalar
 // read neither.
 struct UnaryBwdParams {
     const float* x;
@@ -66,6 +74,16 @@ extern "C" __global__ void unary_bwd_f32(UnaryBwdParams p) {
             case UNARY_EXP: d = g * p.y[i]; break;
             case UNARY_LOG: d = g / p.x[i]; break;
             case UNARY_SCALE: d = g * p.alpha; break;
+            case UNARY_GELU: {
+                const float x = p.x[i];
+                d = g * (normal_cdf(x) + x * 0.39894228f * expf(-0.5f * x * x));
+                break;
+            }
+            case UNARY_QUICK_GELU: {  // σ from x (y / x fails at 0)
+                const float x = p.x[i], s = 1.f / (1.f + expf(-QUICK_GELU_A * x));
+                d = g * (s + QUICK_GELU_A * x * s * (1.f - s));
+                break;
+            }
             default: d = g; break;
         }
         p.dx[i] = d;

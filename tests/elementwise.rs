@@ -16,6 +16,8 @@ fn unary_op() -> impl Strategy<Value = UnaryOp> {
         Just(UnaryOp::Log),
         (-3.0f32..3.0).prop_map(UnaryOp::Scale),
         (-3.0f32..3.0).prop_map(UnaryOp::AddScalar),
+        Just(UnaryOp::Gelu),
+        Just(UnaryOp::QuickGelu),
     ]
 }
 

@@ -8,6 +8,19 @@ use rayon::prelude::*;
 /// 224x224x64 activation across both cores.
 const CHUNK: usize = 1 << 15;
 
+const QUICK_GELU_A: f32 = 1.702;
+/// 1/√(2π)
+const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+
+/// Φ(x) = erfc(−x/√2)/2: erfc keeps the small left tail accurate (1 + erf would cancel).
+fn normal_cdf(x: f32) -> f32 {
+    0.5 * libm::erfcf(-x * std::f32::consts::FRAC_1_SQRT_2)
+}
+
+fn quick_sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + cpu_math::exp(-QUICK_GELU_A * x))
+}
+
 fn map1(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
     let mut y = vec![0.0f32; x.len()];
     y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(yc, xc)| {
@@ -37,6 +50,8 @@ pub fn unary(x: &[f32], op: UnaryOp) -> Vec<f32> {
         UnaryOp::Log => map1(x, f32::ln),
         UnaryOp::Scale(s) => map1(x, |v| s * v),
         UnaryOp::AddScalar(s) => map1(x, |v| v + s),
+        UnaryOp::Gelu => map1(x, |v| v * normal_cdf(v)),
+        UnaryOp::QuickGelu => map1(x, |v| v * quick_sigmoid(v)),
     }
 }
 
@@ -48,6 +63,15 @@ pub fn unary_backward(op: UnaryOp, x: &[f32], y: &[f32], dy: &[f32]) -> Vec<f32>
         UnaryOp::Log => map3(x, y, dy, |x, _, g| g / x),
         UnaryOp::Scale(s) => map1(dy, |g| g * s),
         UnaryOp::AddScalar(_) => dy.to_vec(),
+        // d/dx x·Φ(x) = Φ(x) + x·φ(x)
+        UnaryOp::Gelu => {
+            map3(x, y, dy, |x, _, g| g * (normal_cdf(x) + x * FRAC_1_SQRT_2PI * cpu_math::exp(-0.5 * x * x)))
+        }
+        // d/dx x·σ(ax) = σ + a·x·σ·(1 − σ), σ from x (y / x fails at 0)
+        UnaryOp::QuickGelu => map3(x, y, dy, |x, _, g| {
+            let s = quick_sigmoid(x);
+            g * (s + QUICK_GELU_A * x * s * (1.0 - s))
+        }),
     }
 }
 

@@ -20,6 +20,10 @@ pub enum UnaryOp {
     Scale(f32),
     /// y = x + s
     AddScalar(f32),
+    /// y = x·Φ(x), Φ the standard normal CDF (PyTorch's default, exact erf form)
+    Gelu,
+    /// y = x·σ(1.702·x) (CLIP's QuickGELU)
+    QuickGelu,
 }
 
 impl UnaryOp {
@@ -32,6 +36,8 @@ impl UnaryOp {
             UnaryOp::Log => 3,
             UnaryOp::Scale(_) => 4,
             UnaryOp::AddScalar(_) => 5,
+            UnaryOp::Gelu => 6,
+            UnaryOp::QuickGelu => 7,
         }
     }
     fn alpha(self) -> f32 {
@@ -125,6 +131,12 @@ pub fn scale(x: &Tensor, s: f32) -> Result<Tensor> {
 }
 pub fn add_scalar(x: &Tensor, s: f32) -> Result<Tensor> {
     unary(x, UnaryOp::AddScalar(s))
+}
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    unary(x, UnaryOp::Gelu)
+}
+pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    unary(x, UnaryOp::QuickGelu)
 }
 
 /// dx from the forward input `x`, the forward output `y` and the incoming gradient `dy`.

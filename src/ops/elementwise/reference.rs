@@ -3,6 +3,10 @@
 use super::{broadcast_shape, BinaryOp, UnaryOp};
 use crate::ops::contiguous_strides;
 
+fn normal_cdf(x: f64) -> f64 {
+    0.5 * libm::erfc(-x / std::f64::consts::SQRT_2)
+}
+
 pub fn unary(x: &[f64], op: UnaryOp) -> Vec<f64> {
     x.iter()
         .map(|&v| match op {
@@ -18,6 +22,8 @@ pub fn unary(x: &[f64], op: UnaryOp) -> Vec<f64> {
             UnaryOp::Log => v.ln(),
             UnaryOp::Scale(s) => s as f64 * v,
             UnaryOp::AddScalar(s) => v + s as f64,
+            UnaryOp::Gelu => v * normal_cdf(v),
+            UnaryOp::QuickGelu => v / (1.0 + (-1.702 * v).exp()),
         })
         .collect()
 }
@@ -44,6 +50,11 @@ pub fn unary_backward(op: UnaryOp, x: &[f64], dy: &[f64]) -> Vec<f64> {
                 UnaryOp::Log => 1.0 / v,
                 UnaryOp::Scale(s) => s as f64,
                 UnaryOp::AddScalar(_) => 1.0,
+                UnaryOp::Gelu => normal_cdf(v) + v * (-0.5 * v * v).exp() / (2.0 * std::f64::consts::PI).sqrt(),
+                UnaryOp::QuickGelu => {
+                    let s = 1.0 / (1.0 + (-1.702 * v).exp());
+                    s + 1.702 * v * s * (1.0 - s)
+                }
             }
         })
         .collect()
