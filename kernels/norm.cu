@@ -149,3 +149,95 @@ extern "C" __global__ void bn_apply_bwd_f32(BnApplyBwdParams p) {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Layer norm over the last axis of [R, C] (the transformers' LayerNorm, pre-LN or post-LN alike):
+// y = (x − mean)·rstd·γ + β, rstd = 1/√(var + eps), biased variance. A warp per row, two passes
+// over the row (mean, then the mean squared deviation: no cancellation for large means).
+// gamma, beta may be null (no affine).
+struct LnParams {
+    const float* x;
+    const float* gamma;
+    const float* beta;
+    float* y;
+    float* mean;  // [R]
+    float* rstd;  // [R]
+    const float* dy;
+    float* dx;
+    float* dgamma_part;  // [parts, C]
+    float* dbeta_part;   // [parts, C]
+    uint32_t rows;
+    uint32_t c;
+    float eps;
+    uint32_t rows_per_part;
+};
+RECLMIS_PARAMS_SIZE(LnParams, 96);
+
+// block (32, 8): a warp per row
+extern "C" __global__ void layer_norm_fwd_f32(LnParams p) {
+    const uint32_t row = blockIdx.x * blockDim.y + threadIdx.y;
+    if (row >= p.rows) return;  // whole warps leave together
+    const float* x = p.x + (uint64_t)row * p.c;
+    float s = 0.f;
+    for (uint32_t j = threadIdx.x; j < p.c; j += 32) s += x[j];
+    const float mean = warp_sum(s) / p.c;
+    float v = 0.f;
+    for (uint32_t j = threadIdx.x; j < p.c; j += 32) {
+        const float d = x[j] - mean;
+        v = fmaf(d, d, v);
+    }
+    const float rstd = rsqrtf(warp_sum(v) / p.c + p.eps);
+    float* y = p.y + (uint64_t)row * p.c;
+    for (uint32_t j = threadIdx.x; j < p.c; j += 32) {
+        const float xh = (x[j] - mean) * rstd;
+        y[j] = p.gamma ? fmaf(xh, p.gamma[j], p.beta ? p.beta[j] : 0.f) : xh + (p.beta ? p.beta[j] : 0.f);
+    }
+    if (threadIdx.x == 0) p.mean[row] = mean, p.rstd[row] = rstd;
+}
+
+// dx = rstd·(g − mean(g) − x̂·mean(g·x̂)), g = dy·γ. A warp per row; block (32, 8).
+extern "C" __global__ void layer_norm_bwd_f32(LnParams p) {
+    const uint32_t row = blockIdx.x * blockDim.y + threadIdx.y;
+    if (row >= p.rows) return;
+    const uint64_t off = (uint64_t)row * p.c;
+    const float mean = p.mean[row], rstd = p.rstd[row];
+    float sg = 0.f, sgx = 0.f;
+    for (uint32_t j = threadIdx.x; j < p.c; j += 32) {
+        const float g = p.dy[off + j] * (p.gamma ? p.gamma[j] : 1.f);
+        sg += g;
+        sgx = fmaf(g, (p.x[off + j] - mean) * rstd, sgx);
+    }
+    sg = warp_sum(sg) / p.c;
+    sgx = warp_sum(sgx) / p.c;
+    for (uint32_t j = threadIdx.x; j < p.c; j += 32) {
+        const float g = p.dy[off + j] * (p.gamma ? p.gamma[j] : 1.f);
+        const float xh = (p.x[off + j] - mean) * rstd;
+        p.dx[off + j] = rstd * (g - sg - xh * sgx);
+    }
+}
+
+// Partial dγ = Σ dy·x̂ and dβ = Σ dy over rows_per_part rows; the parts are summed afterwards
+// (deterministic, no atomics). grid = (ceil(C/32), parts), block (32, 8): thread (tx, ty) sums
+// column 32·bx + tx over rows ty, ty + 8, ... of the part; the 8 partial sums meet in shared memory.
+extern "C" __global__ void layer_norm_params_bwd_f32(LnParams p) {
+    __shared__ float sg[8][33], sb[8][33];
+    const uint32_t col = blockIdx.x * 32 + threadIdx.x;
+    const uint32_t r0 = blockIdx.y * p.rows_per_part, r1 = min(p.rows, r0 + p.rows_per_part);
+    float ag = 0.f, ab = 0.f;
+    if (col < p.c)
+        for (uint32_t r = r0 + threadIdx.y; r < r1; r += 8) {
+            const uint64_t i = (uint64_t)r * p.c + col;
+            const float d = p.dy[i];
+            ag = fmaf(d, (p.x[i] - p.mean[r]) * p.rstd[r], ag);
+            ab += d;
+        }
+    sg[threadIdx.y][threadIdx.x] = ag;
+    sb[threadIdx.y][threadIdx.x] = ab;
+    __syncthreads();
+    if (threadIdx.y == 0 && col < p.c) {
+        float tg = 0.f, tb = 0.f;
+        for (int k = 0; k < 8; ++k) tg += sg[k][threadIdx.x], tb += sb[k][threadIdx.x];
+        p.dgamma_part[(uint64_t)blockIdx.y * p.c + col] = tg;
+        p.dbeta_part[(uint64_t)blockIdx.y * p.c + col] = tb;
+    }
+}

@@ -8,6 +8,7 @@ pub mod conv;
 pub(crate) mod cpu_math;
 pub mod elementwise;
 pub mod gemm;
+pub mod layer_norm;
 pub mod loss;
 pub mod norm;
 pub mod plam;
