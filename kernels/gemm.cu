@@ -2,7 +2,8 @@
 //
 // A[z][i][k] = a[z*sa_batch + i*sa_row + k*sa_col] and likewise for B[z][k][j], so A^T or B^T is
 // only a swap of two strides and a broadcast operand (shared weights) is sa_batch = 0. C is
-// row-major per batch with row stride sc_row. beta == 0 never reads C.
+// row-major per batch with row stride sc_row. beta == 0 never reads C. An optional bias [n] is
+// added to every row in the store (C = alpha·AB + bias + beta·C), saving a pass over C.
 //
 // Two kernels over the shared tile core (tile_gemm.cuh):
 // - gemm_fwd_f32: exact f32 FMA, 64x64 block tile, 16x16 threads with 4x4 outputs each;
@@ -29,14 +30,16 @@ struct GemmParams {
     int64_t sc_row;
     float alpha;
     float beta;
+    const float* bias;  // [n] added to every row after alpha (the Linear epilogue), or null
 };
-RECLMIS_PARAMS_SIZE(GemmParams, 112);
+RECLMIS_PARAMS_SIZE(GemmParams, 120);
 
 // A, B, C of one batch entry as a tile_gemm problem.
 struct GemmProblem {
     const float* pa;
     const float* pb;
     float* pc;
+    const float* bias;
     int64_t sa_row, sa_col, sb_row, sb_col, sc_row;
     float alpha, beta;
     uint32_t m, n;
@@ -46,7 +49,8 @@ struct GemmProblem {
     __device__ float b(uint64_t k, uint32_t j) const { return pb[(int64_t)k * sb_row + (int64_t)j * sb_col]; }
     __device__ void store(uint32_t i, uint32_t j, float v) const {
         float* dst = pc + (int64_t)i * sc_row + j;
-        *dst = beta == 0.f ? alpha * v : alpha * v + beta * *dst;
+        const float r = bias ? fmaf(alpha, v, bias[j]) : alpha * v;
+        *dst = beta == 0.f ? r : r + beta * *dst;
     }
 };
 
@@ -56,6 +60,7 @@ __device__ __forceinline__ GemmProblem gemm_problem(const GemmParams& p) {
     pr.pa = p.a + (int64_t)z * p.sa_batch;
     pr.pb = p.b + (int64_t)z * p.sb_batch;
     pr.pc = p.c + (int64_t)z * p.sc_batch;
+    pr.bias = p.bias;
     pr.sa_row = p.sa_row, pr.sa_col = p.sa_col, pr.sb_row = p.sb_row, pr.sb_col = p.sb_col, pr.sc_row = p.sc_row;
     pr.alpha = p.alpha, pr.beta = p.beta;
     pr.m = p.m, pr.n = p.n, pr.k0 = 0, pr.k1 = p.k;

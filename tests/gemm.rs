@@ -152,3 +152,71 @@ fn shape_errors_are_typed() {
     let e = gemm::matmul(&b, &c, GemmOpts::default()).unwrap_err().to_string();
     assert!(e.contains("batch dims"), "{e}");
 }
+
+/// Linear (y = x·wᵀ + b, torch's layout) with the bias in the GEMM epilogue, and its backward.
+fn check_linear(
+    dev: &Device,
+    lead: Vec<usize>,
+    kn: (usize, usize),
+    bias: bool,
+    seed: u64,
+) -> Result<(), TestCaseError> {
+    use reclmis::ops::gemm::linear;
+    let (k, n) = kn;
+    let rows: usize = lead.iter().product();
+    let xs = [lead.clone(), vec![k]].concat();
+    let x = values(rows * k, seed, false);
+    let w = values(n * k, seed ^ 1, false);
+    let b = values(n, seed ^ 2, false);
+    let (xt, wt, bt) = (tensor(&x, &xs, dev), tensor(&w, &[n, k], dev), tensor(&b, &[n], dev));
+    let (plan, _) = gemm::plan(&[rows, k], &[n, k], false, true).unwrap();
+    let (mut want, mut mag) = reference::gemm(&f64s(&x), &f64s(&w), &plan, 1.0);
+    if bias {
+        for (i, (y, m)) in want.iter_mut().zip(mag.iter_mut()).enumerate() {
+            *y += b[i % n] as f64;
+            *m += b[i % n].abs() as f64;
+        }
+    }
+    let algos: &[GemmAlgo] =
+        if dev.is_gpu_like() { &[GemmAlgo::Tiled, GemmAlgo::TensorCore] } else { &[GemmAlgo::Auto] };
+    for &algo in algos {
+        let y = linear::linear(&xt, &wt, bias.then_some(&bt), algo).unwrap();
+        let want_shape = [lead.clone(), vec![n]].concat();
+        prop_assert_eq!(y.shape(), want_shape.as_slice());
+        assert_none(
+            &format!("{algo:?}"),
+            mismatch_scaled(&y.to_vec().unwrap(), &want, &mag, tolerance(algo, k + 1), 0.0),
+        )?;
+    }
+    let dy = values(rows * n, seed ^ 3, false);
+    let outs = [lead.clone(), vec![n]].concat();
+    let g = linear::linear_backward(&xt, &wt, &tensor(&dy, &outs, dev), bias, GemmAlgo::Tiled).unwrap();
+    let (wx, ww) = reference::gemm_backward(&f64s(&x), &f64s(&w), &f64s(&dy), &plan, 1.0);
+    let abs = |v: &[f32]| -> Vec<f64> { v.iter().map(|x| x.abs() as f64).collect() };
+    let (mx, mw) = reference::gemm_backward(&abs(&x), &abs(&w), &abs(&dy), &plan, 1.0);
+    let terms = rows.max(n) as f64;
+    assert_none("dx", mismatch_scaled(&g.dx.to_vec().unwrap(), &wx, &mx, (terms + 2.0) * EPS32, 0.0))?;
+    assert_none("dw", mismatch_scaled(&g.dw.to_vec().unwrap(), &ww, &mw, (terms + 2.0) * EPS32, 0.0))?;
+    match g.db {
+        Some(db) => {
+            let mut wb = vec![0.0f64; n];
+            let mut mb = vec![0.0f64; n];
+            for (i, d) in dy.iter().enumerate() {
+                wb[i % n] += *d as f64;
+                mb[i % n] += d.abs() as f64;
+            }
+            assert_none("db", mismatch_scaled(&db.to_vec().unwrap(), &wb, &mb, (rows as f64 + 2.0) * EPS32, 0.0))
+        }
+        None => {
+            prop_assert!(!bias);
+            Ok(())
+        }
+    }
+}
+
+per_device!(check_linear, (
+    lead in prop::collection::vec(small_dim(), 1..3),
+    kn in (dim(), dim()),
+    bias in any::<bool>(),
+    seed in any::<u64>(),
+));

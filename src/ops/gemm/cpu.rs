@@ -9,12 +9,18 @@ use rayon::prelude::*;
 /// product (threading a small product costs more than it saves).
 const PAR_INSIDE: usize = 1 << 18;
 
-pub fn gemm(a: &[f32], b: &[f32], s: &GemmShape, alpha: f32) -> Vec<f32> {
+/// C = alpha·A·B (+ bias [n] on every row: C starts as the bias rows and the product is
+/// accumulated onto them, so the epilogue costs no extra pass).
+pub fn gemm(a: &[f32], b: &[f32], s: &GemmShape, alpha: f32, bias: Option<&[f32]>) -> Vec<f32> {
     let (m, n, k) = (s.m, s.n, s.k);
     let mut c = vec![0.0f32; s.batch * m * n];
     if c.is_empty() {
         return c;
     }
+    if let Some(bias) = bias {
+        c.par_chunks_mut(n).for_each(|row| row.copy_from_slice(bias));
+    }
+    let read_dst = bias.is_some();
     let one = |z: usize, cz: &mut [f32], par: Parallelism| {
         let (pa, pb) = (&a[z * s.sa.0..], &b[z * s.sb.0..]);
         // SAFETY: the plan's strides address only elements inside `a` and `b` for every (i, kk, j)
@@ -27,14 +33,14 @@ pub fn gemm(a: &[f32], b: &[f32], s: &GemmShape, alpha: f32) -> Vec<f32> {
                 cz.as_mut_ptr(),
                 1,
                 n as isize,
-                false,
+                read_dst,
                 pa.as_ptr(),
                 s.sa.2 as isize,
                 s.sa.1 as isize,
                 pb.as_ptr(),
                 s.sb.2 as isize,
                 s.sb.1 as isize,
-                0.0,   // gemm's alpha scales the old C (not read: read_dst is false)
+                1.0,   // gemm's alpha scales the old C (read only when it holds the bias)
                 alpha, // gemm's beta scales A·B
                 false,
                 false,

@@ -9,6 +9,7 @@
 //! with f32 accumulation. `Auto` picks Tiled: exactness is the default, speed is asked for.
 
 pub mod cpu;
+pub mod linear;
 pub mod reference;
 
 use crate::device::{Device, LaunchCfg};
@@ -40,7 +41,7 @@ impl Default for GemmOpts {
 }
 
 crate::kernel_params! {
-    pub(crate) struct GemmParams [112] {
+    pub(crate) struct GemmParams [120] {
         a: u64,
         b: u64,
         c: u64,
@@ -58,6 +59,7 @@ crate::kernel_params! {
         sc_row: i64,
         alpha: f32,
         beta: f32,
+        bias: u64,
     }
 }
 
@@ -122,7 +124,7 @@ pub fn matmul(a: &Tensor, b: &Tensor, opts: GemmOpts) -> Result<Tensor> {
     let (s, out_shape) = plan(a.shape(), b.shape(), opts.trans_a, opts.trans_b)?;
     let dev = a.device();
     if let Device::Cpu = dev {
-        let c = cpu::gemm(a.cpu_f32("matmul")?, b.cpu_f32("matmul")?, &s, opts.alpha);
+        let c = cpu::gemm(a.cpu_f32("matmul")?, b.cpu_f32("matmul")?, &s, opts.alpha, None);
         return Tensor::from_vec(c, &out_shape, dev);
     }
     let c = Tensor::empty(&out_shape, DType::F32, dev)?;
@@ -134,17 +136,15 @@ pub fn matmul(a: &Tensor, b: &Tensor, opts: GemmOpts) -> Result<Tensor> {
         // zero-filling is clearer than relying on that).
         return Tensor::zeros(&out_shape, dev);
     }
-    launch(dev, a.dev_ptr(), b.dev_ptr(), c.dev_ptr(), &s, opts.alpha, 0.0, opts.algo)?;
+    launch(dev, [a.dev_ptr(), b.dev_ptr(), c.dev_ptr(), 0], &s, opts.alpha, 0.0, opts.algo)?;
     Ok(c)
 }
 
-/// Launches one batched GEMM on cuda or emu; `beta != 0` accumulates into `c`.
-#[allow(clippy::too_many_arguments)]
+/// Launches one batched GEMM on cuda or emu; `beta != 0` accumulates into `c`; a nonzero `bias`
+/// pointer ([n] floats) is added to every row of C.
 pub(crate) fn launch(
     dev: &Device,
-    a: u64,
-    b: u64,
-    c: u64,
+    [a, b, c, bias]: [u64; 4],
     s: &GemmShape,
     alpha: f32,
     beta: f32,
@@ -171,6 +171,7 @@ pub(crate) fn launch(
         sc_row: s.n as i64,
         alpha,
         beta,
+        bias,
     };
     let grid = ((s.n as u32).div_ceil(64), (s.m as u32).div_ceil(64), s.batch as u32);
     let (kernel, threads) = match algo {
