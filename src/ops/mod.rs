@@ -7,6 +7,7 @@ pub mod ccl;
 pub mod conv;
 pub(crate) mod cpu_math;
 pub mod elementwise;
+pub mod embedding;
 pub mod gemm;
 pub mod layer_norm;
 pub mod loss;
