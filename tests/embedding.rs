@@ -41,7 +41,7 @@ fn out_of_range_ids_are_named() {
         let table = tensor(&[0.5; 12], &[3, 4], &dev);
         for bad in [3, -1] {
             let ids = Tensor::from_vec_i32(vec![0, 2, bad, 1], &[4], &dev).unwrap();
-            let e = emb::embedding(&ids, &table).err().expect("an error").to_string();
+            let e = emb::embedding(&ids, &table).expect_err("an error").to_string();
             assert!(e.contains(&format!("token 2 has id {bad}, outside the table's 3 rows")), "{kind}: {e}");
         }
     }
