@@ -7,7 +7,8 @@ SPEC is one of: "mm M N K", "softmax R C", "relu B C H W", "add_bcast B C H W", 
 "upsample B C HW", "conv B CI CO HW K", "conv_bwd B CI CO HW K",
 "bn_relu B C HW", "plam B C HW",
 "attn B H TQ S DH CAUSAL COND KEYMASK", "attn_fb ..." (the official composition: matmul, mask, softmax,
-·(w + 1e-10), renormalise, matmul; fb adds the backward to q, k, v and w). Prints "SPEC<TAB>median seconds" per spec. cpu: 2 threads (the machine's cores),
+·(w + 1e-10), renormalise, matmul; fb adds the backward to q, k, v and w),
+"layer_norm R C", "layer_norm_bwd R C", "gelu R C", "quick_gelu R C", "linear R K N", "embedding T V D". Prints "SPEC<TAB>median seconds" per spec. cpu: 2 threads (the machine's cores),
 f32, TF32 off on cuda so that "gemm" compares like with like (gemm_tc is the TF32 figure).
 A peer, not a dependency: needs torch in a virtual environment outside the repository.
 """
@@ -139,6 +140,29 @@ def build(spec, dev):
                     return attn()
             return fwd
         return lambda: torch.autograd.grad(attn(), (q, k, v, w) if cond else (q, k, v), go)
+    if kind in ("layer_norm", "layer_norm_bwd"):
+        rows, c = d
+        x, g, b, go = r(rows, c), r(c), r(c), r(rows, c)
+        if kind == "layer_norm":
+            return lambda: torch.nn.functional.layer_norm(x, (c,), g, b, 1e-5)
+        x.requires_grad_(True)
+        y = torch.nn.functional.layer_norm(x, (c,), g, b, 1e-5)
+        return lambda: torch.autograd.grad(y, x, go, retain_graph=True)
+    if kind == "gelu":
+        x = r(*d)
+        return lambda: torch.nn.functional.gelu(x)
+    if kind == "quick_gelu":
+        x = r(*d)
+        return lambda: x * torch.sigmoid(1.702 * x)
+    if kind == "linear":
+        rows, k, n = d
+        x, w, b = r(rows, k), r(n, k), r(n)
+        return lambda: torch.nn.functional.linear(x, w, b)
+    if kind == "embedding":
+        toks, vocab, dim = d
+        table = r(vocab, dim)
+        ids = torch.tensor([(i * 7919) % vocab for i in range(toks)], device=dev)
+        return lambda: torch.nn.functional.embedding(ids, table)
     if kind == "maxpool":
         b, c, hw = d
         x = r(b, c, hw, hw)

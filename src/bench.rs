@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::ops::attention::{self as attn, AttnOpts, Condition};
 use crate::ops::elementwise::{self, UnaryOp};
 use crate::ops::gemm::{self, GemmAlgo, GemmOpts};
-use crate::ops::{ccl, conv, loss, norm, plam, pool, reduce, softmax, transpose};
+use crate::ops::{ccl, conv, embedding, layer_norm, loss, norm, plam, pool, reduce, softmax, transpose};
 use crate::tensor::Tensor;
 use std::time::Instant;
 
@@ -61,7 +61,7 @@ fn rand_tensor(shape: &[usize], seed: u64, dev: &Device) -> Result<Tensor> {
 type Group = fn(&Device, bool, &mut Vec<Case>) -> Result<()>;
 
 /// Every benchmark group with the case names it defines.
-const GROUPS: [(&[&str], Group); 11] = [
+const GROUPS: [(&[&str], Group); 12] = [
     (&["gemm", "gemm_tc"], gemm_cases),
     (&["softmax", "softmax_bwd"], softmax_cases),
     (&["relu", "relu_bwd", "add_bcast", "sum", "max", "sum_bwd"], activation_cases),
@@ -73,6 +73,7 @@ const GROUPS: [(&[&str], Group); 11] = [
     (&["batch_norm_relu", "batch_norm_relu_bwd"], bn_cases),
     (&["plam", "plam_bwd"], plam_cases),
     (&["attention", "attention_composed", "attention_fwd_bwd", "attention_composed_fwd_bwd"], attention_cases),
+    (&["layer_norm", "layer_norm_bwd", "gelu", "quick_gelu", "linear", "embedding"], transformer_cases),
 ];
 
 /// The cases for a device, only the groups `filter` names (so that a run allocates only what it
@@ -432,6 +433,88 @@ fn attention_cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
             });
         }
     }
+    Ok(())
+}
+
+/// The pieces around attention at the reconstruction transformers' sizes: 32 images x 196 tokens
+/// x 512 channels (LayerNorm, GELU, the 512->512 projection with its bias), the CLIP tower's
+/// QuickGELU on its 2048-wide MLP over 32 x 18 tokens, and the token embedding lookup
+/// (49408 x 512 table).
+fn transformer_cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
+    let (rows, c) = if small { (64, 64) } else { (32 * 196, 512) };
+    let x = rand_tensor(&[rows, c], 31, dev)?;
+    let gamma = rand_tensor(&[c], 32, dev)?;
+    let beta = rand_tensor(&[c], 33, dev)?;
+    let dy = rand_tensor(&[rows, c], 34, dev)?;
+    let n = (rows * c) as f64;
+    let ln_in = std::rc::Rc::new((x.clone(), gamma, beta, dy));
+    let a = ln_in.clone();
+    v.push(Case {
+        op: "layer_norm",
+        shape: format!("{rows}x{c}"),
+        flops: 8.0 * n,
+        bytes: 8.0 * n,
+        peer: Some(format!("layer_norm {rows} {c}")),
+        validate: None,
+        run: Box::new(move || Ok(layer_norm::layer_norm(&a.0, Some(&a.1), Some(&a.2), 1e-5)?.y)),
+    });
+    let a = ln_in;
+    let f = layer_norm::layer_norm(&a.0, Some(&a.1), Some(&a.2), 1e-5)?;
+    v.push(Case {
+        op: "layer_norm_bwd",
+        shape: format!("{rows}x{c}"),
+        flops: 10.0 * n,
+        bytes: 12.0 * n,
+        peer: Some(format!("layer_norm_bwd {rows} {c}")),
+        validate: None,
+        run: Box::new(move || Ok(layer_norm::layer_norm_backward(&a.0, Some(&a.1), Some(&a.2), &f, &a.3)?.dx)),
+    });
+    let xg = x.clone();
+    v.push(Case {
+        op: "gelu",
+        shape: format!("{rows}x{c}"),
+        flops: 20.0 * n,
+        bytes: 8.0 * n,
+        peer: Some(format!("gelu {rows} {c}")),
+        validate: None,
+        run: Box::new(move || elementwise::unary(&xg, UnaryOp::Gelu)),
+    });
+    let (qr, qc) = if small { (36, 64) } else { (32 * 18, 2048) };
+    let xq = rand_tensor(&[qr, qc], 35, dev)?;
+    let nq = (qr * qc) as f64;
+    v.push(Case {
+        op: "quick_gelu",
+        shape: format!("{qr}x{qc}"),
+        flops: 20.0 * nq,
+        bytes: 8.0 * nq,
+        peer: Some(format!("quick_gelu {qr} {qc}")),
+        validate: None,
+        run: Box::new(move || elementwise::unary(&xq, UnaryOp::QuickGelu)),
+    });
+    let w = rand_tensor(&[c, c], 36, dev)?;
+    let bias = rand_tensor(&[c], 37, dev)?;
+    v.push(Case {
+        op: "linear",
+        shape: format!("{rows}x{c} -> {c} +bias"),
+        flops: 2.0 * n * c as f64,
+        bytes: 4.0 * (2.0 * n + (c * c) as f64),
+        peer: Some(format!("linear {rows} {c} {c}")),
+        validate: None,
+        run: Box::new(move || gemm::linear::linear(&x, &w, Some(&bias), GemmAlgo::TensorCore)),
+    });
+    let (vocab, d, toks) = if small { (1000, 64, 36) } else { (49408, 512, 32 * 77) };
+    let table = rand_tensor(&[vocab, d], 38, dev)?;
+    let ids: Vec<i32> = (0..toks).map(|i| ((i * 7919) % vocab) as i32).collect();
+    let ids = Tensor::from_vec_i32(ids, &[toks], dev)?;
+    v.push(Case {
+        op: "embedding",
+        shape: format!("{toks} ids of {vocab}x{d}"),
+        flops: 0.0,
+        bytes: 8.0 * (toks * d) as f64,
+        peer: Some(format!("embedding {toks} {vocab} {d}")),
+        validate: None,
+        run: Box::new(move || embedding::embedding(&ids, &table)),
+    });
     Ok(())
 }
 

@@ -12,13 +12,55 @@ const QUICK_GELU_A: f32 = 1.702;
 /// 1/√(2π)
 const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 
-/// Φ(x) = erfc(−x/√2)/2: erfc keeps the small left tail accurate (1 + erf would cancel).
-fn normal_cdf(x: f32) -> f32 {
-    0.5 * libm::erfcf(-x * std::f32::consts::FRAC_1_SQRT_2)
-}
-
+#[inline(always)]
 fn quick_sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + cpu_math::exp(-QUICK_GELU_A * x))
+}
+
+// The transcendental activations get AVX-512/AVX2 builds of their loops (the crate's baseline
+// target has no FMA or wide vectors, and these are compute-bound, unlike relu).
+cpu_math::multiversion! {
+    fn gelu_fwd(x: &[f32], y: &mut [f32]) {
+        for (o, &v) in y.iter_mut().zip(x) {
+            *o = v * cpu_math::normal_cdf(v);
+        }
+    }
+}
+cpu_math::multiversion! {
+    fn quick_gelu_fwd(x: &[f32], y: &mut [f32]) {
+        for (o, &v) in y.iter_mut().zip(x) {
+            *o = v * quick_sigmoid(v);
+        }
+    }
+}
+cpu_math::multiversion! {
+    /// d/dx x·Φ(x) = Φ(x) + x·φ(x)
+    fn gelu_bwd(x: &[f32], g: &[f32], d: &mut [f32]) {
+        for ((o, &v), &gv) in d.iter_mut().zip(x).zip(g) {
+            *o = gv * (cpu_math::normal_cdf(v) + v * FRAC_1_SQRT_2PI * cpu_math::exp(-0.5 * v * v));
+        }
+    }
+}
+cpu_math::multiversion! {
+    /// d/dx x·σ(ax) = σ + a·x·σ·(1 − σ), σ from x (y / x fails at 0)
+    fn quick_gelu_bwd(x: &[f32], g: &[f32], d: &mut [f32]) {
+        for ((o, &v), &gv) in d.iter_mut().zip(x).zip(g) {
+            let s = quick_sigmoid(v);
+            *o = gv * (s + QUICK_GELU_A * v * s * (1.0 - s));
+        }
+    }
+}
+
+fn map_chunks(x: &[f32], f: fn(&[f32], &mut [f32])) -> Vec<f32> {
+    let mut y = vec![0.0f32; x.len()];
+    y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(yc, xc)| f(xc, yc));
+    y
+}
+
+fn map_chunks2(x: &[f32], g: &[f32], f: fn(&[f32], &[f32], &mut [f32])) -> Vec<f32> {
+    let mut y = vec![0.0f32; x.len()];
+    y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK))).for_each(|(yc, (xc, gc))| f(xc, gc, yc));
+    y
 }
 
 fn map1(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
@@ -50,8 +92,8 @@ pub fn unary(x: &[f32], op: UnaryOp) -> Vec<f32> {
         UnaryOp::Log => map1(x, f32::ln),
         UnaryOp::Scale(s) => map1(x, |v| s * v),
         UnaryOp::AddScalar(s) => map1(x, |v| v + s),
-        UnaryOp::Gelu => map1(x, |v| v * normal_cdf(v)),
-        UnaryOp::QuickGelu => map1(x, |v| v * quick_sigmoid(v)),
+        UnaryOp::Gelu => map_chunks(x, gelu_fwd),
+        UnaryOp::QuickGelu => map_chunks(x, quick_gelu_fwd),
     }
 }
 
@@ -63,15 +105,8 @@ pub fn unary_backward(op: UnaryOp, x: &[f32], y: &[f32], dy: &[f32]) -> Vec<f32>
         UnaryOp::Log => map3(x, y, dy, |x, _, g| g / x),
         UnaryOp::Scale(s) => map1(dy, |g| g * s),
         UnaryOp::AddScalar(_) => dy.to_vec(),
-        // d/dx x·Φ(x) = Φ(x) + x·φ(x)
-        UnaryOp::Gelu => {
-            map3(x, y, dy, |x, _, g| g * (normal_cdf(x) + x * FRAC_1_SQRT_2PI * cpu_math::exp(-0.5 * x * x)))
-        }
-        // d/dx x·σ(ax) = σ + a·x·σ·(1 − σ), σ from x (y / x fails at 0)
-        UnaryOp::QuickGelu => map3(x, y, dy, |x, _, g| {
-            let s = quick_sigmoid(x);
-            g * (s + QUICK_GELU_A * x * s * (1.0 - s))
-        }),
+        UnaryOp::Gelu => map_chunks2(x, dy, gelu_bwd),
+        UnaryOp::QuickGelu => map_chunks2(x, dy, quick_gelu_bwd),
     }
 }
 
