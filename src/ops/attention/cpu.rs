@@ -67,18 +67,29 @@ struct Block {
 
 /// dst = [dst +] a (m x k) · b (k x n), single-threaded.
 ///
+/// The gemm crate's microkernels tile the rows of C by 32 or 64, so attention's short sides
+/// (18 text tokens) waste most of a tile as rows; when m < n the transposed product
+/// Cᵀ = Bᵀ·Aᵀ is computed instead (only strides change, C is written in place).
+///
 /// SAFETY: a, b address m x k and k x n elements inside live slices; dst holds m rows of n.
 unsafe fn mm((m, n, k): (usize, usize, usize), dst: Dst, a: Mat, b: Mat) {
     if m == 0 || n == 0 {
         return;
     }
+    let (dst_rs, dst_cs) = (dst.rs as isize, 1isize);
+    let (m, n, dst_rs, dst_cs, a, b) = if m < n {
+        let t = |x: Mat| Mat { ptr: x.ptr, rs: x.cs, cs: x.rs };
+        (n, m, dst_cs, dst_rs, t(b), t(a))
+    } else {
+        (m, n, dst_rs, dst_cs, a, b)
+    };
     gemm::gemm(
         m,
         n,
         k,
         dst.ptr,
-        1,
-        dst.rs as isize,
+        dst_cs,
+        dst_rs,
         dst.accumulate,
         a.ptr,
         a.cs,
