@@ -76,11 +76,11 @@ const GROUPS: [(&[&str], Group); 12] = [
     (&["layer_norm", "layer_norm_bwd", "gelu", "quick_gelu", "linear", "embedding"], transformer_cases),
 ];
 
-/// The cases for a device, only the groups `filter` names (so that a run allocates only what it
+/// The cases for a device, only the groups `filter` names (a comma-separated list of case names) (so that a run allocates only what it
 /// times). emu gets small shapes: it runs every CUDA thread as a fiber.
 pub fn cases(dev: &Device, filter: Option<&str>) -> Result<Vec<Case>> {
     let small = matches!(dev, Device::Emu);
-    let want = |ops: &[&str]| filter.is_none_or(|f| ops.contains(&f));
+    let want = |ops: &[&str]| filter.is_none_or(|f| f.split(',').any(|f| ops.contains(&f)));
     let mut v = Vec::new();
     for (ops, group) in GROUPS {
         if want(ops) {
@@ -895,7 +895,8 @@ pub struct BenchOpts<'a> {
 
 pub fn run(dev: &Device, opts: &BenchOpts) -> Result<Vec<Measurement>> {
     let all = cases(dev, opts.filter)?;
-    let chosen: Vec<&Case> = all.iter().filter(|c| opts.filter.is_none_or(|f| c.op == f)).collect();
+    let chosen: Vec<&Case> =
+        all.iter().filter(|c| opts.filter.is_none_or(|f| f.split(',').any(|f| c.op == f))).collect();
     if chosen.is_empty() {
         let names: Vec<&str> = GROUPS.iter().flat_map(|(ops, _)| ops.iter().copied()).collect();
         return Err(Error::Other(format!(

@@ -128,7 +128,7 @@ pub fn sum_lanes(x: &[f32]) -> f32 {
             acc[l] += v[l];
         }
     }
-    acc.iter().sum::<f32>() + tail
+    hsum(acc) + tail
 }
 
 /// Σ a·b with LANES independent partial sums.
@@ -142,7 +142,20 @@ pub fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
             acc[l] += x[l] * y[l];
         }
     }
-    acc.iter().sum::<f32>() + tail
+    hsum(acc) + tail
+}
+
+/// The lanes' total by halving (four vector steps instead of a 16-add chain).
+#[inline(always)]
+fn hsum(mut acc: [f32; LANES]) -> f32 {
+    let mut w = LANES / 2;
+    while w > 0 {
+        for l in 0..w {
+            acc[l] += acc[l + w];
+        }
+        w /= 2;
+    }
+    acc[0]
 }
 
 /// erfc(|x|/√2), the normal tail, within a few ulp: Numerical Recipes' Chebyshev fit `erfcc`
