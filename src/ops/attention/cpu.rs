@@ -1,11 +1,13 @@
-//! cpu attention: per (batch, head), blocks of at most QB query rows. A block's logits
-//! [rows, S] live in a per-task buffer that stays in cache; the products go through the `gemm`
-//! crate with the strides of the [B,T,E] layout (no copies of q, k, v). Tasks run in parallel
-//! over (batch, head) with rayon; each product inside a task is single-threaded.
+//! cpu attention: per (batch, head), blocks of at most QB query rows. A block's logits live in a
+//! per-task buffer that stays in cache, stored transposed (key-major, St[j][i]) so that every
+//! product of the forward and backward has the form "scalars of one operand broadcast against
+//! contiguous rows of the other" (`bmm`), which needs no packing: only the block's q (and dO)
+//! rows are transposed, [rows, Dh] -> [Dh, rows]. Tasks run in parallel over (batch, head) with
+//! rayon. (The gemm crate was 2-3x slower here: at 18 x 196 x 128 its per-call packing and set-up
+//! cost more than the arithmetic.)
 
 use super::{AttnShape, COND_EPS};
-use crate::ops::cpu_math::exp_slice;
-use gemm::Parallelism;
+use crate::ops::cpu_math::{self, exp_slice};
 use rayon::prelude::*;
 
 /// Query rows per block: 64 x 196 keys x 4 B = 50 KB of logits, inside L2 with the operands.
@@ -38,72 +40,176 @@ pub struct Grads {
     pub dw: Option<Vec<f32>>,
 }
 
-/// A strided matrix operand: element (r, c) at ptr[r·rs + c·cs].
+/// Scalars A(r, k) = ptr[r·rs + k·cs] of a product's left operand.
 #[derive(Clone, Copy)]
-struct Mat {
+struct Bcast {
     ptr: *const f32,
-    rs: isize,
-    cs: isize,
+    rs: usize,
+    cs: usize,
 }
 
-/// The destination of a product: rows of `rs` floats; `accumulate` adds to what is there.
-struct Dst {
+/// Contiguous rows: element (r, c) at ptr[r·ld + c].
+#[derive(Clone, Copy)]
+struct Rows {
+    ptr: *const f32,
+    ld: usize,
+}
+
+#[derive(Clone, Copy)]
+struct RowsMut {
     ptr: *mut f32,
-    rs: usize,
+    ld: usize,
+}
+
+/// One register tile of `bmm`: R rows x C columns of C at (i0, j0), over all of k.
+///
+/// SAFETY: the caller's contract of `bmm`, with i0 + R <= m and j0 + C <= n.
+#[inline(always)]
+unsafe fn tile<const R: usize, const C: usize>(
+    (i0, j0, k): (usize, usize, usize),
+    a: Bcast,
+    b: Rows,
+    c: RowsMut,
     accumulate: bool,
+) {
+    let mut acc = [[0.0f32; C]; R];
+    if accumulate {
+        for (rr, row) in acc.iter_mut().enumerate() {
+            *row = *(c.ptr.add((i0 + rr) * c.ld + j0) as *const [f32; C]);
+        }
+    }
+    for kk in 0..k {
+        let brow = &*(b.ptr.add(kk * b.ld + j0) as *const [f32; C]);
+        for (rr, row) in acc.iter_mut().enumerate() {
+            let av = *a.ptr.add((i0 + rr) * a.rs + kk * a.cs);
+            for l in 0..C {
+                row[l] = av.mul_add(brow[l], row[l]);
+            }
+        }
+    }
+    for (rr, row) in acc.iter().enumerate() {
+        *(c.ptr.add((i0 + rr) * c.ld + j0) as *mut [f32; C]) = *row;
+    }
+}
+
+/// A column remainder narrower than 16: R rows x w columns at (i0, j0), accumulated in
+/// registers like `tile` (w is known only at run time).
+///
+/// SAFETY: as `tile`, with j0 + w <= n and w <= 16.
+#[inline(always)]
+unsafe fn edge<const R: usize>(
+    (i0, j0, k): (usize, usize, usize),
+    w: usize,
+    a: Bcast,
+    b: Rows,
+    c: RowsMut,
+    accumulate: bool,
+) {
+    let mut acc = [[0.0f32; 16]; R];
+    if accumulate {
+        for (rr, row) in acc.iter_mut().enumerate() {
+            row[..w].copy_from_slice(std::slice::from_raw_parts(c.ptr.add((i0 + rr) * c.ld + j0), w));
+        }
+    }
+    for kk in 0..k {
+        let brow = std::slice::from_raw_parts(b.ptr.add(kk * b.ld + j0), w);
+        for (rr, row) in acc.iter_mut().enumerate() {
+            let av = *a.ptr.add((i0 + rr) * a.rs + kk * a.cs);
+            for (x, &bv) in row[..w].iter_mut().zip(brow) {
+                *x = av.mul_add(bv, *x);
+            }
+        }
+    }
+    for (rr, row) in acc.iter().enumerate() {
+        std::slice::from_raw_parts_mut(c.ptr.add((i0 + rr) * c.ld + j0), w).copy_from_slice(&row[..w]);
+    }
+}
+
+/// R rows of C at i0, all n columns: 32-wide tiles, a 16-wide one, then the remainder.
+///
+/// SAFETY: as `tile`, with i0 + R <= m.
+#[inline(always)]
+unsafe fn row_block<const R: usize>(
+    (i0, n, k): (usize, usize, usize),
+    a: Bcast,
+    b: Rows,
+    c: RowsMut,
+    accumulate: bool,
+) {
+    let mut j0 = 0;
+    while j0 + 32 <= n {
+        tile::<R, 32>((i0, j0, k), a, b, c, accumulate);
+        j0 += 32;
+    }
+    if j0 + 16 <= n {
+        tile::<R, 16>((i0, j0, k), a, b, c, accumulate);
+        j0 += 16;
+    }
+    if j0 < n {
+        edge::<R>((i0, j0, k), n - j0, a, b, c, accumulate);
+    }
+}
+
+cpu_math::multiversion! {
+    /// C (m x n) = [C +] A (m x k) · B (k x n) in register tiles of 4 rows x 32 columns (each k
+    /// step broadcasts 4 scalars of A against a 32-wide row of B: two vector loads, eight FMAs);
+    /// 16-wide and narrower column remainders (the 18 text tokens are 16 + 2) and single
+    /// leftover rows get their own register tiles.
+    fn bmm_impl(mnk: (usize, usize, usize), a: Bcast, b: Rows, c: RowsMut, accumulate: bool) {
+        let (m, n, k) = mnk;
+        // SAFETY (whole body): the caller's contract of `bmm`; every tile stays inside m x n.
+        unsafe {
+            let m4 = m - m % 4;
+            for i0 in (0..m4).step_by(4) {
+                row_block::<4>((i0, n, k), a, b, c, accumulate);
+            }
+            for i0 in m4..m {
+                row_block::<1>((i0, n, k), a, b, c, accumulate);
+            }
+        }
+    }
+}
+
+/// C = [C +] A·B, single-threaded. FMAs in the AVX2/AVX-512 builds (the baseline build, for
+/// CPUs without them, calls fmaf and is slow but right).
+///
+/// SAFETY: for every r < m, kk < k, j < n: A(r, kk), B(kk, j) and C(r, j) lie inside live
+/// slices, and C does not overlap A or B.
+unsafe fn bmm(mnk: (usize, usize, usize), a: Bcast, b: Rows, c: RowsMut, accumulate: bool) {
+    if mnk.0 > 0 && mnk.1 > 0 {
+        bmm_impl(mnk, a, b, c, accumulate)
+    }
+}
+
+/// [rows, dh] rows of x (row stride e) -> [dh, ld], zero in the columns rows..ld.
+fn transpose_block(x: &[f32], e: usize, (rows, ld): (usize, usize), dh: usize, out: &mut [f32]) {
+    out[..dh * ld].fill(0.0);
+    for r in 0..rows {
+        for (d, &v) in x[r * e..r * e + dh].iter().enumerate() {
+            out[d * ld + r] = v;
+        }
+    }
 }
 
 /// Per key: (additive bias, logit multiplier, ln(w + eps)).
 type KeyTerms = (Vec<f32>, Vec<f32>, Vec<f32>);
 
-/// A block of query rows [i0, i0 + rows) of head (b, h), which sees keys [0, kn).
+/// A block of query rows [i0, i0 + rows) of head (b, h), which sees keys [0, kn). Its St
+/// buffers have rows of ld = rows rounded up to 16 (whole vector tiles; the extra columns hold
+/// finite values from zero queries, and no result reads them).
 struct Block {
     b: usize,
     h: usize,
     i0: usize,
     rows: usize,
+    ld: usize,
     kn: usize,
 }
 
-/// dst = [dst +] a (m x k) · b (k x n), single-threaded.
-///
-/// The gemm crate's microkernels tile the rows of C by 32 or 64, so attention's short sides
-/// (18 text tokens) waste most of a tile as rows; when m < n the transposed product
-/// Cᵀ = Bᵀ·Aᵀ is computed instead (only strides change, C is written in place).
-///
-/// SAFETY: a, b address m x k and k x n elements inside live slices; dst holds m rows of n.
-unsafe fn mm((m, n, k): (usize, usize, usize), dst: Dst, a: Mat, b: Mat) {
-    if m == 0 || n == 0 {
-        return;
+impl Block {
+    fn new(b: usize, h: usize, i0: usize, rows: usize, kn: usize) -> Block {
+        Block { b, h, i0, rows, ld: rows.next_multiple_of(16), kn }
     }
-    let (dst_rs, dst_cs) = (dst.rs as isize, 1isize);
-    let (m, n, dst_rs, dst_cs, a, b) = if m < n {
-        let t = |x: Mat| Mat { ptr: x.ptr, rs: x.cs, cs: x.rs };
-        (n, m, dst_cs, dst_rs, t(b), t(a))
-    } else {
-        (m, n, dst_rs, dst_cs, a, b)
-    };
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst.ptr,
-        dst_cs,
-        dst_rs,
-        dst.accumulate,
-        a.ptr,
-        a.cs,
-        a.rs,
-        b.ptr,
-        b.cs,
-        b.rs,
-        1.0,
-        1.0,
-        false,
-        false,
-        false,
-        Parallelism::None,
-    )
 }
 
 impl Problem<'_> {
@@ -140,27 +246,39 @@ impl Problem<'_> {
         }
     }
 
-    /// Raw products t[r][j] = ⟨q_{i0+r}, k_j⟩ of a block into buf (row stride S).
-    fn dots(&self, q: &[f32], k: &[f32], bl: &Block, buf: &mut [f32]) {
-        let AttnShape { tq, s, dh, .. } = self.sh;
-        let e = self.sh.e();
-        let qa = Mat { ptr: q[(bl.b * tq + bl.i0) * e + bl.h * dh..].as_ptr(), rs: e as isize, cs: 1 };
-        let kt = Mat { ptr: k[bl.b * s * e + bl.h * dh..].as_ptr(), rs: 1, cs: e as isize };
-        // SAFETY: rows x dh of q and dh x kn of kᵀ lie inside q and k (shapes checked by the op);
-        // buf holds rows x S >= rows x kn.
-        unsafe { mm((bl.rows, bl.kn, dh), Dst { ptr: buf.as_mut_ptr(), rs: s, accumulate: false }, qa, kt) }
+    /// Offset of row t, head h, of a [B, T, E] tensor.
+    fn at(&self, b: usize, t_len: usize, t: usize, h: usize) -> usize {
+        (b * t_len + t) * self.sh.e() + h * self.sh.dh
     }
 
-    /// Turns the raw products of one block into logits z = t·scale·mult + bias (−inf where masked).
-    fn logits(&self, buf: &mut [f32], bl: &Block, bias: &[f32], mult: &[f32]) {
-        let (ld, i0, kn) = (self.sh.s, bl.i0, bl.kn);
-        for r in 0..bl.rows {
-            let row = &mut buf[r * ld..r * ld + kn];
-            for (j, z) in row.iter_mut().enumerate() {
-                *z = *z * self.scale * mult[j] + bias[j];
+    /// St[j][i] = ⟨k_j, q_{i0+i}⟩ (raw products) for the block, from qt = the block's q rows
+    /// transposed [dh, ld]. st holds kn x ld.
+    fn dots(&self, k: &[f32], qt: &[f32], bl: &Block, st: &mut [f32]) {
+        let (e, dh) = (self.sh.e(), self.sh.dh);
+        let ka = Bcast { ptr: k[self.at(bl.b, self.sh.s, 0, bl.h)..].as_ptr(), rs: e, cs: 1 };
+        // SAFETY: kn rows of dh of k (head h of batch b), dh x ld of qt, kn x ld of st.
+        unsafe {
+            bmm(
+                (bl.kn, bl.ld, dh),
+                ka,
+                Rows { ptr: qt.as_ptr(), ld: bl.ld },
+                RowsMut { ptr: st.as_mut_ptr(), ld: bl.ld },
+                false,
+            )
+        }
+    }
+
+    /// Raw products -> logits z = t·scale·mult + bias, −inf where causally masked (St layout).
+    fn logits(&self, st: &mut [f32], bl: &Block, bias: &[f32], mult: &[f32]) {
+        for j in 0..bl.kn {
+            let row = &mut st[j * bl.ld..(j + 1) * bl.ld];
+            let (f, add) = (self.scale * mult[j], bias[j]);
+            for z in row.iter_mut() {
+                *z = *z * f + add;
             }
-            if self.causal {
-                for z in row.iter_mut().skip(i0 + r + 1) {
+            if self.causal && j > bl.i0 {
+                // query i0 + i sees key j only when j <= i0 + i
+                for z in row.iter_mut().take((j - bl.i0).min(bl.rows)) {
                     *z = f32::NEG_INFINITY;
                 }
             }
@@ -168,18 +286,35 @@ impl Problem<'_> {
     }
 }
 
-/// In place: a row of logits becomes exp(z − max); returns (max, sum). Masked entries give 0.
-fn exp_row(row: &mut [f32]) -> (f32, f32) {
-    let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    if m == f32::NEG_INFINITY {
-        row.fill(0.0);
-        return (m, 0.0);
+cpu_math::multiversion! {
+    /// Column softmax of St [kn][rows] in place (one column per query); writes lse per column.
+    fn softmax_columns(st: &mut [f32], rows: usize, m: &mut [f32], l: &mut [f32], lse: &mut [f32]) {
+        m.fill(f32::NEG_INFINITY);
+        l.fill(0.0);
+        for row in st.chunks_exact(rows) {
+            for (mx, &z) in m.iter_mut().zip(row) {
+                *mx = if z > *mx { z } else { *mx };
+            }
+        }
+        // a column with no key keeps max −inf: use 0 as its shift so exp(−inf − 0) = 0, not NaN
+        let shift: Vec<f32> = m.iter().map(|&x| if x == f32::NEG_INFINITY { 0.0 } else { x }).collect();
+        for row in st.chunks_exact_mut(rows) {
+            for ((z, &s), acc) in row.iter_mut().zip(&shift).zip(l.iter_mut()) {
+                *z = cpu_math::exp(*z - s);
+                *acc += *z;
+            }
+        }
+        for i in 0..rows {
+            let inv = if l[i] > 0.0 { 1.0 / l[i] } else { 0.0 };
+            lse[i] = if l[i] > 0.0 { m[i] + l[i].ln() } else { f32::NEG_INFINITY };
+            m[i] = inv;
+        }
+        for row in st.chunks_exact_mut(rows) {
+            for (z, &inv) in row.iter_mut().zip(m.iter()) {
+                *z *= inv;
+            }
+        }
     }
-    for z in row.iter_mut() {
-        *z -= m;
-    }
-    exp_slice(row);
-    (m, row.iter().sum())
 }
 
 pub fn forward(q: &[f32], k: &[f32], v: &[f32], pr: &Problem, want_probs: bool) -> Forward {
@@ -195,29 +330,37 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], pr: &Problem, want_probs: bool) 
             let mut o = vec![0.0f32; tq * dh];
             let mut lse = vec![f32::NEG_INFINITY; tq];
             let mut probs = if want_probs { vec![0.0f32; tq * s] } else { Vec::new() };
-            let mut buf = vec![0.0f32; QB.min(tq) * s];
+            let qb = QB.min(tq).next_multiple_of(16);
+            let (mut st, mut qt) = (vec![0.0f32; qb * s], vec![0.0f32; qb * dh]);
+            let (mut m, mut l, mut lse_b) = (vec![0.0f32; qb], vec![0.0f32; qb], vec![0.0f32; qb]);
             for i0 in (0..tq).step_by(QB) {
                 let rows = QB.min(tq - i0);
-                let kn = pr.key_end(i0 + rows);
-                let bl = Block { b, h, i0, rows, kn };
-                pr.dots(q, k, &bl, &mut buf);
-                pr.logits(&mut buf, &bl, bias, mult);
-                for r in 0..rows {
-                    let row = &mut buf[r * s..r * s + kn];
-                    let (m, l) = exp_row(row);
-                    let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
-                    for x in row.iter_mut() {
-                        *x *= inv;
-                    }
-                    lse[i0 + r] = if l > 0.0 { m + l.ln() } else { f32::NEG_INFINITY };
-                    if want_probs {
-                        probs[(i0 + r) * s..(i0 + r) * s + kn].copy_from_slice(row);
+                let bl = Block::new(b, h, i0, rows, pr.key_end(i0 + rows));
+                let ld = bl.ld;
+                transpose_block(&q[pr.at(b, tq, i0, h)..], e, (rows, ld), dh, &mut qt);
+                pr.dots(k, &qt, &bl, &mut st);
+                pr.logits(&mut st, &bl, bias, mult);
+                let st_b = &mut st[..bl.kn * ld];
+                softmax_columns(st_b, ld, &mut m[..ld], &mut l[..ld], &mut lse_b[..ld]);
+                lse[i0..i0 + rows].copy_from_slice(&lse_b[..rows]);
+                if want_probs {
+                    for (j, row) in st_b.chunks_exact(ld).enumerate() {
+                        for (i, &p) in row[..rows].iter().enumerate() {
+                            probs[(i0 + i) * s + j] = p;
+                        }
                     }
                 }
-                let pa = Mat { ptr: buf.as_ptr(), rs: s as isize, cs: 1 };
-                let vb = Mat { ptr: v[b * s * e + h * dh..].as_ptr(), rs: e as isize, cs: 1 };
-                // SAFETY: rows x kn probabilities in buf, kn x dh of v, rows x dh of o.
-                unsafe { mm((rows, dh, kn), Dst { ptr: o[i0 * dh..].as_mut_ptr(), rs: dh, accumulate: false }, pa, vb) }
+                // o[i][d] = Σ_j St[j][i]·v[j][d]
+                // SAFETY: St holds kn x ld, v has kn rows of dh at row stride e, o has rows x dh.
+                unsafe {
+                    bmm(
+                        (rows, dh, bl.kn),
+                        Bcast { ptr: st.as_ptr(), rs: 1, cs: ld },
+                        Rows { ptr: v[pr.at(b, s, 0, h)..].as_ptr(), ld: e },
+                        RowsMut { ptr: o[i0 * dh..].as_mut_ptr(), ld: dh },
+                        false,
+                    )
+                }
             }
             (o, lse, probs)
         })
@@ -254,72 +397,78 @@ pub fn backward(q: &[f32], k: &[f32], v: &[f32], o: &[f32], lse: &[f32], dout: &
             let (bias, mult, lnw) = &terms[b];
             let (mut dq, mut dk, mut dv) = (vec![0.0f32; tq * dh], vec![0.0f32; s * dh], vec![0.0f32; s * dh]);
             let mut dw = vec![0.0f32; if has_w { s } else { 0 }];
-            let cap = QB.min(tq) * s;
-            let (mut t, mut p, mut dp) = (vec![0.0f32; cap], vec![0.0f32; cap], vec![0.0f32; cap]);
+            let qb = QB.min(tq).next_multiple_of(16);
+            // St-layout buffers [kn][ld]: raw products, probabilities, dP then the dS
+            // coefficients; the q and dO blocks transposed.
+            let (mut t, mut p, mut dp) = (vec![0.0f32; qb * s], vec![0.0f32; qb * s], vec![0.0f32; qb * s]);
+            let (mut qt, mut dot) = (vec![0.0f32; qb * dh], vec![0.0f32; qb * dh]);
+            let (mut delta, mut lse_b) = (vec![0.0f32; qb], vec![0.0f32; qb]);
             for i0 in (0..tq).step_by(QB) {
                 let rows = QB.min(tq - i0);
                 let kn = pr.key_end(i0 + rows);
-                // t: raw products; p: probabilities from the saved lse; dp = dO·Vᵀ.
-                let bl = Block { b, h, i0, rows, kn };
-                pr.dots(q, k, &bl, &mut t);
-                p[..rows * s].copy_from_slice(&t[..rows * s]);
+                let bl = Block::new(b, h, i0, rows, kn);
+                let ld = bl.ld;
+                let (qo, doo) = (pr.at(b, tq, i0, h), pr.at(b, tq, i0, h));
+                transpose_block(&q[qo..], e, (rows, ld), dh, &mut qt);
+                transpose_block(&dout[doo..], e, (rows, ld), dh, &mut dot);
+                pr.dots(k, &qt, &bl, &mut t);
+                let n = kn * ld;
+                p[..n].copy_from_slice(&t[..n]);
                 pr.logits(&mut p, &bl, bias, mult);
-                let doa = Mat { ptr: dout[(b * tq + i0) * e + h * dh..].as_ptr(), rs: e as isize, cs: 1 };
-                let vt = Mat { ptr: v[b * s * e + h * dh..].as_ptr(), rs: 1, cs: e as isize };
-                // SAFETY: rows x dh of dO, dh x kn of vᵀ, rows x s buffer.
-                unsafe { mm((rows, kn, dh), Dst { ptr: dp.as_mut_ptr(), rs: s, accumulate: false }, doa, vt) }
-                for r in 0..rows {
-                    let i = i0 + r;
-                    let l = lse[(b * nh + h) * tq + i];
-                    let orow = &o[(b * tq + i) * e + h * dh..][..dh];
-                    let drow = &dout[(b * tq + i) * e + h * dh..][..dh];
-                    let delta: f32 = orow.iter().zip(drow).map(|(x, y)| x * y).sum();
-                    let (prow, trow) = (&mut p[r * s..r * s + kn], &mut t[r * s..r * s + kn]);
-                    let dprow = &mut dp[r * s..r * s + kn];
-                    if l == f32::NEG_INFINITY {
-                        // a row with no key: no gradient anywhere
-                        prow.fill(0.0);
-                        dprow.fill(0.0);
-                        continue;
-                    }
-                    // Official condition: dw_j gets p/(w_j + eps)·(dP − delta), and
-                    // p/(w_j + eps) = exp(z − ln(w_j + eps) − lse), with no division by a tiny w
-                    // (masked logits are −inf, so they give 0).
-                    if let Cond::Probs(_) = pr.cond {
-                        for j in 0..kn {
-                            trow[j] = prow[j] - lnw[j] - l;
-                        }
-                        exp_slice(trow);
-                        for j in 0..kn {
-                            dw[j] += trow[j] * (dprow[j] - delta);
-                        }
-                    }
-                    for z in prow.iter_mut() {
-                        *z -= l;
-                    }
-                    exp_slice(prow);
-                    if let Cond::Logits(_) = pr.cond {
-                        // z = t·scale·w_j: dz/dw_j = t·scale
-                        for j in 0..kn {
-                            dw[j] += prow[j] * (dprow[j] - delta) * trow[j] * pr.scale;
-                        }
-                    }
-                    // dp becomes dS·scale·mult: the coefficient of the q and k products.
-                    for j in 0..kn {
-                        dprow[j] = prow[j] * (dprow[j] - delta) * pr.scale * mult[j];
-                    }
-                }
-                let pa_t = Mat { ptr: p.as_ptr(), rs: 1, cs: s as isize };
-                let ds_t = Mat { ptr: dp.as_ptr(), rs: 1, cs: s as isize };
-                let ds = Mat { ptr: dp.as_ptr(), rs: s as isize, cs: 1 };
-                let qa = Mat { ptr: q[(b * tq + i0) * e + h * dh..].as_ptr(), rs: e as isize, cs: 1 };
-                let ka = Mat { ptr: k[b * s * e + h * dh..].as_ptr(), rs: e as isize, cs: 1 };
-                // SAFETY: every operand addresses rows x kn, kn x dh or rows x dh elements inside
-                // its buffer; dv, dk hold s x dh, dq holds tq x dh.
+                // dPt[j][i] = ⟨v_j, dO_i⟩
+                // SAFETY: kn rows of v, dh x ld of dot, kn x ld of dp.
                 unsafe {
-                    mm((kn, dh, rows), Dst { ptr: dv.as_mut_ptr(), rs: dh, accumulate: true }, pa_t, doa);
-                    mm((kn, dh, rows), Dst { ptr: dk.as_mut_ptr(), rs: dh, accumulate: true }, ds_t, qa);
-                    mm((rows, dh, kn), Dst { ptr: dq[i0 * dh..].as_mut_ptr(), rs: dh, accumulate: false }, ds, ka);
+                    bmm(
+                        (kn, ld, dh),
+                        Bcast { ptr: v[pr.at(b, s, 0, h)..].as_ptr(), rs: e, cs: 1 },
+                        Rows { ptr: dot.as_ptr(), ld },
+                        RowsMut { ptr: dp.as_mut_ptr(), ld },
+                        false,
+                    )
+                }
+                // per column: lse (−inf marks "no key", which the padding columns also get) and
+                // delta = Σ_d dO·O
+                lse_b[..ld].fill(f32::NEG_INFINITY);
+                lse_b[..rows].copy_from_slice(&lse[(b * nh + h) * tq + i0..][..rows]);
+                delta[..ld].fill(0.0);
+                for (i, dl) in delta[..rows].iter_mut().enumerate() {
+                    let off = pr.at(b, tq, i0 + i, h);
+                    *dl = cpu_math::dot_lanes(&o[off..off + dh], &dout[off..off + dh]);
+                }
+                backward_elems(
+                    (&mut p[..n], &mut t[..n], &mut dp[..n]),
+                    (rows, ld),
+                    (&lse_b[..ld], &delta[..ld]),
+                    (mult, lnw),
+                    &pr.cond,
+                    pr.scale,
+                    &mut dw,
+                );
+                // dv[j] += Σ_i P[j][i]·dO_i; dk[j] += Σ_i G[j][i]·q_i; dq_i = Σ_j G[j][i]·k_j
+                // SAFETY: p, dp hold kn x ld; dO, q have rows rows, k has kn rows (stride e);
+                // dv, dk hold s x dh, dq holds tq x dh.
+                unsafe {
+                    bmm(
+                        (kn, dh, rows),
+                        Bcast { ptr: p.as_ptr(), rs: ld, cs: 1 },
+                        Rows { ptr: dout[doo..].as_ptr(), ld: e },
+                        RowsMut { ptr: dv.as_mut_ptr(), ld: dh },
+                        true,
+                    );
+                    bmm(
+                        (kn, dh, rows),
+                        Bcast { ptr: dp.as_ptr(), rs: ld, cs: 1 },
+                        Rows { ptr: q[qo..].as_ptr(), ld: e },
+                        RowsMut { ptr: dk.as_mut_ptr(), ld: dh },
+                        true,
+                    );
+                    bmm(
+                        (rows, dh, kn),
+                        Bcast { ptr: dp.as_ptr(), rs: 1, cs: ld },
+                        Rows { ptr: k[pr.at(b, s, 0, h)..].as_ptr(), ld: e },
+                        RowsMut { ptr: dq[i0 * dh..].as_mut_ptr(), ld: dh },
+                        false,
+                    );
                 }
             }
             (dq, dk, dv, dw)
@@ -347,4 +496,57 @@ pub fn backward(q: &[f32], k: &[f32], v: &[f32], o: &[f32], lse: &[f32], dout: &
         }
     }
     g
+}
+
+/// The elementwise part of the backward for one block, St layout [kn][ld], per key row j (only
+/// the first `rows` columns are queries; the rest are padding and stay out of dw):
+/// p: logits in, probabilities out (exp(z − lse)); dp: dP in, dS·scale·mult out; t: raw
+/// products (scratch afterwards); dw[j] gets this head's share.
+fn backward_elems(
+    (p, t, dp): (&mut [f32], &mut [f32], &mut [f32]),
+    (rows, ld): (usize, usize),
+    (lse, delta): (&[f32], &[f32]),
+    (mult, lnw): (&[f32], &[f32]),
+    cond: &Cond,
+    scale: f32,
+    dw: &mut [f32],
+) {
+    // A query row with no key has lse = −inf and only −inf logits: any finite shift gives
+    // exp(−inf) = 0 there, while −lse = +inf would give NaN.
+    let nl: Vec<f32> = lse.iter().map(|&l| if l == f32::NEG_INFINITY { 0.0 } else { -l }).collect();
+    for (j, ((prow, trow), dprow)) in
+        p.chunks_exact_mut(ld).zip(t.chunks_exact_mut(ld)).zip(dp.chunks_exact_mut(ld)).enumerate()
+    {
+        // Official condition: dw_j gets p/(w_j + eps)·(dP − delta), and
+        // p/(w_j + eps) = exp(z − ln(w_j + eps) − lse) without dividing by a tiny w (masked
+        // logits are −inf and give 0).
+        if let Cond::Probs(_) = cond {
+            for ((x, &z), &n) in trow.iter_mut().zip(prow.iter()).zip(&nl) {
+                *x = z - lnw[j] + n;
+            }
+            exp_slice(trow);
+            let mut acc = 0.0f32;
+            for ((&x, &g), &dl) in trow[..rows].iter().zip(dprow.iter()).zip(delta) {
+                acc += x * (g - dl);
+            }
+            dw[j] += acc;
+        }
+        let keep_t = matches!(cond, Cond::Logits(_));
+        for (z, &n) in prow.iter_mut().zip(&nl) {
+            *z += n;
+        }
+        exp_slice(prow);
+        if keep_t {
+            // z = t·scale·w_j: dz/dw_j = t·scale
+            let mut acc = 0.0f32;
+            for (((&pv, &g), &dl), &tv) in prow[..rows].iter().zip(dprow.iter()).zip(delta).zip(trow.iter()) {
+                acc += pv * (g - dl) * tv * scale;
+            }
+            dw[j] += acc;
+        }
+        let f = scale * mult[j];
+        for ((g, &pv), &dl) in dprow.iter_mut().zip(prow.iter()).zip(delta) {
+            *g = pv * (*g - dl) * f;
+        }
+    }
 }
