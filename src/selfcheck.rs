@@ -5,7 +5,7 @@ use crate::device::Device;
 use crate::error::Result;
 use crate::ops::elementwise::{self, BinaryOp, UnaryOp};
 use crate::ops::gemm::{self, GemmAlgo, GemmOpts};
-use crate::ops::{ccl, conv, loss, pool, reduce, softmax, transpose};
+use crate::ops::{attention, ccl, conv, layer_norm, loss, pool, reduce, softmax, transpose};
 use crate::tensor::Tensor;
 use crate::testing::{f64s, mismatch, mismatch_scaled, Rng, EPS32, EPS_TF32};
 
@@ -114,6 +114,51 @@ pub fn run(dev: &Device) -> Result<Report> {
     let (_, _, logits, _, _) = ccl::reference::ccl(&f64s(&tv), &f64s(&vv), &f64s(&mv), &f64s(&twv), &f64s(&vwv), &s);
     // dot products of 16 unit-vector terms, weighted sums of 5 and 7: well within 1e-5
     record("ccl similarity", mismatch(&f.logits.to_vec()?, &logits, 1e-5, 0.0));
+
+    // Transformer pieces: conditioned causal attention (both product kinds), layer norm.
+    let (bq, tq, sk, heads, dh) = (2, 7, 19, 2, 24);
+    let e = heads * dh;
+    let (qv, kv, vv) =
+        (rng.vec(bq * tq * e, -1.0, 1.0), rng.vec(bq * sk * e, -1.0, 1.0), rng.vec(bq * sk * e, -1.0, 1.0));
+    let wv = rng.vec(bq * sk, 0.0, 1.0);
+    let (qt, kt, vt, wt) = (t(&qv, &[bq, tq, e])?, t(&kv, &[bq, sk, e])?, t(&vv, &[bq, sk, e])?, t(&wv, &[bq, sk])?);
+    let problem = attention::reference::Problem {
+        b: bq,
+        h: heads,
+        tq,
+        s: sk,
+        dh,
+        scale: 1.0 / (dh as f64).sqrt(),
+        causal: true,
+        valid: None,
+        cond: attention::reference::Cond::Probs(f64s(&wv)),
+    };
+    let want = problem.forward(&f64s(&qv), &f64s(&kv), &f64s(&vv));
+    let algos: &[GemmAlgo] =
+        if dev.is_gpu_like() { &[GemmAlgo::Tiled, GemmAlgo::TensorCore] } else { &[GemmAlgo::Auto] };
+    for &algo in algos {
+        let o = attention::AttnOpts {
+            causal: true,
+            condition: attention::Condition::Probs(&wt),
+            algo,
+            ..attention::AttnOpts::new(heads)
+        };
+        let got = attention::attention(&qt, &kt, &vt, &o)?.o.to_vec()?;
+        // logits of |q||k| <= 24/√24 ≈ 4.9: tf32 operands move them by ~2·2^-11·4.9, which moves
+        // the output (a probability-weighted mean of |v| <= 1) by about twice that
+        let tol = if algo == GemmAlgo::TensorCore { 16.0 * EPS_TF32 * 5.0 } else { 64.0 * EPS32 * 5.0 };
+        record(
+            &format!("attention (causal, official condition) {algo:?}"),
+            mismatch_scaled(&got, &want.o, &want.o_mag, tol, 1e-30),
+        );
+    }
+    let lv: Vec<f32> = rng.vec(9 * 40, -3.0, 3.0).iter().map(|x| x + 4.0).collect();
+    let ln = layer_norm::layer_norm(&t(&lv, &[9, 40])?, None, None, 1e-5)?;
+    // values of a few units with a spread of ~1.7: eps·(|x| / std)·√40 per element
+    record(
+        "layer_norm",
+        mismatch(&ln.y.to_vec()?, &layer_norm::reference::forward(&f64s(&lv), None, None, 40, 1e-5), 2e-5, 0.0),
+    );
 
     lines.push(if ok { "all ok".into() } else { "FAILED".into() });
     Ok(Report { ok, text: lines.join("\n") + "\n" })
