@@ -427,3 +427,27 @@ fn bad_shapes_are_named() {
     let e = attn::attention(&wide, &wide, &wide, &AttnOpts::new(1)).err().unwrap().to_string();
     assert!(e.contains("head dim 258 > 128"), "{e}");
 }
+
+/// A case CI found: under the paper's condition dw sums dS·t, and a logit t that is small
+/// because its terms cancel still carries their rounding; the error scale must use Σ|q||k|.
+#[test]
+fn composed_dw_with_cancelling_logits() {
+    let c = Case {
+        b: 1,
+        h: 1,
+        tq: 1,
+        s: 196,
+        dh: 33,
+        causal: false,
+        mask_kind: 0,
+        cond: 2,
+        tc: false,
+        probs: false,
+        amp: 0.5,
+        seed: 8899326998587891398,
+    };
+    for kind in ["cpu", "emu"] {
+        check_composed(&device(kind), c.clone()).unwrap();
+        check_fused(&device(kind), c.clone()).unwrap();
+    }
+}

@@ -65,18 +65,21 @@ impl Problem {
             Cond::Probs(w) | Cond::Logits(w) => w[b * self.s + j],
         }
     }
-    /// scale·⟨q_i, k_j⟩ for head h.
-    fn dot(&self, q: &[f64], k: &[f64], b: usize, h: usize, i: usize, j: usize) -> f64 {
+    /// (scale·⟨q_i, k_j⟩, scale·Σ|q_i||k_j|) for head h: the logit and the size of its terms
+    /// (which bounds the rounding error of a computed logit, even when the terms cancel).
+    fn dot(&self, q: &[f64], k: &[f64], b: usize, h: usize, i: usize, j: usize) -> (f64, f64) {
         let (e, dh) = (self.e(), self.dh);
         let qi = &q[(b * self.tq + i) * e + h * dh..][..dh];
         let kj = &k[(b * self.s + j) * e + h * dh..][..dh];
-        self.scale * qi.iter().zip(kj).map(|(a, c)| a * c).sum::<f64>()
+        let dot = qi.iter().zip(kj).map(|(a, c)| a * c).sum::<f64>();
+        let abs = qi.iter().zip(kj).map(|(a, c)| (a * c).abs()).sum::<f64>();
+        (self.scale * dot, self.scale * abs)
     }
 
     /// One row: (t = scaled dots, z = logits, softmax p, final probabilities pf, R = Σ p(w+eps)).
     fn row(&self, q: &[f64], k: &[f64], b: usize, h: usize, i: usize) -> Row {
         let s = self.s;
-        let t: Vec<f64> = (0..s).map(|j| self.dot(q, k, b, h, i, j)).collect();
+        let (t, t_abs): (Vec<f64>, Vec<f64>) = (0..s).map(|j| self.dot(q, k, b, h, i, j)).unzip();
         let z: Vec<f64> = (0..s)
             .map(|j| match self.cond {
                 Cond::Logits(_) => t[j] * self.w(b, j),
@@ -95,7 +98,7 @@ impl Problem {
         } else {
             (p.clone(), 1.0)
         };
-        Row { t, p, pf, r }
+        Row { t, t_abs, p, pf, r }
     }
 
     pub fn forward(&self, q: &[f64], k: &[f64], v: &[f64]) -> Forward {
@@ -174,7 +177,7 @@ impl Problem {
                         let (wj, wabs) = match self.cond {
                             Cond::Logits(_) => {
                                 g.dw[b * s + j] += dz * row.t[j];
-                                g.dw_mag[b * s + j] += dz_mag * row.t[j].abs();
+                                g.dw_mag[b * s + j] += dz_mag * row.t_abs[j];
                                 (self.w(b, j), self.w(b, j).abs())
                             }
                             _ => (1.0, 1.0),
@@ -195,6 +198,7 @@ impl Problem {
 
 struct Row {
     t: Vec<f64>,
+    t_abs: Vec<f64>,
     p: Vec<f64>,
     pf: Vec<f64>,
     r: f64,
