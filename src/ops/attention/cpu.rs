@@ -326,6 +326,9 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], pr: &Problem, want_probs: bool) 
         .into_par_iter()
         .map(|bh| {
             let (b, h) = (bh / nh, bh % nh);
+            if tq > s {
+                return forward_task_qmajor((q, k, v), pr, (b, h), &terms[b], want_probs);
+            }
             let (bias, mult, _) = &terms[b];
             let mut o = vec![0.0f32; tq * dh];
             let mut lse = vec![f32::NEG_INFINITY; tq];
@@ -394,6 +397,9 @@ pub fn backward(q: &[f32], k: &[f32], v: &[f32], o: &[f32], lse: &[f32], dout: &
         .into_par_iter()
         .map(|bh| {
             let (b, h) = (bh / nh, bh % nh);
+            if tq > s {
+                return backward_task_qmajor((q, k, v, o, lse, dout), pr, (b, h), &terms[b]);
+            }
             let (bias, mult, lnw) = &terms[b];
             let (mut dq, mut dk, mut dv) = (vec![0.0f32; tq * dh], vec![0.0f32; s * dh], vec![0.0f32; s * dh]);
             let mut dw = vec![0.0f32; if has_w { s } else { 0 }];
@@ -547,6 +553,220 @@ fn backward_elems(
         let f = scale * mult[j];
         for ((g, &pv), &dl) in dprow.iter_mut().zip(prow.iter()).zip(delta) {
             *g = pv * (*g - dl) * f;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Query-major blocks, for Tq > S (e.g. 196 image tokens attending to 18 text tokens): the
+// logits are S[i][j] (rows of ld = S rounded up to 16), and K and V are transposed once per
+// (batch, head) instead of transposing every query block (which would cost as much as the
+// products when S is small).
+
+/// (o [Tq, Dh], lse [Tq], probabilities [Tq, S] or empty) of head (b, h).
+fn forward_task_qmajor(
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    pr: &Problem,
+    (b, h): (usize, usize),
+    (bias, mult, _): &KeyTerms,
+    want_probs: bool,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let AttnShape { tq, s, dh, .. } = pr.sh;
+    let e = pr.sh.e();
+    let ld = s.next_multiple_of(16);
+    let mut kt = vec![0.0f32; dh * ld];
+    transpose_block(&k[pr.at(b, s, 0, h)..], e, (s, ld), dh, &mut kt);
+    let mut o = vec![0.0f32; tq * dh];
+    let mut lse = vec![f32::NEG_INFINITY; tq];
+    let mut probs = if want_probs { vec![0.0f32; tq * s] } else { Vec::new() };
+    let mut sb = vec![0.0f32; QB.min(tq) * ld];
+    for i0 in (0..tq).step_by(QB) {
+        let rows = QB.min(tq - i0);
+        let kn = pr.key_end(i0 + rows);
+        let n = kn.next_multiple_of(16).min(ld);
+        // S[i][j] = ⟨q_i, k_j⟩ for j < n (columns kn..n are zero keys, masked below)
+        // SAFETY: rows rows of q (stride e), dh x ld of kt, rows x ld of sb.
+        unsafe {
+            bmm(
+                (rows, n, dh),
+                Bcast { ptr: q[pr.at(b, tq, i0, h)..].as_ptr(), rs: e, cs: 1 },
+                Rows { ptr: kt.as_ptr(), ld },
+                RowsMut { ptr: sb.as_mut_ptr(), ld },
+                false,
+            )
+        }
+        for (i, row) in sb.chunks_exact_mut(ld).take(rows).enumerate() {
+            let last = if pr.causal { kn.min(i0 + i + 1) } else { kn };
+            let row = &mut row[..kn];
+            logits_row(row, pr.scale, mult, bias, last);
+            lse[i0 + i] = softmax_row(row);
+            if want_probs {
+                probs[(i0 + i) * s..(i0 + i) * s + kn].copy_from_slice(row);
+            }
+        }
+        // SAFETY: rows x kn probabilities in sb (stride ld), kn rows of v (stride e), rows x dh of o.
+        unsafe {
+            bmm(
+                (rows, dh, kn),
+                Bcast { ptr: sb.as_ptr(), rs: ld, cs: 1 },
+                Rows { ptr: v[pr.at(b, s, 0, h)..].as_ptr(), ld: e },
+                RowsMut { ptr: o[i0 * dh..].as_mut_ptr(), ld: dh },
+                false,
+            )
+        }
+    }
+    (o, lse, probs)
+}
+
+cpu_math::multiversion! {
+    /// z_j = t_j·scale·mult_j + bias_j for j < last, −inf from `last` on (causal) — in place.
+    fn logits_row(row: &mut [f32], scale: f32, mult: &[f32], bias: &[f32], last: usize) {
+        for ((z, &m), &b) in row.iter_mut().zip(mult).zip(bias).take(last) {
+            *z = *z * scale * m + b;
+        }
+        for z in row.iter_mut().skip(last) {
+            *z = f32::NEG_INFINITY;
+        }
+    }
+}
+
+cpu_math::multiversion! {
+    /// A row of logits becomes its softmax in place; returns the logsumexp (−inf and zeros for
+    /// a row with no key).
+    fn softmax_row(row: &mut [f32]) -> f32 {
+        let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+        if m == f32::NEG_INFINITY {
+            row.fill(0.0);
+            return m;
+        }
+        for z in row.iter_mut() {
+            *z = cpu_math::exp(*z - m);
+        }
+        let l = cpu_math::sum_lanes(row);
+        let inv = 1.0 / l;
+        for z in row.iter_mut() {
+            *z *= inv;
+        }
+        m + l.ln()
+    }
+}
+
+/// (dq [Tq, Dh], dk, dv [S, Dh], dw [S] or empty) of head (b, h).
+#[allow(clippy::type_complexity)]
+fn backward_task_qmajor(
+    (q, k, v, o, lse, dout): (&[f32], &[f32], &[f32], &[f32], &[f32], &[f32]),
+    pr: &Problem,
+    (b, h): (usize, usize),
+    (bias, mult, lnw): &KeyTerms,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+    let AttnShape { h: nh, tq, s, dh, .. } = pr.sh;
+    let e = pr.sh.e();
+    let ld = s.next_multiple_of(16);
+    let (mut kt, mut vt) = (vec![0.0f32; dh * ld], vec![0.0f32; dh * ld]);
+    transpose_block(&k[pr.at(b, s, 0, h)..], e, (s, ld), dh, &mut kt);
+    transpose_block(&v[pr.at(b, s, 0, h)..], e, (s, ld), dh, &mut vt);
+    let (mut dq, mut dk, mut dv) = (vec![0.0f32; tq * dh], vec![0.0f32; s * dh], vec![0.0f32; s * dh]);
+    let has_w = !matches!(pr.cond, Cond::None);
+    let mut dw = vec![0.0f32; if has_w { s } else { 0 }];
+    let qb = QB.min(tq);
+    // S-layout buffers [rows][ld]: raw products, probabilities, dP then the dS coefficients
+    let (mut t, mut p, mut dp) = (vec![0.0f32; qb * ld], vec![0.0f32; qb * ld], vec![0.0f32; qb * ld]);
+    let mut x = vec![0.0f32; ld];
+    for i0 in (0..tq).step_by(QB) {
+        let rows = QB.min(tq - i0);
+        let kn = pr.key_end(i0 + rows);
+        let n = kn.next_multiple_of(16).min(ld);
+        let (qo, doo) = (pr.at(b, tq, i0, h), pr.at(b, tq, i0, h));
+        // SAFETY: rows rows of q and dO (stride e), dh x ld of kt and vt, rows x ld buffers.
+        unsafe {
+            bmm(
+                (rows, n, dh),
+                Bcast { ptr: q[qo..].as_ptr(), rs: e, cs: 1 },
+                Rows { ptr: kt.as_ptr(), ld },
+                RowsMut { ptr: t.as_mut_ptr(), ld },
+                false,
+            );
+            bmm(
+                (rows, n, dh),
+                Bcast { ptr: dout[doo..].as_ptr(), rs: e, cs: 1 },
+                Rows { ptr: vt.as_ptr(), ld },
+                RowsMut { ptr: dp.as_mut_ptr(), ld },
+                false,
+            );
+        }
+        for i in 0..rows {
+            let l = lse[(b * nh + h) * tq + i0 + i];
+            let off = pr.at(b, tq, i0 + i, h);
+            let delta = cpu_math::dot_lanes(&o[off..off + dh], &dout[off..off + dh]);
+            let last = if pr.causal { kn.min(i0 + i + 1) } else { kn };
+            let (trow, prow, dprow) =
+                (&t[i * ld..i * ld + kn], &mut p[i * ld..i * ld + kn], &mut dp[i * ld..i * ld + kn]);
+            prow.copy_from_slice(trow);
+            logits_row(prow, pr.scale, mult, bias, last);
+            backward_row((prow, trow, dprow), (l, delta), (mult, lnw), &pr.cond, pr.scale, (&mut x[..kn], &mut dw));
+        }
+        // dv[j] += Σ_i P[i][j]·dO_i; dk[j] += Σ_i G[i][j]·q_i; dq_i = Σ_j G[i][j]·k_j
+        // SAFETY: p, dp hold rows x ld; dO, q have rows rows, k has kn rows (stride e);
+        // dv, dk hold s x dh, dq holds tq x dh.
+        unsafe {
+            bmm(
+                (kn, dh, rows),
+                Bcast { ptr: p.as_ptr(), rs: 1, cs: ld },
+                Rows { ptr: dout[doo..].as_ptr(), ld: e },
+                RowsMut { ptr: dv.as_mut_ptr(), ld: dh },
+                true,
+            );
+            bmm(
+                (kn, dh, rows),
+                Bcast { ptr: dp.as_ptr(), rs: 1, cs: ld },
+                Rows { ptr: q[qo..].as_ptr(), ld: e },
+                RowsMut { ptr: dk.as_mut_ptr(), ld: dh },
+                true,
+            );
+            bmm(
+                (rows, dh, kn),
+                Bcast { ptr: dp.as_ptr(), rs: ld, cs: 1 },
+                Rows { ptr: k[pr.at(b, s, 0, h)..].as_ptr(), ld: e },
+                RowsMut { ptr: dq[i0 * dh..].as_mut_ptr(), ld: dh },
+                false,
+            );
+        }
+    }
+    (dq, dk, dv, dw)
+}
+
+cpu_math::multiversion! {
+    /// One query row of the backward (S layout): p holds its logits and becomes its
+    /// probabilities exp(z − lse); dp holds dP and becomes dS·scale·mult; dw gets this row's
+    /// share; x is scratch.
+    fn backward_row(pt_dp: (&mut [f32], &[f32], &mut [f32]), l_delta: (f32, f32), mult_lnw: (&[f32], &[f32]), cond: &Cond, scale: f32, x_dw: (&mut [f32], &mut [f32])) {
+        let ((p, t, dp), (l, delta), (mult, lnw), (x, dw)) = (pt_dp, l_delta, mult_lnw, x_dw);
+        if l == f32::NEG_INFINITY {
+            // a row with no key: no gradient
+            p.fill(0.0);
+            dp.fill(0.0);
+            return;
+        }
+        if let Cond::Probs(_) = cond {
+            // p/(w_j + eps) = exp(z − ln(w_j + eps) − lse): no division by a tiny w
+            for ((xv, &z), &lw) in x.iter_mut().zip(p.iter()).zip(lnw) {
+                *xv = cpu_math::exp(z - lw - l);
+            }
+            for ((d, &xv), &g) in dw.iter_mut().zip(x.iter()).zip(dp.iter()) {
+                *d += xv * (g - delta);
+            }
+        }
+        for z in p.iter_mut() {
+            *z = cpu_math::exp(*z - l);
+        }
+        if let Cond::Logits(_) = cond {
+            // z = t·scale·w_j: dz/dw_j = t·scale
+            for (((d, &pv), &g), &tv) in dw.iter_mut().zip(p.iter()).zip(dp.iter()).zip(t) {
+                *d += pv * (g - delta) * tv * scale;
+            }
+        }
+        for ((g, &pv), &m) in dp.iter_mut().zip(p.iter()).zip(mult) {
+            *g = pv * (*g - delta) * scale * m;
         }
     }
 }
