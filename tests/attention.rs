@@ -451,3 +451,34 @@ fn composed_dw_with_cancelling_logits() {
         check_fused(&device(kind), c.clone()).unwrap();
     }
 }
+
+/// The tensor-core attention on the GPU against the same kernels on the emulator (both round
+/// the operands to tf32 the same way; they differ in accumulation order only), forward and
+/// backward, at the official head dims. A wrong mma fragment layout shows as O(1) differences.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn tensor_core_attention_gpu_matches_emulator() {
+    let (gpu, emu) = (device("cuda"), device("emu"));
+    for (h, dh, tq, s, causal, cond) in
+        [(4, 128, 18, 196, false, 1u8), (8, 64, 18, 18, true, 0), (2, 16, 36, 17, true, 2)]
+    {
+        let c = Case { b: 2, h, tq, s, dh, causal, mask_kind: 1, cond, tc: true, probs: false, amp: 1.0, seed: 5 };
+        let d = data(&c);
+        let run = |dev: &Device| {
+            let t = tensors(&c, &d, dev);
+            let o = opts(&c, &t);
+            let f = attn::attention(&t.q, &t.k, &t.v, &o).unwrap();
+            let g = attn::attention_backward(&t.q, &t.k, &t.v, &f, &t.dout, &o).unwrap();
+            [f.o.to_vec().unwrap(), g.dq.to_vec().unwrap(), g.dk.to_vec().unwrap(), g.dv.to_vec().unwrap()]
+        };
+        let (a, b) = (run(&gpu), run(&emu));
+        for (name, (x, y)) in ["o", "dq", "dk", "dv"].iter().zip(a.iter().zip(&b)) {
+            let worst = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
+            let scale = y.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-6);
+            assert!(
+                worst <= 1e-4 * scale,
+                "{h}x{dh} {tq}x{s}: {name}: GPU vs emulator differ by {worst} (max |value| {scale})"
+            );
+        }
+    }
+}
