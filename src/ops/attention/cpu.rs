@@ -595,13 +595,10 @@ fn forward_task_qmajor(
                 false,
             )
         }
-        for (i, row) in sb.chunks_exact_mut(ld).take(rows).enumerate() {
-            let last = if pr.causal { kn.min(i0 + i + 1) } else { kn };
-            let row = &mut row[..kn];
-            logits_row(row, pr.scale, mult, bias, last);
-            lse[i0 + i] = softmax_row(row);
-            if want_probs {
-                probs[(i0 + i) * s..(i0 + i) * s + kn].copy_from_slice(row);
+        softmax_rows(&mut sb[..rows * ld], (ld, kn, i0, pr.causal), (pr.scale, mult, bias), &mut lse[i0..i0 + rows]);
+        if want_probs {
+            for (i, row) in sb.chunks_exact(ld).take(rows).enumerate() {
+                probs[(i0 + i) * s..(i0 + i) * s + kn].copy_from_slice(&row[..kn]);
             }
         }
         // SAFETY: rows x kn probabilities in sb (stride ld), kn rows of v (stride e), rows x dh of o.
@@ -618,37 +615,50 @@ fn forward_task_qmajor(
     (o, lse, probs)
 }
 
-cpu_math::multiversion! {
-    /// z_j = t_j·scale·mult_j + bias_j for j < last, −inf from `last` on (causal) — in place.
-    fn logits_row(row: &mut [f32], scale: f32, mult: &[f32], bias: &[f32], last: usize) {
-        for ((z, &m), &b) in row.iter_mut().zip(mult).zip(bias).take(last) {
-            *z = *z * scale * m + b;
-        }
-        for z in row.iter_mut().skip(last) {
-            *z = f32::NEG_INFINITY;
-        }
+/// z_j = t_j·scale·mult_j + bias_j for j < last, −inf from `last` on (causal) — in place.
+#[inline(always)]
+fn logits_row(row: &mut [f32], scale: f32, mult: &[f32], bias: &[f32], last: usize) {
+    for ((z, &m), &b) in row.iter_mut().zip(mult).zip(bias).take(last) {
+        *z = *z * scale * m + b;
+    }
+    for z in row.iter_mut().skip(last) {
+        *z = f32::NEG_INFINITY;
     }
 }
 
 cpu_math::multiversion! {
-    /// A row of logits becomes its softmax in place; returns the logsumexp (−inf and zeros for
-    /// a row with no key).
-    fn softmax_row(row: &mut [f32]) -> f32 {
-        let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
-        if m == f32::NEG_INFINITY {
-            row.fill(0.0);
-            return m;
+    /// Raw products of a query-major block (rows of ld, kn keys, first query i0) become the
+    /// softmax of their logits, with each row's logsumexp in lse (one dispatch per block, not
+    /// per row).
+    fn softmax_rows(sb: &mut [f32], geom: (usize, usize, usize, bool), terms: (f32, &[f32], &[f32]), lse: &mut [f32]) {
+        let ((ld, kn, i0, causal), (scale, mult, bias)) = (geom, terms);
+        for (i, (row, l)) in sb.chunks_exact_mut(ld).zip(lse.iter_mut()).enumerate() {
+            let last = if causal { kn.min(i0 + i + 1) } else { kn };
+            let row = &mut row[..kn];
+            logits_row(row, scale, mult, bias, last);
+            *l = softmax_row(row);
         }
-        for z in row.iter_mut() {
-            *z = cpu_math::exp(*z - m);
-        }
-        let l = cpu_math::sum_lanes(row);
-        let inv = 1.0 / l;
-        for z in row.iter_mut() {
-            *z *= inv;
-        }
-        m + l.ln()
     }
+}
+
+/// A row of logits becomes its softmax in place; returns the logsumexp (−inf and zeros for a
+/// row with no key).
+#[inline(always)]
+fn softmax_row(row: &mut [f32]) -> f32 {
+    let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    if m == f32::NEG_INFINITY {
+        row.fill(0.0);
+        return m;
+    }
+    for z in row.iter_mut() {
+        *z = cpu_math::exp(*z - m);
+    }
+    let l = cpu_math::sum_lanes(row);
+    let inv = 1.0 / l;
+    for z in row.iter_mut() {
+        *z *= inv;
+    }
+    m + l.ln()
 }
 
 /// (dq [Tq, Dh], dk, dv [S, Dh], dw [S] or empty) of head (b, h).
@@ -671,7 +681,7 @@ fn backward_task_qmajor(
     let qb = QB.min(tq);
     // S-layout buffers [rows][ld]: raw products, probabilities, dP then the dS coefficients
     let (mut t, mut p, mut dp) = (vec![0.0f32; qb * ld], vec![0.0f32; qb * ld], vec![0.0f32; qb * ld]);
-    let mut x = vec![0.0f32; ld];
+    let (mut x, mut delta) = (vec![0.0f32; ld], vec![0.0f32; qb]);
     for i0 in (0..tq).step_by(QB) {
         let rows = QB.min(tq - i0);
         let kn = pr.key_end(i0 + rows);
@@ -694,17 +704,19 @@ fn backward_task_qmajor(
                 false,
             );
         }
-        for i in 0..rows {
-            let l = lse[(b * nh + h) * tq + i0 + i];
+        let lse_b = &lse[(b * nh + h) * tq + i0..][..rows];
+        for (i, dl) in delta[..rows].iter_mut().enumerate() {
             let off = pr.at(b, tq, i0 + i, h);
-            let delta = cpu_math::dot_lanes(&o[off..off + dh], &dout[off..off + dh]);
-            let last = if pr.causal { kn.min(i0 + i + 1) } else { kn };
-            let (trow, prow, dprow) =
-                (&t[i * ld..i * ld + kn], &mut p[i * ld..i * ld + kn], &mut dp[i * ld..i * ld + kn]);
-            prow.copy_from_slice(trow);
-            logits_row(prow, pr.scale, mult, bias, last);
-            backward_row((prow, trow, dprow), (l, delta), (mult, lnw), &pr.cond, pr.scale, (&mut x[..kn], &mut dw));
+            *dl = cpu_math::dot_lanes(&o[off..off + dh], &dout[off..off + dh]);
         }
+        backward_rows(
+            (&mut p[..rows * ld], &t[..rows * ld], &mut dp[..rows * ld]),
+            (ld, kn, i0, pr.causal),
+            (lse_b, &delta[..rows]),
+            (mult, bias, lnw),
+            (&pr.cond, pr.scale),
+            (&mut x[..kn], &mut dw),
+        );
         // dv[j] += Σ_i P[i][j]·dO_i; dk[j] += Σ_i G[i][j]·q_i; dq_i = Σ_j G[i][j]·k_j
         // SAFETY: p, dp hold rows x ld; dO, q have rows rows, k has kn rows (stride e);
         // dv, dk hold s x dh, dq holds tq x dh.
@@ -736,37 +748,57 @@ fn backward_task_qmajor(
 }
 
 cpu_math::multiversion! {
-    /// One query row of the backward (S layout): p holds its logits and becomes its
-    /// probabilities exp(z − lse); dp holds dP and becomes dS·scale·mult; dw gets this row's
-    /// share; x is scratch.
-    fn backward_row(pt_dp: (&mut [f32], &[f32], &mut [f32]), l_delta: (f32, f32), mult_lnw: (&[f32], &[f32]), cond: &Cond, scale: f32, x_dw: (&mut [f32], &mut [f32])) {
-        let ((p, t, dp), (l, delta), (mult, lnw), (x, dw)) = (pt_dp, l_delta, mult_lnw, x_dw);
-        if l == f32::NEG_INFINITY {
-            // a row with no key: no gradient
-            p.fill(0.0);
-            dp.fill(0.0);
-            return;
+    /// The elementwise backward of a query-major block (rows of ld, kn keys): from the raw
+    /// products t, p becomes the probabilities and dp (dP in) becomes dS·scale·mult; dw gets the
+    /// block's share; x is scratch.
+    fn backward_rows(bufs: (&mut [f32], &[f32], &mut [f32]), geom: (usize, usize, usize, bool), rows_in: (&[f32], &[f32]), terms: (&[f32], &[f32], &[f32]), cs: (&Cond, f32), x_dw: (&mut [f32], &mut [f32])) {
+        let ((p, t, dp), (ld, kn, i0, causal), (lse, delta), (mult, bias, lnw), (cond, scale), (x, dw)) = (bufs, geom, rows_in, terms, cs, x_dw);
+        for (i, (&l, &dl)) in lse.iter().zip(delta).enumerate() {
+            let last = if causal { kn.min(i0 + i + 1) } else { kn };
+            let (prow, trow, dprow) = (&mut p[i * ld..i * ld + kn], &t[i * ld..i * ld + kn], &mut dp[i * ld..i * ld + kn]);
+            prow.copy_from_slice(trow);
+            logits_row(prow, scale, mult, bias, last);
+            backward_row((prow, trow, dprow), (l, dl), (mult, lnw), (cond, scale), (&mut *x, &mut *dw));
         }
-        if let Cond::Probs(_) = cond {
-            // p/(w_j + eps) = exp(z − ln(w_j + eps) − lse): no division by a tiny w
-            for ((xv, &z), &lw) in x.iter_mut().zip(p.iter()).zip(lnw) {
-                *xv = cpu_math::exp(z - lw - l);
-            }
-            for ((d, &xv), &g) in dw.iter_mut().zip(x.iter()).zip(dp.iter()) {
-                *d += xv * (g - delta);
-            }
+    }
+}
+
+/// One query row of `backward_rows`: p holds its logits and becomes its probabilities
+/// exp(z − lse); dp holds dP and becomes dS·scale·mult; dw gets this row's share.
+#[inline(always)]
+fn backward_row(
+    pt_dp: (&mut [f32], &[f32], &mut [f32]),
+    l_delta: (f32, f32),
+    mult_lnw: (&[f32], &[f32]),
+    cs: (&Cond, f32),
+    x_dw: (&mut [f32], &mut [f32]),
+) {
+    let ((p, t, dp), (l, delta), (mult, lnw), (cond, scale), (x, dw)) = (pt_dp, l_delta, mult_lnw, cs, x_dw);
+    if l == f32::NEG_INFINITY {
+        // a row with no key: no gradient
+        p.fill(0.0);
+        dp.fill(0.0);
+        return;
+    }
+    if let Cond::Probs(_) = cond {
+        // p/(w_j + eps) = exp(z − ln(w_j + eps) − lse): no division by a tiny w
+        for ((xv, &z), &lw) in x.iter_mut().zip(p.iter()).zip(lnw) {
+            *xv = cpu_math::exp(z - lw - l);
         }
-        for z in p.iter_mut() {
-            *z = cpu_math::exp(*z - l);
+        for ((d, &xv), &g) in dw.iter_mut().zip(x.iter()).zip(dp.iter()) {
+            *d += xv * (g - delta);
         }
-        if let Cond::Logits(_) = cond {
-            // z = t·scale·w_j: dz/dw_j = t·scale
-            for (((d, &pv), &g), &tv) in dw.iter_mut().zip(p.iter()).zip(dp.iter()).zip(t) {
-                *d += pv * (g - delta) * tv * scale;
-            }
+    }
+    for z in p.iter_mut() {
+        *z = cpu_math::exp(*z - l);
+    }
+    if let Cond::Logits(_) = cond {
+        // z = t·scale·w_j: dz/dw_j = t·scale
+        for (((d, &pv), &g), &tv) in dw.iter_mut().zip(p.iter()).zip(dp.iter()).zip(t) {
+            *d += pv * (g - delta) * tv * scale;
         }
-        for ((g, &pv), &m) in dp.iter_mut().zip(p.iter()).zip(mult) {
-            *g = pv * (*g - delta) * scale * m;
-        }
+    }
+    for ((g, &pv), &m) in dp.iter_mut().zip(p.iter()).zip(mult) {
+        *g = pv * (*g - delta) * scale * m;
     }
 }
