@@ -4,7 +4,7 @@ usage: python peer_torch.py --device cpu|cuda --reps N SPEC...
 SPEC is one of: "mm M N K", "softmax R C", "relu B C H W", "add_bcast B C H W", "sum1 B C H W",
 "transpose B R C", "permute0213 B T H D",
 "ccl B L N D", "ccl_fb B L N D", "dice_bce B HW", "mse B HW", "maxpool B C HW",
-"upsample B C HW", "conv B CI CO HW K", "conv_bwd B CI CO HW K",
+"upsample B C HW", "conv B CI CO HW K", "conv_bwd B CI CO HW K", "conv_cat B C1 C2 CO HW",
 "bn_relu B C HW", "plam B C HW",
 "attn B H TQ S DH CAUSAL COND KEYMASK", "attn_fb ..." (the official composition: matmul, mask, softmax,
 ·(w + 1e-10), renormalise, matmul; fb adds the backward to q, k, v and w),
@@ -94,6 +94,10 @@ def build(spec, dev):
             return torch.ops.aten.convolution_backward(g, x, w, [co], [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], 1,
                                                        [True, True, True])
         return bwd
+    if kind == "conv_cat":  # the decoder's torch.cat then conv2d (3x3)
+        b, c1, c2, co, hw = d
+        x1, x2, w, bias = r(b, c1, hw, hw), r(b, c2, hw, hw), r(co, c1 + c2, 3, 3), r(co)
+        return lambda: torch.nn.functional.conv2d(torch.cat([x1, x2], 1), w, bias, padding=1)
     if kind == "bn_relu":
         b, c, hw = d
         x, g, bt = r(b, c, hw, hw), r(c), r(c)

@@ -25,8 +25,13 @@ struct ConvParams {
     uint32_t kh;
     uint32_t kw;
     uint32_t splits;
+    // Row stride of the weight matrix in the forward (Ci_total·kh·kw: a slice of the input
+    // channels reads its columns of the full weights, see conv2d_cat) and of the partial sums in
+    // the weight gradient (Ci_total·kh·kw: a slice writes its columns).
+    uint32_t w_ld;
+    uint32_t accumulate;  // forward: y += conv (the next slice of a concatenated input)
 };
-RECLMIS_PARAMS_SIZE(ConvParams, 64);
+RECLMIS_PARAMS_SIZE(ConvParams, 72);
 
 // The im2col element col[kk, q] with q = b·H·W + y·W + x.
 __device__ __forceinline__ float im2col(const ConvParams& p, uint64_t kk, uint64_t q) {
@@ -45,11 +50,13 @@ struct ConvFwdProblem {
     uint32_t m, n;
     uint64_t k0, k1;
     bool a_k_fast, b_n_fast;
-    __device__ float a(uint32_t i, uint64_t kk) const { return p->w[(uint64_t)i * k1 + kk]; }
+    __device__ float a(uint32_t i, uint64_t kk) const { return p->w[(uint64_t)i * p->w_ld + kk]; }
     __device__ float b(uint64_t kk, uint32_t j) const { return im2col(*p, kk, j); }
     __device__ void store(uint32_t i, uint32_t j, float v) const {
         const uint64_t hw = (uint64_t)p->h * p->w_, b = j / hw;
-        p->y[(b * p->co + i) * hw + j % hw] = v + (p->bias ? p->bias[i] : 0.f);
+        float* dst = p->y + (b * p->co + i) * hw + j % hw;
+        const float r = v + (p->bias ? p->bias[i] : 0.f);
+        *dst = p->accumulate ? *dst + r : r;
     }
 };
 
@@ -76,7 +83,7 @@ struct ConvWgradProblem {
     }
     __device__ float b(uint64_t q, uint32_t kk) const { return im2col(*p, kk, q); }
     __device__ void store(uint32_t i, uint32_t j, float v) const {
-        p->y[((uint64_t)blockIdx.z * p->co + i) * n + j] = v;
+        p->y[((uint64_t)blockIdx.z * p->co + i) * p->w_ld + j] = v;
     }
 };
 

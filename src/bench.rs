@@ -69,7 +69,7 @@ const GROUPS: [(&[&str], Group); 12] = [
     (&["ccl", "ccl_composed", "ccl_fwd_bwd", "ccl_composed_fwd_bwd"], ccl_cases),
     (&["copy", "dice_bce", "dice_bce_bwd", "metrics", "mse"], seg_cases),
     (&["max_pool2", "max_pool2_bwd", "upsample2", "upsample2_bwd"], pool_cases),
-    (&["conv3x3", "conv3x3_b8", "conv3x3_bwd", "conv1x1"], conv_cases),
+    (&["conv3x3", "conv3x3_b8", "conv3x3_bwd", "conv1x1", "conv3x3_cat"], conv_cases),
     (&["batch_norm_relu", "batch_norm_relu_bwd"], bn_cases),
     (&["plam", "plam_bwd"], plam_cases),
     (&["attention", "attention_composed", "attention_fwd_bwd", "attention_composed_fwd_bwd"], attention_cases),
@@ -641,6 +641,7 @@ fn conv_cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
             ("conv3x3_b8", 2, 8, 8, 16),
             ("conv3x3_bwd", 1, 8, 8, 16),
             ("conv1x1", 1, 16, 16, 16),
+            ("conv3x3_cat", 1, 8, 8, 16),
         ]
     } else {
         &[
@@ -659,6 +660,9 @@ fn conv_cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
             ("conv3x3_bwd", 1, 512, 512, 28),
             ("conv1x1", 1, 64, 64, 224),
             ("conv1x1", 1, 512, 512, 28),
+            // the decoder's first convolution over concat[gated skip, upsampled], never built
+            ("conv3x3_cat", 1, 1024, 256, 28),
+            ("conv3x3_cat", 1, 128, 64, 224),
         ]
     };
     for (i, &(op, b, ci, co, hw)) in shapes.iter().enumerate() {
@@ -670,7 +674,20 @@ fn conv_cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
         let algo = if dev.is_gpu_like() { GemmAlgo::TensorCore } else { GemmAlgo::Auto };
         let bytes = 4.0 * (b * (ci + co) * hw * hw + co * ci * k * k) as f64;
         let shape = format!("b{b} {ci}->{co} {hw}x{hw} k{k}");
-        if op == "conv3x3_bwd" {
+        if op == "conv3x3_cat" {
+            let half = ci / 2;
+            let (x1, x2) =
+                (rand_tensor(&[b, half, hw, hw], 90 + i as u64, dev)?, rand_tensor(&[b, ci - half, hw, hw], 95, dev)?);
+            v.push(Case {
+                op,
+                shape: format!("b{b} ({half}+{})->{co} {hw}x{hw} k{k}", ci - half),
+                flops: s.flops(),
+                bytes,
+                peer: Some(format!("conv_cat {b} {half} {} {co} {hw}", ci - half)),
+                validate: None,
+                run: Box::new(move || conv::conv2d_cat(&[&x1, &x2], &w, Some(&bias), algo)),
+            });
+        } else if op == "conv3x3_bwd" {
             let dy = rand_tensor(&[b, co, hw, hw], 80 + i as u64, dev)?;
             v.push(Case {
                 op,

@@ -143,3 +143,98 @@ fn check_conv1d(dev: &Device, b: usize, ci: usize, co: usize, l: usize, seed: u6
 }
 
 per_device!(check_conv1d, (b in 1usize..3, ci in prop::sample::select(vec![1usize, 4, 33]), co in prop::sample::select(vec![1usize, 7, 64]), l in prop::sample::select(vec![1usize, 2, 18, 77]), seed in any::<u64>()));
+
+/// The convolution of a channel concatenation that is never built (`conv2d_cat`): forward and
+/// every gradient against the reference convolution of the concatenated input.
+fn check_conv_cat(
+    dev: &Device,
+    s: ConvShape,
+    splits: Vec<usize>,
+    seed: u64,
+    with_bias: bool,
+) -> Result<(), TestCaseError> {
+    // slice channel counts: the splits (0 allowed), the rest in the last slice
+    let mut cs: Vec<usize> = splits.iter().map(|&c| c.min(s.ci)).collect();
+    let used: usize = cs.iter().sum();
+    prop_assume!(used <= s.ci);
+    cs.push(s.ci - used);
+    let hw = s.h * s.w;
+    let x = values(s.b * s.ci * hw, seed, false);
+    let w = values(s.co * s.ci * s.kh * s.kw, seed ^ 1, false);
+    let bias = values(s.co, seed ^ 2, false);
+    let dy = values(s.b * s.co * hw, seed ^ 3, false);
+    // slice p of image b = channels [off_p, off_p + c_p) of the concatenated x
+    let mut parts = Vec::new();
+    let mut off = 0;
+    for &c in &cs {
+        let mut v = Vec::with_capacity(s.b * c * hw);
+        for b in 0..s.b {
+            v.extend_from_slice(&x[(b * s.ci + off) * hw..(b * s.ci + off + c) * hw]);
+        }
+        parts.push(tensor(&v, &[s.b, c, s.h, s.w], dev));
+        off += c;
+    }
+    let refs: Vec<&reclmis::Tensor> = parts.iter().collect();
+    let (wt, bt) = (tensor(&w, &[s.co, s.ci, s.kh, s.kw], dev), tensor(&bias, &[s.co], dev));
+    let abs = |v: &[f32]| -> Vec<f64> { v.iter().map(|a| a.abs() as f64).collect() };
+    let (bref, babs) = (f64s(&bias), abs(&bias));
+    let want = reference::conv2d(&f64s(&x), &f64s(&w), with_bias.then_some(&bref[..]), &s);
+    let mag = reference::conv2d(&abs(&x), &abs(&w), with_bias.then_some(&babs[..]), &s);
+    let (wdx, wdw, wdb) = reference::conv2d_backward(&f64s(&x), &f64s(&w), &f64s(&dy), &s);
+    let (mdx, mdw, mdb) = reference::conv2d_backward(&abs(&x), &abs(&w), &abs(&dy), &s);
+    let algos: &[GemmAlgo] =
+        if dev.is_gpu_like() { &[GemmAlgo::Tiled, GemmAlgo::TensorCore] } else { &[GemmAlgo::Auto] };
+    for &algo in algos {
+        let y = conv::conv2d_cat(&refs, &wt, with_bias.then_some(&bt), algo).unwrap();
+        // the slices' partial sums are added in f32: one more rounding per slice
+        assert_none(
+            &format!("{algo:?} forward"),
+            mismatch_scaled(&y.to_vec().unwrap(), &want, &mag, tol(algo, s.depth() + cs.len()), 0.0),
+        )?;
+        let g = conv::conv2d_cat_backward(&refs, &wt, &tensor(&dy, y.shape(), dev), with_bias, algo).unwrap();
+        prop_assert_eq!(g.dxs.len(), cs.len());
+        let mut off = 0;
+        for (p, (&c, dx)) in cs.iter().zip(&g.dxs).enumerate() {
+            let (mut wp, mut mp) = (Vec::new(), Vec::new());
+            for b in 0..s.b {
+                wp.extend_from_slice(&wdx[(b * s.ci + off) * hw..(b * s.ci + off + c) * hw]);
+                mp.extend_from_slice(&mdx[(b * s.ci + off) * hw..(b * s.ci + off + c) * hw]);
+            }
+            assert_none(
+                &format!("{algo:?} dx[{p}]"),
+                mismatch_scaled(&dx.to_vec().unwrap(), &wp, &mp, tol(algo, s.co * s.kh * s.kw), 0.0),
+            )?;
+            off += c;
+        }
+        let kdw = s.b * s.h * s.w + 64;
+        assert_none(
+            &format!("{algo:?} dw"),
+            mismatch_scaled(&g.dw.to_vec().unwrap(), &wdw, &mdw, tol(algo, kdw), 0.0),
+        )?;
+        prop_assert_eq!(g.db.is_some(), with_bias);
+        if let Some(db) = g.db {
+            assert_none("db", mismatch_scaled(&db.to_vec().unwrap(), &wdb, &mdb, tol(GemmAlgo::Tiled, kdw), 0.0))?;
+        }
+    }
+    Ok(())
+}
+
+per_device!(check_conv_cat, (
+    s in conv_shape(),
+    splits in prop::collection::vec(prop::sample::select(vec![0usize, 1, 2, 5, 8]), 1..3),
+    seed in any::<u64>(),
+    with_bias in any::<bool>(),
+));
+
+#[test]
+fn conv_cat_slices_must_agree() {
+    let dev = Device::Cpu;
+    let a = tensor(&[0.0; 2 * 4 * 4], &[1, 2, 4, 4], &dev);
+    let b = tensor(&[0.0; 2 * 4 * 5], &[1, 2, 4, 5], &dev);
+    let w = tensor(&[0.0; 3 * 4 * 9], &[3, 4, 3, 3], &dev);
+    let e = conv::conv2d_cat(&[&a, &b], &w, None, GemmAlgo::Auto).err().unwrap().to_string();
+    assert!(e.contains("slice 1 [1, 2, 4, 5] must be [B, C_i, H, W]"), "{e}");
+    let w5 = tensor(&[0.0; 3 * 5 * 9], &[3, 5, 3, 3], &dev);
+    let e = conv::conv2d_cat(&[&a, &a], &w5, None, GemmAlgo::Auto).err().unwrap().to_string();
+    assert!(e.contains("must be [Co, 4, kh, kw]"), "{e}");
+}

@@ -78,10 +78,24 @@ fn im2col(xb: &[f32], s: &ConvShape, r0: usize, rows: usize, col: &mut [f32]) {
 
 /// y [B,Co,H,W] = conv(x [B,Ci,H,W], w [Co,Ci,kh,kw]) + bias.
 pub fn conv2d(x: &[f32], w: &[f32], bias: Option<&[f32]>, s: &ConvShape) -> Vec<f32> {
+    let mut y = vec![0.0f32; s.b * s.co * s.h * s.w];
+    conv2d_into(x, (w, s.depth()), bias, s, &mut y, false);
+    y
+}
+
+/// y (+)= conv(x, w) + bias, with the weights' rows w_ld floats apart (a slice of the input
+/// channels reads its columns of the full weights, see conv2d_cat).
+pub fn conv2d_into(
+    x: &[f32],
+    (w, w_ld): (&[f32], usize),
+    bias: Option<&[f32]>,
+    s: &ConvShape,
+    y: &mut [f32],
+    accumulate: bool,
+) {
     let (hw, kk) = (s.h * s.w, s.depth());
-    let mut y = vec![0.0f32; s.b * s.co * hw];
     if y.is_empty() {
-        return y;
+        return;
     }
     let rows = band_rows(s);
     let bands = s.h.div_ceil(rows);
@@ -99,7 +113,12 @@ pub fn conv2d(x: &[f32], w: &[f32], bias: Option<&[f32]>, s: &ConvShape) -> Vec<
         for co in 0..s.co {
             let v = bias.map_or(0.0, |bv| bv[co]);
             // SAFETY: as above; px floats of channel co's band.
-            unsafe { std::slice::from_raw_parts_mut(yb.add(co * hw), px) }.fill(v);
+            let band = unsafe { std::slice::from_raw_parts_mut(yb.add(co * hw), px) };
+            if !accumulate {
+                band.fill(v);
+            } else if v != 0.0 {
+                band.iter_mut().for_each(|o| *o += v);
+            }
         }
         let (rhs, rhs_rs) = if is_pointwise(s) {
             (xb[r0 * s.w..].as_ptr(), hw as isize)
@@ -121,7 +140,7 @@ pub fn conv2d(x: &[f32], w: &[f32], bias: Option<&[f32]>, s: &ConvShape) -> Vec<
                 true,
                 w.as_ptr(),
                 1,
-                kk as isize,
+                w_ld as isize,
                 rhs,
                 1,
                 rhs_rs,
@@ -140,7 +159,6 @@ pub fn conv2d(x: &[f32], w: &[f32], bias: Option<&[f32]>, s: &ConvShape) -> Vec<
         let mut col = Vec::new();
         (0..tasks).for_each(|t| run(&mut col, t));
     }
-    y
 }
 
 /// w [Co,Ci,kh,kw] -> [Ci,Co,kh,kw] with both kernel axes reversed (k2 = kh·kw; reversing the

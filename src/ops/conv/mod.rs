@@ -21,7 +21,7 @@ use crate::ops::reduce;
 use crate::tensor::{DType, Tensor};
 
 crate::kernel_params! {
-    struct ConvParams [64] {
+    struct ConvParams [72] {
         x: u64,
         w: u64,
         bias: u64,
@@ -34,6 +34,8 @@ crate::kernel_params! {
         kh: u32,
         kw: u32,
         splits: u32,
+        w_ld: u32,
+        accumulate: u32,
     }
 }
 
@@ -106,7 +108,9 @@ pub fn shape(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<ConvShape>
 }
 
 /// The params of one conv launch; `ptrs`: x, w (or dy), bias (or 0), y (or the partial sums).
-fn conv_params(ptrs: [u64; 4], s: &ConvShape, splits: usize) -> Result<ConvParams> {
+/// `w_ld`: the weights' row stride (forward) or the partial sums' (weight gradient); `accumulate`:
+/// the forward adds to y.
+fn conv_params(ptrs: [u64; 4], s: &ConvShape, splits: usize, (w_ld, accumulate): (usize, bool)) -> Result<ConvParams> {
     let op = "conv2d";
     Ok(ConvParams {
         x: ptrs[0],
@@ -121,13 +125,16 @@ fn conv_params(ptrs: [u64; 4], s: &ConvShape, splits: usize) -> Result<ConvParam
         kh: check_u32(op, s.kh)?,
         kw: check_u32(op, s.kw)?,
         splits: check_u32(op, splits)?,
+        w_ld: check_u32(op, w_ld)?,
+        accumulate: accumulate as u32,
     })
 }
 
-fn launch_fwd(dev: &Device, x: u64, w: u64, bias: u64, y: u64, s: &ConvShape, algo: GemmAlgo) -> Result<()> {
+/// `ptrs`: x, w, bias (or 0), y; `w_ld`, `accumulate` as in `conv_params`.
+fn launch_fwd(dev: &Device, ptrs: [u64; 4], s: &ConvShape, wl_acc: (usize, bool), algo: GemmAlgo) -> Result<()> {
     let op = "conv2d";
     let n = s.b * s.h * s.w;
-    let p = conv_params([x, w, bias, y], s, 1)?;
+    let p = conv_params(ptrs, s, 1, wl_acc)?;
     let grid = (check_u32(op, n.div_ceil(64))?, check_u32(op, s.co.div_ceil(64))?, 1);
     if grid.1 > 65535 {
         return Err(Error::Unsupported { op, detail: format!("{} output channels", s.co) });
@@ -153,7 +160,8 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, algo: GemmAlgo) -> 
     }
     let y = Tensor::empty(&out, DType::F32, dev)?;
     if y.numel() > 0 {
-        launch_fwd(dev, x.dev_ptr(), w.dev_ptr(), bias.map_or(0, |b| b.dev_ptr()), y.dev_ptr(), &s, algo)?;
+        let ptrs = [x.dev_ptr(), w.dev_ptr(), bias.map_or(0, |b| b.dev_ptr()), y.dev_ptr()];
+        launch_fwd(dev, ptrs, &s, (s.depth(), false), algo)?;
     }
     Ok(y)
 }
@@ -192,9 +200,9 @@ pub fn conv2d_backward(x: &Tensor, w: &Tensor, dy: &Tensor, with_bias: bool, alg
         }
         let dx = Tensor::empty(x.shape(), DType::F32, dev)?;
         if dx.numel() > 0 {
-            launch_fwd(dev, dy.dev_ptr(), wt.dev_ptr(), 0, dx.dev_ptr(), &st, algo)?;
+            launch_fwd(dev, [dy.dev_ptr(), wt.dev_ptr(), 0, dx.dev_ptr()], &st, (st.depth(), false), algo)?;
         }
-        (dx, wgrad(dev, x, dy, &s, algo)?.reshape(w.shape())?)
+        (dx, wgrad(dev, &[x], dy, &s, algo)?.reshape(w.shape())?)
     };
     let db = if with_bias {
         let per_image = reduce::sum(&dy.reshape(&[s.b, s.co, s.h * s.w])?, 2)?;
@@ -206,22 +214,31 @@ pub fn conv2d_backward(x: &Tensor, w: &Tensor, dy: &Tensor, with_bias: bool, alg
 }
 
 /// The weight gradient on cuda / emu: split-K partial sums [splits, Co, Ci·kh·kw], then their sum.
-fn wgrad(dev: &Device, x: &Tensor, dy: &Tensor, s: &ConvShape, algo: GemmAlgo) -> Result<Tensor> {
+/// `parts` are the input's channel slices (one tensor for a plain convolution); `s` has the total
+/// channel count. Each slice writes its columns of the shared partial sums.
+fn wgrad(dev: &Device, parts: &[&Tensor], dy: &Tensor, s: &ConvShape, algo: GemmAlgo) -> Result<Tensor> {
     let op = "conv2d_backward";
     let kk = s.depth();
+    let k2 = s.kh * s.kw;
     let pixels = s.b * s.h * s.w;
     let tiles_mn = kk.div_ceil(64) * s.co.div_ceil(64);
     // Enough blocks to fill a large GPU; each split keeps at least one 16-pixel tile.
     let splits = 256usize.div_ceil(tiles_mn).clamp(1, pixels.div_ceil(16).clamp(1, 65535));
     let partial = Tensor::empty(&[splits, s.co, kk], DType::F32, dev)?;
-    let p = conv_params([x.dev_ptr(), dy.dev_ptr(), 0, partial.dev_ptr()], s, splits)?;
-    let grid = (check_u32(op, kk.div_ceil(64))?, check_u32(op, s.co.div_ceil(64))?, splits as u32);
     let (kernel, threads) = match algo {
         GemmAlgo::TensorCore => (Kernel::conv2d_tc_wgrad_bwd_f32, 128),
         _ => (Kernel::conv2d_wgrad_bwd_f32, 256),
     };
-    if partial.numel() > 0 {
-        dev.launch(kernel, LaunchCfg { grid, block: (threads, 1, 1), smem_bytes: 0 }, &p)?;
+    let mut c_off = 0;
+    for x in parts {
+        let sp = ConvShape { ci: x.shape()[1], ..*s };
+        let y = partial.dev_ptr() + (c_off * k2 * 4) as u64;
+        let p = conv_params([x.dev_ptr(), dy.dev_ptr(), 0, y], &sp, splits, (kk, false))?;
+        let grid = (check_u32(op, sp.depth().div_ceil(64))?, check_u32(op, s.co.div_ceil(64))?, splits as u32);
+        if sp.depth() * s.co * splits > 0 {
+            dev.launch(kernel, LaunchCfg { grid, block: (threads, 1, 1), smem_bytes: 0 }, &p)?;
+        }
+        c_off += sp.ci;
     }
     reduce::sum(&partial, 0)
 }
@@ -252,4 +269,167 @@ fn as_2d(x: &Tensor, w: &Tensor) -> Result<(Tensor, Tensor)> {
     }
     let (xs, ws) = (x.shape(), w.shape());
     Ok((x.reshape(&[xs[0], xs[1], 1, xs[2]])?, w.reshape(&[ws[0], ws[1], 1, ws[2]])?))
+}
+
+/// Gradients of `conv2d_cat`: one dx per input slice, dw [Co, Ci_total, kh, kw], db [Co].
+pub struct ConvCatGrads {
+    pub dxs: Vec<Tensor>,
+    pub dw: Tensor,
+    pub db: Option<Tensor>,
+}
+
+/// Checks the slices (same batch, height, width, device; channel counts summing to the weights'
+/// Ci) and returns the shape of the whole convolution.
+fn cat_shape(parts: &[&Tensor], w: &Tensor, bias: Option<&Tensor>) -> Result<ConvShape> {
+    let op = "conv2d_cat";
+    let first = parts.first().ok_or_else(|| Error::shape(op, "no input slices"))?;
+    let mut ci = 0;
+    for (i, x) in parts.iter().enumerate() {
+        x.same_device(op, &[first, w])?;
+        x.expect_dtype(op, DType::F32)?;
+        if x.rank() != 4 || x.shape()[0] != first.shape()[0] || x.shape()[2..] != first.shape()[2..] {
+            return Err(Error::shape(
+                op,
+                format!("slice {i} {:?} must be [B, C_i, H, W] with slice 0's B, H, W {:?}", x.shape(), first.shape()),
+            ));
+        }
+        ci += x.shape()[1];
+    }
+    let fs = first.shape();
+    // the whole convolution's checks (weights, bias, kernel size) on a shape-only stand-in
+    let whole = [fs[0], ci, fs[2], fs[3]];
+    if w.rank() != 4 || w.shape()[1] != ci {
+        return Err(Error::shape(
+            op,
+            format!("weights {:?} must be [Co, {ci}, kh, kw] (the slices' channels)", w.shape()),
+        ));
+    }
+    let s =
+        ConvShape { b: whole[0], ci, co: w.shape()[0], h: whole[2], w: whole[3], kh: w.shape()[2], kw: w.shape()[3] };
+    if s.kh % 2 == 0 || s.kw % 2 == 0 {
+        return Err(Error::shape(op, format!("weights {:?}: kh, kw odd expected", w.shape())));
+    }
+    if let Some(b) = bias {
+        if b.shape() != [s.co] {
+            return Err(Error::shape(op, format!("bias {:?} must be [{}]", b.shape(), s.co)));
+        }
+    }
+    Ok(s)
+}
+
+/// y = conv2d(concat(parts, channel axis), w) + bias, without materialising the concatenation
+/// (the U-Net decoder's ConvBN(concat[gated skip, upsampled])): each slice is convolved with its
+/// columns of the weights and accumulated into y.
+pub fn conv2d_cat(parts: &[&Tensor], w: &Tensor, bias: Option<&Tensor>, algo: GemmAlgo) -> Result<Tensor> {
+    let op = "conv2d_cat";
+    let s = cat_shape(parts, w, bias)?;
+    let (k2, dev) = (s.kh * s.kw, w.device());
+    let out = [s.b, s.co, s.h, s.w];
+    if let Device::Cpu = dev {
+        let mut y = vec![0.0f32; s.b * s.co * s.h * s.w];
+        let wv = w.cpu_f32(op)?;
+        let mut c_off = 0;
+        for (i, x) in parts.iter().enumerate() {
+            let sp = ConvShape { ci: x.shape()[1], ..s };
+            let b = if i == 0 { bias.map(|b| b.cpu_f32(op)).transpose()? } else { None };
+            cpu::conv2d_into(x.cpu_f32(op)?, (&wv[c_off * k2..], s.depth()), b, &sp, &mut y, i > 0);
+            c_off += sp.ci;
+        }
+        return Tensor::from_vec(y, &out, dev);
+    }
+    let y = Tensor::empty(&out, DType::F32, dev)?;
+    if y.numel() == 0 {
+        return Ok(y);
+    }
+    let mut c_off = 0;
+    for (i, x) in parts.iter().enumerate() {
+        let sp = ConvShape { ci: x.shape()[1], ..s };
+        let b = if i == 0 { bias.map_or(0, |b| b.dev_ptr()) } else { 0 };
+        let wp = w.dev_ptr() + (c_off * k2 * 4) as u64;
+        launch_fwd(dev, [x.dev_ptr(), wp, b, y.dev_ptr()], &sp, (s.depth(), i > 0), algo)?;
+        c_off += sp.ci;
+    }
+    if c_off == 0 {
+        // no input channels: y is the bias (or zero)
+        let zero = Tensor::zeros(&out, dev)?;
+        return match bias {
+            Some(b) => crate::ops::elementwise::add(&zero, &b.reshape(&[1, s.co, 1, 1])?),
+            None => Ok(zero),
+        };
+    }
+    Ok(y)
+}
+
+/// Gradients of `conv2d_cat`: dx of each slice (its rows of the flipped weights), the weight
+/// gradient with every slice writing its columns, and the bias gradient.
+pub fn conv2d_cat_backward(
+    parts: &[&Tensor],
+    w: &Tensor,
+    dy: &Tensor,
+    with_bias: bool,
+    algo: GemmAlgo,
+) -> Result<ConvCatGrads> {
+    let op = "conv2d_cat_backward";
+    let s = cat_shape(parts, w, None)?;
+    dy.same_device(op, &[w])?;
+    if dy.shape() != [s.b, s.co, s.h, s.w] {
+        return Err(Error::shape(
+            op,
+            format!("dy {:?} is not the output shape {:?}", dy.shape(), [s.b, s.co, s.h, s.w]),
+        ));
+    }
+    let (k2, dev) = (s.kh * s.kw, w.device());
+    let mut dxs = Vec::with_capacity(parts.len());
+    let dw = if let Device::Cpu = dev {
+        let wt = cpu::flip_weights(w.cpu_f32(op)?, s.co, s.ci, k2);
+        let mut dw = vec![0.0f32; s.co * s.depth()];
+        let mut c_off = 0;
+        for x in parts {
+            let sp = ConvShape { ci: x.shape()[1], ..s };
+            // dx of the slice: dy convolved with rows c_off.. of the flipped weights [Ci, Co, k2]
+            let st = ConvShape { ci: s.co, co: sp.ci, ..s };
+            let mut dx = vec![0.0f32; x.numel()];
+            cpu::conv2d_into(dy.cpu_f32(op)?, (&wt[c_off * s.co * k2..], st.depth()), None, &st, &mut dx, false);
+            dxs.push(Tensor::from_vec(dx, x.shape(), dev)?);
+            let dwp = cpu::conv2d_wgrad(x.cpu_f32(op)?, dy.cpu_f32(op)?, &sp);
+            for o in 0..s.co {
+                dw[o * s.depth() + c_off * k2..][..sp.depth()]
+                    .copy_from_slice(&dwp[o * sp.depth()..(o + 1) * sp.depth()]);
+            }
+            c_off += sp.ci;
+        }
+        Tensor::from_vec(dw, w.shape(), dev)?
+    } else {
+        let wt = Tensor::empty(&[s.ci, s.co, s.kh, s.kw], DType::F32, dev)?;
+        let fp = WflipParams {
+            w: w.dev_ptr(),
+            wt: wt.dev_ptr(),
+            co: check_u32(op, s.co)?,
+            ci: check_u32(op, s.ci)?,
+            k2: check_u32(op, k2)?,
+            pad: 0,
+        };
+        if wt.numel() > 0 {
+            dev.launch(Kernel::conv_wflip_bwd_f32, LaunchCfg::elementwise(wt.numel()), &fp)?;
+        }
+        let mut c_off = 0;
+        for x in parts {
+            let st = ConvShape { ci: s.co, co: x.shape()[1], ..s };
+            let dx = Tensor::empty(x.shape(), DType::F32, dev)?;
+            if dx.numel() > 0 {
+                let wp = wt.dev_ptr() + (c_off * s.co * k2 * 4) as u64;
+                launch_fwd(dev, [dy.dev_ptr(), wp, 0, dx.dev_ptr()], &st, (st.depth(), false), algo)?;
+            }
+            dxs.push(dx);
+            c_off += x.shape()[1];
+        }
+        wgrad(dev, parts, dy, &s, algo)?.reshape(w.shape())?
+    };
+    let db = if with_bias {
+        let per_image = reduce::sum(&dy.reshape(&[s.b, s.co, s.h * s.w])?, 2)?;
+        Some(reduce::sum(&per_image, 0)?)
+    } else {
+        None
+    };
+    Ok(ConvCatGrads { dxs, dw, db })
 }
