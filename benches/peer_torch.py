@@ -4,7 +4,7 @@ usage: python peer_torch.py --device cpu|cuda --reps N SPEC...
 SPEC is one of: "mm M N K", "softmax R C", "relu B C H W", "add_bcast B C H W", "sum1 B C H W",
 "transpose B R C", "permute0213 B T H D",
 "ccl B L N D", "ccl_fb B L N D", "dice_bce B HW", "mse B HW", "maxpool B C HW",
-"upsample B C HW", "conv B CI CO HW K", "conv_bwd B CI CO HW K", "conv_cat B C1 C2 CO HW",
+"upsample B C HW", "conv B CI CO HW K", "conv_bwd B CI CO HW K", "conv_cat B C1 C2 CO HW", "unet B C HW",
 "bn_relu B C HW", "plam B C HW",
 "attn B H TQ S DH CAUSAL COND KEYMASK", "attn_fb ..." (the official composition: matmul, mask, softmax,
 ·(w + 1e-10), renormalise, matmul; fb adds the backward to q, k, v and w),
@@ -94,6 +94,51 @@ def build(spec, dev):
             return torch.ops.aten.convolution_backward(g, x, w, [co], [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], 1,
                                                        [True, True, True])
         return bwd
+    if kind == "unet":  # the same U-Net as reclmis' `unet` case (src/bench/unet.rs), eval mode
+        b, c, hw = d
+        nn = torch.nn
+
+        def convbn(ci, co):
+            return nn.Sequential(nn.Conv2d(ci, co, 3, padding=1), nn.BatchNorm2d(co), nn.ReLU())
+
+        class Gate(nn.Module):
+            def __init__(self, ch):
+                super().__init__()
+                self.ca, self.cm = nn.Conv2d(ch, ch, 1, bias=False), nn.Conv2d(ch, ch, 1, bias=False)
+                self.fc = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 1))
+
+            def forward(self, s):
+                a = torch.relu(self.ca(s)).mean(1, keepdim=True)
+                m = torch.relu(self.cm(s)).amax(1, keepdim=True)
+                g = self.fc(torch.cat([a, m, a + m], 1).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+                return g * s
+
+        w = [c, 2 * c, 4 * c, 8 * c, 8 * c]
+        inc = convbn(3, c)
+        downs = nn.ModuleList([nn.Sequential(nn.MaxPool2d(2), convbn(w[k - 1], w[k]), convbn(w[k], w[k])) for k in range(1, 5)])
+        ups, below = [], w[4]
+        for k in range(4, 0, -1):
+            out = c if k == 1 else w[k - 2]
+            ups.append(nn.ModuleList([Gate(w[k - 1]), convbn(w[k - 1] + below, out), convbn(out, out)]))
+            below = out
+        ups = nn.ModuleList(ups)
+        outc = nn.Conv2d(c, 1, 1)
+        net = nn.ModuleList([inc, downs, ups, outc]).to(dev).eval()
+        x = r(b, 3, hw, hw)
+
+        def fwd():
+            with torch.no_grad():
+                skips = [inc(x)]
+                for dn in downs:
+                    skips.append(dn(skips[-1]))
+                cur = skips.pop()
+                for gate, c1, c2 in ups:
+                    s = skips.pop()
+                    u = torch.nn.functional.interpolate(cur, scale_factor=2, mode="nearest")
+                    cur = c2(c1(torch.cat([gate(s), u], 1)))
+                return outc(cur)
+        assert net is not None
+        return fwd
     if kind == "conv_cat":  # the decoder's torch.cat then conv2d (3x3)
         b, c1, c2, co, hw = d
         x1, x2, w, bias = r(b, c1, hw, hw), r(b, c2, hw, hw), r(co, c1 + c2, 3, 3), r(co)

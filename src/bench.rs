@@ -17,6 +17,8 @@ use crate::ops::{ccl, conv, embedding, layer_norm, loss, norm, plam, pool, reduc
 use crate::tensor::Tensor;
 use std::time::Instant;
 
+mod unet;
+
 type Validator = Box<dyn Fn(&Tensor) -> Result<()>>;
 
 /// One benchmark case: what it computes and how to call it.
@@ -61,7 +63,7 @@ fn rand_tensor(shape: &[usize], seed: u64, dev: &Device) -> Result<Tensor> {
 type Group = fn(&Device, bool, &mut Vec<Case>) -> Result<()>;
 
 /// Every benchmark group with the case names it defines.
-const GROUPS: [(&[&str], Group); 12] = [
+const GROUPS: [(&[&str], Group); 13] = [
     (&["gemm", "gemm_tc"], gemm_cases),
     (&["softmax", "softmax_bwd"], softmax_cases),
     (&["relu", "relu_bwd", "add_bcast", "sum", "max", "sum_bwd"], activation_cases),
@@ -74,6 +76,7 @@ const GROUPS: [(&[&str], Group); 12] = [
     (&["plam", "plam_bwd"], plam_cases),
     (&["attention", "attention_composed", "attention_fwd_bwd", "attention_composed_fwd_bwd"], attention_cases),
     (&["layer_norm", "layer_norm_bwd", "gelu", "quick_gelu", "linear", "embedding"], transformer_cases),
+    (&["unet"], unet_cases),
 ];
 
 /// The cases for a device, only the groups `filter` names (a comma-separated list of case names) (so that a run allocates only what it
@@ -514,6 +517,33 @@ fn transformer_cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()>
         peer: Some(format!("embedding {toks} {vocab} {d}")),
         validate: None,
         run: Box::new(move || embedding::embedding(&ids, &table)),
+    });
+    Ok(())
+}
+
+/// The whole U-Net (encoder + decoder with PLAM gates, evaluation mode) at 224², batch 1
+/// (48 x 48 on emu, base width 8).
+fn unet_cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
+    let (c, hw) = if small { (8, 48) } else { (64, 224) };
+    let net = unet::UNet::new(c, dev)?;
+    let x = rand_tensor(&[1, 3, hw, hw], 7, dev)?;
+    let algo = if dev.is_gpu_like() { GemmAlgo::TensorCore } else { GemmAlgo::Auto };
+    let flops = net.flops_per_image * (hw * hw) as f64 / (224.0 * 224.0);
+    v.push(Case {
+        op: "unet",
+        shape: format!("b1 3x{hw}x{hw} base {c}"),
+        flops,
+        bytes: 4.0 * (3 * hw * hw) as f64,
+        peer: Some(format!("unet 1 {c} {hw}")),
+        // random weights: at least check that the activations stayed finite through 23 layers
+        validate: Some(Box::new(|y| {
+            if y.to_vec()?.iter().all(|v| v.is_finite()) {
+                Ok(())
+            } else {
+                Err(Error::Other("unet: non-finite logits".into()))
+            }
+        })),
+        run: Box::new(move || net.forward(&x, algo)),
     });
     Ok(())
 }
