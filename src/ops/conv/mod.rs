@@ -186,31 +186,40 @@ pub fn conv2d_backward(x: &Tensor, w: &Tensor, dy: &Tensor, with_bias: bool, alg
         let dw = cpu::conv2d_wgrad(x.cpu_f32(op)?, dy.cpu_f32(op)?, &s);
         (Tensor::from_vec(dx, x.shape(), dev)?, Tensor::from_vec(dw, w.shape(), dev)?)
     } else {
-        let wt = Tensor::empty(&[s.ci, s.co, s.kh, s.kw], DType::F32, dev)?;
-        let fp = WflipParams {
-            w: w.dev_ptr(),
-            wt: wt.dev_ptr(),
-            co: check_u32(op, s.co)?,
-            ci: check_u32(op, s.ci)?,
-            k2: check_u32(op, s.kh * s.kw)?,
-            pad: 0,
-        };
-        if wt.numel() > 0 {
-            dev.launch(Kernel::conv_wflip_bwd_f32, LaunchCfg::elementwise(wt.numel()), &fp)?;
-        }
+        let wt = flipped_weights(w, &s)?;
         let dx = Tensor::empty(x.shape(), DType::F32, dev)?;
         if dx.numel() > 0 {
             launch_fwd(dev, [dy.dev_ptr(), wt.dev_ptr(), 0, dx.dev_ptr()], &st, (st.depth(), false), algo)?;
         }
         (dx, wgrad(dev, &[x], dy, &s, algo)?.reshape(w.shape())?)
     };
-    let db = if with_bias {
-        let per_image = reduce::sum(&dy.reshape(&[s.b, s.co, s.h * s.w])?, 2)?;
-        Some(reduce::sum(&per_image, 0)?)
-    } else {
-        None
-    };
+    let db = if with_bias { Some(bias_grad(dy, &s)?) } else { None };
     Ok(Conv2dGrads { dx, dw, db })
+}
+
+/// On cuda / emu: w [Co,Ci,kh,kw] -> [Ci,Co,kh,kw] with both kernel axes reversed, the weights of
+/// the convolution that maps dy to dx.
+fn flipped_weights(w: &Tensor, s: &ConvShape) -> Result<Tensor> {
+    let op = "conv2d_backward";
+    let wt = Tensor::empty(&[s.ci, s.co, s.kh, s.kw], DType::F32, w.device())?;
+    let fp = WflipParams {
+        w: w.dev_ptr(),
+        wt: wt.dev_ptr(),
+        co: check_u32(op, s.co)?,
+        ci: check_u32(op, s.ci)?,
+        k2: check_u32(op, s.kh * s.kw)?,
+        pad: 0,
+    };
+    if wt.numel() > 0 {
+        w.device().launch(Kernel::conv_wflip_bwd_f32, LaunchCfg::elementwise(wt.numel()), &fp)?;
+    }
+    Ok(wt)
+}
+
+/// db [Co] = Σ over images and pixels of dy.
+fn bias_grad(dy: &Tensor, s: &ConvShape) -> Result<Tensor> {
+    let per_image = reduce::sum(&dy.reshape(&[s.b, s.co, s.h * s.w])?, 2)?;
+    reduce::sum(&per_image, 0)
 }
 
 /// The weight gradient on cuda / emu: split-K partial sums [splits, Co, Ci·kh·kw], then their sum.
@@ -400,18 +409,7 @@ pub fn conv2d_cat_backward(
         }
         Tensor::from_vec(dw, w.shape(), dev)?
     } else {
-        let wt = Tensor::empty(&[s.ci, s.co, s.kh, s.kw], DType::F32, dev)?;
-        let fp = WflipParams {
-            w: w.dev_ptr(),
-            wt: wt.dev_ptr(),
-            co: check_u32(op, s.co)?,
-            ci: check_u32(op, s.ci)?,
-            k2: check_u32(op, k2)?,
-            pad: 0,
-        };
-        if wt.numel() > 0 {
-            dev.launch(Kernel::conv_wflip_bwd_f32, LaunchCfg::elementwise(wt.numel()), &fp)?;
-        }
+        let wt = flipped_weights(w, &s)?;
         let mut c_off = 0;
         for x in parts {
             let st = ConvShape { ci: s.co, co: x.shape()[1], ..s };
@@ -425,11 +423,6 @@ pub fn conv2d_cat_backward(
         }
         wgrad(dev, parts, dy, &s, algo)?.reshape(w.shape())?
     };
-    let db = if with_bias {
-        let per_image = reduce::sum(&dy.reshape(&[s.b, s.co, s.h * s.w])?, 2)?;
-        Some(reduce::sum(&per_image, 0)?)
-    } else {
-        None
-    };
+    let db = if with_bias { Some(bias_grad(dy, &s)?) } else { None };
     Ok(ConvCatGrads { dxs, dw, db })
 }

@@ -2,10 +2,9 @@
 //! that stays in L1, with 16 independent lanes per pass so that they vectorise, and the
 //! polynomial exp of `cpu_math` instead of libm's scalar call.
 
-use crate::ops::cpu_math::{self, multiversion};
+use crate::ops::cpu_math::{self, dot_lanes, multiversion, LANES};
 use rayon::prelude::*;
 
-const LANES: usize = 16;
 /// Elements per rayon task.
 const TASK: usize = 1 << 14;
 
@@ -75,19 +74,6 @@ pub fn forward(x: &[f32], cols: usize, log: bool) -> Vec<f32> {
         }
     });
     y
-}
-
-#[inline(always)]
-fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ac.zip(bc) {
-        for l in 0..LANES {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 multiversion! {
