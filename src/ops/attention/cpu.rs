@@ -40,6 +40,22 @@ pub struct Grads {
     pub dw: Option<Vec<f32>>,
 }
 
+/// An output buffer written by several tasks at once, each into its own (batch, head) columns.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: every task writes a disjoint set of elements (head h's columns of batch b's rows, or
+// the (b, h) slot of a per-head buffer); nothing reads them until all tasks are done.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// The element at `off` (a method, so that closures capture the Sync wrapper itself).
+    fn at(&self, off: usize) -> *mut f32 {
+        // SAFETY: callers stay inside the buffer (see the uses).
+        unsafe { self.0.add(off) }
+    }
+}
+
 /// Scalars A(r, k) = ptr[r·rs + k·cs] of a product's left operand.
 #[derive(Clone, Copy)]
 struct Bcast {
@@ -321,69 +337,81 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], pr: &Problem, want_probs: bool) 
     let AttnShape { b: nb, h: nh, tq, s, dh } = pr.sh;
     let e = pr.sh.e();
     let terms: Vec<KeyTerms> = (0..nb).map(|b| pr.key_terms(b)).collect();
-    // One task per (b, h): its output columns [Tq, Dh], lse [Tq] and probabilities [Tq, S].
-    let parts: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..nb * nh)
-        .into_par_iter()
-        .map(|bh| {
-            let (b, h) = (bh / nh, bh % nh);
-            if tq > s {
-                return forward_task_qmajor((q, k, v), pr, (b, h), &terms[b], want_probs);
-            }
-            let (bias, mult, _) = &terms[b];
-            let mut o = vec![0.0f32; tq * dh];
-            let mut lse = vec![f32::NEG_INFINITY; tq];
-            let mut probs = if want_probs { vec![0.0f32; tq * s] } else { Vec::new() };
-            let qb = QB.min(tq).next_multiple_of(16);
-            let (mut st, mut qt) = (vec![0.0f32; qb * s], vec![0.0f32; qb * dh]);
-            let (mut m, mut l, mut lse_b) = (vec![0.0f32; qb], vec![0.0f32; qb], vec![0.0f32; qb]);
-            for i0 in (0..tq).step_by(QB) {
-                let rows = QB.min(tq - i0);
-                let bl = Block::new(b, h, i0, rows, pr.key_end(i0 + rows));
-                let ld = bl.ld;
-                transpose_block(&q[pr.at(b, tq, i0, h)..], e, (rows, ld), dh, &mut qt);
-                pr.dots(k, &qt, &bl, &mut st);
-                pr.logits(&mut st, &bl, bias, mult);
-                let st_b = &mut st[..bl.kn * ld];
-                softmax_columns(st_b, ld, &mut m[..ld], &mut l[..ld], &mut lse_b[..ld]);
-                lse[i0..i0 + rows].copy_from_slice(&lse_b[..rows]);
-                if want_probs {
-                    for (j, row) in st_b.chunks_exact(ld).enumerate() {
-                        for (i, &p) in row[..rows].iter().enumerate() {
-                            probs[(i0 + i) * s + j] = p;
-                        }
-                    }
-                }
-                // o[i][d] = Σ_j St[j][i]·v[j][d]
-                // SAFETY: St holds kn x ld, v has kn rows of dh at row stride e, o has rows x dh.
-                unsafe {
-                    bmm(
-                        (rows, dh, bl.kn),
-                        Bcast { ptr: st.as_ptr(), rs: 1, cs: ld },
-                        Rows { ptr: v[pr.at(b, s, 0, h)..].as_ptr(), ld: e },
-                        RowsMut { ptr: o[i0 * dh..].as_mut_ptr(), ld: dh },
-                        false,
-                    )
-                }
-            }
-            (o, lse, probs)
-        })
-        .collect();
     let mut out = Forward {
         o: vec![0.0; nb * tq * e],
-        lse: Vec::with_capacity(nb * nh * tq),
-        probs: if want_probs { Some(Vec::with_capacity(nb * nh * tq * s)) } else { None },
+        lse: vec![f32::NEG_INFINITY; nb * nh * tq],
+        probs: if want_probs { Some(vec![0.0; nb * nh * tq * s]) } else { None },
     };
-    for (bh, (o, lse, probs)) in parts.into_iter().enumerate() {
+    // One task per (b, h), writing its columns of o and its rows of lse and probs in place.
+    let outs = FwdOut {
+        o: SendPtr(out.o.as_mut_ptr()),
+        lse: SendPtr(out.lse.as_mut_ptr()),
+        probs: out.probs.as_mut().map(|p| SendPtr(p.as_mut_ptr())),
+    };
+    // scratch per rayon worker: the logits block, the transposed q block, column statistics
+    let qb = QB.min(tq).next_multiple_of(16);
+    let scratch =
+        || (vec![0.0f32; qb * s], vec![0.0f32; qb * dh], vec![0.0f32; qb], vec![0.0f32; qb], vec![0.0f32; qb]);
+    (0..nb * nh).into_par_iter().for_each_init(scratch, |sc, bh| {
         let (b, h) = (bh / nh, bh % nh);
-        for i in 0..tq {
-            out.o[(b * tq + i) * e + h * dh..][..dh].copy_from_slice(&o[i * dh..(i + 1) * dh]);
+        if tq > s {
+            return forward_task_qmajor((q, k, v), pr, (b, h), &terms[b], outs);
         }
-        out.lse.extend_from_slice(&lse);
-        if let Some(p) = &mut out.probs {
-            p.extend_from_slice(&probs);
+        let (bias, mult, _) = &terms[b];
+        // SAFETY: this task alone writes lse[(b·H + h)·Tq ..][..Tq] and that head's
+        // probabilities [Tq, S].
+        let lse = unsafe { std::slice::from_raw_parts_mut(outs.lse.at(bh * tq), tq) };
+        let mut probs = outs.probs.map(|p| unsafe { std::slice::from_raw_parts_mut(p.at(bh * tq * s), tq * s) });
+        let (st, qt, m, l, lse_b) = (&mut sc.0, &mut sc.1, &mut sc.2, &mut sc.3, &mut sc.4);
+        for i0 in (0..tq).step_by(QB) {
+            let rows = QB.min(tq - i0);
+            let bl = Block::new(b, h, i0, rows, pr.key_end(i0 + rows));
+            let ld = bl.ld;
+            transpose_block(&q[pr.at(b, tq, i0, h)..], e, (rows, ld), dh, &mut qt[..]);
+            pr.dots(k, &qt[..], &bl, &mut st[..]);
+            pr.logits(&mut st[..], &bl, bias, mult);
+            let st_b = &mut st[..bl.kn * ld];
+            softmax_columns(st_b, ld, &mut m[..ld], &mut l[..ld], &mut lse_b[..ld]);
+            lse[i0..i0 + rows].copy_from_slice(&lse_b[..rows]);
+            if let Some(probs) = &mut probs {
+                for (j, row) in st_b.chunks_exact(ld).enumerate() {
+                    for (i, &p) in row[..rows].iter().enumerate() {
+                        probs[(i0 + i) * s + j] = p;
+                    }
+                }
+            }
+            // o[i][d] = Σ_j St[j][i]·v[j][d], written into head h's columns of o
+            // SAFETY: St holds kn x ld, v has kn rows of dh at row stride e; o's rows i0..
+            // of batch b at row stride e, columns h·dh.. (this task's alone).
+            unsafe {
+                bmm(
+                    (rows, dh, bl.kn),
+                    Bcast { ptr: st.as_ptr(), rs: 1, cs: ld },
+                    Rows { ptr: v[pr.at(b, s, 0, h)..].as_ptr(), ld: e },
+                    RowsMut { ptr: outs.o.at(pr.at(b, tq, i0, h)), ld: e },
+                    false,
+                )
+            }
         }
-    }
+    });
     out
+}
+
+/// Where the forward's tasks write.
+#[derive(Clone, Copy)]
+struct FwdOut {
+    o: SendPtr,
+    lse: SendPtr,
+    probs: Option<SendPtr>,
+}
+
+/// Where the backward's tasks write (dq, dk, dv in place; dw per head, [B, H, S]).
+#[derive(Clone, Copy)]
+struct BwdOut {
+    dq: SendPtr,
+    dk: SendPtr,
+    dv: SendPtr,
+    dw: Option<SendPtr>,
 }
 
 pub fn backward(q: &[f32], k: &[f32], v: &[f32], o: &[f32], lse: &[f32], dout: &[f32], pr: &Problem) -> Grads {
@@ -391,117 +419,136 @@ pub fn backward(q: &[f32], k: &[f32], v: &[f32], o: &[f32], lse: &[f32], dout: &
     let e = pr.sh.e();
     let terms: Vec<KeyTerms> = (0..nb).map(|b| pr.key_terms(b)).collect();
     let has_w = !matches!(pr.cond, Cond::None);
-    // Per (b, h): dq [Tq, Dh], dk and dv [S, Dh], dw [S] (this head's share).
-    type Part = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
-    let parts: Vec<Part> = (0..nb * nh)
-        .into_par_iter()
-        .map(|bh| {
-            let (b, h) = (bh / nh, bh % nh);
-            if tq > s {
-                return backward_task_qmajor((q, k, v, o, lse, dout), pr, (b, h), &terms[b]);
-            }
-            let (bias, mult, lnw) = &terms[b];
-            let (mut dq, mut dk, mut dv) = (vec![0.0f32; tq * dh], vec![0.0f32; s * dh], vec![0.0f32; s * dh]);
-            let mut dw = vec![0.0f32; if has_w { s } else { 0 }];
-            let qb = QB.min(tq).next_multiple_of(16);
-            // St-layout buffers [kn][ld]: raw products, probabilities, dP then the dS
-            // coefficients; the q and dO blocks transposed.
-            let (mut t, mut p, mut dp) = (vec![0.0f32; qb * s], vec![0.0f32; qb * s], vec![0.0f32; qb * s]);
-            let (mut qt, mut dot) = (vec![0.0f32; qb * dh], vec![0.0f32; qb * dh]);
-            let (mut delta, mut lse_b) = (vec![0.0f32; qb], vec![0.0f32; qb]);
-            for i0 in (0..tq).step_by(QB) {
-                let rows = QB.min(tq - i0);
-                let kn = pr.key_end(i0 + rows);
-                let bl = Block::new(b, h, i0, rows, kn);
-                let ld = bl.ld;
-                let (qo, doo) = (pr.at(b, tq, i0, h), pr.at(b, tq, i0, h));
-                transpose_block(&q[qo..], e, (rows, ld), dh, &mut qt);
-                transpose_block(&dout[doo..], e, (rows, ld), dh, &mut dot);
-                pr.dots(k, &qt, &bl, &mut t);
-                let n = kn * ld;
-                p[..n].copy_from_slice(&t[..n]);
-                pr.logits(&mut p, &bl, bias, mult);
-                // dPt[j][i] = ⟨v_j, dO_i⟩
-                // SAFETY: kn rows of v, dh x ld of dot, kn x ld of dp.
-                unsafe {
-                    bmm(
-                        (kn, ld, dh),
-                        Bcast { ptr: v[pr.at(b, s, 0, h)..].as_ptr(), rs: e, cs: 1 },
-                        Rows { ptr: dot.as_ptr(), ld },
-                        RowsMut { ptr: dp.as_mut_ptr(), ld },
-                        false,
-                    )
-                }
-                // per column: lse (−inf marks "no key", which the padding columns also get) and
-                // delta = Σ_d dO·O
-                lse_b[..ld].fill(f32::NEG_INFINITY);
-                lse_b[..rows].copy_from_slice(&lse[(b * nh + h) * tq + i0..][..rows]);
-                delta[..ld].fill(0.0);
-                for (i, dl) in delta[..rows].iter_mut().enumerate() {
-                    let off = pr.at(b, tq, i0 + i, h);
-                    *dl = cpu_math::dot_lanes(&o[off..off + dh], &dout[off..off + dh]);
-                }
-                backward_elems(
-                    (&mut p[..n], &mut t[..n], &mut dp[..n]),
-                    (rows, ld),
-                    (&lse_b[..ld], &delta[..ld]),
-                    (mult, lnw),
-                    &pr.cond,
-                    pr.scale,
-                    &mut dw,
-                );
-                // dv[j] += Σ_i P[j][i]·dO_i; dk[j] += Σ_i G[j][i]·q_i; dq_i = Σ_j G[j][i]·k_j
-                // SAFETY: p, dp hold kn x ld; dO, q have rows rows, k has kn rows (stride e);
-                // dv, dk hold s x dh, dq holds tq x dh.
-                unsafe {
-                    bmm(
-                        (kn, dh, rows),
-                        Bcast { ptr: p.as_ptr(), rs: ld, cs: 1 },
-                        Rows { ptr: dout[doo..].as_ptr(), ld: e },
-                        RowsMut { ptr: dv.as_mut_ptr(), ld: dh },
-                        true,
-                    );
-                    bmm(
-                        (kn, dh, rows),
-                        Bcast { ptr: dp.as_ptr(), rs: ld, cs: 1 },
-                        Rows { ptr: q[qo..].as_ptr(), ld: e },
-                        RowsMut { ptr: dk.as_mut_ptr(), ld: dh },
-                        true,
-                    );
-                    bmm(
-                        (rows, dh, kn),
-                        Bcast { ptr: dp.as_ptr(), rs: 1, cs: ld },
-                        Rows { ptr: k[pr.at(b, s, 0, h)..].as_ptr(), ld: e },
-                        RowsMut { ptr: dq[i0 * dh..].as_mut_ptr(), ld: dh },
-                        false,
-                    );
-                }
-            }
-            (dq, dk, dv, dw)
-        })
-        .collect();
-    let mut g = Grads {
-        dq: vec![0.0; q.len()],
-        dk: vec![0.0; k.len()],
-        dv: vec![0.0; v.len()],
-        dw: if has_w { Some(vec![0.0; nb * s]) } else { None },
+    let mut g = Grads { dq: vec![0.0; q.len()], dk: vec![0.0; k.len()], dv: vec![0.0; v.len()], dw: None };
+    let mut dw_heads = vec![0.0f32; if has_w { nb * nh * s } else { 0 }];
+    // One task per (b, h), writing its columns of dq, dk, dv (which start at zero) in place and
+    // its share of dw into the [B, H, S] slot (b, h).
+    let outs = BwdOut {
+        dq: SendPtr(g.dq.as_mut_ptr()),
+        dk: SendPtr(g.dk.as_mut_ptr()),
+        dv: SendPtr(g.dv.as_mut_ptr()),
+        dw: has_w.then_some(SendPtr(dw_heads.as_mut_ptr())),
     };
-    for (bh, (dq, dk, dv, dw)) in parts.into_iter().enumerate() {
+    // scratch per rayon worker: key-major buffers [kn][ld] (raw products, probabilities, dP then
+    // the dS coefficients), the q and dO blocks transposed, per-column delta and lse
+    let qb = QB.min(tq).next_multiple_of(16);
+    let scratch = || {
+        let blk = || vec![0.0f32; qb * s];
+        (blk(), blk(), blk(), vec![0.0f32; qb * dh], vec![0.0f32; qb * dh], vec![0.0f32; qb], vec![0.0f32; qb])
+    };
+    (0..nb * nh).into_par_iter().for_each_init(scratch, |sc, bh| {
         let (b, h) = (bh / nh, bh % nh);
-        for i in 0..tq {
-            g.dq[(b * tq + i) * e + h * dh..][..dh].copy_from_slice(&dq[i * dh..(i + 1) * dh]);
+        if tq > s {
+            return backward_task_qmajor((q, k, v, o, lse, dout), pr, (b, h), &terms[b], outs);
         }
-        for j in 0..s {
-            g.dk[(b * s + j) * e + h * dh..][..dh].copy_from_slice(&dk[j * dh..(j + 1) * dh]);
-            g.dv[(b * s + j) * e + h * dh..][..dh].copy_from_slice(&dv[j * dh..(j + 1) * dh]);
+        let (bias, mult, lnw) = &terms[b];
+        // SAFETY: slot (b, h) of dw_heads is this task's alone.
+        let dw: &mut [f32] = match outs.dw {
+            Some(p) => unsafe { std::slice::from_raw_parts_mut(p.at(bh * s), s) },
+            None => &mut [],
+        };
+        let (t, p, dp, qt, dot, delta, lse_b) =
+            (&mut sc.0, &mut sc.1, &mut sc.2, &mut sc.3, &mut sc.4, &mut sc.5, &mut sc.6);
+        for i0 in (0..tq).step_by(QB) {
+            let rows = QB.min(tq - i0);
+            let kn = pr.key_end(i0 + rows);
+            let bl = Block::new(b, h, i0, rows, kn);
+            let ld = bl.ld;
+            let (qo, doo) = (pr.at(b, tq, i0, h), pr.at(b, tq, i0, h));
+            transpose_block(&q[qo..], e, (rows, ld), dh, &mut qt[..]);
+            transpose_block(&dout[doo..], e, (rows, ld), dh, &mut dot[..]);
+            pr.dots(k, &qt[..], &bl, &mut t[..]);
+            let n = kn * ld;
+            p[..n].copy_from_slice(&t[..n]);
+            pr.logits(&mut p[..], &bl, bias, mult);
+            // dPt[j][i] = ⟨v_j, dO_i⟩
+            // SAFETY: kn rows of v, dh x ld of dot, kn x ld of dp.
+            unsafe {
+                bmm(
+                    (kn, ld, dh),
+                    Bcast { ptr: v[pr.at(b, s, 0, h)..].as_ptr(), rs: e, cs: 1 },
+                    Rows { ptr: dot.as_ptr(), ld },
+                    RowsMut { ptr: dp.as_mut_ptr(), ld },
+                    false,
+                )
+            }
+            // per column: lse (−inf marks "no key", which the padding columns also get) and
+            // delta = Σ_d dO·O
+            lse_b[..ld].fill(f32::NEG_INFINITY);
+            lse_b[..rows].copy_from_slice(&lse[(b * nh + h) * tq + i0..][..rows]);
+            delta[..ld].fill(0.0);
+            for (i, dl) in delta[..rows].iter_mut().enumerate() {
+                let off = pr.at(b, tq, i0 + i, h);
+                *dl = cpu_math::dot_lanes(&o[off..off + dh], &dout[off..off + dh]);
+            }
+            backward_elems(
+                (&mut p[..n], &mut t[..n], &mut dp[..n]),
+                (rows, ld),
+                (&lse_b[..ld], &delta[..ld]),
+                (mult, lnw),
+                &pr.cond,
+                pr.scale,
+                dw,
+            );
+            // SAFETY: see `bwd_products`.
+            unsafe { bwd_products(pr, (b, h, i0), (rows, kn, ld), (&p[..], &dp[..]), (q, k, dout), outs) }
         }
-        if let Some(w) = &mut g.dw {
-            for (x, y) in w[b * s..(b + 1) * s].iter_mut().zip(&dw) {
+    });
+    if has_w {
+        // Σ over heads, in head order
+        let mut dw = vec![0.0f32; nb * s];
+        for (bh, part) in dw_heads.chunks_exact(s.max(1)).enumerate().take(nb * nh) {
+            for (x, y) in dw[(bh / nh) * s..][..s].iter_mut().zip(part) {
                 *x += y;
             }
         }
+        g.dw = Some(dw);
     }
     g
+}
+
+/// The backward's three products for one block, into the shared outputs: dv[j] += Σ_i P·dO_i,
+/// dk[j] += Σ_i G·q_i, dq_i = Σ_j G·k_j, with P and G (= dS·scale·mult) in the block's logits
+/// layout: key-major [kn][ld] when Tq <= S, query-major [rows][ld] otherwise.
+///
+/// SAFETY: p and dp hold the block's kn x ld (key-major) or rows x ld (query-major) values; the
+/// outputs are the full dq [B,Tq,E], dk, dv [B,S,E], of which only head h's columns of batch b
+/// are written (this task's alone).
+unsafe fn bwd_products(
+    pr: &Problem,
+    (b, h, i0): (usize, usize, usize),
+    (rows, kn, ld): (usize, usize, usize),
+    (p, dp): (&[f32], &[f32]),
+    (q, k, dout): (&[f32], &[f32], &[f32]),
+    outs: BwdOut,
+) {
+    let AttnShape { tq, s, dh, .. } = pr.sh;
+    let e = pr.sh.e();
+    let qmajor = tq > s;
+    // A(j, i) for dv/dk and A(i, j) for dq, by layout
+    let (rs_ji, cs_ji) = if qmajor { (1, ld) } else { (ld, 1) };
+    let (qo, ko) = (pr.at(b, tq, i0, h), pr.at(b, s, 0, h));
+    bmm(
+        (kn, dh, rows),
+        Bcast { ptr: p.as_ptr(), rs: rs_ji, cs: cs_ji },
+        Rows { ptr: dout[qo..].as_ptr(), ld: e },
+        RowsMut { ptr: outs.dv.at(ko), ld: e },
+        true,
+    );
+    bmm(
+        (kn, dh, rows),
+        Bcast { ptr: dp.as_ptr(), rs: rs_ji, cs: cs_ji },
+        Rows { ptr: q[qo..].as_ptr(), ld: e },
+        RowsMut { ptr: outs.dk.at(ko), ld: e },
+        true,
+    );
+    bmm(
+        (rows, dh, kn),
+        Bcast { ptr: dp.as_ptr(), rs: cs_ji, cs: rs_ji },
+        Rows { ptr: k[ko..].as_ptr(), ld: e },
+        RowsMut { ptr: outs.dq.at(qo), ld: e },
+        false,
+    );
 }
 
 /// The elementwise part of the backward for one block, St layout [kn][ld], per key row j (only
@@ -563,22 +610,23 @@ fn backward_elems(
 // (batch, head) instead of transposing every query block (which would cost as much as the
 // products when S is small).
 
-/// (o [Tq, Dh], lse [Tq], probabilities [Tq, S] or empty) of head (b, h).
+/// Head (b, h) of the forward, query-major: its columns of o, its rows of lse and probabilities.
 fn forward_task_qmajor(
     (q, k, v): (&[f32], &[f32], &[f32]),
     pr: &Problem,
     (b, h): (usize, usize),
     (bias, mult, _): &KeyTerms,
-    want_probs: bool,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let AttnShape { tq, s, dh, .. } = pr.sh;
+    outs: FwdOut,
+) {
+    let AttnShape { h: nh, tq, s, dh, .. } = pr.sh;
     let e = pr.sh.e();
+    let bh = b * nh + h;
     let ld = s.next_multiple_of(16);
     let mut kt = vec![0.0f32; dh * ld];
     transpose_block(&k[pr.at(b, s, 0, h)..], e, (s, ld), dh, &mut kt);
-    let mut o = vec![0.0f32; tq * dh];
-    let mut lse = vec![f32::NEG_INFINITY; tq];
-    let mut probs = if want_probs { vec![0.0f32; tq * s] } else { Vec::new() };
+    // SAFETY: this task alone writes lse[(b·H + h)·Tq ..][..Tq] and that head's probabilities.
+    let lse = unsafe { std::slice::from_raw_parts_mut(outs.lse.at(bh * tq), tq) };
+    let mut probs = outs.probs.map(|p| unsafe { std::slice::from_raw_parts_mut(p.at(bh * tq * s), tq * s) });
     let mut sb = vec![0.0f32; QB.min(tq) * ld];
     for i0 in (0..tq).step_by(QB) {
         let rows = QB.min(tq - i0);
@@ -596,23 +644,23 @@ fn forward_task_qmajor(
             )
         }
         softmax_rows(&mut sb[..rows * ld], (ld, kn, i0, pr.causal), (pr.scale, mult, bias), &mut lse[i0..i0 + rows]);
-        if want_probs {
+        if let Some(probs) = &mut probs {
             for (i, row) in sb.chunks_exact(ld).take(rows).enumerate() {
                 probs[(i0 + i) * s..(i0 + i) * s + kn].copy_from_slice(&row[..kn]);
             }
         }
-        // SAFETY: rows x kn probabilities in sb (stride ld), kn rows of v (stride e), rows x dh of o.
+        // SAFETY: rows x kn probabilities in sb (stride ld), kn rows of v (stride e); o's rows
+        // i0.. of batch b, head h's columns (this task's alone).
         unsafe {
             bmm(
                 (rows, dh, kn),
                 Bcast { ptr: sb.as_ptr(), rs: ld, cs: 1 },
                 Rows { ptr: v[pr.at(b, s, 0, h)..].as_ptr(), ld: e },
-                RowsMut { ptr: o[i0 * dh..].as_mut_ptr(), ld: dh },
+                RowsMut { ptr: outs.o.at(pr.at(b, tq, i0, h)), ld: e },
                 false,
             )
         }
     }
-    (o, lse, probs)
 }
 
 /// z_j = t_j·scale·mult_j + bias_j for j < last, −inf from `last` on (causal) — in place.
@@ -661,23 +709,26 @@ fn softmax_row(row: &mut [f32]) -> f32 {
     m + l.ln()
 }
 
-/// (dq [Tq, Dh], dk, dv [S, Dh], dw [S] or empty) of head (b, h).
+/// Head (b, h) of the backward, query-major: its columns of dq, dk, dv and its dw slot.
 #[allow(clippy::type_complexity)]
 fn backward_task_qmajor(
     (q, k, v, o, lse, dout): (&[f32], &[f32], &[f32], &[f32], &[f32], &[f32]),
     pr: &Problem,
     (b, h): (usize, usize),
     (bias, mult, lnw): &KeyTerms,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+    outs: BwdOut,
+) {
     let AttnShape { h: nh, tq, s, dh, .. } = pr.sh;
     let e = pr.sh.e();
     let ld = s.next_multiple_of(16);
     let (mut kt, mut vt) = (vec![0.0f32; dh * ld], vec![0.0f32; dh * ld]);
     transpose_block(&k[pr.at(b, s, 0, h)..], e, (s, ld), dh, &mut kt);
     transpose_block(&v[pr.at(b, s, 0, h)..], e, (s, ld), dh, &mut vt);
-    let (mut dq, mut dk, mut dv) = (vec![0.0f32; tq * dh], vec![0.0f32; s * dh], vec![0.0f32; s * dh]);
-    let has_w = !matches!(pr.cond, Cond::None);
-    let mut dw = vec![0.0f32; if has_w { s } else { 0 }];
+    // SAFETY: slot (b, h) of the per-head dw is this task's alone.
+    let dw: &mut [f32] = match outs.dw {
+        Some(p) => unsafe { std::slice::from_raw_parts_mut(p.at((b * nh + h) * s), s) },
+        None => &mut [],
+    };
     let qb = QB.min(tq);
     // S-layout buffers [rows][ld]: raw products, probabilities, dP then the dS coefficients
     let (mut t, mut p, mut dp) = (vec![0.0f32; qb * ld], vec![0.0f32; qb * ld], vec![0.0f32; qb * ld]);
@@ -715,36 +766,11 @@ fn backward_task_qmajor(
             (lse_b, &delta[..rows]),
             (mult, bias, lnw),
             (&pr.cond, pr.scale),
-            (&mut x[..kn], &mut dw),
+            (&mut x[..kn], &mut *dw),
         );
-        // dv[j] += Σ_i P[i][j]·dO_i; dk[j] += Σ_i G[i][j]·q_i; dq_i = Σ_j G[i][j]·k_j
-        // SAFETY: p, dp hold rows x ld; dO, q have rows rows, k has kn rows (stride e);
-        // dv, dk hold s x dh, dq holds tq x dh.
-        unsafe {
-            bmm(
-                (kn, dh, rows),
-                Bcast { ptr: p.as_ptr(), rs: 1, cs: ld },
-                Rows { ptr: dout[doo..].as_ptr(), ld: e },
-                RowsMut { ptr: dv.as_mut_ptr(), ld: dh },
-                true,
-            );
-            bmm(
-                (kn, dh, rows),
-                Bcast { ptr: dp.as_ptr(), rs: 1, cs: ld },
-                Rows { ptr: q[qo..].as_ptr(), ld: e },
-                RowsMut { ptr: dk.as_mut_ptr(), ld: dh },
-                true,
-            );
-            bmm(
-                (rows, dh, kn),
-                Bcast { ptr: dp.as_ptr(), rs: ld, cs: 1 },
-                Rows { ptr: k[pr.at(b, s, 0, h)..].as_ptr(), ld: e },
-                RowsMut { ptr: dq[i0 * dh..].as_mut_ptr(), ld: dh },
-                false,
-            );
-        }
+        // SAFETY: see `bwd_products`.
+        unsafe { bwd_products(pr, (b, h, i0), (rows, kn, ld), (&p, &dp), (q, k, dout), outs) }
     }
-    (dq, dk, dv, dw)
 }
 
 cpu_math::multiversion! {
