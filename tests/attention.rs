@@ -105,7 +105,7 @@ fn data(c: &Case) -> Data {
     let (q, k, v, dout) =
         (vals(c.b * c.tq * e, c.amp), vals(c.b * c.s * e, c.amp), vals(c.b * c.s * e, 1.0), vals(c.b * c.tq * e, 1.0));
     let valid = (c.mask_kind > 0).then(|| {
-        let mut m: Vec<i32> = (0..c.b * c.s).map(|_| (rng.next_u64() % 4 != 0) as i32).collect();
+        let mut m: Vec<i32> = (0..c.b * c.s).map(|_| !rng.next_u64().is_multiple_of(4) as i32).collect();
         if c.mask_kind == 2 {
             m[..c.s].fill(0);
         }

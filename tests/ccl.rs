@@ -57,7 +57,7 @@ fn data(c: &Case) -> Data {
         // exact duplicates: the max then has ties, which must go to the lowest index
         for b in 0..c.b {
             for j in 1..c.n {
-                if rng.next_u64() % 3 == 0 {
+                if rng.next_u64().is_multiple_of(3) {
                     let i = (rng.next_u64() as usize) % j;
                     let (src, dst) = ((b * c.n + i) * c.d, (b * c.n + j) * c.d);
                     v.copy_within(src..src + c.d, dst);
@@ -66,7 +66,7 @@ fn data(c: &Case) -> Data {
         }
         for a in 0..c.b {
             for j in 1..c.l {
-                if rng.next_u64() % 3 == 0 {
+                if rng.next_u64().is_multiple_of(3) {
                     let i = (rng.next_u64() as usize) % j;
                     let (src, dst) = ((a * c.l + i) * c.d, (a * c.l + j) * c.d);
                     t.copy_within(src..src + c.d, dst);

@@ -60,7 +60,7 @@ fn check_metrics(dev: &Device, bp: (usize, usize), kinds: Vec<u8>, seed: u64) ->
         .map(|i| match kinds[(i / p) % kinds.len()] {
             1 => 0.2,
             2 => 0.9,
-            _ if rng.next_u64() % 5 == 0 => 0.5,
+            _ if rng.next_u64().is_multiple_of(5) => 0.5,
             _ => rng.uniform(0.0, 1.0),
         })
         .collect();

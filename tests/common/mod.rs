@@ -44,7 +44,7 @@ pub fn values(n: usize, seed: u64, outliers: bool) -> Vec<f32> {
     if outliers && n > 2 {
         for _ in 0..(n / 10).max(1) {
             let i = (rng.next_u64() % n as u64) as usize;
-            v[i] = if rng.next_u64() % 2 == 0 { 80.0 } else { -80.0 };
+            v[i] = if rng.next_u64().is_multiple_of(2) { 80.0 } else { -80.0 };
         }
         let (i, j) = ((rng.next_u64() % n as u64) as usize, (rng.next_u64() % n as u64) as usize);
         v[i] = v[j];

@@ -315,7 +315,7 @@ fn cat_shape(parts: &[&Tensor], w: &Tensor, bias: Option<&Tensor>) -> Result<Con
     }
     let s =
         ConvShape { b: whole[0], ci, co: w.shape()[0], h: whole[2], w: whole[3], kh: w.shape()[2], kw: w.shape()[3] };
-    if s.kh % 2 == 0 || s.kw % 2 == 0 {
+    if s.kh.is_multiple_of(2) || s.kw.is_multiple_of(2) {
         return Err(Error::shape(op, format!("weights {:?}: kh, kw odd expected", w.shape())));
     }
     if let Some(b) = bias {
