@@ -161,6 +161,10 @@ unsafe fn row_block<const R: usize>(
         tile::<R, 16>((i0, j0, k), a, b, c, accumulate);
         j0 += 16;
     }
+    if j0 + 8 <= n {
+        tile::<R, 8>((i0, j0, k), a, b, c, accumulate);
+        j0 += 8;
+    }
     if j0 < n {
         edge::<R>((i0, j0, k), n - j0, a, b, c, accumulate);
     }
