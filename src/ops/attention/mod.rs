@@ -271,12 +271,16 @@ fn params(sh: &AttnShape, o: &AttnOpts, ptrs: [u64; 14]) -> Result<AttnParams> {
     })
 }
 
+/// grid = (row tiles, batch·heads): the kernels read (b, h) from blockIdx.y, whose range is 65535.
 fn bh_grid(sh: &AttnShape, rows: usize, per_block: u32) -> Result<(u32, u32, u32)> {
     let bh = check_u32(OP, sh.b * sh.h)?;
-    if bh > 65535 * 65535 {
-        return Err(Error::Unsupported { op: OP, detail: format!("{bh} batch·heads") });
+    if bh > 65535 {
+        return Err(Error::Unsupported {
+            op: OP,
+            detail: format!("batch x heads = {bh} exceeds a grid's y range (65535); split the batch"),
+        });
     }
-    Ok(((rows as u32).div_ceil(per_block).max(1), bh, 1))
+    Ok((check_u32(OP, rows.div_ceil(per_block as usize).max(1))?, bh, 1))
 }
 
 fn cpu_problem<'a>(sh: AttnShape, o: &AttnOpts<'a>) -> Result<cpu::Problem<'a>> {
