@@ -113,6 +113,19 @@ pub fn exp_slice(x: &mut [f32]) {
     exp_slice_impl(x)
 }
 
+/// The max / argmax rule of the kernels (common.cuh `max_better`, reduce.cu): is value v at index
+/// i better than the best so far? NaN wins; among equal values the lowest index wins.
+#[inline(always)]
+pub fn max_better(v: f32, i: usize, best: f32, bi: usize) -> bool {
+    if v.is_nan() != best.is_nan() {
+        return v.is_nan();
+    }
+    if v.is_nan() || v == best {
+        return i < bi;
+    }
+    v > best
+}
+
 /// Accumulator lanes of the vectorisable sums: 16 f32 = one AVX-512 register (two AVX2 ones).
 pub const LANES: usize = 16;
 

@@ -27,8 +27,6 @@ pub struct Composed {
     pf: Tensor,
     /// official condition: p·(w + eps) and its row sums
     r: Option<(Tensor, Tensor)>,
-    /// additive mask [1 or B, 1, Tq, S] (0 or −inf)
-    mask: Option<Tensor>,
 }
 
 /// [B,T,E] -> [B,H,T,Dh]
@@ -82,7 +80,7 @@ pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, o: &AttnOpts) -> Result<Compo
     };
     let o4 = matmul(&pf, &v4, GemmOpts { algo: o.algo, ..GemmOpts::default() })?;
     let out = permute(&o4, &[0, 2, 1, 3])?.reshape(q.shape())?;
-    Ok(Composed { o: out, q4, k4, v4, t, p, pf, r, mask })
+    Ok(Composed { o: out, q4, k4, v4, t, p, pf, r })
 }
 
 /// (dq, dk, dv, dw) through the primitive ops' backwards.
@@ -115,7 +113,6 @@ pub fn backward(c: &Composed, d_out: &Tensor, o: &AttnOpts) -> Result<(Tensor, T
     } else {
         dz
     };
-    let _ = &c.mask; // the additive mask has no gradient
     let (dq4, dk4) = matmul_backward(
         &c.q4,
         &c.k4,

@@ -205,7 +205,7 @@ unsafe fn bmm(mnk: (usize, usize, usize), a: Bcast, b: Rows, c: RowsMut, accumul
 /// blocks through AVX-512 shuffles where the CPU has them, element by element elsewhere.
 fn transpose_block(x: &[f32], e: usize, (rows, ld): (usize, usize), dh: usize, out: &mut [f32]) {
     assert!(rows <= ld && out.len() >= dh * ld && (rows == 0 || x.len() >= (rows - 1) * e + dh));
-    let (mut r0, mut d_done) = (0, 0);
+    let mut r0 = 0;
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         let (rb, db) = (rows - rows % 16, dh - dh % 16);
@@ -220,7 +220,6 @@ fn transpose_block(x: &[f32], e: usize, (rows, ld): (usize, usize), dh: usize, o
             }
         }
         r0 = rb;
-        d_done = db;
         // the columns d >= db of the full row blocks
         for r in 0..rb {
             for d in db..dh {
@@ -228,7 +227,6 @@ fn transpose_block(x: &[f32], e: usize, (rows, ld): (usize, usize), dh: usize, o
             }
         }
     }
-    let _ = d_done;
     for r in r0..rows {
         for (d, &v) in x[r * e..r * e + dh].iter().enumerate() {
             out[d * ld + r] = v;
@@ -386,10 +384,15 @@ cpu_math::multiversion! {
                 *mx = if z > *mx { z } else { *mx };
             }
         }
-        // a column with no key keeps max −inf: use 0 as its shift so exp(−inf − 0) = 0, not NaN
-        let shift: Vec<f32> = m.iter().map(|&x| if x == f32::NEG_INFINITY { 0.0 } else { x }).collect();
+        // a column with no key keeps max −inf: shift it by 0 instead, so exp(−inf − 0) = 0, not
+        // NaN (its lse is set to −inf below from l = 0, whatever m holds)
+        for mx in m.iter_mut() {
+            if *mx == f32::NEG_INFINITY {
+                *mx = 0.0;
+            }
+        }
         for row in st.chunks_exact_mut(rows) {
-            for ((z, &s), acc) in row.iter_mut().zip(&shift).zip(l.iter_mut()) {
+            for ((z, &s), acc) in row.iter_mut().zip(m.iter()).zip(l.iter_mut()) {
                 *z = cpu_math::exp(*z - s);
                 *acc += *z;
             }
@@ -504,7 +507,7 @@ pub fn backward(q: &[f32], k: &[f32], v: &[f32], o: &[f32], lse: &[f32], dout: &
         dw: has_w.then_some(SendPtr(dw_heads.as_mut_ptr())),
     };
     // scratch per rayon worker: key-major buffers [kn][ld] (raw products, probabilities, dP then
-    // the dS coefficients), the q and dO blocks transposed, per-column delta and lse
+    // the dS coefficients), the q and dO blocks transposed, per-column delta and exp shift
     let qb = QB.min(tq).next_multiple_of(16);
     let scratch = || {
         let blk = || vec![0.0f32; qb * s];
@@ -521,7 +524,7 @@ pub fn backward(q: &[f32], k: &[f32], v: &[f32], o: &[f32], lse: &[f32], dout: &
             Some(p) => unsafe { std::slice::from_raw_parts_mut(p.at(bh * s), s) },
             None => &mut [],
         };
-        let (t, p, dp, qt, dot, delta, lse_b) =
+        let (t, p, dp, qt, dot, delta, shift) =
             (&mut sc.0, &mut sc.1, &mut sc.2, &mut sc.3, &mut sc.4, &mut sc.5, &mut sc.6);
         for i0 in (0..tq).step_by(QB) {
             let rows = QB.min(tq - i0);
@@ -548,8 +551,12 @@ pub fn backward(q: &[f32], k: &[f32], v: &[f32], o: &[f32], lse: &[f32], dout: &
             }
             // per column: lse (−inf marks "no key", which the padding columns also get) and
             // delta = Σ_d dO·O
-            lse_b[..ld].fill(f32::NEG_INFINITY);
-            lse_b[..rows].copy_from_slice(&lse[(b * nh + h) * tq + i0..][..rows]);
+            // per column the shift −lse of the exps: 0 for a query row with no key (lse = −inf, only
+            // −inf logits, so exp gives 0, where −lse = +inf would give NaN) and for the padding
+            shift[..ld].fill(0.0);
+            for (sh, &l) in shift.iter_mut().zip(&lse[(b * nh + h) * tq + i0..][..rows]) {
+                *sh = if l == f32::NEG_INFINITY { 0.0 } else { -l };
+            }
             delta[..ld].fill(0.0);
             for (i, dl) in delta[..rows].iter_mut().enumerate() {
                 let off = pr.at(b, tq, i0 + i, h);
@@ -558,7 +565,7 @@ pub fn backward(q: &[f32], k: &[f32], v: &[f32], o: &[f32], lse: &[f32], dout: &
             backward_elems(
                 (&mut p[..n], &mut t[..n], &mut dp[..n]),
                 (rows, ld),
-                (&lse_b[..ld], &delta[..ld]),
+                (&shift[..ld], &delta[..ld]),
                 (mult, lnw),
                 &pr.cond,
                 pr.scale,
@@ -627,20 +634,18 @@ unsafe fn bwd_products(
 
 /// The elementwise part of the backward for one block, St layout [kn][ld], per key row j (only
 /// the first `rows` columns are queries; the rest are padding and stay out of dw):
-/// p: logits in, probabilities out (exp(z − lse)); dp: dP in, dS·scale·mult out; t: raw
-/// products (scratch afterwards); dw[j] gets this head's share.
+/// p: logits in, probabilities out (exp(z + shift) with shift = −lse per column, 0 where the
+/// column has no key); dp: dP in, dS·scale·mult out; t: raw products (scratch afterwards); dw[j]
+/// gets this head's share.
 fn backward_elems(
     (p, t, dp): (&mut [f32], &mut [f32], &mut [f32]),
     (rows, ld): (usize, usize),
-    (lse, delta): (&[f32], &[f32]),
+    (nl, delta): (&[f32], &[f32]),
     (mult, lnw): (&[f32], &[f32]),
     cond: &Cond,
     scale: f32,
     dw: &mut [f32],
 ) {
-    // A query row with no key has lse = −inf and only −inf logits: any finite shift gives
-    // exp(−inf) = 0 there, while −lse = +inf would give NaN.
-    let nl: Vec<f32> = lse.iter().map(|&l| if l == f32::NEG_INFINITY { 0.0 } else { -l }).collect();
     for (j, ((prow, trow), dprow)) in
         p.chunks_exact_mut(ld).zip(t.chunks_exact_mut(ld)).zip(dp.chunks_exact_mut(ld)).enumerate()
     {
@@ -648,7 +653,7 @@ fn backward_elems(
         // p/(w_j + eps) = exp(z − ln(w_j + eps) − lse) without dividing by a tiny w (masked
         // logits are −inf and give 0).
         if let Cond::Probs(_) = cond {
-            for ((x, &z), &n) in trow.iter_mut().zip(prow.iter()).zip(&nl) {
+            for ((x, &z), &n) in trow.iter_mut().zip(prow.iter()).zip(nl) {
                 *x = z - lnw[j] + n;
             }
             exp_slice(trow);
@@ -659,7 +664,7 @@ fn backward_elems(
             dw[j] += acc;
         }
         let keep_t = matches!(cond, Cond::Logits(_));
-        for (z, &n) in prow.iter_mut().zip(&nl) {
+        for (z, &n) in prow.iter_mut().zip(nl) {
             *z += n;
         }
         exp_slice(prow);

@@ -4,7 +4,7 @@
 //! costs O(B²(L+N)D) instead of the composed version's two more B·L × B·N × D GEMMs.
 
 use super::CclSizes;
-use crate::ops::cpu_math::multiversion;
+use crate::ops::cpu_math::{self, multiversion};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -59,17 +59,6 @@ pub struct Forward {
     pub arg_t: Vec<i32>,
 }
 
-/// The argmax rule of the kernels (common.cuh `max_better`): NaN wins, ties to the lowest index.
-fn better(v: f32, i: usize, best: f32, bi: usize) -> bool {
-    if v.is_nan() != best.is_nan() {
-        return v.is_nan();
-    }
-    if v.is_nan() || v == best {
-        return i < bi;
-    }
-    v > best
-}
-
 multiversion! {
     /// Max and argmax of one row: the max by lanes (vectorised), then the first index holding it.
     /// A NaN anywhere falls back to the scalar rule.
@@ -92,7 +81,7 @@ multiversion! {
         if nan {
             let mut bi = 0;
             for (i, &v) in x.iter().enumerate().skip(1) {
-                if better(v, i, x[bi], bi) {
+                if cpu_math::max_better(v, i, x[bi], bi) {
                     bi = i;
                 }
             }
@@ -126,7 +115,7 @@ multiversion! {
                 let (mut best, mut bi) = (s[off + v] * mask[0], 0usize);
                 for (t, &m) in mask.iter().enumerate().skip(1) {
                     let x = s[t * stride + off + v] * m;
-                    if better(x, t, best, bi) {
+                    if cpu_math::max_better(x, t, best, bi) {
                         best = x;
                         bi = t;
                     }

@@ -305,16 +305,13 @@ fn cat_shape(parts: &[&Tensor], w: &Tensor, bias: Option<&Tensor>) -> Result<Con
         ci += x.shape()[1];
     }
     let fs = first.shape();
-    // the whole convolution's checks (weights, bias, kernel size) on a shape-only stand-in
-    let whole = [fs[0], ci, fs[2], fs[3]];
     if w.rank() != 4 || w.shape()[1] != ci {
         return Err(Error::shape(
             op,
             format!("weights {:?} must be [Co, {ci}, kh, kw] (the slices' channels)", w.shape()),
         ));
     }
-    let s =
-        ConvShape { b: whole[0], ci, co: w.shape()[0], h: whole[2], w: whole[3], kh: w.shape()[2], kw: w.shape()[3] };
+    let s = ConvShape { b: fs[0], ci, co: w.shape()[0], h: fs[2], w: fs[3], kh: w.shape()[2], kw: w.shape()[3] };
     if s.kh.is_multiple_of(2) || s.kw.is_multiple_of(2) {
         return Err(Error::shape(op, format!("weights {:?}: kh, kw odd expected", w.shape())));
     }

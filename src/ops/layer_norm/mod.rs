@@ -73,8 +73,7 @@ fn check(x: &Tensor, gamma: Option<&Tensor>, beta: Option<&Tensor>) -> Result<(u
     Ok((x.numel() / c, c))
 }
 
-fn params(x: &Tensor, rows: usize, c: usize, eps: f32, ptrs: [u64; 10]) -> Result<LnParams> {
-    let _ = x;
+fn params(rows: usize, c: usize, eps: f32, ptrs: [u64; 10]) -> Result<LnParams> {
     let [xp, gamma, beta, y, mean, rstd, dy, dx, dgamma_part, dbeta_part] = ptrs;
     Ok(LnParams {
         x: xp,
@@ -116,7 +115,6 @@ pub fn layer_norm(x: &Tensor, gamma: Option<&Tensor>, beta: Option<&Tensor>, eps
     let rstd = Tensor::empty(&[rows], DType::F32, dev)?;
     let ptr = |t: Option<&Tensor>| t.map_or(0, |t| t.dev_ptr());
     let p = params(
-        x,
         rows,
         c,
         eps,
@@ -160,7 +158,6 @@ pub fn layer_norm_backward(
     let (dgp, dbp) = (Tensor::zeros(&[parts, c], dev)?, Tensor::zeros(&[parts, c], dev)?);
     let ptr = |t: Option<&Tensor>| t.map_or(0, |t| t.dev_ptr());
     let p = params(
-        x,
         rows,
         c,
         0.0,

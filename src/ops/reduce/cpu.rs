@@ -2,6 +2,7 @@
 //! so that they vectorise (a single running sum would serialise on the add latency).
 
 use super::ReduceOp;
+use crate::ops::cpu_math;
 use rayon::prelude::*;
 
 const LANES: usize = 16;
@@ -16,17 +17,6 @@ fn row_sum(x: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
-}
-
-/// The max rule of kernels/reduce.cu: NaN wins, ties go to the lowest index.
-fn better(v: f32, i: usize, best: f32, bi: usize) -> bool {
-    if v.is_nan() != best.is_nan() {
-        return v.is_nan();
-    }
-    if v.is_nan() || v == best {
-        return i < bi;
-    }
-    v > best
 }
 
 pub fn reduce(x: &[f32], outer: usize, n: usize, inner: usize, op: ReduceOp) -> (Vec<f32>, Option<Vec<i32>>) {
@@ -45,7 +35,7 @@ pub fn reduce(x: &[f32], outer: usize, n: usize, inner: usize, op: ReduceOp) -> 
                 for j in 0..n {
                     for c in 0..inner {
                         let v = xb[j * inner + c];
-                        if better(v, j, yb[c], bi[c]) {
+                        if cpu_math::max_better(v, j, yb[c], bi[c]) {
                             yb[c] = v;
                             bi[c] = j;
                         }
