@@ -99,20 +99,6 @@ macro_rules! multiversion {
 }
 pub(crate) use multiversion;
 
-multiversion! {
-    /// x ← e^x for every element, vectorised (see `exp`).
-    fn exp_slice_impl(x: &mut [f32]) {
-        for v in x.iter_mut() {
-            *v = exp(*v);
-        }
-    }
-}
-
-/// x ← e^x for every element, vectorised (see `exp`).
-pub fn exp_slice(x: &mut [f32]) {
-    exp_slice_impl(x)
-}
-
 /// The max / argmax rule of the kernels (common.cuh `max_better`, reduce.cu): is value v at index
 /// i better than the best so far? NaN wins; among equal values the lowest index wins.
 #[inline(always)]

@@ -7,7 +7,7 @@
 //! cost more than the arithmetic.)
 
 use super::{AttnShape, COND_EPS};
-use crate::ops::cpu_math::{self, exp_slice};
+use crate::ops::cpu_math;
 use rayon::prelude::*;
 
 /// Query rows per block: 64 x 196 keys x 4 B = 50 KB of logits, inside L2 with the operands.
@@ -56,6 +56,45 @@ impl SendPtr {
     }
 }
 
+/// An output that the tasks write completely before anyone reads it, allocated without a
+/// zeroing pass: at the CLIP tower's sizes, zeroing o, dq, dk and dv on the calling thread cost
+/// about a fifth of a forward + backward. Under the tests' poison switch it starts as NaN
+/// instead, so an element a task forgets to write fails the comparison.
+struct Unfilled(Vec<f32>, usize);
+
+impl Unfilled {
+    fn new(n: usize) -> Unfilled {
+        if crate::device::poison_enabled() {
+            Unfilled(vec![f32::NAN; n], n)
+        } else {
+            Unfilled(Vec::with_capacity(n), n)
+        }
+    }
+
+    fn ptr(&mut self) -> SendPtr {
+        SendPtr(self.0.as_mut_ptr())
+    }
+
+    /// SAFETY: every element of 0..n has been written through `ptr`.
+    unsafe fn filled(mut self) -> Vec<f32> {
+        self.0.set_len(self.1);
+        self.0
+    }
+}
+
+/// Zero rows [j0, s) of head h's columns of dk and dv of batch b: the keys that no block
+/// reached (causally unseen, or masked after the last valid key).
+///
+/// SAFETY: as `bwd_products`.
+unsafe fn zero_unreached_keys(pr: &Problem, (b, h, j0): (usize, usize, usize), outs: BwdOut) {
+    for j in j0..pr.sh.s {
+        for dst in [outs.dk, outs.dv] {
+            // raw writes: the memory may not have been initialised yet
+            std::ptr::write_bytes(dst.at(pr.at(b, pr.sh.s, j, h)), 0, pr.sh.dh);
+        }
+    }
+}
+
 /// Scalars A(r, k) = ptr[r·rs + k·cs] of a product's left operand.
 #[derive(Clone, Copy)]
 struct Bcast {
@@ -82,7 +121,7 @@ struct RowsMut {
 /// SAFETY: the caller's contract of `bmm`, with i0 + R <= m and j0 + C <= n.
 #[inline(always)]
 unsafe fn tile<const R: usize, const C: usize>(
-    (i0, j0, k): (usize, usize, usize),
+    (i0, j0, (k0, k1)): (usize, usize, (usize, usize)),
     a: Bcast,
     b: Rows,
     c: RowsMut,
@@ -94,7 +133,7 @@ unsafe fn tile<const R: usize, const C: usize>(
             *row = *(c.ptr.add((i0 + rr) * c.ld + j0) as *const [f32; C]);
         }
     }
-    for kk in 0..k {
+    for kk in k0..k1 {
         let brow = &*(b.ptr.add(kk * b.ld + j0) as *const [f32; C]);
         for (rr, row) in acc.iter_mut().enumerate() {
             let av = *a.ptr.add((i0 + rr) * a.rs + kk * a.cs);
@@ -114,7 +153,7 @@ unsafe fn tile<const R: usize, const C: usize>(
 /// SAFETY: as `tile`, with j0 + w <= n and w <= 16.
 #[inline(always)]
 unsafe fn edge<const R: usize>(
-    (i0, j0, k): (usize, usize, usize),
+    (i0, j0, (k0, k1)): (usize, usize, (usize, usize)),
     w: usize,
     a: Bcast,
     b: Rows,
@@ -127,7 +166,7 @@ unsafe fn edge<const R: usize>(
             row[..w].copy_from_slice(std::slice::from_raw_parts(c.ptr.add((i0 + rr) * c.ld + j0), w));
         }
     }
-    for kk in 0..k {
+    for kk in k0..k1 {
         let brow = std::slice::from_raw_parts(b.ptr.add(kk * b.ld + j0), w);
         for (rr, row) in acc.iter_mut().enumerate() {
             let av = *a.ptr.add((i0 + rr) * a.rs + kk * a.cs);
@@ -137,7 +176,8 @@ unsafe fn edge<const R: usize>(
         }
     }
     for (rr, row) in acc.iter().enumerate() {
-        std::slice::from_raw_parts_mut(c.ptr.add((i0 + rr) * c.ld + j0), w).copy_from_slice(&row[..w]);
+        // a raw copy: C may be memory not yet initialised (`Unfilled`)
+        std::ptr::copy_nonoverlapping(row.as_ptr(), c.ptr.add((i0 + rr) * c.ld + j0), w);
     }
 }
 
@@ -146,7 +186,7 @@ unsafe fn edge<const R: usize>(
 /// SAFETY: as `tile`, with i0 + R <= m.
 #[inline(always)]
 unsafe fn row_block<const R: usize>(
-    (i0, n, k): (usize, usize, usize),
+    (i0, n, k): (usize, usize, (usize, usize)),
     a: Bcast,
     b: Rows,
     c: RowsMut,
@@ -175,16 +215,25 @@ cpu_math::multiversion! {
     /// step broadcasts 4 scalars of A against a 32-wide row of B: two vector loads, eight FMAs);
     /// 16-wide and narrower column remainders (the 18 text tokens are 16 + 2) and single
     /// leftover rows get their own register tiles.
-    fn bmm_impl(mnk: (usize, usize, usize), a: Bcast, b: Rows, c: RowsMut, accumulate: bool) {
+    fn bmm_impl(mnk: (usize, usize, usize), band: Band, a: Bcast, b: Rows, c: RowsMut, accumulate: bool) {
         let (m, n, k) = mnk;
-        // SAFETY (whole body): the caller's contract of `bmm`; every tile stays inside m x n.
+        // SAFETY (whole body): the caller's contract of `bmm`; every tile stays inside m x n and
+        // its k range inside 0..k.
         unsafe {
-            let m4 = m - m % 4;
-            for i0 in (0..m4).step_by(4) {
-                row_block::<4>((i0, n, k), a, b, c, accumulate);
+            let m6 = m - m % 8;
+            for i0 in (0..m6).step_by(8) {
+                row_block::<8>((i0, n, band.range(i0, i0 + 8, k)), a, b, c, accumulate);
             }
-            for i0 in m4..m {
-                row_block::<1>((i0, n, k), a, b, c, accumulate);
+            let r = band.range(m6, m, k);
+            match m - m6 {
+                0 => {}
+                1 => row_block::<1>((m6, n, r), a, b, c, accumulate),
+                2 => row_block::<2>((m6, n, r), a, b, c, accumulate),
+                3 => row_block::<3>((m6, n, r), a, b, c, accumulate),
+                4 => row_block::<4>((m6, n, r), a, b, c, accumulate),
+                5 => row_block::<5>((m6, n, r), a, b, c, accumulate),
+                6 => row_block::<6>((m6, n, r), a, b, c, accumulate),
+                _ => row_block::<7>((m6, n, r), a, b, c, accumulate),
             }
         }
     }
@@ -196,56 +245,103 @@ cpu_math::multiversion! {
 /// SAFETY: for every r < m, kk < k, j < n: A(r, kk), B(kk, j) and C(r, j) lie inside live
 /// slices, and C does not overlap A or B.
 unsafe fn bmm(mnk: (usize, usize, usize), a: Bcast, b: Rows, c: RowsMut, accumulate: bool) {
+    bmm_band(mnk, Band::FULL, a, b, c, accumulate)
+}
+
+/// `bmm` over only the k range that `band` gives each block of rows (the rest of A is zero:
+/// causally masked probabilities).
+///
+/// SAFETY: as `bmm`.
+unsafe fn bmm_band(mnk: (usize, usize, usize), band: Band, a: Bcast, b: Rows, c: RowsMut, accumulate: bool) {
     if mnk.0 > 0 && mnk.1 > 0 {
-        bmm_impl(mnk, a, b, c, accumulate)
+        bmm_impl(mnk, band, a, b, c, accumulate)
+    }
+}
+
+/// Which k a block of rows [r0, r1) of a product needs when A is causally banded: k < r1 + hi
+/// (A(r, k) = 0 for k > r + hi) and k >= r0 + lo (A(r, k) = 0 for k < r + lo).
+#[derive(Clone, Copy)]
+struct Band {
+    hi: Option<isize>,
+    lo: Option<isize>,
+}
+
+impl Band {
+    const FULL: Band = Band { hi: None, lo: None };
+
+    /// Keys j <= i0 + i of query row i (products over keys, rows = the block's queries).
+    fn keys_upto(i0: usize, causal: bool) -> Band {
+        Band { hi: causal.then_some(i0 as isize), lo: None }
+    }
+
+    /// Queries i with i0 + i >= j of key row j = j0 + r (products over queries, rows = keys
+    /// from j0 on).
+    fn queries_from(j0: usize, i0: usize, causal: bool) -> Band {
+        Band { hi: None, lo: causal.then_some(j0 as isize - i0 as isize) }
+    }
+
+    fn range(&self, r0: usize, r1: usize, k: usize) -> (usize, usize) {
+        let clamp = |x: isize| x.clamp(0, k as isize) as usize;
+        let k1 = self.hi.map_or(k, |h| clamp(r1 as isize + h));
+        let k0 = self.lo.map_or(0, |l| clamp(r0 as isize + l)).min(k1);
+        (k0, k1)
     }
 }
 
 /// [rows, dh] rows of x (row stride e) -> [dh, ld], zero in the columns rows..ld: 16 x 16
-/// blocks through AVX-512 shuffles where the CPU has them, element by element elsewhere.
+/// blocks through AVX-512 shuffles where the CPU has them (a last partial block of rows reads
+/// zeros for the missing rows, which also writes the first padding columns), element by element
+/// elsewhere.
 fn transpose_block(x: &[f32], e: usize, (rows, ld): (usize, usize), dh: usize, out: &mut [f32]) {
     assert!(rows <= ld && out.len() >= dh * ld && (rows == 0 || x.len() >= (rows - 1) * e + dh));
-    let mut r0 = 0;
+    // rows [0, r0) of the columns [0, db) are done by the vector path; the columns from z0 on are
+    // zeroed by the final loop
+    let (mut r0, mut db, mut z0) = (0, 0, rows);
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
-        let (rb, db) = (rows - rows % 16, dh - dh % 16);
-        // SAFETY: the CPU has AVX-512F; every block reads rows r..r+16 (< rows) at columns
-        // d..d+16 (< dh) of x and writes rows d..d+16 at columns r..r+16 of out, inside the
-        // bounds asserted above.
+        // whole blocks of 16 rows, and a partial last one when its 16 columns fit in ld
+        let rv = if rows.next_multiple_of(16) <= ld { rows } else { rows - rows % 16 };
+        db = dh - dh % 16;
+        // SAFETY: the CPU has AVX-512F; every block reads rows r..r + nr (<= rows) at columns
+        // d..d+16 (<= dh) of x and writes rows d..d+16 at columns r..r+16 (<= ld) of out,
+        // inside the bounds asserted above.
         unsafe {
-            for r in (0..rb).step_by(16) {
+            for r in (0..rv).step_by(16) {
+                let nr = 16.min(rv - r);
                 for d in (0..db).step_by(16) {
-                    transpose16(x.as_ptr().add(r * e + d), e, out.as_mut_ptr().add(d * ld + r), ld);
+                    transpose16(x.as_ptr().add(r * e + d), e, nr, out.as_mut_ptr().add(d * ld + r), ld);
                 }
             }
         }
-        r0 = rb;
-        // the columns d >= db of the full row blocks
-        for r in 0..rb {
-            for d in db..dh {
-                out[d * ld + r] = x[r * e + d];
-            }
+        r0 = rv;
+        if db > 0 {
+            z0 = rv.next_multiple_of(16).max(rows);
         }
     }
-    for r in r0..rows {
-        for (d, &v) in x[r * e..r * e + dh].iter().enumerate() {
-            out[d * ld + r] = v;
+    for r in 0..rows {
+        // the columns d >= db of every row, and all columns of the rows r >= r0
+        let d0 = if r < r0 { db } else { 0 };
+        for (d, &v) in x[r * e + d0..r * e + dh].iter().enumerate() {
+            out[(d0 + d) * ld + r] = v;
         }
     }
-    for orow in out.chunks_exact_mut(ld).take(dh) {
-        orow[rows..].fill(0.0);
+    for (d, orow) in out.chunks_exact_mut(ld).take(dh).enumerate() {
+        orow[if d < db { z0 } else { rows }..].fill(0.0);
     }
 }
 
 /// out[c·lo + r] = x[r·lx + c] for a 16 x 16 block: four rounds of unpack / lane shuffles.
 ///
-/// SAFETY: AVX-512F; 16 rows of 16 floats readable at x (stride lx) and writable at out (stride lo).
+/// Rows nr..16 of x are taken as zero (not read).
+///
+/// SAFETY: AVX-512F; nr <= 16 rows of 16 floats readable at x (stride lx), 16 rows of 16 floats
+/// writable at out (stride lo).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn transpose16(x: *const f32, lx: usize, out: *mut f32, lo: usize) {
+unsafe fn transpose16(x: *const f32, lx: usize, nr: usize, out: *mut f32, lo: usize) {
     use std::arch::x86_64::*;
     let mut r = [_mm512_setzero_ps(); 16];
-    for (i, v) in r.iter_mut().enumerate() {
+    for (i, v) in r.iter_mut().enumerate().take(nr) {
         *v = _mm512_loadu_ps(x.add(i * lx));
     }
     // interleave pairs of rows (32-bit), then pairs of pairs (64-bit)
@@ -325,12 +421,19 @@ impl Problem<'_> {
         (bias, mult, lnw)
     }
 
-    /// Keys a query block [i0, i1) can see.
-    fn key_end(&self, i1: usize) -> usize {
+    /// Keys a query block [i0, i1) of batch row b can see: up to i1 when causal, and never the
+    /// masked keys after the last valid one (padding tokens at the end of a note), whose
+    /// probabilities and gradients are zero anyway.
+    fn key_end(&self, b: usize, i1: usize) -> usize {
+        let s = self.sh.s;
+        let valid_end = match self.valid {
+            Some(v) => v[b * s..(b + 1) * s].iter().rposition(|&x| x != 0).map_or(0, |j| j + 1),
+            None => s,
+        };
         if self.causal {
-            self.sh.s.min(i1)
+            valid_end.min(i1)
         } else {
-            self.sh.s
+            valid_end
         }
     }
 
@@ -358,18 +461,41 @@ impl Problem<'_> {
 
     /// Raw products -> logits z = t·scale·mult + bias, −inf where causally masked (St layout).
     fn logits(&self, st: &mut [f32], bl: &Block, bias: &[f32], mult: &[f32]) {
-        for j in 0..bl.kn {
-            let row = &mut st[j * bl.ld..(j + 1) * bl.ld];
-            let (f, add) = (self.scale * mult[j], bias[j]);
+        let first_masked = if self.causal { bl.i0 + 1 } else { usize::MAX };
+        logits_keymajor(&mut st[..bl.kn * bl.ld], (bl.ld, bl.rows, bl.i0, first_masked), self.scale, bias, mult);
+    }
+}
+
+cpu_math::multiversion! {
+    /// The key rows of St: z = t·scale·mult_j + bias_j; from key first_masked on (causal: i0 + 1),
+    /// query i0 + i sees key j only when j <= i0 + i.
+    fn logits_keymajor(st: &mut [f32], geom: (usize, usize, usize, usize), scale: f32, bias: &[f32], mult: &[f32]) {
+        let (ld, rows, i0, first_masked) = geom;
+        for (j, row) in st.chunks_exact_mut(ld).enumerate() {
+            let (f, add) = (scale * mult[j], bias[j]);
             for z in row.iter_mut() {
                 *z = *z * f + add;
             }
-            if self.causal && j > bl.i0 {
-                // query i0 + i sees key j only when j <= i0 + i
-                for z in row.iter_mut().take((j - bl.i0).min(bl.rows)) {
+            if j >= first_masked {
+                for z in row.iter_mut().take((j - i0).min(rows)) {
                     *z = f32::NEG_INFINITY;
                 }
             }
+        }
+    }
+}
+
+/// delta_i = ⟨o_i, dO_i⟩ for `out.len()` rows of dh from offset off (row stride e), once per
+/// block inside the vector build (a scalar dot per row costs more than the row's exps here).
+fn row_dots(o: &[f32], dout: &[f32], (off, e, dh): (usize, usize, usize), out: &mut [f32]) {
+    row_dots_impl(o, dout, off, e, dh, out)
+}
+
+cpu_math::multiversion! {
+    fn row_dots_impl(o: &[f32], dout: &[f32], off: usize, e: usize, dh: usize, out: &mut [f32]) {
+        for (i, dl) in out.iter_mut().enumerate() {
+            let at = off + i * e;
+            *dl = cpu_math::dot_lanes(&o[at..at + dh], &dout[at..at + dh]);
         }
     }
 }
@@ -414,17 +540,12 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], pr: &Problem, want_probs: bool) 
     let AttnShape { b: nb, h: nh, tq, s, dh } = pr.sh;
     let e = pr.sh.e();
     let terms: Vec<KeyTerms> = (0..nb).map(|b| pr.key_terms(b)).collect();
-    let mut out = Forward {
-        o: vec![0.0; nb * tq * e],
-        lse: vec![f32::NEG_INFINITY; nb * nh * tq],
-        probs: if want_probs { Some(vec![0.0; nb * nh * tq * s]) } else { None },
-    };
-    // One task per (b, h), writing its columns of o and its rows of lse and probs in place.
-    let outs = FwdOut {
-        o: SendPtr(out.o.as_mut_ptr()),
-        lse: SendPtr(out.lse.as_mut_ptr()),
-        probs: out.probs.as_mut().map(|p| SendPtr(p.as_mut_ptr())),
-    };
+    let (mut o, mut lse) = (Unfilled::new(nb * tq * e), vec![f32::NEG_INFINITY; nb * nh * tq]);
+    let mut probs = if want_probs { Some(vec![0.0; nb * nh * tq * s]) } else { None };
+    // One task per (b, h), writing its columns of o (all of them: the product with V writes
+    // every query row, zeros for a row that sees no key) and its rows of lse and probs in place.
+    let outs =
+        FwdOut { o: o.ptr(), lse: SendPtr(lse.as_mut_ptr()), probs: probs.as_mut().map(|p| SendPtr(p.as_mut_ptr())) };
     // scratch per rayon worker: the logits block, the transposed q block, column statistics
     let qb = QB.min(tq).next_multiple_of(16);
     let scratch =
@@ -442,7 +563,7 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], pr: &Problem, want_probs: bool) 
         let (st, qt, m, l, lse_b) = (&mut sc.0, &mut sc.1, &mut sc.2, &mut sc.3, &mut sc.4);
         for i0 in (0..tq).step_by(QB) {
             let rows = QB.min(tq - i0);
-            let bl = Block::new(b, h, i0, rows, pr.key_end(i0 + rows));
+            let bl = Block::new(b, h, i0, rows, pr.key_end(b, i0 + rows));
             let ld = bl.ld;
             transpose_block(&q[pr.at(b, tq, i0, h)..], e, (rows, ld), dh, &mut qt[..]);
             pr.dots(k, &qt[..], &bl, &mut st[..]);
@@ -461,8 +582,9 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], pr: &Problem, want_probs: bool) 
             // SAFETY: St holds kn x ld, v has kn rows of dh at row stride e; o's rows i0..
             // of batch b at row stride e, columns h·dh.. (this task's alone).
             unsafe {
-                bmm(
+                bmm_band(
                     (rows, dh, bl.kn),
+                    Band::keys_upto(i0, pr.causal),
                     Bcast { ptr: st.as_ptr(), rs: 1, cs: ld },
                     Rows { ptr: v[pr.at(b, s, 0, h)..].as_ptr(), ld: e },
                     RowsMut { ptr: outs.o.at(pr.at(b, tq, i0, h)), ld: e },
@@ -471,7 +593,8 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], pr: &Problem, want_probs: bool) 
             }
         }
     });
-    out
+    // SAFETY: every task wrote all of its head's columns of o (see above).
+    Forward { o: unsafe { o.filled() }, lse, probs }
 }
 
 /// Where the forward's tasks write.
@@ -496,16 +619,12 @@ pub fn backward(q: &[f32], k: &[f32], v: &[f32], o: &[f32], lse: &[f32], dout: &
     let e = pr.sh.e();
     let terms: Vec<KeyTerms> = (0..nb).map(|b| pr.key_terms(b)).collect();
     let has_w = !matches!(pr.cond, Cond::None);
-    let mut g = Grads { dq: vec![0.0; q.len()], dk: vec![0.0; k.len()], dv: vec![0.0; v.len()], dw: None };
+    let (mut dq, mut dk, mut dv) = (Unfilled::new(q.len()), Unfilled::new(k.len()), Unfilled::new(v.len()));
     let mut dw_heads = vec![0.0f32; if has_w { nb * nh * s } else { 0 }];
-    // One task per (b, h), writing its columns of dq, dk, dv (which start at zero) in place and
+    // One task per (b, h), writing all of its columns of dq, dk, dv in place (dq by the product
+    // with K, dk and dv by the first block that reaches a key and `zero_unreached_keys`) and
     // its share of dw into the [B, H, S] slot (b, h).
-    let outs = BwdOut {
-        dq: SendPtr(g.dq.as_mut_ptr()),
-        dk: SendPtr(g.dk.as_mut_ptr()),
-        dv: SendPtr(g.dv.as_mut_ptr()),
-        dw: has_w.then_some(SendPtr(dw_heads.as_mut_ptr())),
-    };
+    let outs = BwdOut { dq: dq.ptr(), dk: dk.ptr(), dv: dv.ptr(), dw: has_w.then_some(SendPtr(dw_heads.as_mut_ptr())) };
     // scratch per rayon worker: key-major buffers [kn][ld] (raw products, probabilities, dP then
     // the dS coefficients), the q and dO blocks transposed, per-column delta and exp shift
     let qb = QB.min(tq).next_multiple_of(16);
@@ -526,9 +645,11 @@ pub fn backward(q: &[f32], k: &[f32], v: &[f32], o: &[f32], lse: &[f32], dout: &
         };
         let (t, p, dp, qt, dot, delta, shift) =
             (&mut sc.0, &mut sc.1, &mut sc.2, &mut sc.3, &mut sc.4, &mut sc.5, &mut sc.6);
+        // keys whose dk/dv rows earlier blocks wrote
+        let mut done = 0;
         for i0 in (0..tq).step_by(QB) {
             let rows = QB.min(tq - i0);
-            let kn = pr.key_end(i0 + rows);
+            let kn = pr.key_end(b, i0 + rows);
             let bl = Block::new(b, h, i0, rows, kn);
             let ld = bl.ld;
             let (qo, doo) = (pr.at(b, tq, i0, h), pr.at(b, tq, i0, h));
@@ -558,10 +679,7 @@ pub fn backward(q: &[f32], k: &[f32], v: &[f32], o: &[f32], lse: &[f32], dout: &
                 *sh = if l == f32::NEG_INFINITY { 0.0 } else { -l };
             }
             delta[..ld].fill(0.0);
-            for (i, dl) in delta[..rows].iter_mut().enumerate() {
-                let off = pr.at(b, tq, i0 + i, h);
-                *dl = cpu_math::dot_lanes(&o[off..off + dh], &dout[off..off + dh]);
-            }
+            row_dots(o, dout, (pr.at(b, tq, i0, h), e, dh), &mut delta[..rows]);
             backward_elems(
                 (&mut p[..n], &mut t[..n], &mut dp[..n]),
                 (rows, ld),
@@ -572,9 +690,14 @@ pub fn backward(q: &[f32], k: &[f32], v: &[f32], o: &[f32], lse: &[f32], dout: &
                 dw,
             );
             // SAFETY: see `bwd_products`.
-            unsafe { bwd_products(pr, (b, h, i0), (rows, kn, ld), (&p[..], &dp[..]), (q, k, dout), outs) }
+            unsafe { bwd_products(pr, (b, h, i0), (rows, kn, ld, done), (&p[..], &dp[..]), (q, k, dout), outs) }
+            done = done.max(kn);
         }
+        // SAFETY: see `bwd_products`.
+        unsafe { zero_unreached_keys(pr, (b, h, done), outs) }
     });
+    // SAFETY: every task wrote all of its head's columns of dq, dk and dv (see above).
+    let mut g = unsafe { Grads { dq: dq.filled(), dk: dk.filled(), dv: dv.filled(), dw: None } };
     if has_w {
         // Σ over heads, in head order
         let mut dw = vec![0.0f32; nb * s];
@@ -598,7 +721,7 @@ pub fn backward(q: &[f32], k: &[f32], v: &[f32], o: &[f32], lse: &[f32], dout: &
 unsafe fn bwd_products(
     pr: &Problem,
     (b, h, i0): (usize, usize, usize),
-    (rows, kn, ld): (usize, usize, usize),
+    (rows, kn, ld, done): (usize, usize, usize, usize),
     (p, dp): (&[f32], &[f32]),
     (q, k, dout): (&[f32], &[f32], &[f32]),
     outs: BwdOut,
@@ -609,22 +732,25 @@ unsafe fn bwd_products(
     // A(j, i) for dv/dk and A(i, j) for dq, by layout
     let (rs_ji, cs_ji) = if qmajor { (1, ld) } else { (ld, 1) };
     let (qo, ko) = (pr.at(b, tq, i0, h), pr.at(b, s, 0, h));
-    bmm(
-        (kn, dh, rows),
-        Bcast { ptr: p.as_ptr(), rs: rs_ji, cs: cs_ji },
-        Rows { ptr: dout[qo..].as_ptr(), ld: e },
-        RowsMut { ptr: outs.dv.at(ko), ld: e },
-        true,
-    );
-    bmm(
-        (kn, dh, rows),
-        Bcast { ptr: dp.as_ptr(), rs: rs_ji, cs: cs_ji },
-        Rows { ptr: q[qo..].as_ptr(), ld: e },
-        RowsMut { ptr: outs.dk.at(ko), ld: e },
-        true,
-    );
-    bmm(
+    // Keys below `done` were written by earlier blocks of this head and accumulate; the others
+    // are assigned. Reading a never-written row of the fresh (calloc'd) output first would map
+    // the shared zero page and then copy it on the write: two page faults and a TLB shootdown
+    // per page, which cost more than the products at the CLIP tower's sizes.
+    for (j0, j1, acc) in [(0, done.min(kn), true), (done.min(kn), kn, false)] {
+        for (src, ops, dst) in [(p, dout, outs.dv), (dp, q, outs.dk)] {
+            bmm_band(
+                (j1 - j0, dh, rows),
+                Band::queries_from(j0, i0, pr.causal),
+                Bcast { ptr: src.as_ptr().add(j0 * rs_ji), rs: rs_ji, cs: cs_ji },
+                Rows { ptr: ops[qo..].as_ptr(), ld: e },
+                RowsMut { ptr: dst.at(ko + j0 * e), ld: e },
+                acc,
+            );
+        }
+    }
+    bmm_band(
         (rows, dh, kn),
+        Band::keys_upto(i0, pr.causal),
         Bcast { ptr: dp.as_ptr(), rs: cs_ji, cs: rs_ji },
         Rows { ptr: k[ko..].as_ptr(), ld: e },
         RowsMut { ptr: outs.dq.at(qo), ld: e },
@@ -638,6 +764,25 @@ unsafe fn bwd_products(
 /// column has no key); dp: dP in, dS·scale·mult out; t: raw products (scratch afterwards); dw[j]
 /// gets this head's share.
 fn backward_elems(
+    bufs: (&mut [f32], &mut [f32], &mut [f32]),
+    geom: (usize, usize),
+    stats: (&[f32], &[f32]),
+    terms: (&[f32], &[f32]),
+    cond: &Cond,
+    scale: f32,
+    dw: &mut [f32],
+) {
+    backward_elems_mv(bufs, geom, stats, terms, (cond, scale), dw)
+}
+
+cpu_math::multiversion! {
+    fn backward_elems_mv(bufs: (&mut [f32], &mut [f32], &mut [f32]), geom: (usize, usize), stats: (&[f32], &[f32]), terms: (&[f32], &[f32]), cs: (&Cond, f32), dw: &mut [f32]) {
+        backward_elems_body(bufs, geom, stats, terms, cs.0, cs.1, dw)
+    }
+}
+
+#[inline(always)]
+fn backward_elems_body(
     (p, t, dp): (&mut [f32], &mut [f32], &mut [f32]),
     (rows, ld): (usize, usize),
     (nl, delta): (&[f32], &[f32]),
@@ -656,7 +801,7 @@ fn backward_elems(
             for ((x, &z), &n) in trow.iter_mut().zip(prow.iter()).zip(nl) {
                 *x = z - lnw[j] + n;
             }
-            exp_slice(trow);
+            trow.iter_mut().for_each(|x| *x = cpu_math::exp(*x));
             let mut acc = 0.0f32;
             for ((&x, &g), &dl) in trow[..rows].iter().zip(dprow.iter()).zip(delta) {
                 acc += x * (g - dl);
@@ -667,7 +812,7 @@ fn backward_elems(
         for (z, &n) in prow.iter_mut().zip(nl) {
             *z += n;
         }
-        exp_slice(prow);
+        prow.iter_mut().for_each(|x| *x = cpu_math::exp(*x));
         if keep_t {
             // z = t·scale·w_j: dz/dw_j = t·scale
             let mut acc = 0.0f32;
@@ -709,7 +854,7 @@ fn forward_task_qmajor(
     let mut sb = vec![0.0f32; QB.min(tq) * ld];
     for i0 in (0..tq).step_by(QB) {
         let rows = QB.min(tq - i0);
-        let kn = pr.key_end(i0 + rows);
+        let kn = pr.key_end(b, i0 + rows);
         let n = kn.next_multiple_of(16).min(ld);
         // S[i][j] = ⟨q_i, k_j⟩ for j < n (columns kn..n are zero keys, masked below)
         // SAFETY: rows rows of q (stride e), dh x ld of kt, rows x ld of sb.
@@ -731,8 +876,9 @@ fn forward_task_qmajor(
         // SAFETY: rows x kn probabilities in sb (stride ld), kn rows of v (stride e); o's rows
         // i0.. of batch b, head h's columns (this task's alone).
         unsafe {
-            bmm(
+            bmm_band(
                 (rows, dh, kn),
+                Band::keys_upto(i0, pr.causal),
                 Bcast { ptr: sb.as_ptr(), rs: ld, cs: 1 },
                 Rows { ptr: v[pr.at(b, s, 0, h)..].as_ptr(), ld: e },
                 RowsMut { ptr: outs.o.at(pr.at(b, tq, i0, h)), ld: e },
@@ -812,9 +958,11 @@ fn backward_task_qmajor(
     // S-layout buffers [rows][ld]: raw products, probabilities, dP then the dS coefficients
     let (mut t, mut p, mut dp) = (vec![0.0f32; qb * ld], vec![0.0f32; qb * ld], vec![0.0f32; qb * ld]);
     let (mut x, mut delta) = (vec![0.0f32; ld], vec![0.0f32; qb]);
+    // keys whose dk/dv rows earlier blocks wrote
+    let mut done = 0;
     for i0 in (0..tq).step_by(QB) {
         let rows = QB.min(tq - i0);
-        let kn = pr.key_end(i0 + rows);
+        let kn = pr.key_end(b, i0 + rows);
         let n = kn.next_multiple_of(16).min(ld);
         let (qo, doo) = (pr.at(b, tq, i0, h), pr.at(b, tq, i0, h));
         // SAFETY: rows rows of q and dO (stride e), dh x ld of kt and vt, rows x ld buffers.
@@ -835,10 +983,7 @@ fn backward_task_qmajor(
             );
         }
         let lse_b = &lse[(b * nh + h) * tq + i0..][..rows];
-        for (i, dl) in delta[..rows].iter_mut().enumerate() {
-            let off = pr.at(b, tq, i0 + i, h);
-            *dl = cpu_math::dot_lanes(&o[off..off + dh], &dout[off..off + dh]);
-        }
+        row_dots(o, dout, (pr.at(b, tq, i0, h), e, dh), &mut delta[..rows]);
         backward_rows(
             (&mut p[..rows * ld], &t[..rows * ld], &mut dp[..rows * ld]),
             (ld, kn, i0, pr.causal),
@@ -848,8 +993,11 @@ fn backward_task_qmajor(
             (&mut x[..kn], &mut *dw),
         );
         // SAFETY: see `bwd_products`.
-        unsafe { bwd_products(pr, (b, h, i0), (rows, kn, ld), (&p, &dp), (q, k, dout), outs) }
+        unsafe { bwd_products(pr, (b, h, i0), (rows, kn, ld, done), (&p, &dp), (q, k, dout), outs) }
+        done = done.max(kn);
     }
+    // SAFETY: see `bwd_products`.
+    unsafe { zero_unreached_keys(pr, (b, h, done), outs) }
 }
 
 cpu_math::multiversion! {
@@ -914,9 +1062,15 @@ mod tests {
     /// at sizes with and without full blocks, and the zeroed padding columns.
     #[test]
     fn transpose_block_is_a_transpose() {
-        for (rows, dh, e, ld) in
-            [(16, 16, 16, 16), (18, 64, 512, 32), (37, 33, 40, 48), (64, 128, 512, 64), (1, 3, 3, 16), (0, 5, 5, 16)]
-        {
+        for (rows, dh, e, ld) in [
+            (16, 16, 16, 16),
+            (18, 64, 512, 32),
+            (37, 33, 40, 48),
+            (64, 128, 512, 64),
+            (1, 3, 3, 16),
+            (0, 5, 5, 16),
+            (20, 16, 16, 24),
+        ] {
             let x: Vec<f32> = (0..rows.max(1) * e).map(|i| i as f32).collect();
             let mut out = vec![f32::NAN; dh * ld];
             super::transpose_block(&x, e, (rows, ld), dh, &mut out);
