@@ -1,16 +1,19 @@
-//! cpu attention: per (batch, head), blocks of at most QB query rows. A block's logits live in a
-//! per-task buffer that stays in cache, stored transposed (key-major, St[j][i]) so that every
+//! cpu attention: per (batch, head), blocks of query rows (`Problem::block_rows`). A block's
+//! logits live in a per-task buffer that stays in cache, stored transposed (key-major, St[j][i]) so that every
 //! product of the forward and backward has the form "scalars of one operand broadcast against
 //! contiguous rows of the other" (`bmm`), which needs no packing: only the block's q (and dO)
 //! rows are transposed, [rows, Dh] -> [Dh, rows]. Tasks run in parallel over (batch, head) with
 //! rayon. (The gemm crate was 2-3x slower here: at 18 x 196 x 128 its per-call packing and set-up
-//! cost more than the arithmetic.)
+//! cost more than the arithmetic.) The same layout serves Tq > S: a query-major variant, which
+//! transposed K and V once per head instead of every query block, padded the 18 text keys to 32
+//! and was 10-20% slower at 196 -> 18.
 
 use super::{AttnShape, COND_EPS};
 use crate::ops::cpu_math;
 use rayon::prelude::*;
 
-/// Query rows per block: 64 x 196 keys x 4 B = 50 KB of logits, inside L2 with the operands.
+/// Query rows per block at least: 64 x 196 keys x 4 B = 50 KB of logits, inside L2 with the
+/// operands; more when there are fewer keys.
 const QB: usize = 64;
 
 pub enum Cond<'a> {
@@ -437,6 +440,12 @@ impl Problem<'_> {
         }
     }
 
+    /// Query rows per key-major block: QB, or more when there are few keys (the block's logits,
+    /// kn x rows floats, stay about 64 KB), so that 196 queries over 18 keys are one block.
+    fn block_rows(&self) -> usize {
+        ((QB * 256 / self.sh.s.max(1)) / 16 * 16).clamp(QB, 512)
+    }
+
     /// Offset of row t, head h, of a [B, T, E] tensor.
     fn at(&self, b: usize, t_len: usize, t: usize, h: usize) -> usize {
         (b * t_len + t) * self.sh.e() + h * self.sh.dh
@@ -547,22 +556,20 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], pr: &Problem, want_probs: bool) 
     let outs =
         FwdOut { o: o.ptr(), lse: SendPtr(lse.as_mut_ptr()), probs: probs.as_mut().map(|p| SendPtr(p.as_mut_ptr())) };
     // scratch per rayon worker: the logits block, the transposed q block, column statistics
-    let qb = QB.min(tq).next_multiple_of(16);
+    let qrows = pr.block_rows();
+    let qb = qrows.min(tq).next_multiple_of(16);
     let scratch =
         || (vec![0.0f32; qb * s], vec![0.0f32; qb * dh], vec![0.0f32; qb], vec![0.0f32; qb], vec![0.0f32; qb]);
     (0..nb * nh).into_par_iter().for_each_init(scratch, |sc, bh| {
         let (b, h) = (bh / nh, bh % nh);
-        if tq > s {
-            return forward_task_qmajor((q, k, v), pr, (b, h), &terms[b], outs);
-        }
         let (bias, mult, _) = &terms[b];
         // SAFETY: this task alone writes lse[(b·H + h)·Tq ..][..Tq] and that head's
         // probabilities [Tq, S].
         let lse = unsafe { std::slice::from_raw_parts_mut(outs.lse.at(bh * tq), tq) };
         let mut probs = outs.probs.map(|p| unsafe { std::slice::from_raw_parts_mut(p.at(bh * tq * s), tq * s) });
         let (st, qt, m, l, lse_b) = (&mut sc.0, &mut sc.1, &mut sc.2, &mut sc.3, &mut sc.4);
-        for i0 in (0..tq).step_by(QB) {
-            let rows = QB.min(tq - i0);
+        for i0 in (0..tq).step_by(qrows) {
+            let rows = qrows.min(tq - i0);
             let bl = Block::new(b, h, i0, rows, pr.key_end(b, i0 + rows));
             let ld = bl.ld;
             transpose_block(&q[pr.at(b, tq, i0, h)..], e, (rows, ld), dh, &mut qt[..]);
@@ -627,16 +634,14 @@ pub fn backward(q: &[f32], k: &[f32], v: &[f32], o: &[f32], lse: &[f32], dout: &
     let outs = BwdOut { dq: dq.ptr(), dk: dk.ptr(), dv: dv.ptr(), dw: has_w.then_some(SendPtr(dw_heads.as_mut_ptr())) };
     // scratch per rayon worker: key-major buffers [kn][ld] (raw products, probabilities, dP then
     // the dS coefficients), the q and dO blocks transposed, per-column delta and exp shift
-    let qb = QB.min(tq).next_multiple_of(16);
+    let qrows = pr.block_rows();
+    let qb = qrows.min(tq).next_multiple_of(16);
     let scratch = || {
         let blk = || vec![0.0f32; qb * s];
         (blk(), blk(), blk(), vec![0.0f32; qb * dh], vec![0.0f32; qb * dh], vec![0.0f32; qb], vec![0.0f32; qb])
     };
     (0..nb * nh).into_par_iter().for_each_init(scratch, |sc, bh| {
         let (b, h) = (bh / nh, bh % nh);
-        if tq > s {
-            return backward_task_qmajor((q, k, v, o, lse, dout), pr, (b, h), &terms[b], outs);
-        }
         let (bias, mult, lnw) = &terms[b];
         // SAFETY: slot (b, h) of dw_heads is this task's alone.
         let dw: &mut [f32] = match outs.dw {
@@ -647,8 +652,8 @@ pub fn backward(q: &[f32], k: &[f32], v: &[f32], o: &[f32], lse: &[f32], dout: &
             (&mut sc.0, &mut sc.1, &mut sc.2, &mut sc.3, &mut sc.4, &mut sc.5, &mut sc.6);
         // keys whose dk/dv rows earlier blocks wrote
         let mut done = 0;
-        for i0 in (0..tq).step_by(QB) {
-            let rows = QB.min(tq - i0);
+        for i0 in (0..tq).step_by(qrows) {
+            let rows = qrows.min(tq - i0);
             let kn = pr.key_end(b, i0 + rows);
             let bl = Block::new(b, h, i0, rows, kn);
             let ld = bl.ld;
@@ -712,12 +717,10 @@ pub fn backward(q: &[f32], k: &[f32], v: &[f32], o: &[f32], lse: &[f32], dout: &
 }
 
 /// The backward's three products for one block, into the shared outputs: dv[j] += Σ_i P·dO_i,
-/// dk[j] += Σ_i G·q_i, dq_i = Σ_j G·k_j, with P and G (= dS·scale·mult) in the block's logits
-/// layout: key-major [kn][ld] when Tq <= S, query-major [rows][ld] otherwise.
+/// dk[j] += Σ_i G·q_i, dq_i = Σ_j G·k_j, with P and G (= dS·scale·mult) key-major [kn][ld].
 ///
-/// SAFETY: p and dp hold the block's kn x ld (key-major) or rows x ld (query-major) values; the
-/// outputs are the full dq [B,Tq,E], dk, dv [B,S,E], of which only head h's columns of batch b
-/// are written (this task's alone).
+/// SAFETY: p and dp hold the block's kn x ld values; the outputs are the full dq [B,Tq,E], dk,
+/// dv [B,S,E], of which only head h's columns of batch b are written (this task's alone).
 unsafe fn bwd_products(
     pr: &Problem,
     (b, h, i0): (usize, usize, usize),
@@ -728,14 +731,11 @@ unsafe fn bwd_products(
 ) {
     let AttnShape { tq, s, dh, .. } = pr.sh;
     let e = pr.sh.e();
-    let qmajor = tq > s;
-    // A(j, i) for dv/dk and A(i, j) for dq, by layout
-    let (rs_ji, cs_ji) = if qmajor { (1, ld) } else { (ld, 1) };
+    // A(j, i) = x[j·ld + i] for dv/dk, A(i, j) for dq
+    let (rs_ji, cs_ji) = (ld, 1);
     let (qo, ko) = (pr.at(b, tq, i0, h), pr.at(b, s, 0, h));
     // Keys below `done` were written by earlier blocks of this head and accumulate; the others
-    // are assigned. Reading a never-written row of the fresh (calloc'd) output first would map
-    // the shared zero page and then copy it on the write: two page faults and a TLB shootdown
-    // per page, which cost more than the products at the CLIP tower's sizes.
+    // are assigned (the output starts unwritten, see `Unfilled`).
     for (j0, j1, acc) in [(0, done.min(kn), true), (done.min(kn), kn, false)] {
         for (src, ops, dst) in [(p, dout, outs.dv), (dp, q, outs.dk)] {
             bmm_band(
@@ -825,234 +825,6 @@ fn backward_elems_body(
         for ((g, &pv), &dl) in dprow.iter_mut().zip(prow.iter()).zip(delta) {
             *g = pv * (*g - dl) * f;
         }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Query-major blocks, for Tq > S (e.g. 196 image tokens attending to 18 text tokens): the
-// logits are S[i][j] (rows of ld = S rounded up to 16), and K and V are transposed once per
-// (batch, head) instead of transposing every query block (which would cost as much as the
-// products when S is small).
-
-/// Head (b, h) of the forward, query-major: its columns of o, its rows of lse and probabilities.
-fn forward_task_qmajor(
-    (q, k, v): (&[f32], &[f32], &[f32]),
-    pr: &Problem,
-    (b, h): (usize, usize),
-    (bias, mult, _): &KeyTerms,
-    outs: FwdOut,
-) {
-    let AttnShape { h: nh, tq, s, dh, .. } = pr.sh;
-    let e = pr.sh.e();
-    let bh = b * nh + h;
-    let ld = s.next_multiple_of(16);
-    let mut kt = vec![0.0f32; dh * ld];
-    transpose_block(&k[pr.at(b, s, 0, h)..], e, (s, ld), dh, &mut kt);
-    // SAFETY: this task alone writes lse[(b·H + h)·Tq ..][..Tq] and that head's probabilities.
-    let lse = unsafe { std::slice::from_raw_parts_mut(outs.lse.at(bh * tq), tq) };
-    let mut probs = outs.probs.map(|p| unsafe { std::slice::from_raw_parts_mut(p.at(bh * tq * s), tq * s) });
-    let mut sb = vec![0.0f32; QB.min(tq) * ld];
-    for i0 in (0..tq).step_by(QB) {
-        let rows = QB.min(tq - i0);
-        let kn = pr.key_end(b, i0 + rows);
-        let n = kn.next_multiple_of(16).min(ld);
-        // S[i][j] = ⟨q_i, k_j⟩ for j < n (columns kn..n are zero keys, masked below)
-        // SAFETY: rows rows of q (stride e), dh x ld of kt, rows x ld of sb.
-        unsafe {
-            bmm(
-                (rows, n, dh),
-                Bcast { ptr: q[pr.at(b, tq, i0, h)..].as_ptr(), rs: e, cs: 1 },
-                Rows { ptr: kt.as_ptr(), ld },
-                RowsMut { ptr: sb.as_mut_ptr(), ld },
-                false,
-            )
-        }
-        softmax_rows(&mut sb[..rows * ld], (ld, kn, i0, pr.causal), (pr.scale, mult, bias), &mut lse[i0..i0 + rows]);
-        if let Some(probs) = &mut probs {
-            for (i, row) in sb.chunks_exact(ld).take(rows).enumerate() {
-                probs[(i0 + i) * s..(i0 + i) * s + kn].copy_from_slice(&row[..kn]);
-            }
-        }
-        // SAFETY: rows x kn probabilities in sb (stride ld), kn rows of v (stride e); o's rows
-        // i0.. of batch b, head h's columns (this task's alone).
-        unsafe {
-            bmm_band(
-                (rows, dh, kn),
-                Band::keys_upto(i0, pr.causal),
-                Bcast { ptr: sb.as_ptr(), rs: ld, cs: 1 },
-                Rows { ptr: v[pr.at(b, s, 0, h)..].as_ptr(), ld: e },
-                RowsMut { ptr: outs.o.at(pr.at(b, tq, i0, h)), ld: e },
-                false,
-            )
-        }
-    }
-}
-
-/// z_j = t_j·scale·mult_j + bias_j for j < last, −inf from `last` on (causal) — in place.
-#[inline(always)]
-fn logits_row(row: &mut [f32], scale: f32, mult: &[f32], bias: &[f32], last: usize) {
-    for ((z, &m), &b) in row.iter_mut().zip(mult).zip(bias).take(last) {
-        *z = *z * scale * m + b;
-    }
-    for z in row.iter_mut().skip(last) {
-        *z = f32::NEG_INFINITY;
-    }
-}
-
-cpu_math::multiversion! {
-    /// Raw products of a query-major block (rows of ld, kn keys, first query i0) become the
-    /// softmax of their logits, with each row's logsumexp in lse (one dispatch per block, not
-    /// per row).
-    fn softmax_rows(sb: &mut [f32], geom: (usize, usize, usize, bool), terms: (f32, &[f32], &[f32]), lse: &mut [f32]) {
-        let ((ld, kn, i0, causal), (scale, mult, bias)) = (geom, terms);
-        for (i, (row, l)) in sb.chunks_exact_mut(ld).zip(lse.iter_mut()).enumerate() {
-            let last = if causal { kn.min(i0 + i + 1) } else { kn };
-            let row = &mut row[..kn];
-            logits_row(row, scale, mult, bias, last);
-            *l = softmax_row(row);
-        }
-    }
-}
-
-/// A row of logits becomes its softmax in place; returns the logsumexp (−inf and zeros for a
-/// row with no key).
-#[inline(always)]
-fn softmax_row(row: &mut [f32]) -> f32 {
-    let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
-    if m == f32::NEG_INFINITY {
-        row.fill(0.0);
-        return m;
-    }
-    for z in row.iter_mut() {
-        *z = cpu_math::exp(*z - m);
-    }
-    let l = cpu_math::sum_lanes(row);
-    let inv = 1.0 / l;
-    for z in row.iter_mut() {
-        *z *= inv;
-    }
-    m + l.ln()
-}
-
-/// Head (b, h) of the backward, query-major: its columns of dq, dk, dv and its dw slot.
-#[allow(clippy::type_complexity)]
-fn backward_task_qmajor(
-    (q, k, v, o, lse, dout): (&[f32], &[f32], &[f32], &[f32], &[f32], &[f32]),
-    pr: &Problem,
-    (b, h): (usize, usize),
-    (bias, mult, lnw): &KeyTerms,
-    outs: BwdOut,
-) {
-    let AttnShape { h: nh, tq, s, dh, .. } = pr.sh;
-    let e = pr.sh.e();
-    let ld = s.next_multiple_of(16);
-    let (mut kt, mut vt) = (vec![0.0f32; dh * ld], vec![0.0f32; dh * ld]);
-    transpose_block(&k[pr.at(b, s, 0, h)..], e, (s, ld), dh, &mut kt);
-    transpose_block(&v[pr.at(b, s, 0, h)..], e, (s, ld), dh, &mut vt);
-    // SAFETY: slot (b, h) of the per-head dw is this task's alone.
-    let dw: &mut [f32] = match outs.dw {
-        Some(p) => unsafe { std::slice::from_raw_parts_mut(p.at((b * nh + h) * s), s) },
-        None => &mut [],
-    };
-    let qb = QB.min(tq);
-    // S-layout buffers [rows][ld]: raw products, probabilities, dP then the dS coefficients
-    let (mut t, mut p, mut dp) = (vec![0.0f32; qb * ld], vec![0.0f32; qb * ld], vec![0.0f32; qb * ld]);
-    let (mut x, mut delta) = (vec![0.0f32; ld], vec![0.0f32; qb]);
-    // keys whose dk/dv rows earlier blocks wrote
-    let mut done = 0;
-    for i0 in (0..tq).step_by(QB) {
-        let rows = QB.min(tq - i0);
-        let kn = pr.key_end(b, i0 + rows);
-        let n = kn.next_multiple_of(16).min(ld);
-        let (qo, doo) = (pr.at(b, tq, i0, h), pr.at(b, tq, i0, h));
-        // SAFETY: rows rows of q and dO (stride e), dh x ld of kt and vt, rows x ld buffers.
-        unsafe {
-            bmm(
-                (rows, n, dh),
-                Bcast { ptr: q[qo..].as_ptr(), rs: e, cs: 1 },
-                Rows { ptr: kt.as_ptr(), ld },
-                RowsMut { ptr: t.as_mut_ptr(), ld },
-                false,
-            );
-            bmm(
-                (rows, n, dh),
-                Bcast { ptr: dout[doo..].as_ptr(), rs: e, cs: 1 },
-                Rows { ptr: vt.as_ptr(), ld },
-                RowsMut { ptr: dp.as_mut_ptr(), ld },
-                false,
-            );
-        }
-        let lse_b = &lse[(b * nh + h) * tq + i0..][..rows];
-        row_dots(o, dout, (pr.at(b, tq, i0, h), e, dh), &mut delta[..rows]);
-        backward_rows(
-            (&mut p[..rows * ld], &t[..rows * ld], &mut dp[..rows * ld]),
-            (ld, kn, i0, pr.causal),
-            (lse_b, &delta[..rows]),
-            (mult, bias, lnw),
-            (&pr.cond, pr.scale),
-            (&mut x[..kn], &mut *dw),
-        );
-        // SAFETY: see `bwd_products`.
-        unsafe { bwd_products(pr, (b, h, i0), (rows, kn, ld, done), (&p, &dp), (q, k, dout), outs) }
-        done = done.max(kn);
-    }
-    // SAFETY: see `bwd_products`.
-    unsafe { zero_unreached_keys(pr, (b, h, done), outs) }
-}
-
-cpu_math::multiversion! {
-    /// The elementwise backward of a query-major block (rows of ld, kn keys): from the raw
-    /// products t, p becomes the probabilities and dp (dP in) becomes dS·scale·mult; dw gets the
-    /// block's share; x is scratch.
-    fn backward_rows(bufs: (&mut [f32], &[f32], &mut [f32]), geom: (usize, usize, usize, bool), rows_in: (&[f32], &[f32]), terms: (&[f32], &[f32], &[f32]), cs: (&Cond, f32), x_dw: (&mut [f32], &mut [f32])) {
-        let ((p, t, dp), (ld, kn, i0, causal), (lse, delta), (mult, bias, lnw), (cond, scale), (x, dw)) = (bufs, geom, rows_in, terms, cs, x_dw);
-        for (i, (&l, &dl)) in lse.iter().zip(delta).enumerate() {
-            let last = if causal { kn.min(i0 + i + 1) } else { kn };
-            let (prow, trow, dprow) = (&mut p[i * ld..i * ld + kn], &t[i * ld..i * ld + kn], &mut dp[i * ld..i * ld + kn]);
-            prow.copy_from_slice(trow);
-            logits_row(prow, scale, mult, bias, last);
-            backward_row((prow, trow, dprow), (l, dl), (mult, lnw), (cond, scale), (&mut *x, &mut *dw));
-        }
-    }
-}
-
-/// One query row of `backward_rows`: p holds its logits and becomes its probabilities
-/// exp(z − lse); dp holds dP and becomes dS·scale·mult; dw gets this row's share.
-#[inline(always)]
-fn backward_row(
-    pt_dp: (&mut [f32], &[f32], &mut [f32]),
-    l_delta: (f32, f32),
-    mult_lnw: (&[f32], &[f32]),
-    cs: (&Cond, f32),
-    x_dw: (&mut [f32], &mut [f32]),
-) {
-    let ((p, t, dp), (l, delta), (mult, lnw), (cond, scale), (x, dw)) = (pt_dp, l_delta, mult_lnw, cs, x_dw);
-    if l == f32::NEG_INFINITY {
-        // a row with no key: no gradient
-        p.fill(0.0);
-        dp.fill(0.0);
-        return;
-    }
-    if let Cond::Probs(_) = cond {
-        // p/(w_j + eps) = exp(z − ln(w_j + eps) − lse): no division by a tiny w
-        for ((xv, &z), &lw) in x.iter_mut().zip(p.iter()).zip(lnw) {
-            *xv = cpu_math::exp(z - lw - l);
-        }
-        for ((d, &xv), &g) in dw.iter_mut().zip(x.iter()).zip(dp.iter()) {
-            *d += xv * (g - delta);
-        }
-    }
-    for z in p.iter_mut() {
-        *z = cpu_math::exp(*z - l);
-    }
-    if let Cond::Logits(_) = cond {
-        // z = t·scale·w_j: dz/dw_j = t·scale
-        for (((d, &pv), &g), &tv) in dw.iter_mut().zip(p.iter()).zip(dp.iter()).zip(t) {
-            *d += pv * (g - delta) * tv * scale;
-        }
-    }
-    for ((g, &pv), &m) in dp.iter_mut().zip(p.iter()).zip(mult) {
-        *g = pv * (*g - delta) * scale * m;
     }
 }
 
