@@ -259,10 +259,82 @@ pub fn forward(th: &[f32], vh: &[f32], mask: &[f32], tw: &[f32], vw: &[f32], s: 
     f
 }
 
+/// Routes grouped by destination row (a counting sort): `count` every route's row, `start`,
+/// then `push` the routes in the same order.
+struct Groups {
+    /// group g holds items[begin[g]..begin[g + 1]]; during the pushes, begin[g + 1] is g's fill
+    begin: Vec<usize>,
+    items: Vec<(u32, f32)>,
+}
+
+impl Groups {
+    fn new(groups: usize, cap: usize) -> Groups {
+        Groups { begin: vec![0; groups + 1], items: vec![(0, 0.0); cap] }
+    }
+
+    fn clear(&mut self) {
+        self.begin.fill(0);
+    }
+
+    fn count(&mut self, g: usize) {
+        self.begin[g + 1] += 1;
+    }
+
+    /// Counts -> starts: begin[g + 1] held g's count; an exclusive prefix sum leaves g's start
+    /// there (one slot to the right), which is g's fill pointer during the pushes.
+    fn start(&mut self) {
+        let mut run = 0;
+        for x in self.begin.iter_mut() {
+            let c = *x;
+            *x = run;
+            run += c;
+        }
+        if self.items.len() < run {
+            self.items.resize(run, (0, 0.0));
+        }
+    }
+
+    fn push(&mut self, g: usize, src: usize, c: f32) {
+        let at = self.begin[g + 1];
+        self.items[at] = (src as u32, c);
+        self.begin[g + 1] = at + 1;
+    }
+
+    /// Group g's routes (after all pushes, begin[g + 1] is g's end and begin[g] its start).
+    fn get(&self, g: usize) -> &[(u32, f32)] {
+        &self.items[self.begin[g]..self.begin[g + 1]]
+    }
+}
+
+/// out += Σ c · src[i·d ..][..d] over the routes (i, c), in their order.
+fn gather(out: &mut [f32], src: &[f32], d: usize, routes: &[(u32, f32)]) {
+    if !routes.is_empty() {
+        gather_impl(out, src, d, routes)
+    }
+}
+
 multiversion! {
-    fn axpy(c: f32, x: &[f32], y: &mut [f32]) {
-        for (o, &v) in y.iter_mut().zip(x) {
-            *o += c * v;
+    /// 64 columns at a time in registers: each route adds one source row segment, and the output
+    /// segment is loaded and stored once for all of them.
+    fn gather_impl(out: &mut [f32], src: &[f32], d: usize, routes: &[(u32, f32)]) {
+        const W: usize = 64;
+        let mut c0 = 0;
+        while c0 + W <= d {
+            let mut r: [f32; W] = out[c0..c0 + W].try_into().expect("W columns");
+            for &(i, c) in routes {
+                let row = &src[i as usize * d + c0..][..W];
+                for x in 0..W {
+                    r[x] += c * row[x];
+                }
+            }
+            out[c0..c0 + W].copy_from_slice(&r);
+            c0 += W;
+        }
+        for &(i, c) in routes {
+            let row = &src[i as usize * d..(i as usize + 1) * d];
+            for (o, &v) in out[c0..].iter_mut().zip(&row[c0..]) {
+                *o += c * v;
+            }
         }
     }
 }
@@ -285,7 +357,10 @@ pub fn backward(
     let mut dth = vec![0.0f32; nb * l * d];
     let mut dvh = vec![0.0f32; nb * n * d];
     // Every (t, v, coefficient) through which pair (a, b) routes gradient: the max over v of each
-    // word (t2v) and the max over t of each patch (v2t). Both sides below walk the same routes.
+    // word (t2v), then the max over t of each patch (v2t). Both sides below walk the same routes
+    // in this order, grouped by the row they add to, so that each output row is loaded and
+    // stored once per group while the group's source rows stream through registers (`gather`);
+    // within a row the additions keep the order of the routes.
     let routes = |a: usize, b: usize, f: &mut dyn FnMut(usize, usize, f32)| {
         let pair = a * nb + b;
         for t in 0..l {
@@ -304,24 +379,40 @@ pub fn backward(
     };
     // Text side: text sample a gathers from every image sample's chosen tokens. Blocks of CHUNK
     // texts walk the image samples in the outer loop, so each v̂_b (N·D floats) is read once per
-    // block while the block's accumulators (CHUNK·L·D floats) stay in L2.
+    // block while the block's accumulators (CHUNK·L·D floats) stay in L2; per (a, b) the routes
+    // are grouped by word t.
     dth.par_chunks_mut(CHUNK * l * d).enumerate().for_each(|(blk, acc)| {
         let a0 = blk * CHUNK;
         let ac = acc.len() / (l * d);
+        let mut groups = Groups::new(l, l + n);
         for b in 0..nb {
             let vb = &vh[b * n * d..(b + 1) * n * d];
             for ai in 0..ac {
                 let a = a0 + ai;
+                groups.clear();
+                routes(a, b, &mut |t, _, _| groups.count(t));
+                groups.start();
+                routes(a, b, &mut |t, vi, c| groups.push(t, vi, c));
                 let acc_a = &mut acc[ai * l * d..(ai + 1) * l * d];
-                routes(a, b, &mut |t, vi, c| axpy(c, &vb[vi * d..(vi + 1) * d], &mut acc_a[t * d..(t + 1) * d]));
+                for t in 0..l {
+                    gather(&mut acc_a[t * d..(t + 1) * d], vb, d, groups.get(t));
+                }
             }
         }
     });
-    // Image side: sample b gathers from every text sample's chosen tokens.
+    // Image side: sample b gathers from every text sample's chosen tokens, grouped by patch v
+    // over all text samples (in sample order) at once: about B routes per patch.
     dvh.par_chunks_mut(n * d).enumerate().for_each(|(b, acc)| {
+        let mut groups = Groups::new(n, nb * (l + n));
         for a in 0..nb {
-            let ta = &th[a * l * d..(a + 1) * l * d];
-            routes(a, b, &mut |t, vi, c| axpy(c, &ta[t * d..(t + 1) * d], &mut acc[vi * d..(vi + 1) * d]));
+            routes(a, b, &mut |_, vi, _| groups.count(vi));
+        }
+        groups.start();
+        for a in 0..nb {
+            routes(a, b, &mut |t, vi, c| groups.push(vi, a * l + t, c));
+        }
+        for vi in 0..n {
+            gather(&mut acc[vi * d..(vi + 1) * d], th, d, groups.get(vi));
         }
     });
     let dtw = (0..nb * l)
