@@ -99,6 +99,31 @@ macro_rules! multiversion {
 }
 pub(crate) use multiversion;
 
+/// A new Vec of n f32 that `fill(chunk_index, chunk)` writes completely, chunk by chunk in
+/// parallel (rayon), without the zeroing pass of `vec![0.0; n]`: that pass runs on the calling
+/// thread alone and costs as much as a memory-bound op itself. Under the tests' poison switch
+/// the buffer starts as NaN, so a chunk that is not fully written shows.
+pub fn par_new(
+    n: usize,
+    chunk: usize,
+    fill: impl Fn(usize, &mut [std::mem::MaybeUninit<f32>]) + Sync + Send,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    use std::mem::MaybeUninit;
+    let poison = crate::device::poison_enabled();
+    let mut v: Vec<f32> = if poison { vec![f32::NAN; n] } else { Vec::with_capacity(n) };
+    let out: &mut [MaybeUninit<f32>] = if poison {
+        // SAFETY: MaybeUninit<f32> has f32's layout, and only initialised values are written.
+        unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut MaybeUninit<f32>, n) }
+    } else {
+        &mut v.spare_capacity_mut()[..n]
+    };
+    out.par_chunks_mut(chunk.max(1)).enumerate().for_each(|(i, c)| fill(i, c));
+    // SAFETY: `fill` wrote every element of every chunk (its contract); the chunks cover 0..n.
+    unsafe { v.set_len(n) };
+    v
+}
+
 /// The max / argmax rule of the kernels (common.cuh `max_better`, reduce.cu): is value v at index
 /// i better than the best so far? NaN wins; among equal values the lowest index wins.
 #[inline(always)]
@@ -139,6 +164,22 @@ pub fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
     for (x, y) in ac.zip(bc) {
         for l in 0..LANES {
             acc[l] += x[l] * y[l];
+        }
+    }
+    hsum(acc) + tail
+}
+
+/// Σ (x − m)² with LANES independent partial sums, in the order of `dot_lanes` on the
+/// differences (so a row's variance does not depend on whether they were stored first).
+#[inline(always)]
+pub fn sq_dev_lanes(x: &[f32], m: f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let c = x.chunks_exact(LANES);
+    let tail: f32 = c.remainder().iter().map(|&v| (v - m) * (v - m)).sum();
+    for ch in c {
+        for l in 0..LANES {
+            let d = ch[l] - m;
+            acc[l] += d * d;
         }
     }
     hsum(acc) + tail

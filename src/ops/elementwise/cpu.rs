@@ -2,7 +2,7 @@
 
 use super::{BinaryOp, BroadcastPlan, UnaryOp};
 use crate::ops::cpu_math;
-use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Elements per rayon task: large enough that scheduling costs nothing, small enough to split a
 /// 224x224x64 activation across both cores.
@@ -20,68 +20,63 @@ fn quick_sigmoid(x: f32) -> f32 {
 // The transcendental activations get AVX-512/AVX2 builds of their loops (the crate's baseline
 // target has no FMA or wide vectors, and these are compute-bound, unlike relu).
 cpu_math::multiversion! {
-    fn gelu_fwd(x: &[f32], y: &mut [f32]) {
+    fn gelu_fwd(x: &[f32], y: &mut [MaybeUninit<f32>]) {
         for (o, &v) in y.iter_mut().zip(x) {
-            *o = v * cpu_math::normal_cdf(v);
+            o.write(v * cpu_math::normal_cdf(v));
         }
     }
 }
 cpu_math::multiversion! {
-    fn quick_gelu_fwd(x: &[f32], y: &mut [f32]) {
+    fn quick_gelu_fwd(x: &[f32], y: &mut [MaybeUninit<f32>]) {
         for (o, &v) in y.iter_mut().zip(x) {
-            *o = v * quick_sigmoid(v);
+            o.write(v * quick_sigmoid(v));
         }
     }
 }
 cpu_math::multiversion! {
     /// d/dx x·Φ(x) = Φ(x) + x·φ(x)
-    fn gelu_bwd(x: &[f32], g: &[f32], d: &mut [f32]) {
+    fn gelu_bwd(x: &[f32], g: &[f32], d: &mut [MaybeUninit<f32>]) {
         for ((o, &v), &gv) in d.iter_mut().zip(x).zip(g) {
-            *o = gv * (cpu_math::normal_cdf(v) + v * FRAC_1_SQRT_2PI * cpu_math::exp(-0.5 * v * v));
+            o.write(gv * (cpu_math::normal_cdf(v) + v * FRAC_1_SQRT_2PI * cpu_math::exp(-0.5 * v * v)));
         }
     }
 }
 cpu_math::multiversion! {
     /// d/dx x·σ(ax) = σ + a·x·σ·(1 − σ), σ from x (y / x fails at 0)
-    fn quick_gelu_bwd(x: &[f32], g: &[f32], d: &mut [f32]) {
+    fn quick_gelu_bwd(x: &[f32], g: &[f32], d: &mut [MaybeUninit<f32>]) {
         for ((o, &v), &gv) in d.iter_mut().zip(x).zip(g) {
             let s = quick_sigmoid(v);
-            *o = gv * (s + QUICK_GELU_A * v * s * (1.0 - s));
+            o.write(gv * (s + QUICK_GELU_A * v * s * (1.0 - s)));
         }
     }
 }
 
-fn map_chunks(x: &[f32], f: fn(&[f32], &mut [f32])) -> Vec<f32> {
-    let mut y = vec![0.0f32; x.len()];
-    y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(yc, xc)| f(xc, yc));
-    y
+// Outputs are written chunk by chunk in parallel without being zeroed first (`par_new`).
+
+fn map_chunks(x: &[f32], f: fn(&[f32], &mut [MaybeUninit<f32>])) -> Vec<f32> {
+    cpu_math::par_new(x.len(), CHUNK, |i, yc| f(&x[i * CHUNK..][..yc.len()], yc))
 }
 
-fn map_chunks2(x: &[f32], g: &[f32], f: fn(&[f32], &[f32], &mut [f32])) -> Vec<f32> {
-    let mut y = vec![0.0f32; x.len()];
-    y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK))).for_each(|(yc, (xc, gc))| f(xc, gc, yc));
-    y
+fn map_chunks2(x: &[f32], g: &[f32], f: fn(&[f32], &[f32], &mut [MaybeUninit<f32>])) -> Vec<f32> {
+    cpu_math::par_new(x.len(), CHUNK, |i, yc| f(&x[i * CHUNK..][..yc.len()], &g[i * CHUNK..][..yc.len()], yc))
 }
 
-fn map1(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
-    let mut y = vec![0.0f32; x.len()];
-    y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(yc, xc)| {
-        for (o, &v) in yc.iter_mut().zip(xc) {
-            *o = f(v);
+fn map1(x: &[f32], f: impl Fn(f32) -> f32 + Sync + Send) -> Vec<f32> {
+    cpu_math::par_new(x.len(), CHUNK, |i, yc| {
+        for (o, &v) in yc.iter_mut().zip(&x[i * CHUNK..]) {
+            o.write(f(v));
         }
-    });
-    y
+    })
 }
 
-fn map3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32 + Sync) -> Vec<f32> {
-    let mut y = vec![0.0f32; a.len()];
-    y.par_chunks_mut(CHUNK).enumerate().for_each(|(i, yc)| {
+fn map3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32 + Sync + Send) -> Vec<f32> {
+    cpu_math::par_new(a.len(), CHUNK, |i, yc| {
         let s = i * CHUNK;
-        for (j, o) in yc.iter_mut().enumerate() {
-            *o = f(a[s + j], b[s + j], c[s + j]);
+        let n = yc.len();
+        for (((o, &x), &y), &z) in yc.iter_mut().zip(&a[s..s + n]).zip(&b[s..s + n]).zip(&c[s..s + n]) {
+            o.write(f(x, y, z));
         }
-    });
-    y
+    })
 }
 
 pub fn unary(x: &[f32], op: UnaryOp) -> Vec<f32> {
@@ -127,11 +122,10 @@ pub fn binary(a: &[f32], b: &[f32], plan: &BroadcastPlan, op: BinaryOp) -> Vec<f
     let inner = plan.dims[r - 1];
     let (ia, ib) = (plan.sa[r - 1], plan.sb[r - 1]);
     let f = apply(op);
-    let mut y = vec![0.0f32; n];
     if n == 0 {
-        return y;
+        return Vec::new();
     }
-    y.par_chunks_mut(inner).enumerate().for_each(|(row, yr)| {
+    cpu_math::par_new(n, inner, |row, yr| {
         // offsets of this row in a and b
         let (mut oa, mut ob, mut rem) = (0usize, 0usize, row);
         for d in (0..r - 1).rev() {
@@ -141,19 +135,22 @@ pub fn binary(a: &[f32], b: &[f32], plan: &BroadcastPlan, op: BinaryOp) -> Vec<f
             ob += c * plan.sb[d];
         }
         match (ia, ib) {
-            (1, 1) => {
-                yr.iter_mut().zip(&a[oa..oa + inner]).zip(&b[ob..ob + inner]).for_each(|((o, &x), &z)| *o = f(x, z))
-            }
+            (1, 1) => yr.iter_mut().zip(&a[oa..oa + inner]).zip(&b[ob..ob + inner]).for_each(|((o, &x), &z)| {
+                o.write(f(x, z));
+            }),
             (1, _) => {
                 let z = b[ob];
-                yr.iter_mut().zip(&a[oa..oa + inner]).for_each(|(o, &x)| *o = f(x, z))
+                yr.iter_mut().zip(&a[oa..oa + inner]).for_each(|(o, &x)| {
+                    o.write(f(x, z));
+                })
             }
             (_, 1) => {
                 let x = a[oa];
-                yr.iter_mut().zip(&b[ob..ob + inner]).for_each(|(o, &z)| *o = f(x, z))
+                yr.iter_mut().zip(&b[ob..ob + inner]).for_each(|(o, &z)| {
+                    o.write(f(x, z));
+                })
             }
-            _ => yr.fill(f(a[oa], b[ob])),
+            _ => yr.fill(MaybeUninit::new(f(a[oa], b[ob]))),
         }
-    });
-    y
+    })
 }

@@ -2,26 +2,62 @@
 //! built for AVX-512/AVX2 with lane-wise partial sums; dγ and dβ are summed per chunk of rows and
 //! the chunks added in order (deterministic).
 
-use crate::ops::cpu_math::{self, dot_lanes, sum_lanes};
-use rayon::prelude::*;
+use crate::ops::cpu_math::{self, dot_lanes, sq_dev_lanes, sum_lanes};
+use std::mem::MaybeUninit;
 
 /// Rows per rayon task.
 const ROWS: usize = 64;
 
+/// Per-row statistics written by the row tasks, each its own rows.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: every task writes only the statistics of its own rows; nothing reads them until all
+// tasks are done.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    fn at(&self, i: usize) -> *mut f32 {
+        // SAFETY: callers stay inside the buffer.
+        unsafe { self.0.add(i) }
+    }
+}
+
+/// The per-task (dγ, dβ) slots, one per task.
+#[derive(Clone, Copy)]
+struct SendPartials(*mut (Vec<f32>, Vec<f32>));
+// SAFETY: task t writes slot t only; the slots are read after all tasks are done.
+unsafe impl Send for SendPartials {}
+unsafe impl Sync for SendPartials {}
+
+impl SendPartials {
+    fn at(&self, t: usize) -> *mut (Vec<f32>, Vec<f32>) {
+        // SAFETY: callers stay inside the buffer.
+        unsafe { self.0.add(t) }
+    }
+}
+
 cpu_math::multiversion! {
-    /// One row: y, and (mean, rstd).
-    fn row_fwd(xr: &[f32], gamma: Option<&[f32]>, beta: Option<&[f32]>, yr: &mut [f32], eps: f32) -> (f32, f32) {
+    /// One row: y, and (mean, rstd). The deviations are recomputed for the output instead of
+    /// stored and re-read (same roundings), so y is written once.
+    fn row_fwd(xr: &[f32], gamma: Option<&[f32]>, beta: Option<&[f32]>, yr: &mut [MaybeUninit<f32>], eps: f32) -> (f32, f32) {
         let c = xr.len() as f32;
         let m = sum_lanes(xr) / c;
-        for (o, &a) in yr.iter_mut().zip(xr) {
-            *o = a - m;
-        }
-        let rs = 1.0 / (dot_lanes(yr, yr) / c + eps).sqrt();
+        let rs = 1.0 / (sq_dev_lanes(xr, m) / c + eps).sqrt();
+        let it = yr.iter_mut().zip(xr);
         match (gamma, beta) {
-            (Some(g), Some(b)) => yr.iter_mut().zip(g).zip(b).for_each(|((o, &g), &b)| *o = *o * rs * g + b),
-            (Some(g), None) => yr.iter_mut().zip(g).for_each(|(o, &g)| *o = *o * rs * g),
-            (None, Some(b)) => yr.iter_mut().zip(b).for_each(|(o, &b)| *o = *o * rs + b),
-            (None, None) => yr.iter_mut().for_each(|o| *o *= rs),
+            (Some(g), Some(b)) => it.zip(g).zip(b).for_each(|(((o, &a), &g), &b)| {
+                o.write((a - m) * rs * g + b);
+            }),
+            (Some(g), None) => it.zip(g).for_each(|((o, &a), &g)| {
+                o.write((a - m) * rs * g);
+            }),
+            (None, Some(b)) => it.zip(b).for_each(|((o, &a), &b)| {
+                o.write((a - m) * rs + b);
+            }),
+            (None, None) => it.for_each(|(o, &a)| {
+                o.write((a - m) * rs);
+            }),
         }
         (m, rs)
     }
@@ -29,7 +65,7 @@ cpu_math::multiversion! {
 
 cpu_math::multiversion! {
     /// One row of dx (xh and g are scratch rows), accumulating dγ and dβ.
-    fn row_bwd(x_dy: (&[f32], &[f32]), gamma: Option<&[f32]>, stats: (f32, f32), dxr: &mut [f32], scratch: (&mut [f32], &mut [f32]), acc: (&mut [f32], &mut [f32])) {
+    fn row_bwd(x_dy: (&[f32], &[f32]), gamma: Option<&[f32]>, stats: (f32, f32), dxr: &mut [MaybeUninit<f32>], scratch: (&mut [f32], &mut [f32]), acc: (&mut [f32], &mut [f32])) {
         let ((xr, dyr), (m, rs), (xh, g), (dg, db)) = (x_dy, stats, scratch, acc);
         let c = xr.len() as f32;
         for (h, &a) in xh.iter_mut().zip(xr) {
@@ -42,7 +78,7 @@ cpu_math::multiversion! {
         let sg = sum_lanes(g) / c;
         let sgx = dot_lanes(g, xh) / c;
         for j in 0..xr.len() {
-            dxr[j] = rs * (g[j] - sg - xh[j] * sgx);
+            dxr[j].write(rs * (g[j] - sg - xh[j] * sgx));
             dg[j] += dyr[j] * xh[j];
             db[j] += dyr[j];
         }
@@ -58,16 +94,17 @@ pub fn forward(
     eps: f32,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let rows = x.len() / c;
-    let mut y = vec![0.0f32; x.len()];
     let (mut mean, mut rstd) = (vec![0.0f32; rows], vec![0.0f32; rows]);
-    y.par_chunks_mut(ROWS * c).zip(mean.par_chunks_mut(ROWS).zip(rstd.par_chunks_mut(ROWS))).enumerate().for_each(
-        |(t, (yc, (mc, rc)))| {
-            for (r, yr) in yc.chunks_mut(c).enumerate() {
-                let xr = &x[(t * ROWS + r) * c..][..c];
-                (mc[r], rc[r]) = row_fwd(xr, gamma, beta, yr, eps);
-            }
-        },
-    );
+    // y written row by row in parallel (`par_new`), the statistics by the same tasks
+    let (mp, rp) = (SendPtr(mean.as_mut_ptr()), SendPtr(rstd.as_mut_ptr()));
+    let y = cpu_math::par_new(x.len(), ROWS * c, |t, yc| {
+        for (r, yr) in yc.chunks_mut(c).enumerate() {
+            let row = t * ROWS + r;
+            let stats = row_fwd(&x[row * c..][..c], gamma, beta, yr, eps);
+            // SAFETY: row < rows, and only this task writes this row's statistics.
+            unsafe { (*mp.at(row), *rp.at(row)) = stats };
+        }
+    });
     (y, mean, rstd)
 }
 
@@ -80,21 +117,21 @@ pub fn backward(
     dy: &[f32],
     c: usize,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let mut dx = vec![0.0f32; x.len()];
-    let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
-        .par_chunks_mut(ROWS * c)
-        .enumerate()
-        .map(|(t, dxc)| {
-            let (mut dg, mut db) = (vec![0.0f32; c], vec![0.0f32; c]);
-            let (mut xh, mut g) = (vec![0.0f32; c], vec![0.0f32; c]);
-            for (r, dxr) in dxc.chunks_mut(c).enumerate() {
-                let row = t * ROWS + r;
-                let (xr, dyr) = (&x[row * c..][..c], &dy[row * c..][..c]);
-                row_bwd((xr, dyr), gamma, (mean[row], rstd[row]), dxr, (&mut xh, &mut g), (&mut dg, &mut db));
-            }
-            (dg, db)
-        })
-        .collect();
+    // dx written row by row in parallel (`par_new`); dγ, dβ summed per task, one slot each
+    let tasks = x.len().div_ceil((ROWS * c).max(1));
+    let mut partials: Vec<(Vec<f32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); tasks];
+    let pp = SendPartials(partials.as_mut_ptr());
+    let dx = cpu_math::par_new(x.len(), ROWS * c, |t, dxc| {
+        let (mut dg, mut db) = (vec![0.0f32; c], vec![0.0f32; c]);
+        let (mut xh, mut g) = (vec![0.0f32; c], vec![0.0f32; c]);
+        for (r, dxr) in dxc.chunks_mut(c).enumerate() {
+            let row = t * ROWS + r;
+            let (xr, dyr) = (&x[row * c..][..c], &dy[row * c..][..c]);
+            row_bwd((xr, dyr), gamma, (mean[row], rstd[row]), dxr, (&mut xh, &mut g), (&mut dg, &mut db));
+        }
+        // SAFETY: t < tasks, and only task t writes slot t.
+        unsafe { *pp.at(t) = (dg, db) };
+    });
     let (mut dg, mut db) = (vec![0.0f32; c], vec![0.0f32; c]);
     for (pg, pb) in partials {
         for j in 0..c {
