@@ -238,3 +238,162 @@ fn conv_cat_slices_must_agree() {
     let e = conv::conv2d_cat(&[&a, &a], &w5, None, GemmAlgo::Auto).err().unwrap().to_string();
     assert!(e.contains("must be [Co, 4, kh, kw]"), "{e}");
 }
+
+/// Per output pixel, the magnitude through which Winograd F(2×2, 3×3) rounds: the transforms
+/// of the module doc applied to |g| and |d| with every coefficient taken absolute, i.e.
+/// |Aᵀ| [Σ_ci (|G| |g| |G|ᵀ) ⊙ (|B|ᵀ |d| |B|)] |A|, plus |bias|.
+fn winograd_magnitude(x: &[f64], w: &[f64], bias: Option<&[f64]>, s: &ConvShape) -> Vec<f64> {
+    let g_abs = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, 0.5, 0.5], [0.0, 0.0, 1.0]];
+    let bt_abs = [[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0]];
+    let at_abs = [[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 1.0]];
+    let (h, wd) = (s.h as isize, s.w as isize);
+    let mut out = vec![0.0f64; s.b * s.co * s.h * s.w];
+    for b in 0..s.b {
+        for co in 0..s.co {
+            for ty in 0..s.h.div_ceil(2) {
+                for tx in 0..s.w.div_ceil(2) {
+                    let mut m = [[0.0f64; 4]; 4];
+                    for ci in 0..s.ci {
+                        let g = &w[(co * s.ci + ci) * 9..][..9];
+                        let mut u = [[0.0f64; 4]; 4];
+                        for r in 0..4 {
+                            for c in 0..4 {
+                                for k in 0..3 {
+                                    for l in 0..3 {
+                                        u[r][c] += g_abs[r][k] * g[k * 3 + l].abs() * g_abs[c][l];
+                                    }
+                                }
+                            }
+                        }
+                        let at = |r: isize, c: isize| {
+                            if r >= 0 && r < h && c >= 0 && c < wd {
+                                x[((b * s.ci + ci) * s.h + r as usize) * s.w + c as usize].abs()
+                            } else {
+                                0.0
+                            }
+                        };
+                        for r in 0..4 {
+                            for c in 0..4 {
+                                let mut v = 0.0;
+                                for k in 0..4 {
+                                    for l in 0..4 {
+                                        let d = at(2 * ty as isize - 1 + k as isize, 2 * tx as isize - 1 + l as isize);
+                                        v += bt_abs[r][k] * d * bt_abs[c][l];
+                                    }
+                                }
+                                m[r][c] += u[r][c] * v;
+                            }
+                        }
+                    }
+                    for i in 0..2 {
+                        for j in 0..2 {
+                            let (yy, xx) = (2 * ty + i, 2 * tx + j);
+                            if yy < s.h && xx < s.w {
+                                let mut y = bias.map_or(0.0, |bv| bv[co].abs());
+                                for r in 0..4 {
+                                    for c in 0..4 {
+                                        y += at_abs[i][r] * m[r][c] * at_abs[j][c];
+                                    }
+                                }
+                                out[((b * s.co + co) * s.h + yy) * s.w + xx] = y;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The weight transform rounds up to 4 times and the input transform twice (relative to the
+/// magnitudes above), each of the 16 GEMMs sums Ci products, the output transform rounds up to
+/// 4 times and the bias once: (Ci + 12)·eps, with a factor 2 of slack.
+fn winograd_tol(ci: usize) -> f64 {
+    2.0 * (ci + 12) as f64 * EPS32
+}
+
+/// Winograd F(2×2, 3×3) on cpu against the f64 reference, directly (any channel count, odd maps
+/// whose last tile hangs over, a weight slice with a longer row stride, accumulation) and
+/// through `conv2d` where the dispatch picks it.
+fn check_winograd(s: ConvShape, seed: u64, with_bias: bool, accumulate: bool) -> Result<(), TestCaseError> {
+    let (nx, k2) = (s.b * s.ci * s.h * s.w, 9);
+    // the weights are a column slice of a wider tensor: rows of (ci + 2)·9 floats
+    let w_ld = (s.ci + 2) * k2;
+    let wfull = values(s.co * w_ld, seed ^ 1, false);
+    let w: Vec<f32> = (0..s.co).flat_map(|o| wfull[o * w_ld..o * w_ld + s.ci * k2].to_vec()).collect();
+    let x = values(nx, seed, false);
+    let bias = values(s.co, seed ^ 2, false);
+    let y0 = values(s.b * s.co * s.h * s.w, seed ^ 3, false);
+    let bref = f64s(&bias);
+    let mut want = reference::conv2d(&f64s(&x), &f64s(&w), with_bias.then_some(&bref[..]), &s);
+    let mut mag = winograd_magnitude(&f64s(&x), &f64s(&w), with_bias.then_some(&bref[..]), &s);
+    let mut y = if accumulate { y0.clone() } else { vec![f32::NAN; y0.len()] };
+    if accumulate {
+        for ((wv, mv), &a) in want.iter_mut().zip(mag.iter_mut()).zip(&y0) {
+            *wv += a as f64;
+            *mv += (a as f64).abs();
+        }
+    }
+    // as two channel slices when there are several channels (the concatenation path)
+    let (k1, hw) = (s.ci / 2, s.h * s.w);
+    let (x1, x2): (Vec<f32>, Vec<f32>) = if k1 > 0 {
+        let part = |c0: usize, c1: usize| -> Vec<f32> {
+            (0..s.b).flat_map(|b| x[(b * s.ci + c0) * hw..(b * s.ci + c1) * hw].to_vec()).collect()
+        };
+        (part(0, k1), part(k1, s.ci))
+    } else {
+        (x.clone(), Vec::new())
+    };
+    let xs: Vec<&[f32]> = if k1 > 0 { vec![&x1, &x2] } else { vec![&x1] };
+    conv::winograd::conv2d_into(&xs, (&wfull, w_ld), with_bias.then_some(&bias[..]), &s, &mut y, accumulate);
+    assert_none("winograd", mismatch_scaled(&y, &want, &mag, winograd_tol(s.ci), 0.0))?;
+    if conv::winograd::applies(&s) && !accumulate {
+        let dev = device("cpu");
+        let bt = tensor(&bias, &[s.co], &dev);
+        let yt = conv::conv2d(
+            &tensor(&x, &[s.b, s.ci, s.h, s.w], &dev),
+            &tensor(&w, &[s.co, s.ci, 3, 3], &dev),
+            with_bias.then_some(&bt),
+            GemmAlgo::Auto,
+        )
+        .unwrap();
+        assert_none("conv2d (winograd)", mismatch_scaled(&yt.to_vec().unwrap(), &want, &mag, winograd_tol(s.ci), 0.0))?;
+        let parts: Vec<reclmis::Tensor> =
+            xs.iter().map(|p| tensor(p, &[s.b, p.len() / (s.b * hw), s.h, s.w], &dev)).collect();
+        let refs: Vec<&reclmis::Tensor> = parts.iter().collect();
+        let yc =
+            conv::conv2d_cat(&refs, &tensor(&w, &[s.co, s.ci, 3, 3], &dev), with_bias.then_some(&bt), GemmAlgo::Auto)
+                .unwrap();
+        assert_none(
+            "conv2d_cat (winograd)",
+            mismatch_scaled(&yc.to_vec().unwrap(), &want, &mag, winograd_tol(s.ci), 0.0),
+        )?;
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
+    #[test]
+    fn winograd_matches_reference(
+        b in 1usize..3,
+        ci in prop::sample::select(vec![1usize, 2, 5, 32, 33]),
+        co in prop::sample::select(vec![1usize, 3, 32, 40]),
+        h in prop::sample::select(vec![1usize, 2, 3, 4, 7, 14]),
+        w in prop::sample::select(vec![1usize, 2, 5, 8, 13]),
+        seed in any::<u64>(),
+        with_bias in any::<bool>(),
+        accumulate in any::<bool>(),
+    ) {
+        check_winograd(ConvShape { b, ci, co, h, w, kh: 3, kw: 3 }, seed, with_bias, accumulate)?;
+    }
+}
+
+/// A map large enough for several bands per image, run in parallel (the proptest's small maps
+/// take the one-band path): 2 images x 2 bands of 20 tile rows.
+#[test]
+fn winograd_parallel_bands() {
+    check_winograd(ConvShape { b: 2, ci: 32, co: 32, h: 60, w: 100, kh: 3, kw: 3 }, 7, true, false).unwrap();
+    check_winograd(ConvShape { b: 2, ci: 32, co: 33, h: 59, w: 99, kh: 3, kw: 3 }, 8, false, true).unwrap();
+}

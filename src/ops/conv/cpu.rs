@@ -97,6 +97,9 @@ pub fn conv2d_into(
     if y.is_empty() {
         return;
     }
+    if super::winograd::applies(s) {
+        return super::winograd::conv2d_into(&[x], (w, w_ld), bias, s, y, accumulate);
+    }
     let rows = band_rows(s);
     let bands = s.h.div_ceil(rows);
     let yp = SendPtr(y.as_mut_ptr());

@@ -1,0 +1,395 @@
+//! cpu 3×3 convolution (stride 1, padding 1) by Winograd's minimal filtering F(2×2, 3×3): each
+//! 2×2 output tile is Aᵀ [Σ_ci (G g Gᵀ) ⊙ (Bᵀ d B)] A from the tile's 4×4 input patch d, so
+//! the products become 16 GEMMs [Co × Ci] · [Ci × tiles] with 16 multiplications per tile and
+//! channel pair instead of 36: 2.25× fewer FLOPs than the direct convolution. The transforms
+//! only add, subtract and halve, so the rounding stays within a small multiple of the direct
+//! convolution's (the tests bound it through the transformed magnitudes).
+//!
+//! Tiles are processed in bands of tile rows (the band's transformed input and products stay in
+//! cache); the 16 transformed weight matrices are built once per call.
+
+use super::ConvShape;
+use crate::ops::cpu_math;
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Transformed values per band, Ci and Co rows together (~4 MB): the band's V and M.
+const BAND_FLOATS: usize = 1 << 20;
+/// Output channels per block when one band runs at a time: the block's transformed weights
+/// (16·32·Ci floats, 1 MB at Ci = 512) stay in L2 while its 16 GEMMs run.
+const CO_BLOCK: usize = 32;
+
+/// When Winograd pays: 3×3 kernels with enough channels on both sides that the 16 GEMMs, not
+/// the transforms (O(Ci + Co) per tile), dominate.
+pub fn applies(s: &ConvShape) -> bool {
+    s.kh == 3 && s.kw == 3 && s.ci >= 32 && s.co >= 32
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: each task writes a disjoint set of output rows (its band of tile rows of one image).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// The first n lanes to dst: one vector store when all 16 go (a copy of run-time length is a
+/// library call).
+///
+/// SAFETY: n <= 16 floats writable at dst.
+#[inline(always)]
+unsafe fn store(vals: &[f32; 16], dst: *mut f32, n: usize) {
+    if n == 16 {
+        (dst as *mut [f32; 16]).write_unaligned(*vals);
+    } else {
+        std::ptr::copy_nonoverlapping(vals.as_ptr(), dst, n);
+    }
+}
+
+/// U[ξ][co − co0][ci] = (G g Gᵀ)[ξ] for the filters g = w[co][ci] of output channels
+/// [co0, co1) (row stride w_ld per co), G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]];
+/// rows in parallel when `par`.
+fn weight_transform(w: &[f32], w_ld: usize, (co0, co1): (usize, usize), ci: usize, par: bool) -> Vec<f32> {
+    let nco = co1 - co0;
+    let mut u = vec![0.0f32; 16 * nco * ci];
+    let up = SendPtr(u.as_mut_ptr());
+    // row o − co0 of every plane is written by o's call alone
+    let row = |o: usize| weight_rows(&w[o * w_ld..], (o - co0, nco, ci), up);
+    if par {
+        (co0..co1).into_par_iter().for_each(row);
+    } else {
+        (co0..co1).for_each(row);
+    }
+    u
+}
+
+cpu_math::multiversion! {
+    /// Row o of every plane of U (16 planes of co x ci at u, row o this caller's alone), 16
+    /// input channels at a time (the arithmetic on lanes).
+    fn weight_rows(wo: &[f32], oci: (usize, usize, usize), u: SendPtr) {
+        let (o, co, ci) = oci;
+        const L: usize = 16;
+        let plane = co * ci;
+        let mut i0 = 0;
+        while i0 < ci {
+            let n = L.min(ci - i0);
+            let mut g = [[0.0f32; L]; 9];
+            for (k, gk) in g.iter_mut().enumerate() {
+                for (l, x) in gk.iter_mut().enumerate().take(n) {
+                    *x = wo[(i0 + l) * 9 + k];
+                }
+            }
+            // t = G·g, per column c (g[3r + c] is row r, column c)
+            let mut t = [[[0.0f32; L]; 3]; 4];
+            for c in 0..3 {
+                for l in 0..L {
+                    let (g0, g1, g2) = (g[c][l], g[3 + c][l], g[6 + c][l]);
+                    t[0][c][l] = g0;
+                    t[1][c][l] = 0.5 * (g0 + g1 + g2);
+                    t[2][c][l] = 0.5 * (g0 - g1 + g2);
+                    t[3][c][l] = g2;
+                }
+            }
+            // U = t·Gᵀ
+            for (r, tr) in t.iter().enumerate() {
+                let mut row = [[0.0f32; L]; 4];
+                for l in 0..L {
+                    row[0][l] = tr[0][l];
+                    row[1][l] = 0.5 * (tr[0][l] + tr[1][l] + tr[2][l]);
+                    row[2][l] = 0.5 * (tr[0][l] - tr[1][l] + tr[2][l]);
+                    row[3][l] = tr[2][l];
+                }
+                for (c, vals) in row.iter().enumerate() {
+                    // SAFETY: n <= ci − i0 floats of row o of plane 4r + c (the caller's contract).
+                    unsafe { store(vals, u.get().add((4 * r + c) * plane + o * ci + i0), n) };
+                }
+            }
+            i0 += L;
+        }
+    }
+}
+
+/// V[ξ][ci][t] = (Bᵀ d B)[ξ] for the band's tiles t (tile rows ty0.., tw tiles per row) of
+/// image xb [Ci, H, W], d = the 4×4 patch at (2ty − 1, 2tx − 1), zero outside the image;
+/// Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]]. Each patch row is read
+/// from a zero-padded copy of the input row split into even and odd columns, so a tile row's
+/// patches are contiguous loads and the arithmetic runs on vectors of tiles.
+///
+/// Only channels [ci0, ci1) are transformed (callers split the channels across threads); v holds
+/// 16·Ci·nt floats, of which these channels' rows of every plane are the caller's alone.
+/// xb is one image's channels of one input slice; its channel c goes to row v_off + c of V.
+fn input_transform(
+    xb: &[f32],
+    s: &ConvShape,
+    band: (usize, usize, usize),
+    cis: (usize, usize),
+    (v, v_off): (SendPtr, usize),
+) {
+    input_transform_impl(xb, s, band, cis, (v, v_off))
+}
+
+cpu_math::multiversion! {
+    fn input_transform_impl(xb: &[f32], s: &ConvShape, band: (usize, usize, usize), cis: (usize, usize), vrows: (SendPtr, usize)) {
+        let (v, v_off) = vrows;
+        let (ty0, nty, tw) = band;
+        let nt = nty * tw;
+        let plane = s.ci * nt;
+        // per patch row r: even[t] = padded[2t], odd[t] = padded[2t + 1], t in 0..=tw, where
+        // padded[j] = x[row][j − 1] (0 outside)
+        let mut ev = vec![0.0f32; 4 * (tw + 1)];
+        // 2·(tw + 1) >= W + 2: room for the left zero, the row and a right zero (or two)
+        let mut padded = vec![0.0f32; 2 * (tw + 1)];
+        let mut od = vec![0.0f32; 4 * (tw + 1)];
+        for ci in cis.0..cis.1 {
+            let x = &xb[ci * s.h * s.w..(ci + 1) * s.h * s.w];
+            for ty in 0..nty {
+                for r in 0..4 {
+                    let iy = 2 * (ty0 + ty) as isize - 1 + r as isize;
+                    let (e, o) = (&mut ev[r * (tw + 1)..(r + 1) * (tw + 1)], &mut od[r * (tw + 1)..(r + 1) * (tw + 1)]);
+                    if iy < 0 || iy >= s.h as isize {
+                        e.fill(0.0);
+                        o.fill(0.0);
+                        continue;
+                    }
+                    // padded[j] = x[row][j − 1], zero at j = 0 and past the row, then split
+                    padded[1..=s.w].copy_from_slice(&x[iy as usize * s.w..(iy as usize + 1) * s.w]);
+                    for ((ev_t, od_t), pair) in e.iter_mut().zip(o.iter_mut()).zip(padded.chunks_exact(2)) {
+                        *ev_t = pair[0];
+                        *od_t = pair[1];
+                    }
+                }
+                let base = (v_off + ci) * nt + ty * tw;
+                // 16 tiles at a time on lanes: patch column c of tile t is even[t + c/2] (c
+                // even) or odd[t + c/2] (c odd) of its row
+                const L: usize = 16;
+                let mut t0 = 0;
+                while t0 < tw {
+                    let n = L.min(tw - t0);
+                    let mut d = [[[0.0f32; L]; 4]; 4];
+                    for (r, dr) in d.iter_mut().enumerate() {
+                        let (e, o) = (&ev[r * (tw + 1) + t0..], &od[r * (tw + 1) + t0..]);
+                        dr[0][..n].copy_from_slice(&e[..n]);
+                        dr[1][..n].copy_from_slice(&o[..n]);
+                        dr[2][..n].copy_from_slice(&e[1..n + 1]);
+                        dr[3][..n].copy_from_slice(&o[1..n + 1]);
+                    }
+                    // t = Bᵀ·d (rows), then V = t·B (columns)
+                    let mut tt = [[[0.0f32; L]; 4]; 4];
+                    for c in 0..4 {
+                        for l in 0..L {
+                            tt[0][c][l] = d[0][c][l] - d[2][c][l];
+                            tt[1][c][l] = d[1][c][l] + d[2][c][l];
+                            tt[2][c][l] = d[2][c][l] - d[1][c][l];
+                            tt[3][c][l] = d[1][c][l] - d[3][c][l];
+                        }
+                    }
+                    for (r, tr) in tt.iter().enumerate() {
+                        let mut row = [[0.0f32; L]; 4];
+                        for l in 0..L {
+                            row[0][l] = tr[0][l] - tr[2][l];
+                            row[1][l] = tr[1][l] + tr[2][l];
+                            row[2][l] = tr[2][l] - tr[1][l];
+                            row[3][l] = tr[1][l] - tr[3][l];
+                        }
+                        for (c, vals) in row.iter().enumerate() {
+                            // SAFETY: n floats of channel ci's row of plane 4r + c (the
+                            // caller's contract)
+                            unsafe { store(vals, v.get().add((4 * r + c) * plane + base + t0), n) };
+                        }
+                    }
+                    t0 += L;
+                }
+            }
+        }
+    }
+}
+
+/// y (+)= Aᵀ m A + bias for the band's tiles, m[ξ][co][t]; Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]].
+/// Writes only pixels inside the image (a last tile row or column may hang over). Runs on
+/// vectors of a tile row's tiles (each plane's row is contiguous), then interleaves.
+///
+/// SAFETY: yb is image b's output [Co, H, W]; the band's output rows are this task's alone.
+/// Only output channels [co0, co1) (callers split them across threads); m holds the rows of
+/// output channels [m_co0, m_co0 + m_nco) of each plane.
+unsafe fn output_transform(
+    (m, m_co0, m_nco): (&[f32], usize, usize),
+    s: &ConvShape,
+    band: (usize, usize, usize),
+    cos: (usize, usize),
+    bias: Option<&[f32]>,
+    (yb, accumulate): (SendPtr, bool),
+) {
+    output_transform_impl((m, m_co0, m_nco), s, band, cos, bias, (yb, accumulate))
+}
+
+cpu_math::multiversion! {
+    /// yb: as `output_transform`'s (its only caller).
+    fn output_transform_impl(mrows: (&[f32], usize, usize), s: &ConvShape, band: (usize, usize, usize), cos: (usize, usize), bias: Option<&[f32]>, out: (SendPtr, bool)) {
+        let ((m, m_co0, m_nco), (yb, accumulate)) = (mrows, out);
+        let (ty0, nty, tw) = band;
+        let nt = nty * tw;
+        let plane = m_nco * nt;
+        let mut y = [vec![0.0f32; tw], vec![0.0f32; tw], vec![0.0f32; tw], vec![0.0f32; tw]];
+        for co in cos.0..cos.1 {
+            let bv = bias.map_or(0.0, |b| b[co]);
+            for ty in 0..nty {
+                let base = (co - m_co0) * nt + ty * tw;
+                let e: [&[f32]; 16] = std::array::from_fn(|k| &m[k * plane + base..][..tw]);
+                // 16 input rows and 4 output rows at the same t: an index loop is the clear form
+                #[allow(clippy::needless_range_loop)]
+                for t in 0..tw {
+                    let mut a = [[0.0f32; 4]; 2];
+                    for c in 0..4 {
+                        a[0][c] = e[c][t] + e[4 + c][t] + e[8 + c][t];
+                        a[1][c] = e[4 + c][t] - e[8 + c][t] - e[12 + c][t];
+                    }
+                    y[0][t] = a[0][0] + a[0][1] + a[0][2] + bv;
+                    y[1][t] = a[0][1] - a[0][2] - a[0][3] + bv;
+                    y[2][t] = a[1][0] + a[1][1] + a[1][2] + bv;
+                    y[3][t] = a[1][1] - a[1][2] - a[1][3] + bv;
+                }
+                for i in 0..2 {
+                    let yy = 2 * (ty0 + ty) + i;
+                    if yy >= s.h {
+                        continue;
+                    }
+                    let row = (co * s.h + yy) * s.w;
+                    for xx in 0..s.w {
+                        let val = y[2 * i + xx % 2][xx / 2];
+                        // SAFETY: pixel (co, yy, xx) of image b's output, in this task's rows;
+                        // raw accesses: without `accumulate` the output may be unwritten memory.
+                        unsafe {
+                            let p = yb.get().add(row + xx);
+                            *p = if accumulate { *p + val } else { val };
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// y (+)= conv3x3(concat(xs, channel axis), w) + bias as `cpu::conv2d_into` (weights' rows
+/// w_ld floats apart), the input given as channel slices [B, C_k, H, W] with Σ C_k = s.ci: each
+/// slice is transformed into its rows of V, so a concatenation costs nothing extra
+/// (`conv2d_cat`).
+pub fn conv2d_into(
+    xs: &[&[f32]],
+    (w, w_ld): (&[f32], usize),
+    bias: Option<&[f32]>,
+    s: &ConvShape,
+    y: &mut [f32],
+    accumulate: bool,
+) {
+    assert!(s.kh == 3 && s.kw == 3, "Winograd F(2x2, 3x3) needs a 3x3 kernel");
+    let hw = s.h * s.w;
+    // (slice, its channels, its first row of V)
+    let mut slices = Vec::with_capacity(xs.len());
+    let mut off = 0;
+    for x in xs {
+        let c = x.len() / (s.b * hw).max(1);
+        slices.push((*x, c, off));
+        off += c;
+    }
+    assert_eq!(off, s.ci, "the slices' channels must add up to Ci");
+    if y.is_empty() {
+        return;
+    }
+    let (th, tw) = (s.h.div_ceil(2), s.w.div_ceil(2));
+    // tile rows per band: V and M of the band (16·(Ci + Co) floats per tile) near BAND_FLOATS
+    let band_rows = (BAND_FLOATS / (16 * (s.ci + s.co) * tw).max(1)).clamp(1, th.max(1));
+    let bands = th.div_ceil(band_rows);
+    let tasks = s.b * bands;
+    // Many tasks: bands in parallel, each GEMM single-threaded, the weights transformed once.
+    // Few tasks (the deep layers' small maps): one band at a time, its input channels, then
+    // blocks of output channels across threads, each block transforming its own weights (so
+    // the 16·Co·Ci transformed weights are never all in memory at once: at 14² they cost more
+    // than the products).
+    let parallel_tasks = tasks >= 2 * rayon::current_num_threads();
+    let u_all = if parallel_tasks { weight_transform(w, w_ld, (0, s.co), s.ci, true) } else { Vec::new() };
+    let yp = SendPtr(y.as_mut_ptr());
+    // the 16 GEMMs M[ξ] (rows of m: nco output channels x nt tiles) = U[ξ] (nco x ci) · V[ξ]
+    let gemms = |u: &[f32], v: &[f32], m: &mut [f32], nco: usize, nt: usize| {
+        for xi in 0..16 {
+            // SAFETY: plane ξ of m (nco x nt, row stride nt), of u (nco x ci, row stride ci)
+            // and of v (ci x nt, row stride nt), all inside their buffers.
+            unsafe {
+                gemm::gemm(
+                    nco,
+                    nt,
+                    s.ci,
+                    m[xi * nco * nt..].as_mut_ptr(),
+                    1,
+                    nt as isize,
+                    false,
+                    u[xi * nco * s.ci..].as_ptr(),
+                    1,
+                    s.ci as isize,
+                    v[xi * s.ci * nt..].as_ptr(),
+                    1,
+                    nt as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                )
+            }
+        }
+    };
+    let run = |bufs: &mut (Vec<f32>, Vec<f32>), task: usize| {
+        let (b, band) = (task / bands, task % bands);
+        let (ty0, nty) = (band * band_rows, band_rows.min(th - band * band_rows));
+        let nt = nty * tw;
+        let (v, mm) = bufs;
+        v.resize(16 * s.ci * nt, 0.0);
+        // image b of slice k
+        let xb = |k: usize| {
+            let (x, c, _) = slices[k];
+            &x[b * c * hw..(b + 1) * c * hw]
+        };
+        let vp = SendPtr(v.as_mut_ptr());
+        // SAFETY: tile rows [ty0, ty0 + nty) of image b are this task's alone.
+        let yb = SendPtr(unsafe { yp.get().add(b * s.co * hw) });
+        let band = (ty0, nty, tw);
+        if parallel_tasks {
+            for (k, &(_, c, off)) in slices.iter().enumerate() {
+                input_transform(xb(k), s, band, (0, c), (vp, off));
+            }
+            mm.resize(16 * s.co * nt, 0.0);
+            gemms(&u_all, v, mm, s.co, nt);
+            // SAFETY: see yb.
+            unsafe { output_transform((mm, 0, s.co), s, band, (0, s.co), bias, (yb, accumulate)) };
+        } else {
+            let split = |c: usize, parts: usize| {
+                let step = c.div_ceil(parts).max(1);
+                (0..c).step_by(step).map(move |c0| (c0, (c0 + step).min(c))).collect::<Vec<_>>()
+            };
+            let jobs: Vec<(usize, (usize, usize))> = slices
+                .iter()
+                .enumerate()
+                .flat_map(|(k, &(_, c, _))| split(c, 8).into_iter().map(move |r| (k, r)))
+                .collect();
+            jobs.into_par_iter().for_each(|(k, cis)| input_transform(xb(k), s, band, cis, (vp, slices[k].2)));
+            let v: &[f32] = v;
+            split(s.co, s.co.div_ceil(CO_BLOCK)).into_par_iter().for_each(|(c0, c1)| {
+                let u = weight_transform(w, w_ld, (c0, c1), s.ci, false);
+                let mut m = vec![0.0f32; 16 * (c1 - c0) * nt];
+                gemms(&u, v, &mut m, c1 - c0, nt);
+                // SAFETY: see yb; output channels [c0, c1) are this block's alone.
+                unsafe { output_transform((&m, c0, c1 - c0), s, band, (c0, c1), bias, (yb, accumulate)) };
+            });
+        }
+    };
+    if parallel_tasks {
+        (0..tasks).into_par_iter().for_each_init(|| (Vec::new(), Vec::new()), run);
+    } else {
+        let mut bufs = (Vec::new(), Vec::new());
+        (0..tasks).for_each(|t| run(&mut bufs, t));
+    }
+}
