@@ -172,10 +172,18 @@ cpu_math::multiversion! {
                     let mut d = [[[0.0f32; L]; 4]; 4];
                     for (r, dr) in d.iter_mut().enumerate() {
                         let (e, o) = (&ev[r * (tw + 1) + t0..], &od[r * (tw + 1) + t0..]);
-                        dr[0][..n].copy_from_slice(&e[..n]);
-                        dr[1][..n].copy_from_slice(&o[..n]);
-                        dr[2][..n].copy_from_slice(&e[1..n + 1]);
-                        dr[3][..n].copy_from_slice(&o[1..n + 1]);
+                        if n == L {
+                            // constant lengths: vector moves, not library calls
+                            dr[0].copy_from_slice(&e[..L]);
+                            dr[1].copy_from_slice(&o[..L]);
+                            dr[2].copy_from_slice(&e[1..L + 1]);
+                            dr[3].copy_from_slice(&o[1..L + 1]);
+                        } else {
+                            dr[0][..n].copy_from_slice(&e[..n]);
+                            dr[1][..n].copy_from_slice(&o[..n]);
+                            dr[2][..n].copy_from_slice(&e[1..n + 1]);
+                            dr[3][..n].copy_from_slice(&o[1..n + 1]);
+                        }
                     }
                     // t = Bᵀ·d (rows), then V = t·B (columns)
                     let mut tt = [[[0.0f32; L]; 4]; 4];
@@ -234,6 +242,7 @@ cpu_math::multiversion! {
         let nt = nty * tw;
         let plane = m_nco * nt;
         let mut y = [vec![0.0f32; tw], vec![0.0f32; tw], vec![0.0f32; tw], vec![0.0f32; tw]];
+        let mut line = vec![0.0f32; 2 * tw];
         for co in cos.0..cos.1 {
             let bv = bias.map_or(0.0, |b| b[co]);
             for ty in 0..nty {
@@ -257,15 +266,22 @@ cpu_math::multiversion! {
                     if yy >= s.h {
                         continue;
                     }
-                    let row = (co * s.h + yy) * s.w;
-                    for xx in 0..s.w {
-                        let val = y[2 * i + xx % 2][xx / 2];
-                        // SAFETY: pixel (co, yy, xx) of image b's output, in this task's rows;
-                        // raw accesses: without `accumulate` the output may be unwritten memory.
-                        unsafe {
-                            let p = yb.get().add(row + xx);
-                            *p = if accumulate { *p + val } else { val };
+                    // interleave the row's even and odd pixels, then one pass into the output
+                    for ((pair, &a), &b) in line.chunks_exact_mut(2).zip(&y[2 * i]).zip(&y[2 * i + 1]) {
+                        pair[0] = a;
+                        pair[1] = b;
+                    }
+                    // SAFETY: row yy of channel co of image b's output (this task's rows); raw
+                    // pointer: without `accumulate` the output may be unwritten memory.
+                    let out = unsafe { yb.get().add((co * s.h + yy) * s.w) };
+                    if accumulate {
+                        for (x, &v) in line[..s.w].iter().enumerate() {
+                            // SAFETY: as above, x < W.
+                            unsafe { *out.add(x) += v };
                         }
+                    } else {
+                        // SAFETY: as above, W floats.
+                        unsafe { std::ptr::copy_nonoverlapping(line.as_ptr(), out, s.w) };
                     }
                 }
             }
