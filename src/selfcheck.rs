@@ -90,6 +90,20 @@ pub fn run(dev: &Device) -> Result<Report> {
         // tol was set for k = 45 terms above; the convolution sums 45 too
         record(&format!("conv2d 3x3 {algo:?}"), mismatch_scaled(&y, &want, &mag, tol, 0.0));
     }
+    if let Device::Cpu = dev {
+        // 32 channels in and out: the cpu takes Winograd F(2×2, 3×3), whose rounding is bounded
+        // through the transformed magnitudes
+        let ws = conv::ConvShape { b: 1, ci: 32, co: 32, h: 9, w: 11, kh: 3, kw: 3 };
+        let (xw, ww) = (rng.vec(32 * 99, -1.0, 1.0), rng.vec(32 * 32 * 9, -1.0, 1.0));
+        let want = conv::reference::conv2d(&f64s(&xw), &f64s(&ww), None, &ws);
+        let mag = conv::reference::winograd_magnitude(&f64s(&xw), &f64s(&ww), None, &ws);
+        let (xt, wt) = (Tensor::from_vec(xw, &[1, 32, 9, 11], dev)?, Tensor::from_vec(ww, &[32, 32, 3, 3], dev)?);
+        let y = conv::conv2d(&xt, &wt, None, GemmAlgo::Auto)?.to_vec()?;
+        record(
+            "conv2d 3x3 32->32 (Winograd)",
+            mismatch_scaled(&y, &want, &mag, conv::reference::winograd_tol(32), 0.0),
+        );
+    }
     let (pooled, _) = pool::max_pool2(&xt)?;
     let (pw, _) = pool::reference::max_pool2(&f64s(&xv), 10, 9, 11);
     record("max_pool2", mismatch(&pooled.to_vec()?, &pw, 0.0, 0.0));

@@ -239,80 +239,6 @@ fn conv_cat_slices_must_agree() {
     assert!(e.contains("must be [Co, 4, kh, kw]"), "{e}");
 }
 
-/// Per output pixel, the magnitude through which Winograd F(2×2, 3×3) rounds: the transforms
-/// of the module doc applied to |g| and |d| with every coefficient taken absolute, i.e.
-/// |Aᵀ| [Σ_ci (|G| |g| |G|ᵀ) ⊙ (|B|ᵀ |d| |B|)] |A|, plus |bias|.
-fn winograd_magnitude(x: &[f64], w: &[f64], bias: Option<&[f64]>, s: &ConvShape) -> Vec<f64> {
-    let g_abs = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, 0.5, 0.5], [0.0, 0.0, 1.0]];
-    let bt_abs = [[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0]];
-    let at_abs = [[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 1.0]];
-    let (h, wd) = (s.h as isize, s.w as isize);
-    let mut out = vec![0.0f64; s.b * s.co * s.h * s.w];
-    for b in 0..s.b {
-        for co in 0..s.co {
-            for ty in 0..s.h.div_ceil(2) {
-                for tx in 0..s.w.div_ceil(2) {
-                    let mut m = [[0.0f64; 4]; 4];
-                    for ci in 0..s.ci {
-                        let g = &w[(co * s.ci + ci) * 9..][..9];
-                        let mut u = [[0.0f64; 4]; 4];
-                        for r in 0..4 {
-                            for c in 0..4 {
-                                for k in 0..3 {
-                                    for l in 0..3 {
-                                        u[r][c] += g_abs[r][k] * g[k * 3 + l].abs() * g_abs[c][l];
-                                    }
-                                }
-                            }
-                        }
-                        let at = |r: isize, c: isize| {
-                            if r >= 0 && r < h && c >= 0 && c < wd {
-                                x[((b * s.ci + ci) * s.h + r as usize) * s.w + c as usize].abs()
-                            } else {
-                                0.0
-                            }
-                        };
-                        for r in 0..4 {
-                            for c in 0..4 {
-                                let mut v = 0.0;
-                                for k in 0..4 {
-                                    for l in 0..4 {
-                                        let d = at(2 * ty as isize - 1 + k as isize, 2 * tx as isize - 1 + l as isize);
-                                        v += bt_abs[r][k] * d * bt_abs[c][l];
-                                    }
-                                }
-                                m[r][c] += u[r][c] * v;
-                            }
-                        }
-                    }
-                    for i in 0..2 {
-                        for j in 0..2 {
-                            let (yy, xx) = (2 * ty + i, 2 * tx + j);
-                            if yy < s.h && xx < s.w {
-                                let mut y = bias.map_or(0.0, |bv| bv[co].abs());
-                                for r in 0..4 {
-                                    for c in 0..4 {
-                                        y += at_abs[i][r] * m[r][c] * at_abs[j][c];
-                                    }
-                                }
-                                out[((b * s.co + co) * s.h + yy) * s.w + xx] = y;
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-    out
-}
-
-/// The weight transform rounds up to 4 times and the input transform twice (relative to the
-/// magnitudes above), each of the 16 GEMMs sums Ci products, the output transform rounds up to
-/// 4 times and the bias once: (Ci + 12)·eps, with a factor 2 of slack.
-fn winograd_tol(ci: usize) -> f64 {
-    2.0 * (ci + 12) as f64 * EPS32
-}
-
 /// Winograd F(2×2, 3×3) on cpu against the f64 reference, directly (any channel count, odd maps
 /// whose last tile hangs over, a weight slice with a longer row stride, accumulation) and
 /// through `conv2d` where the dispatch picks it.
@@ -327,7 +253,7 @@ fn check_winograd(s: ConvShape, seed: u64, with_bias: bool, accumulate: bool) ->
     let y0 = values(s.b * s.co * s.h * s.w, seed ^ 3, false);
     let bref = f64s(&bias);
     let mut want = reference::conv2d(&f64s(&x), &f64s(&w), with_bias.then_some(&bref[..]), &s);
-    let mut mag = winograd_magnitude(&f64s(&x), &f64s(&w), with_bias.then_some(&bref[..]), &s);
+    let mut mag = reference::winograd_magnitude(&f64s(&x), &f64s(&w), with_bias.then_some(&bref[..]), &s);
     let mut y = if accumulate { y0.clone() } else { vec![f32::NAN; y0.len()] };
     if accumulate {
         for ((wv, mv), &a) in want.iter_mut().zip(mag.iter_mut()).zip(&y0) {
@@ -347,7 +273,7 @@ fn check_winograd(s: ConvShape, seed: u64, with_bias: bool, accumulate: bool) ->
     };
     let xs: Vec<&[f32]> = if k1 > 0 { vec![&x1, &x2] } else { vec![&x1] };
     conv::winograd::conv2d_into(&xs, (&wfull, w_ld), with_bias.then_some(&bias[..]), &s, &mut y, accumulate);
-    assert_none("winograd", mismatch_scaled(&y, &want, &mag, winograd_tol(s.ci), 0.0))?;
+    assert_none("winograd", mismatch_scaled(&y, &want, &mag, reference::winograd_tol(s.ci), 0.0))?;
     if conv::winograd::applies(&s) && !accumulate {
         let dev = device("cpu");
         let bt = tensor(&bias, &[s.co], &dev);
@@ -358,7 +284,10 @@ fn check_winograd(s: ConvShape, seed: u64, with_bias: bool, accumulate: bool) ->
             GemmAlgo::Auto,
         )
         .unwrap();
-        assert_none("conv2d (winograd)", mismatch_scaled(&yt.to_vec().unwrap(), &want, &mag, winograd_tol(s.ci), 0.0))?;
+        assert_none(
+            "conv2d (winograd)",
+            mismatch_scaled(&yt.to_vec().unwrap(), &want, &mag, reference::winograd_tol(s.ci), 0.0),
+        )?;
         let parts: Vec<reclmis::Tensor> =
             xs.iter().map(|p| tensor(p, &[s.b, p.len() / (s.b * hw), s.h, s.w], &dev)).collect();
         let refs: Vec<&reclmis::Tensor> = parts.iter().collect();
@@ -367,7 +296,7 @@ fn check_winograd(s: ConvShape, seed: u64, with_bias: bool, accumulate: bool) ->
                 .unwrap();
         assert_none(
             "conv2d_cat (winograd)",
-            mismatch_scaled(&yc.to_vec().unwrap(), &want, &mag, winograd_tol(s.ci), 0.0),
+            mismatch_scaled(&yc.to_vec().unwrap(), &want, &mag, reference::winograd_tol(s.ci), 0.0),
         )?;
     }
     Ok(())

@@ -65,3 +65,77 @@ pub fn conv2d_backward(x: &[f64], w: &[f64], dy: &[f64], s: &ConvShape) -> (Vec<
     }
     (dx, dw, db)
 }
+
+/// Per output pixel, the magnitude through which Winograd F(2×2, 3×3) rounds: the transforms
+/// of the module doc applied to |g| and |d| with every coefficient taken absolute, i.e.
+/// |Aᵀ| [Σ_ci (|G| |g| |G|ᵀ) ⊙ (|B|ᵀ |d| |B|)] |A|, plus |bias|.
+pub fn winograd_magnitude(x: &[f64], w: &[f64], bias: Option<&[f64]>, s: &ConvShape) -> Vec<f64> {
+    let g_abs = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, 0.5, 0.5], [0.0, 0.0, 1.0]];
+    let bt_abs = [[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0]];
+    let at_abs = [[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 1.0]];
+    let (h, wd) = (s.h as isize, s.w as isize);
+    let mut out = vec![0.0f64; s.b * s.co * s.h * s.w];
+    for b in 0..s.b {
+        for co in 0..s.co {
+            for ty in 0..s.h.div_ceil(2) {
+                for tx in 0..s.w.div_ceil(2) {
+                    let mut m = [[0.0f64; 4]; 4];
+                    for ci in 0..s.ci {
+                        let g = &w[(co * s.ci + ci) * 9..][..9];
+                        let mut u = [[0.0f64; 4]; 4];
+                        for r in 0..4 {
+                            for c in 0..4 {
+                                for k in 0..3 {
+                                    for l in 0..3 {
+                                        u[r][c] += g_abs[r][k] * g[k * 3 + l].abs() * g_abs[c][l];
+                                    }
+                                }
+                            }
+                        }
+                        let at = |r: isize, c: isize| {
+                            if r >= 0 && r < h && c >= 0 && c < wd {
+                                x[((b * s.ci + ci) * s.h + r as usize) * s.w + c as usize].abs()
+                            } else {
+                                0.0
+                            }
+                        };
+                        for r in 0..4 {
+                            for c in 0..4 {
+                                let mut v = 0.0;
+                                for k in 0..4 {
+                                    for l in 0..4 {
+                                        let d = at(2 * ty as isize - 1 + k as isize, 2 * tx as isize - 1 + l as isize);
+                                        v += bt_abs[r][k] * d * bt_abs[c][l];
+                                    }
+                                }
+                                m[r][c] += u[r][c] * v;
+                            }
+                        }
+                    }
+                    for i in 0..2 {
+                        for j in 0..2 {
+                            let (yy, xx) = (2 * ty + i, 2 * tx + j);
+                            if yy < s.h && xx < s.w {
+                                let mut y = bias.map_or(0.0, |bv| bv[co].abs());
+                                for r in 0..4 {
+                                    for c in 0..4 {
+                                        y += at_abs[i][r] * m[r][c] * at_abs[j][c];
+                                    }
+                                }
+                                out[((b * s.co + co) * s.h + yy) * s.w + xx] = y;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The weight transform rounds up to 4 times and the input transform twice (relative to the
+/// magnitudes above), each of the 16 GEMMs sums Ci products, the output transform rounds up to
+/// 4 times and the bias once: (Ci + 12)·eps, with a factor 2 of slack.
+pub fn winograd_tol(ci: usize) -> f64 {
+    2.0 * (ci + 12) as f64 * crate::testing::EPS32
+}
