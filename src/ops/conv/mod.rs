@@ -333,15 +333,14 @@ pub fn conv2d_cat(parts: &[&Tensor], w: &Tensor, bias: Option<&Tensor>, algo: Ge
     let (k2, dev) = (s.kh * s.kw, w.device());
     let out = [s.b, s.co, s.h, s.w];
     if let Device::Cpu = dev {
-        let mut y = vec![0.0f32; s.b * s.co * s.h * s.w];
         let wv = w.cpu_f32(op)?;
         if winograd::applies(&s) {
             // every slice straight into its rows of the transformed input: one convolution
             let xs = parts.iter().map(|x| x.cpu_f32(op)).collect::<Result<Vec<_>>>()?;
             let bv = bias.map(|b| b.cpu_f32(op)).transpose()?;
-            winograd::conv2d_into(&xs, (wv, s.depth()), bv, &s, &mut y, false);
-            return Tensor::from_vec(y, &out, dev);
+            return Tensor::from_vec(winograd::conv2d_new(&xs, (wv, s.depth()), bv, &s), &out, dev);
         }
+        let mut y = vec![0.0f32; s.b * s.co * s.h * s.w];
         let mut c_off = 0;
         for (i, x) in parts.iter().enumerate() {
             let sp = ConvShape { ci: x.shape()[1], ..s };

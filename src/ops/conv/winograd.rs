@@ -301,6 +301,33 @@ pub fn conv2d_into(
     y: &mut [f32],
     accumulate: bool,
 ) {
+    assert_eq!(y.len(), s.b * s.co * s.h * s.w, "the output must be [B, Co, H, W]");
+    // SAFETY: y holds B·Co·H·W initialised floats.
+    unsafe { conv2d_raw(xs, (w, w_ld), bias, s, (y.as_mut_ptr(), accumulate)) }
+}
+
+/// A new output, written once (no zeroing pass: without accumulation every pixel of every
+/// channel is written); NaN-poisoned under the tests' poison switch.
+pub fn conv2d_new(xs: &[&[f32]], (w, w_ld): (&[f32], usize), bias: Option<&[f32]>, s: &ConvShape) -> Vec<f32> {
+    let n = s.b * s.co * s.h * s.w;
+    let mut y: Vec<f32> = if crate::device::poison_enabled() { vec![f32::NAN; n] } else { Vec::with_capacity(n) };
+    // SAFETY: y has room for B·Co·H·W floats, and without accumulation the output transform
+    // writes every one of them (and reads none) before set_len.
+    unsafe {
+        conv2d_raw(xs, (w, w_ld), bias, s, (y.as_mut_ptr(), false));
+        y.set_len(n);
+    }
+    y
+}
+
+/// SAFETY: y points to B·Co·H·W floats, initialised when `accumulate`.
+unsafe fn conv2d_raw(
+    xs: &[&[f32]],
+    (w, w_ld): (&[f32], usize),
+    bias: Option<&[f32]>,
+    s: &ConvShape,
+    (y, accumulate): (*mut f32, bool),
+) {
     assert!(s.kh == 3 && s.kw == 3, "Winograd F(2x2, 3x3) needs a 3x3 kernel");
     let hw = s.h * s.w;
     // (slice, its channels, its first row of V)
@@ -312,7 +339,7 @@ pub fn conv2d_into(
         off += c;
     }
     assert_eq!(off, s.ci, "the slices' channels must add up to Ci");
-    if y.is_empty() {
+    if s.b * s.co * s.h * s.w == 0 {
         return;
     }
     let (th, tw) = (s.h.div_ceil(2), s.w.div_ceil(2));
@@ -327,7 +354,7 @@ pub fn conv2d_into(
     // than the products).
     let parallel_tasks = tasks >= 2 * rayon::current_num_threads();
     let u_all = if parallel_tasks { weight_transform(w, w_ld, (0, s.co), s.ci, true) } else { Vec::new() };
-    let yp = SendPtr(y.as_mut_ptr());
+    let yp = SendPtr(y);
     // the 16 GEMMs M[ξ] (rows of m: nco output channels x nt tiles) = U[ξ] (nco x ci) · V[ξ]
     let gemms = |u: &[f32], v: &[f32], m: &mut [f32], nco: usize, nt: usize| {
         for xi in 0..16 {
