@@ -326,3 +326,52 @@ fn winograd_parallel_bands() {
     check_winograd(ConvShape { b: 2, ci: 32, co: 32, h: 60, w: 100, kh: 3, kw: 3 }, 7, true, false).unwrap();
     check_winograd(ConvShape { b: 2, ci: 32, co: 33, h: 59, w: 99, kh: 3, kw: 3 }, 8, false, true).unwrap();
 }
+
+/// The Winograd weight gradient on cpu against the f64 reference's dw, directly (any channel
+/// count, odd maps) and through `conv2d_backward` where the dispatch picks it.
+fn check_winograd_wgrad(s: ConvShape, seed: u64) -> Result<(), TestCaseError> {
+    let x = values(s.b * s.ci * s.h * s.w, seed, false);
+    let w = values(s.co * s.ci * 9, seed ^ 1, false);
+    let dy = values(s.b * s.co * s.h * s.w, seed ^ 3, false);
+    let (_, want, _) = reference::conv2d_backward(&f64s(&x), &f64s(&w), &f64s(&dy), &s);
+    let mag = reference::winograd_wgrad_magnitude(&f64s(&x), &f64s(&dy), &s);
+    let tol = reference::winograd_wgrad_tol(&s);
+    let got = conv::winograd::conv2d_wgrad(&x, &dy, &s);
+    assert_none("winograd dw", mismatch_scaled(&got, &want, &mag, tol, 0.0))?;
+    if conv::winograd::applies_wgrad(&s) {
+        let dev = device("cpu");
+        let g = conv::conv2d_backward(
+            &tensor(&x, &[s.b, s.ci, s.h, s.w], &dev),
+            &tensor(&w, &[s.co, s.ci, 3, 3], &dev),
+            &tensor(&dy, &[s.b, s.co, s.h, s.w], &dev),
+            false,
+            GemmAlgo::Auto,
+        )
+        .unwrap();
+        assert_none("conv2d_backward dw (winograd)", mismatch_scaled(&g.dw.to_vec().unwrap(), &want, &mag, tol, 0.0))?;
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, failure_persistence: None, ..ProptestConfig::default() })]
+    #[test]
+    fn winograd_wgrad_matches_reference(
+        b in 1usize..3,
+        ci in prop::sample::select(vec![1usize, 3, 32, 33]),
+        co in prop::sample::select(vec![1usize, 2, 32, 35]),
+        h in prop::sample::select(vec![1usize, 2, 3, 6, 9]),
+        w in prop::sample::select(vec![1usize, 4, 7, 12]),
+        seed in any::<u64>(),
+    ) {
+        check_winograd_wgrad(ConvShape { b, ci, co, h, w, kh: 3, kw: 3 }, seed)?;
+    }
+}
+
+/// Several bands per image for the weight gradient (summed band by band), and a shape the
+/// dispatch sends to it (256 input channels, 28²).
+#[test]
+fn winograd_wgrad_several_bands() {
+    check_winograd_wgrad(ConvShape { b: 2, ci: 32, co: 32, h: 60, w: 100, kh: 3, kw: 3 }, 9).unwrap();
+    check_winograd_wgrad(ConvShape { b: 1, ci: 256, co: 32, h: 28, w: 28, kh: 3, kw: 3 }, 10).unwrap();
+}

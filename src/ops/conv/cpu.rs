@@ -183,6 +183,9 @@ pub fn flip_weights(w: &[f32], co: usize, ci: usize, k2: usize) -> Vec<f32> {
 
 /// dw [Co, Ci·kh·kw] = Σ over images and bands of dy_band [Co, px] · col_bandᵀ.
 pub fn conv2d_wgrad(x: &[f32], dy: &[f32], s: &ConvShape) -> Vec<f32> {
+    if super::winograd::applies_wgrad(s) {
+        return super::winograd::conv2d_wgrad(x, dy, s);
+    }
     let (hw, kk) = (s.h * s.w, s.depth());
     let rows = band_rows(s);
     let bands = s.h.div_ceil(rows);

@@ -139,3 +139,90 @@ pub fn winograd_magnitude(x: &[f64], w: &[f64], bias: Option<&[f64]>, s: &ConvSh
 pub fn winograd_tol(ci: usize) -> f64 {
     2.0 * (ci + 12) as f64 * crate::testing::EPS32
 }
+
+/// The magnitude through which the Winograd weight gradient rounds, per weight: the transforms
+/// of `winograd::conv2d_wgrad` with every coefficient and value taken absolute,
+/// |G|ᵀ [Σ_images Σ_tiles (|A| |dY| |A|ᵀ) ⊙ (|B|ᵀ |d| |B|)] |G|.
+pub fn winograd_wgrad_magnitude(x: &[f64], dy: &[f64], s: &ConvShape) -> Vec<f64> {
+    let g_abs = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, 0.5, 0.5], [0.0, 0.0, 1.0]];
+    let bt_abs = [[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0]];
+    let a_abs = [[1.0, 0.0], [1.0, 1.0], [1.0, 1.0], [0.0, 1.0]];
+    let (h, w) = (s.h as isize, s.w as isize);
+    let mut du = vec![[[0.0f64; 4]; 4]; s.co * s.ci];
+    for b in 0..s.b {
+        for ty in 0..s.h.div_ceil(2) {
+            for tx in 0..s.w.div_ceil(2) {
+                let xin = |ci: usize, r: isize, c: isize| {
+                    if r >= 0 && r < h && c >= 0 && c < w {
+                        x[((b * s.ci + ci) * s.h + r as usize) * s.w + c as usize].abs()
+                    } else {
+                        0.0
+                    }
+                };
+                let v: Vec<[[f64; 4]; 4]> = (0..s.ci)
+                    .map(|ci| {
+                        let mut v = [[0.0; 4]; 4];
+                        for (r, vr) in v.iter_mut().enumerate() {
+                            for (c, vv) in vr.iter_mut().enumerate() {
+                                for k in 0..4 {
+                                    for l in 0..4 {
+                                        let d =
+                                            xin(ci, 2 * ty as isize - 1 + k as isize, 2 * tx as isize - 1 + l as isize);
+                                        *vv += bt_abs[r][k] * d * bt_abs[c][l];
+                                    }
+                                }
+                            }
+                        }
+                        v
+                    })
+                    .collect();
+                for co in 0..s.co {
+                    let mut m = [[0.0f64; 4]; 4];
+                    for (r, mr) in m.iter_mut().enumerate() {
+                        for (c, mv) in mr.iter_mut().enumerate() {
+                            for i in 0..2 {
+                                for j in 0..2 {
+                                    let (yy, xx) = (2 * ty + i, 2 * tx + j);
+                                    if yy < s.h && xx < s.w {
+                                        *mv += a_abs[r][i]
+                                            * dy[((b * s.co + co) * s.h + yy) * s.w + xx].abs()
+                                            * a_abs[c][j];
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    for (ci, vc) in v.iter().enumerate() {
+                        for r in 0..4 {
+                            for c in 0..4 {
+                                du[co * s.ci + ci][r][c] += m[r][c] * vc[r][c];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let mut out = vec![0.0f64; s.co * s.ci * 9];
+    for (f, u) in du.iter().enumerate() {
+        for k in 0..3 {
+            for l in 0..3 {
+                let mut acc = 0.0;
+                for r in 0..4 {
+                    for c in 0..4 {
+                        acc += g_abs[r][k] * u[r][c] * g_abs[c][l];
+                    }
+                }
+                out[f * 9 + 3 * k + l] = acc;
+            }
+        }
+    }
+    out
+}
+
+/// The Winograd weight gradient's relative error bound: the input and output-gradient
+/// transforms round twice each, the 16 GEMMs sum B·tiles products, the inverse transform rounds
+/// up to 4 times: (B·tiles + 12)·eps, with a factor 2 of slack.
+pub fn winograd_wgrad_tol(s: &ConvShape) -> f64 {
+    2.0 * (s.b * s.h.div_ceil(2) * s.w.div_ceil(2) + 12) as f64 * crate::testing::EPS32
+}
