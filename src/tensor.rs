@@ -120,6 +120,12 @@ impl Tensor {
     pub fn device(&self) -> &Device {
         &self.device
     }
+    /// The shared storage itself (its identity keys caches of derived data, e.g. transformed
+    /// convolution weights).
+    pub(crate) fn storage_arc(&self) -> &Arc<Storage> {
+        &self.storage
+    }
+
     pub fn storage(&self) -> &Storage {
         &self.storage
     }

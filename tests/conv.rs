@@ -375,3 +375,31 @@ fn winograd_wgrad_several_bands() {
     check_winograd_wgrad(ConvShape { b: 2, ci: 32, co: 32, h: 60, w: 100, kh: 3, kw: 3 }, 9).unwrap();
     check_winograd_wgrad(ConvShape { b: 1, ci: 256, co: 32, h: 28, w: 28, kh: 3, kw: 3 }, 10).unwrap();
 }
+
+/// The cpu keeps Winograd-transformed weights per live weight tensor: alternating two weight
+/// tensors of the same shape, and making new ones after dropping old ones (their memory may be
+/// reused), must always convolve with the weights given.
+#[test]
+fn winograd_weight_cache_follows_the_tensor() {
+    let s = ConvShape { b: 1, ci: 32, co: 33, h: 6, w: 7, kh: 3, kw: 3 };
+    let dev = device("cpu");
+    let x = values(s.ci * s.h * s.w, 1, false);
+    let xt = tensor(&x, &[1, s.ci, s.h, s.w], &dev);
+    let check = |wv: &[f32], wt: &reclmis::Tensor| {
+        let want = reference::conv2d(&f64s(&x), &f64s(wv), None, &s);
+        let mag = reference::winograd_magnitude(&f64s(&x), &f64s(wv), None, &s);
+        let y = conv::conv2d(&xt, wt, None, GemmAlgo::Auto).unwrap().to_vec().unwrap();
+        assert_eq!(mismatch_scaled(&y, &want, &mag, reference::winograd_tol(s.ci), 0.0), None);
+    };
+    let (w1, w2) = (values(s.co * s.ci * 9, 2, false), values(s.co * s.ci * 9, 3, false));
+    let (t1, t2) = (tensor(&w1, &[s.co, s.ci, 3, 3], &dev), tensor(&w2, &[s.co, s.ci, 3, 3], &dev));
+    for _ in 0..3 {
+        check(&w1, &t1);
+        check(&w2, &t2);
+    }
+    drop((t1, t2));
+    for seed in 4..10 {
+        let w = values(s.co * s.ci * 9, seed, false);
+        check(&w, &tensor(&w, &[s.co, s.ci, 3, 3], &dev));
+    }
+}

@@ -79,7 +79,7 @@ fn im2col(xb: &[f32], s: &ConvShape, r0: usize, rows: usize, col: &mut [f32]) {
 /// y [B,Co,H,W] = conv(x [B,Ci,H,W], w [Co,Ci,kh,kw]) + bias.
 pub fn conv2d(x: &[f32], w: &[f32], bias: Option<&[f32]>, s: &ConvShape) -> Vec<f32> {
     if super::winograd::applies(s) {
-        return super::winograd::conv2d_new(&[x], (w, s.depth()), bias, s);
+        return super::winograd::conv2d_new(&[x], (w, s.depth()), None, bias, s);
     }
     let mut y = vec![0.0f32; s.b * s.co * s.h * s.w];
     conv2d_into(x, (w, s.depth()), bias, s, &mut y, false);

@@ -11,6 +11,7 @@
 
 pub mod cpu;
 pub mod reference;
+mod weight_cache;
 pub mod winograd;
 
 use crate::device::{Device, LaunchCfg};
@@ -157,7 +158,12 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, algo: GemmAlgo) -> 
             Some(b) => Some(b.cpu_f32("conv2d")?),
             None => None,
         };
-        return Tensor::from_vec(cpu::conv2d(x.cpu_f32("conv2d")?, w.cpu_f32("conv2d")?, bv, &s), &out, dev);
+        let (xv, wv) = (x.cpu_f32("conv2d")?, w.cpu_f32("conv2d")?);
+        if winograd::applies(&s) {
+            let u = winograd::cached_weights(w, (wv, s.depth()), &s);
+            return Tensor::from_vec(winograd::conv2d_new(&[xv], (wv, s.depth()), Some(&u), bv, &s), &out, dev);
+        }
+        return Tensor::from_vec(cpu::conv2d(xv, wv, bv, &s), &out, dev);
     }
     let y = Tensor::empty(&out, DType::F32, dev)?;
     if y.numel() > 0 {
@@ -338,7 +344,8 @@ pub fn conv2d_cat(parts: &[&Tensor], w: &Tensor, bias: Option<&Tensor>, algo: Ge
             // every slice straight into its rows of the transformed input: one convolution
             let xs = parts.iter().map(|x| x.cpu_f32(op)).collect::<Result<Vec<_>>>()?;
             let bv = bias.map(|b| b.cpu_f32(op)).transpose()?;
-            return Tensor::from_vec(winograd::conv2d_new(&xs, (wv, s.depth()), bv, &s), &out, dev);
+            let u = winograd::cached_weights(w, (wv, s.depth()), &s);
+            return Tensor::from_vec(winograd::conv2d_new(&xs, (wv, s.depth()), Some(&u), bv, &s), &out, dev);
         }
         let mut y = vec![0.0f32; s.b * s.co * s.h * s.w];
         let mut c_off = 0;

@@ -311,27 +311,47 @@ pub fn conv2d_into(
 ) {
     assert_eq!(y.len(), s.b * s.co * s.h * s.w, "the output must be [B, Co, H, W]");
     // SAFETY: y holds B·Co·H·W initialised floats.
-    unsafe { conv2d_raw(xs, (w, w_ld), bias, s, (y.as_mut_ptr(), accumulate)) }
+    unsafe { conv2d_raw(xs, (w, w_ld, None), bias, s, (y.as_mut_ptr(), accumulate)) }
 }
 
 /// A new output, written once (no zeroing pass: without accumulation every pixel of every
 /// channel is written); NaN-poisoned under the tests' poison switch.
-pub fn conv2d_new(xs: &[&[f32]], (w, w_ld): (&[f32], usize), bias: Option<&[f32]>, s: &ConvShape) -> Vec<f32> {
+pub fn conv2d_new(
+    xs: &[&[f32]],
+    (w, w_ld): (&[f32], usize),
+    u: Option<&[f32]>,
+    bias: Option<&[f32]>,
+    s: &ConvShape,
+) -> Vec<f32> {
     let n = s.b * s.co * s.h * s.w;
     let mut y: Vec<f32> = if crate::device::poison_enabled() { vec![f32::NAN; n] } else { Vec::with_capacity(n) };
     // SAFETY: y has room for B·Co·H·W floats, and without accumulation the output transform
     // writes every one of them (and reads none) before set_len.
     unsafe {
-        conv2d_raw(xs, (w, w_ld), bias, s, (y.as_mut_ptr(), false));
+        conv2d_raw(xs, (w, w_ld, u), bias, s, (y.as_mut_ptr(), false));
         y.set_len(n);
     }
     y
 }
 
+/// The transformed weights of a weight tensor (all 16 planes of Co × Ci), from the cache of
+/// live weight tensors (`weight_cache`) or made now and kept there.
+pub(crate) fn cached_weights(
+    wt: &crate::Tensor,
+    (w, w_ld): (&[f32], usize),
+    s: &ConvShape,
+) -> std::sync::Arc<Vec<f32>> {
+    super::weight_cache::get_or_make(wt.storage_arc(), (0, w_ld, s.co, s.ci), || {
+        weight_transform(w, w_ld, (0, s.co), s.ci, true)
+    })
+}
+
+/// u: the weights already transformed (`cached_weights`), or None to transform them here.
+///
 /// SAFETY: y points to B·Co·H·W floats, initialised when `accumulate`.
 unsafe fn conv2d_raw(
     xs: &[&[f32]],
-    (w, w_ld): (&[f32], usize),
+    (w, w_ld, u_given): (&[f32], usize, Option<&[f32]>),
     bias: Option<&[f32]>,
     s: &ConvShape,
     (y, accumulate): (*mut f32, bool),
@@ -361,10 +381,14 @@ unsafe fn conv2d_raw(
     // the 16·Co·Ci transformed weights are never all in memory at once: at 14² they cost more
     // than the products).
     let parallel_tasks = tasks >= 2 * rayon::current_num_threads();
-    let u_all = if parallel_tasks { weight_transform(w, w_ld, (0, s.co), s.ci, true) } else { Vec::new() };
+    let u_made =
+        if parallel_tasks && u_given.is_none() { weight_transform(w, w_ld, (0, s.co), s.ci, true) } else { Vec::new() };
+    // all 16 planes of Co x Ci, when given or made here
+    let u_all: Option<&[f32]> = u_given.or(if parallel_tasks { Some(&u_made[..]) } else { None });
     let yp = SendPtr(y);
-    // the 16 GEMMs M[ξ] (rows of m: nco output channels x nt tiles) = U[ξ] (nco x ci) · V[ξ]
-    let gemms = |u: &[f32], v: &[f32], m: &mut [f32], nco: usize, nt: usize| {
+    // the 16 GEMMs M[ξ] (rows of m: nco output channels x nt tiles) = U[ξ] (nco x ci) · V[ξ],
+    // u's planes u_plane floats apart
+    let gemms = |(u, u_plane): (&[f32], usize), v: &[f32], m: &mut [f32], nco: usize, nt: usize| {
         for xi in 0..16 {
             // SAFETY: plane ξ of m (nco x nt, row stride nt), of u (nco x ci, row stride ci)
             // and of v (ci x nt, row stride nt), all inside their buffers.
@@ -377,7 +401,7 @@ unsafe fn conv2d_raw(
                     1,
                     nt as isize,
                     false,
-                    u[xi * nco * s.ci..].as_ptr(),
+                    u[xi * u_plane..].as_ptr(),
                     1,
                     s.ci as isize,
                     v[xi * s.ci * nt..].as_ptr(),
@@ -413,7 +437,7 @@ unsafe fn conv2d_raw(
                 input_transform(xb(k), s, band, (0, c), (vp, off));
             }
             mm.resize(16 * s.co * nt, 0.0);
-            gemms(&u_all, v, mm, s.co, nt);
+            gemms((u_all.expect("made or given in this mode"), s.co * s.ci), v, mm, s.co, nt);
             // SAFETY: see yb.
             unsafe { output_transform((mm, 0, s.co), s, band, (0, s.co), bias, (yb, accumulate)) };
         } else {
@@ -429,9 +453,15 @@ unsafe fn conv2d_raw(
             jobs.into_par_iter().for_each(|(k, cis)| input_transform(xb(k), s, band, cis, (vp, slices[k].2)));
             let v: &[f32] = v;
             split(s.co, s.co.div_ceil(CO_BLOCK)).into_par_iter().for_each(|(c0, c1)| {
-                let u = weight_transform(w, w_ld, (c0, c1), s.ci, false);
                 let mut m = vec![0.0f32; 16 * (c1 - c0) * nt];
-                gemms(&u, v, &mut m, c1 - c0, nt);
+                match u_all {
+                    // rows c0.. of every plane of the given transform
+                    Some(u) => gemms((&u[c0 * s.ci..], s.co * s.ci), v, &mut m, c1 - c0, nt),
+                    None => {
+                        let u = weight_transform(w, w_ld, (c0, c1), s.ci, false);
+                        gemms((&u, (c1 - c0) * s.ci), v, &mut m, c1 - c0, nt)
+                    }
+                }
                 // SAFETY: see yb; output channels [c0, c1) are this block's alone.
                 unsafe { output_transform((&m, c0, c1 - c0), s, band, (c0, c1), bias, (yb, accumulate)) };
             });

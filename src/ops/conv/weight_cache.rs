@@ -1,0 +1,47 @@
+//! Winograd-transformed weights kept between calls, for weight tensors that are still alive.
+//! Tensors are immutable once their op returns, and a live `Weak` pins its allocation (no other
+//! tensor can get the same address), so "same live storage, same row stride" means "same
+//! weights". Inference calls a layer with the same weights again and again: the transform (16
+//! planes from every 3×3 filter, a quarter of a 14² × 512 convolution) is then paid once.
+//! Training makes new weight tensors every step and misses, at the cost of the lookup.
+//! Entries of dropped tensors are evicted on every insert; beyond `CAP_FLOATS` the oldest go.
+
+use crate::tensor::Storage;
+use std::sync::{Arc, Mutex, Weak};
+
+/// At most 256 MB of transformed weights (the official U-Net's 3×3 layers need about 60 MB).
+const CAP_FLOATS: usize = 64 << 20;
+
+struct Entry {
+    storage: Weak<Storage>,
+    /// (offset of the weights in the storage, row stride, Co, Ci)
+    geom: (usize, usize, usize, usize),
+    u: Arc<Vec<f32>>,
+}
+
+static CACHE: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
+
+/// The cached transform of these weights, or `make()`'s, stored for next time.
+pub(crate) fn get_or_make(
+    storage: &Arc<Storage>,
+    geom: (usize, usize, usize, usize),
+    make: impl FnOnce() -> Vec<f32>,
+) -> Arc<Vec<f32>> {
+    let weak = Arc::downgrade(storage);
+    {
+        // a poisoned lock only means another thread panicked mid-update: the list is still valid
+        let cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = cache.iter().find(|e| e.storage.ptr_eq(&weak) && e.geom == geom) {
+            return e.u.clone();
+        }
+    }
+    let u = Arc::new(make());
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    cache.retain(|e| e.storage.strong_count() > 0);
+    cache.push(Entry { storage: weak, geom, u: u.clone() });
+    let mut total: usize = cache.iter().map(|e| e.u.len()).sum();
+    while total > CAP_FLOATS && cache.len() > 1 {
+        total -= cache.remove(0).u.len();
+    }
+    u
+}
