@@ -99,6 +99,36 @@ macro_rules! multiversion {
 }
 pub(crate) use multiversion;
 
+/// A raw pointer into an output that several rayon tasks write at once, each its own disjoint
+/// elements (the callers' SAFETY comments say which), and that nothing reads until they are all
+/// done: the one thing that makes sharing it between threads sound.
+pub(crate) struct SendPtr<T = f32>(pub *mut T);
+
+// Manual impls: a derive would require T: Copy, but the pointer is Copy whatever T is.
+impl<T> Clone for SendPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SendPtr<T> {}
+
+// SAFETY: see the type's doc: every task writes disjoint elements, none reads another's.
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
+    /// The pointer (a method, so that closures capture the Sync wrapper, not its field).
+    pub(crate) fn get(&self) -> *mut T {
+        self.0
+    }
+
+    /// The element at `off`.
+    pub(crate) fn at(&self, off: usize) -> *mut T {
+        // SAFETY: callers stay inside the buffer (see the uses).
+        unsafe { self.0.add(off) }
+    }
+}
+
 /// A new Vec of n f32 that `fill(chunk_index, chunk)` writes completely, chunk by chunk in
 /// parallel (rayon), without the zeroing pass of `vec![0.0; n]`: that pass runs on the calling
 /// thread alone and costs as much as a memory-bound op itself. Under the tests' poison switch

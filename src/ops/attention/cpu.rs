@@ -9,7 +9,7 @@
 //! and was 10-20% slower at 196 -> 18.
 
 use super::{AttnShape, COND_EPS};
-use crate::ops::cpu_math;
+use crate::ops::cpu_math::{self, SendPtr};
 use rayon::prelude::*;
 
 /// Query rows per block at least: 64 x 196 keys x 4 B = 50 KB of logits, inside L2 with the
@@ -41,22 +41,6 @@ pub struct Grads {
     pub dk: Vec<f32>,
     pub dv: Vec<f32>,
     pub dw: Option<Vec<f32>>,
-}
-
-/// An output buffer written by several tasks at once, each into its own (batch, head) columns.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: every task writes a disjoint set of elements (head h's columns of batch b's rows, or
-// the (b, h) slot of a per-head buffer); nothing reads them until all tasks are done.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    /// The element at `off` (a method, so that closures capture the Sync wrapper itself).
-    fn at(&self, off: usize) -> *mut f32 {
-        // SAFETY: callers stay inside the buffer (see the uses).
-        unsafe { self.0.add(off) }
-    }
 }
 
 /// An output that the tasks write completely before anyone reads it, allocated without a

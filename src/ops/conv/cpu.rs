@@ -3,6 +3,7 @@
 //! output; the whole batch's im2col never exists. 1×1 convolutions need no im2col at all.
 
 use super::ConvShape;
+use crate::ops::cpu_math::SendPtr;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -13,19 +14,6 @@ const COL_FLOATS: usize = 1 << 18;
 /// The weight gradient is summed in this many fixed parts (then in order), so the result does not
 /// depend on the thread count or the schedule.
 const WGRAD_PARTS: usize = 4;
-
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: tasks write disjoint regions of the buffer (see each use).
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    // A method, so that closures capture the whole (Sync) wrapper, not its raw-pointer field.
-    fn get(&self) -> *mut f32 {
-        self.0
-    }
-}
 
 /// Output rows per task.
 fn band_rows(s: &ConvShape) -> usize {

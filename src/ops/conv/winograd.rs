@@ -9,7 +9,7 @@
 //! cache); the 16 transformed weight matrices are built once per call.
 
 use super::ConvShape;
-use crate::ops::cpu_math;
+use crate::ops::cpu_math::{self, SendPtr};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -31,18 +31,6 @@ pub fn applies(s: &ConvShape) -> bool {
 /// 14², its bands' small GEMMs (Co × Ci outputs over one band's tiles) lost (0.5–0.9x).
 pub fn applies_wgrad(s: &ConvShape) -> bool {
     applies(s) && s.ci >= 256 && s.h * s.w >= 28 * 28
-}
-
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: each task writes a disjoint set of output rows (its band of tile rows of one image).
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    fn get(&self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// The first n lanes to dst: one vector store when all 16 go (a copy of run-time length is a

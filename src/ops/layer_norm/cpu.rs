@@ -2,40 +2,11 @@
 //! built for AVX-512/AVX2 with lane-wise partial sums; dγ and dβ are summed per chunk of rows and
 //! the chunks added in order (deterministic).
 
-use crate::ops::cpu_math::{self, dot_lanes, sq_dev_lanes, sum_lanes};
+use crate::ops::cpu_math::{self, dot_lanes, sq_dev_lanes, sum_lanes, SendPtr};
 use std::mem::MaybeUninit;
 
 /// Rows per rayon task.
 const ROWS: usize = 64;
-
-/// Per-row statistics written by the row tasks, each its own rows.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: every task writes only the statistics of its own rows; nothing reads them until all
-// tasks are done.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    fn at(&self, i: usize) -> *mut f32 {
-        // SAFETY: callers stay inside the buffer.
-        unsafe { self.0.add(i) }
-    }
-}
-
-/// The per-task (dγ, dβ) slots, one per task.
-#[derive(Clone, Copy)]
-struct SendPartials(*mut (Vec<f32>, Vec<f32>));
-// SAFETY: task t writes slot t only; the slots are read after all tasks are done.
-unsafe impl Send for SendPartials {}
-unsafe impl Sync for SendPartials {}
-
-impl SendPartials {
-    fn at(&self, t: usize) -> *mut (Vec<f32>, Vec<f32>) {
-        // SAFETY: callers stay inside the buffer.
-        unsafe { self.0.add(t) }
-    }
-}
 
 cpu_math::multiversion! {
     /// One row: y, and (mean, rstd). The deviations are recomputed for the output instead of
@@ -120,7 +91,7 @@ pub fn backward(
     // dx written row by row in parallel (`par_new`); dγ, dβ summed per task, one slot each
     let tasks = x.len().div_ceil((ROWS * c).max(1));
     let mut partials: Vec<(Vec<f32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); tasks];
-    let pp = SendPartials(partials.as_mut_ptr());
+    let pp = SendPtr(partials.as_mut_ptr());
     let dx = cpu_math::par_new(x.len(), ROWS * c, |t, dxc| {
         let (mut dg, mut db) = (vec![0.0f32; c], vec![0.0f32; c]);
         let (mut xh, mut g) = (vec![0.0f32; c], vec![0.0f32; c]);
