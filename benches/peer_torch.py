@@ -194,9 +194,11 @@ def build(spec, dev):
         x, g, b, go = r(rows, c), r(c), r(c), r(rows, c)
         if kind == "layer_norm":
             return lambda: torch.nn.functional.layer_norm(x, (c,), g, b, 1e-5)
-        x.requires_grad_(True)
+        # dx, dγ and dβ, as ours computes
+        for t in (x, g, b):
+            t.requires_grad_(True)
         y = torch.nn.functional.layer_norm(x, (c,), g, b, 1e-5)
-        return lambda: torch.autograd.grad(y, x, go, retain_graph=True)
+        return lambda: torch.autograd.grad(y, (x, g, b), go, retain_graph=True)
     if kind == "gelu":
         x = r(*d)
         return lambda: torch.nn.functional.gelu(x)

@@ -217,7 +217,7 @@ pub fn sq_dev_lanes(x: &[f32], m: f32) -> f32 {
 
 /// The lanes' total by halving (four vector steps instead of a 16-add chain).
 #[inline(always)]
-fn hsum(mut acc: [f32; LANES]) -> f32 {
+pub fn hsum(mut acc: [f32; LANES]) -> f32 {
     let mut w = LANES / 2;
     while w > 0 {
         for l in 0..w {

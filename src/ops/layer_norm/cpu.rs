@@ -2,7 +2,7 @@
 //! built for AVX-512/AVX2 with lane-wise partial sums; dγ and dβ are summed per chunk of rows and
 //! the chunks added in order (deterministic).
 
-use crate::ops::cpu_math::{self, dot_lanes, sq_dev_lanes, sum_lanes, SendPtr};
+use crate::ops::cpu_math::{self, sq_dev_lanes, sum_lanes, SendPtr};
 use std::mem::MaybeUninit;
 
 /// Rows per rayon task.
@@ -35,23 +35,47 @@ cpu_math::multiversion! {
 }
 
 cpu_math::multiversion! {
-    /// One row of dx (xh and g are scratch rows), accumulating dγ and dβ.
-    fn row_bwd(x_dy: (&[f32], &[f32]), gamma: Option<&[f32]>, stats: (f32, f32), dxr: &mut [MaybeUninit<f32>], scratch: (&mut [f32], &mut [f32]), acc: (&mut [f32], &mut [f32])) {
+    /// One row of dx (xh and g are scratch rows), accumulating dγ and dβ; w = γ (all ones when
+    /// the norm has none: the products are then exact). One pass makes x̂, g = dy·w, their two
+    /// lane sums (in `sum_lanes` / `dot_lanes` order) and dγ, dβ; a second writes dx.
+    fn row_bwd(x_dy: (&[f32], &[f32]), w: &[f32], stats: (f32, f32), dxr: &mut [MaybeUninit<f32>], scratch: (&mut [f32], &mut [f32]), acc: (&mut [f32], &mut [f32])) {
         let ((xr, dyr), (m, rs), (xh, g), (dg, db)) = (x_dy, stats, scratch, acc);
         let c = xr.len() as f32;
-        for (h, &a) in xh.iter_mut().zip(xr) {
-            *h = (a - m) * rs;
+        const L: usize = cpu_math::LANES;
+        let (mut s1, mut s2) = ([0.0f32; L], [0.0f32; L]);
+        let full = xr.len() - xr.len() % L;
+        {
+            let it = xr[..full].chunks_exact(L).zip(dyr[..full].chunks_exact(L)).zip(w[..full].chunks_exact(L));
+            let out = xh[..full].chunks_exact_mut(L).zip(g[..full].chunks_exact_mut(L));
+            let accs = dg[..full].chunks_exact_mut(L).zip(db[..full].chunks_exact_mut(L));
+            for ((((xc, dyc), wc), (hc, gc)), (dgc, dbc)) in it.zip(out).zip(accs) {
+                for l in 0..L {
+                    let h = (xc[l] - m) * rs;
+                    let gv = dyc[l] * wc[l];
+                    hc[l] = h;
+                    gc[l] = gv;
+                    s1[l] += gv;
+                    s2[l] += gv * h;
+                    dgc[l] += dyc[l] * h;
+                    dbc[l] += dyc[l];
+                }
+            }
         }
-        match gamma {
-            Some(w) => g.iter_mut().zip(dyr).zip(w).for_each(|((o, &d), &w)| *o = d * w),
-            None => g.copy_from_slice(dyr),
-        }
-        let sg = sum_lanes(g) / c;
-        let sgx = dot_lanes(g, xh) / c;
-        for j in 0..xr.len() {
-            dxr[j].write(rs * (g[j] - sg - xh[j] * sgx));
-            dg[j] += dyr[j] * xh[j];
+        let (mut t1, mut t2) = (0.0f32, 0.0f32);
+        for j in full..xr.len() {
+            let h = (xr[j] - m) * rs;
+            let gv = dyr[j] * w[j];
+            xh[j] = h;
+            g[j] = gv;
+            t1 += gv;
+            t2 += gv * h;
+            dg[j] += dyr[j] * h;
             db[j] += dyr[j];
+        }
+        let sg = (cpu_math::hsum(s1) + t1) / c;
+        let sgx = (cpu_math::hsum(s2) + t2) / c;
+        for ((o, &gv), &h) in dxr.iter_mut().zip(g.iter()).zip(xh.iter()) {
+            o.write(rs * (gv - sg - h * sgx));
         }
     }
 }
@@ -88,6 +112,14 @@ pub fn backward(
     dy: &[f32],
     c: usize,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let ones;
+    let w = match gamma {
+        Some(w) => w,
+        None => {
+            ones = vec![1.0f32; c];
+            &ones[..]
+        }
+    };
     // dx written row by row in parallel (`par_new`); dγ, dβ summed per task, one slot each
     let tasks = x.len().div_ceil((ROWS * c).max(1));
     let mut partials: Vec<(Vec<f32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); tasks];
@@ -98,7 +130,7 @@ pub fn backward(
         for (r, dxr) in dxc.chunks_mut(c).enumerate() {
             let row = t * ROWS + r;
             let (xr, dyr) = (&x[row * c..][..c], &dy[row * c..][..c]);
-            row_bwd((xr, dyr), gamma, (mean[row], rstd[row]), dxr, (&mut xh, &mut g), (&mut dg, &mut db));
+            row_bwd((xr, dyr), w, (mean[row], rstd[row]), dxr, (&mut xh, &mut g), (&mut dg, &mut db));
         }
         // SAFETY: t < tasks, and only task t writes slot t.
         unsafe { *pp.at(t) = (dg, db) };
