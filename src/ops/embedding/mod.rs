@@ -57,10 +57,15 @@ pub fn embedding(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
             return Err(id_error(pos, id, v));
         }
         let t = table.cpu_f32(OP)?;
-        let mut y = Vec::with_capacity(n * d);
-        for &id in idv {
-            y.extend_from_slice(&t[id as usize * d..(id as usize + 1) * d]);
-        }
+        // rows gathered in parallel, 64 tokens per task, straight into the new output
+        const ROWS: usize = 64;
+        let y = crate::ops::cpu_math::par_new(n * d, ROWS * d.max(1), |task, out| {
+            for (row, &id) in out.chunks_exact_mut(d.max(1)).zip(&idv[task * ROWS..]) {
+                for (o, &x) in row.iter_mut().zip(&t[id as usize * d..(id as usize + 1) * d]) {
+                    o.write(x);
+                }
+            }
+        });
         return Tensor::from_vec(y, &out_shape, dev);
     }
     let y = Tensor::empty(&out_shape, DType::F32, dev)?;
