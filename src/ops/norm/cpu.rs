@@ -58,18 +58,16 @@ pub fn forward(
     } else {
         (rm.to_vec(), rv.to_vec(), rm.to_vec(), rv.to_vec())
     };
-    let mut y = vec![0.0f32; x.len()];
-    if s > 0 {
-        y.par_chunks_mut(s).enumerate().for_each(|(plane, yp)| {
-            let ch = plane % c;
-            let scale = gamma[ch] / (var[ch] + o.eps).sqrt();
-            let shift = beta[ch] - mean[ch] * scale;
-            for (o_, &v) in yp.iter_mut().zip(&x[plane * s..(plane + 1) * s]) {
-                let r = v * scale + shift;
-                *o_ = if o.relu && r < 0.0 { 0.0 } else { r };
-            }
-        });
-    }
+    // one plane per chunk, written once (no zeroing pass)
+    let y = crate::ops::cpu_math::par_new(x.len(), s, |plane, yp| {
+        let ch = plane % c;
+        let scale = gamma[ch] / (var[ch] + o.eps).sqrt();
+        let shift = beta[ch] - mean[ch] * scale;
+        for (o_, &v) in yp.iter_mut().zip(&x[plane * s..(plane + 1) * s]) {
+            let r = v * scale + shift;
+            o_.write(if o.relu && r < 0.0 { 0.0 } else { r });
+        }
+    });
     (y, mean, var, nrm, nrv)
 }
 
