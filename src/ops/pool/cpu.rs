@@ -68,22 +68,18 @@ pub fn max_pool2_backward(dy: &[f32], idx: &[i32], planes: usize, h: usize, w: u
 }
 
 pub fn upsample2(x: &[f32], planes: usize, h: usize, w: usize) -> Vec<f32> {
-    let mut y = vec![0.0f32; planes * 4 * h * w];
-    if y.is_empty() {
-        return y;
-    }
-    y.par_chunks_mut(4 * h * w).enumerate().for_each(|(pl, yp)| {
+    // one output plane per chunk, written once (no zeroing pass: 4x the input's size)
+    crate::ops::cpu_math::par_new(planes * 4 * h * w, 4 * h * w, |pl, yp| {
         let xp = &x[pl * h * w..(pl + 1) * h * w];
         for (r, pair) in yp.chunks_mut(4 * w).enumerate() {
             let (top, bottom) = pair.split_at_mut(2 * w);
-            for (c, &v) in xp[r * w..(r + 1) * w].iter().enumerate() {
-                top[2 * c] = v;
-                top[2 * c + 1] = v;
+            for (two, &v) in top.chunks_exact_mut(2).zip(&xp[r * w..(r + 1) * w]) {
+                two[0].write(v);
+                two[1].write(v);
             }
             bottom.copy_from_slice(top);
         }
-    });
-    y
+    })
 }
 
 pub fn upsample2_backward(dy: &[f32], planes: usize, h: usize, w: usize) -> Vec<f32> {
