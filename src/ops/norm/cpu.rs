@@ -97,10 +97,10 @@ multiversion! {
 
 multiversion! {
     /// dx over one plane: k1·g − k0 − k2·(x − mean) (training) or k1·g (evaluation).
-    fn plane_dx(x: &[f32], y: &[f32], dy: &[f32], dx: &mut [f32], mean: f32, k: (f32, f32, f32), relu: bool) {
+    fn plane_dx(x: &[f32], y: &[f32], dy: &[f32], dx: &mut [std::mem::MaybeUninit<f32>], mean: f32, k: (f32, f32, f32), relu: bool) {
         for (((o, &xv), &yv), &gv) in dx.iter_mut().zip(x).zip(y).zip(dy) {
             let g = if relu && yv <= 0.0 { 0.0 } else { gv };
-            *o = k.1 * g - k.0 - k.2 * (xv - mean);
+            o.write(k.1 * g - k.0 - k.2 * (xv - mean));
         }
     }
 }
@@ -135,21 +135,19 @@ pub fn backward(
         .collect();
     let dgamma: Vec<f32> = sums.iter().map(|v| v.0).collect();
     let dbeta: Vec<f32> = sums.iter().map(|v| v.1).collect();
-    let mut dx = vec![0.0f32; x.len()];
     let cnt = (b * s) as f32;
-    if s > 0 {
-        dx.par_chunks_mut(s).enumerate().for_each(|(plane, dp)| {
-            let ch = plane % c;
-            let inv = 1.0 / (var[ch] + o.eps).sqrt();
-            // training: γ·inv/n · (n·g − dβ − x̂·dγ) = k1·g − k0 − k2·(x − mean)
-            let k = if o.train {
-                (gamma[ch] * inv / cnt * dbeta[ch], gamma[ch] * inv, gamma[ch] * inv * inv / cnt * dgamma[ch])
-            } else {
-                (0.0, gamma[ch] * inv, 0.0)
-            };
-            let r = plane * s..(plane + 1) * s;
-            plane_dx(&x[r.clone()], &y[r.clone()], &dy[r], dp, mean[ch], k, o.relu);
-        });
-    }
+    // one plane per chunk, written once (no zeroing pass)
+    let dx = crate::ops::cpu_math::par_new(x.len(), s, |plane, dp| {
+        let ch = plane % c;
+        let inv = 1.0 / (var[ch] + o.eps).sqrt();
+        // training: γ·inv/n · (n·g − dβ − x̂·dγ) = k1·g − k0 − k2·(x − mean)
+        let k = if o.train {
+            (gamma[ch] * inv / cnt * dbeta[ch], gamma[ch] * inv, gamma[ch] * inv * inv / cnt * dgamma[ch])
+        } else {
+            (0.0, gamma[ch] * inv, 0.0)
+        };
+        let r = plane * s..(plane + 1) * s;
+        plane_dx(&x[r.clone()], &y[r.clone()], &dy[r], dp, mean[ch], k, o.relu);
+    });
     (dx, dgamma, dbeta)
 }
