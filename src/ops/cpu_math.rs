@@ -129,29 +129,53 @@ impl<T> SendPtr<T> {
     }
 }
 
+/// A new output of n f32 that its writers fill completely before anyone reads it, allocated
+/// without the zeroing pass of `vec![0.0; n]` (which runs on the calling thread alone and, for
+/// memory-bound ops, costs as much as the op: a fifth of an attention step at the CLIP tower's
+/// sizes). Under the tests' poison switch it starts as NaN instead, so an element the writers
+/// miss fails the comparison.
+pub(crate) struct Unfilled(Vec<f32>, usize);
+
+impl Unfilled {
+    pub(crate) fn new(n: usize) -> Unfilled {
+        if crate::device::poison_enabled() {
+            Unfilled(vec![f32::NAN; n], n)
+        } else {
+            Unfilled(Vec::with_capacity(n), n)
+        }
+    }
+
+    /// Room for n floats (write through raw pointers only: they may be uninitialised).
+    pub(crate) fn ptr(&mut self) -> SendPtr {
+        SendPtr(self.0.as_mut_ptr())
+    }
+
+    /// The n floats as slots to write.
+    pub(crate) fn slots(&mut self) -> &mut [std::mem::MaybeUninit<f32>] {
+        // SAFETY: the Vec has capacity for n floats; MaybeUninit<f32> has f32's layout and does
+        // not assume them initialised; only initialised values are written through it.
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr() as *mut std::mem::MaybeUninit<f32>, self.1) }
+    }
+
+    /// SAFETY: every element of 0..n has been written through `ptr` or `slots`.
+    pub(crate) unsafe fn filled(mut self) -> Vec<f32> {
+        self.0.set_len(self.1);
+        self.0
+    }
+}
+
 /// A new Vec of n f32 that `fill(chunk_index, chunk)` writes completely, chunk by chunk in
-/// parallel (rayon), without the zeroing pass of `vec![0.0; n]`: that pass runs on the calling
-/// thread alone and costs as much as a memory-bound op itself. Under the tests' poison switch
-/// the buffer starts as NaN, so a chunk that is not fully written shows.
+/// parallel (rayon), without a zeroing pass (`Unfilled`).
 pub fn par_new(
     n: usize,
     chunk: usize,
     fill: impl Fn(usize, &mut [std::mem::MaybeUninit<f32>]) + Sync + Send,
 ) -> Vec<f32> {
     use rayon::prelude::*;
-    use std::mem::MaybeUninit;
-    let poison = crate::device::poison_enabled();
-    let mut v: Vec<f32> = if poison { vec![f32::NAN; n] } else { Vec::with_capacity(n) };
-    let out: &mut [MaybeUninit<f32>] = if poison {
-        // SAFETY: MaybeUninit<f32> has f32's layout, and only initialised values are written.
-        unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut MaybeUninit<f32>, n) }
-    } else {
-        &mut v.spare_capacity_mut()[..n]
-    };
-    out.par_chunks_mut(chunk.max(1)).enumerate().for_each(|(i, c)| fill(i, c));
+    let mut out = Unfilled::new(n);
+    out.slots().par_chunks_mut(chunk.max(1)).enumerate().for_each(|(i, c)| fill(i, c));
     // SAFETY: `fill` wrote every element of every chunk (its contract); the chunks cover 0..n.
-    unsafe { v.set_len(n) };
-    v
+    unsafe { out.filled() }
 }
 
 /// The max / argmax rule of the kernels (common.cuh `max_better`, reduce.cu): is value v at index

@@ -9,7 +9,7 @@
 //! and was 10-20% slower at 196 -> 18.
 
 use super::{AttnShape, COND_EPS};
-use crate::ops::cpu_math::{self, SendPtr};
+use crate::ops::cpu_math::{self, SendPtr, Unfilled};
 use rayon::prelude::*;
 
 /// Query rows per block at least: 64 x 196 keys x 4 B = 50 KB of logits, inside L2 with the
@@ -41,32 +41,6 @@ pub struct Grads {
     pub dk: Vec<f32>,
     pub dv: Vec<f32>,
     pub dw: Option<Vec<f32>>,
-}
-
-/// An output that the tasks write completely before anyone reads it, allocated without a
-/// zeroing pass: at the CLIP tower's sizes, zeroing o, dq, dk and dv on the calling thread cost
-/// about a fifth of a forward + backward. Under the tests' poison switch it starts as NaN
-/// instead, so an element a task forgets to write fails the comparison.
-struct Unfilled(Vec<f32>, usize);
-
-impl Unfilled {
-    fn new(n: usize) -> Unfilled {
-        if crate::device::poison_enabled() {
-            Unfilled(vec![f32::NAN; n], n)
-        } else {
-            Unfilled(Vec::with_capacity(n), n)
-        }
-    }
-
-    fn ptr(&mut self) -> SendPtr {
-        SendPtr(self.0.as_mut_ptr())
-    }
-
-    /// SAFETY: every element of 0..n has been written through `ptr`.
-    unsafe fn filled(mut self) -> Vec<f32> {
-        self.0.set_len(self.1);
-        self.0
-    }
 }
 
 /// Zero rows [j0, s) of head h's columns of dk and dv of batch b: the keys that no block
@@ -478,17 +452,14 @@ cpu_math::multiversion! {
     }
 }
 
-/// delta_i = ⟨o_i, dO_i⟩ for `out.len()` rows of dh from offset off (row stride e), once per
-/// block inside the vector build (a scalar dot per row costs more than the row's exps here).
-fn row_dots(o: &[f32], dout: &[f32], (off, e, dh): (usize, usize, usize), out: &mut [f32]) {
-    row_dots_impl(o, dout, off, e, dh, out)
-}
-
 cpu_math::multiversion! {
-    fn row_dots_impl(o: &[f32], dout: &[f32], off: usize, e: usize, dh: usize, out: &mut [f32]) {
+    /// delta_i = ⟨o_i, dO_i⟩ for `out.len()` rows of dh from offset off (row stride e), once per
+    /// block inside the vector build (a scalar dot per row costs more than the row's exps here).
+    fn row_dots(o: &[f32], dout: &[f32], at: (usize, usize, usize), out: &mut [f32]) {
+        let (off, e, dh) = at;
         for (i, dl) in out.iter_mut().enumerate() {
-            let at = off + i * e;
-            *dl = cpu_math::dot_lanes(&o[at..at + dh], &dout[at..at + dh]);
+            let r = off + i * e;
+            *dl = cpu_math::dot_lanes(&o[r..r + dh], &dout[r..r + dh]);
         }
     }
 }
@@ -674,8 +645,7 @@ pub fn backward(q: &[f32], k: &[f32], v: &[f32], o: &[f32], lse: &[f32], dout: &
                 (rows, ld),
                 (&shift[..ld], &delta[..ld]),
                 (mult, lnw),
-                &pr.cond,
-                pr.scale,
+                (&pr.cond, pr.scale),
                 dw,
             );
             // SAFETY: see `bwd_products`.
@@ -742,72 +712,48 @@ unsafe fn bwd_products(
     );
 }
 
-/// The elementwise part of the backward for one block, St layout [kn][ld], per key row j (only
-/// the first `rows` columns are queries; the rest are padding and stay out of dw):
-/// p: logits in, probabilities out (exp(z + shift) with shift = −lse per column, 0 where the
-/// column has no key); dp: dP in, dS·scale·mult out; t: raw products (scratch afterwards); dw[j]
-/// gets this head's share.
-fn backward_elems(
-    bufs: (&mut [f32], &mut [f32], &mut [f32]),
-    geom: (usize, usize),
-    stats: (&[f32], &[f32]),
-    terms: (&[f32], &[f32]),
-    cond: &Cond,
-    scale: f32,
-    dw: &mut [f32],
-) {
-    backward_elems_mv(bufs, geom, stats, terms, (cond, scale), dw)
-}
-
 cpu_math::multiversion! {
-    fn backward_elems_mv(bufs: (&mut [f32], &mut [f32], &mut [f32]), geom: (usize, usize), stats: (&[f32], &[f32]), terms: (&[f32], &[f32]), cs: (&Cond, f32), dw: &mut [f32]) {
-        backward_elems_body(bufs, geom, stats, terms, cs.0, cs.1, dw)
-    }
-}
-
-#[inline(always)]
-fn backward_elems_body(
-    (p, t, dp): (&mut [f32], &mut [f32], &mut [f32]),
-    (rows, ld): (usize, usize),
-    (nl, delta): (&[f32], &[f32]),
-    (mult, lnw): (&[f32], &[f32]),
-    cond: &Cond,
-    scale: f32,
-    dw: &mut [f32],
-) {
-    for (j, ((prow, trow), dprow)) in
-        p.chunks_exact_mut(ld).zip(t.chunks_exact_mut(ld)).zip(dp.chunks_exact_mut(ld)).enumerate()
-    {
-        // Official condition: dw_j gets p/(w_j + eps)·(dP − delta), and
-        // p/(w_j + eps) = exp(z − ln(w_j + eps) − lse) without dividing by a tiny w (masked
-        // logits are −inf and give 0).
-        if let Cond::Probs(_) = cond {
-            for ((x, &z), &n) in trow.iter_mut().zip(prow.iter()).zip(nl) {
-                *x = z - lnw[j] + n;
+    /// The elementwise part of the backward for one block, St layout [kn][ld], per key row j (only
+    /// the first `rows` columns are queries; the rest are padding and stay out of dw):
+    /// p: logits in, probabilities out (exp(z + shift) with shift = −lse per column, 0 where the
+    /// column has no key); dp: dP in, dS·scale·mult out; t: raw products (scratch afterwards); dw[j]
+    /// gets this head's share.
+    fn backward_elems(bufs: (&mut [f32], &mut [f32], &mut [f32]), geom: (usize, usize), stats: (&[f32], &[f32]), terms: (&[f32], &[f32]), cs: (&Cond, f32), dw: &mut [f32]) {
+        let ((p, t, dp), (rows, ld), (nl, delta), (mult, lnw), (cond, scale)) = (bufs, geom, stats, terms, cs);
+        for (j, ((prow, trow), dprow)) in
+            p.chunks_exact_mut(ld).zip(t.chunks_exact_mut(ld)).zip(dp.chunks_exact_mut(ld)).enumerate()
+        {
+            // Official condition: dw_j gets p/(w_j + eps)·(dP − delta), and
+            // p/(w_j + eps) = exp(z − ln(w_j + eps) − lse) without dividing by a tiny w (masked
+            // logits are −inf and give 0).
+            if let Cond::Probs(_) = cond {
+                for ((x, &z), &n) in trow.iter_mut().zip(prow.iter()).zip(nl) {
+                    *x = z - lnw[j] + n;
+                }
+                trow.iter_mut().for_each(|x| *x = cpu_math::exp(*x));
+                let mut acc = 0.0f32;
+                for ((&x, &g), &dl) in trow[..rows].iter().zip(dprow.iter()).zip(delta) {
+                    acc += x * (g - dl);
+                }
+                dw[j] += acc;
             }
-            trow.iter_mut().for_each(|x| *x = cpu_math::exp(*x));
-            let mut acc = 0.0f32;
-            for ((&x, &g), &dl) in trow[..rows].iter().zip(dprow.iter()).zip(delta) {
-                acc += x * (g - dl);
+            let keep_t = matches!(cond, Cond::Logits(_));
+            for (z, &n) in prow.iter_mut().zip(nl) {
+                *z += n;
             }
-            dw[j] += acc;
-        }
-        let keep_t = matches!(cond, Cond::Logits(_));
-        for (z, &n) in prow.iter_mut().zip(nl) {
-            *z += n;
-        }
-        prow.iter_mut().for_each(|x| *x = cpu_math::exp(*x));
-        if keep_t {
-            // z = t·scale·w_j: dz/dw_j = t·scale
-            let mut acc = 0.0f32;
-            for (((&pv, &g), &dl), &tv) in prow[..rows].iter().zip(dprow.iter()).zip(delta).zip(trow.iter()) {
-                acc += pv * (g - dl) * tv * scale;
+            prow.iter_mut().for_each(|x| *x = cpu_math::exp(*x));
+            if keep_t {
+                // z = t·scale·w_j: dz/dw_j = t·scale
+                let mut acc = 0.0f32;
+                for (((&pv, &g), &dl), &tv) in prow[..rows].iter().zip(dprow.iter()).zip(delta).zip(trow.iter()) {
+                    acc += pv * (g - dl) * tv * scale;
+                }
+                dw[j] += acc;
             }
-            dw[j] += acc;
-        }
-        let f = scale * mult[j];
-        for ((g, &pv), &dl) in dprow.iter_mut().zip(prow.iter()).zip(delta) {
-            *g = pv * (*g - dl) * f;
+            let f = scale * mult[j];
+            for ((g, &pv), &dl) in dprow.iter_mut().zip(prow.iter()).zip(delta) {
+                *g = pv * (*g - dl) * f;
+            }
         }
     }
 }

@@ -14,8 +14,8 @@ const CAP_FLOATS: usize = 64 << 20;
 
 struct Entry {
     storage: Weak<Storage>,
-    /// (offset of the weights in the storage, row stride, Co, Ci)
-    geom: (usize, usize, usize, usize),
+    /// (row stride, Co, Ci) of the weights, which start at the storage's first element
+    geom: (usize, usize, usize),
     u: Arc<Vec<f32>>,
 }
 
@@ -24,7 +24,7 @@ static CACHE: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
 /// The cached transform of these weights, or `make()`'s, stored for next time.
 pub(crate) fn get_or_make(
     storage: &Arc<Storage>,
-    geom: (usize, usize, usize, usize),
+    geom: (usize, usize, usize),
     make: impl FnOnce() -> Vec<f32>,
 ) -> Arc<Vec<f32>> {
     let weak = Arc::downgrade(storage);

@@ -9,7 +9,7 @@
 //! cache); the 16 transformed weight matrices are built once per call.
 
 use super::ConvShape;
-use crate::ops::cpu_math::{self, SendPtr};
+use crate::ops::cpu_math::{self, SendPtr, Unfilled};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -31,6 +31,13 @@ pub fn applies(s: &ConvShape) -> bool {
 /// 14², its bands' small GEMMs (Co × Ci outputs over one band's tiles) lost (0.5–0.9x).
 pub fn applies_wgrad(s: &ConvShape) -> bool {
     applies(s) && s.ci >= 256 && s.h * s.w >= 28 * 28
+}
+
+/// Channels 0..c cut into at most `parts` contiguous ranges (for spreading a transform over
+/// the threads).
+fn channel_ranges(c: usize, parts: usize) -> Vec<(usize, usize)> {
+    let step = c.div_ceil(parts.max(1)).max(1);
+    (0..c).step_by(step).map(|c0| (c0, (c0 + step).min(c))).collect()
 }
 
 /// The first n lanes to dst: one vector store when all 16 go (a copy of run-time length is a
@@ -109,27 +116,17 @@ cpu_math::multiversion! {
     }
 }
 
-/// V[ξ][ci][t] = (Bᵀ d B)[ξ] for the band's tiles t (tile rows ty0.., tw tiles per row) of
-/// image xb [Ci, H, W], d = the 4×4 patch at (2ty − 1, 2tx − 1), zero outside the image;
-/// Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]]. Each patch row is read
-/// from a zero-padded copy of the input row split into even and odd columns, so a tile row's
-/// patches are contiguous loads and the arithmetic runs on vectors of tiles.
-///
-/// Only channels [ci0, ci1) are transformed (callers split the channels across threads); v holds
-/// 16·Ci·nt floats, of which these channels' rows of every plane are the caller's alone.
-/// xb is one image's channels of one input slice; its channel c goes to row v_off + c of V.
-fn input_transform(
-    xb: &[f32],
-    s: &ConvShape,
-    band: (usize, usize, usize),
-    cis: (usize, usize),
-    (v, v_off): (SendPtr, usize),
-) {
-    input_transform_impl(xb, s, band, cis, (v, v_off))
-}
-
 cpu_math::multiversion! {
-    fn input_transform_impl(xb: &[f32], s: &ConvShape, band: (usize, usize, usize), cis: (usize, usize), vrows: (SendPtr, usize)) {
+    /// V[ξ][ci][t] = (Bᵀ d B)[ξ] for the band's tiles t (tile rows ty0.., tw tiles per row) of
+    /// image xb [Ci, H, W], d = the 4×4 patch at (2ty − 1, 2tx − 1), zero outside the image;
+    /// Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]]. Each patch row is read
+    /// from a zero-padded copy of the input row split into even and odd columns, so a tile row's
+    /// patches are contiguous loads and the arithmetic runs on vectors of tiles.
+    ///
+    /// Only channels [ci0, ci1) are transformed (callers split the channels across threads); v holds
+    /// 16·Ci·nt floats, of which these channels' rows of every plane are the caller's alone.
+    /// xb is one image's channels of one input slice; its channel c goes to row v_off + c of V.
+    fn input_transform(xb: &[f32], s: &ConvShape, band: (usize, usize, usize), cis: (usize, usize), vrows: (SendPtr, usize)) {
         let (v, v_off) = vrows;
         let (ty0, nty, tw) = band;
         let nt = nty * tw;
@@ -311,15 +308,13 @@ pub fn conv2d_new(
     bias: Option<&[f32]>,
     s: &ConvShape,
 ) -> Vec<f32> {
-    let n = s.b * s.co * s.h * s.w;
-    let mut y: Vec<f32> = if crate::device::poison_enabled() { vec![f32::NAN; n] } else { Vec::with_capacity(n) };
+    let mut y = Unfilled::new(s.b * s.co * s.h * s.w);
     // SAFETY: y has room for B·Co·H·W floats, and without accumulation the output transform
-    // writes every one of them (and reads none) before set_len.
+    // writes every one of them (and reads none).
     unsafe {
-        conv2d_raw(xs, (w, w_ld, u), bias, s, (y.as_mut_ptr(), false));
-        y.set_len(n);
+        conv2d_raw(xs, (w, w_ld, u), bias, s, (y.ptr().get(), false));
+        y.filled()
     }
-    y
 }
 
 /// The transformed weights of a weight tensor (all 16 planes of Co × Ci), from the cache of
@@ -329,7 +324,7 @@ pub(crate) fn cached_weights(
     (w, w_ld): (&[f32], usize),
     s: &ConvShape,
 ) -> std::sync::Arc<Vec<f32>> {
-    super::weight_cache::get_or_make(wt.storage_arc(), (0, w_ld, s.co, s.ci), || {
+    super::weight_cache::get_or_make(wt.storage_arc(), (w_ld, s.co, s.ci), || {
         weight_transform(w, w_ld, (0, s.co), s.ci, true)
     })
 }
@@ -429,18 +424,14 @@ unsafe fn conv2d_raw(
             // SAFETY: see yb.
             unsafe { output_transform((mm, 0, s.co), s, band, (0, s.co), bias, (yb, accumulate)) };
         } else {
-            let split = |c: usize, parts: usize| {
-                let step = c.div_ceil(parts).max(1);
-                (0..c).step_by(step).map(move |c0| (c0, (c0 + step).min(c))).collect::<Vec<_>>()
-            };
             let jobs: Vec<(usize, (usize, usize))> = slices
                 .iter()
                 .enumerate()
-                .flat_map(|(k, &(_, c, _))| split(c, 8).into_iter().map(move |r| (k, r)))
+                .flat_map(|(k, &(_, c, _))| channel_ranges(c, 8).into_iter().map(move |r| (k, r)))
                 .collect();
             jobs.into_par_iter().for_each(|(k, cis)| input_transform(xb(k), s, band, cis, (vp, slices[k].2)));
             let v: &[f32] = v;
-            split(s.co, s.co.div_ceil(CO_BLOCK)).into_par_iter().for_each(|(c0, c1)| {
+            channel_ranges(s.co, s.co.div_ceil(CO_BLOCK)).into_par_iter().for_each(|(c0, c1)| {
                 let mut m = vec![0.0f32; 16 * (c1 - c0) * nt];
                 match u_all {
                     // rows c0.. of every plane of the given transform
@@ -463,15 +454,11 @@ unsafe fn conv2d_raw(
     }
 }
 
-/// dM[ξ][co][t] = (A e Aᵀ)[ξ] for the band's tiles, e = the 2×2 output gradient of tile t
-/// (zero where the tile hangs over the image); A = [[1, 0], [1, 1], [1, −1], [0, −1]]. Only output
-/// channels [co0, co1); m holds 16·Co·nt floats, these channels' rows of every plane the caller's.
-fn grad_transform(dyb: &[f32], s: &ConvShape, band: (usize, usize, usize), cos: (usize, usize), m: SendPtr) {
-    grad_transform_impl(dyb, s, band, cos, m)
-}
-
 cpu_math::multiversion! {
-    fn grad_transform_impl(dyb: &[f32], s: &ConvShape, band: (usize, usize, usize), cos: (usize, usize), m: SendPtr) {
+    /// dM[ξ][co][t] = (A e Aᵀ)[ξ] for the band's tiles, e = the 2×2 output gradient of tile t
+    /// (zero where the tile hangs over the image); A = [[1, 0], [1, 1], [1, −1], [0, −1]]. Only output
+    /// channels [co0, co1); m holds 16·Co·nt floats, these channels' rows of every plane the caller's.
+    fn grad_transform(dyb: &[f32], s: &ConvShape, band: (usize, usize, usize), cos: (usize, usize), m: SendPtr) {
         let (ty0, nty, tw) = band;
         let nt = nty * tw;
         let plane = s.co * nt;
@@ -524,10 +511,6 @@ pub fn conv2d_wgrad(x: &[f32], dy: &[f32], s: &ConvShape) -> Vec<f32> {
         let band_rows = (BAND_FLOATS / (16 * (s.ci + s.co) * tw).max(1)).clamp(1, th.max(1));
         let bands = th.div_ceil(band_rows);
         let (mut v, mut m) = (Vec::new(), Vec::new());
-        let split = |c: usize| {
-            let step = c.div_ceil(8).max(1);
-            (0..c).step_by(step).map(move |c0| (c0, (c0 + step).min(c))).collect::<Vec<_>>()
-        };
         for task in 0..s.b * bands {
             let (b, band) = (task / bands, task % bands);
             let (ty0, nty) = (band * band_rows, band_rows.min(th - band * band_rows));
@@ -538,8 +521,8 @@ pub fn conv2d_wgrad(x: &[f32], dy: &[f32], s: &ConvShape) -> Vec<f32> {
             let bnd = (ty0, nty, tw);
             let xb = &x[b * s.ci * hw..(b + 1) * s.ci * hw];
             let dyb = &dy[b * s.co * hw..(b + 1) * s.co * hw];
-            split(s.ci).into_par_iter().for_each(|cis| input_transform(xb, s, bnd, cis, (vp, 0)));
-            split(s.co).into_par_iter().for_each(|cos| grad_transform(dyb, s, bnd, cos, mp));
+            channel_ranges(s.ci, 8).into_par_iter().for_each(|cis| input_transform(xb, s, bnd, cis, (vp, 0)));
+            channel_ranges(s.co, 8).into_par_iter().for_each(|cos| grad_transform(dyb, s, bnd, cos, mp));
             let dup = SendPtr(du.as_mut_ptr());
             (0..16).into_par_iter().for_each(|xi| {
                 // SAFETY: plane ξ of du (co x ci) is this call's alone; dM[ξ] is co x nt (row
