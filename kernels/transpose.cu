@@ -61,3 +61,35 @@ extern "C" __global__ void permute_fwd_f32(PermuteParams p) {
         p.y[i] = p.x[src];
     }
 }
+
+// Narrow along one dim. x: [outer, n_in, inner] -> y: [outer, n_out, inner].
+// Forward (pad = 0): y[o, j, i] = x[o, start + j, i] with n_out = len.
+// Backward (pad = 1): the gradient of a narrow, y[o, k, i] = x[o, k - start, i] where
+// start <= k < start + len, else 0 (x is dy [outer, len, inner], n_out is the full dim).
+struct NarrowParams {
+    const float* x;
+    float* y;
+    uint64_t n;  // elements of y
+    uint32_t n_in;
+    uint32_t n_out;
+    uint32_t inner;
+    uint32_t start;
+    uint32_t pad;
+    uint32_t reserved;
+};
+RECLMIS_PARAMS_SIZE(NarrowParams, 48);
+
+extern "C" __global__ void narrow_fwd_f32(NarrowParams p) {
+    const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
+    for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < p.n; i += stride) {
+        const uint64_t in = i % p.inner, rest = i / p.inner;
+        const uint32_t k = (uint32_t)(rest % p.n_out);
+        const uint64_t o = rest / p.n_out;
+        if (p.pad) {
+            const bool inside = k >= p.start && k - p.start < p.n_in;
+            p.y[i] = inside ? p.x[(o * p.n_in + (k - p.start)) * p.inner + in] : 0.0f;
+        } else {
+            p.y[i] = p.x[(o * p.n_in + p.start + k) * p.inner + in];
+        }
+    }
+}

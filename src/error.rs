@@ -23,6 +23,10 @@ pub enum Error {
     Cuda(String),
     #[error("NVRTC: {0}")]
     Nvrtc(String),
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("checkpoint {path}: {detail}")]
+    Checkpoint { path: String, detail: String },
     #[error("{0}")]
     Other(String),
 }

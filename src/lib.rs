@@ -4,10 +4,14 @@
 //! path, reference, kernel launch), `tensor`, `device` (cpu | cuda | emu), `kernels` (the table
 //! generated from kernels/*.cu).
 
+pub mod autograd;
 pub mod bench;
+pub mod checkpoint;
 pub mod device;
 pub mod error;
 pub mod kernels;
+pub mod model;
+pub mod nn;
 pub mod ops;
 pub mod selfcheck;
 pub mod tensor;

@@ -21,6 +21,11 @@ impl Fixture {
         Fixture { bytes }
     }
 
+    /// The whole safetensors file (to load weights from).
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
     /// (shape, values as f64)
     pub fn get(&self, key: &str) -> (Vec<usize>, Vec<f64>) {
         let st = SafeTensors::deserialize(&self.bytes).expect("a valid safetensors file");

@@ -55,3 +55,22 @@ pub fn permute(x: &[f32], shape: &[usize], perm: &[usize]) -> Vec<f32> {
     });
     y
 }
+
+/// x [outer, n, inner] -> [outer, len, inner] from start.
+pub fn narrow(x: &[f32], (outer, n, inner): (usize, usize, usize), start: usize, len: usize) -> Vec<f32> {
+    let mut y = Vec::with_capacity(outer * len * inner);
+    for o in 0..outer {
+        y.extend_from_slice(&x[(o * n + start) * inner..(o * n + start + len) * inner]);
+    }
+    y
+}
+
+/// dy [outer, len, inner] placed at start of a zero [outer, n, inner].
+pub fn narrow_backward(dy: &[f32], (outer, n, inner): (usize, usize, usize), start: usize, len: usize) -> Vec<f32> {
+    let mut dx = vec![0.0; outer * n * inner];
+    for o in 0..outer {
+        dx[(o * n + start) * inner..(o * n + start + len) * inner]
+            .copy_from_slice(&dy[o * len * inner..(o + 1) * len * inner]);
+    }
+    dx
+}

@@ -151,3 +151,90 @@ pub fn transpose(x: &Tensor, d0: usize, d1: usize) -> Result<Tensor> {
 pub fn permute_backward(dy: &Tensor, perm: &[usize]) -> Result<Tensor> {
     permute(dy, &inverse(perm))
 }
+
+crate::kernel_params! {
+    struct NarrowParams [48] {
+        x: u64,
+        y: u64,
+        n: u64,
+        n_in: u32,
+        n_out: u32,
+        inner: u32,
+        start: u32,
+        pad: u32,
+        reserved: u32,
+    }
+}
+
+/// (outer, dim, inner) of a shape split at `axis`.
+fn split(shape: &[usize], axis: usize) -> (usize, usize, usize) {
+    (shape[..axis].iter().product(), shape[axis], shape[axis + 1..].iter().product())
+}
+
+fn launch_narrow(
+    x: &Tensor,
+    y: &Tensor,
+    (n_in, n_out, inner, start): (usize, usize, usize, usize),
+    pad: bool,
+) -> Result<()> {
+    let op = "narrow";
+    let p = NarrowParams {
+        x: x.dev_ptr(),
+        y: y.dev_ptr(),
+        n: y.numel() as u64,
+        n_in: check_u32(op, n_in)?,
+        n_out: check_u32(op, n_out)?,
+        inner: check_u32(op, inner)?,
+        start: check_u32(op, start)?,
+        pad: pad as u32,
+        reserved: 0,
+    };
+    if y.numel() > 0 {
+        x.device().launch(Kernel::narrow_fwd_f32, LaunchCfg::elementwise(y.numel()), &p)?;
+    }
+    Ok(())
+}
+
+/// Elements start..start+len of dim `axis` (a copy; tensors are contiguous).
+pub fn narrow(x: &Tensor, axis: usize, start: usize, len: usize) -> Result<Tensor> {
+    let op = "narrow";
+    x.expect_dtype(op, DType::F32)?;
+    if axis >= x.rank() || start + len > x.shape()[axis] {
+        return Err(Error::shape(op, format!("{start}..{} of dim {axis} of {:?}", start + len, x.shape())));
+    }
+    let (outer, n, inner) = split(x.shape(), axis);
+    let mut out_shape = x.shape().to_vec();
+    out_shape[axis] = len;
+    let dev = x.device();
+    if let Device::Cpu = dev {
+        return Tensor::from_vec(cpu::narrow(x.cpu_f32(op)?, (outer, n, inner), start, len), &out_shape, dev);
+    }
+    let y = Tensor::empty(&out_shape, DType::F32, dev)?;
+    launch_narrow(x, &y, (n, len, inner, start), false)?;
+    Ok(y)
+}
+
+/// The gradient of `narrow`: dy placed at start.. of dim `axis` of a zero tensor of `in_shape`.
+pub fn narrow_backward(dy: &Tensor, in_shape: &[usize], axis: usize, start: usize) -> Result<Tensor> {
+    let op = "narrow_backward";
+    dy.expect_dtype(op, DType::F32)?;
+    let ok = axis < in_shape.len()
+        && dy.rank() == in_shape.len()
+        && (0..in_shape.len()).all(|d| d == axis || dy.shape()[d] == in_shape[d])
+        && start + dy.shape()[axis] <= in_shape[axis];
+    if !ok {
+        return Err(Error::shape(
+            op,
+            format!("dy {:?} at {start} of dim {axis} does not fit {in_shape:?}", dy.shape()),
+        ));
+    }
+    let (outer, n, inner) = split(in_shape, axis);
+    let len = dy.shape()[axis];
+    let dev = dy.device();
+    if let Device::Cpu = dev {
+        return Tensor::from_vec(cpu::narrow_backward(dy.cpu_f32(op)?, (outer, n, inner), start, len), in_shape, dev);
+    }
+    let dx = Tensor::empty(in_shape, DType::F32, dev)?;
+    launch_narrow(dy, &dx, (len, n, inner, start), true)?;
+    Ok(dx)
+}

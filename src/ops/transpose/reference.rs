@@ -12,3 +12,19 @@ pub fn permute(x: &[f64], shape: &[usize], perm: &[usize]) -> Vec<f64> {
         })
         .collect()
 }
+
+/// Element by element: y[o, j, i] = x[o, start + j, i]. Tests only.
+pub fn narrow(x: &[f64], shape: &[usize], axis: usize, start: usize, len: usize) -> Vec<f64> {
+    let outer: usize = shape[..axis].iter().product();
+    let inner: usize = shape[axis + 1..].iter().product();
+    let n = shape[axis];
+    let mut y = vec![0.0; outer * len * inner];
+    for o in 0..outer {
+        for j in 0..len {
+            for i in 0..inner {
+                y[(o * len + j) * inner + i] = x[(o * n + start + j) * inner + i];
+            }
+        }
+    }
+    y
+}

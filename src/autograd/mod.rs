@@ -1,0 +1,209 @@
+//! The autograd tape: a `Graph` runs ops on `Var`s and, when it records, keeps each op's backward
+//! closure next to the op (`ops.rs`). `backward` runs the closures in reverse order; each closure is
+//! consumed as it runs, so the activations it captured are freed as soon as the backward pass has
+//! gone past them. Gradients of a var used twice accumulate with `+=`.
+//!
+//! An evaluation graph (`Graph::eval`) records nothing: each op is the plain kernel call, no
+//! closure is built, no tensor is kept, and no id is handed out.
+
+mod ops;
+
+use crate::error::{Error, Result};
+use crate::nn::params::{ParamId, Params};
+use crate::ops::elementwise;
+use crate::tensor::Tensor;
+use std::cell::{Cell, RefCell};
+
+pub use ops::Attention;
+
+/// A tensor in a graph. `id` is set when the graph records and the value depends on a trainable
+/// parameter (so it needs a gradient); everything else is a constant to the tape.
+#[derive(Clone, Debug)]
+pub struct Var {
+    t: Tensor,
+    id: Option<usize>,
+}
+
+impl Var {
+    /// A value the tape does not differentiate (inputs, frozen weights, masks).
+    pub fn constant(t: Tensor) -> Var {
+        Var { t, id: None }
+    }
+    pub fn tensor(&self) -> &Tensor {
+        &self.t
+    }
+    pub fn into_tensor(self) -> Tensor {
+        self.t
+    }
+    pub fn shape(&self) -> &[usize] {
+        self.t.shape()
+    }
+    pub fn tracked(&self) -> bool {
+        self.id.is_some()
+    }
+}
+
+type Backward = Box<dyn FnOnce(&Tensor) -> Result<Vec<Option<Tensor>>>>;
+
+struct Node {
+    out: usize,
+    inputs: Vec<Option<usize>>,
+    backward: Backward,
+}
+
+/// How a graph runs: `train` selects batch statistics in batch norm (and running-statistics
+/// updates); `record` keeps the backward closures.
+pub struct Graph {
+    train: bool,
+    record: bool,
+    nodes: RefCell<Vec<Node>>,
+    next_id: Cell<usize>,
+    /// (var id, parameter) of every trainable parameter read while recording.
+    leaves: RefCell<Vec<(usize, ParamId)>>,
+    /// Batch-norm running statistics computed by a training forward, applied by the caller.
+    buffer_updates: RefCell<Vec<(ParamId, Tensor)>>,
+}
+
+/// d loss / d parameter, by parameter.
+pub struct Grads {
+    by_param: Vec<Option<Tensor>>,
+}
+
+impl Grads {
+    pub fn get(&self, p: ParamId) -> Option<&Tensor> {
+        self.by_param.get(p.0).and_then(|g| g.as_ref())
+    }
+    pub fn into_vec(self) -> Vec<Option<Tensor>> {
+        self.by_param
+    }
+}
+
+impl Graph {
+    fn new(train: bool, record: bool) -> Graph {
+        Graph {
+            train,
+            record,
+            nodes: RefCell::new(Vec::new()),
+            next_id: Cell::new(0),
+            leaves: RefCell::new(Vec::new()),
+            buffer_updates: RefCell::new(Vec::new()),
+        }
+    }
+    /// Evaluation: running statistics, nothing recorded.
+    pub fn eval() -> Graph {
+        Self::new(false, false)
+    }
+    /// Training: batch statistics, every op recorded for `backward`.
+    pub fn train() -> Graph {
+        Self::new(true, true)
+    }
+    /// Batch statistics without recording (e.g. a validation pass that mimics training).
+    pub fn train_no_grad() -> Graph {
+        Self::new(true, false)
+    }
+    pub fn is_train(&self) -> bool {
+        self.train
+    }
+
+    fn fresh_id(&self) -> usize {
+        let id = self.next_id.get();
+        self.next_id.set(id + 1);
+        id
+    }
+
+    /// Reads a parameter: a leaf of the tape when recording and the parameter is trainable.
+    pub fn param(&self, params: &Params, p: ParamId) -> Var {
+        let t = params.value(p).clone();
+        if self.record && params.trainable(p) {
+            let id = self.fresh_id();
+            self.leaves.borrow_mut().push((id, p));
+            Var { t, id: Some(id) }
+        } else {
+            Var::constant(t)
+        }
+    }
+
+    /// True when the op on these inputs must be recorded.
+    fn tracks(&self, inputs: &[&Var]) -> bool {
+        self.record && inputs.iter().any(|v| v.id.is_some())
+    }
+
+    /// Wraps an op's output; records its backward when any input is tracked. The closure gets
+    /// d out and returns one gradient per input (None = no gradient, e.g. a constant).
+    fn record(
+        &self,
+        inputs: &[&Var],
+        out: Tensor,
+        backward: impl FnOnce(&Tensor) -> Result<Vec<Option<Tensor>>> + 'static,
+    ) -> Var {
+        if !self.tracks(inputs) {
+            return Var::constant(out);
+        }
+        let id = self.fresh_id();
+        self.nodes.borrow_mut().push(Node {
+            out: id,
+            inputs: inputs.iter().map(|v| v.id).collect(),
+            backward: Box::new(backward),
+        });
+        Var { t: out, id: Some(id) }
+    }
+
+    pub(crate) fn push_buffer_update(&self, p: ParamId, t: Tensor) {
+        if self.train {
+            self.buffer_updates.borrow_mut().push((p, t));
+        }
+    }
+
+    /// The running statistics the training forward computed (apply with `Params::set`).
+    pub fn take_buffer_updates(&self) -> Vec<(ParamId, Tensor)> {
+        std::mem::take(&mut self.buffer_updates.borrow_mut())
+    }
+
+    /// Runs the backward pass from a scalar loss (d loss = 1) and returns the parameters'
+    /// gradients. Consumes the recorded closures (and with them the saved activations).
+    pub fn backward(&self, loss: &Var, n_params: usize) -> Result<Grads> {
+        let Some(root) = loss.id else {
+            return Err(Error::shape("backward", "the loss does not depend on any trainable parameter"));
+        };
+        if loss.t.numel() != 1 {
+            return Err(Error::shape("backward", format!("the loss must be a scalar, got {:?}", loss.shape())));
+        }
+        let n = self.next_id.get();
+        let mut grads: Vec<Option<Tensor>> = vec![None; n];
+        grads[root] = Some(Tensor::from_vec(vec![1.0], loss.shape(), loss.t.device())?);
+        let nodes = std::mem::take(&mut *self.nodes.borrow_mut());
+        for node in nodes.into_iter().rev() {
+            let Some(dy) = grads[node.out].take() else { continue };
+            let gs = (node.backward)(&dy)?;
+            drop(dy);
+            for (inp, g) in node.inputs.iter().zip(gs) {
+                if let (Some(i), Some(g)) = (inp, g) {
+                    accumulate(&mut grads[*i], g)?;
+                }
+            }
+        }
+        let mut by_param: Vec<Option<Tensor>> = vec![None; n_params];
+        for (id, p) in self.leaves.borrow_mut().drain(..) {
+            if let Some(g) = grads[id].take() {
+                accumulate(&mut by_param[p.0], g)?;
+            }
+        }
+        Ok(Grads { by_param })
+    }
+}
+
+fn accumulate(slot: &mut Option<Tensor>, g: Tensor) -> Result<()> {
+    *slot = Some(match slot.take() {
+        None => g,
+        Some(prev) => {
+            if prev.shape() != g.shape() {
+                return Err(Error::shape(
+                    "backward",
+                    format!("gradients {:?} and {:?} for one var", prev.shape(), g.shape()),
+                ));
+            }
+            elementwise::add(&prev, &g)?
+        }
+    });
+    Ok(())
+}

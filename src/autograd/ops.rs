@@ -1,0 +1,403 @@
+//! The graph's ops: each calls the kernel op and, when recording, keeps its backward closure right
+//! here beside it. Closures capture only what their backward reads (cheap `Tensor` clones of
+//! shared storage) and free it when they run.
+
+use super::{Graph, Var};
+use crate::error::{Error, Result};
+use crate::nn::params::{ParamId, Params};
+use crate::ops::attention::{self, AttnOpts, Condition};
+use crate::ops::ccl;
+use crate::ops::conv;
+use crate::ops::elementwise::{self as ew, BinaryOp, UnaryOp};
+use crate::ops::embedding;
+use crate::ops::gemm::{linear, GemmAlgo};
+use crate::ops::layer_norm;
+use crate::ops::loss;
+use crate::ops::norm::{self, BnOpts};
+use crate::ops::plam::{self, PlamWeights};
+use crate::ops::pool;
+use crate::ops::reduce;
+use crate::ops::softmax;
+use crate::ops::transpose;
+use crate::tensor::Tensor;
+
+const ALGO: GemmAlgo = GemmAlgo::Auto;
+
+/// Attention options whose tensors live in the graph (the condition weights get a gradient).
+pub struct Attention<'a> {
+    pub heads: usize,
+    pub causal: bool,
+    /// [B,S] i32, nonzero = the key takes part.
+    pub key_valid: Option<&'a Tensor>,
+    /// Official condition: P ← P·(w + 1e-10), renormalised. w [B,S].
+    pub condition: Option<&'a Var>,
+    /// The paper's reading instead: logits multiplied by w before the softmax.
+    pub condition_on_logits: bool,
+}
+
+/// dy · s for a scalar dy (device-resident, no host round trip).
+fn times_scalar(g: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    ew::mul(g, &dy.reshape(&[])?)
+}
+
+impl Graph {
+    // ---- elementwise ------------------------------------------------------------------------
+
+    fn unary(&self, x: &Var, op: UnaryOp) -> Result<Var> {
+        let y = ew::unary(&x.t, op)?;
+        if !self.tracks(&[x]) {
+            return Ok(Var::constant(y));
+        }
+        let (xt, yt) = (x.t.clone(), y.clone());
+        Ok(self.record(&[x], y, move |dy| Ok(vec![Some(ew::unary_backward(op, &xt, &yt, dy)?)])))
+    }
+    pub fn relu(&self, x: &Var) -> Result<Var> {
+        self.unary(x, UnaryOp::Relu)
+    }
+    pub fn sigmoid(&self, x: &Var) -> Result<Var> {
+        self.unary(x, UnaryOp::Sigmoid)
+    }
+    pub fn quick_gelu(&self, x: &Var) -> Result<Var> {
+        self.unary(x, UnaryOp::QuickGelu)
+    }
+    pub fn scale(&self, x: &Var, s: f32) -> Result<Var> {
+        self.unary(x, UnaryOp::Scale(s))
+    }
+
+    fn binary(&self, a: &Var, b: &Var, op: BinaryOp) -> Result<Var> {
+        let y = ew::binary(&a.t, &b.t, op)?;
+        if !self.tracks(&[a, b]) {
+            return Ok(Var::constant(y));
+        }
+        let (at, bt) = (a.t.clone(), b.t.clone());
+        Ok(self.record(&[a, b], y, move |dy| {
+            let (da, db) = ew::binary_backward(op, &at, &bt, dy)?;
+            Ok(vec![Some(da), Some(db)])
+        }))
+    }
+    /// Broadcasting a + b.
+    pub fn add(&self, a: &Var, b: &Var) -> Result<Var> {
+        self.binary(a, b, BinaryOp::Add)
+    }
+    pub fn sub(&self, a: &Var, b: &Var) -> Result<Var> {
+        self.binary(a, b, BinaryOp::Sub)
+    }
+    /// Broadcasting a · b.
+    pub fn mul(&self, a: &Var, b: &Var) -> Result<Var> {
+        self.binary(a, b, BinaryOp::Mul)
+    }
+
+    // ---- shapes -----------------------------------------------------------------------------
+
+    pub fn reshape(&self, x: &Var, shape: &[usize]) -> Result<Var> {
+        let y = x.t.reshape(shape)?;
+        let in_shape = x.shape().to_vec();
+        Ok(self.record(&[x], y, move |dy| Ok(vec![Some(dy.reshape(&in_shape)?)])))
+    }
+
+    pub fn permute(&self, x: &Var, perm: &[usize]) -> Result<Var> {
+        let y = transpose::permute(&x.t, perm)?;
+        let perm = perm.to_vec();
+        Ok(self.record(&[x], y, move |dy| Ok(vec![Some(transpose::permute_backward(dy, &perm)?)])))
+    }
+
+    /// Swaps the last two dims.
+    pub fn transpose_last(&self, x: &Var) -> Result<Var> {
+        let r = x.t.rank();
+        if r < 2 {
+            return Err(Error::shape("transpose_last", format!("{:?} has fewer than two dims", x.shape())));
+        }
+        let mut perm: Vec<usize> = (0..r).collect();
+        perm.swap(r - 2, r - 1);
+        self.permute(x, &perm)
+    }
+
+    pub fn narrow(&self, x: &Var, axis: usize, start: usize, len: usize) -> Result<Var> {
+        let y = transpose::narrow(&x.t, axis, start, len)?;
+        let in_shape = x.shape().to_vec();
+        Ok(self.record(&[x], y, move |dy| Ok(vec![Some(transpose::narrow_backward(dy, &in_shape, axis, start)?)])))
+    }
+
+    /// Softmax over the last dim.
+    pub fn softmax(&self, x: &Var) -> Result<Var> {
+        let y = softmax::softmax(&x.t)?;
+        if !self.tracks(&[x]) {
+            return Ok(Var::constant(y));
+        }
+        let yt = y.clone();
+        Ok(self.record(&[x], y, move |dy| Ok(vec![Some(softmax::softmax_backward(&yt, dy, false)?)])))
+    }
+
+    /// Mean of every element, as a scalar [].
+    pub fn mean_all(&self, x: &Var) -> Result<Var> {
+        let flat = x.t.reshape(&[x.t.numel()])?;
+        let y = reduce::mean(&flat, 0)?.reshape(&[])?;
+        let in_shape = x.shape().to_vec();
+        let n = x.t.numel();
+        Ok(self.record(&[x], y, move |dy| {
+            let d = reduce::reduce_backward(reduce::ReduceOp::Mean, &dy.reshape(&[1])?, None, &[n], 0)?;
+            Ok(vec![Some(d.reshape(&in_shape)?)])
+        }))
+    }
+
+    // ---- layers -----------------------------------------------------------------------------
+
+    /// x [.., K] · wᵀ + b, w [N, K] (PyTorch's layout).
+    pub fn linear(&self, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
+        let y = linear::linear(&x.t, &w.t, b.map(|b| &b.t), ALGO)?;
+        let mut ins = vec![x, w];
+        ins.extend(b);
+        if !self.tracks(&ins) {
+            return Ok(Var::constant(y));
+        }
+        let (xt, wt, has_b) = (x.t.clone(), w.t.clone(), b.is_some());
+        Ok(self.record(&ins, y, move |dy| {
+            let g = linear::linear_backward(&xt, &wt, dy, has_b, ALGO)?;
+            Ok(vec![Some(g.dx), Some(g.dw), g.db])
+        }))
+    }
+
+    /// Convolution with odd kernels and "same" zero padding (3×3 pad 1, 1×1).
+    pub fn conv2d(&self, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
+        let y = conv::conv2d(&x.t, &w.t, b.map(|b| &b.t), ALGO)?;
+        let mut ins = vec![x, w];
+        ins.extend(b);
+        if !self.tracks(&ins) {
+            return Ok(Var::constant(y));
+        }
+        let (xt, wt, has_b) = (x.t.clone(), w.t.clone(), b.is_some());
+        Ok(self.record(&ins, y, move |dy| {
+            let g = conv::conv2d_backward(&xt, &wt, dy, has_b, ALGO)?;
+            Ok(vec![Some(g.dx), Some(g.dw), g.db])
+        }))
+    }
+
+    /// conv2d of the channel concatenation of `parts` without materialising it.
+    pub fn conv2d_cat(&self, parts: &[&Var], w: &Var, b: Option<&Var>) -> Result<Var> {
+        let pts: Vec<&Tensor> = parts.iter().map(|p| &p.t).collect();
+        let y = conv::conv2d_cat(&pts, &w.t, b.map(|b| &b.t), ALGO)?;
+        let mut ins: Vec<&Var> = parts.to_vec();
+        ins.push(w);
+        ins.extend(b);
+        if !self.tracks(&ins) {
+            return Ok(Var::constant(y));
+        }
+        let (xs, wt, has_b) = (pts.into_iter().cloned().collect::<Vec<_>>(), w.t.clone(), b.is_some());
+        Ok(self.record(&ins, y, move |dy| {
+            let refs: Vec<&Tensor> = xs.iter().collect();
+            let g = conv::conv2d_cat_backward(&refs, &wt, dy, has_b, ALGO)?;
+            let mut out: Vec<Option<Tensor>> = g.dxs.into_iter().map(Some).collect();
+            out.push(Some(g.dw));
+            out.push(g.db);
+            Ok(out)
+        }))
+    }
+
+    /// x [B,C,L], w [Co,C,k] (odd k, zero padding k/2).
+    pub fn conv1d(&self, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
+        let y = conv::conv1d(&x.t, &w.t, b.map(|b| &b.t), ALGO)?;
+        let mut ins = vec![x, w];
+        ins.extend(b);
+        if !self.tracks(&ins) {
+            return Ok(Var::constant(y));
+        }
+        let (xt, wt, has_b) = (x.t.clone(), w.t.clone(), b.is_some());
+        Ok(self.record(&ins, y, move |dy| {
+            let g = conv::conv1d_backward(&xt, &wt, dy, has_b, ALGO)?;
+            Ok(vec![Some(g.dx), Some(g.dw), g.db])
+        }))
+    }
+
+    /// Batch norm over dim 1 of x [B,C,...] (+ ReLU when `relu`): batch statistics and a
+    /// running-statistics update in a training graph, the running statistics otherwise.
+    pub fn batch_norm(&self, params: &Params, x: &Var, ids: [ParamId; 4], relu: bool) -> Result<Var> {
+        let [gp, bp, rm, rv] = ids;
+        let (gamma, beta) = (self.param(params, gp), self.param(params, bp));
+        let o = BnOpts { relu, train: self.train, ..BnOpts::default() };
+        let f = norm::batch_norm(&x.t, &gamma.t, &beta.t, params.value(rm), params.value(rv), o)?;
+        if self.train {
+            self.push_buffer_update(rm, f.running_mean.clone());
+            self.push_buffer_update(rv, f.running_var.clone());
+        }
+        let y = f.y.clone();
+        if !self.tracks(&[x, &gamma, &beta]) {
+            return Ok(Var::constant(y));
+        }
+        let (xt, gt) = (x.t.clone(), gamma.t.clone());
+        Ok(self.record(&[x, &gamma, &beta], y, move |dy| {
+            let g = norm::batch_norm_backward(&xt, &gt, &f, dy, o)?;
+            Ok(vec![Some(g.dx), Some(g.dgamma), Some(g.dbeta)])
+        }))
+    }
+
+    /// LayerNorm over the last dim (eps 1e-5).
+    pub fn layer_norm(&self, x: &Var, gamma: &Var, beta: &Var) -> Result<Var> {
+        let f = layer_norm::layer_norm(&x.t, Some(&gamma.t), Some(&beta.t), 1e-5)?;
+        let y = f.y.clone();
+        if !self.tracks(&[x, gamma, beta]) {
+            return Ok(Var::constant(y));
+        }
+        let (xt, gt, bt) = (x.t.clone(), gamma.t.clone(), beta.t.clone());
+        Ok(self.record(&[x, gamma, beta], y, move |dy| {
+            let g = layer_norm::layer_norm_backward(&xt, Some(&gt), Some(&bt), &f, dy)?;
+            Ok(vec![Some(g.dx), g.dgamma, g.dbeta])
+        }))
+    }
+
+    pub fn max_pool2(&self, x: &Var) -> Result<Var> {
+        let (y, idx) = pool::max_pool2(&x.t)?;
+        let in_shape = x.shape().to_vec();
+        Ok(self.record(&[x], y, move |dy| Ok(vec![Some(pool::max_pool2_backward(dy, &idx, &in_shape)?)])))
+    }
+
+    pub fn upsample2(&self, x: &Var) -> Result<Var> {
+        let y = pool::upsample2(&x.t)?;
+        Ok(self.record(&[x], y, move |dy| Ok(vec![Some(pool::upsample2_backward(dy)?)])))
+    }
+
+    /// PLAM skip gate g·s; w = conv_avg, conv_max, bottleneck.0 (w, b), bottleneck.2 (w, b).
+    pub fn plam(&self, s: &Var, w: [&Var; 6]) -> Result<Var> {
+        fn pw<'a>(w: &[&'a Var; 6]) -> PlamWeights<'a> {
+            PlamWeights {
+                w_avg: &w[0].t,
+                w_max: &w[1].t,
+                fc1_w: &w[2].t,
+                fc1_b: &w[3].t,
+                fc2_w: &w[4].t,
+                fc2_b: &w[5].t,
+            }
+        }
+        let f = plam::plam_gate(&s.t, &pw(&w), ALGO)?;
+        let ins = [s, w[0], w[1], w[2], w[3], w[4], w[5]];
+        let y = f.out.clone();
+        if !self.tracks(&ins) {
+            return Ok(Var::constant(y));
+        }
+        let st = s.t.clone();
+        let wv: Vec<Var> = w.iter().map(|v| Var::constant(v.t.clone())).collect();
+        Ok(self.record(&ins, y, move |dy| {
+            let ws = [&wv[0], &wv[1], &wv[2], &wv[3], &wv[4], &wv[5]];
+            let g = plam::plam_gate_backward(&st, &pw(&ws), &f, dy, ALGO)?;
+            Ok(vec![
+                Some(g.ds),
+                Some(g.dw_avg),
+                Some(g.dw_max),
+                Some(g.dfc1_w),
+                Some(g.dfc1_b),
+                Some(g.dfc2_w),
+                Some(g.dfc2_b),
+            ])
+        }))
+    }
+
+    /// Rows of `table` [V,D] for `ids` (i32).
+    pub fn embedding(&self, ids: &Tensor, table: &Var) -> Result<Var> {
+        let y = embedding::embedding(ids, &table.t)?;
+        let (it, v) = (ids.clone(), table.shape()[0]);
+        Ok(self.record(&[table], y, move |dy| Ok(vec![Some(embedding::embedding_backward(&it, dy, v)?)])))
+    }
+
+    /// Fused multi-head attention; q [B,Tq,E], k and v [B,S,E].
+    pub fn attention(&self, q: &Var, k: &Var, v: &Var, a: &Attention) -> Result<Var> {
+        let cond = match (a.condition, a.condition_on_logits) {
+            (None, _) => Condition::None,
+            (Some(w), false) => Condition::Probs(&w.t),
+            (Some(w), true) => Condition::Logits(&w.t),
+        };
+        let o = AttnOpts { causal: a.causal, key_valid: a.key_valid, condition: cond, ..AttnOpts::new(a.heads) };
+        let f = attention::attention(&q.t, &k.t, &v.t, &o)?;
+        let mut ins = vec![q, k, v];
+        ins.extend(a.condition);
+        let y = f.o.clone();
+        if !self.tracks(&ins) {
+            return Ok(Var::constant(y));
+        }
+        let (qt, kt, vt) = (q.t.clone(), k.t.clone(), v.t.clone());
+        let valid = a.key_valid.cloned();
+        let w = a.condition.map(|w| w.t.clone());
+        let (heads, causal, on_logits) = (a.heads, a.causal, a.condition_on_logits);
+        Ok(self.record(&ins, y, move |dy| {
+            let cond = match (&w, on_logits) {
+                (None, _) => Condition::None,
+                (Some(w), false) => Condition::Probs(w),
+                (Some(w), true) => Condition::Logits(w),
+            };
+            let o = AttnOpts { causal, key_valid: valid.as_ref(), condition: cond, ..AttnOpts::new(heads) };
+            let g = attention::attention_backward(&qt, &kt, &vt, &f, dy, &o)?;
+            let mut out = vec![Some(g.dq), Some(g.dk), Some(g.dv)];
+            if w.is_some() {
+                out.push(g.dw);
+            }
+            Ok(out)
+        }))
+    }
+
+    // ---- losses (scalar outputs []) -----------------------------------------------------------
+
+    /// mean((x − y)²) over every element.
+    pub fn mse(&self, x: &Var, y: &Var) -> Result<Var> {
+        let l = loss::mse(&x.t, &y.t)?;
+        if !self.tracks(&[x, y]) {
+            return Ok(Var::constant(l));
+        }
+        let (xt, yt) = (x.t.clone(), y.t.clone());
+        Ok(self.record(&[x, y], l, move |dy| {
+            let (dx, dyy) = loss::mse_backward(&xt, &yt, 1.0)?;
+            Ok(vec![Some(times_scalar(&dx, dy)?), Some(times_scalar(&dyy, dy)?)])
+        }))
+    }
+
+    /// ½·Dice + ½·BCE from logits (sigmoid fused). Returns (criterion [], [dice, bce, criterion]).
+    pub fn dice_bce(&self, logits: &Var, target: &Tensor) -> Result<(Var, Tensor)> {
+        let f = loss::dice_bce(&logits.t, target)?;
+        let parts = f.loss.clone();
+        let crit = transpose::narrow(&f.loss, 0, 2, 1)?.reshape(&[])?;
+        if !self.tracks(&[logits]) {
+            return Ok((Var::constant(crit), parts));
+        }
+        let (lt, tt) = (logits.t.clone(), target.clone());
+        let v = self.record(&[logits], crit, move |dy| {
+            let dx = loss::dice_bce_backward(&lt, &tt, &f, 1.0)?;
+            Ok(vec![Some(times_scalar(&dx, dy)?)])
+        });
+        Ok((v, parts))
+    }
+
+    /// The fused max-over-alignment similarity: logits [B,B] = (t2v + v2t)/2 (tracked), and t2v,
+    /// v2t as plain tensors. text [B,L,D], image [B,N,D], mask [B,L] (f32), tw [B,L], vw [B,N].
+    pub fn ccl_logits(
+        &self,
+        text: &Var,
+        image: &Var,
+        mask: &Tensor,
+        tw: &Var,
+        vw: &Var,
+    ) -> Result<(Var, Tensor, Tensor)> {
+        let f = ccl::ccl_similarity(&text.t, &image.t, mask, &tw.t, &vw.t)?;
+        let (t2v, v2t) = (f.t2v.clone(), f.v2t.clone());
+        let y = f.logits.clone();
+        let ins = [text, image, tw, vw];
+        if !self.tracks(&ins) {
+            return Ok((Var::constant(y), t2v, v2t));
+        }
+        let (mt, twt, vwt) = (mask.clone(), tw.t.clone(), vw.t.clone());
+        let v = self.record(&ins, y, move |dy| {
+            let half = ew::scale(dy, 0.5)?;
+            let g = ccl::ccl_similarity_backward(&f, &mt, &twt, &vwt, &half, &half)?;
+            Ok(vec![Some(g.dt), Some(g.dv), Some(g.dtw), Some(g.dvw)])
+        });
+        Ok((v, t2v, v2t))
+    }
+
+    /// Symmetric InfoNCE of s·logits. Returns (loss [], [loss, CE rows, CE columns]).
+    pub fn info_nce(&self, logits: &Var, scale: f32) -> Result<(Var, Tensor)> {
+        let f = ccl::info_nce(&logits.t, scale)?;
+        let parts = f.loss.clone();
+        let l = transpose::narrow(&f.loss, 0, 0, 1)?.reshape(&[])?;
+        if !self.tracks(&[logits]) {
+            return Ok((Var::constant(l), parts));
+        }
+        let v = self.record(&[logits], l, move |dy| Ok(vec![Some(times_scalar(&f.dlogits, dy)?)]));
+        Ok((v, parts))
+    }
+}

@@ -1,0 +1,121 @@
+//! Model configuration and presets. `official` is the published Covid19 configuration,
+//! `tiny` the golden fixture's, `small` a width that trains in minutes on a cpu.
+
+use crate::error::{Error, Result};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub name: String,
+    /// Image height and width, multiples of 16.
+    pub img_size: (usize, usize),
+    pub in_channels: usize,
+    /// inc, down1..down4 (down4 = d_model).
+    pub unet_widths: [usize; 5],
+    /// Interactor / text_module4 / MLPs / CVR-CLR width.
+    pub d_model: usize,
+    pub interactor_heads: usize,
+    pub rec_heads: usize,
+    pub rec_ffn: usize,
+    /// K layers per stack (decoder1 and decoder2).
+    pub rec_layers: usize,
+    pub clip_width: usize,
+    pub clip_layers: usize,
+    pub clip_heads: usize,
+    pub vocab_size: usize,
+    pub context_length: usize,
+    pub token_len: usize,
+    pub img_mask_rate: f64,
+    pub text_mask_rate: f64,
+    /// criterion, ccl, text_rec, img_rec
+    pub loss_weights: [f32; 4],
+    /// The paper's reading of the condition (logits · w before the softmax) instead of the
+    /// official code's (probabilities · (w + 1e-10), renormalised).
+    pub condition_on_logits: bool,
+}
+
+impl Config {
+    pub fn preset(name: &str) -> Result<Config> {
+        let official = Config {
+            name: "official".into(),
+            img_size: (224, 224),
+            in_channels: 3,
+            unet_widths: [64, 128, 256, 512, 512],
+            d_model: 512,
+            interactor_heads: 4,
+            rec_heads: 4,
+            rec_ffn: 1024,
+            rec_layers: 4,
+            clip_width: 512,
+            clip_layers: 12,
+            clip_heads: 8,
+            vocab_size: 49408,
+            context_length: 77,
+            token_len: 18,
+            img_mask_rate: 0.5,
+            text_mask_rate: 0.3,
+            loss_weights: [5.0, 0.2, 1.0, 1.0],
+            condition_on_logits: false,
+        };
+        match name {
+            "official" => Ok(official),
+            "tiny" => Ok(Config {
+                name: "tiny".into(),
+                img_size: (64, 64),
+                unet_widths: [8, 16, 32, 64, 64],
+                d_model: 64,
+                rec_ffn: 128,
+                rec_layers: 2,
+                clip_width: 64,
+                clip_layers: 2,
+                clip_heads: 2,
+                ..official
+            }),
+            "small" => Ok(Config {
+                name: "small".into(),
+                img_size: (96, 96),
+                unet_widths: [8, 16, 32, 64, 64],
+                d_model: 64,
+                rec_ffn: 128,
+                rec_layers: 1,
+                clip_width: 64,
+                clip_layers: 2,
+                clip_heads: 2,
+                ..official
+            }),
+            other => Err(Error::Config(format!("unknown preset {other:?} (official, tiny, small)"))),
+        }
+    }
+
+    /// Bottleneck grid (H/16, W/16).
+    pub fn grid(&self) -> (usize, usize) {
+        (self.img_size.0 / 16, self.img_size.1 / 16)
+    }
+    pub fn n_tokens(&self) -> usize {
+        let (h, w) = self.grid();
+        h * w
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let (h, w) = self.img_size;
+        let bad = |m: String| Err(Error::Config(format!("preset {}: {m}", self.name)));
+        if h % 16 != 0 || w % 16 != 0 || h == 0 || w == 0 {
+            return bad(format!("image size {h}x{w} must be a nonzero multiple of 16"));
+        }
+        if self.unet_widths[4] != self.d_model || self.clip_width == 0 {
+            return bad(format!("down4 width {} must equal d_model {}", self.unet_widths[4], self.d_model));
+        }
+        for (what, d, heads) in [
+            ("interactor", self.d_model, self.interactor_heads),
+            ("rec", self.d_model, self.rec_heads),
+            ("clip", self.clip_width, self.clip_heads),
+        ] {
+            if heads == 0 || d % heads != 0 {
+                return bad(format!("{what} width {d} is not divisible by {heads} heads"));
+            }
+        }
+        if self.token_len > self.context_length {
+            return bad(format!("token_len {} exceeds context {}", self.token_len, self.context_length));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,141 @@
+//! Named parameters and buffers of a model, in registration order, under the official
+//! `state_dict` key names (so checkpoints load by name). Modules hold `ParamId`s into the store.
+
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+use std::collections::HashMap;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ParamId(pub usize);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Learned; `trainable` = false when frozen (the CLIP text tower).
+    Param { trainable: bool },
+    /// Batch-norm running statistics (f32).
+    Buffer,
+}
+
+pub struct Params {
+    device: Device,
+    names: Vec<String>,
+    values: Vec<Tensor>,
+    kinds: Vec<Kind>,
+    index: HashMap<String, ParamId>,
+    /// Batch norms' `num_batches_tracked` (int64 in checkpoints), by key.
+    counters: Vec<(String, i64)>,
+}
+
+impl Params {
+    pub fn new(device: &Device) -> Params {
+        Params {
+            device: device.clone(),
+            names: Vec::new(),
+            values: Vec::new(),
+            kinds: Vec::new(),
+            index: HashMap::new(),
+            counters: Vec::new(),
+        }
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Registers a tensor (values on the host, moved to the store's device).
+    pub fn add(&mut self, name: &str, shape: &[usize], values: Vec<f32>, kind: Kind) -> Result<ParamId> {
+        if self.index.contains_key(name) {
+            return Err(Error::shape("params", format!("{name} registered twice")));
+        }
+        let id = ParamId(self.values.len());
+        self.values.push(Tensor::from_vec(values, shape, &self.device)?);
+        self.names.push(name.to_string());
+        self.kinds.push(kind);
+        self.index.insert(name.to_string(), id);
+        Ok(id)
+    }
+
+    pub fn add_counter(&mut self, name: &str) {
+        self.counters.push((name.to_string(), 0));
+    }
+    pub fn counters(&self) -> &[(String, i64)] {
+        &self.counters
+    }
+    pub fn set_counter(&mut self, name: &str, v: i64) -> bool {
+        match self.counters.iter_mut().find(|(n, _)| n == name) {
+            Some(c) => {
+                c.1 = v;
+                true
+            }
+            None => false,
+        }
+    }
+    /// One training forward: every batch norm counted one more batch.
+    pub fn bump_counters(&mut self) {
+        for c in &mut self.counters {
+            c.1 += 1;
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+    pub fn ids(&self) -> impl Iterator<Item = ParamId> {
+        (0..self.values.len()).map(ParamId)
+    }
+    pub fn id(&self, name: &str) -> Option<ParamId> {
+        self.index.get(name).copied()
+    }
+    pub fn name(&self, p: ParamId) -> &str {
+        &self.names[p.0]
+    }
+    pub fn kind(&self, p: ParamId) -> Kind {
+        self.kinds[p.0]
+    }
+    pub fn value(&self, p: ParamId) -> &Tensor {
+        &self.values[p.0]
+    }
+    pub fn trainable(&self, p: ParamId) -> bool {
+        matches!(self.kinds[p.0], Kind::Param { trainable: true })
+    }
+
+    /// Replaces a value; the shape must stay the same.
+    pub fn set(&mut self, p: ParamId, t: Tensor) -> Result<()> {
+        if t.shape() != self.values[p.0].shape() {
+            return Err(Error::shape(
+                "params",
+                format!("{}: new value {:?}, expected {:?}", self.names[p.0], t.shape(), self.values[p.0].shape()),
+            ));
+        }
+        self.values[p.0] = t.to_device(&self.device)?;
+        Ok(())
+    }
+
+    /// Freezes or unfreezes every parameter whose name starts with `prefix`.
+    pub fn set_trainable(&mut self, prefix: &str, trainable: bool) {
+        for (n, k) in self.names.iter().zip(&mut self.kinds) {
+            if n.starts_with(prefix) {
+                if let Kind::Param { .. } = k {
+                    *k = Kind::Param { trainable };
+                }
+            }
+        }
+    }
+
+    /// Element counts: (trainable, frozen, buffers incl. counters).
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let (mut t, mut f, mut b) = (0, 0, self.counters.len());
+        for (v, k) in self.values.iter().zip(&self.kinds) {
+            match k {
+                Kind::Param { trainable: true } => t += v.numel(),
+                Kind::Param { trainable: false } => f += v.numel(),
+                Kind::Buffer => b += v.numel(),
+            }
+        }
+        (t, f, b)
+    }
+}
