@@ -13,6 +13,7 @@ pub mod kernels;
 pub mod model;
 pub mod nn;
 pub mod ops;
+pub mod optim;
 pub mod selfcheck;
 pub mod tensor;
 pub mod testing;

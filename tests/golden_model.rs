@@ -7,6 +7,8 @@ mod common;
 use common::fixture::Fixture;
 use reclmis::autograd::Graph;
 use reclmis::model::{Batch, Config, MaskIndices, RecLmis};
+use reclmis::nn::params::{Kind, ParamId};
+use reclmis::optim::{Adam, AdamConfig};
 use reclmis::testing::Rng;
 use reclmis::{Device, Tensor};
 
@@ -59,6 +61,14 @@ fn scaled_error(got: &[f32], want: &[f64]) -> f64 {
         / scale
 }
 
+/// ‖got − want‖₂ / ‖want‖₂ (for gradients: one element at a ReLU boundary that rounds the
+/// other way moves it far less than the max-based error).
+fn rel_l2(got: &[f32], want: &[f64]) -> f64 {
+    let num: f64 = got.iter().zip(want).map(|(&g, &w)| (g as f64 - w).powi(2)).sum();
+    let den: f64 = want.iter().map(|w| w * w).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
 fn compare(what: &str, got: &Tensor, f: &Fixture, key: &str, tol: f64) {
     let (ws, want) = f.get(key);
     let g = got.to_vec().unwrap();
@@ -103,7 +113,7 @@ fn check_eval(kind: &str) {
         "W_poi",
         "W_woi",
     ] {
-        compare(kind, &rec[key], &f, &format!("eval.{key}"), FWD_TOL);
+        compare(kind, rec[key].tensor(), &f, &format!("eval.{key}"), FWD_TOL);
     }
 }
 
@@ -159,11 +169,141 @@ fn check_train(kind: &str) {
         "mlp_visual_score",
         "mlp_woi_score",
     ] {
-        compare(kind, &out.record[key], &f, &format!("train.{key}"), FWD_TOL);
+        compare(kind, out.record[key].tensor(), &f, &format!("train.{key}"), FWD_TOL);
+    }
+
+    // gradients
+    let grads = g.backward(&out.total, m.params.len()).unwrap();
+    let zeros = structural_zeros();
+    let mut worst = (0.0f64, String::new());
+    let mut n = 0;
+    let mut errors = vec![];
+    for id in m.params.ids().filter(|&id| m.params.trainable(id)) {
+        let name = m.params.name(id);
+        let (_, want) = f.get(&format!("grad.{name}"));
+        let got = match grads.get(id) {
+            Some(t) => t.to_vec().unwrap(),
+            None => vec![0.0; want.len()], // never reached by the loss (conv_sig, decoder1 encoder_attn)
+        };
+        n += 1;
+        let zero = zeros.iter().find(|z| z.0 == name).map(|z| z.1.start..z.1.end.min(got.len()));
+        let (mut got, mut want) = (got, want);
+        if let Some(r) = zero {
+            // round-off around an exact zero: absolute, on the scale of the f32 run's 4.9e-5
+            let e = got[r.clone()].iter().fold(0.0f32, |a, &x| a.max(x.abs())) as f64;
+            assert!(e <= 2e-4, "{kind}: grad.{name}[{r:?}] should be ~0, max |g| = {e:.3e}");
+            got.drain(r.clone());
+            want.drain(r);
+            if got.is_empty() {
+                continue;
+            }
+        }
+        let e = rel_l2(&got, &want);
+        errors.push(e);
+        if e > worst.0 {
+            worst = (e, name.to_string());
+        }
+        let tol = if name.contains("pixModule.bottleneck.") { GRAD_TOL_PLAM_FC } else { GRAD_TOL };
+        assert!(e <= tol, "{kind}: grad.{name}: relative L2 error {e:.3e} > {tol:.0e}");
+    }
+    errors.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let median = errors[errors.len() / 2];
+    eprintln!("{kind}: {n} gradients, median relative L2 error {median:.2e}, worst {:.2e} ({})", worst.0, worst.1);
+    assert!(median <= GRAD_TOL_MEDIAN, "{kind}: median gradient error {median:.2e}");
+    assert_eq!(n, f.count_prefix("grad."), "every stored gradient is checked");
+
+    // batch-norm running statistics after the training forward
+    let mut params = m.params;
+    for (id, t) in g.take_buffer_updates() {
+        params.set(id, t).unwrap();
+    }
+    params.bump_counters();
+    let mut n_bn = 0;
+    for id in params.ids().filter(|&id| params.kind(id) == Kind::Buffer) {
+        let key = format!("train.bn_after.{}", params.name(id));
+        compare(kind, params.value(id), &f, &key, FWD_TOL);
+        n_bn += 1;
+    }
+    for (name, c) in params.counters() {
+        assert_eq!(*c as f64, f.scalar(&format!("train.bn_after.{name}")), "{name}");
+        n_bn += 1;
+    }
+    assert_eq!(n_bn, f.count_prefix("train.bn_after."), "every stored buffer is checked");
+
+    // one Adam step (torch defaults, lr 3e-4). Step 1 moves p by −lr·g/(|g| + 1e-8), i.e. about
+    // lr·sign(g): where a gradient is within its own (checked) f32 error of 0, the sign can go
+    // either way. So each element may differ from the reference by lr·|u(g) − u(g_ref)| with
+    // u(g) = g/(|g| + 1e-8) (the gradient's error carried through the update) plus f32 rounding
+    // of p (2 ulp); a wrong update (no bias correction, another eps, a missed parameter) is off
+    // by a multiple of lr everywhere.
+    let trainable: Vec<ParamId> = params.ids().filter(|&id| params.trainable(id)).collect();
+    let values: Vec<&Tensor> = trainable.iter().map(|&id| params.value(id)).collect();
+    let gs: Vec<Option<Tensor>> = trainable.iter().map(|&id| grads.get(id).cloned()).collect();
+    let mut adam = Adam::new(AdamConfig::default(), trainable.len());
+    let stepped = adam.step(&values, &gs).unwrap();
+    let lr = AdamConfig::default().lr as f64;
+    let u = |g: f64| g / (g.abs() + 1e-8);
+    for (i, &id) in trainable.iter().enumerate() {
+        let name = params.name(id);
+        let got = match &stepped[i] {
+            Some(t) => t.to_vec().unwrap(),
+            None => values[i].to_vec().unwrap(), // no gradient: unchanged, as torch leaves it
+        };
+        let (_, want) = f.get(&format!("after_adam.{name}"));
+        let (_, g_ref) = f.get(&format!("grad.{name}"));
+        let g_ours = gs[i].as_ref().map_or(vec![0.0; got.len()], |t| t.to_vec().unwrap());
+        for j in 0..got.len() {
+            let tol = lr * (u(g_ours[j] as f64) - u(g_ref[j])).abs() + 2.0 * f32::EPSILON as f64 * want[j].abs() + 1e-9;
+            let d = (got[j] as f64 - want[j]).abs();
+            assert!(d <= tol, "{kind}: after_adam.{name}[{j}] = {} vs {} (tolerance {tol:.2e})", got[j], want[j]);
+        }
     }
 }
 
+/// Gradients, per tensor, as ‖ours − ref‖₂ / ‖ref‖₂. The fixture's float32 run of the official
+/// code has a median of 1.5e-6 (ours: 1.5e-6 cpu, 1.3e-6 emu), 26 of 219 tensors above 1e-3, and
+/// up to 5.4e-2 on the PLAM bottleneck (Linear 3→6→1 per pixel: its 25 weights' gradients are
+/// sums over every pixel of terms that cancel, and a ReLU that rounds to the other side of 0 at
+/// one pixel moves them by percents; our cpu path sees 7.3e-2 there, from exactly such a flip in
+/// up1 that we traced). A formula error moves many tensors by far more (a detached W: up to 138%;
+/// the fixture README), which the median and the 2e-2 bound both catch.
+const GRAD_TOL: f64 = 2e-2;
+const GRAD_TOL_PLAM_FC: f64 = 0.15;
+const GRAD_TOL_MEDIAN: f64 = 1e-5;
+
+
+/// Parameters whose exact gradient is zero (fixture.json `structurally_zero_grads`): the name
+/// and the element range (`"all"` or `[lo, hi]`).
+fn structural_zeros() -> Vec<(String, std::ops::Range<usize>)> {
+    let json = std::fs::read_to_string(common::fixture::root().join(FIXTURE).join("fixture.json")).unwrap();
+    let start = json.find("\"structurally_zero_grads\"").expect("fixture.json lists structural zeros");
+    let end = json[start..].find("\"float32_run_of_same_code\"").map_or(json.len(), |e| start + e);
+    json[start..end]
+        .split("\"param\": \"")
+        .skip(1)
+        .map(|s| {
+            let name = s[..s.find('"').unwrap()].to_string();
+            let el = &s[s.find("\"elements\":").expect("an elements field") + 11..];
+            let el = el.trim_start();
+            let range = if el.starts_with("\"all\"") {
+                0..usize::MAX
+            } else {
+                let inner = &el[1..el.find(']').unwrap()];
+                let v: Vec<usize> = inner.split(',').map(|x| x.trim().parse().unwrap()).collect();
+                v[0]..v[1]
+            };
+            (name, range)
+        })
+        .collect()
+}
+
 #[test]
-fn train_forward_matches_official_cpu() {
+fn train_matches_official_cpu() {
     check_train("cpu");
 }
+
+#[test]
+fn train_matches_official_emu() {
+    check_train("emu");
+}
+

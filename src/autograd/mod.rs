@@ -162,6 +162,12 @@ impl Graph {
     /// Runs the backward pass from a scalar loss (d loss = 1) and returns the parameters'
     /// gradients. Consumes the recorded closures (and with them the saved activations).
     pub fn backward(&self, loss: &Var, n_params: usize) -> Result<Grads> {
+        Ok(self.backward_watching(loss, n_params, &[])?.0)
+    }
+
+    /// `backward`, also returning d loss / d v for each var in `watch` (None when the loss does
+    /// not depend on it): for tests and for explaining a model's decisions.
+    pub fn backward_watching(&self, loss: &Var, n_params: usize, watch: &[&Var]) -> Result<(Grads, Vec<Option<Tensor>>)> {
         let Some(root) = loss.id else {
             return Err(Error::shape("backward", "the loss does not depend on any trainable parameter"));
         };
@@ -172,8 +178,15 @@ impl Graph {
         let mut grads: Vec<Option<Tensor>> = vec![None; n];
         grads[root] = Some(Tensor::from_vec(vec![1.0], loss.shape(), loss.t.device())?);
         let nodes = std::mem::take(&mut *self.nodes.borrow_mut());
+        let watched: Vec<Option<usize>> = watch.iter().map(|v| v.id).collect();
+        let mut kept: Vec<Option<Tensor>> = vec![None; watch.len()];
         for node in nodes.into_iter().rev() {
             let Some(dy) = grads[node.out].take() else { continue };
+            for (k, w) in kept.iter_mut().zip(&watched) {
+                if *w == Some(node.out) {
+                    *k = Some(dy.clone());
+                }
+            }
             let gs = (node.backward)(&dy)?;
             drop(dy);
             for (inp, g) in node.inputs.iter().zip(gs) {
@@ -188,7 +201,7 @@ impl Graph {
                 accumulate(&mut by_param[p.0], g)?;
             }
         }
-        Ok(Grads { by_param })
+        Ok((Grads { by_param }, kept))
     }
 }
 

@@ -67,7 +67,7 @@ pub struct Batch {
 }
 
 /// The stored intermediates of a forward, by the fixture's names (`probs`, `W_poi`, `up4`, ...).
-pub type Record = BTreeMap<String, Tensor>;
+pub type Record = BTreeMap<String, Var>;
 
 /// Which image / text tokens the reconstruction masks out, per sample (positions, without
 /// repetition). Drawn from W when not given.
@@ -193,9 +193,9 @@ impl RecLmis {
             // −inf where the text mask is 0: padding gets exactly 0
             let bias = valid_bias(&b.valid)?;
             w_woi = Some(g.softmax(&g.add(&sw, &Var::constant(bias))?)?);
-            rec.insert("mlp_visual_score".into(), sv.tensor().clone());
-            rec.insert("mlp_woi_score".into(), sw.tensor().clone());
-            rec.insert("interact_text".into(), text2.tensor().clone());
+            rec.insert("mlp_visual_score".into(), sv.clone());
+            rec.insert("mlp_woi_score".into(), sw.clone());
+            rec.insert("interact_text".into(), text2.clone());
         }
         // decoder: img' [B,N,d] -> [B,d,h,w]
         let (gh, gw) = self.cfg.grid();
@@ -225,11 +225,11 @@ impl RecLmis {
             ("logits", &logits),
             ("probs", &probs),
         ] {
-            rec.insert(k.into(), v.tensor().clone());
+            rec.insert(k.into(), v.clone());
         }
         if let (Some(a), Some(b)) = (&w_poi, &w_woi) {
-            rec.insert("W_poi".into(), a.tensor().clone());
-            rec.insert("W_woi".into(), b.tensor().clone());
+            rec.insert("W_poi".into(), a.clone());
+            rec.insert("W_woi".into(), b.clone());
         }
         Ok(Trunk { hidden, text_feat, x5, img: it.img, logits, probs, w_poi, w_woi })
     }
@@ -314,17 +314,17 @@ impl RecLmis {
             ("total", scalar(&total)?),
         ]);
         for (k, v) in [
-            ("cvr_enc", cvr_enc.tensor()),
-            ("cvr_out", cvr_out.tensor()),
-            ("clr_enc", clr_enc.tensor()),
-            ("clr_out", clr_out.tensor()),
-            ("masked_img_feat", masked_img.tensor()),
-            ("masked_text_feat", masked_txt.tensor()),
-            ("ccl_logits", ccl_logits.tensor()),
-            ("ccl_t2v", &t2v),
-            ("ccl_v2t", &v2t),
+            ("cvr_enc", cvr_enc),
+            ("cvr_out", cvr_out),
+            ("clr_enc", clr_enc),
+            ("clr_out", clr_out),
+            ("masked_img_feat", masked_img),
+            ("masked_text_feat", masked_txt),
+            ("ccl_logits", ccl_logits),
+            ("ccl_t2v", Var::constant(t2v)),
+            ("ccl_v2t", Var::constant(v2t)),
         ] {
-            rec.insert(k.into(), v.clone());
+            rec.insert(k.into(), v);
         }
         Ok(TrainOut { total, losses, record: rec, masks })
     }

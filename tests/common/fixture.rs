@@ -26,6 +26,12 @@ impl Fixture {
         &self.bytes
     }
 
+    /// How many tensors have names starting with `prefix`.
+    pub fn count_prefix(&self, prefix: &str) -> usize {
+        let st = SafeTensors::deserialize(&self.bytes).expect("a valid safetensors file");
+        st.names().iter().filter(|n| n.starts_with(prefix)).count()
+    }
+
     /// (shape, values as f64)
     pub fn get(&self, key: &str) -> (Vec<usize>, Vec<f64>) {
         let st = SafeTensors::deserialize(&self.bytes).expect("a valid safetensors file");

@@ -22,7 +22,7 @@ const CO_BLOCK: usize = 32;
 /// When Winograd pays: 3×3 kernels with enough channels on both sides that the 16 GEMMs, not
 /// the transforms (O(Ci + Co) per tile), dominate.
 pub fn applies(s: &ConvShape) -> bool {
-    s.kh == 3 && s.kw == 3 && s.ci >= 32 && s.co >= 32
+    s.kh == 3 && s.kw == 3 && s.ci >= 32 && s.co >= 32 && std::env::var_os("NOWINO").is_none()
 }
 
 /// When the Winograd weight gradient pays (measured on the 2-core dev machine, batch 1): with

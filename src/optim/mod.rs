@@ -1,0 +1,183 @@
+//! Optimisers and learning-rate schedules: Adam and AdamW exactly as torch.optim defines them
+//! (one fused update kernel per tensor on cuda/emu, the same arithmetic on cpu), gradient
+//! clipping by global norm, cosine annealing with warm restarts and exponential decay.
+
+pub mod reference;
+pub mod schedule;
+
+use crate::device::{Device, LaunchCfg};
+use crate::error::{Error, Result};
+use crate::kernels::Kernel;
+use crate::ops::elementwise;
+use crate::ops::reduce;
+use crate::tensor::{DType, Tensor};
+
+crate::kernel_params! {
+    struct AdamParams [96] {
+        p: u64,
+        g: u64,
+        m: u64,
+        v: u64,
+        p_out: u64,
+        m_out: u64,
+        v_out: u64,
+        n: u64,
+        lr: f32,
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+        weight_decay: f32,
+        bc1: f32,
+        bc2_sqrt: f32,
+        decoupled: u32,
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamConfig {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// AdamW (decay applied to the weights) instead of Adam (decay added to the gradient).
+    pub decoupled: bool,
+}
+
+impl Default for AdamConfig {
+    /// torch.optim.Adam's defaults with the official lr 3e-4.
+    fn default() -> Self {
+        AdamConfig { lr: 3e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, decoupled: false }
+    }
+}
+
+/// One tensor's update. Returns (p, m, v) after `step` (1-based) steps.
+pub fn adam_update(c: &AdamConfig, step: u64, p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    let op = "adam";
+    p.same_device(op, &[g, m, v])?;
+    for (name, t) in [("grad", g), ("exp_avg", m), ("exp_avg_sq", v)] {
+        if t.shape() != p.shape() {
+            return Err(Error::shape(op, format!("{name} {:?} vs parameter {:?}", t.shape(), p.shape())));
+        }
+        t.expect_dtype(op, DType::F32)?;
+    }
+    if step == 0 {
+        return Err(Error::shape(op, "steps count from 1"));
+    }
+    let bc1 = 1.0 - (c.beta1 as f64).powi(step as i32);
+    let bc2_sqrt = (1.0 - (c.beta2 as f64).powi(step as i32)).sqrt();
+    let dev = p.device();
+    if let Device::Cpu = dev {
+        let (pn, mn, vn) =
+            cpu_update(c, (bc1 as f32, bc2_sqrt as f32), p.cpu_f32(op)?, g.cpu_f32(op)?, m.cpu_f32(op)?, v.cpu_f32(op)?);
+        return Ok((Tensor::from_vec(pn, p.shape(), dev)?, Tensor::from_vec(mn, p.shape(), dev)?, Tensor::from_vec(vn, p.shape(), dev)?));
+    }
+    let out = |_| Tensor::empty(p.shape(), DType::F32, dev);
+    let (pn, mn, vn) = (out(0)?, out(1)?, out(2)?);
+    let a = AdamParams {
+        p: p.dev_ptr(),
+        g: g.dev_ptr(),
+        m: m.dev_ptr(),
+        v: v.dev_ptr(),
+        p_out: pn.dev_ptr(),
+        m_out: mn.dev_ptr(),
+        v_out: vn.dev_ptr(),
+        n: p.numel() as u64,
+        lr: c.lr,
+        beta1: c.beta1,
+        beta2: c.beta2,
+        eps: c.eps,
+        weight_decay: c.weight_decay,
+        bc1: bc1 as f32,
+        bc2_sqrt: bc2_sqrt as f32,
+        decoupled: c.decoupled as u32,
+    };
+    if p.numel() > 0 {
+        dev.launch(Kernel::adam_fwd_f32, LaunchCfg::elementwise(p.numel()), &a)?;
+    }
+    Ok((pn, mn, vn))
+}
+
+/// The kernel's arithmetic in f32, element by element (the same operation order).
+fn cpu_update(c: &AdamConfig, (bc1, bc2_sqrt): (f32, f32), p: &[f32], g: &[f32], m: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let n = p.len();
+    let (mut pn, mut mn, mut vn) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    for i in 0..n {
+        let (mut pi, mut gi) = (p[i], g[i]);
+        if c.decoupled {
+            pi *= 1.0 - c.lr * c.weight_decay;
+        } else {
+            gi += c.weight_decay * pi;
+        }
+        let mi = c.beta1 * m[i] + (1.0 - c.beta1) * gi;
+        let vi = c.beta2 * v[i] + (1.0 - c.beta2) * gi * gi;
+        let denom = vi.sqrt() / bc2_sqrt + c.eps;
+        pn.push(pi - (c.lr / bc1) * mi / denom);
+        mn.push(mi);
+        vn.push(vi);
+    }
+    (pn, mn, vn)
+}
+
+/// Adam state over a list of parameters (by index); parameters without a gradient this step are
+/// left unchanged, as torch skips them.
+pub struct Adam {
+    pub cfg: AdamConfig,
+    pub step: u64,
+    pub m: Vec<Option<Tensor>>,
+    pub v: Vec<Option<Tensor>>,
+}
+
+impl Adam {
+    pub fn new(cfg: AdamConfig, n_params: usize) -> Adam {
+        Adam { cfg, step: 0, m: vec![None; n_params], v: vec![None; n_params] }
+    }
+
+    /// One step: returns the new value of every parameter that has a gradient.
+    pub fn step(&mut self, params: &[&Tensor], grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
+        if params.len() != grads.len() || params.len() != self.m.len() {
+            return Err(Error::shape("adam", format!("{} params, {} grads, state for {}", params.len(), grads.len(), self.m.len())));
+        }
+        self.step += 1;
+        let mut out = Vec::with_capacity(params.len());
+        for (i, (p, g)) in params.iter().zip(grads).enumerate() {
+            let Some(g) = g else {
+                out.push(None);
+                continue;
+            };
+            let zero = || Tensor::zeros(p.shape(), p.device());
+            let m = match &self.m[i] {
+                Some(m) => m.clone(),
+                None => zero()?,
+            };
+            let v = match &self.v[i] {
+                Some(v) => v.clone(),
+                None => zero()?,
+            };
+            let (pn, mn, vn) = adam_update(&self.cfg, self.step, p, g, &m, &v)?;
+            self.m[i] = Some(mn);
+            self.v[i] = Some(vn);
+            out.push(Some(pn));
+        }
+        Ok(out)
+    }
+}
+
+/// Scales the gradients so that their global L2 norm is at most `max_norm` (torch's
+/// clip_grad_norm_: factor max_norm / (norm + 1e-6) when it is below 1). Returns the norm before.
+pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f32) -> Result<f32> {
+    let mut sq = 0.0f64;
+    for g in grads.iter().flatten() {
+        let flat = g.reshape(&[g.numel()])?;
+        let s = reduce::sum(&elementwise::mul(&flat, &flat)?, 0)?;
+        sq += s.to_vec()?[0] as f64;
+    }
+    let norm = sq.sqrt() as f32;
+    let factor = max_norm / (norm + 1e-6);
+    if factor < 1.0 {
+        for g in grads.iter_mut().flatten() {
+            *g = elementwise::scale(g, factor)?;
+        }
+    }
+    Ok(norm)
+}
