@@ -38,6 +38,11 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         reps: usize,
     },
+    /// Print a preset's module tree with parameter counts (official, tiny, small)
+    Model {
+        #[arg(long, default_value = "official")]
+        preset: String,
+    },
     /// List the kernels with the registers, shared memory, stack and spills ptxas reported
     Kernels,
     /// Say which devices are usable here, and why not
@@ -61,6 +66,11 @@ fn run(cli: Cli) -> reclmis::Result<()> {
             print!("{}", bench::format_table(&dev, &ms));
         }
         Cmd::Kernels => print!("{}", kernels::report()),
+        Cmd::Model { preset } => {
+            let cfg = reclmis::model::Config::preset(&preset)?;
+            let m = reclmis::model::RecLmis::new(cfg, &Device::Cpu, 0)?;
+            print!("{}", reclmis::model::summary::render(&m));
+        }
         Cmd::Devices => {
             println!("cpu: usable ({} threads)", rayon::current_num_threads());
             match Device::cuda(0) {

@@ -271,7 +271,6 @@ const GRAD_TOL: f64 = 2e-2;
 const GRAD_TOL_PLAM_FC: f64 = 0.15;
 const GRAD_TOL_MEDIAN: f64 = 1e-5;
 
-
 /// Parameters whose exact gradient is zero (fixture.json `structurally_zero_grads`): the name
 /// and the element range (`"all"` or `[lo, hi]`).
 fn structural_zeros() -> Vec<(String, std::ops::Range<usize>)> {
@@ -306,4 +305,3 @@ fn train_matches_official_cpu() {
 fn train_matches_official_emu() {
     check_train("emu");
 }
-

@@ -167,7 +167,12 @@ impl Graph {
 
     /// `backward`, also returning d loss / d v for each var in `watch` (None when the loss does
     /// not depend on it): for tests and for explaining a model's decisions.
-    pub fn backward_watching(&self, loss: &Var, n_params: usize, watch: &[&Var]) -> Result<(Grads, Vec<Option<Tensor>>)> {
+    pub fn backward_watching(
+        &self,
+        loss: &Var,
+        n_params: usize,
+        watch: &[&Var],
+    ) -> Result<(Grads, Vec<Option<Tensor>>)> {
         let Some(root) = loss.id else {
             return Err(Error::shape("backward", "the loss does not depend on any trainable parameter"));
         };

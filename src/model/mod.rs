@@ -5,6 +5,7 @@
 pub mod config;
 pub mod interactor;
 pub mod reconstruction;
+pub mod summary;
 pub mod text_tower;
 pub mod unet;
 

@@ -52,7 +52,14 @@ impl Default for AdamConfig {
 }
 
 /// One tensor's update. Returns (p, m, v) after `step` (1-based) steps.
-pub fn adam_update(c: &AdamConfig, step: u64, p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+pub fn adam_update(
+    c: &AdamConfig,
+    step: u64,
+    p: &Tensor,
+    g: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let op = "adam";
     p.same_device(op, &[g, m, v])?;
     for (name, t) in [("grad", g), ("exp_avg", m), ("exp_avg_sq", v)] {
@@ -68,9 +75,19 @@ pub fn adam_update(c: &AdamConfig, step: u64, p: &Tensor, g: &Tensor, m: &Tensor
     let bc2_sqrt = (1.0 - (c.beta2 as f64).powi(step as i32)).sqrt();
     let dev = p.device();
     if let Device::Cpu = dev {
-        let (pn, mn, vn) =
-            cpu_update(c, (bc1 as f32, bc2_sqrt as f32), p.cpu_f32(op)?, g.cpu_f32(op)?, m.cpu_f32(op)?, v.cpu_f32(op)?);
-        return Ok((Tensor::from_vec(pn, p.shape(), dev)?, Tensor::from_vec(mn, p.shape(), dev)?, Tensor::from_vec(vn, p.shape(), dev)?));
+        let (pn, mn, vn) = cpu_update(
+            c,
+            (bc1 as f32, bc2_sqrt as f32),
+            p.cpu_f32(op)?,
+            g.cpu_f32(op)?,
+            m.cpu_f32(op)?,
+            v.cpu_f32(op)?,
+        );
+        return Ok((
+            Tensor::from_vec(pn, p.shape(), dev)?,
+            Tensor::from_vec(mn, p.shape(), dev)?,
+            Tensor::from_vec(vn, p.shape(), dev)?,
+        ));
     }
     let out = |_| Tensor::empty(p.shape(), DType::F32, dev);
     let (pn, mn, vn) = (out(0)?, out(1)?, out(2)?);
@@ -99,7 +116,14 @@ pub fn adam_update(c: &AdamConfig, step: u64, p: &Tensor, g: &Tensor, m: &Tensor
 }
 
 /// The kernel's arithmetic in f32, element by element (the same operation order).
-fn cpu_update(c: &AdamConfig, (bc1, bc2_sqrt): (f32, f32), p: &[f32], g: &[f32], m: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+fn cpu_update(
+    c: &AdamConfig,
+    (bc1, bc2_sqrt): (f32, f32),
+    p: &[f32],
+    g: &[f32],
+    m: &[f32],
+    v: &[f32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let n = p.len();
     let (mut pn, mut mn, mut vn) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
     for i in 0..n {
@@ -136,7 +160,10 @@ impl Adam {
     /// One step: returns the new value of every parameter that has a gradient.
     pub fn step(&mut self, params: &[&Tensor], grads: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
         if params.len() != grads.len() || params.len() != self.m.len() {
-            return Err(Error::shape("adam", format!("{} params, {} grads, state for {}", params.len(), grads.len(), self.m.len())));
+            return Err(Error::shape(
+                "adam",
+                format!("{} params, {} grads, state for {}", params.len(), grads.len(), self.m.len()),
+            ));
         }
         self.step += 1;
         let mut out = Vec::with_capacity(params.len());

@@ -17,7 +17,8 @@ impl CosineWarmRestarts {
             t_cur -= t_i;
             t_i *= self.t_mult.max(1);
         }
-        self.eta_min + (self.lr0 - self.eta_min) * (1.0 + (std::f64::consts::PI * t_cur as f64 / t_i as f64).cos()) / 2.0
+        self.eta_min
+            + (self.lr0 - self.eta_min) * (1.0 + (std::f64::consts::PI * t_cur as f64 / t_i as f64).cos()) / 2.0
     }
 }
 
