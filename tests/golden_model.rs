@@ -305,3 +305,15 @@ fn train_matches_official_cpu() {
 fn train_matches_official_emu() {
     check_train("emu");
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn eval_matches_official_cuda() {
+    check_eval("cuda");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn train_matches_official_cuda() {
+    check_train("cuda");
+}

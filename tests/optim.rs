@@ -1,0 +1,55 @@
+//! The fused Adam / AdamW update against torch's arithmetic in f64 (optim::reference).
+
+mod common;
+use common::*;
+use proptest::prelude::*;
+use reclmis::optim::{self, reference, AdamConfig};
+use reclmis::testing::mismatch;
+use reclmis::Device;
+
+/// Several steps of one tensor, checked after each against the f64 reference fed the same
+/// (f32-rounded) state. Per element the update is a handful of f32 operations: 8 ulp of the
+/// largest operand bounds each result (v's terms are both >= 0, so v is bounded relatively).
+fn check_adam(dev: &Device, n: usize, steps: u64, decoupled: bool, wd: bool, seed: u64) -> Result<(), TestCaseError> {
+    let mut rng = reclmis::testing::Rng::new(seed);
+    let c = AdamConfig { decoupled, weight_decay: if wd { 0.01 } else { 0.0 }, lr: 1e-2, ..AdamConfig::default() };
+    let mut p = rng.vec(n, -1.0, 1.0);
+    let (mut m, mut v) = (vec![0.0f32; n], vec![0.0f32; n]);
+    for step in 1..=steps {
+        let g = values(n, seed ^ step, true);
+        let t = |x: &[f32]| tensor(x, &[n], dev);
+        let (pn, mn, vn) = optim::adam_update(&c, step, &t(&p), &t(&g), &t(&m), &t(&v)).unwrap();
+        let (wp, wm, wv) = reference::adam(&c, step, &f64s(&p), &f64s(&g), &f64s(&m), &f64s(&v));
+        let eps = 8.0 * f32::EPSILON as f64;
+        let scale_p = p.iter().fold(c.lr as f64 * 10.0, |a, x| a.max(x.abs() as f64));
+        assert_none("p", mismatch(&pn.to_vec().unwrap(), &wp, eps * scale_p, 0.0))?;
+        // m = β1·m + (1−β1)·g can cancel: bound by the operands' size, not the result's
+        let scale_m = m.iter().chain(&g).fold(0.0f64, |a, x| a.max(x.abs() as f64));
+        assert_none("m", mismatch(&mn.to_vec().unwrap(), &wm, eps * scale_m, 0.0))?;
+        assert_none("v", mismatch(&vn.to_vec().unwrap(), &wv, 0.0, eps))?;
+        p = pn.to_vec().unwrap();
+        m = mn.to_vec().unwrap();
+        v = vn.to_vec().unwrap();
+    }
+    Ok(())
+}
+
+per_device!(check_adam, (n in dim(), steps in 1u64..4, decoupled in any::<bool>(), wd in any::<bool>(), seed in any::<u64>()));
+
+#[test]
+fn adam_shape_mismatch_is_an_error() {
+    let d = Device::Cpu;
+    let t = |n: usize| tensor(&vec![0.0; n], &[n], &d);
+    let e = optim::adam_update(&AdamConfig::default(), 1, &t(3), &t(4), &t(3), &t(3)).unwrap_err().to_string();
+    assert!(e.contains("grad"), "{e}");
+}
+
+#[test]
+fn clip_grad_norm_scales_to_the_bound() {
+    let d = Device::Cpu;
+    let mut gs = vec![Some(tensor(&[3.0, 0.0], &[2], &d)), None, Some(tensor(&[4.0], &[1], &d))];
+    let norm = optim::clip_grad_norm(&mut gs, 1.0).unwrap();
+    assert!((norm - 5.0).abs() < 1e-6);
+    let a = gs[0].as_ref().unwrap().to_vec().unwrap();
+    assert!((a[0] - 0.6).abs() < 1e-6, "{a:?}");
+}
