@@ -17,6 +17,7 @@ use crate::ops::{ccl, conv, embedding, layer_norm, loss, norm, plam, pool, reduc
 use crate::tensor::Tensor;
 use std::time::Instant;
 
+pub mod model;
 mod unet;
 
 type Validator = Box<dyn Fn(&Tensor) -> Result<()>>;

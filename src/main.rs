@@ -38,6 +38,15 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         reps: usize,
     },
+    /// Time the official model (224²): inference at batch 1 / 8, a training step at batch 4; one
+    /// scenario per process (peak RSS is the scenario's), one JSON line like ../shared/peer/bench_cpu.py
+    BenchModel {
+        #[arg(long, value_enum, default_value = "auto")]
+        device: DeviceChoice,
+        /// infer_b1, infer_b8 or train_b4
+        #[arg(long)]
+        scenario: String,
+    },
     /// Print a preset's module tree with parameter counts (official, tiny, small)
     Model {
         #[arg(long, default_value = "official")]
@@ -66,6 +75,10 @@ fn run(cli: Cli) -> reclmis::Result<()> {
             print!("{}", bench::format_table(&dev, &ms));
         }
         Cmd::Kernels => print!("{}", kernels::report()),
+        Cmd::BenchModel { device, scenario } => {
+            let dev = Device::from_choice(device)?;
+            println!("{}", bench::model::run(&scenario, &dev)?);
+        }
         Cmd::Model { preset } => {
             let cfg = reclmis::model::Config::preset(&preset)?;
             let m = reclmis::model::RecLmis::new(cfg, &Device::Cpu, 0)?;

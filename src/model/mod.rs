@@ -7,6 +7,7 @@ pub mod interactor;
 pub mod reconstruction;
 pub mod summary;
 pub mod text_tower;
+pub mod train;
 pub mod unet;
 
 use crate::autograd::{Graph, Var};

@@ -1,0 +1,93 @@
+//! Whole-model scenarios for BENCHMARKS.md, shaped like ../shared/peer/bench_cpu.py so the two
+//! run side by side: the official preset at 224², random weights, an 18-token note; inference
+//! (only what the mask needs) at batch 1 and 8, and a full training step at batch 4 (forward with
+//! CVR/CLR/CCL, every loss, backward, Adam). One scenario per process, so the peak RSS
+//! (getrusage) is the scenario's own.
+
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::model::train::Trainer;
+use crate::model::{Batch, Config, RecLmis};
+use crate::optim::AdamConfig;
+use crate::tensor::Tensor;
+use crate::testing::Rng;
+use std::time::Instant;
+
+/// The peer's note ("Bilateral pulmonary infection, two infected areas, all left lung and all
+/// right lung.", 18 ids from the fixture's tokenizer).
+const IDS: [i32; 18] =
+    [49406, 25599, 39132, 14774, 267, 1237, 26136, 5429, 267, 615, 1823, 16271, 537, 615, 1155, 16271, 269, 49407];
+
+fn batch(cfg: &Config, b: usize, dev: &Device) -> Result<Batch> {
+    let (h, w) = cfg.img_size;
+    let mut rng = Rng::new(1);
+    let ids: Vec<i32> = (0..b).flat_map(|_| IDS).collect();
+    let masks: Vec<f32> = (0..b * h * w).map(|i| ((i % w) > w / 2) as i32 as f32).collect();
+    Ok(Batch {
+        images: Tensor::from_vec(rng.vec(b * 3 * h * w, 0.0, 1.0), &[b, 3, h, w], dev)?,
+        ids: Tensor::from_vec_i32(ids, &[b, 18], dev)?,
+        valid: Tensor::from_vec_i32(vec![1; b * 18], &[b, 18], dev)?,
+        masks: Some(Tensor::from_vec(masks, &[b, h, w], dev)?),
+    })
+}
+
+fn peak_rss_mb() -> f64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    ru.ru_maxrss as f64 / 1024.0
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
+    v[v.len() / 2]
+}
+
+/// Runs one scenario (infer_b1, infer_b8, train_b4) and returns its JSON line.
+pub fn run(scenario: &str, dev: &Device) -> Result<String> {
+    let cfg = Config::preset("official")?;
+    let model = RecLmis::new(cfg.clone(), dev, 0)?;
+    let (b, warm, reps) = match scenario {
+        "infer_b1" => (1, 2, 10),
+        "infer_b8" => (8, 2, 10),
+        "train_b4" => (4, 1, 5),
+        other => return Err(Error::Other(format!("unknown scenario {other:?} (infer_b1, infer_b8, train_b4)"))),
+    };
+    let data = batch(&cfg, b, dev)?;
+    let mut times = vec![];
+    if scenario.starts_with("infer") {
+        for i in 0..warm + reps {
+            let t = Instant::now();
+            let p = model.infer(&data)?;
+            dev.synchronize()?;
+            if !p.to_vec()?.iter().all(|x| x.is_finite()) {
+                return Err(Error::Other("inference gave non-finite probabilities".into()));
+            }
+            if i >= warm {
+                times.push(t.elapsed().as_secs_f64());
+            }
+        }
+    } else {
+        let mut tr = Trainer::new(model, AdamConfig::default());
+        let mut rng = Rng::new(3);
+        for i in 0..warm + reps {
+            let t = Instant::now();
+            let l = tr.step(&data, None, &mut rng)?;
+            dev.synchronize()?;
+            if !l["total"].is_finite() {
+                return Err(Error::Other("training step gave a non-finite loss".into()));
+            }
+            if i >= warm {
+                times.push(t.elapsed().as_secs_f64());
+            }
+        }
+    }
+    let m = median(times.clone());
+    Ok(format!(
+        "{{\"scenario\": \"{scenario}\", \"engine\": \"reclmis\", \"device\": \"{}\", \"batch\": {b}, \"median_s\": {m:.4}, \"per_image_s\": {:.4}, \"min_s\": {:.4}, \"peak_rss_mb\": {:.0}, \"reps\": {reps}}}",
+        dev.describe(),
+        m / b as f64,
+        times.iter().cloned().fold(f64::INFINITY, f64::min),
+        peak_rss_mb()
+    ))
+}
