@@ -13,6 +13,7 @@ pub mod kernels;
 pub mod model;
 pub mod nn;
 pub mod ops;
+#[cfg(feature = "train")]
 pub mod optim;
 pub mod selfcheck;
 pub mod tensor;

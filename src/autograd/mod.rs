@@ -4,12 +4,17 @@
 //! gone past them. Gradients of a var used twice accumulate with `+=`.
 //!
 //! An evaluation graph (`Graph::eval`) records nothing: each op is the plain kernel call, no
-//! closure is built, no tensor is kept, and no id is handed out.
+//! closure is built, no tensor is kept, and no id is handed out. Without the `train` cargo
+//! feature the tape itself is not compiled (no node storage, no `backward`): the inference build
+//! carries only the forward ops.
 
 mod ops;
 
-use crate::error::{Error, Result};
+#[cfg(feature = "train")]
+use crate::error::Error;
+use crate::error::Result;
 use crate::nn::params::{ParamId, Params};
+#[cfg(feature = "train")]
 use crate::ops::elementwise;
 use crate::tensor::Tensor;
 use std::cell::{Cell, RefCell};
@@ -43,8 +48,10 @@ impl Var {
     }
 }
 
+#[cfg(feature = "train")]
 type Backward = Box<dyn FnOnce(&Tensor) -> Result<Vec<Option<Tensor>>>>;
 
+#[cfg(feature = "train")]
 struct Node {
     out: usize,
     inputs: Vec<Option<usize>>,
@@ -56,6 +63,7 @@ struct Node {
 pub struct Graph {
     train: bool,
     record: bool,
+    #[cfg(feature = "train")]
     nodes: RefCell<Vec<Node>>,
     next_id: Cell<usize>,
     /// (var id, parameter) of every trainable parameter read while recording.
@@ -83,6 +91,7 @@ impl Graph {
         Graph {
             train,
             record,
+            #[cfg(feature = "train")]
             nodes: RefCell::new(Vec::new()),
             next_id: Cell::new(0),
             leaves: RefCell::new(Vec::new()),
@@ -94,6 +103,7 @@ impl Graph {
         Self::new(false, false)
     }
     /// Training: batch statistics, every op recorded for `backward`.
+    #[cfg(feature = "train")]
     pub fn train() -> Graph {
         Self::new(true, true)
     }
@@ -125,7 +135,7 @@ impl Graph {
 
     /// True when the op on these inputs must be recorded.
     fn tracks(&self, inputs: &[&Var]) -> bool {
-        self.record && inputs.iter().any(|v| v.id.is_some())
+        cfg!(feature = "train") && self.record && inputs.iter().any(|v| v.id.is_some())
     }
 
     /// Wraps an op's output; records its backward when any input is tracked. The closure gets
@@ -136,16 +146,19 @@ impl Graph {
         out: Tensor,
         backward: impl FnOnce(&Tensor) -> Result<Vec<Option<Tensor>>> + 'static,
     ) -> Var {
-        if !self.tracks(inputs) {
-            return Var::constant(out);
+        #[cfg(feature = "train")]
+        if self.tracks(inputs) {
+            let id = self.fresh_id();
+            self.nodes.borrow_mut().push(Node {
+                out: id,
+                inputs: inputs.iter().map(|v| v.id).collect(),
+                backward: Box::new(backward),
+            });
+            return Var { t: out, id: Some(id) };
         }
-        let id = self.fresh_id();
-        self.nodes.borrow_mut().push(Node {
-            out: id,
-            inputs: inputs.iter().map(|v| v.id).collect(),
-            backward: Box::new(backward),
-        });
-        Var { t: out, id: Some(id) }
+        #[cfg(not(feature = "train"))]
+        let _ = (inputs, backward);
+        Var::constant(out)
     }
 
     pub(crate) fn push_buffer_update(&self, p: ParamId, t: Tensor) {
@@ -161,12 +174,14 @@ impl Graph {
 
     /// Runs the backward pass from a scalar loss (d loss = 1) and returns the parameters'
     /// gradients. Consumes the recorded closures (and with them the saved activations).
+    #[cfg(feature = "train")]
     pub fn backward(&self, loss: &Var, n_params: usize) -> Result<Grads> {
         Ok(self.backward_watching(loss, n_params, &[])?.0)
     }
 
     /// `backward`, also returning d loss / d v for each var in `watch` (None when the loss does
     /// not depend on it): for tests and for explaining a model's decisions.
+    #[cfg(feature = "train")]
     pub fn backward_watching(
         &self,
         loss: &Var,
@@ -210,6 +225,7 @@ impl Graph {
     }
 }
 
+#[cfg(feature = "train")]
 fn accumulate(slot: &mut Option<Tensor>, g: Tensor) -> Result<()> {
     *slot = Some(match slot.take() {
         None => g,

@@ -6,8 +6,10 @@
 
 use crate::device::Device;
 use crate::error::{Error, Result};
+#[cfg(feature = "train")]
 use crate::model::train::Trainer;
 use crate::model::{Batch, Config, RecLmis};
+#[cfg(feature = "train")]
 use crate::optim::AdamConfig;
 use crate::tensor::Tensor;
 use crate::testing::Rng;
@@ -55,6 +57,8 @@ pub fn run(scenario: &str, dev: &Device) -> Result<String> {
     };
     let data = batch(&cfg, b, dev)?;
     let mut times = vec![];
+    // median (forward, backward, optimiser) seconds of the training step
+    let mut phases: Option<[f64; 3]> = None;
     if scenario.starts_with("infer") {
         for i in 0..warm + reps {
             let t = Instant::now();
@@ -68,26 +72,51 @@ pub fn run(scenario: &str, dev: &Device) -> Result<String> {
             }
         }
     } else {
-        let mut tr = Trainer::new(model, AdamConfig::default());
-        let mut rng = Rng::new(3);
-        for i in 0..warm + reps {
-            let t = Instant::now();
-            let l = tr.step(&data, None, &mut rng)?;
-            dev.synchronize()?;
-            if !l["total"].is_finite() {
-                return Err(Error::Other("training step gave a non-finite loss".into()));
-            }
-            if i >= warm {
-                times.push(t.elapsed().as_secs_f64());
-            }
-        }
+        phases = Some(train_times(model, &data, warm, reps, dev, &mut times)?);
     }
     let m = median(times.clone());
+    let phase = phases.map_or(String::new(), |p| {
+        format!(", \"forward_s\": {:.4}, \"backward_s\": {:.4}, \"optimizer_s\": {:.4}", p[0], p[1], p[2])
+    });
     Ok(format!(
-        "{{\"scenario\": \"{scenario}\", \"engine\": \"reclmis\", \"device\": \"{}\", \"batch\": {b}, \"median_s\": {m:.4}, \"per_image_s\": {:.4}, \"min_s\": {:.4}, \"peak_rss_mb\": {:.0}, \"reps\": {reps}}}",
+        "{{\"scenario\": \"{scenario}\", \"engine\": \"reclmis\", \"device\": \"{}\", \"batch\": {b}, \"median_s\": {m:.4}, \"per_image_s\": {:.4}, \"min_s\": {:.4}, \"peak_rss_mb\": {:.0}, \"reps\": {reps}{phase}}}",
         dev.describe(),
         m / b as f64,
         times.iter().cloned().fold(f64::INFINITY, f64::min),
         peak_rss_mb()
     ))
+}
+
+#[cfg(feature = "train")]
+fn train_times(
+    model: RecLmis,
+    data: &Batch,
+    warm: usize,
+    reps: usize,
+    dev: &Device,
+    times: &mut Vec<f64>,
+) -> Result<[f64; 3]> {
+    let mut tr = Trainer::new(model, AdamConfig::default());
+    let mut ph: [Vec<f64>; 3] = Default::default();
+    let mut rng = Rng::new(3);
+    for i in 0..warm + reps {
+        let t = Instant::now();
+        let l = tr.step(data, None, &mut rng)?;
+        dev.synchronize()?;
+        if !l["total"].is_finite() {
+            return Err(Error::Other("training step gave a non-finite loss".into()));
+        }
+        if i >= warm {
+            times.push(t.elapsed().as_secs_f64());
+            for (v, x) in ph.iter_mut().zip(tr.last_times) {
+                v.push(x);
+            }
+        }
+    }
+    Ok(ph.map(median))
+}
+
+#[cfg(not(feature = "train"))]
+fn train_times(_: RecLmis, _: &Batch, _: usize, _: usize, _: &Device, _: &mut Vec<f64>) -> Result<[f64; 3]> {
+    Err(Error::Other("this build has no training (built without the `train` feature)".into()))
 }

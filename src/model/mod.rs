@@ -7,6 +7,7 @@ pub mod interactor;
 pub mod reconstruction;
 pub mod summary;
 pub mod text_tower;
+#[cfg(feature = "train")]
 pub mod train;
 pub mod unet;
 

@@ -8,6 +8,7 @@ use crate::nn::params::ParamId;
 use crate::optim::{clip_grad_norm, Adam, AdamConfig};
 use crate::testing::Rng;
 use std::collections::BTreeMap;
+use std::time::Instant;
 
 pub struct Trainer {
     pub model: RecLmis,
@@ -15,13 +16,15 @@ pub struct Trainer {
     trainable: Vec<ParamId>,
     /// Clip the global gradient norm to this (None: no clipping, as the official recipe).
     pub clip: Option<f32>,
+    /// Seconds spent by the last step in (forward, backward, optimiser).
+    pub last_times: [f64; 3],
 }
 
 impl Trainer {
     pub fn new(model: RecLmis, cfg: AdamConfig) -> Trainer {
         let trainable: Vec<ParamId> = model.params.ids().filter(|&id| model.params.trainable(id)).collect();
         let adam = Adam::new(cfg, trainable.len());
-        Trainer { model, adam, trainable, clip: None }
+        Trainer { model, adam, trainable, clip: None, last_times: [0.0; 3] }
     }
 
     /// One step; returns the loss terms (before the update).
@@ -31,10 +34,16 @@ impl Trainer {
         masks: Option<MaskIndices>,
         rng: &mut Rng,
     ) -> Result<BTreeMap<&'static str, f32>> {
+        let t0 = Instant::now();
         let g = Graph::train();
         let out = self.model.forward_train(&g, batch, masks, rng)?;
-        let grads = g.backward(&out.total, self.model.params.len())?;
+        // the recorded intermediates would keep every activation alive through the backward
+        let (total, losses) = (out.total, out.losses);
         drop(out.record);
+        let t1 = Instant::now();
+        let grads = g.backward(&total, self.model.params.len())?;
+        drop(total);
+        let t2 = Instant::now();
         let mut gs: Vec<_> = self.trainable.iter().map(|&id| grads.get(id).cloned()).collect();
         drop(grads);
         if let Some(c) = self.clip {
@@ -51,6 +60,8 @@ impl Trainer {
             self.model.params.set(id, t)?;
         }
         self.model.params.bump_counters();
-        Ok(out.losses)
+        let t3 = Instant::now();
+        self.last_times = [(t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64(), (t3 - t2).as_secs_f64()];
+        Ok(losses)
     }
 }
