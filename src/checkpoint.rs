@@ -111,6 +111,11 @@ fn f32_values(view: &TensorView) -> std::result::Result<Vec<f32>, String> {
 /// Writes every parameter, buffer and counter (official names). Written to `path.tmp` and
 /// renamed, so a crash never leaves a truncated checkpoint under the final name.
 pub fn save(params: &Params, path: &Path) -> Result<()> {
+    save_with(params, &[], path)
+}
+
+/// `save` with string metadata (the model configuration) in the safetensors header.
+pub fn save_with(params: &Params, metadata: &[(String, String)], path: &Path) -> Result<()> {
     let mut data: Vec<(String, Vec<usize>, Vec<u8>, Dtype)> = Vec::new();
     for id in params.ids() {
         let t = params.value(id);
@@ -124,9 +129,18 @@ pub fn save(params: &Params, path: &Path) -> Result<()> {
         .iter()
         .map(|(n, s, b, dt)| Ok((n.clone(), TensorView::new(*dt, s.clone(), b).map_err(|e| err(path, e.to_string()))?)))
         .collect::<Result<_>>()?;
-    let bytes = safetensors::tensor::serialize(views, None).map_err(|e| err(path, e.to_string()))?;
+    let meta: Option<std::collections::HashMap<String, String>> =
+        if metadata.is_empty() { None } else { Some(metadata.iter().cloned().collect()) };
+    let bytes = safetensors::tensor::serialize(views, meta).map_err(|e| err(path, e.to_string()))?;
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, bytes).map_err(|e| err(path, format!("cannot write: {e}")))?;
     std::fs::rename(&tmp, path).map_err(|e| err(path, format!("cannot rename into place: {e}")))?;
     Ok(())
+}
+
+/// The metadata a checkpoint was saved with (empty when none).
+pub fn read_metadata(path: &Path) -> Result<std::collections::HashMap<String, String>> {
+    let bytes = std::fs::read(path).map_err(|e| err(path, format!("cannot read: {e}")))?;
+    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| err(path, format!("not a valid safetensors file: {e}")))?;
+    Ok(meta.metadata().clone().unwrap_or_default())
 }

@@ -25,6 +25,8 @@ pub enum Error {
     Nvrtc(String),
     #[error("configuration: {0}")]
     Config(String),
+    #[error("{path}: {detail}")]
+    Data { path: String, detail: String },
     #[error("checkpoint {path}: {detail}")]
     Checkpoint { path: String, detail: String },
     #[error("{0}")]

@@ -7,6 +7,7 @@
 pub mod autograd;
 pub mod bench;
 pub mod checkpoint;
+pub mod data;
 pub mod device;
 pub mod error;
 pub mod kernels;
@@ -15,9 +16,11 @@ pub mod nn;
 pub mod ops;
 #[cfg(feature = "train")]
 pub mod optim;
+pub mod pipeline;
 pub mod selfcheck;
 pub mod tensor;
 pub mod testing;
+pub mod text;
 
 pub use device::{Device, DeviceChoice, DeviceKind};
 pub use error::{Error, Result};

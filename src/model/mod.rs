@@ -129,7 +129,9 @@ impl RecLmis {
             RecTransformer::new(&mut bd, "rec_img_trans1", d, cfg.rec_heads, cfg.rec_ffn, cfg.rec_layers)?;
         rec_text.on_logits = cfg.condition_on_logits;
         rec_img.on_logits = cfg.condition_on_logits;
-        params.set_trainable("clip.", false);
+        if !cfg.text_trainable {
+            params.set_trainable("clip.", false);
+        }
         Ok(RecLmis {
             cfg,
             params,
