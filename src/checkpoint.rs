@@ -141,6 +141,7 @@ pub fn save_with(params: &Params, metadata: &[(String, String)], path: &Path) ->
 /// The metadata a checkpoint was saved with (empty when none).
 pub fn read_metadata(path: &Path) -> Result<std::collections::HashMap<String, String>> {
     let bytes = std::fs::read(path).map_err(|e| err(path, format!("cannot read: {e}")))?;
-    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| err(path, format!("not a valid safetensors file: {e}")))?;
+    let (_, meta) =
+        SafeTensors::read_metadata(&bytes).map_err(|e| err(path, format!("not a valid safetensors file: {e}")))?;
     Ok(meta.metadata().clone().unwrap_or_default())
 }

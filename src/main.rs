@@ -1,8 +1,8 @@
 //! The `reclmis` command line.
 
 use clap::{Parser, Subcommand};
-use reclmis::device::{Device, DeviceChoice};
 use reclmis::data::lvit::Split;
+use reclmis::device::{Device, DeviceChoice};
 use reclmis::pipeline::{self, Notes};
 use reclmis::{bench, kernels, selfcheck};
 use std::path::PathBuf;
@@ -123,7 +123,7 @@ enum Cmd {
         out: PathBuf,
         #[arg(long, value_enum, default_value = "auto")]
         device: DeviceChoice,
-        #[arg(long, default_value_t = 30)]
+        #[arg(long, default_value_t = 40)]
         epochs: usize,
         #[arg(long, default_value_t = 9.0)]
         max_minutes: f64,
@@ -166,7 +166,21 @@ fn run(cli: Cli) -> reclmis::Result<()> {
             println!("wrote {train}/{val}/{test} train/val/test samples ({size}x{size}) to {}", out.display());
         }
         #[cfg(feature = "train")]
-        Cmd::Train { data, preset, device, epochs, batch, lr, seed, out, resume, patience, max_minutes, tokenizer, no_augment } => {
+        Cmd::Train {
+            data,
+            preset,
+            device,
+            epochs,
+            batch,
+            lr,
+            seed,
+            out,
+            resume,
+            patience,
+            max_minutes,
+            tokenizer,
+            no_augment,
+        } => {
             let dev = Device::from_choice(device)?;
             let o = pipeline::train::TrainOpts {
                 data,
@@ -205,7 +219,9 @@ fn run(cli: Cli) -> reclmis::Result<()> {
             let (m, tok) = pipeline::load_run(&checkpoint, None, &dev)?;
             let (h, w) = m.cfg.img_size;
             let d = pipeline::load(&data, split, h, w)?;
-            for (name, mode) in [("correct notes", Notes::Correct), ("shuffled notes", Notes::Shuffled), ("empty notes", Notes::Empty)] {
+            for (name, mode) in
+                [("correct notes", Notes::Correct), ("shuffled notes", Notes::Shuffled), ("empty notes", Notes::Empty)]
+            {
                 let s = pipeline::evaluate(&m, &d, &tok, mode, batch, &dev)?;
                 println!("{:<15} Dice {:.4}  IoU {:.4}  ({} images)", name, s.dice, s.iou, d.len());
             }
@@ -215,7 +231,8 @@ fn run(cli: Cli) -> reclmis::Result<()> {
             let dev = Device::from_choice(device)?;
             let t0 = std::time::Instant::now();
             let data = out.join("data");
-            reclmis::data::write::write(&data, &reclmis::data::write::SynthOpts::default())?;
+            let so = reclmis::data::write::SynthOpts { train: 1000, val: 100, test: 100, ..Default::default() };
+            reclmis::data::write::write(&data, &so)?;
             println!("synthetic dataset written to {} ({:.0} s)", data.display(), t0.elapsed().as_secs_f64());
             let o = pipeline::train::TrainOpts {
                 data: data.clone(),
@@ -225,7 +242,7 @@ fn run(cli: Cli) -> reclmis::Result<()> {
                 lr: 1e-3,
                 seed: 1,
                 out: out.join("run"),
-                patience: 8,
+                patience: 15,
                 max_minutes,
                 tokenizer: None,
                 resume: false,
@@ -233,13 +250,19 @@ fn run(cli: Cli) -> reclmis::Result<()> {
                 progress: true,
             };
             let s = pipeline::train::train(&o, &dev)?;
-            println!("best validation Dice {:.4} at epoch {} ({:.1} images/s)", s.best_dice, s.best_epoch, s.images_per_s);
+            println!(
+                "best validation Dice {:.4} at epoch {} ({:.1} images/s)",
+                s.best_dice, s.best_epoch, s.images_per_s
+            );
             let (m, tok) = pipeline::load_run(&o.out.join("best.safetensors"), None, &dev)?;
             let (h, w) = m.cfg.img_size;
             let test = pipeline::load(&data, Split::Test, h, w)?;
             let good = pipeline::evaluate(&m, &test, &tok, Notes::Correct, 16, &dev)?;
             let shuffled = pipeline::evaluate(&m, &test, &tok, Notes::Shuffled, 16, &dev)?;
-            println!("test Dice with the correct notes {:.4}, with shuffled notes {:.4} (IoU {:.4} vs {:.4})", good.dice, shuffled.dice, good.iou, shuffled.iou);
+            println!(
+                "test Dice with the correct notes {:.4}, with shuffled notes {:.4} (IoU {:.4} vs {:.4})",
+                good.dice, shuffled.dice, good.iou, shuffled.iou
+            );
             println!("total {:.0} s", t0.elapsed().as_secs_f64());
         }
         Cmd::Model { preset } => {

@@ -30,8 +30,12 @@ impl NoteTokenizer {
 
     /// Trains a word-level tokenizer on `notes` (lower-cased, split on words and punctuation;
     /// `[PAD]` = 0, `[UNK]`, `[SOT]` … `[EOT]` around every note).
-    pub fn train_word_level<S: AsRef<str> + Send>(notes: impl Iterator<Item = S> + Send, len: usize) -> Result<NoteTokenizer> {
-        let specials: Vec<AddedToken> = ["[PAD]", "[UNK]", "[SOT]", "[EOT]"].iter().map(|s| AddedToken::from(*s, true)).collect();
+    pub fn train_word_level<S: AsRef<str> + Send>(
+        notes: impl Iterator<Item = S> + Send,
+        len: usize,
+    ) -> Result<NoteTokenizer> {
+        let specials: Vec<AddedToken> =
+            ["[PAD]", "[UNK]", "[SOT]", "[EOT]"].iter().map(|s| AddedToken::from(*s, true)).collect();
         let trainer = WordLevelTrainer::builder()
             .special_tokens(specials)
             .show_progress(false)
@@ -81,4 +85,3 @@ impl NoteTokenizer {
         Ok((ids, valid))
     }
 }
-

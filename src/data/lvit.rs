@@ -45,31 +45,44 @@ fn data_err(path: &Path, detail: impl Into<String>) -> Error {
 
 /// Reads a notes sheet: (key, description) rows after the `Image | Description` header.
 pub fn read_sheet(path: &Path) -> Result<HashMap<String, String>> {
-    let rows: Vec<Vec<String>> = match path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref() {
-        Some("csv") => {
-            let mut r = csv::ReaderBuilder::new()
-                .has_headers(false)
-                .flexible(true)
-                .from_path(path)
-                .map_err(|e| data_err(path, format!("cannot read: {e}")))?;
-            r.records()
-                .map(|rec| rec.map(|r| r.iter().map(|s| s.to_string()).collect()).map_err(|e| data_err(path, format!("bad csv: {e}"))))
-                .collect::<Result<_>>()?
-        }
-        Some("xlsx") => {
-            use calamine::{open_workbook_auto, Reader};
-            let mut wb = open_workbook_auto(path).map_err(|e| data_err(path, format!("not a readable xlsx workbook: {e}")))?;
-            let sheet = wb.sheet_names().first().cloned().ok_or_else(|| data_err(path, "the workbook has no sheet"))?;
-            let range = wb.worksheet_range(&sheet).map_err(|e| data_err(path, format!("cannot read sheet {sheet:?}: {e}")))?;
-            range.rows().map(|r| r.iter().map(|c| c.to_string()).collect()).collect()
-        }
-        _ => return Err(data_err(path, "a notes sheet must be .xlsx or .csv")),
-    };
+    let rows: Vec<Vec<String>> =
+        match path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref() {
+            Some("csv") => {
+                let mut r = csv::ReaderBuilder::new()
+                    .has_headers(false)
+                    .flexible(true)
+                    .from_path(path)
+                    .map_err(|e| data_err(path, format!("cannot read: {e}")))?;
+                r.records()
+                    .map(|rec| {
+                        rec.map(|r| r.iter().map(|s| s.to_string()).collect())
+                            .map_err(|e| data_err(path, format!("bad csv: {e}")))
+                    })
+                    .collect::<Result<_>>()?
+            }
+            Some("xlsx") => {
+                use calamine::{open_workbook_auto, Reader};
+                let mut wb = open_workbook_auto(path)
+                    .map_err(|e| data_err(path, format!("not a readable xlsx workbook: {e}")))?;
+                let sheet =
+                    wb.sheet_names().first().cloned().ok_or_else(|| data_err(path, "the workbook has no sheet"))?;
+                let range = wb
+                    .worksheet_range(&sheet)
+                    .map_err(|e| data_err(path, format!("cannot read sheet {sheet:?}: {e}")))?;
+                range.rows().map(|r| r.iter().map(|c| c.to_string()).collect()).collect()
+            }
+            _ => return Err(data_err(path, "a notes sheet must be .xlsx or .csv")),
+        };
     let header = rows.first().ok_or_else(|| data_err(path, "the sheet is empty"))?;
     let col = |name: &str| header.iter().position(|h| h.trim().eq_ignore_ascii_case(name));
     let (ci, cd) = match (col("Image"), col("Description")) {
         (Some(i), Some(d)) => (i, d),
-        _ => return Err(data_err(path, format!("the header row must have Image and Description columns, got {header:?}"))),
+        _ => {
+            return Err(data_err(
+                path,
+                format!("the header row must have Image and Description columns, got {header:?}"),
+            ))
+        }
     };
     let mut out = HashMap::new();
     for (n, r) in rows.iter().enumerate().skip(1) {
@@ -104,7 +117,9 @@ fn find_sheet(folder: &Path, split: Split) -> Result<PathBuf> {
     match found.len() {
         1 => Ok(found.remove(0)),
         0 => Err(data_err(folder, format!("no notes sheet ({}.xlsx or .csv)", split.sheet_stem()))),
-        _ => Err(data_err(folder, format!("several sheets and none named {}.xlsx/.csv: {found:?}", split.sheet_stem()))),
+        _ => {
+            Err(data_err(folder, format!("several sheets and none named {}.xlsx/.csv: {found:?}", split.sheet_stem())))
+        }
     }
 }
 

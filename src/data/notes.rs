@@ -60,7 +60,11 @@ pub fn add_noise(note: &str, rate: f64, rng: &mut Rng) -> String {
             let i = cand[(rng.next_u64() % cand.len() as u64) as usize];
             let w = words[i];
             let k = 1 + (rng.next_u64() % (w.len() as u64 - 1)) as usize;
-            let typo = if rng.next_u64() % 2 == 0 { format!("{}{}", &w[..k], &w[k - 1..]) } else { format!("{}{}", &w[..k - 1], &w[k..]) };
+            let typo = if rng.next_u64().is_multiple_of(2) {
+                format!("{}{}", &w[..k], &w[k - 1..])
+            } else {
+                format!("{}{}", &w[..k - 1], &w[k..])
+            };
             let mut out: Vec<String> = words.iter().map(|s| s.to_string()).collect();
             out[i] = typo;
             out.join(" ")
@@ -80,8 +84,14 @@ mod tests {
             note(&[all, all]),
             "Bilateral pulmonary infection, two infected areas, all left lung and all right lung."
         );
-        assert_eq!(note(&[[true, true, false], none]), "Unilateral pulmonary infection, one infected area, upper middle left lung.");
-        assert_eq!(note(&[none, [false, false, true]]), "Unilateral pulmonary infection, one infected area, lower right lung.");
+        assert_eq!(
+            note(&[[true, true, false], none]),
+            "Unilateral pulmonary infection, one infected area, upper middle left lung."
+        );
+        assert_eq!(
+            note(&[none, [false, false, true]]),
+            "Unilateral pulmonary infection, one infected area, lower right lung."
+        );
         assert_eq!(
             note(&[[false, true, false], [true, false, true]]),
             "Bilateral pulmonary infection, three infected areas, middle left lung and upper lower right lung."

@@ -41,8 +41,11 @@ fn normal(rng: &mut Rng) -> f32 {
     (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
 }
 
-/// An opacity blob in zone z of `lung`: (center u, center v, radius u, radius v).
-fn blob(lung: &Lung, z: usize, rng: &mut Rng) -> (f32, f32, f32, f32) {
+/// (center u, center v, radius u, radius v)
+type Ellipse = (f32, f32, f32, f32);
+
+/// An opacity blob in zone z of `lung`.
+fn blob(lung: &Lung, z: usize, rng: &mut Rng) -> Ellipse {
     let (v0, v1) = lung.third(z);
     let cv = rng.uniform(v0 + 0.25 * (v1 - v0), v1 - 0.25 * (v1 - v0));
     let cu = lung.cx + rng.uniform(-0.35, 0.35) * lung.rx;
@@ -60,26 +63,28 @@ pub fn sample(s: usize, rng: &mut Rng, note_noise: f64, distractor_rate: f64) ->
     let mut zones: Zones = [[false; 3]; 2];
     let both = rng.uniform(0.0, 1.0) < 0.66;
     let first = (rng.next_u64() % 2) as usize;
-    for side in 0..2 {
+    for (side, zs) in zones.iter_mut().enumerate() {
         if !both && side != first {
             continue;
         }
         let pattern = 1 + (rng.next_u64() % 7) as usize; // a non-empty subset of the 3 zones
-        for (z, on) in zones[side].iter_mut().enumerate() {
+        for (z, on) in zs.iter_mut().enumerate() {
             *on = pattern & (1 << z) != 0;
         }
     }
-    let mut blobs: Vec<(usize, (f32, f32, f32, f32), bool)> = vec![];
-    for side in 0..2 {
-        for z in 0..3 {
-            if zones[side][z] {
+    // (side, ellipse, in the note and mask)
+    let mut blobs: Vec<(usize, Ellipse, bool)> = vec![];
+    for (side, zs) in zones.iter().enumerate() {
+        for (z, &on) in zs.iter().enumerate() {
+            if on {
                 blobs.push((side, blob(&lungs[side], z, rng), true));
             }
         }
     }
     // a distractor in a clean zone: same look, not in the note, not in the mask
     if rng.uniform(0.0, 1.0) < distractor_rate as f32 {
-        let clean: Vec<(usize, usize)> = (0..2).flat_map(|s| (0..3).map(move |z| (s, z))).filter(|&(s, z)| !zones[s][z]).collect();
+        let clean: Vec<(usize, usize)> =
+            (0..2).flat_map(|s| (0..3).map(move |z| (s, z))).filter(|&(s, z)| !zones[s][z]).collect();
         if !clean.is_empty() {
             let (side, z) = clean[(rng.next_u64() % clean.len() as u64) as usize];
             blobs.push((side, blob(&lungs[side], z, rng), false));
@@ -87,7 +92,14 @@ pub fn sample(s: usize, rng: &mut Rng, note_noise: f64, distractor_rate: f64) ->
     }
     // smooth texture: a few random plane waves
     let waves: Vec<(f32, f32, f32, f32)> = (0..6)
-        .map(|_| (rng.uniform(2.0, 9.0), rng.uniform(0.0, std::f32::consts::TAU), rng.uniform(0.0, std::f32::consts::TAU), rng.uniform(0.01, 0.025)))
+        .map(|_| {
+            (
+                rng.uniform(2.0, 9.0),
+                rng.uniform(0.0, std::f32::consts::TAU),
+                rng.uniform(0.0, std::f32::consts::TAU),
+                rng.uniform(0.01, 0.025),
+            )
+        })
         .collect();
     let brightness = 1.0 + j(rng, 0.1);
     let (mut image, mut mask) = (vec![0.0f32; s * s], vec![0u8; s * s]);
@@ -140,7 +152,7 @@ mod tests {
         let mut rng = Rng::new(5);
         for _ in 0..20 {
             let s = sample(64, &mut rng, 0.0, 1.0);
-            assert!(s.mask.iter().any(|&m| m == 1), "every sample has an infection");
+            assert!(s.mask.contains(&1), "every sample has an infection");
             // no mask pixel on a side the note does not name
             for side in 0..2 {
                 if s.zones[side].iter().all(|&z| !z) {

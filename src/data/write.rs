@@ -21,7 +21,7 @@ pub struct SynthOpts {
 
 impl Default for SynthOpts {
     fn default() -> Self {
-        SynthOpts { train: 400, val: 80, test: 80, size: 96, seed: 1, note_noise: 0.03, distractors: 0.5 }
+        SynthOpts { train: 400, val: 80, test: 80, size: 96, seed: 1, note_noise: 0.03, distractors: 1.0 }
     }
 }
 
@@ -30,7 +30,7 @@ fn io_err(path: &Path, e: impl std::fmt::Display) -> Error {
 }
 
 pub fn write(out: &Path, o: &SynthOpts) -> Result<()> {
-    if o.size < 16 || o.size % 16 != 0 {
+    if o.size < 16 || !o.size.is_multiple_of(16) {
         return Err(Error::Config(format!("--size {} must be a multiple of 16 (at least 16)", o.size)));
     }
     let mut rng = Rng::new(o.seed);

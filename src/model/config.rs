@@ -108,7 +108,9 @@ impl Config {
 
     pub fn from_metadata(m: &std::collections::HashMap<String, String>) -> Result<Config> {
         let get = |k: &str| m.get(k).ok_or_else(|| Error::Config(format!("checkpoint metadata lacks {k:?}")));
-        let num = |k: &str| -> Result<usize> { get(k)?.parse().map_err(|_| Error::Config(format!("metadata {k:?} is not a number"))) };
+        let num = |k: &str| -> Result<usize> {
+            get(k)?.parse().map_err(|_| Error::Config(format!("metadata {k:?} is not a number")))
+        };
         let flag = |k: &str| -> Result<bool> { Ok(get(k)? == "true") };
         let c = Config {
             img_size: (num("img_h")?, num("img_w")?),

@@ -288,7 +288,11 @@ impl RecLmis {
         let masked_txt = g.mul(&t.text_feat, &Var::constant(keep_txt))?;
         let (cvr_enc, cvr_out) = self.rec_img.forward(g, p, &t.text_feat, &masked_img, &w_woi)?;
         let (clr_enc, clr_out) = self.rec_text.forward(g, p, &img_tok, &masked_txt, &w_poi)?;
-        let text_rec = g.mse(&clr_out, &t.hidden)?;
+        // a text tower trained from scratch would collapse its own target; the official tower is
+        // frozen, so this is the same computation there
+        let text_target =
+            if self.cfg.text_trainable { Var::constant(t.hidden.tensor().clone()) } else { t.hidden.clone() };
+        let text_rec = g.mse(&clr_out, &text_target)?;
         let img_rec = g.mse(&cvr_out, &t.img)?;
         // CCL: a second softmax of W; unmasked text_feat and down4 tokens
         let tw = g.softmax(&w_woi)?;

@@ -5,11 +5,11 @@
 #[cfg(feature = "train")]
 pub mod train;
 
+use crate::checkpoint;
 use crate::data::augment::{augment, AugOpts};
 use crate::data::lvit::{self, Entry, Split};
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::checkpoint;
 use crate::model::{Batch, Config, RecLmis};
 use crate::ops::loss;
 use crate::tensor::Tensor;
@@ -61,7 +61,7 @@ pub enum Notes {
 }
 
 /// The note used for image i under `mode`.
-fn note_for<'a>(d: &'a Loaded, i: usize, mode: Notes) -> &'a str {
+fn note_for(d: &Loaded, i: usize, mode: Notes) -> &str {
     match mode {
         Notes::Correct => &d.entries[i].note,
         Notes::Shuffled => &d.entries[(i + d.len() / 2 + 1) % d.len()].note,
@@ -113,7 +113,14 @@ pub struct Scores {
     pub hard_dice: f64,
 }
 
-pub fn evaluate(m: &RecLmis, d: &Loaded, tok: &NoteTokenizer, mode: Notes, batch: usize, dev: &Device) -> Result<Scores> {
+pub fn evaluate(
+    m: &RecLmis,
+    d: &Loaded,
+    tok: &NoteTokenizer,
+    mode: Notes,
+    batch: usize,
+    dev: &Device,
+) -> Result<Scores> {
     if d.is_empty() {
         return Err(Error::Other("evaluation on an empty split".into()));
     }

@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::model::train::Trainer;
 use crate::model::{Batch, Config, RecLmis};
 use crate::nn::params::{Kind, Params};
+use crate::optim::schedule::CosineWarmRestarts;
 use crate::optim::AdamConfig;
 use crate::testing::Rng;
 use crate::text::NoteTokenizer;
@@ -95,7 +96,9 @@ fn save_state(tr: &Trainer, epoch: usize, best: (f64, usize), seed: u64, path: &
 /// Restores Adam's moments and step; returns (epochs done, best dice, best epoch).
 fn load_state(tr: &mut Trainer, path: &Path) -> Result<(usize, f64, usize)> {
     let meta = checkpoint::read_metadata(path)?;
-    let num = |k: &str| meta.get(k).and_then(|v| v.parse::<f64>().ok()).ok_or_else(|| io(path, format!("no {k} in the training state")));
+    let num = |k: &str| {
+        meta.get(k).and_then(|v| v.parse::<f64>().ok()).ok_or_else(|| io(path, format!("no {k} in the training state")))
+    };
     let bytes = std::fs::read(path).map_err(|e| io(path, e))?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| io(path, e))?;
     let dev = tr.model.params.device().clone();
@@ -105,7 +108,8 @@ fn load_state(tr: &mut Trainer, path: &Path) -> Result<(usize, f64, usize)> {
         let shape = tr.model.params.value(id).shape().to_vec();
         for k in ["m", "v"] {
             if let Ok(view) = st.tensor(&format!("{k}.{name}")) {
-                let v: Vec<f32> = view.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
+                let v: Vec<f32> =
+                    view.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
                 let t = Tensor::from_vec(v, &shape, &dev)?;
                 if k == "m" {
                     tr.adam.m[i] = Some(t);
@@ -175,7 +179,8 @@ pub fn train(o: &TrainOpts, dev: &Device) -> Result<TrainSummary> {
             }
             let opts = AugOpts::default();
             for chunk in order.chunks(bs) {
-                let b = make_batch(&ts, chunk, &tk, Notes::Correct, if aug { Some((&opts, &mut rng)) } else { None }, &dv);
+                let b =
+                    make_batch(&ts, chunk, &tk, Notes::Correct, if aug { Some((&opts, &mut rng)) } else { None }, &dv);
                 if tx.send(b).is_err() {
                     break;
                 }
@@ -193,6 +198,10 @@ pub fn train(o: &TrainOpts, dev: &Device) -> Result<TrainSummary> {
         } else {
             indicatif::ProgressBar::hidden()
         };
+        // cosine annealing over the run (the official schedule family, one period here) to lr/100
+        let sched =
+            CosineWarmRestarts { lr0: o.lr as f64, t0: o.epochs.max(1), t_mult: 1, eta_min: o.lr as f64 / 100.0 };
+        tr.adam.cfg.lr = sched.lr(epoch) as f32;
         let mut rng = Rng::new(o.seed ^ 0xA5A5 ^ epoch as u64);
         let mut sums = std::collections::BTreeMap::<&str, f64>::new();
         let mut steps = 0;
@@ -234,8 +243,9 @@ pub fn train(o: &TrainOpts, dev: &Device) -> Result<TrainSummary> {
         save_state(&tr, epoch + 1, best, o.seed, &state)?;
         let means: Vec<String> = sums.iter().map(|(k, s)| format!("\"{k}\": {:.6}", s / steps.max(1) as f64)).collect();
         let line = format!(
-            "{{\"epoch\": {}, {}, \"val_dice\": {:.5}, \"val_iou\": {:.5}, \"val_hard_dice\": {:.5}, \"images_per_s\": {:.2}, \"elapsed_s\": {:.1}}}",
+            "{{\"epoch\": {}, \"lr\": {:.3e}, {}, \"val_dice\": {:.5}, \"val_iou\": {:.5}, \"val_hard_dice\": {:.5}, \"images_per_s\": {:.2}, \"elapsed_s\": {:.1}}}",
             epoch + 1,
+            tr.adam.cfg.lr,
             means.join(", "),
             v.dice,
             v.iou,
@@ -279,4 +289,3 @@ pub fn train(o: &TrainOpts, dev: &Device) -> Result<TrainSummary> {
         last_loss,
     })
 }
-
