@@ -194,6 +194,7 @@ fn run(cli: Cli) -> reclmis::Result<()> {
                 max_minutes,
                 tokenizer,
                 resume,
+                stop_after: 0,
                 augment: !no_augment,
                 progress: true,
             };
@@ -246,6 +247,7 @@ fn run(cli: Cli) -> reclmis::Result<()> {
                 max_minutes,
                 tokenizer: None,
                 resume: false,
+                stop_after: 0,
                 augment: true,
                 progress: true,
             };

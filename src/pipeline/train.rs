@@ -37,6 +37,9 @@ pub struct TrainOpts {
     /// A tokenizer.json (required unless the preset trains its text tower from scratch).
     pub tokenizer: Option<PathBuf>,
     pub resume: bool,
+    /// Stop after this many epochs of this invocation (0 = none), as an interruption would;
+    /// `--resume` then continues the same schedule.
+    pub stop_after: usize,
     pub augment: bool,
     pub progress: bool,
 }
@@ -270,6 +273,9 @@ pub fn train(o: &TrainOpts, dev: &Device) -> Result<TrainSummary> {
             if o.progress {
                 println!("early stop: no better validation Dice for {} epochs", o.patience);
             }
+            break;
+        }
+        if o.stop_after > 0 && epoch + 1 - epoch0 >= o.stop_after {
             break;
         }
         if o.max_minutes > 0.0 && start.elapsed().as_secs_f64() > 60.0 * o.max_minutes {
