@@ -115,6 +115,36 @@ enum Cmd {
         #[arg(long, default_value_t = 16)]
         batch: usize,
     },
+    /// Segment one image from its note: mask.png and overlay.png (with --mask-gt: true positives
+    /// green, false negatives red, false positives blue)
+    Infer {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long)]
+        image: PathBuf,
+        #[arg(long)]
+        note: String,
+        #[arg(long)]
+        mask_gt: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value = "auto")]
+        device: DeviceChoice,
+    },
+    /// The model's weights for one image and note: w_poi.png (patch weights over the image) and
+    /// w_woi.png (the weight of each word)
+    Explain {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long)]
+        image: PathBuf,
+        #[arg(long)]
+        note: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value = "auto")]
+        device: DeviceChoice,
+    },
     /// The README's main job: a synthetic dataset, the small preset trained on it, and Dice with
     /// correct vs shuffled notes on its test split
     #[cfg(feature = "train")]
@@ -266,6 +296,30 @@ fn run(cli: Cli) -> reclmis::Result<()> {
                 good.dice, shuffled.dice, good.iou, shuffled.iou
             );
             println!("total {:.0} s", t0.elapsed().as_secs_f64());
+        }
+        Cmd::Infer { checkpoint, image, note, mask_gt, out, device } => {
+            let dev = Device::from_choice(device)?;
+            let (m, tok) = pipeline::load_run(&checkpoint, None, &dev)?;
+            let (e, orig) = pipeline::visual::explain(&m, &tok, &image, &note, &dev)?;
+            let gt = mask_gt.as_deref().map(reclmis::data::lvit::decode_mask).transpose()?;
+            let dice = pipeline::visual::write_infer(&e, &orig, gt.as_ref(), &out)?;
+            match dice {
+                Some(d) => println!(
+                    "wrote mask.png and overlay.png to {} (Dice against the ground truth {d:.4})",
+                    out.display()
+                ),
+                None => println!("wrote mask.png and overlay.png to {}", out.display()),
+            }
+        }
+        Cmd::Explain { checkpoint, image, note, out, device } => {
+            let dev = Device::from_choice(device)?;
+            let (m, tok) = pipeline::load_run(&checkpoint, None, &dev)?;
+            let (e, orig) = pipeline::visual::explain(&m, &tok, &image, &note, &dev)?;
+            pipeline::visual::write_explain(&e, &orig, &out)?;
+            for (t, w) in &e.w_woi {
+                println!("{t:>12} {w:.4}");
+            }
+            println!("wrote w_poi.png and w_woi.png to {}", out.display());
         }
         Cmd::Model { preset } => {
             let cfg = reclmis::model::Config::preset(&preset)?;

@@ -67,6 +67,22 @@ impl NoteTokenizer {
         self.tok.save(path, false).map_err(|e| tok_err(&path.display().to_string(), e))
     }
 
+    /// The token strings of `encode` (padding as ""), for showing per-word weights.
+    pub fn tokens(&self, note: &str) -> Result<Vec<String>> {
+        let mut tok = self.tok.clone();
+        tok.with_truncation(None).map_err(|e| tok_err("truncation", e))?;
+        tok.with_padding(None);
+        let enc = tok.encode(note, true).map_err(|e| tok_err(note, e))?;
+        let mut t: Vec<String> = enc.get_tokens().iter().map(|s| s.trim_end_matches("</w>").to_string()).collect();
+        if t.len() > self.len {
+            let last = t.last().cloned().unwrap_or_default();
+            t.truncate(self.len);
+            t[self.len - 1] = last;
+        }
+        t.resize(self.len, String::new());
+        Ok(t)
+    }
+
     /// (ids, valid) of one note, both `len` long; valid = id ≠ 0. The tail is cut so that the
     /// end token survives (as clip.tokenize(truncate=True) does).
     pub fn encode(&self, note: &str) -> Result<(Vec<i32>, Vec<i32>)> {

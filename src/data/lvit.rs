@@ -191,14 +191,34 @@ pub fn decode(e: &Entry, h: usize, w: usize) -> Result<Decoded> {
     if let Some(p) = bad {
         return Err(data_err(&e.mask, format!("not a binary mask: value {} (expected 0 and 255, or 0 and 1)", p.0[0])));
     }
-    let img = resize(&img, w as u32, h as u32, FilterType::Triangle);
     let mask = resize(&mask, w as u32, h as u32, FilterType::Triangle);
-    let mut image = vec![0.0f32; 3 * h * w];
+    let mask = mask.pixels().map(|p| (p.0[0] > 0) as i32 as f32).collect();
+    Ok(Decoded { image: to_chw(&img, h, w), mask })
+}
+
+/// An image resized (bilinear) to h × w as [3,H,W] in [0,1], BGR like the official cv2 reads.
+fn to_chw(img: &image::RgbImage, h: usize, w: usize) -> Vec<f32> {
+    let img = image::imageops::resize(img, w as u32, h as u32, image::imageops::FilterType::Triangle);
+    let mut out = vec![0.0f32; 3 * h * w];
     for (i, p) in img.pixels().enumerate() {
         for c in 0..3 {
-            image[c * h * w + i] = p.0[2 - c] as f32 / 255.0; // BGR
+            out[c * h * w + i] = p.0[2 - c] as f32 / 255.0;
         }
     }
-    let mask = mask.pixels().map(|p| (p.0[0] > 0) as i32 as f32).collect();
-    Ok(Decoded { image, mask })
+    out
+}
+
+/// One image file for inference: ([3,H,W] at the model's size, the original image).
+pub fn decode_image(path: &Path, h: usize, w: usize) -> Result<(Vec<f32>, image::RgbImage)> {
+    let img = image::open(path).map_err(|err| data_err(path, format!("cannot decode the image: {err}")))?.to_rgb8();
+    Ok((to_chw(&img, h, w), img))
+}
+
+/// A ground-truth mask file (0/255 or 0/1) at its own size, as 0/1.
+pub fn decode_mask(path: &Path) -> Result<image::GrayImage> {
+    let m = image::open(path).map_err(|err| data_err(path, format!("cannot decode the mask: {err}")))?.to_luma8();
+    if let Some(p) = m.pixels().find(|p| !matches!(p.0[0], 0 | 1 | 255)) {
+        return Err(data_err(path, format!("not a binary mask: value {} (expected 0 and 255, or 0 and 1)", p.0[0])));
+    }
+    Ok(m)
 }

@@ -4,6 +4,7 @@
 
 #[cfg(feature = "train")]
 pub mod train;
+pub mod visual;
 
 use crate::checkpoint;
 use crate::data::augment::{augment, AugOpts};

@@ -1,0 +1,223 @@
+//! `reclmis infer` and `reclmis explain`: the mask and an overlay (true positives green, false
+//! negatives red, false positives blue when a ground truth is given, as in the paper's figures),
+//! the W_poi heatmap over the image, and W_woi per word as a labelled bar chart.
+
+use super::data_err;
+use crate::data::lvit;
+use crate::device::Device;
+use crate::error::Result;
+use crate::model::{Batch, RecLmis};
+use crate::tensor::Tensor;
+use crate::text::NoteTokenizer;
+use image::{GrayImage, Luma, Rgb, RgbImage};
+use std::path::Path;
+
+pub struct Explained {
+    /// [H,W] at the original size, 0/1
+    pub mask: GrayImage,
+    /// [h·w] bottleneck grid, row-major
+    pub w_poi: Vec<f32>,
+    /// per token (token string, weight)
+    pub w_woi: Vec<(String, f32)>,
+    pub grid: (usize, usize),
+}
+
+/// Runs the evaluation forward on one image and note.
+pub fn explain(
+    m: &RecLmis,
+    tok: &NoteTokenizer,
+    image: &Path,
+    note: &str,
+    dev: &Device,
+) -> Result<(Explained, RgbImage)> {
+    let (h, w) = m.cfg.img_size;
+    let (x, orig) = lvit::decode_image(image, h, w)?;
+    let (ids, valid) = tok.encode(note)?;
+    let l = ids.len();
+    let b = Batch {
+        images: Tensor::from_vec(x, &[1, 3, h, w], dev)?,
+        ids: Tensor::from_vec_i32(ids, &[1, l], dev)?,
+        valid: Tensor::from_vec_i32(valid, &[1, l], dev)?,
+        masks: None,
+    };
+    let rec = m.forward_eval(&b)?;
+    let probs = rec["probs"].tensor().to_vec()?;
+    // the probability map back to the original size, then thresholded at 0.5
+    let small = GrayImage::from_fn(w as u32, h as u32, |x, y| {
+        Luma([(probs[y as usize * w + x as usize] * 255.0).round() as u8])
+    });
+    let big = image::imageops::resize(&small, orig.width(), orig.height(), image::imageops::FilterType::Triangle);
+    let mask = GrayImage::from_fn(orig.width(), orig.height(), |x, y| Luma([(big.get_pixel(x, y).0[0] > 127) as u8]));
+    let words = tok.tokens(note)?;
+    let w_woi = rec["W_woi"].tensor().to_vec()?;
+    Ok((
+        Explained {
+            mask,
+            w_poi: rec["W_poi"].tensor().to_vec()?,
+            w_woi: words.into_iter().zip(w_woi).filter(|(t, _)| !t.is_empty()).collect(),
+            grid: m.cfg.grid(),
+        },
+        orig,
+    ))
+}
+
+fn gray(orig: &RgbImage) -> RgbImage {
+    RgbImage::from_fn(orig.width(), orig.height(), |x, y| {
+        let p = orig.get_pixel(x, y).0;
+        let g = ((p[0] as u32 + p[1] as u32 + p[2] as u32) / 3) as u8;
+        Rgb([g, g, g])
+    })
+}
+
+fn blend(a: Rgb<u8>, b: [u8; 3], t: f32) -> Rgb<u8> {
+    Rgb([0, 1, 2].map(|i| (a.0[i] as f32 * (1.0 - t) + b[i] as f32 * t).round() as u8))
+}
+
+/// mask.png (0/255) and overlay.png; with a ground truth, the Dice of this image is returned.
+pub fn write_infer(e: &Explained, orig: &RgbImage, gt: Option<&GrayImage>, out: &Path) -> Result<Option<f64>> {
+    std::fs::create_dir_all(out).map_err(|err| data_err(out, err))?;
+    let mask_png =
+        GrayImage::from_fn(e.mask.width(), e.mask.height(), |x, y| Luma([e.mask.get_pixel(x, y).0[0] * 255]));
+    let p = out.join("mask.png");
+    mask_png.save(&p).map_err(|err| data_err(&p, err))?;
+    if let Some(g) = gt {
+        if g.dimensions() != e.mask.dimensions() {
+            return Err(data_err(
+                out,
+                format!("the ground truth is {:?}, the image {:?}", g.dimensions(), e.mask.dimensions()),
+            ));
+        }
+    }
+    let base = gray(orig);
+    let (mut inter, mut sum) = (0u64, 0u64);
+    let overlay = RgbImage::from_fn(base.width(), base.height(), |x, y| {
+        let pr = e.mask.get_pixel(x, y).0[0] > 0;
+        let px = *base.get_pixel(x, y);
+        match gt.map(|g| g.get_pixel(x, y).0[0] > 0) {
+            Some(t) => {
+                inter += (pr && t) as u64;
+                sum += pr as u64 + t as u64;
+                match (pr, t) {
+                    (true, true) => blend(px, [0, 220, 0], 0.5),
+                    (false, true) => blend(px, [230, 0, 0], 0.5),
+                    (true, false) => blend(px, [0, 80, 255], 0.5),
+                    _ => px,
+                }
+            }
+            None if pr => blend(px, [0, 220, 0], 0.5),
+            None => px,
+        }
+    });
+    let p = out.join("overlay.png");
+    overlay.save(&p).map_err(|err| data_err(&p, err))?;
+    Ok(gt.map(|_| 2.0 * inter as f64 / (sum as f64 + 1e-5)))
+}
+
+/// A blue → red ramp for t in [0, 1].
+fn ramp(t: f32) -> [u8; 3] {
+    let t = t.clamp(0.0, 1.0);
+    let r = (255.0 * (1.5 * t - 0.25).clamp(0.0, 1.0)) as u8;
+    let g = (255.0 * (1.0 - (2.0 * t - 1.0).abs() * 1.2).clamp(0.0, 1.0)) as u8;
+    let b = (255.0 * (1.25 - 1.5 * t).clamp(0.0, 1.0)) as u8;
+    [r, g, b]
+}
+
+/// w_poi.png (the patch weights upsampled over the image) and w_woi.png (a bar per word).
+pub fn write_explain(e: &Explained, orig: &RgbImage, out: &Path) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(|err| data_err(out, err))?;
+    let (gh, gw) = e.grid;
+    let max = e.w_poi.iter().cloned().fold(f32::MIN_POSITIVE, f32::max);
+    let base = gray(orig);
+    let heat = RgbImage::from_fn(base.width(), base.height(), |x, y| {
+        let (gy, gx) = (y as usize * gh / base.height() as usize, x as usize * gw / base.width() as usize);
+        blend(*base.get_pixel(x, y), ramp(e.w_poi[gy * gw + gx] / max), 0.45)
+    });
+    let p = out.join("w_poi.png");
+    heat.save(&p).map_err(|err| data_err(&p, err))?;
+    // bar chart: one row per word, label on the left, bar length ∝ weight
+    let (row, label_w, bar_w) = (14u32, 8 * 6 + 8, 240u32);
+    let words: Vec<(String, f32)> = e.w_woi.iter().map(|(t, w)| (t.chars().take(8).collect(), *w)).collect();
+    let wmax = words.iter().map(|w| w.1).fold(f32::MIN_POSITIVE, f32::max);
+    let mut img = RgbImage::from_pixel(label_w + bar_w + 60, row * words.len().max(1) as u32 + 8, Rgb([255, 255, 255]));
+    for (i, (t, wgt)) in words.iter().enumerate() {
+        let y0 = 4 + row * i as u32;
+        font::draw(&mut img, 4, y0 + 3, t, Rgb([0, 0, 0]));
+        let len = (bar_w as f32 * wgt / wmax).round() as u32;
+        for y in y0 + 2..y0 + row - 2 {
+            for x in label_w..label_w + len {
+                img.put_pixel(x, y, Rgb(ramp(wgt / wmax)));
+            }
+        }
+        font::draw(&mut img, label_w + len + 4, y0 + 3, &format!("{:.3}", wgt), Rgb([60, 60, 60]));
+    }
+    let p = out.join("w_woi.png");
+    img.save(&p).map_err(|err| data_err(&p, err))?;
+    Ok(())
+}
+
+/// A 5×7 bitmap font for labels: lower-case letters, digits and a little punctuation (upper case
+/// is drawn as lower case; anything else as a box).
+mod font {
+    use image::{Rgb, RgbImage};
+
+    fn glyph(c: char) -> [u8; 7] {
+        match c.to_ascii_lowercase() {
+            'a' => [0x00, 0x00, 0x0e, 0x01, 0x0f, 0x11, 0x0f],
+            'b' => [0x10, 0x10, 0x1e, 0x11, 0x11, 0x11, 0x1e],
+            'c' => [0x00, 0x00, 0x0e, 0x10, 0x10, 0x11, 0x0e],
+            'd' => [0x01, 0x01, 0x0f, 0x11, 0x11, 0x11, 0x0f],
+            'e' => [0x00, 0x00, 0x0e, 0x11, 0x1f, 0x10, 0x0e],
+            'f' => [0x06, 0x09, 0x08, 0x1c, 0x08, 0x08, 0x08],
+            'g' => [0x00, 0x0f, 0x11, 0x11, 0x0f, 0x01, 0x0e],
+            'h' => [0x10, 0x10, 0x16, 0x19, 0x11, 0x11, 0x11],
+            'i' => [0x04, 0x00, 0x0c, 0x04, 0x04, 0x04, 0x0e],
+            'j' => [0x02, 0x00, 0x06, 0x02, 0x02, 0x12, 0x0c],
+            'k' => [0x10, 0x10, 0x12, 0x14, 0x18, 0x14, 0x12],
+            'l' => [0x0c, 0x04, 0x04, 0x04, 0x04, 0x04, 0x0e],
+            'm' => [0x00, 0x00, 0x1a, 0x15, 0x15, 0x11, 0x11],
+            'n' => [0x00, 0x00, 0x16, 0x19, 0x11, 0x11, 0x11],
+            'o' => [0x00, 0x00, 0x0e, 0x11, 0x11, 0x11, 0x0e],
+            'p' => [0x00, 0x1e, 0x11, 0x11, 0x1e, 0x10, 0x10],
+            'q' => [0x00, 0x0f, 0x11, 0x11, 0x0f, 0x01, 0x01],
+            'r' => [0x00, 0x00, 0x16, 0x19, 0x10, 0x10, 0x10],
+            's' => [0x00, 0x00, 0x0f, 0x10, 0x0e, 0x01, 0x1e],
+            't' => [0x08, 0x08, 0x1c, 0x08, 0x08, 0x09, 0x06],
+            'u' => [0x00, 0x00, 0x11, 0x11, 0x11, 0x13, 0x0d],
+            'v' => [0x00, 0x00, 0x11, 0x11, 0x11, 0x0a, 0x04],
+            'w' => [0x00, 0x00, 0x11, 0x11, 0x15, 0x15, 0x0a],
+            'x' => [0x00, 0x00, 0x11, 0x0a, 0x04, 0x0a, 0x11],
+            'y' => [0x00, 0x11, 0x11, 0x11, 0x0f, 0x01, 0x0e],
+            'z' => [0x00, 0x00, 0x1f, 0x02, 0x04, 0x08, 0x1f],
+            '0' => [0x0e, 0x11, 0x13, 0x15, 0x19, 0x11, 0x0e],
+            '1' => [0x04, 0x0c, 0x04, 0x04, 0x04, 0x04, 0x0e],
+            '2' => [0x0e, 0x11, 0x01, 0x02, 0x04, 0x08, 0x1f],
+            '3' => [0x1f, 0x02, 0x04, 0x02, 0x01, 0x11, 0x0e],
+            '4' => [0x02, 0x06, 0x0a, 0x12, 0x1f, 0x02, 0x02],
+            '5' => [0x1f, 0x10, 0x1e, 0x01, 0x01, 0x11, 0x0e],
+            '6' => [0x06, 0x08, 0x10, 0x1e, 0x11, 0x11, 0x0e],
+            '7' => [0x1f, 0x01, 0x02, 0x04, 0x08, 0x08, 0x08],
+            '8' => [0x0e, 0x11, 0x11, 0x0e, 0x11, 0x11, 0x0e],
+            '9' => [0x0e, 0x11, 0x11, 0x0f, 0x01, 0x02, 0x0c],
+            '.' => [0x00, 0x00, 0x00, 0x00, 0x00, 0x0c, 0x0c],
+            ',' => [0x00, 0x00, 0x00, 0x00, 0x0c, 0x04, 0x08],
+            '[' => [0x0e, 0x08, 0x08, 0x08, 0x08, 0x08, 0x0e],
+            ']' => [0x0e, 0x02, 0x02, 0x02, 0x02, 0x02, 0x0e],
+            ' ' => [0; 7],
+            _ => [0x1f, 0x11, 0x11, 0x11, 0x11, 0x11, 0x1f],
+        }
+    }
+
+    pub fn draw(img: &mut RgbImage, x0: u32, y0: u32, text: &str, color: Rgb<u8>) {
+        for (k, c) in text.chars().enumerate() {
+            let g = glyph(c);
+            for (dy, bits) in g.iter().enumerate() {
+                for dx in 0..5u32 {
+                    let (x, y) = (x0 + 6 * k as u32 + dx, y0 + dy as u32);
+                    if bits & (0x10 >> dx) != 0 && x < img.width() && y < img.height() {
+                        img.put_pixel(x, y, color);
+                    }
+                }
+            }
+        }
+    }
+}
