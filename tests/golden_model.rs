@@ -48,6 +48,7 @@ fn batch(f: &Fixture, dev: &Device) -> Batch {
         ids: Tensor::from_vec_i32(i32s(&ids), &ts, dev).unwrap(),
         valid: Tensor::from_vec_i32(i32s(&valid), &ts, dev).unwrap(),
         masks: Some(Tensor::from_vec(masks, &ms, dev).unwrap()),
+        text_hidden: None,
     }
 }
 

@@ -176,3 +176,31 @@ fn cli_rejects_bad_arguments() {
     let (ok, msg) = cli(&["train", "--data", "/nonexistent", "--epochs", "many"]);
     assert!(!ok && msg.contains("--epochs"), "{msg}");
 }
+
+/// A frozen text tower's cached output gives the same training losses as running the tower (the
+/// tiny preset with the fixture's CLIP tokenizer).
+#[test]
+fn cached_text_tower_gives_the_same_losses() {
+    use reclmis::autograd::Graph;
+    use reclmis::model::{Config, RecLmis};
+    let dir = tmp("cache");
+    let data = dir.join("data");
+    tiny_set(&data);
+    let dev = Device::Cpu;
+    let m = RecLmis::new(Config::preset("tiny").unwrap(), &dev, 2).unwrap();
+    let tok_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/official_tiny/tokenizer.json");
+    let tok = reclmis::text::NoteTokenizer::from_file(&tok_path, 18).unwrap();
+    let (h, w) = m.cfg.img_size;
+    let d = pipeline::load(&data, Split::Train, h, w).unwrap();
+    let cache = pipeline::text_cache(&m, &tok, d.entries.iter().map(|e| e.note.as_str()), &dev).unwrap();
+    let idx = [0, 3, 5];
+    let plain = pipeline::make_batch(&d, &idx, &tok, Notes::Correct, None, None, &dev).unwrap();
+    let cached = pipeline::make_batch(&d, &idx, &tok, Notes::Correct, None, Some(&cache), &dev).unwrap();
+    assert!(plain.text_hidden.is_none() && cached.text_hidden.is_some());
+    let masks = Some(reclmis::model::MaskIndices { img: vec![vec![0, 1]; 3], text: vec![vec![1]; 3] });
+    let run = |b: &reclmis::model::Batch| {
+        m.forward_train(&Graph::train_no_grad(), b, masks.clone(), &mut reclmis::testing::Rng::new(1)).unwrap().losses
+    };
+    assert_eq!(run(&plain), run(&cached));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

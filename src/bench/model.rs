@@ -30,6 +30,7 @@ fn batch(cfg: &Config, b: usize, dev: &Device) -> Result<Batch> {
         ids: Tensor::from_vec_i32(ids, &[b, 18], dev)?,
         valid: Tensor::from_vec_i32(vec![1; b * 18], &[b, 18], dev)?,
         masks: Some(Tensor::from_vec(masks, &[b, h, w], dev)?),
+        text_hidden: None,
     })
 }
 

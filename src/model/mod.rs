@@ -67,6 +67,8 @@ pub struct Batch {
     pub ids: Tensor,
     pub valid: Tensor,
     pub masks: Option<Tensor>,
+    /// The frozen text tower's output [B,L,D] when cached (then the tower is not run).
+    pub text_hidden: Option<Tensor>,
 }
 
 /// The stored intermediates of a forward, by the fixture's names (`probs`, `W_poi`, `up4`, ...).
@@ -181,7 +183,10 @@ impl RecLmis {
     fn trunk(&self, g: &Graph, b: &Batch, rec: &mut Record, need_weights: bool) -> Result<Trunk> {
         self.check_batch(b)?;
         let p = &self.params;
-        let hidden = self.clip.forward(g, p, &b.ids, &b.valid)?;
+        let hidden = match &b.text_hidden {
+            Some(h) if !self.cfg.text_trainable => Var::constant(h.clone()),
+            _ => self.clip.forward(g, p, &b.ids, &b.valid)?,
+        };
         let tf = self.text_module4.forward(g, p, &g.transpose_last(&hidden)?)?;
         let text_feat = g.transpose_last(&tf)?;
         let x1 = self.inc.forward(g, p, &Var::constant(b.images.clone()))?;
@@ -237,6 +242,11 @@ impl RecLmis {
             rec.insert("W_woi".into(), b.clone());
         }
         Ok(Trunk { hidden, text_feat, x5, img: it.img, logits, probs, w_poi, w_woi })
+    }
+
+    /// The text tower's output [B,L,D] for ids and validity [B,L] (to cache when it is frozen).
+    pub fn text_hidden(&self, ids: &Tensor, valid: &Tensor) -> Result<Tensor> {
+        Ok(self.clip.forward(&Graph::eval(), &self.params, ids, valid)?.into_tensor())
     }
 
     /// Evaluation (running BN statistics): probs [B,1,H,W], W_poi [B,N], W_woi [B,L] and every

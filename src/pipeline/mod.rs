@@ -70,6 +70,41 @@ fn note_for(d: &Loaded, i: usize, mode: Notes) -> &str {
     }
 }
 
+/// The frozen text tower's output per distinct note ([L·D] each), filled once before training.
+pub type TextCache = std::collections::HashMap<String, Vec<f32>>;
+
+/// Runs the (frozen) text tower once per distinct note of `notes`.
+pub fn text_cache<'a>(
+    m: &RecLmis,
+    tok: &NoteTokenizer,
+    notes: impl Iterator<Item = &'a str>,
+    dev: &Device,
+) -> Result<TextCache> {
+    let mut uniq: Vec<&str> = notes.collect();
+    uniq.sort_unstable();
+    uniq.dedup();
+    let mut cache = TextCache::new();
+    for chunk in uniq.chunks(64) {
+        let (mut ids, mut valid) = (vec![], vec![]);
+        for n in chunk {
+            let (i, v) = tok.encode(n)?;
+            ids.extend(i);
+            valid.extend(v);
+        }
+        let l = ids.len() / chunk.len();
+        let h = m.text_hidden(
+            &Tensor::from_vec_i32(ids, &[chunk.len(), l], dev)?,
+            &Tensor::from_vec_i32(valid, &[chunk.len(), l], dev)?,
+        )?;
+        let v = h.to_vec()?;
+        let per = v.len() / chunk.len();
+        for (k, n) in chunk.iter().enumerate() {
+            cache.insert(n.to_string(), v[k * per..(k + 1) * per].to_vec());
+        }
+    }
+    Ok(cache)
+}
+
 /// A batch of the given samples; `aug` (with its rng) augments image and mask.
 pub fn make_batch(
     d: &Loaded,
@@ -77,6 +112,7 @@ pub fn make_batch(
     tok: &NoteTokenizer,
     mode: Notes,
     aug: Option<(&AugOpts, &mut Rng)>,
+    cache: Option<&TextCache>,
     dev: &Device,
 ) -> Result<Batch> {
     let (h, w, b) = (d.h, d.w, idx.len());
@@ -97,11 +133,25 @@ pub fn make_batch(
         valid.extend(v);
     }
     let l = ids.len() / b.max(1);
+    let text_hidden = match cache {
+        Some(c) => {
+            let rows: Option<Vec<&Vec<f32>>> = idx.iter().map(|&i| c.get(note_for(d, i, mode))).collect();
+            match rows {
+                Some(r) => {
+                    let dm = r[0].len() / l.max(1);
+                    Some(Tensor::from_vec(r.into_iter().flatten().copied().collect(), &[b, l, dm], dev)?)
+                }
+                None => None, // a note outside the cache: the tower runs
+            }
+        }
+        None => None,
+    };
     Ok(Batch {
         images: Tensor::from_vec(images, &[b, 3, h, w], dev)?,
         ids: Tensor::from_vec_i32(ids, &[b, l], dev)?,
         valid: Tensor::from_vec_i32(valid, &[b, l], dev)?,
         masks: Some(Tensor::from_vec(masks, &[b, h, w], dev)?),
+        text_hidden,
     })
 }
 
@@ -128,7 +178,7 @@ pub fn evaluate(
     let idx: Vec<usize> = (0..d.len()).collect();
     let mut s = Scores::default();
     for chunk in idx.chunks(batch.max(1)) {
-        let b = make_batch(d, chunk, tok, mode, None, dev)?;
+        let b = make_batch(d, chunk, tok, mode, None, None, dev)?;
         let probs = m.infer(&b)?;
         let target = b.masks.as_ref().expect("made with masks").reshape(probs.shape())?;
         let per = loss::metrics(&probs, &target)?.per_image.to_vec()?;

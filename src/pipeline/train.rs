@@ -166,13 +166,42 @@ pub fn train(o: &TrainOpts, dev: &Device) -> Result<TrainSummary> {
     let (mut first_loss, mut last_loss) = (f32::NAN, f32::NAN);
     let (mut images, mut compute_s) = (0usize, 0.0f64);
     let mut epochs_run = epoch0;
+    // (loss, val Dice, val IoU) per epoch for curves.png; a resumed run starts from its log
+    let mut curves: (Vec<f64>, Vec<f64>, Vec<f64>) = Default::default();
+    if o.resume {
+        if let Ok(text) = std::fs::read_to_string(o.out.join("log.jsonl")) {
+            for l in text.lines() {
+                let field = |k: &str| -> f64 {
+                    l.split(&format!("\"{k}\": "))
+                        .nth(1)
+                        .and_then(|r| r.split([',', '}']).next())
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(f64::NAN)
+                };
+                curves.0.push(field("total"));
+                curves.1.push(field("val_dice"));
+                curves.2.push(field("val_iou"));
+            }
+        }
+    }
+    // a frozen text tower gives each note the same output all run long: compute it once
+    let cache = if cfg.text_trainable {
+        None
+    } else {
+        Some(std::sync::Arc::new(super::text_cache(
+            &tr.model,
+            &tok,
+            train_set.entries.iter().map(|e| e.note.as_str()),
+            dev,
+        )?))
+    };
     let train_set = std::sync::Arc::new(train_set);
     let tok = std::sync::Arc::new(tok);
     for epoch in epoch0..o.epochs {
         // the data order and augmentation of each epoch depend only on (seed, epoch): a resumed
         // run sees the same batches as an uninterrupted one
         let (tx, rx) = mpsc::sync_channel::<Result<Batch>>(2);
-        let (ts, tk, dv) = (train_set.clone(), tok.clone(), dev.clone());
+        let (ts, tk, dv, tc) = (train_set.clone(), tok.clone(), dev.clone(), cache.clone());
         let (seed, bs, aug) = (o.seed, o.batch.max(1), o.augment);
         let producer = std::thread::spawn(move || {
             let mut rng = Rng::new(seed ^ (epoch as u64 + 1).wrapping_mul(0x51ED));
@@ -182,8 +211,8 @@ pub fn train(o: &TrainOpts, dev: &Device) -> Result<TrainSummary> {
             }
             let opts = AugOpts::default();
             for chunk in order.chunks(bs) {
-                let b =
-                    make_batch(&ts, chunk, &tk, Notes::Correct, if aug { Some((&opts, &mut rng)) } else { None }, &dv);
+                let a = if aug { Some((&opts, &mut rng)) } else { None };
+                let b = make_batch(&ts, chunk, &tk, Notes::Correct, a, tc.as_deref(), &dv);
                 if tx.send(b).is_err() {
                     break;
                 }
@@ -257,6 +286,10 @@ pub fn train(o: &TrainOpts, dev: &Device) -> Result<TrainSummary> {
             start.elapsed().as_secs_f64()
         );
         writeln!(log, "{line}").map_err(|e| io(&o.out, e))?;
+        curves.0.push(sums.get("total").copied().unwrap_or(0.0) / steps.max(1) as f64);
+        curves.1.push(v.dice);
+        curves.2.push(v.iou);
+        super::visual::plot_curves(&curves.0, &curves.1, &curves.2, &o.out.join("curves.png"))?;
         if o.progress {
             println!(
                 "epoch {}/{}: loss {:.4}, val Dice {:.4}, IoU {:.4}{} ({:.0} s)",

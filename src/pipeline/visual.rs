@@ -39,6 +39,7 @@ pub fn explain(
         ids: Tensor::from_vec_i32(ids, &[1, l], dev)?,
         valid: Tensor::from_vec_i32(valid, &[1, l], dev)?,
         masks: None,
+        text_hidden: None,
     };
     let rec = m.forward_eval(&b)?;
     let probs = rec["probs"].tensor().to_vec()?;
@@ -201,6 +202,11 @@ mod font {
             '.' => [0x00, 0x00, 0x00, 0x00, 0x00, 0x0c, 0x0c],
             ',' => [0x00, 0x00, 0x00, 0x00, 0x0c, 0x04, 0x08],
             '[' => [0x0e, 0x08, 0x08, 0x08, 0x08, 0x08, 0x0e],
+            '(' => [0x02, 0x04, 0x08, 0x08, 0x08, 0x04, 0x02],
+            ')' => [0x08, 0x04, 0x02, 0x02, 0x02, 0x04, 0x08],
+            '-' => [0x00, 0x00, 0x00, 0x1f, 0x00, 0x00, 0x00],
+            ':' => [0x00, 0x0c, 0x0c, 0x00, 0x0c, 0x0c, 0x00],
+            '/' => [0x01, 0x01, 0x02, 0x04, 0x08, 0x10, 0x10],
             ']' => [0x0e, 0x02, 0x02, 0x02, 0x02, 0x02, 0x0e],
             ' ' => [0; 7],
             _ => [0x1f, 0x11, 0x11, 0x11, 0x11, 0x11, 0x1f],
@@ -220,4 +226,56 @@ mod font {
             }
         }
     }
+}
+
+/// curves.png: the training loss (left panel, its own range) and the validation Dice and IoU
+/// (right panel, 0..1) per epoch.
+pub fn plot_curves(loss: &[f64], dice: &[f64], iou: &[f64], path: &Path) -> Result<()> {
+    let (pw, ph, pad) = (300u32, 200u32, 30u32);
+    let mut img = RgbImage::from_pixel(2 * pw + 3 * pad, ph + 2 * pad, Rgb([255, 255, 255]));
+    let panel = |img: &mut RgbImage, x0: u32, series: &[(&[f64], [u8; 3])], lo: f64, hi: f64, title: &str| {
+        for x in x0..x0 + pw {
+            img.put_pixel(x, pad + ph, Rgb([0, 0, 0]));
+        }
+        for y in pad..=pad + ph {
+            img.put_pixel(x0, y, Rgb([0, 0, 0]));
+        }
+        font::draw(img, x0 + 4, 10, title, Rgb([0, 0, 0]));
+        font::draw(img, x0 - 26, pad, &format!("{hi:.2}"), Rgb([90, 90, 90]));
+        font::draw(img, x0 - 26, pad + ph - 7, &format!("{lo:.2}"), Rgb([90, 90, 90]));
+        for (s, color) in series {
+            let n = s.len();
+            let at = |i: usize| {
+                let x = x0 + if n > 1 { (i as u32 * (pw - 1)) / (n as u32 - 1) } else { 0 };
+                let t = ((s[i] - lo) / (hi - lo).max(1e-12)).clamp(0.0, 1.0);
+                (x as i64, (pad + ph) as i64 - (t * ph as f64) as i64)
+            };
+            for i in 0..n {
+                let (xa, ya) = at(i);
+                let (xb, yb) = at((i + 1).min(n - 1));
+                let steps = (xb - xa).abs().max((yb - ya).abs()).max(1);
+                for k in 0..=steps {
+                    let (x, y) = (xa + (xb - xa) * k / steps, ya + (yb - ya) * k / steps);
+                    for (dx, dy) in [(0, 0), (0, 1), (1, 0)] {
+                        let (px, py) = ((x + dx) as u32, (y + dy) as u32);
+                        if px < img.width() && py < img.height() {
+                            img.put_pixel(px, py, Rgb(*color));
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let (lo, hi) = loss.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+    let (lo, hi) = if lo.is_finite() { (lo, hi) } else { (0.0, 1.0) };
+    panel(&mut img, pad, &[(loss, [200, 40, 40])], lo, hi, "train loss");
+    panel(
+        &mut img,
+        2 * pad + pw,
+        &[(dice, [0, 150, 0]), (iou, [30, 80, 220])],
+        0.0,
+        1.0,
+        "val dice (green), iou (blue)",
+    );
+    img.save(path).map_err(|err| data_err(path, err))
 }
