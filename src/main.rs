@@ -101,6 +101,10 @@ enum Cmd {
         /// Turn augmentation off
         #[arg(long)]
         no_augment: bool,
+        /// Add the official recipe's random 90° turns and flips (they contradict the notes'
+        /// left / right / upper / lower, so they are off by default)
+        #[arg(long)]
+        official_flips: bool,
     },
     /// Dice and IoU on a split, with the correct notes, shuffled notes and empty notes
     Eval {
@@ -210,6 +214,7 @@ fn run(cli: Cli) -> reclmis::Result<()> {
             max_minutes,
             tokenizer,
             no_augment,
+            official_flips,
         } => {
             let dev = Device::from_choice(device)?;
             let o = pipeline::train::TrainOpts {
@@ -226,6 +231,7 @@ fn run(cli: Cli) -> reclmis::Result<()> {
                 resume,
                 stop_after: 0,
                 augment: !no_augment,
+                official_flips,
                 progress: true,
             };
             let s = pipeline::train::train(&o, &dev)?;
@@ -279,6 +285,7 @@ fn run(cli: Cli) -> reclmis::Result<()> {
                 resume: false,
                 stop_after: 0,
                 augment: true,
+                official_flips: false,
                 progress: true,
             };
             let s = pipeline::train::train(&o, &dev)?;

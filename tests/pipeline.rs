@@ -34,6 +34,7 @@ fn opts(data: &Path, out: &Path, epochs: usize) -> TrainOpts {
         resume: false,
         stop_after: 0,
         augment: true,
+        official_flips: false,
         progress: false,
     }
 }

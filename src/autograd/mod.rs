@@ -70,6 +70,8 @@ pub struct Graph {
     leaves: RefCell<Vec<(usize, ParamId)>>,
     /// Batch-norm running statistics computed by a training forward, applied by the caller.
     buffer_updates: RefCell<Vec<(ParamId, Tensor)>>,
+    /// Draws dropout masks (training graphs).
+    dropout_rng: RefCell<crate::testing::Rng>,
 }
 
 /// d loss / d parameter, by parameter.
@@ -96,7 +98,29 @@ impl Graph {
             next_id: Cell::new(0),
             leaves: RefCell::new(Vec::new()),
             buffer_updates: RefCell::new(Vec::new()),
+            dropout_rng: RefCell::new(crate::testing::Rng::new(0x0D80)),
         }
+    }
+
+    /// Seeds the dropout masks (a training step passes its own seed).
+    pub fn with_dropout_seed(self, seed: u64) -> Graph {
+        *self.dropout_rng.borrow_mut() = crate::testing::Rng::new(seed);
+        self
+    }
+
+    /// Inverted dropout: in a training graph each element is kept with probability 1 − p and
+    /// scaled by 1/(1 − p); elsewhere (and for p = 0) the identity.
+    pub fn dropout(&self, x: &Var, p: f32) -> Result<Var> {
+        if !self.train || p <= 0.0 {
+            return Ok(x.clone());
+        }
+        let keep = 1.0 / (1.0 - p);
+        let mask: Vec<f32> = {
+            let mut rng = self.dropout_rng.borrow_mut();
+            (0..x.t.numel()).map(|_| if rng.uniform(0.0, 1.0) < p { 0.0 } else { keep }).collect()
+        };
+        let m = Var::constant(Tensor::from_vec(mask, x.shape(), x.t.device())?);
+        self.mul(x, &m)
     }
     /// Evaluation: running statistics, nothing recorded.
     pub fn eval() -> Graph {

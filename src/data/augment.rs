@@ -11,11 +11,13 @@ pub struct AugOpts {
     pub jitter: f32,
     pub blur_p: f32,
     pub max_rotation_deg: f32,
+    /// The official recipe's random 90° turns and flips (off by default: see the module doc).
+    pub flips: bool,
 }
 
 impl Default for AugOpts {
     fn default() -> Self {
-        AugOpts { jitter: 0.1, blur_p: 0.3, max_rotation_deg: 20.0 }
+        AugOpts { jitter: 0.1, blur_p: 0.3, max_rotation_deg: 20.0, flips: false }
     }
 }
 
@@ -23,9 +25,11 @@ impl Default for AugOpts {
 pub fn augment(image: &mut [f32], mask: &mut [f32], h: usize, w: usize, o: &AugOpts, rng: &mut Rng) {
     let c = image.len() / (h * w);
     // photometric jitter, the same for every channel
-    let (b, k) = (rng.uniform(-o.jitter, o.jitter), 1.0 + rng.uniform(-o.jitter, o.jitter));
-    for v in image.iter_mut() {
-        *v = ((*v - 0.5) * k + 0.5 + b).clamp(0.0, 1.0);
+    if o.jitter > 0.0 {
+        let (b, k) = (rng.uniform(-o.jitter, o.jitter), 1.0 + rng.uniform(-o.jitter, o.jitter));
+        for v in image.iter_mut() {
+            *v = ((*v - 0.5) * k + 0.5 + b).clamp(0.0, 1.0);
+        }
     }
     if rng.uniform(0.0, 1.0) < o.blur_p {
         let sigma = rng.uniform(0.3, 1.0);
@@ -33,9 +37,38 @@ pub fn augment(image: &mut [f32], mask: &mut [f32], h: usize, w: usize, o: &AugO
             blur(&mut image[ch * h * w..(ch + 1) * h * w], h, w, sigma);
         }
     }
+    if o.flips && h == w {
+        // LViT's RandomGenerator: rot90 k ∈ {0..3}, then a horizontal flip half of the time
+        let k = rng.next_u64() % 4;
+        let flip = rng.next_u64().is_multiple_of(2);
+        for ch in 0..c {
+            turn(&mut image[ch * h * w..(ch + 1) * h * w], w, k, flip);
+        }
+        turn(mask, w, k, flip);
+    }
     if o.max_rotation_deg > 0.0 {
         let a = rng.uniform(-o.max_rotation_deg, o.max_rotation_deg).to_radians();
         rotate(image, mask, c, h, w, a);
+    }
+}
+
+/// A square plane turned k·90° counter-clockwise, then mirrored left-right when `flip`.
+fn turn(p: &mut [f32], n: usize, k: u64, flip: bool) {
+    let src = p.to_vec();
+    for y in 0..n {
+        for x in 0..n {
+            let (mut sy, mut sx) = (y, x);
+            if flip {
+                sx = n - 1 - sx;
+            }
+            for _ in 0..k {
+                // the source of (y, x) under one counter-clockwise turn is (x, n-1-y)
+                let t = sy;
+                sy = sx;
+                sx = n - 1 - t;
+            }
+            p[y * n + x] = src[sy * n + sx];
+        }
     }
 }
 
@@ -109,7 +142,24 @@ mod tests {
         blur(&mut b, h, w, 1.0);
         assert!(b.iter().all(|v| (v - 0.5).abs() < 1e-5), "a constant image stays constant");
         let mut o = img.clone();
-        augment(&mut o, &mut mask, h, w, &AugOpts { jitter: 0.0, blur_p: 0.0, max_rotation_deg: 0.0 }, &mut rng);
+        augment(
+            &mut o,
+            &mut mask,
+            h,
+            w,
+            &AugOpts { jitter: 0.0, blur_p: 0.0, max_rotation_deg: 0.0, flips: false },
+            &mut rng,
+        );
         assert_eq!(o, img, "no-op options leave the image as it is ({mean})");
+        // four turns are the identity; a flip twice too; image and mask move together
+        let mut t = img.clone();
+        for _ in 0..4 {
+            turn(&mut t, w, 1, false);
+        }
+        assert_eq!(t, img);
+        turn(&mut t, w, 0, true);
+        assert_ne!(t, img);
+        turn(&mut t, w, 0, true);
+        assert_eq!(t, img);
     }
 }

@@ -31,6 +31,13 @@ pub struct Config {
     /// Train the text tower (from scratch, with a tokenizer trained on the notes) instead of
     /// freezing it as the official training does.
     pub text_trainable: bool,
+    /// Dropout in training (official 0.1): after the Interactor's position embedding and on each
+    /// CVR/CLR sub-layer's output before its residual add. (The official code also drops 0.1 of
+    /// the Interactor attentions' probabilities; the fused attention kernel does not do that yet.)
+    pub dropout: f32,
+    /// The paper's reading of the reconstruction attention (bidirectional) instead of the
+    /// official code's causal self-attention.
+    pub bidirectional_reconstruction: bool,
     /// The paper's reading of the condition (logits · w before the softmax) instead of the
     /// official code's (probabilities · (w + 1e-10), renormalised).
     pub condition_on_logits: bool,
@@ -59,6 +66,8 @@ impl Config {
             loss_weights: [5.0, 0.2, 1.0, 1.0],
             condition_on_logits: false,
             text_trainable: false,
+            dropout: 0.1,
+            bidirectional_reconstruction: false,
         };
         match name {
             "official" => Ok(official),
@@ -103,6 +112,7 @@ impl Config {
             ("vocab_size".into(), self.vocab_size.to_string()),
             ("text_trainable".into(), self.text_trainable.to_string()),
             ("condition_on_logits".into(), self.condition_on_logits.to_string()),
+            ("bidirectional_reconstruction".into(), self.bidirectional_reconstruction.to_string()),
         ]
     }
 
@@ -117,6 +127,7 @@ impl Config {
             vocab_size: num("vocab_size")?,
             text_trainable: flag("text_trainable")?,
             condition_on_logits: flag("condition_on_logits")?,
+            bidirectional_reconstruction: flag("bidirectional_reconstruction").unwrap_or(false),
             ..Config::preset(get("preset")?)?
         };
         c.validate()?;

@@ -45,12 +45,20 @@ impl Interactor {
     }
 
     /// feat4 [B,d,h,w] (down4), text_feat [B,L,d].
-    pub fn forward(&self, g: &Graph, p: &Params, feat4: &Var, text_feat: &Var, need_text: bool) -> Result<InteractOut> {
+    pub fn forward(
+        &self,
+        g: &Graph,
+        p: &Params,
+        feat4: &Var,
+        text_feat: &Var,
+        need_text: bool,
+        dropout: f32,
+    ) -> Result<InteractOut> {
         let s = feat4.shape().to_vec();
         let (b, d, n) = (s[0], s[1], s[2] * s[3]);
         let t = self.patch.forward(g, p, feat4)?;
         let t = g.transpose_last(&g.reshape(&t, &[b, d, n])?)?;
-        let tokens = g.add(&t, &g.param(p, self.position))?;
+        let tokens = g.dropout(&g.add(&t, &g.param(p, self.position))?, dropout)?;
         let none = MhaOpts::default();
         let text_attn = self.attn_text.forward(g, p, text_feat, &tokens, &none)?;
         let img = self.attn_img.forward(g, p, &tokens, &text_attn, &none)?;

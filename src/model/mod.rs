@@ -129,8 +129,11 @@ impl RecLmis {
             RecTransformer::new(&mut bd, "rec_text_trans1", d, cfg.rec_heads, cfg.rec_ffn, cfg.rec_layers)?;
         let mut rec_img =
             RecTransformer::new(&mut bd, "rec_img_trans1", d, cfg.rec_heads, cfg.rec_ffn, cfg.rec_layers)?;
-        rec_text.on_logits = cfg.condition_on_logits;
-        rec_img.on_logits = cfg.condition_on_logits;
+        for r in [&mut rec_text, &mut rec_img] {
+            r.on_logits = cfg.condition_on_logits;
+            r.causal = !cfg.bidirectional_reconstruction;
+            r.dropout = cfg.dropout;
+        }
         if !cfg.text_trainable {
             params.set_trainable("clip.", false);
         }
@@ -194,7 +197,7 @@ impl RecLmis {
         let x3 = self.down[1].forward(g, p, &x2)?;
         let x4 = self.down[2].forward(g, p, &x3)?;
         let x5 = self.down[3].forward(g, p, &x4)?;
-        let it = self.interact.forward(g, p, &x5, &text_feat, need_weights)?;
+        let it = self.interact.forward(g, p, &x5, &text_feat, need_weights, self.cfg.dropout)?;
         let (mut w_poi, mut w_woi) = (None, None);
         if let Some(text2) = &it.text {
             let sv = self.mlp_visual.forward(g, p, &it.img)?;

@@ -35,21 +35,31 @@ impl Layer {
 
     /// `memory` = None: a decoder1 layer (self-attention conditioned by w); Some(E): a decoder2
     /// layer (plain causal self-attention, cross-attention to E conditioned by w).
-    fn forward(&self, g: &Graph, p: &Params, x: &Var, memory: Option<&Var>, w: &Var, on_logits: bool) -> Result<Var> {
+    fn forward(
+        &self,
+        g: &Graph,
+        p: &Params,
+        x: &Var,
+        memory: Option<&Var>,
+        w: &Var,
+        t: &RecTransformer,
+    ) -> Result<Var> {
+        let on_logits = t.on_logits;
         let cond = MhaOpts { condition: Some(w), condition_on_logits: on_logits, ..MhaOpts::default() };
         let self_opts = if memory.is_none() {
-            MhaOpts { causal: true, ..cond }
+            MhaOpts { causal: t.causal, ..cond }
         } else {
-            MhaOpts { causal: true, ..MhaOpts::default() }
+            MhaOpts { causal: t.causal, ..MhaOpts::default() }
         };
-        let h = self.self_attn.forward(g, p, x, x, &self_opts)?;
+        // dropout on each sub-layer's output before its residual add (official 0.1)
+        let h = g.dropout(&self.self_attn.forward(g, p, x, x, &self_opts)?, t.dropout)?;
         let mut x = self.self_attn_layer_norm.forward(g, p, &g.add(x, &h)?)?;
         if let Some(e) = memory {
             let cross = MhaOpts { condition: Some(w), condition_on_logits: on_logits, ..MhaOpts::default() };
-            let h = self.encoder_attn.forward(g, p, &x, e, &cross)?;
+            let h = g.dropout(&self.encoder_attn.forward(g, p, &x, e, &cross)?, t.dropout)?;
             x = self.encoder_attn_layer_norm.forward(g, p, &g.add(&x, &h)?)?;
         }
-        let h = self.fc2.forward(g, p, &g.relu(&self.fc1.forward(g, p, &x)?)?)?;
+        let h = g.dropout(&self.fc2.forward(g, p, &g.relu(&self.fc1.forward(g, p, &x)?)?)?, t.dropout)?;
         self.final_layer_norm.forward(g, p, &g.add(&x, &h)?)
     }
 }
@@ -58,6 +68,9 @@ pub struct RecTransformer {
     decoder1: Vec<Layer>,
     decoder2: Vec<Layer>,
     pub on_logits: bool,
+    /// Causal self-attention (official); false = the paper's bidirectional reading.
+    pub causal: bool,
+    pub dropout: f32,
 }
 
 impl RecTransformer {
@@ -79,7 +92,7 @@ impl RecTransformer {
             };
             let decoder1 = stack("decoder1")?;
             let decoder2 = stack("decoder2")?;
-            Ok(RecTransformer { decoder1, decoder2, on_logits: false })
+            Ok(RecTransformer { decoder1, decoder2, on_logits: false, causal: true, dropout: 0.0 })
         })
     }
 
@@ -87,11 +100,11 @@ impl RecTransformer {
     pub fn forward(&self, g: &Graph, p: &Params, src: &Var, query: &Var, w: &Var) -> Result<(Var, Var)> {
         let mut e = src.clone();
         for l in &self.decoder1 {
-            e = l.forward(g, p, &e, None, w, self.on_logits)?;
+            e = l.forward(g, p, &e, None, w, self)?;
         }
         let mut x = query.clone();
         for l in &self.decoder2 {
-            x = l.forward(g, p, &x, Some(&e), w, self.on_logits)?;
+            x = l.forward(g, p, &x, Some(&e), w, self)?;
         }
         Ok((e, x))
     }

@@ -35,7 +35,7 @@ impl Trainer {
         rng: &mut Rng,
     ) -> Result<BTreeMap<&'static str, f32>> {
         let t0 = Instant::now();
-        let g = Graph::train();
+        let g = Graph::train().with_dropout_seed(rng.next_u64());
         let out = self.model.forward_train(&g, batch, masks, rng)?;
         // the recorded intermediates would keep every activation alive through the backward
         let (total, losses) = (out.total, out.losses);

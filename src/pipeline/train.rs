@@ -41,6 +41,8 @@ pub struct TrainOpts {
     /// `--resume` then continues the same schedule.
     pub stop_after: usize,
     pub augment: bool,
+    /// Also the official recipe's rot90 / flips (they contradict left/right/upper/lower notes).
+    pub official_flips: bool,
     pub progress: bool,
 }
 
@@ -202,14 +204,14 @@ pub fn train(o: &TrainOpts, dev: &Device) -> Result<TrainSummary> {
         // run sees the same batches as an uninterrupted one
         let (tx, rx) = mpsc::sync_channel::<Result<Batch>>(2);
         let (ts, tk, dv, tc) = (train_set.clone(), tok.clone(), dev.clone(), cache.clone());
-        let (seed, bs, aug) = (o.seed, o.batch.max(1), o.augment);
+        let (seed, bs, aug, flips) = (o.seed, o.batch.max(1), o.augment, o.official_flips);
         let producer = std::thread::spawn(move || {
             let mut rng = Rng::new(seed ^ (epoch as u64 + 1).wrapping_mul(0x51ED));
             let mut order: Vec<usize> = (0..ts.len()).collect();
             for i in (1..order.len()).rev() {
                 order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
             }
-            let opts = AugOpts::default();
+            let opts = AugOpts { flips, ..AugOpts::default() };
             for chunk in order.chunks(bs) {
                 let a = if aug { Some((&opts, &mut rng)) } else { None };
                 let b = make_batch(&ts, chunk, &tk, Notes::Correct, a, tc.as_deref(), &dv);
