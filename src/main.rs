@@ -15,6 +15,29 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// One image and its note through a trained checkpoint (infer, explain).
+#[derive(clap::Args)]
+struct OneImage {
+    #[arg(long)]
+    checkpoint: PathBuf,
+    #[arg(long)]
+    image: PathBuf,
+    #[arg(long)]
+    note: String,
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, value_enum, default_value = "auto")]
+    device: DeviceChoice,
+}
+
+impl OneImage {
+    fn run(&self) -> reclmis::Result<(pipeline::visual::Explained, image::RgbImage)> {
+        let dev = Device::from_choice(self.device)?;
+        let (m, tok) = pipeline::load_run(&self.checkpoint, None, &dev)?;
+        pipeline::visual::explain(&m, &tok, &self.image, &self.note, &dev)
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run every op on the device and compare it with the f64 reference (the quick health check)
@@ -122,32 +145,17 @@ enum Cmd {
     /// Segment one image from its note: mask.png and overlay.png (with --mask-gt: true positives
     /// green, false negatives red, false positives blue)
     Infer {
-        #[arg(long)]
-        checkpoint: PathBuf,
-        #[arg(long)]
-        image: PathBuf,
-        #[arg(long)]
-        note: String,
+        #[command(flatten)]
+        one: OneImage,
+        /// A ground-truth mask: colours the overlay by TP / FN / FP and prints the Dice
         #[arg(long)]
         mask_gt: Option<PathBuf>,
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long, value_enum, default_value = "auto")]
-        device: DeviceChoice,
     },
     /// The model's weights for one image and note: w_poi.png (patch weights over the image) and
     /// w_woi.png (the weight of each word)
     Explain {
-        #[arg(long)]
-        checkpoint: PathBuf,
-        #[arg(long)]
-        image: PathBuf,
-        #[arg(long)]
-        note: String,
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long, value_enum, default_value = "auto")]
-        device: DeviceChoice,
+        #[command(flatten)]
+        one: OneImage,
     },
     /// The README's main job: a synthetic dataset, the small preset trained on it, and Dice with
     /// correct vs shuffled notes on its test split
@@ -304,29 +312,24 @@ fn run(cli: Cli) -> reclmis::Result<()> {
             );
             println!("total {:.0} s", t0.elapsed().as_secs_f64());
         }
-        Cmd::Infer { checkpoint, image, note, mask_gt, out, device } => {
-            let dev = Device::from_choice(device)?;
-            let (m, tok) = pipeline::load_run(&checkpoint, None, &dev)?;
-            let (e, orig) = pipeline::visual::explain(&m, &tok, &image, &note, &dev)?;
+        Cmd::Infer { one, mask_gt } => {
+            let (e, orig) = one.run()?;
             let gt = mask_gt.as_deref().map(reclmis::data::lvit::decode_mask).transpose()?;
-            let dice = pipeline::visual::write_infer(&e, &orig, gt.as_ref(), &out)?;
-            match dice {
+            match pipeline::visual::write_infer(&e, &orig, gt.as_ref(), &one.out)? {
                 Some(d) => println!(
                     "wrote mask.png and overlay.png to {} (Dice against the ground truth {d:.4})",
-                    out.display()
+                    one.out.display()
                 ),
-                None => println!("wrote mask.png and overlay.png to {}", out.display()),
+                None => println!("wrote mask.png and overlay.png to {}", one.out.display()),
             }
         }
-        Cmd::Explain { checkpoint, image, note, out, device } => {
-            let dev = Device::from_choice(device)?;
-            let (m, tok) = pipeline::load_run(&checkpoint, None, &dev)?;
-            let (e, orig) = pipeline::visual::explain(&m, &tok, &image, &note, &dev)?;
-            pipeline::visual::write_explain(&e, &orig, &out)?;
+        Cmd::Explain { one } => {
+            let (e, orig) = one.run()?;
+            pipeline::visual::write_explain(&e, &orig, &one.out)?;
             for (t, w) in &e.w_woi {
                 println!("{t:>12} {w:.4}");
             }
-            println!("wrote w_poi.png and w_woi.png to {}", out.display());
+            println!("wrote w_poi.png and w_woi.png to {}", one.out.display());
         }
         Cmd::Model { preset } => {
             let cfg = reclmis::model::Config::preset(&preset)?;

@@ -35,6 +35,9 @@ pub struct Attention<'a> {
     pub condition_on_logits: bool,
 }
 
+/// (x, w, dy, with_bias) -> (dx, dw, db)
+type WeightedBackward = fn(&Tensor, &Tensor, &Tensor, bool) -> Result<(Tensor, Tensor, Option<Tensor>)>;
+
 /// dy · s for a scalar dy (device-resident, no host round trip).
 fn times_scalar(g: &Tensor, dy: &Tensor) -> Result<Tensor> {
     ew::mul(g, &dy.reshape(&[])?)
@@ -142,9 +145,8 @@ impl Graph {
 
     // ---- layers -----------------------------------------------------------------------------
 
-    /// x [.., K] · wᵀ + b, w [N, K] (PyTorch's layout).
-    pub fn linear(&self, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
-        let y = linear::linear(&x.t, &w.t, b.map(|b| &b.t), ALGO)?;
+    /// Records y = f(x, w, b) whose backward gives (dx, dw, db): Linear and the convolutions.
+    fn weighted(&self, x: &Var, w: &Var, b: Option<&Var>, y: Tensor, backward: WeightedBackward) -> Result<Var> {
         let mut ins = vec![x, w];
         ins.extend(b);
         if !self.tracks(&ins) {
@@ -152,24 +154,27 @@ impl Graph {
         }
         let (xt, wt, has_b) = (x.t.clone(), w.t.clone(), b.is_some());
         Ok(self.record(&ins, y, move |dy| {
-            let g = linear::linear_backward(&xt, &wt, dy, has_b, ALGO)?;
-            Ok(vec![Some(g.dx), Some(g.dw), g.db])
+            let (dx, dw, db) = backward(&xt, &wt, dy, has_b)?;
+            Ok(vec![Some(dx), Some(dw), db])
         }))
+    }
+
+    /// x [.., K] · wᵀ + b, w [N, K] (PyTorch's layout).
+    pub fn linear(&self, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
+        let y = linear::linear(&x.t, &w.t, b.map(|b| &b.t), ALGO)?;
+        self.weighted(x, w, b, y, |x, w, dy, hb| {
+            let g = linear::linear_backward(x, w, dy, hb, ALGO)?;
+            Ok((g.dx, g.dw, g.db))
+        })
     }
 
     /// Convolution with odd kernels and "same" zero padding (3×3 pad 1, 1×1).
     pub fn conv2d(&self, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
         let y = conv::conv2d(&x.t, &w.t, b.map(|b| &b.t), ALGO)?;
-        let mut ins = vec![x, w];
-        ins.extend(b);
-        if !self.tracks(&ins) {
-            return Ok(Var::constant(y));
-        }
-        let (xt, wt, has_b) = (x.t.clone(), w.t.clone(), b.is_some());
-        Ok(self.record(&ins, y, move |dy| {
-            let g = conv::conv2d_backward(&xt, &wt, dy, has_b, ALGO)?;
-            Ok(vec![Some(g.dx), Some(g.dw), g.db])
-        }))
+        self.weighted(x, w, b, y, |x, w, dy, hb| {
+            let g = conv::conv2d_backward(x, w, dy, hb, ALGO)?;
+            Ok((g.dx, g.dw, g.db))
+        })
     }
 
     /// conv2d of the channel concatenation of `parts` without materialising it.
@@ -196,16 +201,10 @@ impl Graph {
     /// x [B,C,L], w [Co,C,k] (odd k, zero padding k/2).
     pub fn conv1d(&self, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
         let y = conv::conv1d(&x.t, &w.t, b.map(|b| &b.t), ALGO)?;
-        let mut ins = vec![x, w];
-        ins.extend(b);
-        if !self.tracks(&ins) {
-            return Ok(Var::constant(y));
-        }
-        let (xt, wt, has_b) = (x.t.clone(), w.t.clone(), b.is_some());
-        Ok(self.record(&ins, y, move |dy| {
-            let g = conv::conv1d_backward(&xt, &wt, dy, has_b, ALGO)?;
-            Ok(vec![Some(g.dx), Some(g.dw), g.db])
-        }))
+        self.weighted(x, w, b, y, |x, w, dy, hb| {
+            let g = conv::conv1d_backward(x, w, dy, hb, ALGO)?;
+            Ok((g.dx, g.dw, g.db))
+        })
     }
 
     /// Batch norm over dim 1 of x [B,C,...] (+ ReLU when `relu`): batch statistics and a
