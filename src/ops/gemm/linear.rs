@@ -42,7 +42,11 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, algo: GemmAlgo) -> 
     let dev = x.device();
     if let Device::Cpu = dev {
         let b = bias.map(|b| b.cpu_f32(OP)).transpose()?;
-        let y = cpu::gemm(x2.cpu_f32(OP)?, w.cpu_f32(OP)?, &s, 1.0, b);
+        let y = if rows <= cpu::FEW_ROWS && k > 0 {
+            cpu::linear_few_rows(x2.cpu_f32(OP)?, w.cpu_f32(OP)?, b, rows, k, n)
+        } else {
+            cpu::gemm(x2.cpu_f32(OP)?, w.cpu_f32(OP)?, &s, 1.0, b)
+        };
         return Tensor::from_vec(y, &out_shape, dev);
     }
     if rows * n == 0 || k == 0 {
