@@ -276,6 +276,11 @@ fn run(cli: Cli) -> reclmis::Result<()> {
             let dev = Device::from_choice(device)?;
             let t0 = std::time::Instant::now();
             let data = out.join("data");
+            // the quickstart's own folder from an earlier run: regenerate it
+            if data.join("Train_Folder").is_dir() {
+                std::fs::remove_dir_all(&data)
+                    .map_err(|e| reclmis::Error::Data { path: data.display().to_string(), detail: e.to_string() })?;
+            }
             let so = reclmis::data::write::SynthOpts { train: 1000, val: 100, test: 100, ..Default::default() };
             reclmis::data::write::write(&data, &so)?;
             println!("synthetic dataset written to {} ({:.0} s)", data.display(), t0.elapsed().as_secs_f64());

@@ -83,6 +83,9 @@ fn short_training_learns_reloads_and_resumes_exactly() {
         );
     }
     assert_eq!(logged(&b, "total"), loss, "the resumed run logs the same epochs");
+    // a new (not resumed) run in the same folder starts its own log
+    pipeline::train::train(&opts(&data, &b, 1), &dev).unwrap();
+    assert_eq!(logged(&b, "total").len(), 1);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -170,6 +173,12 @@ fn cli_rejects_bad_arguments() {
     assert!(!ok && msg.contains("unknown preset"), "{msg}");
     let (ok, msg) = cli(&["synth", "--out", "/tmp/x", "--size", "30"]);
     assert!(!ok && msg.contains("multiple of 16"), "{msg}");
+    // synth refuses to write over another dataset
+    let dir = tmp("synth-twice");
+    tiny_set(&dir);
+    let e = write(&dir, &SynthOpts::default()).unwrap_err().to_string();
+    assert!(e.contains("already holds images"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
     let (ok, msg) = cli(&["eval", "--data", "/nonexistent", "--checkpoint", "/nonexistent/c.safetensors"]);
     assert!(!ok && msg.contains("/nonexistent/c.safetensors"), "{msg}");
     let (ok, msg) = cli(&["train", "--data", "/nonexistent", "--device", "cpu"]);

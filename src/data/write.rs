@@ -33,6 +33,13 @@ pub fn write(out: &Path, o: &SynthOpts) -> Result<()> {
     if o.size < 16 || !o.size.is_multiple_of(16) {
         return Err(Error::Config(format!("--size {} must be a multiple of 16 (at least 16)", o.size)));
     }
+    // files left from another dataset would be listed without notes: refuse to mix
+    for split in [Split::Train, Split::Val, Split::Test] {
+        let img = out.join(split.folder()).join("img");
+        if std::fs::read_dir(&img).map(|mut d| d.next().is_some()).unwrap_or(false) {
+            return Err(io_err(&img, "already holds images: choose another --out or remove it"));
+        }
+    }
     let mut rng = Rng::new(o.seed);
     for (split, n) in [(Split::Train, o.train), (Split::Val, o.val), (Split::Test, o.test)] {
         let folder = out.join(split.folder());

@@ -158,9 +158,12 @@ pub fn train(o: &TrainOpts, dev: &Device) -> Result<TrainSummary> {
         epoch0 = e;
         best = (b, be);
     }
+    // a resumed run continues its log; a new run in the same folder starts a new one
     let mut log = std::fs::OpenOptions::new()
         .create(true)
-        .append(true)
+        .append(o.resume)
+        .write(true)
+        .truncate(!o.resume)
         .open(o.out.join("log.jsonl"))
         .map_err(|e| io(&o.out, e))?;
     let n = train_set.len();
