@@ -64,11 +64,12 @@ fn rand_tensor(shape: &[usize], seed: u64, dev: &Device) -> Result<Tensor> {
 type Group = fn(&Device, bool, &mut Vec<Case>) -> Result<()>;
 
 /// Every benchmark group with the case names it defines.
-const GROUPS: [(&[&str], Group); 13] = [
+const GROUPS: [(&[&str], Group); 14] = [
     (&["gemm", "gemm_tc"], gemm_cases),
     (&["softmax", "softmax_bwd"], softmax_cases),
     (&["relu", "relu_bwd", "add_bcast", "sum", "max", "sum_bwd"], activation_cases),
-    (&["transpose", "permute"], layout_cases),
+    (&["transpose", "permute", "narrow"], layout_cases),
+    (&["adam"], optim_cases),
     (&["ccl", "ccl_composed", "ccl_fwd_bwd", "ccl_composed_fwd_bwd"], ccl_cases),
     (&["copy", "dice_bce", "dice_bce_bwd", "metrics", "mse"], seg_cases),
     (&["max_pool2", "max_pool2_bwd", "upsample2", "upsample2_bwd"], pool_cases),
@@ -254,6 +255,44 @@ fn layout_cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
         run: Box::new(move || transpose::permute(&q, &[0, 2, 1, 3])),
         validate: None,
     });
+    // The model's packed attention weights: the k rows of in_proj [3d, d].
+    let d = if small { 64 } else { 512 };
+    let w = rand_tensor(&[3 * d, d], 16, dev)?;
+    v.push(Case {
+        op: "narrow",
+        shape: format!("{}x{d} rows {d}..{}", 3 * d, 2 * d),
+        flops: 0.0,
+        bytes: 8.0 * (d * d) as f64,
+        peer: Some(format!("narrow {} {d} {d} {d}", 3 * d)),
+        run: Box::new(move || transpose::narrow(&w, 0, d, d)),
+        validate: None,
+    });
+    Ok(())
+}
+
+/// One Adam step over a parameter tensor the size of the official CVR/CLR FFN weight (512·1024),
+/// reading p, g, m, v and writing the three results.
+#[cfg(feature = "train")]
+fn optim_cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
+    let n = if small { 4096 } else { 1 << 19 };
+    let (p, g) = (rand_tensor(&[n], 17, dev)?, rand_tensor(&[n], 18, dev)?);
+    let (m, s) = (Tensor::zeros(&[n], dev)?, Tensor::zeros(&[n], dev)?);
+    v.push(Case {
+        op: "adam",
+        shape: format!("{n}"),
+        flops: 0.0,
+        bytes: 28.0 * n as f64,
+        peer: Some(format!("adam {n}")),
+        run: Box::new(
+            move || Ok(crate::optim::adam_update(&crate::optim::AdamConfig::default(), 1, &p, &g, &m, &s)?.0),
+        ),
+        validate: None,
+    });
+    Ok(())
+}
+
+#[cfg(not(feature = "train"))]
+fn optim_cases(_: &Device, _: bool, _: &mut Vec<Case>) -> Result<()> {
     Ok(())
 }
 

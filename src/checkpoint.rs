@@ -97,7 +97,7 @@ pub fn load_bytes(params: &mut Params, bytes: &[u8], path: &Path) -> Result<Load
 }
 
 /// F32 as is; F64 rounded (references and float64 exports); anything else is refused.
-fn f32_values(view: &TensorView) -> std::result::Result<Vec<f32>, String> {
+pub(crate) fn f32_values(view: &TensorView) -> std::result::Result<Vec<f32>, String> {
     let d = view.data();
     match view.dtype() {
         Dtype::F32 => Ok(d.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect()),

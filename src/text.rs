@@ -13,6 +13,9 @@ use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, Tokenizer};
 
 pub struct NoteTokenizer {
+    /// As loaded or trained (what `save` writes).
+    original: Tokenizer,
+    /// The same without its own truncation and padding (`fit` does both, keeping the end token).
     tok: Tokenizer,
     len: usize,
 }
@@ -25,7 +28,14 @@ impl NoteTokenizer {
     /// Loads a tokenizer.json; encodings are forced to `len` ids.
     pub fn from_file(path: &Path, len: usize) -> Result<NoteTokenizer> {
         let tok = Tokenizer::from_file(path).map_err(|e| tok_err(&path.display().to_string(), e))?;
-        Ok(NoteTokenizer { tok, len })
+        Self::wrap(tok, len)
+    }
+
+    fn wrap(original: Tokenizer, len: usize) -> Result<NoteTokenizer> {
+        let mut tok = original.clone();
+        tok.with_truncation(None).map_err(|e| tok_err("truncation", e))?;
+        tok.with_padding(None);
+        Ok(NoteTokenizer { original, tok, len })
     }
 
     /// Trains a word-level tokenizer on `notes` (lower-cased, split on words and punctuation;
@@ -56,7 +66,7 @@ impl NoteTokenizer {
             .build()
             .map_err(|e| tok_err("template", e))?;
         tok.with_post_processor(Some(post));
-        Ok(NoteTokenizer { tok, len })
+        Self::wrap(tok, len)
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -64,40 +74,34 @@ impl NoteTokenizer {
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
-        self.tok.save(path, false).map_err(|e| tok_err(&path.display().to_string(), e))
+        self.original.save(path, false).map_err(|e| tok_err(&path.display().to_string(), e))
     }
 
     /// The token strings of `encode` (padding as ""), for showing per-word weights.
     pub fn tokens(&self, note: &str) -> Result<Vec<String>> {
-        let mut tok = self.tok.clone();
-        tok.with_truncation(None).map_err(|e| tok_err("truncation", e))?;
-        tok.with_padding(None);
-        let enc = tok.encode(note, true).map_err(|e| tok_err(note, e))?;
-        let mut t: Vec<String> = enc.get_tokens().iter().map(|s| s.trim_end_matches("</w>").to_string()).collect();
-        if t.len() > self.len {
-            let last = t.last().cloned().unwrap_or_default();
-            t.truncate(self.len);
-            t[self.len - 1] = last;
-        }
-        t.resize(self.len, String::new());
-        Ok(t)
+        let enc = self.tok.encode(note, true).map_err(|e| tok_err(note, e))?;
+        let t = enc.get_tokens().iter().map(|s| s.trim_end_matches("</w>").to_string()).collect();
+        Ok(fit(t, self.len, String::new()))
     }
 
     /// (ids, valid) of one note, both `len` long; valid = id ≠ 0. The tail is cut so that the
     /// end token survives (as clip.tokenize(truncate=True) does).
     pub fn encode(&self, note: &str) -> Result<(Vec<i32>, Vec<i32>)> {
-        let mut tok = self.tok.clone();
-        tok.with_truncation(None).map_err(|e| tok_err("truncation", e))?;
-        tok.with_padding(None);
-        let enc = tok.encode(note, true).map_err(|e| tok_err(note, e))?;
-        let mut ids: Vec<i32> = enc.get_ids().iter().map(|&i| i as i32).collect();
-        if ids.len() > self.len {
-            let last = *ids.last().expect("non-empty");
-            ids.truncate(self.len);
-            ids[self.len - 1] = last;
-        }
-        ids.resize(self.len, 0);
+        let enc = self.tok.encode(note, true).map_err(|e| tok_err(note, e))?;
+        let ids = fit(enc.get_ids().iter().map(|&i| i as i32).collect(), self.len, 0);
         let valid = ids.iter().map(|&i| (i != 0) as i32).collect();
         Ok((ids, valid))
     }
+}
+
+/// `len` items: longer sequences keep their first len − 1 and their last (the end token),
+/// shorter ones are padded with `pad`.
+fn fit<T: Clone>(mut v: Vec<T>, len: usize, pad: T) -> Vec<T> {
+    if v.len() > len {
+        let last = v.last().cloned().expect("non-empty");
+        v.truncate(len);
+        v[len - 1] = last;
+    }
+    v.resize(len, pad);
+    v
 }

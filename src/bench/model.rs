@@ -4,6 +4,7 @@
 //! CVR/CLR/CCL, every loss, backward, Adam). One scenario per process, so the peak RSS
 //! (getrusage) is the scenario's own.
 
+use super::median;
 use crate::device::Device;
 use crate::error::{Error, Result};
 #[cfg(feature = "train")]
@@ -39,11 +40,6 @@ fn peak_rss_mb() -> f64 {
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
     ru.ru_maxrss as f64 / 1024.0
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
-    v[v.len() / 2]
 }
 
 /// Runs one scenario (infer_b1, infer_b8, train_b4) and returns its JSON line.

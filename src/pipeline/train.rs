@@ -113,8 +113,7 @@ fn load_state(tr: &mut Trainer, path: &Path) -> Result<(usize, f64, usize)> {
         let shape = tr.model.params.value(id).shape().to_vec();
         for k in ["m", "v"] {
             if let Ok(view) = st.tensor(&format!("{k}.{name}")) {
-                let v: Vec<f32> =
-                    view.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
+                let v = checkpoint::f32_values(&view).map_err(|e| io(path, format!("{k}.{name}: {e}")))?;
                 let t = Tensor::from_vec(v, &shape, &dev)?;
                 if k == "m" {
                     tr.adam.m[i] = Some(t);
