@@ -269,6 +269,73 @@ fn padded_rows_count_as_zero_in_the_max_over_t() {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+    /// The cpu forward leaves padded words out of its GEMM when every input is finite (their
+    /// similarities are exactly ±0): the same maxima, argmaxes and outputs as sending every word
+    /// through it. Sizes past the blocks of texts and images (B up to 40 > 32, 4 | B).
+    #[test]
+    fn leaving_padded_words_out_of_the_gemm_changes_nothing(
+        b in prop::sample::select(vec![1usize, 3, 5, 9, 40]),
+        l in prop::sample::select(vec![1usize, 3, 18]),
+        n in prop::sample::select(vec![1usize, 7, 20]),
+        d in prop::sample::select(vec![1usize, 5, 33]),
+        seed in any::<u64>(),
+    ) {
+        let x = data(&Case { b, l, n, d, kind: 1, seed });
+        let s = ccl::CclSizes { b, l, n, d };
+        let (th, _) = ccl::cpu::l2_normalize(&x.t, d);
+        let (vh, _) = ccl::cpu::l2_normalize(&x.v, d);
+        let skip = ccl::cpu::forward(&th, &vh, &x.mask, &x.tw, &x.vw, s, true);
+        let all = ccl::cpu::forward(&th, &vh, &x.mask, &x.tw, &x.vw, s, false);
+        // The GEMM library may group a row's products differently for another number of rows,
+        // so values agree to f32 rounding (D-term dot products of unit vectors, then L / N
+        // weighted terms) and an argmax may differ only between near-equal similarities.
+        let tol = (d + l.max(n) + 8) as f64 * EPS32;
+        let sim = |a: usize, bb: usize, t: usize, vi: usize| -> f64 {
+            let p: f64 = (0..d).map(|k| th[(a * l + t) * d + k] as f64 * vh[(bb * n + vi) * d + k] as f64).sum();
+            p * x.mask[a * l + t] as f64
+        };
+        for (name, p, q) in [
+            ("max_v", &skip.max_v, &all.max_v),
+            ("max_t", &skip.max_t, &all.max_t),
+            ("t2v", &skip.t2v, &all.t2v),
+            ("v2t", &skip.v2t, &all.v2t),
+            ("logits", &skip.logits, &all.logits),
+        ] {
+            assert_none(name, mismatch(p, &f64s(q), tol * 2.0, 0.0))?;
+        }
+        for i in 0..b * b * l {
+            let (a, bb, t) = (i / (b * l), (i / l) % b, i % l);
+            let (g, r) = (skip.arg_v[i] as usize, all.arg_v[i] as usize);
+            prop_assert!((sim(a, bb, t, g) - sim(a, bb, t, r)).abs() <= tol, "arg_v[{i}]: {g} vs {r}");
+        }
+        for i in 0..b * b * n {
+            let (a, bb, vi) = (i / (b * n), (i / n) % b, i % n);
+            let (g, r) = (skip.arg_t[i] as usize, all.arg_t[i] as usize);
+            prop_assert!((sim(a, bb, g, vi) - sim(a, bb, r, vi)).abs() <= tol, "arg_t[{i}]: {g} vs {r}");
+        }
+    }
+}
+
+/// A NaN in a padded word still reaches the max over t (NaN · 0 is NaN, as officially): the cpu
+/// forward sends every word through its GEMM when an input is not finite.
+#[test]
+fn a_nan_in_a_padded_word_propagates() {
+    for kind in ["cpu", "emu"] {
+        let dev = device(kind);
+        let t = tensor(&[1.0, 0.0, f32::NAN, 1.0], &[1, 2, 2], &dev); // token 1: padding, holds a NaN
+        let v = tensor(&[1.0, 0.0, 0.0, 1.0], &[1, 2, 2], &dev);
+        let mask = tensor(&[1.0, 0.0], &[1, 2], &dev);
+        let w = tensor(&[0.5, 0.5], &[1, 2], &dev);
+        let f = ccl::ccl_similarity(&t, &v, &mask, &w, &w).unwrap();
+        // the padded word's row is all NaN: its max over v (t2v) and every max over t (v2t)
+        assert!(f.v2t.to_vec().unwrap()[0].is_nan(), "{kind}: v2t {:?}", f.v2t.to_vec().unwrap());
+        assert!(f.t2v.to_vec().unwrap()[0].is_nan(), "{kind}: t2v {:?}", f.t2v.to_vec().unwrap());
+        assert_eq!(f.saved.max_v.to_vec().unwrap()[0], 1.0, "{kind}: the valid word's max over v");
+    }
+}
+
 #[test]
 fn a_batch_of_one_has_zero_contrastive_loss() {
     for kind in ["cpu", "emu"] {

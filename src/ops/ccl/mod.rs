@@ -240,6 +240,10 @@ pub fn ccl_similarity(t: &Tensor, v: &Tensor, mask: &Tensor, tw: &Tensor, vw: &T
     let (b, l, n) = (s.b, s.l, s.n);
     if let Device::Cpu = dev {
         let op = "ccl";
+        // 1/‖x‖ finite and > 0 for every row <=> every normalised element is finite (a NaN row
+        // gives NaN, an infinite one 0, a zero or underflowing one +inf)
+        let ok = |inv: &[f32]| inv.iter().all(|&x| x.is_finite() && x > 0.0);
+        let finite = ok(inv_t.cpu_f32(op)?) && ok(inv_v.cpu_f32(op)?);
         let f = cpu::forward(
             t_hat.cpu_f32(op)?,
             v_hat.cpu_f32(op)?,
@@ -247,6 +251,7 @@ pub fn ccl_similarity(t: &Tensor, v: &Tensor, mask: &Tensor, tw: &Tensor, vw: &T
             tw.cpu_f32(op)?,
             vw.cpu_f32(op)?,
             s,
+            finite,
         );
         let saved = CclSaved {
             t_hat,
