@@ -1,6 +1,8 @@
 //! safetensors checkpoints under the official `state_dict` key names: parameters and batch-norm
 //! running statistics as F32, `num_batches_tracked` as I64. Loading reports the keys the file
-//! lacks and the keys the model does not have; a key with the wrong shape or dtype is an error.
+//! lacks and the keys the model does not have; a key with the wrong shape or dtype, or a weight that
+//! is not finite, is an error naming the tensor. Files are written atomically with sorted headers,
+//! so the same weights and metadata always give the same bytes.
 
 use crate::error::{Error, Result};
 use crate::nn::params::Params;
@@ -8,6 +10,7 @@ use crate::tensor::Tensor;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use std::collections::BTreeSet;
+use std::io::Read;
 use std::path::Path;
 
 #[derive(Debug, Default)]
@@ -48,7 +51,7 @@ fn err(path: &Path, detail: impl Into<String>) -> Error {
 
 /// Loads the tensors of a safetensors file into `params` by name.
 pub fn load(params: &mut Params, path: &Path) -> Result<LoadReport> {
-    let bytes = std::fs::read(path).map_err(|e| err(path, format!("cannot read: {e}")))?;
+    let bytes = crate::files::read_regular(path, u64::MAX).map_err(|e| err(path, e.to_string()))?;
     load_bytes(params, &bytes, path)
 }
 
@@ -67,6 +70,9 @@ pub fn load_bytes(params: &mut Params, bytes: &[u8], path: &Path) -> Result<Load
                 return Err(err(path, format!("{key} has shape {:?}, the model expects {want:?}", view.shape())));
             }
             let values = f32_values(&view).map_err(|d| err(path, format!("{key}: {d}")))?;
+            if let Some(k) = values.iter().position(|x| !x.is_finite()) {
+                return Err(err(path, format!("{key} holds a non-finite value ({} at index {k})", values[k])));
+            }
             let t = Tensor::from_vec(values, &want, params.device())?;
             params.set(id, t)?;
             seen.insert(key.to_string());
@@ -108,40 +114,114 @@ pub(crate) fn f32_values(view: &TensorView) -> std::result::Result<Vec<f32>, Str
     }
 }
 
-/// Writes every parameter, buffer and counter (official names). Written to `path.tmp` and
-/// renamed, so a crash never leaves a truncated checkpoint under the final name.
+/// A tensor to write: f32 values (refused when not finite) or one int64 counter.
+pub enum Data<'a> {
+    F32(&'a [f32]),
+    I64(i64),
+}
+
+/// Writes a safetensors file atomically and durably (see `files::write_atomic_with`). The header
+/// is written here rather than by `safetensors::serialize`, whose metadata map is a `HashMap`
+/// with random order: the same tensors and metadata must give the same bytes (tensors and
+/// metadata keys sorted). A non-finite value is an error naming its tensor, and nothing is
+/// written: a NaN checkpoint would load and infer empty masks.
+pub fn write_tensors(path: &Path, tensors: &[(String, Vec<usize>, Data)], metadata: &[(String, String)]) -> Result<()> {
+    let mut order: Vec<usize> = (0..tensors.len()).collect();
+    order.sort_by(|&a, &b| tensors[a].0.cmp(&tensors[b].0));
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        let m: std::collections::BTreeMap<&str, &str> =
+            metadata.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        header.insert("__metadata__".into(), serde_json::json!(m));
+    }
+    let mut offset = 0usize;
+    for &i in &order {
+        let (name, shape, data) = &tensors[i];
+        let (dtype, bytes) = match data {
+            Data::F32(v) => {
+                let n = crate::tensor::checked_numel(shape)
+                    .filter(|&n| n == v.len())
+                    .ok_or_else(|| err(path, format!("{name}: {} values for shape {shape:?}", v.len())))?;
+                if let Some(k) = v.iter().position(|x| !x.is_finite()) {
+                    return Err(err(
+                        path,
+                        format!("not written: {name} holds a non-finite value ({} at index {k})", v[k]),
+                    ));
+                }
+                ("F32", 4 * n)
+            }
+            Data::I64(_) => ("I64", 8),
+        };
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + bytes]}),
+        );
+        offset += bytes;
+    }
+    // serde_json's Map is a BTreeMap here (no preserve_order feature): keys come out sorted
+    let mut json = serde_json::to_vec(&serde_json::Value::Object(header)).map_err(|e| err(path, e.to_string()))?;
+    json.resize(json.len().next_multiple_of(8), b' ');
+    crate::files::write_atomic_with(path, |w| {
+        w.write_all(&(json.len() as u64).to_le_bytes())?;
+        w.write_all(&json)?;
+        for &i in &order {
+            match &tensors[i].2 {
+                Data::F32(v) => w.write_all(bytemuck::cast_slice(v))?,
+                Data::I64(c) => w.write_all(&c.to_le_bytes())?,
+            }
+        }
+        Ok(())
+    })
+    .map_err(|e| err(path, e.to_string()))
+}
+
+/// Every parameter, buffer and counter of `params` under its official name, as `write_tensors`
+/// takes them (the values copied to the host).
+pub fn host_values(params: &Params) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+    params
+        .ids()
+        .map(|id| Ok((params.name(id).to_string(), params.value(id).shape().to_vec(), params.value(id).to_vec()?)))
+        .collect()
+}
+
+/// Writes every parameter, buffer and counter (official names), atomically.
 pub fn save(params: &Params, path: &Path) -> Result<()> {
     save_with(params, &[], path)
 }
 
 /// `save` with string metadata (the model configuration) in the safetensors header.
 pub fn save_with(params: &Params, metadata: &[(String, String)], path: &Path) -> Result<()> {
-    let mut data: Vec<(String, Vec<usize>, Vec<u8>, Dtype)> = Vec::new();
-    for id in params.ids() {
-        let t = params.value(id);
-        let v = t.to_vec()?;
-        data.push((params.name(id).to_string(), t.shape().to_vec(), bytemuck::cast_slice(&v).to_vec(), Dtype::F32));
-    }
-    for (n, c) in params.counters() {
-        data.push((n.clone(), vec![], c.to_le_bytes().to_vec(), Dtype::I64));
-    }
-    let views: Vec<(String, TensorView)> = data
-        .iter()
-        .map(|(n, s, b, dt)| Ok((n.clone(), TensorView::new(*dt, s.clone(), b).map_err(|e| err(path, e.to_string()))?)))
-        .collect::<Result<_>>()?;
-    let meta: Option<std::collections::HashMap<String, String>> =
-        if metadata.is_empty() { None } else { Some(metadata.iter().cloned().collect()) };
-    let bytes = safetensors::tensor::serialize(views, meta).map_err(|e| err(path, e.to_string()))?;
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(|e| err(path, format!("cannot write: {e}")))?;
-    std::fs::rename(&tmp, path).map_err(|e| err(path, format!("cannot rename into place: {e}")))?;
-    Ok(())
+    let values = host_values(params)?;
+    let mut t: Vec<(String, Vec<usize>, Data)> =
+        values.iter().map(|(n, s, v)| (n.clone(), s.clone(), Data::F32(v))).collect();
+    t.extend(params.counters().iter().map(|(n, c)| (n.clone(), vec![], Data::I64(*c))));
+    write_tensors(path, &t, metadata)
 }
 
-/// The metadata a checkpoint was saved with (empty when none).
+/// The largest safetensors header read (the safetensors crate's own limit).
+const MAX_HEADER: u64 = 100 << 20;
+
+/// The metadata a checkpoint was saved with (empty when none). Reads the header only.
 pub fn read_metadata(path: &Path) -> Result<std::collections::HashMap<String, String>> {
-    let bytes = std::fs::read(path).map_err(|e| err(path, format!("cannot read: {e}")))?;
-    let (_, meta) =
-        SafeTensors::read_metadata(&bytes).map_err(|e| err(path, format!("not a valid safetensors file: {e}")))?;
-    Ok(meta.metadata().clone().unwrap_or_default())
+    let (f, len) = crate::files::open_regular(path, u64::MAX).map_err(|e| err(path, e.to_string()))?;
+    let mut f = std::io::BufReader::new(f);
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n).map_err(|_| err(path, "not a valid safetensors file: shorter than its 8-byte header size"))?;
+    let n = u64::from_le_bytes(n);
+    if n > MAX_HEADER || n > len - 8 {
+        return Err(err(path, format!("not a valid safetensors file: header of {n} bytes in a {len}-byte file")));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(|e| err(path, format!("cannot read: {e}")))?;
+    let v: serde_json::Value = serde_json::from_slice(&header)
+        .map_err(|e| err(path, format!("not a valid safetensors file: header is not JSON: {e}")))?;
+    let mut out = std::collections::HashMap::new();
+    if let Some(m) = v.get("__metadata__") {
+        let m = m.as_object().ok_or_else(|| err(path, "__metadata__ is not an object"))?;
+        for (k, v) in m {
+            let v = v.as_str().ok_or_else(|| err(path, format!("metadata {k:?} is not a string")))?;
+            out.insert(k.clone(), v.to_string());
+        }
+    }
+    Ok(out)
 }

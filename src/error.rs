@@ -29,6 +29,8 @@ pub enum Error {
     Data { path: String, detail: String },
     #[error("checkpoint {path}: {detail}")]
     Checkpoint { path: String, detail: String },
+    #[error("non-finite value: {0}")]
+    NonFinite(String),
     #[error("{0}")]
     Other(String),
 }

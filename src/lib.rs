@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod files;
 pub mod kernels;
 pub mod model;
 pub mod nn;

@@ -13,6 +13,9 @@ use std::process::ExitCode;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Refuse images larger than this many megapixels (checked from the file's header)
+    #[arg(long, global = true, default_value_t = 100.0)]
+    max_megapixels: f64,
 }
 
 /// One image and its note through a trained checkpoint (infer, explain).
@@ -32,6 +35,9 @@ struct OneImage {
 
 impl OneImage {
     fn run(&self) -> reclmis::Result<(pipeline::visual::Explained, image::RgbImage)> {
+        if self.note.trim().is_empty() {
+            return Err(reclmis::Error::Config("--note is empty: the model segments what the note describes".into()));
+        }
         let dev = Device::from_choice(self.device)?;
         let (m, tok) = pipeline::load_run(&self.checkpoint, None, &dev)?;
         pipeline::visual::explain(&m, &tok, &self.image, &self.note, &dev)
@@ -106,12 +112,21 @@ enum Cmd {
         lr: f32,
         #[arg(long, default_value_t = 1)]
         seed: u64,
-        /// Run folder: best/last checkpoints, tokenizer.json, train_state, log.jsonl
-        #[arg(long, default_value = "runs/reclmis")]
-        out: PathBuf,
-        /// Continue the run in --out from its last epoch
+        /// Run folder: best/last checkpoints, tokenizer.json, train_state, log.jsonl, curves.png
+        /// (default: a new runs/train-<n>). A non-empty folder is refused unless --resume or
+        /// --overwrite.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Continue the run in --out from its last completed epoch
         #[arg(long)]
         resume: bool,
+        /// Replace the run files of an earlier run in --out (other files there are never touched)
+        #[arg(long)]
+        overwrite: bool,
+        /// With --resume: continue even if the data, seed, batch size, learning rate or
+        /// tokenizer differ from the run's (each difference is printed)
+        #[arg(long)]
+        accept_changes: bool,
         /// Early stopping: epochs without a better validation Dice
         #[arg(long, default_value_t = 8)]
         patience: usize,
@@ -182,6 +197,13 @@ enum Cmd {
 }
 
 fn run(cli: Cli) -> reclmis::Result<()> {
+    if !(cli.max_megapixels.is_finite() && cli.max_megapixels > 0.0) {
+        return Err(reclmis::Error::Config(format!(
+            "--max-megapixels {}: must be a positive number",
+            cli.max_megapixels
+        )));
+    }
+    reclmis::data::lvit::set_max_pixels((cli.max_megapixels * 1e6) as u64);
     match cli.cmd {
         Cmd::Selfcheck { device } => {
             let dev = Device::from_choice(device)?;
@@ -218,12 +240,21 @@ fn run(cli: Cli) -> reclmis::Result<()> {
             seed,
             out,
             resume,
+            overwrite,
+            accept_changes,
             patience,
             max_minutes,
             tokenizer,
             no_augment,
             official_flips,
         } => {
+            let out = match out {
+                Some(o) => o,
+                None if resume => {
+                    return Err(reclmis::Error::Config("--resume needs the --out of the run to continue".into()))
+                }
+                None => pipeline::run_dir::RunDir::next_free(std::path::Path::new("runs")),
+            };
             let dev = Device::from_choice(device)?;
             let o = pipeline::train::TrainOpts {
                 data,
@@ -237,11 +268,15 @@ fn run(cli: Cli) -> reclmis::Result<()> {
                 max_minutes,
                 tokenizer,
                 resume,
+                overwrite,
+                accept_changes,
                 stop_after: 0,
                 augment: !no_augment,
                 official_flips,
                 progress: true,
             };
+            o.validate()?;
+            println!("run folder: {}", o.out.display());
             let s = pipeline::train::train(&o, &dev)?;
             println!(
                 "best validation Dice {:.4} at epoch {} ({} epochs, {:.0} s, {:.1} images/s); checkpoints in {}",
@@ -264,6 +299,9 @@ fn run(cli: Cli) -> reclmis::Result<()> {
             let (m, tok) = pipeline::load_run(&checkpoint, None, &dev)?;
             let (h, w) = m.cfg.img_size;
             let d = pipeline::load(&data, split, h, w)?;
+            for n in &d.notes {
+                println!("note: {n}");
+            }
             for (name, mode) in
                 [("correct notes", Notes::Correct), ("shuffled notes", Notes::Shuffled), ("empty notes", Notes::Empty)]
             {
@@ -276,10 +314,10 @@ fn run(cli: Cli) -> reclmis::Result<()> {
             let dev = Device::from_choice(device)?;
             let t0 = std::time::Instant::now();
             let data = out.join("data");
-            // the quickstart's own folder from an earlier run: regenerate it
-            if data.join("Train_Folder").is_dir() {
-                std::fs::remove_dir_all(&data)
-                    .map_err(|e| reclmis::Error::Data { path: data.display().to_string(), detail: e.to_string() })?;
+            // an earlier quickstart's dataset (synth's marker, synth's files only) is written again;
+            // any other folder there is refused, untouched
+            if data.exists() && std::fs::read_dir(&data).map(|mut d| d.next().is_some()).unwrap_or(true) {
+                reclmis::data::write::remove_synthetic(&data)?;
             }
             let so = reclmis::data::write::SynthOpts { train: 1000, val: 100, test: 100, ..Default::default() };
             reclmis::data::write::write(&data, &so)?;
@@ -296,6 +334,9 @@ fn run(cli: Cli) -> reclmis::Result<()> {
                 max_minutes,
                 tokenizer: None,
                 resume: false,
+                // the quickstart's own run folder: its run files are replaced, nothing else
+                overwrite: true,
+                accept_changes: false,
                 stop_after: 0,
                 augment: true,
                 official_flips: false,
@@ -318,8 +359,9 @@ fn run(cli: Cli) -> reclmis::Result<()> {
             println!("total {:.0} s", t0.elapsed().as_secs_f64());
         }
         Cmd::Infer { one, mask_gt } => {
-            let (e, orig) = one.run()?;
+            // the ground truth is read (and refused) before the model runs or anything is written
             let gt = mask_gt.as_deref().map(reclmis::data::lvit::decode_mask).transpose()?;
+            let (e, orig) = one.run()?;
             match pipeline::visual::write_infer(&e, &orig, gt.as_ref(), &one.out)? {
                 Some(d) => println!(
                     "wrote mask.png and overlay.png to {} (Dice against the ground truth {d:.4})",

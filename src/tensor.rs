@@ -74,6 +74,16 @@ pub(crate) fn numel(shape: &[usize]) -> usize {
     shape.iter().product()
 }
 
+/// The element count of `shape`, or None when it overflows or could not be allocated (more than
+/// isize::MAX bytes at 8 bytes an element): shapes like [2⁶², 64] must never be built.
+pub fn checked_numel(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).filter(|&n| n <= isize::MAX as usize / 8)
+}
+
+fn numel_checked(op: &'static str, shape: &[usize]) -> Result<usize> {
+    checked_numel(shape).ok_or_else(|| Error::shape(op, format!("shape {shape:?} has too many elements")))
+}
+
 impl Tensor {
     pub(crate) fn from_storage(storage: Storage, shape: &[usize], dtype: DType, device: &Device) -> Tensor {
         Tensor { shape: shape.to_vec(), dtype, device: device.clone(), storage: Arc::new(storage) }
@@ -89,7 +99,7 @@ impl Tensor {
 
     fn from_cpu(data: CpuStorage, shape: &[usize], device: &Device) -> Result<Tensor> {
         let n = data.as_bytes().len() / 4;
-        if numel(shape) != n {
+        if numel_checked("from_vec", shape)? != n {
             return Err(Error::shape("from_vec", format!("{n} values do not fill shape {shape:?}")));
         }
         let dtype = data.dtype();
@@ -97,12 +107,12 @@ impl Tensor {
     }
 
     pub fn zeros(shape: &[usize], device: &Device) -> Result<Tensor> {
-        Self::from_vec(vec![0.0; numel(shape)], shape, device)
+        Self::from_vec(vec![0.0; numel_checked("zeros", shape)?], shape, device)
     }
 
     /// An output buffer for a kernel (NaN-poisoned under test).
     pub(crate) fn empty(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
-        Ok(Self::from_storage(device.alloc(dtype, numel(shape))?, shape, dtype, device))
+        Ok(Self::from_storage(device.alloc(dtype, numel_checked("empty", shape)?)?, shape, dtype, device))
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -132,7 +142,7 @@ impl Tensor {
 
     /// The same data with another shape of equal size (no copy).
     pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
-        if numel(shape) != self.numel() {
+        if checked_numel(shape) != Some(self.numel()) {
             return Err(Error::shape("reshape", format!("{:?} -> {shape:?} changes the size", self.shape)));
         }
         Ok(Tensor { shape: shape.to_vec(), ..self.clone() })

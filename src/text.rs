@@ -25,13 +25,37 @@ fn tok_err(what: &str, e: impl std::fmt::Display) -> Error {
 }
 
 impl NoteTokenizer {
-    /// Loads a tokenizer.json; encodings are forced to `len` ids.
+    /// Loads a tokenizer.json (a regular file of at most 64 MB; CLIP's is 2 MB); encodings are
+    /// forced to `len` ids.
     pub fn from_file(path: &Path, len: usize) -> Result<NoteTokenizer> {
-        let tok = Tokenizer::from_file(path).map_err(|e| tok_err(&path.display().to_string(), e))?;
+        let bytes = crate::files::read_regular(path, MAX_TOKENIZER_BYTES)?;
+        Self::from_bytes(&bytes, len).map_err(|e| match e {
+            Error::Other(d) => Error::Data { path: path.display().to_string(), detail: d },
+            other => other,
+        })
+    }
+
+    /// A tokenizer.json's content.
+    pub fn from_bytes(bytes: &[u8], len: usize) -> Result<NoteTokenizer> {
+        let tok = Tokenizer::from_bytes(bytes).map_err(|e| tok_err("not a valid tokenizer.json", e))?;
         Self::wrap(tok, len)
     }
 
+    /// The tokenizer.json text `save` writes (compact, deterministic for one tokenizer).
+    pub fn to_json(&self) -> Result<String> {
+        self.original.to_string(false).map_err(|e| tok_err("serialise", e))
+    }
+
+    /// (hash of the tokenizer.json bytes, vocabulary size): what a checkpoint records so that a
+    /// tokenizer that does not belong to it is refused.
+    pub fn identity(json: &[u8], vocab: usize) -> (String, usize) {
+        (crate::files::Fnv64::default().update(json).hex(), vocab)
+    }
+
     fn wrap(original: Tokenizer, len: usize) -> Result<NoteTokenizer> {
+        if len == 0 {
+            return Err(tok_err("token length", "must be at least 1"));
+        }
         let mut tok = original.clone();
         tok.with_truncation(None).map_err(|e| tok_err("truncation", e))?;
         tok.with_padding(None);
@@ -73,13 +97,14 @@ impl NoteTokenizer {
         self.tok.get_vocab_size(true)
     }
 
+    /// Writes tokenizer.json atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
-        self.original.save(path, false).map_err(|e| tok_err(&path.display().to_string(), e))
+        crate::files::write_atomic(path, self.to_json()?.as_bytes())
     }
 
     /// The token strings of `encode` (padding as ""), for showing per-word weights.
     pub fn tokens(&self, note: &str) -> Result<Vec<String>> {
-        let enc = self.tok.encode(note, true).map_err(|e| tok_err(note, e))?;
+        let enc = self.tok.encode(bounded(note), true).map_err(|e| tok_err(note, e))?;
         let t = enc.get_tokens().iter().map(|s| s.trim_end_matches("</w>").to_string()).collect();
         Ok(fit(t, self.len, String::new()))
     }
@@ -87,11 +112,31 @@ impl NoteTokenizer {
     /// (ids, valid) of one note, both `len` long; valid = id ≠ 0. The tail is cut so that the
     /// end token survives (as clip.tokenize(truncate=True) does).
     pub fn encode(&self, note: &str) -> Result<(Vec<i32>, Vec<i32>)> {
-        let enc = self.tok.encode(note, true).map_err(|e| tok_err(note, e))?;
+        let enc = self.tok.encode(bounded(note), true).map_err(|e| tok_err(note, e))?;
         let ids = fit(enc.get_ids().iter().map(|&i| i as i32).collect(), self.len, 0);
         let valid = ids.iter().map(|&i| (i != 0) as i32).collect();
         Ok((ids, valid))
     }
+}
+
+/// The largest tokenizer.json read.
+const MAX_TOKENIZER_BYTES: u64 = 64 << 20;
+
+/// Notes are cut to this many bytes before tokenization: the model reads at most `len` tokens
+/// (18 for the official presets), so the rest of a long note only costs time and memory (a
+/// 16 MB note cost 2.4 GB to tokenize whole). 4 KiB is hundreds of tokens of any real note.
+pub const MAX_NOTE_BYTES: usize = 4096;
+
+/// `note` cut to at most MAX_NOTE_BYTES at a character boundary.
+pub fn bounded(note: &str) -> &str {
+    if note.len() <= MAX_NOTE_BYTES {
+        return note;
+    }
+    let mut end = MAX_NOTE_BYTES;
+    while !note.is_char_boundary(end) {
+        end -= 1;
+    }
+    &note[..end]
 }
 
 /// `len` items: longer sequences keep their first len − 1 and their last (the end token),

@@ -26,7 +26,7 @@ fn run(mode: u32, seed: u64) -> Result<f32> {
     let y = Tensor::zeros(&[1], &dev)?;
     let p = SelftestParams { x: xt.dev_ptr(), y: y.dev_ptr(), n: THREADS, mode };
     let cfg = LaunchCfg { grid: (1, 1, 1), block: (THREADS, 1, 1), smem_bytes: THREADS * 4 };
-    with_schedule(seed, || dev.launch(Kernel::selftest_fwd_f32, cfg, &p))?;
+    with_schedule(seed, || unsafe { dev.launch(Kernel::selftest_fwd_f32, cfg, &p) })?;
     Ok(y.to_vec()?[0])
 }
 
@@ -89,6 +89,8 @@ fn deadlock_is_reported() {
 fn bad_launch_shapes_are_errors() {
     let dev = Device::emu().unwrap();
     let p = SelftestParams { x: 0, y: 0, n: 0, mode: 0 };
-    let e = dev.launch(Kernel::selftest_fwd_f32, LaunchCfg { grid: (1, 1, 1), block: (2048, 1, 1), smem_bytes: 0 }, &p);
+    let e = unsafe {
+        dev.launch(Kernel::selftest_fwd_f32, LaunchCfg { grid: (1, 1, 1), block: (2048, 1, 1), smem_bytes: 0 }, &p)
+    };
     assert!(e.unwrap_err().to_string().contains("1..1024"));
 }

@@ -32,6 +32,8 @@ fn opts(data: &Path, out: &Path, epochs: usize) -> TrainOpts {
         max_minutes: 0.0,
         tokenizer: None,
         resume: false,
+        overwrite: false,
+        accept_changes: false,
         stop_after: 0,
         augment: true,
         official_flips: false,
@@ -83,8 +85,10 @@ fn short_training_learns_reloads_and_resumes_exactly() {
         );
     }
     assert_eq!(logged(&b, "total"), loss, "the resumed run logs the same epochs");
-    // a new (not resumed) run in the same folder starts its own log
-    pipeline::train::train(&opts(&data, &b, 1), &dev).unwrap();
+    // a new (not resumed) run in the same folder is refused; with --overwrite it starts its own log
+    let e = pipeline::train::train(&opts(&data, &b, 1), &dev).err().unwrap().to_string();
+    assert!(e.contains("not empty") && e.contains("--overwrite"), "{e}");
+    pipeline::train::train(&TrainOpts { overwrite: true, ..opts(&data, &b, 1) }, &dev).unwrap();
     assert_eq!(logged(&b, "total").len(), 1);
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -146,11 +150,11 @@ fn loader_reports_bad_inputs() {
     image::save_buffer(&small, &[0u8; 16 * 16], 16, 16, image::ExtendedColorType::L8).unwrap();
     let e = lvit::decode(&entry(&img, &small), 32, 32).err().unwrap().to_string();
     assert!(e.contains("small.png") && e.contains("is (16, 16)"), "{e}");
-    // a non-binary mask
+    // a mask of other values: non-zero is foreground, as the official loader thresholds
     let grey = dir.join("grey.png");
     image::save_buffer(&grey, &[128u8; 32 * 32], 32, 32, image::ExtendedColorType::L8).unwrap();
-    let e = lvit::decode(&entry(&img, &grey), 32, 32).err().unwrap().to_string();
-    assert!(e.contains("grey.png") && e.contains("not a binary mask"), "{e}");
+    let d = lvit::decode(&entry(&img, &grey), 32, 32).unwrap();
+    assert!(d.mask.iter().all(|&m| m == 1) && !d.mask_not_two_valued && d.mask_max == 128);
     // an empty image folder
     for f in std::fs::read_dir(folder.join("img")).unwrap() {
         std::fs::remove_file(f.unwrap().path()).unwrap();

@@ -123,8 +123,25 @@ fn find_sheet(folder: &Path, split: Split) -> Result<PathBuf> {
     }
 }
 
+/// The image files a split folder may hold.
+const IMAGE_EXTENSIONS: [&str; 6] = ["png", "jpg", "jpeg", "tif", "tiff", "bmp"];
+
+fn is_image_name(name: &str) -> bool {
+    Path::new(name)
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)))
+}
+
+/// A split's samples and the files of `img/` skipped as not images (hidden files, other types).
+#[derive(Debug)]
+pub struct Listed {
+    pub entries: Vec<Entry>,
+    pub skipped: Vec<String>,
+}
+
 /// Lists a split: every image with its mask and note.
-pub fn list(root: &Path, split: Split) -> Result<Vec<Entry>> {
+pub fn list(root: &Path, split: Split) -> Result<Listed> {
     let folder = root.join(split.folder());
     let (img_dir, mask_dir) = (folder.join("img"), folder.join("labelcol"));
     for d in [&folder, &img_dir, &mask_dir] {
@@ -134,16 +151,24 @@ pub fn list(root: &Path, split: Split) -> Result<Vec<Entry>> {
     }
     let sheet_path = find_sheet(&folder, split)?;
     let sheet = read_sheet(&sheet_path)?;
-    let mut images: Vec<PathBuf> = std::fs::read_dir(&img_dir)
-        .map_err(|e| data_err(&img_dir, format!("cannot list: {e}")))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file())
-        .collect();
-    images.sort();
-    if images.is_empty() {
-        return Err(data_err(&img_dir, "no images"));
+    let mut images: Vec<PathBuf> = Vec::new();
+    let mut skipped: Vec<String> = Vec::new();
+    for e in std::fs::read_dir(&img_dir).map_err(|e| data_err(&img_dir, format!("cannot list: {e}")))? {
+        let p = e.map_err(|e| data_err(&img_dir, format!("cannot list: {e}")))?.path();
+        let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        // .DS_Store, Thumbs.db, desktop.ini, editors' backups: not samples
+        if name.starts_with('.') || !is_image_name(&name) || !p.is_file() {
+            skipped.push(name);
+        } else {
+            images.push(p);
+        }
     }
-    let mut out = Vec::with_capacity(images.len());
+    images.sort();
+    skipped.sort();
+    if images.is_empty() {
+        return Err(data_err(&img_dir, "no images (.png, .jpg, .jpeg, .tif, .tiff, .bmp)"));
+    }
+    let mut out = Listed { entries: Vec::with_capacity(images.len()), skipped };
     for image in images {
         let name = image.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
         let qata = mask_dir.join(format!("mask_{name}"));
@@ -163,62 +188,138 @@ pub fn list(root: &Path, split: Split) -> Result<Vec<Entry>> {
         if note.trim().is_empty() {
             return Err(data_err(&sheet_path, format!("the note for {name} is empty")));
         }
-        out.push(Entry { image, mask, note: note.clone() });
+        out.entries.push(Entry { image, mask, note: crate::text::bounded(note).to_string() });
     }
     Ok(out)
 }
 
-/// A decoded sample at the model's size: image [3,H,W] in [0,1] (grayscale replicated; colour in
-/// the official BGR order), mask [H,W] 0/1.
-pub struct Decoded {
-    pub image: Vec<f32>,
-    pub mask: Vec<f32>,
+/// Decoded images larger than this many pixels are refused from their header, before decoding
+/// (a 140 KB PNG can claim 12000² pixels). 100 megapixels is far above real radiographs and CT
+/// slices; `set_max_pixels` (the CLI's `--max-megapixels`) changes it.
+static MAX_PIXELS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(100_000_000);
+
+pub fn set_max_pixels(n: u64) {
+    MAX_PIXELS.store(n, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// Decodes and resizes (bilinear, as the official preprocessing) an entry to h × w.
-pub fn decode(e: &Entry, h: usize, w: usize) -> Result<Decoded> {
-    use image::imageops::{resize, FilterType};
-    let open = |p: &Path| image::open(p).map_err(|err| data_err(p, format!("cannot decode the image: {err}")));
-    let img = open(&e.image)?.to_rgb8();
-    let mask = open(&e.mask)?.to_luma8();
-    if img.dimensions() != mask.dimensions() {
+pub fn max_pixels() -> u64 {
+    MAX_PIXELS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Opens an image file within the pixel limit: a regular file, its size read from the header
+/// first, then decoded with the `image` crate's allocation limit as a second fence.
+fn open_image(path: &Path, what: &str) -> Result<image::DynamicImage> {
+    use image::ImageReader;
+    let (f, _) = crate::files::open_regular(path, u64::MAX)?;
+    let bad = |e: &dyn std::fmt::Display| data_err(path, format!("cannot decode the {what}: {e}"));
+    let reader = ImageReader::new(std::io::BufReader::new(f)).with_guessed_format().map_err(|e| bad(&e))?;
+    let (w, h) = reader.into_dimensions().map_err(|e| bad(&e))?;
+    let pixels = w as u64 * h as u64;
+    if pixels > max_pixels() {
         return Err(data_err(
-            &e.mask,
-            format!("mask is {:?} but its image {} is {:?}", mask.dimensions(), e.image.display(), img.dimensions()),
+            path,
+            format!("{w}x{h} is {pixels} pixels, more than the limit of {} (--max-megapixels)", max_pixels()),
         ));
     }
-    let bad = mask.pixels().find(|p| !matches!(p.0[0], 0 | 1 | 255));
-    if let Some(p) = bad {
-        return Err(data_err(&e.mask, format!("not a binary mask: value {} (expected 0 and 255, or 0 and 1)", p.0[0])));
-    }
-    let mask = resize(&mask, w as u32, h as u32, FilterType::Triangle);
-    let mask = mask.pixels().map(|p| (p.0[0] > 0) as i32 as f32).collect();
-    Ok(Decoded { image: to_chw(&img, h, w), mask })
+    let (f, _) = crate::files::open_regular(path, u64::MAX)?;
+    let mut reader = ImageReader::new(std::io::BufReader::new(f)).with_guessed_format().map_err(|e| bad(&e))?;
+    let mut limits = image::Limits::default();
+    // the largest decoded buffer: 4 channels of 32-bit floats per pixel, plus slack
+    limits.max_alloc = Some(pixels.saturating_mul(16).saturating_add(1 << 20));
+    reader.limits(limits);
+    reader.decode().map_err(|e| bad(&e))
 }
 
-/// An image resized (bilinear) to h × w as [3,H,W] in [0,1], BGR like the official cv2 reads.
-fn to_chw(img: &image::RgbImage, h: usize, w: usize) -> Vec<f32> {
+/// A decoded sample at the model's size, as the loader keeps it: image [3,H,W] as bytes (the
+/// model reads byte / 255), mask [H,W] 0/1.
+pub struct Decoded {
+    pub image: Vec<u8>,
+    pub mask: Vec<u8>,
+    /// The mask holds values other than 0 and its maximum (anti-aliased edges, labels).
+    pub mask_not_two_valued: bool,
+    /// The largest mask value at the file's own bit depth.
+    pub mask_max: u16,
+}
+
+/// Decodes and resizes (bilinear, as the official preprocessing) an entry to h × w into `image`
+/// ([3,H,W]) and `mask` ([H,W]).
+pub fn decode_into(e: &Entry, h: usize, w: usize, image: &mut [u8], mask: &mut [u8]) -> Result<(bool, u16)> {
+    use image::imageops::{resize, FilterType};
+    let img = open_image(&e.image, "image")?.to_rgb8();
+    let m = read_mask(&e.mask)?;
+    if img.dimensions() != m.dims {
+        return Err(data_err(
+            &e.mask,
+            format!("mask is {:?} but its image {} is {:?}", m.dims, e.image.display(), img.dimensions()),
+        ));
+    }
+    let small = resize(&m.binary, w as u32, h as u32, FilterType::Triangle);
+    for (o, p) in mask.iter_mut().zip(small.pixels()) {
+        *o = (p.0[0] > 0) as u8;
+    }
+    to_chw_into(&img, h, w, image);
+    Ok((m.not_two_valued, m.max))
+}
+
+/// Decodes an entry into new buffers (see `decode_into`).
+pub fn decode(e: &Entry, h: usize, w: usize) -> Result<Decoded> {
+    let (mut image, mut mask) = (vec![0u8; 3 * h * w], vec![0u8; h * w]);
+    let (mask_not_two_valued, mask_max) = decode_into(e, h, w, &mut image, &mut mask)?;
+    Ok(Decoded { image, mask, mask_not_two_valued, mask_max })
+}
+
+/// A mask file read as the official loader thresholds it: a pixel is foreground when its grey
+/// value is non-zero, at the file's own bit depth (a 16-bit mask of 0/1 is not scaled to 0), with
+/// palettes expanded and alpha ignored.
+struct Mask {
+    /// 0 / 255, at the file's size.
+    binary: image::GrayImage,
+    dims: (u32, u32),
+    not_two_valued: bool,
+    max: u16,
+}
+
+fn read_mask(path: &Path) -> Result<Mask> {
+    let img = open_image(path, "mask")?;
+    let native_16 = matches!(
+        img,
+        image::DynamicImage::ImageLuma16(_)
+            | image::DynamicImage::ImageLumaA16(_)
+            | image::DynamicImage::ImageRgb16(_)
+            | image::DynamicImage::ImageRgba16(_)
+    );
+    let grey = img.to_luma16();
+    let max16 = grey.pixels().map(|p| p.0[0]).max().unwrap_or(0);
+    let not_two_valued = grey.pixels().any(|p| p.0[0] != 0 && p.0[0] != max16);
+    // 8-bit values were widened to 16 bits by ×257: report them at the file's depth
+    let max = if native_16 { max16 } else { max16 / 257 };
+    let dims = grey.dimensions();
+    let binary = image::GrayImage::from_fn(dims.0, dims.1, |x, y| {
+        image::Luma([if grey.get_pixel(x, y).0[0] > 0 { 255 } else { 0 }])
+    });
+    Ok(Mask { binary, dims, not_two_valued, max })
+}
+
+/// An image resized (bilinear) to h × w as [3,H,W] bytes, BGR like the official cv2 reads.
+fn to_chw_into(img: &image::RgbImage, h: usize, w: usize, out: &mut [u8]) {
     let img = image::imageops::resize(img, w as u32, h as u32, image::imageops::FilterType::Triangle);
-    let mut out = vec![0.0f32; 3 * h * w];
     for (i, p) in img.pixels().enumerate() {
         for c in 0..3 {
-            out[c * h * w + i] = p.0[2 - c] as f32 / 255.0;
+            out[c * h * w + i] = p.0[2 - c];
         }
     }
-    out
 }
 
-/// One image file for inference: ([3,H,W] at the model's size, the original image).
+/// One image file for inference: ([3,H,W] in [0, 1] at the model's size, the original image).
 pub fn decode_image(path: &Path, h: usize, w: usize) -> Result<(Vec<f32>, image::RgbImage)> {
-    let img = image::open(path).map_err(|err| data_err(path, format!("cannot decode the image: {err}")))?.to_rgb8();
-    Ok((to_chw(&img, h, w), img))
+    let img = open_image(path, "image")?.to_rgb8();
+    let mut bytes = vec![0u8; 3 * h * w];
+    to_chw_into(&img, h, w, &mut bytes);
+    Ok((bytes.iter().map(|&b| b as f32 / 255.0).collect(), img))
 }
 
-/// A ground-truth mask file (0/255 or 0/1) at its own size, as 0/1.
+/// A ground-truth mask file at its own size, as 0/1 (non-zero = foreground, as `decode`).
 pub fn decode_mask(path: &Path) -> Result<image::GrayImage> {
-    let m = image::open(path).map_err(|err| data_err(path, format!("cannot decode the mask: {err}")))?.to_luma8();
-    if let Some(p) = m.pixels().find(|p| !matches!(p.0[0], 0 | 1 | 255)) {
-        return Err(data_err(path, format!("not a binary mask: value {} (expected 0 and 255, or 0 and 1)", p.0[0])));
-    }
-    Ok(m)
+    let m = read_mask(path)?;
+    Ok(image::GrayImage::from_fn(m.dims.0, m.dims.1, |x, y| image::Luma([(m.binary.get_pixel(x, y).0[0] > 0) as u8])))
 }

@@ -29,6 +29,52 @@ fn io_err(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::Data { path: path.display().to_string(), detail: e.to_string() }
 }
 
+/// The file synth writes at a dataset's root: the proof that reclmis made the folder.
+pub const MARKER: &str = ".reclmis-synth";
+
+/// Whether a file name inside a split folder is one synth writes.
+fn synth_made(name: &str) -> bool {
+    let png = |n: &str| n.starts_with("synth_") && n.ends_with(".png");
+    png(name)
+        || name.strip_prefix("mask_").is_some_and(png)
+        || matches!(name, "img" | "labelcol")
+        || [Split::Train, Split::Val, Split::Test]
+            .iter()
+            .any(|s| name == format!("{}.csv", s.sheet_stem()) || name == format!("{}.xlsx", s.sheet_stem()))
+}
+
+/// Removes a dataset that synth wrote, to write it again: only with the marker, and only when
+/// every file in its split folders is one synth makes (anything else is refused, untouched).
+/// Files beside the split folders are left alone.
+pub fn remove_synthetic(root: &Path) -> Result<()> {
+    if !root.join(MARKER).is_file() {
+        return Err(io_err(root, format!("was not written by reclmis synth (no {MARKER}): refusing to replace it")));
+    }
+    let folders: Vec<std::path::PathBuf> =
+        [Split::Train, Split::Val, Split::Test].iter().map(|s| root.join(s.folder())).filter(|p| p.exists()).collect();
+    // check everything before removing anything
+    for f in &folders {
+        let mut stack = vec![f.clone()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).map_err(|e| io_err(&d, e))? {
+                let e = e.map_err(|err| io_err(&d, err))?;
+                let name = e.file_name().to_string_lossy().into_owned();
+                let ty = e.file_type().map_err(|err| io_err(&e.path(), err))?;
+                if !synth_made(&name) || ty.is_symlink() {
+                    return Err(io_err(&e.path(), "was not written by reclmis synth: refusing to replace the dataset"));
+                }
+                if ty.is_dir() {
+                    stack.push(e.path());
+                }
+            }
+        }
+    }
+    for f in &folders {
+        std::fs::remove_dir_all(f).map_err(|e| io_err(f, e))?;
+    }
+    Ok(())
+}
+
 pub fn write(out: &Path, o: &SynthOpts) -> Result<()> {
     if o.size < 16 || !o.size.is_multiple_of(16) {
         return Err(Error::Config(format!("--size {} must be a multiple of 16 (at least 16)", o.size)));
@@ -40,6 +86,10 @@ pub fn write(out: &Path, o: &SynthOpts) -> Result<()> {
             return Err(io_err(&img, "already holds images: choose another --out or remove it"));
         }
     }
+    std::fs::create_dir_all(out).map_err(|e| io_err(out, e))?;
+    // the marker first: a folder with it was made by synth (and only then may quickstart
+    // regenerate it), even when this run is interrupted
+    crate::files::write_atomic(&out.join(MARKER), b"written by reclmis synth\n")?;
     let mut rng = Rng::new(o.seed);
     for (split, n) in [(Split::Train, o.train), (Split::Val, o.val), (Split::Test, o.test)] {
         let folder = out.join(split.folder());

@@ -5,7 +5,7 @@
 //! and races between barriers (see emu.h), and every buffer carries guard bytes on both sides that
 //! are verified after each launch, so an out-of-bounds write is a launch error.
 
-use super::LaunchCfg;
+use super::{DeviceKind, LaunchCfg};
 use crate::error::{Error, Result};
 use crate::kernels::{emu_entry, Kernel};
 use std::collections::HashMap;
@@ -44,16 +44,23 @@ unsafe impl Send for EmuBuffer {}
 unsafe impl Sync for EmuBuffer {}
 
 impl EmuBuffer {
-    fn layout(len: usize) -> std::alloc::Layout {
+    /// The allocation of a `len`-byte buffer, or None when `len + 2 * GUARD` overflows or is
+    /// more than a layout can describe.
+    fn layout(len: usize) -> Option<std::alloc::Layout> {
         // 16-byte alignment at least, as cudaMalloc gives (float4 loads).
-        std::alloc::Layout::from_size_align(len + 2 * GUARD, 64).expect("buffer size")
+        std::alloc::Layout::from_size_align(len.checked_add(2 * GUARD)?, 64).ok()
     }
 
-    pub fn new(len: usize, poison: bool) -> EmuBuffer {
-        let layout = Self::layout(len);
+    pub fn new(len: usize, poison: bool) -> Result<EmuBuffer> {
+        let too_big = || Error::Launch {
+            kernel: "alloc",
+            device: DeviceKind::Emu,
+            detail: format!("cannot allocate a buffer of {len} bytes"),
+        };
+        let layout = Self::layout(len).ok_or_else(too_big)?;
         // SAFETY: the layout has a non-zero size (2 * GUARD at least).
         let base = unsafe { std::alloc::alloc(layout) };
-        let Some(base) = std::ptr::NonNull::new(base) else { std::alloc::handle_alloc_error(layout) };
+        let base = std::ptr::NonNull::new(base).ok_or_else(too_big)?;
         // SAFETY: freshly allocated, len + 2 * GUARD bytes.
         unsafe {
             std::ptr::write_bytes(base.as_ptr(), GUARD_BYTE, len + 2 * GUARD);
@@ -64,14 +71,14 @@ impl EmuBuffer {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(b.ptr() as usize, (len, std::thread::current().id()));
-        b
+        Ok(b)
     }
 
-    pub fn from_bytes(data: &[u8]) -> EmuBuffer {
-        let b = EmuBuffer::new(data.len(), false);
+    pub fn from_bytes(data: &[u8]) -> Result<EmuBuffer> {
+        let b = EmuBuffer::new(data.len(), false)?;
         // SAFETY: the data region holds exactly data.len() bytes.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), b.ptr() as *mut u8, data.len()) };
-        b
+        Ok(b)
     }
 
     pub fn bytes(&self) -> &[u8] {
@@ -88,8 +95,10 @@ impl EmuBuffer {
 impl Drop for EmuBuffer {
     fn drop(&mut self) {
         live_buffers().lock().unwrap_or_else(|e| e.into_inner()).remove(&(self.ptr() as usize));
-        // SAFETY: allocated in `new` with this layout.
-        unsafe { std::alloc::dealloc(self.base.as_ptr(), Self::layout(self.len)) };
+        // SAFETY: allocated in `new` with this layout (which `new` checked exists).
+        if let Some(layout) = Self::layout(self.len) {
+            unsafe { std::alloc::dealloc(self.base.as_ptr(), layout) };
+        }
     }
 }
 

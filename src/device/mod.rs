@@ -143,6 +143,18 @@ pub(crate) fn poison_enabled() -> bool {
     POISON.load(Ordering::Relaxed)
 }
 
+/// `vec![v; n]` that reports an allocation the host cannot make instead of aborting.
+fn filled_vec<T: Copy>(n: usize, v: T) -> Result<Vec<T>> {
+    let mut out = Vec::new();
+    out.try_reserve_exact(n).map_err(|e| Error::Launch {
+        kernel: "alloc",
+        device: DeviceKind::Cpu,
+        detail: format!("cannot allocate {n} elements: {e}"),
+    })?;
+    out.resize(n, v);
+    Ok(out)
+}
+
 impl Device {
     /// Resolves a `--device` choice. `auto` never fails: no driver or no GPU means the cpu.
     pub fn from_choice(choice: DeviceChoice) -> Result<Device> {
@@ -199,17 +211,22 @@ impl Device {
     /// zeroed otherwise.
     pub(crate) fn alloc(&self, dtype: DType, numel: usize) -> Result<Storage> {
         let poison = poison_enabled();
+        let bytes = numel.checked_mul(dtype.size()).ok_or_else(|| Error::Launch {
+            kernel: "alloc",
+            device: self.kind(),
+            detail: format!("{numel} elements of {dtype:?} overflow a byte count"),
+        })?;
         match self {
             Device::Cpu => Ok(Storage::Cpu(match dtype {
-                DType::F32 => CpuStorage::F32(vec![if poison { f32::NAN } else { 0.0 }; numel]),
-                DType::I32 => CpuStorage::I32(vec![if poison { -1 } else { 0 }; numel]),
+                DType::F32 => CpuStorage::F32(filled_vec(numel, if poison { f32::NAN } else { 0.0 })?),
+                DType::I32 => CpuStorage::I32(filled_vec(numel, if poison { -1 } else { 0 })?),
             })),
             #[cfg(feature = "cuda")]
-            Device::Cuda(d) => Ok(Storage::Cuda(d.alloc(numel * dtype.size(), poison)?)),
+            Device::Cuda(d) => Ok(Storage::Cuda(d.alloc(bytes, poison)?)),
             #[cfg(not(feature = "cuda"))]
             Device::Cuda(d) => match **d {},
             #[cfg(feature = "emu")]
-            Device::Emu => Ok(Storage::Emu(emu::EmuBuffer::new(numel * dtype.size(), poison))),
+            Device::Emu => Ok(Storage::Emu(emu::EmuBuffer::new(bytes, poison)?)),
             #[cfg(not(feature = "emu"))]
             Device::Emu => Err(Error::NoEmu),
         }
@@ -224,14 +241,22 @@ impl Device {
             #[cfg(not(feature = "cuda"))]
             Device::Cuda(d) => match **d {},
             #[cfg(feature = "emu")]
-            Device::Emu => Ok(Storage::Emu(emu::EmuBuffer::from_bytes(host.as_bytes()))),
+            Device::Emu => Ok(Storage::Emu(emu::EmuBuffer::from_bytes(host.as_bytes())?)),
             #[cfg(not(feature = "emu"))]
             Device::Emu => Err(Error::NoEmu),
         }
     }
 
     /// Launches `kernel` with one argument, its params struct, exactly as cuLaunchKernel takes it.
-    pub fn launch<P: KernelParams>(&self, kernel: Kernel, cfg: LaunchCfg, params: &P) -> Result<()> {
+    ///
+    /// # Safety
+    /// The kernel reads and writes device memory through the raw addresses in `params`; nothing
+    /// here can check them. The caller guarantees that `P` is the params struct `kernel` was
+    /// written for (same layout as its .cu mirror), that every device pointer in it is a live
+    /// buffer of this device (`Tensor::dev_ptr` of a tensor that outlives the launch), and that
+    /// each buffer holds at least the elements the kernel indexes for the sizes in `params` and
+    /// the launch configuration. The ops of this crate check shapes before they launch.
+    pub unsafe fn launch<P: KernelParams>(&self, kernel: Kernel, cfg: LaunchCfg, params: &P) -> Result<()> {
         let mut args = [params as *const P as *mut core::ffi::c_void];
         match self {
             Device::Cpu => Err(Error::Unsupported {

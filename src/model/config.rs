@@ -43,6 +43,12 @@ pub struct Config {
     pub condition_on_logits: bool,
 }
 
+/// Limits on what a checkpoint's metadata may ask for (far above every published setting:
+/// 224² images, CLIP's 49,408 tokens and 77 positions).
+pub const MAX_IMAGE_SIDE: usize = 4096;
+pub const MAX_VOCAB: usize = 1 << 20;
+pub const MAX_CONTEXT: usize = 4096;
+
 impl Config {
     pub fn preset(name: &str) -> Result<Config> {
         let official = Config {
@@ -160,6 +166,20 @@ impl Config {
             if heads == 0 || d % heads != 0 {
                 return bad(format!("{what} width {d} is not divisible by {heads} heads"));
             }
+        }
+        // limits checked before anything is allocated: a checkpoint's metadata is user data, and
+        // img_h = 128000 once asked for a 16 GB positional table
+        if h > MAX_IMAGE_SIDE || w > MAX_IMAGE_SIDE {
+            return bad(format!("image size {h}x{w}: each side must be at most {MAX_IMAGE_SIDE}"));
+        }
+        if self.vocab_size == 0 || self.vocab_size > MAX_VOCAB {
+            return bad(format!("vocabulary of {} tokens: must be 1 to {MAX_VOCAB}", self.vocab_size));
+        }
+        if self.token_len == 0 || self.context_length > MAX_CONTEXT {
+            return bad(format!(
+                "token length {} / context {}: at most {MAX_CONTEXT}",
+                self.token_len, self.context_length
+            ));
         }
         if self.token_len > self.context_length {
             return bad(format!("token_len {} exceeds context {}", self.token_len, self.context_length));

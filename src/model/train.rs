@@ -3,7 +3,7 @@
 
 use super::{Batch, MaskIndices, RecLmis};
 use crate::autograd::Graph;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::nn::params::ParamId;
 use crate::optim::{clip_grad_norm, Adam, AdamConfig};
 use crate::testing::Rng;
@@ -18,13 +18,15 @@ pub struct Trainer {
     pub clip: Option<f32>,
     /// Seconds spent by the last step in (forward, backward, optimiser).
     pub last_times: [f64; 3],
+    /// Global L2 norm of the last step's gradients (before clipping).
+    pub last_grad_norm: f32,
 }
 
 impl Trainer {
     pub fn new(model: RecLmis, cfg: AdamConfig) -> Trainer {
         let trainable: Vec<ParamId> = model.params.ids().filter(|&id| model.params.trainable(id)).collect();
         let adam = Adam::new(cfg, trainable.len());
-        Trainer { model, adam, trainable, clip: None, last_times: [0.0; 3] }
+        Trainer { model, adam, trainable, clip: None, last_times: [0.0; 3], last_grad_norm: 0.0 }
     }
 
     /// One step; returns the loss terms (before the update).
@@ -46,6 +48,15 @@ impl Trainer {
         let t2 = Instant::now();
         let mut gs: Vec<_> = self.trainable.iter().map(|&id| grads.get(id).cloned()).collect();
         drop(grads);
+        // nothing is updated from a non-finite loss or gradient: the weights stay as they were
+        if let Some((k, v)) = losses.iter().find(|(_, v)| !v.is_finite()) {
+            return Err(Error::NonFinite(format!("loss term {k} is {v}")));
+        }
+        let norm = crate::optim::grad_norm(&gs)?;
+        if !norm.is_finite() {
+            return Err(Error::NonFinite(format!("gradient norm is {norm}")));
+        }
+        self.last_grad_norm = norm;
         if let Some(c) = self.clip {
             clip_grad_norm(&mut gs, c)?;
         }

@@ -123,8 +123,11 @@ impl<T> SendPtr<T> {
     }
 
     /// The element at `off`.
-    pub(crate) fn at(&self, off: usize) -> *mut T {
-        // SAFETY: callers stay inside the buffer (see the uses).
+    ///
+    /// # Safety
+    /// `off` must stay inside the buffer the pointer came from (`pointer::add`'s contract).
+    pub(crate) unsafe fn at(&self, off: usize) -> *mut T {
+        // SAFETY: the caller keeps `off` inside the buffer.
         unsafe { self.0.add(off) }
     }
 }

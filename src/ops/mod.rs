@@ -33,6 +33,24 @@ pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
 }
 
 /// Kernels index with u32 dims and strides; bigger tensors get an error instead of wrong results.
+/// The public raw-slice entry points (cpu GEMM, convolution, attention) index their slices
+/// through raw pointers by the sizes in a shape struct: a slice shorter than the shape says is a
+/// caller's bug that must panic here, not read or write out of bounds. `want` is None when the
+/// shape's element count overflows.
+#[track_caller]
+pub(crate) fn assert_len(op: &str, what: &str, got: usize, want: Option<usize>) {
+    match want {
+        Some(w) if got >= w => {}
+        Some(w) => panic!("{op}: {what} holds {got} floats, its shape needs {w}"),
+        None => panic!("{op}: {what}'s shape overflows"),
+    }
+}
+
+/// Product of sizes, None on overflow.
+pub(crate) fn product(dims: &[usize]) -> Option<usize> {
+    dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
+}
+
 pub(crate) fn check_u32(op: &'static str, what: usize) -> Result<u32> {
     u32::try_from(what).map_err(|_| Error::Unsupported { op, detail: format!("{what} exceeds the u32 index range") })
 }

@@ -110,7 +110,8 @@ pub fn adam_update(
         decoupled: c.decoupled as u32,
     };
     if p.numel() > 0 {
-        dev.launch(Kernel::adam_fwd_f32, LaunchCfg::elementwise(p.numel()), &a)?;
+        // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+        unsafe { dev.launch(Kernel::adam_fwd_f32, LaunchCfg::elementwise(p.numel()), &a) }?;
     }
     Ok((pn, mn, vn))
 }
@@ -190,16 +191,21 @@ impl Adam {
     }
 }
 
-/// Scales the gradients so that their global L2 norm is at most `max_norm` (torch's
-/// clip_grad_norm_: factor max_norm / (norm + 1e-6) when it is below 1). Returns the norm before.
-pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f32) -> Result<f32> {
+/// The global L2 norm of the gradients (NaN or inf when any gradient is not finite).
+pub fn grad_norm(grads: &[Option<Tensor>]) -> Result<f32> {
     let mut sq = 0.0f64;
     for g in grads.iter().flatten() {
         let flat = g.reshape(&[g.numel()])?;
         let s = reduce::sum(&elementwise::mul(&flat, &flat)?, 0)?;
         sq += s.to_vec()?[0] as f64;
     }
-    let norm = sq.sqrt() as f32;
+    Ok(sq.sqrt() as f32)
+}
+
+/// Scales the gradients so that their global L2 norm is at most `max_norm` (torch's
+/// clip_grad_norm_: factor max_norm / (norm + 1e-6) when it is below 1). Returns the norm before.
+pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f32) -> Result<f32> {
+    let norm = grad_norm(grads)?;
     let factor = max_norm / (norm + 1e-6);
     if factor < 1.0 {
         for g in grads.iter_mut().flatten() {

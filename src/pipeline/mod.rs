@@ -2,6 +2,7 @@
 //! device does not wait), evaluation with the official metrics, and the training loop
 //! (`train.rs`).
 
+pub mod run_dir;
 #[cfg(feature = "train")]
 pub mod train;
 pub mod visual;
@@ -19,15 +20,18 @@ use crate::text::NoteTokenizer;
 use rayon::prelude::*;
 use std::path::Path;
 
-/// A split decoded at the model's size.
+/// A split decoded at the model's size, kept as bytes (a quarter of f32; batches convert).
 pub struct Loaded {
     pub entries: Vec<Entry>,
-    /// [N,3,H,W]
-    pub images: Vec<f32>,
-    /// [N,H,W]
-    pub masks: Vec<f32>,
+    /// [N,3,H,W], value / 255 is the model's input
+    pub images: Vec<u8>,
+    /// [N,H,W], 0/1
+    pub masks: Vec<u8>,
     pub h: usize,
     pub w: usize,
+    /// What the loader noticed and handled (skipped files, masks with more than two values),
+    /// for the command to print.
+    pub notes: Vec<String>,
 }
 
 impl Loaded {
@@ -37,19 +41,72 @@ impl Loaded {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
+    /// A stable fingerprint of the decoded split (names, notes, pixels): `--resume` refuses
+    /// other data unless told to accept it.
+    pub fn fingerprint(&self) -> String {
+        let mut f = crate::files::Fnv64::default();
+        for e in &self.entries {
+            let name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            f.field(name(&e.image).as_bytes()).field(name(&e.mask).as_bytes()).field(e.note.as_bytes());
+        }
+        // pixels in 64-bit words: FNV over every byte of a 1 GB split would take seconds
+        let mix = |f: &mut crate::files::Fnv64, bytes: &[u8]| {
+            let mut acc = 0u64;
+            for (i, c) in bytes.chunks(8).enumerate() {
+                let mut w = [0u8; 8];
+                w[..c.len()].copy_from_slice(c);
+                acc = (acc ^ u64::from_le_bytes(w)).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29) ^ i as u64;
+            }
+            f.update(&acc.to_le_bytes());
+        };
+        mix(&mut f, &self.images);
+        mix(&mut f, &self.masks);
+        f.hex()
+    }
 }
 
-/// Lists and decodes a split in parallel.
+/// Lists and decodes a split in parallel, each sample straight into its place in the split's
+/// buffers (so the peak is the split's byte size, not decoded copies plus the concatenation).
 pub fn load(root: &Path, split: Split, h: usize, w: usize) -> Result<Loaded> {
-    let entries = lvit::list(root, split)?;
-    let decoded: Vec<lvit::Decoded> = entries.par_iter().map(|e| lvit::decode(e, h, w)).collect::<Result<_>>()?;
-    let mut images = Vec::with_capacity(entries.len() * 3 * h * w);
-    let mut masks = Vec::with_capacity(entries.len() * h * w);
-    for d in decoded {
-        images.extend_from_slice(&d.image);
-        masks.extend_from_slice(&d.mask);
+    let listed = lvit::list(root, split)?;
+    let entries = listed.entries;
+    let n = entries.len();
+    let (img_n, mask_n) = (3 * h * w, h * w);
+    let alloc = |len: Option<usize>, what: &str| -> Result<Vec<u8>> {
+        let len = len.ok_or_else(|| Error::Other(format!("{n} {what} of {h}x{w} overflow a buffer size")))?;
+        let mut v = Vec::new();
+        v.try_reserve_exact(len)
+            .map_err(|e| Error::Other(format!("cannot hold {n} {what} of {h}x{w} ({len} bytes): {e}")))?;
+        v.resize(len, 0);
+        Ok(v)
+    };
+    let mut images = alloc(n.checked_mul(img_n), "images")?;
+    let mut masks = alloc(n.checked_mul(mask_n), "masks")?;
+    let stats: Vec<(bool, u16)> = entries
+        .par_iter()
+        .zip(images.par_chunks_mut(img_n.max(1)))
+        .zip(masks.par_chunks_mut(mask_n.max(1)))
+        .map(|((e, im), m)| lvit::decode_into(e, h, w, im, m))
+        .collect::<Result<_>>()?;
+    let mut notes = vec![];
+    if !listed.skipped.is_empty() {
+        notes.push(format!(
+            "{}: skipped {} file(s) that are not images: {}",
+            root.join(split.folder()).join("img").display(),
+            listed.skipped.len(),
+            listed.skipped.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+        ));
     }
-    Ok(Loaded { entries, images, masks, h, w })
+    let odd = stats.iter().filter(|s| s.0).count();
+    if odd > 0 {
+        let max = stats.iter().map(|s| s.1).max().unwrap_or(0);
+        notes.push(format!(
+            "{}: {odd} of {n} masks hold values other than 0 and their maximum (largest value {max}); every \
+             non-zero pixel is foreground, as the official loader reads masks",
+            split.folder()
+        ));
+    }
+    Ok(Loaded { entries, images, masks, h, w, notes })
 }
 
 /// Which notes go with the images (the text-dependence check).
@@ -121,8 +178,9 @@ pub fn make_batch(
     let (mut ids, mut valid) = (Vec::new(), Vec::new());
     let mut aug = aug;
     for &i in idx {
-        let mut img = d.images[i * 3 * h * w..(i + 1) * 3 * h * w].to_vec();
-        let mut m = d.masks[i * h * w..(i + 1) * h * w].to_vec();
+        let mut img: Vec<f32> =
+            d.images[i * 3 * h * w..(i + 1) * 3 * h * w].iter().map(|&b| b as f32 / 255.0).collect();
+        let mut m: Vec<f32> = d.masks[i * h * w..(i + 1) * h * w].iter().map(|&b| b as f32).collect();
         if let Some((o, rng)) = aug.as_mut() {
             augment(&mut img, &mut m, h, w, o, rng);
         }
@@ -193,23 +251,53 @@ pub fn evaluate(
 }
 
 /// Loads a checkpoint written by `train` (its configuration from the metadata) and the tokenizer
-/// saved beside it (or `tokenizer`).
+/// saved beside it (or `tokenizer`), which must be the one the checkpoint records.
 pub fn load_run(checkpoint: &Path, tokenizer: Option<&Path>, dev: &Device) -> Result<(RecLmis, NoteTokenizer)> {
     let meta = checkpoint::read_metadata(checkpoint)?;
     let cfg = Config::from_metadata(&meta).map_err(|e| data_err(checkpoint, e))?;
+    let tok_path = match tokenizer {
+        Some(p) => p.to_path_buf(),
+        None => checkpoint.parent().unwrap_or(Path::new(".")).join("tokenizer.json"),
+    };
+    // the tokenizer first: it is small, and a wrong one makes loading the weights pointless
+    let json = crate::files::read_regular(&tok_path, 64 << 20)?;
+    let tok = NoteTokenizer::from_bytes(&json, cfg.token_len).map_err(|e| data_err(&tok_path, e))?;
+    check_tokenizer(&meta, checkpoint, &tok_path, &json, tok.vocab_size())?;
     let mut m = RecLmis::new(cfg.clone(), dev, 0)?;
     let rep = checkpoint::load(&mut m.params, checkpoint)?;
     if !rep.missing.is_empty() {
         return Err(data_err(checkpoint, format!("incomplete checkpoint: {}", rep.summary())));
     }
-    let tok_path = match tokenizer {
-        Some(p) => p.to_path_buf(),
-        None => checkpoint.parent().unwrap_or(Path::new(".")).join("tokenizer.json"),
-    };
-    let tok = NoteTokenizer::from_file(&tok_path, cfg.token_len)?;
     Ok((m, tok))
 }
 
+/// The tokenizer identity a checkpoint records, checked against a tokenizer file's bytes.
+fn check_tokenizer(
+    meta: &std::collections::HashMap<String, String>,
+    checkpoint: &Path,
+    tok_path: &Path,
+    json: &[u8],
+    vocab: usize,
+) -> Result<()> {
+    if let Some(h) = meta.get("tokenizer_hash") {
+        let (got, _) = NoteTokenizer::identity(json, vocab);
+        if &got != h {
+            return Err(data_err(
+                tok_path,
+                format!(
+                    "is not the tokenizer {} was trained with (its hash {got}, the checkpoint records {h})",
+                    checkpoint.display()
+                ),
+            ));
+        }
+    }
+    if let Some(v) = meta.get("tokenizer_vocab") {
+        if v != &vocab.to_string() {
+            return Err(data_err(tok_path, format!("has {vocab} tokens, the checkpoint records {v}")));
+        }
+    }
+    Ok(())
+}
 fn data_err(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::Data { path: path.display().to_string(), detail: e.to_string() }
 }

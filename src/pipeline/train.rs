@@ -1,24 +1,33 @@
-//! `reclmis train`: epochs over the training split with a progress bar (loss terms, images/s),
-//! validation Dice and IoU after each epoch, best and last checkpoints written atomically with the
-//! tokenizer beside them, early stopping, a JSONL log, and `--resume` from the last epoch's state
-//! (parameters, Adam moments and step, epoch, best score and the data order's seed).
+//! `reclmis train`: epochs over the training split with a progress bar, validation Dice and IoU
+//! after each epoch, checkpoints, early stopping, a typed JSONL log, and `--resume`.
+//!
+//! What a run can rely on:
+//! - the run folder (`RunDir`) is locked, never shared with another run's files, and every file
+//!   is written atomically and durably;
+//! - `train_state.safetensors` holds everything a resume needs in one file (weights, Adam
+//!   moments and step, epoch, best score, the settings, the data's and tokenizer's fingerprints
+//!   and the epoch's log line), so `last`, the log and the state can never disagree after a kill:
+//!   the state is the point a resume continues from, and the others are repaired to match it;
+//! - a non-finite loss or gradient norm stops the run with an error before the update, and no
+//!   file with a non-finite weight is ever written.
 
+use super::run_dir::{self, EpochLog, Mode, RunDir};
 use super::{evaluate, load, make_batch, Loaded, Notes, Scores};
-use crate::checkpoint;
+use crate::checkpoint::{self, Data};
 use crate::data::augment::AugOpts;
 use crate::data::lvit::Split;
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::model::train::Trainer;
 use crate::model::{Batch, Config, RecLmis};
-use crate::nn::params::{Kind, Params};
 use crate::optim::schedule::CosineWarmRestarts;
 use crate::optim::AdamConfig;
+use crate::tensor::Tensor;
 use crate::testing::Rng;
 use crate::text::NoteTokenizer;
-use std::io::Write;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
 #[derive(Clone, Debug)]
@@ -37,6 +46,11 @@ pub struct TrainOpts {
     /// A tokenizer.json (required unless the preset trains its text tower from scratch).
     pub tokenizer: Option<PathBuf>,
     pub resume: bool,
+    /// Replace the run files of an earlier run in `out` (nothing else there is touched).
+    pub overwrite: bool,
+    /// On `--resume`, accept other data, seed, batch size, learning rate or tokenizer than the
+    /// run started with (each difference is printed).
+    pub accept_changes: bool,
     /// Stop after this many epochs of this invocation (0 = none), as an interruption would;
     /// `--resume` then continues the same schedule.
     pub stop_after: usize,
@@ -44,6 +58,41 @@ pub struct TrainOpts {
     /// Also the official recipe's rot90 / flips (they contradict left/right/upper/lower notes).
     pub official_flips: bool,
     pub progress: bool,
+}
+
+impl TrainOpts {
+    /// Argument errors before anything is read or written.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        if !(self.lr.is_finite() && self.lr > 0.0 && self.lr <= 1.0) {
+            // Adam moves each weight by about lr per step: above 1 every weight is noise
+            return bad(format!("--lr {}: must be a number in (0, 1]", self.lr));
+        }
+        if self.batch == 0 {
+            return bad("--batch 0: must be at least 1".into());
+        }
+        if self.epochs == 0 {
+            return bad("--epochs 0: must be at least 1".into());
+        }
+        if self.patience == 0 {
+            return bad("--patience 0: must be at least 1".into());
+        }
+        if !(self.max_minutes.is_finite() && self.max_minutes >= 0.0) {
+            return bad(format!("--max-minutes {}: must be a number ≥ 0", self.max_minutes));
+        }
+        if self.resume && self.overwrite {
+            return bad("--resume and --overwrite exclude each other".into());
+        }
+        Ok(())
+    }
+
+    fn mode(&self) -> Mode {
+        match (self.resume, self.overwrite) {
+            (true, _) => Mode::Resume,
+            (false, true) => Mode::Overwrite,
+            _ => Mode::Fresh,
+        }
+    }
 }
 
 pub struct TrainSummary {
@@ -54,265 +103,482 @@ pub struct TrainSummary {
     pub seconds: f64,
     pub first_loss: f32,
     pub last_loss: f32,
+    /// What the loaders and the resume noticed (printed by the CLI as it happens when
+    /// `progress` is on).
+    pub notes: Vec<String>,
 }
 
-fn io(path: &Path, e: impl std::fmt::Display) -> Error {
+fn data_err(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::Data { path: path.display().to_string(), detail: e.to_string() }
 }
 
-/// The tokenizer of a run: loaded from the run folder when resuming, else trained on the notes
-/// (presets with a trainable text tower) or read from `--tokenizer`.
-fn tokenizer(o: &TrainOpts, cfg: &Config, train: &Loaded) -> Result<NoteTokenizer> {
-    let saved = o.out.join("tokenizer.json");
-    if o.resume && saved.is_file() {
-        return NoteTokenizer::from_file(&saved, cfg.token_len);
-    }
-    match (&o.tokenizer, cfg.text_trainable) {
-        (Some(p), _) => NoteTokenizer::from_file(p, cfg.token_len),
-        (None, true) => NoteTokenizer::train_word_level(train.entries.iter().map(|e| e.note.clone()), cfg.token_len),
-        (None, false) => Err(Error::Config(format!(
-            "preset {} uses a frozen pretrained text tower: give its --tokenizer (a tokenizer.json)",
-            cfg.name
-        ))),
-    }
+/// The settings a resumed run must share with the run it continues (metadata key, value).
+fn settings(o: &TrainOpts, train: &Loaded, val: &Loaded, tok_hash: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("preset", o.preset.clone()),
+        ("seed", o.seed.to_string()),
+        ("batch", o.batch.to_string()),
+        ("lr", format!("{:e}", o.lr)),
+        ("augment", o.augment.to_string()),
+        ("official_flips", o.official_flips.to_string()),
+        ("train_data", train.fingerprint()),
+        ("val_data", val.fingerprint()),
+        ("tokenizer_hash", tok_hash.to_string()),
+    ]
 }
 
-/// Adam state as tensors named `m.<param>` / `v.<param>`, the step and epoch in the metadata.
-fn save_state(tr: &Trainer, epoch: usize, best: (f64, usize), seed: u64, path: &Path) -> Result<()> {
-    let mut st = Params::new(&Device::Cpu);
-    for (i, id) in tr.model.params.ids().filter(|&id| tr.model.params.trainable(id)).enumerate() {
-        let name = tr.model.params.name(id);
-        for (k, t) in [("m", &tr.adam.m[i]), ("v", &tr.adam.v[i])] {
-            if let Some(t) = t {
-                st.add(&format!("{k}.{name}"), t.shape(), t.to_vec()?, Kind::Buffer)?;
-            }
+/// The run's identity: a fingerprint of its settings, so the same run always writes the same
+/// bytes and files of two different runs never pass for one.
+fn run_id(settings: &[(&str, String)]) -> String {
+    let mut f = crate::files::Fnv64::default();
+    for (k, v) in settings {
+        f.field(k.as_bytes()).field(v.as_bytes());
+    }
+    f.hex()
+}
+
+/// Everything the epochs need, set up (and, for `--resume`, restored and checked).
+struct Run {
+    dir: RunDir,
+    cfg: Config,
+    tr: Trainer,
+    train: Arc<Loaded>,
+    val: Loaded,
+    tok: Arc<NoteTokenizer>,
+    tok_meta: (String, usize),
+    settings: Vec<(&'static str, String)>,
+    id: String,
+    epoch0: usize,
+    best: (f64, usize),
+    log: Vec<EpochLog>,
+    notes: Vec<String>,
+    progress: bool,
+    /// The frozen text tower's output per note (None when the tower trains).
+    text_cache: Option<Arc<super::TextCache>>,
+}
+
+impl Run {
+    fn note(&mut self, s: String) {
+        if self.progress {
+            println!("note: {s}");
         }
+        self.notes.push(s);
     }
-    let meta = vec![
-        ("step".to_string(), tr.adam.step.to_string()),
-        ("epoch".to_string(), epoch.to_string()),
-        ("best_dice".to_string(), best.0.to_string()),
-        ("best_epoch".to_string(), best.1.to_string()),
-        ("seed".to_string(), seed.to_string()),
-    ];
-    checkpoint::save_with(&st, &meta, path)
-}
 
-/// Restores Adam's moments and step; returns (epochs done, best dice, best epoch).
-fn load_state(tr: &mut Trainer, path: &Path) -> Result<(usize, f64, usize)> {
-    let meta = checkpoint::read_metadata(path)?;
-    let num = |k: &str| {
-        meta.get(k).and_then(|v| v.parse::<f64>().ok()).ok_or_else(|| io(path, format!("no {k} in the training state")))
-    };
-    let bytes = std::fs::read(path).map_err(|e| io(path, e))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| io(path, e))?;
-    let dev = tr.model.params.device().clone();
-    let ids: Vec<_> = tr.model.params.ids().filter(|&id| tr.model.params.trainable(id)).collect();
-    for (i, id) in ids.into_iter().enumerate() {
-        let name = tr.model.params.name(id).to_string();
-        let shape = tr.model.params.value(id).shape().to_vec();
-        for k in ["m", "v"] {
-            if let Ok(view) = st.tensor(&format!("{k}.{name}")) {
-                let v = checkpoint::f32_values(&view).map_err(|e| io(path, format!("{k}.{name}: {e}")))?;
-                let t = Tensor::from_vec(v, &shape, &dev)?;
-                if k == "m" {
-                    tr.adam.m[i] = Some(t);
-                } else {
-                    tr.adam.v[i] = Some(t);
+    fn setup(o: &TrainOpts, dev: &Device) -> Result<Run> {
+        o.validate()?;
+        let mut cfg = Config::preset(&o.preset)?;
+        let (h, w) = cfg.img_size;
+        // read the data before the folder is touched: a bad dataset leaves no trace
+        let train = load(&o.data, Split::Train, h, w)?;
+        let val = load(&o.data, Split::Val, h, w)?;
+        let dir = RunDir::open(&o.out, o.mode())?;
+        // the tokenizer: the run's own copy when resuming (never rewritten), else trained on the
+        // notes or read from --tokenizer, and written once
+        let tok_path = dir.path(run_dir::TOKENIZER);
+        let tok_json: Vec<u8> = if o.resume {
+            crate::files::read_regular(&tok_path, 64 << 20)?
+        } else {
+            let tok = match (&o.tokenizer, cfg.text_trainable) {
+                (Some(p), _) => NoteTokenizer::from_file(p, cfg.token_len)?,
+                (None, true) => {
+                    NoteTokenizer::train_word_level(train.entries.iter().map(|e| e.note.clone()), cfg.token_len)?
                 }
+                (None, false) => {
+                    return Err(Error::Config(format!(
+                        "preset {} uses a frozen pretrained text tower: give its --tokenizer (a tokenizer.json)",
+                        cfg.name
+                    )))
+                }
+            };
+            let json = tok.to_json()?.into_bytes();
+            crate::files::write_atomic(&tok_path, &json)?;
+            json
+        };
+        let tok = NoteTokenizer::from_bytes(&tok_json, cfg.token_len).map_err(|e| data_err(&tok_path, e))?;
+        if cfg.text_trainable {
+            cfg.vocab_size = tok.vocab_size();
+        }
+        let tok_meta = NoteTokenizer::identity(&tok_json, tok.vocab_size());
+        let settings = settings(o, &train, &val, &tok_meta.0);
+        let model = RecLmis::new(cfg.clone(), dev, o.seed)?;
+        let tr = Trainer::new(model, AdamConfig { lr: o.lr, ..AdamConfig::default() });
+        let mut run = Run {
+            id: run_id(&settings),
+            dir,
+            cfg,
+            tr,
+            train: Arc::new(train),
+            val,
+            tok: Arc::new(tok),
+            tok_meta,
+            settings,
+            epoch0: 0,
+            best: (f64::NEG_INFINITY, 0),
+            log: vec![],
+            notes: vec![],
+            progress: o.progress,
+            text_cache: None,
+        };
+        for n in run.train.notes.clone().into_iter().chain(run.val.notes.clone()) {
+            run.note(n);
+        }
+        if run.dir.removed_temporaries > 0 {
+            let n = run.dir.removed_temporaries;
+            run.note(format!("removed {n} temporary file(s) left by an interrupted write"));
+        }
+        if o.resume {
+            run.restore(o.accept_changes)?;
+        }
+        Ok(run)
+    }
+
+    /// Metadata of best / last: the model configuration, the run, the epoch and the tokenizer.
+    fn checkpoint_meta(&self, epoch: usize, val_dice: f64) -> Vec<(String, String)> {
+        let mut m = self.cfg.to_metadata();
+        m.extend([
+            ("run_id".to_string(), self.id.clone()),
+            ("epoch".to_string(), epoch.to_string()),
+            ("step".to_string(), self.tr.adam.step.to_string()),
+            ("val_dice".to_string(), val_dice.to_string()),
+            ("tokenizer_hash".to_string(), self.tok_meta.0.clone()),
+            ("tokenizer_vocab".to_string(), self.tok_meta.1.to_string()),
+        ]);
+        m
+    }
+
+    /// train_state: weights, counters, Adam moments (`m.<param>`, `v.<param>`) and the metadata a
+    /// resume needs, one atomic file.
+    fn save_state(&self, entry: &EpochLog) -> Result<()> {
+        let p = &self.tr.model.params;
+        let values = checkpoint::host_values(p)?;
+        let mut t: Vec<(String, Vec<usize>, Data)> =
+            values.iter().map(|(n, s, v)| (n.clone(), s.clone(), Data::F32(v))).collect();
+        t.extend(p.counters().iter().map(|(n, c)| (n.clone(), vec![], Data::I64(*c))));
+        let trainable: Vec<_> = p.ids().filter(|&id| p.trainable(id)).collect();
+        let mut moments = vec![];
+        let mut without = vec![];
+        for (i, &id) in trainable.iter().enumerate() {
+            match (&self.tr.adam.m[i], &self.tr.adam.v[i]) {
+                (Some(m), Some(v)) => {
+                    moments.push((p.name(id).to_string(), m.shape().to_vec(), m.to_vec()?, v.to_vec()?))
+                }
+                _ => without.push(p.name(id).to_string()),
             }
         }
+        for (name, shape, m, v) in &moments {
+            t.push((format!("m.{name}"), shape.clone(), Data::F32(m)));
+            t.push((format!("v.{name}"), shape.clone(), Data::F32(v)));
+        }
+        let mut meta = self.checkpoint_meta(entry.epoch, entry.val_dice);
+        meta.extend(self.settings.iter().map(|(k, v)| (format!("setting.{k}"), v.clone())));
+        meta.extend([
+            ("kind".to_string(), "reclmis-train-state".to_string()),
+            ("best_dice".to_string(), self.best.0.to_string()),
+            ("best_epoch".to_string(), self.best.1.to_string()),
+            ("without_moments".to_string(), without.join(",")),
+            ("log".to_string(), serde_json::to_string(entry).map_err(|e| Error::Other(e.to_string()))?),
+        ]);
+        checkpoint::write_tensors(&self.dir.path(run_dir::STATE), &t, &meta)
     }
-    tr.adam.step = num("step")? as u64;
-    Ok((num("epoch")? as usize, num("best_dice")?, num("best_epoch")? as usize))
+
+    /// Restores the state of `--resume` and repairs `last` and the log to match it.
+    fn restore(&mut self, accept_changes: bool) -> Result<()> {
+        let path = self.dir.path(run_dir::STATE);
+        let meta = checkpoint::read_metadata(&path)?;
+        let get = |k: &str| meta.get(k).ok_or_else(|| data_err(&path, format!("not a training state: no {k:?}")));
+        if get("kind")? != "reclmis-train-state" {
+            return Err(data_err(&path, "not a reclmis training state"));
+        }
+        // settings: other values are refused unless accepted
+        let mut changed = vec![];
+        for (k, v) in &self.settings {
+            let was = get(&format!("setting.{k}"))?;
+            if was != v {
+                changed.push(format!("{k}: the run has {was}, now {v}"));
+            }
+        }
+        if !changed.is_empty() {
+            if !accept_changes {
+                return Err(data_err(
+                    &path,
+                    format!(
+                        "--resume with other settings than the run started with ({}); give --accept-changes to continue anyway",
+                        changed.join("; ")
+                    ),
+                ));
+            }
+            for c in changed {
+                self.note(format!("resuming with a change: {c}"));
+            }
+        }
+        let state_run = get("run_id")?.clone();
+        // weights, counters and moments
+        let rep = checkpoint::load(&mut self.tr.model.params, &path)?;
+        if !rep.missing.is_empty() {
+            return Err(data_err(&path, format!("not this preset's training state: {}", rep.summary())));
+        }
+        let bytes = crate::files::read_regular(&path, u64::MAX)?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| data_err(&path, e))?;
+        let without: std::collections::HashSet<&str> =
+            get("without_moments")?.split(',').filter(|s| !s.is_empty()).collect();
+        let dev = self.tr.model.params.device().clone();
+        let p = &self.tr.model.params;
+        let ids: Vec<_> = p.ids().filter(|&id| p.trainable(id)).collect();
+        for (i, id) in ids.into_iter().enumerate() {
+            let name = p.name(id).to_string();
+            if without.contains(name.as_str()) {
+                continue;
+            }
+            let shape = p.value(id).shape().to_vec();
+            let read = |k: &str| -> Result<Tensor> {
+                let view = st
+                    .tensor(&format!("{k}.{name}"))
+                    .map_err(|_| data_err(&path, format!("the optimiser state lacks {k}.{name}")))?;
+                if view.shape() != shape.as_slice() {
+                    return Err(data_err(
+                        &path,
+                        format!("{k}.{name} has shape {:?}, expected {shape:?}", view.shape()),
+                    ));
+                }
+                let v = checkpoint::f32_values(&view).map_err(|e| data_err(&path, format!("{k}.{name}: {e}")))?;
+                if v.iter().any(|x| !x.is_finite()) {
+                    return Err(data_err(&path, format!("{k}.{name} holds a non-finite value")));
+                }
+                Tensor::from_vec(v, &shape, &dev)
+            };
+            let (m, v) = (read("m")?, read("v")?);
+            self.tr.adam.m[i] = Some(m);
+            self.tr.adam.v[i] = Some(v);
+        }
+        let num = |k: &str| -> Result<f64> {
+            get(k)?.parse::<f64>().map_err(|_| data_err(&path, format!("{k:?} is not a number")))
+        };
+        self.tr.adam.step = num("step")? as u64;
+        let epoch = num("epoch")? as usize;
+        self.epoch0 = epoch;
+        self.best = (num("best_dice")?, num("best_epoch")? as usize);
+        let entry: EpochLog =
+            serde_json::from_str(get("log")?).map_err(|e| data_err(&path, format!("its log line: {e}")))?;
+        // last: rewritten from the state when a kill came between the two
+        let last = self.dir.path(run_dir::LAST);
+        let last_meta = if last.is_file() { Some(checkpoint::read_metadata(&last)?) } else { None };
+        if let Some(lm) = &last_meta {
+            if lm.get("run_id") != Some(&state_run) {
+                return Err(data_err(
+                    &last,
+                    format!("belongs to another run ({:?}) than {} ({state_run})", lm.get("run_id"), run_dir::STATE),
+                ));
+            }
+        }
+        if last_meta.as_ref().and_then(|m| m.get("epoch")) != Some(&epoch.to_string()) {
+            checkpoint::save_with(&self.tr.model.params, &self.checkpoint_meta(epoch, entry.val_dice), &last)?;
+            self.note(format!("{} did not match the training state (epoch {epoch}): rewritten", run_dir::LAST));
+        }
+        // the log: lines after the state's epoch dropped, its own line added when missing
+        let mut log = self.dir.read_log()?;
+        let before = log.len();
+        log.retain(|e| e.epoch < epoch);
+        log.push(entry);
+        for (i, e) in log.iter().enumerate() {
+            if e.epoch != i + 1 {
+                return Err(data_err(
+                    &self.dir.path(run_dir::LOG),
+                    format!(
+                        "line {} is epoch {}, expected {}: the log does not belong to this state",
+                        i + 1,
+                        e.epoch,
+                        i + 1
+                    ),
+                ));
+            }
+        }
+        if before != log.len() || self.dir.read_log()? != log {
+            self.dir.write_log(&log)?;
+            self.note(format!("{} repaired to the training state's {epoch} epochs", run_dir::LOG));
+        }
+        self.log = log;
+        self.id = state_run;
+        Ok(())
+    }
 }
 
-use crate::tensor::Tensor;
+/// One epoch's batches, made on a background thread (data order and augmentation depend only
+/// on (seed, epoch), so a resumed run sees the same batches as an uninterrupted one).
+fn batches(run: &Run, o: &TrainOpts, epoch: usize) -> (mpsc::Receiver<Result<Batch>>, std::thread::JoinHandle<()>) {
+    let (tx, rx) = mpsc::sync_channel::<Result<Batch>>(2);
+    let (ts, tk, dv, tc) = (run.train.clone(), run.tok.clone(), run.tr.model.params.device().clone(), run.cache());
+    let (seed, bs, aug, flips) = (o.seed, o.batch, o.augment, o.official_flips);
+    let producer = std::thread::spawn(move || {
+        let mut rng = Rng::new(seed ^ (epoch as u64 + 1).wrapping_mul(0x51ED));
+        let mut order: Vec<usize> = (0..ts.len()).collect();
+        for i in (1..order.len()).rev() {
+            order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+        }
+        let opts = AugOpts { flips, ..AugOpts::default() };
+        for chunk in order.chunks(bs) {
+            let a = if aug { Some((&opts, &mut rng)) } else { None };
+            let b = make_batch(&ts, chunk, &tk, Notes::Correct, a, tc.as_deref(), &dv);
+            if tx.send(b).is_err() {
+                break;
+            }
+        }
+    });
+    (rx, producer)
+}
+
+impl Run {
+    fn cache(&self) -> Option<Arc<super::TextCache>> {
+        self.text_cache.clone()
+    }
+}
+
+/// Mean loss terms and speed of one epoch.
+struct EpochStats {
+    means: BTreeMap<String, f64>,
+    images: usize,
+    compute_s: f64,
+    first: f32,
+    last: f32,
+}
+
+fn progress_bar(o: &TrainOpts, steps: usize, epoch: usize) -> indicatif::ProgressBar {
+    if !o.progress {
+        return indicatif::ProgressBar::hidden();
+    }
+    let b = indicatif::ProgressBar::new(steps as u64);
+    if let Ok(style) = indicatif::ProgressStyle::with_template("epoch {prefix} [{bar:25}] {pos}/{len} {msg}") {
+        b.set_style(style.progress_chars("=> "));
+    }
+    b.set_prefix(format!("{}/{}", epoch + 1, o.epochs));
+    b
+}
+
+fn run_epoch(run: &mut Run, o: &TrainOpts, epoch: usize) -> Result<EpochStats> {
+    let steps_per_epoch = run.train.len().div_ceil(o.batch);
+    let (rx, producer) = batches(run, o, epoch);
+    let bar = progress_bar(o, steps_per_epoch, epoch);
+    // cosine annealing over the run (the official schedule family, one period here) to lr/100
+    let sched = CosineWarmRestarts { lr0: o.lr as f64, t0: o.epochs, t_mult: 1, eta_min: o.lr as f64 / 100.0 };
+    run.tr.adam.cfg.lr = sched.lr(epoch) as f32;
+    let mut rng = Rng::new(o.seed ^ 0xA5A5 ^ epoch as u64);
+    let mut sums = BTreeMap::<String, f64>::new();
+    let mut st = EpochStats { means: BTreeMap::new(), images: 0, compute_s: 0.0, first: f32::NAN, last: f32::NAN };
+    let mut steps = 0;
+    for batch in rx {
+        let batch = batch?;
+        let t = Instant::now();
+        let l = run.tr.step(&batch, None, &mut rng).map_err(|e| match e {
+            Error::NonFinite(what) => Error::NonFinite(format!(
+                "epoch {}, step {} of {steps_per_epoch}: {what}; training stopped, the files of epoch {} are kept",
+                epoch + 1,
+                steps + 1,
+                epoch
+            )),
+            other => other,
+        })?;
+        st.compute_s += t.elapsed().as_secs_f64();
+        st.images += batch.images.shape()[0];
+        if st.first.is_nan() {
+            st.first = l["total"];
+        }
+        st.last = l["total"];
+        for (k, v) in &l {
+            *sums.entry(k.to_string()).or_default() += *v as f64;
+        }
+        steps += 1;
+        bar.set_message(format!(
+            "loss {:.3} (seg {:.3} ccl {:.3} rec {:.3}/{:.3}) {:.1} img/s",
+            l["total"],
+            l["criterion"],
+            l["ccl"],
+            l["text_rec"],
+            l["img_rec"],
+            st.images as f64 / st.compute_s.max(1e-9)
+        ));
+        bar.inc(1);
+    }
+    producer.join().map_err(|_| Error::Other("the batch thread panicked".into()))?;
+    bar.finish_and_clear();
+    st.means = sums.into_iter().map(|(k, s)| (k, s / steps.max(1) as f64)).collect();
+    Ok(st)
+}
+
+/// The files of a finished epoch, in the order that keeps a kill harmless: best (when better),
+/// the state (the resume point), last, the log, the curves.
+fn record_epoch(run: &mut Run, entry: EpochLog) -> Result<bool> {
+    let improved = entry.val_dice > run.best.0;
+    if improved {
+        run.best = (entry.val_dice, entry.epoch);
+        let meta = run.checkpoint_meta(entry.epoch, entry.val_dice);
+        checkpoint::save_with(&run.tr.model.params, &meta, &run.dir.path(run_dir::BEST))?;
+    }
+    run.save_state(&entry)?;
+    let meta = run.checkpoint_meta(entry.epoch, entry.val_dice);
+    checkpoint::save_with(&run.tr.model.params, &meta, &run.dir.path(run_dir::LAST))?;
+    run.log.push(entry);
+    run.dir.write_log(&run.log)?;
+    let curves: (Vec<f64>, Vec<f64>, Vec<f64>) = (
+        run.log.iter().map(|e| e.total()).collect(),
+        run.log.iter().map(|e| e.val_dice).collect(),
+        run.log.iter().map(|e| e.val_iou).collect(),
+    );
+    super::visual::plot_curves(&curves.0, &curves.1, &curves.2, &run.dir.path(run_dir::CURVES))?;
+    Ok(improved)
+}
 
 pub fn train(o: &TrainOpts, dev: &Device) -> Result<TrainSummary> {
     let start = Instant::now();
-    let mut cfg = Config::preset(&o.preset)?;
-    let (h, w) = cfg.img_size;
-    let train_set = load(&o.data, Split::Train, h, w)?;
-    let val_set = load(&o.data, Split::Val, h, w)?;
-    let tok = tokenizer(o, &cfg, &train_set)?;
-    if cfg.text_trainable {
-        cfg.vocab_size = tok.vocab_size();
+    let mut run = Run::setup(o, dev)?;
+    // a frozen text tower gives each note the same output all run long: compute it once
+    if !run.cfg.text_trainable {
+        let c = super::text_cache(&run.tr.model, &run.tok, run.train.entries.iter().map(|e| e.note.as_str()), dev)?;
+        run.text_cache = Some(Arc::new(c));
     }
-    std::fs::create_dir_all(&o.out).map_err(|e| io(&o.out, e))?;
-    let mut model = RecLmis::new(cfg.clone(), dev, o.seed)?;
-    let last = o.out.join("last.safetensors");
-    let state = o.out.join("train_state.safetensors");
-    if o.resume {
-        let rep = checkpoint::load(&mut model.params, &last)?;
-        if !rep.missing.is_empty() {
-            return Err(io(&last, format!("not this preset's checkpoint: {}", rep.summary())));
-        }
-    }
-    tok.save(&o.out.join("tokenizer.json"))?;
-    let mut tr = Trainer::new(model, AdamConfig { lr: o.lr, ..AdamConfig::default() });
-    let (mut epoch0, mut best) = (0, (f64::NEG_INFINITY, 0));
-    if o.resume {
-        let (e, b, be) = load_state(&mut tr, &state)?;
-        epoch0 = e;
-        best = (b, be);
-    }
-    // a resumed run continues its log; a new run in the same folder starts a new one
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(o.resume)
-        .write(true)
-        .truncate(!o.resume)
-        .open(o.out.join("log.jsonl"))
-        .map_err(|e| io(&o.out, e))?;
-    let n = train_set.len();
-    let steps_per_epoch = n.div_ceil(o.batch.max(1));
     let (mut first_loss, mut last_loss) = (f32::NAN, f32::NAN);
     let (mut images, mut compute_s) = (0usize, 0.0f64);
-    let mut epochs_run = epoch0;
-    // (loss, val Dice, val IoU) per epoch for curves.png; a resumed run starts from its log
-    let mut curves: (Vec<f64>, Vec<f64>, Vec<f64>) = Default::default();
-    if o.resume {
-        if let Ok(text) = std::fs::read_to_string(o.out.join("log.jsonl")) {
-            for l in text.lines() {
-                let field = |k: &str| -> f64 {
-                    l.split(&format!("\"{k}\": "))
-                        .nth(1)
-                        .and_then(|r| r.split([',', '}']).next())
-                        .and_then(|v| v.trim().parse().ok())
-                        .unwrap_or(f64::NAN)
-                };
-                curves.0.push(field("total"));
-                curves.1.push(field("val_dice"));
-                curves.2.push(field("val_iou"));
-            }
+    let mut epochs_run = run.epoch0;
+    for epoch in run.epoch0..o.epochs {
+        let st = run_epoch(&mut run, o, epoch)?;
+        images += st.images;
+        compute_s += st.compute_s;
+        if first_loss.is_nan() {
+            first_loss = st.first;
         }
-    }
-    // a frozen text tower gives each note the same output all run long: compute it once
-    let cache = if cfg.text_trainable {
-        None
-    } else {
-        Some(std::sync::Arc::new(super::text_cache(
-            &tr.model,
-            &tok,
-            train_set.entries.iter().map(|e| e.note.as_str()),
-            dev,
-        )?))
-    };
-    let train_set = std::sync::Arc::new(train_set);
-    let tok = std::sync::Arc::new(tok);
-    for epoch in epoch0..o.epochs {
-        // the data order and augmentation of each epoch depend only on (seed, epoch): a resumed
-        // run sees the same batches as an uninterrupted one
-        let (tx, rx) = mpsc::sync_channel::<Result<Batch>>(2);
-        let (ts, tk, dv, tc) = (train_set.clone(), tok.clone(), dev.clone(), cache.clone());
-        let (seed, bs, aug, flips) = (o.seed, o.batch.max(1), o.augment, o.official_flips);
-        let producer = std::thread::spawn(move || {
-            let mut rng = Rng::new(seed ^ (epoch as u64 + 1).wrapping_mul(0x51ED));
-            let mut order: Vec<usize> = (0..ts.len()).collect();
-            for i in (1..order.len()).rev() {
-                order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
-            }
-            let opts = AugOpts { flips, ..AugOpts::default() };
-            for chunk in order.chunks(bs) {
-                let a = if aug { Some((&opts, &mut rng)) } else { None };
-                let b = make_batch(&ts, chunk, &tk, Notes::Correct, a, tc.as_deref(), &dv);
-                if tx.send(b).is_err() {
-                    break;
-                }
-            }
-        });
-        let bar = if o.progress {
-            let b = indicatif::ProgressBar::new(steps_per_epoch as u64);
-            b.set_style(
-                indicatif::ProgressStyle::with_template("epoch {prefix} [{bar:25}] {pos}/{len} {msg}")
-                    .expect("a valid template")
-                    .progress_chars("=> "),
-            );
-            b.set_prefix(format!("{}/{}", epoch + 1, o.epochs));
-            b
-        } else {
-            indicatif::ProgressBar::hidden()
+        last_loss = st.last;
+        let v: Scores = evaluate(&run.tr.model, &run.val, &run.tok, Notes::Correct, o.batch, dev)?;
+        let entry = EpochLog {
+            epoch: epoch + 1,
+            step: run.tr.adam.step,
+            lr: run.tr.adam.cfg.lr as f64,
+            losses: st.means.clone(),
+            val_dice: v.dice,
+            val_iou: v.iou,
+            val_hard_dice: v.hard_dice,
+            images_per_s: images as f64 / compute_s.max(1e-9),
+            elapsed_s: start.elapsed().as_secs_f64(),
         };
-        // cosine annealing over the run (the official schedule family, one period here) to lr/100
-        let sched =
-            CosineWarmRestarts { lr0: o.lr as f64, t0: o.epochs.max(1), t_mult: 1, eta_min: o.lr as f64 / 100.0 };
-        tr.adam.cfg.lr = sched.lr(epoch) as f32;
-        let mut rng = Rng::new(o.seed ^ 0xA5A5 ^ epoch as u64);
-        let mut sums = std::collections::BTreeMap::<&str, f64>::new();
-        let mut steps = 0;
-        for batch in rx {
-            let batch = batch?;
-            let t = Instant::now();
-            let l = tr.step(&batch, None, &mut rng)?;
-            compute_s += t.elapsed().as_secs_f64();
-            images += batch.images.shape()[0];
-            if first_loss.is_nan() {
-                first_loss = l["total"];
-            }
-            last_loss = l["total"];
-            for (k, v) in &l {
-                *sums.entry(k).or_default() += *v as f64;
-            }
-            steps += 1;
-            bar.set_message(format!(
-                "loss {:.3} (seg {:.3} ccl {:.3} rec {:.3}/{:.3}) {:.1} img/s",
-                l["total"],
-                l["criterion"],
-                l["ccl"],
-                l["text_rec"],
-                l["img_rec"],
-                images as f64 / compute_s.max(1e-9)
-            ));
-            bar.inc(1);
-        }
-        producer.join().map_err(|_| Error::Other("the batch thread panicked".into()))?;
-        bar.finish_and_clear();
-        let v: Scores = evaluate(&tr.model, &val_set, &tok, Notes::Correct, o.batch.max(1), dev)?;
+        let total = entry.total();
+        let improved = record_epoch(&mut run, entry)?;
         epochs_run = epoch + 1;
-        let improved = v.dice > best.0;
-        if improved {
-            best = (v.dice, epoch + 1);
-            checkpoint::save_with(&tr.model.params, &cfg.to_metadata(), &o.out.join("best.safetensors"))?;
-        }
-        checkpoint::save_with(&tr.model.params, &cfg.to_metadata(), &last)?;
-        save_state(&tr, epoch + 1, best, o.seed, &state)?;
-        let means: Vec<String> = sums.iter().map(|(k, s)| format!("\"{k}\": {:.6}", s / steps.max(1) as f64)).collect();
-        let line = format!(
-            "{{\"epoch\": {}, \"lr\": {:.3e}, {}, \"val_dice\": {:.5}, \"val_iou\": {:.5}, \"val_hard_dice\": {:.5}, \"images_per_s\": {:.2}, \"elapsed_s\": {:.1}}}",
-            epoch + 1,
-            tr.adam.cfg.lr,
-            means.join(", "),
-            v.dice,
-            v.iou,
-            v.hard_dice,
-            images as f64 / compute_s.max(1e-9),
-            start.elapsed().as_secs_f64()
-        );
-        writeln!(log, "{line}").map_err(|e| io(&o.out, e))?;
-        curves.0.push(sums.get("total").copied().unwrap_or(0.0) / steps.max(1) as f64);
-        curves.1.push(v.dice);
-        curves.2.push(v.iou);
-        super::visual::plot_curves(&curves.0, &curves.1, &curves.2, &o.out.join("curves.png"))?;
         if o.progress {
             println!(
-                "epoch {}/{}: loss {:.4}, val Dice {:.4}, IoU {:.4}{} ({:.0} s)",
+                "epoch {}/{}: loss {total:.4}, val Dice {:.4}, IoU {:.4}{} ({:.0} s)",
                 epoch + 1,
                 o.epochs,
-                sums.get("total").copied().unwrap_or(0.0) / steps.max(1) as f64,
                 v.dice,
                 v.iou,
                 if improved { " (best)" } else { "" },
                 start.elapsed().as_secs_f64()
             );
         }
-        if epoch + 1 - best.1 >= o.patience.max(1) {
+        if epoch + 1 - run.best.1 >= o.patience {
             if o.progress {
                 println!("early stop: no better validation Dice for {} epochs", o.patience);
             }
             break;
         }
-        if o.stop_after > 0 && epoch + 1 - epoch0 >= o.stop_after {
+        if o.stop_after > 0 && epoch + 1 - run.epoch0 >= o.stop_after {
             break;
         }
         if o.max_minutes > 0.0 && start.elapsed().as_secs_f64() > 60.0 * o.max_minutes {
@@ -323,12 +589,13 @@ pub fn train(o: &TrainOpts, dev: &Device) -> Result<TrainSummary> {
         }
     }
     Ok(TrainSummary {
-        best_dice: best.0,
-        best_epoch: best.1,
+        best_dice: run.best.0,
+        best_epoch: run.best.1,
         epochs_run,
         images_per_s: images as f64 / compute_s.max(1e-9),
         seconds: start.elapsed().as_secs_f64(),
         first_loss,
         last_loss,
+        notes: run.notes,
     })
 }

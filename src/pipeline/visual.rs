@@ -74,13 +74,21 @@ fn blend(a: Rgb<u8>, b: [u8; 3], t: f32) -> Rgb<u8> {
     Rgb([0, 1, 2].map(|i| (a.0[i] as f32 * (1.0 - t) + b[i] as f32 * t).round() as u8))
 }
 
+/// Encodes a PNG in memory and writes it atomically (a kill never leaves half a picture).
+pub fn save_png<P, C>(img: &image::ImageBuffer<P, C>, path: &Path) -> Result<()>
+where
+    P: image::PixelWithColorType,
+    [P::Subpixel]: image::EncodableLayout,
+    C: std::ops::Deref<Target = [P::Subpixel]>,
+{
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut bytes, image::ImageFormat::Png).map_err(|err| data_err(path, err))?;
+    crate::files::write_atomic(path, &bytes.into_inner())
+}
+
 /// mask.png (0/255) and overlay.png; with a ground truth, the Dice of this image is returned.
 pub fn write_infer(e: &Explained, orig: &RgbImage, gt: Option<&GrayImage>, out: &Path) -> Result<Option<f64>> {
-    std::fs::create_dir_all(out).map_err(|err| data_err(out, err))?;
-    let mask_png =
-        GrayImage::from_fn(e.mask.width(), e.mask.height(), |x, y| Luma([e.mask.get_pixel(x, y).0[0] * 255]));
-    let p = out.join("mask.png");
-    mask_png.save(&p).map_err(|err| data_err(&p, err))?;
+    // the ground truth is checked before anything is written
     if let Some(g) = gt {
         if g.dimensions() != e.mask.dimensions() {
             return Err(data_err(
@@ -89,6 +97,10 @@ pub fn write_infer(e: &Explained, orig: &RgbImage, gt: Option<&GrayImage>, out: 
             ));
         }
     }
+    std::fs::create_dir_all(out).map_err(|err| data_err(out, err))?;
+    let mask_png =
+        GrayImage::from_fn(e.mask.width(), e.mask.height(), |x, y| Luma([e.mask.get_pixel(x, y).0[0] * 255]));
+    save_png(&mask_png, &out.join("mask.png"))?;
     let base = gray(orig);
     let (mut inter, mut sum) = (0u64, 0u64);
     let overlay = RgbImage::from_fn(base.width(), base.height(), |x, y| {
@@ -110,7 +122,7 @@ pub fn write_infer(e: &Explained, orig: &RgbImage, gt: Option<&GrayImage>, out: 
         }
     });
     let p = out.join("overlay.png");
-    overlay.save(&p).map_err(|err| data_err(&p, err))?;
+    save_png(&overlay, &p)?;
     Ok(gt.map(|_| 2.0 * inter as f64 / (sum as f64 + 1e-5)))
 }
 
@@ -134,7 +146,7 @@ pub fn write_explain(e: &Explained, orig: &RgbImage, out: &Path) -> Result<()> {
         blend(*base.get_pixel(x, y), ramp(e.w_poi[gy * gw + gx] / max), 0.45)
     });
     let p = out.join("w_poi.png");
-    heat.save(&p).map_err(|err| data_err(&p, err))?;
+    save_png(&heat, &p)?;
     // bar chart: one row per word, label on the left, bar length ∝ weight
     let (row, label_w, bar_w) = (14u32, 8 * 6 + 8, 240u32);
     let words: Vec<(String, f32)> = e.w_woi.iter().map(|(t, w)| (t.chars().take(8).collect(), *w)).collect();
@@ -152,7 +164,7 @@ pub fn write_explain(e: &Explained, orig: &RgbImage, out: &Path) -> Result<()> {
         font::draw(&mut img, label_w + len + 4, y0 + 3, &format!("{:.3}", wgt), Rgb([60, 60, 60]));
     }
     let p = out.join("w_woi.png");
-    img.save(&p).map_err(|err| data_err(&p, err))?;
+    save_png(&img, &p)?;
     Ok(())
 }
 
@@ -277,5 +289,5 @@ pub fn plot_curves(loss: &[f64], dice: &[f64], iou: &[f64], path: &Path) -> Resu
         1.0,
         "val dice (green), iou (blue)",
     );
-    img.save(path).map_err(|err| data_err(path, err))
+    save_png(&img, path)
 }

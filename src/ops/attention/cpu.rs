@@ -500,7 +500,32 @@ cpu_math::multiversion! {
     }
 }
 
+/// Panics unless the slices hold what `pr.sh` says (the loops below write through raw pointers).
+fn check_slices(pr: &Problem, q: usize, kv: [usize; 2], rows: &[(&str, usize)]) {
+    use crate::ops::{assert_len, product};
+    let AttnShape { b, tq, s, .. } = pr.sh;
+    let e = pr.sh.h.checked_mul(pr.sh.dh);
+    assert_len("attention", "q", q, e.and_then(|e| product(&[b, tq, e])));
+    for (n, what) in kv.into_iter().zip(["k", "v"]) {
+        assert_len("attention", what, n, e.and_then(|e| product(&[b, s, e])));
+    }
+    if let Some(v) = pr.valid {
+        assert_len("attention", "valid", v.len(), product(&[b, s]));
+    }
+    if let Cond::Probs(w) | Cond::Logits(w) = pr.cond {
+        assert_len("attention", "condition", w.len(), product(&[b, s]));
+    }
+    for &(what, n) in rows {
+        let want = match what {
+            "lse" => product(&[b, pr.sh.h, tq]),
+            _ => e.and_then(|e| product(&[b, tq, e])),
+        };
+        assert_len("attention", what, n, want);
+    }
+}
+
 pub fn forward(q: &[f32], k: &[f32], v: &[f32], pr: &Problem, want_probs: bool) -> Forward {
+    check_slices(pr, q.len(), [k.len(), v.len()], &[]);
     let AttnShape { b: nb, h: nh, tq, s, dh } = pr.sh;
     let e = pr.sh.e();
     let terms: Vec<KeyTerms> = (0..nb).map(|b| pr.key_terms(b)).collect();
@@ -577,6 +602,7 @@ struct BwdOut {
 }
 
 pub fn backward(q: &[f32], k: &[f32], v: &[f32], o: &[f32], lse: &[f32], dout: &[f32], pr: &Problem) -> Grads {
+    check_slices(pr, q.len(), [k.len(), v.len()], &[("o", o.len()), ("lse", lse.len()), ("dout", dout.len())]);
     let AttnShape { b: nb, h: nh, tq, s, dh } = pr.sh;
     let e = pr.sh.e();
     let terms: Vec<KeyTerms> = (0..nb).map(|b| pr.key_terms(b)).collect();

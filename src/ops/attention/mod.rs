@@ -337,10 +337,12 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, o: &AttnOpts) -> Result<Att
         let dp = padded_dh(sh.dh);
         let nw = fwd_warps(dp);
         let cfg = LaunchCfg { grid: bh_grid(&sh, sh.tq, 16 * nw)?, block: (32 * nw, 1, 1), smem_bytes: 0 };
-        dev.launch(Kernel::attention_fwd_f32, cfg, &p)?;
+        // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+        unsafe { dev.launch(Kernel::attention_fwd_f32, cfg, &p) }?;
         if let Some(pt) = &probs {
             if pt.numel() > 0 {
-                dev.launch(Kernel::attention_probs_fwd_f32, LaunchCfg::elementwise(pt.numel()), &p)?;
+                // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+                unsafe { dev.launch(Kernel::attention_probs_fwd_f32, LaunchCfg::elementwise(pt.numel()), &p) }?;
             }
         }
     }
@@ -425,13 +427,16 @@ pub fn attention_backward(
     if sh.b * sh.h * sh.tq > 0 {
         let rows = check_u32(OP, sh.b * sh.h * sh.tq)?;
         let cfg = LaunchCfg { grid: (rows.div_ceil(8), 1, 1), block: (32, 8, 1), smem_bytes: 0 };
-        dev.launch(Kernel::attention_delta_bwd_f32, cfg, &p)?;
+        // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+        unsafe { dev.launch(Kernel::attention_delta_bwd_f32, cfg, &p) }?;
         let cfg = LaunchCfg { grid: bh_grid(&sh, sh.tq, 16 * nw)?, block: (32 * nw, 1, 1), smem_bytes: 0 };
-        dev.launch(Kernel::attention_dq_bwd_f32, cfg, &p)?;
+        // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+        unsafe { dev.launch(Kernel::attention_dq_bwd_f32, cfg, &p) }?;
     }
     if sh.b * sh.h * sh.s > 0 {
         let cfg = LaunchCfg { grid: bh_grid(&sh, sh.s, 16 * nw)?, block: (32 * nw, 1, 1), smem_bytes: 0 };
-        dev.launch(Kernel::attention_dkdv_bwd_f32, cfg, &p)?;
+        // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+        unsafe { dev.launch(Kernel::attention_dkdv_bwd_f32, cfg, &p) }?;
     }
     let dw = match dw_heads {
         Some(dwh) => Some(reduce::sum(&dwh, 1)?),

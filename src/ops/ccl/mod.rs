@@ -192,7 +192,8 @@ pub fn l2_normalize(x: &Tensor) -> Result<(Tensor, Tensor)> {
             rows: check_u32(op, rows)?,
             d: check_u32(op, d)?,
         };
-        dev.launch(Kernel::l2norm_fwd_f32, rows_cfg(rows), &p)?;
+        // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+        unsafe { dev.launch(Kernel::l2norm_fwd_f32, rows_cfg(rows), &p) }?;
     }
     Ok((y, inv))
 }
@@ -226,7 +227,8 @@ pub fn l2_normalize_backward(y: &Tensor, inv: &Tensor, dy: &Tensor) -> Result<Te
             rows: check_u32(op, rows)?,
             d: check_u32(op, d)?,
         };
-        dev.launch(Kernel::l2norm_bwd_f32, rows_cfg(rows), &p)?;
+        // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+        unsafe { dev.launch(Kernel::l2norm_bwd_f32, rows_cfg(rows), &p) }?;
     }
     Ok(dx)
 }
@@ -301,7 +303,8 @@ pub fn ccl_similarity(t: &Tensor, v: &Tensor, mask: &Tensor, tw: &Tensor, vw: &T
         d: check_u32("ccl", s.d)?,
     };
     let cfg = LaunchCfg { grid: (b as u32, b as u32, 1), block: (256, 1, 1), smem_bytes: smem as u32 };
-    dev.launch(Kernel::ccl_fwd_f32, cfg, &p)?;
+    // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+    unsafe { dev.launch(Kernel::ccl_fwd_f32, cfg, &p) }?;
     let saved = CclSaved { t_hat, inv_t, v_hat, inv_v, max_v, arg_v, max_t, arg_t };
     Ok(CclForward { t2v, v2t, logits, saved, sizes: s })
 }
@@ -370,10 +373,12 @@ pub fn ccl_similarity_backward(
         };
         let dcols = (d as u32).div_ceil(64);
         let text = LaunchCfg { grid: (dcols, b as u32, 1), block: (64, 1, 1), smem_bytes: (l * 64 * 4) as u32 };
-        dev.launch(Kernel::ccl_text_bwd_f32, text, &p)?;
+        // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+        unsafe { dev.launch(Kernel::ccl_text_bwd_f32, text, &p) }?;
         let image =
             LaunchCfg { grid: (dcols, (n as u32).div_ceil(64), b as u32), block: (64, 1, 1), smem_bytes: 64 * 64 * 4 };
-        dev.launch(Kernel::ccl_image_bwd_f32, image, &p)?;
+        // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+        unsafe { dev.launch(Kernel::ccl_image_bwd_f32, image, &p) }?;
         (dth, dvh, dtw, dvw)
     };
     Ok(CclGrads {
@@ -419,6 +424,9 @@ pub fn info_nce(logits: &Tensor, scale: f32) -> Result<InfoNce> {
         scale,
         b: check_u32(op, b)?,
     };
-    dev.launch(Kernel::infonce_fwd_f32, LaunchCfg { grid: (1, 1, 1), block: (256, 1, 1), smem_bytes: 0 }, &p)?;
+    // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+    unsafe {
+        dev.launch(Kernel::infonce_fwd_f32, LaunchCfg { grid: (1, 1, 1), block: (256, 1, 1), smem_bytes: 0 }, &p)
+    }?;
     Ok(InfoNce { loss, dlogits })
 }

@@ -64,6 +64,29 @@ fn im2col(xb: &[f32], s: &ConvShape, r0: usize, rows: usize, col: &mut [f32]) {
     }
 }
 
+/// Panics unless x, the weights (rows `w_ld` apart), the bias and y (when given) hold what `s`
+/// says: the raw-pointer loops below trust these sizes.
+pub(crate) fn check_slices(
+    op: &str,
+    x: usize,
+    (w, w_ld): (usize, usize),
+    bias: Option<usize>,
+    y: Option<usize>,
+    s: &ConvShape,
+) {
+    use crate::ops::{assert_len, product};
+    assert_len(op, "x", x, product(&[s.b, s.ci, s.h, s.w]));
+    assert!(w_ld >= s.depth(), "{op}: weight rows {w_ld} apart are shorter than Ci·kh·kw = {}", s.depth());
+    let wn = if s.co == 0 { Some(0) } else { (s.co - 1).checked_mul(w_ld).and_then(|r| r.checked_add(s.depth())) };
+    assert_len(op, "w", w, wn);
+    if let Some(b) = bias {
+        assert_len(op, "bias", b, Some(s.co));
+    }
+    if let Some(y) = y {
+        assert_len(op, "y", y, product(&[s.b, s.co, s.h, s.w]));
+    }
+}
+
 /// y [B,Co,H,W] = conv(x [B,Ci,H,W], w [Co,Ci,kh,kw]) + bias.
 pub fn conv2d(x: &[f32], w: &[f32], bias: Option<&[f32]>, s: &ConvShape) -> Vec<f32> {
     if super::winograd::applies(s) {
@@ -84,6 +107,7 @@ pub fn conv2d_into(
     y: &mut [f32],
     accumulate: bool,
 ) {
+    check_slices("conv2d", x.len(), (w.len(), w_ld), bias.map(|b| b.len()), Some(y.len()), s);
     let (hw, kk) = (s.h * s.w, s.depth());
     if y.is_empty() {
         return;
@@ -171,6 +195,7 @@ pub fn flip_weights(w: &[f32], co: usize, ci: usize, k2: usize) -> Vec<f32> {
 
 /// dw [Co, Ci·kh·kw] = Σ over images and bands of dy_band [Co, px] · col_bandᵀ.
 pub fn conv2d_wgrad(x: &[f32], dy: &[f32], s: &ConvShape) -> Vec<f32> {
+    check_slices("conv2d_wgrad", x.len(), (s.co * s.depth(), s.depth()), None, Some(dy.len()), s);
     if super::winograd::applies_wgrad(s) {
         return super::winograd::conv2d_wgrad(x, dy, s);
     }

@@ -145,7 +145,8 @@ fn launch_fwd(dev: &Device, ptrs: [u64; 4], s: &ConvShape, wl_acc: (usize, bool)
         GemmAlgo::TensorCore => (Kernel::conv2d_tc_fwd_f32, 128),
         _ => (Kernel::conv2d_fwd_f32, 256),
     };
-    dev.launch(kernel, LaunchCfg { grid, block: (threads, 1, 1), smem_bytes: 0 }, &p)
+    // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+    unsafe { dev.launch(kernel, LaunchCfg { grid, block: (threads, 1, 1), smem_bytes: 0 }, &p) }
 }
 
 /// y [B,Co,H,W] = conv(x, w) + bias.
@@ -218,7 +219,8 @@ fn flipped_weights(w: &Tensor, s: &ConvShape) -> Result<Tensor> {
         pad: 0,
     };
     if wt.numel() > 0 {
-        w.device().launch(Kernel::conv_wflip_bwd_f32, LaunchCfg::elementwise(wt.numel()), &fp)?;
+        // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+        unsafe { w.device().launch(Kernel::conv_wflip_bwd_f32, LaunchCfg::elementwise(wt.numel()), &fp) }?;
     }
     Ok(wt)
 }
@@ -252,7 +254,8 @@ fn wgrad(dev: &Device, parts: &[&Tensor], dy: &Tensor, s: &ConvShape, algo: Gemm
         let p = conv_params([x.dev_ptr(), dy.dev_ptr(), 0, y], &sp, splits, (kk, false))?;
         let grid = (check_u32(op, sp.depth().div_ceil(64))?, check_u32(op, s.co.div_ceil(64))?, splits as u32);
         if sp.depth() * s.co * splits > 0 {
-            dev.launch(kernel, LaunchCfg { grid, block: (threads, 1, 1), smem_bytes: 0 }, &p)?;
+            // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+            unsafe { dev.launch(kernel, LaunchCfg { grid, block: (threads, 1, 1), smem_bytes: 0 }, &p) }?;
         }
         c_off += sp.ci;
     }

@@ -294,7 +294,7 @@ pub fn conv2d_into(
     y: &mut [f32],
     accumulate: bool,
 ) {
-    assert_eq!(y.len(), s.b * s.co * s.h * s.w, "the output must be [B, Co, H, W]");
+    assert_eq!(Some(y.len()), crate::ops::product(&[s.b, s.co, s.h, s.w]), "the output must be [B, Co, H, W]");
     // SAFETY: y holds B·Co·H·W initialised floats.
     unsafe { conv2d_raw(xs, (w, w_ld, None), bias, s, (y.as_mut_ptr(), accumulate)) }
 }
@@ -308,7 +308,7 @@ pub fn conv2d_new(
     bias: Option<&[f32]>,
     s: &ConvShape,
 ) -> Vec<f32> {
-    let mut y = Unfilled::new(s.b * s.co * s.h * s.w);
+    let mut y = Unfilled::new(crate::ops::product(&[s.b, s.co, s.h, s.w]).expect("the output's size overflows"));
     // SAFETY: y has room for B·Co·H·W floats, and without accumulation the output transform
     // writes every one of them (and reads none).
     unsafe {
@@ -341,15 +341,25 @@ unsafe fn conv2d_raw(
 ) {
     assert!(s.kh == 3 && s.kw == 3, "Winograd F(2x2, 3x3) needs a 3x3 kernel");
     let hw = s.h * s.w;
+    let plane = crate::ops::product(&[s.b, hw]).expect("the input's size overflows");
     // (slice, its channels, its first row of V)
     let mut slices = Vec::with_capacity(xs.len());
     let mut off = 0;
     for x in xs {
-        let c = x.len() / (s.b * hw).max(1);
+        assert!(plane == 0 || x.len() % plane == 0, "winograd conv2d: an input slice is not [B, C, H, W]");
+        let c = x.len() / plane.max(1);
         slices.push((*x, c, off));
         off += c;
     }
     assert_eq!(off, s.ci, "the slices' channels must add up to Ci");
+    let x_len = crate::ops::product(&[s.b, s.ci, hw]).unwrap_or(usize::MAX);
+    match u_given {
+        Some(u) => crate::ops::assert_len("winograd conv2d", "U", u.len(), crate::ops::product(&[16, s.co, s.ci])),
+        None => super::cpu::check_slices("winograd conv2d", x_len, (w.len(), w_ld), None, None, s),
+    }
+    if let Some(b) = bias {
+        crate::ops::assert_len("winograd conv2d", "bias", b.len(), Some(s.co));
+    }
     if s.b * s.co * s.h * s.w == 0 {
         return;
     }
@@ -504,6 +514,7 @@ cpu_math::multiversion! {
 /// and dW = Gᵀ dU G. Bands run one after another (a fixed order: deterministic), each band's
 /// transforms across threads by channel and its 16 GEMMs across threads by ξ.
 pub fn conv2d_wgrad(x: &[f32], dy: &[f32], s: &ConvShape) -> Vec<f32> {
+    super::cpu::check_slices("winograd conv2d_wgrad", x.len(), (s.co * s.depth(), s.depth()), None, Some(dy.len()), s);
     let hw = s.h * s.w;
     let (th, tw) = (s.h.div_ceil(2), s.w.div_ceil(2));
     let mut du = vec![0.0f32; 16 * s.co * s.ci];

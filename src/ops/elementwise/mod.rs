@@ -109,7 +109,8 @@ pub fn unary(x: &Tensor, op: UnaryOp) -> Result<Tensor> {
     let y = Tensor::empty(x.shape(), DType::F32, dev)?;
     let p = UnaryParams { x: x.dev_ptr(), y: y.dev_ptr(), n: x.numel() as u64, alpha: op.alpha(), op: op.code() };
     if x.numel() > 0 {
-        dev.launch(Kernel::unary_fwd_f32, LaunchCfg::elementwise(x.numel()), &p)?;
+        // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+        unsafe { dev.launch(Kernel::unary_fwd_f32, LaunchCfg::elementwise(x.numel()), &p) }?;
     }
     Ok(y)
 }
@@ -168,7 +169,8 @@ pub fn unary_backward(op: UnaryOp, x: &Tensor, y: &Tensor, dy: &Tensor) -> Resul
         op: op.code(),
     };
     if x.numel() > 0 {
-        dev.launch(Kernel::unary_bwd_f32, LaunchCfg::elementwise(x.numel()), &p)?;
+        // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+        unsafe { dev.launch(Kernel::unary_bwd_f32, LaunchCfg::elementwise(x.numel()), &p) }?;
     }
     Ok(dx)
 }
@@ -270,7 +272,8 @@ pub fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Result<Tensor> {
         p.sb[i] = check_u32("binary", plan.sb[i])?;
     }
     if y.numel() > 0 {
-        dev.launch(Kernel::binary_fwd_f32, LaunchCfg::elementwise(y.numel()), &p)?;
+        // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+        unsafe { dev.launch(Kernel::binary_fwd_f32, LaunchCfg::elementwise(y.numel()), &p) }?;
     }
     Ok(y)
 }

@@ -83,7 +83,8 @@ pub fn embedding(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
         pad: 0,
     };
     if n * d > 0 {
-        dev.launch(Kernel::embedding_fwd_f32, LaunchCfg::elementwise(n * d), &p)?;
+        // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+        unsafe { dev.launch(Kernel::embedding_fwd_f32, LaunchCfg::elementwise(n * d), &p) }?;
         let first_bad = bad.to_vec_i32()?[0] as usize;
         if first_bad < n {
             let id = ids.to_vec_i32()?[first_bad];
@@ -136,7 +137,8 @@ pub fn embedding_backward(ids: &Tensor, dy: &Tensor, vocab: usize) -> Result<Ten
     };
     if n > 0 && d > 0 {
         let cfg = LaunchCfg { grid: (check_u32(OP, n)?, 1, 1), block: (128, 1, 1), smem_bytes: 0 };
-        dev.launch(Kernel::embedding_bwd_f32, cfg, &p)?;
+        // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+        unsafe { dev.launch(Kernel::embedding_bwd_f32, cfg, &p) }?;
     }
     Ok(dt)
 }

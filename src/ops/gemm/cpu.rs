@@ -13,7 +13,12 @@ const PAR_INSIDE: usize = 1 << 18;
 /// accumulated onto them, so the epilogue costs no extra pass).
 pub fn gemm(a: &[f32], b: &[f32], s: &GemmShape, alpha: f32, bias: Option<&[f32]>) -> Vec<f32> {
     let (m, n, k) = (s.m, s.n, s.k);
-    let mut c = vec![0.0f32; s.batch * m * n];
+    crate::ops::assert_len("gemm", "A", a.len(), s.span(s.sa, m, k));
+    crate::ops::assert_len("gemm", "B", b.len(), s.span(s.sb, k, n));
+    if let Some(bias) = bias {
+        crate::ops::assert_len("gemm", "bias", bias.len(), Some(n));
+    }
+    let mut c = vec![0.0f32; crate::ops::product(&[s.batch, m, n]).expect("the output's size overflows")];
     if c.is_empty() {
         return c;
     }

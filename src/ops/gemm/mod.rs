@@ -76,6 +76,18 @@ pub struct GemmShape {
 }
 
 impl GemmShape {
+    /// Elements an operand with `strides` (batch, row, col) must hold for `rows` × `cols`
+    /// matrices over the batch: one past its largest index (None on overflow).
+    pub(crate) fn span(&self, (sb, sr, sc): (usize, usize, usize), rows: usize, cols: usize) -> Option<usize> {
+        if self.batch == 0 || rows == 0 || cols == 0 {
+            return Some(0);
+        }
+        let last = (self.batch - 1)
+            .checked_mul(sb)?
+            .checked_add((rows - 1).checked_mul(sr)?)?
+            .checked_add((cols - 1).checked_mul(sc)?)?;
+        last.checked_add(1)
+    }
     pub fn flops(&self) -> f64 {
         2.0 * (self.batch * self.m * self.n * self.k) as f64
     }
@@ -178,7 +190,8 @@ pub(crate) fn launch(
         GemmAlgo::TensorCore => (Kernel::gemm_tc_fwd_f32, 128),
         GemmAlgo::Tiled | GemmAlgo::Auto => (Kernel::gemm_fwd_f32, 256),
     };
-    dev.launch(kernel, LaunchCfg { grid, block: (threads, 1, 1), smem_bytes: 0 }, &p)
+    // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+    unsafe { dev.launch(kernel, LaunchCfg { grid, block: (threads, 1, 1), smem_bytes: 0 }, &p) }
 }
 
 /// (dA, dB) for C = alpha · op(A) · op(B), as GEMMs on the same device:

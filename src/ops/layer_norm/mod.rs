@@ -121,7 +121,8 @@ pub fn layer_norm(x: &Tensor, gamma: Option<&Tensor>, beta: Option<&Tensor>, eps
         [x.dev_ptr(), ptr(gamma), ptr(beta), y.dev_ptr(), mean.dev_ptr(), rstd.dev_ptr(), 0, 0, 0, 0],
     )?;
     if rows > 0 {
-        dev.launch(Kernel::layer_norm_fwd_f32, row_cfg(rows), &p)?;
+        // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+        unsafe { dev.launch(Kernel::layer_norm_fwd_f32, row_cfg(rows), &p) }?;
     }
     Ok(LnForward { y, mean, rstd })
 }
@@ -175,9 +176,11 @@ pub fn layer_norm_backward(
         ],
     )?;
     if rows > 0 {
-        dev.launch(Kernel::layer_norm_bwd_f32, row_cfg(rows), &p)?;
+        // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+        unsafe { dev.launch(Kernel::layer_norm_bwd_f32, row_cfg(rows), &p) }?;
         let cfg = LaunchCfg { grid: ((c as u32).div_ceil(32), parts as u32, 1), block: (32, 8, 1), smem_bytes: 0 };
-        dev.launch(Kernel::layer_norm_params_bwd_f32, cfg, &p)?;
+        // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+        unsafe { dev.launch(Kernel::layer_norm_params_bwd_f32, cfg, &p) }?;
     }
     Ok(LnGrads {
         dx,

@@ -136,11 +136,14 @@ fn seg_reduce(op: &'static str, x: &Tensor, g: &Tensor, b: usize, p: usize, mode
     if b > 65535 {
         return Err(Error::Unsupported { op, detail: format!("batch {b} exceeds a grid's y range") });
     }
-    dev.launch(
-        Kernel::seg_partial_fwd_f32,
-        LaunchCfg { grid: (c as u32, b as u32, 1), block: (256, 1, 1), smem_bytes: 0 },
-        &pp,
-    )?;
+    // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+    unsafe {
+        dev.launch(
+            Kernel::seg_partial_fwd_f32,
+            LaunchCfg { grid: (c as u32, b as u32, 1), block: (256, 1, 1), smem_bytes: 0 },
+            &pp,
+        )
+    }?;
     let per_sample = Tensor::empty(&[b, 4], DType::F32, dev)?;
     let loss = Tensor::empty(&[3], DType::F32, dev)?;
     let fp = SegFinalParams {
@@ -152,7 +155,10 @@ fn seg_reduce(op: &'static str, x: &Tensor, g: &Tensor, b: usize, p: usize, mode
         p: p as u32,
         mode,
     };
-    dev.launch(Kernel::seg_final_fwd_f32, LaunchCfg { grid: (1, 1, 1), block: (256, 1, 1), smem_bytes: 0 }, &fp)?;
+    // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+    unsafe {
+        dev.launch(Kernel::seg_final_fwd_f32, LaunchCfg { grid: (1, 1, 1), block: (256, 1, 1), smem_bytes: 0 }, &fp)
+    }?;
     Ok((per_sample, loss))
 }
 
@@ -196,7 +202,8 @@ pub fn dice_bce_backward(logits: &Tensor, target: &Tensor, fwd: &SegLoss, scale:
         scale,
         pad: 0,
     };
-    dev.launch(Kernel::dicebce_bwd_f32, LaunchCfg::elementwise(b * p), &pr)?;
+    // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+    unsafe { dev.launch(Kernel::dicebce_bwd_f32, LaunchCfg::elementwise(b * p), &pr) }?;
     Ok(dx)
 }
 
@@ -231,7 +238,8 @@ pub fn mse(x: &Tensor, y: &Tensor) -> Result<Tensor> {
     let cfg = LaunchCfg::elementwise(x.numel());
     let partial = Tensor::empty(&[cfg.grid.0 as usize], DType::F32, dev)?;
     let p = MseParams { x: x.dev_ptr(), y: y.dev_ptr(), partial: partial.dev_ptr(), n: x.numel() as u64 };
-    dev.launch(Kernel::mse_fwd_f32, cfg, &p)?;
+    // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+    unsafe { dev.launch(Kernel::mse_fwd_f32, cfg, &p) }?;
     let total = reduce::sum(&partial, 0)?;
     crate::ops::elementwise::scale(&total, 1.0 / x.numel() as f32)
 }
@@ -259,6 +267,7 @@ pub fn mse_backward(x: &Tensor, y: &Tensor, scale: f32) -> Result<(Tensor, Tenso
         scale,
         pad: 0,
     };
-    dev.launch(Kernel::mse_bwd_f32, LaunchCfg::elementwise(x.numel()), &p)?;
+    // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+    unsafe { dev.launch(Kernel::mse_bwd_f32, LaunchCfg::elementwise(x.numel()), &p) }?;
     Ok((dx, dy))
 }

@@ -182,11 +182,14 @@ pub fn batch_norm(
             momentum: o.momentum,
         };
         if c > 0 {
-            dev.launch(
-                Kernel::bn_stats_fwd_f32,
-                LaunchCfg { grid: (c as u32, 1, 1), block: (256, 1, 1), smem_bytes: 0 },
-                &p,
-            )?;
+            // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+            unsafe {
+                dev.launch(
+                    Kernel::bn_stats_fwd_f32,
+                    LaunchCfg { grid: (c as u32, 1, 1), block: (256, 1, 1), smem_bytes: 0 },
+                    &p,
+                )
+            }?;
         }
         (mean, var, nrm, nrv)
     } else {
@@ -207,7 +210,8 @@ pub fn batch_norm(
         relu: o.relu as u32,
     };
     if x.numel() > 0 {
-        dev.launch(Kernel::bn_apply_fwd_f32, LaunchCfg::elementwise(x.numel()), &p)?;
+        // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+        unsafe { dev.launch(Kernel::bn_apply_fwd_f32, LaunchCfg::elementwise(x.numel()), &p) }?;
     }
     Ok(BnForward { y, mean, var, running_mean: nrm, running_var: nrv })
 }
@@ -255,11 +259,14 @@ pub fn batch_norm_backward(x: &Tensor, gamma: &Tensor, f: &BnForward, dy: &Tenso
         pad: 0,
     };
     if c > 0 {
-        dev.launch(
-            Kernel::bn_reduce_bwd_f32,
-            LaunchCfg { grid: (c as u32, 1, 1), block: (256, 1, 1), smem_bytes: 0 },
-            &rp,
-        )?;
+        // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+        unsafe {
+            dev.launch(
+                Kernel::bn_reduce_bwd_f32,
+                LaunchCfg { grid: (c as u32, 1, 1), block: (256, 1, 1), smem_bytes: 0 },
+                &rp,
+            )
+        }?;
     }
     let dx = Tensor::empty(x.shape(), DType::F32, dev)?;
     let ap = BnApplyBwdParams {
@@ -281,7 +288,8 @@ pub fn batch_norm_backward(x: &Tensor, gamma: &Tensor, f: &BnForward, dy: &Tenso
         count: check_u32(op, b * s)?,
     };
     if x.numel() > 0 {
-        dev.launch(Kernel::bn_apply_bwd_f32, LaunchCfg::elementwise(x.numel()), &ap)?;
+        // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+        unsafe { dev.launch(Kernel::bn_apply_bwd_f32, LaunchCfg::elementwise(x.numel()), &ap) }?;
     }
     Ok(BnGrads { dx, dgamma, dbeta })
 }

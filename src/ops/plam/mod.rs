@@ -119,7 +119,8 @@ pub fn plam_gate(s: &Tensor, w: &PlamWeights, algo: GemmAlgo) -> Result<PlamForw
     let arg = Tensor::empty(&gshape, DType::I32, dev)?;
     let p = params(&a, &m, s, w, (b, c, hw), [out.dev_ptr(), g.dev_ptr(), arg.dev_ptr(), 0, 0, 0, 0, 0])?;
     if b * hw > 0 {
-        dev.launch(Kernel::plam_gate_fwd_f32, LaunchCfg::elementwise(b * hw), &p)?;
+        // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+        unsafe { dev.launch(Kernel::plam_gate_fwd_f32, LaunchCfg::elementwise(b * hw), &p) }?;
     }
     Ok(PlamForward { out, g, a, m, arg })
 }
@@ -211,7 +212,8 @@ pub fn plam_gate_backward(
                 fcgrad.dev_ptr(),
             ],
         )?;
-        dev.launch(Kernel::plam_gate_bwd_f32, cfg, &p)?;
+        // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+        unsafe { dev.launch(Kernel::plam_gate_bwd_f32, cfg, &p) }?;
         (ds, da, dm, reduce::sum(&fcgrad, 0)?)
     };
     let ga = conv::conv2d_backward(s, w.w_avg, &da, false, algo)?;

@@ -90,7 +90,8 @@ pub fn max_pool2(x: &Tensor) -> Result<(Tensor, Tensor)> {
         w: check_u32(op, w)?,
     };
     if y.numel() > 0 {
-        dev.launch(Kernel::maxpool2_fwd_f32, LaunchCfg::elementwise(y.numel()), &p)?;
+        // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+        unsafe { dev.launch(Kernel::maxpool2_fwd_f32, LaunchCfg::elementwise(y.numel()), &p) }?;
     }
     Ok((y, idx))
 }
@@ -120,7 +121,8 @@ pub fn max_pool2_backward(dy: &Tensor, idx: &Tensor, in_shape: &[usize]) -> Resu
         w: check_u32(op, w)?,
     };
     if dx.numel() > 0 {
-        dev.launch(Kernel::maxpool2_bwd_f32, LaunchCfg::elementwise(dx.numel()), &p)?;
+        // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+        unsafe { dev.launch(Kernel::maxpool2_bwd_f32, LaunchCfg::elementwise(dx.numel()), &p) }?;
     }
     Ok(dx)
 }
@@ -137,7 +139,8 @@ pub fn upsample2(x: &Tensor) -> Result<Tensor> {
     let y = Tensor::empty(&out, DType::F32, dev)?;
     let p = Up2Params { x: x.dev_ptr(), y: y.dev_ptr(), planes: np as u64, h: check_u32(op, h)?, w: check_u32(op, w)? };
     if y.numel() > 0 {
-        dev.launch(Kernel::upsample2_fwd_f32, LaunchCfg::elementwise(y.numel()), &p)?;
+        // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+        unsafe { dev.launch(Kernel::upsample2_fwd_f32, LaunchCfg::elementwise(y.numel()), &p) }?;
     }
     Ok(y)
 }
@@ -160,7 +163,8 @@ pub fn upsample2_backward(dy: &Tensor) -> Result<Tensor> {
     let p =
         Up2Params { x: dy.dev_ptr(), y: dx.dev_ptr(), planes: np as u64, h: check_u32(op, h)?, w: check_u32(op, w)? };
     if dx.numel() > 0 {
-        dev.launch(Kernel::upsample2_bwd_f32, LaunchCfg::elementwise(dx.numel()), &p)?;
+        // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+        unsafe { dev.launch(Kernel::upsample2_bwd_f32, LaunchCfg::elementwise(dx.numel()), &p) }?;
     }
     Ok(dx)
 }

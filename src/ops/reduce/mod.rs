@@ -87,9 +87,11 @@ pub fn reduce(x: &Tensor, axis: isize, op: ReduceOp) -> Result<(Tensor, Option<T
     if inner == 1 {
         let blocks = (outer as u32).div_ceil(ROWS_PER_BLOCK);
         let cfg = LaunchCfg { grid: (blocks, 1, 1), block: (32, ROWS_PER_BLOCK, 1), smem_bytes: 0 };
-        dev.launch(Kernel::reduce_last_fwd_f32, cfg, &p)?;
+        // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+        unsafe { dev.launch(Kernel::reduce_last_fwd_f32, cfg, &p) }?;
     } else {
-        dev.launch(Kernel::reduce_mid_fwd_f32, LaunchCfg::elementwise(outer * inner), &p)?;
+        // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+        unsafe { dev.launch(Kernel::reduce_mid_fwd_f32, LaunchCfg::elementwise(outer * inner), &p) }?;
     }
     Ok((y, idx))
 }
@@ -152,7 +154,8 @@ pub fn reduce_backward(
         op: op as u32,
     };
     if dx.numel() > 0 {
-        dev.launch(Kernel::reduce_bwd_f32, LaunchCfg::elementwise(dx.numel()), &p)?;
+        // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+        unsafe { dev.launch(Kernel::reduce_bwd_f32, LaunchCfg::elementwise(dx.numel()), &p) }?;
     }
     Ok(dx)
 }

@@ -72,7 +72,8 @@ fn forward(x: &Tensor, log: bool) -> Result<Tensor> {
         log: log as u32,
         pad: 0,
     };
-    dev.launch(Kernel::softmax_fwd_f32, launch_cfg(rows, cols), &p)?;
+    // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+    unsafe { dev.launch(Kernel::softmax_fwd_f32, launch_cfg(rows, cols), &p) }?;
     Ok(y)
 }
 
@@ -109,6 +110,7 @@ pub fn softmax_backward(y: &Tensor, dy: &Tensor, log: bool) -> Result<Tensor> {
         log: log as u32,
         pad: 0,
     };
-    dev.launch(Kernel::softmax_bwd_f32, launch_cfg(rows, cols), &p)?;
+    // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+    unsafe { dev.launch(Kernel::softmax_bwd_f32, launch_cfg(rows, cols), &p) }?;
     Ok(dx)
 }

@@ -114,7 +114,8 @@ pub fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
             block: (32, 8, 1),
             smem_bytes: 0,
         };
-        dev.launch(Kernel::transpose_fwd_f32, cfg, &p)?;
+        // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+        unsafe { dev.launch(Kernel::transpose_fwd_f32, cfg, &p) }?;
         return Ok(y);
     }
     if r > MAX_RANK {
@@ -134,7 +135,8 @@ pub fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
         p.out_shape[i] = check_u32("permute", ms[mp[i]])?;
         p.in_strides[i] = check_u32("permute", st[mp[i]])?;
     }
-    dev.launch(Kernel::permute_fwd_f32, LaunchCfg::elementwise(x.numel()), &p)?;
+    // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+    unsafe { dev.launch(Kernel::permute_fwd_f32, LaunchCfg::elementwise(x.numel()), &p) }?;
     Ok(y)
 }
 
@@ -190,7 +192,8 @@ fn launch_narrow(
         reserved: 0,
     };
     if y.numel() > 0 {
-        x.device().launch(Kernel::narrow_fwd_f32, LaunchCfg::elementwise(y.numel()), &p)?;
+        // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+        unsafe { x.device().launch(Kernel::narrow_fwd_f32, LaunchCfg::elementwise(y.numel()), &p) }?;
     }
     Ok(())
 }
