@@ -77,7 +77,9 @@ pub(crate) fn numel(shape: &[usize]) -> usize {
 /// The element count of `shape`, or None when it overflows or could not be allocated (more than
 /// isize::MAX bytes at 8 bytes an element): shapes like [2⁶², 64] must never be built.
 pub fn checked_numel(shape: &[usize]) -> Option<usize> {
-    shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).filter(|&n| n <= isize::MAX as usize / 8)
+    // the nonzero dims too: strides of [0, 2⁶², 2⁶²] overflow although it holds no element
+    shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d.max(1))).filter(|&n| n <= isize::MAX as usize / 8)?;
+    Some(shape.iter().product())
 }
 
 fn numel_checked(op: &'static str, shape: &[usize]) -> Result<usize> {

@@ -92,8 +92,9 @@ impl RunDir {
                     ),
                 ))
             }
-            Mode::Resume if !root.join(STATE).is_file() => {
-                return Err(err(root, format!("nothing to resume: no {STATE} in the run folder")));
+            // a run killed before its first epoch ended has its tokenizer and no state yet
+            Mode::Resume if !root.join(STATE).is_file() && !root.join(TOKENIZER).is_file() => {
+                return Err(err(root, format!("nothing to resume: no {STATE} or {TOKENIZER} in the run folder")));
             }
             Mode::Overwrite => {
                 for f in RUN_FILES {

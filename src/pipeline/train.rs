@@ -228,7 +228,12 @@ impl Run {
             run.note(format!("removed {n} temporary file(s) left by an interrupted write"));
         }
         if o.resume {
-            run.restore(o.accept_changes)?;
+            if run.dir.path(run_dir::STATE).is_file() {
+                run.restore(o.accept_changes)?;
+            } else {
+                // the run was stopped before its first epoch ended: nothing to continue from
+                run.note("the run has no completed epoch: starting it from the beginning".into());
+            }
         }
         Ok(run)
     }
@@ -504,18 +509,34 @@ fn run_epoch(run: &mut Run, o: &TrainOpts, epoch: usize) -> Result<EpochStats> {
     Ok(st)
 }
 
+/// The kill test's hook: `RECLMIS_CRASH_AT=<point>@<epoch>` ends the process with SIGKILL (as the
+/// OOM killer or a power cut would: no destructors, no flush) at a named moment between the
+/// files of an epoch, which random kill times would rarely hit.
+fn crash_point(point: &str, epoch: usize) {
+    if let Ok(v) = std::env::var("RECLMIS_CRASH_AT") {
+        if v == format!("{point}@{epoch}") {
+            // SAFETY: kill(2) on this process; nothing runs after it.
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        }
+    }
+}
+
 /// The files of a finished epoch, in the order that keeps a kill harmless: best (when better),
 /// the state (the resume point), last, the log, the curves.
 fn record_epoch(run: &mut Run, entry: EpochLog) -> Result<bool> {
     let improved = entry.val_dice > run.best.0;
+    let epoch = entry.epoch;
     if improved {
         run.best = (entry.val_dice, entry.epoch);
         let meta = run.checkpoint_meta(entry.epoch, entry.val_dice);
         checkpoint::save_with(&run.tr.model.params, &meta, &run.dir.path(run_dir::BEST))?;
     }
+    crash_point("before_state", epoch);
     run.save_state(&entry)?;
+    crash_point("before_last", epoch);
     let meta = run.checkpoint_meta(entry.epoch, entry.val_dice);
     checkpoint::save_with(&run.tr.model.params, &meta, &run.dir.path(run_dir::LAST))?;
+    crash_point("before_log", epoch);
     run.log.push(entry);
     run.dir.write_log(&run.log)?;
     let curves: (Vec<f64>, Vec<f64>, Vec<f64>) = (
