@@ -175,9 +175,12 @@ pub fn write_tensors(path: &Path, tensors: &[(String, Vec<usize>, Data)], metada
     .map_err(|e| err(path, e.to_string()))
 }
 
+/// (name, shape, values) of one tensor copied to the host.
+pub type HostTensor = (String, Vec<usize>, Vec<f32>);
+
 /// Every parameter, buffer and counter of `params` under its official name, as `write_tensors`
 /// takes them (the values copied to the host).
-pub fn host_values(params: &Params) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+pub fn host_values(params: &Params) -> Result<Vec<HostTensor>> {
     params
         .ids()
         .map(|id| Ok((params.name(id).to_string(), params.value(id).shape().to_vec(), params.value(id).to_vec()?)))

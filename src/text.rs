@@ -37,7 +37,13 @@ impl NoteTokenizer {
 
     /// A tokenizer.json's content.
     pub fn from_bytes(bytes: &[u8], len: usize) -> Result<NoteTokenizer> {
-        let tok = Tokenizer::from_bytes(bytes).map_err(|e| tok_err("not a valid tokenizer.json", e))?;
+        // JSON syntax first: a damaged file then gets serde_json's message with its position
+        serde_json::from_slice::<serde_json::Value>(bytes).map_err(|e| tok_err("not a valid tokenizer.json", e))?;
+        // tokenizers 0.22 panics (`expect("Helper")` in its decoder deserialiser) on some
+        // well-formed JSON of the wrong structure, found by tests/fuzz_parsers.rs: contain it
+        let parsed = std::panic::catch_unwind(|| Tokenizer::from_bytes(bytes))
+            .map_err(|_| tok_err("not a valid tokenizer.json", "its structure is not a tokenizer's"))?;
+        let tok = parsed.map_err(|e| tok_err("not a valid tokenizer.json", e))?;
         Self::wrap(tok, len)
     }
 
@@ -102,9 +108,19 @@ impl NoteTokenizer {
         crate::files::write_atomic(path, self.to_json()?.as_bytes())
     }
 
+    /// The tokenizer's encoding of a note cut to MAX_NOTE_BYTES. tokenizers 0.22 panics ("no entry
+    /// found for key" in its template post-processor) when a loaded tokenizer.json's template
+    /// names a token its vocabulary lacks (tests/fuzz_parsers.rs): contained as an error.
+    fn encoding(&self, note: &str) -> Result<tokenizers::Encoding> {
+        let note = bounded(note);
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.tok.encode(note, true)))
+            .map_err(|_| tok_err("encode", "the tokenizer.json is inconsistent (its template names a missing token)"))?
+            .map_err(|e| tok_err(note, e))
+    }
+
     /// The token strings of `encode` (padding as ""), for showing per-word weights.
     pub fn tokens(&self, note: &str) -> Result<Vec<String>> {
-        let enc = self.tok.encode(bounded(note), true).map_err(|e| tok_err(note, e))?;
+        let enc = self.encoding(note)?;
         let t = enc.get_tokens().iter().map(|s| s.trim_end_matches("</w>").to_string()).collect();
         Ok(fit(t, self.len, String::new()))
     }
@@ -112,7 +128,7 @@ impl NoteTokenizer {
     /// (ids, valid) of one note, both `len` long; valid = id ≠ 0. The tail is cut so that the
     /// end token survives (as clip.tokenize(truncate=True) does).
     pub fn encode(&self, note: &str) -> Result<(Vec<i32>, Vec<i32>)> {
-        let enc = self.tok.encode(bounded(note), true).map_err(|e| tok_err(note, e))?;
+        let enc = self.encoding(note)?;
         let ids = fit(enc.get_ids().iter().map(|&i| i as i32).collect(), self.len, 0);
         let valid = ids.iter().map(|&i| (i != 0) as i32).collect();
         Ok((ids, valid))

@@ -112,17 +112,30 @@ fn run_folders_are_never_clobbered() {
     std::fs::write(mine.join("notes.txt"), "precious").unwrap();
     let e = err_of(pipeline::train::train(&opts(&data, &mine), &dev));
     case("fresh run into a non-empty folder", e.contains("not empty") && e.contains("notes.txt"), &e);
-    let names: Vec<String> = std::fs::read_dir(&mine).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    case("refused run wrote nothing but its lock", names.iter().all(|n| n == "notes.txt" || n == ".lock"), format!("{names:?}"));
+    let names: Vec<String> =
+        std::fs::read_dir(&mine).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    case(
+        "refused run wrote nothing but its lock",
+        names.iter().all(|n| n == "notes.txt" || n == ".lock"),
+        format!("{names:?}"),
+    );
     // --overwrite replaces run files only
     std::fs::write(mine.join("best.safetensors"), "an old best").unwrap();
     pipeline::train::train(&TrainOpts { overwrite: true, epochs: 1, ..opts(&data, &mine) }, &dev).unwrap();
     case("overwrite keeps other files", std::fs::read_to_string(mine.join("notes.txt")).unwrap() == "precious", "");
-    case("overwrite replaced the old best", std::fs::read(mine.join("best.safetensors")).unwrap() != b"an old best", "");
+    case(
+        "overwrite replaced the old best",
+        std::fs::read(mine.join("best.safetensors")).unwrap() != b"an old best",
+        "",
+    );
     // a second training in a locked folder
     let held = run_dir::RunDir::open(&dir.join("locked"), run_dir::Mode::Fresh).unwrap();
     let e = err_of(pipeline::train::train(&TrainOpts { overwrite: true, ..opts(&data, &dir.join("locked")) }, &dev));
-    case("two trainings in one folder", e.contains("another training") && e.contains(&std::process::id().to_string()), &e);
+    case(
+        "two trainings in one folder",
+        e.contains("another training") && e.contains(&std::process::id().to_string()),
+        &e,
+    );
     drop(held);
     // default folders never collide
     let base = dir.join("runs");
@@ -171,7 +184,11 @@ fn resume_is_consistent_or_refuses() {
     let e = err_of(pipeline::train::train(&TrainOpts { resume: true, ..opts(&data, &run) }, &dev));
     case("other data", e.contains("train_data"), &e);
     let s = pipeline::train::train(&TrainOpts { resume: true, accept_changes: true, ..opts(&data, &run) }, &dev);
-    case("other data accepted when asked", s.as_ref().is_ok_and(|s| s.notes.iter().any(|n| n.contains("train_data"))), err_of(s.map(|_| ())));
+    case(
+        "other data accepted when asked",
+        s.as_ref().is_ok_and(|s| s.notes.iter().any(|n| n.contains("train_data"))),
+        err_of(s.map(|_| ())),
+    );
     std::fs::write(&csv, &text).unwrap();
     // a last.safetensors of another run
     let other = dir.join("other");
@@ -231,7 +248,8 @@ fn non_finite_values_are_caught() {
     case("saving a NaN weight", e.contains("w holds a non-finite value") && !path.exists(), &e);
     // loading one is an error naming the tensor
     let data = [1.0f32, f32::INFINITY];
-    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2], bytemuck::cast_slice(&data)).unwrap();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2], bytemuck::cast_slice(&data)).unwrap();
     std::fs::write(&path, safetensors::tensor::serialize([("w", view)], None).unwrap()).unwrap();
     let mut q = reclmis::nn::params::Params::new(&dev);
     q.add("w", &[2], vec![0.0; 2], Kind::Buffer).unwrap();
@@ -306,8 +324,16 @@ fn images_masks_notes_and_files() {
     std::fs::write(aa_set.join("Train_Folder/img/.DS_Store"), "x").unwrap();
     std::fs::write(aa_set.join("Train_Folder/img/Thumbs.db"), "x").unwrap();
     let l = pipeline::load(&aa_set, Split::Train, 32, 32).unwrap();
-    case("masks with other values reported", l.notes.iter().any(|n| n.contains("1 of 16 masks") && n.contains("255")), format!("{:?}", l.notes));
-    case("hidden and non-image files skipped", l.len() == 16 && l.notes.iter().any(|n| n.contains(".DS_Store") && n.contains("Thumbs.db")), format!("{:?}", l.notes));
+    case(
+        "masks with other values reported",
+        l.notes.iter().any(|n| n.contains("1 of 16 masks") && n.contains("255")),
+        format!("{:?}", l.notes),
+    );
+    case(
+        "hidden and non-image files skipped",
+        l.len() == 16 && l.notes.iter().any(|n| n.contains(".DS_Store") && n.contains("Thumbs.db")),
+        format!("{:?}", l.notes),
+    );
     // a long note is cut before tokenization
     let long = "lung ".repeat(400_000);
     let csv = aa_set.join("Train_Folder/Train_text.csv");
@@ -321,23 +347,90 @@ fn images_masks_notes_and_files() {
     case("a 2 MB note is cut", l.entries.iter().all(|e| e.note.len() <= reclmis::text::MAX_NOTE_BYTES), "");
 
     // infer: bad inputs, each before anything is written
-    let (ok, msg) = cli(&["infer", "--checkpoint", ck_s, "--image", img_s, "--note", "  ", "--out", out_s, "--device", "cpu"]);
+    let (ok, msg) =
+        cli(&["infer", "--checkpoint", ck_s, "--image", img_s, "--note", "  ", "--out", out_s, "--device", "cpu"]);
     case("empty note", !ok && msg.contains("--note is empty") && !out.exists(), &msg);
     let small = dir.join("small.png");
     image::save_buffer(&small, &[0u8; 16 * 16], 16, 16, image::ExtendedColorType::L8).unwrap();
-    let (ok, msg) = cli(&["infer", "--checkpoint", ck_s, "--image", img_s, "--note", note, "--mask-gt", small.to_str().unwrap(), "--out", out_s, "--device", "cpu"]);
+    let (ok, msg) = cli(&[
+        "infer",
+        "--checkpoint",
+        ck_s,
+        "--image",
+        img_s,
+        "--note",
+        note,
+        "--mask-gt",
+        small.to_str().unwrap(),
+        "--out",
+        out_s,
+        "--device",
+        "cpu",
+    ]);
     case("mask-gt of another size", !ok && msg.contains("ground truth") && !out.exists(), &msg);
-    let (ok, msg) = cli(&["infer", "--checkpoint", ck_s, "--image", img_s, "--note", note, "--mask-gt", "/nonexistent/g.png", "--out", out_s, "--device", "cpu"]);
+    let (ok, msg) = cli(&[
+        "infer",
+        "--checkpoint",
+        ck_s,
+        "--image",
+        img_s,
+        "--note",
+        note,
+        "--mask-gt",
+        "/nonexistent/g.png",
+        "--out",
+        out_s,
+        "--device",
+        "cpu",
+    ]);
     case("mask-gt missing", !ok && msg.contains("/nonexistent/g.png") && !out.exists(), &msg);
-    let (ok, msg) = cli(&["--max-megapixels", "0.0005", "infer", "--checkpoint", ck_s, "--image", img_s, "--note", note, "--out", out_s, "--device", "cpu"]);
+    let (ok, msg) = cli(&[
+        "--max-megapixels",
+        "0.0005",
+        "infer",
+        "--checkpoint",
+        ck_s,
+        "--image",
+        img_s,
+        "--note",
+        note,
+        "--out",
+        out_s,
+        "--device",
+        "cpu",
+    ]);
     case("image over the pixel limit", !ok && msg.contains("--max-megapixels") && msg.contains("1024 pixels"), &msg);
     let fifo = dir.join("fifo.png");
     let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
     // SAFETY: mkfifo with a valid C string.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-    let (ok, msg) = cli(&["infer", "--checkpoint", ck_s, "--image", fifo.to_str().unwrap(), "--note", note, "--out", out_s, "--device", "cpu"]);
+    let (ok, msg) = cli(&[
+        "infer",
+        "--checkpoint",
+        ck_s,
+        "--image",
+        fifo.to_str().unwrap(),
+        "--note",
+        note,
+        "--out",
+        out_s,
+        "--device",
+        "cpu",
+    ]);
     case("a FIFO as the image", !ok && msg.contains("not a regular file"), &msg);
-    let (ok, msg) = cli(&["infer", "--checkpoint", "/dev/zero", "--image", img_s, "--note", note, "--out", out_s, "--device", "cpu"]);
+    let (ok, msg) = cli(&[
+        "infer",
+        "--checkpoint",
+        "/dev/zero",
+        "--image",
+        img_s,
+        "--note",
+        note,
+        "--out",
+        out_s,
+        "--device",
+        "cpu",
+    ]);
     case("/dev/zero as the checkpoint", !ok && msg.contains("/dev/zero") && msg.contains("not a regular file"), &msg);
     // a permuted tokenizer beside the checkpoint
     let moved = dir.join("moved");
@@ -345,7 +438,19 @@ fn images_masks_notes_and_files() {
     std::fs::copy(&ck, moved.join("best.safetensors")).unwrap();
     let tok = std::fs::read_to_string(run.join("tokenizer.json")).unwrap();
     std::fs::write(moved.join("tokenizer.json"), tok.replacen("\"lung\":", "\"lungX\":", 1)).unwrap();
-    let (ok, msg) = cli(&["infer", "--checkpoint", moved.join("best.safetensors").to_str().unwrap(), "--image", img_s, "--note", note, "--out", out_s, "--device", "cpu"]);
+    let (ok, msg) = cli(&[
+        "infer",
+        "--checkpoint",
+        moved.join("best.safetensors").to_str().unwrap(),
+        "--image",
+        img_s,
+        "--note",
+        note,
+        "--out",
+        out_s,
+        "--device",
+        "cpu",
+    ]);
     case("tokenizer of another run", !ok && msg.contains("is not the tokenizer"), &msg);
     // checkpoint metadata asking for a huge model: refused before any allocation
     let mut meta = reclmis::checkpoint::read_metadata(&ck).unwrap();
@@ -354,16 +459,54 @@ fn images_masks_notes_and_files() {
     let meta_v: Vec<(String, String)> = meta.into_iter().collect();
     reclmis::checkpoint::write_tensors(&huge, &[], &meta_v).unwrap();
     std::fs::copy(run.join("tokenizer.json"), moved.join("tokenizer.json")).unwrap();
-    let (ok, msg) = cli(&["infer", "--checkpoint", huge.to_str().unwrap(), "--image", img_s, "--note", note, "--out", out_s, "--device", "cpu"]);
+    let (ok, msg) = cli(&[
+        "infer",
+        "--checkpoint",
+        huge.to_str().unwrap(),
+        "--image",
+        img_s,
+        "--note",
+        note,
+        "--out",
+        out_s,
+        "--device",
+        "cpu",
+    ]);
     case("img_h = 128000 in the metadata", !ok && msg.contains("at most 4096"), &msg);
     // a truncated checkpoint
     let bytes = std::fs::read(&ck).unwrap();
     let cut = moved.join("cut.safetensors");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
-    let (ok, msg) = cli(&["infer", "--checkpoint", cut.to_str().unwrap(), "--image", img_s, "--note", note, "--out", out_s, "--device", "cpu"]);
+    let (ok, msg) = cli(&[
+        "infer",
+        "--checkpoint",
+        cut.to_str().unwrap(),
+        "--image",
+        img_s,
+        "--note",
+        note,
+        "--out",
+        out_s,
+        "--device",
+        "cpu",
+    ]);
     case("truncated checkpoint", !ok && msg.contains("cut.safetensors"), &msg);
     // and the good case works, with the Dice printed
-    let (ok, msg) = cli(&["infer", "--checkpoint", ck_s, "--image", img_s, "--note", note, "--mask-gt", mask.to_str().unwrap(), "--out", out_s, "--device", "cpu"]);
+    let (ok, msg) = cli(&[
+        "infer",
+        "--checkpoint",
+        ck_s,
+        "--image",
+        img_s,
+        "--note",
+        note,
+        "--mask-gt",
+        mask.to_str().unwrap(),
+        "--out",
+        out_s,
+        "--device",
+        "cpu",
+    ]);
     case("good infer", ok && msg.contains("Dice against the ground truth") && out.join("overlay.png").is_file(), &msg);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -37,7 +37,13 @@ fn run_ok(mut c: Command) {
 fn run_crash(mut c: Command, at: &str) {
     use std::os::unix::process::ExitStatusExt;
     let out = c.env("RECLMIS_CRASH_AT", at).output().unwrap();
-    assert_eq!(out.status.signal(), Some(9), "{at}: expected SIGKILL, got {:?}: {}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.signal(),
+        Some(9),
+        "{at}: expected SIGKILL, got {:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Starts the command and kills it with SIGKILL after `ms`; returns true if it was still running.

@@ -43,8 +43,18 @@ fn data_err(path: &Path, detail: impl Into<String>) -> Error {
     Error::Data { path: path.display().to_string(), detail: detail.into() }
 }
 
+fn read_xlsx(path: &Path) -> Result<Vec<Vec<String>>> {
+    use calamine::{open_workbook_auto, Reader};
+    let mut wb = open_workbook_auto(path).map_err(|e| data_err(path, format!("not a readable xlsx workbook: {e}")))?;
+    let sheet = wb.sheet_names().first().cloned().ok_or_else(|| data_err(path, "the workbook has no sheet"))?;
+    let range = wb.worksheet_range(&sheet).map_err(|e| data_err(path, format!("cannot read sheet {sheet:?}: {e}")))?;
+    Ok(range.rows().map(|r| r.iter().map(|c| c.to_string()).collect()).collect())
+}
+
 /// Reads a notes sheet: (key, description) rows after the `Image | Description` header.
 pub fn read_sheet(path: &Path) -> Result<HashMap<String, String>> {
+    // a FIFO or device named as a sheet would block or never end
+    crate::files::open_regular(path, 1 << 30)?;
     let rows: Vec<Vec<String>> =
         match path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref() {
             Some("csv") => {
@@ -61,15 +71,10 @@ pub fn read_sheet(path: &Path) -> Result<HashMap<String, String>> {
                     .collect::<Result<_>>()?
             }
             Some("xlsx") => {
-                use calamine::{open_workbook_auto, Reader};
-                let mut wb = open_workbook_auto(path)
-                    .map_err(|e| data_err(path, format!("not a readable xlsx workbook: {e}")))?;
-                let sheet =
-                    wb.sheet_names().first().cloned().ok_or_else(|| data_err(path, "the workbook has no sheet"))?;
-                let range = wb
-                    .worksheet_range(&sheet)
-                    .map_err(|e| data_err(path, format!("cannot read sheet {sheet:?}: {e}")))?;
-                range.rows().map(|r| r.iter().map(|c| c.to_string()).collect()).collect()
+                // calamine 0.31 panics on some damaged workbooks (an index out of bounds in its
+                // cell reader, found by tests/fuzz_parsers.rs): contain it as an error
+                std::panic::catch_unwind(|| read_xlsx(path))
+                    .map_err(|_| data_err(path, "not a readable xlsx workbook (its cells are damaged)"))??
             }
             _ => return Err(data_err(path, "a notes sheet must be .xlsx or .csv")),
         };
