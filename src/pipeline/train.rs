@@ -318,12 +318,12 @@ impl Run {
             }
         }
         let state_run = get("run_id")?.clone();
-        // weights, counters and moments
-        let rep = checkpoint::load(&mut self.tr.model.params, &path)?;
+        // weights, counters and moments, from one read of the file
+        let bytes = crate::files::read_regular(&path, u64::MAX)?;
+        let rep = checkpoint::load_bytes(&mut self.tr.model.params, &bytes, &path)?;
         if !rep.missing.is_empty() {
             return Err(data_err(&path, format!("not this preset's training state: {}", rep.summary())));
         }
-        let bytes = crate::files::read_regular(&path, u64::MAX)?;
         let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| data_err(&path, e))?;
         let without: std::collections::HashSet<&str> =
             get("without_moments")?.split(',').filter(|s| !s.is_empty()).collect();
@@ -381,8 +381,8 @@ impl Run {
             self.note(format!("{} did not match the training state (epoch {epoch}): rewritten", run_dir::LAST));
         }
         // the log: lines after the state's epoch dropped, its own line added when missing
-        let mut log = self.dir.read_log()?;
-        let before = log.len();
+        let on_disk = self.dir.read_log()?;
+        let mut log = on_disk.clone();
         log.retain(|e| e.epoch < epoch);
         log.push(entry);
         for (i, e) in log.iter().enumerate() {
@@ -398,7 +398,7 @@ impl Run {
                 ));
             }
         }
-        if before != log.len() || self.dir.read_log()? != log {
+        if on_disk != log {
             self.dir.write_log(&log)?;
             self.note(format!("{} repaired to the training state's {epoch} epochs", run_dir::LOG));
         }
@@ -412,7 +412,8 @@ impl Run {
 /// on (seed, epoch), so a resumed run sees the same batches as an uninterrupted one).
 fn batches(run: &Run, o: &TrainOpts, epoch: usize) -> (mpsc::Receiver<Result<Batch>>, std::thread::JoinHandle<()>) {
     let (tx, rx) = mpsc::sync_channel::<Result<Batch>>(2);
-    let (ts, tk, dv, tc) = (run.train.clone(), run.tok.clone(), run.tr.model.params.device().clone(), run.cache());
+    let (ts, tk, dv, tc) =
+        (run.train.clone(), run.tok.clone(), run.tr.model.params.device().clone(), run.text_cache.clone());
     let (seed, bs, aug, flips) = (o.seed, o.batch, o.augment, o.official_flips);
     let producer = std::thread::spawn(move || {
         let mut rng = Rng::new(seed ^ (epoch as u64 + 1).wrapping_mul(0x51ED));
@@ -430,12 +431,6 @@ fn batches(run: &Run, o: &TrainOpts, epoch: usize) -> (mpsc::Receiver<Result<Bat
         }
     });
     (rx, producer)
-}
-
-impl Run {
-    fn cache(&self) -> Option<Arc<super::TextCache>> {
-        self.text_cache.clone()
-    }
 }
 
 /// Mean loss terms and speed of one epoch.
