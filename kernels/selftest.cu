@@ -45,3 +45,15 @@ extern "C" __global__ void selftest_fwd_f32(SelftestParams p) {
     }
     if (t == 0) p.y[p.mode == SELFTEST_OOB ? 1 : 0] = s[0];
 }
+
+// x: [n], y: [1]. Keeps a 64 KiB local array, more than the emu's 48 KiB fiber stack, so that
+// tests/emu_checks.rs can prove a stack overflow is a launch error rather than silent corruption of
+// a neighbour's stack. Never launch it on a GPU: 64 KiB of local memory per thread is legal there
+// but wasteful, and it proves nothing.
+extern "C" __global__ void selftest_stack_fwd_f32(SelftestParams p) {
+    volatile float big[16384];
+    for (int i = 0; i < 16384; ++i) big[i] = i < (int)p.n ? p.x[i] : 0.f;
+    float s = 0.f;
+    for (int i = 0; i < 16384; ++i) s += big[i];
+    if (threadIdx.x == 0) p.y[0] = s;
+}

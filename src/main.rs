@@ -305,7 +305,7 @@ fn run(cli: Cli) -> reclmis::Result<()> {
             for (name, mode) in
                 [("correct notes", Notes::Correct), ("shuffled notes", Notes::Shuffled), ("empty notes", Notes::Empty)]
             {
-                let s = pipeline::evaluate(&m, &d, &tok, mode, batch, &dev)?;
+                let s = pipeline::evaluate(&m, &d, &tok, mode, batch)?;
                 println!("{:<15} Dice {:.4}  IoU {:.4}  ({} images)", name, s.dice, s.iou, d.len());
             }
         }
@@ -350,8 +350,8 @@ fn run(cli: Cli) -> reclmis::Result<()> {
             let (m, tok) = pipeline::load_run(&o.out.join("best.safetensors"), None, &dev)?;
             let (h, w) = m.cfg.img_size;
             let test = pipeline::load(&data, Split::Test, h, w)?;
-            let good = pipeline::evaluate(&m, &test, &tok, Notes::Correct, 16, &dev)?;
-            let shuffled = pipeline::evaluate(&m, &test, &tok, Notes::Shuffled, 16, &dev)?;
+            let good = pipeline::evaluate(&m, &test, &tok, Notes::Correct, 16)?;
+            let shuffled = pipeline::evaluate(&m, &test, &tok, Notes::Shuffled, 16)?;
             println!(
                 "test Dice with the correct notes {:.4}, with shuffled notes {:.4} (IoU {:.4} vs {:.4})",
                 good.dice, shuffled.dice, good.iou, shuffled.iou

@@ -94,3 +94,56 @@ fn bad_launch_shapes_are_errors() {
     };
     assert!(e.unwrap_err().to_string().contains("1..1024"));
 }
+
+fn run_stack_kernel(dev: &Device) -> Result<f32> {
+    let x: Vec<f32> = (0..THREADS).map(|i| (i % 7) as f32).collect();
+    let xt = Tensor::from_vec(x, &[THREADS as usize], dev)?;
+    let y = Tensor::zeros(&[1], dev)?;
+    let p = SelftestParams { x: xt.dev_ptr(), y: y.dev_ptr(), n: THREADS, mode: 0 };
+    let cfg = LaunchCfg { grid: (2, 1, 1), block: (64, 1, 1), smem_bytes: 0 };
+    unsafe { dev.launch(Kernel::selftest_stack_fwd_f32, cfg, &p) }?;
+    Ok(y.to_vec()?[0])
+}
+
+#[test]
+fn stack_overflow_is_a_launch_error_naming_the_kernel() {
+    let dev = Device::emu().unwrap();
+    let e = run_stack_kernel(&dev).expect_err("a 64 KiB frame must overflow the 48 KiB fiber stack").to_string();
+    assert!(e.contains("stack overflow") && e.contains("selftest_stack_fwd_f32"), "{e}");
+    // The thread recovers: the same thread launches again, and a correct kernel still works.
+    assert!(run_stack_kernel(&dev).unwrap_err().to_string().contains("stack overflow"));
+    assert_eq!(run(0, 0).unwrap(), expected());
+}
+
+/// The child half of `other_faults_still_crash`: only with RECLMIS_FAULT_CHILD=1 (set by that test
+/// for its child process) does it fault on purpose; otherwise it returns at once, so that
+/// `--include-ignored` runs stay alive. After the emu installed its fault handler, a fault outside
+/// any fiber stack must still kill the process (the handler chains to the previous one).
+#[test]
+fn fault_child_helper() {
+    if std::env::var_os("RECLMIS_FAULT_CHILD").is_none() {
+        return;
+    }
+    assert_eq!(run(0, 0).unwrap(), expected());
+    let bad = std::hint::black_box(16usize) as *const u8;
+    // SAFETY: deliberately unsound; this test only runs in a child process and must die here.
+    let v = unsafe { std::ptr::read_volatile(bad) };
+    println!("survived a read of address 16: {v}");
+}
+
+#[test]
+fn other_faults_still_crash() {
+    use std::os::unix::process::ExitStatusExt;
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "fault_child_helper", "--test-threads=1", "--nocapture"])
+        .env("RECLMIS_FAULT_CHILD", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("survived"), "{stdout}");
+    assert_eq!(out.status.signal(), Some(libc_sigsegv()), "status {:?}; stdout {stdout}", out.status);
+}
+
+const fn libc_sigsegv() -> i32 {
+    11 // SIGSEGV on Linux
+}

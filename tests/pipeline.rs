@@ -68,7 +68,7 @@ fn short_training_learns_reloads_and_resumes_exactly() {
     let (m, tok) = pipeline::load_run(&a.join("best.safetensors"), None, &dev).unwrap();
     let (h, w) = m.cfg.img_size;
     let val = pipeline::load(&data, Split::Val, h, w).unwrap();
-    let sc = pipeline::evaluate(&m, &val, &tok, Notes::Correct, 8, &dev).unwrap();
+    let sc = pipeline::evaluate(&m, &val, &tok, Notes::Correct, 8).unwrap();
     assert!((sc.dice - s.best_dice).abs() < 1e-9, "reloaded {} vs logged {}", sc.dice, s.best_dice);
     // 2 epochs, then --resume to 4: the same parameters as the uninterrupted run
     let b = dir.join("b");
@@ -206,7 +206,7 @@ fn cached_text_tower_gives_the_same_losses() {
     let tok = reclmis::text::NoteTokenizer::from_file(&tok_path, 18).unwrap();
     let (h, w) = m.cfg.img_size;
     let d = pipeline::load(&data, Split::Train, h, w).unwrap();
-    let cache = pipeline::text_cache(&m, &tok, d.entries.iter().map(|e| e.note.as_str()), &dev).unwrap();
+    let cache = pipeline::text_cache(&m, &tok, d.entries.iter().map(|e| e.note.as_str())).unwrap();
     let idx = [0, 3, 5];
     let plain = pipeline::make_batch(&d, &idx, &tok, Notes::Correct, None, None, &dev).unwrap();
     let cached = pipeline::make_batch(&d, &idx, &tok, Notes::Correct, None, Some(&cache), &dev).unwrap();

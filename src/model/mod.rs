@@ -91,6 +91,11 @@ pub struct TrainOut {
 }
 
 impl RecLmis {
+    /// The device the model's weights live on (every input must be there too).
+    pub fn device(&self) -> &Device {
+        self.params.device()
+    }
+
     /// A model with PyTorch's default initialisation (seeded), CLIP frozen.
     pub fn new(cfg: Config, device: &Device, seed: u64) -> Result<RecLmis> {
         cfg.validate()?;

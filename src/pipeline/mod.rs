@@ -131,12 +131,8 @@ fn note_for(d: &Loaded, i: usize, mode: Notes) -> &str {
 pub type TextCache = std::collections::HashMap<String, Vec<f32>>;
 
 /// Runs the (frozen) text tower once per distinct note of `notes`.
-pub fn text_cache<'a>(
-    m: &RecLmis,
-    tok: &NoteTokenizer,
-    notes: impl Iterator<Item = &'a str>,
-    dev: &Device,
-) -> Result<TextCache> {
+pub fn text_cache<'a>(m: &RecLmis, tok: &NoteTokenizer, notes: impl Iterator<Item = &'a str>) -> Result<TextCache> {
+    let dev = m.device();
     let mut uniq: Vec<&str> = notes.collect();
     uniq.sort_unstable();
     uniq.dedup();
@@ -222,14 +218,8 @@ pub struct Scores {
     pub hard_dice: f64,
 }
 
-pub fn evaluate(
-    m: &RecLmis,
-    d: &Loaded,
-    tok: &NoteTokenizer,
-    mode: Notes,
-    batch: usize,
-    dev: &Device,
-) -> Result<Scores> {
+pub fn evaluate(m: &RecLmis, d: &Loaded, tok: &NoteTokenizer, mode: Notes, batch: usize) -> Result<Scores> {
+    let dev = m.device();
     if d.is_empty() {
         return Err(Error::Other("evaluation on an empty split".into()));
     }

@@ -327,7 +327,7 @@ impl Run {
         let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| data_err(&path, e))?;
         let without: std::collections::HashSet<&str> =
             get("without_moments")?.split(',').filter(|s| !s.is_empty()).collect();
-        let dev = self.tr.model.params.device().clone();
+        let dev = self.tr.model.device().clone();
         let p = &self.tr.model.params;
         let ids: Vec<_> = p.ids().filter(|&id| p.trainable(id)).collect();
         for (i, id) in ids.into_iter().enumerate() {
@@ -543,12 +543,13 @@ fn record_epoch(run: &mut Run, entry: EpochLog) -> Result<bool> {
     Ok(improved)
 }
 
+/// Trains a model built on `dev` (every later step reads the device from the model).
 pub fn train(o: &TrainOpts, dev: &Device) -> Result<TrainSummary> {
     let start = Instant::now();
     let mut run = Run::setup(o, dev)?;
     // a frozen text tower gives each note the same output all run long: compute it once
     if !run.cfg.text_trainable {
-        let c = super::text_cache(&run.tr.model, &run.tok, run.train.entries.iter().map(|e| e.note.as_str()), dev)?;
+        let c = super::text_cache(&run.tr.model, &run.tok, run.train.entries.iter().map(|e| e.note.as_str()))?;
         run.text_cache = Some(Arc::new(c));
     }
     let (mut first_loss, mut last_loss) = (f32::NAN, f32::NAN);
@@ -562,7 +563,7 @@ pub fn train(o: &TrainOpts, dev: &Device) -> Result<TrainSummary> {
             first_loss = st.first;
         }
         last_loss = st.last;
-        let v: Scores = evaluate(&run.tr.model, &run.val, &run.tok, Notes::Correct, o.batch, dev)?;
+        let v: Scores = evaluate(&run.tr.model, &run.val, &run.tok, Notes::Correct, o.batch)?;
         let entry = EpochLog {
             epoch: epoch + 1,
             step: run.tr.adam.step,

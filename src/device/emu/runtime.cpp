@@ -1,9 +1,16 @@
 // runtime.cpp: the emu device's scheduler. One fiber per CUDA thread, blocks run one after another
 // on the calling OS thread (one worker is the fastest choice on a 2-core machine), and fibers switch
 // only at barriers. See emu.h for the model and its limits.
+#include <signal.h>
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -14,13 +21,18 @@
 #endif
 
 // Saves the callee-saved registers on the current stack, stores the stack pointer in *save and
-// resumes the fiber whose stack pointer is `load` (System V x86-64 ABI).
+// resumes the fiber whose stack pointer is `load` (System V x86-64 ABI). `reclmis_emu_restore` is
+// its second half: entered with rsp = a stack pointer that reclmis_emu_switch saved, it resumes
+// that context (the fault handler uses it to abandon an overflowed fiber).
 extern "C" void reclmis_emu_switch(void** save, void* load);
+extern "C" void reclmis_emu_restore();
 asm(R"(
     .text
     .globl reclmis_emu_switch
     .hidden reclmis_emu_switch
     .type reclmis_emu_switch,@function
+    .globl reclmis_emu_restore
+    .hidden reclmis_emu_restore
 reclmis_emu_switch:
     pushq %rbp
     pushq %rbx
@@ -30,6 +42,7 @@ reclmis_emu_switch:
     pushq %r15
     movq %rsp, (%rdi)
     movq %rsi, %rsp
+reclmis_emu_restore:
     popq %r15
     popq %r14
     popq %r13
@@ -56,7 +69,9 @@ struct Fiber {
     uint3 tid;
 };
 
-// Per kernel thread stack: kernels keep register tiles and small arrays on it.
+// Per kernel thread stack: kernels keep register tiles and small arrays on it. Each stack has a
+// PROT_NONE guard page below it (stacks grow down), so an overflow faults instead of corrupting
+// the neighbouring fiber's stack; the fault handler turns it into a launch error.
 constexpr size_t kStack = 48 * 1024;
 constexpr size_t kSlots = 16;
 
@@ -70,11 +85,37 @@ struct Block {
     void* sched_sp = nullptr;
     std::vector<uint64_t> slots;  // [warp][lane][kSlots]
     std::string trap_msg;
+    // Set by the fault handler (which must not allocate) when a fiber hit its stack's guard page.
+    volatile sig_atomic_t overflowed = 0;
+};
+
+// One mapping per OS thread: `count` slots of [guard page | kStack bytes of stack].
+struct Stacks {
+    char* base = nullptr;
+    size_t count = 0;
+    size_t slot = 0;
+    ~Stacks() {
+        if (base) munmap(base, count * slot);
+    }
+};
+
+// An alternate signal stack for threads that have none (Rust's std gives its own threads one), so
+// the fault handler can run although the faulting fiber's stack is exhausted.
+struct AltStack {
+    void* mem = nullptr;
+    size_t bytes = 0;
+    ~AltStack() {
+        if (!mem) return;
+        stack_t off{};
+        off.ss_flags = SS_DISABLE;
+        sigaltstack(&off, nullptr);
+        munmap(mem, bytes);
+    }
 };
 
 thread_local Block* g_block = nullptr;
-thread_local char* g_stacks = nullptr;
-thread_local size_t g_stack_count = 0;
+thread_local Stacks g_stacks;
+thread_local AltStack g_altstack;
 thread_local std::vector<unsigned char> g_smem;
 
 struct Rng {
@@ -111,17 +152,67 @@ void park(State s, int site) {
     // Resumed by the scheduler, which already restored threadIdx.
 }
 
+size_t page_size() {
+    static const size_t p = (size_t)sysconf(_SC_PAGESIZE);
+    return p;
+}
+
 bool ensure_stacks(size_t n) {
-    if (n <= g_stack_count) return true;
-    std::free(g_stacks);
-    // malloc of this size is an mmap: pages are committed only when a fiber touches them.
-    g_stacks = static_cast<char*>(std::aligned_alloc(64, n * kStack));
-    g_stack_count = g_stacks ? n : 0;
-    return g_stacks != nullptr;
+    if (n <= g_stacks.count) return true;
+    const size_t page = page_size();
+    const size_t slot = page + (kStack + page - 1) / page * page;
+    // Pages are committed only when a fiber touches them, so unused stack costs address space only.
+    void* m = mmap(nullptr, n * slot, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (m == MAP_FAILED) return false;
+    char* base = static_cast<char*>(m);
+    for (size_t i = 0; i < n; ++i) {
+        if (mprotect(base + i * slot, page, PROT_NONE) != 0) {
+            munmap(m, n * slot);
+            return false;
+        }
+    }
+    if (g_stacks.base) munmap(g_stacks.base, g_stacks.count * g_stacks.slot);
+    g_stacks.base = base;
+    g_stacks.count = n;
+    g_stacks.slot = slot;
+    return true;
+}
+
+// Whether `addr` lies in the guard page of one of this thread's fiber stacks.
+bool in_guard_page(const char* addr) {
+    const Stacks& s = g_stacks;
+    if (!s.base || addr < s.base || addr >= s.base + s.count * s.slot) return false;
+    return (size_t)(addr - s.base) % s.slot < page_size();
+}
+
+struct sigaction g_prev_segv, g_prev_bus;
+
+// SIGSEGV/SIGBUS: a fiber that ran into its guard page is abandoned (its block's scheduler resumes
+// and reports the overflow); any other fault goes to the handler that was installed before ours
+// (Rust's own stack-overflow check, or the default action).
+void on_fault(int sig, siginfo_t* info, void* uctx) {
+    Block* b = g_block;
+    if (b != nullptr && in_guard_page(static_cast<const char*>(info->si_addr))) {
+        b->overflowed = 1;
+        b->fibers[b->cur].state = TRAPPED;
+        auto* uc = static_cast<ucontext_t*>(uctx);
+        uc->uc_mcontext.gregs[REG_RSP] = reinterpret_cast<greg_t>(b->sched_sp);
+        uc->uc_mcontext.gregs[REG_RIP] = reinterpret_cast<greg_t>(&reclmis_emu_restore);
+        return;  // sigreturn resumes the scheduler as if the fiber had parked
+    }
+    const struct sigaction& prev = sig == SIGBUS ? g_prev_bus : g_prev_segv;
+    if (prev.sa_flags & SA_SIGINFO) {
+        prev.sa_sigaction(sig, info, uctx);
+    } else if (prev.sa_handler == SIG_DFL || prev.sa_handler == SIG_IGN) {
+        // Returning re-executes the faulting instruction, which then gets the default action.
+        signal(sig, SIG_DFL);
+    } else {
+        prev.sa_handler(sig);
+    }
 }
 
 void init_fiber(Fiber& f, unsigned i) {
-    char* top = g_stacks + (size_t)(i + 1) * kStack;
+    char* top = g_stacks.base + (size_t)(i + 1) * g_stacks.slot;
     uint64_t* sp = reinterpret_cast<uint64_t*>(reinterpret_cast<uintptr_t>(top) & ~uintptr_t(15));
     *--sp = 0;  // fake return address: fiber_entry starts with rsp = 8 (mod 16) as after a call
     *--sp = reinterpret_cast<uint64_t>(&fiber_entry);
@@ -169,7 +260,14 @@ int run_block(Block& b, Rng& rng, int mode, char* err, size_t errlen) {
             reclmis_emu_switch(&b.sched_sp, b.fibers[i].sp);
             if (b.fibers[i].state == TRAPPED) {
                 const uint3 t = b.fibers[i].tid;
-                fmt(err, errlen, "thread (%u,%u,%u): %s", t.x, t.y, t.z, b.trap_msg.c_str());
+                if (b.overflowed) {
+                    fmt(err, errlen,
+                        "thread (%u,%u,%u): stack overflow (the kernel's locals need more than the emu's %zu KiB "
+                        "per-thread stack)",
+                        t.x, t.y, t.z, kStack / 1024);
+                } else {
+                    fmt(err, errlen, "thread (%u,%u,%u): %s", t.x, t.y, t.z, b.trap_msg.c_str());
+                }
                 return 1;
             }
         }
@@ -255,6 +353,43 @@ int run_block(Block& b, Rng& rng, int mode, char* err, size_t errlen) {
 }
 }  // namespace
 
+// Installs the fault handler once per process and an alternate signal stack once per thread.
+bool install_fault_handler(char* err, size_t errlen) {
+    static std::once_flag once;
+    static int failed = 0;
+    std::call_once(once, [] {
+        struct sigaction sa {};
+        sa.sa_sigaction = on_fault;
+        sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+        sigemptyset(&sa.sa_mask);
+        if (sigaction(SIGSEGV, &sa, &g_prev_segv) != 0 || sigaction(SIGBUS, &sa, &g_prev_bus) != 0) failed = errno;
+    });
+    if (failed) {
+        fmt(err, errlen, "cannot install the fault handler that catches fiber stack overflows (errno %d)", failed);
+        return false;
+    }
+    stack_t cur{};
+    if (sigaltstack(nullptr, &cur) == 0 && !(cur.ss_flags & SS_DISABLE)) return true;
+    if (g_altstack.mem) return true;
+    const size_t bytes = 64 * 1024;
+    void* m = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) {
+        fmt(err, errlen, "cannot allocate an alternate signal stack");
+        return false;
+    }
+    stack_t ss{};
+    ss.ss_sp = m;
+    ss.ss_size = bytes;
+    if (sigaltstack(&ss, nullptr) != 0) {
+        munmap(m, bytes);
+        fmt(err, errlen, "cannot install an alternate signal stack (errno %d)", errno);
+        return false;
+    }
+    g_altstack.mem = m;
+    g_altstack.bytes = bytes;
+    return true;
+}
+
 void sync_block(int site) { park(WAIT_BLOCK, site); }
 void sync_warp(int site) { park(WAIT_WARP, site); }
 
@@ -300,6 +435,7 @@ int run_grid(const LaunchCfg* cfg, BodyFn body, void* ctx, char* err, size_t err
         fmt(err, errlen, "cannot allocate %u fiber stacks", n);
         return 1;
     }
+    if (!install_fault_handler(err, errlen)) return 1;
     Block b;
     b.cfg = cfg;
     b.body = body;

@@ -133,7 +133,12 @@ fn conv_params(ptrs: [u64; 4], s: &ConvShape, splits: usize, (w_ld, accumulate):
 }
 
 /// `ptrs`: x, w, bias (or 0), y; `w_ld`, `accumulate` as in `conv_params`.
-fn launch_fwd(dev: &Device, ptrs: [u64; 4], s: &ConvShape, wl_acc: (usize, bool), algo: GemmAlgo) -> Result<()> {
+///
+/// # Safety
+/// The pointers must be live f32 buffers on `dev`: x [b, ci, h, w], w with `co` rows of stride
+/// `w_ld` holding ci·kh·kw values each, the bias [co] when nonzero, and y [b, co, h, w] not
+/// overlapping the others.
+unsafe fn launch_fwd(dev: &Device, ptrs: [u64; 4], s: &ConvShape, wl_acc: (usize, bool), algo: GemmAlgo) -> Result<()> {
     let op = "conv2d";
     let n = s.b * s.h * s.w;
     let p = conv_params(ptrs, s, 1, wl_acc)?;
@@ -145,7 +150,8 @@ fn launch_fwd(dev: &Device, ptrs: [u64; 4], s: &ConvShape, wl_acc: (usize, bool)
         GemmAlgo::TensorCore => (Kernel::conv2d_tc_fwd_f32, 128),
         _ => (Kernel::conv2d_fwd_f32, 256),
     };
-    // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+    // SAFETY: the caller guarantees the buffers (this function's contract); ConvParams mirrors the
+    // kernels' params struct.
     unsafe { dev.launch(kernel, LaunchCfg { grid, block: (threads, 1, 1), smem_bytes: 0 }, &p) }
 }
 
@@ -169,7 +175,8 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, algo: GemmAlgo) -> 
     let y = Tensor::empty(&out, DType::F32, dev)?;
     if y.numel() > 0 {
         let ptrs = [x.dev_ptr(), w.dev_ptr(), bias.map_or(0, |b| b.dev_ptr()), y.dev_ptr()];
-        launch_fwd(dev, ptrs, &s, (s.depth(), false), algo)?;
+        // SAFETY: `shape` checked x, w and the bias against s; y is a new [b, co, h, w] tensor.
+        unsafe { launch_fwd(dev, ptrs, &s, (s.depth(), false), algo) }?;
     }
     Ok(y)
 }
@@ -197,7 +204,9 @@ pub fn conv2d_backward(x: &Tensor, w: &Tensor, dy: &Tensor, with_bias: bool, alg
         let wt = flipped_weights(w, &s)?;
         let dx = Tensor::empty(x.shape(), DType::F32, dev)?;
         if dx.numel() > 0 {
-            launch_fwd(dev, [dy.dev_ptr(), wt.dev_ptr(), 0, dx.dev_ptr()], &st, (st.depth(), false), algo)?;
+            // SAFETY: dy is [b, co, h, w] (checked above), wt the flipped [ci, co, kh, kw]
+            // weights, dx a new tensor of x's shape.
+            unsafe { launch_fwd(dev, [dy.dev_ptr(), wt.dev_ptr(), 0, dx.dev_ptr()], &st, (st.depth(), false), algo) }?;
         }
         (dx, wgrad(dev, &[x], dy, &s, algo)?.reshape(w.shape())?)
     };
@@ -369,7 +378,9 @@ pub fn conv2d_cat(parts: &[&Tensor], w: &Tensor, bias: Option<&Tensor>, algo: Ge
         let sp = ConvShape { ci: x.shape()[1], ..s };
         let b = if i == 0 { bias.map_or(0, |b| b.dev_ptr()) } else { 0 };
         let wp = w.dev_ptr() + (c_off * k2 * 4) as u64;
-        launch_fwd(dev, [x.dev_ptr(), wp, b, y.dev_ptr()], &sp, (s.depth(), i > 0), algo)?;
+        // SAFETY: each part was checked against s (channels summing to w's ci); wp starts at this
+        // part's columns of w and strides by w's full depth; y is a new [b, co, h, w] tensor.
+        unsafe { launch_fwd(dev, [x.dev_ptr(), wp, b, y.dev_ptr()], &sp, (s.depth(), i > 0), algo) }?;
         c_off += sp.ci;
     }
     if c_off == 0 {
@@ -430,7 +441,9 @@ pub fn conv2d_cat_backward(
             let dx = Tensor::empty(x.shape(), DType::F32, dev)?;
             if dx.numel() > 0 {
                 let wp = wt.dev_ptr() + (c_off * s.co * k2 * 4) as u64;
-                launch_fwd(dev, [dy.dev_ptr(), wp, 0, dx.dev_ptr()], &st, (st.depth(), false), algo)?;
+                // SAFETY: wp starts at this part's rows of the flipped weights [ci_total, co, kh, kw];
+                // dy was checked against s and dx is a new tensor of the part's shape.
+                unsafe { launch_fwd(dev, [dy.dev_ptr(), wp, 0, dx.dev_ptr()], &st, (st.depth(), false), algo) }?;
             }
             dxs.push(dx);
             c_off += x.shape()[1];

@@ -59,7 +59,10 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, algo: GemmAlgo) -> 
         return y.reshape(&out_shape);
     }
     let y = Tensor::empty(&out_shape, DType::F32, dev)?;
-    launch(dev, [x2.dev_ptr(), w.dev_ptr(), y.dev_ptr(), bias.map_or(0, |b| b.dev_ptr())], &s, 1.0, 0.0, algo)?;
+    // SAFETY: `dims` checked x [rows, k], w [n, k] and the bias [n]; y is a new [rows, n] tensor.
+    unsafe {
+        launch(dev, [x2.dev_ptr(), w.dev_ptr(), y.dev_ptr(), bias.map_or(0, |b| b.dev_ptr())], &s, 1.0, 0.0, algo)
+    }?;
     Ok(y)
 }
 

@@ -148,13 +148,19 @@ pub fn matmul(a: &Tensor, b: &Tensor, opts: GemmOpts) -> Result<Tensor> {
         // zero-filling is clearer than relying on that).
         return Tensor::zeros(&out_shape, dev);
     }
-    launch(dev, [a.dev_ptr(), b.dev_ptr(), c.dev_ptr(), 0], &s, opts.alpha, 0.0, opts.algo)?;
+    // SAFETY: `plan` derived `s` from a's and b's shapes and strides, and c is a new [batch, m, n] tensor.
+    unsafe { launch(dev, [a.dev_ptr(), b.dev_ptr(), c.dev_ptr(), 0], &s, opts.alpha, 0.0, opts.algo) }?;
     Ok(c)
 }
 
 /// Launches one batched GEMM on cuda or emu; `beta != 0` accumulates into `c`; a nonzero `bias`
 /// pointer ([n] floats) is added to every row of C.
-pub(crate) fn launch(
+///
+/// # Safety
+/// `a`, `b`, `c` (and `bias` when nonzero) must be live f32 buffers on `dev` that hold every element
+/// `s` addresses: `s.span(s.sa, m, k)` for A (rows/cols swapped when transposed), the same for B,
+/// `batch·m·n` for C and `n` for the bias, and C must not overlap A, B or the bias.
+pub(crate) unsafe fn launch(
     dev: &Device,
     [a, b, c, bias]: [u64; 4],
     s: &GemmShape,
@@ -190,7 +196,8 @@ pub(crate) fn launch(
         GemmAlgo::TensorCore => (Kernel::gemm_tc_fwd_f32, 128),
         GemmAlgo::Tiled | GemmAlgo::Auto => (Kernel::gemm_fwd_f32, 256),
     };
-    // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+    // SAFETY: the caller guarantees the buffers (this function's contract); GemmParams mirrors the
+    // kernels' params struct.
     unsafe { dev.launch(kernel, LaunchCfg { grid, block: (threads, 1, 1), smem_bytes: 0 }, &p) }
 }
 
