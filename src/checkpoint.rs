@@ -6,6 +6,7 @@
 
 use crate::error::{Error, Result};
 use crate::nn::params::Params;
+use crate::pth::Values;
 use crate::tensor::Tensor;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
@@ -20,29 +21,63 @@ pub struct LoadReport {
     pub missing: Vec<String>,
     /// File keys the model does not have (ignored).
     pub unexpected: Vec<String>,
+    /// File keys dropped on purpose (`DROPPED_PREFIXES`: the official CLIP image tower).
+    pub dropped: Vec<String>,
     /// True when every file key carried a `module.` prefix (saved from nn.DataParallel), removed.
     pub stripped_module_prefix: bool,
 }
 
 impl LoadReport {
     pub fn summary(&self) -> String {
-        let list = |v: &[String]| {
-            let mut s = v.iter().take(8).cloned().collect::<Vec<_>>().join(", ");
-            if v.len() > 8 {
-                s += &format!(", ... ({} more)", v.len() - 8);
-            }
-            s
-        };
-        format!(
-            "{} tensors loaded; {} missing [{}]; {} unexpected [{}]{}",
+        let mut s = format!(
+            "{} tensors loaded; {} missing{}; {} unexpected{}",
             self.loaded,
             self.missing.len(),
-            list(&self.missing),
+            by_role(&self.missing),
             self.unexpected.len(),
-            list(&self.unexpected),
-            if self.stripped_module_prefix { "; `module.` prefix removed" } else { "" }
-        )
+            by_role(&self.unexpected)
+        );
+        if !self.dropped.is_empty() {
+            s += &format!(
+                "; {} dropped (the official CLIP image tower, never used){}",
+                self.dropped.len(),
+                by_role(&self.dropped)
+            );
+        }
+        if self.stripped_module_prefix {
+            s += "; `module.` prefix removed";
+        }
+        s
     }
+}
+
+/// The part of the model a key belongs to: its first component, two for the text tower
+/// (`clip.transformer`, `clip.visual`), and batch-norm statistics as their own role.
+pub fn role(key: &str) -> String {
+    let last = key.rsplit('.').next().unwrap_or(key);
+    if ["running_mean", "running_var", "num_batches_tracked"].contains(&last) {
+        return "batch-norm statistics".into();
+    }
+    let mut parts = key.split('.');
+    let first = parts.next().unwrap_or(key);
+    match (first, parts.next()) {
+        ("clip", Some(second)) if key.matches('.').count() > 1 => format!("clip.{second}"),
+        _ => first.to_string(),
+    }
+}
+
+/// ` [role: count, ...; e.g. first, second]` (empty when there are no keys).
+fn by_role(keys: &[String]) -> String {
+    if keys.is_empty() {
+        return String::new();
+    }
+    let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
+    for k in keys {
+        *counts.entry(role(k)).or_default() += 1;
+    }
+    let roles: Vec<String> = counts.iter().map(|(r, n)| format!("{r}: {n}")).collect();
+    let examples: Vec<&str> = keys.iter().take(3).map(String::as_str).collect();
+    format!(" [{}; e.g. {}]", roles.join(", "), examples.join(", "))
 }
 
 fn err(path: &Path, detail: impl Into<String>) -> Error {
@@ -57,19 +92,75 @@ pub fn load(params: &mut Params, path: &Path) -> Result<LoadReport> {
 
 pub fn load_bytes(params: &mut Params, bytes: &[u8], path: &Path) -> Result<LoadReport> {
     let st = SafeTensors::deserialize(bytes).map_err(|e| err(path, format!("not a valid safetensors file: {e}")))?;
-    let names: Vec<String> = st.names().into_iter().map(|s| s.to_string()).collect();
-    let strip = !names.is_empty() && names.iter().all(|n| n.starts_with("module."));
+    let mut offered = Vec::new();
+    for name in st.names() {
+        let view = st.tensor(name).map_err(|e| err(path, format!("{name}: {e}")))?;
+        let shape = view.shape().to_vec();
+        offered.push(Offered {
+            name: name.to_string(),
+            shape,
+            values: Box::new(move || match view.dtype() {
+                Dtype::I64 => Ok(Values::I64(
+                    view.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect(),
+                )),
+                _ => f32_values(&view).map(Values::F32),
+            }),
+        });
+    }
+    load_offered(params, offered, path)
+}
+
+/// Loads the `state_dict` of a `torch.save` checkpoint (the official training's `.pth`), read
+/// without executing pickled code. The official model's never-used CLIP image tower
+/// (`clip.visual.*`) is dropped and reported as such.
+pub fn load_pth(params: &mut Params, path: &Path) -> Result<LoadReport> {
+    let sd = crate::pth::read_state_dict(path)?;
+    let offered = sd
+        .tensors
+        .into_iter()
+        .map(|t| Offered { name: t.name, shape: t.shape, values: Box::new(move || Ok(t.values)) })
+        .collect();
+    load_offered(params, offered, path)
+}
+
+/// Loads either format: a `torch.save` zip archive or a safetensors file.
+pub fn load_any(params: &mut Params, path: &Path) -> Result<LoadReport> {
+    if crate::pth::looks_like_pth(path) {
+        load_pth(params, path)
+    } else {
+        load(params, path)
+    }
+}
+
+/// A tensor a file offers: its name and shape, and its values, converted only when the model
+/// has the key.
+pub(crate) struct Offered<'a> {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub values: Box<dyn FnOnce() -> std::result::Result<Values, String> + 'a>,
+}
+
+/// Keys that exist in official checkpoints but never in a reclmis model, dropped on purpose: the
+/// CLIP image tower the official code builds and never runs.
+pub const DROPPED_PREFIXES: [&str; 1] = ["clip.visual."];
+
+/// Assigns offered tensors to `params` by name (a `module.` prefix on every key is removed).
+pub(crate) fn load_offered(params: &mut Params, offered: Vec<Offered>, path: &Path) -> Result<LoadReport> {
+    let strip = !offered.is_empty() && offered.iter().all(|o| o.name.starts_with("module."));
     let mut report = LoadReport { stripped_module_prefix: strip, ..LoadReport::default() };
     let mut seen = BTreeSet::new();
-    for name in &names {
-        let key = if strip { &name["module.".len()..] } else { name.as_str() };
-        let view = st.tensor(name).map_err(|e| err(path, format!("{name}: {e}")))?;
+    for o in offered {
+        let key = if strip { &o.name["module.".len()..] } else { o.name.as_str() };
         if let Some(id) = params.id(key) {
             let want = params.value(id).shape().to_vec();
-            if view.shape() != want.as_slice() {
-                return Err(err(path, format!("{key} has shape {:?}, the model expects {want:?}", view.shape())));
+            if o.shape != want {
+                return Err(err(path, format!("{key} has shape {:?}, the model expects {want:?}", o.shape)));
             }
-            let values = f32_values(&view).map_err(|d| err(path, format!("{key}: {d}")))?;
+            let values = match (o.values)().map_err(|d| err(path, format!("{key}: {d}")))? {
+                Values::F32(v) => v,
+                Values::I64(_) => return Err(err(path, format!("{key}: dtype int64 is not a float tensor"))),
+                Values::Other(d) => return Err(err(path, format!("{key}: dtype {d:?} is not a float tensor"))),
+            };
             if let Some(k) = values.iter().position(|x| !x.is_finite()) {
                 return Err(err(path, format!("{key} holds a non-finite value ({} at index {k})", values[k])));
             }
@@ -78,13 +169,15 @@ pub fn load_bytes(params: &mut Params, bytes: &[u8], path: &Path) -> Result<Load
             seen.insert(key.to_string());
             report.loaded += 1;
         } else if params.counters().iter().any(|(n, _)| n == key) {
-            if view.dtype() != Dtype::I64 || view.data().len() != 8 {
-                return Err(err(path, format!("{key} must be one int64, got {:?} {:?}", view.dtype(), view.shape())));
-            }
-            let v = i64::from_le_bytes(view.data().try_into().expect("8 bytes"));
+            let v = match (o.values)().map_err(|d| err(path, format!("{key}: {d}")))? {
+                Values::I64(v) if v.len() == 1 => v[0],
+                _ => return Err(err(path, format!("{key} must be one int64, got shape {:?}", o.shape))),
+            };
             params.set_counter(key, v);
             seen.insert(key.to_string());
             report.loaded += 1;
+        } else if DROPPED_PREFIXES.iter().any(|p| key.starts_with(p)) {
+            report.dropped.push(key.to_string());
         } else {
             report.unexpected.push(key.to_string());
         }

@@ -18,6 +18,7 @@ pub mod ops;
 #[cfg(feature = "train")]
 pub mod optim;
 pub mod pipeline;
+pub mod pth;
 pub mod selfcheck;
 pub mod tensor;
 pub mod testing;

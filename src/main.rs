@@ -31,6 +31,9 @@ struct OneImage {
     out: PathBuf,
     #[arg(long, value_enum, default_value = "auto")]
     device: DeviceChoice,
+    /// The tokenizer (default: tokenizer.json beside the checkpoint)
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
 }
 
 impl OneImage {
@@ -39,7 +42,7 @@ impl OneImage {
             return Err(reclmis::Error::Config("--note is empty: the model segments what the note describes".into()));
         }
         let dev = Device::from_choice(self.device)?;
-        let (m, tok) = pipeline::load_run(&self.checkpoint, None, &dev)?;
+        let (m, tok) = pipeline::load_run(&self.checkpoint, self.tokenizer.as_deref(), &dev)?;
         pipeline::visual::explain(&m, &tok, &self.image, &self.note, &dev)
     }
 }
@@ -156,6 +159,9 @@ enum Cmd {
         split: String,
         #[arg(long, default_value_t = 16)]
         batch: usize,
+        /// The tokenizer (default: tokenizer.json beside the checkpoint)
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
     },
     /// Segment one image from its note: mask.png and overlay.png (with --mask-gt: true positives
     /// green, false negatives red, false positives blue)
@@ -184,6 +190,25 @@ enum Cmd {
         epochs: usize,
         #[arg(long, default_value_t = 9.0)]
         max_minutes: f64,
+    },
+    /// Convert a checkpoint of the official PyTorch code (torch.save .pth) into a reclmis
+    /// checkpoint; eval, infer and explain also take the .pth directly
+    Import {
+        /// The .pth file (read without Python; pickled code is never executed)
+        #[arg(long)]
+        from: PathBuf,
+        /// The safetensors file to write (refused if it exists)
+        #[arg(long)]
+        out: PathBuf,
+        /// The preset (default: the one whose widths match the checkpoint)
+        #[arg(long)]
+        preset: Option<String>,
+        /// Image height and width (default: from the Interactor's token count, square)
+        #[arg(long, num_args = 2, value_names = ["H", "W"])]
+        img_size: Option<Vec<usize>>,
+        /// The tokenizer the model was trained with: its identity is recorded in the checkpoint
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
     },
     /// Print a preset's module tree with parameter counts (official, tiny, small)
     Model {
@@ -288,7 +313,7 @@ fn run(cli: Cli) -> reclmis::Result<()> {
                 o.out.display()
             );
         }
-        Cmd::Eval { data, checkpoint, device, split, batch } => {
+        Cmd::Eval { data, checkpoint, device, split, batch, tokenizer } => {
             let dev = Device::from_choice(device)?;
             let split = match split.as_str() {
                 "train" => Split::Train,
@@ -296,7 +321,7 @@ fn run(cli: Cli) -> reclmis::Result<()> {
                 "test" => Split::Test,
                 other => return Err(reclmis::Error::Config(format!("--split {other:?}: train, val or test"))),
             };
-            let (m, tok) = pipeline::load_run(&checkpoint, None, &dev)?;
+            let (m, tok) = pipeline::load_run(&checkpoint, tokenizer.as_deref(), &dev)?;
             let (h, w) = m.cfg.img_size;
             let d = pipeline::load(&data, split, h, w)?;
             for n in &d.notes {
@@ -377,6 +402,12 @@ fn run(cli: Cli) -> reclmis::Result<()> {
                 println!("{t:>12} {w:.4}");
             }
             println!("wrote w_poi.png and w_woi.png to {}", one.out.display());
+        }
+        Cmd::Import { from, out, preset, img_size, tokenizer } => {
+            let img = img_size.map(|v| (v[0], v[1]));
+            let rep = pipeline::import_checkpoint(&from, &out, preset.as_deref(), img, tokenizer.as_deref())?;
+            println!("{rep}");
+            println!("wrote {}", out.display());
         }
         Cmd::Model { preset } => {
             let cfg = reclmis::model::Config::preset(&preset)?;

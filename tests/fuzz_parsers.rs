@@ -6,6 +6,8 @@
 //! Cases per parser: `RECLMIS_FUZZ_CASES` (CI uses the default, 64; the long local run is
 //! reported in the note).
 
+mod common;
+use common::torch_save;
 use proptest::prelude::*;
 use reclmis::data::lvit;
 use std::path::{Path, PathBuf};
@@ -30,6 +32,28 @@ struct Seeds {
     csv: Vec<u8>,
     xlsx: Vec<u8>,
     tokenizer: Vec<u8>,
+    /// A torch.save checkpoint (several dtypes, a strided view, a shared storage): its storages
+    /// and its pickle, and the whole archive.
+    pth_storages: Vec<torch_save::Storage>,
+    pth_pickle: Vec<u8>,
+    pth: Vec<u8>,
+}
+
+fn pth_seed() -> (Vec<torch_save::Storage>, Vec<u8>) {
+    use torch_save::{entry, f32_storage, Entry, Storage};
+    let storages = vec![
+        f32_storage(&(0..16).map(|i| i as f32 * 0.5).collect::<Vec<_>>()),
+        Storage { class: "HalfStorage", bytes: vec![0x00, 0x3c, 0x00, 0xc0], numel: 2 },
+        Storage { class: "LongStorage", bytes: 1i64.to_le_bytes().to_vec(), numel: 1 },
+    ];
+    let entries = vec![
+        entry("w", 0, &[4, 4]),
+        Entry { name: "w_t".into(), storage: 0, offset: 1, size: vec![3, 2], stride: vec![1, 4] },
+        entry("h", 1, &[2]),
+        Entry { name: "n".into(), storage: 2, offset: 0, size: vec![], stride: vec![] },
+    ];
+    let pk = torch_save::pickle(&storages, &entries);
+    (storages, pk)
 }
 
 fn seeds() -> &'static Seeds {
@@ -65,7 +89,12 @@ fn seeds() -> &'static Seeds {
         let m = reclmis::model::RecLmis::new(cfg.clone(), &reclmis::Device::Cpu, 1).unwrap();
         let ck = dir.join("ck.safetensors");
         reclmis::checkpoint::save_with(&m.params, &cfg.to_metadata(), &ck).unwrap();
+        let (pth_storages, pth_pickle) = pth_seed();
+        let pth = torch_save::archive(&pth_pickle, &pth_storages);
         Seeds {
+            pth_storages,
+            pth_pickle,
+            pth,
             checkpoint: std::fs::read(&ck).unwrap(),
             png,
             png16,
@@ -164,6 +193,26 @@ proptest! {
     }
 
     #[test]
+    fn pth_archive(e in edits()) {
+        let s = seeds();
+        let _ = reclmis::pth::read_state_dict(&file("ck.pth", &mutate(&s.pth, &e)));
+    }
+
+    /// The pickle mutated inside a valid archive (a mutated archive mostly fails its CRC check
+    /// before the pickle is read), then loaded into a model as `--checkpoint` would.
+    #[test]
+    fn pth_pickle(e in edits()) {
+        let s = seeds();
+        let p = file("pk.pth", &torch_save::archive(&mutate(&s.pth_pickle, &e), &s.pth_storages));
+        let _ = reclmis::pth::read_state_dict(&p);
+        let mut cfg = reclmis::model::Config::preset("small").unwrap();
+        cfg.img_size = (16, 16);
+        cfg.vocab_size = 8;
+        let mut m = reclmis::model::RecLmis::new(cfg, &reclmis::Device::Cpu, 0).unwrap();
+        let _ = reclmis::checkpoint::load_pth(&mut m.params, &p);
+    }
+
+    #[test]
     fn png_tiff_bmp_images_and_masks(e in edits(), which in 0usize..4) {
         let s = seeds();
         let (seed, ext) = [(&s.png, "png"), (&s.png16, "png"), (&s.tiff, "tif"), (&s.bmp, "bmp")][which];
@@ -202,5 +251,6 @@ fn seeds_are_valid_files() {
     assert!(lvit::read_sheet(&file("ok.csv", &s.csv)).is_ok());
     assert!(reclmis::text::NoteTokenizer::from_bytes(&s.tokenizer, 18).is_ok());
     assert!(reclmis::checkpoint::read_metadata(&file("ok.safetensors", &s.checkpoint)).is_ok());
+    assert_eq!(reclmis::pth::read_state_dict(&file("ok.pth", &s.pth)).unwrap().tensors.len(), 4);
     let _ = Path::new("");
 }

@@ -140,6 +140,76 @@ impl Config {
         Ok(c)
     }
 
+    /// The configuration a state dict without metadata was trained with (the official code saves
+    /// none): the preset whose widths match its shapes (`official` or `tiny`, or `preset` when
+    /// given), and the image size from the Interactor's position embedding [1, N, d] (a square
+    /// image of side 16·√N, or `img_size` when given). Keys may carry the `module.` prefix.
+    pub fn from_shapes(
+        shapes: &std::collections::HashMap<String, Vec<usize>>,
+        preset: Option<&str>,
+        img_size: Option<(usize, usize)>,
+    ) -> Result<Config> {
+        let get = |k: &str| shapes.get(k).or_else(|| shapes.get(&format!("module.{k}")));
+        let need =
+            |k: &str| get(k).ok_or_else(|| Error::Config(format!("the checkpoint has no {k}: not a RecLMIS model")));
+        let pos = need("interact.embeddings.position_embeddings")?;
+        let tok = need("clip.token_embedding.weight")?;
+        let inc = need("inc.conv.weight")?;
+        let (n, d) = match pos.as_slice() {
+            [1, n, d] => (*n, *d),
+            other => {
+                return Err(Error::Config(format!(
+                    "interact.embeddings.position_embeddings has shape {other:?}, not [1, N, d]"
+                )))
+            }
+        };
+        let (vocab, clip_width) = match tok.as_slice() {
+            [v, w] => (*v, *w),
+            other => return Err(Error::Config(format!("clip.token_embedding.weight has shape {other:?}"))),
+        };
+        let clip_layers =
+            (0..).take_while(|i| get(&format!("clip.transformer.resblocks.{i}.ln_1.weight")).is_some()).count();
+        let candidates: Vec<&str> = match preset {
+            Some(p) => vec![p],
+            None => vec!["official", "tiny"],
+        };
+        let img_size = match img_size {
+            Some(s) => s,
+            None => {
+                let side = (n as f64).sqrt().round() as usize;
+                if side * side != n {
+                    return Err(Error::Config(format!(
+                        "the Interactor has {n} image tokens, not a square grid: give the image size"
+                    )));
+                }
+                (16 * side, 16 * side)
+            }
+        };
+        for name in candidates {
+            let c = Config { img_size, vocab_size: vocab, ..Config::preset(name)? };
+            if c.d_model == d
+                && c.clip_width == clip_width
+                && c.clip_layers == clip_layers
+                && c.unet_widths[0] == inc[0]
+            {
+                c.validate()?;
+                if c.n_tokens() != n {
+                    return Err(Error::Config(format!(
+                        "image size {}x{} gives {} tokens, the checkpoint has {n}",
+                        img_size.0,
+                        img_size.1,
+                        c.n_tokens()
+                    )));
+                }
+                return Ok(c);
+            }
+        }
+        Err(Error::Config(format!(
+            "no preset has the checkpoint's widths (d_model {d}, text tower {clip_width} wide and {clip_layers} deep, first U-Net width {})",
+            inc[0]
+        )))
+    }
+
     /// Bottleneck grid (H/16, W/16).
     pub fn grid(&self) -> (usize, usize) {
         (self.img_size.0 / 16, self.img_size.1 / 16)

@@ -243,6 +243,9 @@ pub fn evaluate(m: &RecLmis, d: &Loaded, tok: &NoteTokenizer, mode: Notes, batch
 /// Loads a checkpoint written by `train` (its configuration from the metadata) and the tokenizer
 /// saved beside it (or `tokenizer`), which must be the one the checkpoint records.
 pub fn load_run(checkpoint: &Path, tokenizer: Option<&Path>, dev: &Device) -> Result<(RecLmis, NoteTokenizer)> {
+    if crate::pth::looks_like_pth(checkpoint) {
+        return load_pth_run(checkpoint, tokenizer, dev);
+    }
     let meta = checkpoint::read_metadata(checkpoint)?;
     let cfg = Config::from_metadata(&meta).map_err(|e| data_err(checkpoint, e))?;
     let tok_path = match tokenizer {
@@ -259,6 +262,86 @@ pub fn load_run(checkpoint: &Path, tokenizer: Option<&Path>, dev: &Device) -> Re
         return Err(data_err(checkpoint, format!("incomplete checkpoint: {}", rep.summary())));
     }
     Ok((m, tok))
+}
+
+/// A checkpoint of the official PyTorch training (`torch.save`, no configuration recorded): the
+/// model is rebuilt from the state dict's shapes, and the tokenizer must be given or lie beside it.
+fn load_pth_run(checkpoint: &Path, tokenizer: Option<&Path>, dev: &Device) -> Result<(RecLmis, NoteTokenizer)> {
+    let (m, _) = import_pth(checkpoint, None, None, dev)?;
+    let tok_path = match tokenizer {
+        Some(p) => p.to_path_buf(),
+        None => checkpoint.parent().unwrap_or(Path::new(".")).join("tokenizer.json"),
+    };
+    let json = crate::files::read_regular(&tok_path, 64 << 20)?;
+    let tok = NoteTokenizer::from_bytes(&json, m.cfg.token_len).map_err(|e| data_err(&tok_path, e))?;
+    if tok.vocab_size() > m.cfg.vocab_size {
+        return Err(data_err(
+            &tok_path,
+            format!("has {} tokens, the checkpoint's text tower {}", tok.vocab_size(), m.cfg.vocab_size),
+        ));
+    }
+    Ok((m, tok))
+}
+
+/// Builds the model a `torch.save` checkpoint of the official code holds (preset and image size
+/// from its shapes unless given) and loads it; every model tensor must be there.
+pub fn import_pth(
+    checkpoint: &Path,
+    preset: Option<&str>,
+    img_size: Option<(usize, usize)>,
+    dev: &Device,
+) -> Result<(RecLmis, checkpoint::LoadReport)> {
+    let sd = crate::pth::read_state_dict(checkpoint)?;
+    let shapes = sd.tensors.iter().map(|t| (t.name.clone(), t.shape.clone())).collect();
+    let cfg = Config::from_shapes(&shapes, preset, img_size).map_err(|e| data_err(checkpoint, e))?;
+    let mut m = RecLmis::new(cfg, dev, 0)?;
+    let offered = sd
+        .tensors
+        .into_iter()
+        .map(|t| checkpoint::Offered { name: t.name, shape: t.shape, values: Box::new(move || Ok(t.values)) })
+        .collect();
+    let rep = checkpoint::load_offered(&mut m.params, offered, checkpoint)?;
+    if !rep.missing.is_empty() {
+        return Err(data_err(checkpoint, format!("incomplete checkpoint: {}", rep.summary())));
+    }
+    Ok((m, rep))
+}
+
+/// `reclmis import`: a `torch.save` checkpoint of the official code to a reclmis checkpoint
+/// (safetensors, with the configuration in its metadata so that eval/infer rebuild the model).
+/// `out` must not exist. Returns the load report.
+pub fn import_checkpoint(
+    from: &Path,
+    out: &Path,
+    preset: Option<&str>,
+    img_size: Option<(usize, usize)>,
+    tokenizer: Option<&Path>,
+) -> Result<String> {
+    if out.symlink_metadata().is_ok() {
+        return Err(data_err(out, "exists; import writes a new file and never replaces one"));
+    }
+    let (m, rep) = import_pth(from, preset, img_size, &Device::Cpu)?;
+    let mut meta = m.cfg.to_metadata();
+    meta.push(("imported_from".into(), from.file_name().map_or(String::new(), |n| n.to_string_lossy().into_owned())));
+    if let Some(t) = tokenizer {
+        let json = crate::files::read_regular(t, 64 << 20)?;
+        let tok = NoteTokenizer::from_bytes(&json, m.cfg.token_len).map_err(|e| data_err(t, e))?;
+        if tok.vocab_size() > m.cfg.vocab_size {
+            return Err(data_err(t, format!("has {} tokens, the model {}", tok.vocab_size(), m.cfg.vocab_size)));
+        }
+        let (hash, vocab) = NoteTokenizer::identity(&json, tok.vocab_size());
+        meta.push(("tokenizer_hash".into(), hash));
+        meta.push(("tokenizer_vocab".into(), vocab.to_string()));
+    }
+    checkpoint::save_with(&m.params, &meta, out)?;
+    Ok(format!(
+        "{}: preset {}, image {}x{}; {}",
+        from.display(),
+        m.cfg.name,
+        m.cfg.img_size.0,
+        m.cfg.img_size.1,
+        rep.summary()
+    ))
 }
 
 /// The tokenizer identity a checkpoint records, checked against a tokenizer file's bytes.
