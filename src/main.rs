@@ -111,8 +111,10 @@ enum Cmd {
         epochs: usize,
         #[arg(long, default_value_t = 8)]
         batch: usize,
-        #[arg(long, default_value_t = 1e-3)]
-        lr: f32,
+        /// Learning rate (default: the preset's, 3e-4 as the official code for official and
+        /// tiny, 1e-3 for small)
+        #[arg(long)]
+        lr: Option<f32>,
         #[arg(long, default_value_t = 1)]
         seed: u64,
         /// Run folder: best/last checkpoints, tokenizer.json, train_state, log.jsonl, curves.png
@@ -139,6 +141,10 @@ enum Cmd {
         /// tokenizer.json for presets with a frozen pretrained text tower (official, tiny)
         #[arg(long)]
         tokenizer: Option<PathBuf>,
+        /// Pretrained CLIP text weights: a Hugging Face model.safetensors (CLIPModel or
+        /// CLIPTextModel) with its config.json beside it
+        #[arg(long)]
+        text_weights: Option<PathBuf>,
         /// Turn augmentation off
         #[arg(long)]
         no_augment: bool,
@@ -270,6 +276,7 @@ fn run(cli: Cli) -> reclmis::Result<()> {
             patience,
             max_minutes,
             tokenizer,
+            text_weights,
             no_augment,
             official_flips,
         } => {
@@ -281,6 +288,10 @@ fn run(cli: Cli) -> reclmis::Result<()> {
                 None => pipeline::run_dir::RunDir::next_free(std::path::Path::new("runs")),
             };
             let dev = Device::from_choice(device)?;
+            let lr = match lr {
+                Some(lr) => lr,
+                None => reclmis::model::Config::preset(&preset)?.default_lr(),
+            };
             let o = pipeline::train::TrainOpts {
                 data,
                 preset,
@@ -292,6 +303,7 @@ fn run(cli: Cli) -> reclmis::Result<()> {
                 patience,
                 max_minutes,
                 tokenizer,
+                text_weights,
                 resume,
                 overwrite,
                 accept_changes,
@@ -358,6 +370,7 @@ fn run(cli: Cli) -> reclmis::Result<()> {
                 patience: 15,
                 max_minutes,
                 tokenizer: None,
+                text_weights: None,
                 resume: false,
                 // the quickstart's own run folder: its run files are replaced, nothing else
                 overwrite: true,

@@ -27,6 +27,7 @@ fn tiny_set(dir: &Path) {
 
 fn opts(data: &Path, out: &Path) -> TrainOpts {
     TrainOpts {
+        text_weights: None,
         data: data.to_path_buf(),
         preset: "small".into(),
         epochs: 2,

@@ -21,6 +21,7 @@ fn tiny_set(dir: &Path) {
 
 fn opts(data: &Path, out: &Path, epochs: usize) -> TrainOpts {
     TrainOpts {
+        text_weights: None,
         data: data.to_path_buf(),
         preset: "small".into(),
         epochs,

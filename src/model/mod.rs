@@ -3,6 +3,7 @@
 //! W_woi; PLAM decoder; and for training the CVR/CLR reconstructions, the CCL and Dice + BCE.
 
 pub mod config;
+pub mod hf_clip;
 pub mod interactor;
 pub mod reconstruction;
 pub mod summary;

@@ -45,6 +45,8 @@ pub struct TrainOpts {
     pub max_minutes: f64,
     /// A tokenizer.json (required unless the preset trains its text tower from scratch).
     pub tokenizer: Option<PathBuf>,
+    /// Pretrained CLIP text weights (a Hugging Face model.safetensors with config.json beside).
+    pub text_weights: Option<PathBuf>,
     pub resume: bool,
     /// Replace the run files of an earlier run in `out` (nothing else there is touched).
     pub overwrite: bool,
@@ -113,8 +115,15 @@ fn data_err(path: &Path, e: impl std::fmt::Display) -> Error {
 }
 
 /// The settings a resumed run must share with the run it continues (metadata key, value).
-fn settings(o: &TrainOpts, train: &Loaded, val: &Loaded, tok_hash: &str) -> Vec<(&'static str, String)> {
+fn settings(
+    o: &TrainOpts,
+    train: &Loaded,
+    val: &Loaded,
+    tok_hash: &str,
+    text_weights: &str,
+) -> Vec<(&'static str, String)> {
     vec![
+        ("text_weights", text_weights.to_string()),
         ("preset", o.preset.clone()),
         ("seed", o.seed.to_string()),
         ("batch", o.batch.to_string()),
@@ -126,6 +135,9 @@ fn settings(o: &TrainOpts, train: &Loaded, val: &Loaded, tok_hash: &str) -> Vec<
         ("tokenizer_hash", tok_hash.to_string()),
     ]
 }
+
+/// A setting the resumed run takes from its state rather than from the command line.
+const FROM_RUN: &str = "(from the run)";
 
 /// The run's identity: a fingerprint of its settings, so the same run always writes the same
 /// bytes and files of two different runs never pass for one.
@@ -200,8 +212,38 @@ impl Run {
             cfg.vocab_size = tok.vocab_size();
         }
         let tok_meta = NoteTokenizer::identity(&tok_json, tok.vocab_size());
-        let settings = settings(o, &train, &val, &tok_meta.0);
-        let model = RecLmis::new(cfg.clone(), dev, o.seed)?;
+        // pretrained text weights: read (and checked) before the folder holds anything of this run
+        // but the tokenizer; their hash is a setting, so a resume with other weights is refused
+        let mut model = RecLmis::new(cfg.clone(), dev, o.seed)?;
+        let has_state = o.resume && dir.path(run_dir::STATE).is_file();
+        let mut text_notes = vec![];
+        let text_hash = match &o.text_weights {
+            Some(p) => {
+                let w = crate::model::hf_clip::load_text_weights(&mut model, p)?;
+                text_notes.push(format!(
+                    "text tower: {} tensors from {} ({} vision-tower tensors ignored{})",
+                    w.report.loaded,
+                    p.display(),
+                    w.ignored_vision,
+                    if w.had_logit_scale { "" } else { "; no logit_scale in the file, the preset's kept" }
+                ));
+                let bytes = crate::files::read_regular(p, u64::MAX)?;
+                crate::files::Fnv64::default().update(&bytes).hex()
+            }
+            // a resumed run's state holds its text tower: the recorded weights stand
+            None if has_state => FROM_RUN.into(),
+            None => {
+                if !cfg.text_trainable {
+                    eprintln!(
+                        "WARNING: preset {} freezes its text tower, and no --text-weights were given: the tower \
+                         is RANDOM and stays random (the paper uses pretrained CLIP; see the README)",
+                        cfg.name
+                    );
+                }
+                "none".into()
+            }
+        };
+        let settings = settings(o, &train, &val, &tok_meta.0, &text_hash);
         let tr = Trainer::new(model, AdamConfig { lr: o.lr, ..AdamConfig::default() });
         let mut run = Run {
             id: run_id(&settings),
@@ -220,7 +262,7 @@ impl Run {
             progress: o.progress,
             text_cache: None,
         };
-        for n in run.train.notes.clone().into_iter().chain(run.val.notes.clone()) {
+        for n in text_notes.into_iter().chain(run.train.notes.clone()).chain(run.val.notes.clone()) {
             run.note(n);
         }
         if run.dir.removed_temporaries > 0 {
@@ -297,8 +339,13 @@ impl Run {
         }
         // settings: other values are refused unless accepted
         let mut changed = vec![];
-        for (k, v) in &self.settings {
-            let was = get(&format!("setting.{k}"))?;
+        for (k, v) in self.settings.iter_mut() {
+            // a setting added after the run started compares as not recorded
+            let was = meta.get(&format!("setting.{k}")).map_or("(not recorded)", String::as_str);
+            if v == FROM_RUN {
+                *v = was.to_string();
+                continue;
+            }
             if was != v {
                 changed.push(format!("{k}: the run has {was}, now {v}"));
             }

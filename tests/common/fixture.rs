@@ -21,6 +21,12 @@ impl Fixture {
         Fixture { bytes }
     }
 
+    /// Any safetensors file of a fixture folder (e.g. hf_clip_tiny/case.safetensors).
+    pub fn open_file(path: &std::path::Path) -> Fixture {
+        let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+        Fixture { bytes }
+    }
+
     /// The whole safetensors file (to load weights from).
     pub fn bytes(&self) -> &[u8] {
         &self.bytes
