@@ -104,8 +104,12 @@ pub fn read_sheet(path: &Path) -> Result<HashMap<String, String>> {
     Ok(out)
 }
 
-/// The sheet of a split folder: `<stem>.xlsx`, else `<stem>.csv`, else the only xlsx/csv there
-/// (QaTa ships Train_Val_text.xlsx for both train and val).
+/// The sheet QaTa-COV19 publishes in `Train_Folder` for both the training and validation images.
+pub const QATA_SHARED_SHEET: &str = "Train_Val_text";
+
+/// The sheet of a split folder: `<stem>.xlsx`, else `<stem>.csv`, else the only xlsx/csv there;
+/// for the validation split without a sheet of its own, QaTa-COV19's `Train_Val_text.xlsx` (or
+/// .csv) in the sibling `Train_Folder`, which holds the notes of both splits.
 fn find_sheet(folder: &Path, split: Split) -> Result<PathBuf> {
     for ext in ["xlsx", "csv"] {
         let p = folder.join(format!("{}.{ext}", split.sheet_stem()));
@@ -117,11 +121,28 @@ fn find_sheet(folder: &Path, split: Split) -> Result<PathBuf> {
         .map_err(|e| data_err(folder, format!("cannot list: {e}")))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("xlsx" | "csv")))
+        .filter(|p| !p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.')))
         .collect();
     found.sort();
+    if found.is_empty() && split == Split::Val {
+        let train = folder.parent().unwrap_or(Path::new(".")).join(Split::Train.folder());
+        for ext in ["xlsx", "csv"] {
+            let p = train.join(format!("{QATA_SHARED_SHEET}.{ext}"));
+            if p.is_file() {
+                return Ok(p);
+            }
+        }
+    }
     match found.len() {
         1 => Ok(found.remove(0)),
-        0 => Err(data_err(folder, format!("no notes sheet ({}.xlsx or .csv)", split.sheet_stem()))),
+        0 => Err(data_err(
+            folder,
+            format!(
+                "no notes sheet ({}.xlsx or .csv{})",
+                split.sheet_stem(),
+                if split == Split::Val { ", nor Train_Folder/Train_Val_text.xlsx as QaTa-COV19 ships" } else { "" }
+            ),
+        )),
         _ => {
             Err(data_err(folder, format!("several sheets and none named {}.xlsx/.csv: {found:?}", split.sheet_stem())))
         }
@@ -176,20 +197,22 @@ pub fn list(root: &Path, split: Split) -> Result<Listed> {
     let mut out = Listed { entries: Vec::with_capacity(images.len()), skipped };
     for image in images {
         let name = image.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
-        let qata = mask_dir.join(format!("mask_{name}"));
-        let same = mask_dir.join(&name);
-        let mask = if qata.is_file() {
-            qata
-        } else if same.is_file() {
-            same
-        } else {
-            return Err(data_err(&image, format!("no mask (looked for {} and {})", qata.display(), same.display())));
+        let stem = image.file_stem().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        // QaTa's mask_<image>, a mask sharing the image's name (MosMedData+), and the published
+        // loaders' <stem>.png for images of another type (MoNuSeg's x.tif has the mask x.png)
+        let candidates = [format!("mask_{name}"), name.clone(), format!("{stem}.png"), format!("mask_{stem}.png")];
+        let Some(mask) = candidates.iter().map(|c| mask_dir.join(c)).find(|p| p.is_file()) else {
+            return Err(data_err(
+                &image,
+                format!("no mask (looked in {} for {})", mask_dir.display(), candidates.join(", ")),
+            ));
         };
         let mask_name = mask.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        let note = sheet
-            .get(mask_name)
-            .or_else(|| sheet.get(&name))
-            .ok_or_else(|| data_err(&sheet_path, format!("no note for {name} (keyed {mask_name} or {name})")))?;
+        let keys = [mask_name, name.as_str(), &format!("{stem}.png"), stem.as_str()];
+        let note = keys
+            .iter()
+            .find_map(|k| sheet.get(*k))
+            .ok_or_else(|| data_err(&sheet_path, format!("no note for {name} (keyed {})", keys.join(", "))))?;
         if note.trim().is_empty() {
             return Err(data_err(&sheet_path, format!("the note for {name} is empty")));
         }
