@@ -103,20 +103,46 @@ enum Cmd {
     Train {
         #[arg(long)]
         data: PathBuf,
-        #[arg(long, default_value = "small")]
-        preset: String,
+        /// The paper's recipe for a dataset (qata: QaTa-COV19, mosmed: MosMedData+): preset,
+        /// batch, epochs, patience, learning rate and schedule, seed, K, mask rates and score
+        /// dropout as the official configuration files set them; the flags below override it
+        #[arg(long)]
+        recipe: Option<String>,
+        /// official, tiny or small [default: small, or the recipe's]
+        #[arg(long)]
+        preset: Option<String>,
         #[arg(long, value_enum, default_value = "auto")]
         device: DeviceChoice,
-        #[arg(long, default_value_t = 30)]
-        epochs: usize,
-        #[arg(long, default_value_t = 8)]
-        batch: usize,
-        /// Learning rate (default: the preset's, 3e-4 as the official code for official and
-        /// tiny, 1e-3 for small)
+        /// [default: 30, or the recipe's]
+        #[arg(long)]
+        epochs: Option<usize>,
+        /// [default: 8, or the recipe's]
+        #[arg(long)]
+        batch: Option<usize>,
+        /// Learning rate [default: the recipe's, else the preset's: 3e-4 as the official code for
+        /// official and tiny, 1e-3 for small]
         #[arg(long)]
         lr: Option<f32>,
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
+        /// Learning-rate schedule, stepped per epoch: cosine (one period over the run, to lr/100),
+        /// restarts (official QaTa: cosine restarts every 10 epochs down to 1e-4), exp (official
+        /// MosMedData+: 0.99^epoch, at least 0.1) [default: cosine, or the recipe's]
+        #[arg(long)]
+        schedule: Option<String>,
+        /// [default: 1, or the recipe's]
+        #[arg(long)]
+        seed: Option<u64>,
+        /// K, the layers per reconstruction stack [default: the preset's, or the recipe's]
+        #[arg(long)]
+        rec_layers: Option<usize>,
+        /// Share of image tokens masked for reconstruction [default: 0.5, or the recipe's]
+        #[arg(long)]
+        img_mask_rate: Option<f64>,
+        /// Share of text tokens masked for reconstruction [default: 0.3, or the recipe's]
+        #[arg(long)]
+        text_mask_rate: Option<f64>,
+        /// Dropout on the W_poi / W_woi scoring MLPs' inputs [default: 0, or the recipe's]
+        #[arg(long)]
+        score_dropout: Option<f32>,
         /// Run folder: best/last checkpoints, tokenizer.json, train_state, log.jsonl, curves.png
         /// (default: a new runs/train-<n>). A non-empty folder is refused unless --resume or
         /// --overwrite.
@@ -132,9 +158,9 @@ enum Cmd {
         /// tokenizer differ from the run's (each difference is printed)
         #[arg(long)]
         accept_changes: bool,
-        /// Early stopping: epochs without a better validation Dice
-        #[arg(long, default_value_t = 8)]
-        patience: usize,
+        /// Early stopping: epochs without a better validation Dice [default: 8, or the recipe's]
+        #[arg(long)]
+        patience: Option<usize>,
         /// Stop after this many minutes (checked between epochs; 0 = none)
         #[arg(long, default_value_t = 0.0)]
         max_minutes: f64,
@@ -263,12 +289,18 @@ fn run(cli: Cli) -> reclmis::Result<()> {
         #[cfg(feature = "train")]
         Cmd::Train {
             data,
+            recipe,
             preset,
             device,
             epochs,
             batch,
             lr,
+            schedule,
             seed,
+            rec_layers,
+            img_mask_rate,
+            text_mask_rate,
+            score_dropout,
             out,
             resume,
             overwrite,
@@ -288,19 +320,30 @@ fn run(cli: Cli) -> reclmis::Result<()> {
                 None => pipeline::run_dir::RunDir::next_free(std::path::Path::new("runs")),
             };
             let dev = Device::from_choice(device)?;
-            let lr = match lr {
+            // the recipe's values, then the flags given; then reclmis' defaults
+            let r = recipe.as_deref().map(pipeline::recipe::Recipe::get).transpose()?;
+            let preset = preset.or(r.as_ref().map(|r| r.preset.to_string())).unwrap_or_else(|| "small".into());
+            let lr = match lr.or(r.as_ref().map(|r| r.lr)) {
                 Some(lr) => lr,
                 None => reclmis::model::Config::preset(&preset)?.default_lr(),
             };
+            let schedule = match schedule {
+                Some(s) => reclmis::optim::schedule::Schedule::parse(&s)?,
+                None => r.as_ref().map_or(reclmis::optim::schedule::Schedule::Cosine, |r| r.schedule),
+            };
+            let flags = pipeline::recipe::ModelOptions { rec_layers, img_mask_rate, text_mask_rate, score_dropout };
+            let model = r.as_ref().map(|r| r.model.clone()).unwrap_or_default().overridden_by(&flags);
             let o = pipeline::train::TrainOpts {
                 data,
                 preset,
-                epochs,
-                batch,
+                epochs: epochs.or(r.as_ref().map(|r| r.epochs)).unwrap_or(30),
+                batch: batch.or(r.as_ref().map(|r| r.batch)).unwrap_or(8),
                 lr,
-                seed,
+                seed: seed.or(r.as_ref().map(|r| r.seed)).unwrap_or(1),
+                model,
+                schedule,
                 out,
-                patience,
+                patience: patience.or(r.as_ref().map(|r| r.patience)).unwrap_or(8),
                 max_minutes,
                 tokenizer,
                 text_weights,
@@ -371,6 +414,8 @@ fn run(cli: Cli) -> reclmis::Result<()> {
                 max_minutes,
                 tokenizer: None,
                 text_weights: None,
+                model: Default::default(),
+                schedule: reclmis::optim::schedule::Schedule::Cosine,
                 resume: false,
                 // the quickstart's own run folder: its run files are replaced, nothing else
                 overwrite: true,

@@ -28,6 +28,8 @@ fn tiny_set(dir: &Path) {
 fn opts(data: &Path, out: &Path) -> TrainOpts {
     TrainOpts {
         text_weights: None,
+        model: Default::default(),
+        schedule: reclmis::optim::schedule::Schedule::Cosine,
         data: data.to_path_buf(),
         preset: "small".into(),
         epochs: 2,
@@ -456,6 +458,9 @@ fn images_masks_notes_and_files() {
     // checkpoint metadata asking for a huge model: refused before any allocation
     let mut meta = reclmis::checkpoint::read_metadata(&ck).unwrap();
     meta.insert("img_h".into(), "128000".into());
+    let mut cfg: serde_json::Value = serde_json::from_str(&meta["config"]).unwrap();
+    cfg["img_size"][0] = 128000.into();
+    meta.insert("config".into(), cfg.to_string());
     let huge = moved.join("huge.safetensors");
     let meta_v: Vec<(String, String)> = meta.into_iter().collect();
     reclmis::checkpoint::write_tensors(&huge, &[], &meta_v).unwrap();

@@ -170,6 +170,8 @@ fn clip_text_weights_train_frozen_and_resume() {
     let run = root.join("run");
     let o = TrainOpts {
         text_weights: Some(weights.clone()),
+        model: Default::default(),
+        schedule: reclmis::optim::schedule::Schedule::Cosine,
         data: data.clone(),
         preset: "tiny".into(),
         epochs: 2,

@@ -22,6 +22,8 @@ fn tiny_set(dir: &Path) {
 fn opts(data: &Path, out: &Path, epochs: usize) -> TrainOpts {
     TrainOpts {
         text_weights: None,
+        model: Default::default(),
+        schedule: reclmis::optim::schedule::Schedule::Cosine,
         data: data.to_path_buf(),
         preset: "small".into(),
         epochs,

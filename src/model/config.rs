@@ -3,7 +3,8 @@
 
 use crate::error::{Error, Result};
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Config {
     pub name: String,
     /// Image height and width, multiples of 16.
@@ -41,6 +42,10 @@ pub struct Config {
     /// The paper's reading of the condition (logits · w before the softmax) instead of the
     /// official code's (probabilities · (w + 1e-10), renormalised).
     pub condition_on_logits: bool,
+    /// Dropout on the inputs of the W_poi / W_woi scoring MLPs in training (the official
+    /// `config.dropout` / `dropout_value`: off for QaTa-COV19, 0.5 for MosMedData+).
+    #[serde(default)]
+    pub score_dropout: f32,
 }
 
 /// Limits on what a checkpoint's metadata may ask for (far above every published setting:
@@ -48,6 +53,8 @@ pub struct Config {
 pub const MAX_IMAGE_SIDE: usize = 4096;
 pub const MAX_VOCAB: usize = 1 << 20;
 pub const MAX_CONTEXT: usize = 4096;
+pub const MAX_WIDTH: usize = 8192;
+pub const MAX_LAYERS: usize = 64;
 
 impl Config {
     pub fn preset(name: &str) -> Result<Config> {
@@ -74,6 +81,7 @@ impl Config {
             text_trainable: false,
             dropout: 0.1,
             bidirectional_reconstruction: false,
+            score_dropout: 0.0,
         };
         match name {
             "official" => Ok(official),
@@ -109,9 +117,11 @@ impl Config {
         }
     }
 
-    /// The settings a checkpoint records (safetensors metadata) to rebuild the model.
+    /// The settings a checkpoint records (safetensors metadata) to rebuild the model: the whole
+    /// configuration as JSON under `config`, and the main fields on their own for a reader.
     pub fn to_metadata(&self) -> Vec<(String, String)> {
         vec![
+            ("config".into(), serde_json::to_string(self).expect("a Config always serialises")),
             ("preset".into(), self.name.clone()),
             ("img_h".into(), self.img_size.0.to_string()),
             ("img_w".into(), self.img_size.1.to_string()),
@@ -123,6 +133,21 @@ impl Config {
     }
 
     pub fn from_metadata(m: &std::collections::HashMap<String, String>) -> Result<Config> {
+        if let Some(json) = m.get("config") {
+            let c: Config = serde_json::from_str(json)
+                .map_err(|e| Error::Config(format!("checkpoint metadata \"config\" is not a configuration: {e}")))?;
+            c.validate()?;
+            // the fields recorded on their own must say the same (a header edited in one place)
+            for (k, v) in c.to_metadata() {
+                if let Some(other) = m.get(&k).filter(|o| k != "config" && **o != v) {
+                    return Err(Error::Config(format!(
+                        "checkpoint metadata {k:?} is {other:?} but its configuration says {v:?}"
+                    )));
+                }
+            }
+            return Ok(c);
+        }
+        // checkpoints written before the whole configuration was recorded
         let get = |k: &str| m.get(k).ok_or_else(|| Error::Config(format!("checkpoint metadata lacks {k:?}")));
         let num = |k: &str| -> Result<usize> {
             get(k)?.parse().map_err(|_| Error::Config(format!("metadata {k:?} is not a number")))
@@ -260,6 +285,29 @@ impl Config {
                 "token length {} / context {}: at most {MAX_CONTEXT}",
                 self.token_len, self.context_length
             ));
+        }
+        if self
+            .unet_widths
+            .iter()
+            .chain([&self.d_model, &self.clip_width, &self.rec_ffn])
+            .any(|&x| x == 0 || x > MAX_WIDTH)
+            || self.clip_layers > MAX_LAYERS
+            || self.rec_layers > MAX_LAYERS
+        {
+            return bad(format!("widths must be 1 to {MAX_WIDTH} and depths at most {MAX_LAYERS}"));
+        }
+        for (what, r) in [("image mask rate", self.img_mask_rate), ("text mask rate", self.text_mask_rate)] {
+            if !(r > 0.0 && r <= 1.0) {
+                return bad(format!("{what} {r}: must be in (0, 1]"));
+            }
+        }
+        for (what, p) in [("dropout", self.dropout), ("score dropout", self.score_dropout)] {
+            if !(0.0..1.0).contains(&p) {
+                return bad(format!("{what} {p}: must be in [0, 1)"));
+            }
+        }
+        if self.loss_weights.iter().any(|w| !(w.is_finite() && *w >= 0.0)) {
+            return bad(format!("loss weights {:?}: must be finite and non-negative", self.loss_weights));
         }
         if self.token_len > self.context_length {
             return bad(format!("token_len {} exceeds context {}", self.token_len, self.context_length));

@@ -206,8 +206,9 @@ impl RecLmis {
         let it = self.interact.forward(g, p, &x5, &text_feat, need_weights, self.cfg.dropout)?;
         let (mut w_poi, mut w_woi) = (None, None);
         if let Some(text2) = &it.text {
-            let sv = self.mlp_visual.forward(g, p, &it.img)?;
-            let sw = self.mlp_woi.forward(g, p, text2)?;
+            // the official `config.dropout` (MosMedData+: p 0.5) drops the scoring MLPs' inputs only
+            let sv = self.mlp_visual.forward(g, p, &g.dropout(&it.img, self.cfg.score_dropout)?)?;
+            let sw = self.mlp_woi.forward(g, p, &g.dropout(text2, self.cfg.score_dropout)?)?;
             w_poi = Some(g.softmax(&sv)?);
             // −inf where the text mask is 0: padding gets exactly 0
             let bias = valid_bias(&b.valid)?;

@@ -20,7 +20,6 @@ use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::model::train::Trainer;
 use crate::model::{Batch, Config, RecLmis};
-use crate::optim::schedule::CosineWarmRestarts;
 use crate::optim::AdamConfig;
 use crate::tensor::Tensor;
 use crate::testing::Rng;
@@ -47,6 +46,9 @@ pub struct TrainOpts {
     pub tokenizer: Option<PathBuf>,
     /// Pretrained CLIP text weights (a Hugging Face model.safetensors with config.json beside).
     pub text_weights: Option<PathBuf>,
+    /// Changes to the preset's model settings (K, mask rates, score dropout).
+    pub model: super::recipe::ModelOptions,
+    pub schedule: crate::optim::schedule::Schedule,
     pub resume: bool,
     /// Replace the run files of an earlier run in `out` (nothing else there is touched).
     pub overwrite: bool,
@@ -121,9 +123,12 @@ fn settings(
     val: &Loaded,
     tok_hash: &str,
     text_weights: &str,
+    cfg: &Config,
 ) -> Vec<(&'static str, String)> {
     vec![
         ("text_weights", text_weights.to_string()),
+        ("config", serde_json::to_string(cfg).expect("a Config always serialises")),
+        ("schedule", o.schedule.name().to_string()),
         ("preset", o.preset.clone()),
         ("seed", o.seed.to_string()),
         ("batch", o.batch.to_string()),
@@ -180,6 +185,8 @@ impl Run {
     fn setup(o: &TrainOpts, dev: &Device) -> Result<Run> {
         o.validate()?;
         let mut cfg = Config::preset(&o.preset)?;
+        o.model.apply(&mut cfg);
+        cfg.validate()?;
         let (h, w) = cfg.img_size;
         // read the data before the folder is touched: a bad dataset leaves no trace
         let train = load(&o.data, Split::Train, h, w)?;
@@ -243,7 +250,7 @@ impl Run {
                 "none".into()
             }
         };
-        let settings = settings(o, &train, &val, &tok_meta.0, &text_hash);
+        let settings = settings(o, &train, &val, &tok_meta.0, &text_hash, &cfg);
         let tr = Trainer::new(model, AdamConfig { lr: o.lr, ..AdamConfig::default() });
         let mut run = Run {
             id: run_id(&settings),
@@ -505,9 +512,7 @@ fn run_epoch(run: &mut Run, o: &TrainOpts, epoch: usize) -> Result<EpochStats> {
     let steps_per_epoch = run.train.len().div_ceil(o.batch);
     let (rx, producer) = batches(run, o, epoch);
     let bar = progress_bar(o, steps_per_epoch, epoch);
-    // cosine annealing over the run (the official schedule family, one period here) to lr/100
-    let sched = CosineWarmRestarts { lr0: o.lr as f64, t0: o.epochs, t_mult: 1, eta_min: o.lr as f64 / 100.0 };
-    run.tr.adam.cfg.lr = sched.lr(epoch) as f32;
+    run.tr.adam.cfg.lr = o.schedule.lr(o.lr as f64, epoch, o.epochs) as f32;
     let mut rng = Rng::new(o.seed ^ 0xA5A5 ^ epoch as u64);
     let mut sums = BTreeMap::<String, f64>::new();
     let mut st = EpochStats { means: BTreeMap::new(), images: 0, compute_s: 0.0, first: f32::NAN, last: f32::NAN };

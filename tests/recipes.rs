@@ -1,0 +1,158 @@
+//! `train --recipe qata|mosmed`: the official configuration's values reach the run (model
+//! settings, batch, learning rate, schedule, seed), explicit flags override them, the checkpoint
+//! records the whole configuration, and eval/infer rebuild the model from it.
+
+use reclmis::data::write::{write, SynthOpts};
+use reclmis::optim::schedule::Schedule;
+use reclmis::pipeline::recipe::{ModelOptions, Recipe};
+use reclmis::Device;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("reclmis-recipe-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn meta(path: &Path) -> std::collections::HashMap<String, String> {
+    reclmis::checkpoint::read_metadata(path).unwrap()
+}
+
+#[test]
+fn recipes_hold_the_official_configuration() {
+    let q = Recipe::get("qata").unwrap();
+    assert_eq!((q.batch, q.epochs, q.patience, q.seed, q.schedule), (32, 2000, 100, 3407, Schedule::Restarts));
+    assert_eq!(q.model.rec_layers, Some(4));
+    let m = Recipe::get("mosmed").unwrap();
+    assert_eq!((m.batch, m.epochs, m.patience, m.schedule), (20, 400, 30, Schedule::Exp));
+    assert_eq!((m.model.rec_layers, m.model.img_mask_rate, m.model.score_dropout), (Some(3), Some(0.3), Some(0.5)));
+    assert!(Recipe::get("kvasir").unwrap_err().to_string().contains("qata"));
+    // flags override the recipe value by value
+    let over = ModelOptions { rec_layers: Some(2), ..Default::default() };
+    let both = m.model.overridden_by(&over);
+    assert_eq!((both.rec_layers, both.score_dropout), (Some(2), Some(0.5)));
+}
+
+/// The CLI with `--recipe mosmed` and a few overriding flags, on the small preset so that it
+/// trains in seconds: the run's state records the recipe's values where no flag was given.
+#[test]
+fn recipe_reaches_the_run_and_flags_override_it() {
+    let root = tmp("cli");
+    let data = root.join("data");
+    write(&data, &SynthOpts { train: 8, val: 4, test: 4, size: 32, seed: 3, ..Default::default() }).unwrap();
+    let run = root.join("run");
+    let out = Command::new(env!("CARGO_BIN_EXE_reclmis"))
+        .args(["train", "--recipe", "mosmed", "--preset", "small", "--epochs", "1", "--batch", "4"])
+        .args(["--device", "cpu", "--data"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let m = meta(&run.join("train_state.safetensors"));
+    let cfg: reclmis::model::Config = serde_json::from_str(&m["setting.config"]).unwrap();
+    assert_eq!(cfg.name, "small", "--preset overrides the recipe's official preset");
+    assert_eq!((cfg.rec_layers, cfg.img_mask_rate, cfg.text_mask_rate, cfg.score_dropout), (3, 0.3, 0.3, 0.5));
+    assert_eq!(m["setting.schedule"], "exp");
+    assert_eq!(m["setting.batch"], "4", "--batch overrides the recipe's 20");
+    assert_eq!(m["setting.seed"], "3407");
+    assert_eq!(m["setting.lr"], format!("{:e}", 3e-4f32));
+    // eval/infer rebuild the model from the checkpoint: K = 3 reconstruction layers, not small's 1
+    let (model, _) = reclmis::pipeline::load_run(&run.join("best.safetensors"), None, &Device::Cpu).unwrap();
+    assert_eq!(model.cfg, cfg);
+    let layers = |stack: &str| {
+        (0..)
+            .take_while(|i| model.params.ids().any(|id| model.params.name(id).starts_with(&format!("{stack}.{i}."))))
+            .count()
+    };
+    assert_eq!(layers("rec_img_trans1.decoder1.decoder_layers"), 3);
+    assert_eq!(layers("rec_text_trans1.decoder2.decoder_layers"), 3);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// A configuration in a checkpoint's metadata is user data: out-of-range values are errors.
+#[test]
+fn recorded_configuration_is_validated() {
+    let mut c = reclmis::model::Config::preset("small").unwrap();
+    let mut m = std::collections::HashMap::new();
+    for (k, v) in c.to_metadata() {
+        m.insert(k, v);
+    }
+    assert_eq!(reclmis::model::Config::from_metadata(&m).unwrap(), c);
+    c.score_dropout = 1.0;
+    m.insert("config".into(), serde_json::to_string(&c).unwrap());
+    assert!(reclmis::model::Config::from_metadata(&m).unwrap_err().to_string().contains("score dropout"));
+    c.score_dropout = 0.0;
+    c.unet_widths[0] = 1 << 30;
+    m.insert("config".into(), serde_json::to_string(&c).unwrap());
+    assert!(reclmis::model::Config::from_metadata(&m).unwrap_err().to_string().contains("widths"));
+    m.insert("config".into(), "{\"name\": 3}".into());
+    assert!(reclmis::model::Config::from_metadata(&m).unwrap_err().to_string().contains("not a configuration"));
+}
+
+/// The score dropout acts in training only, and only on the scoring MLPs' inputs: with the
+/// fixture's weights, the training forward's W_poi changes while the evaluation is unchanged.
+#[test]
+fn score_dropout_acts_in_training_only() {
+    let pth = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/official_tiny/checkpoint.pth");
+    let pth = std::env::var_os("RECLMIS_FIXTURES")
+        .map(|r| PathBuf::from(r).join("official_tiny/checkpoint.pth"))
+        .unwrap_or(pth);
+    let (base, _) = reclmis::pipeline::import_pth(&pth, None, None, &Device::Cpu).unwrap();
+    let with = |p: f32| {
+        let cfg = reclmis::model::Config { score_dropout: p, dropout: 0.0, ..base.cfg.clone() };
+        let mut m = reclmis::model::RecLmis::new(cfg, &Device::Cpu, 0).unwrap();
+        for id in base.params.ids() {
+            let src = base.params.value(id);
+            let dst = m.params.id(base.params.name(id)).unwrap();
+            m.params.set(dst, src.clone()).unwrap();
+        }
+        m
+    };
+    let (h, w) = base.cfg.img_size;
+    let b = reclmis::model::Batch {
+        images: reclmis::Tensor::from_vec(
+            (0..2 * 3 * h * w).map(|i| (i % 17) as f32 / 17.0).collect(),
+            &[2, 3, h, w],
+            &Device::Cpu,
+        )
+        .unwrap(),
+        ids: reclmis::Tensor::from_vec_i32(
+            vec![49406, 320, 1125, 49407, 0, 0, 49406, 530, 49407, 0, 0, 0],
+            &[2, 6],
+            &Device::Cpu,
+        )
+        .unwrap(),
+        valid: reclmis::Tensor::from_vec_i32(vec![1, 1, 1, 1, 0, 0, 1, 1, 1, 0, 0, 0], &[2, 6], &Device::Cpu).unwrap(),
+        masks: Some(
+            reclmis::Tensor::from_vec(
+                (0..2 * h * w).map(|i| (i % 3 == 0) as u8 as f32).collect(),
+                &[2, h, w],
+                &Device::Cpu,
+            )
+            .unwrap(),
+        ),
+        text_hidden: None,
+    };
+    let w_poi = |m: &reclmis::model::RecLmis| {
+        let g = reclmis::autograd::Graph::train().with_dropout_seed(9);
+        let out = m.forward_train(&g, &b, None, &mut reclmis::testing::Rng::new(1)).unwrap();
+        out.record["W_poi"].tensor().to_vec().unwrap()
+    };
+    let (off, on) = (with(0.0), with(0.5));
+    assert_ne!(w_poi(&off), w_poi(&on), "score dropout must change the training forward's W_poi");
+    let probs = |m: &reclmis::model::RecLmis| m.forward_eval(&b).unwrap()["probs"].tensor().to_vec().unwrap();
+    assert_eq!(probs(&off), probs(&on), "and leave evaluation alone");
+}
+
+#[test]
+fn metadata_fields_must_agree_with_the_configuration() {
+    let c = reclmis::model::Config::preset("small").unwrap();
+    let mut m: std::collections::HashMap<String, String> = c.to_metadata().into_iter().collect();
+    m.insert("img_h".into(), "128".into());
+    let e = reclmis::model::Config::from_metadata(&m).unwrap_err().to_string();
+    assert!(e.contains("img_h") && e.contains("128"), "{e}");
+}
