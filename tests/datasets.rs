@@ -141,3 +141,35 @@ fn val_without_any_sheet_names_what_it_looked_for() {
     assert!(e.contains("Val_text.xlsx") && e.contains("Train_Val_text.xlsx"), "{e}");
     let _ = std::fs::remove_dir_all(&r);
 }
+
+/// synth writes, for each validation and test image, the counterfactual note (naming only the
+/// opacity the real note leaves out) and that opacity's mask; the training split has none; the
+/// folder stays one that `remove_synthetic` recognises as synth's.
+#[test]
+fn synth_counterfactual_notes_and_masks() {
+    use reclmis::data::write::{remove_synthetic, write, SynthOpts};
+    let r = root("cf");
+    write(&r, &SynthOpts { train: 3, val: 4, test: 5, size: 32, seed: 9, ..Default::default() }).unwrap();
+    assert!(pipeline::load_counterfactual(&r, Split::Train, 32, 32).unwrap().is_none());
+    for (split, n) in [(Split::Val, 4), (Split::Test, 5)] {
+        let real = pipeline::load(&r, split, 32, 32).unwrap();
+        let cf = pipeline::load_counterfactual(&r, split, 32, 32).unwrap().expect("synth writes them");
+        assert_eq!(cf.len(), n, "every image has a distractor by default");
+        for i in 0..n {
+            assert_eq!(cf.entries[i].image, real.entries[i].image);
+            assert!(cf.entries[i].note.starts_with("Unilateral pulmonary infection, one infected area, "));
+            assert_ne!(cf.entries[i].note, real.entries[i].note);
+            let m = &cf.masks[i * 32 * 32..(i + 1) * 32 * 32];
+            let g = &real.masks[i * 32 * 32..(i + 1) * 32 * 32];
+            let (cf_px, shared) =
+                (m.iter().filter(|&&x| x == 1).count(), m.iter().zip(g).filter(|(&a, &b)| a == 1 && b == 1).count());
+            assert!(
+                cf_px > 0 && 2 * shared < cf_px,
+                "{}: the counterfactual opacity is another one",
+                cf.entries[i].note
+            );
+        }
+    }
+    remove_synthetic(&r).unwrap();
+    let _ = std::fs::remove_dir_all(&r);
+}

@@ -221,6 +221,34 @@ pub fn list(root: &Path, split: Split) -> Result<Listed> {
     Ok(out)
 }
 
+/// A split's counterfactual samples, when the folder has them (synth writes them for Val and
+/// Test; see `data::write::COUNTERFACTUAL_SHEET`): each image of `img/` named in the sheet, with
+/// the counterfactual mask and note.
+pub fn list_counterfactual(root: &Path, split: Split) -> Result<Option<Listed>> {
+    use crate::data::write::{COUNTERFACTUAL_DIR, COUNTERFACTUAL_SHEET};
+    let folder = root.join(split.folder());
+    let sheet_path = folder.join(COUNTERFACTUAL_SHEET);
+    if !sheet_path.is_file() {
+        return Ok(None);
+    }
+    let sheet = read_sheet(&sheet_path)?;
+    let mut keys: Vec<&String> = sheet.keys().collect();
+    keys.sort();
+    let mut entries = vec![];
+    for key in keys {
+        let image_name = key.strip_prefix("mask_").unwrap_or(key);
+        let image = folder.join("img").join(image_name);
+        let mask = folder.join(COUNTERFACTUAL_DIR).join(key);
+        for p in [&image, &mask] {
+            if !p.is_file() {
+                return Err(data_err(&sheet_path, format!("names {key}, but {} is missing", p.display())));
+            }
+        }
+        entries.push(Entry { image, mask, note: crate::text::bounded(&sheet[key]).to_string() });
+    }
+    Ok(Some(Listed { entries, skipped: vec![] }))
+}
+
 /// Decoded images larger than this many pixels are refused from their header, before decoding
 /// (a 140 KB PNG can claim 12000² pixels). 100 megapixels is far above real radiographs and CT
 /// slices; `set_max_pixels` (the CLI's `--max-megapixels`) changes it.

@@ -13,6 +13,9 @@ pub struct SynthSample {
     pub mask: Vec<u8>,
     pub note: String,
     pub zones: Zones,
+    /// With a distractor: the note naming only the distractor's zone, and the distractor's mask
+    /// (what a model that follows the note must segment when given that note instead).
+    pub counterfactual: Option<(String, Vec<u8>)>,
 }
 
 struct Lung {
@@ -82,12 +85,16 @@ pub fn sample(s: usize, rng: &mut Rng, note_noise: f64, distractor_rate: f64) ->
         }
     }
     // a distractor in a clean zone: same look, not in the note, not in the mask
+    let mut cf_zones = None;
     if rng.uniform(0.0, 1.0) < distractor_rate as f32 {
         let clean: Vec<(usize, usize)> =
             (0..2).flat_map(|s| (0..3).map(move |z| (s, z))).filter(|&(s, z)| !zones[s][z]).collect();
         if !clean.is_empty() {
             let (side, z) = clean[(rng.next_u64() % clean.len() as u64) as usize];
             blobs.push((side, blob(&lungs[side], z, rng), false));
+            let mut only: Zones = [[false; 3]; 2];
+            only[side][z] = true;
+            cf_zones = Some(only);
         }
     }
     // smooth texture: a few random plane waves
@@ -103,6 +110,7 @@ pub fn sample(s: usize, rng: &mut Rng, note_noise: f64, distractor_rate: f64) ->
         .collect();
     let brightness = 1.0 + j(rng, 0.1);
     let (mut image, mut mask) = (vec![0.0f32; s * s], vec![0u8; s * s]);
+    let mut cf_mask = vec![0u8; if cf_zones.is_some() { s * s } else { 0 }];
     for y in 0..s {
         for x in 0..s {
             let (u, v) = ((x as f32 + 0.5) / s as f32, (y as f32 + 0.5) / s as f32);
@@ -129,6 +137,9 @@ pub fn sample(s: usize, rng: &mut Rng, note_noise: f64, distractor_rate: f64) ->
                         if real && d < 0.85 {
                             mask[y * s + x] = 1;
                         }
+                        if !real && d < 0.85 {
+                            cf_mask[y * s + x] = 1;
+                        }
                     }
                 }
             }
@@ -140,7 +151,8 @@ pub fn sample(s: usize, rng: &mut Rng, note_noise: f64, distractor_rate: f64) ->
         }
     }
     let note = notes::add_noise(&notes::note(&zones), note_noise, rng);
-    SynthSample { image, mask, note, zones }
+    let counterfactual = cf_zones.map(|z| (notes::note(&z), cf_mask));
+    SynthSample { image, mask, note, zones, counterfactual }
 }
 
 #[cfg(test)]
@@ -161,6 +173,15 @@ mod tests {
                 }
             }
             assert!(s.image.iter().all(|v| (0.0..=1.0).contains(v)));
+            // the distractor is the counterfactual: its own zone, outside the real mask
+            let (note, cf) = s.counterfactual.expect("distractor rate 1");
+            assert!(note.starts_with("Unilateral pulmonary infection, one infected area, "), "{note}");
+            assert!(cf.contains(&1), "{note}");
+            // blobs may reach into a neighbouring third, so the masks can touch, but the
+            // counterfactual opacity lies mostly outside the real one
+            let shared = cf.iter().zip(&s.mask).filter(|(&c, &m)| c == 1 && m == 1).count();
+            let total = cf.iter().filter(|&&c| c == 1).count();
+            assert!(2 * shared < total, "{note}: {shared} of {total} pixels inside the note's mask");
         }
     }
 }

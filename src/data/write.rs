@@ -32,12 +32,19 @@ fn io_err(path: &Path, e: impl std::fmt::Display) -> Error {
 /// The file synth writes at a dataset's root: the proof that reclmis made the folder.
 pub const MARKER: &str = ".reclmis-synth";
 
+/// The validation and test folders' counterfactual notes (`<split folder>/COUNTERFACTUAL_SHEET`,
+/// keyed by the mask's file name) and masks (`<split folder>/COUNTERFACTUAL_DIR/mask_<image>`):
+/// for each image with a distractor, the note naming only the distractor's zone and the
+/// distractor's mask.
+pub const COUNTERFACTUAL_DIR: &str = "counterfactual";
+pub const COUNTERFACTUAL_SHEET: &str = "counterfactual_text.csv";
+
 /// Whether a file name inside a split folder is one synth writes.
 fn synth_made(name: &str) -> bool {
     let png = |n: &str| n.starts_with("synth_") && n.ends_with(".png");
     png(name)
         || name.strip_prefix("mask_").is_some_and(png)
-        || matches!(name, "img" | "labelcol")
+        || matches!(name, "img" | "labelcol" | COUNTERFACTUAL_DIR | COUNTERFACTUAL_SHEET)
         || [Split::Train, Split::Val, Split::Test]
             .iter()
             .any(|s| name == format!("{}.csv", s.sheet_stem()) || name == format!("{}.xlsx", s.sheet_stem()))
@@ -98,6 +105,11 @@ pub fn write(out: &Path, o: &SynthOpts) -> Result<()> {
             std::fs::create_dir_all(d).map_err(|e| io_err(d, e))?;
         }
         let mut rows: Vec<(String, String)> = Vec::with_capacity(n);
+        let mut cf_rows: Vec<(String, String)> = vec![];
+        let cf_dir = folder.join(COUNTERFACTUAL_DIR);
+        if split != Split::Train {
+            std::fs::create_dir_all(&cf_dir).map_err(|e| io_err(&cf_dir, e))?;
+        }
         for i in 0..n {
             let s = synth::sample(o.size, &mut rng, o.note_noise, o.distractors);
             let name = format!("synth_{}_{i:05}.png", split.sheet_stem().trim_end_matches("_text").to_lowercase());
@@ -108,6 +120,21 @@ pub fn write(out: &Path, o: &SynthOpts) -> Result<()> {
             image::save_buffer(&ip, &img, side, side, image::ExtendedColorType::L8).map_err(|e| io_err(&ip, e))?;
             image::save_buffer(&mp, &mask, side, side, image::ExtendedColorType::L8).map_err(|e| io_err(&mp, e))?;
             rows.push((format!("mask_{name}"), s.note));
+            if let (Some((note, m)), true) = (s.counterfactual, split != Split::Train) {
+                let cp = cf_dir.join(format!("mask_{name}"));
+                let m: Vec<u8> = m.iter().map(|&v| v * 255).collect();
+                image::save_buffer(&cp, &m, side, side, image::ExtendedColorType::L8).map_err(|e| io_err(&cp, e))?;
+                cf_rows.push((format!("mask_{name}"), note));
+            }
+        }
+        if split != Split::Train {
+            let p = folder.join(COUNTERFACTUAL_SHEET);
+            let mut w = csv::Writer::from_path(&p).map_err(|e| io_err(&p, e))?;
+            w.write_record(["Image", "Description"]).map_err(|e| io_err(&p, e))?;
+            for (k, d) in &cf_rows {
+                w.write_record([k, d]).map_err(|e| io_err(&p, e))?;
+            }
+            w.flush().map_err(|e| io_err(&p, e))?;
         }
         let csv_path = folder.join(format!("{}.csv", split.sheet_stem()));
         let mut w = csv::Writer::from_path(&csv_path).map_err(|e| io_err(&csv_path, e))?;

@@ -69,7 +69,19 @@ impl Loaded {
 /// Lists and decodes a split in parallel, each sample straight into its place in the split's
 /// buffers (so the peak is the split's byte size, not decoded copies plus the concatenation).
 pub fn load(root: &Path, split: Split, h: usize, w: usize) -> Result<Loaded> {
-    let listed = lvit::list(root, split)?;
+    load_listed(root, split, lvit::list(root, split)?, h, w)
+}
+
+/// The split's counterfactual samples (image, the note naming only its unmentioned opacity,
+/// that opacity's mask), when the dataset has them (synth's Val and Test).
+pub fn load_counterfactual(root: &Path, split: Split, h: usize, w: usize) -> Result<Option<Loaded>> {
+    match lvit::list_counterfactual(root, split)? {
+        Some(l) if !l.entries.is_empty() => Ok(Some(load_listed(root, split, l, h, w)?)),
+        _ => Ok(None),
+    }
+}
+
+fn load_listed(root: &Path, split: Split, listed: lvit::Listed, h: usize, w: usize) -> Result<Loaded> {
     let entries = listed.entries;
     let n = entries.len();
     let (img_n, mask_n) = (3 * h * w, h * w);

@@ -48,6 +48,9 @@ pub struct EpochLog {
     pub val_dice: f64,
     pub val_iou: f64,
     pub val_hard_dice: f64,
+    /// Validation Dice with the counterfactual notes, when the dataset has them (synth's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_counterfactual_dice: Option<f64>,
     pub images_per_s: f64,
     pub elapsed_s: f64,
 }

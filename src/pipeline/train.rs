@@ -161,6 +161,8 @@ struct Run {
     tr: Trainer,
     train: Arc<Loaded>,
     val: Loaded,
+    /// The validation split's counterfactual samples, when the dataset has them.
+    val_cf: Option<Loaded>,
     tok: Arc<NoteTokenizer>,
     tok_meta: (String, usize),
     settings: Vec<(&'static str, String)>,
@@ -191,6 +193,7 @@ impl Run {
         // read the data before the folder is touched: a bad dataset leaves no trace
         let train = load(&o.data, Split::Train, h, w)?;
         let val = load(&o.data, Split::Val, h, w)?;
+        let val_cf = super::load_counterfactual(&o.data, Split::Val, h, w)?;
         let dir = RunDir::open(&o.out, o.mode())?;
         // the tokenizer: the run's own copy when resuming (never rewritten), else trained on the
         // notes or read from --tokenizer, and written once
@@ -259,6 +262,7 @@ impl Run {
             tr,
             train: Arc::new(train),
             val,
+            val_cf,
             tok: Arc::new(tok),
             tok_meta,
             settings,
@@ -624,15 +628,20 @@ pub fn train(o: &TrainOpts, dev: &Device) -> Result<TrainSummary> {
             val_dice: v.dice,
             val_iou: v.iou,
             val_hard_dice: v.hard_dice,
+            val_counterfactual_dice: match &run.val_cf {
+                Some(cf) => Some(evaluate(&run.tr.model, cf, &run.tok, Notes::Correct, o.batch)?.dice),
+                None => None,
+            },
             images_per_s: images as f64 / compute_s.max(1e-9),
             elapsed_s: start.elapsed().as_secs_f64(),
         };
         let total = entry.total();
+        let cf = entry.val_counterfactual_dice.map_or(String::new(), |d| format!(", counterfactual Dice {d:.4}"));
         let improved = record_epoch(&mut run, entry)?;
         epochs_run = epoch + 1;
         if o.progress {
             println!(
-                "epoch {}/{}: loss {total:.4}, val Dice {:.4}, IoU {:.4}{} ({:.0} s)",
+                "epoch {}/{}: loss {total:.4}, val Dice {:.4}, IoU {:.4}{cf}{} ({:.0} s)",
                 epoch + 1,
                 o.epochs,
                 v.dice,
