@@ -143,6 +143,20 @@ enum Cmd {
         /// Dropout on the W_poi / W_woi scoring MLPs' inputs [default: 0, or the recipe's]
         #[arg(long)]
         score_dropout: Option<f32>,
+        /// Loss weights: criterion, CCL, text reconstruction, image reconstruction (a 0 removes
+        /// the term: the ablations without CCL, CLR or CVR) [default: 5,0.2,1,1]
+        #[arg(long, value_delimiter = ',', num_args = 4)]
+        loss_weights: Option<Vec<f32>>,
+        /// Ablation: reconstruction masks drawn uniformly instead of in proportion to W
+        #[arg(long)]
+        random_masking: bool,
+        /// Ablation: the condition on the attention logits (the paper's reading) instead of on
+        /// the probabilities (the official code's)
+        #[arg(long)]
+        condition_on_logits: bool,
+        /// Ablation: bidirectional instead of causal reconstruction self-attention
+        #[arg(long)]
+        bidirectional_reconstruction: bool,
         /// Run folder: best/last checkpoints, tokenizer.json, train_state, log.jsonl, curves.png
         /// (default: a new runs/train-<n>). A non-empty folder is refused unless --resume or
         /// --overwrite.
@@ -301,6 +315,10 @@ fn run(cli: Cli) -> reclmis::Result<()> {
             img_mask_rate,
             text_mask_rate,
             score_dropout,
+            loss_weights,
+            random_masking,
+            condition_on_logits,
+            bidirectional_reconstruction,
             out,
             resume,
             overwrite,
@@ -331,7 +349,16 @@ fn run(cli: Cli) -> reclmis::Result<()> {
                 Some(s) => reclmis::optim::schedule::Schedule::parse(&s)?,
                 None => r.as_ref().map_or(reclmis::optim::schedule::Schedule::Cosine, |r| r.schedule),
             };
-            let flags = pipeline::recipe::ModelOptions { rec_layers, img_mask_rate, text_mask_rate, score_dropout };
+            let flags = pipeline::recipe::ModelOptions {
+                rec_layers,
+                img_mask_rate,
+                text_mask_rate,
+                score_dropout,
+                loss_weights: loss_weights.map(|w| [w[0], w[1], w[2], w[3]]),
+                random_masking: random_masking.then_some(true),
+                condition_on_logits: condition_on_logits.then_some(true),
+                bidirectional_reconstruction: bidirectional_reconstruction.then_some(true),
+            };
             let model = r.as_ref().map(|r| r.model.clone()).unwrap_or_default().overridden_by(&flags);
             let o = pipeline::train::TrainOpts {
                 data,

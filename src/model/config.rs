@@ -46,6 +46,10 @@ pub struct Config {
     /// `config.dropout` / `dropout_value`: off for QaTa-COV19, 0.5 for MosMedData+).
     #[serde(default)]
     pub score_dropout: f32,
+    /// The ablation of the paper's W-guided masking: reconstruction masks drawn uniformly
+    /// instead of in proportion to W_poi / W_woi.
+    #[serde(default)]
+    pub random_masking: bool,
 }
 
 /// Limits on what a checkpoint's metadata may ask for (far above every published setting:
@@ -82,6 +86,7 @@ impl Config {
             dropout: 0.1,
             bidirectional_reconstruction: false,
             score_dropout: 0.0,
+            random_masking: false,
         };
         match name {
             "official" => Ok(official),

@@ -291,8 +291,12 @@ impl RecLmis {
         let masks = match masks {
             Some(m) => m,
             None => {
-                let wp = w_poi.tensor().to_vec()?;
-                let ww = w_woi.tensor().to_vec()?;
+                // the random-masking ablation draws every position with the same weight
+                let (wp, ww) = if self.cfg.random_masking {
+                    (vec![1.0; bsz * n], vec![1.0; bsz * l])
+                } else {
+                    (w_poi.tensor().to_vec()?, w_woi.tensor().to_vec()?)
+                };
                 let n_valid: Vec<usize> = valid.chunks(l).map(|r| r.iter().filter(|&&v| v != 0).count()).collect();
                 MaskIndices {
                     img: (0..bsz).map(|i| sample_indices(&wp[i * n..][..n], n, self.cfg.img_mask_rate, rng)).collect(),

@@ -2,6 +2,7 @@
 //! device does not wait), evaluation with the official metrics, and the training loop
 //! (`train.rs`).
 
+#[cfg(feature = "train")]
 pub mod recipe;
 pub mod run_dir;
 #[cfg(feature = "train")]

@@ -16,6 +16,15 @@ pub struct ModelOptions {
     pub text_mask_rate: Option<f64>,
     /// Dropout on the scoring MLPs' inputs (`config.dropout` / `dropout_value`).
     pub score_dropout: Option<f32>,
+    /// criterion, CCL, text reconstruction, image reconstruction (0 removes a term: the
+    /// ablations without CCL, CLR or CVR).
+    pub loss_weights: Option<[f32; 4]>,
+    /// Masks drawn uniformly instead of from W (ablation).
+    pub random_masking: Option<bool>,
+    /// The paper's reading of the condition, on the logits (ablation of the official code's).
+    pub condition_on_logits: Option<bool>,
+    /// Bidirectional instead of causal reconstruction attention (ablation).
+    pub bidirectional_reconstruction: Option<bool>,
 }
 
 impl ModelOptions {
@@ -32,6 +41,18 @@ impl ModelOptions {
         if let Some(p) = self.score_dropout {
             c.score_dropout = p;
         }
+        if let Some(w) = self.loss_weights {
+            c.loss_weights = w;
+        }
+        if let Some(b) = self.random_masking {
+            c.random_masking = b;
+        }
+        if let Some(b) = self.condition_on_logits {
+            c.condition_on_logits = b;
+        }
+        if let Some(b) = self.bidirectional_reconstruction {
+            c.bidirectional_reconstruction = b;
+        }
     }
 
     /// `self` with every value `over` sets replaced.
@@ -41,6 +62,10 @@ impl ModelOptions {
             img_mask_rate: over.img_mask_rate.or(self.img_mask_rate),
             text_mask_rate: over.text_mask_rate.or(self.text_mask_rate),
             score_dropout: over.score_dropout.or(self.score_dropout),
+            loss_weights: over.loss_weights.or(self.loss_weights),
+            random_masking: over.random_masking.or(self.random_masking),
+            condition_on_logits: over.condition_on_logits.or(self.condition_on_logits),
+            bidirectional_reconstruction: over.bidirectional_reconstruction.or(self.bidirectional_reconstruction),
         }
     }
 }
@@ -80,6 +105,7 @@ impl Recipe {
                     img_mask_rate: Some(0.5),
                     text_mask_rate: Some(0.3),
                     score_dropout: Some(0.0),
+                    ..Default::default()
                 },
             }),
             // Config_MosMedPlus.py: epochs 400, early_stopping_patience 30, learning_rate 3e-4,
@@ -99,6 +125,7 @@ impl Recipe {
                     img_mask_rate: Some(0.3),
                     text_mask_rate: Some(0.3),
                     score_dropout: Some(0.5),
+                    ..Default::default()
                 },
             }),
             other => Err(Error::Config(format!("--recipe {other:?}: one of {:?}", Self::NAMES))),
