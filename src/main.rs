@@ -145,7 +145,7 @@ enum Cmd {
         score_dropout: Option<f32>,
         /// Loss weights: criterion, CCL, text reconstruction, image reconstruction (a 0 removes
         /// the term: the ablations without CCL, CLR or CVR) [default: 5,0.2,1,1]
-        #[arg(long, value_delimiter = ',', num_args = 4)]
+        #[arg(long, value_delimiter = ',')]
         loss_weights: Option<Vec<f32>>,
         /// Ablation: reconstruction masks drawn uniformly instead of in proportion to W
         #[arg(long)]
@@ -349,12 +349,22 @@ fn run(cli: Cli) -> reclmis::Result<()> {
                 Some(s) => reclmis::optim::schedule::Schedule::parse(&s)?,
                 None => r.as_ref().map_or(reclmis::optim::schedule::Schedule::Cosine, |r| r.schedule),
             };
+            let loss_weights = match loss_weights.as_deref() {
+                None => None,
+                Some(&[a, b, c, d]) => Some([a, b, c, d]),
+                Some(other) => {
+                    return Err(reclmis::Error::Config(format!(
+                        "--loss-weights takes 4 numbers (criterion,ccl,text_rec,img_rec), got {}",
+                        other.len()
+                    )))
+                }
+            };
             let flags = pipeline::recipe::ModelOptions {
                 rec_layers,
                 img_mask_rate,
                 text_mask_rate,
                 score_dropout,
-                loss_weights: loss_weights.map(|w| [w[0], w[1], w[2], w[3]]),
+                loss_weights,
                 random_masking: random_masking.then_some(true),
                 condition_on_logits: condition_on_logits.then_some(true),
                 bidirectional_reconstruction: bidirectional_reconstruction.then_some(true),

@@ -144,6 +144,14 @@ fn score_dropout_acts_in_training_only() {
     };
     let (off, on) = (with(0.0), with(0.5));
     assert_ne!(w_poi(&off), w_poi(&on), "score dropout must change the training forward's W_poi");
+    // random masking: the same draws of the rng give other positions than W-guided masking
+    let masks = |m: &reclmis::model::RecLmis| {
+        let g = reclmis::autograd::Graph::train().with_dropout_seed(9);
+        m.forward_train(&g, &b, None, &mut reclmis::testing::Rng::new(1)).unwrap().masks.img
+    };
+    let mut random = with(0.0);
+    random.cfg.random_masking = true;
+    assert_ne!(masks(&off), masks(&random), "random masking must not follow W");
     let probs = |m: &reclmis::model::RecLmis| m.forward_eval(&b).unwrap()["probs"].tensor().to_vec().unwrap();
     assert_eq!(probs(&off), probs(&on), "and leave evaluation alone");
 }
@@ -155,4 +163,27 @@ fn metadata_fields_must_agree_with_the_configuration() {
     m.insert("img_h".into(), "128".into());
     let e = reclmis::model::Config::from_metadata(&m).unwrap_err().to_string();
     assert!(e.contains("img_h") && e.contains("128"), "{e}");
+}
+
+/// The ablation flags reach the recorded configuration.
+#[test]
+fn ablation_flags_are_recorded_and_act() {
+    let root = tmp("ablate");
+    let data = root.join("data");
+    write(&data, &SynthOpts { train: 4, val: 2, test: 2, size: 32, seed: 4, ..Default::default() }).unwrap();
+    let run = root.join("run");
+    let out = Command::new(env!("CARGO_BIN_EXE_reclmis"))
+        .args(["train", "--epochs", "1", "--batch", "4", "--device", "cpu", "--random-masking"])
+        .args(["--condition-on-logits", "--bidirectional-reconstruction", "--loss-weights", "5,0,1,0", "--data"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let m = meta(&run.join("best.safetensors"));
+    let cfg: reclmis::model::Config = serde_json::from_str(&m["config"]).unwrap();
+    assert!(cfg.random_masking && cfg.condition_on_logits && cfg.bidirectional_reconstruction);
+    assert_eq!(cfg.loss_weights, [5.0, 0.0, 1.0, 0.0]);
+    let _ = std::fs::remove_dir_all(&root);
 }
