@@ -47,6 +47,10 @@ impl OneImage {
     }
 }
 
+/// The quickstart's share of counterfactual training samples (see `train --counterfactual-rate`).
+#[cfg(feature = "train")]
+const QUICKSTART_COUNTERFACTUAL_RATE: f64 = 0.5;
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run every op on the device and compare it with the f64 reference (the quick health check)
@@ -157,6 +161,10 @@ enum Cmd {
         /// Ablation: bidirectional instead of causal reconstruction self-attention
         #[arg(long)]
         bidirectional_reconstruction: bool,
+        /// Share of training samples shown with their counterfactual note and mask (the note
+        /// naming only the opacity the real note leaves out; synth's data has them)
+        #[arg(long, default_value_t = 0.0)]
+        counterfactual_rate: f64,
         /// Run folder: best/last checkpoints, tokenizer.json, train_state, log.jsonl, curves.png
         /// (default: a new runs/train-<n>). A non-empty folder is refused unless --resume or
         /// --overwrite.
@@ -319,6 +327,7 @@ fn run(cli: Cli) -> reclmis::Result<()> {
             random_masking,
             condition_on_logits,
             bidirectional_reconstruction,
+            counterfactual_rate,
             out,
             resume,
             overwrite,
@@ -379,6 +388,7 @@ fn run(cli: Cli) -> reclmis::Result<()> {
                 seed: seed.or(r.as_ref().map(|r| r.seed)).unwrap_or(1),
                 model,
                 schedule,
+                counterfactual_rate,
                 out,
                 patience: patience.or(r.as_ref().map(|r| r.patience)).unwrap_or(8),
                 max_minutes,
@@ -464,6 +474,7 @@ fn run(cli: Cli) -> reclmis::Result<()> {
                 text_weights: None,
                 model: Default::default(),
                 schedule: reclmis::optim::schedule::Schedule::Cosine,
+                counterfactual_rate: QUICKSTART_COUNTERFACTUAL_RATE,
                 resume: false,
                 // the quickstart's own run folder: its run files are replaced, nothing else
                 overwrite: true,

@@ -30,6 +30,7 @@ fn opts(data: &Path, out: &Path) -> TrainOpts {
         text_weights: None,
         model: Default::default(),
         schedule: reclmis::optim::schedule::Schedule::Cosine,
+        counterfactual_rate: 0.0,
         data: data.to_path_buf(),
         preset: "small".into(),
         epochs: 2,

@@ -172,6 +172,7 @@ fn clip_text_weights_train_frozen_and_resume() {
         text_weights: Some(weights.clone()),
         model: Default::default(),
         schedule: reclmis::optim::schedule::Schedule::Cosine,
+        counterfactual_rate: 0.0,
         data: data.clone(),
         preset: "tiny".into(),
         epochs: 2,

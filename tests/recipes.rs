@@ -187,3 +187,30 @@ fn ablation_flags_are_recorded_and_act() {
     assert_eq!(cfg.loss_weights, [5.0, 0.0, 1.0, 0.0]);
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// `--counterfactual-rate`: recorded as a run setting; refused with a clear error on data
+/// without counterfactual notes.
+#[test]
+fn counterfactual_rate_needs_counterfactual_notes() {
+    let root = tmp("cfrate");
+    let data = root.join("data");
+    write(&data, &SynthOpts { train: 4, val: 2, test: 2, size: 32, seed: 5, ..Default::default() }).unwrap();
+    let train = |out: &str| {
+        Command::new(env!("CARGO_BIN_EXE_reclmis"))
+            .args(["train", "--epochs", "1", "--batch", "2", "--device", "cpu", "--counterfactual-rate", "0.5"])
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(root.join(out))
+            .output()
+            .unwrap()
+    };
+    let out = train("a");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(meta(&root.join("a/train_state.safetensors"))["setting.counterfactual_rate"], "0.5");
+    std::fs::remove_file(data.join("Train_Folder/counterfactual_text.csv")).unwrap();
+    let out = train("b");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--counterfactual-rate needs counterfactual notes"), "{err}");
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -32,7 +32,7 @@ fn io_err(path: &Path, e: impl std::fmt::Display) -> Error {
 /// The file synth writes at a dataset's root: the proof that reclmis made the folder.
 pub const MARKER: &str = ".reclmis-synth";
 
-/// The validation and test folders' counterfactual notes (`<split folder>/COUNTERFACTUAL_SHEET`,
+/// Every split folder's counterfactual notes (`<split folder>/COUNTERFACTUAL_SHEET`,
 /// keyed by the mask's file name) and masks (`<split folder>/COUNTERFACTUAL_DIR/mask_<image>`):
 /// for each image with a distractor, the note naming only the distractor's zone and the
 /// distractor's mask.
@@ -107,9 +107,7 @@ pub fn write(out: &Path, o: &SynthOpts) -> Result<()> {
         let mut rows: Vec<(String, String)> = Vec::with_capacity(n);
         let mut cf_rows: Vec<(String, String)> = vec![];
         let cf_dir = folder.join(COUNTERFACTUAL_DIR);
-        if split != Split::Train {
-            std::fs::create_dir_all(&cf_dir).map_err(|e| io_err(&cf_dir, e))?;
-        }
+        std::fs::create_dir_all(&cf_dir).map_err(|e| io_err(&cf_dir, e))?;
         for i in 0..n {
             let s = synth::sample(o.size, &mut rng, o.note_noise, o.distractors);
             let name = format!("synth_{}_{i:05}.png", split.sheet_stem().trim_end_matches("_text").to_lowercase());
@@ -120,14 +118,14 @@ pub fn write(out: &Path, o: &SynthOpts) -> Result<()> {
             image::save_buffer(&ip, &img, side, side, image::ExtendedColorType::L8).map_err(|e| io_err(&ip, e))?;
             image::save_buffer(&mp, &mask, side, side, image::ExtendedColorType::L8).map_err(|e| io_err(&mp, e))?;
             rows.push((format!("mask_{name}"), s.note));
-            if let (Some((note, m)), true) = (s.counterfactual, split != Split::Train) {
+            if let Some((note, m)) = s.counterfactual {
                 let cp = cf_dir.join(format!("mask_{name}"));
                 let m: Vec<u8> = m.iter().map(|&v| v * 255).collect();
                 image::save_buffer(&cp, &m, side, side, image::ExtendedColorType::L8).map_err(|e| io_err(&cp, e))?;
                 cf_rows.push((format!("mask_{name}"), note));
             }
         }
-        if split != Split::Train {
+        {
             let p = folder.join(COUNTERFACTUAL_SHEET);
             let mut w = csv::Writer::from_path(&p).map_err(|e| io_err(&p, e))?;
             w.write_record(["Image", "Description"]).map_err(|e| io_err(&p, e))?;

@@ -82,6 +82,19 @@ pub fn load_counterfactual(root: &Path, split: Split, h: usize, w: usize) -> Res
     }
 }
 
+/// Two loaded sets of the same image size as one (the second's samples after the first's).
+pub fn concat(a: Loaded, b: Loaded) -> Result<Loaded> {
+    if (a.h, a.w) != (b.h, b.w) {
+        return Err(Error::Other(format!("cannot join sets of {}x{} and {}x{} images", a.h, a.w, b.h, b.w)));
+    }
+    let (mut a, b) = (a, b);
+    a.entries.extend(b.entries);
+    a.images.extend(b.images);
+    a.masks.extend(b.masks);
+    a.notes.extend(b.notes);
+    Ok(a)
+}
+
 fn load_listed(root: &Path, split: Split, listed: lvit::Listed, h: usize, w: usize) -> Result<Loaded> {
     let entries = listed.entries;
     let n = entries.len();

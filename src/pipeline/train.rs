@@ -49,6 +49,10 @@ pub struct TrainOpts {
     /// Changes to the preset's model settings (K, mask rates, score dropout).
     pub model: super::recipe::ModelOptions,
     pub schedule: crate::optim::schedule::Schedule,
+    /// Share of training samples shown with their counterfactual note and mask instead (the
+    /// note naming only the opacity the real note leaves out; synth's data has them): teaches
+    /// the model to segment what the note names. 0 = off.
+    pub counterfactual_rate: f64,
     pub resume: bool,
     /// Replace the run files of an earlier run in `out` (nothing else there is touched).
     pub overwrite: bool,
@@ -80,6 +84,9 @@ impl TrainOpts {
         }
         if self.patience == 0 {
             return bad("--patience 0: must be at least 1".into());
+        }
+        if !(0.0..=1.0).contains(&self.counterfactual_rate) {
+            return bad(format!("--counterfactual-rate {}: must be in [0, 1]", self.counterfactual_rate));
         }
         if !(self.max_minutes.is_finite() && self.max_minutes >= 0.0) {
             return bad(format!("--max-minutes {}: must be a number ≥ 0", self.max_minutes));
@@ -129,6 +136,7 @@ fn settings(
         ("text_weights", text_weights.to_string()),
         ("config", serde_json::to_string(cfg).expect("a Config always serialises")),
         ("schedule", o.schedule.name().to_string()),
+        ("counterfactual_rate", o.counterfactual_rate.to_string()),
         ("preset", o.preset.clone()),
         ("seed", o.seed.to_string()),
         ("batch", o.batch.to_string()),
@@ -159,7 +167,12 @@ struct Run {
     dir: RunDir,
     cfg: Config,
     tr: Trainer,
+    /// The training split, followed by its counterfactual samples when `counterfactual_rate` > 0.
     train: Arc<Loaded>,
+    /// How many of `train`'s samples are the split's own (an epoch's length).
+    n_train: usize,
+    /// For each of the split's samples, the index in `train` of its counterfactual version.
+    cf_of: Arc<Vec<Option<usize>>>,
     val: Loaded,
     /// The validation split's counterfactual samples, when the dataset has them.
     val_cf: Option<Loaded>,
@@ -194,6 +207,22 @@ impl Run {
         let train = load(&o.data, Split::Train, h, w)?;
         let val = load(&o.data, Split::Val, h, w)?;
         let val_cf = super::load_counterfactual(&o.data, Split::Val, h, w)?;
+        let n_train = train.len();
+        let (train, cf_of) = if o.counterfactual_rate > 0.0 {
+            let cf = super::load_counterfactual(&o.data, Split::Train, h, w)?.ok_or_else(|| {
+                Error::Config(format!(
+                    "--counterfactual-rate needs counterfactual notes in {} (synth writes them)",
+                    o.data.join(Split::Train.folder()).display()
+                ))
+            })?;
+            let by_image: std::collections::HashMap<&Path, usize> =
+                cf.entries.iter().enumerate().map(|(j, e)| (e.image.as_path(), n_train + j)).collect();
+            let cf_of: Vec<Option<usize>> =
+                train.entries.iter().map(|e| by_image.get(e.image.as_path()).copied()).collect();
+            (super::concat(train, cf)?, cf_of)
+        } else {
+            (train, vec![None; n_train])
+        };
         let dir = RunDir::open(&o.out, o.mode())?;
         // the tokenizer: the run's own copy when resuming (never rewritten), else trained on the
         // notes or read from --tokenizer, and written once
@@ -261,6 +290,8 @@ impl Run {
             cfg,
             tr,
             train: Arc::new(train),
+            n_train,
+            cf_of: Arc::new(cf_of),
             val,
             val_cf,
             tok: Arc::new(tok),
@@ -473,11 +504,23 @@ fn batches(run: &Run, o: &TrainOpts, epoch: usize) -> (mpsc::Receiver<Result<Bat
     let (ts, tk, dv, tc) =
         (run.train.clone(), run.tok.clone(), run.tr.model.params.device().clone(), run.text_cache.clone());
     let (seed, bs, aug, flips) = (o.seed, o.batch, o.augment, o.official_flips);
+    let (n, cf_of, cf_rate) = (run.n_train, run.cf_of.clone(), o.counterfactual_rate);
     let producer = std::thread::spawn(move || {
         let mut rng = Rng::new(seed ^ (epoch as u64 + 1).wrapping_mul(0x51ED));
-        let mut order: Vec<usize> = (0..ts.len()).collect();
+        let mut order: Vec<usize> = (0..n).collect();
         for i in (1..order.len()).rev() {
             order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+        }
+        // counterfactual swaps from their own generator: runs without them draw as before
+        if cf_rate > 0.0 {
+            let mut swap = Rng::new(seed ^ (epoch as u64 + 1).wrapping_mul(0xCF0F));
+            for i in order.iter_mut() {
+                if let Some(j) = cf_of[*i] {
+                    if (swap.uniform(0.0, 1.0) as f64) < cf_rate {
+                        *i = j;
+                    }
+                }
+            }
         }
         let opts = AugOpts { flips, ..AugOpts::default() };
         for chunk in order.chunks(bs) {
@@ -513,7 +556,7 @@ fn progress_bar(o: &TrainOpts, steps: usize, epoch: usize) -> indicatif::Progres
 }
 
 fn run_epoch(run: &mut Run, o: &TrainOpts, epoch: usize) -> Result<EpochStats> {
-    let steps_per_epoch = run.train.len().div_ceil(o.batch);
+    let steps_per_epoch = run.n_train.div_ceil(o.batch);
     let (rx, producer) = batches(run, o, epoch);
     let bar = progress_bar(o, steps_per_epoch, epoch);
     run.tr.adam.cfg.lr = o.schedule.lr(o.lr as f64, epoch, o.epochs) as f32;
