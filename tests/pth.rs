@@ -234,3 +234,13 @@ fn nesting_and_memo_sharing_are_bounded() {
     p.push(b'.');
     assert!(pth::pickle::read(&p).is_ok());
 }
+
+/// Opcodes that grow the stack without making values (MARK, memo gets) hit the same cap as values.
+#[test]
+fn stack_growth_is_bounded() {
+    let mut p = vec![0x80, 2];
+    p.extend(std::iter::repeat_n(b'(', 5_000_000));
+    p.push(b'.');
+    let e = pth::pickle::read(&p).err().expect("refused").to_string();
+    assert!(e.contains("limit"), "{e}");
+}

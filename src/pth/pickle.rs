@@ -141,9 +141,10 @@ struct Vm<'a> {
 
 type R<T> = std::result::Result<T, PickleError>;
 
-/// Memo entries and stack slots each cost a few dozen bytes; a pickle can only ask for one per
-/// opcode, so these bounds follow from its length, but a cap keeps a hostile file small.
-const MAX_VALUES: usize = 50_000_000;
+/// Values, memo entries and stack slots each cost a few dozen bytes, at most one per opcode; the
+/// cap keeps a hostile pickle's memory to a few hundred MB. (The official tiny checkpoint, with
+/// its optimiser state, holds about 36,000 opcodes; a full-size one about as many.)
+const MAX_VALUES: usize = 4_000_000;
 
 impl<'a> Vm<'a> {
     fn fail<T>(&self, detail: impl Into<String>) -> R<T> {
@@ -362,6 +363,9 @@ impl<'a> Vm<'a> {
     fn run(mut self) -> R<Pickle> {
         loop {
             self.op_at = self.pos;
+            if self.stack.len() > MAX_VALUES {
+                return self.fail("the stack grew past its limit");
+            }
             let op = self.u8()?;
             match op {
                 0x80 => {
