@@ -244,3 +244,16 @@ fn stack_growth_is_bounded() {
     let e = pth::pickle::read(&p).err().expect("refused").to_string();
     assert!(e.contains("limit"), "{e}");
 }
+
+/// Found by the long fuzz run: two tensors describing one storage with different sizes or dtypes
+/// (the second would have read past the storage) are an error naming the tensor.
+#[test]
+fn one_storage_described_two_ways_is_refused() {
+    let storages = vec![f32_storage(&[1., 2., 3., 4.])];
+    let mut pk = pickle(&storages, &[entry("a", 0, &[4]), entry("b", 0, &[2])]);
+    // the second tensor's storage claims 8 elements: patch its numel (the second `J 4` after "b")
+    let at = pk.windows(2).rposition(|w| w == [b'J', 4]).unwrap();
+    pk[at + 1] = 8;
+    let e = err_of(&tmp("shared.pth", &archive(&pk, &storages)));
+    assert!(e.contains("b: storage 0 is 16 bytes"), "{e}");
+}

@@ -85,14 +85,27 @@ pub fn read_state_dict(path: &Path) -> Result<StateDict> {
             // torch keeps `_metadata` as an attribute, not an item; anything else is not a weight
             return Err(err(path, format!("state_dict entry {name} is not a tensor")));
         };
+        let bytes = t
+            .storage_len
+            .checked_mul(t.dtype.size())
+            .ok_or_else(|| err(path, format!("{name}: storage of {} elements overflows", t.storage_len)))?;
         if !storages.contains_key(&t.key) {
             let entry = format!("{prefix}data/{}", t.key);
-            let bytes = t
-                .storage_len
-                .checked_mul(t.dtype.size())
-                .ok_or_else(|| err(path, format!("{name}: storage of {} elements overflows", t.storage_len)))?;
             let b = read_entry(&mut zip, &entry, path, Some(bytes))?;
             storages.insert(t.key.clone(), b);
+        }
+        // a storage shared by several tensors must be described the same way by each of them
+        if storages[&t.key].len() != bytes {
+            return Err(err(
+                path,
+                format!(
+                    "{name}: storage {} is {} bytes, but this tensor describes it as {} {:?} elements",
+                    t.key,
+                    storages[&t.key].len(),
+                    t.storage_len,
+                    t.dtype
+                ),
+            ));
         }
         let shape = t.size.clone();
         let values = gather(t, &storages[&t.key]).map_err(|d| err(path, format!("{name}: {d}")))?;
