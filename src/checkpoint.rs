@@ -114,22 +114,17 @@ pub fn load_bytes(params: &mut Params, bytes: &[u8], path: &Path) -> Result<Load
 /// without executing pickled code. The official model's never-used CLIP image tower
 /// (`clip.visual.*`) is dropped and reported as such.
 pub fn load_pth(params: &mut Params, path: &Path) -> Result<LoadReport> {
-    let sd = crate::pth::read_state_dict(path)?;
+    load_state_dict(params, crate::pth::read_state_dict(path)?, path)
+}
+
+/// Loads a state dict already read from `path` (see `load_pth`).
+pub fn load_state_dict(params: &mut Params, sd: crate::pth::StateDict, path: &Path) -> Result<LoadReport> {
     let offered = sd
         .tensors
         .into_iter()
         .map(|t| Offered { name: t.name, shape: t.shape, values: Box::new(move || Ok(t.values)) })
         .collect();
     load_offered(params, offered, path)
-}
-
-/// Loads either format: a `torch.save` zip archive or a safetensors file.
-pub fn load_any(params: &mut Params, path: &Path) -> Result<LoadReport> {
-    if crate::pth::looks_like_pth(path) {
-        load_pth(params, path)
-    } else {
-        load(params, path)
-    }
 }
 
 /// A tensor a file offers: its name and shape, and its values, converted only when the model

@@ -129,6 +129,40 @@ fn direct_tensor<'a>(st: &'a SafeTensors<'a>, from: &str, to: String, transpose:
     })
 }
 
+/// File tensors of one shape stacked along their first axis under one official name (None when
+/// any of them is absent: the tensor is then reported missing).
+fn stacked_tensor<'a>(
+    st: &'a SafeTensors<'a>,
+    from: &[String],
+    to: String,
+    path: &Path,
+) -> Result<Option<Offered<'a>>> {
+    let mut shapes = vec![];
+    for n in from {
+        match st.tensor(n) {
+            Ok(v) => shapes.push(v.shape().to_vec()),
+            Err(_) => return Ok(None),
+        }
+    }
+    if shapes.iter().any(|s| s != &shapes[0] || s.is_empty()) {
+        return Err(err(path, format!("{}: the stacked tensors have shapes {shapes:?}", from.join(", "))));
+    }
+    let mut shape = shapes[0].clone();
+    shape[0] *= from.len();
+    let from = from.to_vec();
+    Ok(Some(Offered {
+        name: to,
+        shape,
+        values: Box::new(move || {
+            let mut out = vec![];
+            for n in &from {
+                out.extend(floats(st, n)?.1);
+            }
+            Ok(Values::F32(out))
+        }),
+    }))
+}
+
 /// What loading text weights did, beside the usual report.
 #[derive(Debug)]
 pub struct TextWeights {
@@ -137,6 +171,8 @@ pub struct TextWeights {
     pub ignored_vision: usize,
     /// Whether the file had `logit_scale` (a text-only model does not: the model keeps its own).
     pub had_logit_scale: bool,
+    /// FNV-64 of the weights file (a run records it to refuse other weights on resume).
+    pub file_hash: String,
 }
 
 /// Loads the text tower of `m` from a Hugging Face CLIP `model.safetensors` (its `config.json`
@@ -155,21 +191,18 @@ pub fn load_text_weights(m: &mut RecLmis, weights: &Path) -> Result<TextWeights>
     let has = |n: &str| names.iter().any(|x| x == n);
     let hf = |s: &str| format!("{prefix}{s}");
 
-    let mut offered: Vec<Offered> = vec![];
-    let mut used: Vec<String> = vec![];
     let st = &st;
-    let mut direct = |from: String, to: String, transpose: bool, offered: &mut Vec<_>| {
-        if let Some(o) = direct_tensor(st, &from, to, transpose) {
-            used.push(from);
-            offered.push(o);
-        }
+    // each offered tensor with the file names it came from (what is left over is unexpected)
+    let mut parts: Vec<(Vec<String>, Offered)> = vec![];
+    let direct = |from: String, to: &str, transpose: bool| {
+        direct_tensor(st, &from, to.to_string(), transpose).map(|o| (vec![from], o))
     };
-    direct(hf("embeddings.token_embedding.weight"), "clip.token_embedding.weight".into(), false, &mut offered);
-    direct(hf("embeddings.position_embedding.weight"), "clip.positional_embedding".into(), false, &mut offered);
-    direct(hf("final_layer_norm.weight"), "clip.ln_final.weight".into(), false, &mut offered);
-    direct(hf("final_layer_norm.bias"), "clip.ln_final.bias".into(), false, &mut offered);
-    direct("text_projection.weight".into(), "clip.text_projection".into(), true, &mut offered);
-    direct("logit_scale".into(), "clip.logit_scale".into(), false, &mut offered);
+    parts.extend(direct(hf("embeddings.token_embedding.weight"), "clip.token_embedding.weight", false));
+    parts.extend(direct(hf("embeddings.position_embedding.weight"), "clip.positional_embedding", false));
+    parts.extend(direct(hf("final_layer_norm.weight"), "clip.ln_final.weight", false));
+    parts.extend(direct(hf("final_layer_norm.bias"), "clip.ln_final.bias", false));
+    parts.extend(direct("text_projection.weight".into(), "clip.text_projection", true));
+    parts.extend(direct("logit_scale".into(), "clip.logit_scale", false));
     for i in 0..c.layers {
         let src = |s: &str| hf(&format!("encoder.layers.{i}.{s}"));
         let dst = |s: &str| format!("clip.transformer.resblocks.{i}.{s}");
@@ -185,45 +218,18 @@ pub fn load_text_weights(m: &mut RecLmis, weights: &Path) -> Result<TextWeights>
             ("mlp.fc2.weight", "mlp.c_proj.weight"),
             ("mlp.fc2.bias", "mlp.c_proj.bias"),
         ] {
-            direct(src(a), dst(b), false, &mut offered);
+            parts.extend(direct(src(a), &dst(b), false));
         }
-    }
-    for i in 0..c.layers {
-        let src = |s: &str| hf(&format!("encoder.layers.{i}.{s}"));
-        let dst = |s: &str| format!("clip.transformer.resblocks.{i}.{s}");
         // q, k, v projections stacked into torch MultiheadAttention's packed in_proj
         for part in ["weight", "bias"] {
             let qkv: Vec<String> = ["q", "k", "v"].iter().map(|p| src(&format!("self_attn.{p}_proj.{part}"))).collect();
-            if !qkv.iter().all(|n| has(n)) {
-                continue;
+            if let Some(o) = stacked_tensor(st, &qkv, dst(&format!("attn.in_proj_{part}")), weights)? {
+                parts.push((qkv, o));
             }
-            let shapes: Vec<Vec<usize>> = qkv
-                .iter()
-                .map(|n| st.tensor(n).map(|v| v.shape().to_vec()))
-                .collect::<std::result::Result<_, _>>()
-                .map_err(|e| err(weights, e.to_string()))?;
-            if shapes.iter().any(|s| s != &shapes[0] || s.is_empty()) {
-                return Err(err(
-                    weights,
-                    format!("{}: q, k and v have shapes {shapes:?}", src(&format!("self_attn.*_proj.{part}"))),
-                ));
-            }
-            let mut shape = shapes[0].clone();
-            shape[0] *= 3;
-            used.extend(qkv.iter().cloned());
-            offered.push(Offered {
-                name: dst(&format!("attn.in_proj_{part}")),
-                shape,
-                values: Box::new(move || {
-                    let mut out = vec![];
-                    for n in &qkv {
-                        out.extend(floats(st, n)?.1);
-                    }
-                    Ok(Values::F32(out))
-                }),
-            });
         }
     }
+    let used: Vec<String> = parts.iter().flat_map(|(names, _)| names.iter().cloned()).collect();
+    let offered: Vec<Offered> = parts.into_iter().map(|(_, o)| o).collect();
     let mut report = crate::checkpoint::load_offered(&mut m.params, offered, weights)?;
     // the rest of the model is not in this file: only the text tower counts as missing
     report.missing.retain(|k| k.starts_with("clip."));
@@ -242,5 +248,6 @@ pub fn load_text_weights(m: &mut RecLmis, weights: &Path) -> Result<TextWeights>
     if !report.unexpected.is_empty() {
         return Err(err(weights, format!("has tensors the text tower does not: {}", report.unexpected.join(", "))));
     }
-    Ok(TextWeights { report, ignored_vision, had_logit_scale })
+    let file_hash = crate::files::Fnv64::default().update(&bytes).hex();
+    Ok(TextWeights { report, ignored_vision, had_logit_scale, file_hash })
 }

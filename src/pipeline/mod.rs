@@ -275,13 +275,8 @@ pub fn load_run(checkpoint: &Path, tokenizer: Option<&Path>, dev: &Device) -> Re
     }
     let meta = checkpoint::read_metadata(checkpoint)?;
     let cfg = Config::from_metadata(&meta).map_err(|e| data_err(checkpoint, e))?;
-    let tok_path = match tokenizer {
-        Some(p) => p.to_path_buf(),
-        None => checkpoint.parent().unwrap_or(Path::new(".")).join("tokenizer.json"),
-    };
     // the tokenizer first: it is small, and a wrong one makes loading the weights pointless
-    let json = crate::files::read_regular(&tok_path, 64 << 20)?;
-    let tok = NoteTokenizer::from_bytes(&json, cfg.token_len).map_err(|e| data_err(&tok_path, e))?;
+    let (tok_path, json, tok) = read_tokenizer(checkpoint, tokenizer, &cfg)?;
     check_tokenizer(&meta, checkpoint, &tok_path, &json, tok.vocab_size())?;
     let mut m = RecLmis::new(cfg.clone(), dev, 0)?;
     let rep = checkpoint::load(&mut m.params, checkpoint)?;
@@ -295,19 +290,35 @@ pub fn load_run(checkpoint: &Path, tokenizer: Option<&Path>, dev: &Device) -> Re
 /// model is rebuilt from the state dict's shapes, and the tokenizer must be given or lie beside it.
 fn load_pth_run(checkpoint: &Path, tokenizer: Option<&Path>, dev: &Device) -> Result<(RecLmis, NoteTokenizer)> {
     let (m, _) = import_pth(checkpoint, None, None, dev)?;
-    let tok_path = match tokenizer {
+    let (tok_path, _, tok) = read_tokenizer(checkpoint, tokenizer, &m.cfg)?;
+    check_vocab_fits(&tok, &m.cfg, &tok_path)?;
+    Ok((m, tok))
+}
+
+/// The tokenizer given, else `tokenizer.json` beside the checkpoint: (its path, bytes, tokenizer).
+fn read_tokenizer(
+    checkpoint: &Path,
+    given: Option<&Path>,
+    cfg: &Config,
+) -> Result<(std::path::PathBuf, Vec<u8>, NoteTokenizer)> {
+    let path = match given {
         Some(p) => p.to_path_buf(),
         None => checkpoint.parent().unwrap_or(Path::new(".")).join("tokenizer.json"),
     };
-    let json = crate::files::read_regular(&tok_path, 64 << 20)?;
-    let tok = NoteTokenizer::from_bytes(&json, m.cfg.token_len).map_err(|e| data_err(&tok_path, e))?;
-    if tok.vocab_size() > m.cfg.vocab_size {
+    let json = crate::files::read_regular(&path, 64 << 20)?;
+    let tok = NoteTokenizer::from_bytes(&json, cfg.token_len).map_err(|e| data_err(&path, e))?;
+    Ok((path, json, tok))
+}
+
+/// A tokenizer whose ids the model's text tower can embed (no recorded identity to check).
+fn check_vocab_fits(tok: &NoteTokenizer, cfg: &Config, path: &Path) -> Result<()> {
+    if tok.vocab_size() > cfg.vocab_size {
         return Err(data_err(
-            &tok_path,
-            format!("has {} tokens, the checkpoint's text tower {}", tok.vocab_size(), m.cfg.vocab_size),
+            path,
+            format!("has {} tokens, the checkpoint's text tower {}", tok.vocab_size(), cfg.vocab_size),
         ));
     }
-    Ok((m, tok))
+    Ok(())
 }
 
 /// Builds the model a `torch.save` checkpoint of the official code holds (preset and image size
@@ -322,12 +333,7 @@ pub fn import_pth(
     let shapes = sd.tensors.iter().map(|t| (t.name.clone(), t.shape.clone())).collect();
     let cfg = Config::from_shapes(&shapes, preset, img_size).map_err(|e| data_err(checkpoint, e))?;
     let mut m = RecLmis::new(cfg, dev, 0)?;
-    let offered = sd
-        .tensors
-        .into_iter()
-        .map(|t| checkpoint::Offered { name: t.name, shape: t.shape, values: Box::new(move || Ok(t.values)) })
-        .collect();
-    let rep = checkpoint::load_offered(&mut m.params, offered, checkpoint)?;
+    let rep = checkpoint::load_state_dict(&mut m.params, sd, checkpoint)?;
     if !rep.missing.is_empty() {
         return Err(data_err(checkpoint, format!("incomplete checkpoint: {}", rep.summary())));
     }
@@ -351,11 +357,8 @@ pub fn import_checkpoint(
     let mut meta = m.cfg.to_metadata();
     meta.push(("imported_from".into(), from.file_name().map_or(String::new(), |n| n.to_string_lossy().into_owned())));
     if let Some(t) = tokenizer {
-        let json = crate::files::read_regular(t, 64 << 20)?;
-        let tok = NoteTokenizer::from_bytes(&json, m.cfg.token_len).map_err(|e| data_err(t, e))?;
-        if tok.vocab_size() > m.cfg.vocab_size {
-            return Err(data_err(t, format!("has {} tokens, the model {}", tok.vocab_size(), m.cfg.vocab_size)));
-        }
+        let (_, json, tok) = read_tokenizer(from, Some(t), &m.cfg)?;
+        check_vocab_fits(&tok, &m.cfg, t)?;
         let (hash, vocab) = NoteTokenizer::identity(&json, tok.vocab_size());
         meta.push(("tokenizer_hash".into(), hash));
         meta.push(("tokenizer_vocab".into(), vocab.to_string()));

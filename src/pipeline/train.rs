@@ -266,8 +266,7 @@ impl Run {
                     w.ignored_vision,
                     if w.had_logit_scale { "" } else { "; no logit_scale in the file, the preset's kept" }
                 ));
-                let bytes = crate::files::read_regular(p, u64::MAX)?;
-                crate::files::Fnv64::default().update(&bytes).hex()
+                w.file_hash
             }
             // a resumed run's state holds its text tower: the recorded weights stand
             None if has_state => FROM_RUN.into(),
@@ -312,7 +311,7 @@ impl Run {
             run.note(format!("removed {n} temporary file(s) left by an interrupted write"));
         }
         if o.resume {
-            if run.dir.path(run_dir::STATE).is_file() {
+            if has_state {
                 run.restore(o.accept_changes)?;
             } else {
                 // the run was stopped before its first epoch ended: nothing to continue from
