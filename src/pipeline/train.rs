@@ -406,6 +406,9 @@ impl Run {
             }
         }
         let state_run = get("run_id")?.clone();
+        // the run keeps its identity: every file written from here on (a repaired `last` too)
+        // must carry it, whatever this invocation's settings hash to
+        self.id = state_run.clone();
         // weights, counters and moments, from one read of the file
         let bytes = crate::files::read_regular(&path, u64::MAX)?;
         let rep = checkpoint::load_bytes(&mut self.tr.model.params, &bytes, &path)?;
@@ -491,7 +494,6 @@ impl Run {
             self.note(format!("{} repaired to the training state's {epoch} epochs", run_dir::LOG));
         }
         self.log = log;
-        self.id = state_run;
         Ok(())
     }
 }
