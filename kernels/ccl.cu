@@ -287,25 +287,49 @@ extern "C" __global__ void infonce_fwd_f32(InfoNceParams p) {
     const uint32_t B = p.b;
     const float s = p.scale, g = 0.5f * s / (float)B;
     float ce_r = 0.f, ce_c = 0.f;
+    // Saturation-safe, as cpu::info_nce (see there): the log-sum-exp adds the non-maximal terms
+    // through log1pf, and the diagonal gradient is minus the sum of the other probabilities
+    // (p_ii - 1 in f32 loses the digits that matter once p_ii is near 1, the usual case at s = 100).
     // Rows: thread i owns row i of dlogits.
     for (uint32_t i = threadIdx.x; i < B; i += blockDim.x) {
         const float* row = p.logits + (uint64_t)i * B;
-        float m = -RECLMIS_INF, z = 0.f;
-        for (uint32_t j = 0; j < B; ++j) m = fmaxf(m, s * row[j]);
-        for (uint32_t j = 0; j < B; ++j) z += expf(s * row[j] - m);
-        const float lse = m + logf(z);
-        ce_r += lse - s * row[i];
-        for (uint32_t j = 0; j < B; ++j) p.dlogits[(uint64_t)i * B + j] = g * (expf(s * row[j] - lse) - (i == j ? 1.f : 0.f));
+        float m = -RECLMIS_INF, rest = 0.f;
+        uint32_t k = 0;
+        for (uint32_t j = 0; j < B; ++j)
+            if (s * row[j] > m) { m = s * row[j]; k = j; }
+        for (uint32_t j = 0; j < B; ++j)
+            if (j != k) rest += expf(s * row[j] - m);
+        const float lse = m + log1pf(rest);
+        ce_r += (m - s * row[i]) + log1pf(rest);
+        float off = 0.f;
+        for (uint32_t j = 0; j < B; ++j) {
+            if (j == i) continue;
+            const float pj = expf(s * row[j] - lse);
+            off += pj;
+            p.dlogits[(uint64_t)i * B + j] = g * pj;
+        }
+        p.dlogits[(uint64_t)i * B + i] = -g * off;
     }
     __syncthreads();  // the column pass adds to elements the row pass of other threads wrote
     for (uint32_t j = threadIdx.x; j < B; j += blockDim.x) {
-        float m = -RECLMIS_INF, z = 0.f;
-        for (uint32_t i = 0; i < B; ++i) m = fmaxf(m, s * p.logits[(uint64_t)i * B + j]);
-        for (uint32_t i = 0; i < B; ++i) z += expf(s * p.logits[(uint64_t)i * B + j] - m);
-        const float lse = m + logf(z);
-        ce_c += lse - s * p.logits[(uint64_t)j * B + j];
+        float m = -RECLMIS_INF, rest = 0.f;
+        uint32_t k = 0;
+        for (uint32_t i = 0; i < B; ++i) {
+            const float x = s * p.logits[(uint64_t)i * B + j];
+            if (x > m) { m = x; k = i; }
+        }
         for (uint32_t i = 0; i < B; ++i)
-            p.dlogits[(uint64_t)i * B + j] += g * (expf(s * p.logits[(uint64_t)i * B + j] - lse) - (i == j ? 1.f : 0.f));
+            if (i != k) rest += expf(s * p.logits[(uint64_t)i * B + j] - m);
+        const float lse = m + log1pf(rest);
+        ce_c += (m - s * p.logits[(uint64_t)j * B + j]) + log1pf(rest);
+        float off = 0.f;
+        for (uint32_t i = 0; i < B; ++i) {
+            if (i == j) continue;
+            const float pi = expf(s * p.logits[(uint64_t)i * B + j] - lse);
+            off += pi;
+            p.dlogits[(uint64_t)i * B + j] += g * pi;
+        }
+        p.dlogits[(uint64_t)j * B + j] -= g * off;
     }
     ce_r = block_sum(ce_r, red);
     ce_c = block_sum(ce_c, red);
