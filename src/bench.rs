@@ -883,7 +883,7 @@ fn unary_step(x: &Tensor) -> Result<Tensor> {
 
 /// Compares 64 sampled elements of an s x s x s product with f64 dot products.
 fn check_gemm_samples(a: &[f32], b: &[f32], c: &[f32], s: usize, tol: f64) -> Result<()> {
-    let mut r = crate::testing::Rng::new(99);
+    let mut r = crate::rng::Rng::new(99);
     for _ in 0..64 {
         let (i, j) = ((r.next_u64() % s as u64) as usize, (r.next_u64() % s as u64) as usize);
         let (mut acc, mut mag) = (0.0f64, 0.0f64);

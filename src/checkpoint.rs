@@ -6,13 +6,21 @@
 
 use crate::error::{Error, Result};
 use crate::nn::params::Params;
-use crate::pth::Values;
 use crate::tensor::Tensor;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use std::collections::BTreeSet;
 use std::io::Read;
 use std::path::Path;
+
+/// A tensor's values as loading needs them (from safetensors, a .pth or a Hugging Face file).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Values {
+    F32(Vec<f32>),
+    I64(Vec<i64>),
+    /// A dtype that is neither float nor int64 (bool, int8, ...), kept only to name it in errors.
+    Other(String),
+}
 
 #[derive(Debug, Default)]
 pub struct LoadReport {
@@ -113,11 +121,13 @@ pub fn load_bytes(params: &mut Params, bytes: &[u8], path: &Path) -> Result<Load
 /// Loads the `state_dict` of a `torch.save` checkpoint (the official training's `.pth`), read
 /// without executing pickled code. The official model's never-used CLIP image tower
 /// (`clip.visual.*`) is dropped and reported as such.
+#[cfg(feature = "pth")]
 pub fn load_pth(params: &mut Params, path: &Path) -> Result<LoadReport> {
     load_state_dict(params, crate::pth::read_state_dict(path)?, path)
 }
 
 /// Loads a state dict already read from `path` (see `load_pth`).
+#[cfg(feature = "pth")]
 pub fn load_state_dict(params: &mut Params, sd: crate::pth::StateDict, path: &Path) -> Result<LoadReport> {
     let offered = sd
         .tensors
@@ -154,7 +164,7 @@ pub(crate) fn load_offered(params: &mut Params, offered: Vec<Offered>, path: &Pa
             let values = match (o.values)().map_err(|d| err(path, format!("{key}: {d}")))? {
                 Values::F32(v) => v,
                 Values::I64(_) => return Err(err(path, format!("{key}: dtype int64 is not a float tensor"))),
-                Values::Other(d) => return Err(err(path, format!("{key}: dtype {d:?} is not a float tensor"))),
+                Values::Other(d) => return Err(err(path, format!("{key}: dtype {d} is not a float tensor"))),
             };
             if let Some(k) = values.iter().position(|x| !x.is_finite()) {
                 return Err(err(path, format!("{key} holds a non-finite value ({} at index {k})", values[k])));

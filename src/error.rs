@@ -38,6 +38,10 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    /// An error about a user's file (the path is named in the message).
+    pub fn data(path: &std::path::Path, detail: impl std::fmt::Display) -> Self {
+        Error::Data { path: path.display().to_string(), detail: detail.to_string() }
+    }
     pub(crate) fn shape(op: &'static str, detail: impl Into<String>) -> Self {
         Error::Shape { op, detail: detail.into() }
     }

@@ -5,6 +5,7 @@
 //! generated from kernels/*.cu).
 
 pub mod autograd;
+#[cfg(feature = "cli")]
 pub mod bench;
 pub mod checkpoint;
 pub mod data;
@@ -18,9 +19,13 @@ pub mod ops;
 #[cfg(feature = "train")]
 pub mod optim;
 pub mod pipeline;
+#[cfg(feature = "pth")]
 pub mod pth;
+pub mod rng;
+#[cfg(feature = "cli")]
 pub mod selfcheck;
 pub mod tensor;
+#[cfg(feature = "refs")]
 pub mod testing;
 pub mod text;
 

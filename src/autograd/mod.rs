@@ -71,7 +71,7 @@ pub struct Graph {
     /// Batch-norm running statistics computed by a training forward, applied by the caller.
     buffer_updates: RefCell<Vec<(ParamId, Tensor)>>,
     /// Draws dropout masks (training graphs).
-    dropout_rng: RefCell<crate::testing::Rng>,
+    dropout_rng: RefCell<crate::rng::Rng>,
 }
 
 /// d loss / d parameter, by parameter.
@@ -98,13 +98,13 @@ impl Graph {
             next_id: Cell::new(0),
             leaves: RefCell::new(Vec::new()),
             buffer_updates: RefCell::new(Vec::new()),
-            dropout_rng: RefCell::new(crate::testing::Rng::new(0x0D80)),
+            dropout_rng: RefCell::new(crate::rng::Rng::new(0x0D80)),
         }
     }
 
     /// Seeds the dropout masks (a training step passes its own seed).
     pub fn with_dropout_seed(self, seed: u64) -> Graph {
-        *self.dropout_rng.borrow_mut() = crate::testing::Rng::new(seed);
+        *self.dropout_rng.borrow_mut() = crate::rng::Rng::new(seed);
         self
     }
 

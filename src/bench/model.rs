@@ -12,8 +12,8 @@ use crate::model::train::Trainer;
 use crate::model::{Batch, Config, RecLmis};
 #[cfg(feature = "train")]
 use crate::optim::AdamConfig;
+use crate::rng::Rng;
 use crate::tensor::Tensor;
-use crate::testing::Rng;
 use std::time::Instant;
 
 /// The peer's note ("Bilateral pulmonary infection, two infected areas, all left lung and all

@@ -4,7 +4,7 @@
 //! which the official recipe also draws, are off by default: they swap left / right and upper /
 //! lower, which contradicts the note of a language-guided sample.
 
-use crate::testing::Rng;
+use crate::rng::Rng;
 
 #[derive(Clone, Copy, Debug)]
 pub struct AugOpts {

@@ -43,6 +43,7 @@ fn data_err(path: &Path, detail: impl Into<String>) -> Error {
     Error::Data { path: path.display().to_string(), detail: detail.into() }
 }
 
+#[cfg(feature = "cli")]
 fn read_xlsx(path: &Path) -> Result<Vec<Vec<String>>> {
     use calamine::{open_workbook_auto, Reader};
     let mut wb = open_workbook_auto(path).map_err(|e| data_err(path, format!("not a readable xlsx workbook: {e}")))?;
@@ -53,6 +54,11 @@ fn read_xlsx(path: &Path) -> Result<Vec<Vec<String>>> {
 
 /// Reads a notes sheet: (key, description) rows after the `Image | Description` header.
 pub fn read_sheet(path: &Path) -> Result<HashMap<String, String>> {
+    Ok(read_sheet_rows(path)?.into_iter().collect())
+}
+
+/// [`read_sheet`]'s rows in the sheet's order (a key that appears twice is refused).
+pub fn read_sheet_rows(path: &Path) -> Result<Vec<(String, String)>> {
     // a FIFO or device named as a sheet would block or never end
     crate::files::open_regular(path, 1 << 30)?;
     let rows: Vec<Vec<String>> =
@@ -70,6 +76,11 @@ pub fn read_sheet(path: &Path) -> Result<HashMap<String, String>> {
                     })
                     .collect::<Result<_>>()?
             }
+            #[cfg(not(feature = "cli"))]
+            Some("xlsx") => {
+                return Err(data_err(path, "xlsx sheets are read by the full build (reclmis); save the sheet as csv"))
+            }
+            #[cfg(feature = "cli")]
             Some("xlsx") => {
                 // calamine 0.31 panics on some damaged workbooks (an index out of bounds in its
                 // cell reader, found by tests/fuzz_parsers.rs): contain it as an error
@@ -89,7 +100,8 @@ pub fn read_sheet(path: &Path) -> Result<HashMap<String, String>> {
             ))
         }
     };
-    let mut out = HashMap::new();
+    let mut out = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for (n, r) in rows.iter().enumerate().skip(1) {
         let key = r.get(ci).map(|s| s.trim().to_string()).unwrap_or_default();
         if key.is_empty() {
@@ -97,12 +109,20 @@ pub fn read_sheet(path: &Path) -> Result<HashMap<String, String>> {
         }
         // the official loader splits a cell on newlines; the notes are one sentence in practice
         let desc = r.get(cd).map(|s| s.split('\n').map(str::trim).collect::<Vec<_>>().join(" ")).unwrap_or_default();
-        if out.insert(key.clone(), desc).is_some() {
+        if !seen.insert(key.clone()) {
             return Err(data_err(path, format!("row {}: {key} appears twice", n + 1)));
         }
+        out.push((key, desc));
     }
     Ok(out)
 }
+
+/// Every split folder's counterfactual notes (`<split folder>/COUNTERFACTUAL_SHEET`,
+/// keyed by the mask's file name) and masks (`<split folder>/COUNTERFACTUAL_DIR/mask_<image>`):
+/// for each image with a distractor, the note naming only the distractor's zone and the
+/// distractor's mask.
+pub const COUNTERFACTUAL_DIR: &str = "counterfactual";
+pub const COUNTERFACTUAL_SHEET: &str = "counterfactual_text.csv";
 
 /// The sheet QaTa-COV19 publishes in `Train_Folder` for both the training and validation images.
 pub const QATA_SHARED_SHEET: &str = "Train_Val_text";
@@ -222,10 +242,9 @@ pub fn list(root: &Path, split: Split) -> Result<Listed> {
 }
 
 /// A split's counterfactual samples, when the folder has them (synth writes them for Val and
-/// Test; see `data::write::COUNTERFACTUAL_SHEET`): each image of `img/` named in the sheet, with
+/// Test; see [`COUNTERFACTUAL_SHEET`]): each image of `img/` named in the sheet, with
 /// the counterfactual mask and note.
 pub fn list_counterfactual(root: &Path, split: Split) -> Result<Option<Listed>> {
-    use crate::data::write::{COUNTERFACTUAL_DIR, COUNTERFACTUAL_SHEET};
     let folder = root.join(split.folder());
     let sheet_path = folder.join(COUNTERFACTUAL_SHEET);
     if !sheet_path.is_file() {

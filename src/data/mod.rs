@@ -4,4 +4,5 @@ pub mod augment;
 pub mod lvit;
 pub mod notes;
 pub mod synth;
+#[cfg(feature = "cli")]
 pub mod write;

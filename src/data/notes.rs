@@ -3,7 +3,7 @@
 //! Zones are vertical thirds of each lung field; "left" is the image's left half, as in LViT's
 //! figures. A small rate of the real notes' noise (typos, missing or doubled spaces) is added.
 
-use crate::testing::Rng;
+use crate::rng::Rng;
 
 pub const ZONES: [&str; 3] = ["upper", "middle", "lower"];
 

@@ -4,7 +4,7 @@
 //! mention and the mask does not include.
 
 use super::notes::{self, Zones};
-use crate::testing::Rng;
+use crate::rng::Rng;
 
 pub struct SynthSample {
     /// [S*S] in [0, 1]

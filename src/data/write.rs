@@ -4,7 +4,7 @@
 use super::lvit::Split;
 use super::synth;
 use crate::error::{Error, Result};
-use crate::testing::Rng;
+use crate::rng::Rng;
 use std::path::Path;
 
 pub struct SynthOpts {
@@ -32,12 +32,7 @@ fn io_err(path: &Path, e: impl std::fmt::Display) -> Error {
 /// The file synth writes at a dataset's root: the proof that reclmis made the folder.
 pub const MARKER: &str = ".reclmis-synth";
 
-/// Every split folder's counterfactual notes (`<split folder>/COUNTERFACTUAL_SHEET`,
-/// keyed by the mask's file name) and masks (`<split folder>/COUNTERFACTUAL_DIR/mask_<image>`):
-/// for each image with a distractor, the note naming only the distractor's zone and the
-/// distractor's mask.
-pub const COUNTERFACTUAL_DIR: &str = "counterfactual";
-pub const COUNTERFACTUAL_SHEET: &str = "counterfactual_text.csv";
+pub use super::lvit::{COUNTERFACTUAL_DIR, COUNTERFACTUAL_SHEET};
 
 /// Whether a file name inside a split folder is one synth writes.
 fn synth_made(name: &str) -> bool {

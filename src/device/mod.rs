@@ -44,13 +44,27 @@ impl fmt::Display for DeviceKind {
 }
 
 /// What the user asked for with `--device`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum DeviceChoice {
     /// cuda when a GPU is usable, else cpu
     Auto,
     Cpu,
     Cuda,
     Emu,
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<DeviceChoice> {
+        Ok(match s {
+            "auto" => DeviceChoice::Auto,
+            "cpu" => DeviceChoice::Cpu,
+            "cuda" => DeviceChoice::Cuda,
+            "emu" => DeviceChoice::Emu,
+            _ => return Err(Error::Config(format!("unknown device {s:?} (auto, cpu, cuda or emu)"))),
+        })
+    }
 }
 
 #[derive(Clone)]
@@ -211,6 +225,7 @@ impl Device {
     /// zeroed otherwise.
     pub(crate) fn alloc(&self, dtype: DType, numel: usize) -> Result<Storage> {
         let poison = poison_enabled();
+        #[cfg_attr(not(any(feature = "cuda", feature = "emu")), allow(unused_variables))]
         let bytes = numel.checked_mul(dtype.size()).ok_or_else(|| Error::Launch {
             kernel: "alloc",
             device: self.kind(),

@@ -17,9 +17,9 @@
 //! The vision tower (`vision_model.*`, `visual_projection`) is ignored.
 
 use super::RecLmis;
+use crate::checkpoint::Values;
 use crate::checkpoint::{LoadReport, Offered};
 use crate::error::{Error, Result};
-use crate::pth::Values;
 use safetensors::{Dtype, SafeTensors};
 use std::path::Path;
 

@@ -6,7 +6,7 @@ use crate::autograd::Graph;
 use crate::error::{Error, Result};
 use crate::nn::params::ParamId;
 use crate::optim::{clip_grad_norm, Adam, AdamConfig};
-use crate::testing::Rng;
+use crate::rng::Rng;
 use std::collections::BTreeMap;
 use std::time::Instant;
 

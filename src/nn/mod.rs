@@ -5,7 +5,7 @@ pub mod params;
 
 use crate::autograd::{Attention, Graph, Var};
 use crate::error::Result;
-use crate::testing::Rng;
+use crate::rng::Rng;
 use params::{Kind, ParamId, Params};
 
 /// Registers parameters under a key prefix ("up4.nConvs.0.").

@@ -16,8 +16,8 @@ use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::model::{Batch, Config, RecLmis};
 use crate::ops::loss;
+use crate::rng::Rng;
 use crate::tensor::Tensor;
-use crate::testing::Rng;
 use crate::text::NoteTokenizer;
 use rayon::prelude::*;
 use std::path::Path;
@@ -270,6 +270,7 @@ pub fn evaluate(m: &RecLmis, d: &Loaded, tok: &NoteTokenizer, mode: Notes, batch
 /// Loads a checkpoint written by `train` (its configuration from the metadata) and the tokenizer
 /// saved beside it (or `tokenizer`), which must be the one the checkpoint records.
 pub fn load_run(checkpoint: &Path, tokenizer: Option<&Path>, dev: &Device) -> Result<(RecLmis, NoteTokenizer)> {
+    #[cfg(feature = "pth")]
     if crate::pth::looks_like_pth(checkpoint) {
         return load_pth_run(checkpoint, tokenizer, dev);
     }
@@ -288,6 +289,7 @@ pub fn load_run(checkpoint: &Path, tokenizer: Option<&Path>, dev: &Device) -> Re
 
 /// A checkpoint of the official PyTorch training (`torch.save`, no configuration recorded): the
 /// model is rebuilt from the state dict's shapes, and the tokenizer must be given or lie beside it.
+#[cfg(feature = "pth")]
 fn load_pth_run(checkpoint: &Path, tokenizer: Option<&Path>, dev: &Device) -> Result<(RecLmis, NoteTokenizer)> {
     let (m, _) = import_pth(checkpoint, None, None, dev)?;
     let (tok_path, _, tok) = read_tokenizer(checkpoint, tokenizer, &m.cfg)?;
@@ -311,6 +313,7 @@ fn read_tokenizer(
 }
 
 /// A tokenizer whose ids the model's text tower can embed (no recorded identity to check).
+#[cfg(feature = "pth")]
 fn check_vocab_fits(tok: &NoteTokenizer, cfg: &Config, path: &Path) -> Result<()> {
     if tok.vocab_size() > cfg.vocab_size {
         return Err(data_err(
@@ -323,6 +326,7 @@ fn check_vocab_fits(tok: &NoteTokenizer, cfg: &Config, path: &Path) -> Result<()
 
 /// Builds the model a `torch.save` checkpoint of the official code holds (preset and image size
 /// from its shapes unless given) and loads it; every model tensor must be there.
+#[cfg(feature = "pth")]
 pub fn import_pth(
     checkpoint: &Path,
     preset: Option<&str>,
@@ -343,6 +347,7 @@ pub fn import_pth(
 /// `reclmis import`: a `torch.save` checkpoint of the official code to a reclmis checkpoint
 /// (safetensors, with the configuration in its metadata so that eval/infer rebuild the model).
 /// `out` must not exist. Returns the load report.
+#[cfg(feature = "pth")]
 pub fn import_checkpoint(
     from: &Path,
     out: &Path,

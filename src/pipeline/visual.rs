@@ -86,43 +86,59 @@ where
     crate::files::write_atomic(path, &bytes.into_inner())
 }
 
-/// mask.png (0/255) and overlay.png; with a ground truth, the Dice of this image is returned.
+/// mask.png (0/255) and overlay.png in `out`; with a ground truth, the Dice of this image.
 pub fn write_infer(e: &Explained, orig: &RgbImage, gt: Option<&GrayImage>, out: &Path) -> Result<Option<f64>> {
     // the ground truth is checked before anything is written
-    if let Some(g) = gt {
-        if g.dimensions() != e.mask.dimensions() {
-            return Err(data_err(
-                out,
-                format!("the ground truth is {:?}, the image {:?}", g.dimensions(), e.mask.dimensions()),
-            ));
-        }
-    }
+    check_gt(e, gt, out)?;
     std::fs::create_dir_all(out).map_err(|err| data_err(out, err))?;
+    write_mask(e, orig, gt, &out.join("mask.png"), Some(&out.join("overlay.png")))
+}
+
+fn check_gt(e: &Explained, gt: Option<&GrayImage>, what: &Path) -> Result<()> {
+    match gt {
+        Some(g) if g.dimensions() != e.mask.dimensions() => Err(data_err(
+            what,
+            format!("the ground truth is {:?}, the image {:?}", g.dimensions(), e.mask.dimensions()),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The mask (0/255) at `mask_path` and, when asked, the overlay; with a ground truth (which must
+/// have the image's size), the Dice of this image (the official test script's smoothing).
+pub fn write_mask(
+    e: &Explained,
+    orig: &RgbImage,
+    gt: Option<&GrayImage>,
+    mask_path: &Path,
+    overlay_path: Option<&Path>,
+) -> Result<Option<f64>> {
+    check_gt(e, gt, mask_path)?;
     let mask_png =
         GrayImage::from_fn(e.mask.width(), e.mask.height(), |x, y| Luma([e.mask.get_pixel(x, y).0[0] * 255]));
-    save_png(&mask_png, &out.join("mask.png"))?;
-    let base = gray(orig);
+    save_png(&mask_png, mask_path)?;
     let (mut inter, mut sum) = (0u64, 0u64);
-    let overlay = RgbImage::from_fn(base.width(), base.height(), |x, y| {
-        let pr = e.mask.get_pixel(x, y).0[0] > 0;
-        let px = *base.get_pixel(x, y);
-        match gt.map(|g| g.get_pixel(x, y).0[0] > 0) {
-            Some(t) => {
-                inter += (pr && t) as u64;
-                sum += pr as u64 + t as u64;
-                match (pr, t) {
-                    (true, true) => blend(px, [0, 220, 0], 0.5),
-                    (false, true) => blend(px, [230, 0, 0], 0.5),
-                    (true, false) => blend(px, [0, 80, 255], 0.5),
-                    _ => px,
-                }
-            }
-            None if pr => blend(px, [0, 220, 0], 0.5),
-            None => px,
+    if let Some(g) = gt {
+        for (p, t) in e.mask.pixels().zip(g.pixels()) {
+            let (pr, t) = (p.0[0] > 0, t.0[0] > 0);
+            inter += (pr && t) as u64;
+            sum += pr as u64 + t as u64;
         }
-    });
-    let p = out.join("overlay.png");
-    save_png(&overlay, &p)?;
+    }
+    if let Some(path) = overlay_path {
+        let base = gray(orig);
+        let overlay = RgbImage::from_fn(base.width(), base.height(), |x, y| {
+            let pr = e.mask.get_pixel(x, y).0[0] > 0;
+            let px = *base.get_pixel(x, y);
+            match (pr, gt.map(|g| g.get_pixel(x, y).0[0] > 0)) {
+                (true, Some(true)) | (true, None) => blend(px, [0, 220, 0], 0.5),
+                (false, Some(true)) => blend(px, [230, 0, 0], 0.5),
+                (true, Some(false)) => blend(px, [0, 80, 255], 0.5),
+                _ => px,
+            }
+        });
+        save_png(&overlay, path)?;
+    }
     Ok(gt.map(|_| 2.0 * inter as f64 / (sum as f64 + 1e-5)))
 }
 

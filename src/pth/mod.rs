@@ -6,20 +6,12 @@
 
 pub mod pickle;
 
+pub use crate::checkpoint::Values;
 use crate::error::{Error, Result};
 use pickle::{Pickle, StorageDtype, TensorRef, Value};
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::Path;
-
-/// A tensor's values as loading needs them.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Values {
-    F32(Vec<f32>),
-    I64(Vec<i64>),
-    /// A dtype that is neither float nor int64 (bool, int8, ...), kept only to name it in errors.
-    Other(StorageDtype),
-}
 
 #[derive(Clone, Debug)]
 pub struct NamedTensor {
@@ -209,6 +201,6 @@ fn gather(t: &TensorRef, storage: &[u8]) -> std::result::Result<Values, String> 
             Values::F32(idx.iter().map(|&i| half::bf16::from_le_bytes(at(i).try_into().unwrap()).to_f32()).collect())
         }
         StorageDtype::I64 => Values::I64(idx.iter().map(|&i| i64::from_le_bytes(at(i).try_into().unwrap())).collect()),
-        other => Values::Other(other),
+        other => Values::Other(format!("{other:?}")),
     })
 }

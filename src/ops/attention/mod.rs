@@ -27,6 +27,7 @@
 
 pub mod composed;
 pub mod cpu;
+#[cfg(feature = "refs")]
 pub mod reference;
 
 use crate::device::{Device, LaunchCfg};

@@ -18,6 +18,7 @@
 pub mod composed;
 pub mod cpu;
 pub mod loss;
+#[cfg(feature = "refs")]
 pub mod reference;
 
 use crate::device::{Device, LaunchCfg};

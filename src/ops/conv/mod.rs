@@ -10,6 +10,7 @@
 //! cpu: implicit GEMM over bands of output rows (see cpu.rs).
 
 pub mod cpu;
+#[cfg(feature = "refs")]
 pub mod reference;
 mod weight_cache;
 pub mod winograd;

@@ -2,6 +2,7 @@
 //! broadcasting (add, sub, mul), each with its backward.
 
 pub mod cpu;
+#[cfg(feature = "refs")]
 pub mod reference;
 
 use crate::device::{Device, LaunchCfg};

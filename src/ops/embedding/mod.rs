@@ -5,6 +5,7 @@
 //! deterministic on every device: each id's row is summed in token order by one owner (no
 //! atomics).
 
+#[cfg(feature = "refs")]
 pub mod reference;
 
 use crate::device::{Device, LaunchCfg};

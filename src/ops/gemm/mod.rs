@@ -10,6 +10,7 @@
 
 pub mod cpu;
 pub mod linear;
+#[cfg(feature = "refs")]
 pub mod reference;
 
 use crate::device::{Device, LaunchCfg};

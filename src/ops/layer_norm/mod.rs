@@ -6,6 +6,7 @@
 //! done in parts and then summed, so they are deterministic on every device.
 
 pub mod cpu;
+#[cfg(feature = "refs")]
 pub mod reference;
 
 use crate::device::{Device, LaunchCfg};

@@ -11,6 +11,7 @@
 //! value −|z| (still clamped at −100 beyond |z| = 100).
 
 pub mod cpu;
+#[cfg(feature = "refs")]
 pub mod reference;
 
 use crate::device::{Device, LaunchCfg};

@@ -6,6 +6,7 @@
 //! uses the running statistics. Functional: the caller keeps the new running statistics.
 
 pub mod cpu;
+#[cfg(feature = "refs")]
 pub mod reference;
 
 use crate::device::{Device, LaunchCfg};

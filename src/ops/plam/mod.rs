@@ -5,6 +5,7 @@
 //! (kernels/plam.cu). Ties in the channel max go to the lowest channel.
 
 pub mod cpu;
+#[cfg(feature = "refs")]
 pub mod reference;
 
 use crate::device::{Device, LaunchCfg};

@@ -7,6 +7,7 @@
 //! order; the backward sends each output's gradient to that element.
 
 pub mod cpu;
+#[cfg(feature = "refs")]
 pub mod reference;
 
 use crate::device::{Device, LaunchCfg};

@@ -2,6 +2,7 @@
 //! which undoes a broadcast (the backward of every broadcasting op).
 
 pub mod cpu;
+#[cfg(feature = "refs")]
 pub mod reference;
 
 use crate::device::{Device, LaunchCfg};

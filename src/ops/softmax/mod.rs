@@ -4,6 +4,7 @@
 //! (as PyTorch does); NaN anywhere in a row makes the row NaN.
 
 pub mod cpu;
+#[cfg(feature = "refs")]
 pub mod reference;
 
 use crate::device::{Device, LaunchCfg};

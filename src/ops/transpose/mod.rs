@@ -3,6 +3,7 @@
 //! else the gather kernel. The backward of `permute(x, p)` is `permute(dy, inverse(p))`.
 
 pub mod cpu;
+#[cfg(feature = "refs")]
 pub mod reference;
 
 use crate::device::{Device, LaunchCfg};
