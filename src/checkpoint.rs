@@ -92,10 +92,88 @@ fn err(path: &Path, detail: impl Into<String>) -> Error {
     Error::Checkpoint { path: path.display().to_string(), detail: detail.into() }
 }
 
-/// Loads the tensors of a safetensors file into `params` by name.
+/// Loads the tensors of a safetensors file into `params` by name. Only the tensors the model has
+/// are read, each straight from the file into its own buffer: loading a training checkpoint for
+/// inference skips the reconstruction unread, and the peak memory is the weights loaded plus one
+/// tensor (reading the file whole first would double it).
 pub fn load(params: &mut Params, path: &Path) -> Result<LoadReport> {
-    let bytes = crate::files::read_regular(path, u64::MAX).map_err(|e| err(path, e.to_string()))?;
-    load_bytes(params, &bytes, path)
+    let (file, len) = crate::files::open_regular(path, u64::MAX).map_err(|e| err(path, e.to_string()))?;
+    let (n, header) = read_header(&file, len, path)?;
+    let data_start = 8 + n;
+    let data_len = len - data_start;
+    let mut offered = Vec::new();
+    let tensors =
+        header.as_object().ok_or_else(|| err(path, "not a valid safetensors file: header is not an object"))?;
+    for (name, info) in tensors.iter().filter(|(k, _)| k.as_str() != "__metadata__") {
+        let bad = |d: &str| err(path, format!("not a valid safetensors file: {name}: {d}"));
+        let dtype = info.get("dtype").and_then(|d| d.as_str()).ok_or_else(|| bad("no dtype"))?.to_string();
+        let shape: Vec<usize> = info
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .ok_or_else(|| bad("no shape"))?
+            .iter()
+            .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()).ok_or_else(|| bad("a dimension is not a count")))
+            .collect::<Result<_>>()?;
+        let offsets = info
+            .get("data_offsets")
+            .and_then(|o| o.as_array())
+            .filter(|o| o.len() == 2)
+            .ok_or_else(|| bad("no data_offsets"))?;
+        let (start, end) = match (offsets[0].as_u64(), offsets[1].as_u64()) {
+            (Some(a), Some(b)) if a <= b && b <= data_len => (a, b),
+            _ => {
+                return Err(bad(&format!(
+                    "data_offsets {:?} outside the {data_len} bytes of data",
+                    info["data_offsets"]
+                )))
+            }
+        };
+        let size = dtype_size(&dtype).ok_or_else(|| bad(&format!("dtype {dtype} is not supported")))?;
+        let bytes = crate::tensor::checked_numel(&shape).and_then(|n| n.checked_mul(size));
+        if bytes != Some((end - start) as usize) {
+            return Err(bad(&format!("shape {shape:?} of {dtype} does not fill its {} bytes", end - start)));
+        }
+        let file = &file;
+        offered.push(Offered {
+            name: name.clone(),
+            shape,
+            values: Box::new(move || read_values(file, data_start + start, (end - start) as usize, &dtype)),
+        });
+    }
+    load_offered(params, offered, path)
+}
+
+fn dtype_size(dtype: &str) -> Option<usize> {
+    Some(match dtype {
+        "F64" | "I64" => 8,
+        "F32" => 4,
+        "BF16" | "F16" => 2,
+        _ => return None,
+    })
+}
+
+/// One tensor's values read from `file` at `offset` (`bytes` long), as loading needs them.
+fn read_values(file: &std::fs::File, offset: u64, bytes: usize, dtype: &str) -> std::result::Result<Values, String> {
+    use std::os::unix::fs::FileExt;
+    let read = |buf: &mut [u8]| file.read_exact_at(buf, offset).map_err(|e| format!("cannot read: {e}"));
+    if dtype == "F32" {
+        // straight into the f32 buffer the tensor keeps (no second copy)
+        let mut v = vec![0f32; bytes / 4];
+        read(bytemuck::cast_slice_mut(&mut v))?;
+        v.iter_mut().for_each(|x| *x = f32::from_bits(u32::from_le(x.to_bits())));
+        return Ok(Values::F32(v));
+    }
+    let mut raw = vec![0u8; bytes];
+    read(&mut raw)?;
+    Ok(match dtype {
+        "I64" => Values::I64(raw.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()),
+        "F64" => Values::F32(
+            raw.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32).collect(),
+        ),
+        "BF16" => Values::F32(raw.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
+        "F16" => Values::F32(raw.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
+        other => Values::Other(other.to_string()),
+    })
 }
 
 pub fn load_bytes(params: &mut Params, bytes: &[u8], path: &Path) -> Result<LoadReport> {
@@ -157,7 +235,7 @@ pub(crate) fn load_offered(params: &mut Params, offered: Vec<Offered>, path: &Pa
     for o in offered {
         let key = if strip { &o.name["module.".len()..] } else { o.name.as_str() };
         if let Some(id) = params.id(key) {
-            let want = params.value(id).shape().to_vec();
+            let want = params.shape(id).to_vec();
             if o.shape != want {
                 return Err(err(path, format!("{key} has shape {:?}, the model expects {want:?}", o.shape)));
             }
@@ -208,6 +286,8 @@ pub(crate) fn f32_values(view: &TensorView) -> std::result::Result<Vec<f32>, Str
         Dtype::F64 => {
             Ok(d.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32).collect())
         }
+        Dtype::BF16 => Ok(d.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
+        Dtype::F16 => Ok(d.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
         other => Err(format!("dtype {other:?} is not a float tensor")),
     }
 }
@@ -215,6 +295,8 @@ pub(crate) fn f32_values(view: &TensorView) -> std::result::Result<Vec<f32>, Str
 /// A tensor to write: f32 values (refused when not finite) or one int64 counter.
 pub enum Data<'a> {
     F32(&'a [f32]),
+    /// bf16 or f16 bits (`"BF16"` / `"F16"`), converted from finite f32 by the caller.
+    Half(&'static str, &'a [u16]),
     I64(i64),
 }
 
@@ -248,6 +330,12 @@ pub fn write_tensors(path: &Path, tensors: &[(String, Vec<usize>, Data)], metada
                 }
                 ("F32", 4 * n)
             }
+            Data::Half(dtype, v) => {
+                let n = crate::tensor::checked_numel(shape)
+                    .filter(|&n| n == v.len())
+                    .ok_or_else(|| err(path, format!("{name}: {} values for shape {shape:?}", v.len())))?;
+                (*dtype, 2 * n)
+            }
             Data::I64(_) => ("I64", 8),
         };
         header.insert(
@@ -265,6 +353,7 @@ pub fn write_tensors(path: &Path, tensors: &[(String, Vec<usize>, Data)], metada
         for &i in &order {
             match &tensors[i].2 {
                 Data::F32(v) => w.write_all(bytemuck::cast_slice(v))?,
+                Data::Half(_, v) => w.write_all(bytemuck::cast_slice(v))?,
                 Data::I64(c) => w.write_all(&c.to_le_bytes())?,
             }
         }
@@ -299,23 +388,32 @@ pub fn save_with(params: &Params, metadata: &[(String, String)], path: &Path) ->
     write_tensors(path, &t, metadata)
 }
 
+/// The metadata key of the tokenizer.json an exported inference checkpoint carries.
+pub const EMBEDDED_TOKENIZER: &str = "tokenizer.json";
+
 /// The largest safetensors header read (the safetensors crate's own limit).
 const MAX_HEADER: u64 = 100 << 20;
 
-/// The metadata a checkpoint was saved with (empty when none). Reads the header only.
-pub fn read_metadata(path: &Path) -> Result<std::collections::HashMap<String, String>> {
-    let (f, len) = crate::files::open_regular(path, u64::MAX).map_err(|e| err(path, e.to_string()))?;
+/// (header length, header JSON) of a safetensors file whose length is `len`.
+fn read_header(f: &std::fs::File, len: u64, path: &Path) -> Result<(u64, serde_json::Value)> {
     let mut f = std::io::BufReader::new(f);
     let mut n = [0u8; 8];
     f.read_exact(&mut n).map_err(|_| err(path, "not a valid safetensors file: shorter than its 8-byte header size"))?;
     let n = u64::from_le_bytes(n);
-    if n > MAX_HEADER || n > len - 8 {
+    if n > MAX_HEADER || n > len.saturating_sub(8) {
         return Err(err(path, format!("not a valid safetensors file: header of {n} bytes in a {len}-byte file")));
     }
     let mut header = vec![0u8; n as usize];
     f.read_exact(&mut header).map_err(|e| err(path, format!("cannot read: {e}")))?;
-    let v: serde_json::Value = serde_json::from_slice(&header)
+    let v = serde_json::from_slice(&header)
         .map_err(|e| err(path, format!("not a valid safetensors file: header is not JSON: {e}")))?;
+    Ok((n, v))
+}
+
+/// The metadata a checkpoint was saved with (empty when none). Reads the header only.
+pub fn read_metadata(path: &Path) -> Result<std::collections::HashMap<String, String>> {
+    let (f, len) = crate::files::open_regular(path, u64::MAX).map_err(|e| err(path, e.to_string()))?;
+    let (_, v) = read_header(&f, len, path)?;
     let mut out = std::collections::HashMap::new();
     if let Some(m) = v.get("__metadata__") {
         let m = m.as_object().ok_or_else(|| err(path, "__metadata__ is not an object"))?;

@@ -37,13 +37,13 @@ struct OneImage {
 }
 
 impl OneImage {
-    fn run(&self) -> reclmis::Result<(pipeline::visual::Explained, image::RgbImage)> {
+    fn run(&self, weights: bool) -> reclmis::Result<(pipeline::visual::Explained, image::RgbImage)> {
         if self.note.trim().is_empty() {
             return Err(reclmis::Error::Config("--note is empty: the model segments what the note describes".into()));
         }
         let dev = Device::from_choice(self.device)?;
         let (m, tok) = pipeline::load_run(&self.checkpoint, self.tokenizer.as_deref(), &dev)?;
-        pipeline::visual::explain(&m, &tok, &self.image, &self.note, &dev)
+        pipeline::visual::explain(&m, &tok, &self.image, &self.note, &dev, weights)
     }
 }
 
@@ -261,6 +261,25 @@ enum Cmd {
         #[arg(long, num_args = 2, value_names = ["H", "W"])]
         img_size: Option<Vec<usize>>,
         /// The tokenizer the model was trained with: its identity is recorded in the checkpoint
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+    },
+    /// Write an inference checkpoint for reclmis-infer: only the tensors the mask needs, the
+    /// configuration and the tokenizer in one safetensors file
+    Export {
+        /// A checkpoint from train or import (or an official .pth with --tokenizer)
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// The inference checkpoint to write (refused if it exists)
+        #[arg(long)]
+        out: PathBuf,
+        /// f32, bf16 or f16 (computation stays f32; half precision halves the file)
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// Keep mlp_visual and mlp_woi (W_poi / W_woi for explain); the mask does not need them
+        #[arg(long)]
+        weights_of_interest: bool,
+        /// The tokenizer (default: the checkpoint's own, else tokenizer.json beside it)
         #[arg(long)]
         tokenizer: Option<PathBuf>,
     },
@@ -511,7 +530,7 @@ fn run(cli: Cli) -> reclmis::Result<()> {
         Cmd::Infer { one, mask_gt } => {
             // the ground truth is read (and refused) before the model runs or anything is written
             let gt = mask_gt.as_deref().map(reclmis::data::lvit::decode_mask).transpose()?;
-            let (e, orig) = one.run()?;
+            let (e, orig) = one.run(false)?;
             match pipeline::visual::write_infer(&e, &orig, gt.as_ref(), &one.out)? {
                 Some(d) => println!(
                     "wrote mask.png and overlay.png to {} (Dice against the ground truth {d:.4})",
@@ -521,7 +540,7 @@ fn run(cli: Cli) -> reclmis::Result<()> {
             }
         }
         Cmd::Explain { one } => {
-            let (e, orig) = one.run()?;
+            let (e, orig) = one.run(true)?;
             pipeline::visual::write_explain(&e, &orig, &one.out)?;
             for (t, w) in &e.w_woi {
                 println!("{t:>12} {w:.4}");
@@ -531,6 +550,12 @@ fn run(cli: Cli) -> reclmis::Result<()> {
         Cmd::Import { from, out, preset, img_size, tokenizer } => {
             let img = img_size.map(|v| (v[0], v[1]));
             let rep = pipeline::import_checkpoint(&from, &out, preset.as_deref(), img, tokenizer.as_deref())?;
+            println!("{rep}");
+            println!("wrote {}", out.display());
+        }
+        Cmd::Export { checkpoint, out, dtype, weights_of_interest, tokenizer } => {
+            let rep =
+                pipeline::export::export(&checkpoint, tokenizer.as_deref(), &out, dtype.parse()?, weights_of_interest)?;
             println!("{rep}");
             println!("wrote {}", out.display());
         }

@@ -160,7 +160,7 @@ fn run(a: Args) -> Result<()> {
     for j in &jobs {
         // the ground truth is read (and refused) before the model runs
         let gt = j.gt.as_deref().map(reclmis::data::lvit::decode_mask).transpose()?;
-        let (e, orig) = visual::explain(&m, &tok, &j.image, &j.note, &dev)?;
+        let (e, orig) = visual::explain(&m, &tok, &j.image, &j.note, &dev, false)?;
         let d = visual::write_mask(&e, &orig, gt.as_ref(), &j.mask_out, j.overlay_out.as_deref())?;
         match d {
             Some(d) => {

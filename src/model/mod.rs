@@ -99,9 +99,37 @@ impl RecLmis {
 
     /// A model with PyTorch's default initialisation (seeded), CLIP frozen.
     pub fn new(cfg: Config, device: &Device, seed: u64) -> Result<RecLmis> {
+        Self::build(cfg, device, Some(seed))
+    }
+
+    /// A model whose tensors are declared but hold nothing (no memory, no initialisation time)
+    /// until a checkpoint sets them: what loading for inference starts from.
+    pub fn shell(cfg: Config, device: &Device) -> Result<RecLmis> {
+        Self::build(cfg, device, None)
+    }
+
+    /// Tensors only training reads (the CVR / CLR reconstruction transformers): an inference
+    /// checkpoint leaves them out.
+    pub const TRAINING_ONLY: [&'static str; 2] = ["rec_text_trans1.", "rec_img_trans1."];
+    /// The scoring MLPs that give W_poi and W_woi (`explain`); the mask does not need them.
+    pub const WEIGHTS_OF_INTEREST: [&'static str; 2] = ["mlp_visual.", "mlp_woi."];
+
+    /// Whether `mlp_visual` and `mlp_woi` hold values (a model loaded from an inference
+    /// checkpoint exported without them cannot give W_poi / W_woi).
+    pub fn has_weights_of_interest(&self) -> bool {
+        self.params
+            .ids()
+            .filter(|&id| Self::WEIGHTS_OF_INTEREST.iter().any(|p| self.params.name(id).starts_with(p)))
+            .all(|id| self.params.is_set(id))
+    }
+
+    fn build(cfg: Config, device: &Device, seed: Option<u64>) -> Result<RecLmis> {
         cfg.validate()?;
         let mut params = Params::new(device);
-        let mut bd = Builder::new(&mut params, seed);
+        let mut bd = match seed {
+            Some(seed) => Builder::new(&mut params, seed),
+            None => Builder::shell(&mut params),
+        };
         let [c0, c1, c2, c3, c4] = cfg.unet_widths;
         let d = cfg.d_model;
         let inc = ConvBn::new(&mut bd, "inc", cfg.in_channels, c0)?;

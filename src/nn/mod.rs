@@ -13,11 +13,18 @@ pub struct Builder<'a> {
     pub params: &'a mut Params,
     pub rng: Rng,
     pub prefix: String,
+    /// false: tensors are declared, not initialised (a model a checkpoint is about to fill).
+    pub init: bool,
 }
 
 impl<'a> Builder<'a> {
     pub fn new(params: &'a mut Params, seed: u64) -> Builder<'a> {
-        Builder { params, rng: Rng::new(seed), prefix: String::new() }
+        Builder { params, rng: Rng::new(seed), prefix: String::new(), init: true }
+    }
+
+    /// A builder that declares every tensor without values (see `Params::declare`).
+    pub fn shell(params: &'a mut Params) -> Builder<'a> {
+        Builder { params, rng: Rng::new(0), prefix: String::new(), init: false }
     }
 
     /// Runs `f` with `name.` appended to the prefix.
@@ -36,6 +43,9 @@ impl<'a> Builder<'a> {
     /// U(−bound, bound), PyTorch's default for weights (kaiming_uniform with a = √5 gives
     /// 1/√fan_in) and biases.
     pub fn uniform(&mut self, name: &str, shape: &[usize], bound: f32) -> Result<ParamId> {
+        if !self.init {
+            return self.params.declare(&self.key(name), shape, Kind::Param { trainable: true });
+        }
         let n = shape.iter().product();
         let v = self.rng.vec(n, -bound, bound);
         self.params.add(&self.key(name), shape, v, Kind::Param { trainable: true })
@@ -43,6 +53,9 @@ impl<'a> Builder<'a> {
 
     /// Normal(0, std) by Box-Muller (embeddings, CLIP's projections).
     pub fn normal(&mut self, name: &str, shape: &[usize], std: f32) -> Result<ParamId> {
+        if !self.init {
+            return self.params.declare(&self.key(name), shape, Kind::Param { trainable: true });
+        }
         let n: usize = shape.iter().product();
         let v = (0..n)
             .map(|_| {
@@ -55,6 +68,9 @@ impl<'a> Builder<'a> {
     }
 
     pub fn constant(&mut self, name: &str, shape: &[usize], value: f32, kind: Kind) -> Result<ParamId> {
+        if !self.init {
+            return self.params.declare(&self.key(name), shape, kind);
+        }
         let n = shape.iter().product();
         self.params.add(&self.key(name), shape, vec![value; n], kind)
     }

@@ -20,6 +20,8 @@ pub enum Kind {
 pub struct Params {
     device: Device,
     names: Vec<String>,
+    /// Each tensor's shape as registered (a declared tensor's value is empty until loaded).
+    shapes: Vec<Vec<usize>>,
     values: Vec<Tensor>,
     kinds: Vec<Kind>,
     index: HashMap<String, ParamId>,
@@ -32,6 +34,7 @@ impl Params {
         Params {
             device: device.clone(),
             names: Vec::new(),
+            shapes: Vec::new(),
             values: Vec::new(),
             kinds: Vec::new(),
             index: HashMap::new(),
@@ -45,11 +48,35 @@ impl Params {
 
     /// Registers a tensor (values on the host, moved to the store's device).
     pub fn add(&mut self, name: &str, shape: &[usize], values: Vec<f32>, kind: Kind) -> Result<ParamId> {
+        let t = Tensor::from_vec(values, shape, &self.device)?;
+        self.register(name, shape, t, kind)
+    }
+
+    /// Registers a tensor without allocating it: its value is empty (any op refuses it by shape)
+    /// until a checkpoint sets it. Loading for inference declares every tensor, so that what the
+    /// checkpoint does not hold (the training-only reconstruction) never takes memory or time.
+    pub fn declare(&mut self, name: &str, shape: &[usize], kind: Kind) -> Result<ParamId> {
+        let t = Tensor::from_vec(vec![], &[0], &self.device)?;
+        self.register(name, shape, t, kind)
+    }
+
+    /// Whether a tensor holds values (registered with `add`, or declared and since set).
+    pub fn is_set(&self, p: ParamId) -> bool {
+        self.values[p.0].shape() == self.shapes[p.0].as_slice()
+    }
+
+    /// The registered shape.
+    pub fn shape(&self, p: ParamId) -> &[usize] {
+        &self.shapes[p.0]
+    }
+
+    fn register(&mut self, name: &str, shape: &[usize], t: Tensor, kind: Kind) -> Result<ParamId> {
         if self.index.contains_key(name) {
             return Err(Error::shape("params", format!("{name} registered twice")));
         }
         let id = ParamId(self.values.len());
-        self.values.push(Tensor::from_vec(values, shape, &self.device)?);
+        self.values.push(t);
+        self.shapes.push(shape.to_vec());
         self.names.push(name.to_string());
         self.kinds.push(kind);
         self.index.insert(name.to_string(), id);
@@ -103,12 +130,12 @@ impl Params {
         matches!(self.kinds[p.0], Kind::Param { trainable: true })
     }
 
-    /// Replaces a value; the shape must stay the same.
+    /// Replaces a value; the shape must be the registered one.
     pub fn set(&mut self, p: ParamId, t: Tensor) -> Result<()> {
-        if t.shape() != self.values[p.0].shape() {
+        if t.shape() != self.shapes[p.0].as_slice() {
             return Err(Error::shape(
                 "params",
-                format!("{}: new value {:?}, expected {:?}", self.names[p.0], t.shape(), self.values[p.0].shape()),
+                format!("{}: new value {:?}, expected {:?}", self.names[p.0], t.shape(), self.shapes[p.0]),
             ));
         }
         self.values[p.0] = t.to_device(&self.device)?;

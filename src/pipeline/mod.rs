@@ -2,6 +2,8 @@
 //! device does not wait), evaluation with the official metrics, and the training loop
 //! (`train.rs`).
 
+#[cfg(feature = "cli")]
+pub mod export;
 #[cfg(feature = "train")]
 pub mod recipe;
 pub mod run_dir;
@@ -277,11 +279,22 @@ pub fn load_run(checkpoint: &Path, tokenizer: Option<&Path>, dev: &Device) -> Re
     let meta = checkpoint::read_metadata(checkpoint)?;
     let cfg = Config::from_metadata(&meta).map_err(|e| data_err(checkpoint, e))?;
     // the tokenizer first: it is small, and a wrong one makes loading the weights pointless
-    let (tok_path, json, tok) = read_tokenizer(checkpoint, tokenizer, &cfg)?;
+    let (tok_path, json, tok) = match (meta.get(checkpoint::EMBEDDED_TOKENIZER), tokenizer) {
+        (Some(j), None) => {
+            let tok = NoteTokenizer::from_bytes(j.as_bytes(), cfg.token_len).map_err(|e| data_err(checkpoint, e))?;
+            (checkpoint.to_path_buf(), j.as_bytes().to_vec(), tok)
+        }
+        _ => read_tokenizer(checkpoint, tokenizer, &cfg)?,
+    };
     check_tokenizer(&meta, checkpoint, &tok_path, &json, tok.vocab_size())?;
-    let mut m = RecLmis::new(cfg.clone(), dev, 0)?;
+    // declared, then filled: what the file does not hold takes no memory
+    let mut m = RecLmis::shell(cfg.clone(), dev)?;
     let rep = checkpoint::load(&mut m.params, checkpoint)?;
-    if !rep.missing.is_empty() {
+    // an exported inference checkpoint leaves out the training-only tensors (and may leave out
+    // the scoring MLPs); everything else must be there
+    let optional =
+        |k: &String| RecLmis::TRAINING_ONLY.iter().chain(&RecLmis::WEIGHTS_OF_INTEREST).any(|p| k.starts_with(p));
+    if rep.missing.iter().any(|k| !optional(k)) {
         return Err(data_err(checkpoint, format!("incomplete checkpoint: {}", rep.summary())));
     }
     Ok((m, tok))

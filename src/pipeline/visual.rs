@@ -22,14 +22,21 @@ pub struct Explained {
     pub grid: (usize, usize),
 }
 
-/// Runs the evaluation forward on one image and note.
+/// Runs the evaluation forward on one image and note; with `weights`, W_poi and W_woi too
+/// (else they are empty and only the mask's path of the model runs).
 pub fn explain(
     m: &RecLmis,
     tok: &NoteTokenizer,
     image: &Path,
     note: &str,
     dev: &Device,
+    weights: bool,
 ) -> Result<(Explained, RgbImage)> {
+    if weights && !m.has_weights_of_interest() {
+        return Err(crate::error::Error::Config(
+            "this checkpoint has no mlp_visual / mlp_woi (exported without --weights-of-interest): it gives masks, not W_poi / W_woi".into(),
+        ));
+    }
     let (h, w) = m.cfg.img_size;
     let (x, orig) = lvit::decode_image(image, h, w)?;
     let (ids, valid) = tok.encode(note)?;
@@ -41,25 +48,26 @@ pub fn explain(
         masks: None,
         text_hidden: None,
     };
-    let rec = m.forward_eval(&b)?;
-    let probs = rec["probs"].tensor().to_vec()?;
+    let rec = if weights { Some(m.forward_eval(&b)?) } else { None };
+    let probs = match &rec {
+        Some(r) => r["probs"].tensor().to_vec()?,
+        None => m.infer(&b)?.to_vec()?,
+    };
     // the probability map back to the original size, then thresholded at 0.5
     let small = GrayImage::from_fn(w as u32, h as u32, |x, y| {
         Luma([(probs[y as usize * w + x as usize] * 255.0).round() as u8])
     });
     let big = image::imageops::resize(&small, orig.width(), orig.height(), image::imageops::FilterType::Triangle);
     let mask = GrayImage::from_fn(orig.width(), orig.height(), |x, y| Luma([(big.get_pixel(x, y).0[0] > 127) as u8]));
-    let words = tok.tokens(note)?;
-    let w_woi = rec["W_woi"].tensor().to_vec()?;
-    Ok((
-        Explained {
-            mask,
-            w_poi: rec["W_poi"].tensor().to_vec()?,
-            w_woi: words.into_iter().zip(w_woi).filter(|(t, _)| !t.is_empty()).collect(),
-            grid: m.cfg.grid(),
-        },
-        orig,
-    ))
+    let (w_poi, w_woi) = match &rec {
+        Some(r) => {
+            let words = tok.tokens(note)?;
+            let w_woi = r["W_woi"].tensor().to_vec()?;
+            (r["W_poi"].tensor().to_vec()?, words.into_iter().zip(w_woi).filter(|(t, _)| !t.is_empty()).collect())
+        }
+        None => (vec![], vec![]),
+    };
+    Ok((Explained { mask, w_poi, w_woi, grid: m.cfg.grid() }, orig))
 }
 
 fn gray(orig: &RgbImage) -> RgbImage {
