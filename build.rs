@@ -22,9 +22,80 @@ const PTX_ARCH: u32 = 80;
 
 struct Module {
     name: String,
-    /// Source with local #includes inlined (what NVRTC compiles and what the binary embeds).
-    expanded: String,
     kernels: Vec<String>,
+    /// What NVRTC compiles and the binary embeds: the source with local #includes inlined, less
+    /// the training-only kernels in a
+    /// build without the `train` feature (empty when the module has only those).
+    gpu: String,
+    gpu_kernels: Vec<String>,
+}
+
+/// reclmis-infer built for size (opt-level s or z: the release-min profile) links as a non-PIE
+/// executable with identical functions folded: -64 KB of relocations and duplicates, measured
+/// (BENCHMARKS.md). Linker arguments go to that binary only (proc macros and tests link as usual).
+fn size_link_args() {
+    println!("cargo:rerun-if-env-changed=OPT_LEVEL");
+    if matches!(env::var("OPT_LEVEL").as_deref(), Ok("s" | "z")) {
+        for a in ["-no-pie", "-Wl,--icf=all", "-Wl,--build-id=none"] {
+            println!("cargo:rustc-link-arg-bin=reclmis-infer={a}");
+        }
+    }
+}
+
+/// Kernels only training launches: every backward, the optimiser, the losses. A build without
+/// the `train` feature (reclmis-infer) compiles and embeds the others only; tests/deploy.rs checks
+/// on emu that the inference path launches nothing outside them.
+fn training_only(module: &str, kernel: &str) -> bool {
+    kernel.contains("_bwd_") || ["optim", "loss", "ccl", "selftest"].contains(&module)
+}
+
+/// `src` without the definitions of `drop` (from `extern "C"` to the body's closing brace).
+fn strip_kernels(src: &str, drop: &[&String]) -> String {
+    let mut out = src.to_string();
+    for k in drop {
+        let at = out.find(&format!(" {k}(")).unwrap_or_else(|| panic!("kernel {k} not found to strip"));
+        let start = out[..at].rfind("extern \"C\"").unwrap_or_else(|| panic!("{k}: no extern \"C\""));
+        let open = at + out[at..].find('{').unwrap_or_else(|| panic!("{k}: no body"));
+        let end = matching_brace(&out, open).unwrap_or_else(|| panic!("{k}: unbalanced braces"));
+        out.replace_range(start..=end, &format!("/* {k}: training only, not in this build */"));
+    }
+    out
+}
+
+/// The index of the brace closing the one at `open`, skipping comments and literals.
+fn matching_brace(s: &str, open: usize) -> Option<usize> {
+    let b = s.as_bytes();
+    let (mut depth, mut i) = (0usize, open);
+    while i < b.len() {
+        match b[i] {
+            b'/' if b.get(i + 1) == Some(&b'/') => i = s[i..].find('\n').map_or(b.len(), |n| i + n),
+            b'/' if b.get(i + 1) == Some(&b'*') => i = s[i + 2..].find("*/").map_or(b.len(), |n| i + 2 + n + 1),
+            q @ (b'"' | b'\'') => {
+                i += 1;
+                while i < b.len() && b[i] != q {
+                    i += if b[i] == b'\\' { 2 } else { 1 };
+                }
+            }
+            b'{' => depth += 1,
+            b'}' => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(i);
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Deflate (the images compress 4-5x; the device decompresses a module when it first loads it).
+fn deflate(bytes: &[u8]) -> Vec<u8> {
+    if bytes.is_empty() {
+        return vec![];
+    }
+    miniz_oxide::deflate::compress_to_vec(bytes, 10)
 }
 
 #[derive(Default, Clone)]
@@ -59,13 +130,19 @@ fn main() {
         println!("cargo:rerun-if-changed={}", f.unwrap().path().display());
     }
 
+    size_link_args();
+    let with_training = env::var_os("CARGO_FEATURE_TRAIN").is_some();
     let modules: Vec<Module> = cu_files
         .iter()
         .map(|p| {
             let name = p.file_stem().unwrap().to_string_lossy().into_owned();
             let expanded = expand_includes(p, &kdir, &mut Vec::new());
             let kernels = kernel_names(&expanded, p);
-            Module { name, expanded, kernels }
+            let (keep, drop): (Vec<&String>, Vec<&String>) =
+                kernels.iter().partition(|k| with_training || !training_only(&name, k));
+            let gpu = if keep.is_empty() { String::new() } else { strip_kernels(&expanded, &drop) };
+            let gpu_kernels = keep.into_iter().cloned().collect();
+            Module { name, kernels, gpu, gpu_kernels }
         })
         .collect();
     check_unique(&modules);
@@ -79,13 +156,13 @@ fn main() {
             fs::write(out.join(format!("{}.sm_{a}.cubin", m.name)), b"").unwrap();
         }
         fs::write(out.join(format!("{}.ptx", m.name)), b"").unwrap();
-        fs::write(out.join(format!("{}.cu", m.name)), &m.expanded).unwrap();
+        fs::write(out.join(format!("{}.cu", m.name)), &m.gpu).unwrap();
     }
     if want_cuda || require {
         match nvrtc::Nvrtc::load() {
             Ok(nv) => {
                 nvrtc_version = Some(nv.version.clone());
-                for m in &modules {
+                for m in modules.iter().filter(|m| !m.gpu_kernels.is_empty()) {
                     resources.extend(nv.compile_module(m, &out));
                 }
             }
@@ -103,6 +180,14 @@ fn main() {
 
     if env::var_os("CARGO_FEATURE_EMU").is_some() {
         build_emu(&root, &out, &modules);
+    }
+    // the embedded images, compressed
+    for m in &modules {
+        let names = CUBIN_ARCHS.iter().map(|a| format!("{}.sm_{a}.cubin", m.name)).chain([format!("{}.ptx", m.name)]);
+        for n in names {
+            let raw = fs::read(out.join(&n)).unwrap();
+            fs::write(out.join(format!("{n}.z")), deflate(&raw)).unwrap();
+        }
     }
     write_table(&out, &modules, &resources, nvrtc_version.as_deref());
 }
@@ -308,17 +393,25 @@ fn write_table(out: &Path, modules: &[Module], res: &[Resources], nvrtc: Option<
     for (i, k) in &all {
         let _ = writeln!(s, "            Kernel::{k} => {i},");
     }
+    s.push_str("        }\n    }\n    /// Whether inference launches it (a build without `train` embeds only these).\n    pub const fn for_inference(self) -> bool {\n        match self {\n");
+    for (i, k) in &all {
+        let _ = writeln!(s, "            Kernel::{k} => {},", !training_only(&modules[*i].name, k));
+    }
+    s.push_str("        }\n    }\n    /// Whether this build compiled it for the GPU (embedded, or as source for run-time NVRTC).\n    pub const fn in_gpu_build(self) -> bool {\n        match self {\n");
+    for (i, k) in &all {
+        let _ = writeln!(s, "            Kernel::{k} => {},", modules[*i].gpu_kernels.contains(k));
+    }
     s.push_str("        }\n    }\n}\n\n");
     s.push_str("pub static MODULES: &[ModuleInfo] = &[\n");
     for m in modules {
         let _ = write!(
             s,
             "    ModuleInfo {{ name: \"{n}\", source: include_str!(concat!(env!(\"OUT_DIR\"), \"/{n}.cu\")), \
-             ptx: include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{n}.ptx\")), cubins: &[",
+             ptx: include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{n}.ptx.z\")), cubins: &[",
             n = m.name
         );
         for a in CUBIN_ARCHS {
-            let _ = write!(s, "({a}, include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{}.sm_{a}.cubin\"))), ", m.name);
+            let _ = write!(s, "({a}, include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{}.sm_{a}.cubin.z\"))), ", m.name);
         }
         s.push_str("] },\n");
     }
@@ -388,7 +481,7 @@ mod nvrtc {
         }
 
         fn compile(&self, m: &Module, arch: &str, verbose: bool) -> Result<(Vec<u8>, String), String> {
-            nvrtc_compile(&m.expanded, &format!("{}.cu", m.name), arch, verbose, self.include_dir.as_deref())
+            nvrtc_compile(&m.gpu, &format!("{}.cu", m.name), arch, verbose, self.include_dir.as_deref())
         }
 
         pub fn compile_module(&self, m: &Module, out: &Path) -> Vec<Resources> {
@@ -400,7 +493,7 @@ mod nvrtc {
                 fs::write(out.join(format!("{}.sm_{a}.cubin", m.name)), cubin).unwrap();
                 fs::write(out.join(format!("{}.sm_{a}.log", m.name)), &log).unwrap();
                 let parsed = parse_ptxas(&log, a);
-                for k in &m.kernels {
+                for k in &m.gpu_kernels {
                     let r = parsed.iter().find(|r| &r.kernel == k).cloned();
                     res.push(r.unwrap_or_else(|| panic!("ptxas report has no entry for {k} (sm_{a}):\n{log}")));
                 }

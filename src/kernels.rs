@@ -6,9 +6,9 @@ pub struct ModuleInfo {
     pub name: &'static str,
     /// The source with local includes inlined (compiled at run time when the build had no NVRTC).
     pub source: &'static str,
-    /// compute_80 PTX (empty when the build had no NVRTC).
+    /// compute_80 PTX, deflated (empty when the build had no NVRTC).
     pub ptx: &'static [u8],
-    /// (arch, CUBIN) for sm_80 and sm_90 (empty images when the build had no NVRTC).
+    /// (arch, CUBIN) for sm_80 and sm_90, deflated (empty images when the build had no NVRTC).
     pub cubins: &'static [(u32, &'static [u8])],
 }
 

@@ -139,6 +139,12 @@ fn exported_checkpoint_gives_the_same_masks_cpu() {
 #[test]
 fn exported_checkpoint_gives_the_same_masks_emu() {
     check_export_matches("emu");
+    // everything that ran on emu in this process (this test's inference) is a kernel the
+    // inference build embeds: reclmis-infer --features cuda never meets a missing one
+    let launched = reclmis::device::emu::launched_kernels();
+    assert!(launched.len() > 5, "{launched:?}");
+    let missing: Vec<_> = launched.iter().filter(|k| !k.for_inference()).collect();
+    assert!(missing.is_empty(), "the inference path launched training-only kernels {missing:?}");
 }
 
 #[test]

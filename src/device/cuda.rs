@@ -123,10 +123,15 @@ impl CudaDevice {
             .iter()
             .filter(|(a, bin)| !bin.is_empty() && a / 10 == self.arch / 10 && *a <= self.arch)
             .max_by_key(|(a, _)| *a);
+        // the images are embedded deflated (4-5x smaller); 256 MiB bounds a damaged one
+        let inflate = |z: &[u8]| {
+            miniz_oxide::inflate::decompress_to_vec_with_limit(z, 256 << 20)
+                .map_err(|e| Error::Cuda(format!("module {}: the embedded image does not inflate: {e:?}", info.name)))
+        };
         let image = if let Some((_, bin)) = cubin {
-            cudarc::nvrtc::Ptx::from_binary(bin.to_vec())
+            cudarc::nvrtc::Ptx::from_binary(inflate(bin)?)
         } else if !info.ptx.is_empty() && self.arch >= PTX_ARCH {
-            cudarc::nvrtc::Ptx::from_src(String::from_utf8_lossy(info.ptx).into_owned())
+            cudarc::nvrtc::Ptx::from_src(String::from_utf8_lossy(&inflate(info.ptx)?).into_owned())
         } else {
             // Built without NVRTC: compile the embedded source for this GPU now.
             super::nvrtc_compile::load_nvrtc().map_err(Error::Nvrtc)?;
@@ -141,6 +146,13 @@ impl CudaDevice {
     }
 
     fn function(&self, k: Kernel) -> Result<CudaFunction> {
+        if !k.in_gpu_build() {
+            return Err(Error::Unsupported {
+                op: k.name(),
+                detail: "a training kernel: this build (without the `train` feature) embeds only the inference kernels"
+                    .into(),
+            });
+        }
         if let Some(f) = self.functions.lock().unwrap_or_else(|e| e.into_inner()).get(&k) {
             return Ok(f.clone());
         }

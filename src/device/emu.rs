@@ -164,7 +164,21 @@ fn next_seed() -> u64 {
     base.wrapping_add(COUNT.fetch_add(1, Ordering::Relaxed))
 }
 
+/// Every kernel the emu device has launched in this process, in first-launch order: what a test
+/// checks a code path launches (the inference path: only kernels an inference build embeds).
+pub fn launched_kernels() -> Vec<Kernel> {
+    LAUNCHED.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+static LAUNCHED: std::sync::Mutex<Vec<Kernel>> = std::sync::Mutex::new(Vec::new());
+
 pub(crate) fn launch(kernel: Kernel, cfg: LaunchCfg, args: &mut [*mut c_void]) -> Result<()> {
+    {
+        let mut l = LAUNCHED.lock().unwrap_or_else(|e| e.into_inner());
+        if !l.contains(&kernel) {
+            l.push(kernel);
+        }
+    }
     let seed = next_seed();
     let c = EmuLaunchCfg {
         grid: [cfg.grid.0, cfg.grid.1, cfg.grid.2],

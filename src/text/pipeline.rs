@@ -173,7 +173,7 @@ impl Pipeline {
             match seg {
                 Seg::Token(id) => seq.push(id),
                 Seg::Text(t) => {
-                    let t = self.normalize(t);
+                    let t = self.normalize(t)?;
                     for seg in split_added(&t, &self.normalized_added) {
                         match seg {
                             Seg::Token(id) => seq.push(id),
@@ -198,18 +198,18 @@ impl Pipeline {
         Ok((ids, names))
     }
 
-    fn normalize(&self, s: &str) -> String {
+    fn normalize(&self, s: &str) -> Result<String, Why> {
         let mut s = s.to_string();
         for n in &self.norms {
             s = match n {
                 Norm::Nfc if s.is_ascii() => s,
-                Norm::Nfc => unicode_normalization::UnicodeNormalization::nfc(s.as_str()).collect(),
+                Norm::Nfc => nfc(s)?,
                 // per character, as the crate does (not str::to_lowercase's final-sigma rule)
                 Norm::Lowercase => s.chars().flat_map(char::to_lowercase).collect(),
                 Norm::Replace { pattern, content } => replace(&s, pattern, content),
             };
         }
-        s
+        Ok(s)
     }
 
     fn pre_tokenize(&self, s: String) -> Vec<String> {
@@ -284,6 +284,27 @@ impl Pipeline {
             }
         }
         Ok(())
+    }
+}
+
+/// NFC. The full build composes; a build without the `nfc` feature (reclmis-infer: the
+/// composition tables cost 124 KB of its 1.5 MB) accepts text that is already NFC, which the
+/// quick check proves for nearly all notes (any ASCII, precomposed accents), and refuses the rest
+/// by name rather than tokenize it differently.
+fn nfc(s: String) -> Result<String, Why> {
+    #[cfg(feature = "nfc")]
+    {
+        Ok(unicode_normalization::UnicodeNormalization::nfc(s.as_str()).collect())
+    }
+    #[cfg(not(feature = "nfc"))]
+    {
+        match unicode_normalization::is_nfc_quick(s.chars()) {
+            unicode_normalization::IsNormalized::Yes => Ok(s),
+            _ => Err(format!(
+                "the note is not in Unicode NFC (a decomposed accent?) and this build leaves out the \
+                 NFC tables; normalise it first or use the full build (reclmis infer): {s:?}"
+            )),
+        }
     }
 }
 
@@ -608,4 +629,21 @@ fn byte_char(b: u8) -> char {
     }
     let k = (0..b).filter(|&x| !printable(x)).count() as u32;
     char::from_u32(256 + k).expect("U+0100..U+0143 are characters")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nfc;
+
+    /// With the `nfc` feature a decomposed accent is composed; without it (reclmis-infer) it is
+    /// refused by name. Text already in NFC passes either way. (CI runs the lib tests both ways.)
+    #[test]
+    fn nfc_composes_or_refuses() {
+        assert_eq!(nfc("é lung, naïve 2".into()).unwrap(), "é lung, naïve 2");
+        let decomposed = "e\u{301} lung".to_string();
+        #[cfg(feature = "nfc")]
+        assert_eq!(nfc(decomposed).unwrap(), "\u{e9} lung");
+        #[cfg(not(feature = "nfc"))]
+        assert!(nfc(decomposed).unwrap_err().contains("NFC"));
+    }
 }
