@@ -29,7 +29,8 @@ pub struct LoadReport {
     pub missing: Vec<String>,
     /// File keys the model does not have (ignored).
     pub unexpected: Vec<String>,
-    /// File keys dropped on purpose (`DROPPED_PREFIXES`: the official CLIP image tower).
+    /// File keys dropped on purpose (`DROPPED_PREFIXES`: the official CLIP image tower; the
+    /// training-only tensors when loading for inference).
     pub dropped: Vec<String>,
     /// True when every file key carried a `module.` prefix (saved from nn.DataParallel), removed.
     pub stripped_module_prefix: bool,
@@ -97,6 +98,12 @@ fn err(path: &Path, detail: impl Into<String>) -> Error {
 /// inference skips the reconstruction unread, and the peak memory is the weights loaded plus one
 /// tensor (reading the file whole first would double it).
 pub fn load(params: &mut Params, path: &Path) -> Result<LoadReport> {
+    load_skipping(params, path, &[])
+}
+
+/// `load`, leaving the tensors under `skip` (key prefixes) unread and unset: they are reported
+/// as dropped, not missing. Inference skips the training-only reconstruction this way.
+pub fn load_skipping(params: &mut Params, path: &Path, skip: &[&str]) -> Result<LoadReport> {
     let (file, len) = crate::files::open_regular(path, u64::MAX).map_err(|e| err(path, e.to_string()))?;
     let (n, header) = read_header(&file, len, path)?;
     let data_start = 8 + n;
@@ -140,7 +147,9 @@ pub fn load(params: &mut Params, path: &Path) -> Result<LoadReport> {
             values: Box::new(move || read_values(file, data_start + start, (end - start) as usize, &dtype)),
         });
     }
-    load_offered(params, offered, path)
+    let mut rep = load_offered_skipping(params, offered, path, skip)?;
+    rep.missing.retain(|k| !skip.iter().any(|p| k.starts_with(p)));
+    Ok(rep)
 }
 
 fn dtype_size(dtype: &str) -> Option<usize> {
@@ -229,11 +238,19 @@ pub const DROPPED_PREFIXES: [&str; 1] = ["clip.visual."];
 
 /// Assigns offered tensors to `params` by name (a `module.` prefix on every key is removed).
 pub(crate) fn load_offered(params: &mut Params, offered: Vec<Offered>, path: &Path) -> Result<LoadReport> {
+    load_offered_skipping(params, offered, path, &[])
+}
+
+fn load_offered_skipping(params: &mut Params, offered: Vec<Offered>, path: &Path, skip: &[&str]) -> Result<LoadReport> {
     let strip = !offered.is_empty() && offered.iter().all(|o| o.name.starts_with("module."));
     let mut report = LoadReport { stripped_module_prefix: strip, ..LoadReport::default() };
     let mut seen = BTreeSet::new();
     for o in offered {
         let key = if strip { &o.name["module.".len()..] } else { o.name.as_str() };
+        if skip.iter().any(|p| key.starts_with(p)) {
+            report.dropped.push(key.to_string());
+            continue;
+        }
         if let Some(id) = params.id(key) {
             let want = params.shape(id).to_vec();
             if o.shape != want {

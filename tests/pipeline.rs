@@ -78,8 +78,15 @@ fn short_training_learns_reloads_and_resumes_exactly() {
     let b = dir.join("b");
     pipeline::train::train(&TrainOpts { stop_after: 2, ..opts(&data, &b, 4) }, &dev).unwrap();
     pipeline::train::train(&TrainOpts { resume: true, ..opts(&data, &b, 4) }, &dev).unwrap();
-    let (ma, _) = pipeline::load_run(&a.join("last.safetensors"), None, &dev).unwrap();
-    let (mb, _) = pipeline::load_run(&b.join("last.safetensors"), None, &dev).unwrap();
+    // every tensor, the training-only reconstruction included (load_run leaves it unread)
+    let full = |p: &std::path::Path| {
+        let (m, _) = pipeline::load_run(p, None, &dev).unwrap();
+        let mut full = reclmis::model::RecLmis::new(m.cfg.clone(), &dev, 1).unwrap();
+        let rep = reclmis::checkpoint::load(&mut full.params, p).unwrap();
+        assert!(rep.missing.is_empty(), "{}", rep.summary());
+        full
+    };
+    let (ma, mb) = (full(&a.join("last.safetensors")), full(&b.join("last.safetensors")));
     for id in ma.params.ids() {
         assert_eq!(
             ma.params.value(id).to_vec().unwrap(),

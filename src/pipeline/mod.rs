@@ -269,8 +269,9 @@ pub fn evaluate(m: &RecLmis, d: &Loaded, tok: &NoteTokenizer, mode: Notes, batch
     Ok(Scores { dice: s.dice / n, iou: s.iou / n, hard_dice: s.hard_dice / n })
 }
 
-/// Loads a checkpoint written by `train` (its configuration from the metadata) and the tokenizer
-/// saved beside it (or `tokenizer`), which must be the one the checkpoint records.
+/// Loads a checkpoint for inference (its configuration from the metadata; the training-only
+/// reconstruction left unread) and its tokenizer: the one embedded in an exported checkpoint,
+/// else `tokenizer` or tokenizer.json beside it, which must be the one the checkpoint records.
 pub fn load_run(checkpoint: &Path, tokenizer: Option<&Path>, dev: &Device) -> Result<(RecLmis, NoteTokenizer)> {
     #[cfg(feature = "pth")]
     if crate::pth::looks_like_pth(checkpoint) {
@@ -287,9 +288,10 @@ pub fn load_run(checkpoint: &Path, tokenizer: Option<&Path>, dev: &Device) -> Re
         _ => read_tokenizer(checkpoint, tokenizer, &cfg)?,
     };
     check_tokenizer(&meta, checkpoint, &tok_path, &json, tok.vocab_size())?;
-    // declared, then filled: what the file does not hold takes no memory
+    // declared, then filled: what the file does not hold, and the training-only tensors it may
+    // hold, take no memory and no reading time
     let mut m = RecLmis::shell(cfg.clone(), dev)?;
-    let rep = checkpoint::load(&mut m.params, checkpoint)?;
+    let rep = checkpoint::load_skipping(&mut m.params, checkpoint, &RecLmis::TRAINING_ONLY)?;
     // an exported inference checkpoint leaves out the training-only tensors (and may leave out
     // the scoring MLPs); everything else must be there
     let optional =
