@@ -51,18 +51,21 @@ fn image(d: &Path, name: &str, seed: u32) -> PathBuf {
 }
 
 fn probs(m: &RecLmis, tok: &reclmis::text::NoteTokenizer, dev: &Device) -> Vec<f32> {
+    m.infer(&batch(m, tok, dev)).unwrap().to_vec().unwrap()
+}
+
+fn batch(m: &RecLmis, tok: &reclmis::text::NoteTokenizer, dev: &Device) -> Batch {
     let (h, w) = m.cfg.img_size;
     let x: Vec<f32> = (0..3 * h * w).map(|i| ((i * 7919) % 251) as f32 / 250.0).collect();
     let (ids, valid) = tok.encode(NOTE).unwrap();
     let l = ids.len();
-    let b = Batch {
+    Batch {
         images: Tensor::from_vec(x, &[1, 3, h, w], dev).unwrap(),
         ids: Tensor::from_vec_i32(ids, &[1, l], dev).unwrap(),
         valid: Tensor::from_vec_i32(valid, &[1, l], dev).unwrap(),
         masks: None,
         text_hidden: None,
-    };
-    m.infer(&b).unwrap().to_vec().unwrap()
+    }
 }
 
 fn bf16_round(x: f32) -> f32 {
@@ -100,6 +103,11 @@ fn check_export_matches(kind: &str) {
     // the same weights through the same ops: the same probabilities, bit for bit
     let (a, b) = (probs(&full, &tok_a, &dev), probs(&slim, &tok_b, &dev));
     assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{kind}: probabilities differ");
+    // the mask-only path (activations freed as it goes) computes what the evaluation forward does
+    let (full_w, _) = pipeline::load_run(&train, Some(&tokenizer()), &dev).unwrap();
+    let rec = full_w.forward_eval(&batch(&full_w, &tok_a, &dev)).unwrap();
+    let e = rec["probs"].tensor().to_vec().unwrap();
+    assert!(a.iter().zip(&e).all(|(x, y)| x.to_bits() == y.to_bits()), "{kind}: infer and forward_eval differ");
     // and the same mask on an image file, through the path both commands take
     let img = image(&d, "x.png", 0);
     let (ea, _) = visual::explain(&full, &tok_a, &img, NOTE, &dev, false).unwrap();

@@ -154,6 +154,9 @@ fn run(a: Args) -> Result<()> {
             }
         }
     }
+    // one image runs each layer once: caching the Winograd-transformed weights only costs memory
+    // (about 60 MB for the official U-Net); a folder reuses them for every image
+    reclmis::ops::conv::weight_cache::set_enabled(jobs.len() > 1);
     let dev = Device::from_choice(choice)?;
     let (m, tok) = reclmis::pipeline::load_run(checkpoint, a.tokenizer.as_deref(), &dev)?;
     std::fs::create_dir_all(out).map_err(|e| Error::data(out, format!("cannot create the folder: {e}")))?;

@@ -217,7 +217,10 @@ impl RecLmis {
     }
 
     /// Everything the mask and the weights need; records intermediates into `rec`.
-    fn trunk(&self, g: &Graph, b: &Batch, rec: &mut Record, need_weights: bool) -> Result<Trunk> {
+    /// With `rec` None (inference), each activation is dropped after its last use, so that the
+    /// eval graph (which keeps no tape) frees it: the peak is the decoder's working set, not the
+    /// whole forward's.
+    fn trunk(&self, g: &Graph, b: &Batch, mut rec: Option<&mut Record>, need_weights: bool) -> Result<Trunk> {
         self.check_batch(b)?;
         let p = &self.params;
         let hidden = match &b.text_hidden {
@@ -241,9 +244,11 @@ impl RecLmis {
             // −inf where the text mask is 0: padding gets exactly 0
             let bias = valid_bias(&b.valid)?;
             w_woi = Some(g.softmax(&g.add(&sw, &Var::constant(bias))?)?);
-            rec.insert("mlp_visual_score".into(), sv.clone());
-            rec.insert("mlp_woi_score".into(), sw.clone());
-            rec.insert("interact_text".into(), text2.clone());
+            if let Some(rec) = rec.as_deref_mut() {
+                rec.insert("mlp_visual_score".into(), sv.clone());
+                rec.insert("mlp_woi_score".into(), sw.clone());
+                rec.insert("interact_text".into(), text2.clone());
+            }
         }
         // decoder: img' [B,N,d] -> [B,d,h,w]
         let (gh, gw) = self.cfg.grid();
@@ -251,6 +256,18 @@ impl RecLmis {
         let dec_in = g.reshape(&g.transpose_last(&it.img)?, &[s[0], s[2], gh, gw])?;
         let (u4, pl4) = self.up[0].forward(g, p, &dec_in, &x4)?;
         let (u3, pl3) = self.up[1].forward(g, p, &u4, &x3)?;
+        let Some(rec) = rec else {
+            // inference: free each skip connection and decoder output once consumed
+            drop((x4, dec_in, u4, pl4, pl3, tf));
+            let (u2, _) = self.up[2].forward(g, p, &u3, &x2)?;
+            drop((u3, x2, x3));
+            let (u1, _) = self.up[3].forward(g, p, &u2, &x1)?;
+            drop((u2, x1));
+            let logits = self.outc.forward(g, p, &u1)?;
+            drop(u1);
+            let probs = g.sigmoid(&logits)?;
+            return Ok(Trunk { hidden, text_feat, x5, img: it.img, logits, probs, w_poi, w_woi });
+        };
         let (u2, _) = self.up[2].forward(g, p, &u3, &x2)?;
         let (u1, _) = self.up[3].forward(g, p, &u2, &x1)?;
         let logits = self.outc.forward(g, p, &u1)?;
@@ -292,15 +309,14 @@ impl RecLmis {
     pub fn forward_eval(&self, b: &Batch) -> Result<Record> {
         let g = Graph::eval();
         let mut rec = Record::new();
-        self.trunk(&g, b, &mut rec, true)?;
+        self.trunk(&g, b, Some(&mut rec), true)?;
         Ok(rec)
     }
 
     /// Only what the mask needs (no CTBN, MLPs, reconstruction or losses): probs [B,1,H,W].
     pub fn infer(&self, b: &Batch) -> Result<Tensor> {
         let g = Graph::eval();
-        let mut rec = Record::new();
-        Ok(self.trunk(&g, b, &mut rec, false)?.probs.into_tensor())
+        Ok(self.trunk(&g, b, None, false)?.probs.into_tensor())
     }
 
     /// The training forward on graph `g` (use `Graph::train()`): every loss term; the caller runs
@@ -308,7 +324,7 @@ impl RecLmis {
     pub fn forward_train(&self, g: &Graph, b: &Batch, masks: Option<MaskIndices>, rng: &mut Rng) -> Result<TrainOut> {
         let target = b.masks.as_ref().ok_or_else(|| Error::shape("reclmis", "training needs the masks"))?;
         let mut rec = Record::new();
-        let t = self.trunk(g, b, &mut rec, true)?;
+        let t = self.trunk(g, b, Some(&mut rec), true)?;
         let p = &self.params;
         let (w_poi, w_woi) = (t.w_poi.expect("asked for"), t.w_woi.expect("asked for"));
         let s = t.x5.shape().to_vec();

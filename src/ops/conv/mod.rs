@@ -12,7 +12,7 @@
 pub mod cpu;
 #[cfg(feature = "refs")]
 pub mod reference;
-mod weight_cache;
+pub mod weight_cache;
 pub mod winograd;
 
 use crate::device::{Device, LaunchCfg};

@@ -21,12 +21,28 @@ struct Entry {
 
 static CACHE: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
 
+static ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Turns the cache on (the default) or off. A process that runs each layer once (one image
+/// through `reclmis-infer`) gains nothing from it and pays its memory: about 60 MB of
+/// transformed weights for the official U-Net, kept until the weights are dropped. Turning it off
+/// also empties it.
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, std::sync::atomic::Ordering::Relaxed);
+    if !on {
+        CACHE.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+}
+
 /// The cached transform of these weights, or `make()`'s, stored for next time.
 pub(crate) fn get_or_make(
     storage: &Arc<Storage>,
     geom: (usize, usize, usize),
     make: impl FnOnce() -> Vec<f32>,
 ) -> Arc<Vec<f32>> {
+    if !ENABLED.load(std::sync::atomic::Ordering::Relaxed) {
+        return Arc::new(make());
+    }
     let weak = Arc::downgrade(storage);
     {
         // a poisoned lock only means another thread panicked mid-update: the list is still valid
