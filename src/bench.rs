@@ -18,6 +18,7 @@ use crate::tensor::Tensor;
 use std::time::Instant;
 
 pub mod model;
+pub mod report;
 mod unet;
 
 type Validator = Box<dyn Fn(&Tensor) -> Result<()>>;
@@ -36,14 +37,42 @@ pub struct Case {
     validate: Option<Validator>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Measurement {
-    pub op: &'static str,
+    pub op: String,
     pub shape: String,
+    /// Timed repetitions (after the untimed warm-up runs).
+    pub reps: usize,
+    pub min_s: f64,
     pub median_s: f64,
+    /// The 90th percentile (nearest rank) of the repetitions.
+    pub p90_s: f64,
     pub gflops: f64,
     pub gbs: f64,
     pub peer_median_s: Option<f64>,
+}
+
+/// min, median and 90th percentile (nearest rank) of repeated timings.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Timing {
+    pub min: f64,
+    pub median: f64,
+    pub p90: f64,
+    pub reps: usize,
+}
+
+impl Timing {
+    pub fn of(mut v: Vec<f64>) -> Timing {
+        v.sort_by(|a, b| a.total_cmp(b));
+        let n = v.len().max(1);
+        let at = |q: f64| v.get(((q * n as f64).ceil() as usize).clamp(1, n) - 1).copied().unwrap_or(f64::NAN);
+        Timing {
+            min: v.first().copied().unwrap_or(f64::NAN),
+            median: v.get(v.len() / 2).copied().unwrap_or(f64::NAN),
+            p90: at(0.9),
+            reps: v.len(),
+        }
+    }
 }
 
 fn rand_tensor(shape: &[usize], seed: u64, dev: &Device) -> Result<Tensor> {
@@ -899,13 +928,8 @@ fn check_gemm_samples(a: &[f32], b: &[f32], c: &[f32], s: usize, tol: f64) -> Re
     Ok(())
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-/// Times one case: `warmup` untimed runs, then the median of `reps`.
-pub fn measure(dev: &Device, case: &Case, warmup: usize, reps: usize) -> Result<f64> {
+/// Times one case: `warmup` untimed runs, then `reps` timed ones.
+pub fn measure(dev: &Device, case: &Case, warmup: usize, reps: usize) -> Result<Timing> {
     let first = case.run.as_ref()()?;
     if let Some(v) = &case.validate {
         v(&first)?;
@@ -932,7 +956,7 @@ pub fn measure(dev: &Device, case: &Case, warmup: usize, reps: usize) -> Result<
             times.push(start.elapsed_ms(&end).map_err(|e| Error::Cuda(e.to_string()))? as f64 / 1e3);
             drop(out);
         }
-        return Ok(median(times));
+        return Ok(Timing::of(times));
     }
     let mut times = Vec::with_capacity(reps);
     for _ in 0..reps {
@@ -942,7 +966,7 @@ pub fn measure(dev: &Device, case: &Case, warmup: usize, reps: usize) -> Result<
         times.push(t0.elapsed().as_secs_f64());
         drop(out);
     }
-    Ok(median(times))
+    Ok(Timing::of(times))
 }
 
 /// Runs the peer script once for all cases that have a PyTorch form; returns median seconds by
@@ -997,11 +1021,14 @@ pub fn run(dev: &Device, opts: &BenchOpts) -> Result<Vec<Measurement>> {
         let (warm, reps) = if matches!(dev, Device::Emu) { (1, 3) } else { (2, opts.reps) };
         let t = measure(dev, c, warm, reps)?;
         out.push(Measurement {
-            op: c.op,
+            op: c.op.to_string(),
             shape: c.shape.clone(),
-            median_s: t,
-            gflops: c.flops / t / 1e9,
-            gbs: c.bytes / t / 1e9,
+            reps: t.reps,
+            min_s: t.min,
+            median_s: t.median,
+            p90_s: t.p90,
+            gflops: c.flops / t.median / 1e9,
+            gbs: c.bytes / t.median / 1e9,
             peer_median_s: None,
         });
     }
@@ -1024,8 +1051,8 @@ pub fn format_table(dev: &Device, ms: &[Measurement]) -> String {
     let _ = writeln!(s, "device: {}", dev.describe());
     let _ = writeln!(
         s,
-        "{:<20} {:<34} {:>12} {:>10} {:>9} {:>12} {:>8}",
-        "op", "shape", "median", "GFLOP/s", "GB/s", "peer median", "ratio"
+        "{:<20} {:<34} {:>12} {:>12} {:>12} {:>10} {:>9} {:>12} {:>8}",
+        "op", "shape", "min", "median", "p90", "GFLOP/s", "GB/s", "peer median", "ratio"
     );
     for m in ms {
         let (pt, ratio) = match m.peer_median_s {
@@ -1034,10 +1061,12 @@ pub fn format_table(dev: &Device, ms: &[Measurement]) -> String {
         };
         let _ = writeln!(
             s,
-            "{:<20} {:<34} {:>9.3} ms {:>10.1} {:>9.1} {:>12} {:>8}",
+            "{:<20} {:<34} {:>9.3} ms {:>9.3} ms {:>9.3} ms {:>10.1} {:>9.1} {:>12} {:>8}",
             m.op,
             m.shape,
+            m.min_s * 1e3,
             m.median_s * 1e3,
+            m.p90_s * 1e3,
             m.gflops,
             m.gbs,
             pt,

@@ -73,9 +73,17 @@ enum Cmd {
         /// A Python with torch installed: run benches/peer_torch.py in the same invocation
         #[arg(long)]
         peer: Option<String>,
-        /// Timed repetitions per case (the median is reported)
+        /// Timed repetitions per case (min, median and 90th percentile are reported)
         #[arg(long, default_value_t = 10)]
         reps: usize,
+        /// table (for people), json (for scripts and --baseline) or csv; every record names the
+        /// CPU, cores, device, precision and commit
+        #[arg(long, default_value = "table")]
+        format: String,
+        /// An earlier `--format json` run: each case's change, marked SLOWER / faster only when
+        /// the two runs' [min, p90] ranges do not overlap
+        #[arg(long)]
+        baseline: Option<PathBuf>,
     },
     /// Time the official model (224²): inference at batch 1 / 8, a training step at batch 4; one
     /// scenario per process (peak RSS is the scenario's), one JSON line like ../shared/peer/bench_cpu.py
@@ -311,11 +319,34 @@ fn run(cli: Cli) -> reclmis::Result<()> {
                 return Err(reclmis::Error::Other("self-check failed".into()));
             }
         }
-        Cmd::Bench { device, op, peer, reps } => {
+        Cmd::Bench { device, op, peer, reps, format, baseline } => {
+            use bench::report;
+            if !["table", "json", "csv"].contains(&format.as_str()) {
+                return Err(reclmis::Error::Config(format!("--format {format:?}: table, json or csv")));
+            }
+            // the baseline is read (and refused) before minutes of timing
+            let before = baseline.as_deref().map(report::read_run).transpose()?;
             let dev = Device::from_choice(device)?;
             let opts = bench::BenchOpts { filter: op.as_deref(), peer: peer.as_deref(), reps: reps.max(1) };
-            let ms = bench::run(&dev, &opts)?;
-            print!("{}", bench::format_table(&dev, &ms));
+            let run = report::Run { results: bench::run(&dev, &opts)?, machine: report::Machine::of(&dev) };
+            let compared = before.as_ref().map(|b| report::compare(&run, b));
+            if let Some(why) = before.as_ref().and_then(|b| report::mismatch(&run, b)) {
+                eprintln!("warning: {why}");
+            }
+            match format.as_str() {
+                "json" => println!("{}", report::to_json(&run)),
+                "csv" => print!("{}", report::to_csv(&run, compared.as_deref())?),
+                _ => {
+                    print!("{}", bench::format_table(&dev, &run.results));
+                    if let (Some(c), Some(b)) = (&compared, &before) {
+                        print!("{}", report::format_comparison(c, b));
+                    }
+                }
+            }
+            // a script sees the comparison on stderr whatever the format
+            if let (Some(c), Some(b), false) = (&compared, &before, format == "table") {
+                eprint!("{}", report::format_comparison(c, b));
+            }
         }
         Cmd::Kernels => print!("{}", kernels::report()),
         Cmd::BenchModel { device, scenario } => {

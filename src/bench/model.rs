@@ -4,7 +4,6 @@
 //! CVR/CLR/CCL, every loss, backward, Adam). One scenario per process, so the peak RSS
 //! (getrusage) is the scenario's own.
 
-use super::median;
 use crate::device::Device;
 use crate::error::{Error, Result};
 #[cfg(feature = "train")]
@@ -71,7 +70,7 @@ pub fn run(scenario: &str, dev: &Device) -> Result<String> {
     } else {
         phases = Some(train_times(model, &data, warm, reps, dev, &mut times)?);
     }
-    let m = median(times.clone());
+    let m = super::Timing::of(times.clone()).median;
     let phase = phases.map_or(String::new(), |p| {
         format!(", \"forward_s\": {:.4}, \"backward_s\": {:.4}, \"optimizer_s\": {:.4}", p[0], p[1], p[2])
     });
@@ -110,7 +109,7 @@ fn train_times(
             }
         }
     }
-    Ok(ph.map(median))
+    Ok(ph.map(|v| super::Timing::of(v).median))
 }
 
 #[cfg(not(feature = "train"))]

@@ -1,0 +1,108 @@
+//! `reclmis bench` for scripts: JSON and CSV output with the machine in every record, and
+//! `--baseline` reading an earlier JSON run (the comparison rule tested on fixed numbers: no
+//! test depends on timings).
+
+use reclmis::bench::report::{self, compare, Machine, Run, Verdict};
+use reclmis::bench::{Measurement, Timing};
+use std::process::Command;
+
+fn m(op: &str, min: f64, median: f64, p90: f64) -> Measurement {
+    Measurement {
+        op: op.into(),
+        shape: "8×64, axis 1".into(),
+        reps: 10,
+        min_s: min,
+        median_s: median,
+        p90_s: p90,
+        gflops: 1.0,
+        gbs: 2.0,
+        peer_median_s: None,
+    }
+}
+
+fn run(results: Vec<Measurement>, cpu: &str) -> Run {
+    let machine = Machine {
+        cpu: cpu.into(),
+        cores: 2,
+        device: "cpu".into(),
+        precision: "f32".into(),
+        commit: "abc".into(),
+        unix_time: 0,
+    };
+    Run { machine, results }
+}
+
+#[test]
+fn percentiles_are_nearest_rank() {
+    let t = Timing::of((1..=10).rev().map(|x| x as f64).collect());
+    assert_eq!((t.min, t.median, t.p90, t.reps), (1.0, 6.0, 9.0, 10));
+    let one = Timing::of(vec![3.0]);
+    assert_eq!((one.min, one.median, one.p90), (3.0, 3.0, 3.0));
+}
+
+#[test]
+fn only_non_overlapping_ranges_count_as_changes() {
+    let before =
+        run(vec![m("a", 1.0, 1.1, 1.2), m("b", 1.0, 1.1, 1.2), m("c", 1.0, 1.1, 1.2), m("gone", 1.0, 1.0, 1.0)], "X");
+    let now =
+        run(vec![m("a", 1.3, 1.4, 1.5), m("b", 0.7, 0.8, 0.9), m("c", 1.15, 1.3, 1.6), m("new", 1.0, 1.0, 1.0)], "X");
+    let c = compare(&now, &before);
+    let v: Vec<(&str, Verdict)> = c.iter().map(|c| (c.op.as_str(), c.verdict)).collect();
+    // c's median moved by 18 % but its range overlaps the baseline's: noise, not a regression
+    assert_eq!(v, vec![("a", Verdict::Slower), ("b", Verdict::Faster), ("c", Verdict::Same)]);
+    assert!((c[0].speedup - 1.1 / 1.4).abs() < 1e-12);
+    assert!(report::mismatch(&now, &before).is_none());
+    assert!(report::mismatch(&now, &run(vec![], "Y")).unwrap().contains("not comparable"));
+    // CSV: the machine in every row, a shape with a comma quoted, the verdicts
+    let csv = report::to_csv(&now, Some(&c)).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert!(lines[0].ends_with("baseline_median_s,speedup,verdict"), "{}", lines[0]);
+    assert!(
+        lines[1].starts_with("X,2,cpu,f32,abc,a,\"8×64, axis 1\",10,") && lines[1].ends_with("SLOWER"),
+        "{}",
+        lines[1]
+    );
+    assert!(lines[4].ends_with(",new"), "{}", lines[4]);
+}
+
+#[test]
+fn json_round_trips_and_a_bad_baseline_is_named() {
+    let r = run(vec![m("a", 1.0, 1.1, 1.2)], "X");
+    let dir = std::env::temp_dir().join(format!("reclmis-bench-report-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("run.json");
+    std::fs::write(&p, report::to_json(&r)).unwrap();
+    assert_eq!(report::read_run(&p).unwrap(), r);
+    std::fs::write(&p, b"{\"results\": 3}").unwrap();
+    let e = report::read_run(&p).unwrap_err().to_string();
+    assert!(e.contains("run.json") && e.contains("bench --format json"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The command end to end: a JSON run, then the same case against it as a baseline in CSV.
+#[test]
+fn bench_json_is_consumed_by_baseline() {
+    let dir = std::env::temp_dir().join(format!("reclmis-bench-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bin = env!("CARGO_BIN_EXE_reclmis");
+    let args = ["bench", "--device", "cpu", "--op", "copy", "--reps", "3"];
+    let o = Command::new(bin).args(args).args(["--format", "json"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let p = dir.join("before.json");
+    std::fs::write(&p, &o.stdout).unwrap();
+    let before = report::read_run(&p).unwrap();
+    assert!(!before.results.is_empty() && !before.machine.cpu.is_empty() && before.machine.cores >= 1);
+    for r in &before.results {
+        assert!(r.op == "copy" && r.reps == 3 && r.min_s <= r.median_s && r.median_s <= r.p90_s, "{r:?}");
+    }
+    let o = Command::new(bin).args(args).args(["--format", "csv", "--baseline"]).arg(&p).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let csv = String::from_utf8_lossy(&o.stdout);
+    assert!(csv.lines().next().unwrap().ends_with("verdict"), "{csv}");
+    assert_eq!(csv.lines().count(), 1 + before.results.len(), "{csv}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("against the baseline"));
+    // a baseline that is not a run is refused before any timing
+    let o = Command::new(bin).args(args).arg("--baseline").arg(dir.join("missing.json")).output().unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("missing.json"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
