@@ -238,6 +238,41 @@ proptest! {
         }
         let _ = reclmis::text::NoteTokenizer::from_file(&file("tokenizer.json", &bytes), 18);
     }
+
+    /// The CLIP structure (NFC, Replace, the CLIP split, ByteLevel, BPE merges, a template) with a
+    /// vocabulary small enough for many cases.
+    #[test]
+    fn tokenizer_json_bpe(e in edits()) {
+        let bytes = mutate(small_bpe(), &e);
+        if let Ok(t) = reclmis::text::NoteTokenizer::from_bytes(&bytes, 18) {
+            let _ = t.encode("Bilateral pulmonary infection, lower left lung.");
+            let _ = t.encode("e\u{301}l'll <|endoftext|> 12 ½ ");
+        }
+    }
+}
+
+/// The fixture's CLIP tokenizer.json with a vocabulary cut to the bytes of a-z plus a few merges.
+fn small_bpe() -> &'static [u8] {
+    static B: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    B.get_or_init(|| {
+        let p = common::fixture::root().join("official_tiny/tokenizer.json");
+        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap();
+        let mut vocab = serde_json::Map::new();
+        let mut id = 0u32;
+        for c in 'a'..='z' {
+            for t in [c.to_string(), format!("{c}</w>")] {
+                vocab.insert(t, id.into());
+                id += 1;
+            }
+        }
+        for t in ["lu", "lung</w>", "ng</w>", "<|endoftext|>", "<|startoftext|>"] {
+            vocab.insert(t.into(), id.into());
+            id += 1;
+        }
+        v["model"]["vocab"] = vocab.into();
+        v["model"]["merges"] = serde_json::json!(["l u", "n g</w>", "lu ng</w>"]);
+        serde_json::to_vec(&v).unwrap()
+    })
 }
 
 #[test]
@@ -250,6 +285,8 @@ fn seeds_are_valid_files() {
     assert!(lvit::read_sheet(&file("ok.xlsx", &s.xlsx)).is_ok());
     assert!(lvit::read_sheet(&file("ok.csv", &s.csv)).is_ok());
     assert!(reclmis::text::NoteTokenizer::from_bytes(&s.tokenizer, 18).is_ok());
+    let bpe = reclmis::text::NoteTokenizer::from_bytes(small_bpe(), 18).unwrap();
+    assert_eq!(bpe.encode("lung").unwrap().0[..3], [49406, 53, 49407]);
     assert!(reclmis::checkpoint::read_metadata(&file("ok.safetensors", &s.checkpoint)).is_ok());
     assert_eq!(reclmis::pth::read_state_dict(&file("ok.pth", &s.pth)).unwrap().tensors.len(), 4);
     let _ = Path::new("");
