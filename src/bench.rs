@@ -17,6 +17,7 @@ use crate::ops::{ccl, conv, embedding, layer_norm, loss, norm, plam, pool, reduc
 use crate::tensor::Tensor;
 use std::time::Instant;
 
+pub mod ceilings;
 pub mod model;
 pub mod report;
 mod unet;
@@ -50,6 +51,9 @@ pub struct Measurement {
     pub gflops: f64,
     pub gbs: f64,
     pub peer_median_s: Option<f64>,
+    /// % of the roofline the median reaches (cpu: the machine's measured ceilings)
+    #[serde(default)]
+    pub roofline_pct: Option<f64>,
 }
 
 /// min, median and 90th percentile (nearest rank) of repeated timings.
@@ -1002,6 +1006,8 @@ pub struct BenchOpts<'a> {
     pub filter: Option<&'a str>,
     pub peer: Option<&'a str>,
     pub reps: usize,
+    /// The machine's ceilings (`ceilings::measure`), for each case's share of its roofline.
+    pub ceilings: Option<ceilings::Ceilings>,
 }
 
 pub fn run(dev: &Device, opts: &BenchOpts) -> Result<Vec<Measurement>> {
@@ -1030,6 +1036,7 @@ pub fn run(dev: &Device, opts: &BenchOpts) -> Result<Vec<Measurement>> {
             gflops: c.flops / t.median / 1e9,
             gbs: c.bytes / t.median / 1e9,
             peer_median_s: None,
+            roofline_pct: opts.ceilings.as_ref().and_then(|cl| ceilings::roofline_pct(cl, c.flops, c.bytes, t.median)),
         });
     }
     if let Some(py) = opts.peer {
@@ -1051,8 +1058,8 @@ pub fn format_table(dev: &Device, ms: &[Measurement]) -> String {
     let _ = writeln!(s, "device: {}", dev.describe());
     let _ = writeln!(
         s,
-        "{:<20} {:<34} {:>12} {:>12} {:>12} {:>10} {:>9} {:>12} {:>8}",
-        "op", "shape", "min", "median", "p90", "GFLOP/s", "GB/s", "peer median", "ratio"
+        "{:<20} {:<34} {:>12} {:>12} {:>12} {:>10} {:>9} {:>7} {:>12} {:>8}",
+        "op", "shape", "min", "median", "p90", "GFLOP/s", "GB/s", "% roof", "peer median", "ratio"
     );
     for m in ms {
         let (pt, ratio) = match m.peer_median_s {
@@ -1061,7 +1068,7 @@ pub fn format_table(dev: &Device, ms: &[Measurement]) -> String {
         };
         let _ = writeln!(
             s,
-            "{:<20} {:<34} {:>9.3} ms {:>9.3} ms {:>9.3} ms {:>10.1} {:>9.1} {:>12} {:>8}",
+            "{:<20} {:<34} {:>9.3} ms {:>9.3} ms {:>9.3} ms {:>10.1} {:>9.1} {:>7} {:>12} {:>8}",
             m.op,
             m.shape,
             m.min_s * 1e3,
@@ -1069,6 +1076,7 @@ pub fn format_table(dev: &Device, ms: &[Measurement]) -> String {
             m.p90_s * 1e3,
             m.gflops,
             m.gbs,
+            m.roofline_pct.map_or("-".into(), |p| format!("{p:.0}")),
             pt,
             ratio
         );

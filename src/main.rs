@@ -58,7 +58,8 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "auto")]
         device: DeviceChoice,
     },
-    /// Time each kernel: median, GFLOP/s, GB/s, and the ratio to PyTorch with --peer
+    /// Time each kernel: min / median / p90, GFLOP/s, GB/s, % of this machine's measured
+    /// roofline, and the ratio to PyTorch with --peer
     Bench {
         #[arg(long, value_enum, default_value = "auto")]
         device: DeviceChoice,
@@ -327,8 +328,10 @@ fn run(cli: Cli) -> reclmis::Result<()> {
             // the baseline is read (and refused) before minutes of timing
             let before = baseline.as_deref().map(report::read_run).transpose()?;
             let dev = Device::from_choice(device)?;
-            let opts = bench::BenchOpts { filter: op.as_deref(), peer: peer.as_deref(), reps: reps.max(1) };
-            let run = report::Run { results: bench::run(&dev, &opts)?, machine: report::Machine::of(&dev) };
+            // the roofline: this machine's own ceilings, measured now (about a second; cpu only)
+            let ceilings = matches!(dev, Device::Cpu).then(bench::ceilings::measure);
+            let opts = bench::BenchOpts { filter: op.as_deref(), peer: peer.as_deref(), reps: reps.max(1), ceilings };
+            let run = report::Run { results: bench::run(&dev, &opts)?, machine: report::Machine::of(&dev, ceilings) };
             let compared = before.as_ref().map(|b| report::compare(&run, b));
             if let Some(why) = before.as_ref().and_then(|b| report::mismatch(&run, b)) {
                 eprintln!("warning: {why}");
@@ -337,6 +340,14 @@ fn run(cli: Cli) -> reclmis::Result<()> {
                 "json" => println!("{}", report::to_json(&run)),
                 "csv" => print!("{}", report::to_csv(&run, compared.as_deref())?),
                 _ => {
+                    if let Some(c) = ceilings {
+                        println!(
+                            "ceilings measured here: {:.1} GFLOP/s f32 FMA, {:.1} GB/s copy ({} threads)",
+                            c.peak_gflops,
+                            c.copy_gbs,
+                            rayon::current_num_threads()
+                        );
+                    }
                     print!("{}", bench::format_table(&dev, &run.results));
                     if let (Some(c), Some(b)) = (&compared, &before) {
                         print!("{}", report::format_comparison(c, b));

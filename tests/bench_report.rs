@@ -17,6 +17,7 @@ fn m(op: &str, min: f64, median: f64, p90: f64) -> Measurement {
         gflops: 1.0,
         gbs: 2.0,
         peer_median_s: None,
+        roofline_pct: Some(50.0),
     }
 }
 
@@ -28,6 +29,8 @@ fn run(results: Vec<Measurement>, cpu: &str) -> Run {
         precision: "f32".into(),
         commit: "abc".into(),
         unix_time: 0,
+        peak_gflops: Some(100.0),
+        copy_gbs: Some(20.0),
     };
     Run { machine, results }
 }
@@ -58,11 +61,22 @@ fn only_non_overlapping_ranges_count_as_changes() {
     let lines: Vec<&str> = csv.lines().collect();
     assert!(lines[0].ends_with("baseline_median_s,speedup,verdict"), "{}", lines[0]);
     assert!(
-        lines[1].starts_with("X,2,cpu,f32,abc,a,\"8×64, axis 1\",10,") && lines[1].ends_with("SLOWER"),
+        lines[1].starts_with("X,2,cpu,f32,abc,100.0,20.0,a,\"8×64, axis 1\",10,") && lines[1].ends_with("SLOWER"),
         "{}",
         lines[1]
     );
     assert!(lines[4].ends_with(",new"), "{}", lines[4]);
+}
+
+#[test]
+fn roofline_is_the_slower_of_compute_and_memory() {
+    use reclmis::bench::ceilings::{roofline_pct, Ceilings};
+    let c = Ceilings { peak_gflops: 100.0, copy_gbs: 10.0 };
+    // 1 GFLOP needs 10 ms at peak; 10 MB needs 1 ms: compute-bound, 20 ms taken = 50 %
+    assert!((roofline_pct(&c, 1e9, 1e7, 0.02).unwrap() - 50.0).abs() < 1e-9);
+    // 1 MFLOP over 100 MB: memory-bound (10 ms), 40 ms taken = 25 %
+    assert!((roofline_pct(&c, 1e6, 1e8, 0.04).unwrap() - 25.0).abs() < 1e-9);
+    assert_eq!(roofline_pct(&c, 0.0, 0.0, 1.0), None);
 }
 
 #[test]
@@ -92,8 +106,14 @@ fn bench_json_is_consumed_by_baseline() {
     std::fs::write(&p, &o.stdout).unwrap();
     let before = report::read_run(&p).unwrap();
     assert!(!before.results.is_empty() && !before.machine.cpu.is_empty() && before.machine.cores >= 1);
+    let (peak, bw) = (before.machine.peak_gflops.unwrap(), before.machine.copy_gbs.unwrap());
+    assert!(peak > 0.5 && bw > 0.1, "ceilings {peak} GFLOP/s, {bw} GB/s");
     for r in &before.results {
         assert!(r.op == "copy" && r.reps == 3 && r.min_s <= r.median_s && r.median_s <= r.p90_s, "{r:?}");
+        // a copy cannot beat the machine's copy bandwidth by much (the ceiling is a best-of-4;
+        // 2x leaves room for noise, not for a roofline computed from the wrong quantity)
+        let pct = r.roofline_pct.unwrap();
+        assert!(pct > 0.0 && pct < 200.0, "{r:?}");
     }
     let o = Command::new(bin).args(args).args(["--format", "csv", "--baseline"]).arg(&p).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

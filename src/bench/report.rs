@@ -22,6 +22,12 @@ pub struct Machine {
     pub commit: String,
     /// seconds since 1970 when the run finished
     pub unix_time: u64,
+    /// The ceilings the bench measured on this machine (cpu runs): f32 FMA GFLOP/s of all its
+    /// threads and copy GB/s, the roofline every case's `roofline_pct` is against.
+    #[serde(default)]
+    pub peak_gflops: Option<f64>,
+    #[serde(default)]
+    pub copy_gbs: Option<f64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -31,7 +37,7 @@ pub struct Run {
 }
 
 impl Machine {
-    pub fn of(dev: &Device) -> Machine {
+    pub fn of(dev: &Device, ceilings: Option<super::ceilings::Ceilings>) -> Machine {
         let cpu = std::fs::read_to_string("/proc/cpuinfo")
             .ok()
             .and_then(|s| {
@@ -48,6 +54,8 @@ impl Machine {
             precision: "f32".into(),
             commit: commit(),
             unix_time: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            peak_gflops: ceilings.map(|c| c.peak_gflops),
+            copy_gbs: ceilings.map(|c| c.copy_gbs),
         }
     }
 }
@@ -89,6 +97,8 @@ pub fn to_csv(run: &Run, compared: Option<&[Compared]>) -> Result<String> {
         "device",
         "precision",
         "commit",
+        "peak_gflops",
+        "copy_gbs",
         "op",
         "shape",
         "reps",
@@ -97,6 +107,7 @@ pub fn to_csv(run: &Run, compared: Option<&[Compared]>) -> Result<String> {
         "p90_s",
         "gflops",
         "gbs",
+        "roofline_pct",
         "peer_median_s",
     ];
     if compared.is_some() {
@@ -112,6 +123,8 @@ pub fn to_csv(run: &Run, compared: Option<&[Compared]>) -> Result<String> {
             m.device.clone(),
             m.precision.clone(),
             m.commit.clone(),
+            m.peak_gflops.map(|v| format!("{v:.1}")).unwrap_or_default(),
+            m.copy_gbs.map(|v| format!("{v:.1}")).unwrap_or_default(),
             r.op.clone(),
             r.shape.clone(),
             r.reps.to_string(),
@@ -120,6 +133,7 @@ pub fn to_csv(run: &Run, compared: Option<&[Compared]>) -> Result<String> {
             format!("{:e}", r.p90_s),
             format!("{:.3}", r.gflops),
             format!("{:.3}", r.gbs),
+            r.roofline_pct.map(|v| format!("{v:.1}")).unwrap_or_default(),
             r.peer_median_s.map(|p| format!("{p:e}")).unwrap_or_default(),
         ];
         if let Some(c) = compared {
