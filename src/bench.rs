@@ -916,20 +916,105 @@ fn unary_step(x: &Tensor) -> Result<Tensor> {
 
 /// Compares 64 sampled elements of an s x s x s product with f64 dot products.
 fn check_gemm_samples(a: &[f32], b: &[f32], c: &[f32], s: usize, tol: f64) -> Result<()> {
+    check_gemm_mnk(a, b, c, (s, s, s), tol)
+}
+
+/// 64 sampled elements of C [m,n] = A [m,k] · B [k,n] against f64 dot products.
+fn check_gemm_mnk(a: &[f32], b: &[f32], c: &[f32], (m, n, kk): (usize, usize, usize), tol: f64) -> Result<()> {
     let mut r = crate::rng::Rng::new(99);
     for _ in 0..64 {
-        let (i, j) = ((r.next_u64() % s as u64) as usize, (r.next_u64() % s as u64) as usize);
+        let (i, j) = ((r.next_u64() % m as u64) as usize, (r.next_u64() % n as u64) as usize);
         let (mut acc, mut mag) = (0.0f64, 0.0f64);
-        for k in 0..s {
-            acc += a[i * s + k] as f64 * b[k * s + j] as f64;
-            mag += (a[i * s + k] as f64 * b[k * s + j] as f64).abs();
+        for k in 0..kk {
+            acc += a[i * kk + k] as f64 * b[k * n + j] as f64;
+            mag += (a[i * kk + k] as f64 * b[k * n + j] as f64).abs();
         }
-        let got = c[i * s + j] as f64;
+        let got = c[i * n + j] as f64;
         if (got - acc).abs() > tol * mag {
-            return Err(Error::Other(format!("gemm {s}^3 is wrong at ({i},{j}): {got} vs {acc}")));
+            return Err(Error::Other(format!("gemm {m}x{n}x{kk} is wrong at ({i},{j}): {got} vs {acc}")));
         }
     }
     Ok(())
+}
+
+/// The ops `--shape` takes, and the form of their shape.
+pub const SHAPED: &str = "gemm MxNxK, conv3x3 / conv1x1 BxCIxCOxHW (square maps), softmax ROWSxCOLS, relu DxDx...";
+
+/// One case of `op` at a shape from the command line (`--shape`): "512x768x1024" and so on.
+pub fn shape_case(dev: &Device, op: &str, shape: &str) -> Result<Case> {
+    let bad = |why: &str| Error::Config(format!("--shape {shape:?} for {op}: {why} (shapes: {SHAPED})"));
+    let dims: Vec<usize> = shape
+        .split('x')
+        .map(|d| d.trim().parse::<usize>().ok().filter(|&d| d > 0))
+        .collect::<Option<_>>()
+        .ok_or_else(|| bad("dimensions are positive integers joined by x"))?;
+    // the largest operand a shaped case may allocate: 1 Gi floats (4 GB)
+    let fits = |n: Option<usize>| n.filter(|&n| n <= 1 << 30).ok_or_else(|| bad("too large (over 2^30 elements)"));
+    match (op, dims.as_slice()) {
+        ("gemm", &[m, n, k]) => {
+            fits(m.checked_mul(k))?;
+            fits(k.checked_mul(n))?;
+            fits(m.checked_mul(n))?;
+            let (a, b) = (rand_tensor(&[m, k], 1, dev)?, rand_tensor(&[k, n], 2, dev)?);
+            let (ha, hb) = (a.to_vec()?, b.to_vec()?);
+            let tol = k as f64 * f32::EPSILON as f64;
+            Ok(Case {
+                op: "gemm",
+                shape: format!("{m}x{n}x{k}"),
+                flops: 2.0 * (m * n * k) as f64,
+                bytes: 4.0 * (m * k + k * n + m * n) as f64,
+                peer: Some(format!("mm {m} {n} {k}")),
+                run: Box::new(move || gemm::matmul(&a, &b, GemmOpts::default())),
+                validate: Some(Box::new(move |c| check_gemm_mnk(&ha, &hb, &c.to_vec()?, (m, n, k), tol))),
+            })
+        }
+        (op @ ("conv3x3" | "conv1x1"), &[b, ci, co, hw]) => {
+            let k = if op == "conv1x1" { 1 } else { 3 };
+            fits(b.checked_mul(ci.max(co)).and_then(|x| x.checked_mul(hw)).and_then(|x| x.checked_mul(hw)))?;
+            let x = rand_tensor(&[b, ci, hw, hw], 20, dev)?;
+            let w = rand_tensor(&[co, ci, k, k], 40, dev)?;
+            let bias = rand_tensor(&[co], 60, dev)?;
+            let s = conv::ConvShape { b, ci, co, h: hw, w: hw, kh: k, kw: k };
+            let algo = if dev.is_gpu_like() { GemmAlgo::TensorCore } else { GemmAlgo::Auto };
+            Ok(Case {
+                op: if k == 1 { "conv1x1" } else { "conv3x3" },
+                shape: format!("b{b} {ci}->{co} {hw}x{hw} k{k}"),
+                flops: s.flops(),
+                bytes: 4.0 * (b * (ci + co) * hw * hw + co * ci * k * k) as f64,
+                peer: Some(format!("conv {b} {ci} {co} {hw} {k}")),
+                validate: None,
+                run: Box::new(move || conv::conv2d(&x, &w, Some(&bias), algo)),
+            })
+        }
+        ("softmax", &[rows, cols]) => {
+            let n = fits(rows.checked_mul(cols))?;
+            let x = rand_tensor(&[rows, cols], 3, dev)?;
+            Ok(Case {
+                op: "softmax",
+                shape: format!("{rows}x{cols}"),
+                flops: 5.0 * n as f64,
+                bytes: 8.0 * n as f64,
+                peer: Some(format!("softmax {rows} {cols}")),
+                run: Box::new(move || softmax::softmax(&x)),
+                validate: None,
+            })
+        }
+        ("relu", d) => {
+            let n = fits(crate::tensor::checked_numel(d))?;
+            let x = rand_tensor(d, 5, dev)?;
+            Ok(Case {
+                op: "relu",
+                shape: shape.to_string(),
+                flops: n as f64,
+                bytes: 8.0 * n as f64,
+                peer: Some(format!("relu {}", d.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(" "))),
+                run: Box::new(move || elementwise::unary(&x, UnaryOp::Relu)),
+                validate: None,
+            })
+        }
+        ("gemm" | "conv3x3" | "conv1x1" | "softmax", _) => Err(bad("wrong number of dimensions")),
+        _ => Err(bad("this op takes no --shape yet")),
+    }
 }
 
 /// Times one case: `warmup` untimed runs, then `reps` timed ones.
@@ -1004,6 +1089,8 @@ fn run_peer(python: &str, specs: &[String], device: &str, reps: usize) -> Result
 
 pub struct BenchOpts<'a> {
     pub filter: Option<&'a str>,
+    /// One shape for the one op in `filter` (`shape_case`) instead of its built-in cases.
+    pub shape: Option<&'a str>,
     pub peer: Option<&'a str>,
     pub reps: usize,
     /// The machine's ceilings (`ceilings::measure`), for each case's share of its roofline.
@@ -1011,7 +1098,13 @@ pub struct BenchOpts<'a> {
 }
 
 pub fn run(dev: &Device, opts: &BenchOpts) -> Result<Vec<Measurement>> {
-    let all = cases(dev, opts.filter)?;
+    let all = match opts.shape {
+        Some(shape) => match opts.filter {
+            Some(op) if !op.contains(',') => vec![shape_case(dev, op, shape)?],
+            _ => return Err(Error::Config(format!("--shape needs exactly one --op ({SHAPED})"))),
+        },
+        None => cases(dev, opts.filter)?,
+    };
     let chosen: Vec<&Case> =
         all.iter().filter(|c| opts.filter.is_none_or(|f| f.split(',').any(|f| c.op == f))).collect();
     if chosen.is_empty() {

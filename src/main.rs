@@ -77,6 +77,10 @@ enum Cmd {
         /// Timed repetitions per case (min, median and 90th percentile are reported)
         #[arg(long, default_value_t = 10)]
         reps: usize,
+        /// One shape for the one --op given instead of its built-in cases: gemm MxNxK, conv3x3 /
+        /// conv1x1 BxCIxCOxHW, softmax ROWSxCOLS, relu DxDx...
+        #[arg(long)]
+        shape: Option<String>,
         /// table (for people), json (for scripts and --baseline) or csv; every record names the
         /// CPU, cores, device, precision and commit
         #[arg(long, default_value = "table")]
@@ -320,7 +324,7 @@ fn run(cli: Cli) -> reclmis::Result<()> {
                 return Err(reclmis::Error::Other("self-check failed".into()));
             }
         }
-        Cmd::Bench { device, op, peer, reps, format, baseline } => {
+        Cmd::Bench { device, op, peer, reps, shape, format, baseline } => {
             use bench::report;
             if !["table", "json", "csv"].contains(&format.as_str()) {
                 return Err(reclmis::Error::Config(format!("--format {format:?}: table, json or csv")));
@@ -330,7 +334,13 @@ fn run(cli: Cli) -> reclmis::Result<()> {
             let dev = Device::from_choice(device)?;
             // the roofline: this machine's own ceilings, measured now (about a second; cpu only)
             let ceilings = matches!(dev, Device::Cpu).then(bench::ceilings::measure);
-            let opts = bench::BenchOpts { filter: op.as_deref(), peer: peer.as_deref(), reps: reps.max(1), ceilings };
+            let opts = bench::BenchOpts {
+                filter: op.as_deref(),
+                shape: shape.as_deref(),
+                peer: peer.as_deref(),
+                reps: reps.max(1),
+                ceilings,
+            };
             let run = report::Run { results: bench::run(&dev, &opts)?, machine: report::Machine::of(&dev, ceilings) };
             let compared = before.as_ref().map(|b| report::compare(&run, b));
             if let Some(why) = before.as_ref().and_then(|b| report::mismatch(&run, b)) {

@@ -126,3 +126,39 @@ fn bench_json_is_consumed_by_baseline() {
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("missing.json"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--shape`: any shape of the shaped ops, validated like the built-in cases (a gemm's sampled
+/// elements against f64), and clear refusals.
+#[test]
+fn shaped_cases_run_and_bad_shapes_are_refused() {
+    use reclmis::bench::{run, BenchOpts};
+    let dev = reclmis::Device::Cpu;
+    let opts = |op: &'static str, shape: &'static str| BenchOpts {
+        filter: Some(op),
+        shape: Some(shape),
+        peer: None,
+        reps: 1,
+        ceilings: None,
+    };
+    for (op, shape, want) in [
+        ("gemm", "37x19x23", "37x19x23"),
+        ("conv3x3", "2x5x7x9", "b2 5->7 9x9 k3"),
+        ("conv1x1", "1x8x3x5", "b1 8->3 5x5 k1"),
+        ("softmax", "7x13", "7x13"),
+        ("relu", "2x3x4", "2x3x4"),
+    ] {
+        let m = run(&dev, &opts(op, shape)).unwrap();
+        assert_eq!((m.len(), m[0].op.as_str(), m[0].shape.as_str()), (1, op, want));
+        assert!(m[0].median_s > 0.0 && m[0].gflops > 0.0);
+    }
+    for (op, shape, why) in [
+        ("gemm", "3x4", "wrong number of dimensions"),
+        ("gemm", "3x0x4", "positive integers"),
+        ("gemm", "65536x65536x65536", "too large"),
+        ("attention", "1x2", "no --shape"),
+        ("gemm,relu", "2x2x2", "exactly one --op"),
+    ] {
+        let e = run(&dev, &opts(op, shape)).err().unwrap().to_string();
+        assert!(e.contains(why), "{op} {shape}: {e}");
+    }
+}
