@@ -195,6 +195,19 @@ proptest! {
         t.with_normalizer(Some(tokenizers::normalizers::utils::Lowercase));
         t.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::whitespace::Whitespace {}));
         t.train(&mut trainer, train.iter()).unwrap();
+        // a tokenizer.json the crate wrote (what runs trained before our reader existed hold):
+        // our reader gives the crate's ids for it too
+        let mut t2 = t.clone();
+        t2.with_post_processor(Some(
+            tokenizers::processors::template::TemplateProcessing::builder()
+                .try_single("[SOT] $A [EOT]")
+                .unwrap()
+                .special_tokens(vec![("[SOT]", 2), ("[EOT]", 3)])
+                .build()
+                .unwrap(),
+        ));
+        let written = t2.to_string(false).unwrap();
+        same(&ours(&written), &theirs(&written), &n)?;
         let mut want: Vec<(String, u32)> = t.get_vocab(false).into_iter().collect();
         want.sort_by_key(|w| w.1);
         let model: serde_json::Value = serde_json::from_str(&json).unwrap();
