@@ -7,8 +7,7 @@
 use crate::error::{Error, Result};
 use crate::nn::params::Params;
 use crate::tensor::Tensor;
-use safetensors::tensor::TensorView;
-use safetensors::{Dtype, SafeTensors};
+use safetensors::SafeTensors;
 use std::collections::BTreeSet;
 use std::io::Read;
 use std::path::Path;
@@ -147,9 +146,7 @@ pub fn load_skipping(params: &mut Params, path: &Path, skip: &[&str]) -> Result<
             values: Box::new(move || read_values(file, data_start + start, (end - start) as usize, &dtype)),
         });
     }
-    let mut rep = load_offered_skipping(params, offered, path, skip)?;
-    rep.missing.retain(|k| !skip.iter().any(|p| k.starts_with(p)));
-    Ok(rep)
+    load_offered_skipping(params, offered, path, skip)
 }
 
 fn dtype_size(dtype: &str) -> Option<usize> {
@@ -174,15 +171,21 @@ fn read_values(file: &std::fs::File, offset: u64, bytes: usize, dtype: &str) -> 
     }
     let mut raw = vec![0u8; bytes];
     read(&mut raw)?;
-    Ok(match dtype {
+    Ok(decode(dtype, &raw))
+}
+
+/// Little-endian tensor bytes of a safetensors dtype (its name, as `Dtype`'s Debug spells it):
+/// floats widened or narrowed to f32, int64 kept, anything else named.
+fn decode(dtype: &str, raw: &[u8]) -> Values {
+    let f32s = |n: usize, f: fn(&[u8]) -> f32| Values::F32(raw.chunks_exact(n).map(f).collect());
+    match dtype {
+        "F32" => f32s(4, |c| f32::from_le_bytes(c.try_into().expect("4 bytes"))),
+        "F64" => f32s(8, |c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32),
+        "BF16" => f32s(2, |c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+        "F16" => f32s(2, |c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()),
         "I64" => Values::I64(raw.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()),
-        "F64" => Values::F32(
-            raw.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32).collect(),
-        ),
-        "BF16" => Values::F32(raw.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
-        "F16" => Values::F32(raw.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
         other => Values::Other(other.to_string()),
-    })
+    }
 }
 
 pub fn load_bytes(params: &mut Params, bytes: &[u8], path: &Path) -> Result<LoadReport> {
@@ -194,12 +197,7 @@ pub fn load_bytes(params: &mut Params, bytes: &[u8], path: &Path) -> Result<Load
         offered.push(Offered {
             name: name.to_string(),
             shape,
-            values: Box::new(move || match view.dtype() {
-                Dtype::I64 => Ok(Values::I64(
-                    view.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect(),
-                )),
-                _ => f32_values(&view).map(Values::F32),
-            }),
+            values: Box::new(move || Ok(decode(&format!("{:?}", view.dtype()), view.data()))),
         });
     }
     load_offered(params, offered, path)
@@ -283,8 +281,9 @@ fn load_offered_skipping(params: &mut Params, offered: Vec<Offered>, path: &Path
         }
     }
     for id in params.ids() {
-        if !seen.contains(params.name(id)) {
-            report.missing.push(params.name(id).to_string());
+        let name = params.name(id);
+        if !seen.contains(name) && !skip.iter().any(|p| name.starts_with(p)) {
+            report.missing.push(name.to_string());
         }
     }
     for (n, _) in params.counters() {
@@ -295,17 +294,13 @@ fn load_offered_skipping(params: &mut Params, offered: Vec<Offered>, path: &Path
     Ok(report)
 }
 
-/// F32 as is; F64 rounded (references and float64 exports); anything else is refused.
-pub(crate) fn f32_values(view: &TensorView) -> std::result::Result<Vec<f32>, String> {
-    let d = view.data();
-    match view.dtype() {
-        Dtype::F32 => Ok(d.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect()),
-        Dtype::F64 => {
-            Ok(d.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32).collect())
-        }
-        Dtype::BF16 => Ok(d.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
-        Dtype::F16 => Ok(d.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
-        other => Err(format!("dtype {other:?} is not a float tensor")),
+/// F32 as is; F64, BF16 and F16 converted; anything else is refused.
+#[cfg(feature = "train")]
+pub(crate) fn f32_values(view: &safetensors::tensor::TensorView) -> std::result::Result<Vec<f32>, String> {
+    let dtype = format!("{:?}", view.dtype());
+    match decode(&dtype, view.data()) {
+        Values::F32(v) => Ok(v),
+        _ => Err(format!("dtype {dtype} is not a float tensor")),
     }
 }
 

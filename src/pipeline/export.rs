@@ -3,7 +3,7 @@
 //! and the tokenizer.json in the safetensors metadata: one self-contained file for
 //! `reclmis-infer`.
 
-use super::{data_err, load_run};
+use super::load_run;
 use crate::checkpoint::{self, Data, EMBEDDED_TOKENIZER};
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -62,11 +62,11 @@ pub fn export(
     weights_of_interest: bool,
 ) -> Result<ExportReport> {
     if out.symlink_metadata().is_ok() {
-        return Err(data_err(out, "exists; export writes a new file and never replaces one"));
+        return Err(Error::data(out, "exists; export writes a new file and never replaces one"));
     }
     let (m, tok) = load_run(checkpoint, tokenizer, &Device::Cpu)?;
     if weights_of_interest && !m.has_weights_of_interest() {
-        return Err(data_err(checkpoint, "holds no mlp_visual / mlp_woi to export (--weights-of-interest)"));
+        return Err(Error::data(checkpoint, "holds no mlp_visual / mlp_woi to export (--weights-of-interest)"));
     }
     let p = &m.params;
     let keep = |name: &str| {
@@ -88,35 +88,28 @@ pub fn export(
         let halvable = !matches!(p.kind(id), crate::nn::params::Kind::Buffer);
         kept.push((name.to_string(), p.shape(id).to_vec(), p.value(id).to_vec()?, halvable));
     }
-    // half precision: round to nearest even; a value f16 cannot hold is refused by name (bf16
-    // has f32's range)
-    let halves: Vec<Vec<u16>> = match dtype {
-        ExportDtype::F32 => vec![],
-        ExportDtype::Bf16 => {
-            kept.iter().map(|(_, _, v, _)| v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect()).collect()
-        }
-        ExportDtype::F16 => kept
-            .iter()
-            .map(|(name, _, v, _)| match v.iter().position(|x| x.abs() > half::f16::MAX.to_f32()) {
-                Some(k) => {
-                    Err(data_err(checkpoint, format!("{name}[{k}] = {} is outside f16's range; export as bf16", v[k])))
-                }
-                None => Ok(v.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect()),
-            })
-            .collect::<Result<_>>()?,
-    };
+    // half precision for the tensors that may be halved: round to nearest even; a value f16
+    // cannot hold is refused by name (bf16 has f32's range)
+    let halves: Vec<Option<Vec<u16>>> = kept
+        .iter()
+        .map(|(name, _, v, halvable)| match dtype {
+            _ if !halvable => Ok(None),
+            ExportDtype::F32 => Ok(None),
+            ExportDtype::Bf16 => Ok(Some(v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect())),
+            ExportDtype::F16 => match v.iter().position(|x| x.abs() > half::f16::MAX.to_f32()) {
+                Some(k) => Err(Error::data(
+                    checkpoint,
+                    format!("{name}[{k}] = {} is outside f16's range; export as bf16", v[k]),
+                )),
+                None => Ok(Some(v.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect())),
+            },
+        })
+        .collect::<Result<_>>()?;
+    let tag = if dtype == ExportDtype::F16 { "F16" } else { "BF16" };
     let mut tensors: Vec<(String, Vec<usize>, Data)> = kept
         .iter()
-        .enumerate()
-        .map(|(i, (n, s, v, halvable))| {
-            let data = match dtype {
-                ExportDtype::F32 => Data::F32(v),
-                _ if !halvable => Data::F32(v),
-                ExportDtype::Bf16 => Data::Half("BF16", &halves[i]),
-                ExportDtype::F16 => Data::Half("F16", &halves[i]),
-            };
-            (n.clone(), s.clone(), data)
-        })
+        .zip(&halves)
+        .map(|((n, s, v, _), h)| (n.clone(), s.clone(), h.as_ref().map_or(Data::F32(v), |h| Data::Half(tag, h))))
         .collect();
     tensors.extend(p.counters().iter().map(|(n, c)| (n.clone(), vec![], Data::I64(*c))));
     let json = tok.to_json()?;

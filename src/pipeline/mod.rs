@@ -278,11 +278,11 @@ pub fn load_run(checkpoint: &Path, tokenizer: Option<&Path>, dev: &Device) -> Re
         return load_pth_run(checkpoint, tokenizer, dev);
     }
     let meta = checkpoint::read_metadata(checkpoint)?;
-    let cfg = Config::from_metadata(&meta).map_err(|e| data_err(checkpoint, e))?;
+    let cfg = Config::from_metadata(&meta).map_err(|e| Error::data(checkpoint, e))?;
     // the tokenizer first: it is small, and a wrong one makes loading the weights pointless
     let (tok_path, json, tok) = match (meta.get(checkpoint::EMBEDDED_TOKENIZER), tokenizer) {
         (Some(j), None) => {
-            let tok = NoteTokenizer::from_bytes(j.as_bytes(), cfg.token_len).map_err(|e| data_err(checkpoint, e))?;
+            let tok = NoteTokenizer::from_bytes(j.as_bytes(), cfg.token_len).map_err(|e| Error::data(checkpoint, e))?;
             (checkpoint.to_path_buf(), j.as_bytes().to_vec(), tok)
         }
         _ => read_tokenizer(checkpoint, tokenizer, &cfg)?,
@@ -292,12 +292,10 @@ pub fn load_run(checkpoint: &Path, tokenizer: Option<&Path>, dev: &Device) -> Re
     // hold, take no memory and no reading time
     let mut m = RecLmis::shell(cfg.clone(), dev)?;
     let rep = checkpoint::load_skipping(&mut m.params, checkpoint, &RecLmis::TRAINING_ONLY)?;
-    // an exported inference checkpoint leaves out the training-only tensors (and may leave out
-    // the scoring MLPs); everything else must be there
-    let optional =
-        |k: &String| RecLmis::TRAINING_ONLY.iter().chain(&RecLmis::WEIGHTS_OF_INTEREST).any(|p| k.starts_with(p));
-    if rep.missing.iter().any(|k| !optional(k)) {
-        return Err(data_err(checkpoint, format!("incomplete checkpoint: {}", rep.summary())));
+    // an exported inference checkpoint may leave out the scoring MLPs; everything else must be
+    // there (the skipped training-only tensors are not counted as missing)
+    if rep.missing.iter().any(|k| !RecLmis::WEIGHTS_OF_INTEREST.iter().any(|p| k.starts_with(p))) {
+        return Err(Error::data(checkpoint, format!("incomplete checkpoint: {}", rep.summary())));
     }
     Ok((m, tok))
 }
@@ -323,7 +321,7 @@ fn read_tokenizer(
         None => checkpoint.parent().unwrap_or(Path::new(".")).join("tokenizer.json"),
     };
     let json = crate::files::read_regular(&path, 64 << 20)?;
-    let tok = NoteTokenizer::from_bytes(&json, cfg.token_len).map_err(|e| data_err(&path, e))?;
+    let tok = NoteTokenizer::from_bytes(&json, cfg.token_len).map_err(|e| Error::data(&path, e))?;
     Ok((path, json, tok))
 }
 
@@ -331,7 +329,7 @@ fn read_tokenizer(
 #[cfg(feature = "pth")]
 fn check_vocab_fits(tok: &NoteTokenizer, cfg: &Config, path: &Path) -> Result<()> {
     if tok.vocab_size() > cfg.vocab_size {
-        return Err(data_err(
+        return Err(Error::data(
             path,
             format!("has {} tokens, the checkpoint's text tower {}", tok.vocab_size(), cfg.vocab_size),
         ));
@@ -350,11 +348,11 @@ pub fn import_pth(
 ) -> Result<(RecLmis, checkpoint::LoadReport)> {
     let sd = crate::pth::read_state_dict(checkpoint)?;
     let shapes = sd.tensors.iter().map(|t| (t.name.clone(), t.shape.clone())).collect();
-    let cfg = Config::from_shapes(&shapes, preset, img_size).map_err(|e| data_err(checkpoint, e))?;
+    let cfg = Config::from_shapes(&shapes, preset, img_size).map_err(|e| Error::data(checkpoint, e))?;
     let mut m = RecLmis::new(cfg, dev, 0)?;
     let rep = checkpoint::load_state_dict(&mut m.params, sd, checkpoint)?;
     if !rep.missing.is_empty() {
-        return Err(data_err(checkpoint, format!("incomplete checkpoint: {}", rep.summary())));
+        return Err(Error::data(checkpoint, format!("incomplete checkpoint: {}", rep.summary())));
     }
     Ok((m, rep))
 }
@@ -371,7 +369,7 @@ pub fn import_checkpoint(
     tokenizer: Option<&Path>,
 ) -> Result<String> {
     if out.symlink_metadata().is_ok() {
-        return Err(data_err(out, "exists; import writes a new file and never replaces one"));
+        return Err(Error::data(out, "exists; import writes a new file and never replaces one"));
     }
     let (m, rep) = import_pth(from, preset, img_size, &Device::Cpu)?;
     let mut meta = m.cfg.to_metadata();
@@ -405,7 +403,7 @@ fn check_tokenizer(
     if let Some(h) = meta.get("tokenizer_hash") {
         let (got, _) = NoteTokenizer::identity(json, vocab);
         if &got != h {
-            return Err(data_err(
+            return Err(Error::data(
                 tok_path,
                 format!(
                     "is not the tokenizer {} was trained with (its hash {got}, the checkpoint records {h})",
@@ -416,11 +414,8 @@ fn check_tokenizer(
     }
     if let Some(v) = meta.get("tokenizer_vocab") {
         if v != &vocab.to_string() {
-            return Err(data_err(tok_path, format!("has {vocab} tokens, the checkpoint records {v}")));
+            return Err(Error::data(tok_path, format!("has {vocab} tokens, the checkpoint records {v}")));
         }
     }
     Ok(())
-}
-fn data_err(path: &Path, e: impl std::fmt::Display) -> Error {
-    Error::Data { path: path.display().to_string(), detail: e.to_string() }
 }

@@ -119,10 +119,6 @@ pub struct TrainSummary {
     pub notes: Vec<String>,
 }
 
-fn data_err(path: &Path, e: impl std::fmt::Display) -> Error {
-    Error::Data { path: path.display().to_string(), detail: e.to_string() }
-}
-
 /// The settings a resumed run must share with the run it continues (metadata key, value).
 fn settings(
     o: &TrainOpts,
@@ -246,7 +242,7 @@ impl Run {
             crate::files::write_atomic(&tok_path, &json)?;
             json
         };
-        let tok = NoteTokenizer::from_bytes(&tok_json, cfg.token_len).map_err(|e| data_err(&tok_path, e))?;
+        let tok = NoteTokenizer::from_bytes(&tok_json, cfg.token_len).map_err(|e| Error::data(&tok_path, e))?;
         if cfg.text_trainable {
             cfg.vocab_size = tok.vocab_size();
         }
@@ -374,9 +370,9 @@ impl Run {
     fn restore(&mut self, accept_changes: bool) -> Result<()> {
         let path = self.dir.path(run_dir::STATE);
         let meta = checkpoint::read_metadata(&path)?;
-        let get = |k: &str| meta.get(k).ok_or_else(|| data_err(&path, format!("not a training state: no {k:?}")));
+        let get = |k: &str| meta.get(k).ok_or_else(|| Error::data(&path, format!("not a training state: no {k:?}")));
         if get("kind")? != "reclmis-train-state" {
-            return Err(data_err(&path, "not a reclmis training state"));
+            return Err(Error::data(&path, "not a reclmis training state"));
         }
         // settings: other values are refused unless accepted
         let mut changed = vec![];
@@ -393,7 +389,7 @@ impl Run {
         }
         if !changed.is_empty() {
             if !accept_changes {
-                return Err(data_err(
+                return Err(Error::data(
                     &path,
                     format!(
                         "--resume with other settings than the run started with ({}); give --accept-changes to continue anyway",
@@ -413,9 +409,9 @@ impl Run {
         let bytes = crate::files::read_regular(&path, u64::MAX)?;
         let rep = checkpoint::load_bytes(&mut self.tr.model.params, &bytes, &path)?;
         if !rep.missing.is_empty() {
-            return Err(data_err(&path, format!("not this preset's training state: {}", rep.summary())));
+            return Err(Error::data(&path, format!("not this preset's training state: {}", rep.summary())));
         }
-        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| data_err(&path, e))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::data(&path, e))?;
         let without: std::collections::HashSet<&str> =
             get("without_moments")?.split(',').filter(|s| !s.is_empty()).collect();
         let dev = self.tr.model.device().clone();
@@ -430,16 +426,16 @@ impl Run {
             let read = |k: &str| -> Result<Tensor> {
                 let view = st
                     .tensor(&format!("{k}.{name}"))
-                    .map_err(|_| data_err(&path, format!("the optimiser state lacks {k}.{name}")))?;
+                    .map_err(|_| Error::data(&path, format!("the optimiser state lacks {k}.{name}")))?;
                 if view.shape() != shape.as_slice() {
-                    return Err(data_err(
+                    return Err(Error::data(
                         &path,
                         format!("{k}.{name} has shape {:?}, expected {shape:?}", view.shape()),
                     ));
                 }
-                let v = checkpoint::f32_values(&view).map_err(|e| data_err(&path, format!("{k}.{name}: {e}")))?;
+                let v = checkpoint::f32_values(&view).map_err(|e| Error::data(&path, format!("{k}.{name}: {e}")))?;
                 if v.iter().any(|x| !x.is_finite()) {
-                    return Err(data_err(&path, format!("{k}.{name} holds a non-finite value")));
+                    return Err(Error::data(&path, format!("{k}.{name} holds a non-finite value")));
                 }
                 Tensor::from_vec(v, &shape, &dev)
             };
@@ -448,20 +444,20 @@ impl Run {
             self.tr.adam.v[i] = Some(v);
         }
         let num = |k: &str| -> Result<f64> {
-            get(k)?.parse::<f64>().map_err(|_| data_err(&path, format!("{k:?} is not a number")))
+            get(k)?.parse::<f64>().map_err(|_| Error::data(&path, format!("{k:?} is not a number")))
         };
         self.tr.adam.step = num("step")? as u64;
         let epoch = num("epoch")? as usize;
         self.epoch0 = epoch;
         self.best = (num("best_dice")?, num("best_epoch")? as usize);
         let entry: EpochLog =
-            serde_json::from_str(get("log")?).map_err(|e| data_err(&path, format!("its log line: {e}")))?;
+            serde_json::from_str(get("log")?).map_err(|e| Error::data(&path, format!("its log line: {e}")))?;
         // last: rewritten from the state when a kill came between the two
         let last = self.dir.path(run_dir::LAST);
         let last_meta = if last.is_file() { Some(checkpoint::read_metadata(&last)?) } else { None };
         if let Some(lm) = &last_meta {
             if lm.get("run_id") != Some(&state_run) {
-                return Err(data_err(
+                return Err(Error::data(
                     &last,
                     format!("belongs to another run ({:?}) than {} ({state_run})", lm.get("run_id"), run_dir::STATE),
                 ));
@@ -478,7 +474,7 @@ impl Run {
         log.push(entry);
         for (i, e) in log.iter().enumerate() {
             if e.epoch != i + 1 {
-                return Err(data_err(
+                return Err(Error::data(
                     &self.dir.path(run_dir::LOG),
                     format!(
                         "line {} is epoch {}, expected {}: the log does not belong to this state",

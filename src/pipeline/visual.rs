@@ -2,10 +2,9 @@
 //! negatives red, false positives blue when a ground truth is given, as in the paper's figures),
 //! the W_poi heatmap over the image, and W_woi per word as a labelled bar chart.
 
-use super::data_err;
 use crate::data::lvit;
 use crate::device::Device;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::{Batch, RecLmis};
 use crate::tensor::Tensor;
 use crate::text::NoteTokenizer;
@@ -33,7 +32,7 @@ pub fn explain(
     weights: bool,
 ) -> Result<(Explained, RgbImage)> {
     if weights && !m.has_weights_of_interest() {
-        return Err(crate::error::Error::Config(
+        return Err(Error::Config(
             "this checkpoint has no mlp_visual / mlp_woi (exported without --weights-of-interest): it gives masks, not W_poi / W_woi".into(),
         ));
     }
@@ -90,7 +89,7 @@ where
     C: std::ops::Deref<Target = [P::Subpixel]>,
 {
     let mut bytes = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut bytes, image::ImageFormat::Png).map_err(|err| data_err(path, err))?;
+    img.write_to(&mut bytes, image::ImageFormat::Png).map_err(|err| Error::data(path, err))?;
     crate::files::write_atomic(path, &bytes.into_inner())
 }
 
@@ -98,13 +97,13 @@ where
 pub fn write_infer(e: &Explained, orig: &RgbImage, gt: Option<&GrayImage>, out: &Path) -> Result<Option<f64>> {
     // the ground truth is checked before anything is written
     check_gt(e, gt, out)?;
-    std::fs::create_dir_all(out).map_err(|err| data_err(out, err))?;
+    std::fs::create_dir_all(out).map_err(|err| Error::data(out, err))?;
     write_mask(e, orig, gt, &out.join("mask.png"), Some(&out.join("overlay.png")))
 }
 
 fn check_gt(e: &Explained, gt: Option<&GrayImage>, what: &Path) -> Result<()> {
     match gt {
-        Some(g) if g.dimensions() != e.mask.dimensions() => Err(data_err(
+        Some(g) if g.dimensions() != e.mask.dimensions() => Err(Error::data(
             what,
             format!("the ground truth is {:?}, the image {:?}", g.dimensions(), e.mask.dimensions()),
         )),
@@ -161,7 +160,7 @@ fn ramp(t: f32) -> [u8; 3] {
 
 /// w_poi.png (the patch weights upsampled over the image) and w_woi.png (a bar per word).
 pub fn write_explain(e: &Explained, orig: &RgbImage, out: &Path) -> Result<()> {
-    std::fs::create_dir_all(out).map_err(|err| data_err(out, err))?;
+    std::fs::create_dir_all(out).map_err(|err| Error::data(out, err))?;
     let (gh, gw) = e.grid;
     let max = e.w_poi.iter().cloned().fold(f32::MIN_POSITIVE, f32::max);
     let base = gray(orig);

@@ -55,6 +55,14 @@ enum Model {
     },
 }
 
+impl Model {
+    fn vocab(&self) -> &HashMap<String, u32> {
+        match self {
+            Model::Bpe { vocab, .. } | Model::WordLevel { vocab, .. } => vocab,
+        }
+    }
+}
+
 enum Piece {
     Ids(Vec<u32>),
     Sequence,
@@ -116,10 +124,7 @@ impl Pipeline {
         };
         let model = field(root, "model", "tokenizer.json")?;
         p.model = parse_model(model)?;
-        let vocab = match &p.model {
-            Model::Bpe { vocab, .. } | Model::WordLevel { vocab, .. } => vocab,
-        };
-        p.names = vocab.iter().map(|(k, &v)| (v, k.clone())).collect();
+        p.names = p.model.vocab().iter().map(|(k, &v)| (v, k.clone())).collect();
         if let Some(added) = root.get("added_tokens").and_then(Value::as_array) {
             for t in added {
                 let content = str_of(t, "content", "an added token")?.to_string();
@@ -139,9 +144,7 @@ impl Pipeline {
             }
         }
         // the crate's get_vocab_size(true): the distinct strings of the vocabulary and the added tokens
-        let vocab = match &p.model {
-            Model::Bpe { vocab, .. } | Model::WordLevel { vocab, .. } => vocab,
-        };
+        let vocab = p.model.vocab();
         let extra = p.raw_added.iter().chain(&p.normalized_added).filter(|(t, _)| !vocab.contains_key(t));
         let mut extra: Vec<&String> = extra.map(|(t, _)| t).collect();
         extra.sort_unstable();
