@@ -144,19 +144,7 @@ fn gemm_cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
             &[("gemm", GemmAlgo::Auto)]
         };
         for &(name, algo) in algos {
-            let (a, b) = (rand_tensor(&[s, s], 1, dev)?, rand_tensor(&[s, s], 2, dev)?);
-            let (ha, hb) = (a.to_vec()?, b.to_vec()?);
-            // tf32 rounds operands to 11 significant bits; exact f32 accumulates k roundings.
-            let tol = if algo == GemmAlgo::TensorCore { 2.0 / 2048.0 } else { s as f64 * f32::EPSILON as f64 };
-            v.push(Case {
-                op: name,
-                shape: format!("{s}x{s}x{s}"),
-                flops: 2.0 * (s * s * s) as f64,
-                bytes: 12.0 * (s * s) as f64,
-                peer: Some(format!("mm {s} {s} {s}")),
-                run: Box::new(move || gemm::matmul(&a, &b, GemmOpts { algo, ..Default::default() })),
-                validate: Some(Box::new(move |c| check_gemm_samples(&ha, &hb, &c.to_vec()?, s, tol))),
-            });
+            v.push(gemm_case(dev, name, algo, (s, s, s))?);
         }
     }
     Ok(())
@@ -167,17 +155,8 @@ fn softmax_cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
     // Attention-like shapes of the model: 32 images x 4 heads, 196 image tokens.
     let (rows, cols) = if small { (96, 196) } else { (32 * 4 * 196, 196) };
     let x = rand_tensor(&[rows, cols], 3, dev)?;
-    let x2 = x.clone();
-    v.push(Case {
-        op: "softmax",
-        shape: format!("{rows}x{cols}"),
-        flops: 5.0 * (rows * cols) as f64,
-        bytes: 8.0 * (rows * cols) as f64,
-        peer: Some(format!("softmax {rows} {cols}")),
-        run: Box::new(move || softmax::softmax(&x)),
-        validate: None,
-    });
-    let y = softmax::softmax(&x2)?;
+    v.push(softmax_case(x.clone()));
+    let y = softmax::softmax(&x)?;
     let dy = rand_tensor(&[rows, cols], 4, dev)?;
     v.push(Case {
         op: "softmax_bwd",
@@ -198,16 +177,7 @@ fn activation_cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> 
     let act = rand_tensor(&[bt, c, hw, hw], 5, dev)?;
     let bias = rand_tensor(&[1, c, 1, 1], 6, dev)?;
     let n = (bt * c * hw * hw) as f64;
-    let a1 = act.clone();
-    v.push(Case {
-        op: "relu",
-        shape: format!("{bt}x{c}x{hw}x{hw}"),
-        flops: n,
-        bytes: 8.0 * n,
-        peer: Some(format!("relu {bt} {c} {hw} {hw}")),
-        run: Box::new(move || elementwise::unary(&a1, UnaryOp::Relu)),
-        validate: None,
-    });
+    v.push(relu_case(act.clone()));
     let (a5, g5) = (act.clone(), rand_tensor(&[bt, c, hw, hw], 8, dev)?);
     let y5 = elementwise::unary(&a5, UnaryOp::Relu)?;
     v.push(Case {
@@ -769,7 +739,11 @@ fn conv_cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
         ]
     };
     for (i, &(op, b, ci, co, hw)) in shapes.iter().enumerate() {
-        let k = if op == "conv1x1" { 1 } else { 3 };
+        if !matches!(op, "conv3x3_cat" | "conv3x3_bwd") {
+            v.push(conv_case(dev, op, (b, ci, co, hw), i as u64)?);
+            continue;
+        }
+        let k = 3;
         let x = rand_tensor(&[b, ci, hw, hw], 20 + i as u64, dev)?;
         let w = rand_tensor(&[co, ci, k, k], 40 + i as u64, dev)?;
         let bias = rand_tensor(&[co], 60 + i as u64, dev)?;
@@ -790,7 +764,7 @@ fn conv_cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
                 validate: None,
                 run: Box::new(move || conv::conv2d_cat(&[&x1, &x2], &w, Some(&bias), algo)),
             });
-        } else if op == "conv3x3_bwd" {
+        } else {
             let dy = rand_tensor(&[b, co, hw, hw], 80 + i as u64, dev)?;
             v.push(Case {
                 op,
@@ -800,16 +774,6 @@ fn conv_cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
                 peer: Some(format!("conv_bwd {b} {ci} {co} {hw} {k}")),
                 validate: None,
                 run: Box::new(move || Ok(conv::conv2d_backward(&x, &w, &dy, true, algo)?.dw)),
-            });
-        } else {
-            v.push(Case {
-                op,
-                shape,
-                flops: s.flops(),
-                bytes,
-                peer: Some(format!("conv {b} {ci} {co} {hw} {k}")),
-                validate: None,
-                run: Box::new(move || conv::conv2d(&x, &w, Some(&bias), algo)),
             });
         }
     }
@@ -915,10 +879,6 @@ fn unary_step(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Compares 64 sampled elements of an s x s x s product with f64 dot products.
-fn check_gemm_samples(a: &[f32], b: &[f32], c: &[f32], s: usize, tol: f64) -> Result<()> {
-    check_gemm_mnk(a, b, c, (s, s, s), tol)
-}
-
 /// 64 sampled elements of C [m,n] = A [m,k] · B [k,n] against f64 dot products.
 fn check_gemm_mnk(a: &[f32], b: &[f32], c: &[f32], (m, n, kk): (usize, usize, usize), tol: f64) -> Result<()> {
     let mut r = crate::rng::Rng::new(99);
@@ -935,6 +895,71 @@ fn check_gemm_mnk(a: &[f32], b: &[f32], c: &[f32], (m, n, kk): (usize, usize, us
         }
     }
     Ok(())
+}
+
+/// C [m,n] = A [m,k] · B [k,n] with `algo`, validated on sampled elements against f64.
+fn gemm_case(dev: &Device, name: &'static str, algo: GemmAlgo, (m, n, k): (usize, usize, usize)) -> Result<Case> {
+    let (a, b) = (rand_tensor(&[m, k], 1, dev)?, rand_tensor(&[k, n], 2, dev)?);
+    let (ha, hb) = (a.to_vec()?, b.to_vec()?);
+    // tf32 rounds operands to 11 significant bits; exact f32 accumulates k roundings.
+    let tol = if algo == GemmAlgo::TensorCore { 2.0 / 2048.0 } else { k as f64 * f32::EPSILON as f64 };
+    Ok(Case {
+        op: name,
+        shape: format!("{m}x{n}x{k}"),
+        flops: 2.0 * (m * n * k) as f64,
+        bytes: 4.0 * (m * k + k * n + m * n) as f64,
+        peer: Some(format!("mm {m} {n} {k}")),
+        run: Box::new(move || gemm::matmul(&a, &b, GemmOpts { algo, ..Default::default() })),
+        validate: Some(Box::new(move |c| check_gemm_mnk(&ha, &hb, &c.to_vec()?, (m, n, k), tol))),
+    })
+}
+
+/// A square-map convolution with bias ("conv3x3" or "conv1x1"); `seed` varies the data.
+fn conv_case(dev: &Device, op: &'static str, (b, ci, co, hw): (usize, usize, usize, usize), seed: u64) -> Result<Case> {
+    let k = if op == "conv1x1" { 1 } else { 3 };
+    let x = rand_tensor(&[b, ci, hw, hw], 20 + seed, dev)?;
+    let w = rand_tensor(&[co, ci, k, k], 40 + seed, dev)?;
+    let bias = rand_tensor(&[co], 60 + seed, dev)?;
+    let s = conv::ConvShape { b, ci, co, h: hw, w: hw, kh: k, kw: k };
+    let algo = if dev.is_gpu_like() { GemmAlgo::TensorCore } else { GemmAlgo::Auto };
+    Ok(Case {
+        op,
+        shape: format!("b{b} {ci}->{co} {hw}x{hw} k{k}"),
+        flops: s.flops(),
+        bytes: 4.0 * (b * (ci + co) * hw * hw + co * ci * k * k) as f64,
+        peer: Some(format!("conv {b} {ci} {co} {hw} {k}")),
+        validate: None,
+        run: Box::new(move || conv::conv2d(&x, &w, Some(&bias), algo)),
+    })
+}
+
+/// Softmax over the rows of x [rows, cols].
+fn softmax_case(x: Tensor) -> Case {
+    let (rows, cols) = (x.shape()[0], x.shape()[1]);
+    Case {
+        op: "softmax",
+        shape: format!("{rows}x{cols}"),
+        flops: 5.0 * (rows * cols) as f64,
+        bytes: 8.0 * (rows * cols) as f64,
+        peer: Some(format!("softmax {rows} {cols}")),
+        run: Box::new(move || softmax::softmax(&x)),
+        validate: None,
+    }
+}
+
+/// ReLU over x of any shape.
+fn relu_case(x: Tensor) -> Case {
+    let dims: Vec<String> = x.shape().iter().map(|d| d.to_string()).collect();
+    let n = x.numel() as f64;
+    Case {
+        op: "relu",
+        shape: dims.join("x"),
+        flops: n,
+        bytes: 8.0 * n,
+        peer: Some(format!("relu {}", dims.join(" "))),
+        run: Box::new(move || elementwise::unary(&x, UnaryOp::Relu)),
+        validate: None,
+    }
 }
 
 /// The ops `--shape` takes, and the form of their shape.
@@ -955,62 +980,19 @@ pub fn shape_case(dev: &Device, op: &str, shape: &str) -> Result<Case> {
             fits(m.checked_mul(k))?;
             fits(k.checked_mul(n))?;
             fits(m.checked_mul(n))?;
-            let (a, b) = (rand_tensor(&[m, k], 1, dev)?, rand_tensor(&[k, n], 2, dev)?);
-            let (ha, hb) = (a.to_vec()?, b.to_vec()?);
-            let tol = k as f64 * f32::EPSILON as f64;
-            Ok(Case {
-                op: "gemm",
-                shape: format!("{m}x{n}x{k}"),
-                flops: 2.0 * (m * n * k) as f64,
-                bytes: 4.0 * (m * k + k * n + m * n) as f64,
-                peer: Some(format!("mm {m} {n} {k}")),
-                run: Box::new(move || gemm::matmul(&a, &b, GemmOpts::default())),
-                validate: Some(Box::new(move |c| check_gemm_mnk(&ha, &hb, &c.to_vec()?, (m, n, k), tol))),
-            })
+            gemm_case(dev, "gemm", GemmAlgo::Auto, (m, n, k))
         }
         (op @ ("conv3x3" | "conv1x1"), &[b, ci, co, hw]) => {
-            let k = if op == "conv1x1" { 1 } else { 3 };
             fits(b.checked_mul(ci.max(co)).and_then(|x| x.checked_mul(hw)).and_then(|x| x.checked_mul(hw)))?;
-            let x = rand_tensor(&[b, ci, hw, hw], 20, dev)?;
-            let w = rand_tensor(&[co, ci, k, k], 40, dev)?;
-            let bias = rand_tensor(&[co], 60, dev)?;
-            let s = conv::ConvShape { b, ci, co, h: hw, w: hw, kh: k, kw: k };
-            let algo = if dev.is_gpu_like() { GemmAlgo::TensorCore } else { GemmAlgo::Auto };
-            Ok(Case {
-                op: if k == 1 { "conv1x1" } else { "conv3x3" },
-                shape: format!("b{b} {ci}->{co} {hw}x{hw} k{k}"),
-                flops: s.flops(),
-                bytes: 4.0 * (b * (ci + co) * hw * hw + co * ci * k * k) as f64,
-                peer: Some(format!("conv {b} {ci} {co} {hw} {k}")),
-                validate: None,
-                run: Box::new(move || conv::conv2d(&x, &w, Some(&bias), algo)),
-            })
+            conv_case(dev, if op == "conv1x1" { "conv1x1" } else { "conv3x3" }, (b, ci, co, hw), 0)
         }
         ("softmax", &[rows, cols]) => {
-            let n = fits(rows.checked_mul(cols))?;
-            let x = rand_tensor(&[rows, cols], 3, dev)?;
-            Ok(Case {
-                op: "softmax",
-                shape: format!("{rows}x{cols}"),
-                flops: 5.0 * n as f64,
-                bytes: 8.0 * n as f64,
-                peer: Some(format!("softmax {rows} {cols}")),
-                run: Box::new(move || softmax::softmax(&x)),
-                validate: None,
-            })
+            fits(rows.checked_mul(cols))?;
+            Ok(softmax_case(rand_tensor(&[rows, cols], 3, dev)?))
         }
         ("relu", d) => {
-            let n = fits(crate::tensor::checked_numel(d))?;
-            let x = rand_tensor(d, 5, dev)?;
-            Ok(Case {
-                op: "relu",
-                shape: shape.to_string(),
-                flops: n as f64,
-                bytes: 8.0 * n as f64,
-                peer: Some(format!("relu {}", d.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(" "))),
-                run: Box::new(move || elementwise::unary(&x, UnaryOp::Relu)),
-                validate: None,
-            })
+            fits(crate::tensor::checked_numel(d))?;
+            Ok(relu_case(rand_tensor(d, 5, dev)?))
         }
         ("gemm" | "conv3x3" | "conv1x1" | "softmax", _) => Err(bad("wrong number of dimensions")),
         _ => Err(bad("this op takes no --shape yet")),
