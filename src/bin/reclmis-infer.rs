@@ -24,7 +24,9 @@ usage: reclmis-infer --checkpoint FILE --out DIR [--device auto|cpu|cuda] [--tok
   --overlay     also writes the image with the mask over it (with ground truth: true positives
                 green, false negatives red, false positives blue)
   --tokenizer   the tokenizer (default: in the checkpoint, else tokenizer.json beside it)
-  --device      cuda when a GPU is usable, else cpu (auto, the default)";
+  --device      cuda when a GPU is usable, else cpu (auto, the default)
+  --timings     prints where the time went to stderr (reading, tokenizer, each image's forward
+                and mask writing, all from the process start)";
 
 #[derive(Default)]
 struct Args {
@@ -33,6 +35,7 @@ struct Args {
     device: Option<String>,
     tokenizer: Option<PathBuf>,
     overlay: bool,
+    timings: bool,
     image: Option<PathBuf>,
     note: Option<String>,
     mask_gt: Option<PathBuf>,
@@ -50,8 +53,8 @@ fn parse(mut it: impl Iterator<Item = std::ffi::OsString>) -> std::result::Resul
         if flag == "--help" || flag == "-h" {
             return Ok(None);
         }
-        if flag == "--overlay" {
-            a.overlay = true;
+        if flag == "--overlay" || flag == "--timings" {
+            *(if flag == "--overlay" { &mut a.overlay } else { &mut a.timings }) = true;
             continue;
         }
         let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
@@ -134,7 +137,13 @@ fn jobs(a: &Args, out: &Path) -> Result<Vec<Job>> {
     }
 }
 
-fn run(a: Args) -> Result<()> {
+fn run(a: Args, start: std::time::Instant) -> Result<()> {
+    // --timings: one line per phase, seconds since the process started (main's first line)
+    let mark = |what: &str| {
+        if a.timings {
+            eprintln!("{:>8.3} s  {what}", start.elapsed().as_secs_f64());
+        }
+    };
     let cfg = |m: &str| Error::Config(m.into());
     let checkpoint = a.checkpoint.as_ref().ok_or_else(|| cfg("--checkpoint is required"))?;
     let out = a.out.as_ref().ok_or_else(|| cfg("--out is required"))?;
@@ -158,14 +167,21 @@ fn run(a: Args) -> Result<()> {
     // (about 60 MB for the official U-Net); a folder reuses them for every image
     reclmis::ops::conv::weight_cache::set_enabled(jobs.len() > 1);
     let dev = Device::from_choice(choice)?;
-    let (m, tok) = reclmis::pipeline::load_run(checkpoint, a.tokenizer.as_deref(), &dev)?;
+    mark("arguments checked, device chosen");
+    let (m, tok, times) = reclmis::pipeline::load_run_timed(checkpoint, a.tokenizer.as_deref(), &dev)?;
+    mark(&format!(
+        "loaded: metadata {:.3} s, weights {:.3} s, tokenizer {:.3} s (on its own thread, during the weights)",
+        times.metadata, times.weights, times.tokenizer
+    ));
     std::fs::create_dir_all(out).map_err(|e| Error::data(out, format!("cannot create the folder: {e}")))?;
     let mut dice = Vec::new();
     for j in &jobs {
         // the ground truth is read (and refused) before the model runs
         let gt = j.gt.as_deref().map(reclmis::data::lvit::decode_mask).transpose()?;
         let (e, orig) = visual::explain(&m, &tok, &j.image, &j.note, &dev, false)?;
+        mark(&format!("{}: read, tokenized and segmented", j.image.display()));
         let d = visual::write_mask(&e, &orig, gt.as_ref(), &j.mask_out, j.overlay_out.as_deref())?;
+        mark(&format!("{}: written", j.mask_out.display()));
         match d {
             Some(d) => {
                 dice.push(d);
@@ -181,6 +197,7 @@ fn run(a: Args) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    let start = std::time::Instant::now();
     let args = match parse(std::env::args_os().skip(1)) {
         Ok(Some(a)) => a,
         Ok(None) => {
@@ -192,7 +209,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match run(args) {
+    match run(args, start) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("reclmis-infer: {e}");

@@ -273,31 +273,67 @@ pub fn evaluate(m: &RecLmis, d: &Loaded, tok: &NoteTokenizer, mode: Notes, batch
 /// reconstruction left unread) and its tokenizer: the one embedded in an exported checkpoint,
 /// else `tokenizer` or tokenizer.json beside it, which must be the one the checkpoint records.
 pub fn load_run(checkpoint: &Path, tokenizer: Option<&Path>, dev: &Device) -> Result<(RecLmis, NoteTokenizer)> {
+    load_run_timed(checkpoint, tokenizer, dev).map(|(m, t, _)| (m, t))
+}
+
+/// Wall seconds of `load_run_timed`'s phases (`reclmis-infer --timings`). The tokenizer is built
+/// while the weights are read, so those two overlap.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoadTimes {
+    pub metadata: f64,
+    pub tokenizer: f64,
+    pub weights: f64,
+}
+
+/// `load_run`, timing its phases.
+pub fn load_run_timed(
+    checkpoint: &Path,
+    tokenizer: Option<&Path>,
+    dev: &Device,
+) -> Result<(RecLmis, NoteTokenizer, LoadTimes)> {
     #[cfg(feature = "pth")]
     if crate::pth::looks_like_pth(checkpoint) {
-        return load_pth_run(checkpoint, tokenizer, dev);
+        let t = std::time::Instant::now();
+        let (m, tok) = load_pth_run(checkpoint, tokenizer, dev)?;
+        return Ok((m, tok, LoadTimes { weights: t.elapsed().as_secs_f64(), ..LoadTimes::default() }));
     }
+    let t = std::time::Instant::now();
     let meta = checkpoint::read_metadata(checkpoint)?;
     let cfg = Config::from_metadata(&meta).map_err(|e| Error::data(checkpoint, e))?;
-    // the tokenizer first: it is small, and a wrong one makes loading the weights pointless
-    let (tok_path, json, tok) = match (meta.get(checkpoint::EMBEDDED_TOKENIZER), tokenizer) {
-        (Some(j), None) => {
-            let tok = NoteTokenizer::from_bytes(j.as_bytes(), cfg.token_len).map_err(|e| Error::data(checkpoint, e))?;
-            (checkpoint.to_path_buf(), j.as_bytes().to_vec(), tok)
-        }
-        _ => read_tokenizer(checkpoint, tokenizer, &cfg)?,
-    };
+    let metadata = t.elapsed().as_secs_f64();
+    // the tokenizer (CLIP's: 1.5 MB of JSON, about 50 ms) is built on a thread of its own while
+    // this one reads the weights; its error still comes first: with a wrong tokenizer the
+    // weights do not matter
+    let (tok, weights) = std::thread::scope(|scope| {
+        let tok = scope.spawn(|| {
+            let t = std::time::Instant::now();
+            let r = match (meta.get(checkpoint::EMBEDDED_TOKENIZER), tokenizer) {
+                (Some(j), None) => NoteTokenizer::from_bytes(j.as_bytes(), cfg.token_len)
+                    .map_err(|e| Error::data(checkpoint, e))
+                    .map(|tok| (checkpoint.to_path_buf(), j.as_bytes().to_vec(), tok)),
+                _ => read_tokenizer(checkpoint, tokenizer, &cfg),
+            };
+            (r, t.elapsed().as_secs_f64())
+        });
+        let t = std::time::Instant::now();
+        // declared, then filled: what the file does not hold, and the training-only tensors it
+        // may hold, take no memory and no reading time
+        let weights = RecLmis::shell(cfg.clone(), dev).and_then(|mut m| {
+            checkpoint::load_skipping(&mut m.params, checkpoint, &RecLmis::TRAINING_ONLY).map(|rep| (m, rep))
+        });
+        let weights = (weights, t.elapsed().as_secs_f64());
+        // a panic in the tokenizer is a bug; the thread's result is its own Result otherwise
+        (tok.join().unwrap_or_else(|p| std::panic::resume_unwind(p)), weights)
+    });
+    let ((tok_path, json, tok), tok_s) = (tok.0?, tok.1);
     check_tokenizer(&meta, checkpoint, &tok_path, &json, tok.vocab_size())?;
-    // declared, then filled: what the file does not hold, and the training-only tensors it may
-    // hold, take no memory and no reading time
-    let mut m = RecLmis::shell(cfg.clone(), dev)?;
-    let rep = checkpoint::load_skipping(&mut m.params, checkpoint, &RecLmis::TRAINING_ONLY)?;
+    let ((m, rep), weights_s) = (weights.0?, weights.1);
     // an exported inference checkpoint may leave out the scoring MLPs; everything else must be
     // there (the skipped training-only tensors are not counted as missing)
     if rep.missing.iter().any(|k| !RecLmis::WEIGHTS_OF_INTEREST.iter().any(|p| k.starts_with(p))) {
         return Err(Error::data(checkpoint, format!("incomplete checkpoint: {}", rep.summary())));
     }
-    Ok((m, tok))
+    Ok((m, tok, LoadTimes { metadata, tokenizer: tok_s, weights: weights_s }))
 }
 
 /// A checkpoint of the official PyTorch training (`torch.save`, no configuration recorded): the

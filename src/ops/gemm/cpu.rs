@@ -69,51 +69,6 @@ pub fn gemm(a: &[f32], b: &[f32], s: &GemmShape, alpha: f32, bias: Option<&[f32]
 /// product (the text tower's 18-token rows read 151 MB of weights per note at the official size).
 pub const FEW_ROWS: usize = 32;
 
-crate::ops::cpu_math::multiversion! {
-    /// yᵀ for a block of output features: yt[j][r] = ⟨x_r, w_j⟩ (+ bias_j), w rows contiguous.
-    /// Register tiles of 4 features × 2 rows (8 accumulators of 16 lanes): 6 loads per 8 FMAs
-    /// (4 × 4 spilled and ran 15x slower).
-    fn few_rows_block(x: &[f32], w: &[f32], bias: Option<&[f32]>, yt: &mut [f32], k: usize, rows: usize) {
-        const L: usize = crate::ops::cpu_math::LANES;
-        let nf = yt.len() / rows.max(1);
-        let kv = k / L * L;
-        let mut j = 0;
-        while j < nf {
-            let jn = (nf - j).min(4);
-            let mut r = 0;
-            while r < rows {
-                let rn = (rows - r).min(2);
-                let mut acc = [[0.0f32; L]; 8];
-                let mut c = 0;
-                while c < kv {
-                    let mut xv = [[0.0f32; L]; 2];
-                    for (ri, xr) in xv.iter_mut().enumerate().take(rn) {
-                        xr.copy_from_slice(&x[(r + ri) * k + c..(r + ri) * k + c + L]);
-                    }
-                    for jj in 0..jn {
-                        let wv = &w[(j + jj) * k + c..(j + jj) * k + c + L];
-                        for ri in 0..2 {
-                            for l in 0..L {
-                                acc[jj * 2 + ri][l] += xv[ri][l] * wv[l];
-                            }
-                        }
-                    }
-                    c += L;
-                }
-                for jj in 0..jn {
-                    let b = bias.map_or(0.0, |b| b[j + jj]);
-                    for ri in 0..rn {
-                        let tail: f32 = (kv..k).map(|cc| x[(r + ri) * k + cc] * w[(j + jj) * k + cc]).sum();
-                        yt[(j + jj) * rows + r + ri] = crate::ops::cpu_math::hsum(acc[jj * 2 + ri]) + tail + b;
-                    }
-                }
-                r += rn;
-            }
-            j += jn;
-        }
-    }
-}
-
 /// y [rows, n] = x [rows, k] · wᵀ (+ bias), w [n, k], for few rows: each weight row is read once
 /// and dotted with every input row (which stay in cache); features are spread over the threads.
 pub fn linear_few_rows(x: &[f32], w: &[f32], bias: Option<&[f32]>, rows: usize, k: usize, n: usize) -> Vec<f32> {
@@ -122,7 +77,14 @@ pub fn linear_few_rows(x: &[f32], w: &[f32], bias: Option<&[f32]>, rows: usize, 
     yt.par_chunks_mut(BLOCK * rows).enumerate().for_each(|(blk, chunk)| {
         let j0 = blk * BLOCK;
         let nb = chunk.len() / rows.max(1);
-        few_rows_block(x, &w[j0 * k..(j0 + nb) * k], bias.map(|b| &b[j0..j0 + nb]), chunk, k, rows);
+        reclmis_cpu_loops::gemm::few_rows_block(
+            x,
+            &w[j0 * k..(j0 + nb) * k],
+            bias.map(|b| &b[j0..j0 + nb]),
+            chunk,
+            k,
+            rows,
+        );
     });
     let mut y = vec![0.0f32; rows * n];
     for j in 0..n {

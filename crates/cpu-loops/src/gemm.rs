@@ -1,0 +1,112 @@
+//! The few-rows Linear (`reclmis::ops::gemm::cpu::linear_few_rows`): the GEMM library packs the
+//! weights, which costs as much as the product when only a few rows multiply them.
+
+use crate::simd::{dispatch, Kernel, Simd};
+
+/// yᵀ for a block of output features: yt[j][r] = ⟨x_r, w_j⟩ (+ bias_j), w rows contiguous,
+/// x [rows, k], w [yt.len() / rows, k]. Register tiles of 4 features × 2 rows (8 accumulators of
+/// 16 lanes): 6 loads per 8 multiply-adds (4 × 4 spilled and ran 15x slower). The products are
+/// rounded before they are added (no FMA), so every CPU gives the same bits.
+pub fn few_rows_block(x: &[f32], w: &[f32], bias: Option<&[f32]>, yt: &mut [f32], k: usize, rows: usize) {
+    dispatch(FewRows { x, w, bias, yt, k, rows })
+}
+
+struct FewRows<'a> {
+    x: &'a [f32],
+    w: &'a [f32],
+    bias: Option<&'a [f32]>,
+    yt: &'a mut [f32],
+    k: usize,
+    rows: usize,
+}
+
+impl Kernel for FewRows<'_> {
+    type Out = ();
+    #[inline(always)]
+    fn run<S: Simd>(self, s: S) {
+        let FewRows { x, w, bias, yt, k, rows } = self;
+        const L: usize = 16;
+        let nf = yt.len() / rows.max(1);
+        let kv = k / L * L;
+        let mut j = 0;
+        while j < nf {
+            let jn = (nf - j).min(4);
+            let mut r = 0;
+            while r < rows {
+                let rn = (rows - r).min(2);
+                let mut acc = [s.zero(); 8];
+                let mut c = 0;
+                while c < kv {
+                    // a missing second row repeats the first: its sums are computed and dropped
+                    let x0 = s.load(&x[r * k + c..]);
+                    let x1 = if rn == 2 { s.load(&x[(r + 1) * k + c..]) } else { x0 };
+                    for jj in 0..jn {
+                        let wv = s.load(&w[(j + jj) * k + c..]);
+                        acc[jj * 2] = s.add(acc[jj * 2], s.mul(x0, wv));
+                        acc[jj * 2 + 1] = s.add(acc[jj * 2 + 1], s.mul(x1, wv));
+                    }
+                    c += L;
+                }
+                for jj in 0..jn {
+                    let b = bias.map_or(0.0, |b| b[j + jj]);
+                    for ri in 0..rn {
+                        let tail: f32 = (kv..k).map(|cc| x[(r + ri) * k + cc] * w[(j + jj) * k + cc]).sum();
+                        yt[(j + jj) * rows + r + ri] = crate::math::hsum(s.to_array(acc[jj * 2 + ri])) + tail + b;
+                    }
+                }
+                r += rn;
+            }
+            j += jn;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FewRows;
+
+    /// Every path gives the same bits (no FMA, the same order of sums), within f32 rounding of
+    /// the f64 product.
+    #[test]
+    fn every_path_matches_f64_and_the_others_bit_for_bit() {
+        for (rows, k, nf) in [(1usize, 7usize, 3usize), (2, 16, 4), (3, 40, 5), (5, 512, 9), (18, 100, 64)] {
+            let x: Vec<f32> = (0..rows * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
+            let w: Vec<f32> = (0..nf * k).map(|i| ((i * 53 % 89) as f32 - 44.0) / 23.0).collect();
+            let bias: Vec<f32> = (0..nf).map(|j| j as f32 * 0.25 - 1.0).collect();
+            let outs = crate::simd::each_path(Probe { rows, k, nf, x: &x, w: &w, bias: &bias });
+            for (name, yt) in &outs {
+                assert_eq!(yt, &outs[0].1, "{name} differs from scalar at rows {rows}, k {k}");
+                for j in 0..nf {
+                    for r in 0..rows {
+                        let want: f64 =
+                            bias[j] as f64 + (0..k).map(|c| x[r * k + c] as f64 * w[j * k + c] as f64).sum::<f64>();
+                        let mag: f64 = (0..k).map(|c| (x[r * k + c] as f64 * w[j * k + c] as f64).abs()).sum::<f64>();
+                        let got = yt[j * rows + r] as f64;
+                        assert!((got - want).abs() <= 1e-6 * (mag + 1.0), "{name}: y[{r}][{j}] = {got}, want {want}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// FewRows owns a mutable output; the probe makes a fresh one per path.
+    #[derive(Clone)]
+    struct Probe<'a> {
+        rows: usize,
+        k: usize,
+        nf: usize,
+        x: &'a [f32],
+        w: &'a [f32],
+        bias: &'a [f32],
+    }
+
+    impl crate::simd::Kernel for Probe<'_> {
+        type Out = Vec<f32>;
+        #[inline(always)]
+        fn run<S: crate::simd::Simd>(self, s: S) -> Vec<f32> {
+            let mut yt = vec![f32::NAN; self.nf * self.rows];
+            FewRows { x: self.x, w: self.w, bias: Some(self.bias), yt: &mut yt, k: self.k, rows: self.rows }.run(s);
+            yt
+        }
+    }
+}
