@@ -310,7 +310,7 @@ proptest! {
         ci in prop::sample::select(vec![1usize, 2, 5, 32, 33]),
         co in prop::sample::select(vec![1usize, 3, 32, 40]),
         h in prop::sample::select(vec![1usize, 2, 3, 4, 7, 14]),
-        w in prop::sample::select(vec![1usize, 2, 5, 8, 13]),
+        w in prop::sample::select(vec![1usize, 2, 5, 8, 13, 32, 33]),
         seed in any::<u64>(),
         with_bias in any::<bool>(),
         accumulate in any::<bool>(),

@@ -26,8 +26,6 @@ pub(crate) trait Simd: Copy {
     fn add(self, a: Self::V, b: Self::V) -> Self::V;
     fn sub(self, a: Self::V, b: Self::V) -> Self::V;
     fn mul(self, a: Self::V, b: Self::V) -> Self::V;
-    /// a·b + c, fused where the CPU can.
-    fn mul_add(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     /// The first n <= 16 floats of s, zeros after (panics if s is shorter than n).
     fn load_first(self, s: &[f32], n: usize) -> Self::V;
     /// The first n <= 16 lanes to p (one masked store: a copy of run-time length is a call).
@@ -119,10 +117,6 @@ impl Simd for Scalar {
         std::array::from_fn(|l| a[l] * b[l])
     }
     #[inline(always)]
-    fn mul_add(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V {
-        std::array::from_fn(|l| a[l] * b[l] + c[l])
-    }
-    #[inline(always)]
     fn load_first(self, s: &[f32], n: usize) -> Self::V {
         let mut v = [0.0; 16];
         v[..n].copy_from_slice(&s[..n]);
@@ -137,7 +131,7 @@ impl Simd for Scalar {
     }
     #[inline(always)]
     fn interleave(self, a: Self::V, b: Self::V) -> (Self::V, Self::V) {
-        let at = |i: usize| if i % 2 == 0 { a[i / 2] } else { b[i / 2] };
+        let at = |i: usize| if i.is_multiple_of(2) { a[i / 2] } else { b[i / 2] };
         (std::array::from_fn(at), std::array::from_fn(|i| at(i + 16)))
     }
     #[inline(always)]
@@ -196,10 +190,6 @@ impl Simd for V4 {
     #[inline(always)]
     fn mul(self, a: Self::V, b: Self::V) -> Self::V {
         unsafe { _mm512_mul_ps(a, b) }
-    }
-    #[inline(always)]
-    fn mul_add(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V {
-        unsafe { _mm512_fmadd_ps(a, b, c) }
     }
     #[inline(always)]
     fn load_first(self, s: &[f32], n: usize) -> Self::V {
@@ -287,10 +277,6 @@ impl Simd for V3 {
     #[inline(always)]
     fn mul(self, a: Self::V, b: Self::V) -> Self::V {
         unsafe { [_mm256_mul_ps(a[0], b[0]), _mm256_mul_ps(a[1], b[1])] }
-    }
-    #[inline(always)]
-    fn mul_add(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V {
-        unsafe { [_mm256_fmadd_ps(a[0], b[0], c[0]), _mm256_fmadd_ps(a[1], b[1], c[1])] }
     }
     #[inline(always)]
     fn load_first(self, s: &[f32], n: usize) -> Self::V {
@@ -408,7 +394,7 @@ mod tests {
                 unsafe { s.store_first_ptr(buf.as_mut_ptr(), q, n) };
                 out.extend(buf);
             }
-            out.extend(s.to_array(s.mul_add(p, q, s.splat(0.5))));
+            out.extend(s.to_array(s.add(s.mul(p, q), s.splat(0.5))));
             out.extend(s.to_array(s.sub(s.mul(p, q), s.add(p, s.zero()))));
             let mut st = [0.0f32; 16];
             // SAFETY: 16 floats of st

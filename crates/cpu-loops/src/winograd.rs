@@ -1,8 +1,10 @@
 //! The transforms of the cpu Winograd F(2×2, 3×3) convolution (`reclmis::ops::conv::winograd`,
 //! which holds the algorithm, the bands and the GEMMs): 16 input channels or tiles at a time on
-//! vector lanes.
+//! explicit vectors (`simd`), so that they stay vectorised in the size profile too. The sums are
+//! formed in the order the scalar definitions write them: every path gives the same bits.
 
 use crate::math::SendPtr;
+use crate::simd::{dispatch, Kernel, Simd};
 
 /// Channels, height and width of the image a transform reads or writes.
 #[derive(Clone, Copy, Debug)]
@@ -12,223 +14,276 @@ pub struct Chw {
     pub w: usize,
 }
 
-/// The first n lanes to dst: one vector store when all 16 go (a copy of run-time length is a
-/// library call).
+/// The first n (<= 16) lanes of v to p.
 ///
-/// SAFETY: n <= 16 floats writable at dst.
+/// # Safety
+/// n floats writable at p.
 #[inline(always)]
-unsafe fn store(vals: &[f32; 16], dst: *mut f32, n: usize) {
-    if n == 16 {
-        (dst as *mut [f32; 16]).write_unaligned(*vals);
-    } else {
-        std::ptr::copy_nonoverlapping(vals.as_ptr(), dst, n);
-    }
-}
-
-crate::multiversion! {
-    /// Row o of every plane of U (16 planes of co x ci at u, row o this caller's alone), 16
-    /// input channels at a time (the arithmetic on lanes).
-    ///
-    /// # Safety
-    /// u points to 16 planes of co × ci floats; row o of each is the caller's to write.
-    pub unsafe fn weight_rows(wo: &[f32], oci: (usize, usize, usize), u: SendPtr) {
-        let (o, co, ci) = oci;
-        const L: usize = 16;
-        let plane = co * ci;
-        let mut i0 = 0;
-        while i0 < ci {
-            let n = L.min(ci - i0);
-            let mut g = [[0.0f32; L]; 9];
-            for (k, gk) in g.iter_mut().enumerate() {
-                for (l, x) in gk.iter_mut().enumerate().take(n) {
-                    *x = wo[(i0 + l) * 9 + k];
-                }
-            }
-            // t = G·g, per column c (g[3r + c] is row r, column c)
-            let mut t = [[[0.0f32; L]; 3]; 4];
-            for c in 0..3 {
-                for l in 0..L {
-                    let (g0, g1, g2) = (g[c][l], g[3 + c][l], g[6 + c][l]);
-                    t[0][c][l] = g0;
-                    t[1][c][l] = 0.5 * (g0 + g1 + g2);
-                    t[2][c][l] = 0.5 * (g0 - g1 + g2);
-                    t[3][c][l] = g2;
-                }
-            }
-            // U = t·Gᵀ
-            for (r, tr) in t.iter().enumerate() {
-                let mut row = [[0.0f32; L]; 4];
-                for l in 0..L {
-                    row[0][l] = tr[0][l];
-                    row[1][l] = 0.5 * (tr[0][l] + tr[1][l] + tr[2][l]);
-                    row[2][l] = 0.5 * (tr[0][l] - tr[1][l] + tr[2][l]);
-                    row[3][l] = tr[2][l];
-                }
-                for (c, vals) in row.iter().enumerate() {
-                    // SAFETY: n <= ci − i0 floats of row o of plane 4r + c (the caller's contract).
-                    unsafe { store(vals, u.get().add((4 * r + c) * plane + o * ci + i0), n) };
-                }
-            }
-            i0 += L;
+unsafe fn store<S: Simd>(s: S, p: *mut f32, v: S::V, n: usize) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        if n == 16 {
+            s.store_ptr(p, v)
+        } else {
+            s.store_first_ptr(p, v, n)
         }
     }
 }
 
-crate::multiversion! {
-    /// V[ξ][ci][t] = (Bᵀ d B)[ξ] for the band's tiles t (tile rows ty0.., tw tiles per row) of
-    /// image xb [Ci, H, W], d = the 4×4 patch at (2ty − 1, 2tx − 1), zero outside the image;
-    /// Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]]. Each patch row is read
-    /// from a zero-padded copy of the input row split into even and odd columns, so a tile row's
-    /// patches are contiguous loads and the arithmetic runs on vectors of tiles.
-    ///
-    /// Only channels [ci0, ci1) are transformed (callers split the channels across threads); v holds
-    /// 16·Ci·nt floats, of which these channels' rows of every plane are the caller's alone.
-    /// xb is one image's channels of one input slice; its channel c goes to row v_off + c of V.
-    /// `s` is (Ci, H, W) of the whole input (all slices).
-    ///
-    /// # Safety
-    /// v points to 16 planes of Ci·nt floats; rows v_off + [ci0, ci1) of each are the caller's
-    /// to write, and xb holds at least ci1 channels of H·W.
-    pub unsafe fn input_transform(xb: &[f32], s: Chw, band: (usize, usize, usize), cis: (usize, usize), vrows: (SendPtr, usize)) {
-        let (v, v_off) = vrows;
+/// Row o of every plane of U = G g Gᵀ (16 planes of co x ci at u), the filters g = wo[ci][3×3]
+/// of output channel o, G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]]; 16 input channels
+/// at a time on lanes.
+///
+/// # Safety
+/// u points to 16 planes of co × ci floats; row o of each is the caller's to write.
+pub unsafe fn weight_rows(wo: &[f32], oci: (usize, usize, usize), u: SendPtr) {
+    dispatch(WeightRows { wo, oci, u })
+}
+
+/// Made only by `weight_rows`, whose caller vouches for `u`.
+struct WeightRows<'a> {
+    wo: &'a [f32],
+    oci: (usize, usize, usize),
+    u: SendPtr,
+}
+
+impl Kernel for WeightRows<'_> {
+    type Out = ();
+    #[inline(always)]
+    fn run<S: Simd>(self, s: S) {
+        let (o, co, ci) = self.oci;
+        let plane = co * ci;
+        let half = s.splat(0.5);
+        let mut i0 = 0;
+        while i0 < ci {
+            let n = 16.min(ci - i0);
+            // g[k][l] = tap k of input channel i0 + l (a strided gather)
+            let mut gl = [[0.0f32; 16]; 9];
+            for (k, gk) in gl.iter_mut().enumerate() {
+                for (l, x) in gk.iter_mut().enumerate().take(n) {
+                    *x = self.wo[(i0 + l) * 9 + k];
+                }
+            }
+            let g: [S::V; 9] = std::array::from_fn(|k| s.load(&gl[k]));
+            // t = G·g, per column c (g[3r + c] is row r, column c)
+            let mut t = [[s.zero(); 3]; 4];
+            for c in 0..3 {
+                let (g0, g1, g2) = (g[c], g[3 + c], g[6 + c]);
+                t[0][c] = g0;
+                t[1][c] = s.mul(half, s.add(s.add(g0, g1), g2));
+                t[2][c] = s.mul(half, s.add(s.sub(g0, g1), g2));
+                t[3][c] = g2;
+            }
+            // U = t·Gᵀ
+            for (r, tr) in t.iter().enumerate() {
+                let row = [
+                    tr[0],
+                    s.mul(half, s.add(s.add(tr[0], tr[1]), tr[2])),
+                    s.mul(half, s.add(s.sub(tr[0], tr[1]), tr[2])),
+                    tr[2],
+                ];
+                for (c, &v) in row.iter().enumerate() {
+                    // SAFETY: n <= ci − i0 floats of row o of plane 4r + c (weight_rows' contract).
+                    unsafe { store(s, self.u.get().add((4 * r + c) * plane + o * ci + i0), v, n) };
+                }
+            }
+            i0 += 16;
+        }
+    }
+}
+
+/// V[ξ][ci][t] = (Bᵀ d B)[ξ] for the band's tiles t (tile rows ty0.., tw tiles per row) of
+/// image xb [Ci, H, W], d = the 4×4 patch at (2ty − 1, 2tx − 1), zero outside the image;
+/// Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]]. Each patch row is read
+/// from a zero-padded copy of the input row split into even and odd columns, so a tile row's
+/// patches are contiguous loads and the arithmetic runs on vectors of 16 tiles.
+///
+/// Only channels [ci0, ci1) are transformed (callers split the channels across threads); xb is
+/// one image's channels of one input slice, its channel c going to row v_off + c of V. `s` is
+/// (Ci, H, W) of the whole input (all slices).
+///
+/// # Safety
+/// v points to 16 planes of Ci·nt floats; rows v_off + [ci0, ci1) of each are the caller's to
+/// write.
+pub unsafe fn input_transform(
+    xb: &[f32],
+    s: Chw,
+    band: (usize, usize, usize),
+    cis: (usize, usize),
+    vrows: (SendPtr, usize),
+) {
+    dispatch(InputTransform { xb, s, band, cis, vrows })
+}
+
+/// Made only by `input_transform`, whose caller vouches for `vrows`.
+struct InputTransform<'a> {
+    xb: &'a [f32],
+    s: Chw,
+    band: (usize, usize, usize),
+    cis: (usize, usize),
+    vrows: (SendPtr, usize),
+}
+
+impl Kernel for InputTransform<'_> {
+    type Out = ();
+    #[inline(always)]
+    fn run<S: Simd>(self, s: S) {
+        let InputTransform { xb, s: dims, band, cis, vrows: (v, v_off) } = self;
         let (ty0, nty, tw) = band;
         let nt = nty * tw;
-        let plane = s.c * nt;
+        let plane = dims.c * nt;
+        let m = tw + 1;
         // per patch row r: even[t] = padded[2t], odd[t] = padded[2t + 1], t in 0..=tw, where
-        // padded[j] = x[row][j − 1] (0 outside)
-        let mut ev = vec![0.0f32; 4 * (tw + 1)];
-        // 2·(tw + 1) >= W + 2: room for the left zero, the row and a right zero (or two)
-        let mut padded = vec![0.0f32; 2 * (tw + 1)];
-        let mut od = vec![0.0f32; 4 * (tw + 1)];
+        // padded[j] = x[row][j − 1] (0 outside); 2·(tw + 1) >= W + 2 leaves room for the zeros
+        let mut ev = vec![0.0f32; 4 * m];
+        let mut od = vec![0.0f32; 4 * m];
+        let mut padded = vec![0.0f32; 2 * m];
         for ci in cis.0..cis.1 {
-            let x = &xb[ci * s.h * s.w..(ci + 1) * s.h * s.w];
+            let x = &xb[ci * dims.h * dims.w..(ci + 1) * dims.h * dims.w];
             for ty in 0..nty {
                 for r in 0..4 {
                     let iy = 2 * (ty0 + ty) as isize - 1 + r as isize;
-                    let (e, o) = (&mut ev[r * (tw + 1)..(r + 1) * (tw + 1)], &mut od[r * (tw + 1)..(r + 1) * (tw + 1)]);
-                    if iy < 0 || iy >= s.h as isize {
+                    let (e, o) = (&mut ev[r * m..(r + 1) * m], &mut od[r * m..(r + 1) * m]);
+                    if iy < 0 || iy >= dims.h as isize {
                         e.fill(0.0);
                         o.fill(0.0);
                         continue;
                     }
-                    // padded[j] = x[row][j − 1], zero at j = 0 and past the row, then split
-                    padded[1..=s.w].copy_from_slice(&x[iy as usize * s.w..(iy as usize + 1) * s.w]);
-                    for ((ev_t, od_t), pair) in e.iter_mut().zip(o.iter_mut()).zip(padded.chunks_exact(2)) {
-                        *ev_t = pair[0];
-                        *od_t = pair[1];
+                    padded[1..=dims.w].copy_from_slice(&x[iy as usize * dims.w..(iy as usize + 1) * dims.w]);
+                    let mut t = 0;
+                    while t + 16 <= m {
+                        let (pe, po) = s.deinterleave(s.load(&padded[2 * t..]), s.load(&padded[2 * t + 16..]));
+                        s.store(&mut e[t..], pe);
+                        s.store(&mut o[t..], po);
+                        t += 16;
+                    }
+                    for t in t..m {
+                        e[t] = padded[2 * t];
+                        o[t] = padded[2 * t + 1];
                     }
                 }
                 let base = (v_off + ci) * nt + ty * tw;
-                // 16 tiles at a time on lanes: patch column c of tile t is even[t + c/2] (c
-                // even) or odd[t + c/2] (c odd) of its row
-                const L: usize = 16;
+                // patch column c of tile t is even[t + c/2] (c even) or odd[t + c/2] (c odd)
                 let mut t0 = 0;
                 while t0 < tw {
-                    let n = L.min(tw - t0);
-                    let mut d = [[[0.0f32; L]; 4]; 4];
-                    for (r, dr) in d.iter_mut().enumerate() {
-                        let (e, o) = (&ev[r * (tw + 1) + t0..], &od[r * (tw + 1) + t0..]);
-                        if n == L {
-                            // constant lengths: vector moves, not library calls
-                            dr[0].copy_from_slice(&e[..L]);
-                            dr[1].copy_from_slice(&o[..L]);
-                            dr[2].copy_from_slice(&e[1..L + 1]);
-                            dr[3].copy_from_slice(&o[1..L + 1]);
-                        } else {
-                            dr[0][..n].copy_from_slice(&e[..n]);
-                            dr[1][..n].copy_from_slice(&o[..n]);
-                            dr[2][..n].copy_from_slice(&e[1..n + 1]);
-                            dr[3][..n].copy_from_slice(&o[1..n + 1]);
-                        }
-                    }
+                    let n = 16.min(tw - t0);
+                    let ld = |row: &[f32]| if n == 16 { s.load(row) } else { s.load_first(row, n) };
+                    let d: [[S::V; 4]; 4] = std::array::from_fn(|r| {
+                        let (e, o) = (&ev[r * m + t0..], &od[r * m + t0..]);
+                        [ld(e), ld(o), ld(&e[1..]), ld(&o[1..])]
+                    });
                     // t = Bᵀ·d (rows), then V = t·B (columns)
-                    let mut tt = [[[0.0f32; L]; 4]; 4];
-                    for c in 0..4 {
-                        for l in 0..L {
-                            tt[0][c][l] = d[0][c][l] - d[2][c][l];
-                            tt[1][c][l] = d[1][c][l] + d[2][c][l];
-                            tt[2][c][l] = d[2][c][l] - d[1][c][l];
-                            tt[3][c][l] = d[1][c][l] - d[3][c][l];
-                        }
-                    }
+                    let tt: [[S::V; 4]; 4] = [
+                        std::array::from_fn(|c| s.sub(d[0][c], d[2][c])),
+                        std::array::from_fn(|c| s.add(d[1][c], d[2][c])),
+                        std::array::from_fn(|c| s.sub(d[2][c], d[1][c])),
+                        std::array::from_fn(|c| s.sub(d[1][c], d[3][c])),
+                    ];
                     for (r, tr) in tt.iter().enumerate() {
-                        let mut row = [[0.0f32; L]; 4];
-                        for l in 0..L {
-                            row[0][l] = tr[0][l] - tr[2][l];
-                            row[1][l] = tr[1][l] + tr[2][l];
-                            row[2][l] = tr[2][l] - tr[1][l];
-                            row[3][l] = tr[1][l] - tr[3][l];
-                        }
-                        for (c, vals) in row.iter().enumerate() {
-                            // SAFETY: n floats of channel ci's row of plane 4r + c (the
-                            // caller's contract)
-                            unsafe { store(vals, v.get().add((4 * r + c) * plane + base + t0), n) };
+                        let row = [s.sub(tr[0], tr[2]), s.add(tr[1], tr[2]), s.sub(tr[2], tr[1]), s.sub(tr[1], tr[3])];
+                        for (c, &val) in row.iter().enumerate() {
+                            // SAFETY: n floats of channel ci's row of plane 4r + c
+                            // (input_transform's contract)
+                            unsafe { store(s, v.get().add((4 * r + c) * plane + base + t0), val, n) };
                         }
                     }
-                    t0 += L;
+                    t0 += 16;
                 }
             }
         }
     }
 }
 
-crate::multiversion! {
-    /// y (+)= Aᵀ m A + bias for the band's tiles, m[ξ][co][t]; Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]].
-    /// Writes only pixels inside the image (a last tile row or column may hang over). Runs on
-    /// vectors of a tile row's tiles (each plane's row is contiguous), then interleaves. Only
-    /// output channels [co0, co1); m holds the rows of output channels [m_co0, m_co0 + m_nco) of
-    /// each plane. `s` is (Co, H, W) of the output.
-    ///
-    /// # Safety
-    /// yb is one image's output [Co, H, W] (initialised when accumulating); the band's output rows
-    /// of channels [co0, co1) are the caller's alone.
-    pub unsafe fn output_transform(mrows: (&[f32], usize, usize), s: Chw, band: (usize, usize, usize), cos: (usize, usize), bias: Option<&[f32]>, out: (SendPtr, bool)) {
-        let ((m, m_co0, m_nco), (yb, accumulate)) = (mrows, out);
+/// y (+)= Aᵀ m A + bias for the band's tiles, m[ξ][co][t]; Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]].
+/// Writes only pixels inside the image (a last tile row or column may hang over). Runs on
+/// vectors of 16 tiles of a tile row (each plane's row is contiguous), interleaving each
+/// output row's even and odd pixels in registers. Only output channels [co0, co1); m holds the
+/// rows of output channels [m_co0, m_co0 + m_nco) of each plane. `s` is (Co, H, W) of the output.
+///
+/// # Safety
+/// yb is one image's output [Co, H, W] (initialised when accumulating); the band's output rows
+/// of channels [co0, co1) are the caller's alone.
+pub unsafe fn output_transform(
+    mrows: (&[f32], usize, usize),
+    s: Chw,
+    band: (usize, usize, usize),
+    cos: (usize, usize),
+    bias: Option<&[f32]>,
+    out: (SendPtr, bool),
+) {
+    dispatch(OutputTransform { mrows, s, band, cos, bias, out })
+}
+
+/// Made only by `output_transform`, whose caller vouches for `out`.
+struct OutputTransform<'a> {
+    mrows: (&'a [f32], usize, usize),
+    s: Chw,
+    band: (usize, usize, usize),
+    cos: (usize, usize),
+    bias: Option<&'a [f32]>,
+    out: (SendPtr, bool),
+}
+
+impl Kernel for OutputTransform<'_> {
+    type Out = ();
+    #[inline(always)]
+    fn run<S: Simd>(self, s: S) {
+        let OutputTransform { mrows: (m, m_co0, m_nco), s: dims, band, cos, bias, out: (yb, accumulate) } = self;
         let (ty0, nty, tw) = band;
         let nt = nty * tw;
         let plane = m_nco * nt;
-        let mut y = [vec![0.0f32; tw], vec![0.0f32; tw], vec![0.0f32; tw], vec![0.0f32; tw]];
-        let mut line = vec![0.0f32; 2 * tw];
         for co in cos.0..cos.1 {
-            let bv = bias.map_or(0.0, |b| b[co]);
+            let bv = s.splat(bias.map_or(0.0, |b| b[co]));
             for ty in 0..nty {
                 let base = (co - m_co0) * nt + ty * tw;
-                let e: [&[f32]; 16] = std::array::from_fn(|k| &m[k * plane + base..][..tw]);
-                // 16 input rows and 4 output rows at the same t: an index loop is the clear form
-                #[allow(clippy::needless_range_loop)]
-                for t in 0..tw {
-                    let mut a = [[0.0f32; 4]; 2];
-                    for c in 0..4 {
-                        a[0][c] = e[c][t] + e[4 + c][t] + e[8 + c][t];
-                        a[1][c] = e[4 + c][t] - e[8 + c][t] - e[12 + c][t];
-                    }
-                    y[0][t] = a[0][0] + a[0][1] + a[0][2] + bv;
-                    y[1][t] = a[0][1] - a[0][2] - a[0][3] + bv;
-                    y[2][t] = a[1][0] + a[1][1] + a[1][2] + bv;
-                    y[3][t] = a[1][1] - a[1][2] - a[1][3] + bv;
-                }
-                for i in 0..2 {
-                    let yy = 2 * (ty0 + ty) + i;
-                    if yy >= s.h {
-                        continue;
-                    }
-                    // interleave the row's even and odd pixels, then one pass into the output
-                    for ((pair, &a), &b) in line.chunks_exact_mut(2).zip(&y[2 * i]).zip(&y[2 * i + 1]) {
-                        pair[0] = a;
-                        pair[1] = b;
-                    }
-                    // SAFETY: row yy of channel co of image b's output (this task's rows); raw
-                    // pointer: without `accumulate` the output may be unwritten memory.
-                    let out = unsafe { yb.get().add((co * s.h + yy) * s.w) };
-                    if accumulate {
-                        for (x, &v) in line[..s.w].iter().enumerate() {
-                            // SAFETY: as above, x < W.
-                            unsafe { *out.add(x) += v };
+                let mut t0 = 0;
+                while t0 < tw {
+                    let n = 16.min(tw - t0);
+                    let e: [S::V; 16] = std::array::from_fn(|k| {
+                        let row = &m[k * plane + base + t0..];
+                        if n == 16 {
+                            s.load(row)
+                        } else {
+                            s.load_first(row, n)
                         }
-                    } else {
-                        // SAFETY: as above, W floats.
-                        unsafe { std::ptr::copy_nonoverlapping(line.as_ptr(), out, s.w) };
+                    });
+                    let a0: [S::V; 4] = std::array::from_fn(|c| s.add(s.add(e[c], e[4 + c]), e[8 + c]));
+                    let a1: [S::V; 4] = std::array::from_fn(|c| s.sub(s.sub(e[4 + c], e[8 + c]), e[12 + c]));
+                    let y = [
+                        s.add(s.add(s.add(a0[0], a0[1]), a0[2]), bv),
+                        s.add(s.sub(s.sub(a0[1], a0[2]), a0[3]), bv),
+                        s.add(s.add(s.add(a1[0], a1[1]), a1[2]), bv),
+                        s.add(s.sub(s.sub(a1[1], a1[2]), a1[3]), bv),
+                    ];
+                    // output pixels 2·t0 .. of the two rows (the last may be cut by the width)
+                    let cnt = (2 * n).min(dims.w - 2 * t0);
+                    for i in 0..2 {
+                        let yy = 2 * (ty0 + ty) + i;
+                        if yy >= dims.h {
+                            continue;
+                        }
+                        let (lo, hi) = s.interleave(y[2 * i], y[2 * i + 1]);
+                        let (nlo, nhi) = (cnt.min(16), cnt.saturating_sub(16));
+                        // SAFETY: pixels [2·t0, 2·t0 + cnt) of row yy of channel co of image b's
+                        // output, inside the row (cnt is cut to the width); the band's rows are
+                        // this task's (output_transform's contract); raw pointers: without
+                        // `accumulate` the output may be unwritten memory.
+                        unsafe {
+                            let p = yb.get().add((co * dims.h + yy) * dims.w + 2 * t0);
+                            let (lo, hi) = if accumulate {
+                                let old = std::slice::from_raw_parts(p, cnt);
+                                let old_hi = if nhi > 0 { s.load_first(&old[16..], nhi) } else { s.zero() };
+                                (s.add(s.load_first(old, nlo), lo), s.add(old_hi, hi))
+                            } else {
+                                (lo, hi)
+                            };
+                            store(s, p, lo, nlo);
+                            if nhi > 0 {
+                                store(s, p.add(16), hi, nhi);
+                            }
+                        }
                     }
+                    t0 += 16;
                 }
             }
         }
@@ -277,6 +332,78 @@ crate::multiversion! {
                             // SAFETY: channel co's row of plane 4r + cc (the caller's contract)
                             unsafe { *m.get().add((4 * r + cc) * plane + base + t) = v };
                         }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Values that are not round in binary, so that a changed order of sums would show.
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n).map(|i| (((i * 7919 + seed * 104729) % 1000) as f32 - 500.0) / 37.0).collect()
+    }
+
+    /// The three transforms on one shape, into fresh buffers (NaN where nothing is written).
+    #[derive(Clone)]
+    struct Probe {
+        ci: usize,
+        co: usize,
+        h: usize,
+        w: usize,
+        accumulate: bool,
+    }
+
+    impl Kernel for Probe {
+        type Out = Vec<Vec<f32>>;
+        #[inline(always)]
+        fn run<S: Simd>(self, s: S) -> Vec<Vec<f32>> {
+            let Probe { ci, co, h, w, accumulate } = self;
+            let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+            let nt = th * tw;
+            let wts = values(co * ci * 9, 1);
+            let mut u = vec![f32::NAN; 16 * co * ci];
+            for o in 0..co {
+                WeightRows { wo: &wts[o * ci * 9..], oci: (o, co, ci), u: SendPtr(u.as_mut_ptr()) }.run(s);
+            }
+            let x = values(ci * h * w, 2);
+            let mut v = vec![f32::NAN; 16 * ci * nt];
+            let dims = Chw { c: ci, h, w };
+            InputTransform { xb: &x, s: dims, band: (0, th, tw), cis: (0, ci), vrows: (SendPtr(v.as_mut_ptr()), 0) }
+                .run(s);
+            let m = values(16 * co * nt, 3);
+            let bias = values(co, 4);
+            let mut y = if accumulate { values(co * h * w, 5) } else { vec![f32::NAN; co * h * w] };
+            let out = (SendPtr(y.as_mut_ptr()), accumulate);
+            OutputTransform {
+                mrows: (&m, 0, co),
+                s: Chw { c: co, h, w },
+                band: (0, th, tw),
+                cos: (0, co),
+                bias: Some(&bias),
+                out,
+            }
+            .run(s);
+            vec![u, v, y]
+        }
+    }
+
+    /// Every path writes every element, and the same bits as the scalar one.
+    #[test]
+    fn every_path_gives_the_scalar_bits() {
+        for (ci, co, h, w) in [(1, 1, 1, 1), (3, 2, 5, 7), (17, 5, 6, 33), (33, 3, 4, 64), (16, 16, 3, 100)] {
+            for accumulate in [false, true] {
+                let outs = crate::simd::each_path(Probe { ci, co, h, w, accumulate });
+                for (k, name) in ["weights", "input", "output"].iter().enumerate() {
+                    let want = &outs[0].1[k];
+                    assert!(want.iter().all(|x| !x.is_nan()), "scalar {name} transform left a value unwritten");
+                    for (path, got) in &outs {
+                        let same = got[k].iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(same, "{path} {name} transform differs at ci {ci}, co {co}, {h}x{w}");
                     }
                 }
             }

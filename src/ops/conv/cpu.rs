@@ -141,7 +141,7 @@ pub fn conv2d_into(
         let (rhs, rhs_rs) = if is_pointwise(s) {
             (xb[r0 * s.w..].as_ptr(), hw as isize)
         } else {
-            col.resize(kk * px, 0.0);
+            crate::ops::cpu_math::grow(col, kk * px);
             im2col(xb, s, r0, nr, col);
             (col.as_ptr(), px as isize)
         };
@@ -218,7 +218,7 @@ pub fn conv2d_wgrad(x: &[f32], dy: &[f32], s: &ConvShape) -> Vec<f32> {
                 let (col_ptr, col_rs) = if is_pointwise(s) {
                     (xb[r0 * s.w..].as_ptr(), hw as isize)
                 } else {
-                    col.resize(kk * px, 0.0);
+                    crate::ops::cpu_math::grow(&mut col, kk * px);
                     im2col(xb, s, r0, nr, &mut col);
                     (col.as_ptr(), px as isize)
                 };

@@ -193,7 +193,7 @@ unsafe fn conv2d_raw(
         let (ty0, nty) = (band * band_rows, band_rows.min(th - band * band_rows));
         let nt = nty * tw;
         let (v, mm) = bufs;
-        v.resize(16 * s.ci * nt, 0.0);
+        crate::ops::cpu_math::grow(v, 16 * s.ci * nt);
         // image b of slice k
         let xb = |k: usize| {
             let (x, c, _) = slices[k];
@@ -208,7 +208,7 @@ unsafe fn conv2d_raw(
                 // SAFETY: v holds 16 planes of Ci·nt; slice k's rows start at its offset.
                 unsafe { input_transform(xb(k), ci_hw, band, (0, c), (vp, off)) };
             }
-            mm.resize(16 * s.co * nt, 0.0);
+            crate::ops::cpu_math::grow(mm, 16 * s.co * nt);
             gemms((u_all.expect("made or given in this mode"), s.co * s.ci), v, mm, s.co, nt);
             // SAFETY: see yb.
             unsafe { output_transform((mm, 0, s.co), co_hw, band, (0, s.co), bias, (yb, accumulate)) };
@@ -262,8 +262,8 @@ pub fn conv2d_wgrad(x: &[f32], dy: &[f32], s: &ConvShape) -> Vec<f32> {
             let (b, band) = (task / bands, task % bands);
             let (ty0, nty) = (band * band_rows, band_rows.min(th - band * band_rows));
             let nt = nty * tw;
-            v.resize(16 * s.ci * nt, 0.0);
-            m.resize(16 * s.co * nt, 0.0);
+            crate::ops::cpu_math::grow(&mut v, 16 * s.ci * nt);
+            crate::ops::cpu_math::grow(&mut m, 16 * s.co * nt);
             let (vp, mp) = (SendPtr(v.as_mut_ptr()), SendPtr(m.as_mut_ptr()));
             let bnd = (ty0, nty, tw);
             let xb = &x[b * s.ci * hw..(b + 1) * s.ci * hw];
