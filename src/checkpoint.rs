@@ -16,6 +16,8 @@ use std::path::Path;
 #[derive(Clone, Debug, PartialEq)]
 pub enum Values {
     F32(Vec<f32>),
+    /// f32 in place in a memory-mapped file (`load_mapped`).
+    Mapped(crate::mapped::MappedF32),
     I64(Vec<i64>),
     /// A dtype that is neither float nor int64 (bool, int8, ...), kept only to name it in errors.
     Other(String),
@@ -103,7 +105,24 @@ pub fn load(params: &mut Params, path: &Path) -> Result<LoadReport> {
 /// `load`, leaving the tensors under `skip` (key prefixes) unread and unset: they are reported
 /// as dropped, not missing. Inference skips the training-only reconstruction this way.
 pub fn load_skipping(params: &mut Params, path: &Path, skip: &[&str]) -> Result<LoadReport> {
+    load_file(params, path, skip, false)
+}
+
+/// `load_skipping` for inference: f32 tensors stay in the file, memory-mapped (read-only, no copy
+/// and no buffer of their own; `crate::mapped` says what that assumes); others are read and
+/// converted. The parameters must not be written afterwards (a write would fault).
+pub fn load_mapped_skipping(params: &mut Params, path: &Path, skip: &[&str]) -> Result<LoadReport> {
+    load_file(params, path, skip, true)
+}
+
+fn load_file(params: &mut Params, path: &Path, skip: &[&str], map: bool) -> Result<LoadReport> {
     let (file, len) = crate::files::open_regular(path, u64::MAX).map_err(|e| err(path, e.to_string()))?;
+    let mapping = if map {
+        let m = crate::mapped::Mapping::new(&file, len).map_err(|e| err(path, format!("cannot map the file: {e}")))?;
+        Some(std::sync::Arc::new(m))
+    } else {
+        None
+    };
     let (n, header) = read_header(&file, len, path)?;
     let data_start = 8 + n;
     let data_len = len - data_start;
@@ -140,10 +159,18 @@ pub fn load_skipping(params: &mut Params, path: &Path, skip: &[&str]) -> Result<
             return Err(bad(&format!("shape {shape:?} of {dtype} does not fill its {} bytes", end - start)));
         }
         let file = &file;
+        let at = data_start + start;
+        let in_place = match (&mapping, dtype.as_str()) {
+            (Some(m), "F32") => usize::try_from(at).ok().and_then(|a| crate::mapped::MappedF32::new(m, a, bytes? / 4)),
+            _ => None,
+        };
         offered.push(Offered {
             name: name.clone(),
             shape,
-            values: Box::new(move || read_values(file, data_start + start, (end - start) as usize, &dtype)),
+            values: match in_place {
+                Some(m) => Box::new(move || Ok(Values::Mapped(m))),
+                None => Box::new(move || read_values(file, at, (end - start) as usize, &dtype)),
+            },
         });
     }
     load_offered_skipping(params, offered, path, skip)
@@ -290,12 +317,14 @@ fn load_offered_skipping(params: &mut Params, offered: Vec<Offered>, path: &Path
         .into_par_iter()
         .map(|(key, id, want, values)| {
             let values = match values().map_err(|d| err(path, format!("{key}: {d}")))? {
-                Values::F32(v) => v,
+                Values::F32(v) => Stored::Owned(v),
+                Values::Mapped(m) => Stored::Mapped(m),
                 Values::I64(_) => return Err(err(path, format!("{key}: dtype int64 is not a float tensor"))),
                 Values::Other(d) => return Err(err(path, format!("{key}: dtype {d} is not a float tensor"))),
             };
-            if let Some(k) = first_non_finite_par(&values) {
-                return Err(err(path, format!("{key} holds a non-finite value ({} at index {k})", values[k])));
+            let vals = values.as_slice();
+            if let Some(k) = first_non_finite_par(vals) {
+                return Err(err(path, format!("{key} holds a non-finite value ({} at index {k})", vals[k])));
             }
             Ok((id, want, values))
         })
@@ -303,7 +332,11 @@ fn load_offered_skipping(params: &mut Params, offered: Vec<Offered>, path: &Path
     // assigned in file order; the first error in that order is the one a sequential load reports
     for r in read {
         let (id, want, values) = r?;
-        params.set(id, Tensor::from_vec(values, &want, params.device())?)?;
+        let t = match values {
+            Stored::Owned(v) => Tensor::from_vec(v, &want, params.device())?,
+            Stored::Mapped(m) => Tensor::from_mapped(m, &want, params.device())?,
+        };
+        params.set(id, t)?;
         report.loaded += 1;
     }
     for id in params.ids() {
@@ -318,6 +351,21 @@ fn load_offered_skipping(params: &mut Params, offered: Vec<Offered>, path: &Path
         }
     }
     Ok(report)
+}
+
+/// A loaded tensor's values: its own, or in place in a mapped file.
+enum Stored {
+    Owned(Vec<f32>),
+    Mapped(crate::mapped::MappedF32),
+}
+
+impl Stored {
+    fn as_slice(&self) -> &[f32] {
+        match self {
+            Stored::Owned(v) => v,
+            Stored::Mapped(m) => m.as_slice(),
+        }
+    }
 }
 
 /// The index of the first NaN or infinity in x, its 1 MiB pieces checked in parallel.

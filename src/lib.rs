@@ -13,6 +13,7 @@ pub mod device;
 pub mod error;
 pub mod files;
 pub mod kernels;
+pub mod mapped;
 pub mod model;
 pub mod nn;
 pub mod ops;

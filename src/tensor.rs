@@ -23,12 +23,14 @@ impl DType {
 pub enum CpuStorage {
     F32(Vec<f32>),
     I32(Vec<i32>),
+    /// f32 read in place from a memory-mapped checkpoint (read-only: weights for inference).
+    MappedF32(crate::mapped::MappedF32),
 }
 
 impl CpuStorage {
     pub fn dtype(&self) -> DType {
         match self {
-            CpuStorage::F32(_) => DType::F32,
+            CpuStorage::F32(_) | CpuStorage::MappedF32(_) => DType::F32,
             CpuStorage::I32(_) => DType::I32,
         }
     }
@@ -36,6 +38,7 @@ impl CpuStorage {
         match self {
             CpuStorage::F32(v) => bytemuck::cast_slice(v),
             CpuStorage::I32(v) => bytemuck::cast_slice(v),
+            CpuStorage::MappedF32(m) => bytemuck::cast_slice(m.as_slice()),
         }
     }
     #[cfg_attr(not(any(feature = "cuda", feature = "emu")), allow(dead_code))]
@@ -93,6 +96,11 @@ impl Tensor {
 
     pub fn from_vec(data: Vec<f32>, shape: &[usize], device: &Device) -> Result<Tensor> {
         Self::from_cpu(CpuStorage::F32(data), shape, device)
+    }
+
+    /// f32 in place in a mapped file (uploaded, i.e. copied, on a GPU device).
+    pub fn from_mapped(data: crate::mapped::MappedF32, shape: &[usize], device: &Device) -> Result<Tensor> {
+        Self::from_cpu(CpuStorage::MappedF32(data), shape, device)
     }
 
     pub fn from_vec_i32(data: Vec<i32>, shape: &[usize], device: &Device) -> Result<Tensor> {
@@ -168,6 +176,7 @@ impl Tensor {
     pub fn to_vec(&self) -> Result<Vec<f32>> {
         match self.to_cpu_storage()? {
             CpuStorage::F32(v) => Ok(v),
+            CpuStorage::MappedF32(m) => Ok(m.as_slice().to_vec()),
             CpuStorage::I32(_) => Err(Error::DType { op: "to_vec", expected: DType::F32, got: DType::I32 }),
         }
     }
@@ -175,7 +184,9 @@ impl Tensor {
     pub fn to_vec_i32(&self) -> Result<Vec<i32>> {
         match self.to_cpu_storage()? {
             CpuStorage::I32(v) => Ok(v),
-            CpuStorage::F32(_) => Err(Error::DType { op: "to_vec_i32", expected: DType::I32, got: DType::F32 }),
+            CpuStorage::F32(_) | CpuStorage::MappedF32(_) => {
+                Err(Error::DType { op: "to_vec_i32", expected: DType::I32, got: DType::F32 })
+            }
         }
     }
 
@@ -191,6 +202,7 @@ impl Tensor {
     pub(crate) fn cpu_f32(&self, op: &'static str) -> Result<&[f32]> {
         match &*self.storage {
             Storage::Cpu(CpuStorage::F32(v)) => Ok(v),
+            Storage::Cpu(CpuStorage::MappedF32(m)) => Ok(m.as_slice()),
             Storage::Cpu(CpuStorage::I32(_)) => Err(Error::DType { op, expected: DType::F32, got: DType::I32 }),
             #[allow(unreachable_patterns)]
             _ => Err(Error::Unsupported { op, detail: "expected a cpu tensor".into() }),
@@ -200,7 +212,9 @@ impl Tensor {
     pub(crate) fn cpu_i32(&self, op: &'static str) -> Result<&[i32]> {
         match &*self.storage {
             Storage::Cpu(CpuStorage::I32(v)) => Ok(v),
-            Storage::Cpu(CpuStorage::F32(_)) => Err(Error::DType { op, expected: DType::I32, got: DType::F32 }),
+            Storage::Cpu(CpuStorage::F32(_) | CpuStorage::MappedF32(_)) => {
+                Err(Error::DType { op, expected: DType::I32, got: DType::F32 })
+            }
             #[allow(unreachable_patterns)]
             _ => Err(Error::Unsupported { op, detail: "expected a cpu tensor".into() }),
         }

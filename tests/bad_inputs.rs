@@ -259,6 +259,8 @@ fn non_finite_values_are_caught() {
     q.add("w", &[2], vec![0.0; 2], Kind::Buffer).unwrap();
     let e = err_of(reclmis::checkpoint::load(&mut q, &path));
     case("loading an inf weight", e.contains("w holds a non-finite value"), &e);
+    let e = err_of(reclmis::checkpoint::load_mapped_skipping(&mut q, &path, &[]));
+    case("loading an inf weight in place (mapped)", e.contains("w holds a non-finite value"), &e);
     // a training step on a NaN input stops before the update
     let set = dir.join("data");
     tiny_set(&set);
@@ -536,4 +538,61 @@ fn unsound_inputs_to_public_apis_fail_safely() {
     case("cpu conv with a short x", r.is_err(), "did not panic");
     let r = std::panic::catch_unwind(|| reclmis::ops::conv::cpu::conv2d_wgrad(&[0.0; 32], &[0.0; 5], &cs));
     case("cpu conv wgrad with a short dy", r.is_err(), "did not panic");
+}
+
+/// Loading in place (memory-mapped) gives the values reading gives: f32 tensors straight from the
+/// file, a misaligned f32 tensor and half-precision ones read and converted, skipped keys unread.
+#[test]
+fn mapped_loading_matches_reading() {
+    use reclmis::nn::params::{Kind, Params};
+    let dir = tmp("mapped");
+    let path = dir.join("mixed.safetensors");
+    let a: Vec<f32> = (0..1000).map(|i| i as f32 * 0.37 - 11.0).collect();
+    let c: Vec<f32> = (0..7).map(|i| -(i as f32) / 3.0).collect();
+    let h: Vec<u8> = (0..3).flat_map(|i| half::bf16::from_f32(i as f32 + 0.5).to_le_bytes()).collect();
+    // written by hand: the safetensors crate would put the f32 tensors first; here "b" (3 bf16 =
+    // 6 bytes) puts "c" 2 bytes off f32 alignment
+    let mut data: Vec<u8> = bytemuck::cast_slice(&a).to_vec();
+    data.extend(&h);
+    data.extend(bytemuck::cast_slice::<f32, u8>(&c));
+    data.extend(bytemuck::cast_slice::<f32, u8>(&c));
+    let header = concat!(
+        r#"{"a":{"dtype":"F32","shape":[1000],"data_offsets":[0,4000]},"#,
+        r#""b":{"dtype":"BF16","shape":[3],"data_offsets":[4000,4006]},"#,
+        r#""c":{"dtype":"F32","shape":[7],"data_offsets":[4006,4034]},"#,
+        r#""skip.me":{"dtype":"F32","shape":[7],"data_offsets":[4034,4062]}}"#
+    );
+    let header = format!("{header:<width$}", width = header.len().next_multiple_of(8));
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend(header.as_bytes());
+    file.extend(&data);
+    std::fs::write(&path, file).unwrap();
+    let fresh = || {
+        let mut p = Params::new(&Device::Cpu);
+        p.add("a", &[1000], vec![0.0; 1000], Kind::Buffer).unwrap();
+        p.add("b", &[3], vec![0.0; 3], Kind::Buffer).unwrap();
+        p.add("c", &[7], vec![0.0; 7], Kind::Buffer).unwrap();
+        p
+    };
+    let (mut read, mut mapped) = (fresh(), fresh());
+    reclmis::checkpoint::load_skipping(&mut read, &path, &["skip."]).unwrap();
+    let rep = reclmis::checkpoint::load_mapped_skipping(&mut mapped, &path, &["skip."]).unwrap();
+    case(
+        "mapped load report",
+        rep.loaded == 3 && rep.missing.is_empty() && rep.dropped == ["skip.me"],
+        format!("{rep:?}"),
+    );
+    for id in read.ids() {
+        let (x, y) = (read.value(id).to_vec().unwrap(), mapped.value(id).to_vec().unwrap());
+        case("mapped values equal read values", x == y, read.name(id));
+    }
+    use reclmis::tensor::{CpuStorage, Storage};
+    let in_place =
+        |n: &str| matches!(mapped.value(mapped.id(n).unwrap()).storage(), Storage::Cpu(CpuStorage::MappedF32(_)));
+    case("aligned f32 stays in the file", in_place("a"), "a");
+    case("misaligned f32 and bf16 are read", !in_place("b") && !in_place("c"), "b, c");
+    // the tensors outlive the file's name: the map keeps the old file's pages
+    std::fs::remove_file(&path).unwrap();
+    case("mapped values after the file is removed", mapped.value(mapped.id("c").unwrap()).to_vec().unwrap() == c, "c");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -188,8 +188,15 @@ proptest! {
         let mut cfg = reclmis::model::Config::preset("small").unwrap();
         cfg.img_size = (16, 16);
         cfg.vocab_size = 8;
-        let mut m = reclmis::model::RecLmis::new(cfg, &reclmis::Device::Cpu, 0).unwrap();
+        let mut m = reclmis::model::RecLmis::new(cfg.clone(), &reclmis::Device::Cpu, 0).unwrap();
         let _ = reclmis::checkpoint::load(&mut m.params, &p);
+        // the same file loaded in place (memory-mapped), and the values used
+        let mut m = reclmis::model::RecLmis::new(cfg, &reclmis::Device::Cpu, 0).unwrap();
+        if reclmis::checkpoint::load_mapped_skipping(&mut m.params, &p, &[]).is_ok() {
+            for id in m.params.ids() {
+                let _ = m.params.value(id).to_vec();
+            }
+        }
     }
 
     #[test]

@@ -317,9 +317,10 @@ pub fn load_run_timed(
         });
         let t = std::time::Instant::now();
         // declared, then filled: what the file does not hold, and the training-only tensors it
-        // may hold, take no memory and no reading time
+        // may hold, take no memory and no reading time; f32 tensors stay in the file, mapped
+        // (inference never writes a parameter)
         let weights = RecLmis::shell(cfg.clone(), dev).and_then(|mut m| {
-            checkpoint::load_skipping(&mut m.params, checkpoint, &RecLmis::TRAINING_ONLY).map(|rep| (m, rep))
+            checkpoint::load_mapped_skipping(&mut m.params, checkpoint, &RecLmis::TRAINING_ONLY).map(|rep| (m, rep))
         });
         let weights = (weights, t.elapsed().as_secs_f64());
         // a panic in the tokenizer is a bug; the thread's result is its own Result otherwise
