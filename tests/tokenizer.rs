@@ -38,9 +38,11 @@ fn clip() -> &'static Clip {
 }
 
 fn same(ours: &Pipeline, theirs: &tokenizers::Tokenizer, note: &str) -> Result<(), TestCaseError> {
-    let (ids, _) = ours.encode(note).unwrap();
-    let want = theirs.encode(note, true).unwrap().get_ids().to_vec();
-    prop_assert_eq!(ids, want, "note {:?}", note);
+    let ids = ours.encode(note).unwrap();
+    let enc = theirs.encode(note, true).unwrap();
+    prop_assert_eq!(&ids, &enc.get_ids().to_vec(), "note {:?}", note);
+    // the token strings too (what `NoteTokenizer::tokens` shows beside per-word weights)
+    prop_assert_eq!(ours.names(&ids), enc.get_tokens().to_vec(), "note {:?}", note);
     Ok(())
 }
 

@@ -75,15 +75,15 @@ impl NoteTokenizer {
         crate::files::write_atomic(path, self.json.as_bytes())
     }
 
-    /// (ids, token strings) of a note cut to MAX_NOTE_BYTES, before truncation and padding.
-    fn encoding(&self, note: &str) -> Result<(Vec<u32>, Vec<String>)> {
+    /// The ids of a note cut to MAX_NOTE_BYTES, before truncation and padding.
+    fn encoding(&self, note: &str) -> Result<Vec<u32>> {
         let note = bounded(note);
         self.pipeline.encode(note).map_err(|e| tok_err(note, e))
     }
 
     /// The token strings of `encode` (padding as ""), for showing per-word weights.
     pub fn tokens(&self, note: &str) -> Result<Vec<String>> {
-        let (_, names) = self.encoding(note)?;
+        let names = self.pipeline.names(&self.encoding(note)?);
         let t = names.iter().map(|s| s.trim_end_matches("</w>").to_string()).collect();
         Ok(fit(t, self.len, String::new()))
     }
@@ -91,8 +91,8 @@ impl NoteTokenizer {
     /// (ids, valid) of one note, both `len` long; valid = id ≠ 0. The tail is cut so that the
     /// end token survives (as clip.tokenize(truncate=True) does).
     pub fn encode(&self, note: &str) -> Result<(Vec<i32>, Vec<i32>)> {
-        let (ids, _) = self.encoding(note)?;
-        let ids: Vec<i32> = ids
+        let ids: Vec<i32> = self
+            .encoding(note)?
             .iter()
             .map(|&i| i32::try_from(i).map_err(|_| tok_err(note, format!("id {i} is out of range"))))
             .collect::<Result<_>>()?;

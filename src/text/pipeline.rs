@@ -76,8 +76,9 @@ pub struct Pipeline {
     pres: Vec<Pre>,
     model: Model,
     template: Vec<Piece>,
-    /// id → token string, for `tokens`
-    names: HashMap<u32, String>,
+    /// id → the added tokens' strings (the vocabulary's are looked up when asked: a reversed
+    /// copy of CLIP's 49,408 strings was a fifth of building the tokenizer, for a rare call)
+    added_names: HashMap<u32, String>,
     vocab_size: usize,
 }
 
@@ -119,12 +120,11 @@ impl Pipeline {
             pres: vec![],
             model: Model::WordLevel { vocab: HashMap::new(), unk: 0 },
             template: vec![Piece::Sequence],
-            names: HashMap::new(),
+            added_names: HashMap::new(),
             vocab_size: 0,
         };
         let model = field(root, "model", "tokenizer.json")?;
         p.model = parse_model(model)?;
-        p.names = p.model.vocab().iter().map(|(k, &v)| (v, k.clone())).collect();
         if let Some(added) = root.get("added_tokens").and_then(Value::as_array) {
             for t in added {
                 let content = str_of(t, "content", "an added token")?.to_string();
@@ -135,7 +135,7 @@ impl Pipeline {
                 if content.is_empty() {
                     return Err("an added token is empty".into());
                 }
-                p.names.insert(id, content.clone());
+                p.added_names.insert(id, content.clone());
                 if bool_of(t, "normalized") {
                     p.normalized_added.push((content, id));
                 } else {
@@ -169,8 +169,24 @@ impl Pipeline {
         self.vocab_size
     }
 
-    /// The note's ids and token strings, before truncation and padding.
-    pub fn encode(&self, note: &str) -> Result<(Vec<u32>, Vec<String>), Why> {
+    /// The token strings of ids (an added token's name first, else the vocabulary's; "" for an
+    /// id neither has): one pass over the vocabulary.
+    pub fn names(&self, ids: &[u32]) -> Vec<String> {
+        let mut found: HashMap<u32, &str> =
+            ids.iter().filter_map(|i| self.added_names.get(i).map(|n| (*i, n.as_str()))).collect();
+        let wanted: std::collections::HashSet<u32> = ids.iter().copied().filter(|i| !found.contains_key(i)).collect();
+        if !wanted.is_empty() {
+            for (k, v) in self.model.vocab() {
+                if wanted.contains(v) {
+                    found.entry(*v).or_insert(k);
+                }
+            }
+        }
+        ids.iter().map(|i| found.get(i).map_or_else(String::new, |s| s.to_string())).collect()
+    }
+
+    /// The note's ids, before truncation and padding.
+    pub fn encode(&self, note: &str) -> Result<Vec<u32>, Why> {
         let mut seq = Vec::new();
         for seg in split_added(note, &self.raw_added) {
             match seg {
@@ -197,8 +213,7 @@ impl Pipeline {
                 Piece::Sequence => ids.extend(&seq),
             }
         }
-        let names = ids.iter().map(|i| self.names.get(i).cloned().unwrap_or_default()).collect();
-        Ok((ids, names))
+        Ok(ids)
     }
 
     fn normalize(&self, s: &str) -> Result<String, Why> {
