@@ -118,7 +118,7 @@ pub fn load_mapped_skipping(params: &mut Params, path: &Path, skip: &[&str]) -> 
 fn load_file(params: &mut Params, path: &Path, skip: &[&str], map: bool) -> Result<LoadReport> {
     let (file, len) = crate::files::open_regular(path, u64::MAX).map_err(|e| err(path, e.to_string()))?;
     let mapping = if map {
-        let m = crate::mapped::Mapping::new(&file, len).map_err(|e| err(path, format!("cannot map the file: {e}")))?;
+        let m = crate::mapped::Mapping::new(&file).map_err(|e| err(path, format!("cannot map the file: {e}")))?;
         Some(std::sync::Arc::new(m))
     } else {
         None

@@ -23,12 +23,12 @@ unsafe impl Send for Mapping {}
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
-    /// Maps `file` (`len` bytes, its size when opened). An empty file maps to nothing (mmap
-    /// refuses length 0).
-    pub fn new(file: &std::fs::File, len: u64) -> std::io::Result<Mapping> {
+    /// Maps all of `file` (its size now: a longer map would reach past the end). An empty file
+    /// maps to nothing (mmap refuses length 0).
+    pub(crate) fn new(file: &std::fs::File) -> std::io::Result<Mapping> {
         use std::os::unix::io::AsRawFd;
-        let len =
-            usize::try_from(len).map_err(|_| std::io::Error::other("the file is larger than the address space"))?;
+        let len = usize::try_from(file.metadata()?.len())
+            .map_err(|_| std::io::Error::other("the file is larger than the address space"))?;
         if len == 0 {
             return Ok(Mapping { ptr: std::ptr::NonNull::<u8>::dangling().as_ptr(), len: 0 });
         }
@@ -80,7 +80,7 @@ impl PartialEq for MappedF32 {
 impl MappedF32 {
     /// None unless the range lies inside the mapping, starts 4-byte aligned (f32's alignment;
     /// the map itself is page aligned) and the machine is little-endian (the file's order).
-    pub fn new(map: &Arc<Mapping>, offset: usize, len: usize) -> Option<MappedF32> {
+    pub(crate) fn new(map: &Arc<Mapping>, offset: usize, len: usize) -> Option<MappedF32> {
         let end = len.checked_mul(4).and_then(|b| b.checked_add(offset))?;
         let ok = cfg!(target_endian = "little") && end <= map.len && offset.is_multiple_of(4);
         ok.then(|| MappedF32 { map: map.clone(), offset, len })
