@@ -92,12 +92,31 @@ enum Cmd {
     },
     /// Time the official model (224²): inference at batch 1 / 8, a training step at batch 4; one
     /// scenario per process (peak RSS is the scenario's), one JSON line like ../shared/peer/bench_cpu.py
+    ///
+    /// Without --scenario: runs the scenarios, each in its own process, interleaved with the
+    /// PyTorch peer's (--peer PYTHON runs ../shared/peer/bench_cpu.py --only S and S_compile),
+    /// and prints every JSON line and a table of medians, peak RSS and ratios.
     BenchModel {
         #[arg(long, value_enum, default_value = "auto")]
         device: DeviceChoice,
-        /// infer_b1, infer_b8 or train_b4
+        /// One scenario in this process: infer_b1, infer_b8 or train_b4
         #[arg(long)]
-        scenario: String,
+        scenario: Option<String>,
+        /// The scenarios to compare (without --scenario)
+        #[arg(long, default_value = "infer_b1,infer_b8,train_b4", value_delimiter = ',')]
+        scenarios: Vec<String>,
+        /// A python with torch: runs the peer's same scenarios between ours
+        #[arg(long)]
+        peer: Option<PathBuf>,
+        /// The peer's script
+        #[arg(long, default_value = "../shared/peer/bench_cpu.py")]
+        peer_script: PathBuf,
+        /// Leave out the peer's torch.compile runs (each compiles for minutes)
+        #[arg(long)]
+        no_compile: bool,
+        /// Times through all scenarios (ranges show the machine's noise)
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
     },
     /// Write a synthetic QaTa-style dataset in the LViT layout (images, masks, notes as xlsx and csv)
     Synth {
@@ -370,9 +389,24 @@ fn run(cli: Cli) -> reclmis::Result<()> {
             }
         }
         Cmd::Kernels => print!("{}", kernels::report()),
-        Cmd::BenchModel { device, scenario } => {
+        Cmd::BenchModel { device, scenario: Some(scenario), .. } => {
             let dev = Device::from_choice(device)?;
             println!("{}", bench::model::run(&scenario, &dev)?);
+        }
+        Cmd::BenchModel { device, scenario: None, scenarios, peer, peer_script, no_compile, rounds } => {
+            let exe =
+                std::env::current_exe().map_err(|e| reclmis::Error::Other(format!("cannot find this program: {e}")))?;
+            let device = format!("{device:?}").to_lowercase();
+            let c = bench::model::Compare {
+                exe,
+                device,
+                scenarios,
+                peer: peer.map(|p| (p, peer_script)),
+                compile: !no_compile,
+                rounds: rounds.max(1),
+            };
+            let (lines, table) = bench::model::compare(&c)?;
+            print!("{lines}{table}");
         }
         Cmd::Synth { out, train, val, test, size, seed } => {
             let o = reclmis::data::write::SynthOpts { train, val, test, size, seed, ..Default::default() };

@@ -162,3 +162,51 @@ fn shaped_cases_run_and_bad_shapes_are_refused() {
         assert!(e.contains(why), "{op} {shape}: {e}");
     }
 }
+
+/// `bench-model`'s driver with stand-ins for both engines (shell scripts that print the JSON
+/// lines a run prints): ratios against the faster peer, a failed peer run shown as "-", and an
+/// unknown scenario refused before anything runs.
+#[test]
+fn bench_model_compares_with_the_peer() {
+    use reclmis::bench::model::{compare, Compare};
+    let dir = std::env::temp_dir().join(format!("reclmis-bench-model-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ours = dir.join("ours.sh");
+    // called as: ours.sh bench-model --device cpu --scenario S
+    std::fs::write(
+        &ours,
+        "#!/bin/sh\necho '{\"scenario\": \"'$5'\", \"median_s\": 0.2, \"min_s\": 0.19, \"peak_rss_mb\": 500}'\n",
+    )
+    .unwrap();
+    let peer = dir.join("peer.sh");
+    // called as: sh peer.sh --only S: eager 0.3 s / 1000 MB, compiled 0.25 s / 1200 MB, train fails
+    std::fs::write(
+        &peer,
+        "case $2 in\n  *train*) echo boom >&2; exit 3;;\n  *_compile) echo '{\"median_s\": 0.25, \"peak_rss_mb\": 1200}';;\n  *) echo '{\"median_s\": 0.3, \"peak_rss_mb\": 1000}';;\nesac\n",
+    )
+    .unwrap();
+    std::process::Command::new("chmod").arg("+x").arg(&ours).status().unwrap();
+    let c = |scenarios: &[&str]| Compare {
+        exe: ours.clone(),
+        device: "cpu".into(),
+        scenarios: scenarios.iter().map(|s| s.to_string()).collect(),
+        peer: Some(("sh".into(), peer.clone())),
+        compile: true,
+        rounds: 2,
+    };
+    let (lines, table) = compare(&c(&["infer_b1", "train_b4"])).unwrap();
+    // ours + eager + compiled for infer_b1, ours alone for train_b4, in each of 2 rounds
+    assert_eq!(lines.lines().count(), 2 * (3 + 1), "{lines}");
+    let rows: Vec<&str> = table.lines().filter(|l| l.starts_with(['1', '2'])).collect();
+    assert_eq!(rows.len(), 4, "{table}");
+    // infer_b1: the faster peer (compiled, 0.25 s) over ours (0.2 s) = 1.25x; memory 500 / 1000
+    assert!(rows[0].contains("infer_b1") && rows[0].contains("1.25x") && rows[0].contains("0.50x"), "{table}");
+    assert!(rows[1].contains("train_b4") && rows[1].trim_end().ends_with('-'), "{table}");
+    let e = compare(&c(&["infer_b2"])).unwrap_err().to_string();
+    assert!(e.contains("unknown scenario \"infer_b2\""), "{e}");
+    let mut missing = c(&["infer_b1"]);
+    missing.peer = Some(("sh".into(), dir.join("no_such_bench_cpu.py")));
+    let e = compare(&missing).unwrap_err().to_string();
+    assert!(e.contains("no_such_bench_cpu.py") && e.contains("--peer-script"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

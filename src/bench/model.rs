@@ -116,3 +116,115 @@ fn train_times(
 fn train_times(_: RecLmis, _: &Batch, _: usize, _: usize, _: &Device, _: &mut Vec<f64>) -> Result<[f64; 3]> {
     Err(Error::Other("this build has no training (built without the `train` feature)".into()))
 }
+
+/// The scenarios, as ../shared/peer/bench_cpu.py names them.
+pub const SCENARIOS: [&str; 3] = ["infer_b1", "infer_b8", "train_b4"];
+
+/// What `reclmis bench-model` compares (without `--scenario`): our scenarios, each in its own
+/// process, interleaved with the PyTorch peer's (`bench_cpu.py --only S` and `S_compile`).
+pub struct Compare {
+    /// This program (re-run with `bench-model --scenario S`).
+    pub exe: std::path::PathBuf,
+    /// `--device` as given, passed on to our runs.
+    pub device: String,
+    pub scenarios: Vec<String>,
+    /// (python, ../shared/peer/bench_cpu.py), or no peer.
+    pub peer: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    pub compile: bool,
+    pub rounds: usize,
+}
+
+/// One process's JSON line, or why there is none.
+fn run_json(cmd: &mut std::process::Command, what: &str) -> std::result::Result<serde_json::Value, String> {
+    let out = cmd.output().map_err(|e| format!("{what}: cannot start: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().rev().find(|l| l.trim_start().starts_with('{'));
+    match (out.status.success(), line.and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())) {
+        (true, Some(v)) => Ok(v),
+        _ => {
+            let err = String::from_utf8_lossy(&out.stderr);
+            let tail: String =
+                err.lines().rev().take(3).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join(" | ");
+            Err(format!("{what}: failed ({}): {tail}", out.status))
+        }
+    }
+}
+
+/// Runs the comparison; returns the JSON lines of every run (one per line) and the table.
+pub fn compare(c: &Compare) -> Result<(String, String)> {
+    use std::fmt::Write;
+    if let Some((_, script)) = &c.peer {
+        if !script.is_file() {
+            return Err(Error::data(script, "is not the peer's bench_cpu.py (give --peer-script)"));
+        }
+    }
+    if let Some(s) = c.scenarios.iter().find(|s| !SCENARIOS.contains(&s.as_str())) {
+        return Err(Error::Config(format!("unknown scenario {s:?} ({})", SCENARIOS.join(", "))));
+    }
+    let mut lines = String::new();
+    let mut table = String::from(
+        "round  scenario   reclmis median (min)   peak RSS   torch eager   peak RSS   torch.compile   peak RSS   speed vs best peer   memory vs peer\n",
+    );
+    let secs = |v: &serde_json::Value| v["median_s"].as_f64();
+    let rss = |v: &serde_json::Value| v["peak_rss_mb"].as_f64();
+    let cell = |v: &Option<serde_json::Value>, f: &dyn Fn(&serde_json::Value) -> Option<f64>, unit: &str| match v
+        .as_ref()
+        .and_then(f)
+    {
+        Some(x) if unit == "s" => format!("{x:.3} s"),
+        Some(x) => format!("{x:.0} MB"),
+        None => "-".into(),
+    };
+    for round in 1..=c.rounds {
+        for s in &c.scenarios {
+            let ours = run_json(
+                std::process::Command::new(&c.exe).args(["bench-model", "--device", &c.device, "--scenario", s]),
+                &format!("reclmis {s}"),
+            );
+            let peer = |name: String| -> Option<serde_json::Value> {
+                let (py, script) = c.peer.as_ref()?;
+                match run_json(
+                    std::process::Command::new(py).arg(script).args(["--only", &name]),
+                    &format!("peer {name}"),
+                ) {
+                    Ok(v) => Some(v),
+                    Err(e) => {
+                        eprintln!("{e}");
+                        None
+                    }
+                }
+            };
+            let eager = peer(s.clone());
+            let compiled = if c.compile { peer(format!("{s}_compile")) } else { None };
+            let ours = match ours {
+                Ok(v) => v,
+                Err(e) => return Err(Error::Other(e)),
+            };
+            for v in std::iter::once(&ours).chain(eager.iter()).chain(compiled.iter()) {
+                let _ = writeln!(lines, "{v}");
+            }
+            let best_peer =
+                [&eager, &compiled].iter().filter_map(|v| v.as_ref().and_then(secs)).fold(f64::NAN, f64::min);
+            let least_rss =
+                [&eager, &compiled].iter().filter_map(|v| v.as_ref().and_then(rss)).fold(f64::NAN, f64::min);
+            let (m, r) = (secs(&ours).unwrap_or(f64::NAN), rss(&ours).unwrap_or(f64::NAN));
+            let ratio = |x: f64| if x.is_finite() { format!("{x:.2}x") } else { "-".into() };
+            let _ = writeln!(
+                table,
+                "{round:<6} {s:<10} {:<22} {:<10} {:<13} {:<10} {:<15} {:<10} {:<20} {}",
+                format!("{m:.3} s ({:.3})", ours["min_s"].as_f64().unwrap_or(f64::NAN)),
+                format!("{r:.0} MB"),
+                cell(&eager, &secs, "s"),
+                cell(&eager, &rss, "MB"),
+                cell(&compiled, &secs, "s"),
+                cell(&compiled, &rss, "MB"),
+                ratio(best_peer / m),
+                ratio(r / least_rss),
+            );
+        }
+    }
+    table.push_str(
+        "speed vs best peer = the faster peer's median / ours (above 1: reclmis is faster); memory vs peer = our peak RSS / the smaller peer's\n",
+    );
+    Ok((lines, table))
+}
