@@ -405,8 +405,12 @@ fn run(cli: Cli) -> reclmis::Result<()> {
                 compile: !no_compile,
                 rounds: rounds.max(1),
             };
-            let (lines, table) = bench::model::compare(&c)?;
-            print!("{lines}{table}");
+            let table = bench::model::compare(&c, &mut |line| {
+                use std::io::Write;
+                println!("{line}");
+                let _ = std::io::stdout().flush();
+            })?;
+            print!("{table}");
         }
         Cmd::Synth { out, train, val, test, size, seed } => {
             let o = reclmis::data::write::SynthOpts { train, val, test, size, seed, ..Default::default() };

@@ -194,7 +194,12 @@ fn bench_model_compares_with_the_peer() {
         compile: true,
         rounds: 2,
     };
-    let (lines, table) = compare(&c(&["infer_b1", "train_b4"])).unwrap();
+    let mut lines = String::new();
+    let table = compare(&c(&["infer_b1", "train_b4"]), &mut |l| {
+        lines.push_str(l);
+        lines.push('\n');
+    })
+    .unwrap();
     // ours + eager + compiled for infer_b1, ours alone for train_b4, in each of 2 rounds
     assert_eq!(lines.lines().count(), 2 * (3 + 1), "{lines}");
     let rows: Vec<&str> = table.lines().filter(|l| l.starts_with(['1', '2'])).collect();
@@ -202,11 +207,11 @@ fn bench_model_compares_with_the_peer() {
     // infer_b1: the faster peer (compiled, 0.25 s) over ours (0.2 s) = 1.25x; memory 500 / 1000
     assert!(rows[0].contains("infer_b1") && rows[0].contains("1.25x") && rows[0].contains("0.50x"), "{table}");
     assert!(rows[1].contains("train_b4") && rows[1].trim_end().ends_with('-'), "{table}");
-    let e = compare(&c(&["infer_b2"])).unwrap_err().to_string();
+    let e = compare(&c(&["infer_b2"]), &mut |_| ()).unwrap_err().to_string();
     assert!(e.contains("unknown scenario \"infer_b2\""), "{e}");
     let mut missing = c(&["infer_b1"]);
     missing.peer = Some(("sh".into(), dir.join("no_such_bench_cpu.py")));
-    let e = compare(&missing).unwrap_err().to_string();
+    let e = compare(&missing, &mut |_| ()).unwrap_err().to_string();
     assert!(e.contains("no_such_bench_cpu.py") && e.contains("--peer-script"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

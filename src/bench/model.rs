@@ -150,8 +150,9 @@ fn run_json(cmd: &mut std::process::Command, what: &str) -> std::result::Result<
     }
 }
 
-/// Runs the comparison; returns the JSON lines of every run (one per line) and the table.
-pub fn compare(c: &Compare) -> Result<(String, String)> {
+/// Runs the comparison: each run's JSON line goes to `emit` as soon as it is in (a full run with
+/// torch.compile takes about ten minutes); returns the table.
+pub fn compare(c: &Compare, emit: &mut dyn FnMut(&str)) -> Result<String> {
     use std::fmt::Write;
     if let Some((_, script)) = &c.peer {
         if !script.is_file() {
@@ -161,7 +162,6 @@ pub fn compare(c: &Compare) -> Result<(String, String)> {
     if let Some(s) = c.scenarios.iter().find(|s| !SCENARIOS.contains(&s.as_str())) {
         return Err(Error::Config(format!("unknown scenario {s:?} ({})", SCENARIOS.join(", "))));
     }
-    let mut lines = String::new();
     let mut table = String::from(
         "round  scenario   reclmis median (min)   peak RSS   torch eager   peak RSS   torch.compile   peak RSS   speed vs best peer   memory vs peer\n",
     );
@@ -201,7 +201,7 @@ pub fn compare(c: &Compare) -> Result<(String, String)> {
                 Err(e) => return Err(Error::Other(e)),
             };
             for v in std::iter::once(&ours).chain(eager.iter()).chain(compiled.iter()) {
-                let _ = writeln!(lines, "{v}");
+                emit(&v.to_string());
             }
             let best_peer =
                 [&eager, &compiled].iter().filter_map(|v| v.as_ref().and_then(secs)).fold(f64::NAN, f64::min);
@@ -226,5 +226,5 @@ pub fn compare(c: &Compare) -> Result<(String, String)> {
     table.push_str(
         "speed vs best peer = the faster peer's median / ours (above 1: reclmis is faster); memory vs peer = our peak RSS / the smaller peer's\n",
     );
-    Ok((lines, table))
+    Ok(table)
 }
