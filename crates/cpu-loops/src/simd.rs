@@ -53,11 +53,12 @@ pub(crate) trait Kernel {
 pub(crate) fn dispatch<K: Kernel>(k: K) -> K::Out {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F, the features on_v4 is compiled for.
+        let v3 = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+        if v3 && std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F, AVX2 and FMA, the features on_v4 is compiled for.
             return unsafe { on_v4(k) };
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if v3 {
             // SAFETY: the CPU has AVX2 and FMA, the features on_v3 is compiled for.
             return unsafe { on_v3(k) };
         }
@@ -358,7 +359,10 @@ pub(crate) fn each_path<K: Kernel + Clone>(k: K) -> Vec<(&'static str, K::Out)> 
             // SAFETY: checked just above.
             out.push(("avx2", unsafe { on_v3(k.clone()) }));
         }
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+        {
             // SAFETY: checked just above.
             out.push(("avx512", unsafe { on_v4(k) }));
         }
