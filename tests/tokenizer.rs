@@ -16,7 +16,7 @@ fn clip_json() -> &'static str {
 }
 
 fn ours(json: &str) -> Pipeline {
-    Pipeline::from_json(&serde_json::from_str(json).unwrap()).unwrap()
+    Pipeline::from_json(serde_json::from_str(json).unwrap()).unwrap()
 }
 
 /// The crate's tokenizer with the file's truncation and padding off (ours leaves both to `fit`).

@@ -40,7 +40,7 @@ impl NoteTokenizer {
         let json = std::str::from_utf8(bytes).map_err(|e| tok_err("not a valid tokenizer.json", e))?;
         let root: serde_json::Value =
             serde_json::from_str(json).map_err(|e| tok_err("not a valid tokenizer.json", e))?;
-        let pipeline = Pipeline::from_json(&root).map_err(|e| tok_err("unsupported tokenizer.json", e))?;
+        let pipeline = Pipeline::from_json(root).map_err(|e| tok_err("unsupported tokenizer.json", e))?;
         if len == 0 {
             return Err(tok_err("token length", "must be at least 1"));
         }

@@ -106,13 +106,26 @@ fn kind(v: &Value, what: &str) -> Result<String, Why> {
     Ok(str_of(v, "type", what)?.to_string())
 }
 
-fn vocab_of(model: &Value) -> Result<HashMap<String, u32>, Why> {
-    let obj = field(model, "vocab", "the model")?.as_object().ok_or("the model's vocab is not an object")?;
-    obj.iter().map(|(k, v)| Ok((k.clone(), id_of(v, &format!("vocab entry {k:?}"))?))).collect()
+/// The model's vocabulary, moved out of the parsed document (its 49,408 strings for CLIP are not
+/// copied; the error text is only made for an entry that is wrong).
+fn vocab_of(model: &mut Value) -> Result<HashMap<String, u32>, Why> {
+    let obj = match model.get_mut("vocab").map(Value::take) {
+        Some(Value::Object(o)) => o,
+        Some(_) => return Err("the model's vocab is not an object".into()),
+        None => return Err("the model has no \"vocab\"".into()),
+    };
+    let mut vocab = HashMap::with_capacity(obj.len());
+    for (k, v) in obj {
+        match v.as_u64().and_then(|i| u32::try_from(i).ok()) {
+            Some(id) => vocab.insert(k, id),
+            None => return Err(format!("vocab entry {k:?}: {v} is not a token id")),
+        };
+    }
+    Ok(vocab)
 }
 
 impl Pipeline {
-    pub fn from_json(root: &Value) -> Result<Pipeline, Why> {
+    pub fn from_json(mut root: Value) -> Result<Pipeline, Why> {
         let mut p = Pipeline {
             raw_added: vec![],
             normalized_added: vec![],
@@ -123,8 +136,8 @@ impl Pipeline {
             added_names: HashMap::new(),
             vocab_size: 0,
         };
-        let model = field(root, "model", "tokenizer.json")?;
-        p.model = parse_model(model)?;
+        let mut model = root.get_mut("model").map(Value::take).ok_or("tokenizer.json has no \"model\"")?;
+        p.model = parse_model(&mut model)?;
         if let Some(added) = root.get("added_tokens").and_then(Value::as_array) {
             for t in added {
                 let content = str_of(t, "content", "an added token")?.to_string();
@@ -326,7 +339,7 @@ fn nfc(s: String) -> Result<String, Why> {
     }
 }
 
-fn parse_model(m: &Value) -> Result<Model, Why> {
+fn parse_model(m: &mut Value) -> Result<Model, Why> {
     match kind(m, "the model")?.as_str() {
         "WordLevel" => {
             let vocab = vocab_of(m)?;
@@ -351,6 +364,7 @@ fn parse_model(m: &Value) -> Result<Model, Why> {
             };
             let list = field(m, "merges", "the BPE model")?.as_array().ok_or("the BPE merges are not a list")?;
             let mut merges = HashMap::with_capacity(list.len());
+            let mut merged = String::new();
             for (rank, e) in list.iter().enumerate() {
                 let (a, b) = match e {
                     Value::String(s) => s.split_once(' ').ok_or_else(|| format!("merge {s:?} is not \"a b\""))?,
@@ -363,7 +377,9 @@ fn parse_model(m: &Value) -> Result<Model, Why> {
                 let id = |t: &str| {
                     vocab.get(t).copied().ok_or_else(|| format!("merge {a:?} {b:?}: {t:?} is not in the vocabulary"))
                 };
-                let merged = format!("{a}{}", b.strip_prefix(prefix.as_str()).unwrap_or(b));
+                merged.clear();
+                merged.push_str(a);
+                merged.push_str(b.strip_prefix(prefix.as_str()).unwrap_or(b));
                 merges.insert((id(a)?, id(b)?), (rank as u32, id(&merged)?));
             }
             Ok(Model::Bpe {
