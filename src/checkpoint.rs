@@ -6,7 +6,7 @@
 
 use crate::error::{Error, Result};
 use crate::nn::params::Params;
-use crate::tensor::Tensor;
+use crate::tensor::{CpuStorage, Tensor};
 use safetensors::SafeTensors;
 use std::collections::BTreeSet;
 use std::io::Read;
@@ -317,12 +317,12 @@ fn load_offered_skipping(params: &mut Params, offered: Vec<Offered>, path: &Path
         .into_par_iter()
         .map(|(key, id, want, values)| {
             let values = match values().map_err(|d| err(path, format!("{key}: {d}")))? {
-                Values::F32(v) => Stored::Owned(v),
-                Values::Mapped(m) => Stored::Mapped(m),
+                Values::F32(v) => CpuStorage::F32(v),
+                Values::Mapped(m) => CpuStorage::MappedF32(m),
                 Values::I64(_) => return Err(err(path, format!("{key}: dtype int64 is not a float tensor"))),
                 Values::Other(d) => return Err(err(path, format!("{key}: dtype {d} is not a float tensor"))),
             };
-            let vals = values.as_slice();
+            let vals = values.as_f32().expect("an f32 storage");
             if let Some(k) = first_non_finite_par(vals) {
                 return Err(err(path, format!("{key} holds a non-finite value ({} at index {k})", vals[k])));
             }
@@ -332,11 +332,7 @@ fn load_offered_skipping(params: &mut Params, offered: Vec<Offered>, path: &Path
     // assigned in file order; the first error in that order is the one a sequential load reports
     for r in read {
         let (id, want, values) = r?;
-        let t = match values {
-            Stored::Owned(v) => Tensor::from_vec(v, &want, params.device())?,
-            Stored::Mapped(m) => Tensor::from_mapped(m, &want, params.device())?,
-        };
-        params.set(id, t)?;
+        params.set(id, Tensor::from_cpu(values, &want, params.device())?)?;
         report.loaded += 1;
     }
     for id in params.ids() {
@@ -351,21 +347,6 @@ fn load_offered_skipping(params: &mut Params, offered: Vec<Offered>, path: &Path
         }
     }
     Ok(report)
-}
-
-/// A loaded tensor's values: its own, or in place in a mapped file.
-enum Stored {
-    Owned(Vec<f32>),
-    Mapped(crate::mapped::MappedF32),
-}
-
-impl Stored {
-    fn as_slice(&self) -> &[f32] {
-        match self {
-            Stored::Owned(v) => v,
-            Stored::Mapped(m) => m.as_slice(),
-        }
-    }
 }
 
 /// The index of the first NaN or infinity in x, its 1 MiB pieces checked in parallel.
@@ -417,7 +398,7 @@ pub fn write_tensors(path: &Path, tensors: &[(String, Vec<usize>, Data)], metada
                 let n = crate::tensor::checked_numel(shape)
                     .filter(|&n| n == v.len())
                     .ok_or_else(|| err(path, format!("{name}: {} values for shape {shape:?}", v.len())))?;
-                if let Some(k) = v.iter().position(|x| !x.is_finite()) {
+                if let Some(k) = first_non_finite_par(v) {
                     return Err(err(
                         path,
                         format!("not written: {name} holds a non-finite value ({} at index {k})", v[k]),

@@ -34,6 +34,15 @@ impl CpuStorage {
             CpuStorage::I32(_) => DType::I32,
         }
     }
+    /// The values of an f32 storage (owned or mapped).
+    pub fn as_f32(&self) -> Option<&[f32]> {
+        match self {
+            CpuStorage::F32(v) => Some(v),
+            CpuStorage::MappedF32(m) => Some(m.as_slice()),
+            CpuStorage::I32(_) => None,
+        }
+    }
+
     pub fn as_bytes(&self) -> &[u8] {
         match self {
             CpuStorage::F32(v) => bytemuck::cast_slice(v),
@@ -98,16 +107,13 @@ impl Tensor {
         Self::from_cpu(CpuStorage::F32(data), shape, device)
     }
 
-    /// f32 in place in a mapped file (uploaded, i.e. copied, on a GPU device).
-    pub fn from_mapped(data: crate::mapped::MappedF32, shape: &[usize], device: &Device) -> Result<Tensor> {
-        Self::from_cpu(CpuStorage::MappedF32(data), shape, device)
-    }
-
     pub fn from_vec_i32(data: Vec<i32>, shape: &[usize], device: &Device) -> Result<Tensor> {
         Self::from_cpu(CpuStorage::I32(data), shape, device)
     }
 
-    fn from_cpu(data: CpuStorage, shape: &[usize], device: &Device) -> Result<Tensor> {
+    /// Host data (owned, or in place in a mapped file) as a tensor on `device` (uploaded, i.e.
+    /// copied, on a GPU).
+    pub(crate) fn from_cpu(data: CpuStorage, shape: &[usize], device: &Device) -> Result<Tensor> {
         let n = data.as_bytes().len() / 4;
         if numel_checked("from_vec", shape)? != n {
             return Err(Error::shape("from_vec", format!("{n} values do not fill shape {shape:?}")));
@@ -201,9 +207,7 @@ impl Tensor {
     /// Host f32 slice of a cpu tensor.
     pub(crate) fn cpu_f32(&self, op: &'static str) -> Result<&[f32]> {
         match &*self.storage {
-            Storage::Cpu(CpuStorage::F32(v)) => Ok(v),
-            Storage::Cpu(CpuStorage::MappedF32(m)) => Ok(m.as_slice()),
-            Storage::Cpu(CpuStorage::I32(_)) => Err(Error::DType { op, expected: DType::F32, got: DType::I32 }),
+            Storage::Cpu(c) => c.as_f32().ok_or(Error::DType { op, expected: DType::F32, got: DType::I32 }),
             #[allow(unreachable_patterns)]
             _ => Err(Error::Unsupported { op, detail: "expected a cpu tensor".into() }),
         }

@@ -143,8 +143,8 @@ fn run_json(cmd: &mut std::process::Command, what: &str) -> std::result::Result<
         (true, Some(v)) => Ok(v),
         _ => {
             let err = String::from_utf8_lossy(&out.stderr);
-            let tail: String =
-                err.lines().rev().take(3).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join(" | ");
+            let lines: Vec<&str> = err.lines().collect();
+            let tail = lines[lines.len().saturating_sub(3)..].join(" | ");
             Err(format!("{what}: failed ({}): {tail}", out.status))
         }
     }
@@ -167,14 +167,11 @@ pub fn compare(c: &Compare, emit: &mut dyn FnMut(&str)) -> Result<String> {
     );
     let secs = |v: &serde_json::Value| v["median_s"].as_f64();
     let rss = |v: &serde_json::Value| v["peak_rss_mb"].as_f64();
-    let cell = |v: &Option<serde_json::Value>, f: &dyn Fn(&serde_json::Value) -> Option<f64>, unit: &str| match v
-        .as_ref()
-        .and_then(f)
-    {
-        Some(x) if unit == "s" => format!("{x:.3} s"),
-        Some(x) => format!("{x:.0} MB"),
-        None => "-".into(),
-    };
+    // a peer run's median or peak RSS, "-" when it failed or was left out
+    let time_cell =
+        |v: &Option<serde_json::Value>| v.as_ref().and_then(secs).map_or("-".into(), |x| format!("{x:.3} s"));
+    let rss_cell =
+        |v: &Option<serde_json::Value>| v.as_ref().and_then(rss).map_or("-".into(), |x| format!("{x:.0} MB"));
     for round in 1..=c.rounds {
         for s in &c.scenarios {
             let ours = run_json(
@@ -214,10 +211,10 @@ pub fn compare(c: &Compare, emit: &mut dyn FnMut(&str)) -> Result<String> {
                 "{round:<6} {s:<10} {:<22} {:<10} {:<13} {:<10} {:<15} {:<10} {:<20} {}",
                 format!("{m:.3} s ({:.3})", ours["min_s"].as_f64().unwrap_or(f64::NAN)),
                 format!("{r:.0} MB"),
-                cell(&eager, &secs, "s"),
-                cell(&eager, &rss, "MB"),
-                cell(&compiled, &secs, "s"),
-                cell(&compiled, &rss, "MB"),
+                time_cell(&eager),
+                rss_cell(&eager),
+                time_cell(&compiled),
+                rss_cell(&compiled),
                 ratio(best_peer / m),
                 ratio(r / least_rss),
             );

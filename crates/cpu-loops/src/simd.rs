@@ -53,17 +53,28 @@ pub(crate) trait Kernel {
 pub(crate) fn dispatch<K: Kernel>(k: K) -> K::Out {
     #[cfg(target_arch = "x86_64")]
     {
-        let v3 = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
-        if v3 && std::arch::is_x86_feature_detected!("avx512f") {
+        if has_v4() {
             // SAFETY: the CPU has AVX-512F, AVX2 and FMA, the features on_v4 is compiled for.
             return unsafe { on_v4(k) };
         }
-        if v3 {
+        if has_v3() {
             // SAFETY: the CPU has AVX2 and FMA, the features on_v3 is compiled for.
             return unsafe { on_v3(k) };
         }
     }
     k.run(Scalar)
+}
+
+/// AVX2 and FMA: what on_v3 is compiled for.
+#[cfg(target_arch = "x86_64")]
+fn has_v3() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
+/// AVX-512F with AVX2 and FMA: what on_v4 is compiled for.
+#[cfg(target_arch = "x86_64")]
+fn has_v4() -> bool {
+    has_v3() && std::arch::is_x86_feature_detected!("avx512f")
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -355,14 +366,11 @@ pub(crate) fn each_path<K: Kernel + Clone>(k: K) -> Vec<(&'static str, K::Out)> 
     let mut out = vec![("scalar", k.clone().run(Scalar))];
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if has_v3() {
             // SAFETY: checked just above.
             out.push(("avx2", unsafe { on_v3(k.clone()) }));
         }
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-        {
+        if has_v4() {
             // SAFETY: checked just above.
             out.push(("avx512", unsafe { on_v4(k) }));
         }

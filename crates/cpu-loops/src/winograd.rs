@@ -30,6 +30,16 @@ unsafe fn store<S: Simd>(s: S, p: *mut f32, v: S::V, n: usize) {
     }
 }
 
+/// The first n (<= 16) floats of row, zeros after: one plain load when all 16 go.
+#[inline(always)]
+fn load<S: Simd>(s: S, row: &[f32], n: usize) -> S::V {
+    if n == 16 {
+        s.load(row)
+    } else {
+        s.load_first(row, n)
+    }
+}
+
 /// Row o of every plane of U = G g Gᵀ (16 planes of co x ci at u), the filters g = wo[ci][3×3]
 /// of output channel o, G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]]; 16 input channels
 /// at a time on lanes.
@@ -167,10 +177,9 @@ impl Kernel for InputTransform<'_> {
                 let mut t0 = 0;
                 while t0 < tw {
                     let n = 16.min(tw - t0);
-                    let ld = |row: &[f32]| if n == 16 { s.load(row) } else { s.load_first(row, n) };
                     let d: [[S::V; 4]; 4] = std::array::from_fn(|r| {
                         let (e, o) = (&ev[r * m + t0..], &od[r * m + t0..]);
-                        [ld(e), ld(o), ld(&e[1..]), ld(&o[1..])]
+                        [load(s, e, n), load(s, o, n), load(s, &e[1..], n), load(s, &o[1..], n)]
                     });
                     // t = Bᵀ·d (rows), then V = t·B (columns)
                     let tt: [[S::V; 4]; 4] = [
@@ -239,14 +248,7 @@ impl Kernel for OutputTransform<'_> {
                 let mut t0 = 0;
                 while t0 < tw {
                     let n = 16.min(tw - t0);
-                    let e: [S::V; 16] = std::array::from_fn(|k| {
-                        let row = &m[k * plane + base + t0..];
-                        if n == 16 {
-                            s.load(row)
-                        } else {
-                            s.load_first(row, n)
-                        }
-                    });
+                    let e: [S::V; 16] = std::array::from_fn(|k| load(s, &m[k * plane + base + t0..], n));
                     let a0: [S::V; 4] = std::array::from_fn(|c| s.add(s.add(e[c], e[4 + c]), e[8 + c]));
                     let a1: [S::V; 4] = std::array::from_fn(|c| s.sub(s.sub(e[4 + c], e[8 + c]), e[12 + c]));
                     let y = [
