@@ -193,6 +193,14 @@ enum Cmd {
         /// Ablation: bidirectional instead of causal reconstruction self-attention
         #[arg(long)]
         bidirectional_reconstruction: bool,
+        /// The paper's W-weighted reconstruction losses: each token's error weighted by its
+        /// W_woi / W_poi instead of the official plain mean
+        #[arg(long)]
+        weighted_reconstruction: bool,
+        /// Ablation without the conditioned interaction: uniform W_poi / W_woi (random masks,
+        /// unconditioned reconstruction attention, evenly pooled CCL)
+        #[arg(long)]
+        no_condition: bool,
         /// Share of training samples shown with their counterfactual note and mask (the note
         /// naming only the opacity the real note leaves out; synth's data has them)
         #[arg(long, default_value_t = 0.0)]
@@ -276,6 +284,44 @@ enum Cmd {
         epochs: usize,
         #[arg(long, default_value_t = 9.0)]
         max_minutes: f64,
+    },
+    /// The paper's component ablation (Table 3: CI, CLR, CVR): each variant trained with the
+    /// same data, seed and time budget, then test Dice / IoU with correct, shuffled and
+    /// counterfactual notes (ablation.csv, ablation.png)
+    #[cfg(feature = "train")]
+    Ablate {
+        /// A dataset in the LViT layout [default: a synthetic one written to OUT/data, the
+        /// quickstart's: 1000/100/100 images of 96²]
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// [default: runs/ablate-N, the first free]
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The whole table's time budget, shared equally by the variants (0 = none)
+        #[arg(long, default_value_t = 36.0)]
+        budget_minutes: f64,
+        /// Comma-separated subset of full, no-ci, no-clr, no-cvr, no-rec, base [default: all]
+        #[arg(long)]
+        variants: Option<String>,
+        #[arg(long, default_value = "small")]
+        preset: String,
+        #[arg(long, value_enum, default_value = "auto")]
+        device: DeviceChoice,
+        #[arg(long, default_value_t = 40)]
+        epochs: usize,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// [default: the preset's]
+        #[arg(long)]
+        lr: Option<f32>,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 15)]
+        patience: usize,
+        /// As `train --counterfactual-rate` [default: the quickstart's 0.5 on data that has
+        /// counterfactual notes, else 0]
+        #[arg(long)]
+        counterfactual_rate: Option<f64>,
     },
     /// Convert a checkpoint of the official PyTorch code (torch.save .pth) into a reclmis
     /// checkpoint; eval, infer and explain also take the .pth directly
@@ -436,6 +482,8 @@ fn run(cli: Cli) -> reclmis::Result<()> {
             random_masking,
             condition_on_logits,
             bidirectional_reconstruction,
+            weighted_reconstruction,
+            no_condition,
             counterfactual_rate,
             out,
             resume,
@@ -486,6 +534,8 @@ fn run(cli: Cli) -> reclmis::Result<()> {
                 random_masking: random_masking.then_some(true),
                 condition_on_logits: condition_on_logits.then_some(true),
                 bidirectional_reconstruction: bidirectional_reconstruction.then_some(true),
+                weighted_reconstruction: weighted_reconstruction.then_some(true),
+                no_condition: no_condition.then_some(true),
             };
             let model = r.as_ref().map(|r| r.model.clone()).unwrap_or_default().overridden_by(&flags);
             let o = pipeline::train::TrainOpts {
@@ -616,6 +666,64 @@ fn run(cli: Cli) -> reclmis::Result<()> {
                 );
             }
             println!("total {:.0} s", t0.elapsed().as_secs_f64());
+        }
+        #[cfg(feature = "train")]
+        Cmd::Ablate {
+            data,
+            out,
+            budget_minutes,
+            variants,
+            preset,
+            device,
+            epochs,
+            batch,
+            lr,
+            seed,
+            patience,
+            counterfactual_rate,
+        } => {
+            use pipeline::ablate;
+            let variants = ablate::select(variants.as_deref())?;
+            let dev = Device::from_choice(device)?;
+            let out = out.unwrap_or_else(|| ablate::next_free(std::path::Path::new("runs")));
+            // a new folder: ablate writes only what it creates
+            if out.exists() && std::fs::read_dir(&out).map(|mut d| d.next().is_some()).unwrap_or(true) {
+                return Err(reclmis::Error::Config(format!(
+                    "{}: ablate writes into a new or empty folder; this one holds files",
+                    out.display()
+                )));
+            }
+            let data = match data {
+                Some(d) => d,
+                None => {
+                    let d = out.join("data");
+                    let so = reclmis::data::write::SynthOpts { train: 1000, val: 100, test: 100, ..Default::default() };
+                    reclmis::data::write::write(&d, &so)?;
+                    println!("synthetic dataset written to {}", d.display());
+                    d
+                }
+            };
+            let has_cf =
+                reclmis::data::lvit::list_counterfactual(&data, Split::Train)?.is_some_and(|l| !l.entries.is_empty());
+            let counterfactual_rate =
+                counterfactual_rate.unwrap_or(if has_cf { QUICKSTART_COUNTERFACTUAL_RATE } else { 0.0 });
+            let o = ablate::AblateOpts {
+                data,
+                out: out.clone(),
+                preset,
+                budget_minutes,
+                epochs,
+                batch,
+                lr,
+                seed,
+                patience,
+                counterfactual_rate,
+                variants,
+                progress: true,
+            };
+            let rows = ablate::ablate(&o, &dev)?;
+            print!("{}", ablate::table(&rows));
+            println!("written: {} and ablation.png", out.join("ablation.csv").display());
         }
         Cmd::Infer { one, mask_gt } => {
             // the ground truth is read (and refused) before the model runs or anything is written

@@ -330,6 +330,8 @@ fn paper_options_differ_from_the_official_computation() {
     for (name, tweak) in [
         ("bidirectional reconstruction", (|c: &mut Config| c.bidirectional_reconstruction = true) as fn(&mut Config)),
         ("condition on logits", |c: &mut Config| c.condition_on_logits = true),
+        ("W-weighted reconstruction", |c: &mut Config| c.weighted_reconstruction = true),
+        ("without the conditioned interaction", |c: &mut Config| c.no_condition = true),
     ] {
         let mut m = model(&f, &dev);
         tweak(&mut m.cfg);

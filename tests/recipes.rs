@@ -93,27 +93,28 @@ fn recorded_configuration_is_validated() {
     assert!(reclmis::model::Config::from_metadata(&m).unwrap_err().to_string().contains("not a configuration"));
 }
 
-/// The score dropout acts in training only, and only on the scoring MLPs' inputs: with the
-/// fixture's weights, the training forward's W_poi changes while the evaluation is unchanged.
-#[test]
-fn score_dropout_acts_in_training_only() {
+/// The official fixture's weights in a model of configuration `tweak(fixture's)`, module
+/// dropout off.
+fn fixture_model(tweak: impl Fn(&mut reclmis::model::Config)) -> reclmis::model::RecLmis {
     let pth = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/official_tiny/checkpoint.pth");
     let pth = std::env::var_os("RECLMIS_FIXTURES")
         .map(|r| PathBuf::from(r).join("official_tiny/checkpoint.pth"))
         .unwrap_or(pth);
     let (base, _) = reclmis::pipeline::import_pth(&pth, None, None, &Device::Cpu).unwrap();
-    let with = |p: f32| {
-        let cfg = reclmis::model::Config { score_dropout: p, dropout: 0.0, ..base.cfg.clone() };
-        let mut m = reclmis::model::RecLmis::new(cfg, &Device::Cpu, 0).unwrap();
-        for id in base.params.ids() {
-            let src = base.params.value(id);
-            let dst = m.params.id(base.params.name(id)).unwrap();
-            m.params.set(dst, src.clone()).unwrap();
-        }
-        m
-    };
-    let (h, w) = base.cfg.img_size;
-    let b = reclmis::model::Batch {
+    let mut cfg = reclmis::model::Config { dropout: 0.0, ..base.cfg.clone() };
+    tweak(&mut cfg);
+    let mut m = reclmis::model::RecLmis::new(cfg, &Device::Cpu, 0).unwrap();
+    for id in base.params.ids() {
+        let src = base.params.value(id);
+        let dst = m.params.id(base.params.name(id)).unwrap();
+        m.params.set(dst, src.clone()).unwrap();
+    }
+    m
+}
+
+/// Two images with their masks and notes of 4 and 3 valid tokens (padding to 6).
+fn two_images((h, w): (usize, usize)) -> reclmis::model::Batch {
+    reclmis::model::Batch {
         images: reclmis::Tensor::from_vec(
             (0..2 * 3 * h * w).map(|i| (i % 17) as f32 / 17.0).collect(),
             &[2, 3, h, w],
@@ -136,24 +137,82 @@ fn score_dropout_acts_in_training_only() {
             .unwrap(),
         ),
         text_hidden: None,
-    };
-    let w_poi = |m: &reclmis::model::RecLmis| {
-        let g = reclmis::autograd::Graph::train().with_dropout_seed(9);
-        let out = m.forward_train(&g, &b, None, &mut reclmis::testing::Rng::new(1)).unwrap();
-        out.record["W_poi"].tensor().to_vec().unwrap()
-    };
+    }
+}
+
+fn train_forward(m: &reclmis::model::RecLmis, b: &reclmis::model::Batch) -> reclmis::model::TrainOut {
+    let g = reclmis::autograd::Graph::train().with_dropout_seed(9);
+    m.forward_train(&g, b, None, &mut reclmis::testing::Rng::new(1)).unwrap()
+}
+
+/// The score dropout acts in training only, and only on the scoring MLPs' inputs: with the
+/// fixture's weights, the training forward's W_poi changes while the evaluation is unchanged.
+#[test]
+fn score_dropout_acts_in_training_only() {
+    let with = |p: f32| fixture_model(|c| c.score_dropout = p);
     let (off, on) = (with(0.0), with(0.5));
+    let b = two_images(off.cfg.img_size);
+    let w_poi = |m: &reclmis::model::RecLmis| train_forward(m, &b).record["W_poi"].tensor().to_vec().unwrap();
     assert_ne!(w_poi(&off), w_poi(&on), "score dropout must change the training forward's W_poi");
     // random masking: the same draws of the rng give other positions than W-guided masking
-    let masks = |m: &reclmis::model::RecLmis| {
-        let g = reclmis::autograd::Graph::train().with_dropout_seed(9);
-        m.forward_train(&g, &b, None, &mut reclmis::testing::Rng::new(1)).unwrap().masks.img
-    };
-    let mut random = with(0.0);
-    random.cfg.random_masking = true;
+    let masks = |m: &reclmis::model::RecLmis| train_forward(m, &b).masks.img;
+    let random = fixture_model(|c| c.random_masking = true);
     assert_ne!(masks(&off), masks(&random), "random masking must not follow W");
     let probs = |m: &reclmis::model::RecLmis| m.forward_eval(&b).unwrap()["probs"].tensor().to_vec().unwrap();
     assert_eq!(probs(&off), probs(&on), "and leave evaluation alone");
+}
+
+/// `--weighted-reconstruction`: each reconstruction loss is Σ_b Σ_t W_bt · mean_d (x − y)² / B,
+/// recomputed here in f64 from the recorded outputs, targets and weights (W_woi for the text,
+/// W_poi for the image tokens); and it is not the plain mean.
+#[test]
+fn weighted_reconstruction_weights_each_token_by_w() {
+    let plain = fixture_model(|_| {});
+    let weighted = fixture_model(|c| c.weighted_reconstruction = true);
+    let b = two_images(plain.cfg.img_size);
+    let out = train_forward(&weighted, &b);
+    let r = &out.record;
+    let v = |k: &str| r[k].tensor().to_vec().unwrap();
+    let expect = |x: &[f32], y: &[f32], w: &[f32], d: usize| -> f64 {
+        let bsz = 2;
+        let mut s = 0.0f64;
+        for (t, wt) in w.iter().enumerate() {
+            let e: f64 = (0..d).map(|k| (x[t * d + k] as f64 - y[t * d + k] as f64).powi(2)).sum::<f64>() / d as f64;
+            s += *wt as f64 * e;
+        }
+        s / bsz as f64
+    };
+    let dt = r["clip_hidden"].shape()[2];
+    let want_text = expect(&v("clr_out"), &v("clip_hidden"), &v("W_woi"), dt);
+    let di = r["interact_img"].shape()[2];
+    let want_img = expect(&v("cvr_out"), &v("interact_img"), &v("W_poi"), di);
+    // f32 sums over ≤ 2·36·64 terms of one sign: a relative 1e-5 is ~100 roundings of 2^-24 each
+    for (k, want) in [("text_rec", want_text), ("img_rec", want_img)] {
+        let got = out.losses[k] as f64;
+        assert!((got - want).abs() <= 1e-5 * want.abs(), "{k}: {got} vs {want}");
+    }
+    let plain_out = train_forward(&plain, &b);
+    assert!((plain_out.losses["text_rec"] - out.losses["text_rec"]).abs() > 1e-6, "weighting must act");
+}
+
+/// `--no-condition` (w/o CI): W_poi and W_woi are uniform over the valid tokens, so the masks are
+/// drawn at random and the losses differ from the conditioned model's; evaluation's mask is the
+/// same computation.
+#[test]
+fn no_condition_makes_w_uniform() {
+    let cond = fixture_model(|_| {});
+    let none = fixture_model(|c| c.no_condition = true);
+    let b = two_images(cond.cfg.img_size);
+    let out = train_forward(&none, &b);
+    let poi = out.record["W_poi"].tensor().to_vec().unwrap();
+    let n = poi.len() / 2;
+    assert!(poi.iter().all(|&w| (w - 1.0 / n as f32).abs() < 1e-7), "W_poi uniform");
+    let woi = out.record["W_woi"].tensor().to_vec().unwrap();
+    assert_eq!(woi[..6], [0.25, 0.25, 0.25, 0.25, 0.0, 0.0]);
+    assert!((woi[6] - 1.0 / 3.0).abs() < 1e-7 && woi[9..] == [0.0; 3]);
+    assert!((train_forward(&cond, &b).losses["ccl"] - out.losses["ccl"]).abs() > 1e-6, "the CCL pools evenly");
+    let probs = |m: &reclmis::model::RecLmis| m.forward_eval(&b).unwrap()["probs"].tensor().to_vec().unwrap();
+    assert_eq!(probs(&cond), probs(&none), "the inference path has no W");
 }
 
 #[test]
@@ -174,7 +233,8 @@ fn ablation_flags_are_recorded_and_act() {
     let run = root.join("run");
     let out = Command::new(env!("CARGO_BIN_EXE_reclmis"))
         .args(["train", "--epochs", "1", "--batch", "4", "--device", "cpu", "--random-masking"])
-        .args(["--condition-on-logits", "--bidirectional-reconstruction", "--loss-weights", "5,0,1,0", "--data"])
+        .args(["--condition-on-logits", "--bidirectional-reconstruction", "--loss-weights", "5,0,1,0"])
+        .args(["--weighted-reconstruction", "--no-condition", "--data"])
         .arg(&data)
         .arg("--out")
         .arg(&run)
@@ -184,6 +244,7 @@ fn ablation_flags_are_recorded_and_act() {
     let m = meta(&run.join("best.safetensors"));
     let cfg: reclmis::model::Config = serde_json::from_str(&m["config"]).unwrap();
     assert!(cfg.random_masking && cfg.condition_on_logits && cfg.bidirectional_reconstruction);
+    assert!(cfg.weighted_reconstruction && cfg.no_condition);
     assert_eq!(cfg.loss_weights, [5.0, 0.0, 1.0, 0.0]);
     let _ = std::fs::remove_dir_all(&root);
 }
@@ -212,5 +273,51 @@ fn counterfactual_rate_needs_counterfactual_notes() {
     let out = train("b");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("--counterfactual-rate needs counterfactual notes"), "{err}");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// `reclmis ablate`: each chosen variant trained into its own run folder with its options
+/// recorded, the table printed and written (CSV row per variant, PNG), an unknown variant and a
+/// folder holding files refused.
+#[test]
+fn ablate_trains_each_variant_and_writes_the_table() {
+    let root = tmp("ablate-table");
+    let data = root.join("data");
+    write(&data, &SynthOpts { train: 4, val: 2, test: 2, size: 32, seed: 6, ..Default::default() }).unwrap();
+    let out = root.join("table");
+    let run = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_reclmis"))
+            .args(["ablate", "--epochs", "1", "--batch", "2", "--device", "cpu", "--budget-minutes", "0"])
+            .args(extra)
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    let o = run(&["--variants", "base,full"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let csv = std::fs::read_to_string(out.join("ablation.csv")).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 3, "{csv}");
+    assert!(lines[1].starts_with("full,") && lines[2].starts_with("base,"), "the table's order: {csv}");
+    // synth's data has counterfactual notes: every row has its Dice
+    assert!(lines[1..].iter().all(|l| !l.ends_with(",,")), "{csv}");
+    assert!(image::open(out.join("ablation.png")).is_ok());
+    let cfg = |v: &str| -> reclmis::model::Config {
+        serde_json::from_str(&meta(&out.join(v).join("best.safetensors"))["config"]).unwrap()
+    };
+    let (full, base) = (cfg("full"), cfg("base"));
+    assert!(!full.no_condition && full.loss_weights == [5.0, 0.2, 1.0, 1.0]);
+    assert!(base.no_condition && base.loss_weights == [5.0, 0.2, 0.0, 0.0]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("counterfactual"));
+    // the folder now holds the table: a second run is refused and leaves it as it was
+    let again = run(&["--variants", "full"]);
+    assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("holds files"));
+    assert_eq!(std::fs::read_to_string(out.join("ablation.csv")).unwrap(), csv);
+    let _ = std::fs::remove_dir_all(&out);
+    let bad = run(&["--variants", "full,nope"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown variant \"nope\""));
     let _ = std::fs::remove_dir_all(&root);
 }

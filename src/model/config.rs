@@ -50,6 +50,21 @@ pub struct Config {
     /// instead of in proportion to W_poi / W_woi.
     #[serde(default)]
     pub random_masking: bool,
+    /// The Interactor's position embedding starts as a 2-D sine-cosine table (each token's row
+    /// and column) instead of the official zeros, so that text queries can tell the lung zones
+    /// apart from the first step (the `small` preset; see README, text guidance).
+    #[serde(default)]
+    pub sincos_positions: bool,
+    /// The paper's W-weighted reconstruction losses: each token's squared error is weighted by
+    /// its W (W_woi for the text, W_poi for the image tokens, held constant in the backward)
+    /// instead of the official code's plain mean over tokens.
+    #[serde(default)]
+    pub weighted_reconstruction: bool,
+    /// The ablation without the conditioned interaction ("w/o CI"): W_poi and W_woi are uniform
+    /// over the valid tokens instead of scored by the MLPs, so masks are drawn at random, the
+    /// reconstructions attend unconditioned and the CCL pools evenly.
+    #[serde(default)]
+    pub no_condition: bool,
 }
 
 /// Limits on what a checkpoint's metadata may ask for (far above every published setting:
@@ -87,6 +102,9 @@ impl Config {
             bidirectional_reconstruction: false,
             score_dropout: 0.0,
             random_masking: false,
+            sincos_positions: false,
+            weighted_reconstruction: false,
+            no_condition: false,
         };
         match name {
             "official" => Ok(official),
@@ -116,6 +134,7 @@ impl Config {
                 clip_heads: 2,
                 vocab_size: 64,
                 text_trainable: true,
+                sincos_positions: true,
                 ..official
             }),
             other => Err(Error::Config(format!("unknown preset {other:?} (official, tiny, small)"))),

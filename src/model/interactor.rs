@@ -16,6 +16,32 @@ pub struct Interactor {
     ctbn_norm: BatchNorm,
 }
 
+/// [h·w, d] a 2-D sine-cosine table (as MAE's): the first half of the channels encode the row,
+/// the second the column, each as sin/cos pairs at d/4 frequencies from 1 to 1/100 per token.
+/// Zero-init embeddings carry no position until training writes one; image tokens at the
+/// bottleneck then differ by content only, and telling the zones apart is learned late.
+pub fn sincos_table((h, w): (usize, usize), d: usize) -> Vec<f32> {
+    let quarter = (d / 4).max(1);
+    let mut t = vec![0.0f32; h * w * d];
+    for y in 0..h {
+        for x in 0..w {
+            let row = &mut t[(y * w + x) * d..][..d];
+            for (half, pos) in [(0, y), (1, x)] {
+                for k in 0..quarter {
+                    let freq = 100f64.powf(-(k as f64) / quarter as f64);
+                    let a = pos as f64 * freq;
+                    let base = half * d / 2 + 2 * k;
+                    if base + 1 < d {
+                        row[base] = a.sin() as f32;
+                        row[base + 1] = a.cos() as f32;
+                    }
+                }
+            }
+        }
+    }
+    t
+}
+
 pub struct InteractOut {
     /// [B,N,d]: patch conv + position embedding
     pub tokens: Var,
@@ -28,11 +54,18 @@ pub struct InteractOut {
 }
 
 impl Interactor {
-    pub fn new(bd: &mut Builder, d: usize, heads: usize, n_tokens: usize) -> Result<Interactor> {
+    /// `grid`: the bottleneck's (rows, columns); `sincos`: start the position embedding as
+    /// `sincos_table` instead of the official zeros.
+    pub fn new(bd: &mut Builder, d: usize, heads: usize, grid: (usize, usize), sincos: bool) -> Result<Interactor> {
+        let n_tokens = grid.0 * grid.1;
         bd.scope("interact", |bd| {
             let (patch, position) = bd.scope("embeddings", |bd| {
-                let position =
-                    bd.constant("position_embeddings", &[1, n_tokens, d], 0.0, Kind::Param { trainable: true })?;
+                let shape = [1, n_tokens, d];
+                let position = if sincos {
+                    bd.values("position_embeddings", &shape, sincos_table(grid, d))?
+                } else {
+                    bd.constant("position_embeddings", &shape, 0.0, Kind::Param { trainable: true })?
+                };
                 let patch = Conv::new2d(bd, "patch_embeddings", d, d, 1, true)?;
                 Ok((patch, position))
             })?;

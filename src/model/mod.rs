@@ -133,7 +133,7 @@ impl RecLmis {
         let [c0, c1, c2, c3, c4] = cfg.unet_widths;
         let d = cfg.d_model;
         let inc = ConvBn::new(&mut bd, "inc", cfg.in_channels, c0)?;
-        let interact = Interactor::new(&mut bd, d, cfg.interactor_heads, cfg.n_tokens())?;
+        let interact = Interactor::new(&mut bd, d, cfg.interactor_heads, cfg.grid(), cfg.sincos_positions)?;
         let down = [
             Down::new(&mut bd, "down1", c0, c1)?,
             Down::new(&mut bd, "down2", c1, c2)?,
@@ -236,7 +236,14 @@ impl RecLmis {
         let x5 = self.down[3].forward(g, p, &x4)?;
         let it = self.interact.forward(g, p, &x5, &text_feat, need_weights, self.cfg.dropout)?;
         let (mut w_poi, mut w_woi) = (None, None);
-        if let Some(text2) = &it.text {
+        if let (Some(_), true) = (&it.text, self.cfg.no_condition) {
+            // w/o CI: every valid token weighs the same (the padding still exactly 0)
+            let (bsz, n) = (it.img.shape()[0], it.img.shape()[1]);
+            let uniform = Tensor::from_vec(vec![1.0 / n as f32; bsz * n], &[bsz, n], p.device())?;
+            w_poi = Some(Var::constant(uniform));
+            let bias = valid_bias(&b.valid)?;
+            w_woi = Some(Var::constant(crate::ops::softmax::softmax(&bias)?));
+        } else if let Some(text2) = &it.text {
             // the official `config.dropout` (MosMedData+: p 0.5) drops the scoring MLPs' inputs only
             let sv = self.mlp_visual.forward(g, p, &g.dropout(&it.img, self.cfg.score_dropout)?)?;
             let sw = self.mlp_woi.forward(g, p, &g.dropout(text2, self.cfg.score_dropout)?)?;
@@ -360,8 +367,14 @@ impl RecLmis {
         // frozen, so this is the same computation there
         let text_target =
             if self.cfg.text_trainable { Var::constant(t.hidden.tensor().clone()) } else { t.hidden.clone() };
-        let text_rec = g.mse(&clr_out, &text_target)?;
-        let img_rec = g.mse(&cvr_out, &t.img)?;
+        let (text_rec, img_rec) = if self.cfg.weighted_reconstruction {
+            (
+                weighted_mse(g, &clr_out, &text_target, w_woi.tensor())?,
+                weighted_mse(g, &cvr_out, &t.img, w_poi.tensor())?,
+            )
+        } else {
+            (g.mse(&clr_out, &text_target)?, g.mse(&cvr_out, &t.img)?)
+        };
         // CCL: a second softmax of W; unmasked text_feat and down4 tokens
         let tw = g.softmax(&w_woi)?;
         let vw = g.softmax(&w_poi)?;
@@ -405,6 +418,20 @@ impl RecLmis {
         }
         Ok(TrainOut { total, losses, record: rec, masks })
     }
+}
+
+/// x, y [B,L,D], w [B,L] (rows summing to 1): (1/B) Σ_b Σ_l w_bl · mean_d (x − y)², w constant.
+/// With w uniform (1/L) it is the plain mean squared error.
+fn weighted_mse(g: &Graph, x: &Var, y: &Var, w: &Tensor) -> Result<Var> {
+    let s = x.shape().to_vec();
+    if s.len() != 3 || w.shape() != [s[0], s[1]] {
+        return Err(Error::shape("weighted_mse", format!("x {s:?} and w {:?} must be [B,L,D] and [B,L]", w.shape())));
+    }
+    let d = g.sub(x, y)?;
+    // mean_all divides by B·L·D; the weight times L leaves (1/(B·D)) Σ w · Σ_d
+    let wl = crate::ops::elementwise::unary(w, crate::ops::elementwise::UnaryOp::Scale(s[1] as f32))?;
+    let sq = g.mul(&g.mul(&d, &d)?, &Var::constant(wl.reshape(&[s[0], s[1], 1])?))?;
+    g.mean_all(&sq)
 }
 
 struct Trunk {

@@ -67,6 +67,14 @@ impl<'a> Builder<'a> {
         self.params.add(&self.key(name), shape, v, Kind::Param { trainable: true })
     }
 
+    /// A trainable tensor with the given initial values.
+    pub fn values(&mut self, name: &str, shape: &[usize], values: Vec<f32>) -> Result<ParamId> {
+        if !self.init {
+            return self.params.declare(&self.key(name), shape, Kind::Param { trainable: true });
+        }
+        self.params.add(&self.key(name), shape, values, Kind::Param { trainable: true })
+    }
+
     pub fn constant(&mut self, name: &str, shape: &[usize], value: f32, kind: Kind) -> Result<ParamId> {
         if !self.init {
             return self.params.declare(&self.key(name), shape, kind);

@@ -2,6 +2,8 @@
 //! device does not wait), evaluation with the official metrics, and the training loop
 //! (`train.rs`).
 
+#[cfg(feature = "train")]
+pub mod ablate;
 #[cfg(feature = "cli")]
 pub mod export;
 #[cfg(feature = "train")]

@@ -25,6 +25,10 @@ pub struct ModelOptions {
     pub condition_on_logits: Option<bool>,
     /// Bidirectional instead of causal reconstruction attention (ablation).
     pub bidirectional_reconstruction: Option<bool>,
+    /// The paper's W-weighted reconstruction losses.
+    pub weighted_reconstruction: Option<bool>,
+    /// Uniform W instead of the scored ones (the ablation without the conditioned interaction).
+    pub no_condition: Option<bool>,
 }
 
 impl ModelOptions {
@@ -53,6 +57,12 @@ impl ModelOptions {
         if let Some(b) = self.bidirectional_reconstruction {
             c.bidirectional_reconstruction = b;
         }
+        if let Some(b) = self.weighted_reconstruction {
+            c.weighted_reconstruction = b;
+        }
+        if let Some(b) = self.no_condition {
+            c.no_condition = b;
+        }
     }
 
     /// `self` with every value `over` sets replaced.
@@ -66,6 +76,8 @@ impl ModelOptions {
             random_masking: over.random_masking.or(self.random_masking),
             condition_on_logits: over.condition_on_logits.or(self.condition_on_logits),
             bidirectional_reconstruction: over.bidirectional_reconstruction.or(self.bidirectional_reconstruction),
+            weighted_reconstruction: over.weighted_reconstruction.or(self.weighted_reconstruction),
+            no_condition: over.no_condition.or(self.no_condition),
         }
     }
 }

@@ -193,7 +193,7 @@ pub fn write_explain(e: &Explained, orig: &RgbImage, out: &Path) -> Result<()> {
 
 /// A 5×7 bitmap font for labels: lower-case letters, digits and a little punctuation (upper case
 /// is drawn as lower case; anything else as a box).
-mod font {
+pub(crate) mod font {
     use image::{Rgb, RgbImage};
 
     fn glyph(c: char) -> [u8; 7] {
