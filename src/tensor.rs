@@ -68,6 +68,39 @@ pub enum Storage {
     Emu(crate::device::emu::EmuBuffer),
 }
 
+impl Storage {
+    /// The bytes `device::memory` counts for this buffer (mapped weights are file pages: 0).
+    pub(crate) fn counted_bytes(&self) -> u64 {
+        match self {
+            Storage::Cpu(CpuStorage::F32(v)) => (v.len() * 4) as u64,
+            Storage::Cpu(CpuStorage::I32(v)) => (v.len() * 4) as u64,
+            Storage::Cpu(CpuStorage::MappedF32(_)) => 0,
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => s.len() as u64,
+            #[cfg(feature = "emu")]
+            Storage::Emu(b) => b.bytes().len() as u64,
+        }
+    }
+
+    fn kind(&self) -> crate::device::DeviceKind {
+        use crate::device::DeviceKind;
+        match self {
+            Storage::Cpu(_) => DeviceKind::Cpu,
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => DeviceKind::Cuda,
+            #[cfg(feature = "emu")]
+            Storage::Emu(_) => DeviceKind::Emu,
+        }
+    }
+}
+
+/// Every storage was counted by the device that made it (`Device::alloc` / `upload`).
+impl Drop for Storage {
+    fn drop(&mut self) {
+        crate::device::memory::freed(self.kind(), self.counted_bytes());
+    }
+}
+
 #[derive(Clone)]
 pub struct Tensor {
     shape: Vec<usize>,

@@ -8,6 +8,7 @@
 //! feature the tape itself is not compiled (no node storage, no `backward`): the inference build
 //! carries only the forward ops.
 
+pub mod count;
 mod ops;
 
 #[cfg(feature = "train")]

@@ -2,7 +2,7 @@
 //! here beside it. Closures capture only what their backward reads (cheap `Tensor` clones of
 //! shared storage) and free it when they run.
 
-use super::{Graph, Var};
+use super::{count, Graph, Var};
 use crate::error::{Error, Result};
 use crate::nn::params::{ParamId, Params};
 use crate::ops::attention::{self, AttnOpts, Condition};
@@ -37,6 +37,13 @@ pub struct Attention<'a> {
 
 /// (x, w, dy, with_bias) -> (dx, dw, db)
 type WeightedBackward = fn(&Tensor, &Tensor, &Tensor, bool) -> Result<(Tensor, Tensor, Option<Tensor>)>;
+
+/// Multiply-adds of Linear and the convolutions: each output element is a dot product over
+/// one output channel's weights (w [Co, ...]).
+fn weighted_macs(y: &Tensor, w: &Tensor) -> u64 {
+    let per_out = w.numel() / w.shape().first().copied().unwrap_or(1).max(1);
+    (y.numel() * per_out) as u64
+}
 
 /// dy · s for a scalar dy (device-resident, no host round trip).
 fn times_scalar(g: &Tensor, dy: &Tensor) -> Result<Tensor> {
@@ -147,13 +154,18 @@ impl Graph {
 
     /// Records y = f(x, w, b) whose backward gives (dx, dw, db): Linear and the convolutions.
     fn weighted(&self, x: &Var, w: &Var, b: Option<&Var>, y: Tensor, backward: WeightedBackward) -> Result<Var> {
+        let macs = weighted_macs(&y, &w.t);
+        count::forward(macs);
         let mut ins = vec![x, w];
         ins.extend(b);
         if !self.tracks(&ins) {
             return Ok(Var::constant(y));
         }
         let (xt, wt, has_b) = (x.t.clone(), w.t.clone(), b.is_some());
+        let module = count::label();
         Ok(self.record(&ins, y, move |dy| {
+            // dx and dw: each as many multiply-adds as the forward
+            count::backward(module, 2 * macs);
             let (dx, dw, db) = backward(&xt, &wt, dy, has_b)?;
             Ok(vec![Some(dx), Some(dw), db])
         }))
@@ -181,6 +193,8 @@ impl Graph {
     pub fn conv2d_cat(&self, parts: &[&Var], w: &Var, b: Option<&Var>) -> Result<Var> {
         let pts: Vec<&Tensor> = parts.iter().map(|p| &p.t).collect();
         let y = conv::conv2d_cat(&pts, &w.t, b.map(|b| &b.t), ALGO)?;
+        let macs = weighted_macs(&y, &w.t);
+        count::forward(macs);
         let mut ins: Vec<&Var> = parts.to_vec();
         ins.push(w);
         ins.extend(b);
@@ -188,7 +202,9 @@ impl Graph {
             return Ok(Var::constant(y));
         }
         let (xs, wt, has_b) = (pts.into_iter().cloned().collect::<Vec<_>>(), w.t.clone(), b.is_some());
+        let module = count::label();
         Ok(self.record(&ins, y, move |dy| {
+            count::backward(module, 2 * macs);
             let refs: Vec<&Tensor> = xs.iter().collect();
             let g = conv::conv2d_cat_backward(&refs, &wt, dy, has_b, ALGO)?;
             let mut out: Vec<Option<Tensor>> = g.dxs.into_iter().map(Some).collect();
@@ -305,17 +321,23 @@ impl Graph {
         };
         let o = AttnOpts { causal: a.causal, key_valid: a.key_valid, condition: cond, ..AttnOpts::new(a.heads) };
         let f = attention::attention(&q.t, &k.t, &v.t, &o)?;
+        // one Q·Kᵀ-sized product: B·Tq·S·E over all heads
+        let unit = (q.t.numel() * k.shape()[1]) as u64;
+        count::forward(2 * unit); // Q·Kᵀ, P·V
         let mut ins = vec![q, k, v];
         ins.extend(a.condition);
         let y = f.o.clone();
         if !self.tracks(&ins) {
             return Ok(Var::constant(y));
         }
+        let module = count::label();
         let (qt, kt, vt) = (q.t.clone(), k.t.clone(), v.t.clone());
         let valid = a.key_valid.cloned();
         let w = a.condition.map(|w| w.t.clone());
         let (heads, causal, on_logits) = (a.heads, a.causal, a.condition_on_logits);
         Ok(self.record(&ins, y, move |dy| {
+            // Q·Kᵀ recomputed from the saved log-sum-exp, then dP, dV, dQ, dK
+            count::backward(module, 5 * unit);
             let cond = match (&w, on_logits) {
                 (None, _) => Condition::None,
                 (Some(w), false) => Condition::Probs(w),
@@ -373,6 +395,9 @@ impl Graph {
         vw: &Var,
     ) -> Result<(Var, Tensor, Tensor)> {
         let f = ccl::ccl_similarity(&text.t, &image.t, mask, &tw.t, &vw.t)?;
+        // every text row of a against every image token of b: B·B·L·N·D
+        let macs = (text.t.numel() * image.t.numel() / image.shape()[2].max(1)) as u64;
+        count::forward(macs);
         let (t2v, v2t) = (f.t2v.clone(), f.v2t.clone());
         let y = f.logits.clone();
         let ins = [text, image, tw, vw];
@@ -380,7 +405,9 @@ impl Graph {
             return Ok((Var::constant(y), t2v, v2t));
         }
         let (mt, twt, vwt) = (mask.clone(), tw.t.clone(), vw.t.clone());
+        let module = count::label();
         let v = self.record(&ins, y, move |dy| {
+            count::backward(module, 2 * macs);
             let half = ew::scale(dy, 0.5)?;
             let g = ccl::ccl_similarity_backward(&f, &mt, &twt, &vwt, &half, &half)?;
             Ok(vec![Some(g.dt), Some(g.dv), Some(g.dtw), Some(g.dvw)])

@@ -75,11 +75,14 @@ pub fn run(scenario: &str, dev: &Device) -> Result<String> {
         format!(", \"forward_s\": {:.4}, \"backward_s\": {:.4}, \"optimizer_s\": {:.4}", p[0], p[1], p[2])
     });
     Ok(format!(
-        "{{\"scenario\": \"{scenario}\", \"engine\": \"reclmis\", \"device\": \"{}\", \"batch\": {b}, \"median_s\": {m:.4}, \"per_image_s\": {:.4}, \"min_s\": {:.4}, \"peak_rss_mb\": {:.0}, \"reps\": {reps}{phase}}}",
+        "{{\"scenario\": \"{scenario}\", \"engine\": \"reclmis\", \"device\": \"{}\", \"batch\": {b}, \"median_s\": {m:.4}, \"per_image_s\": {:.4}, \"min_s\": {:.4}, \"peak_rss_mb\": {:.0}, \"peak_tensor_mb\": {:.0}, \"reps\": {reps}{phase}}}",
         dev.describe(),
         m / b as f64,
         times.iter().cloned().fold(f64::INFINITY, f64::min),
-        peak_rss_mb()
+        peak_rss_mb(),
+        // the most tensor bytes alive at once (device::memory): on cuda the device memory the
+        // scenario needs, which the process RSS does not show
+        crate::device::memory::peak(dev.kind()) as f64 / 1e6
     ))
 }
 

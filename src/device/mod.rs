@@ -8,6 +8,7 @@
 pub mod cuda;
 #[cfg(feature = "emu")]
 pub mod emu;
+pub mod memory;
 #[cfg(feature = "cuda")]
 pub(crate) mod nvrtc_compile;
 
@@ -231,7 +232,7 @@ impl Device {
             device: self.kind(),
             detail: format!("{numel} elements of {dtype:?} overflow a byte count"),
         })?;
-        match self {
+        let storage = match self {
             Device::Cpu => Ok(Storage::Cpu(match dtype {
                 DType::F32 => CpuStorage::F32(filled_vec(numel, if poison { f32::NAN } else { 0.0 })?),
                 DType::I32 => CpuStorage::I32(filled_vec(numel, if poison { -1 } else { 0 })?),
@@ -244,12 +245,14 @@ impl Device {
             Device::Emu => Ok(Storage::Emu(emu::EmuBuffer::new(bytes, poison)?)),
             #[cfg(not(feature = "emu"))]
             Device::Emu => Err(Error::NoEmu),
-        }
+        }?;
+        memory::allocated(self.kind(), storage.counted_bytes());
+        Ok(storage)
     }
 
     /// Copies host bytes into a new buffer on this device.
     pub(crate) fn upload(&self, host: CpuStorage) -> Result<Storage> {
-        match self {
+        let storage = match self {
             Device::Cpu => Ok(Storage::Cpu(host)),
             #[cfg(feature = "cuda")]
             Device::Cuda(d) => Ok(Storage::Cuda(d.upload(host.as_bytes())?)),
@@ -259,7 +262,9 @@ impl Device {
             Device::Emu => Ok(Storage::Emu(emu::EmuBuffer::from_bytes(host.as_bytes())?)),
             #[cfg(not(feature = "emu"))]
             Device::Emu => Err(Error::NoEmu),
-        }
+        }?;
+        memory::allocated(self.kind(), storage.counted_bytes());
+        Ok(storage)
     }
 
     /// Launches `kernel` with one argument, its params struct, exactly as cuLaunchKernel takes it.

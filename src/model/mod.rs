@@ -12,7 +12,7 @@ pub mod text_tower;
 pub mod train;
 pub mod unet;
 
-use crate::autograd::{Graph, Var};
+use crate::autograd::{count, Graph, Var};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::nn::params::Params;
@@ -223,17 +223,26 @@ impl RecLmis {
     fn trunk(&self, g: &Graph, b: &Batch, mut rec: Option<&mut Record>, need_weights: bool) -> Result<Trunk> {
         self.check_batch(b)?;
         let p = &self.params;
+        // (count::at names the module whose multiply-adds follow: `reclmis model --flops`)
+        count::at("clip");
         let hidden = match &b.text_hidden {
             Some(h) if !self.cfg.text_trainable => Var::constant(h.clone()),
             _ => self.clip.forward(g, p, &b.ids, &b.valid)?,
         };
+        count::at("text_module4");
         let tf = self.text_module4.forward(g, p, &g.transpose_last(&hidden)?)?;
         let text_feat = g.transpose_last(&tf)?;
+        count::at("inc");
         let x1 = self.inc.forward(g, p, &Var::constant(b.images.clone()))?;
+        count::at("down1");
         let x2 = self.down[0].forward(g, p, &x1)?;
+        count::at("down2");
         let x3 = self.down[1].forward(g, p, &x2)?;
+        count::at("down3");
         let x4 = self.down[2].forward(g, p, &x3)?;
+        count::at("down4");
         let x5 = self.down[3].forward(g, p, &x4)?;
+        count::at("interact");
         let it = self.interact.forward(g, p, &x5, &text_feat, need_weights, self.cfg.dropout)?;
         let (mut w_poi, mut w_woi) = (None, None);
         if let (Some(_), true) = (&it.text, self.cfg.no_condition) {
@@ -245,7 +254,9 @@ impl RecLmis {
             w_woi = Some(Var::constant(crate::ops::softmax::softmax(&bias)?));
         } else if let Some(text2) = &it.text {
             // the official `config.dropout` (MosMedData+: p 0.5) drops the scoring MLPs' inputs only
+            count::at("mlp_visual");
             let sv = self.mlp_visual.forward(g, p, &g.dropout(&it.img, self.cfg.score_dropout)?)?;
+            count::at("mlp_woi");
             let sw = self.mlp_woi.forward(g, p, &g.dropout(text2, self.cfg.score_dropout)?)?;
             w_poi = Some(g.softmax(&sv)?);
             // −inf where the text mask is 0: padding gets exactly 0
@@ -261,22 +272,29 @@ impl RecLmis {
         let (gh, gw) = self.cfg.grid();
         let s = it.img.shape().to_vec();
         let dec_in = g.reshape(&g.transpose_last(&it.img)?, &[s[0], s[2], gh, gw])?;
+        count::at("up4");
         let (u4, pl4) = self.up[0].forward(g, p, &dec_in, &x4)?;
+        count::at("up3");
         let (u3, pl3) = self.up[1].forward(g, p, &u4, &x3)?;
+        count::at("up2");
         let Some(rec) = rec else {
             // inference: free each skip connection and decoder output once consumed
             drop((x4, dec_in, u4, pl4, pl3, tf));
             let (u2, _) = self.up[2].forward(g, p, &u3, &x2)?;
             drop((u3, x2, x3));
+            count::at("up1");
             let (u1, _) = self.up[3].forward(g, p, &u2, &x1)?;
             drop((u2, x1));
+            count::at("outc");
             let logits = self.outc.forward(g, p, &u1)?;
             drop(u1);
             let probs = g.sigmoid(&logits)?;
             return Ok(Trunk { hidden, text_feat, x5, img: it.img, logits, probs, w_poi, w_woi });
         };
         let (u2, _) = self.up[2].forward(g, p, &u3, &x2)?;
+        count::at("up1");
         let (u1, _) = self.up[3].forward(g, p, &u2, &x1)?;
+        count::at("outc");
         let logits = self.outc.forward(g, p, &u1)?;
         let probs = g.sigmoid(&logits)?;
         for (k, v) in [
@@ -361,7 +379,9 @@ impl RecLmis {
         let keep_txt = keep_mask(&masks.text, bsz, l, p.device())?;
         let masked_img = g.mul(&img_tok, &Var::constant(keep_img))?;
         let masked_txt = g.mul(&t.text_feat, &Var::constant(keep_txt))?;
+        count::at("rec_img_trans1");
         let (cvr_enc, cvr_out) = self.rec_img.forward(g, p, &t.text_feat, &masked_img, &w_woi)?;
+        count::at("rec_text_trans1");
         let (clr_enc, clr_out) = self.rec_text.forward(g, p, &img_tok, &masked_txt, &w_poi)?;
         // a text tower trained from scratch would collapse its own target; the official tower is
         // frozen, so this is the same computation there
@@ -379,6 +399,7 @@ impl RecLmis {
         let tw = g.softmax(&w_woi)?;
         let vw = g.softmax(&w_poi)?;
         let mask_f = Tensor::from_vec(valid.iter().map(|&v| (v != 0) as i32 as f32).collect(), &[bsz, l], p.device())?;
+        count::at("ccl");
         let (ccl_logits, t2v, v2t) = g.ccl_logits(&t.text_feat, &img_tok, &mask_f, &tw, &vw)?;
         let scale = p.value(self.clip.logit_scale).to_vec()?[0].exp();
         let (ccl, ccl_parts) = g.info_nce(&ccl_logits, scale)?;

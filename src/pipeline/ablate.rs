@@ -100,7 +100,9 @@ pub fn ablate(o: &AblateOpts, dev: &Device) -> Result<Vec<Row>> {
     let mut rows = vec![];
     for v in &o.variants {
         if o.progress {
-            println!("== {} ({}): up to {} epochs, {:.1} minutes", v.name, v.what, o.epochs, per_variant);
+            let limit =
+                if per_variant > 0.0 { format!("{per_variant:.1} minutes") } else { "no time limit".to_string() };
+            println!("== {} ({}): up to {} epochs, {limit}", v.name, v.what, o.epochs);
         }
         let run = o.out.join(v.name);
         let t = TrainOpts {

@@ -53,6 +53,10 @@ pub struct EpochLog {
     pub val_counterfactual_dice: Option<f64>,
     pub images_per_s: f64,
     pub elapsed_s: f64,
+    /// The most tensor bytes alive at once on the run's device during the epoch (training and
+    /// validation; `device::memory`). 0 in logs written before it was recorded.
+    #[serde(default)]
+    pub peak_tensor_bytes: u64,
 }
 
 impl EpochLog {

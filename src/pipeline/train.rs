@@ -651,7 +651,9 @@ pub fn train(o: &TrainOpts, dev: &Device) -> Result<TrainSummary> {
     let (mut first_loss, mut last_loss) = (f32::NAN, f32::NAN);
     let (mut images, mut compute_s) = (0usize, 0.0f64);
     let mut epochs_run = run.epoch0;
+    let kind = dev.kind();
     for epoch in run.epoch0..o.epochs {
+        crate::device::memory::reset_peak(kind);
         let st = run_epoch(&mut run, o, epoch)?;
         images += st.images;
         compute_s += st.compute_s;
@@ -674,14 +676,16 @@ pub fn train(o: &TrainOpts, dev: &Device) -> Result<TrainSummary> {
             },
             images_per_s: images as f64 / compute_s.max(1e-9),
             elapsed_s: start.elapsed().as_secs_f64(),
+            peak_tensor_bytes: crate::device::memory::peak(kind),
         };
+        let peak = crate::device::memory::human(entry.peak_tensor_bytes);
         let total = entry.total();
         let cf = entry.val_counterfactual_dice.map_or(String::new(), |d| format!(", counterfactual Dice {d:.4}"));
         let improved = record_epoch(&mut run, entry)?;
         epochs_run = epoch + 1;
         if o.progress {
             println!(
-                "epoch {}/{}: loss {total:.4}, val Dice {:.4}, IoU {:.4}{cf}{} ({:.0} s)",
+                "epoch {}/{}: loss {total:.4}, val Dice {:.4}, IoU {:.4}{cf}{} ({:.0} s, peak tensors {peak})",
                 epoch + 1,
                 o.epochs,
                 v.dice,

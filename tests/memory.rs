@@ -1,0 +1,52 @@
+//! Tensor memory accounting (`device::memory`): one test function, because the gauges are
+//! per process and the test harness runs the functions of a file on parallel threads.
+
+use reclmis::device::memory;
+use reclmis::device::DeviceKind;
+use reclmis::model::{summary, Config, RecLmis};
+use reclmis::{Device, Tensor};
+
+#[test]
+fn live_and_peak_tensor_bytes() {
+    for (dev, kind) in [(Device::Cpu, DeviceKind::Cpu), (Device::emu().unwrap(), DeviceKind::Emu)] {
+        // a tensor counts its bytes once, however many handles share it, until the last drops
+        let base = memory::live(kind);
+        let t = Tensor::from_vec(vec![1.0; 1000], &[10, 100], &dev).unwrap();
+        assert_eq!(memory::live(kind) - base, 4000);
+        let shared = t.clone();
+        assert_eq!(memory::live(kind) - base, 4000, "a clone shares the buffer");
+        drop(t);
+        assert_eq!(memory::live(kind) - base, 4000);
+        memory::reset_peak(kind);
+        let tmp = Tensor::zeros(&[2, 500], &dev).unwrap();
+        drop(tmp);
+        assert_eq!(memory::peak(kind) - base, 8000, "the peak remembers what is gone");
+        drop(shared);
+        assert_eq!(memory::live(kind), base);
+    }
+
+    // two training steps of the tiny preset: the weights are every tensor of the model, Adam
+    // adds two moments per trainable weight, and the step's peak is above both; the cpu and the
+    // emulated device hold the same tensors, so the same bytes
+    // (the tiny preset at 32² with one layer per stack: the emulated device runs it in seconds)
+    let cfg = Config { img_size: (32, 32), rec_layers: 1, clip_layers: 1, ..Config::preset("tiny").unwrap() };
+    let m = RecLmis::new(cfg.clone(), &Device::Cpu, 0).unwrap();
+    let all: u64 = m.params.ids().map(|id| m.params.value(id).numel() as u64 * 4).sum();
+    let trainable: u64 =
+        m.params.ids().filter(|&id| m.params.trainable(id)).map(|id| m.params.value(id).numel() as u64 * 4).sum();
+    drop(m);
+    let cpu = summary::measure_memory(&cfg, 2, &Device::Cpu).unwrap();
+    assert_eq!(cpu.weights, all);
+    assert_eq!(cpu.between_steps, all + cpu.moments, "{cpu:?}");
+    // m and v for the trainable weights that get a gradient (not the unused PLAM conv_sig)
+    assert!(cpu.moments > trainable && cpu.moments <= 2 * trainable, "{cpu:?}");
+    assert!(cpu.peak > cpu.between_steps, "{cpu:?}");
+    let (one, emu) = (
+        summary::measure_memory(&cfg, 1, &Device::Cpu).unwrap(),
+        summary::measure_memory(&cfg, 1, &Device::emu().unwrap()).unwrap(),
+    );
+    assert_eq!((emu.weights, emu.between_steps, emu.peak), (one.weights, one.between_steps, one.peak));
+    // activations grow with the batch
+    let four = summary::measure_memory(&cfg, 4, &Device::Cpu).unwrap();
+    assert!(four.peak > cpu.peak && four.between_steps == cpu.between_steps, "{four:?} vs {cpu:?}");
+}
