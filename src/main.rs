@@ -16,6 +16,11 @@ struct Cli {
     /// Refuse images larger than this many megapixels (checked from the file's header)
     #[arg(long, global = true, default_value_t = 100.0)]
     max_megapixels: f64,
+    /// Autotuning: off (the fixed heuristics), on (the first call of each convolution shape times
+    /// its algorithms; the choice is cached per machine and build) or exhaustive (three timings
+    /// each) [default: RECLMIS_TUNE, else off]
+    #[arg(long, global = true)]
+    tune: Option<String>,
 }
 
 /// One image and its note through a trained checkpoint (infer, explain).
@@ -399,6 +404,9 @@ fn run(cli: Cli) -> reclmis::Result<()> {
         )));
     }
     reclmis::data::lvit::set_max_pixels((cli.max_megapixels * 1e6) as u64);
+    if let Some(t) = &cli.tune {
+        reclmis::ops::tune::set_mode(reclmis::ops::tune::Mode::parse(t).map_err(reclmis::Error::Config)?);
+    }
     match cli.cmd {
         Cmd::Selfcheck { device } => {
             let dev = Device::from_choice(device)?;

@@ -92,8 +92,16 @@ pub fn conv2d(x: &[f32], w: &[f32], bias: Option<&[f32]>, s: &ConvShape) -> Vec<
     if super::winograd::applies(s) {
         return super::winograd::conv2d_new(&[x], (w, s.depth()), None, bias, s);
     }
+    conv2d_im2col(x, w, bias, s)
+}
+
+/// `conv2d` by im2col + GEMM whatever the shape (the autotuner's other candidate).
+pub fn conv2d_im2col(x: &[f32], w: &[f32], bias: Option<&[f32]>, s: &ConvShape) -> Vec<f32> {
+    check_slices("conv2d", x.len(), (w.len(), s.depth()), bias.map(|b| b.len()), None, s);
     let mut y = vec![0.0f32; s.b * s.co * s.h * s.w];
-    conv2d_into(x, (w, s.depth()), bias, s, &mut y, false);
+    if !y.is_empty() {
+        im2col_into(x, (w, s.depth()), bias, s, &mut y, false);
+    }
     y
 }
 
@@ -108,13 +116,25 @@ pub fn conv2d_into(
     accumulate: bool,
 ) {
     check_slices("conv2d", x.len(), (w.len(), w_ld), bias.map(|b| b.len()), Some(y.len()), s);
-    let (hw, kk) = (s.h * s.w, s.depth());
     if y.is_empty() {
         return;
     }
     if super::winograd::applies(s) {
         return super::winograd::conv2d_into(&[x], (w, w_ld), bias, s, y, accumulate);
     }
+    im2col_into(x, (w, w_ld), bias, s, y, accumulate)
+}
+
+/// conv2d_into by im2col + GEMM (slices checked by the caller, y not empty).
+fn im2col_into(
+    x: &[f32],
+    (w, w_ld): (&[f32], usize),
+    bias: Option<&[f32]>,
+    s: &ConvShape,
+    y: &mut [f32],
+    accumulate: bool,
+) {
+    let (hw, kk) = (s.h * s.w, s.depth());
     let rows = band_rows(s);
     let bands = s.h.div_ceil(rows);
     let yp = SendPtr(y.as_mut_ptr());
@@ -196,9 +216,26 @@ pub fn flip_weights(w: &[f32], co: usize, ci: usize, k2: usize) -> Vec<f32> {
 /// dw [Co, Ci·kh·kw] = Σ over images and bands of dy_band [Co, px] · col_bandᵀ.
 pub fn conv2d_wgrad(x: &[f32], dy: &[f32], s: &ConvShape) -> Vec<f32> {
     check_slices("conv2d_wgrad", x.len(), (s.co * s.depth(), s.depth()), None, Some(dy.len()), s);
-    if super::winograd::applies_wgrad(s) {
-        return super::winograd::conv2d_wgrad(x, dy, s);
+    if s.kh != 3 || s.kw != 3 {
+        return wgrad_im2col(x, dy, s);
     }
+    let heuristic = if super::winograd::applies_wgrad(s) { 0 } else { 1 };
+    crate::ops::tune::pick(
+        || super::tune_key("conv2d_wgrad", s),
+        &["winograd", "im2col"],
+        heuristic,
+        |i| {
+            if i == 0 {
+                super::winograd::conv2d_wgrad(x, dy, s)
+            } else {
+                wgrad_im2col(x, dy, s)
+            }
+        },
+    )
+}
+
+/// `conv2d_wgrad` by im2col + GEMM.
+pub fn wgrad_im2col(x: &[f32], dy: &[f32], s: &ConvShape) -> Vec<f32> {
     let (hw, kk) = (s.h * s.w, s.depth());
     let rows = band_rows(s);
     let bands = s.h.div_ceil(rows);

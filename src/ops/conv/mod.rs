@@ -65,6 +65,11 @@ pub struct ConvShape {
     pub kw: usize,
 }
 
+/// The autotuner's key for a shape: the op and every size that changes which algorithm wins.
+pub(crate) fn tune_key(op: &str, s: &ConvShape) -> String {
+    format!("{op} b{} ci{} co{} {}x{} k{}x{}", s.b, s.ci, s.co, s.h, s.w, s.kh, s.kw)
+}
+
 impl ConvShape {
     pub fn flops(&self) -> f64 {
         2.0 * (self.b * self.co * self.h * self.w * self.ci * self.kh * self.kw) as f64
@@ -167,11 +172,24 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, algo: GemmAlgo) -> 
             None => None,
         };
         let (xv, wv) = (x.cpu_f32("conv2d")?, w.cpu_f32("conv2d")?);
-        if winograd::applies(&s) {
-            let u = winograd::cached_weights(w, (wv, s.depth()), &s);
-            return Tensor::from_vec(winograd::conv2d_new(&[xv], (wv, s.depth()), Some(&u), bv, &s), &out, dev);
+        if s.kh != 3 || s.kw != 3 {
+            return Tensor::from_vec(cpu::conv2d_im2col(xv, wv, bv, &s), &out, dev);
         }
-        return Tensor::from_vec(cpu::conv2d(xv, wv, bv, &s), &out, dev);
+        let heuristic = if winograd::applies(&s) { 0 } else { 1 };
+        let y = crate::ops::tune::pick(
+            || tune_key("conv2d", &s),
+            &["winograd", "im2col"],
+            heuristic,
+            |i| {
+                if i == 0 {
+                    let u = winograd::cached_weights(w, (wv, s.depth()), &s);
+                    winograd::conv2d_new(&[xv], (wv, s.depth()), Some(&u), bv, &s)
+                } else {
+                    cpu::conv2d_im2col(xv, wv, bv, &s)
+                }
+            },
+        );
+        return Tensor::from_vec(y, &out, dev);
     }
     let y = Tensor::empty(&out, DType::F32, dev)?;
     if y.numel() > 0 {
@@ -353,21 +371,38 @@ pub fn conv2d_cat(parts: &[&Tensor], w: &Tensor, bias: Option<&Tensor>, algo: Ge
     let out = [s.b, s.co, s.h, s.w];
     if let Device::Cpu = dev {
         let wv = w.cpu_f32(op)?;
-        if winograd::applies(&s) {
-            // every slice straight into its rows of the transformed input: one convolution
-            let xs = parts.iter().map(|x| x.cpu_f32(op)).collect::<Result<Vec<_>>>()?;
-            let bv = bias.map(|b| b.cpu_f32(op)).transpose()?;
-            let u = winograd::cached_weights(w, (wv, s.depth()), &s);
-            return Tensor::from_vec(winograd::conv2d_new(&xs, (wv, s.depth()), Some(&u), bv, &s), &out, dev);
+        let xs = parts.iter().map(|x| x.cpu_f32(op)).collect::<Result<Vec<_>>>()?;
+        let bv = bias.map(|b| b.cpu_f32(op)).transpose()?;
+        // each part convolved with its columns of w, accumulated (each part by its own choice)
+        let per_part = || {
+            let mut y = vec![0.0f32; s.b * s.co * s.h * s.w];
+            let mut c_off = 0;
+            for (i, x) in xs.iter().enumerate() {
+                let sp = ConvShape { ci: parts[i].shape()[1], ..s };
+                let b = if i == 0 { bv } else { None };
+                cpu::conv2d_into(x, (&wv[c_off * k2..], s.depth()), b, &sp, &mut y, i > 0);
+                c_off += sp.ci;
+            }
+            y
+        };
+        if s.kh != 3 || s.kw != 3 {
+            return Tensor::from_vec(per_part(), &out, dev);
         }
-        let mut y = vec![0.0f32; s.b * s.co * s.h * s.w];
-        let mut c_off = 0;
-        for (i, x) in parts.iter().enumerate() {
-            let sp = ConvShape { ci: x.shape()[1], ..s };
-            let b = if i == 0 { bias.map(|b| b.cpu_f32(op)).transpose()? } else { None };
-            cpu::conv2d_into(x.cpu_f32(op)?, (&wv[c_off * k2..], s.depth()), b, &sp, &mut y, i > 0);
-            c_off += sp.ci;
-        }
+        let heuristic = if winograd::applies(&s) { 0 } else { 1 };
+        let y = crate::ops::tune::pick(
+            || tune_key(op, &s),
+            &["winograd", "per-part"],
+            heuristic,
+            |i| {
+                if i == 0 {
+                    // every slice straight into its rows of the transformed input: one convolution
+                    let u = winograd::cached_weights(w, (wv, s.depth()), &s);
+                    winograd::conv2d_new(&xs, (wv, s.depth()), Some(&u), bv, &s)
+                } else {
+                    per_part()
+                }
+            },
+        );
         return Tensor::from_vec(y, &out, dev);
     }
     let y = Tensor::empty(&out, DType::F32, dev)?;

@@ -1,0 +1,93 @@
+//! Autotuning (`ops::tune`): a tuned convolution returns exactly the result of the candidate it
+//! chose, every candidate agrees with the others within the Winograd bound, the choice is cached
+//! and read back, and a corrupt or foreign cache is refused by the reader and, in a process,
+//! ignored with a warning and left as it was. One function: the mode and the cache are per
+//! process.
+
+use reclmis::ops::conv::{self, cpu, winograd, ConvShape};
+use reclmis::ops::tune::{self, Mode};
+use reclmis::{Device, Tensor};
+use std::process::Command;
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("reclmis-tune-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn tuning_chooses_caches_and_refuses_bad_caches() {
+    let dir = tmp("lib");
+    // SAFETY (edition 2024 asks): set before any thread of this test process reads it
+    unsafe { std::env::set_var("RECLMIS_TUNE_CACHE", &dir) };
+    tune::set_mode(Mode::On);
+    let s = ConvShape { b: 1, ci: 32, co: 48, h: 20, w: 12, kh: 3, kw: 3 };
+    let mut rng = reclmis::testing::Rng::new(3);
+    let xv: Vec<f32> = (0..s.b * s.ci * s.h * s.w).map(|_| rng.uniform(-1.0, 1.0)).collect();
+    let wv: Vec<f32> = (0..s.co * s.ci * 9).map(|_| rng.uniform(-0.2, 0.2)).collect();
+    let bv: Vec<f32> = (0..s.co).map(|_| rng.uniform(-0.5, 0.5)).collect();
+    let x = Tensor::from_vec(xv.clone(), &[s.b, s.ci, s.h, s.w], &Device::Cpu).unwrap();
+    let w = Tensor::from_vec(wv.clone(), &[s.co, s.ci, 3, 3], &Device::Cpu).unwrap();
+    let b = Tensor::from_vec(bv.clone(), &[s.co], &Device::Cpu).unwrap();
+    let y = conv::conv2d(&x, &w, Some(&b), reclmis::ops::gemm::GemmAlgo::Auto).unwrap().to_vec().unwrap();
+    let key = "conv2d b1 ci32 co48 20x12 k3x3";
+    let chosen = tune::choice(key).expect("the first call tunes the shape");
+    let wino = winograd::conv2d_new(&[&xv], (&wv, s.ci * 9), None, Some(&bv), &s);
+    let im2col = cpu::conv2d_im2col(&xv, &wv, Some(&bv), &s);
+    let want = match chosen.as_str() {
+        "winograd" => &wino,
+        "im2col" => &im2col,
+        other => panic!("unknown candidate {other}"),
+    };
+    assert_eq!(&y, want, "the tuned result is the chosen candidate's, bit for bit");
+    // the candidates agree to Winograd's rounding: |y| is O(1) here and the transforms'
+    // magnitudes a few units, so 1e-4 is ~100 f32 roundings (the op's own tests bound each)
+    for (a, c) in wino.iter().zip(&im2col) {
+        assert!((a - c).abs() <= 1e-4 * (1.0 + c.abs()), "{a} vs {c}");
+    }
+    // the second call reads the choice
+    let again = conv::conv2d(&x, &w, Some(&b), reclmis::ops::gemm::GemmAlgo::Auto).unwrap().to_vec().unwrap();
+    assert_eq!(again, y);
+    let path = tune::cache_path().unwrap();
+    assert!(path.starts_with(&dir));
+    assert_eq!(tune::read_cache(&path).unwrap().get(key), Some(&chosen), "the cache round-trips");
+
+    // the reader refuses what it cannot use
+    let bad = dir.join("bad.json");
+    std::fs::write(&bad, b"{\"version\": 1, \"machine\":").unwrap();
+    assert!(tune::read_cache(&bad).unwrap_err().contains("not a tuning cache"));
+    let foreign = r#"{"version": 1, "machine": "another cpu; 64 threads", "build": "x", "choices": {}}"#;
+    std::fs::write(&bad, foreign).unwrap();
+    assert!(tune::read_cache(&bad).unwrap_err().contains("written for machine"));
+
+    // a process: `--tune on` writes its cache (convolutions and their weight gradients); a
+    // corrupt cache is ignored with a warning and left untouched
+    let cli_dir = tmp("cli");
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_reclmis"))
+            .args(["model", "--preset", "tiny", "--flops", "--tune", "on"])
+            .env("RECLMIS_TUNE_CACHE", &cli_dir)
+            .output()
+            .unwrap()
+    };
+    let o = run();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let files: Vec<_> = std::fs::read_dir(&cli_dir).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let text = std::fs::read_to_string(&files[0]).unwrap();
+    assert!(text.contains("\"conv2d b1") && text.contains("conv2d_wgrad b1"), "{text}");
+    std::fs::write(&files[0], b"garbage").unwrap();
+    let o = run();
+    assert!(o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("tuning cache") && err.contains("ignored"), "{err}");
+    assert_eq!(std::fs::read(&files[0]).unwrap(), b"garbage", "left as it was");
+    let bad_mode = Command::new(env!("CARGO_BIN_EXE_reclmis"))
+        .args(["model", "--preset", "tiny", "--tune", "fast"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&bad_mode.stderr).contains("off, on or exhaustive"));
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&cli_dir);
+}
