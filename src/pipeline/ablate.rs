@@ -212,8 +212,9 @@ pub fn plot(rows: &[Row], path: &Path) -> Result<()> {
     use image::{Rgb, RgbImage};
     let (bar, gap, ph, pad) = (14u32, 18u32, 200u32, 30u32);
     let group = 3 * bar + gap;
-    let width = 2 * pad + group * rows.len() as u32;
-    let mut img = RgbImage::from_pixel(width.max(240), ph + 3 * pad, Rgb([255, 255, 255]));
+    // wide enough for the title (45 glyphs of 6 px) with a single variant
+    let width = (2 * pad + group * rows.len() as u32).max(2 * pad + 280);
+    let mut img = RgbImage::from_pixel(width, ph + 3 * pad, Rgb([255, 255, 255]));
     for y in pad..=pad + ph {
         img.put_pixel(pad - 2, y, Rgb([0, 0, 0]));
     }
