@@ -56,6 +56,12 @@ impl OneImage {
 #[cfg(feature = "train")]
 const QUICKSTART_COUNTERFACTUAL_RATE: f64 = 0.7;
 
+/// The quickstart's synthetic dataset (also `ablate`'s default).
+#[cfg(feature = "train")]
+fn quickstart_data() -> reclmis::data::write::SynthOpts {
+    reclmis::data::write::SynthOpts { train: 1000, val: 100, test: 100, ..Default::default() }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run every op on the device and compare it with the f64 reference (the quick health check)
@@ -643,8 +649,7 @@ fn run(cli: Cli) -> reclmis::Result<()> {
             if data.exists() && std::fs::read_dir(&data).map(|mut d| d.next().is_some()).unwrap_or(true) {
                 reclmis::data::write::remove_synthetic(&data)?;
             }
-            let so = reclmis::data::write::SynthOpts { train: 1000, val: 100, test: 100, ..Default::default() };
-            reclmis::data::write::write(&data, &so)?;
+            reclmis::data::write::write(&data, &quickstart_data())?;
             println!("synthetic dataset written to {} ({:.0} s)", data.display(), t0.elapsed().as_secs_f64());
             let o = pipeline::train::TrainOpts {
                 data: data.clone(),
@@ -724,8 +729,7 @@ fn run(cli: Cli) -> reclmis::Result<()> {
                 Some(d) => d,
                 None => {
                     let d = out.join("data");
-                    let so = reclmis::data::write::SynthOpts { train: 1000, val: 100, test: 100, ..Default::default() };
-                    reclmis::data::write::write(&d, &so)?;
+                    reclmis::data::write::write(&d, &quickstart_data())?;
                     println!("synthetic dataset written to {}", d.display());
                     d
                 }

@@ -38,15 +38,7 @@ pub struct Run {
 
 impl Machine {
     pub fn of(dev: &Device, ceilings: Option<super::ceilings::Ceilings>) -> Machine {
-        let cpu = std::fs::read_to_string("/proc/cpuinfo")
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("model name"))
-                    .and_then(|l| l.split_once(':'))
-                    .map(|(_, v)| v.trim().to_string())
-            })
-            .unwrap_or_else(|| "unknown".into());
+        let cpu = crate::device::cpu_model().unwrap_or_else(|| "unknown".into());
         Machine {
             cpu,
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),

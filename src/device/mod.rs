@@ -136,6 +136,13 @@ macro_rules! kernel_params {
 /// whose munmap sends TLB-shootdown interrupts to the other cores, which made the cpu CCL
 /// backward 3x slower at random. The process then holds its peak working set, as a caching
 /// allocator would. Called by the `reclmis` binary at start-up; safe to call more than once.
+/// The CPU's `model name` from /proc/cpuinfo (None where there is none: other systems).
+pub fn cpu_model() -> Option<String> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("model name"))?;
+    Some(line.split_once(':')?.1.trim().to_string())
+}
+
 pub fn tune_host_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; it is called before any threads start

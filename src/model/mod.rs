@@ -245,7 +245,7 @@ impl RecLmis {
         count::at("interact");
         let it = self.interact.forward(g, p, &x5, &text_feat, need_weights, self.cfg.dropout)?;
         let (mut w_poi, mut w_woi) = (None, None);
-        if let (Some(_), true) = (&it.text, self.cfg.no_condition) {
+        if it.text.is_some() && self.cfg.no_condition {
             // w/o CI: every valid token weighs the same (the padding still exactly 0)
             let (bsz, n) = (it.img.shape()[0], it.img.shape()[1]);
             let uniform = Tensor::from_vec(vec![1.0 / n as f32; bsz * n], &[bsz, n], p.device())?;

@@ -65,30 +65,29 @@ pub fn mode() -> Mode {
     }
 }
 
-/// The machine a choice is valid for: CPU model and the threads the ops split over.
-pub fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
-    format!("{cpu}; {} threads", rayon::current_num_threads())
+/// The machine a choice is valid for: CPU model and the threads the ops split over (read once).
+pub fn machine() -> &'static str {
+    static M: OnceLock<String> = OnceLock::new();
+    M.get_or_init(|| {
+        let cpu = crate::device::cpu_model().unwrap_or_else(|| std::env::consts::ARCH.to_string());
+        format!("{cpu}; {} threads", rayon::current_num_threads())
+    })
 }
 
-/// The build a choice is valid for: the crate version and the executable's size and time.
-pub fn build() -> String {
-    let exe = std::env::current_exe().ok().and_then(|p| std::fs::metadata(p).ok());
-    let (len, mtime) = exe.map_or((0, 0), |m| {
-        (
-            m.len(),
-            m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs()),
-        )
-    });
-    format!("{} {len} {mtime}", env!("CARGO_PKG_VERSION"))
+/// The build a choice is valid for: the crate version and the executable's size and time (read
+/// once).
+pub fn build() -> &'static str {
+    static B: OnceLock<String> = OnceLock::new();
+    B.get_or_init(|| {
+        let exe = std::env::current_exe().ok().and_then(|p| std::fs::metadata(p).ok());
+        let (len, mtime) = exe.map_or((0, 0), |m| {
+            (
+                m.len(),
+                m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs()),
+            )
+        });
+        format!("{} {len} {mtime}", env!("CARGO_PKG_VERSION"))
+    })
 }
 
 fn cache_dir() -> Option<PathBuf> {
@@ -159,7 +158,7 @@ fn state() -> &'static Mutex<State> {
 
 fn save(s: &State) {
     let Some(path) = &s.file else { return };
-    let f = CacheFile { version: 1, machine: machine(), build: build(), choices: s.choices.clone() };
+    let f = CacheFile { version: 1, machine: machine().into(), build: build().into(), choices: s.choices.clone() };
     let json = serde_json::to_vec_pretty(&f).expect("a cache always serialises");
     let written = path
         .parent()
