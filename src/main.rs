@@ -163,9 +163,15 @@ enum Cmd {
         /// [default: 30, or the recipe's]
         #[arg(long)]
         epochs: Option<usize>,
-        /// [default: 8, or the recipe's]
+        /// Samples per forward and backward (the micro-batch with --accumulate) [default: 8, or
+        /// the recipe's]
         #[arg(long)]
         batch: Option<usize>,
+        /// Gradient accumulation: micro-batches of --batch samples per optimiser step, so a step
+        /// sees batch × N samples with one micro-batch's activations in memory (batch norm
+        /// normalises each micro-batch alone, as PyTorch does)
+        #[arg(long, default_value_t = 1)]
+        accumulate: usize,
         /// Learning rate [default: the recipe's, else the preset's: 3e-4 as the official code for
         /// official and tiny, 1e-3 for small]
         #[arg(long)]
@@ -504,6 +510,7 @@ fn run(cli: Cli) -> reclmis::Result<()> {
             device,
             epochs,
             batch,
+            accumulate,
             lr,
             schedule,
             seed,
@@ -576,6 +583,7 @@ fn run(cli: Cli) -> reclmis::Result<()> {
                 preset,
                 epochs: epochs.or(r.as_ref().map(|r| r.epochs)).unwrap_or(30),
                 batch: batch.or(r.as_ref().map(|r| r.batch)).unwrap_or(8),
+                accumulate,
                 lr,
                 seed: seed.or(r.as_ref().map(|r| r.seed)).unwrap_or(1),
                 model,
@@ -656,6 +664,7 @@ fn run(cli: Cli) -> reclmis::Result<()> {
                 preset: "small".into(),
                 epochs,
                 batch: 8,
+                accumulate: 1,
                 lr: 1e-3,
                 seed: 1,
                 out: out.join("run"),

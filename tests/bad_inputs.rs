@@ -35,6 +35,7 @@ fn opts(data: &Path, out: &Path) -> TrainOpts {
         preset: "small".into(),
         epochs: 2,
         batch: 8,
+        accumulate: 1,
         lr: 1e-3,
         seed: 5,
         out: out.to_path_buf(),
@@ -176,6 +177,7 @@ fn resume_is_consistent_or_refuses() {
         ("other batch", TrainOpts { batch: 4, ..opts(&data, &run) }, "batch: the run has 8, now 4"),
         ("other lr", TrainOpts { lr: 2e-3, ..opts(&data, &run) }, "lr: the run has 1e-3, now 2e-3"),
         ("augmentation switched", TrainOpts { augment: true, ..opts(&data, &run) }, "augment"),
+        ("accumulation switched", TrainOpts { accumulate: 2, ..opts(&data, &run) }, "accumulate: the run has 1, now 2"),
     ] {
         let e = err_of(pipeline::train::train(&TrainOpts { resume: true, ..o }, &dev));
         case(name, e.contains(want) && e.contains("--accept-changes"), &e);

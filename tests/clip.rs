@@ -177,6 +177,7 @@ fn clip_text_weights_train_frozen_and_resume() {
         preset: "tiny".into(),
         epochs: 2,
         batch: 4,
+        accumulate: 1,
         lr: 1e-3,
         seed: 3,
         out: run.clone(),

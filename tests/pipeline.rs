@@ -29,6 +29,7 @@ fn opts(data: &Path, out: &Path, epochs: usize) -> TrainOpts {
         preset: "small".into(),
         epochs,
         batch: 8,
+        accumulate: 1,
         lr: 1e-3,
         seed: 5,
         out: out.to_path_buf(),

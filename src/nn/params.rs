@@ -126,6 +126,10 @@ impl Params {
     pub fn value(&self, p: ParamId) -> &Tensor {
         &self.values[p.0]
     }
+    /// A buffer (batch-norm running statistics): updated by training forwards, not the optimiser.
+    pub fn is_buffer(&self, p: ParamId) -> bool {
+        matches!(self.kinds[p.0], Kind::Buffer)
+    }
     pub fn trainable(&self, p: ParamId) -> bool {
         matches!(self.kinds[p.0], Kind::Param { trainable: true })
     }

@@ -110,6 +110,7 @@ pub fn ablate(o: &AblateOpts, dev: &Device) -> Result<Vec<Row>> {
             preset: o.preset.clone(),
             epochs: o.epochs,
             batch: o.batch,
+            accumulate: 1,
             lr,
             seed: o.seed,
             out: run.clone(),

@@ -34,7 +34,11 @@ pub struct TrainOpts {
     pub data: PathBuf,
     pub preset: String,
     pub epochs: usize,
+    /// Micro-batch size: the samples of one forward and backward.
     pub batch: usize,
+    /// Micro-batches per optimiser step (gradient accumulation): a step sees `batch × accumulate`
+    /// samples while only one micro-batch's activations are alive at a time. 1 = off.
+    pub accumulate: usize,
     pub lr: f32,
     pub seed: u64,
     pub out: PathBuf,
@@ -78,6 +82,9 @@ impl TrainOpts {
         }
         if self.batch == 0 {
             return bad("--batch 0: must be at least 1".into());
+        }
+        if self.accumulate == 0 {
+            return bad("--accumulate 0: must be at least 1".into());
         }
         if self.epochs == 0 {
             return bad("--epochs 0: must be at least 1".into());
@@ -136,6 +143,7 @@ fn settings(
         ("preset", o.preset.clone()),
         ("seed", o.seed.to_string()),
         ("batch", o.batch.to_string()),
+        ("accumulate", o.accumulate.to_string()),
         ("lr", format!("{:e}", o.lr)),
         ("augment", o.augment.to_string()),
         ("official_flips", o.official_flips.to_string()),
@@ -143,6 +151,15 @@ fn settings(
         ("val_data", val.fingerprint()),
         ("tokenizer_hash", tok_hash.to_string()),
     ]
+}
+
+/// The value a setting added after a run started had in that run (what the run did before the
+/// setting existed), so resuming it compares equal.
+fn unrecorded(key: &str) -> &'static str {
+    match key {
+        "accumulate" => "1",
+        _ => "(not recorded)",
+    }
 }
 
 /// A setting the resumed run takes from its state rather than from the command line.
@@ -153,6 +170,10 @@ const FROM_RUN: &str = "(from the run)";
 fn run_id(settings: &[(&str, String)]) -> String {
     let mut f = crate::files::Fnv64::default();
     for (k, v) in settings {
+        // a setting at its unrecorded value leaves the identity of the runs from before it
+        if *v == unrecorded(k) {
+            continue;
+        }
         f.field(k.as_bytes()).field(v.as_bytes());
     }
     f.hex()
@@ -377,8 +398,8 @@ impl Run {
         // settings: other values are refused unless accepted
         let mut changed = vec![];
         for (k, v) in self.settings.iter_mut() {
-            // a setting added after the run started compares as not recorded
-            let was = meta.get(&format!("setting.{k}")).map_or("(not recorded)", String::as_str);
+            // a setting added after the run started compares as its value before it existed
+            let was = meta.get(&format!("setting.{k}")).map_or(unrecorded(k), String::as_str);
             if v == FROM_RUN {
                 *v = was.to_string();
                 continue;
@@ -552,29 +573,50 @@ fn progress_bar(o: &TrainOpts, steps: usize, epoch: usize) -> indicatif::Progres
     b
 }
 
+/// The samples of an epoch's step `step` (0-based) with `per_step` samples a step: all but the
+/// last are full. A micro-batch's gradient weight is its samples over these.
+fn step_samples(n_train: usize, per_step: usize, step: usize) -> usize {
+    per_step.min(n_train.saturating_sub(step * per_step)).max(1)
+}
+
 fn run_epoch(run: &mut Run, o: &TrainOpts, epoch: usize) -> Result<EpochStats> {
-    let steps_per_epoch = run.n_train.div_ceil(o.batch);
+    // a step: `accumulate` micro-batches of `batch` samples (the epoch's last step may be short)
+    let per_step = o.batch * o.accumulate;
+    let steps_per_epoch = run.n_train.div_ceil(per_step);
     let (rx, producer) = batches(run, o, epoch);
     let bar = progress_bar(o, steps_per_epoch, epoch);
     run.tr.adam.cfg.lr = o.schedule.lr(o.lr as f64, epoch, o.epochs) as f32;
     let mut rng = Rng::new(o.seed ^ 0xA5A5 ^ epoch as u64);
     let mut sums = BTreeMap::<String, f64>::new();
     let mut st = EpochStats { means: BTreeMap::new(), images: 0, compute_s: 0.0, first: f32::NAN, last: f32::NAN };
-    let mut steps = 0;
+    let (mut steps, mut in_step, mut seen) = (0, 0, 0usize);
+    let stopped = |e: Error, steps: usize| match e {
+        Error::NonFinite(what) => Error::NonFinite(format!(
+            "epoch {}, step {} of {steps_per_epoch}: {what}; training stopped, the files of epoch {} are kept",
+            epoch + 1,
+            steps + 1,
+            epoch
+        )),
+        other => other,
+    };
     for batch in rx {
         let batch = batch?;
         let t = Instant::now();
-        let l = run.tr.step(&batch, None, &mut rng).map_err(|e| match e {
-            Error::NonFinite(what) => Error::NonFinite(format!(
-                "epoch {}, step {} of {steps_per_epoch}: {what}; training stopped, the files of epoch {} are kept",
-                epoch + 1,
-                steps + 1,
-                epoch
-            )),
-            other => other,
-        })?;
+        let b = batch.images.shape()[0];
+        let step_samples = step_samples(run.n_train, per_step, steps);
+        let weight = if o.accumulate == 1 { 1.0 } else { b as f32 / step_samples as f32 };
+        run.tr.accumulate(&batch, None, &mut rng, weight).map_err(|e| stopped(e, steps))?;
+        drop(batch);
+        in_step += b;
+        seen += b;
+        st.images += b;
+        if in_step < step_samples && seen < run.n_train {
+            st.compute_s += t.elapsed().as_secs_f64();
+            continue;
+        }
+        let l = run.tr.apply().map_err(|e| stopped(e, steps))?;
+        in_step = 0;
         st.compute_s += t.elapsed().as_secs_f64();
-        st.images += batch.images.shape()[0];
         if st.first.is_nan() {
             st.first = l["total"];
         }
@@ -595,6 +637,8 @@ fn run_epoch(run: &mut Run, o: &TrainOpts, epoch: usize) -> Result<EpochStats> {
         bar.inc(1);
     }
     producer.join().map_err(|_| Error::Other("the batch thread panicked".into()))?;
+    // a producer that ended early (an error is returned above) leaves no half step behind
+    run.tr.discard();
     bar.finish_and_clear();
     st.means = sums.into_iter().map(|(k, s)| (k, s / steps.max(1) as f64)).collect();
     Ok(st)
@@ -720,4 +764,24 @@ pub fn train(o: &TrainOpts, dev: &Device) -> Result<TrainSummary> {
         last_loss,
         notes: run.notes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    /// 16 samples in micro-batches of 3, 2 per step: steps of 6, 6 and 4 samples, so the last
+    /// step's micro-batches (3 and 1 samples) weigh 3/4 and 1/4, and every step's weights sum to 1.
+    #[test]
+    fn the_short_last_step_weighs_its_micro_batches_by_samples() {
+        let (n, bs, acc) = (16, 3, 2);
+        let per_step = bs * acc;
+        let micro: Vec<usize> = (0..n).collect::<Vec<_>>().chunks(bs).map(|c| c.len()).collect();
+        let mut sums = vec![];
+        for (i, chunk) in micro.chunks(acc).enumerate() {
+            let total = super::step_samples(n, per_step, i);
+            assert_eq!(total, chunk.iter().sum::<usize>(), "step {i}");
+            sums.push(chunk.iter().map(|&b| b as f64 / total as f64).sum::<f64>());
+        }
+        assert_eq!(sums, vec![1.0; 3]);
+        assert_eq!(super::step_samples(n, per_step, 2), 4);
+    }
 }
