@@ -238,7 +238,7 @@ fn kernel_names(src: &str, path: &Path) -> Vec<String> {
         }
         let paren = after.find('(').unwrap();
         let name = after[..paren].split_whitespace().last().unwrap().to_string();
-        let ok = name.ends_with("_f32") || name.ends_with("_bf16") || name.ends_with("_i32");
+        let ok = ["_f32", "_bf16", "_f16", "_i32"].iter().any(|d| name.ends_with(d));
         let dir = name.contains("_fwd_") || name.contains("_bwd_");
         assert!(
             ok && dir && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),

@@ -113,3 +113,57 @@ __device__ __forceinline__ void mma_m16n8k8_tf32(float d[4], const uint32_t a[4]
           "f"(c[3]));
 #endif
 }
+
+// bf16 and f16 are stored as their 16-bit patterns (uint16_t): NVRTC has no cuda_bf16.h /
+// cuda_fp16.h without the toolkit's headers, and g++ (emu) has no __nv_bfloat16. The conversions
+// below are the only place that knows the formats: cvt instructions under NVRTC, the same IEEE
+// arithmetic in software under g++. Rounding is to nearest, ties to even, in both directions that
+// round; widening is exact.
+#ifndef RECLMIS_EMU
+typedef unsigned short uint16_t;
+#endif
+
+// f32 -> bf16 bits (cvt.rn.bf16.f32, sm_80+). NaN stays NaN (its payload bits may differ between
+// the GPU and the emulation; tests compare NaN-ness).
+__device__ __forceinline__ uint16_t f32_to_bf16_bits(float x) {
+#ifdef RECLMIS_EMU
+    uint32_t u = __float_as_uint(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x0040u);  // quiet NaN
+    u += 0x7fffu + ((u >> 16) & 1u);  // ties to even; overflow carries into inf, as it must
+    return (uint16_t)(u >> 16);
+#else
+    uint16_t r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(x));
+    return r;
+#endif
+}
+
+// bf16 bits -> f32: the 16 bits are f32's upper half (exact).
+__device__ __forceinline__ float bf16_bits_to_f32(uint16_t b) { return __uint_as_float((uint32_t)b << 16); }
+
+// f32 -> IEEE half bits (cvt.rn.f16.f32): overflow to inf, gradual underflow to subnormals.
+__device__ __forceinline__ uint16_t f32_to_f16_bits(float x) {
+#ifdef RECLMIS_EMU
+    _Float16 h = (_Float16)x;  // IEEE conversion, round to nearest even (libgcc)
+    uint16_t r;
+    std::memcpy(&r, &h, 2);
+    return r;
+#else
+    uint16_t r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(x));
+    return r;
+#endif
+}
+
+// IEEE half bits -> f32 (exact).
+__device__ __forceinline__ float f16_bits_to_f32(uint16_t b) {
+#ifdef RECLMIS_EMU
+    _Float16 h;
+    std::memcpy(&h, &b, 2);
+    return (float)h;
+#else
+    float r;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(r) : "h"(b));
+    return r;
+#endif
+}

@@ -10,11 +10,47 @@ pub enum DType {
     F32,
     /// Indices (argmax).
     I32,
+    /// bfloat16 (`half::bf16`): f32's exponent range with 8 significant bits (unit roundoff
+    /// 2⁻⁸): the storage type of mixed-precision training.
+    BF16,
+    /// IEEE half (`half::f16`): 11 significant bits, range ±65504.
+    F16,
 }
 
 impl DType {
     pub fn size(self) -> usize {
-        4
+        match self {
+            DType::F32 | DType::I32 => 4,
+            DType::BF16 | DType::F16 => 2,
+        }
+    }
+    /// A floating-point type (every one but I32).
+    pub fn is_float(self) -> bool {
+        self != DType::I32
+    }
+    /// The name the command line and safetensors use (`f32`, `bf16`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::I32 => "i32",
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+        }
+    }
+    /// A float dtype by its command-line name.
+    pub fn parse_float(s: &str) -> Option<DType> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Some(DType::F32),
+            "bf16" | "bfloat16" => Some(DType::BF16),
+            "f16" | "float16" | "half" => Some(DType::F16),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -23,6 +59,8 @@ impl DType {
 pub enum CpuStorage {
     F32(Vec<f32>),
     I32(Vec<i32>),
+    BF16(Vec<half::bf16>),
+    F16(Vec<half::f16>),
     /// f32 read in place from a memory-mapped checkpoint (read-only: weights for inference).
     MappedF32(crate::mapped::MappedF32),
 }
@@ -32,6 +70,8 @@ impl CpuStorage {
         match self {
             CpuStorage::F32(_) | CpuStorage::MappedF32(_) => DType::F32,
             CpuStorage::I32(_) => DType::I32,
+            CpuStorage::BF16(_) => DType::BF16,
+            CpuStorage::F16(_) => DType::F16,
         }
     }
     /// The values of an f32 storage (owned or mapped).
@@ -39,7 +79,7 @@ impl CpuStorage {
         match self {
             CpuStorage::F32(v) => Some(v),
             CpuStorage::MappedF32(m) => Some(m.as_slice()),
-            CpuStorage::I32(_) => None,
+            _ => None,
         }
     }
 
@@ -47,6 +87,8 @@ impl CpuStorage {
         match self {
             CpuStorage::F32(v) => bytemuck::cast_slice(v),
             CpuStorage::I32(v) => bytemuck::cast_slice(v),
+            CpuStorage::BF16(v) => bytemuck::cast_slice(v),
+            CpuStorage::F16(v) => bytemuck::cast_slice(v),
             CpuStorage::MappedF32(m) => bytemuck::cast_slice(m.as_slice()),
         }
     }
@@ -56,6 +98,8 @@ impl CpuStorage {
         match dtype {
             DType::F32 => CpuStorage::F32(bytemuck::pod_collect_to_vec(bytes)),
             DType::I32 => CpuStorage::I32(bytemuck::pod_collect_to_vec(bytes)),
+            DType::BF16 => CpuStorage::BF16(bytemuck::pod_collect_to_vec(bytes)),
+            DType::F16 => CpuStorage::F16(bytemuck::pod_collect_to_vec(bytes)),
         }
     }
 }
@@ -72,9 +116,8 @@ impl Storage {
     /// The bytes `device::memory` counts for this buffer (mapped weights are file pages: 0).
     pub(crate) fn counted_bytes(&self) -> u64 {
         match self {
-            Storage::Cpu(CpuStorage::F32(v)) => (v.len() * 4) as u64,
-            Storage::Cpu(CpuStorage::I32(v)) => (v.len() * 4) as u64,
             Storage::Cpu(CpuStorage::MappedF32(_)) => 0,
+            Storage::Cpu(c) => c.as_bytes().len() as u64,
             #[cfg(feature = "cuda")]
             Storage::Cuda(s) => s.len() as u64,
             #[cfg(feature = "emu")]
@@ -144,10 +187,18 @@ impl Tensor {
         Self::from_cpu(CpuStorage::I32(data), shape, device)
     }
 
+    pub fn from_vec_bf16(data: Vec<half::bf16>, shape: &[usize], device: &Device) -> Result<Tensor> {
+        Self::from_cpu(CpuStorage::BF16(data), shape, device)
+    }
+
+    pub fn from_vec_f16(data: Vec<half::f16>, shape: &[usize], device: &Device) -> Result<Tensor> {
+        Self::from_cpu(CpuStorage::F16(data), shape, device)
+    }
+
     /// Host data (owned, or in place in a mapped file) as a tensor on `device` (uploaded, i.e.
     /// copied, on a GPU).
     pub(crate) fn from_cpu(data: CpuStorage, shape: &[usize], device: &Device) -> Result<Tensor> {
-        let n = data.as_bytes().len() / 4;
+        let n = data.as_bytes().len() / data.dtype().size();
         if numel_checked("from_vec", shape)? != n {
             return Err(Error::shape("from_vec", format!("{n} values do not fill shape {shape:?}")));
         }
@@ -204,7 +255,9 @@ impl Tensor {
             #[cfg(feature = "cuda")]
             Storage::Cuda(s) => match &self.device {
                 // The allocation may be larger than the data (empty tensors get one byte).
-                Device::Cuda(d) => Ok(CpuStorage::from_bytes(self.dtype, &d.download(s)?[..self.numel() * 4])),
+                Device::Cuda(d) => {
+                    Ok(CpuStorage::from_bytes(self.dtype, &d.download(s)?[..self.numel() * self.dtype.size()]))
+                }
                 _ => unreachable!("cuda storage always belongs to a cuda device"),
             },
             #[cfg(feature = "emu")]
@@ -212,10 +265,13 @@ impl Tensor {
         }
     }
 
+    /// The values as f32 (bf16 and f16 widen exactly; i32 is refused).
     pub fn to_vec(&self) -> Result<Vec<f32>> {
         match self.to_cpu_storage()? {
             CpuStorage::F32(v) => Ok(v),
             CpuStorage::MappedF32(m) => Ok(m.as_slice().to_vec()),
+            CpuStorage::BF16(v) => Ok(v.iter().map(|x| x.to_f32()).collect()),
+            CpuStorage::F16(v) => Ok(v.iter().map(|x| x.to_f32()).collect()),
             CpuStorage::I32(_) => Err(Error::DType { op: "to_vec", expected: DType::F32, got: DType::I32 }),
         }
     }
@@ -223,9 +279,21 @@ impl Tensor {
     pub fn to_vec_i32(&self) -> Result<Vec<i32>> {
         match self.to_cpu_storage()? {
             CpuStorage::I32(v) => Ok(v),
-            CpuStorage::F32(_) | CpuStorage::MappedF32(_) => {
-                Err(Error::DType { op: "to_vec_i32", expected: DType::I32, got: DType::F32 })
-            }
+            other => Err(Error::DType { op: "to_vec_i32", expected: DType::I32, got: other.dtype() }),
+        }
+    }
+
+    pub fn to_vec_bf16(&self) -> Result<Vec<half::bf16>> {
+        match self.to_cpu_storage()? {
+            CpuStorage::BF16(v) => Ok(v),
+            other => Err(Error::DType { op: "to_vec_bf16", expected: DType::BF16, got: other.dtype() }),
+        }
+    }
+
+    pub fn to_vec_f16(&self) -> Result<Vec<half::f16>> {
+        match self.to_cpu_storage()? {
+            CpuStorage::F16(v) => Ok(v),
+            other => Err(Error::DType { op: "to_vec_f16", expected: DType::F16, got: other.dtype() }),
         }
     }
 
@@ -240,7 +308,7 @@ impl Tensor {
     /// Host f32 slice of a cpu tensor.
     pub(crate) fn cpu_f32(&self, op: &'static str) -> Result<&[f32]> {
         match &*self.storage {
-            Storage::Cpu(c) => c.as_f32().ok_or(Error::DType { op, expected: DType::F32, got: DType::I32 }),
+            Storage::Cpu(c) => c.as_f32().ok_or(Error::DType { op, expected: DType::F32, got: c.dtype() }),
             #[allow(unreachable_patterns)]
             _ => Err(Error::Unsupported { op, detail: "expected a cpu tensor".into() }),
         }
@@ -249,9 +317,7 @@ impl Tensor {
     pub(crate) fn cpu_i32(&self, op: &'static str) -> Result<&[i32]> {
         match &*self.storage {
             Storage::Cpu(CpuStorage::I32(v)) => Ok(v),
-            Storage::Cpu(CpuStorage::F32(_) | CpuStorage::MappedF32(_)) => {
-                Err(Error::DType { op, expected: DType::I32, got: DType::F32 })
-            }
+            Storage::Cpu(c) => Err(Error::DType { op, expected: DType::I32, got: c.dtype() }),
             #[allow(unreachable_patterns)]
             _ => Err(Error::Unsupported { op, detail: "expected a cpu tensor".into() }),
         }
@@ -279,6 +345,12 @@ impl Tensor {
             }
         }
         Ok(())
+    }
+
+    /// Errors unless every tensor is f32: what each f32 kernel must check of every operand it
+    /// reads or writes (a 2-byte type read as f32 would run past its buffer).
+    pub(crate) fn expect_f32(op: &'static str, ts: &[&Tensor]) -> Result<()> {
+        ts.iter().try_for_each(|t| t.expect_dtype(op, DType::F32))
     }
 
     pub(crate) fn expect_dtype(&self, op: &'static str, dtype: DType) -> Result<()> {

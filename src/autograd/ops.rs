@@ -99,6 +99,13 @@ impl Graph {
 
     // ---- shapes -----------------------------------------------------------------------------
 
+    /// `x` as another float type (`ops::cast`); the gradient goes back in `x`'s type.
+    pub fn cast(&self, x: &Var, to: crate::tensor::DType) -> Result<Var> {
+        let y = crate::ops::cast::cast(&x.t, to)?;
+        let from = x.t.dtype();
+        Ok(self.record(&[x], y, move |dy| Ok(vec![Some(crate::ops::cast::cast_backward(dy, from)?)])))
+    }
+
     pub fn reshape(&self, x: &Var, shape: &[usize]) -> Result<Var> {
         let y = x.t.reshape(shape)?;
         let in_shape = x.shape().to_vec();

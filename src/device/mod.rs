@@ -243,6 +243,12 @@ impl Device {
             Device::Cpu => Ok(Storage::Cpu(match dtype {
                 DType::F32 => CpuStorage::F32(filled_vec(numel, if poison { f32::NAN } else { 0.0 })?),
                 DType::I32 => CpuStorage::I32(filled_vec(numel, if poison { -1 } else { 0 })?),
+                DType::BF16 => {
+                    CpuStorage::BF16(filled_vec(numel, if poison { half::bf16::NAN } else { half::bf16::ZERO })?)
+                }
+                DType::F16 => {
+                    CpuStorage::F16(filled_vec(numel, if poison { half::f16::NAN } else { half::f16::ZERO })?)
+                }
             })),
             #[cfg(feature = "cuda")]
             Device::Cuda(d) => Ok(Storage::Cuda(d.alloc(bytes, poison)?)),

@@ -3,6 +3,7 @@
 //! with f64 accumulation (`reference.rs`, what the tests compare against).
 
 pub mod attention;
+pub mod cast;
 pub mod ccl;
 pub mod conv;
 pub(crate) mod cpu_math;

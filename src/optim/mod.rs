@@ -62,6 +62,7 @@ pub fn adam_update(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let op = "adam";
     p.same_device(op, &[g, m, v])?;
+    p.expect_dtype(op, DType::F32)?;
     for (name, t) in [("grad", g), ("exp_avg", m), ("exp_avg_sq", v)] {
         if t.shape() != p.shape() {
             return Err(Error::shape(op, format!("{name} {:?} vs parameter {:?}", t.shape(), p.shape())));

@@ -361,6 +361,7 @@ pub fn attention_backward(
 ) -> Result<AttnGrads> {
     let sh = shape(q, k, v, o)?;
     q.same_device(OP, &[&fwd.o, &fwd.lse, d_out])?;
+    Tensor::expect_f32(OP, &[&fwd.o, &fwd.lse, d_out])?;
     if d_out.shape() != q.shape() || fwd.o.shape() != q.shape() || fwd.lse.shape() != [sh.b, sh.h, sh.tq] {
         return Err(Error::shape(
             OP,

@@ -208,6 +208,7 @@ fn rows_cfg(rows: usize) -> LaunchCfg {
 pub fn l2_normalize_backward(y: &Tensor, inv: &Tensor, dy: &Tensor) -> Result<Tensor> {
     let op = "l2_normalize_backward";
     y.same_device(op, &[inv, dy])?;
+    Tensor::expect_f32(op, &[y, inv, dy])?;
     if y.shape() != dy.shape() || inv.numel() * y.shape().last().copied().unwrap_or(1) != y.numel() {
         return Err(Error::shape(op, format!("y {:?}, inv {:?}, dy {:?}", y.shape(), inv.shape(), dy.shape())));
     }
@@ -325,6 +326,27 @@ pub fn ccl_similarity_backward(
     expect(op, "d_v2t", d_v2t, &[b, b])?;
     let sv = &fwd.saved;
     sv.t_hat.same_device(op, &[mask, tw, vw, d_t2v, d_v2t])?;
+    // the forward's fields are public: every buffer the kernels read must match the sizes
+    for (what, t, shape) in [
+        ("text mask", mask, &[b, l][..]),
+        ("word weights", tw, &[b, l]),
+        ("patch weights", vw, &[b, n]),
+        ("saved t_hat", &sv.t_hat, &[b, l, d]),
+        ("saved v_hat", &sv.v_hat, &[b, n, d]),
+        ("saved inv_t", &sv.inv_t, &[b, l]),
+        ("saved inv_v", &sv.inv_v, &[b, n]),
+        ("saved max_v", &sv.max_v, &[b, b, l]),
+        ("saved max_t", &sv.max_t, &[b, b, n]),
+    ] {
+        expect(op, what, t, shape)?;
+    }
+    for (what, t, shape) in [("saved arg_v", &sv.arg_v, [b, b, l]), ("saved arg_t", &sv.arg_t, [b, b, n])] {
+        t.expect_dtype(op, DType::I32)?;
+        if t.shape() != shape {
+            return Err(Error::shape(op, format!("{what} is {:?}, expected {shape:?}", t.shape())));
+        }
+    }
+    sv.t_hat.same_device(op, &[&sv.v_hat, &sv.inv_t, &sv.inv_v, &sv.max_v, &sv.arg_v, &sv.max_t, &sv.arg_t])?;
     let dev = sv.t_hat.device();
     let (dth, dvh, dtw, dvw) = if let Device::Cpu = dev {
         let g = cpu::backward(

@@ -342,6 +342,10 @@ fn cat_shape(parts: &[&Tensor], w: &Tensor, bias: Option<&Tensor>) -> Result<Con
         }
         ci += x.shape()[1];
     }
+    Tensor::expect_f32(op, &[w])?;
+    if let Some(b) = bias {
+        b.expect_dtype(op, DType::F32)?;
+    }
     let fs = first.shape();
     if w.rank() != 4 || w.shape()[1] != ci {
         return Err(Error::shape(
@@ -442,6 +446,7 @@ pub fn conv2d_cat_backward(
     let op = "conv2d_cat_backward";
     let s = cat_shape(parts, w, None)?;
     dy.same_device(op, &[w])?;
+    dy.expect_dtype(op, DType::F32)?;
     if dy.shape() != [s.b, s.co, s.h, s.w] {
         return Err(Error::shape(
             op,

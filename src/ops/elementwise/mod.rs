@@ -144,6 +144,7 @@ pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
 /// dx from the forward input `x`, the forward output `y` and the incoming gradient `dy`.
 pub fn unary_backward(op: UnaryOp, x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Tensor> {
     x.same_device("unary_backward", &[y, dy])?;
+    Tensor::expect_f32("unary_backward", &[x, y, dy])?;
     for t in [y, dy] {
         if t.shape() != x.shape() {
             return Err(Error::shape("unary_backward", format!("{:?} vs {:?}", t.shape(), x.shape())));

@@ -99,6 +99,7 @@ pub fn embedding(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
 pub fn embedding_backward(ids: &Tensor, dy: &Tensor, vocab: usize) -> Result<Tensor> {
     ids.same_device(OP, &[dy])?;
     ids.expect_dtype(OP, DType::I32)?;
+    dy.expect_dtype(OP, DType::F32)?;
     let n = ids.numel();
     let d = dy.shape().last().copied().unwrap_or(0);
     if dy.rank() != ids.rank() + 1 || dy.shape()[..ids.rank()] != *ids.shape() {

@@ -138,6 +138,7 @@ pub fn layer_norm_backward(
 ) -> Result<LnGrads> {
     let (rows, c) = check(x, gamma, beta)?;
     x.same_device(OP, &[dy, &f.mean, &f.rstd])?;
+    Tensor::expect_f32(OP, &[dy, &f.mean, &f.rstd])?;
     if dy.shape() != x.shape() || f.mean.shape() != [rows] || f.rstd.shape() != [rows] {
         return Err(Error::shape(
             OP,

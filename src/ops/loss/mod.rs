@@ -183,6 +183,8 @@ pub fn dice_bce(logits: &Tensor, target: &Tensor) -> Result<SegLoss> {
 pub fn dice_bce_backward(logits: &Tensor, target: &Tensor, fwd: &SegLoss, scale: f32) -> Result<Tensor> {
     let op = "dice_bce_backward";
     let (b, p) = per_sample_shape(op, logits, target)?;
+    fwd.per_sample.expect_dtype(op, DType::F32)?;
+    logits.same_device(op, &[&fwd.per_sample])?;
     if fwd.per_sample.shape() != [b, 4] {
         return Err(Error::shape(op, format!("forward state {:?} is not for batch {b}", fwd.per_sample.shape())));
     }
@@ -227,7 +229,7 @@ pub fn metrics(probs: &Tensor, target: &Tensor) -> Result<Metrics> {
 /// mean((x − y)²) as a scalar tensor (shape []).
 pub fn mse(x: &Tensor, y: &Tensor) -> Result<Tensor> {
     let op = "mse";
-    x.expect_dtype(op, DType::F32)?;
+    Tensor::expect_f32(op, &[x, y])?;
     x.same_device(op, &[y])?;
     if x.shape() != y.shape() || x.numel() == 0 {
         return Err(Error::shape(op, format!("{:?} vs {:?} (both non-empty and equal)", x.shape(), y.shape())));
@@ -249,6 +251,7 @@ pub fn mse(x: &Tensor, y: &Tensor) -> Result<Tensor> {
 pub fn mse_backward(x: &Tensor, y: &Tensor, scale: f32) -> Result<(Tensor, Tensor)> {
     let op = "mse_backward";
     x.same_device(op, &[y])?;
+    Tensor::expect_f32(op, &[x, y])?;
     if x.shape() != y.shape() || x.numel() == 0 {
         return Err(Error::shape(op, format!("{:?} vs {:?} (both non-empty and equal)", x.shape(), y.shape())));
     }

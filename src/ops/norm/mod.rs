@@ -126,6 +126,7 @@ fn dims(op: &'static str, x: &Tensor, params: &[&Tensor]) -> Result<(usize, usiz
     }
     let (b, c) = (x.shape()[0], x.shape()[1]);
     for p in params {
+        p.expect_dtype(op, DType::F32)?;
         if p.shape() != [c] {
             return Err(Error::shape(op, format!("a per-channel parameter is {:?}, expected [{c}]", p.shape())));
         }
@@ -221,9 +222,14 @@ pub fn batch_norm(
 pub fn batch_norm_backward(x: &Tensor, gamma: &Tensor, f: &BnForward, dy: &Tensor, o: BnOpts) -> Result<BnGrads> {
     let op = "batch_norm_backward";
     let (b, c, s) = dims(op, x, &[gamma, &f.mean, &f.var])?;
-    if dy.shape() != x.shape() {
-        return Err(Error::shape(op, format!("dy {:?} vs x {:?}", dy.shape(), x.shape())));
+    // the forward's output is public and read here: it must be x's shape and type too
+    for (what, t) in [("dy", dy), ("the forward's y", &f.y)] {
+        t.expect_dtype(op, DType::F32)?;
+        if t.shape() != x.shape() {
+            return Err(Error::shape(op, format!("{what} {:?} vs x {:?}", t.shape(), x.shape())));
+        }
     }
+    x.same_device(op, &[dy, &f.y])?;
     let dev = x.device();
     if let Device::Cpu = dev {
         let g = cpu::backward(

@@ -171,6 +171,15 @@ pub fn plam_gate_backward(
     if dout.shape() != s.shape() {
         return Err(Error::shape(op, format!("dout {:?} vs skip input {:?}", dout.shape(), s.shape())));
     }
+    dout.expect_dtype(op, DType::F32)?;
+    s.same_device(op, &[dout])?;
+    // `g` is a public field of the forward and read by the kernel: its shape and type must hold
+    let gshape = [b, 1, s.shape()[2], s.shape()[3]];
+    f.g.expect_dtype(op, DType::F32)?;
+    if f.g.shape() != gshape {
+        return Err(Error::shape(op, format!("the forward's gate {:?}, expected {gshape:?}", f.g.shape())));
+    }
+    s.same_device(op, &[&f.g])?;
     let dev = s.device();
     let (ds_direct, da, dm, fcg) = if let Device::Cpu = dev {
         let fc = cpu::Fc::read(w)?;

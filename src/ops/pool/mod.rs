@@ -102,6 +102,7 @@ pub fn max_pool2_backward(dy: &Tensor, idx: &Tensor, in_shape: &[usize]) -> Resu
     let op = "max_pool2_backward";
     idx.expect_dtype(op, DType::I32)?;
     dy.same_device(op, &[idx])?;
+    dy.expect_dtype(op, DType::F32)?;
     let r = in_shape.len();
     if r < 2 || dy.shape() != with_hw(in_shape, in_shape[r - 2] / 2, in_shape[r - 1] / 2) || idx.shape() != dy.shape() {
         return Err(Error::shape(op, format!("dy {:?}, idx {:?} for input {in_shape:?}", dy.shape(), idx.shape())));

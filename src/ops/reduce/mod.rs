@@ -126,6 +126,7 @@ pub fn reduce_backward(
             format!("dy {:?} does not match input {in_shape:?} without axis {axis}", dy.shape()),
         ));
     }
+    dy.expect_dtype("reduce_backward", DType::F32)?;
     let idx = match (op, idx) {
         (ReduceOp::Max, Some(i)) => {
             i.expect_dtype("reduce_backward", DType::I32)?;

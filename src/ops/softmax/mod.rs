@@ -90,6 +90,7 @@ pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
 pub fn softmax_backward(y: &Tensor, dy: &Tensor, log: bool) -> Result<Tensor> {
     let op = "softmax_backward";
     y.same_device(op, &[dy])?;
+    Tensor::expect_f32(op, &[y, dy])?;
     if y.shape() != dy.shape() {
         return Err(Error::shape(op, format!("y {:?} vs dy {:?}", y.shape(), dy.shape())));
     }
