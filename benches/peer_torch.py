@@ -2,7 +2,8 @@
 
 usage: python peer_torch.py --device cpu|cuda --reps N SPEC...
 SPEC is one of: "mm M N K", "softmax R C", "relu B C H W", "add_bcast B C H W", "sum1 B C H W",
-"transpose B R C", "permute0213 B T H D", "narrow R C START LEN", "adam N",
+"transpose B R C", "permute0213 B T H D", "narrow R C START LEN", "adam N", "cast_bf16 B C HW",
+"cast_f16 B C HW",
 "ccl B L N D", "ccl_fb B L N D", "dice_bce B HW", "mse B HW", "maxpool B C HW",
 "upsample B C HW", "conv B CI CO HW K", "conv_bwd B CI CO HW K", "conv_cat B C1 C2 CO HW", "unet B C HW",
 "bn_relu B C HW", "plam B C HW",
@@ -229,6 +230,11 @@ def build(spec, dev):
         rows, cols, start, length = d
         x = r(rows, cols)
         return lambda: x[start:start + length].contiguous()
+    if kind in ("cast_bf16", "cast_f16"):
+        b, c, hw = d
+        x = r(b, c, hw, hw)
+        to = torch.bfloat16 if kind == "cast_bf16" else torch.float16
+        return lambda: x.to(to)
     if kind == "adam":  # one step of torch.optim.Adam (in place; reclmis writes new buffers)
         p = torch.nn.Parameter(r(d[0]))
         p.grad = r(d[0])

@@ -14,7 +14,7 @@ use crate::ops::attention::{self as attn, AttnOpts, Condition};
 use crate::ops::elementwise::{self, UnaryOp};
 use crate::ops::gemm::{self, GemmAlgo, GemmOpts};
 use crate::ops::{ccl, conv, embedding, layer_norm, loss, norm, plam, pool, reduce, softmax, transpose};
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 use std::time::Instant;
 
 pub mod ceilings;
@@ -97,11 +97,12 @@ fn rand_tensor(shape: &[usize], seed: u64, dev: &Device) -> Result<Tensor> {
 type Group = fn(&Device, bool, &mut Vec<Case>) -> Result<()>;
 
 /// Every benchmark group with the case names it defines.
-const GROUPS: [(&[&str], Group); 14] = [
+const GROUPS: [(&[&str], Group); 15] = [
     (&["gemm", "gemm_tc"], gemm_cases),
     (&["softmax", "softmax_bwd"], softmax_cases),
     (&["relu", "relu_bwd", "add_bcast", "sum", "max", "sum_bwd"], activation_cases),
     (&["transpose", "permute", "narrow"], layout_cases),
+    (&["cast_bf16", "cast_f16"], cast_cases),
     (&["adam"], optim_cases),
     (&["ccl", "ccl_composed", "ccl_fwd_bwd", "ccl_composed_fwd_bwd"], ccl_cases),
     (&["copy", "dice_bce", "dice_bce_bwd", "metrics", "mse"], seg_cases),
@@ -230,6 +231,36 @@ fn activation_cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> 
         run: Box::new(move || reduce::reduce_backward(reduce::ReduceOp::Sum, &g6, None, &shape6, 1)),
         validate: None,
     });
+    Ok(())
+}
+
+/// f32 -> bf16 and f32 -> f16 over a U-Net activation (the conversions autocast adds around
+/// each bf16 op): 6 bytes moved per element. Each is checked against the half crate's rounding.
+fn cast_cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
+    let (b, c, hw) = if small { (1, 8, 32) } else { (4, 64, 224) };
+    let x = rand_tensor(&[b, c, hw, hw], 21, dev)?;
+    let host = x.to_vec()?;
+    for (op, to) in [("cast_bf16", DType::BF16), ("cast_f16", DType::F16)] {
+        let (x, host) = (x.clone(), host.clone());
+        v.push(Case {
+            op,
+            shape: format!("{b}x{c}x{hw}x{hw} f32 -> {to}"),
+            flops: 0.0,
+            bytes: 6.0 * x.numel() as f64,
+            peer: Some(format!("cast_{to} {b} {c} {hw}")),
+            run: Box::new(move || crate::ops::cast::cast(&x, to)),
+            validate: Some(Box::new(move |y| {
+                let want: Vec<f32> = match to {
+                    DType::BF16 => host.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect(),
+                    _ => host.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
+                };
+                match y.to_vec()? == want {
+                    true => Ok(()),
+                    false => Err(Error::Other(format!("{op}: not the round-to-nearest-even values"))),
+                }
+            })),
+        });
+    }
     Ok(())
 }
 

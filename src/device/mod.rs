@@ -130,12 +130,6 @@ macro_rules! kernel_params {
     };
 }
 
-/// Keeps freed host memory in the process instead of returning it to the OS (glibc: no mmap for
-/// blocks under 1 GiB, no trimming). Tensors of tens of MB are allocated and freed on every step;
-/// with the defaults each allocation is a fresh mmap whose first touch faults every page and
-/// whose munmap sends TLB-shootdown interrupts to the other cores, which made the cpu CCL
-/// backward 3x slower at random. The process then holds its peak working set, as a caching
-/// allocator would. Called by the `reclmis` binary at start-up; safe to call more than once.
 /// The CPU's `model name` from /proc/cpuinfo (None where there is none: other systems).
 pub fn cpu_model() -> Option<String> {
     let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
@@ -143,6 +137,12 @@ pub fn cpu_model() -> Option<String> {
     Some(line.split_once(':')?.1.trim().to_string())
 }
 
+/// Keeps freed host memory in the process instead of returning it to the OS (glibc: no mmap for
+/// blocks under 1 GiB, no trimming). Tensors of tens of MB are allocated and freed on every step;
+/// with the defaults each allocation is a fresh mmap whose first touch faults every page and
+/// whose munmap sends TLB-shootdown interrupts to the other cores, which made the cpu CCL
+/// backward 3x slower at random. The process then holds its peak working set, as a caching
+/// allocator would. Called by the `reclmis` binary at start-up; safe to call more than once.
 pub fn tune_host_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; it is called before any threads start

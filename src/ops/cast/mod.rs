@@ -7,7 +7,7 @@ pub mod cpu;
 #[cfg(feature = "refs")]
 pub mod reference;
 
-use crate::device::{Device, LaunchCfg};
+use crate::device::LaunchCfg;
 use crate::error::{Error, Result};
 use crate::kernels::Kernel;
 use crate::tensor::{DType, Tensor};
@@ -44,8 +44,9 @@ pub fn cast(x: &Tensor, to: DType) -> Result<Tensor> {
         return Err(Error::Unsupported { op: "cast", detail: format!("{from} to {to}: only float types convert") });
     };
     let dev = x.device();
-    if let Device::Cpu = dev {
-        return Tensor::from_cpu(cpu::cast(&x.to_cpu_storage()?, to)?, x.shape(), dev);
+    if let crate::tensor::Storage::Cpu(host) = x.storage() {
+        // read in place (to_cpu_storage would copy the input first)
+        return Tensor::from_cpu(cpu::cast(host, to)?, x.shape(), dev);
     }
     let y = Tensor::empty(x.shape(), to, dev)?;
     if x.numel() > 0 {
