@@ -1,7 +1,7 @@
 """The PyTorch peer for `reclmis bench --peer PYTHON`: times the same cases in the same run.
 
 usage: python peer_torch.py --device cpu|cuda --reps N SPEC...
-SPEC is one of: "mm M N K", "softmax R C", "relu B C H W", "add_bcast B C H W", "sum1 B C H W",
+SPEC is one of: "mm M N K", "mm_bf16 M N K", "softmax R C", "relu B C H W", "add_bcast B C H W", "sum1 B C H W",
 "transpose B R C", "permute0213 B T H D", "narrow R C START LEN", "adam N", "cast_bf16 B C HW",
 "cast_f16 B C HW",
 "ccl B L N D", "ccl_fb B L N D", "dice_bce B HW", "mse B HW", "maxpool B C HW",
@@ -27,6 +27,9 @@ def build(spec, dev):
     r = lambda *s: (torch.rand(*s, generator=g) * 2 - 1).to(dev)  # noqa: E731
     if kind == "mm":
         a, b = r(d[0], d[2]), r(d[2], d[1])
+        return lambda: torch.mm(a, b)
+    if kind == "mm_bf16":
+        a, b = r(d[0], d[2]).bfloat16(), r(d[2], d[1]).bfloat16()
         return lambda: torch.mm(a, b)
     if kind == "softmax":
         x = r(d[0], d[1])

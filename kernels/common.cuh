@@ -167,3 +167,54 @@ __device__ __forceinline__ float f16_bits_to_f32(uint16_t b) {
     return r;
 #endif
 }
+
+// d = a * b + c for one warp, m16n8k16, bf16 operands (two per 32-bit register, the lower column
+// or row index in the low half) and f32 accumulation.
+// Fragment layout (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type"),
+// g = lane / 4, t = lane % 4:
+//   a[0] = A[g][2t, 2t+1]     a[1] = A[g+8][2t, 2t+1]   a[2] = A[g][2t+8, 2t+9]   a[3] = A[g+8][2t+8, 2t+9]
+//   b[0] = B[2t, 2t+1][g]     b[1] = B[2t+8, 2t+9][g]                                 (B: 16x8, k x n)
+//   c[i] = C[g + 8*(i/2)][2*t + i%2]                                                 (C, D: 16x8)
+// bf16 products are exact in f32; the emulation adds them to c in k order with f32 rounding at
+// each step. The hardware's summation order within the instruction is not documented: tests
+// bound the difference by f32 accumulation error, and tests/gemm_bf16.rs cross-checks the
+// emulated layout against the GPU.
+__device__ __forceinline__ void mma_m16n8k16_bf16(float d[4], const uint32_t a[4], const uint32_t b[2],
+                                                  const float c[4]) {
+#ifdef RECLMIS_EMU
+    uint64_t* s = emu::warp_slots();  // this warp's slots, [lane][16]
+    const unsigned me = emu::lane();
+    uint64_t* mine = s + me * 16;
+    for (int i = 0; i < 4; ++i) mine[i] = a[i];
+    for (int i = 0; i < 2; ++i) mine[4 + i] = b[i];
+    emu::sync_warp(__LINE__);
+    if (emu::warp_live_mask() != 0xffffffffu) emu::trap("mma.sync needs all 32 lanes", __LINE__);
+    const unsigned g = me / 4, t = me % 4;
+    float out[4];
+    for (int i = 0; i < 4; ++i) {
+        const unsigned row = g + 8 * (i / 2), col = 2 * t + i % 2;
+        float acc = c[i];
+        for (unsigned k = 0; k < 16; ++k) {
+            // A[row][k] sits in lane (row % 8) * 4 + (k % 8) / 2, register (row >= 8) + 2 (k >= 8),
+            // half k % 2; B[k][col] in lane col * 4 + (k % 8) / 2, register 4 + (k >= 8), half k % 2
+            const uint64_t* la = s + ((row % 8) * 4 + (k % 8) / 2) * 16;
+            const uint64_t* lb = s + (col * 4 + (k % 8) / 2) * 16;
+            const uint32_t ra = (uint32_t)la[(row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)];
+            const uint32_t rb = (uint32_t)lb[4 + (k >= 8 ? 1 : 0)];
+            const float av = bf16_bits_to_f32((uint16_t)(k % 2 ? ra >> 16 : ra & 0xffffu));
+            const float bv = bf16_bits_to_f32((uint16_t)(k % 2 ? rb >> 16 : rb & 0xffffu));
+            acc = fmaf(av, bv, acc);
+        }
+        out[i] = acc;
+    }
+    emu::sync_warp(__LINE__);  // everyone has read the slots before they are reused
+    for (int i = 0; i < 4; ++i) d[i] = out[i];
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%10,%11,%12,%13};"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
+          "f"(c[3]));
+#endif
+}

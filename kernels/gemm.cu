@@ -74,3 +74,44 @@ extern "C" __global__ void __launch_bounds__(256) gemm_fwd_f32(GemmParams p) { t
 
 // grid = (ceil(n/64), ceil(m/64), batch), block = 128
 extern "C" __global__ void __launch_bounds__(128) gemm_tc_fwd_f32(GemmParams p) { tg_mma_body(gemm_problem(p)); }
+
+// The bf16 problem: a, b, c (and the bias, when given) hold bf16; the sum is f32 and C is rounded
+// to bf16 once, after alpha, the bias and beta·C.
+struct GemmBf16Problem {
+    const uint16_t* pa;
+    const uint16_t* pb;
+    uint16_t* pc;
+    const uint16_t* bias;
+    int64_t sa_row, sa_col, sb_row, sb_col, sc_row;
+    float alpha, beta;
+    uint32_t m, n;
+    uint64_t k0, k1;
+    bool a_k_fast, b_n_fast;
+    __device__ float a(uint32_t i, uint64_t k) const {
+        return bf16_bits_to_f32(pa[(int64_t)i * sa_row + (int64_t)k * sa_col]);
+    }
+    __device__ float b(uint64_t k, uint32_t j) const {
+        return bf16_bits_to_f32(pb[(int64_t)k * sb_row + (int64_t)j * sb_col]);
+    }
+    __device__ void store(uint32_t i, uint32_t j, float v) const {
+        uint16_t* dst = pc + (int64_t)i * sc_row + j;
+        const float r = bias ? fmaf(alpha, v, bf16_bits_to_f32(bias[j])) : alpha * v;
+        *dst = f32_to_bf16_bits(beta == 0.f ? r : r + beta * bf16_bits_to_f32(*dst));
+    }
+};
+
+// grid = (ceil(n/64), ceil(m/64), batch), block = 128; GemmParams' pointers address bf16 here
+extern "C" __global__ void __launch_bounds__(128) gemm_tc_fwd_bf16(GemmParams p) {
+    const uint32_t z = blockIdx.z;
+    GemmBf16Problem pr;
+    pr.pa = (const uint16_t*)p.a + (int64_t)z * p.sa_batch;
+    pr.pb = (const uint16_t*)p.b + (int64_t)z * p.sb_batch;
+    pr.pc = (uint16_t*)p.c + (int64_t)z * p.sc_batch;
+    pr.bias = (const uint16_t*)p.bias;
+    pr.sa_row = p.sa_row, pr.sa_col = p.sa_col, pr.sb_row = p.sb_row, pr.sb_col = p.sb_col, pr.sc_row = p.sc_row;
+    pr.alpha = p.alpha, pr.beta = p.beta;
+    pr.m = p.m, pr.n = p.n, pr.k0 = 0, pr.k1 = p.k;
+    pr.a_k_fast = p.sa_col == 1;
+    pr.b_n_fast = p.sb_col == 1;
+    tg_mma_bf16_body(pr);
+}

@@ -127,3 +127,68 @@ __device__ __forceinline__ void tg_mma_body(const P& pr) {
                 if (r < pr.m && c < pr.n) pr.store(r, c, acc[mi][ni][q]);
             }
 }
+
+// bf16 tensor cores: the tf32 body's tiling (64x64 block tile, 4 warps of 32x32, 128 threads)
+// with mma.sync m16n8k16. The problem's a() / b() return f32 values, rounded to bf16 as they
+// enter shared memory (exact when the source is bf16); the accumulation is f32.
+// grid = (ceil(n/64), ceil(m/64), ...).
+template <class P>
+__device__ __forceinline__ void tg_mma_bf16_body(const P& pr) {
+    __shared__ uint16_t as[TG_BK][TG_BM + TG_PAD];
+    __shared__ uint16_t bs[TG_BK][TG_BN + TG_PAD];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = warp >> 1, wn = warp & 1, g = lane >> 2, t = lane & 3;
+    const uint32_t row0 = blockIdx.y * TG_BM, col0 = blockIdx.x * TG_BN;
+    float acc[2][4][4] = {};
+    // two bf16 of a shared tile column (k, k+1) packed low to high, as the fragments hold them
+    auto pair = [](uint16_t lo, uint16_t hi) { return (uint32_t)lo | ((uint32_t)hi << 16); };
+    for (uint64_t k = pr.k0; k < pr.k1; k += TG_BK) {
+        for (int e = tid; e < TG_BM * TG_BK; e += 128) {
+            int mm, kk;
+            if (pr.a_k_fast) mm = e / TG_BK, kk = e % TG_BK;
+            else mm = e % TG_BM, kk = e / TG_BM;
+            const uint32_t r = row0 + mm;
+            const uint64_t c = k + kk;
+            as[kk][mm] = (r < pr.m && c < pr.k1) ? f32_to_bf16_bits(pr.a(r, c)) : (uint16_t)0;
+        }
+        for (int e = tid; e < TG_BK * TG_BN; e += 128) {
+            int kk, nn;
+            if (pr.b_n_fast) kk = e / TG_BN, nn = e % TG_BN;
+            else kk = e % TG_BK, nn = e / TG_BK;
+            const uint64_t r = k + kk;
+            const uint32_t c = col0 + nn;
+            bs[kk][nn] = (r < pr.k1 && c < pr.n) ? f32_to_bf16_bits(pr.b(r, c)) : (uint16_t)0;
+        }
+        __syncthreads();
+        uint32_t af[2][4], bf[4][2];
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+            const int r = wm * 32 + mi * 16 + g;
+            af[mi][0] = pair(as[2 * t][r], as[2 * t + 1][r]);
+            af[mi][1] = pair(as[2 * t][r + 8], as[2 * t + 1][r + 8]);
+            af[mi][2] = pair(as[2 * t + 8][r], as[2 * t + 9][r]);
+            af[mi][3] = pair(as[2 * t + 8][r + 8], as[2 * t + 9][r + 8]);
+        }
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) {
+            const int col = wn * 32 + ni * 8 + g;
+            bf[ni][0] = pair(bs[2 * t][col], bs[2 * t + 1][col]);
+            bf[ni][1] = pair(bs[2 * t + 8][col], bs[2 * t + 9][col]);
+        }
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni) mma_m16n8k16_bf16(acc[mi][ni], af[mi], bf[ni], acc[mi][ni]);
+        __syncthreads();  // the next tile overwrites as / bs
+    }
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const uint32_t r = row0 + wm * 32 + mi * 16 + g + 8 * (q >> 1);
+                const uint32_t c = col0 + wn * 32 + ni * 8 + 2 * t + (q & 1);
+                if (r < pr.m && c < pr.n) pr.store(r, c, acc[mi][ni][q]);
+            }
+}

@@ -98,7 +98,7 @@ type Group = fn(&Device, bool, &mut Vec<Case>) -> Result<()>;
 
 /// Every benchmark group with the case names it defines.
 const GROUPS: [(&[&str], Group); 15] = [
-    (&["gemm", "gemm_tc"], gemm_cases),
+    (&["gemm", "gemm_tc", "gemm_bf16"], gemm_cases),
     (&["softmax", "softmax_bwd"], softmax_cases),
     (&["relu", "relu_bwd", "add_bcast", "sum", "max", "sum_bwd"], activation_cases),
     (&["transpose", "permute", "narrow"], layout_cases),
@@ -147,8 +147,28 @@ fn gemm_cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
         for &(name, algo) in algos {
             v.push(gemm_case(dev, name, algo, (s, s, s))?);
         }
+        v.push(gemm_bf16_case(dev, (s, s, s))?);
     }
     Ok(())
+}
+
+/// C = A · B in bf16 (f32 accumulation), validated on sampled elements against the f64 product
+/// of the bf16 operands: one bf16 rounding of C (2^-8) plus the f32 sum's k roundings.
+fn gemm_bf16_case(dev: &Device, (m, n, k): (usize, usize, usize)) -> Result<Case> {
+    use crate::ops::cast::cast;
+    let a = cast(&rand_tensor(&[m, k], 1, dev)?, DType::BF16)?;
+    let b = cast(&rand_tensor(&[k, n], 2, dev)?, DType::BF16)?;
+    let (ha, hb) = (a.to_vec()?, b.to_vec()?);
+    let tol = 1.0 / 256.0 + (k + 2) as f64 * f32::EPSILON as f64;
+    Ok(Case {
+        op: "gemm_bf16",
+        shape: format!("{m}x{n}x{k} bf16"),
+        flops: 2.0 * (m * n * k) as f64,
+        bytes: 2.0 * (m * k + k * n + m * n) as f64,
+        peer: Some(format!("mm_bf16 {m} {n} {k}")),
+        run: Box::new(move || gemm::matmul(&a, &b, GemmOpts::default())),
+        validate: Some(Box::new(move |c| check_gemm_mnk(&ha, &hb, &c.to_vec()?, (m, n, k), tol))),
+    })
 }
 
 /// Attention-like softmax rows.

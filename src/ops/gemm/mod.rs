@@ -132,6 +132,10 @@ pub fn plan(a: &[usize], b: &[usize], trans_a: bool, trans_b: bool) -> Result<(G
 
 pub fn matmul(a: &Tensor, b: &Tensor, opts: GemmOpts) -> Result<Tensor> {
     a.same_device("matmul", &[b])?;
+    if a.dtype() == DType::BF16 {
+        b.expect_dtype("matmul", DType::BF16)?;
+        return matmul_bf16(a, b, opts);
+    }
     a.expect_dtype("matmul", DType::F32)?;
     b.expect_dtype("matmul", DType::F32)?;
     let (s, out_shape) = plan(a.shape(), b.shape(), opts.trans_a, opts.trans_b)?;
@@ -151,6 +155,52 @@ pub fn matmul(a: &Tensor, b: &Tensor, opts: GemmOpts) -> Result<Tensor> {
     }
     // SAFETY: `plan` derived `s` from a's and b's shapes and strides, and c is a new [batch, m, n] tensor.
     unsafe { launch(dev, [a.dev_ptr(), b.dev_ptr(), c.dev_ptr(), 0], &s, opts.alpha, 0.0, opts.algo) }?;
+    Ok(c)
+}
+
+/// C = alpha · op(A) · op(B) with bf16 A, B and C: the products are exact in f32, the sum is f32
+/// and C is rounded to bf16 once (`algo` is ignored: bf16 always runs on the tensor cores,
+/// `gemm_tc_fwd_bf16`). The cpu widens A and B to f32, runs its f32 GEMM (the same arithmetic up
+/// to the order of the sum) and rounds C.
+fn matmul_bf16(a: &Tensor, b: &Tensor, opts: GemmOpts) -> Result<Tensor> {
+    let (s, out_shape) = plan(a.shape(), b.shape(), opts.trans_a, opts.trans_b)?;
+    let dev = a.device();
+    if let Device::Cpu = dev {
+        let (af, bf) = (crate::ops::cast::cast(a, DType::F32)?, crate::ops::cast::cast(b, DType::F32)?);
+        let c = cpu::gemm(af.cpu_f32("matmul")?, bf.cpu_f32("matmul")?, &s, opts.alpha, None);
+        return crate::ops::cast::cast(&Tensor::from_vec(c, &out_shape, dev)?, DType::BF16);
+    }
+    if s.k == 0 || crate::tensor::numel(&out_shape) == 0 {
+        return crate::ops::cast::cast(&Tensor::zeros(&out_shape, dev)?, DType::BF16);
+    }
+    let c = Tensor::empty(&out_shape, DType::BF16, dev)?;
+    if s.batch > 65535 {
+        return Err(Error::Unsupported { op: "matmul", detail: format!("batch {} exceeds a grid's z range", s.batch) });
+    }
+    let p = GemmParams {
+        a: a.dev_ptr(),
+        b: b.dev_ptr(),
+        c: c.dev_ptr(),
+        m: check_u32("matmul", s.m)?,
+        n: check_u32("matmul", s.n)?,
+        k: check_u32("matmul", s.k)?,
+        batch: s.batch as u32,
+        sa_batch: s.sa.0 as i64,
+        sa_row: s.sa.1 as i64,
+        sa_col: s.sa.2 as i64,
+        sb_batch: s.sb.0 as i64,
+        sb_row: s.sb.1 as i64,
+        sb_col: s.sb.2 as i64,
+        sc_batch: (s.m * s.n) as i64,
+        sc_row: s.n as i64,
+        alpha: opts.alpha,
+        beta: 0.0,
+        bias: 0,
+    };
+    let grid = ((s.n as u32).div_ceil(64), (s.m as u32).div_ceil(64), s.batch as u32);
+    // SAFETY: `plan` derived `s` from a's and b's shapes (both bf16, checked by the caller), c is
+    // a new bf16 [batch, m, n] tensor, and gemm_tc_fwd_bf16 reads and writes bf16 through them.
+    unsafe { dev.launch(Kernel::gemm_tc_fwd_bf16, LaunchCfg { grid, block: (128, 1, 1), smem_bytes: 0 }, &p) }?;
     Ok(c)
 }
 
@@ -213,5 +263,14 @@ pub fn matmul_backward(a: &Tensor, b: &Tensor, dc: &Tensor, opts: GemmOpts) -> R
     let g = |ta: bool, tb: bool| GemmOpts { trans_a: ta, trans_b: tb, ..opts };
     let da = if opts.trans_a { matmul(b, dc, g(opts.trans_b, true))? } else { matmul(dc, b, g(false, !opts.trans_b))? };
     let db = if opts.trans_b { matmul(dc, a, g(true, opts.trans_a))? } else { matmul(a, dc, g(!opts.trans_a, false))? };
-    Ok((crate::ops::reduce::sum_to_shape(&da, a.shape())?, crate::ops::reduce::sum_to_shape(&db, b.shape())?))
+    Ok((summed_to(&da, a.shape())?, summed_to(&db, b.shape())?))
+}
+
+/// A shared operand's gradient: the per-batch gradients summed (in f32 for bf16, rounded once).
+fn summed_to(g: &Tensor, shape: &[usize]) -> Result<Tensor> {
+    use crate::ops::{cast::cast, reduce::sum_to_shape};
+    if g.dtype() == DType::BF16 && g.shape() != shape {
+        return cast(&sum_to_shape(&cast(g, DType::F32)?, shape)?, DType::BF16);
+    }
+    sum_to_shape(g, shape)
 }
