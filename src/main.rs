@@ -1,6 +1,7 @@
 //! The `reclmis` command line.
 
 use clap::{Parser, Subcommand};
+use reclmis::autograd::Precision;
 use reclmis::data::lvit::Split;
 use reclmis::device::{Device, DeviceChoice};
 use reclmis::pipeline::{self, Notes};
@@ -39,6 +40,22 @@ struct OneImage {
     /// The tokenizer (default: tokenizer.json beside the checkpoint)
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    #[arg(long, help = PRECISION_HELP)]
+    precision: Option<String>,
+}
+
+/// `--precision`'s help (train, eval, infer, explain, bench-model, model --memory).
+const PRECISION_HELP: &str = "f32 (exact), tf32 (tensor-core GEMMs and convolutions; f32 on the cpu) or bf16 \
+     (autocast: see the README's table) [default: bf16 on cuda, f32 elsewhere: on the cpu bf16 only adds \
+     rounding passes to f32 kernels, so it is slower]";
+
+/// `--precision` or the device's default (bf16 where tensor cores run it, f32 elsewhere).
+fn precision(choice: Option<&str>, dev: &Device) -> reclmis::Result<Precision> {
+    match choice {
+        Some(p) => Precision::parse(p),
+        None if dev.kind() == reclmis::device::DeviceKind::Cuda => Ok(Precision::Bf16),
+        None => Ok(Precision::F32),
+    }
 }
 
 impl OneImage {
@@ -47,7 +64,9 @@ impl OneImage {
             return Err(reclmis::Error::Config("--note is empty: the model segments what the note describes".into()));
         }
         let dev = Device::from_choice(self.device)?;
-        let (m, tok) = pipeline::load_run(&self.checkpoint, self.tokenizer.as_deref(), &dev)?;
+        let p = precision(self.precision.as_deref(), &dev)?;
+        let (mut m, tok) = pipeline::load_run(&self.checkpoint, self.tokenizer.as_deref(), &dev)?;
+        m.precision = p;
         pipeline::visual::explain(&m, &tok, &self.image, &self.note, &dev, weights)
     }
 }
@@ -62,6 +81,8 @@ fn quickstart_data() -> reclmis::data::write::SynthOpts {
     reclmis::data::write::SynthOpts { train: 1000, val: 100, test: 100, ..Default::default() }
 }
 
+// parsed once per process: the size of the train variant costs nothing
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Run every op on the device and compare it with the f64 reference (the quick health check)
@@ -128,6 +149,8 @@ enum Cmd {
         /// Times through all scenarios (ranges show the machine's noise)
         #[arg(long, default_value_t = 1)]
         rounds: usize,
+        #[arg(long, help = PRECISION_HELP)]
+        precision: Option<String>,
     },
     /// Write a synthetic QaTa-style dataset in the LViT layout (images, masks, notes as xlsx and csv)
     Synth {
@@ -172,6 +195,8 @@ enum Cmd {
         /// normalises each micro-batch alone, as PyTorch does)
         #[arg(long, default_value_t = 1)]
         accumulate: usize,
+        #[arg(long, help = PRECISION_HELP)]
+        precision: Option<String>,
         /// Learning rate [default: the recipe's, else the preset's: 3e-4 as the official code for
         /// official and tiny, 1e-3 for small]
         #[arg(long)]
@@ -273,6 +298,8 @@ enum Cmd {
         /// The tokenizer (default: tokenizer.json beside the checkpoint)
         #[arg(long)]
         tokenizer: Option<PathBuf>,
+        #[arg(long, help = PRECISION_HELP)]
+        precision: Option<String>,
     },
     /// Segment one image from its note: mask.png and overlay.png (with --mask-gt: true positives
     /// green, false negatives red, false positives blue)
@@ -301,6 +328,8 @@ enum Cmd {
         epochs: usize,
         #[arg(long, default_value_t = 9.0)]
         max_minutes: f64,
+        #[arg(long, help = PRECISION_HELP)]
+        precision: Option<String>,
     },
     /// The paper's component ablation (Table 3: CI, CLR, CVR): each variant trained with the
     /// same data, seed and time budget, then test Dice / IoU with correct, shuffled and
@@ -401,6 +430,10 @@ enum Cmd {
         #[cfg(feature = "train")]
         #[arg(long, value_enum, default_value = "cpu")]
         device: DeviceChoice,
+        /// The precision --memory trains at [default: bf16 on cuda, f32 elsewhere]
+        #[cfg(feature = "train")]
+        #[arg(long)]
+        precision: Option<String>,
     },
     /// List the kernels with the registers, shared memory, stack and spills ptxas reported
     Kernels,
@@ -474,17 +507,22 @@ fn run(cli: Cli) -> reclmis::Result<()> {
             }
         }
         Cmd::Kernels => print!("{}", kernels::report()),
-        Cmd::BenchModel { device, scenario: Some(scenario), .. } => {
+        Cmd::BenchModel { device, scenario: Some(scenario), precision: p, .. } => {
             let dev = Device::from_choice(device)?;
-            println!("{}", bench::model::run(&scenario, &dev)?);
+            let p = precision(p.as_deref(), &dev)?;
+            println!("{}", bench::model::run(&scenario, &dev, p)?);
         }
-        Cmd::BenchModel { device, scenario: None, scenarios, peer, peer_script, no_compile, rounds } => {
+        Cmd::BenchModel { device, scenario: None, scenarios, peer, peer_script, no_compile, rounds, precision: p } => {
+            if let Some(p) = &p {
+                Precision::parse(p)?;
+            }
             let exe =
                 std::env::current_exe().map_err(|e| reclmis::Error::Other(format!("cannot find this program: {e}")))?;
             let device = format!("{device:?}").to_lowercase();
             let c = bench::model::Compare {
                 exe,
                 device,
+                precision: p,
                 scenarios,
                 peer: peer.map(|p| (p, peer_script)),
                 compile: !no_compile,
@@ -511,6 +549,7 @@ fn run(cli: Cli) -> reclmis::Result<()> {
             epochs,
             batch,
             accumulate,
+            precision: p,
             lr,
             schedule,
             seed,
@@ -584,6 +623,7 @@ fn run(cli: Cli) -> reclmis::Result<()> {
                 epochs: epochs.or(r.as_ref().map(|r| r.epochs)).unwrap_or(30),
                 batch: batch.or(r.as_ref().map(|r| r.batch)).unwrap_or(8),
                 accumulate,
+                precision: precision(p.as_deref(), &dev)?,
                 lr,
                 seed: seed.or(r.as_ref().map(|r| r.seed)).unwrap_or(1),
                 model,
@@ -615,15 +655,17 @@ fn run(cli: Cli) -> reclmis::Result<()> {
                 o.out.display()
             );
         }
-        Cmd::Eval { data, checkpoint, device, split, batch, tokenizer } => {
+        Cmd::Eval { data, checkpoint, device, split, batch, tokenizer, precision: p } => {
             let dev = Device::from_choice(device)?;
+            let p = precision(p.as_deref(), &dev)?;
             let split = match split.as_str() {
                 "train" => Split::Train,
                 "val" => Split::Val,
                 "test" => Split::Test,
                 other => return Err(reclmis::Error::Config(format!("--split {other:?}: train, val or test"))),
             };
-            let (m, tok) = pipeline::load_run(&checkpoint, tokenizer.as_deref(), &dev)?;
+            let (mut m, tok) = pipeline::load_run(&checkpoint, tokenizer.as_deref(), &dev)?;
+            m.precision = p;
             let (h, w) = m.cfg.img_size;
             let d = pipeline::load(&data, split, h, w)?;
             for n in &d.notes {
@@ -648,8 +690,9 @@ fn run(cli: Cli) -> reclmis::Result<()> {
             }
         }
         #[cfg(feature = "train")]
-        Cmd::Quickstart { out, device, epochs, max_minutes } => {
+        Cmd::Quickstart { out, device, epochs, max_minutes, precision: p } => {
             let dev = Device::from_choice(device)?;
+            let p = precision(p.as_deref(), &dev)?;
             let t0 = std::time::Instant::now();
             let data = out.join("data");
             // an earlier quickstart's dataset (synth's marker, synth's files only) is written again;
@@ -665,6 +708,7 @@ fn run(cli: Cli) -> reclmis::Result<()> {
                 epochs,
                 batch: 8,
                 accumulate: 1,
+                precision: p,
                 lr: 1e-3,
                 seed: 1,
                 out: out.join("run"),
@@ -689,7 +733,8 @@ fn run(cli: Cli) -> reclmis::Result<()> {
                 "best validation Dice {:.4} at epoch {} ({:.1} images/s)",
                 s.best_dice, s.best_epoch, s.images_per_s
             );
-            let (m, tok) = pipeline::load_run(&o.out.join("best.safetensors"), None, &dev)?;
+            let (mut m, tok) = pipeline::load_run(&o.out.join("best.safetensors"), None, &dev)?;
+            m.precision = p;
             let (h, w) = m.cfg.img_size;
             let test = pipeline::load(&data, Split::Test, h, w)?;
             let good = pipeline::evaluate(&m, &test, &tok, Notes::Correct, 16)?;
@@ -798,7 +843,7 @@ fn run(cli: Cli) -> reclmis::Result<()> {
             println!("wrote {}", out.display());
         }
         #[cfg(feature = "train")]
-        Cmd::Model { preset, flops, memory, batch, device } if flops || memory => {
+        Cmd::Model { preset, flops, memory, batch, device, precision: p } if flops || memory => {
             if batch == 0 {
                 return Err(reclmis::Error::Config("--batch 0: must be at least 1".into()));
             }
@@ -810,9 +855,10 @@ fn run(cli: Cli) -> reclmis::Result<()> {
             if memory {
                 use reclmis::device::memory::human;
                 let dev = Device::from_choice(device)?;
-                let r = reclmis::model::summary::measure_memory(&cfg, batch, &dev)?;
+                let p = precision(p.as_deref(), &dev)?;
+                let r = reclmis::model::summary::measure_memory(&cfg, batch, p, &dev)?;
                 println!(
-                    "preset {preset}, batch {batch}, {} (f32, live tensor bytes): weights {}; between steps \
+                    "preset {preset}, batch {batch}, {} ({p}, live tensor bytes): weights {}; between steps \
                      (weights, Adam moments) {}; peak of a training step {}",
                     dev.kind(),
                     human(r.weights),

@@ -36,6 +36,7 @@ fn opts(data: &Path, out: &Path) -> TrainOpts {
         epochs: 2,
         batch: 8,
         accumulate: 1,
+        precision: reclmis::autograd::Precision::F32,
         lr: 1e-3,
         seed: 5,
         out: out.to_path_buf(),
@@ -178,6 +179,11 @@ fn resume_is_consistent_or_refuses() {
         ("other lr", TrainOpts { lr: 2e-3, ..opts(&data, &run) }, "lr: the run has 1e-3, now 2e-3"),
         ("augmentation switched", TrainOpts { augment: true, ..opts(&data, &run) }, "augment"),
         ("accumulation switched", TrainOpts { accumulate: 2, ..opts(&data, &run) }, "accumulate: the run has 1, now 2"),
+        (
+            "precision switched",
+            TrainOpts { precision: reclmis::autograd::Precision::Bf16, ..opts(&data, &run) },
+            "precision: the run has f32, now bf16",
+        ),
     ] {
         let e = err_of(pipeline::train::train(&TrainOpts { resume: true, ..o }, &dev));
         case(name, e.contains(want) && e.contains("--accept-changes"), &e);

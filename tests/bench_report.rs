@@ -189,6 +189,7 @@ fn bench_model_compares_with_the_peer() {
     let c = |scenarios: &[&str]| Compare {
         exe: ours.clone(),
         device: "cpu".into(),
+        precision: None,
         scenarios: scenarios.iter().map(|s| s.to_string()).collect(),
         peer: Some(("sh".into(), peer.clone())),
         compile: true,

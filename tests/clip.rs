@@ -178,6 +178,7 @@ fn clip_text_weights_train_frozen_and_resume() {
         epochs: 2,
         batch: 4,
         accumulate: 1,
+        precision: reclmis::autograd::Precision::F32,
         lr: 1e-3,
         seed: 3,
         out: run.clone(),

@@ -35,18 +35,18 @@ fn live_and_peak_tensor_bytes() {
     let trainable: u64 =
         m.params.ids().filter(|&id| m.params.trainable(id)).map(|id| m.params.value(id).numel() as u64 * 4).sum();
     drop(m);
-    let cpu = summary::measure_memory(&cfg, 2, &Device::Cpu).unwrap();
+    let cpu = summary::measure_memory(&cfg, 2, reclmis::autograd::Precision::F32, &Device::Cpu).unwrap();
     assert_eq!(cpu.weights, all);
     assert_eq!(cpu.between_steps, all + cpu.moments, "{cpu:?}");
     // m and v for the trainable weights that get a gradient (not the unused PLAM conv_sig)
     assert!(cpu.moments > trainable && cpu.moments <= 2 * trainable, "{cpu:?}");
     assert!(cpu.peak > cpu.between_steps, "{cpu:?}");
     let (one, emu) = (
-        summary::measure_memory(&cfg, 1, &Device::Cpu).unwrap(),
-        summary::measure_memory(&cfg, 1, &Device::emu().unwrap()).unwrap(),
+        summary::measure_memory(&cfg, 1, reclmis::autograd::Precision::F32, &Device::Cpu).unwrap(),
+        summary::measure_memory(&cfg, 1, reclmis::autograd::Precision::F32, &Device::emu().unwrap()).unwrap(),
     );
     assert_eq!((emu.weights, emu.between_steps, emu.peak), (one.weights, one.between_steps, one.peak));
     // activations grow with the batch
-    let four = summary::measure_memory(&cfg, 4, &Device::Cpu).unwrap();
+    let four = summary::measure_memory(&cfg, 4, reclmis::autograd::Precision::F32, &Device::Cpu).unwrap();
     assert!(four.peak > cpu.peak && four.between_steps == cpu.between_steps, "{four:?} vs {cpu:?}");
 }

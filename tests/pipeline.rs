@@ -30,6 +30,7 @@ fn opts(data: &Path, out: &Path, epochs: usize) -> TrainOpts {
         epochs,
         batch: 8,
         accumulate: 1,
+        precision: reclmis::autograd::Precision::F32,
         lr: 1e-3,
         seed: 5,
         out: out.to_path_buf(),

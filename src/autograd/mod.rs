@@ -10,6 +10,7 @@
 
 pub mod count;
 mod ops;
+pub mod precision;
 
 #[cfg(feature = "train")]
 use crate::error::Error;
@@ -21,6 +22,7 @@ use crate::tensor::Tensor;
 use std::cell::{Cell, RefCell};
 
 pub use ops::Attention;
+pub use precision::Precision;
 
 /// A tensor in a graph. `id` is set when the graph records and the value depends on a trainable
 /// parameter (so it needs a gradient); everything else is a constant to the tape.
@@ -73,6 +75,11 @@ pub struct Graph {
     buffer_updates: RefCell<Vec<(ParamId, Tensor)>>,
     /// Draws dropout masks (training graphs).
     dropout_rng: RefCell<crate::rng::Rng>,
+    /// Autocast: which ops round to bf16 and which kernels the GEMM-like ops use.
+    precision: Precision,
+    /// `with_bf16_perturbation`: the signs' generator (None: autocast rounds).
+    #[cfg(feature = "autocast")]
+    perturb: RefCell<Option<crate::rng::Rng>>,
 }
 
 /// d loss / d parameter, by parameter.
@@ -100,7 +107,39 @@ impl Graph {
             leaves: RefCell::new(Vec::new()),
             buffer_updates: RefCell::new(Vec::new()),
             dropout_rng: RefCell::new(crate::rng::Rng::new(0x0D80)),
+            precision: Precision::F32,
+            #[cfg(feature = "autocast")]
+            perturb: RefCell::new(None),
         }
+    }
+
+    /// The error model of bf16 autocast, for deriving error bounds: the graph runs at bf16, but
+    /// instead of rounding each autocast operand and output to bf16 it multiplies every element
+    /// by 1 ± 2⁻⁸ (signs drawn from `seed`), the largest relative change one bf16 rounding makes
+    /// (unit roundoff u = 2⁻⁸). A rounding changes an element by δ·x with |δ| ≤ u, typically
+    /// much less (E δ² ≈ u²/3 for uniformly spread low bits), so the output error of this
+    /// graph is a first-order measure of how much the network amplifies bf16's rounding.
+    #[cfg(feature = "autocast")]
+    pub fn with_bf16_perturbation(mut self, seed: u64) -> Graph {
+        self.precision = Precision::Bf16;
+        self.perturb = RefCell::new(Some(crate::rng::Rng::new(seed)));
+        self
+    }
+
+    /// Runs the graph's ops at `p` (see `precision.rs` for what each precision changes). A build
+    /// without the `autocast` feature (reclmis-infer) runs f32 only and refuses the others.
+    pub fn with_precision(mut self, p: Precision) -> Result<Graph> {
+        if !cfg!(feature = "autocast") && p != Precision::F32 {
+            return Err(crate::error::Error::Unsupported {
+                op: "autocast",
+                detail: format!("precision {p}: this build has no `autocast` feature (f32 only)"),
+            });
+        }
+        self.precision = p;
+        Ok(self)
+    }
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// Seeds the dropout masks (a training step passes its own seed).

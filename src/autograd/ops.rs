@@ -21,8 +21,6 @@ use crate::ops::softmax;
 use crate::ops::transpose;
 use crate::tensor::Tensor;
 
-const ALGO: GemmAlgo = GemmAlgo::Auto;
-
 /// Attention options whose tensors live in the graph (the condition weights get a gradient).
 pub struct Attention<'a> {
     pub heads: usize,
@@ -35,8 +33,8 @@ pub struct Attention<'a> {
     pub condition_on_logits: bool,
 }
 
-/// (x, w, dy, with_bias) -> (dx, dw, db)
-type WeightedBackward = fn(&Tensor, &Tensor, &Tensor, bool) -> Result<(Tensor, Tensor, Option<Tensor>)>;
+/// (x, w, dy, with_bias, algo) -> (dx, dw, db)
+type WeightedBackward = fn(&Tensor, &Tensor, &Tensor, bool, GemmAlgo) -> Result<(Tensor, Tensor, Option<Tensor>)>;
 
 /// Multiply-adds of Linear and the convolutions: each output element is a dot product over
 /// one output channel's weights (w [Co, ...]).
@@ -51,6 +49,45 @@ fn times_scalar(g: &Tensor, dy: &Tensor) -> Result<Tensor> {
 }
 
 impl Graph {
+    // ---- autocast (precision.rs) ----------------------------------------------------------------
+
+    /// The kernels' algorithm at this graph's precision.
+    pub(crate) fn algo(&self) -> GemmAlgo {
+        #[cfg(feature = "autocast")]
+        return self.precision.algo();
+        // `with_precision` accepts only f32 in this build: the algorithm is a constant
+        #[cfg(not(feature = "autocast"))]
+        GemmAlgo::Auto
+    }
+
+    /// Runs the autocast op `op` on `ins` as this graph's precision reads and stores them: at
+    /// bf16 each operand is rounded to bf16 (a cast there and back, so its gradient is rounded to
+    /// bf16 on the way back, as a bf16 tensor's gradient is stored) and so is the output; f32
+    /// storage holds the rounded values, so every device runs its f32 kernels on exactly the
+    /// bf16 operands. Otherwise `op(ins)`.
+    fn autocast(&self, ins: &[&Var], op: impl FnOnce(&[&Var]) -> Result<Var>) -> Result<Var> {
+        #[cfg(feature = "autocast")]
+        if self.precision == super::Precision::Bf16 {
+            let rounded = ins.iter().map(|v| self.round_bf16(v)).collect::<Result<Vec<Var>>>()?;
+            let y = op(&rounded.iter().collect::<Vec<&Var>>())?;
+            return self.round_bf16(&y);
+        }
+        op(ins)
+    }
+
+    #[cfg(feature = "autocast")]
+    fn round_bf16(&self, x: &Var) -> Result<Var> {
+        if let Some(rng) = self.perturb.borrow_mut().as_mut() {
+            const U: f32 = 1.0 / 256.0;
+            let f: Vec<f32> =
+                (0..x.t.numel()).map(|_| if rng.next_u64() & 1 == 0 { 1.0 - U } else { 1.0 + U }).collect();
+            let f = Var::constant(Tensor::from_vec(f, x.shape(), x.t.device())?);
+            return self.mul(x, &f);
+        }
+        let h = self.cast(x, crate::tensor::DType::BF16)?;
+        self.cast(&h, crate::tensor::DType::F32)
+    }
+
     // ---- elementwise ------------------------------------------------------------------------
 
     fn unary(&self, x: &Var, op: UnaryOp) -> Result<Var> {
@@ -168,38 +205,54 @@ impl Graph {
         if !self.tracks(&ins) {
             return Ok(Var::constant(y));
         }
-        let (xt, wt, has_b) = (x.t.clone(), w.t.clone(), b.is_some());
+        let (xt, wt, has_b, algo) = (x.t.clone(), w.t.clone(), b.is_some(), self.algo());
         let module = count::label();
         Ok(self.record(&ins, y, move |dy| {
             // dx and dw: each as many multiply-adds as the forward
             count::backward(module, 2 * macs);
-            let (dx, dw, db) = backward(&xt, &wt, dy, has_b)?;
+            let (dx, dw, db) = backward(&xt, &wt, dy, has_b, algo)?;
             Ok(vec![Some(dx), Some(dw), db])
         }))
     }
 
     /// x [.., K] · wᵀ + b, w [N, K] (PyTorch's layout).
     pub fn linear(&self, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
-        let y = linear::linear(&x.t, &w.t, b.map(|b| &b.t), ALGO)?;
-        self.weighted(x, w, b, y, |x, w, dy, hb| {
-            let g = linear::linear_backward(x, w, dy, hb, ALGO)?;
-            Ok((g.dx, g.dw, g.db))
+        let ins: Vec<&Var> = [x, w].into_iter().chain(b).collect();
+        self.autocast(&ins, |v| {
+            let (x, w, b) = (v[0], v[1], v.get(2).copied());
+            let y = linear::linear(&x.t, &w.t, b.map(|b| &b.t), self.algo())?;
+            self.weighted(x, w, b, y, |x, w, dy, hb, algo| {
+                let g = linear::linear_backward(x, w, dy, hb, algo)?;
+                Ok((g.dx, g.dw, g.db))
+            })
         })
     }
 
     /// Convolution with odd kernels and "same" zero padding (3×3 pad 1, 1×1).
     pub fn conv2d(&self, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
-        let y = conv::conv2d(&x.t, &w.t, b.map(|b| &b.t), ALGO)?;
-        self.weighted(x, w, b, y, |x, w, dy, hb| {
-            let g = conv::conv2d_backward(x, w, dy, hb, ALGO)?;
-            Ok((g.dx, g.dw, g.db))
+        let ins: Vec<&Var> = [x, w].into_iter().chain(b).collect();
+        self.autocast(&ins, |v| {
+            let (x, w, b) = (v[0], v[1], v.get(2).copied());
+            let y = conv::conv2d(&x.t, &w.t, b.map(|b| &b.t), self.algo())?;
+            self.weighted(x, w, b, y, |x, w, dy, hb, algo| {
+                let g = conv::conv2d_backward(x, w, dy, hb, algo)?;
+                Ok((g.dx, g.dw, g.db))
+            })
         })
     }
 
     /// conv2d of the channel concatenation of `parts` without materialising it.
     pub fn conv2d_cat(&self, parts: &[&Var], w: &Var, b: Option<&Var>) -> Result<Var> {
+        let n = parts.len();
+        let ins: Vec<&Var> = parts.iter().copied().chain([w]).chain(b).collect();
+        self.autocast(&ins, |v| self.conv2d_cat_exact(&v[..n], v[n], v.get(n + 1).copied()))
+    }
+
+    /// conv2d_cat at the graph's algorithm on operands already in their autocast type.
+    fn conv2d_cat_exact(&self, parts: &[&Var], w: &Var, b: Option<&Var>) -> Result<Var> {
+        let algo = self.algo();
         let pts: Vec<&Tensor> = parts.iter().map(|p| &p.t).collect();
-        let y = conv::conv2d_cat(&pts, &w.t, b.map(|b| &b.t), ALGO)?;
+        let y = conv::conv2d_cat(&pts, &w.t, b.map(|b| &b.t), algo)?;
         let macs = weighted_macs(&y, &w.t);
         count::forward(macs);
         let mut ins: Vec<&Var> = parts.to_vec();
@@ -213,7 +266,7 @@ impl Graph {
         Ok(self.record(&ins, y, move |dy| {
             count::backward(module, 2 * macs);
             let refs: Vec<&Tensor> = xs.iter().collect();
-            let g = conv::conv2d_cat_backward(&refs, &wt, dy, has_b, ALGO)?;
+            let g = conv::conv2d_cat_backward(&refs, &wt, dy, has_b, algo)?;
             let mut out: Vec<Option<Tensor>> = g.dxs.into_iter().map(Some).collect();
             out.push(Some(g.dw));
             out.push(g.db);
@@ -223,10 +276,14 @@ impl Graph {
 
     /// x [B,C,L], w [Co,C,k] (odd k, zero padding k/2).
     pub fn conv1d(&self, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
-        let y = conv::conv1d(&x.t, &w.t, b.map(|b| &b.t), ALGO)?;
-        self.weighted(x, w, b, y, |x, w, dy, hb| {
-            let g = conv::conv1d_backward(x, w, dy, hb, ALGO)?;
-            Ok((g.dx, g.dw, g.db))
+        let ins: Vec<&Var> = [x, w].into_iter().chain(b).collect();
+        self.autocast(&ins, |v| {
+            let (x, w, b) = (v[0], v[1], v.get(2).copied());
+            let y = conv::conv1d(&x.t, &w.t, b.map(|b| &b.t), self.algo())?;
+            self.weighted(x, w, b, y, |x, w, dy, hb, algo| {
+                let g = conv::conv1d_backward(x, w, dy, hb, algo)?;
+                Ok((g.dx, g.dw, g.db))
+            })
         })
     }
 
@@ -289,7 +346,8 @@ impl Graph {
                 fc2_b: &w[5].t,
             }
         }
-        let f = plam::plam_gate(&s.t, &pw(&w), ALGO)?;
+        let algo = self.algo();
+        let f = plam::plam_gate(&s.t, &pw(&w), algo)?;
         let ins = [s, w[0], w[1], w[2], w[3], w[4], w[5]];
         let y = f.out.clone();
         if !self.tracks(&ins) {
@@ -299,7 +357,7 @@ impl Graph {
         let wv: Vec<Var> = w.iter().map(|v| Var::constant(v.t.clone())).collect();
         Ok(self.record(&ins, y, move |dy| {
             let ws = [&wv[0], &wv[1], &wv[2], &wv[3], &wv[4], &wv[5]];
-            let g = plam::plam_gate_backward(&st, &pw(&ws), &f, dy, ALGO)?;
+            let g = plam::plam_gate_backward(&st, &pw(&ws), &f, dy, algo)?;
             Ok(vec![
                 Some(g.ds),
                 Some(g.dw_avg),
@@ -321,12 +379,18 @@ impl Graph {
 
     /// Fused multi-head attention; q [B,Tq,E], k and v [B,S,E].
     pub fn attention(&self, q: &Var, k: &Var, v: &Var, a: &Attention) -> Result<Var> {
+        self.autocast(&[q, k, v], |t| self.attention_exact(t[0], t[1], t[2], a))
+    }
+
+    /// The fused attention at the graph's algorithm; the condition weights stay f32.
+    fn attention_exact(&self, q: &Var, k: &Var, v: &Var, a: &Attention) -> Result<Var> {
+        let algo = self.algo();
         let cond = match (a.condition, a.condition_on_logits) {
             (None, _) => Condition::None,
             (Some(w), false) => Condition::Probs(&w.t),
             (Some(w), true) => Condition::Logits(&w.t),
         };
-        let o = AttnOpts { causal: a.causal, key_valid: a.key_valid, condition: cond, ..AttnOpts::new(a.heads) };
+        let o = AttnOpts { causal: a.causal, key_valid: a.key_valid, condition: cond, algo, ..AttnOpts::new(a.heads) };
         let f = attention::attention(&q.t, &k.t, &v.t, &o)?;
         // one Q·Kᵀ-sized product: B·Tq·S·E over all heads
         let unit = (q.t.numel() * k.shape()[1]) as u64;
@@ -350,7 +414,7 @@ impl Graph {
                 (Some(w), false) => Condition::Probs(w),
                 (Some(w), true) => Condition::Logits(w),
             };
-            let o = AttnOpts { causal, key_valid: valid.as_ref(), condition: cond, ..AttnOpts::new(heads) };
+            let o = AttnOpts { causal, key_valid: valid.as_ref(), condition: cond, algo, ..AttnOpts::new(heads) };
             let g = attention::attention_backward(&qt, &kt, &vt, &f, dy, &o)?;
             let mut out = vec![Some(g.dq), Some(g.dk), Some(g.dv)];
             if w.is_some() {

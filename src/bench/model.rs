@@ -42,9 +42,10 @@ fn peak_rss_mb() -> f64 {
 }
 
 /// Runs one scenario (infer_b1, infer_b8, train_b4) and returns its JSON line.
-pub fn run(scenario: &str, dev: &Device) -> Result<String> {
+pub fn run(scenario: &str, dev: &Device, precision: crate::autograd::Precision) -> Result<String> {
     let cfg = Config::preset("official")?;
-    let model = RecLmis::new(cfg.clone(), dev, 0)?;
+    let mut model = RecLmis::new(cfg.clone(), dev, 0)?;
+    model.precision = precision;
     let (b, warm, reps) = match scenario {
         "infer_b1" => (1, 2, 10),
         "infer_b8" => (8, 2, 10),
@@ -75,7 +76,7 @@ pub fn run(scenario: &str, dev: &Device) -> Result<String> {
         format!(", \"forward_s\": {:.4}, \"backward_s\": {:.4}, \"optimizer_s\": {:.4}", p[0], p[1], p[2])
     });
     Ok(format!(
-        "{{\"scenario\": \"{scenario}\", \"engine\": \"reclmis\", \"device\": \"{}\", \"batch\": {b}, \"median_s\": {m:.4}, \"per_image_s\": {:.4}, \"min_s\": {:.4}, \"peak_rss_mb\": {:.0}, \"peak_tensor_mb\": {:.0}, \"reps\": {reps}{phase}}}",
+        "{{\"scenario\": \"{scenario}\", \"engine\": \"reclmis\", \"device\": \"{}\", \"precision\": \"{precision}\", \"batch\": {b}, \"median_s\": {m:.4}, \"per_image_s\": {:.4}, \"min_s\": {:.4}, \"peak_rss_mb\": {:.0}, \"peak_tensor_mb\": {:.0}, \"reps\": {reps}{phase}}}",
         dev.describe(),
         m / b as f64,
         times.iter().cloned().fold(f64::INFINITY, f64::min),
@@ -130,6 +131,8 @@ pub struct Compare {
     pub exe: std::path::PathBuf,
     /// `--device` as given, passed on to our runs.
     pub device: String,
+    /// `--precision` as given (none: the device's default), passed on to our runs.
+    pub precision: Option<String>,
     pub scenarios: Vec<String>,
     /// (python, ../shared/peer/bench_cpu.py), or no peer.
     pub peer: Option<(std::path::PathBuf, std::path::PathBuf)>,
@@ -178,7 +181,9 @@ pub fn compare(c: &Compare, emit: &mut dyn FnMut(&str)) -> Result<String> {
     for round in 1..=c.rounds {
         for s in &c.scenarios {
             let ours = run_json(
-                std::process::Command::new(&c.exe).args(["bench-model", "--device", &c.device, "--scenario", s]),
+                std::process::Command::new(&c.exe)
+                    .args(["bench-model", "--device", &c.device, "--scenario", s])
+                    .args(c.precision.iter().flat_map(|p| ["--precision", p.as_str()])),
                 &format!("reclmis {s}"),
             );
             let peer = |name: String| -> Option<serde_json::Value> {

@@ -12,7 +12,7 @@ pub mod text_tower;
 pub mod train;
 pub mod unet;
 
-use crate::autograd::{count, Graph, Var};
+use crate::autograd::{count, Graph, Precision, Var};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::nn::params::Params;
@@ -48,6 +48,9 @@ impl ScoreMlp {
 pub struct RecLmis {
     pub cfg: Config,
     pub params: Params,
+    /// Autocast precision of the graphs the model makes itself (evaluation, inference, the
+    /// trainer's steps); a caller's own graph carries its own.
+    pub precision: Precision,
     inc: ConvBn,
     down: [Down; 4],
     up: [Up; 4],
@@ -172,6 +175,7 @@ impl RecLmis {
             params.set_trainable("clip.", false);
         }
         Ok(RecLmis {
+            precision: Precision::F32,
             cfg,
             params,
             inc,
@@ -324,23 +328,38 @@ impl RecLmis {
         Ok(Trunk { hidden, text_feat, x5, img: it.img, logits, probs, w_poi, w_woi })
     }
 
+    /// An evaluation graph at the model's precision.
+    pub fn eval_graph(&self) -> Result<Graph> {
+        Graph::eval().with_precision(self.precision)
+    }
+
+    /// A recording training graph at the model's precision.
+    #[cfg(feature = "train")]
+    pub fn train_graph(&self) -> Result<Graph> {
+        Graph::train().with_precision(self.precision)
+    }
+
     /// The text tower's output [B,L,D] for ids and validity [B,L] (to cache when it is frozen).
     pub fn text_hidden(&self, ids: &Tensor, valid: &Tensor) -> Result<Tensor> {
-        Ok(self.clip.forward(&Graph::eval(), &self.params, ids, valid)?.into_tensor())
+        Ok(self.clip.forward(&self.eval_graph()?, &self.params, ids, valid)?.into_tensor())
     }
 
     /// Evaluation (running BN statistics): probs [B,1,H,W], W_poi [B,N], W_woi [B,L] and every
     /// intermediate the fixture stores.
     pub fn forward_eval(&self, b: &Batch) -> Result<Record> {
-        let g = Graph::eval();
+        self.forward_eval_on(&self.eval_graph()?, b)
+    }
+
+    /// `forward_eval` on a graph of the caller's (another precision, a perturbed autocast).
+    pub fn forward_eval_on(&self, g: &Graph, b: &Batch) -> Result<Record> {
         let mut rec = Record::new();
-        self.trunk(&g, b, Some(&mut rec), true)?;
+        self.trunk(g, b, Some(&mut rec), true)?;
         Ok(rec)
     }
 
     /// Only what the mask needs (no CTBN, MLPs, reconstruction or losses): probs [B,1,H,W].
     pub fn infer(&self, b: &Batch) -> Result<Tensor> {
-        let g = Graph::eval();
+        let g = self.eval_graph()?;
         Ok(self.trunk(&g, b, None, false)?.probs.into_tensor())
     }
 

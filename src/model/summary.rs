@@ -150,13 +150,13 @@ fn synthetic_batch(m: &RecLmis, batch: usize) -> crate::error::Result<super::Bat
 
 #[cfg(feature = "train")]
 pub fn count_flops(m: &RecLmis, batch: usize) -> crate::error::Result<FlopReport> {
-    use crate::autograd::{count, Graph};
+    use crate::autograd::count;
     let b = synthetic_batch(m, batch)?;
     let mut rng = crate::rng::Rng::new(1);
     let (probs, infer) = count::measure(|| m.infer(&b));
     probs?;
     let (step, train) = count::measure(|| -> crate::error::Result<()> {
-        let g = Graph::train().with_dropout_seed(1);
+        let g = m.train_graph()?.with_dropout_seed(1);
         let out = m.forward_train(&g, &b, None, &mut rng)?;
         g.backward(&out.total, m.params.len())?;
         Ok(())
@@ -274,12 +274,14 @@ pub struct MemoryReport {
 pub fn measure_memory(
     cfg: &super::Config,
     batch: usize,
+    precision: crate::autograd::Precision,
     dev: &crate::device::Device,
 ) -> crate::error::Result<MemoryReport> {
     use crate::device::memory;
     let kind = dev.kind();
     let before = memory::live(kind);
-    let m = RecLmis::new(cfg.clone(), dev, 0)?;
+    let mut m = RecLmis::new(cfg.clone(), dev, 0)?;
+    m.precision = precision;
     let weights = memory::live(kind) - before;
     let b = synthetic_batch(&m, batch)?;
     let input = memory::live(kind) - before - weights;

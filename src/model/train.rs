@@ -9,7 +9,7 @@
 //! `num_batches_tracked` per micro-batch), exactly as PyTorch computes it.
 
 use super::{Batch, MaskIndices, RecLmis};
-use crate::autograd::Graph;
+
 use crate::error::{Error, Result};
 use crate::nn::params::ParamId;
 use crate::ops::elementwise;
@@ -108,7 +108,7 @@ impl Trainer {
         weight: f32,
     ) -> Result<BTreeMap<&'static str, f32>> {
         let t0 = Instant::now();
-        let g = Graph::train().with_dropout_seed(rng.next_u64());
+        let g = self.model.train_graph()?.with_dropout_seed(rng.next_u64());
         let out = self.model.forward_train(&g, batch, masks, rng)?;
         // the recorded intermediates would keep every activation alive through the backward
         let (total, losses) = (out.total, out.losses);

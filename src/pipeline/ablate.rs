@@ -111,6 +111,7 @@ pub fn ablate(o: &AblateOpts, dev: &Device) -> Result<Vec<Row>> {
             epochs: o.epochs,
             batch: o.batch,
             accumulate: 1,
+            precision: crate::autograd::Precision::F32,
             lr,
             seed: o.seed,
             out: run.clone(),

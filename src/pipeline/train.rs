@@ -39,6 +39,8 @@ pub struct TrainOpts {
     /// Micro-batches per optimiser step (gradient accumulation): a step sees `batch × accumulate`
     /// samples while only one micro-batch's activations are alive at a time. 1 = off.
     pub accumulate: usize,
+    /// Autocast precision of the training and validation graphs (`autograd::Precision`).
+    pub precision: crate::autograd::Precision,
     pub lr: f32,
     pub seed: u64,
     pub out: PathBuf,
@@ -144,6 +146,7 @@ fn settings(
         ("seed", o.seed.to_string()),
         ("batch", o.batch.to_string()),
         ("accumulate", o.accumulate.to_string()),
+        ("precision", o.precision.to_string()),
         ("lr", format!("{:e}", o.lr)),
         ("augment", o.augment.to_string()),
         ("official_flips", o.official_flips.to_string()),
@@ -158,6 +161,7 @@ fn settings(
 fn unrecorded(key: &str) -> &'static str {
     match key {
         "accumulate" => "1",
+        "precision" => "f32",
         _ => "(not recorded)",
     }
 }
@@ -271,6 +275,7 @@ impl Run {
         // pretrained text weights: read (and checked) before the folder holds anything of this run
         // but the tokenizer; their hash is a setting, so a resume with other weights is refused
         let mut model = RecLmis::new(cfg.clone(), dev, o.seed)?;
+        model.precision = o.precision;
         let has_state = o.resume && dir.path(run_dir::STATE).is_file();
         let mut text_notes = vec![];
         let text_hash = match &o.text_weights {

@@ -1,0 +1,106 @@
+//! Autocast (autograd/precision.rs): at bf16 an autocast op reads bf16-rounded operands, stores a
+//! bf16-rounded output, and the gradients into and out of it are bf16-rounded; at tf32 the
+//! GEMM-like kernels run on tensor cores (cuda/emu) and the cpu stays exact f32. Checked bit for
+//! bit against the same kernels composed by hand, on cpu and emu.
+
+mod common;
+use common::device;
+use half::bf16;
+use reclmis::autograd::{Graph, Precision, Var};
+use reclmis::nn::params::{Kind, Params};
+use reclmis::ops::gemm::{linear, GemmAlgo};
+use reclmis::testing::Rng;
+use reclmis::{Device, Tensor};
+
+fn r(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect()
+}
+
+fn t(v: &[f32], shape: &[usize], dev: &Device) -> Tensor {
+    Tensor::from_vec(v.to_vec(), shape, dev).unwrap()
+}
+
+/// Values with all 24 significand bits in use, so every rounding changes them.
+fn values(n: usize, rng: &mut Rng) -> Vec<f32> {
+    (0..n).map(|_| rng.uniform(-2.0, 2.0) + 1e-4 * rng.uniform(-1.0, 1.0)).collect()
+}
+
+#[test]
+fn bf16_linear_rounds_operands_output_and_gradients() {
+    let (m, k, n) = (5, 37, 6);
+    for kind in ["cpu", "emu"] {
+        let dev = device(kind);
+        let mut rng = Rng::new(7);
+        let (xv, wv, bv, cv) =
+            (values(m * k, &mut rng), values(n * k, &mut rng), values(n, &mut rng), values(m * n, &mut rng));
+        let mut p = Params::new(&dev);
+        let train = Kind::Param { trainable: true };
+        let x = p.add("x", &[m, k], xv.clone(), train).unwrap();
+        let w = p.add("w", &[n, k], wv.clone(), train).unwrap();
+        let b = p.add("b", &[n], bv.clone(), train).unwrap();
+        let g = Graph::train().with_precision(Precision::Bf16).unwrap();
+        let y = g.linear(&g.param(&p, x), &g.param(&p, w), Some(&g.param(&p, b))).unwrap();
+        let c = Var::constant(t(&cv, &[m, n], &dev));
+        let loss = g.mean_all(&g.mul(&y, &c).unwrap()).unwrap();
+        let grads = g.backward(&loss, p.len()).unwrap();
+
+        // by hand: the same kernel (the graph's algorithm at bf16) on the rounded operands
+        let algo = Precision::Bf16.algo();
+        let (xr, wr, br) = (t(&r(&xv), &[m, k], &dev), t(&r(&wv), &[n, k], &dev), t(&r(&bv), &[n], &dev));
+        let want_y = r(&linear::linear(&xr, &wr, Some(&br), algo).unwrap().to_vec().unwrap());
+        assert_eq!(y.tensor().to_vec().unwrap(), want_y, "{kind}: y = bf16(linear(bf16 operands))");
+        // d loss / dy = c / (m n), stored in bf16 as the gradient of a bf16 output
+        let dy: Vec<f32> = r(&cv.iter().map(|&v| v / (m * n) as f32).collect::<Vec<_>>());
+        let gw = linear::linear_backward(&xr, &wr, &t(&dy, &[m, n], &dev), true, algo).unwrap();
+        for (name, id, want) in [("dx", x, &gw.dx), ("dw", w, &gw.dw), ("db", b, gw.db.as_ref().unwrap())] {
+            let got = grads.get(id).unwrap().to_vec().unwrap();
+            assert_eq!(got, r(&want.to_vec().unwrap()), "{kind}: {name} = bf16(backward on bf16 dy)");
+            assert_ne!(got, want.to_vec().unwrap(), "{kind}: {name}: the rounding shows in these values");
+        }
+    }
+}
+
+/// Without autocast the values differ: the test above sees the rounding, not a coincidence.
+#[test]
+fn f32_linear_is_not_rounded() {
+    let dev = Device::Cpu;
+    let mut rng = Rng::new(8);
+    let (xv, wv) = (values(3 * 9, &mut rng), values(4 * 9, &mut rng));
+    let (x, w) = (Var::constant(t(&xv, &[3, 9], &dev)), Var::constant(t(&wv, &[4, 9], &dev)));
+    let f = Graph::eval().linear(&x, &w, None).unwrap().tensor().to_vec().unwrap();
+    let h = Graph::eval().with_precision(Precision::Bf16).unwrap().linear(&x, &w, None).unwrap();
+    let h = h.tensor().to_vec().unwrap();
+    assert_ne!(f, h);
+    assert_eq!(h, r(&h), "bf16 outputs are bf16 values");
+    assert_eq!(f, linear::linear(x.tensor(), w.tensor(), None, GemmAlgo::Auto).unwrap().to_vec().unwrap());
+}
+
+/// tf32: the tensor-core kernels on emu (operands rounded to tf32), exact f32 on the cpu.
+#[test]
+fn tf32_selects_the_tensor_core_kernels() {
+    for kind in ["cpu", "emu"] {
+        let dev = device(kind);
+        let mut rng = Rng::new(9);
+        let (xv, wv) = (values(8 * 40, &mut rng), values(16 * 40, &mut rng));
+        let (x, w) = (Var::constant(t(&xv, &[8, 40], &dev)), Var::constant(t(&wv, &[16, 40], &dev)));
+        let g = Graph::eval().with_precision(Precision::Tf32).unwrap();
+        let got = g.linear(&x, &w, None).unwrap().tensor().to_vec().unwrap();
+        let tc = linear::linear(x.tensor(), w.tensor(), None, GemmAlgo::TensorCore).unwrap().to_vec().unwrap();
+        let exact = linear::linear(x.tensor(), w.tensor(), None, GemmAlgo::Auto).unwrap().to_vec().unwrap();
+        assert_eq!(got, tc, "{kind}");
+        if kind == "emu" {
+            assert_ne!(tc, exact, "emu: tf32 rounds these operands");
+        } else {
+            assert_eq!(tc, exact, "cpu: no tf32, exact f32");
+        }
+    }
+}
+
+#[test]
+fn precision_names_parse_and_bad_ones_are_refused() {
+    for p in Precision::ALL {
+        assert_eq!(Precision::parse(p.name()).unwrap(), p);
+    }
+    let e = Precision::parse("fp8").unwrap_err().to_string();
+    assert!(e.contains("fp8") && e.contains("bf16"), "{e}");
+}
