@@ -11,6 +11,7 @@
 pub mod count;
 mod ops;
 pub mod precision;
+mod saved;
 
 #[cfg(feature = "train")]
 use crate::error::Error;
@@ -30,12 +31,15 @@ pub use precision::Precision;
 pub struct Var {
     t: Tensor,
     id: Option<usize>,
+    /// Its values are what a bf16 tensor stores (bf16 autocast rounded them): an autocast op
+    /// reads it as is, and a backward saves it packed in bf16 without loss (`saved.rs`).
+    bf16: bool,
 }
 
 impl Var {
     /// A value the tape does not differentiate (inputs, frozen weights, masks).
     pub fn constant(t: Tensor) -> Var {
-        Var { t, id: None }
+        Var { t, id: None, bf16: false }
     }
     pub fn tensor(&self) -> &Tensor {
         &self.t
@@ -57,7 +61,9 @@ type Backward = Box<dyn FnOnce(&Tensor) -> Result<Vec<Option<Tensor>>>>;
 #[cfg(feature = "train")]
 struct Node {
     out: usize,
-    inputs: Vec<Option<usize>>,
+    /// Each input's var id (None: a constant) and whether it holds bf16 values (its gradient
+    /// is then stored in bf16 too).
+    inputs: Vec<(Option<usize>, bool)>,
     backward: Backward,
 }
 
@@ -80,6 +86,9 @@ pub struct Graph {
     /// `with_bf16_perturbation`: the signs' generator (None: autocast rounds).
     #[cfg(feature = "autocast")]
     perturb: RefCell<Option<crate::rng::Rng>>,
+    /// bf16 copies of saved activations, one per tensor however many backward closures save it.
+    #[cfg(feature = "autocast")]
+    packed: RefCell<saved::PackCache>,
 }
 
 /// d loss / d parameter, by parameter.
@@ -110,6 +119,8 @@ impl Graph {
             precision: Precision::F32,
             #[cfg(feature = "autocast")]
             perturb: RefCell::new(None),
+            #[cfg(feature = "autocast")]
+            packed: RefCell::new(saved::PackCache::default()),
         }
     }
 
@@ -132,7 +143,7 @@ impl Graph {
         if !cfg!(feature = "autocast") && p != Precision::F32 {
             return Err(crate::error::Error::Unsupported {
                 op: "autocast",
-                detail: format!("precision {p}: this build has no `autocast` feature (f32 only)"),
+                detail: "tf32 and bf16: this build has no `autocast` feature (f32 only)".into(),
             });
         }
         self.precision = p;
@@ -191,7 +202,7 @@ impl Graph {
         if self.record && params.trainable(p) {
             let id = self.fresh_id();
             self.leaves.borrow_mut().push((id, p));
-            Var { t, id: Some(id) }
+            Var { t, id: Some(id), bf16: false }
         } else {
             Var::constant(t)
         }
@@ -215,10 +226,10 @@ impl Graph {
             let id = self.fresh_id();
             self.nodes.borrow_mut().push(Node {
                 out: id,
-                inputs: inputs.iter().map(|v| v.id).collect(),
+                inputs: inputs.iter().map(|v| (v.id, v.bf16)).collect(),
                 backward: Box::new(backward),
             });
-            return Var { t: out, id: Some(id) };
+            return Var { t: out, id: Some(id), bf16: false };
         }
         #[cfg(not(feature = "train"))]
         let _ = (inputs, backward);
@@ -229,6 +240,19 @@ impl Graph {
         if self.train {
             self.buffer_updates.borrow_mut().push((p, t));
         }
+    }
+
+    /// A bf16 var's gradient as the backward keeps it: a bf16 tensor, or in the error model
+    /// (`with_bf16_perturbation`) f32 times 1 ± u.
+    #[cfg(feature = "train")]
+    fn store_grad(&self, g: Tensor) -> Result<Tensor> {
+        #[cfg(feature = "autocast")]
+        if let Some(rng) = self.perturb.borrow_mut().as_mut() {
+            const U: f32 = 1.0 / 256.0;
+            let f: Vec<f32> = (0..g.numel()).map(|_| if rng.next_u64() & 1 == 0 { 1.0 - U } else { 1.0 + U }).collect();
+            return elementwise::mul(&g, &Tensor::from_vec(f, g.shape(), g.device())?);
+        }
+        crate::ops::cast::cast(&g, crate::tensor::DType::BF16)
     }
 
     /// The running statistics the training forward computed (apply with `Params::set`).
@@ -262,10 +286,15 @@ impl Graph {
         let mut grads: Vec<Option<Tensor>> = vec![None; n];
         grads[root] = Some(Tensor::from_vec(vec![1.0], loss.shape(), loss.t.device())?);
         let nodes = std::mem::take(&mut *self.nodes.borrow_mut());
+        // the closures hold their packed copies: the cache's references would keep each alive
+        // past the closure that frees it
+        #[cfg(feature = "autocast")]
+        self.packed.borrow_mut().clear();
         let watched: Vec<Option<usize>> = watch.iter().map(|v| v.id).collect();
         let mut kept: Vec<Option<Tensor>> = vec![None; watch.len()];
         for node in nodes.into_iter().rev() {
             let Some(dy) = grads[node.out].take() else { continue };
+            let dy = widened(dy)?;
             for (k, w) in kept.iter_mut().zip(&watched) {
                 if *w == Some(node.out) {
                     *k = Some(dy.clone());
@@ -273,9 +302,14 @@ impl Graph {
             }
             let gs = (node.backward)(&dy)?;
             drop(dy);
-            for (inp, g) in node.inputs.iter().zip(gs) {
+            for (&(inp, half), g) in node.inputs.iter().zip(gs) {
                 if let (Some(i), Some(g)) = (inp, g) {
-                    accumulate(&mut grads[*i], g)?;
+                    accumulate(&mut grads[i], g)?;
+                    if half {
+                        // the gradient of a bf16 value is a bf16 tensor: half the bytes while it
+                        // waits for its producer's backward (rounded once per contribution)
+                        grads[i] = grads[i].take().map(|g| self.store_grad(g)).transpose()?;
+                    }
                 }
             }
         }
@@ -289,11 +323,22 @@ impl Graph {
     }
 }
 
+/// A gradient in f32 (a bf16 one widened).
+#[cfg(feature = "train")]
+fn widened(g: Tensor) -> Result<Tensor> {
+    if g.dtype() == crate::tensor::DType::BF16 {
+        crate::ops::cast::cast(&g, crate::tensor::DType::F32)
+    } else {
+        Ok(g)
+    }
+}
+
 #[cfg(feature = "train")]
 fn accumulate(slot: &mut Option<Tensor>, g: Tensor) -> Result<()> {
     *slot = Some(match slot.take() {
         None => g,
         Some(prev) => {
+            let (prev, g) = (widened(prev)?, widened(g)?);
             if prev.shape() != g.shape() {
                 return Err(Error::shape(
                     "backward",

@@ -2,6 +2,7 @@
 //! here beside it. Closures capture only what their backward reads (cheap `Tensor` clones of
 //! shared storage) and free it when they run.
 
+use super::saved::Saved;
 use super::{count, Graph, Var};
 use crate::error::{Error, Result};
 use crate::nn::params::{ParamId, Params};
@@ -31,6 +32,34 @@ pub struct Attention<'a> {
     pub condition: Option<&'a Var>,
     /// The paper's reading instead: logits multiplied by w before the softmax.
     pub condition_on_logits: bool,
+}
+
+/// A value an op stores in bf16 (autocast at bf16): rounded, or in the error model multiplied by
+/// 1 ± u. (Its gradient is stored in bf16 by the tape: the output var is marked `bf16`.) A build
+/// without autocast has no such value: the type is empty there.
+enum Store {
+    #[cfg(feature = "autocast")]
+    Round,
+    #[cfg(feature = "autocast")]
+    Perturb(Tensor),
+}
+
+impl Store {
+    #[cfg(feature = "autocast")]
+    fn value(&self, t: &Tensor) -> Result<Tensor> {
+        match self {
+            Store::Round => {
+                use crate::ops::cast::cast;
+                use crate::tensor::DType;
+                cast(&cast(t, DType::BF16)?, DType::F32)
+            }
+            Store::Perturb(f) => ew::mul(t, f),
+        }
+    }
+    #[cfg(not(feature = "autocast"))]
+    fn value(&self, _: &Tensor) -> Result<Tensor> {
+        match *self {}
+    }
 }
 
 /// (x, w, dy, with_bias, algo) -> (dx, dw, db)
@@ -68,35 +97,96 @@ impl Graph {
     fn autocast(&self, ins: &[&Var], op: impl FnOnce(&[&Var]) -> Result<Var>) -> Result<Var> {
         #[cfg(feature = "autocast")]
         if self.precision == super::Precision::Bf16 {
-            let rounded = ins.iter().map(|v| self.round_bf16(v)).collect::<Result<Vec<Var>>>()?;
+            // a value already stored in bf16 (a batch norm's output, pooled from one) is read as is
+            let rounded = ins.iter().map(|v| self.autocast_read(v)).collect::<Result<Vec<Var>>>()?;
             let y = op(&rounded.iter().collect::<Vec<&Var>>())?;
             return self.round_bf16(&y);
         }
         op(ins)
     }
 
+    /// An autocast operand as bf16 autocast reads it: as is when it already holds bf16 values.
+    #[cfg(feature = "autocast")]
+    fn autocast_read(&self, x: &Var) -> Result<Var> {
+        if x.bf16 {
+            Ok(x.clone())
+        } else {
+            self.round_bf16(x)
+        }
+    }
+
+    /// `x` stored in bf16 and read back, on the tape (the gradient is rounded on its way back);
+    /// in the error model (`with_bf16_perturbation`) multiplied by 1 ± u instead.
     #[cfg(feature = "autocast")]
     fn round_bf16(&self, x: &Var) -> Result<Var> {
-        if let Some(rng) = self.perturb.borrow_mut().as_mut() {
-            const U: f32 = 1.0 / 256.0;
-            let f: Vec<f32> =
-                (0..x.t.numel()).map(|_| if rng.next_u64() & 1 == 0 { 1.0 - U } else { 1.0 + U }).collect();
-            let f = Var::constant(Tensor::from_vec(f, x.shape(), x.t.device())?);
-            return self.mul(x, &f);
+        let mut y = match self.perturbation(x.shape(), x.t.device())? {
+            Some(f) => self.mul(x, &Var::constant(f))?,
+            None => {
+                let h = self.cast(x, crate::tensor::DType::BF16)?;
+                self.cast(&h, crate::tensor::DType::F32)?
+            }
+        };
+        y.bf16 = true;
+        Ok(y)
+    }
+
+    /// The error model's factors 1 ± 2⁻⁸ for one stored tensor (None: the graph rounds).
+    #[cfg(feature = "autocast")]
+    fn perturbation(&self, shape: &[usize], dev: &crate::device::Device) -> Result<Option<Tensor>> {
+        let mut p = self.perturb.borrow_mut();
+        let Some(rng) = p.as_mut() else { return Ok(None) };
+        const U: f32 = 1.0 / 256.0;
+        let n: usize = shape.iter().product();
+        let f: Vec<f32> = (0..n).map(|_| if rng.next_u64() & 1 == 0 { 1.0 - U } else { 1.0 + U }).collect();
+        Ok(Some(Tensor::from_vec(f, shape, dev)?))
+    }
+
+    /// How an op that stores its output in bf16 makes it. `None` at f32 and tf32.
+    fn bf16_store(&self, shape: &[usize], dev: &crate::device::Device) -> Result<Option<Store>> {
+        #[cfg(feature = "autocast")]
+        if self.precision == super::Precision::Bf16 {
+            return Ok(Some(match self.perturbation(shape, dev)? {
+                Some(f) => Store::Perturb(f),
+                None => Store::Round,
+            }));
         }
-        let h = self.cast(x, crate::tensor::DType::BF16)?;
-        self.cast(&h, crate::tensor::DType::F32)
+        let _ = (shape, dev);
+        Ok(None)
+    }
+
+    /// What a backward closure keeps of `v`: a value bf16 autocast stored is kept in bf16 (half
+    /// the bytes, exact), once however many closures keep it (saved.rs).
+    fn save(&self, v: &Var) -> Result<Saved> {
+        #[cfg(feature = "autocast")]
+        if v.bf16
+            && self.precision == super::Precision::Bf16
+            && self.perturb.borrow().is_none()
+            && v.t.dtype() == crate::tensor::DType::F32
+        {
+            return Ok(Saved::Packed(self.packed.borrow_mut().pack(&v.t)?));
+        }
+        Ok(Saved::Full(v.t.clone()))
     }
 
     // ---- elementwise ------------------------------------------------------------------------
 
     fn unary(&self, x: &Var, op: UnaryOp) -> Result<Var> {
         let y = ew::unary(&x.t, op)?;
+        // max(x, 0) of a bf16 value is a bf16 value
+        let exact = x.bf16 && op == UnaryOp::Relu;
         if !self.tracks(&[x]) {
-            return Ok(Var::constant(y));
+            let mut v = Var::constant(y);
+            v.bf16 = exact;
+            return Ok(v);
         }
-        let (xt, yt) = (x.t.clone(), y.clone());
-        Ok(self.record(&[x], y, move |dy| Ok(vec![Some(ew::unary_backward(op, &xt, &yt, dy)?)])))
+        let xs = self.save(x)?;
+        let mut yv = Var::constant(y.clone());
+        yv.bf16 = exact;
+        let ys = self.save(&yv)?;
+        let mut out =
+            self.record(&[x], y, move |dy| Ok(vec![Some(ew::unary_backward(op, &xs.get()?, &ys.get()?, dy)?)]));
+        out.bf16 = exact;
+        Ok(out)
     }
     pub fn relu(&self, x: &Var) -> Result<Var> {
         self.unary(x, UnaryOp::Relu)
@@ -115,6 +205,33 @@ impl Graph {
         let y = ew::binary(&a.t, &b.t, op)?;
         if !self.tracks(&[a, b]) {
             return Ok(Var::constant(y));
+        }
+        if let BinaryOp::Add | BinaryOp::Sub = op {
+            // the gradients need only the shapes: keeping the operands would hold them (a
+            // residual stream's activations) until the backward
+            let (sa, sb) = (a.shape().to_vec(), b.shape().to_vec());
+            return Ok(self.record(&[a, b], y, move |dy| {
+                let db = if op == BinaryOp::Sub { ew::scale(dy, -1.0)? } else { dy.clone() };
+                Ok(vec![Some(reduce::sum_to_shape(dy, &sa)?), Some(reduce::sum_to_shape(&db, &sb)?)])
+            }));
+        }
+        if op == BinaryOp::Mul {
+            // d/da = dy·b, d/db = dy·a: an operand is kept only for the other's gradient (a
+            // dropout mask or a constant weight needs no gradient, so its partner is not kept)
+            let (sa, sb) = (a.shape().to_vec(), b.shape().to_vec());
+            let keep_a = if b.tracked() { Some(self.save(a)?) } else { None };
+            let keep_b = if a.tracked() { Some(self.save(b)?) } else { None };
+            return Ok(self.record(&[a, b], y, move |dy| {
+                let ga = match &keep_b {
+                    Some(b) => Some(reduce::sum_to_shape(&ew::mul(dy, &b.get()?)?, &sa)?),
+                    None => None,
+                };
+                let gb = match &keep_a {
+                    Some(a) => Some(reduce::sum_to_shape(&ew::mul(dy, &a.get()?)?, &sb)?),
+                    None => None,
+                };
+                Ok(vec![ga, gb])
+            }));
         }
         let (at, bt) = (a.t.clone(), b.t.clone());
         Ok(self.record(&[a, b], y, move |dy| {
@@ -205,12 +322,12 @@ impl Graph {
         if !self.tracks(&ins) {
             return Ok(Var::constant(y));
         }
-        let (xt, wt, has_b, algo) = (x.t.clone(), w.t.clone(), b.is_some(), self.algo());
+        let (xs, ws, has_b, algo) = (self.save(x)?, self.save(w)?, b.is_some(), self.algo());
         let module = count::label();
         Ok(self.record(&ins, y, move |dy| {
             // dx and dw: each as many multiply-adds as the forward
             count::backward(module, 2 * macs);
-            let (dx, dw, db) = backward(&xt, &wt, dy, has_b, algo)?;
+            let (dx, dw, db) = backward(&xs.get()?, &ws.get()?, dy, has_b, algo)?;
             Ok(vec![Some(dx), Some(dw), db])
         }))
     }
@@ -261,12 +378,14 @@ impl Graph {
         if !self.tracks(&ins) {
             return Ok(Var::constant(y));
         }
-        let (xs, wt, has_b) = (pts.into_iter().cloned().collect::<Vec<_>>(), w.t.clone(), b.is_some());
+        let xs = parts.iter().map(|p| self.save(p)).collect::<Result<Vec<Saved>>>()?;
+        let (ws, has_b) = (self.save(w)?, b.is_some());
         let module = count::label();
         Ok(self.record(&ins, y, move |dy| {
             count::backward(module, 2 * macs);
+            let xs = xs.iter().map(Saved::get).collect::<Result<Vec<Tensor>>>()?;
             let refs: Vec<&Tensor> = xs.iter().collect();
-            let g = conv::conv2d_cat_backward(&refs, &wt, dy, has_b, algo)?;
+            let g = conv::conv2d_cat_backward(&refs, &ws.get()?, dy, has_b, algo)?;
             let mut out: Vec<Option<Tensor>> = g.dxs.into_iter().map(Some).collect();
             out.push(Some(g.dw));
             out.push(g.db);
@@ -298,27 +417,50 @@ impl Graph {
             self.push_buffer_update(rm, f.running_mean.clone());
             self.push_buffer_update(rv, f.running_var.clone());
         }
-        let y = f.y.clone();
+        // bf16 autocast: batch norm reads and stores bf16 (its statistics and math are f32)
+        let store = self.bf16_store(x.shape(), x.t.device())?;
+        let y = match &store {
+            Some(s) => s.value(&f.y)?,
+            None => f.y.clone(),
+        };
         if !self.tracks(&[x, &gamma, &beta]) {
-            return Ok(Var::constant(y));
+            let mut v = Var::constant(y);
+            v.bf16 = store.is_some();
+            return Ok(v);
         }
-        let (xt, gt) = (x.t.clone(), gamma.t.clone());
-        Ok(self.record(&[x, &gamma, &beta], y, move |dy| {
-            let g = norm::batch_norm_backward(&xt, &gt, &f, dy, o)?;
+        let mut yv = Var::constant(y.clone());
+        yv.bf16 = store.is_some();
+        // the output is saved for the ReLU's mask (its sign, which bf16 keeps)
+        let (xs, ys, gt) = (self.save(x)?, self.save(&yv)?, gamma.t.clone());
+        let (mean, var) = (f.mean, f.var);
+        let mut out = self.record(&[x, &gamma, &beta], y, move |dy| {
+            let f = norm::BnForward {
+                y: ys.get()?,
+                mean: mean.clone(),
+                var: var.clone(),
+                running_mean: mean,
+                running_var: var,
+            };
+            let g = norm::batch_norm_backward(&xs.get()?, &gt, &f, dy, o)?;
             Ok(vec![Some(g.dx), Some(g.dgamma), Some(g.dbeta)])
-        }))
+        });
+        out.bf16 = yv.bf16;
+        Ok(out)
     }
 
     /// LayerNorm over the last dim (eps 1e-5).
     pub fn layer_norm(&self, x: &Var, gamma: &Var, beta: &Var) -> Result<Var> {
         let f = layer_norm::layer_norm(&x.t, Some(&gamma.t), Some(&beta.t), 1e-5)?;
-        let y = f.y.clone();
         if !self.tracks(&[x, gamma, beta]) {
-            return Ok(Var::constant(y));
+            return Ok(Var::constant(f.y));
         }
-        let (xt, gt, bt) = (x.t.clone(), gamma.t.clone(), beta.t.clone());
+        let (xs, gt, bt) = (self.save(x)?, gamma.t.clone(), beta.t.clone());
+        // the backward reads the statistics, not y (the next op's input: kept, it would stay
+        // alive until the backward); an empty y of the same device stands in
+        let y = f.y;
+        let f = layer_norm::LnForward { y: Tensor::from_vec(vec![], &[0], y.device())?, mean: f.mean, rstd: f.rstd };
         Ok(self.record(&[x, gamma, beta], y, move |dy| {
-            let g = layer_norm::layer_norm_backward(&xt, Some(&gt), Some(&bt), &f, dy)?;
+            let g = layer_norm::layer_norm_backward(&xs.get()?, Some(&gt), Some(&bt), &f, dy)?;
             Ok(vec![Some(g.dx), g.dgamma, g.dbeta])
         }))
     }
@@ -326,16 +468,36 @@ impl Graph {
     pub fn max_pool2(&self, x: &Var) -> Result<Var> {
         let (y, idx) = pool::max_pool2(&x.t)?;
         let in_shape = x.shape().to_vec();
-        Ok(self.record(&[x], y, move |dy| Ok(vec![Some(pool::max_pool2_backward(dy, &idx, &in_shape)?)])))
+        let mut y = self.record(&[x], y, move |dy| Ok(vec![Some(pool::max_pool2_backward(dy, &idx, &in_shape)?)]));
+        // the largest of bf16 values is one of them
+        y.bf16 = x.bf16;
+        Ok(y)
     }
 
     pub fn upsample2(&self, x: &Var) -> Result<Var> {
         let y = pool::upsample2(&x.t)?;
-        Ok(self.record(&[x], y, move |dy| Ok(vec![Some(pool::upsample2_backward(dy)?)])))
+        let mut y = self.record(&[x], y, move |dy| Ok(vec![Some(pool::upsample2_backward(dy)?)]));
+        // copies of bf16 values (the backward sums gradients in f32)
+        y.bf16 = x.bf16;
+        Ok(y)
     }
 
     /// PLAM skip gate g·s; w = conv_avg, conv_max, bottleneck.0 (w, b), bottleneck.2 (w, b).
     pub fn plam(&self, s: &Var, w: [&Var; 6]) -> Result<Var> {
+        #[cfg(feature = "autocast")]
+        if self.precision == super::Precision::Bf16 {
+            // bf16 autocast: the two 1×1 convolutions read bf16 operands and store bf16 outputs
+            // (a, m); the gate's per-pixel math and its output stay f32
+            let (s, w0, w1) = (self.autocast_read(s)?, self.autocast_read(w[0])?, self.autocast_read(w[1])?);
+            let shape = [s.shape()[0], w0.shape()[0], s.shape()[2], s.shape()[3]];
+            let stores = [self.bf16_store(&shape, s.t.device())?, self.bf16_store(&shape, s.t.device())?];
+            return self.plam_stored(&s, [&w0, &w1, w[2], w[3], w[4], w[5]], stores);
+        }
+        self.plam_stored(s, w, [None, None])
+    }
+
+    /// plam with the 1×1 convolutions' outputs stored by `stores` (a, then m).
+    fn plam_stored(&self, s: &Var, w: [&Var; 6], stores: [Option<Store>; 2]) -> Result<Var> {
         fn pw<'a>(w: &[&'a Var; 6]) -> PlamWeights<'a> {
             PlamWeights {
                 w_avg: &w[0].t,
@@ -347,17 +509,42 @@ impl Graph {
             }
         }
         let algo = self.algo();
-        let f = plam::plam_gate(&s.t, &pw(&w), algo)?;
+        let f = match &stores {
+            [Some(sa), Some(sm)] => {
+                let i = std::cell::Cell::new(0);
+                let store = |t: Tensor| {
+                    i.set(i.get() + 1);
+                    if i.get() == 1 {
+                        sa.value(&t)
+                    } else {
+                        sm.value(&t)
+                    }
+                };
+                plam::plam_gate_stored(&s.t, &pw(&w), algo, store)?
+            }
+            _ => plam::plam_gate(&s.t, &pw(&w), algo)?,
+        };
         let ins = [s, w[0], w[1], w[2], w[3], w[4], w[5]];
-        let y = f.out.clone();
         if !self.tracks(&ins) {
-            return Ok(Var::constant(y));
+            return Ok(Var::constant(f.out));
         }
-        let st = s.t.clone();
+        let (y, mut f) = f.split_output()?;
+        let ss = self.save(s)?;
+        // a and m hold bf16 values at bf16: kept packed, as the convolutions' outputs are
+        let keep = |t: &Tensor| {
+            let mut v = Var::constant(t.clone());
+            v.bf16 = stores[0].is_some();
+            self.save(&v)
+        };
+        let (sa, sm) = (keep(&f.a)?, keep(&f.m)?);
+        let empty = Tensor::from_vec(vec![], &[0], s.t.device())?;
+        (f.a, f.m) = (empty.clone(), empty);
         let wv: Vec<Var> = w.iter().map(|v| Var::constant(v.t.clone())).collect();
         Ok(self.record(&ins, y, move |dy| {
             let ws = [&wv[0], &wv[1], &wv[2], &wv[3], &wv[4], &wv[5]];
-            let g = plam::plam_gate_backward(&st, &pw(&ws), &f, dy, algo)?;
+            let mut f = f;
+            (f.a, f.m) = (sa.get()?, sm.get()?);
+            let g = plam::plam_gate_backward(&ss.get()?, &pw(&ws), &f, dy, algo)?;
             Ok(vec![
                 Some(g.ds),
                 Some(g.dw_avg),

@@ -224,6 +224,8 @@ impl RecLmis {
     /// With `rec` None (inference), each activation is dropped after its last use, so that the
     /// eval graph (which keeps no tape) frees it: the peak is the decoder's working set, not the
     /// whole forward's.
+    // one copy for its callers: inlined into `infer` it cost reclmis-infer 2 KB of its budget
+    #[inline(never)]
     fn trunk(&self, g: &Graph, b: &Batch, mut rec: Option<&mut Record>, need_weights: bool) -> Result<Trunk> {
         self.check_batch(b)?;
         let p = &self.params;

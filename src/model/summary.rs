@@ -129,7 +129,7 @@ pub struct FlopReport {
 /// A batch of `batch` random images at the preset's size, notes filling `token_len` positions
 /// and masks (what one training step of that size reads).
 #[cfg(feature = "train")]
-fn synthetic_batch(m: &RecLmis, batch: usize) -> crate::error::Result<super::Batch> {
+pub fn synthetic_batch(m: &RecLmis, batch: usize) -> crate::error::Result<super::Batch> {
     use crate::tensor::Tensor;
     let c = &m.cfg;
     let dev = m.device();

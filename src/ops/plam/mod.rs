@@ -59,9 +59,18 @@ pub struct PlamForward {
     /// [B, 1, H, W]
     pub g: Tensor,
     /// what the backward needs: the two 1×1 convolutions' outputs and the channel argmax
-    a: Tensor,
-    m: Tensor,
+    pub(crate) a: Tensor,
+    pub(crate) m: Tensor,
     arg: Tensor,
+}
+
+impl PlamForward {
+    /// The output, and what the backward reads without it (the output is the next op's input:
+    /// a backward that kept it would hold it past that op).
+    pub fn split_output(self) -> Result<(Tensor, PlamForward)> {
+        let empty = Tensor::from_vec(vec![], &[0], self.out.device())?;
+        Ok((self.out, PlamForward { out: empty, ..self }))
+    }
 }
 
 pub struct PlamGrads {
@@ -98,10 +107,21 @@ fn check(s: &Tensor, w: &PlamWeights) -> Result<(usize, usize, usize)> {
 }
 
 pub fn plam_gate(s: &Tensor, w: &PlamWeights, algo: GemmAlgo) -> Result<PlamForward> {
+    plam_gate_stored(s, w, algo, Ok)
+}
+
+/// `plam_gate` with the two 1×1 convolutions' outputs passed through `store` before the gate
+/// reads them (bf16 autocast stores them in bf16, as any convolution's output).
+pub fn plam_gate_stored(
+    s: &Tensor,
+    w: &PlamWeights,
+    algo: GemmAlgo,
+    store: impl Fn(Tensor) -> Result<Tensor>,
+) -> Result<PlamForward> {
     let op = "plam_gate";
     let (b, c, hw) = check(s, w)?;
-    let a = conv::conv2d(s, w.w_avg, None, algo)?;
-    let m = conv::conv2d(s, w.w_max, None, algo)?;
+    let a = store(conv::conv2d(s, w.w_avg, None, algo)?)?;
+    let m = store(conv::conv2d(s, w.w_max, None, algo)?)?;
     let gshape = [b, 1, s.shape()[2], s.shape()[3]];
     let dev = s.device();
     if let Device::Cpu = dev {
