@@ -246,9 +246,15 @@ pub fn plam_gate_backward(
         unsafe { dev.launch(Kernel::plam_gate_bwd_f32, cfg, &p) }?;
         (ds, da, dm, reduce::sum(&fcgrad, 0)?)
     };
+    // each [B, C, H, W] gradient is freed as soon as it is summed: at the decoder's full
+    // resolution this backward is a training step's largest working set
     let ga = conv::conv2d_backward(s, w.w_avg, &da, false, algo)?;
+    drop(da);
+    let ds = elementwise::add(&ds_direct, &ga.dx)?;
+    drop((ds_direct, ga.dx));
     let gm = conv::conv2d_backward(s, w.w_max, &dm, false, algo)?;
-    let ds = elementwise::add(&elementwise::add(&ds_direct, &ga.dx)?, &gm.dx)?;
+    drop(dm);
+    let ds = elementwise::add(&ds, &gm.dx)?;
     let fcv = fcg.to_vec()?;
     Ok(PlamGrads {
         ds,
