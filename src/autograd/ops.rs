@@ -48,11 +48,7 @@ impl Store {
     #[cfg(feature = "autocast")]
     fn value(&self, t: &Tensor) -> Result<Tensor> {
         match self {
-            Store::Round => {
-                use crate::ops::cast::cast;
-                use crate::tensor::DType;
-                cast(&cast(t, DType::BF16)?, DType::F32)
-            }
+            Store::Round => round_to_bf16(t),
             Store::Perturb(f) => ew::mul(t, f),
         }
     }
@@ -60,6 +56,26 @@ impl Store {
     fn value(&self, _: &Tensor) -> Result<Tensor> {
         match *self {}
     }
+}
+
+/// f32 → bf16 → f32 (round to nearest even, as `ops::cast`), off the tape: one pass on the cpu,
+/// the two cast kernels elsewhere.
+#[cfg(feature = "autocast")]
+fn round_to_bf16(t: &Tensor) -> Result<Tensor> {
+    use crate::tensor::DType;
+    if let (crate::device::Device::Cpu, Ok(v)) = (t.device(), t.cpu_f32("round_to_bf16")) {
+        use rayon::prelude::*;
+        let r: Vec<f32> = v.par_iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect();
+        return Tensor::from_vec(r, t.shape(), t.device());
+    }
+    crate::ops::cast::cast(&crate::ops::cast::cast(t, DType::BF16)?, DType::F32)
+}
+
+/// `round_to_bf16` in place.
+#[cfg(feature = "autocast")]
+fn round_slice_to_bf16(v: &mut [f32]) {
+    use rayon::prelude::*;
+    v.par_chunks_mut(1 << 14).for_each(|c| c.iter_mut().for_each(|x| *x = half::bf16::from_f32(*x).to_f32()));
 }
 
 /// (x, w, dy, with_bias, algo) -> (dx, dw, db)
@@ -100,7 +116,7 @@ impl Graph {
             // a value already stored in bf16 (a batch norm's output, pooled from one) is read as is
             let rounded = ins.iter().map(|v| self.autocast_read(v)).collect::<Result<Vec<Var>>>()?;
             let y = op(&rounded.iter().collect::<Vec<&Var>>())?;
-            return self.round_bf16(&y);
+            return self.round_bf16_owned(y);
         }
         op(ins)
     }
@@ -122,12 +138,29 @@ impl Graph {
         let mut y = match self.perturbation(x.shape(), x.t.device())? {
             Some(f) => self.mul(x, &Var::constant(f))?,
             None => {
-                let h = self.cast(x, crate::tensor::DType::BF16)?;
-                self.cast(&h, crate::tensor::DType::F32)?
+                // a copy: x itself may be read elsewhere
+                let y = round_to_bf16(&x.t)?;
+                // the gradient of the (marked) output is rounded by the tape as it is stored
+                self.record(&[x], y, |dy| Ok(vec![Some(dy.clone())]))
             }
         };
         y.bf16 = true;
         Ok(y)
+    }
+
+    /// `round_bf16` of a value nothing else holds (an autocast op's fresh output): on the cpu
+    /// rounded in place, no second tensor.
+    #[cfg(feature = "autocast")]
+    fn round_bf16_owned(&self, mut x: Var) -> Result<Var> {
+        if self.perturb.borrow().is_none() {
+            if let Some(v) = x.t.unique_cpu_f32_mut() {
+                round_slice_to_bf16(v);
+                // same var, same tape node: its gradient is rounded by the tape (marked bf16)
+                x.bf16 = true;
+                return Ok(x);
+            }
+        }
+        self.round_bf16(&x)
     }
 
     /// The error model's factors 1 ± 2⁻⁸ for one stored tensor (None: the graph rounds).
