@@ -71,17 +71,15 @@ __device__ __forceinline__ uint32_t f32_to_tf32(float x) {
 #endif
 }
 
-// d = a * b + c for one warp, m16n8k8, tf32 operands and f32 accumulation.
-// Fragment layout (PTX ISA, mma.m16n8k8 .tf32), g = lane / 4, t = lane % 4:
-//   a[0] = A[g][t]   a[1] = A[g+8][t]   a[2] = A[g][t+4]   a[3] = A[g+8][t+4]      (A: 16x8, row major)
-//   b[0] = B[t][g]   b[1] = B[t+4][g]                                            (B: 8x8, k x n)
-//   c[i] = C[g + 8*(i/2)][2*t + i%2]                                              (C, D: 16x8)
-// The emulator below is written from the same table, so only a GPU run checks it against the
-// hardware: tests/gemm.rs has the GPU-vs-emu cross-check.
-__device__ __forceinline__ void mma_m16n8k8_tf32(float d[4], const uint32_t a[4], const uint32_t b[2],
-                                                 const float c[4]) {
 #ifdef RECLMIS_EMU
-    uint64_t* s = emu::warp_slots();  // this warp's slots, [lane][16]
+// The emulated mma.sync m16n8kK: each lane publishes its A and B registers to the warp's slots
+// ([lane][16]: a in 0..3, b in 4..5), all 32 lanes must take part, and each lane's four C elements
+// are d[i] = c[i] + A[row][k]·B[k][col] added in k order with f32 rounding, where
+// `ab(slots, row, col, k, av, bv)` reads A[row][k] and B[k][col] from the slots (the fragment
+// layout of the instruction's type).
+template <unsigned K, class Ab>
+__device__ __forceinline__ void emu_mma(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4], Ab ab) {
+    uint64_t* s = emu::warp_slots();
     const unsigned me = emu::lane();
     uint64_t* mine = s + me * 16;
     for (int i = 0; i < 4; ++i) mine[i] = a[i];
@@ -93,17 +91,34 @@ __device__ __forceinline__ void mma_m16n8k8_tf32(float d[4], const uint32_t a[4]
     for (int i = 0; i < 4; ++i) {
         const unsigned row = g + 8 * (i / 2), col = 2 * t + i % 2;
         float acc = c[i];
-        for (unsigned k = 0; k < 8; ++k) {
-            const uint64_t* la = s + ((row % 8) * 4 + k % 4) * 16;  // lane holding A[row][k]
-            const uint64_t* lb = s + (col * 4 + k % 4) * 16;        // lane holding B[k][col]
-            float av = __uint_as_float((uint32_t)la[(row >= 8 ? 1 : 0) + (k >= 4 ? 2 : 0)] & 0xffffe000u);
-            float bv = __uint_as_float((uint32_t)lb[4 + (k >= 4 ? 1 : 0)] & 0xffffe000u);
+        for (unsigned k = 0; k < K; ++k) {
+            float av, bv;
+            ab(s, row, col, k, av, bv);
             acc = fmaf(av, bv, acc);
         }
         out[i] = acc;
     }
     emu::sync_warp(__LINE__);  // everyone has read the slots before they are reused
     for (int i = 0; i < 4; ++i) d[i] = out[i];
+}
+#endif
+
+// d = a * b + c for one warp, m16n8k8, tf32 operands and f32 accumulation.
+// Fragment layout (PTX ISA, mma.m16n8k8 .tf32), g = lane / 4, t = lane % 4:
+//   a[0] = A[g][t]   a[1] = A[g+8][t]   a[2] = A[g][t+4]   a[3] = A[g+8][t+4]      (A: 16x8, row major)
+//   b[0] = B[t][g]   b[1] = B[t+4][g]                                            (B: 8x8, k x n)
+//   c[i] = C[g + 8*(i/2)][2*t + i%2]                                              (C, D: 16x8)
+// The emulator below is written from the same table, so only a GPU run checks it against the
+// hardware: tests/gemm.rs has the GPU-vs-emu cross-check.
+__device__ __forceinline__ void mma_m16n8k8_tf32(float d[4], const uint32_t a[4], const uint32_t b[2],
+                                                 const float c[4]) {
+#ifdef RECLMIS_EMU
+    emu_mma<8>(d, a, b, c, [](const uint64_t* s, unsigned row, unsigned col, unsigned k, float& av, float& bv) {
+        const uint64_t* la = s + ((row % 8) * 4 + k % 4) * 16;  // lane holding A[row][k]
+        const uint64_t* lb = s + (col * 4 + k % 4) * 16;        // lane holding B[k][col]
+        av = __uint_as_float((uint32_t)la[(row >= 8 ? 1 : 0) + (k >= 4 ? 2 : 0)] & 0xffffe000u);
+        bv = __uint_as_float((uint32_t)lb[4 + (k >= 4 ? 1 : 0)] & 0xffffe000u);
+    });
 #else
     asm volatile(
         "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -182,33 +197,16 @@ __device__ __forceinline__ float f16_bits_to_f32(uint16_t b) {
 __device__ __forceinline__ void mma_m16n8k16_bf16(float d[4], const uint32_t a[4], const uint32_t b[2],
                                                   const float c[4]) {
 #ifdef RECLMIS_EMU
-    uint64_t* s = emu::warp_slots();  // this warp's slots, [lane][16]
-    const unsigned me = emu::lane();
-    uint64_t* mine = s + me * 16;
-    for (int i = 0; i < 4; ++i) mine[i] = a[i];
-    for (int i = 0; i < 2; ++i) mine[4 + i] = b[i];
-    emu::sync_warp(__LINE__);
-    if (emu::warp_live_mask() != 0xffffffffu) emu::trap("mma.sync needs all 32 lanes", __LINE__);
-    const unsigned g = me / 4, t = me % 4;
-    float out[4];
-    for (int i = 0; i < 4; ++i) {
-        const unsigned row = g + 8 * (i / 2), col = 2 * t + i % 2;
-        float acc = c[i];
-        for (unsigned k = 0; k < 16; ++k) {
-            // A[row][k] sits in lane (row % 8) * 4 + (k % 8) / 2, register (row >= 8) + 2 (k >= 8),
-            // half k % 2; B[k][col] in lane col * 4 + (k % 8) / 2, register 4 + (k >= 8), half k % 2
-            const uint64_t* la = s + ((row % 8) * 4 + (k % 8) / 2) * 16;
-            const uint64_t* lb = s + (col * 4 + (k % 8) / 2) * 16;
-            const uint32_t ra = (uint32_t)la[(row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)];
-            const uint32_t rb = (uint32_t)lb[4 + (k >= 8 ? 1 : 0)];
-            const float av = bf16_bits_to_f32((uint16_t)(k % 2 ? ra >> 16 : ra & 0xffffu));
-            const float bv = bf16_bits_to_f32((uint16_t)(k % 2 ? rb >> 16 : rb & 0xffffu));
-            acc = fmaf(av, bv, acc);
-        }
-        out[i] = acc;
-    }
-    emu::sync_warp(__LINE__);  // everyone has read the slots before they are reused
-    for (int i = 0; i < 4; ++i) d[i] = out[i];
+    emu_mma<16>(d, a, b, c, [](const uint64_t* s, unsigned row, unsigned col, unsigned k, float& av, float& bv) {
+        // A[row][k] sits in lane (row % 8) * 4 + (k % 8) / 2, register (row >= 8) + 2 (k >= 8),
+        // half k % 2; B[k][col] in lane col * 4 + (k % 8) / 2, register 4 + (k >= 8), half k % 2
+        const uint64_t* la = s + ((row % 8) * 4 + (k % 8) / 2) * 16;
+        const uint64_t* lb = s + (col * 4 + (k % 8) / 2) * 16;
+        const uint32_t ra = (uint32_t)la[(row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)];
+        const uint32_t rb = (uint32_t)lb[4 + (k >= 8 ? 1 : 0)];
+        av = bf16_bits_to_f32((uint16_t)(k % 2 ? ra >> 16 : ra & 0xffffu));
+        bv = bf16_bits_to_f32((uint16_t)(k % 2 ? rb >> 16 : rb & 0xffffu));
+    });
 #else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "

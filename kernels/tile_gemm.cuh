@@ -20,18 +20,23 @@
 // columns g) hit 32 different banks.
 #define TG_PAD 8
 
+// A tile element as the tiles hold it: f32, or bf16 bits (rounded to nearest even).
+__device__ __forceinline__ void tg_put(float& dst, float v) { dst = v; }
+__device__ __forceinline__ void tg_put(uint16_t& dst, float v) { dst = f32_to_bf16_bits(v); }
+
 // Loads the BM x BK tile of A at (row0, k) into as[k][m] (k-major, so that the compute loop reads a
-// row of m contiguously) and the BK x BN tile of B at (k, col0) into bs[k][n]; zero outside.
-template <class P>
-__device__ __forceinline__ void tg_load(const P& pr, uint32_t row0, uint32_t col0, uint64_t k, float (*as)[TG_BM + TG_PAD],
-                                        float (*bs)[TG_BN + TG_PAD], int tid, int nthreads) {
+// row of m contiguously) and the BK x BN tile of B at (k, col0) into bs[k][n]; zero outside. T is
+// the tiles' element type (float, or uint16_t for bf16).
+template <class P, class T>
+__device__ __forceinline__ void tg_load(const P& pr, uint32_t row0, uint32_t col0, uint64_t k, T (*as)[TG_BM + TG_PAD],
+                                        T (*bs)[TG_BN + TG_PAD], int tid, int nthreads) {
     for (int e = tid; e < TG_BM * TG_BK; e += nthreads) {
         int mm, kk;
         if (pr.a_k_fast) mm = e / TG_BK, kk = e % TG_BK;
         else mm = e % TG_BM, kk = e / TG_BM;
         const uint32_t r = row0 + mm;
         const uint64_t c = k + kk;
-        as[kk][mm] = (r < pr.m && c < pr.k1) ? pr.a(r, c) : 0.f;
+        tg_put(as[kk][mm], (r < pr.m && c < pr.k1) ? pr.a(r, c) : 0.f);
     }
     for (int e = tid; e < TG_BK * TG_BN; e += nthreads) {
         int kk, nn;
@@ -39,8 +44,25 @@ __device__ __forceinline__ void tg_load(const P& pr, uint32_t row0, uint32_t col
         else kk = e % TG_BK, nn = e / TG_BK;
         const uint64_t r = k + kk;
         const uint32_t c = col0 + nn;
-        bs[kk][nn] = (r < pr.k1 && c < pr.n) ? pr.b(r, c) : 0.f;
+        tg_put(bs[kk][nn], (r < pr.k1 && c < pr.n) ? pr.b(r, c) : 0.f);
     }
+}
+
+// The mma bodies' epilogue: warp (wm, wn) holds C[wm*32 + 16 mi + ...][wn*32 + 8 ni + ...] in the
+// mma accumulator layout (c[q] = C[g + 8 (q/2)][2t + q%2] of each 16x8 tile).
+template <class P>
+__device__ __forceinline__ void tg_mma_store(const P& pr, uint32_t row0, uint32_t col0, int wm, int wn, int g, int t,
+                                             const float (&acc)[2][4][4]) {
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const uint32_t r = row0 + wm * 32 + mi * 16 + g + 8 * (q >> 1);
+                const uint32_t c = col0 + wn * 32 + ni * 8 + 2 * t + (q & 1);
+                if (r < pr.m && c < pr.n) pr.store(r, c, acc[mi][ni][q]);
+            }
 }
 
 // Exact f32: 64x64 block tile, 256 threads, thread (tx, ty) owns rows ty + 16 i and columns
@@ -116,16 +138,7 @@ __device__ __forceinline__ void tg_mma_body(const P& pr) {
         }
         __syncthreads();
     }
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                const uint32_t r = row0 + wm * 32 + mi * 16 + g + 8 * (q >> 1);
-                const uint32_t c = col0 + wn * 32 + ni * 8 + 2 * t + (q & 1);
-                if (r < pr.m && c < pr.n) pr.store(r, c, acc[mi][ni][q]);
-            }
+    tg_mma_store(pr, row0, col0, wm, wn, g, t, acc);
 }
 
 // bf16 tensor cores: the tf32 body's tiling (64x64 block tile, 4 warps of 32x32, 128 threads)
@@ -143,22 +156,7 @@ __device__ __forceinline__ void tg_mma_bf16_body(const P& pr) {
     // two bf16 of a shared tile column (k, k+1) packed low to high, as the fragments hold them
     auto pair = [](uint16_t lo, uint16_t hi) { return (uint32_t)lo | ((uint32_t)hi << 16); };
     for (uint64_t k = pr.k0; k < pr.k1; k += TG_BK) {
-        for (int e = tid; e < TG_BM * TG_BK; e += 128) {
-            int mm, kk;
-            if (pr.a_k_fast) mm = e / TG_BK, kk = e % TG_BK;
-            else mm = e % TG_BM, kk = e / TG_BM;
-            const uint32_t r = row0 + mm;
-            const uint64_t c = k + kk;
-            as[kk][mm] = (r < pr.m && c < pr.k1) ? f32_to_bf16_bits(pr.a(r, c)) : (uint16_t)0;
-        }
-        for (int e = tid; e < TG_BK * TG_BN; e += 128) {
-            int kk, nn;
-            if (pr.b_n_fast) kk = e / TG_BN, nn = e % TG_BN;
-            else kk = e % TG_BK, nn = e / TG_BK;
-            const uint64_t r = k + kk;
-            const uint32_t c = col0 + nn;
-            bs[kk][nn] = (r < pr.k1 && c < pr.n) ? f32_to_bf16_bits(pr.b(r, c)) : (uint16_t)0;
-        }
+        tg_load(pr, row0, col0, k, as, bs, tid, 128);
         __syncthreads();
         uint32_t af[2][4], bf[4][2];
 #pragma unroll
@@ -181,14 +179,5 @@ __device__ __forceinline__ void tg_mma_bf16_body(const P& pr) {
             for (int ni = 0; ni < 4; ++ni) mma_m16n8k16_bf16(acc[mi][ni], af[mi], bf[ni], acc[mi][ni]);
         __syncthreads();  // the next tile overwrites as / bs
     }
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                const uint32_t r = row0 + wm * 32 + mi * 16 + g + 8 * (q >> 1);
-                const uint32_t c = col0 + wn * 32 + ni * 8 + 2 * t + (q & 1);
-                if (r < pr.m && c < pr.n) pr.store(r, c, acc[mi][ni][q]);
-            }
+    tg_mma_store(pr, row0, col0, wm, wn, g, t, acc);
 }

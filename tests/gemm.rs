@@ -3,56 +3,12 @@
 //! tensor-core kernel against the emulator (the only check of the mma fragment layout).
 
 mod common;
+use common::gemm_case::{case, Case};
 use common::*;
 use proptest::prelude::*;
 use reclmis::ops::gemm::{self, reference, GemmAlgo, GemmOpts};
 use reclmis::testing::{fd_mismatch, mismatch_scaled, EPS32, EPS_TF32};
 use reclmis::Device;
-
-#[derive(Clone, Debug)]
-struct Case {
-    batch: usize,
-    m: usize,
-    n: usize,
-    k: usize,
-    trans_a: bool,
-    trans_b: bool,
-    /// 0: both batched, 1: A shared (2-D), 2: B shared
-    shared: u8,
-    alpha: f32,
-}
-
-impl Case {
-    fn shapes(&self) -> (Vec<usize>, Vec<usize>) {
-        let a2 = if self.trans_a { vec![self.k, self.m] } else { vec![self.m, self.k] };
-        let b2 = if self.trans_b { vec![self.n, self.k] } else { vec![self.k, self.n] };
-        let with_batch = |s: Vec<usize>, shared: bool| {
-            if shared {
-                s
-            } else {
-                [vec![self.batch], s].concat()
-            }
-        };
-        (with_batch(a2, self.shared == 1), with_batch(b2, self.shared == 2))
-    }
-    fn opts(&self, algo: GemmAlgo) -> GemmOpts {
-        GemmOpts { trans_a: self.trans_a, trans_b: self.trans_b, alpha: self.alpha, algo }
-    }
-}
-
-fn case() -> impl Strategy<Value = Case> {
-    (1usize..4, dim(), dim(), dim(), any::<bool>(), any::<bool>(), 0u8..3, prop_oneof![Just(1.0f32), -2.0f32..2.0])
-        .prop_map(|(batch, m, n, k, trans_a, trans_b, shared, alpha)| Case {
-            batch,
-            m,
-            n,
-            k,
-            trans_a,
-            trans_b,
-            shared,
-            alpha,
-        })
-}
 
 /// Error bounds, per element, in units of alpha·Σ_k |a||b| (the reference's `mag`):
 /// f32 FMA accumulation over k terms: k·eps (the classic γ_k bound). tf32 also rounds each

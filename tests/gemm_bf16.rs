@@ -3,6 +3,7 @@
 //! GPU, the kernel against the emulator (the only check of the bf16 fragment layout).
 
 mod common;
+use common::gemm_case::{case, Case};
 use common::*;
 use proptest::prelude::*;
 use reclmis::ops::cast::cast;
@@ -42,33 +43,6 @@ fn check(
     Ok(())
 }
 
-#[derive(Clone, Debug)]
-struct Case {
-    batch: usize,
-    m: usize,
-    n: usize,
-    k: usize,
-    trans_a: bool,
-    trans_b: bool,
-    /// 0: both batched, 1: A shared (2-D), 2: B shared
-    shared: u8,
-    alpha: f32,
-}
-
-fn case() -> impl Strategy<Value = Case> {
-    (1usize..4, dim(), dim(), dim(), any::<bool>(), any::<bool>(), 0u8..3, prop_oneof![Just(1.0f32), -2.0f32..2.0])
-        .prop_map(|(batch, m, n, k, trans_a, trans_b, shared, alpha)| Case {
-            batch,
-            m,
-            n,
-            k,
-            trans_a,
-            trans_b,
-            shared,
-            alpha,
-        })
-}
-
 /// Random values rounded to bf16, as a bf16 tensor and as the exact f64 values it holds.
 fn bf16_operand(shape: &[usize], seed: u64, dev: &Device) -> (Tensor, Vec<f64>) {
     let t = cast(&tensor(&values(shape.iter().product(), seed, false), shape, dev), DType::BF16).unwrap();
@@ -77,13 +51,10 @@ fn bf16_operand(shape: &[usize], seed: u64, dev: &Device) -> (Tensor, Vec<f64>) 
 }
 
 fn check_gemm_bf16(dev: &Device, c: Case, seed: u64) -> Result<(), TestCaseError> {
-    let a2 = if c.trans_a { vec![c.k, c.m] } else { vec![c.m, c.k] };
-    let b2 = if c.trans_b { vec![c.n, c.k] } else { vec![c.k, c.n] };
-    let batched = |s: Vec<usize>, shared: bool| if shared { s } else { [vec![c.batch], s].concat() };
-    let (sa, sb) = (batched(a2, c.shared == 1), batched(b2, c.shared == 2));
+    let (sa, sb) = c.shapes();
     let (at, a) = bf16_operand(&sa, seed, dev);
     let (bt, b) = bf16_operand(&sb, seed ^ 7, dev);
-    let opts = GemmOpts { trans_a: c.trans_a, trans_b: c.trans_b, alpha: c.alpha, algo: GemmAlgo::Auto };
+    let opts = c.opts(GemmAlgo::Auto);
     let (plan, out) = gemm::plan(&sa, &sb, c.trans_a, c.trans_b).unwrap();
     let y = gemm::matmul(&at, &bt, opts).unwrap();
     prop_assert_eq!(y.dtype(), DType::BF16);

@@ -247,10 +247,8 @@ impl Graph {
     #[cfg(feature = "train")]
     fn store_grad(&self, g: Tensor) -> Result<Tensor> {
         #[cfg(feature = "autocast")]
-        if let Some(rng) = self.perturb.borrow_mut().as_mut() {
-            const U: f32 = 1.0 / 256.0;
-            let f: Vec<f32> = (0..g.numel()).map(|_| if rng.next_u64() & 1 == 0 { 1.0 - U } else { 1.0 + U }).collect();
-            return elementwise::mul(&g, &Tensor::from_vec(f, g.shape(), g.device())?);
+        if let Some(f) = self.perturbation(g.shape(), g.device())? {
+            return elementwise::mul(&g, &f);
         }
         crate::ops::cast::cast(&g, crate::tensor::DType::BF16)
     }

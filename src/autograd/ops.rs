@@ -106,10 +106,9 @@ impl Graph {
     }
 
     /// Runs the autocast op `op` on `ins` as this graph's precision reads and stores them: at
-    /// bf16 each operand is rounded to bf16 (a cast there and back, so its gradient is rounded to
-    /// bf16 on the way back, as a bf16 tensor's gradient is stored) and so is the output; f32
-    /// storage holds the rounded values, so every device runs its f32 kernels on exactly the
-    /// bf16 operands. Otherwise `op(ins)`.
+    /// bf16 each operand is rounded to bf16 and so is the output (marked `bf16`, so the tape
+    /// stores their gradients in bf16 too); f32 storage holds the rounded values, so every
+    /// device runs its f32 kernels on exactly the bf16 operands. Otherwise `op(ins)`.
     fn autocast(&self, ins: &[&Var], op: impl FnOnce(&[&Var]) -> Result<Var>) -> Result<Var> {
         #[cfg(feature = "autocast")]
         if self.precision == super::Precision::Bf16 {
@@ -131,8 +130,9 @@ impl Graph {
         }
     }
 
-    /// `x` stored in bf16 and read back, on the tape (the gradient is rounded on its way back);
-    /// in the error model (`with_bf16_perturbation`) multiplied by 1 ± u instead.
+    /// `x` stored in bf16 and read back, on the tape (the output is marked `bf16`: the tape
+    /// rounds its gradient as it stores it); in the error model (`with_bf16_perturbation`)
+    /// multiplied by 1 ± u instead.
     #[cfg(feature = "autocast")]
     fn round_bf16(&self, x: &Var) -> Result<Var> {
         let mut y = match self.perturbation(x.shape(), x.t.device())? {
@@ -165,7 +165,7 @@ impl Graph {
 
     /// The error model's factors 1 ± 2⁻⁸ for one stored tensor (None: the graph rounds).
     #[cfg(feature = "autocast")]
-    fn perturbation(&self, shape: &[usize], dev: &crate::device::Device) -> Result<Option<Tensor>> {
+    pub(super) fn perturbation(&self, shape: &[usize], dev: &crate::device::Device) -> Result<Option<Tensor>> {
         let mut p = self.perturb.borrow_mut();
         let Some(rng) = p.as_mut() else { return Ok(None) };
         const U: f32 = 1.0 / 256.0;
@@ -544,15 +544,9 @@ impl Graph {
         let algo = self.algo();
         let f = match &stores {
             [Some(sa), Some(sm)] => {
-                let i = std::cell::Cell::new(0);
-                let store = |t: Tensor| {
-                    i.set(i.get() + 1);
-                    if i.get() == 1 {
-                        sa.value(&t)
-                    } else {
-                        sm.value(&t)
-                    }
-                };
+                // a first, then m
+                let second = std::cell::Cell::new(false);
+                let store = |t: Tensor| if second.replace(true) { sm.value(&t) } else { sa.value(&t) };
                 plam::plam_gate_stored(&s.t, &pw(&w), algo, store)?
             }
             _ => plam::plam_gate(&s.t, &pw(&w), algo)?,

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod fixture;
+pub mod gemm_case;
 pub mod golden;
 pub mod torch_save;
 
