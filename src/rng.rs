@@ -2,6 +2,7 @@
 
 /// A small xorshift generator: reproducible initialisation, dropout, data and augmentation
 /// without a dependency (the quality a seeded xorshift64 gives is all these need).
+#[derive(Clone)]
 pub struct Rng(u64);
 
 impl Rng {

@@ -306,17 +306,6 @@ impl Tensor {
     }
 
     /// Host f32 slice of a cpu tensor.
-    /// The f32 elements of a cpu tensor nothing else refers to (no other clone, view or weak
-    /// reference of its storage), to update in place; None otherwise.
-    #[cfg(feature = "autocast")]
-    pub(crate) fn unique_cpu_f32_mut(&mut self) -> Option<&mut [f32]> {
-        match Arc::get_mut(&mut self.storage)? {
-            Storage::Cpu(CpuStorage::F32(v)) => Some(v.as_mut_slice()),
-            #[allow(unreachable_patterns)]
-            _ => None,
-        }
-    }
-
     pub(crate) fn cpu_f32(&self, op: &'static str) -> Result<&[f32]> {
         match &*self.storage {
             Storage::Cpu(c) => c.as_f32().ok_or(Error::DType { op, expected: DType::F32, got: c.dtype() }),

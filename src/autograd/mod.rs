@@ -31,18 +31,54 @@ pub use precision::Precision;
 pub struct Var {
     t: Tensor,
     id: Option<usize>,
-    /// Its values are what a bf16 tensor stores (bf16 autocast rounded them): an autocast op
-    /// reads it as is, and a backward saves it packed in bf16 without loss (`saved.rs`).
+    /// Its values are bf16 numbers (bf16 autocast stored them): `t` is a bf16 tensor (in the
+    /// error model of `with_bf16_perturbation`, f32 values perturbed as a store would). An
+    /// autocast op reads it as is, an f32 op widens it, a backward keeps it as it is (`saved.rs`).
     bf16: bool,
+    /// The f32 parameter this var is (or, at bf16, was rounded from): alive for the whole step
+    /// as the optimiser's master weight, so a backward re-rounds it instead of keeping a copy.
+    #[cfg(feature = "autocast")]
+    master: Option<Tensor>,
 }
 
 impl Var {
     /// A value the tape does not differentiate (inputs, frozen weights, masks).
-    pub fn constant(t: Tensor) -> Var {
-        Var { t, id: None, bf16: false }
+    fn new(t: Tensor, id: Option<usize>) -> Var {
+        Var {
+            t,
+            id,
+            bf16: false,
+            #[cfg(feature = "autocast")]
+            master: None,
+        }
     }
+    pub fn constant(t: Tensor) -> Var {
+        Var::new(t, None)
+    }
+    /// The tensor as the graph stores it: a bf16 tensor for a value bf16 autocast stored
+    /// (`to_f32` reads any var in f32).
     pub fn tensor(&self) -> &Tensor {
         &self.t
+    }
+    /// The values in f32: a bf16-stored var widened (a new tensor), an f32 one as is.
+    pub fn to_f32(&self) -> Result<Tensor> {
+        saved::widen(&self.t)
+    }
+    /// What an f32 op reads: the tensor itself, or its f32 widening for a bf16-stored var.
+    #[cfg(feature = "autocast")]
+    #[inline(always)]
+    pub(crate) fn wide(&self) -> Result<std::borrow::Cow<'_, Tensor>> {
+        if self.t.dtype() == crate::tensor::DType::BF16 {
+            return Ok(std::borrow::Cow::Owned(saved::widen(&self.t)?));
+        }
+        Ok(std::borrow::Cow::Borrowed(&self.t))
+    }
+    /// A build without autocast stores no bf16 value: an op reads the tensor itself (no code in
+    /// reclmis-infer).
+    #[cfg(not(feature = "autocast"))]
+    #[inline(always)]
+    pub(crate) fn wide(&self) -> Result<&Tensor> {
+        Ok(&self.t)
     }
     pub fn into_tensor(self) -> Tensor {
         self.t
@@ -86,9 +122,6 @@ pub struct Graph {
     /// `with_bf16_perturbation`: the signs' generator (None: autocast rounds).
     #[cfg(feature = "autocast")]
     perturb: RefCell<Option<crate::rng::Rng>>,
-    /// bf16 copies of saved activations, one per tensor however many backward closures save it.
-    #[cfg(feature = "autocast")]
-    packed: RefCell<saved::PackCache>,
 }
 
 /// d loss / d parameter, by parameter.
@@ -119,8 +152,6 @@ impl Graph {
             precision: Precision::F32,
             #[cfg(feature = "autocast")]
             perturb: RefCell::new(None),
-            #[cfg(feature = "autocast")]
-            packed: RefCell::new(saved::PackCache::default()),
         }
     }
 
@@ -165,13 +196,21 @@ impl Graph {
         if !self.train || p <= 0.0 {
             return Ok(x.clone());
         }
-        let keep = 1.0 / (1.0 - p);
-        let mask: Vec<f32> = {
-            let mut rng = self.dropout_rng.borrow_mut();
-            (0..x.t.numel()).map(|_| if rng.uniform(0.0, 1.0) < p { 0.0 } else { keep }).collect()
-        };
-        let m = Var::constant(Tensor::from_vec(mask, x.shape(), x.t.device())?);
-        self.mul(x, &m)
+        // recorded, the backward draws the same mask again from the generator's state before
+        // the draw instead of keeping it (a full-size f32 tensor per dropout until the backward)
+        #[cfg(feature = "train")]
+        if self.tracks(&[x]) {
+            let state = self.dropout_rng.borrow().clone();
+            let m = dropout_mask(&mut self.dropout_rng.borrow_mut(), p, x.shape(), x.t.device())?;
+            let y = elementwise::mul(&*x.wide()?, &m)?;
+            let (shape, dev) = (x.shape().to_vec(), x.t.device().clone());
+            return Ok(self.record(&[x], y, move |dy| {
+                let m = dropout_mask(&mut state.clone(), p, &shape, &dev)?;
+                Ok(vec![Some(elementwise::mul(dy, &m)?)])
+            }));
+        }
+        let m = dropout_mask(&mut self.dropout_rng.borrow_mut(), p, x.shape(), x.t.device())?;
+        self.mul(x, &Var::constant(m))
     }
     /// Evaluation: running statistics, nothing recorded.
     pub fn eval() -> Graph {
@@ -199,13 +238,17 @@ impl Graph {
     /// Reads a parameter: a leaf of the tape when recording and the parameter is trainable.
     pub fn param(&self, params: &Params, p: ParamId) -> Var {
         let t = params.value(p).clone();
-        if self.record && params.trainable(p) {
+        let id = if self.record && params.trainable(p) {
             let id = self.fresh_id();
             self.leaves.borrow_mut().push((id, p));
-            Var { t, id: Some(id), bf16: false }
+            Some(id)
         } else {
-            Var::constant(t)
-        }
+            None
+        };
+        #[cfg(feature = "autocast")]
+        return Var { master: Some(t.clone()), ..Var::new(t, id) };
+        #[cfg(not(feature = "autocast"))]
+        Var::new(t, id)
     }
 
     /// True when the op on these inputs must be recorded.
@@ -229,7 +272,7 @@ impl Graph {
                 inputs: inputs.iter().map(|v| (v.id, v.bf16)).collect(),
                 backward: Box::new(backward),
             });
-            return Var { t: out, id: Some(id), bf16: false };
+            return Var::new(out, Some(id));
         }
         #[cfg(not(feature = "train"))]
         let _ = (inputs, backward);
@@ -284,10 +327,6 @@ impl Graph {
         let mut grads: Vec<Option<Tensor>> = vec![None; n];
         grads[root] = Some(Tensor::from_vec(vec![1.0], loss.shape(), loss.t.device())?);
         let nodes = std::mem::take(&mut *self.nodes.borrow_mut());
-        // the closures hold their packed copies: the cache's references would keep each alive
-        // past the closure that frees it
-        #[cfg(feature = "autocast")]
-        self.packed.borrow_mut().clear();
         let watched: Vec<Option<usize>> = watch.iter().map(|v| v.id).collect();
         let mut kept: Vec<Option<Tensor>> = vec![None; watch.len()];
         for node in nodes.into_iter().rev() {
@@ -319,6 +358,14 @@ impl Graph {
         }
         Ok((Grads { by_param }, kept))
     }
+}
+
+/// Inverted dropout's mask: 0 with probability p, else 1/(1 − p), one draw per element.
+fn dropout_mask(rng: &mut crate::rng::Rng, p: f32, shape: &[usize], dev: &crate::device::Device) -> Result<Tensor> {
+    let keep = 1.0 / (1.0 - p);
+    let n: usize = shape.iter().product();
+    let mask: Vec<f32> = (0..n).map(|_| if rng.uniform(0.0, 1.0) < p { 0.0 } else { keep }).collect();
+    Tensor::from_vec(mask, shape, dev)
 }
 
 /// A gradient in f32 (a bf16 one widened).

@@ -1,6 +1,9 @@
 //! The graph's ops: each calls the kernel op and, when recording, keeps its backward closure right
 //! here beside it. Closures capture only what their backward reads (cheap `Tensor` clones of
-//! shared storage) and free it when they run.
+//! shared storage) and free it when they run. An op reads a var as `&*v.wide()?`: a bf16-stored
+//! var widened to f32 (a `Cow`) with autocast, the tensor itself (a plain reference) without.
+// the same `&*v.wide()?` and `.as_deref()` in both builds: without autocast they are no-ops
+#![cfg_attr(not(feature = "autocast"), allow(clippy::borrow_deref_ref, clippy::needless_option_as_deref))]
 
 use super::saved::Saved;
 use super::{count, Graph, Var};
@@ -45,12 +48,25 @@ enum Store {
 }
 
 impl Store {
+    /// The value as stored: a bf16 tensor (in the error model, f32 times 1 ± u).
+    #[cfg(feature = "autocast")]
+    fn stored(&self, t: &Tensor) -> Result<Tensor> {
+        match self {
+            Store::Round => crate::ops::cast::cast(t, crate::tensor::DType::BF16),
+            Store::Perturb(f) => ew::mul(t, f),
+        }
+    }
+    /// The stored value as f32 math reads it back (f32 storage of the rounded values).
     #[cfg(feature = "autocast")]
     fn value(&self, t: &Tensor) -> Result<Tensor> {
         match self {
             Store::Round => round_to_bf16(t),
             Store::Perturb(f) => ew::mul(t, f),
         }
+    }
+    #[cfg(not(feature = "autocast"))]
+    fn stored(&self, _: &Tensor) -> Result<Tensor> {
+        match *self {}
     }
     #[cfg(not(feature = "autocast"))]
     fn value(&self, _: &Tensor) -> Result<Tensor> {
@@ -71,13 +87,6 @@ fn round_to_bf16(t: &Tensor) -> Result<Tensor> {
     crate::ops::cast::cast(&crate::ops::cast::cast(t, DType::BF16)?, DType::F32)
 }
 
-/// `round_to_bf16` in place.
-#[cfg(feature = "autocast")]
-fn round_slice_to_bf16(v: &mut [f32]) {
-    use rayon::prelude::*;
-    v.par_chunks_mut(1 << 14).for_each(|c| c.iter_mut().for_each(|x| *x = half::bf16::from_f32(*x).to_f32()));
-}
-
 /// (x, w, dy, with_bias, algo) -> (dx, dw, db)
 type WeightedBackward = fn(&Tensor, &Tensor, &Tensor, bool, GemmAlgo) -> Result<(Tensor, Tensor, Option<Tensor>)>;
 
@@ -93,6 +102,16 @@ fn times_scalar(g: &Tensor, dy: &Tensor) -> Result<Tensor> {
     ew::mul(g, &dy.reshape(&[])?)
 }
 
+/// An optional operand (a bias) in f32.
+#[cfg(feature = "autocast")]
+fn f32_of(b: Option<&Var>) -> Result<Option<std::borrow::Cow<'_, Tensor>>> {
+    b.map(Var::wide).transpose()
+}
+#[cfg(not(feature = "autocast"))]
+fn f32_of(b: Option<&Var>) -> Result<Option<&Tensor>> {
+    b.map(Var::wide).transpose()
+}
+
 impl Graph {
     // ---- autocast (precision.rs) ----------------------------------------------------------------
 
@@ -106,8 +125,8 @@ impl Graph {
     }
 
     /// Runs the autocast op `op` on `ins` as this graph's precision reads and stores them: at
-    /// bf16 each operand is rounded to bf16 and so is the output (marked `bf16`, so the tape
-    /// stores their gradients in bf16 too); f32 storage holds the rounded values, so every
+    /// bf16 each operand is rounded to bf16 and so is the output (bf16 tensors, marked `bf16`, so
+    /// the tape stores their gradients in bf16 too); the op reads them widened to f32, so every
     /// device runs its f32 kernels on exactly the bf16 operands. Otherwise `op(ins)`.
     fn autocast(&self, ins: &[&Var], op: impl FnOnce(&[&Var]) -> Result<Var>) -> Result<Var> {
         #[cfg(feature = "autocast")]
@@ -126,7 +145,10 @@ impl Graph {
         if x.bf16 {
             Ok(x.clone())
         } else {
-            self.round_bf16(x)
+            let mut y = self.round_bf16(x)?;
+            // a weight's copy: a backward rounds the master again instead of keeping it
+            y.master = x.master.clone();
+            Ok(y)
         }
     }
 
@@ -139,7 +161,7 @@ impl Graph {
             Some(f) => self.mul(x, &Var::constant(f))?,
             None => {
                 // a copy: x itself may be read elsewhere
-                let y = round_to_bf16(&x.t)?;
+                let y = crate::ops::cast::cast(&x.t, crate::tensor::DType::BF16)?;
                 // the gradient of the (marked) output is rounded by the tape as it is stored
                 self.record(&[x], y, |dy| Ok(vec![Some(dy.clone())]))
             }
@@ -148,19 +170,27 @@ impl Graph {
         Ok(y)
     }
 
-    /// `round_bf16` of a value nothing else holds (an autocast op's fresh output): on the cpu
-    /// rounded in place, no second tensor.
+    /// `round_bf16` of a value nothing else holds (an autocast op's fresh output): the var
+    /// itself becomes bf16, no second tape node.
     #[cfg(feature = "autocast")]
     fn round_bf16_owned(&self, mut x: Var) -> Result<Var> {
         if self.perturb.borrow().is_none() {
-            if let Some(v) = x.t.unique_cpu_f32_mut() {
-                round_slice_to_bf16(v);
-                // same var, same tape node: its gradient is rounded by the tape (marked bf16)
-                x.bf16 = true;
-                return Ok(x);
-            }
+            x.t = crate::ops::cast::cast(&x.t, crate::tensor::DType::BF16)?;
+            // same var, same tape node: its gradient is rounded by the tape (marked bf16)
+            x.bf16 = true;
+            return Ok(x);
         }
         self.round_bf16(&x)
+    }
+
+    /// An f32 result whose values are bf16 numbers (ReLU, pooling, upsampling of a bf16 value)
+    /// stored as its input was: a bf16 tensor (exact), or in the error model f32 as is.
+    #[cfg(feature = "autocast")]
+    fn keep_bf16(&self, y: Tensor) -> Result<Tensor> {
+        if self.perturb.borrow().is_none() && y.dtype() == crate::tensor::DType::F32 {
+            return crate::ops::cast::cast(&y, crate::tensor::DType::BF16);
+        }
+        Ok(y)
     }
 
     /// The error model's factors 1 ± 2⁻⁸ for one stored tensor (None: the graph rounds).
@@ -187,37 +217,46 @@ impl Graph {
         Ok(None)
     }
 
-    /// What a backward closure keeps of `v`: a value bf16 autocast stored is kept in bf16 (half
-    /// the bytes, exact), once however many closures keep it (saved.rs).
+    /// What a backward closure keeps of `v`: the tensor as the graph stores it (a bf16 value
+    /// stays bf16, no copy); a weight's bf16 copy nothing (its f32 master, rounded again when
+    /// read); bf16 values held in f32 (PLAM's a and m) packed to bf16 (half the bytes, exact).
     fn save(&self, v: &Var) -> Result<Saved> {
         #[cfg(feature = "autocast")]
-        if v.bf16
-            && self.precision == super::Precision::Bf16
-            && self.perturb.borrow().is_none()
-            && v.t.dtype() == crate::tensor::DType::F32
-        {
-            return Ok(Saved::Packed(self.packed.borrow_mut().pack(&v.t)?));
+        if v.bf16 && self.perturb.borrow().is_none() {
+            if let Some(m) = &v.master {
+                return Ok(Saved::Rounded(m.clone()));
+            }
+            if v.t.dtype() == crate::tensor::DType::F32 {
+                return Ok(Saved::new(crate::ops::cast::cast(&v.t, crate::tensor::DType::BF16)?));
+            }
         }
-        Ok(Saved::Full(v.t.clone()))
+        Ok(Saved::new(v.t.clone()))
     }
 
     // ---- elementwise ------------------------------------------------------------------------
 
     fn unary(&self, x: &Var, op: UnaryOp) -> Result<Var> {
-        let y = ew::unary(&x.t, op)?;
+        let y = ew::unary(&*x.wide()?, op)?;
         // max(x, 0) of a bf16 value is a bf16 value
         let exact = x.bf16 && op == UnaryOp::Relu;
+        #[cfg(feature = "autocast")]
+        let y = if exact { self.keep_bf16(y)? } else { y };
         if !self.tracks(&[x]) {
             let mut v = Var::constant(y);
             v.bf16 = exact;
             return Ok(v);
         }
-        let xs = self.save(x)?;
-        let mut yv = Var::constant(y.clone());
-        yv.bf16 = exact;
-        let ys = self.save(&yv)?;
-        let mut out =
-            self.record(&[x], y, move |dy| Ok(vec![Some(ew::unary_backward(op, &xs.get()?, &ys.get()?, dy)?)]));
+        // the backward keeps the one operand its derivative reads (ReLU: y > 0 iff x > 0)
+        let kept = match op {
+            UnaryOp::Relu | UnaryOp::Sigmoid | UnaryOp::Exp => Some(Saved::new(y.clone())),
+            UnaryOp::Log | UnaryOp::Gelu | UnaryOp::QuickGelu => Some(self.save(x)?),
+            UnaryOp::Scale(_) | UnaryOp::AddScalar(_) => None,
+        };
+        let mut out = self.record(&[x], y, move |dy| {
+            // the unused operand's slot gets the kept one (or dy): only its shape is read
+            let k = kept.as_ref().map(Saved::get).transpose()?.unwrap_or_else(|| dy.clone());
+            Ok(vec![Some(ew::unary_backward(op, &k, &k, dy)?)])
+        });
         out.bf16 = exact;
         Ok(out)
     }
@@ -235,7 +274,7 @@ impl Graph {
     }
 
     fn binary(&self, a: &Var, b: &Var, op: BinaryOp) -> Result<Var> {
-        let y = ew::binary(&a.t, &b.t, op)?;
+        let y = ew::binary(&*a.wide()?, &*b.wide()?, op)?;
         if !self.tracks(&[a, b]) {
             return Ok(Var::constant(y));
         }
@@ -266,9 +305,9 @@ impl Graph {
                 Ok(vec![ga, gb])
             }));
         }
-        let (at, bt) = (a.t.clone(), b.t.clone());
+        let (at, bt) = (self.save(a)?, self.save(b)?);
         Ok(self.record(&[a, b], y, move |dy| {
-            let (da, db) = ew::binary_backward(op, &at, &bt, dy)?;
+            let (da, db) = ew::binary_backward(op, &at.get()?, &bt.get()?, dy)?;
             Ok(vec![Some(da), Some(db)])
         }))
     }
@@ -296,11 +335,14 @@ impl Graph {
     pub fn reshape(&self, x: &Var, shape: &[usize]) -> Result<Var> {
         let y = x.t.reshape(shape)?;
         let in_shape = x.shape().to_vec();
-        Ok(self.record(&[x], y, move |dy| Ok(vec![Some(dy.reshape(&in_shape)?)])))
+        let mut y = self.record(&[x], y, move |dy| Ok(vec![Some(dy.reshape(&in_shape)?)]));
+        // the same values (and storage)
+        y.bf16 = x.bf16;
+        Ok(y)
     }
 
     pub fn permute(&self, x: &Var, perm: &[usize]) -> Result<Var> {
-        let y = transpose::permute(&x.t, perm)?;
+        let y = transpose::permute(&*x.wide()?, perm)?;
         let perm = perm.to_vec();
         Ok(self.record(&[x], y, move |dy| Ok(vec![Some(transpose::permute_backward(dy, &perm)?)])))
     }
@@ -317,14 +359,14 @@ impl Graph {
     }
 
     pub fn narrow(&self, x: &Var, axis: usize, start: usize, len: usize) -> Result<Var> {
-        let y = transpose::narrow(&x.t, axis, start, len)?;
+        let y = transpose::narrow(&*x.wide()?, axis, start, len)?;
         let in_shape = x.shape().to_vec();
         Ok(self.record(&[x], y, move |dy| Ok(vec![Some(transpose::narrow_backward(dy, &in_shape, axis, start)?)])))
     }
 
     /// Softmax over the last dim.
     pub fn softmax(&self, x: &Var) -> Result<Var> {
-        let y = softmax::softmax(&x.t)?;
+        let y = softmax::softmax(&*x.wide()?)?;
         if !self.tracks(&[x]) {
             return Ok(Var::constant(y));
         }
@@ -334,7 +376,7 @@ impl Graph {
 
     /// Mean of every element, as a scalar [].
     pub fn mean_all(&self, x: &Var) -> Result<Var> {
-        let flat = x.t.reshape(&[x.t.numel()])?;
+        let flat = x.wide()?.reshape(&[x.t.numel()])?;
         let y = reduce::mean(&flat, 0)?.reshape(&[])?;
         let in_shape = x.shape().to_vec();
         let n = x.t.numel();
@@ -370,7 +412,7 @@ impl Graph {
         let ins: Vec<&Var> = [x, w].into_iter().chain(b).collect();
         self.autocast(&ins, |v| {
             let (x, w, b) = (v[0], v[1], v.get(2).copied());
-            let y = linear::linear(&x.t, &w.t, b.map(|b| &b.t), self.algo())?;
+            let y = linear::linear(&*x.wide()?, &*w.wide()?, f32_of(b)?.as_deref(), self.algo())?;
             self.weighted(x, w, b, y, |x, w, dy, hb, algo| {
                 let g = linear::linear_backward(x, w, dy, hb, algo)?;
                 Ok((g.dx, g.dw, g.db))
@@ -383,7 +425,7 @@ impl Graph {
         let ins: Vec<&Var> = [x, w].into_iter().chain(b).collect();
         self.autocast(&ins, |v| {
             let (x, w, b) = (v[0], v[1], v.get(2).copied());
-            let y = conv::conv2d(&x.t, &w.t, b.map(|b| &b.t), self.algo())?;
+            let y = conv::conv2d(&*x.wide()?, &*w.wide()?, f32_of(b)?.as_deref(), self.algo())?;
             self.weighted(x, w, b, y, |x, w, dy, hb, algo| {
                 let g = conv::conv2d_backward(x, w, dy, hb, algo)?;
                 Ok((g.dx, g.dw, g.db))
@@ -401,8 +443,10 @@ impl Graph {
     /// conv2d_cat at the graph's algorithm on operands already in their autocast type.
     fn conv2d_cat_exact(&self, parts: &[&Var], w: &Var, b: Option<&Var>) -> Result<Var> {
         let algo = self.algo();
-        let pts: Vec<&Tensor> = parts.iter().map(|p| &p.t).collect();
-        let y = conv::conv2d_cat(&pts, &w.t, b.map(|b| &b.t), algo)?;
+        let wide = parts.iter().map(|p| p.wide()).collect::<Result<Vec<_>>>()?;
+        let pts: Vec<&Tensor> = wide.iter().map(|t| &**t).collect();
+        let y = conv::conv2d_cat(&pts, &*w.wide()?, f32_of(b)?.as_deref(), algo)?;
+        drop(wide);
         let macs = weighted_macs(&y, &w.t);
         count::forward(macs);
         let mut ins: Vec<&Var> = parts.to_vec();
@@ -431,7 +475,7 @@ impl Graph {
         let ins: Vec<&Var> = [x, w].into_iter().chain(b).collect();
         self.autocast(&ins, |v| {
             let (x, w, b) = (v[0], v[1], v.get(2).copied());
-            let y = conv::conv1d(&x.t, &w.t, b.map(|b| &b.t), self.algo())?;
+            let y = conv::conv1d(&*x.wide()?, &*w.wide()?, f32_of(b)?.as_deref(), self.algo())?;
             self.weighted(x, w, b, y, |x, w, dy, hb, algo| {
                 let g = conv::conv1d_backward(x, w, dy, hb, algo)?;
                 Ok((g.dx, g.dw, g.db))
@@ -445,7 +489,7 @@ impl Graph {
         let [gp, bp, rm, rv] = ids;
         let (gamma, beta) = (self.param(params, gp), self.param(params, bp));
         let o = BnOpts { relu, train: self.train, ..BnOpts::default() };
-        let f = norm::batch_norm(&x.t, &gamma.t, &beta.t, params.value(rm), params.value(rv), o)?;
+        let f = norm::batch_norm(&*x.wide()?, &gamma.t, &beta.t, params.value(rm), params.value(rv), o)?;
         if self.train {
             self.push_buffer_update(rm, f.running_mean.clone());
             self.push_buffer_update(rv, f.running_var.clone());
@@ -453,7 +497,7 @@ impl Graph {
         // bf16 autocast: batch norm reads and stores bf16 (its statistics and math are f32)
         let store = self.bf16_store(x.shape(), x.t.device())?;
         let y = match &store {
-            Some(s) => s.value(&f.y)?,
+            Some(s) => s.stored(&f.y)?,
             None => f.y.clone(),
         };
         if !self.tracks(&[x, &gamma, &beta]) {
@@ -483,7 +527,7 @@ impl Graph {
 
     /// LayerNorm over the last dim (eps 1e-5).
     pub fn layer_norm(&self, x: &Var, gamma: &Var, beta: &Var) -> Result<Var> {
-        let f = layer_norm::layer_norm(&x.t, Some(&gamma.t), Some(&beta.t), 1e-5)?;
+        let f = layer_norm::layer_norm(&*x.wide()?, Some(&gamma.t), Some(&beta.t), 1e-5)?;
         if !self.tracks(&[x, gamma, beta]) {
             return Ok(Var::constant(f.y));
         }
@@ -499,7 +543,9 @@ impl Graph {
     }
 
     pub fn max_pool2(&self, x: &Var) -> Result<Var> {
-        let (y, idx) = pool::max_pool2(&x.t)?;
+        let (y, idx) = pool::max_pool2(&*x.wide()?)?;
+        #[cfg(feature = "autocast")]
+        let y = if x.bf16 { self.keep_bf16(y)? } else { y };
         let in_shape = x.shape().to_vec();
         let mut y = self.record(&[x], y, move |dy| Ok(vec![Some(pool::max_pool2_backward(dy, &idx, &in_shape)?)]));
         // the largest of bf16 values is one of them
@@ -508,7 +554,9 @@ impl Graph {
     }
 
     pub fn upsample2(&self, x: &Var) -> Result<Var> {
-        let y = pool::upsample2(&x.t)?;
+        let y = pool::upsample2(&*x.wide()?)?;
+        #[cfg(feature = "autocast")]
+        let y = if x.bf16 { self.keep_bf16(y)? } else { y };
         let mut y = self.record(&[x], y, move |dy| Ok(vec![Some(pool::upsample2_backward(dy)?)]));
         // copies of bf16 values (the backward sums gradients in f32)
         y.bf16 = x.bf16;
@@ -531,26 +579,28 @@ impl Graph {
 
     /// plam with the 1×1 convolutions' outputs stored by `stores` (a, then m).
     fn plam_stored(&self, s: &Var, w: [&Var; 6], stores: [Option<Store>; 2]) -> Result<Var> {
-        fn pw<'a>(w: &[&'a Var; 6]) -> PlamWeights<'a> {
-            PlamWeights {
-                w_avg: &w[0].t,
-                w_max: &w[1].t,
-                fc1_w: &w[2].t,
-                fc1_b: &w[3].t,
-                fc2_w: &w[4].t,
-                fc2_b: &w[5].t,
-            }
+        fn pw(w: [&Tensor; 6]) -> PlamWeights<'_> {
+            PlamWeights { w_avg: w[0], w_max: w[1], fc1_w: w[2], fc1_b: w[3], fc2_w: w[4], fc2_b: w[5] }
         }
         let algo = self.algo();
+        #[cfg(feature = "autocast")]
+        let wide = [w[0].wide()?, w[1].wide()?, w[2].wide()?, w[3].wide()?, w[4].wide()?, w[5].wide()?];
+        #[cfg(feature = "autocast")]
+        let wt = std::array::from_fn(|i| &*wide[i]);
+        // (no bf16 value without autocast: the weights as they are)
+        #[cfg(not(feature = "autocast"))]
+        let wt = w.map(|v| &v.t);
         let f = match &stores {
             [Some(sa), Some(sm)] => {
                 // a first, then m
                 let second = std::cell::Cell::new(false);
                 let store = |t: Tensor| if second.replace(true) { sm.value(&t) } else { sa.value(&t) };
-                plam::plam_gate_stored(&s.t, &pw(&w), algo, store)?
+                plam::plam_gate_stored(&*s.wide()?, &pw(wt), algo, store)?
             }
-            _ => plam::plam_gate(&s.t, &pw(&w), algo)?,
+            _ => plam::plam_gate(&*s.wide()?, &pw(wt), algo)?,
         };
+        #[cfg(feature = "autocast")]
+        drop(wide);
         let ins = [s, w[0], w[1], w[2], w[3], w[4], w[5]];
         if !self.tracks(&ins) {
             return Ok(Var::constant(f.out));
@@ -566,12 +616,12 @@ impl Graph {
         let (sa, sm) = (keep(&f.a)?, keep(&f.m)?);
         let empty = Tensor::from_vec(vec![], &[0], s.t.device())?;
         (f.a, f.m) = (empty.clone(), empty);
-        let wv: Vec<Var> = w.iter().map(|v| Var::constant(v.t.clone())).collect();
+        let ws = w.iter().map(|v| self.save(v)).collect::<Result<Vec<Saved>>>()?;
         Ok(self.record(&ins, y, move |dy| {
-            let ws = [&wv[0], &wv[1], &wv[2], &wv[3], &wv[4], &wv[5]];
+            let ws = ws.iter().map(Saved::get).collect::<Result<Vec<Tensor>>>()?;
             let mut f = f;
             (f.a, f.m) = (sa.get()?, sm.get()?);
-            let g = plam::plam_gate_backward(&ss.get()?, &pw(&ws), &f, dy, algo)?;
+            let g = plam::plam_gate_backward(&ss.get()?, &pw(std::array::from_fn(|i| &ws[i])), &f, dy, algo)?;
             Ok(vec![
                 Some(g.ds),
                 Some(g.dw_avg),
@@ -593,32 +643,51 @@ impl Graph {
 
     /// Fused multi-head attention; q [B,Tq,E], k and v [B,S,E].
     pub fn attention(&self, q: &Var, k: &Var, v: &Var, a: &Attention) -> Result<Var> {
-        self.autocast(&[q, k, v], |t| self.attention_exact(t[0], t[1], t[2], a))
+        #[cfg(feature = "autocast")]
+        if self.precision == super::Precision::Bf16 {
+            // bf16 Q, K, V and O: the backward reads O as stored (FlashAttention's D = rowsum(dO∘O))
+            let (q, k, v) = (self.autocast_read(q)?, self.autocast_read(k)?, self.autocast_read(v)?);
+            let o_shape = [q.shape()[0], q.shape()[1], v.shape()[2]];
+            let store = self.bf16_store(&o_shape, q.t.device())?;
+            let mut y = self.attention_stored(&q, &k, &v, a, store)?;
+            y.bf16 = true;
+            return Ok(y);
+        }
+        self.attention_stored(q, k, v, a, None)
     }
 
-    /// The fused attention at the graph's algorithm; the condition weights stay f32.
-    fn attention_exact(&self, q: &Var, k: &Var, v: &Var, a: &Attention) -> Result<Var> {
+    /// The fused attention at the graph's algorithm, its output stored by `store` (None: f32);
+    /// the condition weights stay f32.
+    fn attention_stored(&self, q: &Var, k: &Var, v: &Var, a: &Attention, store: Option<Store>) -> Result<Var> {
         let algo = self.algo();
-        let cond = match (a.condition, a.condition_on_logits) {
+        // (owned: the backward keeps it; the softmax weights are f32, so no copy)
+        let w = a.condition.map(Var::to_f32).transpose()?;
+        let cond = match (&w, a.condition_on_logits) {
             (None, _) => Condition::None,
-            (Some(w), false) => Condition::Probs(&w.t),
-            (Some(w), true) => Condition::Logits(&w.t),
+            (Some(w), false) => Condition::Probs(w),
+            (Some(w), true) => Condition::Logits(w),
         };
         let o = AttnOpts { causal: a.causal, key_valid: a.key_valid, condition: cond, algo, ..AttnOpts::new(a.heads) };
-        let f = attention::attention(&q.t, &k.t, &v.t, &o)?;
+        let f = attention::attention(&*q.wide()?, &*k.wide()?, &*v.wide()?, &o)?;
         // one Q·Kᵀ-sized product: B·Tq·S·E over all heads
         let unit = (q.t.numel() * k.shape()[1]) as u64;
         count::forward(2 * unit); // Q·Kᵀ, P·V
         let mut ins = vec![q, k, v];
         ins.extend(a.condition);
-        let y = f.o.clone();
+        let y = match &store {
+            Some(s) => s.stored(&f.o)?,
+            None => f.o.clone(),
+        };
         if !self.tracks(&ins) {
             return Ok(Var::constant(y));
         }
+        // the backward's O is the output as stored (kept with it, not beside it)
+        let mut f = f;
+        f.o = Tensor::from_vec(vec![], &[0], q.t.device())?;
+        let os = Saved::new(y.clone());
         let module = count::label();
-        let (qt, kt, vt) = (q.t.clone(), k.t.clone(), v.t.clone());
+        let (qs, ks, vs) = (self.save(q)?, self.save(k)?, self.save(v)?);
         let valid = a.key_valid.cloned();
-        let w = a.condition.map(|w| w.t.clone());
         let (heads, causal, on_logits) = (a.heads, a.causal, a.condition_on_logits);
         Ok(self.record(&ins, y, move |dy| {
             // Q·Kᵀ recomputed from the saved log-sum-exp, then dP, dV, dQ, dK
@@ -629,7 +698,9 @@ impl Graph {
                 (Some(w), true) => Condition::Logits(w),
             };
             let o = AttnOpts { causal, key_valid: valid.as_ref(), condition: cond, algo, ..AttnOpts::new(heads) };
-            let g = attention::attention_backward(&qt, &kt, &vt, &f, dy, &o)?;
+            let mut f = f;
+            f.o = os.get()?;
+            let g = attention::attention_backward(&qs.get()?, &ks.get()?, &vs.get()?, &f, dy, &o)?;
             let mut out = vec![Some(g.dq), Some(g.dk), Some(g.dv)];
             if w.is_some() {
                 out.push(g.dw);
@@ -642,28 +713,28 @@ impl Graph {
 
     /// mean((x − y)²) over every element.
     pub fn mse(&self, x: &Var, y: &Var) -> Result<Var> {
-        let l = loss::mse(&x.t, &y.t)?;
+        let l = loss::mse(&*x.wide()?, &*y.wide()?)?;
         if !self.tracks(&[x, y]) {
             return Ok(Var::constant(l));
         }
-        let (xt, yt) = (x.t.clone(), y.t.clone());
+        let (xs, ys) = (self.save(x)?, self.save(y)?);
         Ok(self.record(&[x, y], l, move |dy| {
-            let (dx, dyy) = loss::mse_backward(&xt, &yt, 1.0)?;
+            let (dx, dyy) = loss::mse_backward(&xs.get()?, &ys.get()?, 1.0)?;
             Ok(vec![Some(times_scalar(&dx, dy)?), Some(times_scalar(&dyy, dy)?)])
         }))
     }
 
     /// ½·Dice + ½·BCE from logits (sigmoid fused). Returns (criterion [], [dice, bce, criterion]).
     pub fn dice_bce(&self, logits: &Var, target: &Tensor) -> Result<(Var, Tensor)> {
-        let f = loss::dice_bce(&logits.t, target)?;
+        let f = loss::dice_bce(&*logits.wide()?, target)?;
         let parts = f.loss.clone();
         let crit = transpose::narrow(&f.loss, 0, 2, 1)?.reshape(&[])?;
         if !self.tracks(&[logits]) {
             return Ok((Var::constant(crit), parts));
         }
-        let (lt, tt) = (logits.t.clone(), target.clone());
+        let (ls, tt) = (self.save(logits)?, target.clone());
         let v = self.record(&[logits], crit, move |dy| {
-            let dx = loss::dice_bce_backward(&lt, &tt, &f, 1.0)?;
+            let dx = loss::dice_bce_backward(&ls.get()?, &tt, &f, 1.0)?;
             Ok(vec![Some(times_scalar(&dx, dy)?)])
         });
         Ok((v, parts))
@@ -679,7 +750,9 @@ impl Graph {
         tw: &Var,
         vw: &Var,
     ) -> Result<(Var, Tensor, Tensor)> {
-        let f = ccl::ccl_similarity(&text.t, &image.t, mask, &tw.t, &vw.t)?;
+        // (owned: the backward keeps them)
+        let (twt, vwt) = (tw.to_f32()?, vw.to_f32()?);
+        let f = ccl::ccl_similarity(&*text.wide()?, &*image.wide()?, mask, &twt, &vwt)?;
         // every text row of a against every image token of b: B·B·L·N·D
         let macs = (text.t.numel() * image.t.numel() / image.shape()[2].max(1)) as u64;
         count::forward(macs);
@@ -689,7 +762,7 @@ impl Graph {
         if !self.tracks(&ins) {
             return Ok((Var::constant(y), t2v, v2t));
         }
-        let (mt, twt, vwt) = (mask.clone(), tw.t.clone(), vw.t.clone());
+        let mt = mask.clone();
         let module = count::label();
         let v = self.record(&ins, y, move |dy| {
             count::backward(module, 2 * macs);
@@ -702,7 +775,7 @@ impl Graph {
 
     /// Symmetric InfoNCE of s·logits. Returns (loss [], [loss, CE rows, CE columns]).
     pub fn info_nce(&self, logits: &Var, scale: f32) -> Result<(Var, Tensor)> {
-        let f = ccl::info_nce(&logits.t, scale)?;
+        let f = ccl::info_nce(&*logits.wide()?, scale)?;
         let parts = f.loss.clone();
         let l = transpose::narrow(&f.loss, 0, 0, 1)?.reshape(&[])?;
         if !self.tracks(&[logits]) {
