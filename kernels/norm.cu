@@ -74,10 +74,12 @@ extern "C" __global__ void bn_apply_fwd_f32(BnApplyParams p) {
 }
 
 // Backward, per channel: dγ = Σ g·x̂, dβ = Σ g with g = dy (masked by y > 0 when the ReLU was
-// fused) and x̂ = (x − mean)/sqrt(var + eps). y: the forward output (for the ReLU mask).
+// fused) and x̂ = (x − mean)/sqrt(var + eps). y: the forward output (for the ReLU mask). x and y
+// are f32 (`_f32`) or bf16 bits (`_bf16`: bf16 autocast keeps them so; read widened, exactly);
+// dy and everything computed are f32.
 struct BnReduceParams {
-    const float* x;
-    const float* y;
+    const void* x;
+    const void* y;
     const float* dy;
     const float* mean;
     const float* var;
@@ -92,8 +94,15 @@ struct BnReduceParams {
 };
 RECLMIS_PARAMS_SIZE(BnReduceParams, 80);
 
+// x[i] or y[i] as f32, from f32 or bf16 storage
+template <bool BF16>
+__device__ __forceinline__ float bn_load(const void* v, uint64_t i) {
+    return BF16 ? bf16_bits_to_f32(((const uint16_t*)v)[i]) : ((const float*)v)[i];
+}
+
 // grid = C, block = 256
-extern "C" __global__ void bn_reduce_bwd_f32(BnReduceParams p) {
+template <bool BF16>
+__device__ __forceinline__ void bn_reduce_bwd(const BnReduceParams& p) {
     __shared__ float red[32];
     const uint32_t c = blockIdx.x;
     const uint64_t n = (uint64_t)p.b * p.s;
@@ -101,9 +110,9 @@ extern "C" __global__ void bn_reduce_bwd_f32(BnReduceParams p) {
     float sg = 0.f, sgx = 0.f;
     for (uint64_t i = threadIdx.x; i < n; i += blockDim.x) {
         const uint64_t e = ((i / p.s) * p.c + c) * p.s + i % p.s;
-        const float g = p.relu && p.y[e] <= 0.f ? 0.f : p.dy[e];
+        const float g = p.relu && bn_load<BF16>(p.y, e) <= 0.f ? 0.f : p.dy[e];
         sg += g;
-        sgx += g * (p.x[e] - mean) * inv;
+        sgx += g * (bn_load<BF16>(p.x, e) - mean) * inv;
     }
     sg = block_sum(sg, red);
     sgx = block_sum(sgx, red);
@@ -112,12 +121,14 @@ extern "C" __global__ void bn_reduce_bwd_f32(BnReduceParams p) {
         p.dgamma[c] = sgx;
     }
 }
+extern "C" __global__ void bn_reduce_bwd_f32(BnReduceParams p) { bn_reduce_bwd<false>(p); }
+extern "C" __global__ void bn_reduce_bwd_bf16(BnReduceParams p) { bn_reduce_bwd<true>(p); }
 
 // dx. Training (batch statistics): dx = γ·inv/n · (n·g − dβ − x̂·dγ); evaluation (running
 // statistics, constants): dx = γ·inv·g.
 struct BnApplyBwdParams {
-    const float* x;
-    const float* y;
+    const void* x;  // f32 or bf16 bits, as y (the kernel's suffix)
+    const void* y;
     const float* dy;
     const float* mean;
     const float* var;
@@ -135,20 +146,23 @@ struct BnApplyBwdParams {
 };
 RECLMIS_PARAMS_SIZE(BnApplyBwdParams, 104);
 
-extern "C" __global__ void bn_apply_bwd_f32(BnApplyBwdParams p) {
+template <bool BF16>
+__device__ __forceinline__ void bn_apply_bwd(const BnApplyBwdParams& p) {
     const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
     for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < p.n; i += stride) {
         const uint32_t c = (uint32_t)(i / p.s % p.c);
         const float inv = 1.f / sqrtf(p.var[c] + p.eps);
-        const float g = p.relu && p.y[i] <= 0.f ? 0.f : p.dy[i];
+        const float g = p.relu && bn_load<BF16>(p.y, i) <= 0.f ? 0.f : p.dy[i];
         if (p.train) {
-            const float xh = (p.x[i] - p.mean[c]) * inv, cnt = (float)p.count;
+            const float xh = (bn_load<BF16>(p.x, i) - p.mean[c]) * inv, cnt = (float)p.count;
             p.dx[i] = p.gamma[c] * inv / cnt * (cnt * g - p.dbeta[c] - xh * p.dgamma[c]);
         } else {
             p.dx[i] = p.gamma[c] * inv * g;
         }
     }
 }
+extern "C" __global__ void bn_apply_bwd_f32(BnApplyBwdParams p) { bn_apply_bwd<false>(p); }
+extern "C" __global__ void bn_apply_bwd_bf16(BnApplyBwdParams p) { bn_apply_bwd<true>(p); }
 
 // ---------------------------------------------------------------------------------------------
 // Layer norm over the last axis of [R, C] (the transformers' LayerNorm, pre-LN or post-LN alike):

@@ -7,7 +7,9 @@
 #include "common.cuh"
 
 // a_, m_, s, out, d*: [B, C, HW]; g, gm: [B, HW]; arg: [B, HW] (argmax of M over channels;
-// ties to the lowest channel); fc1w [6,3], fc1b [6], fc2w [1,6], fc2b [1]
+// ties to the lowest channel); fc1w [6,3], fc1b [6], fc2w [1,6], fc2b [1]. The backward's da and
+// dm may be a_ and m_ themselves (no restrict): each thread reads its pixel's a_ and m_ before it
+// writes that pixel's gradients, element by element.
 struct PlamParams {
     const float* a_;
     const float* m_;

@@ -906,7 +906,7 @@ fn plam_cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
             run: Box::new(move || {
                 let w = PlamRef(&ws).get();
                 let f = plam::plam_gate(&s, &w, algo)?;
-                Ok(plam::plam_gate_backward(&s, &w, &f, &dout, algo)?.ds)
+                Ok(plam::plam_gate_backward(&s, &w, f, &dout, algo)?.ds)
             }),
         });
     }

@@ -305,10 +305,35 @@ impl Tensor {
         Ok(Self::from_storage(device.upload(host)?, &self.shape, self.dtype, device))
     }
 
+    /// True when no other handle (clone, view or weak reference) shares this tensor's storage:
+    /// an op may then write it in place.
+    pub(crate) fn is_sole(&self) -> bool {
+        Arc::strong_count(&self.storage) == 1 && Arc::weak_count(&self.storage) == 0
+    }
+
+    /// The f32 elements of a cpu tensor no other handle shares, to write in place; None
+    /// otherwise.
+    pub(crate) fn sole_cpu_f32_mut(&mut self) -> Option<&mut [f32]> {
+        match Arc::get_mut(&mut self.storage)? {
+            Storage::Cpu(CpuStorage::F32(v)) => Some(v.as_mut_slice()),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        }
+    }
+
     /// Host f32 slice of a cpu tensor.
     pub(crate) fn cpu_f32(&self, op: &'static str) -> Result<&[f32]> {
         match &*self.storage {
             Storage::Cpu(c) => c.as_f32().ok_or(Error::DType { op, expected: DType::F32, got: c.dtype() }),
+            #[allow(unreachable_patterns)]
+            _ => Err(Error::Unsupported { op, detail: "expected a cpu tensor".into() }),
+        }
+    }
+
+    pub(crate) fn cpu_bf16(&self, op: &'static str) -> Result<&[half::bf16]> {
+        match &*self.storage {
+            Storage::Cpu(CpuStorage::BF16(v)) => Ok(v),
+            Storage::Cpu(c) => Err(Error::DType { op, expected: DType::BF16, got: c.dtype() }),
             #[allow(unreachable_patterns)]
             _ => Err(Error::Unsupported { op, detail: "expected a cpu tensor".into() }),
         }

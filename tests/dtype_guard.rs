@@ -258,7 +258,7 @@ fn check_all(dev: &Device) {
         Box::new(|x| {
             let (a0, a1, a2, a3, a4, a5) = pl(&weights(x));
             let w = plam::PlamWeights { w_avg: &a0, w_max: &a1, fc1_w: &a2, fc1_b: &a3, fc2_w: &a4, fc2_b: &a5 };
-            plam::plam_gate_backward(&x[0], &w, &pf, &x[7], a).map(drop)
+            plam::plam_gate_backward(&x[0], &w, pf.clone(), &x[7], a).map(drop)
         }),
     );
     // losses and metrics

@@ -5,9 +5,10 @@
 mod common;
 use common::*;
 use proptest::prelude::*;
+use reclmis::ops::cast::cast;
 use reclmis::ops::norm::{self, reference, BnOpts};
 use reclmis::testing::{mismatch, EPS32};
-use reclmis::Device;
+use reclmis::{DType, Device};
 
 fn dims() -> impl Strategy<Value = (usize, usize, usize)> {
     (1usize..4, prop::sample::select(vec![1usize, 3, 8]), prop::sample::select(vec![1usize, 2, 5, 16, 50]))
@@ -72,6 +73,18 @@ fn check_bn(dev: &Device, d: (usize, usize, usize), seed: u64, relu: bool, train
         let want = fd(which, base);
         let scale = want.iter().fold(if which == 0 { term } else { 1e-3f64 }, |m, v| m.max(v.abs()));
         assert_none(name, mismatch(&got.to_vec().unwrap(), &want, 64.0 * tol * scale + 1e-6, 0.0))?;
+    }
+    // bf16 x and y (as bf16 autocast keeps them: `bn_*_bwd_bf16`) are read widened, exactly: the
+    // gradients are the f32 kernels' on the widened tensors, bit for bit (an exact equality, so
+    // no bound to derive; the f32 path's own error is checked above)
+    let half = |t: &reclmis::Tensor| cast(t, DType::BF16).unwrap();
+    let (xh, yh) = (half(&xt), half(&f.y));
+    let fh = norm::BnForward { y: yh.clone(), ..f.clone() };
+    let gh = norm::batch_norm_backward(&xh, &gt, &fh, &t(&dy, &shape), o).unwrap();
+    let fw = norm::BnForward { y: cast(&yh, DType::F32).unwrap(), ..f };
+    let gw = norm::batch_norm_backward(&cast(&xh, DType::F32).unwrap(), &gt, &fw, &t(&dy, &shape), o).unwrap();
+    for (name, a, b) in [("dx", &gh.dx, &gw.dx), ("dgamma", &gh.dgamma, &gw.dgamma), ("dbeta", &gh.dbeta, &gw.dbeta)] {
+        prop_assert_eq!(a.to_vec().unwrap(), b.to_vec().unwrap(), "bf16 {} vs f32 of the widened inputs", name);
     }
     Ok(())
 }

@@ -34,7 +34,16 @@ fn check_plam(dev: &Device, b: usize, c: usize, h: usize, w: usize, seed: u64) -
     // a chain of f32 dot products over C channels and the 6-wide MLP, whose sums can cancel
     let tol = 64.0 * (c as f64 + 16.0) * EPS32;
     assert_none("out", mismatch(&f.out.to_vec().unwrap(), &want, tol * scale, 0.0))?;
-    let g = plam::plam_gate_backward(&st, &wts, &f, &t(&dout, &[b, c, h, w]), algo).unwrap();
+    let dot = t(&dout, &[b, c, h, w]);
+    let g = plam::plam_gate_backward(&st, &wts, f.clone(), &dot, algo).unwrap();
+    // the backward writes dA and dM over a and m when it owns them, and copies a forward its
+    // caller still shares: a second backward of the shared forward, and one that owns it, give
+    // the same gradients bit for bit (an in-place write into the shared a or m would not)
+    let grads = |g: &plam::PlamGrads| [&g.ds, &g.dw_avg, &g.dw_max, &g.dfc1_w].map(|t| t.to_vec().unwrap());
+    let again = plam::plam_gate_backward(&st, &wts, f.clone(), &dot, algo).unwrap();
+    prop_assert_eq!(grads(&g), grads(&again), "a second backward of a shared forward");
+    let owned = plam::plam_gate_backward(&st, &wts, f, &dot, algo).unwrap();
+    prop_assert_eq!(grads(&g), grads(&owned), "the backward that owns its forward");
     let dy = f64s(&dout);
     let loss = |p: &[Vec<f64>]| -> f64 { run(p).iter().zip(&dy).map(|(a, b)| a * b).sum() };
     let names = ["ds", "dw_avg", "dw_max", "dfc1_w", "dfc1_b", "dfc2_w", "dfc2_b"];

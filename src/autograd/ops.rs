@@ -217,6 +217,15 @@ impl Graph {
         Ok(None)
     }
 
+    /// An op's output as the graph stores it: at bf16 a bf16 tensor (in the error model f32
+    /// times 1 ± u) and true (mark the var `bf16`), else as is and false.
+    pub(super) fn stored(&self, y: Tensor) -> Result<(Tensor, bool)> {
+        match self.bf16_store(y.shape(), y.device())? {
+            Some(s) => Ok((s.stored(&y)?, true)),
+            None => Ok((y, false)),
+        }
+    }
+
     /// What a backward closure keeps of `v`: the tensor as the graph stores it (a bf16 value
     /// stays bf16, no copy); a weight's bf16 copy nothing (its f32 master, rounded again when
     /// read); bf16 values held in f32 (PLAM's a and m) packed to bf16 (half the bytes, exact).
@@ -275,17 +284,25 @@ impl Graph {
 
     fn binary(&self, a: &Var, b: &Var, op: BinaryOp) -> Result<Var> {
         let y = ew::binary(&*a.wide()?, &*b.wide()?, op)?;
+        // the sum or difference of two bf16 values is stored in bf16 (a residual stream of bf16
+        // sub-layer outputs and bf16 layer norms stays bf16)
+        let sum = matches!(op, BinaryOp::Add | BinaryOp::Sub);
+        let (y, half) = if sum && a.bf16 && b.bf16 { self.stored(y)? } else { (y, false) };
         if !self.tracks(&[a, b]) {
-            return Ok(Var::constant(y));
+            let mut v = Var::constant(y);
+            v.bf16 = half;
+            return Ok(v);
         }
-        if let BinaryOp::Add | BinaryOp::Sub = op {
+        if sum {
             // the gradients need only the shapes: keeping the operands would hold them (a
             // residual stream's activations) until the backward
             let (sa, sb) = (a.shape().to_vec(), b.shape().to_vec());
-            return Ok(self.record(&[a, b], y, move |dy| {
+            let mut v = self.record(&[a, b], y, move |dy| {
                 let db = if op == BinaryOp::Sub { ew::scale(dy, -1.0)? } else { dy.clone() };
                 Ok(vec![Some(reduce::sum_to_shape(dy, &sa)?), Some(reduce::sum_to_shape(&db, &sb)?)])
-            }));
+            });
+            v.bf16 = half;
+            return Ok(v);
         }
         if op == BinaryOp::Mul {
             // d/da = dy·b, d/db = dy·a: an operand is kept only for the other's gradient (a
@@ -458,6 +475,38 @@ impl Graph {
         let xs = parts.iter().map(|p| self.save(p)).collect::<Result<Vec<Saved>>>()?;
         let (ws, has_b) = (self.save(w)?, b.is_some());
         let module = count::label();
+        // bf16 autocast: one part at a time (widened, its gradient stored in bf16 as the tape
+        // would) instead of every part's f32 input and gradient at once
+        #[cfg(feature = "autocast")]
+        if self.precision == super::Precision::Bf16 && self.perturb.borrow().is_none() {
+            let half: Vec<bool> = parts.iter().map(|p| p.bf16).collect();
+            return Ok(self.record(&ins, y, move |dy| {
+                count::backward(module, 2 * macs);
+                let w = ws.get()?;
+                let (mut out, mut dw, mut db, mut c_off) = (Vec::new(), None, None, 0);
+                for (k, x) in xs.iter().enumerate() {
+                    let x = x.get()?;
+                    let ci = x.shape()[1];
+                    // the part's input channels of w [Co, ΣCi, kh, kw]
+                    let g =
+                        conv::conv2d_backward(&x, &transpose::narrow(&w, 1, c_off, ci)?, dy, has_b && k == 0, algo)?;
+                    drop(x);
+                    let dx = if half[k] { crate::ops::cast::cast(&g.dx, crate::tensor::DType::BF16)? } else { g.dx };
+                    out.push(Some(dx));
+                    // its columns of dw (the other parts' are zero here: exact sums)
+                    let dwk = transpose::narrow_backward(&g.dw, w.shape(), 1, c_off)?;
+                    dw = Some(match dw {
+                        None => dwk,
+                        Some(d) => ew::add(&d, &dwk)?,
+                    });
+                    db = db.or(g.db);
+                    c_off += ci;
+                }
+                out.push(dw);
+                out.push(db);
+                Ok(out)
+            }));
+        }
         Ok(self.record(&ins, y, move |dy| {
             count::backward(module, 2 * macs);
             let xs = xs.iter().map(Saved::get).collect::<Result<Vec<Tensor>>>()?;
@@ -511,14 +560,12 @@ impl Graph {
         let (xs, ys, gt) = (self.save(x)?, self.save(&yv)?, gamma.t.clone());
         let (mean, var) = (f.mean, f.var);
         let mut out = self.record(&[x, &gamma, &beta], y, move |dy| {
-            let f = norm::BnForward {
-                y: ys.get()?,
-                mean: mean.clone(),
-                var: var.clone(),
-                running_mean: mean,
-                running_var: var,
-            };
-            let g = norm::batch_norm_backward(&xs.get()?, &gt, &f, dy, o)?;
+            // x and y as kept (bf16 at bf16 autocast): the backward kernel widens them as it
+            // reads them, no f32 copies of two full-size tensors
+            let (x, y) = (xs.stored()?, ys.stored()?);
+            let (x, y) = if x.dtype() == y.dtype() { (x, y) } else { (xs.get()?, ys.get()?) };
+            let f = norm::BnForward { y, mean: mean.clone(), var: var.clone(), running_mean: mean, running_var: var };
+            let g = norm::batch_norm_backward(&x, &gt, &f, dy, o)?;
             Ok(vec![Some(g.dx), Some(g.dgamma), Some(g.dbeta)])
         });
         out.bf16 = yv.bf16;
@@ -528,18 +575,23 @@ impl Graph {
     /// LayerNorm over the last dim (eps 1e-5).
     pub fn layer_norm(&self, x: &Var, gamma: &Var, beta: &Var) -> Result<Var> {
         let f = layer_norm::layer_norm(&*x.wide()?, Some(&gamma.t), Some(&beta.t), 1e-5)?;
+        // bf16 autocast: f32 statistics and math, the output stored in bf16
+        let (y, half) = self.stored(f.y)?;
         if !self.tracks(&[x, gamma, beta]) {
-            return Ok(Var::constant(f.y));
+            let mut v = Var::constant(y);
+            v.bf16 = half;
+            return Ok(v);
         }
         let (xs, gt, bt) = (self.save(x)?, gamma.t.clone(), beta.t.clone());
         // the backward reads the statistics, not y (the next op's input: kept, it would stay
         // alive until the backward); an empty y of the same device stands in
-        let y = f.y;
         let f = layer_norm::LnForward { y: Tensor::from_vec(vec![], &[0], y.device())?, mean: f.mean, rstd: f.rstd };
-        Ok(self.record(&[x, gamma, beta], y, move |dy| {
+        let mut v = self.record(&[x, gamma, beta], y, move |dy| {
             let g = layer_norm::layer_norm_backward(&xs.get()?, Some(&gt), Some(&bt), &f, dy)?;
             Ok(vec![Some(g.dx), g.dgamma, g.dbeta])
-        }))
+        });
+        v.bf16 = half;
+        Ok(v)
     }
 
     pub fn max_pool2(&self, x: &Var) -> Result<Var> {
@@ -603,9 +655,14 @@ impl Graph {
         drop(wide);
         let ins = [s, w[0], w[1], w[2], w[3], w[4], w[5]];
         if !self.tracks(&ins) {
-            return Ok(Var::constant(f.out));
+            let (y, half) = self.stored(f.out)?;
+            let mut v = Var::constant(y);
+            v.bf16 = half;
+            return Ok(v);
         }
         let (y, mut f) = f.split_output()?;
+        // bf16 autocast: the gate's output is stored in bf16 (its math is f32)
+        let (y, half) = self.stored(y)?;
         let ss = self.save(s)?;
         // a and m hold bf16 values at bf16: kept packed, as the convolutions' outputs are
         let keep = |t: &Tensor| {
@@ -617,11 +674,12 @@ impl Graph {
         let empty = Tensor::from_vec(vec![], &[0], s.t.device())?;
         (f.a, f.m) = (empty.clone(), empty);
         let ws = w.iter().map(|v| self.save(v)).collect::<Result<Vec<Saved>>>()?;
-        Ok(self.record(&ins, y, move |dy| {
+        let mut v = self.record(&ins, y, move |dy| {
             let ws = ws.iter().map(Saved::get).collect::<Result<Vec<Tensor>>>()?;
             let mut f = f;
-            (f.a, f.m) = (sa.get()?, sm.get()?);
-            let g = plam::plam_gate_backward(&ss.get()?, &pw(std::array::from_fn(|i| &ws[i])), &f, dy, algo)?;
+            // taken, not copied: the backward writes dA and dM over them
+            (f.a, f.m) = (sa.take()?, sm.take()?);
+            let g = plam::plam_gate_backward(&ss.get()?, &pw(std::array::from_fn(|i| &ws[i])), f, dy, algo)?;
             Ok(vec![
                 Some(g.ds),
                 Some(g.dw_avg),
@@ -631,7 +689,9 @@ impl Graph {
                 Some(g.dfc2_w),
                 Some(g.dfc2_b),
             ])
-        }))
+        });
+        v.bf16 = half;
+        Ok(v)
     }
 
     /// Rows of `table` [V,D] for `ids` (i32).

@@ -19,6 +19,20 @@ impl Saved {
         Saved::Kept(t)
     }
 
+    /// The saved value in f32, the saved handle given up: nothing else of the closure's refers
+    /// to it (an op may write it in place when no one else does).
+    pub(crate) fn take(self) -> Result<Tensor> {
+        self.get()
+    }
+
+    /// The saved value as kept: bf16 for a bf16 value (for a kernel that reads bf16 itself).
+    pub(crate) fn stored(&self) -> Result<Tensor> {
+        match self {
+            Saved::Kept(t) => Ok(t.clone()),
+            Saved::Rounded(m) => crate::ops::cast::cast(m, DType::BF16),
+        }
+    }
+
     /// The saved value in f32.
     pub(crate) fn get(&self) -> Result<Tensor> {
         match self {

@@ -105,11 +105,35 @@ multiversion! {
     }
 }
 
+/// The backward's x or y: f32, or bf16 as bf16 autocast keeps them (each plane widened to f32,
+/// exactly, as the planes are read).
+#[derive(Clone, Copy)]
+pub enum Plane<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [half::bf16]),
+}
+
+impl Plane<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Plane::F32(v) => v.len(),
+            Plane::Bf16(v) => v.len(),
+        }
+    }
+    /// Elements `r` in f32 (borrowed when they are f32).
+    fn get(&self, r: std::ops::Range<usize>) -> std::borrow::Cow<'_, [f32]> {
+        match self {
+            Plane::F32(v) => std::borrow::Cow::Borrowed(&v[r]),
+            Plane::Bf16(v) => std::borrow::Cow::Owned(v[r].iter().map(|h| h.to_f32()).collect()),
+        }
+    }
+}
+
 /// (dx, dγ, dβ)
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
-    x: &[f32],
-    y: &[f32],
+    x: Plane,
+    y: Plane,
     dy: &[f32],
     mean: &[f32],
     var: &[f32],
@@ -126,7 +150,7 @@ pub fn backward(
             let (mut sg, mut sgx) = (0.0f64, 0.0f64);
             for i in 0..b {
                 let r = (i * c + ch) * s..(i * c + ch + 1) * s;
-                let (a, bb) = plane_sums(&x[r.clone()], &y[r.clone()], &dy[r], mean[ch], o.relu);
+                let (a, bb) = plane_sums(&x.get(r.clone()), &y.get(r.clone()), &dy[r], mean[ch], o.relu);
                 sg += a as f64;
                 sgx += bb as f64;
             }
@@ -147,7 +171,7 @@ pub fn backward(
             (0.0, gamma[ch] * inv, 0.0)
         };
         let r = plane * s..(plane + 1) * s;
-        plane_dx(&x[r.clone()], &y[r.clone()], &dy[r], dp, mean[ch], k, o.relu);
+        plane_dx(&x.get(r.clone()), &y.get(r.clone()), &dy[r], dp, mean[ch], k, o.relu);
     });
     (dx, dgamma, dbeta)
 }

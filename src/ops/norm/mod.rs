@@ -102,6 +102,7 @@ impl Default for BnOpts {
     }
 }
 
+#[derive(Clone)]
 pub struct BnForward {
     pub y: Tensor,
     /// The statistics used: the batch's (training) or the running ones (evaluation), [C].
@@ -121,6 +122,11 @@ pub struct BnGrads {
 /// (B, C, S) of x [B, C, ...].
 fn dims(op: &'static str, x: &Tensor, params: &[&Tensor]) -> Result<(usize, usize, usize)> {
     x.expect_dtype(op, DType::F32)?;
+    dims_of(op, x, params)
+}
+
+/// `dims` for an x of any float type (the caller checks it).
+fn dims_of(op: &'static str, x: &Tensor, params: &[&Tensor]) -> Result<(usize, usize, usize)> {
     if x.rank() < 2 {
         return Err(Error::shape(op, format!("input {:?} needs [B, C, ...]", x.shape())));
     }
@@ -218,13 +224,25 @@ pub fn batch_norm(
     Ok(BnForward { y, mean, var, running_mean: nrm, running_var: nrv })
 }
 
+/// A cpu tensor's elements as the backward reads them (bf16 or f32).
+fn plane<'a>(t: &'a Tensor, half: bool, op: &'static str) -> Result<cpu::Plane<'a>> {
+    Ok(if half { cpu::Plane::Bf16(t.cpu_bf16(op)?) } else { cpu::Plane::F32(t.cpu_f32(op)?) })
+}
+
 /// Gradients given the forward's input x, output y (for the fused ReLU's mask) and statistics.
+/// x and y are both f32 or both bf16 (as bf16 autocast keeps them: read widened, exactly, so
+/// the gradients are those of the f32 call on the widened tensors, bit for bit); dy and every
+/// output are f32.
 pub fn batch_norm_backward(x: &Tensor, gamma: &Tensor, f: &BnForward, dy: &Tensor, o: BnOpts) -> Result<BnGrads> {
     let op = "batch_norm_backward";
-    let (b, c, s) = dims(op, x, &[gamma, &f.mean, &f.var])?;
+    let half = x.dtype() == DType::BF16;
+    if !half {
+        x.expect_dtype(op, DType::F32)?;
+    }
+    let (b, c, s) = dims_of(op, x, &[gamma, &f.mean, &f.var])?;
     // the forward's output is public and read here: it must be x's shape and type too
-    for (what, t) in [("dy", dy), ("the forward's y", &f.y)] {
-        t.expect_dtype(op, DType::F32)?;
+    for (what, t, dt) in [("dy", dy, DType::F32), ("the forward's y", &f.y, x.dtype())] {
+        t.expect_dtype(op, dt)?;
         if t.shape() != x.shape() {
             return Err(Error::shape(op, format!("{what} {:?} vs x {:?}", t.shape(), x.shape())));
         }
@@ -233,8 +251,8 @@ pub fn batch_norm_backward(x: &Tensor, gamma: &Tensor, f: &BnForward, dy: &Tenso
     let dev = x.device();
     if let Device::Cpu = dev {
         let g = cpu::backward(
-            x.cpu_f32(op)?,
-            f.y.cpu_f32(op)?,
+            plane(x, half, op)?,
+            plane(&f.y, half, op)?,
             dy.cpu_f32(op)?,
             f.mean.cpu_f32(op)?,
             f.var.cpu_f32(op)?,
@@ -269,7 +287,7 @@ pub fn batch_norm_backward(x: &Tensor, gamma: &Tensor, f: &BnForward, dy: &Tenso
         // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
         unsafe {
             dev.launch(
-                Kernel::bn_reduce_bwd_f32,
+                if half { Kernel::bn_reduce_bwd_bf16 } else { Kernel::bn_reduce_bwd_f32 },
                 LaunchCfg { grid: (c as u32, 1, 1), block: (256, 1, 1), smem_bytes: 0 },
                 &rp,
             )
@@ -296,7 +314,9 @@ pub fn batch_norm_backward(x: &Tensor, gamma: &Tensor, f: &BnForward, dy: &Tenso
     };
     if x.numel() > 0 {
         // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
-        unsafe { dev.launch(Kernel::bn_apply_bwd_f32, LaunchCfg::elementwise(x.numel()), &ap) }?;
+        let k = if half { Kernel::bn_apply_bwd_bf16 } else { Kernel::bn_apply_bwd_f32 };
+        // SAFETY: as above; x and y are bf16 for the bf16 kernel (checked above), f32 otherwise.
+        unsafe { dev.launch(k, LaunchCfg::elementwise(x.numel()), &ap) }?;
     }
     Ok(BnGrads { dx, dgamma, dbeta })
 }

@@ -79,11 +79,13 @@ fn gate(fc: &Fc, f: [f32; 3]) -> (f32, [f32; 6]) {
     (g, z)
 }
 
-/// (ds direct, dA, dM, the 31 gate-parameter gradients)
+/// (ds direct, the 31 gate-parameter gradients); dA and dM are written over `a` and `m` (each
+/// element of a and m is read before its own gradient replaces it: the backward's working set
+/// at the decoder's full resolution is two tensors smaller).
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
-    a: &[f32],
-    m: &[f32],
+    a: &mut [f32],
+    m: &mut [f32],
     s: &[f32],
     dout: &[f32],
     g: &[f32],
@@ -91,18 +93,17 @@ pub fn backward(
     b: usize,
     c: usize,
     hw: usize,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+) -> (Vec<f32>, Vec<f32>) {
     let n = c * hw;
-    let (mut ds, mut da, mut dm) = (vec![0.0f32; s.len()], vec![0.0f32; s.len()], vec![0.0f32; s.len()]);
+    let mut ds = vec![0.0f32; s.len()];
     let parts: Vec<Vec<f64>> = ds
         .par_chunks_mut(n)
-        .zip(da.par_chunks_mut(n))
-        .zip(dm.par_chunks_mut(n))
+        .zip(a.par_chunks_mut(n))
+        .zip(m.par_chunks_mut(n))
         .enumerate()
-        .map(|(i, ((dsi, dai), dmi))| {
+        .map(|(i, ((dsi, ai), mi))| {
             let r = i * n..(i + 1) * n;
-            let (ai, mi, si, di, gi) =
-                (&a[r.clone()], &m[r.clone()], &s[r.clone()], &dout[r], &g[i * hw..(i + 1) * hw]);
+            let (si, di, gi) = (&s[r.clone()], &dout[r], &g[i * hw..(i + 1) * hw]);
             let (fa, fm, arg) = features(ai, mi, c, hw);
             let mut dg = vec![0.0f32; hw];
             for ch in 0..c {
@@ -133,8 +134,8 @@ pub fn backward(
             for ch in 0..c {
                 for p in 0..hw {
                     let e = ch * hw + p;
-                    dai[e] = if ai[e] > 0.0 { dav[p] } else { 0.0 };
-                    dmi[e] = if arg[p] == ch as i32 && mi[e] > 0.0 { dmv[p] } else { 0.0 };
+                    ai[e] = if ai[e] > 0.0 { dav[p] } else { 0.0 };
+                    mi[e] = if arg[p] == ch as i32 && mi[e] > 0.0 { dmv[p] } else { 0.0 };
                 }
             }
             acc
@@ -142,5 +143,5 @@ pub fn backward(
         .collect();
     let _ = b;
     let fcg = (0..31).map(|k| parts.iter().map(|p| p[k]).sum::<f64>() as f32).collect();
-    (ds, da, dm, fcg)
+    (ds, fcg)
 }

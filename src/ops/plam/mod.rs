@@ -54,6 +54,7 @@ pub struct PlamWeights<'a> {
     pub fc2_b: &'a Tensor,
 }
 
+#[derive(Clone)]
 pub struct PlamForward {
     pub out: Tensor,
     /// [B, 1, H, W]
@@ -146,6 +147,15 @@ pub fn plam_gate_stored(
     Ok(PlamForward { out, g, a, m, arg })
 }
 
+/// `t` as a tensor no other handle shares (itself when it is, else a copy): an op may write it.
+fn sole(t: Tensor) -> Result<Tensor> {
+    if t.is_sole() {
+        Ok(t)
+    } else {
+        elementwise::scale(&t, 1.0)
+    }
+}
+
 /// `ptrs`: out, g, arg, dout, ds, da, dm, fcgrad.
 fn params(
     a: &Tensor,
@@ -182,7 +192,7 @@ fn params(
 pub fn plam_gate_backward(
     s: &Tensor,
     w: &PlamWeights,
-    f: &PlamForward,
+    f: PlamForward,
     dout: &Tensor,
     algo: GemmAlgo,
 ) -> Result<PlamGrads> {
@@ -193,59 +203,54 @@ pub fn plam_gate_backward(
     }
     dout.expect_dtype(op, DType::F32)?;
     s.same_device(op, &[dout])?;
-    // `g` is a public field of the forward and read by the kernel: its shape and type must hold
+    // `g`, `a` and `m` are public within the crate and read by the kernel: their shapes and
+    // types must hold
     let gshape = [b, 1, s.shape()[2], s.shape()[3]];
     f.g.expect_dtype(op, DType::F32)?;
     if f.g.shape() != gshape {
         return Err(Error::shape(op, format!("the forward's gate {:?}, expected {gshape:?}", f.g.shape())));
     }
-    s.same_device(op, &[&f.g])?;
+    for t in [&f.a, &f.m] {
+        t.expect_dtype(op, DType::F32)?;
+        if t.shape() != s.shape() {
+            return Err(Error::shape(op, format!("the forward's a/m {:?}, expected {:?}", t.shape(), s.shape())));
+        }
+    }
+    s.same_device(op, &[&f.g, &f.a, &f.m])?;
     let dev = s.device();
-    let (ds_direct, da, dm, fcg) = if let Device::Cpu = dev {
+    // dA and dM are written over a and m (their last use): two full-size tensors fewer in the
+    // working set. A forward the caller still shares is copied first.
+    let PlamForward { g, a, m, arg, .. } = f;
+    let (mut a, mut m) = (sole(a)?, sole(m)?);
+    let (ds_direct, fcg) = if let Device::Cpu = dev {
         let fc = cpu::Fc::read(w)?;
-        let r = cpu::backward(
-            f.a.cpu_f32(op)?,
-            f.m.cpu_f32(op)?,
-            s.cpu_f32(op)?,
-            dout.cpu_f32(op)?,
-            f.g.cpu_f32(op)?,
-            &fc,
-            b,
-            c,
-            hw,
-        );
-        (
-            Tensor::from_vec(r.0, s.shape(), dev)?,
-            Tensor::from_vec(r.1, s.shape(), dev)?,
-            Tensor::from_vec(r.2, s.shape(), dev)?,
-            Tensor::from_vec(r.3, &[31], dev)?,
-        )
+        let (sv, dv, gv) = (s.cpu_f32(op)?, dout.cpu_f32(op)?, g.cpu_f32(op)?);
+        let (Some(av), Some(mv)) = (a.sole_cpu_f32_mut(), m.sole_cpu_f32_mut()) else {
+            return Err(Error::Other(format!("{op}: a and m must be cpu f32 tensors of their own")));
+        };
+        let r = cpu::backward(av, mv, sv, dv, gv, &fc, b, c, hw);
+        (Tensor::from_vec(r.0, s.shape(), dev)?, Tensor::from_vec(r.1, &[31], dev)?)
     } else {
-        let t = |_| Tensor::empty(s.shape(), DType::F32, dev);
-        let (ds, da, dm) = (t(0)?, t(1)?, t(2)?);
+        let ds = Tensor::empty(s.shape(), DType::F32, dev)?;
         let cfg = LaunchCfg::elementwise((b * hw).max(1));
         let fcgrad = Tensor::empty(&[cfg.grid.0 as usize, 31], DType::F32, dev)?;
         let p = params(
-            &f.a,
-            &f.m,
+            &a,
+            &m,
             s,
             w,
             (b, c, hw),
-            [
-                0,
-                f.g.dev_ptr(),
-                f.arg.dev_ptr(),
-                dout.dev_ptr(),
-                ds.dev_ptr(),
-                da.dev_ptr(),
-                dm.dev_ptr(),
-                fcgrad.dev_ptr(),
-            ],
+            [0, g.dev_ptr(), arg.dev_ptr(), dout.dev_ptr(), ds.dev_ptr(), a.dev_ptr(), m.dev_ptr(), fcgrad.dev_ptr()],
         )?;
-        // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
+        // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for
+        // the kernel they were declared for; da and dm alias a and m, which no other tensor
+        // shares (`sole`), and each thread reads an element of a (m) before it writes that
+        // element's gradient (kernels/plam.cu).
         unsafe { dev.launch(Kernel::plam_gate_bwd_f32, cfg, &p) }?;
-        (ds, da, dm, reduce::sum(&fcgrad, 0)?)
+        (ds, reduce::sum(&fcgrad, 0)?)
     };
+    drop((g, arg));
+    let (da, dm) = (a, m);
     // each [B, C, H, W] gradient is freed as soon as it is summed: at the decoder's full
     // resolution this backward is a training step's largest working set
     let ga = conv::conv2d_backward(s, w.w_avg, &da, false, algo)?;
