@@ -108,7 +108,7 @@ const GROUPS: [(&[&str], Group); 15] = [
     (&["copy", "dice_bce", "dice_bce_bwd", "metrics", "mse"], seg_cases),
     (&["max_pool2", "max_pool2_bwd", "upsample2", "upsample2_bwd"], pool_cases),
     (&["conv3x3", "conv3x3_b8", "conv3x3_bwd", "conv1x1", "conv3x3_cat"], conv_cases),
-    (&["batch_norm_relu", "batch_norm_relu_bwd"], bn_cases),
+    (&["batch_norm_relu", "batch_norm_relu_bwd", "batch_norm_relu_bwd_bf16"], bn_cases),
     (&["plam", "plam_bwd"], plam_cases),
     (&["attention", "attention_composed", "attention_fwd_bwd", "attention_composed_fwd_bwd"], attention_cases),
     (&["layer_norm", "layer_norm_bwd", "gelu", "quick_gelu", "linear", "embedding"], transformer_cases),
@@ -853,14 +853,26 @@ fn bn_cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
     });
     let f = norm::batch_norm(&p.0, &p.1, &p.2, &p.3, &p.4, o)?;
     let dy = rand_tensor(&[b, c, hw, hw], 93, dev)?;
+    // x and y in bf16, as bf16 autocast keeps them (the kernel widens them as it reads)
+    let bf16 = |t: &Tensor| crate::ops::cast::cast(t, DType::BF16);
+    let half = (bf16(&p.0)?, p.1.clone(), norm::BnForward { y: bf16(&f.y)?, ..f.clone() }, dy.clone());
     v.push(Case {
         op: "batch_norm_relu_bwd",
-        shape,
+        shape: shape.clone(),
         flops: 0.0,
         bytes: 7.0 * 4.0 * n,
         peer: None,
         validate: None,
         run: Box::new(move || Ok(norm::batch_norm_backward(&p.0, &p.1, &f, &dy, o)?.dx)),
+    });
+    v.push(Case {
+        op: "batch_norm_relu_bwd_bf16",
+        shape,
+        flops: 0.0,
+        bytes: 5.0 * 4.0 * n, // x and y as bf16 (read twice each), dy twice, dx once
+        peer: None,
+        validate: None,
+        run: Box::new(move || Ok(norm::batch_norm_backward(&half.0, &half.1, &half.2, &half.3, o)?.dx)),
     });
     Ok(())
 }

@@ -98,7 +98,7 @@ enum Cmd {
         /// Only these benchmarks, comma-separated (gemm, gemm_tc, softmax, softmax_bwd, relu, relu_bwd, add_bcast, sum, sum_bwd, max, transpose,
         /// permute, narrow, adam, ccl, ccl_composed, ccl_fwd_bwd, ccl_composed_fwd_bwd, copy, dice_bce, dice_bce_bwd, metrics, mse,
         /// max_pool2, max_pool2_bwd, upsample2, upsample2_bwd, conv3x3, conv3x3_b8, conv3x3_bwd, conv1x1, conv3x3_cat,
-        /// batch_norm_relu, batch_norm_relu_bwd, plam, plam_bwd, attention, attention_composed, attention_fwd_bwd,
+        /// batch_norm_relu, batch_norm_relu_bwd, batch_norm_relu_bwd_bf16, plam, plam_bwd, attention, attention_composed, attention_fwd_bwd,
         /// attention_composed_fwd_bwd, layer_norm, layer_norm_bwd, gelu, quick_gelu, linear, embedding,
         /// unet)
         #[arg(long)]

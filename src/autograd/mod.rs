@@ -17,7 +17,7 @@ mod saved;
 use crate::error::Error;
 use crate::error::Result;
 use crate::nn::params::{ParamId, Params};
-#[cfg(any(feature = "train", feature = "autocast"))]
+#[cfg(feature = "train")]
 use crate::ops::elementwise;
 use crate::tensor::Tensor;
 use std::cell::{Cell, RefCell};
@@ -203,22 +203,13 @@ impl Graph {
             let state = self.dropout_rng.borrow().clone();
             let m = dropout_mask(&mut self.dropout_rng.borrow_mut(), p, x.shape(), x.t.device())?;
             let y = elementwise::mul(&*x.wide()?, &m)?;
-            // a bf16 value dropped out is stored in bf16 (the kept ones scaled by 1/(1 − p))
-            let (y, half) = if x.bf16 { self.stored(y)? } else { (y, false) };
             let (shape, dev) = (x.shape().to_vec(), x.t.device().clone());
-            let mut v = self.record(&[x], y, move |dy| {
+            return Ok(self.record(&[x], y, move |dy| {
                 let m = dropout_mask(&mut state.clone(), p, &shape, &dev)?;
                 Ok(vec![Some(elementwise::mul(dy, &m)?)])
-            });
-            v.bf16 = half;
-            return Ok(v);
+            }));
         }
         let m = dropout_mask(&mut self.dropout_rng.borrow_mut(), p, x.shape(), x.t.device())?;
-        #[cfg(feature = "autocast")]
-        if x.bf16 {
-            let (y, half) = self.stored(elementwise::mul(&*x.wide()?, &m)?)?;
-            return Ok(Var { bf16: half, ..Var::constant(y) });
-        }
         self.mul(x, &Var::constant(m))
     }
     /// Evaluation: running statistics, nothing recorded.
