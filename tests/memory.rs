@@ -50,8 +50,9 @@ fn live_and_peak_tensor_bytes() {
     let four = summary::measure_memory(&cfg, 4, reclmis::autograd::Precision::F32, &Device::Cpu).unwrap();
     assert!(four.peak > cpu.peak && four.between_steps == cpu.between_steps, "{four:?} vs {cpu:?}");
 
-    // bf16 autocast: the cpu and the emulated device hold the same tensors at bf16 too (the
-    // figure `model --memory` gives on the cpu is the GPU's)
+    // bf16 autocast: the cpu and the emulated device hold the same tensors at bf16 too (emu
+    // allocates through cuda's code paths: the cpu figure of `model --memory` is the GPU's, as
+    // far as no GPU has yet contradicted it)
     let bf16 = reclmis::autograd::Precision::Bf16;
     let (one, emu) = (
         summary::measure_memory(&cfg, 1, bf16, &Device::Cpu).unwrap(),
