@@ -78,13 +78,27 @@ per_device!(check_sum_to_shape, (shape in prop::collection::vec(small_dim(), 1..
 proptest! {
     #![proptest_config(ProptestConfig { cases: 32, failure_persistence: None, ..ProptestConfig::default() })]
 
-    /// Sum and mean are linear; max is differentiable away from ties (random data has none).
+    /// Sum and mean are linear; max is differentiable away from ties. Random data can bring two
+    /// values of one reduced row within the finite difference's step of each other (a kink the
+    /// difference straddles: seen in CI, 11×7×13 over axis 1); such draws are skipped.
     #[test]
     fn reference_grad_matches_finite_differences(sa in shape_axis(), seed in any::<u64>(), op in reduce_op()) {
         let (shape, axis) = sa;
         prop_assume!(shape.iter().product::<usize>() <= 3000);
         let (outer, n, inner) = split_at_axis(&shape, axis);
         let x = f64s(&values(shape.iter().product(), seed, false));
+        if op == ReduceOp::Max {
+            // the smallest gap between a row's largest value and its runner-up
+            let gap = (0..outer * inner)
+                .map(|r| {
+                    let (o, i) = (r / inner, r % inner);
+                    let mut v: Vec<f64> = (0..n).map(|k| x[(o * n + k) * inner + i]).collect();
+                    v.sort_by(|a, b| b.total_cmp(a));
+                    if n > 1 { v[0] - v[1] } else { f64::INFINITY }
+                })
+                .fold(f64::INFINITY, f64::min);
+            prop_assume!(gap > 1e-5, "a near-tie in max: the finite difference (h = 1e-6) would straddle it");
+        }
         let dy = f64s(&values(outer * inner, seed ^ 5, false));
         let (_, idx) = reference::reduce(&x, outer, n, inner, op);
         let grad = reference::reduce_backward(&dy, &idx, outer, n, inner, op);
