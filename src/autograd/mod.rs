@@ -25,6 +25,13 @@ use std::cell::{Cell, RefCell};
 pub use ops::Attention;
 pub use precision::Precision;
 
+/// What an f32 op reads of a var (`Var::wide`): a `Cow` with autocast (a bf16-stored var widened),
+/// a plain reference without (no bf16 value exists there).
+#[cfg(feature = "autocast")]
+pub(crate) type Wide<'a> = std::borrow::Cow<'a, Tensor>;
+#[cfg(not(feature = "autocast"))]
+pub(crate) type Wide<'a> = &'a Tensor;
+
 /// A tensor in a graph. `id` is set when the graph records and the value depends on a trainable
 /// parameter (so it needs a gradient); everything else is a constant to the tape.
 #[derive(Clone, Debug)]
@@ -67,7 +74,7 @@ impl Var {
     /// What an f32 op reads: the tensor itself, or its f32 widening for a bf16-stored var.
     #[cfg(feature = "autocast")]
     #[inline(always)]
-    pub(crate) fn wide(&self) -> Result<std::borrow::Cow<'_, Tensor>> {
+    pub(crate) fn wide(&self) -> Result<Wide<'_>> {
         if self.t.dtype() == crate::tensor::DType::BF16 {
             return Ok(std::borrow::Cow::Owned(saved::widen(&self.t)?));
         }
@@ -77,7 +84,7 @@ impl Var {
     /// reclmis-infer).
     #[cfg(not(feature = "autocast"))]
     #[inline(always)]
-    pub(crate) fn wide(&self) -> Result<&Tensor> {
+    pub(crate) fn wide(&self) -> Result<Wide<'_>> {
         Ok(&self.t)
     }
     pub fn into_tensor(self) -> Tensor {

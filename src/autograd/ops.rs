@@ -6,7 +6,7 @@
 #![cfg_attr(not(feature = "autocast"), allow(clippy::borrow_deref_ref, clippy::needless_option_as_deref))]
 
 use super::saved::Saved;
-use super::{count, Graph, Var};
+use super::{count, Graph, Var, Wide};
 use crate::error::{Error, Result};
 use crate::nn::params::{ParamId, Params};
 use crate::ops::attention::{self, AttnOpts, Condition};
@@ -103,12 +103,7 @@ fn times_scalar(g: &Tensor, dy: &Tensor) -> Result<Tensor> {
 }
 
 /// An optional operand (a bias) in f32.
-#[cfg(feature = "autocast")]
-fn f32_of(b: Option<&Var>) -> Result<Option<std::borrow::Cow<'_, Tensor>>> {
-    b.map(Var::wide).transpose()
-}
-#[cfg(not(feature = "autocast"))]
-fn f32_of(b: Option<&Var>) -> Result<Option<&Tensor>> {
+fn f32_of(b: Option<&Var>) -> Result<Option<Wide<'_>>> {
     b.map(Var::wide).transpose()
 }
 
@@ -539,20 +534,14 @@ impl Graph {
             self.push_buffer_update(rv, f.running_var.clone());
         }
         // bf16 autocast: batch norm reads and stores bf16 (its statistics and math are f32)
-        let store = self.bf16_store(x.shape(), x.t.device())?;
-        let y = match &store {
-            Some(s) => s.stored(&f.y)?,
-            None => f.y.clone(),
-        };
+        let (y, half) = self.stored(f.y)?;
         if !self.tracks(&[x, &gamma, &beta]) {
             let mut v = Var::constant(y);
-            v.bf16 = store.is_some();
+            v.bf16 = half;
             return Ok(v);
         }
-        let mut yv = Var::constant(y.clone());
-        yv.bf16 = store.is_some();
-        // the output is saved for the ReLU's mask (its sign, which bf16 keeps)
-        let (xs, ys, gt) = (self.save(x)?, self.save(&yv)?, gamma.t.clone());
+        // the output, as stored, is saved for the ReLU's mask (its sign, which bf16 keeps)
+        let (xs, ys, gt) = (self.save(x)?, Saved::new(y.clone()), gamma.t.clone());
         let (mean, var) = (f.mean, f.var);
         let mut out = self.record(&[x, &gamma, &beta], y, move |dy| {
             // x and y as kept (bf16 at bf16 autocast): the backward kernel widens them as it
@@ -563,7 +552,7 @@ impl Graph {
             let g = norm::batch_norm_backward(&x, &gt, &f, dy, o)?;
             Ok(vec![Some(g.dx), Some(g.dgamma), Some(g.dbeta)])
         });
-        out.bf16 = yv.bf16;
+        out.bf16 = half;
         Ok(out)
     }
 
