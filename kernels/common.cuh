@@ -216,3 +216,131 @@ __device__ __forceinline__ void mma_m16n8k16_bf16(float d[4], const uint32_t a[4
           "f"(c[3]));
 #endif
 }
+
+// ---- The building blocks of pipelined kernels (sm_80+): asynchronous copies, ldmatrix, 128-bit
+// accesses. Under g++ they are emulated as the PTX ISA defines them (emu.h): a cp.async lands
+// only at the wait that retires its group, ldmatrix delivers the documented fragment layout.
+
+// 16-byte global -> shared copy (cp.async.cg: cached in L2 only, as streamed tiles want); when
+// `valid` is false nothing is read and the 16 bytes are zero-filled (src-size 0), so tile edges
+// need no branch around the copy. `src` must be a valid address even then (pass the tensor base).
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src, bool valid) {
+#ifdef RECLMIS_EMU
+    emu::cp_async(smem_dst, gmem_src, 16, valid ? 16 : 0, __LINE__);
+#else
+    const uint32_t d = (uint32_t)__cvta_generic_to_shared(smem_dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(gmem_src), "r"(valid ? 16 : 0));
+#endif
+}
+
+// 4- or 8-byte copy (cp.async.ca, the sizes .cg does not take), zero-filled when not valid.
+template <int BYTES>
+__device__ __forceinline__ void cp_async_small(void* smem_dst, const void* gmem_src, bool valid) {
+    static_assert(BYTES == 4 || BYTES == 8, "cp.async.ca copies 4 or 8 bytes here (16: cp_async16)");
+#ifdef RECLMIS_EMU
+    emu::cp_async(smem_dst, gmem_src, BYTES, valid ? BYTES : 0, __LINE__);
+#else
+    const uint32_t d = (uint32_t)__cvta_generic_to_shared(smem_dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(d), "l"(gmem_src), "n"(BYTES),
+                 "r"(valid ? BYTES : 0));
+#endif
+}
+
+// Closes the group of copies this thread issued since the last commit.
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef RECLMIS_EMU
+    emu::cp_async_commit();
+#else
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+// Waits until at most N of this thread's committed groups are in flight. Other threads see the
+// landed data only after a __syncthreads that follows the wait.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#ifdef RECLMIS_EMU
+    emu::cp_async_wait(N);
+#else
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+// ldmatrix.x4 / .x4.trans: four 8x8 b16 matrices; lane l gives the address of row l % 8 of matrix
+// l / 8 (16-byte aligned shared memory). Without .trans lane l receives row l/4, columns 2(l%4)
+// and 2(l%4)+1 of each matrix (the mma A/B fragment of a row-major tile); with .trans the same
+// of the transposed matrix (rows 2(l%4), 2(l%4)+1 of column l/4).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row) {
+#ifdef RECLMIS_EMU
+    emu::ldmatrix<4, false>(r, smem_row, __LINE__);
+#else
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(smem_row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+#endif
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem_row) {
+#ifdef RECLMIS_EMU
+    emu::ldmatrix<4, true>(r, smem_row, __LINE__);
+#else
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(smem_row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+#endif
+}
+// x2 and x1: lanes 0-15 (x2) or 0-7 (x1) give the row addresses; the others are ignored.
+__device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], const void* smem_row) {
+#ifdef RECLMIS_EMU
+    emu::ldmatrix<2, false>(r, smem_row, __LINE__);
+#else
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(smem_row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(a));
+#endif
+}
+__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2], const void* smem_row) {
+#ifdef RECLMIS_EMU
+    emu::ldmatrix<2, true>(r, smem_row, __LINE__);
+#else
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(smem_row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(a));
+#endif
+}
+__device__ __forceinline__ void ldmatrix_x1(uint32_t (&r)[1], const void* smem_row) {
+#ifdef RECLMIS_EMU
+    emu::ldmatrix<1, false>(r, smem_row, __LINE__);
+#else
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(smem_row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(a));
+#endif
+}
+__device__ __forceinline__ void ldmatrix_x1_trans(uint32_t (&r)[1], const void* smem_row) {
+#ifdef RECLMIS_EMU
+    emu::ldmatrix<1, true>(r, smem_row, __LINE__);
+#else
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(smem_row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(a));
+#endif
+}
+
+// 128-bit loads and stores (LDG.E.128 / LDS.128 / STG.E.128): the address must be 16-byte
+// aligned; the emulation traps where the GPU would raise a misaligned-address error.
+__device__ __forceinline__ uint4 ld128(const void* p) {
+#ifdef RECLMIS_EMU
+    if (reinterpret_cast<uintptr_t>(p) & 15u) emu::trap("128-bit load from an address not 16-byte aligned", __LINE__);
+    uint4 v;
+    std::memcpy(&v, p, 16);
+    return v;
+#else
+    return *reinterpret_cast<const uint4*>(p);
+#endif
+}
+__device__ __forceinline__ void st128(void* p, uint4 v) {
+#ifdef RECLMIS_EMU
+    if (reinterpret_cast<uintptr_t>(p) & 15u) emu::trap("128-bit store to an address not 16-byte aligned", __LINE__);
+    std::memcpy(p, &v, 16);
+#else
+    *reinterpret_cast<uint4*>(p) = v;
+#endif
+}

@@ -172,6 +172,55 @@ pub fn launched_kernels() -> Vec<Kernel> {
 
 static LAUNCHED: std::sync::Mutex<Vec<Kernel>> = std::sync::Mutex::new(Vec::new());
 
+/// What one launch's instrumented shared-memory accesses (ldmatrix) cost: the warp phases issued
+/// and the extra wavefronts their bank conflicts added (0 when conflict-free). A report, not a
+/// failure: a conflict costs time on the GPU, never correctness.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SmemStats {
+    pub phases: u64,
+    pub extra_wavefronts: u64,
+}
+
+extern "C" {
+    fn reclmis_emu_last_stats(out: *mut u64);
+}
+
+thread_local! {
+    static LAST_STATS: std::cell::Cell<SmemStats> = const { std::cell::Cell::new(SmemStats { phases: 0, extra_wavefronts: 0 }) };
+}
+
+/// The shared-memory figures of the last launch this thread made on the emu device.
+pub fn last_smem_stats() -> SmemStats {
+    LAST_STATS.with(|s| s.get())
+}
+
+/// Every kernel with instrumented shared-memory phases launched in this process, with their sums
+/// (the bank-conflict report of `reclmis selfcheck --device emu`).
+pub fn smem_report() -> Vec<(Kernel, SmemStats)> {
+    SMEM_TOTALS.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+static SMEM_TOTALS: Mutex<Vec<(Kernel, SmemStats)>> = Mutex::new(Vec::new());
+
+fn record_smem_stats(kernel: Kernel) {
+    let mut out = [0u64; 2];
+    // SAFETY: writes two u64 into `out`; reads the calling thread's counters of its last launch.
+    unsafe { reclmis_emu_last_stats(out.as_mut_ptr()) };
+    let s = SmemStats { phases: out[0], extra_wavefronts: out[1] };
+    LAST_STATS.with(|c| c.set(s));
+    if s.phases == 0 {
+        return;
+    }
+    let mut t = SMEM_TOTALS.lock().unwrap_or_else(|e| e.into_inner());
+    match t.iter_mut().find(|(k, _)| *k == kernel) {
+        Some((_, sum)) => {
+            sum.phases += s.phases;
+            sum.extra_wavefronts += s.extra_wavefronts;
+        }
+        None => t.push((kernel, s)),
+    }
+}
+
 pub(crate) fn launch(kernel: Kernel, cfg: LaunchCfg, args: &mut [*mut c_void]) -> Result<()> {
     {
         let mut l = LAUNCHED.lock().unwrap_or_else(|e| e.into_inner());
@@ -196,6 +245,7 @@ pub(crate) fn launch(kernel: Kernel, cfg: LaunchCfg, args: &mut [*mut c_void]) -
     // SAFETY: the entry unpacks `args` by the kernel's own signature; the op built `args` from the
     // params struct that mirrors it (KernelParams), and every pointer in it is a live buffer.
     let rc = unsafe { emu_entry(kernel)(&c, args.as_mut_ptr(), err.as_mut_ptr(), err.len()) };
+    record_smem_stats(kernel);
     if rc != 0 {
         let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
         return Err(fail(format!("{msg} (schedule seed {seed}; rerun with RECLMIS_EMU_SEED={seed})")));

@@ -6,8 +6,15 @@
 // forgets a barrier therefore reads data that is not there yet and fails its test. Deadlock,
 // barrier divergence and warp collectives after lanes exited are reported as launch errors.
 //
-// Limits (write new kernels within them): no cp.async / ldmatrix / wgmma / TMA / cooperative groups,
-// no half arithmetic, warp collectives assume the full warp (masks are ignored), math runs at full
+// The building blocks of pipelined tensor-core kernels are emulated as the PTX ISA defines them:
+// cp.async (4/8/16 bytes, zero fill past src-size) lands in shared memory only when the issuing
+// thread's cp.async.wait_group retires its group, so a missing or too-weak wait reads stale data
+// (dynamic shared memory starts as NaN bytes); a thread that exits with copies in flight is a
+// launch error. ldmatrix (x1/x2/x4, .trans) is a warp collective with exact fragment layouts; its
+// shared-memory bank conflicts are counted per launch (emu::LaunchStats, a report, not a failure).
+//
+// Limits (write new kernels within them): no wgmma / TMA / cooperative groups, cp.async only into
+// dynamic shared memory, bank conflicts counted for ldmatrix only, no half arithmetic, warp collectives assume the full warp (masks are ignored), math runs at full
 // precision, __shared__ variables are per OS thread and keep the previous block's contents (dynamic
 // shared memory is refilled with NaN bytes per block).
 #pragma once
@@ -38,6 +45,12 @@ struct alignas(8) int2 {
 struct alignas(16) int4 {
     int x, y, z, w;
 };
+struct alignas(8) uint2 {
+    unsigned x, y;
+};
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
 
 namespace emu {
 extern thread_local uint3 cur_thread_idx;
@@ -54,6 +67,56 @@ unsigned lane();
 unsigned warp_live_mask();
 void* dynamic_smem();
 [[noreturn]] void trap(const char* what, int site);
+
+// cp.async: `cp_size` bytes (4, 8 or 16) to shared `dst`, the first `src_size` read from global
+// `src` now and the rest zero, landing at this thread's wait_group that retires the group.
+void cp_async(void* dst, const void* src, unsigned cp_size, unsigned src_size, int site);
+void cp_async_commit();
+// Lands this thread's committed groups until at most `n` (the newest) are still in flight.
+void cp_async_wait(unsigned n);
+// One shared-memory access phase of a warp (ldmatrix: 8 rows of 16 bytes): counts the extra
+// wavefronts its bank conflicts cost.
+void note_smem_phase(const uintptr_t* addrs, unsigned count, unsigned bytes);
+
+// ldmatrix.sync.aligned.m8n8.xN[.trans].shared.b16: lanes 8i..8i+7 give the row addresses (16
+// bytes each) of matrix i; lane l receives in r[i] row l/4, columns 2(l%4) and 2(l%4)+1 of matrix i
+// (low half first), or with .trans rows 2(l%4) and 2(l%4)+1 of column l/4.
+template <int N, bool TRANS>
+inline void ldmatrix(uint32_t (&r)[N], const void* row, int site) {
+    static_assert(N == 1 || N == 2 || N == 4, "ldmatrix loads 1, 2 or 4 matrices");
+    uint64_t* s = warp_slots();
+    const unsigned me = lane();
+    // Each addressing lane reads its row when it reaches the instruction (not when the warp is
+    // released), so a writer that another warp has not yet run is seen as missing.
+    if (me < 8u * N) {
+        if ((reinterpret_cast<uintptr_t>(row) & 15u) != 0) trap("ldmatrix row address not 16-byte aligned", site);
+        s[me * 16] = reinterpret_cast<uintptr_t>(row);
+        std::memcpy(&s[me * 16 + 1], row, 16);
+    }
+    sync_warp(site);
+    if (warp_live_mask() != 0xffffffffu) trap("ldmatrix needs all 32 lanes", site);
+    if (me == 0)
+        for (int i = 0; i < N; ++i) {
+            uintptr_t a[8];
+            for (int j = 0; j < 8; ++j) a[j] = (uintptr_t)s[(8 * i + j) * 16];
+            note_smem_phase(a, 8, 16);
+        }
+    // the 16-bit element `col` of the row that lane `src` published
+    auto elem = [&](unsigned src, unsigned col) {
+        uint16_t v;
+        std::memcpy(&v, reinterpret_cast<const unsigned char*>(&s[src * 16 + 1]) + 2 * col, 2);
+        return (uint32_t)v;
+    };
+    for (int i = 0; i < N; ++i) {
+        if (!TRANS) {
+            const unsigned src = 8 * i + me / 4;
+            r[i] = elem(src, 2 * (me % 4)) | elem(src, 2 * (me % 4) + 1) << 16;
+        } else {
+            r[i] = elem(8 * i + 2 * (me % 4), me / 4) | elem(8 * i + 2 * (me % 4) + 1, me / 4) << 16;
+        }
+    }
+    sync_warp(site);  // every lane has read the slots before they are reused
+}
 
 template <class T>
 inline T exchange(T v, int src, int site) {

@@ -10,6 +10,7 @@
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
+#include <deque>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -62,12 +63,25 @@ thread_local dim3 cur_grid_dim;
 namespace {
 enum State : uint8_t { RUNNABLE, WAIT_BLOCK, WAIT_WARP, DONE, TRAPPED };
 
+// A cp.async in flight: the bytes were read from global memory at the issue; they land in shared
+// memory at the wait that retires their group.
+struct Copy {
+    unsigned char* dst;
+    unsigned char data[16];
+    unsigned bytes;
+};
+
 struct Fiber {
     void* sp;
     State state;
     int site;
     uint3 tid;
+    std::vector<Copy> open;                 // issued, not yet committed
+    std::deque<std::vector<Copy>> groups;   // committed, oldest first
 };
+
+// What a launch's shared-memory phases cost (see emu::LaunchStats in emu.h).
+thread_local uint64_t g_phases = 0, g_extra_wavefronts = 0;
 
 // Per kernel thread stack: kernels keep register tiles and small arrays on it. Each stack has a
 // PROT_NONE guard page below it (stacks grow down), so an overflow faults instead of corrupting
@@ -132,6 +146,16 @@ void fiber_entry() {
     Block* b = g_block;
     Fiber& f = b->fibers[b->cur];
     b->body(b->ctx);
+    if (!f.open.empty() || !f.groups.empty()) {
+        size_t n = f.open.size();
+        for (const auto& g : f.groups) n += g.size();
+        char buf[160];
+        snprintf(buf, sizeof buf, "thread exits with %zu cp.async copies never retired by a cp.async.wait_group", n);
+        b->trap_msg = buf;
+        f.state = TRAPPED;
+        reclmis_emu_switch(&f.sp, b->sched_sp);
+        __builtin_unreachable();
+    }
     f.state = DONE;
     reclmis_emu_switch(&f.sp, b->sched_sp);
     __builtin_unreachable();
@@ -220,6 +244,8 @@ void init_fiber(Fiber& f, unsigned i) {
     f.sp = sp;
     f.state = RUNNABLE;
     f.site = 0;
+    f.open.clear();
+    f.groups.clear();
 }
 
 void fmt(char* err, size_t errlen, const char* f, ...) {
@@ -406,7 +432,60 @@ unsigned warp_live_mask() {
         if (b->fibers[i].state != DONE) m |= 1u << (i - lo);
     return m;
 }
-void* dynamic_smem() { return g_smem.data(); }
+// 128-byte aligned like the GPU's shared memory window, so that bank arithmetic on addresses holds.
+void* dynamic_smem() {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(g_smem.data());
+    return reinterpret_cast<void*>((p + 127) & ~uintptr_t(127));
+}
+
+void cp_async(void* dst, const void* src, unsigned cp_size, unsigned src_size, int site) {
+    if (cp_size != 4 && cp_size != 8 && cp_size != 16) trap("cp.async of other than 4, 8 or 16 bytes", site);
+    if (src_size > cp_size) trap("cp.async src-size larger than its cp-size", site);
+    const uintptr_t d = reinterpret_cast<uintptr_t>(dst), s = reinterpret_cast<uintptr_t>(src);
+    if (d % cp_size != 0 || (src_size != 0 && s % cp_size != 0)) trap("cp.async address not aligned to its size", site);
+    const uintptr_t lo = reinterpret_cast<uintptr_t>(dynamic_smem());
+    const uintptr_t hi = lo + g_block->cfg->smem_bytes;
+    if (d < lo || d + cp_size > hi) trap("cp.async destination outside the dynamic shared memory", site);
+    Copy c;
+    c.dst = static_cast<unsigned char*>(dst);
+    c.bytes = cp_size;
+    std::memset(c.data, 0, sizeof c.data);
+    if (src_size) std::memcpy(c.data, src, src_size);
+    g_block->fibers[g_block->cur].open.push_back(c);
+}
+
+void cp_async_commit() {
+    Fiber& f = g_block->fibers[g_block->cur];
+    f.groups.push_back(std::move(f.open));
+    f.open.clear();
+}
+
+void cp_async_wait(unsigned n) {
+    Fiber& f = g_block->fibers[g_block->cur];
+    while (f.groups.size() > n) {
+        for (const Copy& c : f.groups.front()) std::memcpy(c.dst, c.data, c.bytes);
+        f.groups.pop_front();
+    }
+}
+
+// Shared memory serves a warp's phase in wavefronts of 32 banks x 4 bytes: a bank asked for k
+// distinct words costs k wavefronts (the same word is broadcast).
+void note_smem_phase(const uintptr_t* addrs, unsigned count, unsigned bytes) {
+    uintptr_t words[32][32];
+    unsigned used[32] = {};
+    unsigned worst = 1;
+    for (unsigned i = 0; i < count; ++i)
+        for (unsigned w = 0; w < bytes / 4; ++w) {
+            const uintptr_t word = addrs[i] / 4 + w;
+            const unsigned bank = (unsigned)(word % 32);
+            bool seen = false;
+            for (unsigned j = 0; j < used[bank]; ++j) seen |= words[bank][j] == word;
+            if (!seen && used[bank] < 32) words[bank][used[bank]++] = word;
+            worst = std::max(worst, used[bank]);
+        }
+    g_phases += 1;
+    g_extra_wavefronts += worst - 1;
+}
 
 void trap(const char* what, int site) {
     Block* b = g_block;
@@ -445,7 +524,9 @@ int run_grid(const LaunchCfg* cfg, BodyFn body, void* ctx, char* err, size_t err
     b.slots.assign((size_t)((n + 31) / 32) * 32 * kSlots, 0);
     for (unsigned i = 0; i < n; ++i)
         b.fibers[i].tid = uint3{i % cfg->block[0], (i / cfg->block[0]) % cfg->block[1], i / (cfg->block[0] * cfg->block[1])};
-    g_smem.resize(cfg->smem_bytes + 16);
+    g_smem.resize(cfg->smem_bytes + 128);  // room to align dynamic_smem() to 128 bytes
+    g_phases = 0;
+    g_extra_wavefronts = 0;
     cur_block_dim = dim3(cfg->block[0], cfg->block[1], cfg->block[2]);
     cur_grid_dim = dim3(cfg->grid[0], cfg->grid[1], cfg->grid[2]);
 
@@ -481,3 +562,9 @@ int run_grid(const LaunchCfg* cfg, BodyFn body, void* ctx, char* err, size_t err
     return rc;
 }
 }  // namespace emu
+
+// The last launch's shared-memory phase counts on this thread: [phases, extra wavefronts].
+extern "C" void reclmis_emu_last_stats(uint64_t out[2]) {
+    out[0] = emu::g_phases;
+    out[1] = emu::g_extra_wavefronts;
+}
