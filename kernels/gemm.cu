@@ -115,3 +115,66 @@ extern "C" __global__ void __launch_bounds__(128) gemm_tc_fwd_bf16(GemmParams p)
     pr.b_n_fast = p.sb_col == 1;
     tg_mma_bf16_body(pr);
 }
+
+// ---- The pipelined bf16 GEMM (pipe_gemm.cuh): cp.async ring, ldmatrix from swizzled tiles,
+// mma.sync m16n8k16. The host launches it when every 16-byte chunk of A and B is whole and
+// aligned (contiguous extents and strides multiples of 8 elements, 16-byte aligned bases) and
+// gemm_tc_fwd_bf16 otherwise; same GemmParams, same numerics (f32 sums, one bf16 rounding).
+#include "pipe_gemm.cuh"
+
+struct GemmPipeProblem {
+    const uint16_t* pa;
+    const uint16_t* pb;
+    uint16_t* pc;
+    const uint16_t* bias;
+    int64_t a_ld, b_ld, sc_row;
+    float alpha, beta;
+    uint32_t m, n;
+    uint64_t k;
+    __device__ float out(uint32_t i, uint32_t j, float v) const {
+        const float r = bias ? fmaf(alpha, v, bf16_bits_to_f32(bias[j])) : alpha * v;
+        return beta == 0.f ? r : r + beta * bf16_bits_to_f32(pc[(int64_t)i * sc_row + j]);
+    }
+    // C[i][j] and, when `both`, C[i][j+1]: one 32-bit store when the pair is 4-byte aligned
+    __device__ void store2(uint32_t i, uint32_t j, float v0, float v1, bool both) const {
+        uint16_t* dst = pc + (int64_t)i * sc_row + j;
+        const uint16_t b0 = f32_to_bf16_bits(out(i, j, v0));
+        if (!both) {
+            *dst = b0;
+            return;
+        }
+        const uint16_t b1 = f32_to_bf16_bits(out(i, j + 1, v1));
+        if ((reinterpret_cast<uint64_t>(dst) & 3u) == 0) {
+            *reinterpret_cast<uint32_t*>(dst) = (uint32_t)b0 | ((uint32_t)b1 << 16);
+        } else {
+            dst[0] = b0;
+            dst[1] = b1;
+        }
+    }
+};
+
+template <int BM, int BN>
+__device__ __forceinline__ void gemm_pipe(const GemmParams& p) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    const uint32_t z = blockIdx.z;
+    GemmPipeProblem pr;
+    pr.pa = (const uint16_t*)p.a + (int64_t)z * p.sa_batch;
+    pr.pb = (const uint16_t*)p.b + (int64_t)z * p.sb_batch;
+    pr.pc = (uint16_t*)p.c + (int64_t)z * p.sc_batch;
+    pr.bias = (const uint16_t*)p.bias;
+    const bool a_kf = p.sa_col == 1, b_nf = p.sb_col == 1;
+    pr.a_ld = a_kf ? p.sa_row : p.sa_col;
+    pr.b_ld = b_nf ? p.sb_row : p.sb_col;
+    pr.sc_row = p.sc_row;
+    pr.alpha = p.alpha, pr.beta = p.beta;
+    pr.m = p.m, pr.n = p.n, pr.k = p.k;
+    pg_dispatch<BM, BN>(pr, a_kf, b_nf, smem);
+}
+
+// 128 x 128 block tile (warps of 64 x 64), for problems with enough tiles to fill the GPU.
+// grid = (ceil(n/128), ceil(m/128), batch), block = 128, dynamic shared memory 48 KiB
+extern "C" __global__ void __launch_bounds__(128) gemm_pipe128_fwd_bf16(GemmParams p) { gemm_pipe<128, 128>(p); }
+
+// 64 x 64 block tile (warps of 32 x 32), for smaller problems: four times the blocks.
+// grid = (ceil(n/64), ceil(m/64), batch), block = 128, dynamic shared memory 24 KiB
+extern "C" __global__ void __launch_bounds__(128) gemm_pipe64_fwd_bf16(GemmParams p) { gemm_pipe<64, 64>(p); }

@@ -6,7 +6,7 @@ use crate::error::Result;
 use crate::ops::elementwise::{self, BinaryOp, UnaryOp};
 use crate::ops::gemm::{self, GemmAlgo, GemmOpts};
 use crate::ops::{attention, ccl, conv, layer_norm, loss, pool, reduce, softmax, transpose};
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 use crate::testing::{f64s, mismatch, mismatch_scaled, Rng, EPS32, EPS_TF32};
 
 pub struct Report {
@@ -73,6 +73,18 @@ pub fn run(dev: &Device) -> Result<Report> {
         let c = gemm::matmul(&at, &bt2, GemmOpts { algo, ..Default::default() })?.to_vec()?;
         record(&format!("gemm {algo:?} {m}x{k}x{n}"), mismatch_scaled(&c, &want, &mag, tol, 0.0));
     }
+    // bf16 (the pipelined kernel on cuda/emu: sizes multiples of 8), against the f64 product of
+    // the bf16-rounded operands: one bf16 rounding of C (2^-8 of |C| <= the magnitude) plus the
+    // f32 sum's k roundings
+    let (m, k, n) = (136, 40, 72);
+    let bf = |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect() };
+    let (a, bb) = (bf(&rng.vec(m * k, -1.0, 1.0)), bf(&rng.vec(k * n, -1.0, 1.0)));
+    let to_bf16 =
+        |v: &[f32], shape: &[usize]| crate::ops::cast::cast(&Tensor::from_vec(v.to_vec(), shape, dev)?, DType::BF16);
+    let (plan, _) = gemm::plan(&[m, k], &[k, n], false, false)?;
+    let (want, mag) = gemm::reference::gemm(&f64s(&a), &f64s(&bb), &plan, 1.0);
+    let c = gemm::matmul(&to_bf16(&a, &[m, k])?, &to_bf16(&bb, &[k, n])?, GemmOpts::default())?.to_vec()?;
+    record(&format!("gemm bf16 {m}x{k}x{n}"), mismatch_scaled(&c, &want, &mag, 1.0 / 256.0 + k as f64 * EPS32, 0.0));
 
     // U-Net pieces: a 3×3 convolution with bias, 2×2 max-pool.
     let cs = conv::ConvShape { b: 2, ci: 5, co: 7, h: 9, w: 11, kh: 3, kw: 3 };
@@ -174,6 +186,18 @@ pub fn run(dev: &Device) -> Result<Report> {
         mismatch(&ln.y.to_vec()?, &layer_norm::reference::forward(&f64s(&lv), None, None, 40, 1e-5), 2e-5, 0.0),
     );
 
+    // the emulator's count of ldmatrix bank conflicts (a report: conflicts cost time, not results)
+    #[cfg(feature = "emu")]
+    if matches!(dev, Device::Emu) {
+        for (k, s) in crate::device::emu::smem_report() {
+            lines.push(format!(
+                "  smem  {}: {} ldmatrix phases, {} extra wavefronts from bank conflicts",
+                k.name(),
+                s.phases,
+                s.extra_wavefronts
+            ));
+        }
+    }
     lines.push(if ok { "all ok".into() } else { "FAILED".into() });
     Ok(Report { ok, text: lines.join("\n") + "\n" })
 }

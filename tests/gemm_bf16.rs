@@ -75,6 +75,42 @@ fn check_gemm_bf16(dev: &Device, c: Case, seed: u64) -> Result<(), TestCaseError
 
 per_device!(check_gemm_bf16, (c in case(), seed in any::<u64>()));
 
+/// The pipelined kernels (cp.async ring, ldmatrix from swizzled tiles) at both block tiles and
+/// every layout, on sizes that are multiples of 8 around the 64 and 128 tile edges and around the
+/// 32-deep k tile: the same bound as every bf16 product, the pipelined kernel really chosen, and
+/// ldmatrix free of bank conflicts (the emulator counts them).
+fn check_gemm_pipe(dev: &Device, c: Case, tile: u32, seed: u64) -> Result<(), TestCaseError> {
+    let (sa, sb) = c.shapes();
+    let (at, a) = bf16_operand(&sa, seed, dev);
+    let (bt, b) = bf16_operand(&sb, seed ^ 5, dev);
+    let (plan, _) = gemm::plan(&sa, &sb, c.trans_a, c.trans_b).unwrap();
+    let (kernel, got_tile, _) = gemm::with_bf16_tile(tile, || gemm::bf16_kernel(&plan, [at.dev_ptr(), bt.dev_ptr()]));
+    if !matches!(dev, Device::Cpu) {
+        prop_assert_eq!(got_tile, tile, "{:?} must take the pipelined kernel", kernel);
+    }
+    let y = gemm::with_bf16_tile(tile, || gemm::matmul(&at, &bt, c.opts(GemmAlgo::Auto))).unwrap();
+    #[cfg(feature = "emu")]
+    if matches!(dev, Device::Emu) {
+        let s = reclmis::device::emu::last_smem_stats();
+        prop_assert!(s.phases > 0 && s.extra_wavefronts == 0, "ldmatrix phases {:?}", s);
+    }
+    let (want, mag) = reference::gemm(&a, &b, &plan, c.alpha as f64);
+    check("C", &y.to_vec().unwrap(), &want, &mag, c.k, 1.0)
+}
+
+/// Sizes that are multiples of 8 (whole 16-byte chunks) near the tile edges.
+fn pipe_case() -> impl Strategy<Value = Case> {
+    let edge = || prop_oneof![1usize..=3, 7usize..=9, 15usize..=17, 23usize..=25].prop_map(|u| 8 * u);
+    (case(), edge(), edge(), prop_oneof![1usize..=5, 7usize..=9].prop_map(|u| 8 * u)).prop_map(|(c, m, n, k)| Case {
+        m,
+        n,
+        k,
+        ..c
+    })
+}
+
+per_device!(check_gemm_pipe, (c in pipe_case(), tile in prop_oneof![Just(64u32), Just(128)], seed in any::<u64>()));
+
 /// bf16 with f32, either way round, is refused.
 #[test]
 fn mixed_operands_are_refused() {

@@ -197,11 +197,55 @@ fn matmul_bf16(a: &Tensor, b: &Tensor, opts: GemmOpts) -> Result<Tensor> {
         beta: 0.0,
         bias: 0,
     };
-    let grid = ((s.n as u32).div_ceil(64), (s.m as u32).div_ceil(64), s.batch as u32);
+    let (kernel, tile, smem_bytes) = bf16_kernel(&s, [a.dev_ptr(), b.dev_ptr()]);
+    let grid = ((s.n as u32).div_ceil(tile), (s.m as u32).div_ceil(tile), s.batch as u32);
     // SAFETY: `plan` derived `s` from a's and b's shapes (both bf16, checked by the caller), c is
-    // a new bf16 [batch, m, n] tensor, and gemm_tc_fwd_bf16 reads and writes bf16 through them.
-    unsafe { dev.launch(Kernel::gemm_tc_fwd_bf16, LaunchCfg { grid, block: (128, 1, 1), smem_bytes: 0 }, &p) }?;
+    // a new bf16 [batch, m, n] tensor, and the kernels read and write bf16 through them; the
+    // pipelined ones only where `bf16_kernel` found every 16-byte chunk whole and aligned.
+    unsafe { dev.launch(kernel, LaunchCfg { grid, block: (128, 1, 1), smem_bytes }, &p) }?;
     Ok(c)
+}
+
+thread_local! {
+    static PIPE_TILE: std::cell::Cell<Option<u32>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with the pipelined bf16 GEMM's block tile fixed at 64 or 128 for the products it
+/// launches on this thread (tests reach both tiles' edges with small problems).
+pub fn with_bf16_tile<R>(tile: u32, f: impl FnOnce() -> R) -> R {
+    let old = PIPE_TILE.with(|t| t.replace(Some(tile)));
+    let r = f();
+    PIPE_TILE.with(|t| t.set(old));
+    r
+}
+
+/// GPUs' multiprocessor count the 128 x 128 tile must fill (an H100 SXM has 132) before it is
+/// chosen over the 64 x 64 one: fewer, larger tiles leave multiprocessors idle.
+const PIPE_FILL_BLOCKS: usize = 132;
+
+/// The bf16 kernel for a product, with its square block tile and dynamic shared memory: the
+/// pipelined kernels (cp.async copies 16-byte chunks) when every chunk of A and B is whole and
+/// aligned: each operand's contiguous extent (k or m for A, n or k for B) and its other strides
+/// multiples of 8 elements, and its base 16-byte aligned; gemm_tc_fwd_bf16 (element loads) else.
+pub fn bf16_kernel(s: &GemmShape, [a, b]: [u64; 2]) -> (Kernel, u32, u32) {
+    let chunked = |(sb, sr, sc): (usize, usize, usize), rows: usize, cols: usize, base: u64| {
+        let (ld, contiguous) = match (sr, sc) {
+            (_, 1) => (sr, cols),
+            (1, _) => (sc, rows),
+            _ => return false,
+        };
+        base.is_multiple_of(16) && contiguous.is_multiple_of(8) && ld.is_multiple_of(8) && sb.is_multiple_of(8)
+    };
+    if !(chunked(s.sa, s.m, s.k, a) && chunked(s.sb, s.k, s.n, b)) {
+        return (Kernel::gemm_tc_fwd_bf16, 64, 0);
+    }
+    let tiles128 = s.m.div_ceil(128) * s.n.div_ceil(128) * s.batch;
+    let big = PIPE_TILE.with(|t| t.get()).map_or(tiles128 >= PIPE_FILL_BLOCKS, |t| t == 128);
+    if big {
+        (Kernel::gemm_pipe128_fwd_bf16, 128, 3 * (128 * 32 * 2) * 2)
+    } else {
+        (Kernel::gemm_pipe64_fwd_bf16, 64, 3 * (64 * 32 * 2) * 2)
+    }
 }
 
 /// Launches one batched GEMM on cuda or emu; `beta != 0` accumulates into `c`; a nonzero `bias`
