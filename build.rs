@@ -45,6 +45,13 @@ fn size_link_args() {
 /// Kernels only training launches: every backward, the optimiser, the losses. A build without
 /// the `train` feature (reclmis-infer) compiles and embeds the others only; tests/deploy.rs checks
 /// on emu that the inference path launches nothing outside them.
+/// bf16 products: only bf16 autocast gives a product bf16 operands, and the pipelined GEMMs are
+/// 1.7 MB of the deflated images. A build without `autocast` (reclmis-infer) does not embed them;
+/// the cuda device refuses such a launch by name.
+fn autocast_only(module: &str, kernel: &str) -> bool {
+    module == "gemm" && kernel.ends_with("_bf16")
+}
+
 fn training_only(module: &str, kernel: &str) -> bool {
     kernel.contains("_bwd_") || ["optim", "loss", "ccl", "selftest"].contains(&module)
 }
@@ -57,7 +64,7 @@ fn strip_kernels(src: &str, drop: &[&String]) -> String {
         let start = out[..at].rfind("extern \"C\"").unwrap_or_else(|| panic!("{k}: no extern \"C\""));
         let open = at + out[at..].find('{').unwrap_or_else(|| panic!("{k}: no body"));
         let end = matching_brace(&out, open).unwrap_or_else(|| panic!("{k}: unbalanced braces"));
-        out.replace_range(start..=end, &format!("/* {k}: training only, not in this build */"));
+        out.replace_range(start..=end, &format!("/* {k}: not in this build (training or bf16 autocast only) */"));
     }
     out
 }
@@ -116,7 +123,15 @@ fn main() {
     println!("cargo:rerun-if-changed=kernels");
     println!("cargo:rerun-if-changed=src/device/emu/emu.h");
     println!("cargo:rerun-if-changed=src/device/emu/runtime.cpp");
-    for v in ["NVRTC_LIB_DIR", "NVRTC_INCLUDE_DIR", "RECLMIS_REQUIRE_NVRTC", "CUDA_HOME", "CUDA_PATH"] {
+    for v in [
+        "NVRTC_LIB_DIR",
+        "NVRTC_INCLUDE_DIR",
+        "RECLMIS_REQUIRE_NVRTC",
+        "CUDA_HOME",
+        "CUDA_PATH",
+        "RECLMIS_CUOBJDUMP",
+        "RECLMIS_REQUIRE_SASS",
+    ] {
         println!("cargo:rerun-if-env-changed={v}");
     }
 
@@ -132,14 +147,16 @@ fn main() {
 
     size_link_args();
     let with_training = env::var_os("CARGO_FEATURE_TRAIN").is_some();
+    let with_autocast = env::var_os("CARGO_FEATURE_AUTOCAST").is_some();
     let modules: Vec<Module> = cu_files
         .iter()
         .map(|p| {
             let name = p.file_stem().unwrap().to_string_lossy().into_owned();
             let expanded = expand_includes(p, &kdir, &mut Vec::new());
             let kernels = kernel_names(&expanded, p);
-            let (keep, drop): (Vec<&String>, Vec<&String>) =
-                kernels.iter().partition(|k| with_training || !training_only(&name, k));
+            let (keep, drop): (Vec<&String>, Vec<&String>) = kernels.iter().partition(|k| {
+                (with_training || !training_only(&name, k)) && (with_autocast || !autocast_only(&name, k))
+            });
             let gpu = if keep.is_empty() { String::new() } else { strip_kernels(&expanded, &drop) };
             let gpu_kernels = keep.into_iter().cloned().collect();
             Module { name, kernels, gpu, gpu_kernels }
@@ -150,6 +167,8 @@ fn main() {
     let want_cuda = env::var_os("CARGO_FEATURE_CUDA").is_some();
     let require = env::var("RECLMIS_REQUIRE_NVRTC").is_ok_and(|v| v == "1");
     let mut resources = Vec::new();
+    let mut sass: Vec<sass::Counts> = Vec::new();
+    let mut sass_tool = None;
     let mut nvrtc_version = None;
     for m in &modules {
         for a in CUBIN_ARCHS {
@@ -164,6 +183,20 @@ fn main() {
                 nvrtc_version = Some(nv.version.clone());
                 for m in modules.iter().filter(|m| !m.gpu_kernels.is_empty()) {
                     resources.extend(nv.compile_module(m, &out));
+                }
+                match sass::Cuobjdump::find() {
+                    Ok(tool) => {
+                        for m in modules.iter().filter(|m| !m.gpu_kernels.is_empty()) {
+                            for a in CUBIN_ARCHS {
+                                sass.extend(tool.counts(&out.join(format!("{}.sm_{a}.cubin", m.name)), a));
+                            }
+                        }
+                        sass_tool = Some(tool.version);
+                    }
+                    Err(why) if env::var("RECLMIS_REQUIRE_SASS").is_ok_and(|v| v == "1") => {
+                        panic!("RECLMIS_REQUIRE_SASS=1 but cuobjdump is not usable: {why}")
+                    }
+                    Err(_) => {}
                 }
             }
             Err(why) => {
@@ -190,6 +223,157 @@ fn main() {
         }
     }
     write_table(&out, &modules, &resources, nvrtc_version.as_deref());
+    sass::write_table(&out, &sass, sass_tool.as_deref());
+}
+
+/// The SASS of the embedded CUBINs, read by cuobjdump (the `nvidia-cuda-cuobjdump` and
+/// `nvidia-cuda-nvdisasm` wheels, which read NVRTC 13.0's CUBINs) when it is found: the counts of
+/// the instructions a performance engineer looks for first, per kernel and architecture.
+mod sass {
+    use super::*;
+    use std::process::Command;
+
+    #[derive(Default, Debug)]
+    pub struct Counts {
+        kernel: String,
+        arch: u32,
+        hmma: u32,
+        ldl: u32,
+        stl: u32,
+        ldg: u32,
+        ldg128: u32,
+        ldgsts: u32,
+        ldgsts128: u32,
+        ldsm: u32,
+        lds128: u32,
+    }
+
+    pub struct Cuobjdump {
+        path: PathBuf,
+        pub version: String,
+    }
+
+    impl Cuobjdump {
+        /// RECLMIS_CUOBJDUMP, else beside NVRTC's wheel (nvidia/cu13/bin, where .ci/run installs
+        /// it), else cuobjdump on PATH.
+        pub fn find() -> Result<Cuobjdump, String> {
+            let mut tried = Vec::new();
+            if let Some(p) = env::var_os("RECLMIS_CUOBJDUMP") {
+                tried.push(PathBuf::from(p));
+            }
+            if let Some(lib) = env::var_os("NVRTC_LIB_DIR") {
+                tried.push(PathBuf::from(lib).join("../bin/cuobjdump"));
+            }
+            tried.push(PathBuf::from("cuobjdump"));
+            for path in tried {
+                let Ok(out) = Command::new(&path).arg("--version").output() else { continue };
+                if !out.status.success() {
+                    continue;
+                }
+                let text = String::from_utf8_lossy(&out.stdout);
+                let version = text
+                    .lines()
+                    .find_map(|l| l.split("release ").nth(1))
+                    .map(|v| v.split(',').next().unwrap_or(v).trim().to_string())
+                    .unwrap_or_else(|| "?".into());
+                return Ok(Cuobjdump { path, version });
+            }
+            Err("no cuobjdump (RECLMIS_CUOBJDUMP, NVRTC_LIB_DIR/../bin, PATH)".into())
+        }
+
+        pub fn counts(&self, cubin: &Path, arch: u32) -> Vec<Counts> {
+            // cuobjdump runs nvdisasm, which the wheel keeps beside it
+            let mut path = self.path.parent().map(|d| d.as_os_str().to_owned()).unwrap_or_default();
+            if let Some(p) = env::var_os("PATH") {
+                path.push(":");
+                path.push(p);
+            }
+            let out = Command::new(&self.path)
+                .env("PATH", path)
+                .arg("-sass")
+                .arg(cubin)
+                .output()
+                .unwrap_or_else(|e| panic!("cuobjdump -sass {}: {e}", cubin.display()));
+            if !out.status.success() {
+                panic!("cuobjdump -sass {}: {}", cubin.display(), String::from_utf8_lossy(&out.stderr));
+            }
+            parse(&String::from_utf8_lossy(&out.stdout), arch)
+        }
+    }
+
+    /// `cuobjdump -sass` prints `Function : name` before each kernel's code, then one instruction
+    /// per line: `/*0210*/   @!P1 LDGSTS.E.64 [R7], desc[UR6][R4.64], !P2 ;   /* 0x... */`.
+    /// Instructions guarded by `@!PT` (never executed: the compiler's padding) are not counted.
+    pub fn parse(text: &str, arch: u32) -> Vec<Counts> {
+        let mut out: Vec<Counts> = Vec::new();
+        for line in text.lines() {
+            let t = line.trim();
+            if let Some(name) = t.strip_prefix("Function : ") {
+                out.push(Counts { kernel: name.trim().to_string(), arch, ..Default::default() });
+                continue;
+            }
+            let (Some(c), Some(rest)) = (out.last_mut(), t.strip_prefix("/*")) else { continue };
+            let Some((addr, code)) = rest.split_once("*/") else { continue };
+            if !addr.chars().all(|ch| ch.is_ascii_hexdigit()) {
+                continue;
+            }
+            let mut words = code.split_whitespace();
+            let mut op = words.next().unwrap_or("");
+            if op.starts_with('@') {
+                if op == "@!PT" {
+                    continue;
+                }
+                op = words.next().unwrap_or("");
+            }
+            let op = op.trim_end_matches(';');
+            let wide = op.contains(".128");
+            if op.starts_with("HMMA") {
+                c.hmma += 1;
+            } else if op.starts_with("LDL") {
+                c.ldl += 1;
+            } else if op.starts_with("STL") {
+                c.stl += 1;
+            } else if op.starts_with("LDGSTS") {
+                c.ldgsts += 1;
+                c.ldgsts128 += wide as u32;
+            } else if op.starts_with("LDGDEPBAR") {
+            } else if op == "LDG" || op.starts_with("LDG.") {
+                c.ldg += 1;
+                c.ldg128 += wide as u32;
+            } else if op.starts_with("LDSM") {
+                c.ldsm += 1;
+            } else if op.starts_with("LDS.128") {
+                c.lds128 += 1;
+            }
+        }
+        out
+    }
+
+    pub fn write_table(out: &Path, counts: &[Counts], tool: Option<&str>) {
+        let mut s = String::from(
+            "// Generated by build.rs from cuobjdump -sass of the embedded CUBINs. Do not edit.
+
+",
+        );
+        let _ = writeln!(s, "/// cuobjdump's release that read the SASS, or None (no cuobjdump at build time).");
+        match tool {
+            Some(v) => {
+                let _ = writeln!(s, "pub const SASS_TOOL: Option<&str> = Some(\"{v}\");");
+            }
+            None => s.push_str("pub const SASS_TOOL: Option<&str> = None;\n"),
+        }
+        s.push_str("pub static SASS: &[SassCounts] = &[\n");
+        for c in counts {
+            let _ = writeln!(
+                s,
+                "    SassCounts {{ kernel: \"{}\", arch: {}, hmma: {}, ldl: {}, stl: {}, ldg: {}, ldg128: {}, \
+                 ldgsts: {}, ldgsts128: {}, ldsm: {}, lds128: {} }},",
+                c.kernel, c.arch, c.hmma, c.ldl, c.stl, c.ldg, c.ldg128, c.ldgsts, c.ldgsts128, c.ldsm, c.lds128
+            );
+        }
+        s.push_str("];\n");
+        fs::write(out.join("sass_generated.rs"), s).unwrap();
+    }
 }
 
 /// Inlines `#include "x"` of files in kernels/ (once each), keeping #line markers for error messages.

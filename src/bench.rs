@@ -18,6 +18,7 @@ use crate::tensor::{DType, Tensor};
 use std::time::Instant;
 
 pub mod ceilings;
+pub mod h100;
 pub mod model;
 pub mod report;
 mod unet;
@@ -54,6 +55,9 @@ pub struct Measurement {
     /// % of the roofline the median reaches (cpu: the machine's measured ceilings)
     #[serde(default)]
     pub roofline_pct: Option<f64>,
+    /// The least time an H100 needs for the case (bench::h100): its roofline before any GPU run
+    #[serde(default)]
+    pub h100_min_s: Option<f64>,
 }
 
 /// min, median and 90th percentile (nearest rank) of repeated timings.
@@ -1175,6 +1179,7 @@ pub fn run(dev: &Device, opts: &BenchOpts) -> Result<Vec<Measurement>> {
             gbs: c.bytes / t.median / 1e9,
             peer_median_s: None,
             roofline_pct: opts.ceilings.as_ref().and_then(|cl| ceilings::roofline_pct(cl, c.flops, c.bytes, t.median)),
+            h100_min_s: h100::min_seconds(c.op, c.flops, c.bytes),
         });
     }
     if let Some(py) = opts.peer {
@@ -1196,8 +1201,8 @@ pub fn format_table(dev: &Device, ms: &[Measurement]) -> String {
     let _ = writeln!(s, "device: {}", dev.describe());
     let _ = writeln!(
         s,
-        "{:<20} {:<34} {:>12} {:>12} {:>12} {:>10} {:>9} {:>7} {:>12} {:>8}",
-        "op", "shape", "min", "median", "p90", "GFLOP/s", "GB/s", "% roof", "peer median", "ratio"
+        "{:<20} {:<34} {:>12} {:>12} {:>12} {:>10} {:>9} {:>7} {:>12} {:>12} {:>8}",
+        "op", "shape", "min", "median", "p90", "GFLOP/s", "GB/s", "% roof", "H100 min", "peer median", "ratio"
     );
     for m in ms {
         let (pt, ratio) = match m.peer_median_s {
@@ -1206,7 +1211,7 @@ pub fn format_table(dev: &Device, ms: &[Measurement]) -> String {
         };
         let _ = writeln!(
             s,
-            "{:<20} {:<34} {:>9.3} ms {:>9.3} ms {:>9.3} ms {:>10.1} {:>9.1} {:>7} {:>12} {:>8}",
+            "{:<20} {:<34} {:>9.3} ms {:>9.3} ms {:>9.3} ms {:>10.1} {:>9.1} {:>7} {:>12} {:>12} {:>8}",
             m.op,
             m.shape,
             m.min_s * 1e3,
@@ -1215,6 +1220,7 @@ pub fn format_table(dev: &Device, ms: &[Measurement]) -> String {
             m.gflops,
             m.gbs,
             m.roofline_pct.map_or("-".into(), |p| format!("{p:.0}")),
+            m.h100_min_s.map_or("-".into(), |t| format!("{:.2} us", t * 1e6)),
             pt,
             ratio
         );

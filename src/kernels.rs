@@ -26,6 +26,110 @@ pub struct KernelResources {
 
 include!(concat!(env!("OUT_DIR"), "/kernels_generated.rs"));
 
+/// Instruction counts in one kernel's SASS (cuobjdump -sass of the embedded CUBIN; instructions
+/// the compiler guards with `@!PT`, never executed, are not counted).
+#[derive(Clone, Copy, Debug)]
+pub struct SassCounts {
+    pub kernel: &'static str,
+    pub arch: u32,
+    /// tensor-core mma instructions
+    pub hmma: u32,
+    /// local-memory loads and stores (spills or local arrays)
+    pub ldl: u32,
+    pub stl: u32,
+    /// global loads, and those of them 128 bits wide
+    pub ldg: u32,
+    pub ldg128: u32,
+    /// cp.async global -> shared copies, and those of 16 bytes
+    pub ldgsts: u32,
+    pub ldgsts128: u32,
+    /// ldmatrix
+    pub ldsm: u32,
+    /// 128-bit shared loads
+    pub lds128: u32,
+}
+
+include!(concat!(env!("OUT_DIR"), "/sass_generated.rs"));
+
+/// Kernels allowed to touch local memory, with the reason. Any other kernel whose SASS has an
+/// LDL or STL fails `reclmis kernels --check` (local memory is DRAM traffic a kernel rarely means).
+pub const LOCAL_MEMORY_OK: &[(&str, &str)] =
+    &[("selftest_stack_fwd_f32", "a 64 KiB local array on purpose: proves the emu's stack-overflow check")];
+
+/// Kernels that compute on tensor cores: their SASS must contain HMMA (the `_tc_` and `_pipe`
+/// kernels, and the attention forward, whose tensor-core path is a branch of one kernel).
+pub fn uses_tensor_cores(kernel: &str) -> bool {
+    (kernel.contains("_tc_") || is_pipelined(kernel) && !kernel.starts_with("selftest"))
+        || kernel == "attention_fwd_f32"
+}
+
+/// Pipelined kernels: their SASS must contain 16-byte cp.async (LDGSTS.128) and ldmatrix (LDSM).
+pub fn is_pipelined(kernel: &str) -> bool {
+    kernel.contains("_pipe")
+}
+
+/// Dynamic shared memory a kernel is launched with (for the occupancy figure); 0 for the others.
+pub fn dynamic_smem_bytes(kernel: &str) -> u32 {
+    match kernel {
+        "gemm_pipe128_fwd_bf16" => crate::ops::gemm::PIPE128_SMEM,
+        "gemm_pipe64_fwd_bf16" => crate::ops::gemm::PIPE64_SMEM,
+        _ => 0,
+    }
+}
+
+/// Threads per block from `__launch_bounds__`, which the tensor-core and pipelined kernels declare.
+fn block_threads(kernel: Kernel) -> Option<u32> {
+    let src = MODULES[kernel.module()].source;
+    let at = src.find(&format!(" {}(", kernel.name()))?;
+    let head = &src[src[..at].rfind("extern \"C\"")?..at];
+    let n = head.split("__launch_bounds__(").nth(1)?.split(')').next()?;
+    n.trim().parse().ok()
+}
+
+/// Resident warps per SM of an H100 (sm_90: 65536 registers, 64 warps, 32 blocks, 228 KiB shared
+/// memory with 1 KiB reserved per block; registers are allocated per warp in units of 256) over
+/// its 64: the occupancy a block of `threads` with `regs` registers and `smem` bytes reaches.
+pub fn h100_occupancy(threads: u32, regs: u32, smem: u32) -> f64 {
+    let warps = threads.div_ceil(32).max(1);
+    let per_warp = (regs.max(1) * 32).div_ceil(256) * 256;
+    let by_regs = (65536 / per_warp) / warps;
+    let by_smem = (228 * 1024) / (smem + 1024);
+    let by_threads = 64 / warps;
+    let blocks = by_regs.min(by_smem).min(by_threads).min(32);
+    (blocks * warps) as f64 / 64.0
+}
+
+/// What `reclmis kernels --check` (CI) requires of the SASS: every tensor-core kernel has HMMA,
+/// every pipelined kernel 16-byte cp.async and ldmatrix, and no kernel touches local memory
+/// without a reason in [`LOCAL_MEMORY_OK`]. Returns the violations (empty: all good).
+pub fn sass_violations() -> Vec<String> {
+    if SASS_TOOL.is_none() || SASS.is_empty() {
+        return vec!["no SASS figures: this build found no cuobjdump (install the nvidia-cuda-cuobjdump and \
+                     nvidia-cuda-nvdisasm wheels beside NVRTC, or set RECLMIS_CUOBJDUMP)"
+            .into()];
+    }
+    let mut bad = Vec::new();
+    for k in Kernel::ALL.iter().filter(|k| k.in_gpu_build()) {
+        let rows: Vec<&SassCounts> = SASS.iter().filter(|c| c.kernel == k.name()).collect();
+        if rows.is_empty() {
+            bad.push(format!("{}: not in the SASS", k.name()));
+        }
+        for c in rows {
+            let at = format!("{} (sm_{})", c.kernel, c.arch);
+            if uses_tensor_cores(c.kernel) && c.hmma == 0 {
+                bad.push(format!("{at}: a tensor-core kernel without HMMA"));
+            }
+            if is_pipelined(c.kernel) && (c.ldgsts128 == 0 || c.ldsm == 0) {
+                bad.push(format!("{at}: a pipelined kernel without LDGSTS.128 ({}) or LDSM ({})", c.ldgsts128, c.ldsm));
+            }
+            if c.ldl + c.stl > 0 && !LOCAL_MEMORY_OK.iter().any(|(n, _)| *n == c.kernel) {
+                bad.push(format!("{at}: local memory ({} LDL, {} STL) without a listed reason", c.ldl, c.stl));
+            }
+        }
+    }
+    bad
+}
+
 /// A table of every kernel with its resource figures (the `reclmis kernels` command).
 pub fn report() -> String {
     use std::fmt::Write;
@@ -67,5 +171,82 @@ pub fn report() -> String {
             let _ = writeln!(s, "{:<22} {:<12} (no resource figures: not compiled at build time)", k.name(), module);
         }
     }
+    s.push_str(&sass_report());
     s
+}
+
+/// The SASS table (sm_90, the H100's): instruction counts and the occupancy on an H100.
+fn sass_report() -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let Some(tool) = SASS_TOOL else {
+        s.push_str(
+            "\nno SASS figures: no cuobjdump at build time (see TOOLCHAIN.md: the nvidia-cuda-cuobjdump wheel)\n",
+        );
+        return s;
+    };
+    let _ = writeln!(
+        s,
+        "\nSASS of the sm_90 CUBINs (cuobjdump {tool}); occupancy on an H100 from registers, shared memory \
+         and __launch_bounds__"
+    );
+    let _ = writeln!(
+        s,
+        "{:<26} {:>5} {:>9} {:>13} {:>5} {:>7} {:>7} {:>5}",
+        "kernel", "HMMA", "LDG(128)", "LDGSTS(128)", "LDSM", "LDS.128", "LDL/STL", "occ."
+    );
+    for c in SASS.iter().filter(|c| c.arch == 90) {
+        let k = Kernel::ALL.iter().find(|k| k.name() == c.kernel);
+        let res = RESOURCES.iter().find(|r| r.kernel == c.kernel && r.arch == 90);
+        let occ = match (k.and_then(|&k| block_threads(k)), res) {
+            (Some(t), Some(r)) => {
+                format!("{:.0}%", 100.0 * h100_occupancy(t, r.registers, r.smem_bytes + dynamic_smem_bytes(c.kernel)))
+            }
+            _ => "-".into(),
+        };
+        let _ = writeln!(
+            s,
+            "{:<26} {:>5} {:>9} {:>13} {:>5} {:>7} {:>7} {:>5}",
+            c.kernel,
+            c.hmma,
+            format!("{}({})", c.ldg, c.ldg128),
+            format!("{}({})", c.ldgsts, c.ldgsts128),
+            c.ldsm,
+            c.lds128,
+            format!("{}/{}", c.ldl, c.stl),
+            occ
+        );
+    }
+    let _ = writeln!(
+        s,
+        "local memory allowed: {}",
+        LOCAL_MEMORY_OK.iter().map(|(k, why)| format!("{k} ({why})")).collect::<Vec<_>>().join("; ")
+    );
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn h100_occupancy_from_registers_and_shared_memory() {
+        // 256 threads at 32 registers: 8 blocks of 8 warps fill the 64 warp slots
+        assert_eq!(h100_occupancy(256, 32, 0), 1.0);
+        // 242 registers: 7744 per warp, rounded to 7936; 65536 / 7936 = 8 warps = 2 blocks of 4
+        assert_eq!(h100_occupancy(128, 242, 48 * 1024), 8.0 / 64.0);
+        // shared memory binds: 100 KiB + 1 KiB reserved per block, 2 blocks in 228 KiB
+        assert_eq!(h100_occupancy(128, 32, 100 * 1024), 8.0 / 64.0);
+    }
+
+    #[test]
+    fn tensor_core_and_pipelined_kernels_by_name() {
+        assert!(uses_tensor_cores("gemm_pipe128_fwd_bf16") && is_pipelined("gemm_pipe128_fwd_bf16"));
+        assert!(uses_tensor_cores("gemm_tc_fwd_f32") && !is_pipelined("gemm_tc_fwd_f32"));
+        assert!(!uses_tensor_cores("selftest_pipe_fwd_bf16") && !uses_tensor_cores("gemm_fwd_f32"));
+        // every pipelined kernel of the build is among the tensor-core ones (but the selftest)
+        for k in Kernel::ALL.iter().filter(|k| is_pipelined(k.name()) && !k.name().starts_with("selftest")) {
+            assert!(uses_tensor_cores(k.name()), "{}", k.name());
+        }
+    }
 }

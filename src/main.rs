@@ -435,8 +435,14 @@ enum Cmd {
         #[arg(long)]
         precision: Option<String>,
     },
-    /// List the kernels with the registers, shared memory, stack and spills ptxas reported
-    Kernels,
+    /// List the kernels with the registers, shared memory, stack and spills ptxas reported, and
+    /// their SASS instruction counts (when the build found cuobjdump)
+    Kernels {
+        /// Fail unless every tensor-core kernel has HMMA, every pipelined kernel LDGSTS.128 and
+        /// LDSM, and no kernel uses local memory without a listed reason (CI runs this)
+        #[arg(long)]
+        check: bool,
+    },
     /// Say which devices are usable here, and why not
     Devices,
 }
@@ -506,7 +512,16 @@ fn run(cli: Cli) -> reclmis::Result<()> {
                 eprint!("{}", report::format_comparison(c, b));
             }
         }
-        Cmd::Kernels => print!("{}", kernels::report()),
+        Cmd::Kernels { check } => {
+            print!("{}", kernels::report());
+            if check {
+                let bad = kernels::sass_violations();
+                if !bad.is_empty() {
+                    return Err(reclmis::Error::Other(format!("SASS check failed:\n  {}", bad.join("\n  "))));
+                }
+                println!("SASS check: ok");
+            }
+        }
         Cmd::BenchModel { device, scenario: Some(scenario), precision: p, .. } => {
             let dev = Device::from_choice(device)?;
             let p = precision(p.as_deref(), &dev)?;

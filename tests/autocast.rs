@@ -60,6 +60,43 @@ fn bf16_linear_rounds_operands_output_and_gradients() {
     }
 }
 
+/// A Linear whose sizes are multiples of 8 runs on the pipelined bf16 GEMM on emu (forward, dx
+/// and dw: three layouts), and computes what the cpu does up to the order of the f32 sums: each
+/// value within one bf16 rounding step of the cpu's (a different sum order can tip a rounding).
+#[test]
+fn bf16_linear_takes_the_pipelined_gemm() {
+    let (m, k, n) = (40, 48, 24);
+    let mut rng = Rng::new(11);
+    let (xv, wv, bv, cv) =
+        (values(m * k, &mut rng), values(n * k, &mut rng), values(n, &mut rng), values(m * n, &mut rng));
+    let run = |kind: &str| {
+        let dev = device(kind);
+        let mut p = Params::new(&dev);
+        let train = Kind::Param { trainable: true };
+        let x = p.add("x", &[m, k], xv.clone(), train).unwrap();
+        let w = p.add("w", &[n, k], wv.clone(), train).unwrap();
+        let b = p.add("b", &[n], bv.clone(), train).unwrap();
+        let g = Graph::train().with_precision(Precision::Bf16).unwrap();
+        let y = g.linear(&g.param(&p, x), &g.param(&p, w), Some(&g.param(&p, b))).unwrap();
+        let loss = g.mean_all(&g.mul(&y, &Var::constant(t(&cv, &[m, n], &dev))).unwrap()).unwrap();
+        let grads = g.backward(&loss, p.len()).unwrap();
+        let mut out = vec![y.tensor().to_vec().unwrap()];
+        out.extend([x, w, b].map(|id| grads.get(id).unwrap().to_vec().unwrap()));
+        out
+    };
+    let (cpu, emu) = (run("cpu"), run("emu"));
+    let launched = reclmis::device::emu::launched_kernels();
+    assert!(launched.contains(&reclmis::kernels::Kernel::gemm_pipe64_fwd_bf16), "{launched:?}");
+    for (name, (c, e)) in ["y", "dx", "dw", "db"].iter().zip(cpu.iter().zip(&emu)) {
+        let scale = c.iter().fold(0f32, |a, v| a.max(v.abs()));
+        for (i, (a, b)) in c.iter().zip(e).enumerate() {
+            // one bf16 step (2^-8 relative) of either value, plus f32 sums' k roundings of the scale
+            let allowed = a.abs().max(b.abs()) / 128.0 + 64.0 * f32::EPSILON * scale;
+            assert!((a - b).abs() <= allowed, "{name}[{i}]: cpu {a} vs emu {b}");
+        }
+    }
+}
+
 /// Without autocast the values differ: the test above sees the rounding, not a coincidence.
 #[test]
 fn f32_linear_is_not_rounded() {

@@ -18,6 +18,7 @@ fn m(op: &str, min: f64, median: f64, p90: f64) -> Measurement {
         gbs: 2.0,
         peer_median_s: None,
         roofline_pct: Some(50.0),
+        h100_min_s: Some(1e-6),
     }
 }
 

@@ -100,6 +100,7 @@ pub fn to_csv(run: &Run, compared: Option<&[Compared]>) -> Result<String> {
         "gflops",
         "gbs",
         "roofline_pct",
+        "h100_min_s",
         "peer_median_s",
     ];
     if compared.is_some() {
@@ -126,6 +127,7 @@ pub fn to_csv(run: &Run, compared: Option<&[Compared]>) -> Result<String> {
             format!("{:.3}", r.gflops),
             format!("{:.3}", r.gbs),
             r.roofline_pct.map(|v| format!("{v:.1}")).unwrap_or_default(),
+            r.h100_min_s.map(|t| format!("{t:e}")).unwrap_or_default(),
             r.peer_median_s.map(|p| format!("{p:e}")).unwrap_or_default(),
         ];
         if let Some(c) = compared {

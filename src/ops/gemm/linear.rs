@@ -11,10 +11,15 @@ use crate::tensor::{DType, Tensor};
 
 const OP: &str = "linear";
 
-/// (rows, K, N) after checking the shapes.
+/// (rows, K, N) after checking the shapes (f32 operands).
 fn dims(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<(usize, usize, usize)> {
-    x.expect_dtype(OP, DType::F32)?;
-    w.expect_dtype(OP, DType::F32)?;
+    dims_of(x, w, bias, DType::F32)
+}
+
+/// (rows, K, N) after checking the shapes, every operand of `dtype`.
+fn dims_of(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, dtype: DType) -> Result<(usize, usize, usize)> {
+    x.expect_dtype(OP, dtype)?;
+    w.expect_dtype(OP, dtype)?;
     x.same_device(OP, &[w])?;
     if x.rank() == 0 || w.rank() != 2 || x.shape()[x.rank() - 1] != w.shape()[1] {
         return Err(Error::shape(
@@ -25,7 +30,7 @@ fn dims(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<(usize, usize, 
     let (n, k) = (w.shape()[0], w.shape()[1]);
     if let Some(b) = bias {
         x.same_device(OP, &[b])?;
-        b.expect_dtype(OP, DType::F32)?;
+        b.expect_dtype(OP, dtype)?;
         if b.shape() != [n] {
             return Err(Error::shape(OP, format!("bias must be [{n}] (w's rows), got {:?}", b.shape())));
         }
@@ -84,5 +89,48 @@ pub fn linear_backward(x: &Tensor, w: &Tensor, dy: &Tensor, with_bias: bool, alg
     let dx = matmul(&dy2, w, go(false, false))?.reshape(x.shape())?;
     let dw = matmul(&dy2, &x.reshape(&[rows, k])?, go(true, false))?;
     let db = if with_bias { Some(reduce::sum(&dy2, 0)?) } else { None };
+    Ok(LinearGrads { dx, dw, db })
+}
+
+/// The Linear of bf16 x, w and bias (bf16 autocast's operands): y = x·wᵀ + b in bf16, the
+/// products exact and summed in f32, the bias added in f32 and y rounded once (the bf16 GEMM's
+/// epilogue: the pipelined tensor-core kernels on cuda/emu where the sizes allow).
+#[cfg(feature = "autocast")]
+pub fn linear_bf16(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (rows, k, n) = dims_of(x, w, bias, DType::BF16)?;
+    let mut out_shape = x.shape().to_vec();
+    *out_shape.last_mut().expect("rank >= 1") = n;
+    let opts = GemmOpts { trans_b: true, ..GemmOpts::default() };
+    let x2 = x.reshape(&[rows, k])?;
+    if let Device::Cpu = x.device() {
+        if rows <= cpu::FEW_ROWS && k > 0 {
+            // the register-tiled dot products, as the f32 Linear (widened into plain buffers:
+            // see bf16_product on why not tensors)
+            let wide = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.cpu_bf16(OP)?.iter().map(|v| v.to_f32()).collect()) };
+            let b = bias.map(wide).transpose()?;
+            let y = cpu::linear_few_rows(&wide(&x2)?, &wide(w)?, b.as_deref(), rows, k, n);
+            return Tensor::from_vec_bf16(y.iter().map(|&v| half::bf16::from_f32(v)).collect(), &out_shape, x.device());
+        }
+    }
+    super::bf16_product(&x2, w, opts, bias)?.reshape(&out_shape)
+}
+
+/// linear_bf16's backward from a bf16 dy: dx = dy·w and dw = dyᵀ·x in bf16 (f32 sums rounded
+/// once, as the tape stores the gradient of a bf16 value, which x and the weight's bf16 copy
+/// both are) and db = Σ_rows dy in f32.
+#[cfg(feature = "autocast")]
+pub fn linear_backward_bf16(x: &Tensor, w: &Tensor, dy: &Tensor, with_bias: bool) -> Result<LinearGrads> {
+    let (rows, k, n) = dims_of(x, w, None, DType::BF16)?;
+    let mut out_shape = x.shape().to_vec();
+    *out_shape.last_mut().expect("rank >= 1") = n;
+    if dy.shape() != out_shape.as_slice() {
+        return Err(Error::shape(OP, format!("backward: dy {:?} must be {out_shape:?}", dy.shape())));
+    }
+    dy.expect_dtype(OP, DType::BF16)?;
+    let dy2 = dy.reshape(&[rows, n])?;
+    let go = |ta: bool| GemmOpts { trans_a: ta, ..GemmOpts::default() };
+    let dx = super::bf16_product(&dy2, w, go(false), None)?.reshape(x.shape())?;
+    let dw = super::bf16_product(&dy2, &x.reshape(&[rows, k])?, go(true), None)?;
+    let db = if with_bias { Some(reduce::sum(&crate::ops::cast::cast(&dy2, DType::F32)?, 0)?) } else { None };
     Ok(LinearGrads { dx, dw, db })
 }

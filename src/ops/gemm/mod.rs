@@ -159,19 +159,39 @@ pub fn matmul(a: &Tensor, b: &Tensor, opts: GemmOpts) -> Result<Tensor> {
 }
 
 /// C = alpha · op(A) · op(B) with bf16 A, B and C: the products are exact in f32, the sum is f32
-/// and C is rounded to bf16 once (`algo` is ignored: bf16 always runs on the tensor cores,
-/// `gemm_tc_fwd_bf16`). The cpu widens A and B to f32, runs its f32 GEMM (the same arithmetic up
-/// to the order of the sum) and rounds C.
+/// and C is rounded to bf16 once (`algo` is ignored: bf16 always runs on the tensor cores).
 fn matmul_bf16(a: &Tensor, b: &Tensor, opts: GemmOpts) -> Result<Tensor> {
+    bf16_product(a, b, opts, None)
+}
+
+/// The bf16 product in bf16 (one rounding after alpha and the bias), with an optional bf16 bias
+/// [n] added to every row. On cuda/emu the pipelined kernels
+/// where every 16-byte chunk is whole and aligned, the element-loading tensor-core kernels
+/// otherwise. The cpu widens A and B into plain buffers (not tensors: the device's memory
+/// accounting counts what a GPU would hold, and a GPU widens nothing), runs its f32 GEMM (the same
+/// arithmetic up to the order of the sum) and rounds C.
+pub(crate) fn bf16_product(a: &Tensor, b: &Tensor, opts: GemmOpts, bias: Option<&Tensor>) -> Result<Tensor> {
     let (s, out_shape) = plan(a.shape(), b.shape(), opts.trans_a, opts.trans_b)?;
+    if let Some(bias) = bias {
+        bias.expect_dtype("matmul", DType::BF16)?;
+        if bias.shape() != [s.n] {
+            return Err(Error::shape("matmul", format!("the bias must be [{}], got {:?}", s.n, bias.shape())));
+        }
+    }
     let dev = a.device();
     if let Device::Cpu = dev {
-        let (af, bf) = (crate::ops::cast::cast(a, DType::F32)?, crate::ops::cast::cast(b, DType::F32)?);
-        let c = cpu::gemm(af.cpu_f32("matmul")?, bf.cpu_f32("matmul")?, &s, opts.alpha, None);
-        return crate::ops::cast::cast(&Tensor::from_vec(c, &out_shape, dev)?, DType::BF16);
+        let wide = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.cpu_bf16("matmul")?.iter().map(|v| v.to_f32()).collect()) };
+        let bias = bias.map(wide).transpose()?;
+        let c = cpu::gemm(&wide(a)?, &wide(b)?, &s, opts.alpha, bias.as_deref());
+        return Tensor::from_vec_bf16(c.iter().map(|&v| half::bf16::from_f32(v)).collect(), &out_shape, dev);
     }
     if s.k == 0 || crate::tensor::numel(&out_shape) == 0 {
-        return crate::ops::cast::cast(&Tensor::zeros(&out_shape, dev)?, DType::BF16);
+        let zero = Tensor::zeros(&out_shape, dev)?;
+        let y = match bias {
+            None => zero,
+            Some(bias) => crate::ops::elementwise::add(&zero, &crate::ops::cast::cast(bias, DType::F32)?)?,
+        };
+        return crate::ops::cast::cast(&y, DType::BF16);
     }
     let c = Tensor::empty(&out_shape, DType::BF16, dev)?;
     if s.batch > 65535 {
@@ -195,16 +215,22 @@ fn matmul_bf16(a: &Tensor, b: &Tensor, opts: GemmOpts) -> Result<Tensor> {
         sc_row: s.n as i64,
         alpha: opts.alpha,
         beta: 0.0,
-        bias: 0,
+        bias: bias.map_or(0, |b| b.dev_ptr()),
     };
     let (kernel, tile, smem_bytes) = bf16_kernel(&s, [a.dev_ptr(), b.dev_ptr()]);
     let grid = ((s.n as u32).div_ceil(tile), (s.m as u32).div_ceil(tile), s.batch as u32);
-    // SAFETY: `plan` derived `s` from a's and b's shapes (both bf16, checked by the caller), c is
-    // a new bf16 [batch, m, n] tensor, and the kernels read and write bf16 through them; the
-    // pipelined ones only where `bf16_kernel` found every 16-byte chunk whole and aligned.
+    // SAFETY: `plan` derived `s` from a's and b's shapes (both bf16, checked by the callers), c is
+    // a new bf16 [batch, m, n] tensor, the bias (checked) [n] bf16, and the kernels read and
+    // write bf16 through them; the pipelined ones only where `bf16_kernel` found every
+    // 16-byte chunk whole and aligned.
     unsafe { dev.launch(kernel, LaunchCfg { grid, block: (128, 1, 1), smem_bytes }, &p) }?;
     Ok(c)
 }
+
+/// The pipelined kernels' dynamic shared memory: 3 stages of a BM x 32 and a 32 x BN bf16 tile
+/// (pg_smem_bytes in pipe_gemm.cuh).
+pub const PIPE128_SMEM: u32 = 3 * (128 * 32 + 32 * 128) * 2;
+pub const PIPE64_SMEM: u32 = 3 * (64 * 32 + 32 * 64) * 2;
 
 thread_local! {
     static PIPE_TILE: std::cell::Cell<Option<u32>> = const { std::cell::Cell::new(None) };
@@ -242,9 +268,9 @@ pub fn bf16_kernel(s: &GemmShape, [a, b]: [u64; 2]) -> (Kernel, u32, u32) {
     let tiles128 = s.m.div_ceil(128) * s.n.div_ceil(128) * s.batch;
     let big = PIPE_TILE.with(|t| t.get()).map_or(tiles128 >= PIPE_FILL_BLOCKS, |t| t == 128);
     if big {
-        (Kernel::gemm_pipe128_fwd_bf16, 128, 3 * (128 * 32 * 2) * 2)
+        (Kernel::gemm_pipe128_fwd_bf16, 128, PIPE128_SMEM)
     } else {
-        (Kernel::gemm_pipe64_fwd_bf16, 64, 3 * (64 * 32 * 2) * 2)
+        (Kernel::gemm_pipe64_fwd_bf16, 64, PIPE64_SMEM)
     }
 }
 
