@@ -57,10 +57,11 @@ pub const LOCAL_MEMORY_OK: &[(&str, &str)] =
     &[("selftest_stack_fwd_f32", "a 64 KiB local array on purpose: proves the emu's stack-overflow check")];
 
 /// Kernels that compute on tensor cores: their SASS must contain HMMA (the `_tc_` and `_pipe`
-/// kernels, and the attention forward, whose tensor-core path is a branch of one kernel).
+/// kernels, and the fused attention's forward and backward, whose tensor-core path is a branch
+/// of one kernel).
 pub fn uses_tensor_cores(kernel: &str) -> bool {
     (kernel.contains("_tc_") || is_pipelined(kernel) && !kernel.starts_with("selftest"))
-        || kernel == "attention_fwd_f32"
+        || ["attention_fwd_f32", "attention_dq_bwd_f32", "attention_dkdv_bwd_f32"].contains(&kernel)
 }
 
 /// Pipelined kernels: their SASS must contain 16-byte cp.async (LDGSTS.128) and ldmatrix (LDSM).
