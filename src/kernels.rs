@@ -104,16 +104,22 @@ pub fn h100_occupancy(threads: u32, regs: u32, smem: u32) -> f64 {
 /// every pipelined kernel 16-byte cp.async and ldmatrix, and no kernel touches local memory
 /// without a reason in [`LOCAL_MEMORY_OK`]. Returns the violations (empty: all good).
 pub fn sass_violations() -> Vec<String> {
-    if SASS_TOOL.is_none() || SASS.is_empty() {
+    let built: Vec<&str> = Kernel::ALL.iter().filter(|k| k.in_gpu_build()).map(|k| k.name()).collect();
+    violations_of(SASS_TOOL, SASS, &built)
+}
+
+/// The rules of [`sass_violations`] over any SASS table and list of kernels the build embeds.
+fn violations_of(tool: Option<&str>, sass: &[SassCounts], built: &[&str]) -> Vec<String> {
+    if tool.is_none() || sass.is_empty() {
         return vec!["no SASS figures: this build found no cuobjdump (install the nvidia-cuda-cuobjdump and \
                      nvidia-cuda-nvdisasm wheels beside NVRTC, or set RECLMIS_CUOBJDUMP)"
             .into()];
     }
     let mut bad = Vec::new();
-    for k in Kernel::ALL.iter().filter(|k| k.in_gpu_build()) {
-        let rows: Vec<&SassCounts> = SASS.iter().filter(|c| c.kernel == k.name()).collect();
+    for &k in built {
+        let rows: Vec<&SassCounts> = sass.iter().filter(|c| c.kernel == k).collect();
         if rows.is_empty() {
-            bad.push(format!("{}: not in the SASS", k.name()));
+            bad.push(format!("{k}: not in the SASS"));
         }
         for c in rows {
             let at = format!("{} (sm_{})", c.kernel, c.arch);
@@ -238,6 +244,45 @@ mod tests {
         assert_eq!(h100_occupancy(128, 242, 48 * 1024), 8.0 / 64.0);
         // shared memory binds: 100 KiB + 1 KiB reserved per block, 2 blocks in 228 KiB
         assert_eq!(h100_occupancy(128, 32, 100 * 1024), 8.0 / 64.0);
+    }
+
+    fn row(kernel: &'static str, hmma: u32, ldgsts128: u32, ldsm: u32, ldl: u32) -> SassCounts {
+        SassCounts {
+            kernel,
+            arch: 90,
+            hmma,
+            ldl,
+            stl: 0,
+            ldg: 0,
+            ldg128: 0,
+            ldgsts: ldgsts128,
+            ldgsts128,
+            ldsm,
+            lds128: 0,
+        }
+    }
+
+    #[test]
+    fn the_sass_rules_catch_each_loss() {
+        let tool = Some("13.5");
+        let good = [row("gemm_pipe64_fwd_bf16", 64, 168, 32, 0), row("gemm_fwd_f32", 0, 0, 0, 0)];
+        let built = ["gemm_pipe64_fwd_bf16", "gemm_fwd_f32"];
+        assert!(violations_of(tool, &good, &built).is_empty());
+        for (bad, what) in [
+            (row("gemm_pipe64_fwd_bf16", 0, 168, 32, 0), "without HMMA"),
+            (row("gemm_pipe64_fwd_bf16", 64, 0, 32, 0), "without LDGSTS.128"),
+            (row("gemm_pipe64_fwd_bf16", 64, 168, 0, 0), "or LDSM"),
+            (row("gemm_pipe64_fwd_bf16", 64, 168, 32, 2), "local memory"),
+        ] {
+            let v = violations_of(tool, &[bad, good[1]], &built);
+            assert!(v.len() == 1 && v[0].contains(what), "{v:?}");
+        }
+        // a listed reason allows local memory; a missing kernel and a missing tool are violations
+        assert!(
+            violations_of(tool, &[row("selftest_stack_fwd_f32", 0, 0, 0, 8)], &["selftest_stack_fwd_f32"]).is_empty()
+        );
+        assert!(violations_of(tool, &good[..1], &built)[0].contains("gemm_fwd_f32: not in the SASS"));
+        assert!(violations_of(None, &good, &built)[0].contains("no SASS figures"));
     }
 
     #[test]
