@@ -111,10 +111,14 @@ fn bench_json_is_consumed_by_baseline() {
     assert!(peak > 0.5 && bw > 0.1, "ceilings {peak} GFLOP/s, {bw} GB/s");
     for r in &before.results {
         assert!(r.op == "copy" && r.reps == 3 && r.min_s <= r.median_s && r.median_s <= r.p90_s, "{r:?}");
-        // a copy cannot beat the machine's copy bandwidth by much (the ceiling is a best-of-4;
-        // 2x leaves room for noise, not for a roofline computed from the wrong quantity)
+        // a copy (no FLOPs) is against the copy bandwidth: % roof = its GB/s over the ceiling's.
+        // Checked from the record's own fields, not against a timing bound: a 12.8 MB copy can
+        // run from the last-level cache at over 3x the ceiling's DRAM bandwidth (CI saw 333 %)
         let pct = r.roofline_pct.unwrap();
-        assert!(pct > 0.0 && pct < 200.0, "{r:?}");
+        assert!(pct > 0.0 && (pct - 100.0 * r.gbs / bw).abs() <= 1e-9 * pct, "{r:?}");
+        // the H100 time of a copy is its bytes at HBM3's 3.35 TB/s
+        let bytes = r.gbs * 1e9 * r.median_s;
+        assert!((r.h100_min_s.unwrap() - bytes / 3.35e12).abs() <= 1e-9 * r.h100_min_s.unwrap(), "{r:?}");
     }
     let o = Command::new(bin).args(args).args(["--format", "csv", "--baseline"]).arg(&p).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
