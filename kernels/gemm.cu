@@ -153,7 +153,7 @@ struct GemmPipeProblem {
     }
 };
 
-template <int BM, int BN>
+template <int BM, int BN, int WARPS_M, int WARPS_N>
 __device__ __forceinline__ void gemm_pipe(const GemmParams& p) {
     extern __shared__ __align__(128) unsigned char smem[];
     const uint32_t z = blockIdx.z;
@@ -168,13 +168,18 @@ __device__ __forceinline__ void gemm_pipe(const GemmParams& p) {
     pr.sc_row = p.sc_row;
     pr.alpha = p.alpha, pr.beta = p.beta;
     pr.m = p.m, pr.n = p.n, pr.k = p.k;
-    pg_dispatch<BM, BN>(pr, a_kf, b_nf, smem);
+    pg_dispatch<BM, BN, WARPS_M, WARPS_N>(pr, a_kf, b_nf, smem);
 }
 
-// 128 x 128 block tile (warps of 64 x 64), for problems with enough tiles to fill the GPU.
+// 128 x 128 block tile, 4 warps of 64 x 64, for problems with enough tiles to fill the GPU.
+// Tried: 8 warps of 64 x 32 take 163 registers, still one 8-warp block per H100 SM (12.5 % of its
+// warp slots, as now) with twice the ldmatrix per mma; capping them at 128 registers for two
+// blocks spills on sm_90 (84 bytes: `reclmis kernels --check` refuses it).
 // grid = (ceil(n/128), ceil(m/128), batch), block = 128, dynamic shared memory 48 KiB
-extern "C" __global__ void __launch_bounds__(128) gemm_pipe128_fwd_bf16(GemmParams p) { gemm_pipe<128, 128>(p); }
+extern "C" __global__ void __launch_bounds__(128) gemm_pipe128_fwd_bf16(GemmParams p) {
+    gemm_pipe<128, 128, 2, 2>(p);
+}
 
 // 64 x 64 block tile (warps of 32 x 32), for smaller problems: four times the blocks.
 // grid = (ceil(n/64), ceil(m/64), batch), block = 128, dynamic shared memory 24 KiB
-extern "C" __global__ void __launch_bounds__(128) gemm_pipe64_fwd_bf16(GemmParams p) { gemm_pipe<64, 64>(p); }
+extern "C" __global__ void __launch_bounds__(128) gemm_pipe64_fwd_bf16(GemmParams p) { gemm_pipe<64, 64, 2, 2>(p); }

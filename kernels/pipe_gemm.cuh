@@ -53,23 +53,25 @@ struct PgTile {
     }
 };
 
-// BM x BN block tile, 4 warps in 2 x 2, each WM x WN = BM/2 x BN/2 of C (MI m16 tiles x NI n8 tiles).
-// Dynamic shared memory: pg_smem_bytes<BM, BN>(). grid = (ceil(n/BN), ceil(m/BM), batch), block 128.
+// BM x BN block tile, WARPS_M x WARPS_N warps, each WM x WN = BM/WARPS_M x BN/WARPS_N of C (MI m16
+// tiles x NI n8 tiles). Dynamic shared memory: pg_smem_bytes<BM, BN>().
+// grid = (ceil(n/BN), ceil(m/BM), batch), block = 32 · WARPS_M · WARPS_N.
 template <int BM, int BN>
 constexpr uint32_t pg_smem_bytes() {
     return PG_STAGES * (BM * PG_BK * 2 + PG_BK * BN * 2);
 }
 
-template <int BM, int BN, bool A_KF, bool B_NF, class P>
+template <int BM, int BN, int WARPS_M, int WARPS_N, bool A_KF, bool B_NF, class P>
 __device__ __forceinline__ void pg_body(const P& pr, unsigned char* smem) {
-    constexpr int WM = BM / 2, WN = BN / 2, MI = WM / 16, NI = WN / 8;
+    constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N, MI = WM / 16, NI = WN / 8;
+    constexpr int NT = 32 * WARPS_M * WARPS_N;
     static_assert(NI % 2 == 0, "B fragments load two n8 tiles per ldmatrix.x4");
     // A's stage as stored: [BM][BK] (k contiguous) or [BK][BM]; B's: [BK][BN] or [BN][BK]
     using TA = PgTile<A_KF ? BM : PG_BK, A_KF ? PG_BK : BM>;
     using TB = PgTile<B_NF ? PG_BK : BN, B_NF ? BN : PG_BK>;
     constexpr uint32_t STAGE = TA::BYTES + TB::BYTES;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int wm = warp >> 1, wn = warp & 1, g = lane >> 2, t = lane & 3;
+    const int wm = warp / WARPS_N, wn = warp % WARPS_N, g = lane >> 2, t = lane & 3;
     const uint32_t row0 = blockIdx.y * BM, col0 = blockIdx.x * BN;
     const uint64_t ktiles = (pr.k + PG_BK - 1) / PG_BK;
 
@@ -77,10 +79,10 @@ __device__ __forceinline__ void pg_body(const P& pr, unsigned char* smem) {
         unsigned char* sa = smem + (kt % PG_STAGES) * STAGE;
         unsigned char* sb = sa + TA::BYTES;
         const uint64_t k0 = kt * PG_BK;
-        if (A_KF) TA::load(sa, pr.pa, pr.a_ld, row0, k0, pr.m, pr.k, tid, 128);
-        else TA::load(sa, pr.pa, pr.a_ld, k0, row0, pr.k, pr.m, tid, 128);
-        if (B_NF) TB::load(sb, pr.pb, pr.b_ld, k0, col0, pr.k, pr.n, tid, 128);
-        else TB::load(sb, pr.pb, pr.b_ld, col0, k0, pr.n, pr.k, tid, 128);
+        if (A_KF) TA::load(sa, pr.pa, pr.a_ld, row0, k0, pr.m, pr.k, tid, NT);
+        else TA::load(sa, pr.pa, pr.a_ld, k0, row0, pr.k, pr.m, tid, NT);
+        if (B_NF) TB::load(sb, pr.pb, pr.b_ld, k0, col0, pr.k, pr.n, tid, NT);
+        else TB::load(sb, pr.pb, pr.b_ld, col0, k0, pr.n, pr.k, tid, NT);
     };
 
     float acc[MI][NI][4];
@@ -149,13 +151,13 @@ __device__ __forceinline__ void pg_body(const P& pr, unsigned char* smem) {
 }
 
 // Picks the layout instantiation at run time (one kernel serves every transpose).
-template <int BM, int BN, class P>
+template <int BM, int BN, int WARPS_M, int WARPS_N, class P>
 __device__ __forceinline__ void pg_dispatch(const P& pr, bool a_kf, bool b_nf, unsigned char* smem) {
     if (a_kf) {
-        if (b_nf) pg_body<BM, BN, true, true>(pr, smem);
-        else pg_body<BM, BN, true, false>(pr, smem);
+        if (b_nf) pg_body<BM, BN, WARPS_M, WARPS_N, true, true>(pr, smem);
+        else pg_body<BM, BN, WARPS_M, WARPS_N, true, false>(pr, smem);
     } else {
-        if (b_nf) pg_body<BM, BN, false, true>(pr, smem);
-        else pg_body<BM, BN, false, false>(pr, smem);
+        if (b_nf) pg_body<BM, BN, WARPS_M, WARPS_N, false, true>(pr, smem);
+        else pg_body<BM, BN, WARPS_M, WARPS_N, false, false>(pr, smem);
     }
 }

@@ -83,7 +83,8 @@ fn block_threads(kernel: Kernel) -> Option<u32> {
     let src = MODULES[kernel.module()].source;
     let at = src.find(&format!(" {}(", kernel.name()))?;
     let head = &src[src[..at].rfind("extern \"C\"")?..at];
-    let n = head.split("__launch_bounds__(").nth(1)?.split(')').next()?;
+    // `__launch_bounds__(threads)` or `__launch_bounds__(threads, min_blocks)`
+    let n = head.split("__launch_bounds__(").nth(1)?.split([')', ',']).next()?;
     n.trim().parse().ok()
 }
 
