@@ -336,7 +336,6 @@ mod sass {
             } else if op.starts_with("LDGSTS") {
                 c.ldgsts += 1;
                 c.ldgsts128 += wide as u32;
-            } else if op.starts_with("LDGDEPBAR") {
             } else if op == "LDG" || op.starts_with("LDG.") {
                 c.ldg += 1;
                 c.ldg128 += wide as u32;

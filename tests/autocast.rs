@@ -25,35 +25,46 @@ fn values(n: usize, rng: &mut Rng) -> Vec<f32> {
     (0..n).map(|_| rng.uniform(-2.0, 2.0) + 1e-4 * rng.uniform(-1.0, 1.0)).collect()
 }
 
+/// x [m, k], w [n, k], b [n] and the loss weights c [m, n] drawn from `seed`.
+fn linear_values((m, k, n): (usize, usize, usize), seed: u64) -> [Vec<f32>; 4] {
+    let mut rng = Rng::new(seed);
+    [m * k, n * k, n, m * n].map(|len| values(len, &mut rng))
+}
+
+/// One bf16 training step of a Linear on `dev`, loss = mean(y · c): y, then the gradients of x,
+/// w and b.
+fn bf16_linear_step(dev: &Device, (m, k, n): (usize, usize, usize), [xv, wv, bv, cv]: &[Vec<f32>; 4]) -> [Vec<f32>; 4] {
+    let mut p = Params::new(dev);
+    let train = Kind::Param { trainable: true };
+    let x = p.add("x", &[m, k], xv.clone(), train).unwrap();
+    let w = p.add("w", &[n, k], wv.clone(), train).unwrap();
+    let b = p.add("b", &[n], bv.clone(), train).unwrap();
+    let g = Graph::train().with_precision(Precision::Bf16).unwrap();
+    let y = g.linear(&g.param(&p, x), &g.param(&p, w), Some(&g.param(&p, b))).unwrap();
+    let loss = g.mean_all(&g.mul(&y, &Var::constant(t(cv, &[m, n], dev))).unwrap()).unwrap();
+    let grads = g.backward(&loss, p.len()).unwrap();
+    let grad = |id| grads.get(id).unwrap().to_vec().unwrap();
+    [y.tensor().to_vec().unwrap(), grad(x), grad(w), grad(b)]
+}
+
 #[test]
 fn bf16_linear_rounds_operands_output_and_gradients() {
     let (m, k, n) = (5, 37, 6);
     for kind in ["cpu", "emu"] {
         let dev = device(kind);
-        let mut rng = Rng::new(7);
-        let (xv, wv, bv, cv) =
-            (values(m * k, &mut rng), values(n * k, &mut rng), values(n, &mut rng), values(m * n, &mut rng));
-        let mut p = Params::new(&dev);
-        let train = Kind::Param { trainable: true };
-        let x = p.add("x", &[m, k], xv.clone(), train).unwrap();
-        let w = p.add("w", &[n, k], wv.clone(), train).unwrap();
-        let b = p.add("b", &[n], bv.clone(), train).unwrap();
-        let g = Graph::train().with_precision(Precision::Bf16).unwrap();
-        let y = g.linear(&g.param(&p, x), &g.param(&p, w), Some(&g.param(&p, b))).unwrap();
-        let c = Var::constant(t(&cv, &[m, n], &dev));
-        let loss = g.mean_all(&g.mul(&y, &c).unwrap()).unwrap();
-        let grads = g.backward(&loss, p.len()).unwrap();
+        let vals = linear_values((m, k, n), 7);
+        let [xv, wv, bv, cv] = &vals;
+        let [y, dx, dw, db] = bf16_linear_step(&dev, (m, k, n), &vals);
 
         // by hand: the same kernel (the graph's algorithm at bf16) on the rounded operands
         let algo = Precision::Bf16.algo();
-        let (xr, wr, br) = (t(&r(&xv), &[m, k], &dev), t(&r(&wv), &[n, k], &dev), t(&r(&bv), &[n], &dev));
+        let (xr, wr, br) = (t(&r(xv), &[m, k], &dev), t(&r(wv), &[n, k], &dev), t(&r(bv), &[n], &dev));
         let want_y = r(&linear::linear(&xr, &wr, Some(&br), algo).unwrap().to_vec().unwrap());
-        assert_eq!(y.tensor().to_vec().unwrap(), want_y, "{kind}: y = bf16(linear(bf16 operands))");
+        assert_eq!(y, want_y, "{kind}: y = bf16(linear(bf16 operands))");
         // d loss / dy = c / (m n), stored in bf16 as the gradient of a bf16 output
         let dy: Vec<f32> = r(&cv.iter().map(|&v| v / (m * n) as f32).collect::<Vec<_>>());
         let gw = linear::linear_backward(&xr, &wr, &t(&dy, &[m, n], &dev), true, algo).unwrap();
-        for (name, id, want) in [("dx", x, &gw.dx), ("dw", w, &gw.dw), ("db", b, gw.db.as_ref().unwrap())] {
-            let got = grads.get(id).unwrap().to_vec().unwrap();
+        for (name, got, want) in [("dx", dx, &gw.dx), ("dw", dw, &gw.dw), ("db", db, gw.db.as_ref().unwrap())] {
             assert_eq!(got, r(&want.to_vec().unwrap()), "{kind}: {name} = bf16(backward on bf16 dy)");
             assert_ne!(got, want.to_vec().unwrap(), "{kind}: {name}: the rounding shows in these values");
         }
@@ -65,26 +76,9 @@ fn bf16_linear_rounds_operands_output_and_gradients() {
 /// value within one bf16 rounding step of the cpu's (a different sum order can tip a rounding).
 #[test]
 fn bf16_linear_takes_the_pipelined_gemm() {
-    let (m, k, n) = (40, 48, 24);
-    let mut rng = Rng::new(11);
-    let (xv, wv, bv, cv) =
-        (values(m * k, &mut rng), values(n * k, &mut rng), values(n, &mut rng), values(m * n, &mut rng));
-    let run = |kind: &str| {
-        let dev = device(kind);
-        let mut p = Params::new(&dev);
-        let train = Kind::Param { trainable: true };
-        let x = p.add("x", &[m, k], xv.clone(), train).unwrap();
-        let w = p.add("w", &[n, k], wv.clone(), train).unwrap();
-        let b = p.add("b", &[n], bv.clone(), train).unwrap();
-        let g = Graph::train().with_precision(Precision::Bf16).unwrap();
-        let y = g.linear(&g.param(&p, x), &g.param(&p, w), Some(&g.param(&p, b))).unwrap();
-        let loss = g.mean_all(&g.mul(&y, &Var::constant(t(&cv, &[m, n], &dev))).unwrap()).unwrap();
-        let grads = g.backward(&loss, p.len()).unwrap();
-        let mut out = vec![y.tensor().to_vec().unwrap()];
-        out.extend([x, w, b].map(|id| grads.get(id).unwrap().to_vec().unwrap()));
-        out
-    };
-    let (cpu, emu) = (run("cpu"), run("emu"));
+    let dims = (40, 48, 24);
+    let vals = linear_values(dims, 11);
+    let (cpu, emu) = (bf16_linear_step(&device("cpu"), dims, &vals), bf16_linear_step(&device("emu"), dims, &vals));
     let launched = reclmis::device::emu::launched_kernels();
     assert!(launched.contains(&reclmis::kernels::Kernel::gemm_pipe64_fwd_bf16), "{launched:?}");
     for (name, (c, e)) in ["y", "dx", "dw", "db"].iter().zip(cpu.iter().zip(&emu)) {

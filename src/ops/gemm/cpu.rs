@@ -94,3 +94,18 @@ pub fn linear_few_rows(x: &[f32], w: &[f32], bias: Option<&[f32]>, rows: usize, 
     }
     y
 }
+
+/// A bf16 tensor's values widened into a plain buffer (not a tensor: the device's memory
+/// accounting counts what a GPU would hold, and a GPU widens nothing).
+pub(crate) fn widened(t: &crate::tensor::Tensor, op: &'static str) -> crate::error::Result<Vec<f32>> {
+    Ok(t.cpu_bf16(op)?.iter().map(|v| v.to_f32()).collect())
+}
+
+/// f32 results rounded once to a bf16 tensor.
+pub(crate) fn bf16_tensor(
+    v: &[f32],
+    shape: &[usize],
+    dev: &crate::device::Device,
+) -> crate::error::Result<crate::tensor::Tensor> {
+    crate::tensor::Tensor::from_vec_bf16(v.iter().map(|&x| half::bf16::from_f32(x)).collect(), shape, dev)
+}

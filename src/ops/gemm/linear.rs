@@ -104,12 +104,10 @@ pub fn linear_bf16(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     let x2 = x.reshape(&[rows, k])?;
     if let Device::Cpu = x.device() {
         if rows <= cpu::FEW_ROWS && k > 0 {
-            // the register-tiled dot products, as the f32 Linear (widened into plain buffers:
-            // see bf16_product on why not tensors)
-            let wide = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.cpu_bf16(OP)?.iter().map(|v| v.to_f32()).collect()) };
-            let b = bias.map(wide).transpose()?;
-            let y = cpu::linear_few_rows(&wide(&x2)?, &wide(w)?, b.as_deref(), rows, k, n);
-            return Tensor::from_vec_bf16(y.iter().map(|&v| half::bf16::from_f32(v)).collect(), &out_shape, x.device());
+            // the register-tiled dot products, as the f32 Linear
+            let b = bias.map(|b| cpu::widened(b, OP)).transpose()?;
+            let y = cpu::linear_few_rows(&cpu::widened(&x2, OP)?, &cpu::widened(w, OP)?, b.as_deref(), rows, k, n);
+            return cpu::bf16_tensor(&y, &out_shape, x.device());
         }
     }
     super::bf16_product(&x2, w, opts, bias)?.reshape(&out_shape)

@@ -180,10 +180,9 @@ pub(crate) fn bf16_product(a: &Tensor, b: &Tensor, opts: GemmOpts, bias: Option<
     }
     let dev = a.device();
     if let Device::Cpu = dev {
-        let wide = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.cpu_bf16("matmul")?.iter().map(|v| v.to_f32()).collect()) };
-        let bias = bias.map(wide).transpose()?;
-        let c = cpu::gemm(&wide(a)?, &wide(b)?, &s, opts.alpha, bias.as_deref());
-        return Tensor::from_vec_bf16(c.iter().map(|&v| half::bf16::from_f32(v)).collect(), &out_shape, dev);
+        let bias = bias.map(|b| cpu::widened(b, "matmul")).transpose()?;
+        let c = cpu::gemm(&cpu::widened(a, "matmul")?, &cpu::widened(b, "matmul")?, &s, opts.alpha, bias.as_deref());
+        return cpu::bf16_tensor(&c, &out_shape, dev);
     }
     if s.k == 0 || crate::tensor::numel(&out_shape) == 0 {
         let zero = Tensor::zeros(&out_shape, dev)?;
