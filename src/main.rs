@@ -1,6 +1,6 @@
 //! The `reclmis` command line.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use reclmis::autograd::Precision;
 use reclmis::data::lvit::Split;
 use reclmis::device::{Device, DeviceChoice};
@@ -95,12 +95,8 @@ enum Cmd {
     Bench {
         #[arg(long, value_enum, default_value = "auto")]
         device: DeviceChoice,
-        /// Only these benchmarks, comma-separated (gemm, gemm_tc, softmax, softmax_bwd, relu, relu_bwd, add_bcast, sum, sum_bwd, max, transpose,
-        /// permute, narrow, adam, ccl, ccl_composed, ccl_fwd_bwd, ccl_composed_fwd_bwd, copy, dice_bce, dice_bce_bwd, metrics, mse,
-        /// max_pool2, max_pool2_bwd, upsample2, upsample2_bwd, conv3x3, conv3x3_b8, conv3x3_bwd, conv1x1, conv3x3_cat,
-        /// batch_norm_relu, batch_norm_relu_bwd, batch_norm_relu_bwd_bf16, plam, plam_bwd, attention, attention_composed, attention_fwd_bwd,
-        /// attention_composed_fwd_bwd, layer_norm, layer_norm_bwd, gelu, quick_gelu, linear, embedding,
-        /// unet)
+        /// Only these benchmarks, comma-separated (the names: `reclmis bench --help`, from each
+        /// op's own cases in bench::registry)
         #[arg(long)]
         op: Option<String>,
         /// A Python with torch installed: run benches/peer_torch.py in the same invocation
@@ -109,8 +105,8 @@ enum Cmd {
         /// Timed repetitions per case (min, median and 90th percentile are reported)
         #[arg(long, default_value_t = 10)]
         reps: usize,
-        /// One shape for the one --op given instead of its built-in cases: gemm MxNxK, conv3x3 /
-        /// conv1x1 BxCIxCOxHW, softmax ROWSxCOLS, relu DxDx...
+        /// One shape for the one --op given instead of its built-in cases (the forms:
+        /// `reclmis bench --help`)
         #[arg(long)]
         shape: Option<String>,
         /// table (for people), json (for scripts and --baseline) or csv; every record names the
@@ -904,7 +900,21 @@ fn run(cli: Cli) -> reclmis::Result<()> {
 
 fn main() -> ExitCode {
     reclmis::device::tune_host_allocator();
-    match run(Cli::parse()) {
+    // `bench --op` and `--shape` list what the registry of op benchmarks holds
+    let cmd = Cli::command().mut_subcommand("bench", |b| {
+        b.mut_arg("op", |a| a.help(format!("Only these benchmarks, comma-separated: {}", bench::names().join(", "))))
+            .mut_arg("shape", |a| {
+                a.help(format!(
+                    "One shape for the one --op given instead of its built-in cases: {}",
+                    bench::shaped_forms()
+                ))
+            })
+    });
+    let cli = match cmd.try_get_matches().and_then(|m| Cli::from_arg_matches(&m)) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("reclmis: {e}");

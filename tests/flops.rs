@@ -20,6 +20,11 @@ fn counted_macs_match_closed_forms() {
     assert_eq!(outc.2, b * h * w * cfg.unet_widths[0] as u64);
     assert_eq!(outc.1, cfg.unet_widths[0] + 1, "weights and bias");
     assert_eq!((outc.3.forward, outc.3.backward), (outc.2, 2 * outc.2));
+    // up1: its PLAM gate's two 1x1 convolutions over the skip (c0 -> c0), then 3x3 over
+    // concat[gated skip, upsampled] (2·c0 -> c0) and 3x3 c0 -> c0
+    let c0 = cfg.unet_widths[0] as u64;
+    assert_eq!(row("up1").2, b * h * w * c0 * c0 * (2 + 2 * 9 + 9));
+    assert_eq!(row("up1").3.backward, 2 * row("up1").3.forward);
     // the Interactor: a 1x1 patch conv over N tokens; text queries image (q on L rows, k and v on
     // N, out on L, attention 2·L·N·d) and image queries text (q on N, k and v on L, out on N)
     let patch = b * n * d * d;

@@ -83,13 +83,10 @@ fn killed_and_resumed_training_equals_an_uninterrupted_one() {
     run_crash(train_cmd(&data, &b, true), "before_log@2");
     run_crash(train_cmd(&data, &b, true), "before_state@3");
     // random moments of the remaining epochs (seeded, so a failure replays)
-    let mut s = 0x9E37_79B9u64;
+    let mut rng = reclmis::rng::Rng::new(0x9E37_79B9);
     let mut killed_running = 0;
     for _ in 0..4 {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        if kill_after(train_cmd(&data, &b, true), 150 + s % 900) {
+        if kill_after(train_cmd(&data, &b, true), 150 + rng.next_u64() % 900) {
             killed_running += 1;
         }
     }

@@ -667,6 +667,10 @@ impl Graph {
         };
         #[cfg(feature = "autocast")]
         drop(wide);
+        // the gate's two 1×1 convolutions, [B, C, H, W] by [C, C] each (its per-pixel MLP is
+        // not counted)
+        let macs = 2 * (f.out.numel() as u64) * s.shape()[1] as u64;
+        count::forward(macs);
         let ins = [s, w[0], w[1], w[2], w[3], w[4], w[5]];
         if !self.tracks(&ins) {
             let (y, half) = self.stored(f.out)?;
@@ -688,7 +692,10 @@ impl Graph {
         let empty = Tensor::from_vec(vec![], &[0], s.t.device())?;
         (f.a, f.m) = (empty.clone(), empty);
         let ws = w.iter().map(|v| self.save(v)).collect::<Result<Vec<Saved>>>()?;
+        let module = count::label();
         let mut v = self.record(&ins, y, move |dy| {
+            // input and weight gradients of both convolutions
+            count::backward(module, 2 * macs);
             let ws = ws.iter().map(Saved::get).collect::<Result<Vec<Tensor>>>()?;
             let mut f = f;
             // taken, not copied: the backward writes dA and dM over them

@@ -2,6 +2,9 @@
 //! "The official computation"): text tower → text_module4; U-Net encoder; Interactor; W_poi and
 //! W_woi; PLAM decoder; and for training the CVR/CLR reconstructions, the CCL and Dice + BCE.
 
+/// Its `reclmis bench` cases (registered in `bench::registry`).
+#[cfg(feature = "cli")]
+pub mod bench;
 pub mod config;
 pub mod hf_clip;
 pub mod interactor;
@@ -24,7 +27,7 @@ use interactor::Interactor;
 use reconstruction::RecTransformer;
 use std::collections::BTreeMap;
 use text_tower::TextTower;
-use unet::{ConvBn, Down, Up};
+use unet::UNet;
 
 /// Linear(d,d) → ReLU → Linear(d,1) (`mlp_visual`, `mlp_woi`).
 struct ScoreMlp {
@@ -51,10 +54,7 @@ pub struct RecLmis {
     /// Autocast precision of the graphs the model makes itself (evaluation, inference, the
     /// trainer's steps); a caller's own graph carries its own.
     pub precision: Precision,
-    inc: ConvBn,
-    down: [Down; 4],
-    up: [Up; 4],
-    outc: Conv,
+    unet: UNet,
     text_module4: Conv,
     clip: TextTower,
     interact: Interactor,
@@ -133,23 +133,10 @@ impl RecLmis {
             Some(seed) => Builder::new(&mut params, seed),
             None => Builder::shell(&mut params),
         };
-        let [c0, c1, c2, c3, c4] = cfg.unet_widths;
         let d = cfg.d_model;
-        let inc = ConvBn::new(&mut bd, "inc", cfg.in_channels, c0)?;
-        let interact = Interactor::new(&mut bd, d, cfg.interactor_heads, cfg.grid(), cfg.sincos_positions)?;
-        let down = [
-            Down::new(&mut bd, "down1", c0, c1)?,
-            Down::new(&mut bd, "down2", c1, c2)?,
-            Down::new(&mut bd, "down3", c2, c3)?,
-            Down::new(&mut bd, "down4", c3, c4)?,
-        ];
-        let up = [
-            Up::new(&mut bd, "up4", c3, d, c2)?,
-            Up::new(&mut bd, "up3", c2, c2, c1)?,
-            Up::new(&mut bd, "up2", c1, c1, c0)?,
-            Up::new(&mut bd, "up1", c0, c0, c0)?,
-        ];
-        let outc = Conv::new2d(&mut bd, "outc", c0, 1, 1, true)?;
+        let (unet, interact) = UNet::new_with(&mut bd, cfg.in_channels, cfg.unet_widths, d, |bd| {
+            Interactor::new(bd, d, cfg.interactor_heads, cfg.grid(), cfg.sincos_positions)
+        })?;
         let text_module4 = Conv::new1d(&mut bd, "text_module4", d, d, 3)?;
         let clip = TextTower::new(
             &mut bd,
@@ -178,10 +165,7 @@ impl RecLmis {
             precision: Precision::F32,
             cfg,
             params,
-            inc,
-            down,
-            up,
-            outc,
+            unet,
             text_module4,
             clip,
             interact,
@@ -239,15 +223,15 @@ impl RecLmis {
         let tf = self.text_module4.forward(g, p, &g.transpose_last(&hidden)?)?;
         let text_feat = g.transpose_last(&tf)?;
         count::at("inc");
-        let x1 = self.inc.forward(g, p, &Var::constant(b.images.clone()))?;
+        let x1 = self.unet.inc.forward(g, p, &Var::constant(b.images.clone()))?;
         count::at("down1");
-        let x2 = self.down[0].forward(g, p, &x1)?;
+        let x2 = self.unet.down[0].forward(g, p, &x1)?;
         count::at("down2");
-        let x3 = self.down[1].forward(g, p, &x2)?;
+        let x3 = self.unet.down[1].forward(g, p, &x2)?;
         count::at("down3");
-        let x4 = self.down[2].forward(g, p, &x3)?;
+        let x4 = self.unet.down[2].forward(g, p, &x3)?;
         count::at("down4");
-        let x5 = self.down[3].forward(g, p, &x4)?;
+        let x5 = self.unet.down[3].forward(g, p, &x4)?;
         count::at("interact");
         let it = self.interact.forward(g, p, &x5, &text_feat, need_weights, self.cfg.dropout)?;
         let (mut w_poi, mut w_woi) = (None, None);
@@ -279,29 +263,29 @@ impl RecLmis {
         let s = it.img.shape().to_vec();
         let dec_in = g.reshape(&g.transpose_last(&it.img)?, &[s[0], s[2], gh, gw])?;
         count::at("up4");
-        let (u4, pl4) = self.up[0].forward(g, p, &dec_in, &x4)?;
+        let (u4, pl4) = self.unet.up[0].forward(g, p, &dec_in, &x4)?;
         count::at("up3");
-        let (u3, pl3) = self.up[1].forward(g, p, &u4, &x3)?;
+        let (u3, pl3) = self.unet.up[1].forward(g, p, &u4, &x3)?;
         count::at("up2");
         let Some(rec) = rec else {
             // inference: free each skip connection and decoder output once consumed
             drop((x4, dec_in, u4, pl4, pl3, tf));
-            let (u2, _) = self.up[2].forward(g, p, &u3, &x2)?;
+            let (u2, _) = self.unet.up[2].forward(g, p, &u3, &x2)?;
             drop((u3, x2, x3));
             count::at("up1");
-            let (u1, _) = self.up[3].forward(g, p, &u2, &x1)?;
+            let (u1, _) = self.unet.up[3].forward(g, p, &u2, &x1)?;
             drop((u2, x1));
             count::at("outc");
-            let logits = self.outc.forward(g, p, &u1)?;
+            let logits = self.unet.outc.forward(g, p, &u1)?;
             drop(u1);
             let probs = g.sigmoid(&logits)?;
             return Ok(Trunk { hidden, text_feat, x5, img: it.img, logits, probs, w_poi, w_woi });
         };
-        let (u2, _) = self.up[2].forward(g, p, &u3, &x2)?;
+        let (u2, _) = self.unet.up[2].forward(g, p, &u3, &x2)?;
         count::at("up1");
-        let (u1, _) = self.up[3].forward(g, p, &u2, &x1)?;
+        let (u1, _) = self.unet.up[3].forward(g, p, &u2, &x1)?;
         count::at("outc");
-        let logits = self.outc.forward(g, p, &u1)?;
+        let logits = self.unet.outc.forward(g, p, &u1)?;
         let probs = g.sigmoid(&logits)?;
         for (k, v) in [
             ("clip_hidden", &hidden),

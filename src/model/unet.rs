@@ -91,3 +91,61 @@ impl Up {
         Ok((y, gs))
     }
 }
+
+/// The U-Net's modules under the official names (`inc`, `down1..4`, `up4..1`, `outc`). In
+/// RecLmis the interaction module's output replaces the bottleneck; alone (`forward`, the
+/// whole-network benchmark) the bottleneck passes straight through.
+pub struct UNet {
+    pub inc: ConvBn,
+    pub down: [Down; 4],
+    pub up: [Up; 4],
+    pub outc: Conv,
+}
+
+impl UNet {
+    /// Widths `[c0, .., c4]` (official: 64/128/256/512/512); `bottleneck`: the channels up4
+    /// receives (RecLmis: d_model; alone: c4). `between` registers what comes between `inc` and
+    /// `down1` in the official module order, which a seeded initialisation follows (RecLmis: the
+    /// interaction module).
+    pub fn new_with<T>(
+        bd: &mut Builder,
+        in_channels: usize,
+        widths: [usize; 5],
+        bottleneck: usize,
+        between: impl FnOnce(&mut Builder) -> Result<T>,
+    ) -> Result<(UNet, T)> {
+        let [c0, c1, c2, c3, c4] = widths;
+        let inc = ConvBn::new(bd, "inc", in_channels, c0)?;
+        let t = between(bd)?;
+        let down = [
+            Down::new(bd, "down1", c0, c1)?,
+            Down::new(bd, "down2", c1, c2)?,
+            Down::new(bd, "down3", c2, c3)?,
+            Down::new(bd, "down4", c3, c4)?,
+        ];
+        let up = [
+            Up::new(bd, "up4", c3, bottleneck, c2)?,
+            Up::new(bd, "up3", c2, c2, c1)?,
+            Up::new(bd, "up2", c1, c1, c0)?,
+            Up::new(bd, "up1", c0, c0, c0)?,
+        ];
+        let outc = Conv::new2d(bd, "outc", c0, 1, 1, true)?;
+        Ok((UNet { inc, down, up, outc }, t))
+    }
+
+    /// Logits [B, 1, H, W] of images [B, C, H, W] (H, W multiples of 16), the bottleneck passed
+    /// straight through (its width must be `bottleneck`'s). Each skip is dropped once consumed.
+    pub fn forward(&self, g: &Graph, p: &Params, x: &Var) -> Result<Var> {
+        let mut skips = vec![self.inc.forward(g, p, x)?];
+        for d in &self.down {
+            let next = d.forward(g, p, skips.last().expect("inc ran"))?;
+            skips.push(next);
+        }
+        let mut cur = skips.pop().expect("five levels");
+        for u in &self.up {
+            let s = skips.pop().expect("one skip per level");
+            cur = u.forward(g, p, &cur, &s)?.0;
+        }
+        self.outc.forward(g, p, &cur)
+    }
+}

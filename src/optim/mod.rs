@@ -2,6 +2,9 @@
 //! (one fused update kernel per tensor on cuda/emu, the same arithmetic on cpu), gradient
 //! clipping by global norm, cosine annealing with warm restarts and exponential decay.
 
+/// Its `reclmis bench` cases (registered in `bench::registry`).
+#[cfg(feature = "cli")]
+pub mod bench;
 pub mod reference;
 pub mod schedule;
 

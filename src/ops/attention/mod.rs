@@ -25,6 +25,9 @@
 //! kernel per key tile for dK, dV and dw, one per query tile for dQ, so no atomics and the sums
 //! are deterministic.
 
+/// Its `reclmis bench` cases and `selfcheck` (registered in `bench::registry`).
+#[cfg(feature = "cli")]
+pub mod bench;
 pub mod composed;
 pub mod cpu;
 #[cfg(feature = "refs")]

@@ -3,6 +3,9 @@
 //! underflows gradually through its subnormals); widening is exact; bf16 ↔ f16 widens to f32 and
 //! rounds once. The backward of a cast is the cast of the gradient back to the input's type.
 
+/// Its `reclmis bench` cases and `selfcheck` (registered in `bench::registry`).
+#[cfg(feature = "cli")]
+pub mod bench;
 pub mod cpu;
 #[cfg(feature = "refs")]
 pub mod reference;

@@ -15,6 +15,9 @@
 //! Memory: the normalised inputs (B(L+N)D), the argmaxes and maxima ([B,B,L] and [B,B,N], which is
 //! below B(L+N)D whenever B <= D) and the [B,B] outputs; never the B×B×L×N alignment tensor.
 
+/// Its `reclmis bench` cases and `selfcheck` (registered in `bench::registry`).
+#[cfg(feature = "cli")]
+pub mod bench;
 pub mod composed;
 pub mod cpu;
 pub mod loss;

@@ -9,6 +9,9 @@
 //! pixels into partial sums that are then added in a fixed order (deterministic).
 //! cpu: implicit GEMM over bands of output rows (see cpu.rs).
 
+/// Its `reclmis bench` cases and `selfcheck` (registered in `bench::registry`).
+#[cfg(feature = "cli")]
+pub mod bench;
 pub mod cpu;
 #[cfg(feature = "refs")]
 pub mod reference;

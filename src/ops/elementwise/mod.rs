@@ -1,6 +1,9 @@
 //! Elementwise ops: unary (relu, sigmoid, exp, log, scale, add-scalar) and binary with numpy
 //! broadcasting (add, sub, mul), each with its backward.
 
+/// Its `reclmis bench` cases and `selfcheck` (registered in `bench::registry`).
+#[cfg(feature = "cli")]
+pub mod bench;
 pub mod cpu;
 #[cfg(feature = "refs")]
 pub mod reference;

@@ -5,6 +5,9 @@
 //! deterministic on every device: each id's row is summed in token order by one owner (no
 //! atomics).
 
+/// Its `reclmis bench` cases and `selfcheck` (registered in `bench::registry`).
+#[cfg(feature = "cli")]
+pub mod bench;
 #[cfg(feature = "refs")]
 pub mod reference;
 

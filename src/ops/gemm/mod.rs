@@ -8,6 +8,9 @@
 //! `GemmAlgo::TensorCore` rounds operands to tf32 (10-bit mantissa, like PyTorch's allow_tf32)
 //! with f32 accumulation. `Auto` picks Tiled: exactness is the default, speed is asked for.
 
+/// Its `reclmis bench` cases and `selfcheck` (registered in `bench::registry`).
+#[cfg(feature = "cli")]
+pub mod bench;
 pub mod cpu;
 pub mod linear;
 #[cfg(feature = "refs")]

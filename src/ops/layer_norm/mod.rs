@@ -5,6 +5,9 @@
 //! The forward keeps the per-row mean and 1/std for the backward. dγ and dβ are sums over rows,
 //! done in parts and then summed, so they are deterministic on every device.
 
+/// Its `reclmis bench` cases and `selfcheck` (registered in `bench::registry`).
+#[cfg(feature = "cli")]
+pub mod bench;
 pub mod cpu;
 #[cfg(feature = "refs")]
 pub mod reference;

@@ -10,6 +10,9 @@
 //! |z| > ~37), where the official code reads log(0) and clamps to −100 while we give the true
 //! value −|z| (still clamped at −100 beyond |z| = 100).
 
+/// Its `reclmis bench` cases and `selfcheck` (registered in `bench::registry`).
+#[cfg(feature = "cli")]
+pub mod bench;
 pub mod cpu;
 #[cfg(feature = "refs")]
 pub mod reference;

@@ -5,6 +5,9 @@
 //! statistics updated as PyTorch does (momentum 0.1 by default, unbiased variance); evaluation
 //! uses the running statistics. Functional: the caller keeps the new running statistics.
 
+/// Its `reclmis bench` cases and `selfcheck` (registered in `bench::registry`).
+#[cfg(feature = "cli")]
+pub mod bench;
 pub mod cpu;
 #[cfg(feature = "refs")]
 pub mod reference;

@@ -4,6 +4,9 @@
 //! convolutions run as GEMMs (the conv op); everything after them is one fused pass per pixel
 //! (kernels/plam.cu). Ties in the channel max go to the lowest channel.
 
+/// Its `reclmis bench` cases and `selfcheck` (registered in `bench::registry`).
+#[cfg(feature = "cli")]
+pub mod bench;
 pub mod cpu;
 #[cfg(feature = "refs")]
 pub mod reference;

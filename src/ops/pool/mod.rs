@@ -6,6 +6,9 @@
 //! refuses them too). Within a window NaN wins and ties go to the first element in row-major
 //! order; the backward sends each output's gradient to that element.
 
+/// Its `reclmis bench` cases and `selfcheck` (registered in `bench::registry`).
+#[cfg(feature = "cli")]
+pub mod bench;
 pub mod cpu;
 #[cfg(feature = "refs")]
 pub mod reference;

@@ -1,6 +1,9 @@
 //! Reductions over one axis: sum, mean, and max with argmax; their backward; and `sum_to_shape`,
 //! which undoes a broadcast (the backward of every broadcasting op).
 
+/// Its `reclmis bench` cases and `selfcheck` (registered in `bench::registry`).
+#[cfg(feature = "cli")]
+pub mod bench;
 pub mod cpu;
 #[cfg(feature = "refs")]
 pub mod reference;

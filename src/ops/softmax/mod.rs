@@ -3,6 +3,9 @@
 //! The row max is subtracted first, so large inputs do not overflow; a row of only -inf gives NaN
 //! (as PyTorch does); NaN anywhere in a row makes the row NaN.
 
+/// Its `reclmis bench` cases and `selfcheck` (registered in `bench::registry`).
+#[cfg(feature = "cli")]
+pub mod bench;
 pub mod cpu;
 #[cfg(feature = "refs")]
 pub mod reference;

@@ -2,6 +2,9 @@
 //! are merged first; a swap of the last two merged dims uses the tiled transpose kernel, anything
 //! else the gather kernel. The backward of `permute(x, p)` is `permute(dy, inverse(p))`.
 
+/// Its `reclmis bench` cases and `selfcheck` (registered in `bench::registry`).
+#[cfg(feature = "cli")]
+pub mod bench;
 pub mod cpu;
 #[cfg(feature = "refs")]
 pub mod reference;

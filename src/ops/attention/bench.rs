@@ -1,0 +1,169 @@
+//! Attention benchmark cases (fused and composed, forward and forward + backward, at the model's
+//! shapes) and the conditioned causal attention self-check.
+
+use crate::bench::{rand_tensor, Case, Group};
+use crate::device::Device;
+use crate::error::Result;
+use crate::ops::attention::{self as attn, AttnOpts, Condition};
+use crate::ops::gemm::GemmAlgo;
+use crate::ops::softmax;
+use crate::selfcheck::Checks;
+use crate::tensor::Tensor;
+use crate::testing::{f64s, mismatch_scaled, EPS32, EPS_TF32};
+
+pub const GROUP: Group = Group {
+    names: &["attention", "attention_composed", "attention_fwd_bwd", "attention_composed_fwd_bwd"],
+    cases,
+    shaped: &[],
+    check: Some(check),
+};
+
+/// Attention at the model's shapes: the reconstruction transformers' conditioned cross-attention
+/// both ways (18 text tokens and 196 image tokens of a 224² input, 4 heads of 128, official
+/// condition), their causal conditioned self-attention over the 196 image tokens, and the CLIP
+/// tower's causal, key-masked self-attention (8 heads of 64 over 18 tokens); batch 1 and 32.
+/// Each fused next to the composition of primitive ops on the same device.
+type AttnInputs = (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor);
+
+#[derive(Clone, Copy)]
+struct AttnCfg {
+    h: usize,
+    causal: bool,
+    cond: bool,
+    masked: bool,
+}
+
+fn attn_opts(x: &AttnInputs, c: AttnCfg) -> AttnOpts<'_> {
+    AttnOpts {
+        causal: c.causal,
+        key_valid: if c.masked { Some(&x.5) } else { None },
+        condition: if c.cond { Condition::Probs(&x.4) } else { Condition::None },
+        algo: GemmAlgo::TensorCore,
+        ..AttnOpts::new(c.h)
+    }
+}
+
+fn cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
+    // (heads, dh, tq, s, causal, conditioned, key mask)
+    let shapes: &[(usize, usize, usize, usize, bool, bool, bool)] = &[
+        (4, 128, 18, 196, false, true, false),
+        (4, 128, 196, 18, false, true, false),
+        (4, 128, 196, 196, true, true, false),
+        (8, 64, 18, 18, true, false, true),
+    ];
+    let batches: &[usize] = if small { &[1] } else { &[1, 32] };
+    for &b in batches {
+        for &(h, dh, tq0, s0, causal, cond, masked) in shapes {
+            let (tq, s) = if small { (tq0.min(36), s0.min(36)) } else { (tq0, s0) };
+            let e = h * dh;
+            let q = rand_tensor(&[b, tq, e], 21, dev)?;
+            let k = rand_tensor(&[b, s, e], 22, dev)?;
+            let val = rand_tensor(&[b, s, e], 23, dev)?;
+            let dout = rand_tensor(&[b, tq, e], 24, dev)?;
+            let w = softmax::softmax(&rand_tensor(&[b, s], 25, dev)?)?;
+            // 12..17 valid tokens per note, as in QaTa
+            let valid: Vec<i32> = (0..b * s).map(|x| (x % s < 12 + (x / s) % 6) as i32).collect();
+            let valid = Tensor::from_vec_i32(valid, &[b, s], dev)?;
+            let inputs = std::rc::Rc::new((q, k, val, dout, w, valid));
+            let shape = format!(
+                "B{b} H{h}x{dh} Tq{tq} S{s}{}{}{}",
+                if causal { " causal" } else { "" },
+                if cond { " cond" } else { "" },
+                if masked { " keymask" } else { "" }
+            );
+            let sh = attn::AttnShape { b, h, tq, s, dh };
+            let flops = sh.flops();
+            let bytes = 4.0 * (2 * b * tq * e + 2 * b * s * e) as f64;
+            let spec = |kind: &str| {
+                Some(format!("{kind} {b} {h} {tq} {s} {dh} {} {} {}", causal as u8, cond as u8, masked as u8))
+            };
+            let cfg = AttnCfg { h, causal, cond, masked };
+            let x = inputs.clone();
+            v.push(Case {
+                op: "attention",
+                shape: shape.clone(),
+                flops,
+                bytes,
+                peer: spec("attn"),
+                validate: None,
+                run: Box::new(move || Ok(attn::attention(&x.0, &x.1, &x.2, &attn_opts(&x, cfg))?.o)),
+            });
+            let x = inputs.clone();
+            v.push(Case {
+                op: "attention_composed",
+                shape: shape.clone(),
+                flops,
+                bytes,
+                peer: spec("attn"),
+                validate: None,
+                run: Box::new(move || Ok(attn::composed::forward(&x.0, &x.1, &x.2, &attn_opts(&x, cfg))?.o)),
+            });
+            let x = inputs.clone();
+            v.push(Case {
+                op: "attention_fwd_bwd",
+                shape: shape.clone(),
+                flops: 3.5 * flops,
+                bytes: 2.0 * bytes,
+                peer: spec("attn_fb"),
+                validate: None,
+                run: Box::new(move || {
+                    let o = attn_opts(&x, cfg);
+                    let f = attn::attention(&x.0, &x.1, &x.2, &o)?;
+                    Ok(attn::attention_backward(&x.0, &x.1, &x.2, &f, &x.3, &o)?.dq)
+                }),
+            });
+            let x = inputs;
+            v.push(Case {
+                op: "attention_composed_fwd_bwd",
+                shape,
+                flops: 3.5 * flops,
+                bytes: 2.0 * bytes,
+                peer: spec("attn_fb"),
+                validate: None,
+                run: Box::new(move || {
+                    let o = attn_opts(&x, cfg);
+                    let f = attn::composed::forward(&x.0, &x.1, &x.2, &o)?;
+                    Ok(attn::composed::backward(&f, &x.3, &o)?.0)
+                }),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Conditioned causal attention (both product kinds on cuda/emu) on odd sizes.
+fn check(dev: &Device, c: &mut Checks) -> Result<()> {
+    let t = |v: &[f32], sh: &[usize]| Tensor::from_vec(v.to_vec(), sh, dev);
+    let (bq, tq, sk, heads, dh) = (2, 7, 19, 2, 24);
+    let e = heads * dh;
+    let (qv, kv, vv) =
+        (c.rng.vec(bq * tq * e, -1.0, 1.0), c.rng.vec(bq * sk * e, -1.0, 1.0), c.rng.vec(bq * sk * e, -1.0, 1.0));
+    let wv = c.rng.vec(bq * sk, 0.0, 1.0);
+    let (qt, kt, vt, wt) = (t(&qv, &[bq, tq, e])?, t(&kv, &[bq, sk, e])?, t(&vv, &[bq, sk, e])?, t(&wv, &[bq, sk])?);
+    let problem = attn::reference::Problem {
+        b: bq,
+        h: heads,
+        tq,
+        s: sk,
+        dh,
+        scale: 1.0 / (dh as f64).sqrt(),
+        causal: true,
+        valid: None,
+        cond: attn::reference::Cond::Probs(f64s(&wv)),
+    };
+    let want = problem.forward(&f64s(&qv), &f64s(&kv), &f64s(&vv));
+    let algos: &[GemmAlgo] =
+        if dev.is_gpu_like() { &[GemmAlgo::Tiled, GemmAlgo::TensorCore] } else { &[GemmAlgo::Auto] };
+    for &algo in algos {
+        let o = AttnOpts { causal: true, condition: Condition::Probs(&wt), algo, ..AttnOpts::new(heads) };
+        let got = attn::attention(&qt, &kt, &vt, &o)?.o.to_vec()?;
+        // logits of |q||k| <= 24/√24 ≈ 4.9: tf32 operands move them by ~2·2^-11·4.9, which moves
+        // the output (a probability-weighted mean of |v| <= 1) by about twice that
+        let tol = if algo == GemmAlgo::TensorCore { 16.0 * EPS_TF32 * 5.0 } else { 64.0 * EPS32 * 5.0 };
+        c.record(
+            &format!("attention (causal, official condition) {algo:?}"),
+            mismatch_scaled(&got, &want.o, &want.o_mag, tol, 1e-30),
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,167 @@
+//! Convolution benchmark cases (the U-Net's 3×3 shapes at batch 1 and 8, a backward, the PLAM
+//! gate's 1×1, the decoder's convolution over a concatenation), `--shape BxCIxCOxHW`, and the
+//! convolution self-check (every algorithm of the device; Winograd on the cpu).
+
+use crate::bench::{cap, dims, gemm_algo, rand_tensor, Case, Group, Shaped};
+use crate::device::Device;
+use crate::error::Result;
+use crate::ops::conv;
+use crate::ops::gemm::GemmAlgo;
+use crate::selfcheck::{gemm_algos, Checks};
+use crate::tensor::Tensor;
+use crate::testing::{f64s, mismatch_scaled};
+
+pub const GROUP: Group = Group {
+    names: &["conv3x3", "conv3x3_b8", "conv3x3_bwd", "conv1x1", "conv3x3_cat"],
+    cases,
+    shaped: &[
+        Shaped { op: "conv3x3", form: "BxCIxCOxHW (square maps)", make: shaped3 },
+        Shaped { op: "conv1x1", form: "BxCIxCOxHW", make: shaped1 },
+    ],
+    check: Some(check),
+};
+
+/// The U-Net's 3×3 convolutions at the official shapes (encoder 224² × 64 down to 14² × 512, the
+/// decoder's 1024→256, 512→128, 256→64, 128→64), batch 1, some at batch 8, one backward; and the
+/// PLAM gate's 1×1 convolution.
+fn cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
+    // (op, batch, ci, co, hw)
+    let shapes: &[(&'static str, usize, usize, usize, usize)] = if small {
+        &[
+            ("conv3x3", 1, 8, 8, 16),
+            ("conv3x3_b8", 2, 8, 8, 16),
+            ("conv3x3_bwd", 1, 8, 8, 16),
+            ("conv1x1", 1, 16, 16, 16),
+            ("conv3x3_cat", 1, 8, 8, 16),
+        ]
+    } else {
+        &[
+            ("conv3x3", 1, 64, 64, 224),
+            ("conv3x3", 1, 128, 128, 112),
+            ("conv3x3", 1, 256, 256, 56),
+            ("conv3x3", 1, 512, 512, 28),
+            ("conv3x3", 1, 512, 512, 14),
+            ("conv3x3", 1, 1024, 256, 28),
+            ("conv3x3", 1, 512, 128, 56),
+            ("conv3x3", 1, 256, 64, 112),
+            ("conv3x3", 1, 128, 64, 224),
+            ("conv3x3_b8", 8, 64, 64, 224),
+            ("conv3x3_b8", 8, 256, 256, 28),
+            ("conv3x3_bwd", 1, 64, 64, 224),
+            ("conv3x3_bwd", 1, 512, 512, 28),
+            ("conv1x1", 1, 64, 64, 224),
+            ("conv1x1", 1, 512, 512, 28),
+            // the decoder's first convolution over concat[gated skip, upsampled], never built
+            ("conv3x3_cat", 1, 1024, 256, 28),
+            ("conv3x3_cat", 1, 128, 64, 224),
+        ]
+    };
+    for (i, &(op, b, ci, co, hw)) in shapes.iter().enumerate() {
+        if !matches!(op, "conv3x3_cat" | "conv3x3_bwd") {
+            v.push(conv_case(dev, op, (b, ci, co, hw), i as u64)?);
+            continue;
+        }
+        let k = 3;
+        let x = rand_tensor(&[b, ci, hw, hw], 20 + i as u64, dev)?;
+        let w = rand_tensor(&[co, ci, k, k], 40 + i as u64, dev)?;
+        let bias = rand_tensor(&[co], 60 + i as u64, dev)?;
+        let s = conv::ConvShape { b, ci, co, h: hw, w: hw, kh: k, kw: k };
+        let algo = gemm_algo(dev);
+        let bytes = 4.0 * (b * (ci + co) * hw * hw + co * ci * k * k) as f64;
+        let shape = format!("b{b} {ci}->{co} {hw}x{hw} k{k}");
+        if op == "conv3x3_cat" {
+            let half = ci / 2;
+            let (x1, x2) =
+                (rand_tensor(&[b, half, hw, hw], 90 + i as u64, dev)?, rand_tensor(&[b, ci - half, hw, hw], 95, dev)?);
+            v.push(Case {
+                op,
+                shape: format!("b{b} ({half}+{})->{co} {hw}x{hw} k{k}", ci - half),
+                flops: s.flops(),
+                bytes,
+                peer: Some(format!("conv_cat {b} {half} {} {co} {hw}", ci - half)),
+                validate: None,
+                run: Box::new(move || conv::conv2d_cat(&[&x1, &x2], &w, Some(&bias), algo)),
+            });
+        } else {
+            let dy = rand_tensor(&[b, co, hw, hw], 80 + i as u64, dev)?;
+            v.push(Case {
+                op,
+                shape,
+                flops: 2.0 * s.flops(),
+                bytes: 2.0 * bytes,
+                peer: Some(format!("conv_bwd {b} {ci} {co} {hw} {k}")),
+                validate: None,
+                run: Box::new(move || Ok(conv::conv2d_backward(&x, &w, &dy, true, algo)?.dw)),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A square-map convolution with bias ("conv3x3" or "conv1x1"); `seed` varies the data.
+fn conv_case(dev: &Device, op: &'static str, (b, ci, co, hw): (usize, usize, usize, usize), seed: u64) -> Result<Case> {
+    let k = if op == "conv1x1" { 1 } else { 3 };
+    let x = rand_tensor(&[b, ci, hw, hw], 20 + seed, dev)?;
+    let w = rand_tensor(&[co, ci, k, k], 40 + seed, dev)?;
+    let bias = rand_tensor(&[co], 60 + seed, dev)?;
+    let s = conv::ConvShape { b, ci, co, h: hw, w: hw, kh: k, kw: k };
+    let algo = gemm_algo(dev);
+    Ok(Case {
+        op,
+        shape: format!("b{b} {ci}->{co} {hw}x{hw} k{k}"),
+        flops: s.flops(),
+        bytes: 4.0 * (b * (ci + co) * hw * hw + co * ci * k * k) as f64,
+        peer: Some(format!("conv {b} {ci} {co} {hw} {k}")),
+        validate: None,
+        run: Box::new(move || conv::conv2d(&x, &w, Some(&bias), algo)),
+    })
+}
+
+fn shaped(dev: &Device, op: &'static str, d: &[usize]) -> Result<Case> {
+    let [b, ci, co, hw] = dims(d)?;
+    cap(b.checked_mul(ci.max(co)).and_then(|x| x.checked_mul(hw)).and_then(|x| x.checked_mul(hw)))?;
+    conv_case(dev, op, (b, ci, co, hw), 0)
+}
+
+/// `--shape BxCIxCOxHW` of a 3×3 convolution (pad 1) with bias.
+fn shaped3(dev: &Device, d: &[usize]) -> Result<Case> {
+    shaped(dev, "conv3x3", d)
+}
+
+/// `--shape BxCIxCOxHW` of a 1×1 convolution with bias.
+fn shaped1(dev: &Device, d: &[usize]) -> Result<Case> {
+    shaped(dev, "conv1x1", d)
+}
+
+fn check(dev: &Device, c: &mut Checks) -> Result<()> {
+    let cs = conv::ConvShape { b: 2, ci: 5, co: 7, h: 9, w: 11, kh: 3, kw: 3 };
+    let (xv, wv, bv) = (c.rng.vec(2 * 5 * 99, -1.0, 1.0), c.rng.vec(7 * 5 * 9, -1.0, 1.0), c.rng.vec(7, -1.0, 1.0));
+    let want = conv::reference::conv2d(&f64s(&xv), &f64s(&wv), Some(&f64s(&bv)), &cs);
+    let abs = |v: &[f32]| -> Vec<f64> { v.iter().map(|a| a.abs() as f64).collect() };
+    let mag = conv::reference::conv2d(&abs(&xv), &abs(&wv), Some(&abs(&bv)), &cs);
+    let (xt, wt, bt) = (
+        Tensor::from_vec(xv, &[2, 5, 9, 11], dev)?,
+        Tensor::from_vec(wv, &[7, 5, 3, 3], dev)?,
+        Tensor::from_vec(bv, &[7], dev)?,
+    );
+    // each output sums 5 · 9 = 45 products
+    for (algo, tol) in gemm_algos(dev, 45) {
+        let y = conv::conv2d(&xt, &wt, Some(&bt), algo)?.to_vec()?;
+        c.record(&format!("conv2d 3x3 {algo:?}"), mismatch_scaled(&y, &want, &mag, tol, 0.0));
+    }
+    if let Device::Cpu = dev {
+        // 32 channels in and out: the cpu takes Winograd F(2×2, 3×3), whose rounding is bounded
+        // through the transformed magnitudes
+        let ws = conv::ConvShape { b: 1, ci: 32, co: 32, h: 9, w: 11, kh: 3, kw: 3 };
+        let (xw, ww) = (c.rng.vec(32 * 99, -1.0, 1.0), c.rng.vec(32 * 32 * 9, -1.0, 1.0));
+        let want = conv::reference::conv2d(&f64s(&xw), &f64s(&ww), None, &ws);
+        let mag = conv::reference::winograd_magnitude(&f64s(&xw), &f64s(&ww), None, &ws);
+        let (xt, wt) = (Tensor::from_vec(xw, &[1, 32, 9, 11], dev)?, Tensor::from_vec(ww, &[32, 32, 3, 3], dev)?);
+        let y = conv::conv2d(&xt, &wt, None, GemmAlgo::Auto)?.to_vec()?;
+        c.record(
+            "conv2d 3x3 32->32 (Winograd)",
+            mismatch_scaled(&y, &want, &mag, conv::reference::winograd_tol(32), 0.0),
+        );
+    }
+    Ok(())
+}

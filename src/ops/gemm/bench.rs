@@ -1,0 +1,150 @@
+//! GEMM benchmark cases (square products at each precision, the reconstruction transformers'
+//! projection as a Linear), `--shape MxNxK`, and the GEMM self-check.
+
+use crate::bench::{cap, dims, rand_tensor, Case, Group, Shaped};
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::ops::gemm::{self, GemmAlgo, GemmOpts};
+use crate::selfcheck::{gemm_algos, Checks};
+use crate::tensor::{DType, Tensor};
+use crate::testing::{f64s, mismatch_scaled, EPS32};
+
+pub const GROUP: Group = Group {
+    names: &["gemm", "gemm_tc", "gemm_bf16", "linear"],
+    cases,
+    shaped: &[Shaped { op: "gemm", form: "MxNxK", make: shaped }],
+    check: Some(check),
+};
+
+/// Square GEMMs (exact f32 and, on cuda/emu, the tf32 tensor-core kernel).
+fn cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
+    let gemm_sizes: &[usize] = if small {
+        &[64, 128]
+    } else if dev.is_gpu_like() {
+        &[1024, 2048, 4096]
+    } else {
+        &[256, 1024, 2048]
+    };
+    for &s in gemm_sizes {
+        let algos: &[(&str, GemmAlgo)] = if dev.is_gpu_like() {
+            &[("gemm", GemmAlgo::Tiled), ("gemm_tc", GemmAlgo::TensorCore)]
+        } else {
+            &[("gemm", GemmAlgo::Auto)]
+        };
+        for &(name, algo) in algos {
+            v.push(gemm_case(dev, name, algo, (s, s, s))?);
+        }
+        v.push(gemm_bf16_case(dev, (s, s, s))?);
+    }
+    v.push(linear_case(dev, small)?);
+    Ok(())
+}
+
+/// C = A · B in bf16 (f32 accumulation), validated on sampled elements against the f64 product
+/// of the bf16 operands: one bf16 rounding of C (2^-8) plus the f32 sum's k roundings.
+fn gemm_bf16_case(dev: &Device, (m, n, k): (usize, usize, usize)) -> Result<Case> {
+    let a = crate::ops::cast::cast(&rand_tensor(&[m, k], 1, dev)?, DType::BF16)?;
+    let b = crate::ops::cast::cast(&rand_tensor(&[k, n], 2, dev)?, DType::BF16)?;
+    let (ha, hb) = (a.to_vec()?, b.to_vec()?);
+    let tol = 1.0 / 256.0 + (k + 2) as f64 * f32::EPSILON as f64;
+    Ok(Case {
+        op: "gemm_bf16",
+        shape: format!("{m}x{n}x{k} bf16"),
+        flops: 2.0 * (m * n * k) as f64,
+        bytes: 2.0 * (m * k + k * n + m * n) as f64,
+        peer: Some(format!("mm_bf16 {m} {n} {k}")),
+        run: Box::new(move || gemm::matmul(&a, &b, GemmOpts::default())),
+        validate: Some(Box::new(move |c| check_gemm_mnk(&ha, &hb, &c.to_vec()?, (m, n, k), tol))),
+    })
+}
+
+/// Compares 64 sampled elements of an s x s x s product with f64 dot products.
+/// 64 sampled elements of C [m,n] = A [m,k] · B [k,n] against f64 dot products.
+fn check_gemm_mnk(a: &[f32], b: &[f32], c: &[f32], (m, n, kk): (usize, usize, usize), tol: f64) -> Result<()> {
+    let mut r = crate::rng::Rng::new(99);
+    for _ in 0..64 {
+        let (i, j) = ((r.next_u64() % m as u64) as usize, (r.next_u64() % n as u64) as usize);
+        let (mut acc, mut mag) = (0.0f64, 0.0f64);
+        for k in 0..kk {
+            acc += a[i * kk + k] as f64 * b[k * n + j] as f64;
+            mag += (a[i * kk + k] as f64 * b[k * n + j] as f64).abs();
+        }
+        let got = c[i * n + j] as f64;
+        if (got - acc).abs() > tol * mag {
+            return Err(Error::Other(format!("gemm {m}x{n}x{kk} is wrong at ({i},{j}): {got} vs {acc}")));
+        }
+    }
+    Ok(())
+}
+
+/// C [m,n] = A [m,k] · B [k,n] with `algo`, validated on sampled elements against f64.
+fn gemm_case(dev: &Device, name: &'static str, algo: GemmAlgo, (m, n, k): (usize, usize, usize)) -> Result<Case> {
+    let (a, b) = (rand_tensor(&[m, k], 1, dev)?, rand_tensor(&[k, n], 2, dev)?);
+    let (ha, hb) = (a.to_vec()?, b.to_vec()?);
+    // tf32 rounds operands to 11 significant bits; exact f32 accumulates k roundings.
+    let tol = if algo == GemmAlgo::TensorCore { 2.0 / 2048.0 } else { k as f64 * f32::EPSILON as f64 };
+    Ok(Case {
+        op: name,
+        shape: format!("{m}x{n}x{k}"),
+        flops: 2.0 * (m * n * k) as f64,
+        bytes: 4.0 * (m * k + k * n + m * n) as f64,
+        peer: Some(format!("mm {m} {n} {k}")),
+        run: Box::new(move || gemm::matmul(&a, &b, GemmOpts { algo, ..Default::default() })),
+        validate: Some(Box::new(move |c| check_gemm_mnk(&ha, &hb, &c.to_vec()?, (m, n, k), tol))),
+    })
+}
+
+/// The reconstruction transformers' 512->512 projection with its bias over 32 images x 196
+/// tokens.
+fn linear_case(dev: &Device, small: bool) -> Result<Case> {
+    let (rows, c) = if small { (64, 64) } else { (32 * 196, 512) };
+    let n = (rows * c) as f64;
+    let x = rand_tensor(&[rows, c], 31, dev)?;
+    let w = rand_tensor(&[c, c], 36, dev)?;
+    let bias = rand_tensor(&[c], 37, dev)?;
+    Ok(Case {
+        op: "linear",
+        shape: format!("{rows}x{c} -> {c} +bias"),
+        flops: 2.0 * n * c as f64,
+        bytes: 4.0 * (2.0 * n + (c * c) as f64),
+        peer: Some(format!("linear {rows} {c} {c}")),
+        validate: None,
+        run: Box::new(move || gemm::linear::linear(&x, &w, Some(&bias), GemmAlgo::TensorCore)),
+    })
+}
+
+/// `--shape MxNxK`: C [M,N] = A [M,K] · B [K,N] with the device's default algorithm.
+fn shaped(dev: &Device, d: &[usize]) -> Result<Case> {
+    let [m, n, k] = dims(d)?;
+    cap(m.checked_mul(k))?;
+    cap(k.checked_mul(n))?;
+    cap(m.checked_mul(n))?;
+    gemm_case(dev, "gemm", GemmAlgo::Auto, (m, n, k))
+}
+
+/// Every algorithm of the device on odd sizes against the f64 product, and bf16 (the pipelined
+/// kernel on cuda/emu: sizes multiples of 8) against the f64 product of the bf16-rounded
+/// operands.
+fn check(dev: &Device, c: &mut Checks) -> Result<()> {
+    let (m, k, n) = (67, 45, 71);
+    let a = c.rng.vec(m * k, -1.0, 1.0);
+    let bb = c.rng.vec(k * n, -1.0, 1.0);
+    let (at, bt) = (Tensor::from_vec(a.clone(), &[m, k], dev)?, Tensor::from_vec(bb.clone(), &[k, n], dev)?);
+    let (plan, _) = gemm::plan(&[m, k], &[k, n], false, false)?;
+    let (want, mag) = gemm::reference::gemm(&f64s(&a), &f64s(&bb), &plan, 1.0);
+    for (algo, tol) in gemm_algos(dev, k) {
+        let y = gemm::matmul(&at, &bt, GemmOpts { algo, ..Default::default() })?.to_vec()?;
+        c.record(&format!("gemm {algo:?} {m}x{k}x{n}"), mismatch_scaled(&y, &want, &mag, tol, 0.0));
+    }
+    // one bf16 rounding of C (2^-8 of |C| <= the magnitude) plus the f32 sum's k roundings
+    let (m, k, n) = (136, 40, 72);
+    let bf = |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect() };
+    let (a, bb) = (bf(&c.rng.vec(m * k, -1.0, 1.0)), bf(&c.rng.vec(k * n, -1.0, 1.0)));
+    let to_bf16 =
+        |v: &[f32], shape: &[usize]| crate::ops::cast::cast(&Tensor::from_vec(v.to_vec(), shape, dev)?, DType::BF16);
+    let (plan, _) = gemm::plan(&[m, k], &[k, n], false, false)?;
+    let (want, mag) = gemm::reference::gemm(&f64s(&a), &f64s(&bb), &plan, 1.0);
+    let y = gemm::matmul(&to_bf16(&a, &[m, k])?, &to_bf16(&bb, &[k, n])?, GemmOpts::default())?.to_vec()?;
+    c.record(&format!("gemm bf16 {m}x{k}x{n}"), mismatch_scaled(&y, &want, &mag, 1.0 / 256.0 + k as f64 * EPS32, 0.0));
+    Ok(())
+}

@@ -1,0 +1,67 @@
+//! PLAM gate benchmark cases: the gate of the first and last decoder stages, and its backward.
+
+use crate::bench::{gemm_algo, rand_tensor, Case, Group};
+use crate::device::Device;
+use crate::error::Result;
+use crate::ops::plam;
+use crate::tensor::Tensor;
+
+pub const GROUP: Group = Group { names: &["plam", "plam_bwd"], cases, shaped: &[], check: None };
+
+/// The PLAM gate of the first and last decoder stages (512 channels at 28², 64 at 224²), batch 1.
+fn cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
+    let shapes: &[(usize, usize)] = if small { &[(8, 8)] } else { &[(512, 28), (64, 224)] };
+    for (i, &(c, hw)) in shapes.iter().enumerate() {
+        let r = |shape: &[usize], k: u64| rand_tensor(shape, 100 + 10 * i as u64 + k, dev);
+        let s = r(&[1, c, hw, hw], 0)?;
+        let ws = std::rc::Rc::new([
+            r(&[c, c, 1, 1], 1)?,
+            r(&[c, c, 1, 1], 2)?,
+            r(&[6, 3], 3)?,
+            r(&[6], 4)?,
+            r(&[1, 6], 5)?,
+            r(&[1], 6)?,
+        ]);
+        let algo = gemm_algo(dev);
+        let flops = 4.0 * (c * c * hw * hw) as f64; // the two 1×1 convolutions
+        let bytes = 4.0 * 4.0 * (c * hw * hw) as f64;
+        let (s1, w1) = (s.clone(), ws.clone());
+        v.push(Case {
+            op: "plam",
+            shape: format!("b1 C{c} {hw}x{hw}"),
+            flops,
+            bytes,
+            peer: Some(format!("plam 1 {c} {hw}")),
+            validate: None,
+            run: Box::new(move || {
+                let w = PlamRef(&w1).get();
+                Ok(plam::plam_gate(&s1, &w, algo)?.out)
+            }),
+        });
+        let dout = r(&[1, c, hw, hw], 7)?;
+        v.push(Case {
+            op: "plam_bwd",
+            shape: format!("b1 C{c} {hw}x{hw}"),
+            flops: 3.0 * flops,
+            bytes: 3.0 * bytes,
+            peer: None,
+            validate: None,
+            run: Box::new(move || {
+                let w = PlamRef(&ws).get();
+                let f = plam::plam_gate(&s, &w, algo)?;
+                Ok(plam::plam_gate_backward(&s, &w, f, &dout, algo)?.ds)
+            }),
+        });
+    }
+    Ok(())
+}
+
+/// The six gate tensors as `PlamWeights`.
+struct PlamRef<'a>(&'a [Tensor; 6]);
+
+impl<'a> PlamRef<'a> {
+    fn get(&self) -> plam::PlamWeights<'a> {
+        let w = self.0;
+        plam::PlamWeights { w_avg: &w[0], w_max: &w[1], fc1_w: &w[2], fc1_b: &w[3], fc2_w: &w[4], fc2_b: &w[5] }
+    }
+}

@@ -1,0 +1,75 @@
+//! Pooling benchmark cases (the U-Net's first max-pool and last upsampling, with backwards) and
+//! the max-pool self-check.
+
+use crate::bench::{rand_tensor, Case, Group};
+use crate::device::Device;
+use crate::error::Result;
+use crate::ops::pool;
+use crate::selfcheck::Checks;
+use crate::tensor::Tensor;
+use crate::testing::{f64s, mismatch};
+
+pub const GROUP: Group = Group {
+    names: &["max_pool2", "max_pool2_bwd", "upsample2", "upsample2_bwd"],
+    cases,
+    shaped: &[],
+    check: Some(check),
+};
+
+/// The U-Net's first pooling (8×64×224² -> 112²) and last upsampling (112² -> 224²).
+fn cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
+    let (b, c, hw) = if small { (2, 4, 28) } else { (8, 64, 224) };
+    let big = rand_tensor(&[b, c, hw, hw], 18, dev)?;
+    let (pooled, idx) = pool::max_pool2(&big)?;
+    let n = (b * c * hw * hw) as f64;
+    let shape = format!("{b}x{c}x{hw}x{hw} <-> {}x{}", hw / 2, hw / 2);
+    let x = big.clone();
+    v.push(Case {
+        op: "max_pool2",
+        shape: shape.clone(),
+        flops: 0.75 * n,
+        bytes: 4.0 * n * 1.5,
+        peer: Some(format!("maxpool {b} {c} {hw}")),
+        validate: None,
+        run: Box::new(move || Ok(pool::max_pool2(&x)?.0)),
+    });
+    let (g, i, full) = (pooled.clone(), idx, big.shape().to_vec());
+    v.push(Case {
+        op: "max_pool2_bwd",
+        shape: shape.clone(),
+        flops: 0.0,
+        bytes: 4.0 * n * 1.5,
+        peer: None,
+        validate: None,
+        run: Box::new(move || pool::max_pool2_backward(&g, &i, &full)),
+    });
+    let x = pooled;
+    v.push(Case {
+        op: "upsample2",
+        shape: shape.clone(),
+        flops: 0.0,
+        bytes: 4.0 * n * 1.25,
+        peer: Some(format!("upsample {b} {c} {}", hw / 2)),
+        validate: None,
+        run: Box::new(move || pool::upsample2(&x)),
+    });
+    v.push(Case {
+        op: "upsample2_bwd",
+        shape,
+        flops: 0.75 * n,
+        bytes: 4.0 * n * 1.25,
+        peer: None,
+        validate: None,
+        run: Box::new(move || pool::upsample2_backward(&big)),
+    });
+    Ok(())
+}
+
+/// Odd sizes (9 x 11: the last row and column are dropped, as PyTorch does).
+fn check(dev: &Device, c: &mut Checks) -> Result<()> {
+    let x = c.rng.vec(2 * 5 * 99, -1.0, 1.0);
+    let (pooled, _) = pool::max_pool2(&Tensor::from_vec(x.clone(), &[2, 5, 9, 11], dev)?)?;
+    let (want, _) = pool::reference::max_pool2(&f64s(&x), 10, 9, 11);
+    c.record("max_pool2", mismatch(&pooled.to_vec()?, &want, 0.0, 0.0));
+    Ok(())
+}
