@@ -45,6 +45,46 @@ fn check_adam(dev: &Device, n: usize, steps: u64, decoupled: bool, wd: bool, see
 
 per_device!(check_adam, (n in dim(), steps in 1u64..4, decoupled in any::<bool>(), wd in any::<bool>(), seed in any::<u64>()));
 
+/// `Adam::step` on the cpu writes its moments in place, split over the rayon threads: checked
+/// against the f64 reference (bounds as in `check_adam`) at a size that spans several chunks and
+/// a tail; a moment another handle shares is not written; a bad gradient leaves the state as it
+/// was.
+#[test]
+fn adam_step_in_place_matches_the_reference() {
+    let d = Device::Cpu;
+    let n = 3 * (1 << 14) + 5;
+    let c = AdamConfig { weight_decay: 0.01, decoupled: true, lr: 1e-2, ..AdamConfig::default() };
+    let mut rng = reclmis::testing::Rng::new(5);
+    let p0 = rng.vec(n, -1.0, 1.0);
+    let mut opt = optim::Adam::new(c, 1);
+    let (mut p, mut m, mut v) = (p0.clone(), vec![0.0f32; n], vec![0.0f32; n]);
+    let mut q = tensor(&p0, &[n], &d);
+    let eps = 8.0 * f32::EPSILON as f64;
+    for step in 1..=3u64 {
+        let g = rng.vec(n, -1.0, 1.0);
+        let (wp, wm, wv) = reference::adam(&c, step, &f64s(&p), &f64s(&g), &f64s(&m), &f64s(&v));
+        // step 2: hold the optimiser's second moment elsewhere, as a checkpoint writer might
+        let held = (step == 2).then(|| opt.v[0].clone().unwrap());
+        let before = held.as_ref().map(|h| h.to_vec().unwrap());
+        q = opt.step(&[&q], &[Some(tensor(&g, &[n], &d))]).unwrap().remove(0).unwrap();
+        if let (Some(h), Some(b)) = (held, before) {
+            assert_eq!(h.to_vec().unwrap(), b, "a shared moment was written in place");
+        }
+        let scale_p = p.iter().fold(c.lr as f64 * 10.0, |a, x| a.max(x.abs() as f64));
+        let scale_m = m.iter().chain(&g).fold(0.0f64, |a, x| a.max(x.abs() as f64));
+        p = q.to_vec().unwrap();
+        m = opt.m[0].as_ref().unwrap().to_vec().unwrap();
+        v = opt.v[0].as_ref().unwrap().to_vec().unwrap();
+        assert_eq!(mismatch(&p, &wp, eps * scale_p, 0.0), None, "p after step {step}");
+        assert_eq!(mismatch(&m, &wm, eps * scale_m, 0.0), None, "m after step {step}");
+        assert_eq!(mismatch(&v, &wv, 0.0, eps), None, "v after step {step}");
+    }
+    // a gradient of the wrong shape: an error, and the state is left as it was
+    let bad = tensor(&[0.0; 3], &[3], &d);
+    assert!(opt.step(&[&q], &[Some(bad)]).is_err());
+    assert_eq!(opt.m[0].as_ref().unwrap().to_vec().unwrap(), m);
+}
+
 #[test]
 fn adam_shape_mismatch_is_an_error() {
     let d = Device::Cpu;

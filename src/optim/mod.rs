@@ -55,14 +55,8 @@ impl Default for AdamConfig {
 }
 
 /// One tensor's update. Returns (p, m, v) after `step` (1-based) steps.
-pub fn adam_update(
-    c: &AdamConfig,
-    step: u64,
-    p: &Tensor,
-    g: &Tensor,
-    m: &Tensor,
-    v: &Tensor,
-) -> Result<(Tensor, Tensor, Tensor)> {
+/// Checks an Adam step's operands and returns its bias corrections (1 − β1^t, √(1 − β2^t)).
+fn adam_check(c: &AdamConfig, step: u64, p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor) -> Result<(f32, f32)> {
     let op = "adam";
     p.same_device(op, &[g, m, v])?;
     p.expect_dtype(op, DType::F32)?;
@@ -77,16 +71,24 @@ pub fn adam_update(
     }
     let bc1 = 1.0 - (c.beta1 as f64).powi(step as i32);
     let bc2_sqrt = (1.0 - (c.beta2 as f64).powi(step as i32)).sqrt();
+    Ok((bc1 as f32, bc2_sqrt as f32))
+}
+
+/// One Adam step of one tensor: the new parameter, first and second moments.
+pub fn adam_update(
+    c: &AdamConfig,
+    step: u64,
+    p: &Tensor,
+    g: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let op = "adam";
+    let (bc1, bc2_sqrt) = adam_check(c, step, p, g, m, v)?;
     let dev = p.device();
     if let Device::Cpu = dev {
-        let (pn, mn, vn) = cpu_update(
-            c,
-            (bc1 as f32, bc2_sqrt as f32),
-            p.cpu_f32(op)?,
-            g.cpu_f32(op)?,
-            m.cpu_f32(op)?,
-            v.cpu_f32(op)?,
-        );
+        let (mut pn, mut mn, mut vn) = (p.cpu_f32(op)?.to_vec(), m.cpu_f32(op)?.to_vec(), v.cpu_f32(op)?.to_vec());
+        cpu_update(c, (bc1, bc2_sqrt), &mut pn, g.cpu_f32(op)?, &mut mn, &mut vn);
         return Ok((
             Tensor::from_vec(pn, p.shape(), dev)?,
             Tensor::from_vec(mn, p.shape(), dev)?,
@@ -109,8 +111,8 @@ pub fn adam_update(
         beta2: c.beta2,
         eps: c.eps,
         weight_decay: c.weight_decay,
-        bc1: bc1 as f32,
-        bc2_sqrt: bc2_sqrt as f32,
+        bc1,
+        bc2_sqrt,
         decoupled: c.decoupled as u32,
     };
     if p.numel() > 0 {
@@ -120,32 +122,61 @@ pub fn adam_update(
     Ok((pn, mn, vn))
 }
 
-/// The kernel's arithmetic in f32, element by element (the same operation order).
-fn cpu_update(
+/// `adam_update` writing the moments in place where it can (cpu, moments no other handle
+/// shares: the optimiser's own), so that a step streams p, g, m and v once and allocates only
+/// the new parameter. The same arithmetic, bit for bit.
+fn adam_update_owned(
     c: &AdamConfig,
-    (bc1, bc2_sqrt): (f32, f32),
-    p: &[f32],
-    g: &[f32],
-    m: &[f32],
-    v: &[f32],
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let n = p.len();
-    let (mut pn, mut mn, mut vn) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-    for i in 0..n {
-        let (mut pi, mut gi) = (p[i], g[i]);
-        if c.decoupled {
-            pi *= 1.0 - c.lr * c.weight_decay;
-        } else {
-            gi += c.weight_decay * pi;
-        }
-        let mi = c.beta1 * m[i] + (1.0 - c.beta1) * gi;
-        let vi = c.beta2 * v[i] + (1.0 - c.beta2) * gi * gi;
-        let denom = vi.sqrt() / bc2_sqrt + c.eps;
-        pn.push(pi - (c.lr / bc1) * mi / denom);
-        mn.push(mi);
-        vn.push(vi);
+    step: u64,
+    p: &Tensor,
+    g: &Tensor,
+    mut m: Tensor,
+    mut v: Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let op = "adam";
+    let (bc1, bc2_sqrt) = adam_check(c, step, p, g, &m, &v)?;
+    if !(matches!(p.device(), Device::Cpu) && m.is_sole() && v.is_sole()) {
+        return adam_update(c, step, p, g, &m, &v);
     }
-    (pn, mn, vn)
+    let mut pn = p.cpu_f32(op)?.to_vec();
+    match (m.sole_cpu_f32_mut(), v.sole_cpu_f32_mut()) {
+        (Some(ms), Some(vs)) => cpu_update(c, (bc1, bc2_sqrt), &mut pn, g.cpu_f32(op)?, ms, vs),
+        // a memory-mapped moment (not writable): the copying path
+        _ => return adam_update(c, step, p, g, &m, &v),
+    }
+    Ok((Tensor::from_vec(pn, p.shape(), p.device())?, m, v))
+}
+
+/// The update in place over p, m and v, in chunks over the rayon threads; each element's
+/// arithmetic is the kernel's (adam_fwd_f32), in the same order.
+fn cpu_update(c: &AdamConfig, (bc1, bc2_sqrt): (f32, f32), p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+    use rayon::prelude::*;
+    // 64 KB of each stream per task: enough to amortise the split, small enough to balance
+    const CHUNK: usize = 1 << 14;
+    let step = |p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]| {
+        for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+            let (mut pi, mut gi) = (*p, g);
+            if c.decoupled {
+                pi *= 1.0 - c.lr * c.weight_decay;
+            } else {
+                gi += c.weight_decay * pi;
+            }
+            let mi = c.beta1 * *m + (1.0 - c.beta1) * gi;
+            let vi = c.beta2 * *v + (1.0 - c.beta2) * gi * gi;
+            let denom = vi.sqrt() / bc2_sqrt + c.eps;
+            *p = pi - (c.lr / bc1) * mi / denom;
+            *m = mi;
+            *v = vi;
+        }
+    };
+    if p.len() <= CHUNK {
+        return step(p, g, m, v);
+    }
+    p.par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK))
+        .zip(m.par_chunks_mut(CHUNK))
+        .zip(v.par_chunks_mut(CHUNK))
+        .for_each(|(((p, g), m), v)| step(p, g, m, v));
 }
 
 /// Adam state over a list of parameters (by index); parameters without a gradient this step are
@@ -178,15 +209,17 @@ impl Adam {
                 continue;
             };
             let zero = || Tensor::zeros(p.shape(), p.device());
-            let m = match &self.m[i] {
-                Some(m) => m.clone(),
-                None => zero()?,
+            // taken out of the state, not cloned: the cpu then writes them in place
+            let (m, v) = match (self.m[i].take(), self.v[i].take()) {
+                (Some(m), Some(v)) => (m, v),
+                _ => (zero()?, zero()?),
             };
-            let v = match &self.v[i] {
-                Some(v) => v.clone(),
-                None => zero()?,
-            };
-            let (pn, mn, vn) = adam_update(&self.cfg, self.step, p, g, &m, &v)?;
+            if let Err(e) = adam_check(&self.cfg, self.step, p, g, &m, &v) {
+                // put back (zeros where there was no state yet: the same first step)
+                (self.m[i], self.v[i]) = (Some(m), Some(v));
+                return Err(e);
+            }
+            let (pn, mn, vn) = adam_update_owned(&self.cfg, self.step, p, g, m, v)?;
             self.m[i] = Some(mn);
             self.v[i] = Some(vn);
             out.push(Some(pn));
