@@ -81,3 +81,49 @@ fn wrong_parameter_shapes_name_the_parameter() {
     let e = plam::plam_gate(&s, &wts, GemmAlgo::Auto).err().unwrap().to_string();
     assert!(e.contains("bottleneck.0.weight"), "{e}");
 }
+
+/// Maps larger than the cpu's pixel ranges (4,096 pixels per task), two images: the cpu's split
+/// over ranges and rows (ranges straddle the images in the backward's flat pixel order) against
+/// the f64 forward and against the emu kernels' backward, which split nothing the same way.
+/// The 1×1 convolutions are identities, so that both devices gate exactly the same A and M (over
+/// ten thousand pixels some sit at a ReLU kink or a near-tie of the channel max, where two
+/// roundings of A or M would pick different branches). Bounds: the forward's as in
+/// `check_plam` (it is continuous: no kink margin needed); the gradients' as its
+/// finite-difference bound with a tenth of the slack (two f32 computations in different orders).
+#[test]
+fn large_maps_split_over_threads_match() {
+    let (b, c, h, w) = (2usize, 3usize, 70usize, 71usize);
+    let hw = h * w;
+    let s = values(b * c * hw, 11, false);
+    let eye: Vec<f32> = (0..c * c).map(|i| (i % (c + 1) == 0) as u8 as f32).collect();
+    let (wa, wm) = (eye.clone(), eye);
+    let (f1w, f1b, f2w, f2b) =
+        (values(18, 14, false), values(6, 15, false), values(6, 16, false), values(1, 17, false));
+    let dout = values(b * c * hw, 18, false);
+    let run = |dev: &Device| {
+        let t = |v: &[f32], sh: &[usize]| tensor(v, sh, dev);
+        let (wat, wmt) = (t(&wa, &[c, c, 1, 1]), t(&wm, &[c, c, 1, 1]));
+        let (f1wt, f1bt, f2wt, f2bt) = (t(&f1w, &[6, 3]), t(&f1b, &[6]), t(&f2w, &[1, 6]), t(&f2b, &[1]));
+        let wts = PlamWeights { w_avg: &wat, w_max: &wmt, fc1_w: &f1wt, fc1_b: &f1bt, fc2_w: &f2wt, fc2_b: &f2bt };
+        let st = t(&s, &[b, c, h, w]);
+        let algo = if dev.is_gpu_like() { GemmAlgo::Tiled } else { GemmAlgo::Auto };
+        let f = plam::plam_gate(&st, &wts, algo).unwrap();
+        let out = f.out.to_vec().unwrap();
+        let g = plam::plam_gate_backward(&st, &wts, f, &t(&dout, &[b, c, h, w]), algo).unwrap();
+        let grads =
+            [&g.ds, &g.dw_avg, &g.dw_max, &g.dfc1_w, &g.dfc1_b, &g.dfc2_w, &g.dfc2_b].map(|t| t.to_vec().unwrap());
+        (out, grads)
+    };
+    let (cpu_out, cpu_g) = run(&device("cpu"));
+    let (_, emu_g) = run(&device("emu"));
+    let all: Vec<Vec<f64>> = [&s, &wa, &wm, &f1w, &f1b, &f2w, &f2b].iter().map(|v| f64s(v)).collect();
+    let want = reference::plam(&all[0], &all[1], &all[2], &all[3], &all[4], &all[5], all[6][0], b, c, hw);
+    let scale = want.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
+    assert_eq!(mismatch(&cpu_out, &want, 64.0 * (c as f64 + 16.0) * EPS32 * scale, 0.0), None, "out");
+    let names = ["ds", "dw_avg", "dw_max", "dfc1_w", "dfc1_b", "dfc2_w", "dfc2_b"];
+    for ((name, got), e) in names.iter().zip(&cpu_g).zip(&emu_g) {
+        let sc = e.iter().fold(1e-6f64, |m, v| m.max(v.abs() as f64));
+        let tol = 1e-4 * sc * (1.0 + ((b * hw) as f64).sqrt() / 4.0);
+        assert_eq!(mismatch(got, &f64s(e), tol, 0.0), None, "{name}");
+    }
+}
