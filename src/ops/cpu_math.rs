@@ -50,6 +50,14 @@ pub(crate) fn grow(buf: &mut Vec<f32>, n: usize) {
     }
 }
 
+/// task(t) for t in 0..n over the rayon threads, through one instantiation for every caller
+/// (the task behind a `dyn`): each generic parallel loop costs the size-budgeted reclmis-infer
+/// a KB or more (the PLAM gate's phases as generic loops: 5.7 KB).
+pub(crate) fn par_tasks(n: usize, task: &(dyn Fn(usize) + Sync)) {
+    use rayon::prelude::*;
+    (0..n).into_par_iter().for_each(task);
+}
+
 /// A new Vec of n f32 that `fill(chunk_index, chunk)` writes completely, chunk by chunk in
 /// parallel (rayon), without a zeroing pass (`Unfilled`).
 pub fn par_new(

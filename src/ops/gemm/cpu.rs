@@ -73,10 +73,13 @@ pub const FEW_ROWS: usize = 32;
 /// and dotted with every input row (which stay in cache); features are spread over the threads.
 pub fn linear_few_rows(x: &[f32], w: &[f32], bias: Option<&[f32]>, rows: usize, k: usize, n: usize) -> Vec<f32> {
     const BLOCK: usize = 64;
+    assert!(x.len() == rows * k && w.len() == n * k, "few-rows Linear: x [rows, k], w [n, k]");
     let mut yt = vec![0.0f32; n * rows];
-    yt.par_chunks_mut(BLOCK * rows).enumerate().for_each(|(blk, chunk)| {
-        let j0 = blk * BLOCK;
-        let nb = chunk.len() / rows.max(1);
+    let yp = crate::ops::cpu_math::SendPtr(yt.as_mut_ptr());
+    crate::ops::cpu_math::par_tasks(n.div_ceil(BLOCK), &|blk| {
+        let (j0, nb) = (blk * BLOCK, BLOCK.min(n - blk * BLOCK));
+        // SAFETY: block blk alone writes features [j0, j0 + nb) of yt (n · rows floats).
+        let chunk = unsafe { std::slice::from_raw_parts_mut(yp.get().add(j0 * rows), nb * rows) };
         reclmis_cpu_loops::gemm::few_rows_block(
             x,
             &w[j0 * k..(j0 + nb) * k],

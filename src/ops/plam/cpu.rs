@@ -4,7 +4,7 @@
 
 use super::PlamWeights;
 use crate::error::Result;
-use rayon::prelude::*;
+use crate::ops::cpu_math::{par_tasks, SendPtr, Unfilled};
 
 /// The gate MLP's 31 parameters on the host.
 pub struct Fc {
@@ -24,52 +24,68 @@ impl Fc {
 /// (per channel a task reads 16 KB of a row).
 const PIX: usize = 4096;
 
+/// The pixel ranges of one image's map: (image, first pixel, pixels) of task t.
+fn range(t: usize, hw: usize) -> (usize, usize, usize) {
+    let per = hw.div_ceil(PIX).max(1);
+    let (i, p0) = (t / per, (t % per) * PIX);
+    (i, p0, PIX.min(hw - p0.min(hw)))
+}
+
 /// (mean_c ReLU(A), max_c ReLU(M), argmax) of every pixel of every image ([B, HW] each), in
 /// parallel over ranges of pixels; each pixel visits its channels in order.
 fn features(a: &[f32], m: &[f32], b: usize, c: usize, hw: usize) -> (Vec<f32>, Vec<f32>, Vec<i32>) {
     let n = b * hw;
+    assert!(a.len() == n * c && m.len() == n * c, "plam features: a and m must be [B, C, HW]");
     let (mut sa, mut mm, mut arg) = (vec![0.0f32; n], vec![f32::NEG_INFINITY; n], vec![0i32; n]);
-    sa.par_chunks_mut(hw.max(1))
-        .zip(mm.par_chunks_mut(hw.max(1)))
-        .zip(arg.par_chunks_mut(hw.max(1)))
-        .enumerate()
-        .for_each(|(i, ((sa, mm), arg))| {
-            let (ai, mi) = (&a[i * c * hw..(i + 1) * c * hw], &m[i * c * hw..(i + 1) * c * hw]);
-            sa.par_chunks_mut(PIX).zip(mm.par_chunks_mut(PIX)).zip(arg.par_chunks_mut(PIX)).enumerate().for_each(
-                |(j, ((sa, mm), arg))| {
-                    let p0 = j * PIX;
-                    for ch in 0..c {
-                        let (ar, mr) = (&ai[ch * hw + p0..][..sa.len()], &mi[ch * hw + p0..][..sa.len()]);
-                        for p in 0..sa.len() {
-                            sa[p] += ar[p].max(0.0);
-                            let v = mr[p].max(0.0);
-                            if v > mm[p] {
-                                mm[p] = v;
-                                arg[p] = ch as i32;
-                            }
-                        }
-                    }
-                    sa.iter_mut().for_each(|v| *v /= c as f32);
-                },
-            );
-        });
+    let (sp, mp, ap) = (SendPtr(sa.as_mut_ptr()), SendPtr(mm.as_mut_ptr()), SendPtr(arg.as_mut_ptr()));
+    par_tasks(b * hw.div_ceil(PIX), &|t| {
+        let (i, p0, np) = range(t, hw);
+        // SAFETY: task t alone writes pixels [p0, p0 + np) of image i, inside the n elements of
+        // each output (np <= hw − p0).
+        let (sa, mm, arg) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(sp.get().add(i * hw + p0), np),
+                std::slice::from_raw_parts_mut(mp.get().add(i * hw + p0), np),
+                std::slice::from_raw_parts_mut(ap.get().add(i * hw + p0), np),
+            )
+        };
+        for ch in 0..c {
+            let off = (i * c + ch) * hw + p0;
+            let (ar, mr) = (&a[off..off + np], &m[off..off + np]);
+            for p in 0..np {
+                sa[p] += ar[p].max(0.0);
+                let v = mr[p].max(0.0);
+                if v > mm[p] {
+                    mm[p] = v;
+                    arg[p] = ch as i32;
+                }
+            }
+        }
+        sa.iter_mut().for_each(|v| *v /= c as f32);
+    });
     (sa, mm, arg)
 }
 
 /// out[i, ch, p] = f[i, p] · x[i, ch, p] over every row of x [B, C, HW], rows in parallel.
 fn scale_rows(f: &[f32], x: &[f32], c: usize, hw: usize) -> Vec<f32> {
-    let mut out = vec![0.0f32; x.len()];
-    out.par_chunks_mut(hw.max(1)).zip(x.par_chunks(hw.max(1))).enumerate().for_each(|(r, (o, xr))| {
-        let fi = &f[(r / c.max(1)) * hw..][..hw];
+    let rows = x.len() / hw.max(1);
+    assert!(rows * hw == x.len() && f.len() * c == x.len(), "plam: f must be [B, HW] for x [B, C, HW]");
+    let mut out = Unfilled::new(x.len());
+    let op = out.ptr();
+    par_tasks(rows, &|r| {
+        let (fi, xr) = (&f[(r / c) * hw..][..hw], &x[r * hw..][..hw]);
+        // SAFETY: task r alone writes row r, inside the x.len() floats of out.
+        let o = unsafe { std::slice::from_raw_parts_mut(op.get().add(r * hw), hw) };
         for p in 0..hw {
             o[p] = fi[p] * xr[p];
         }
     });
-    out
+    // SAFETY: the rows cover every element.
+    unsafe { out.filled() }
 }
 
 /// (out, g, arg)
-pub fn forward(
+pub(crate) fn forward(
     a: &[f32],
     m: &[f32],
     s: &[f32],
@@ -79,7 +95,15 @@ pub fn forward(
     hw: usize,
 ) -> (Vec<f32>, Vec<f32>, Vec<i32>) {
     let (fa, fm, arg) = features(a, m, b, c, hw);
-    let g: Vec<f32> = fa.par_iter().zip(fm.par_iter()).map(|(&x, &y)| gate(fc, [x, y, x + y]).0).collect();
+    let mut g = vec![0.0f32; b * hw];
+    let gp = SendPtr(g.as_mut_ptr());
+    par_tasks(b * hw.div_ceil(PIX), &|t| {
+        let (i, p0, np) = range(t, hw);
+        for q in i * hw + p0..i * hw + p0 + np {
+            // SAFETY: task t alone writes its pixels, inside g's b·hw floats.
+            unsafe { *gp.get().add(q) = gate(fc, [fa[q], fm[q], fa[q] + fm[q]]).0 };
+        }
+    });
     (scale_rows(&g, s, c, hw), g, arg)
 }
 
@@ -98,7 +122,7 @@ fn gate(fc: &Fc, f: [f32; 3]) -> (f32, [f32; 6]) {
 /// element of a and m is read before its own gradient replaces it: the backward's working set
 /// at the decoder's full resolution is two tensors smaller).
 #[allow(clippy::too_many_arguments)]
-pub fn backward(
+pub(crate) fn backward(
     a: &mut [f32],
     m: &mut [f32],
     s: &[f32],
@@ -109,55 +133,67 @@ pub fn backward(
     c: usize,
     hw: usize,
 ) -> (Vec<f32>, Vec<f32>) {
+    let n = b * hw;
+    assert!(s.len() == n * c && dout.len() == n * c && g.len() == n, "plam backward: shapes");
     // every phase runs over all the threads at any batch (the gate is per pixel, its products
     // per row): the features before a and m are overwritten
     let (fa, fm, arg) = features(a, m, b, c, hw);
-    // dg = Σ_ch dout·s per pixel, channels in order
-    let mut dg = vec![0.0f32; b * hw];
-    dg.par_chunks_mut(hw.max(1)).enumerate().for_each(|(i, dgi)| {
-        dgi.par_chunks_mut(PIX).enumerate().for_each(|(j, d)| {
-            for ch in 0..c {
-                let off = i * c * hw + ch * hw + j * PIX;
-                let (dr, sr) = (&dout[off..][..d.len()], &s[off..][..d.len()]);
-                for p in 0..d.len() {
-                    d[p] += dr[p] * sr[p];
-                }
-            }
-        })
-    });
     let ds = scale_rows(g, dout, c, hw);
-    // per pixel: the gate's parameter gradients (f64 sums per range, then over ranges) and the
-    // gradients reaching mean ReLU(A) and max ReLU(M)
-    let (mut dav, mut dmv) = (vec![0.0f32; b * hw], vec![0.0f32; b * hw]);
-    let parts: Vec<Vec<f64>> = dav
-        .par_chunks_mut(PIX)
-        .zip(dmv.par_chunks_mut(PIX))
-        .enumerate()
-        .map(|(j, (dav, dmv))| {
-            let mut acc = vec![0.0f64; 31];
-            for (k, q) in (j * PIX..j * PIX + dav.len()).enumerate() {
-                let f = [fa[q], fm[q], fa[q] + fm[q]];
-                let (_, z) = gate(fc, f);
-                let mut df = [0.0f32; 3];
-                for jj in 0..6 {
-                    acc[24 + jj] += (dg[q] * z[jj].max(0.0)) as f64;
-                    let dz = if z[jj] > 0.0 { dg[q] * fc.w2[jj] } else { 0.0 };
-                    for kk in 0..3 {
-                        acc[jj * 3 + kk] += (dz * f[kk]) as f64;
-                        df[kk] += dz * fc.w1[jj * 3 + kk];
-                    }
-                    acc[18 + jj] += dz as f64;
-                }
-                acc[30] += dg[q] as f64;
-                dav[k] = (df[0] + df[2]) / c as f32;
-                dmv[k] = df[1] + df[2];
+    // per range of pixels: dg = Σ_ch dout·s (channels in order), then the gate's parameter
+    // gradients (f64 sums per range, then over ranges) and the gradients reaching mean ReLU(A)
+    // and max ReLU(M)
+    let tasks = b * hw.div_ceil(PIX);
+    let (mut dav, mut dmv) = (vec![0.0f32; n], vec![0.0f32; n]);
+    let mut parts = vec![[0.0f64; 31]; tasks];
+    let (dap, dmp, pp) = (SendPtr(dav.as_mut_ptr()), SendPtr(dmv.as_mut_ptr()), SendPtr(parts.as_mut_ptr()));
+    par_tasks(tasks, &|t| {
+        let (i, p0, np) = range(t, hw);
+        let mut dg = vec![0.0f32; np];
+        for ch in 0..c {
+            let off = (i * c + ch) * hw + p0;
+            let (dr, sr) = (&dout[off..off + np], &s[off..off + np]);
+            for p in 0..np {
+                dg[p] += dr[p] * sr[p];
             }
-            acc
-        })
-        .collect();
+        }
+        // SAFETY: task t alone writes its pixels of dav and dmv and its own entry of parts.
+        let (dav, dmv, acc) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(dap.get().add(i * hw + p0), np),
+                std::slice::from_raw_parts_mut(dmp.get().add(i * hw + p0), np),
+                &mut *pp.get().add(t),
+            )
+        };
+        for p in 0..np {
+            let q = i * hw + p0 + p;
+            let f = [fa[q], fm[q], fa[q] + fm[q]];
+            let (_, z) = gate(fc, f);
+            let mut df = [0.0f32; 3];
+            for j in 0..6 {
+                acc[24 + j] += (dg[p] * z[j].max(0.0)) as f64;
+                let dz = if z[j] > 0.0 { dg[p] * fc.w2[j] } else { 0.0 };
+                for k in 0..3 {
+                    acc[j * 3 + k] += (dz * f[k]) as f64;
+                    df[k] += dz * fc.w1[j * 3 + k];
+                }
+                acc[18 + j] += dz as f64;
+            }
+            acc[30] += dg[p] as f64;
+            dav[p] = (df[0] + df[2]) / c as f32;
+            dmv[p] = df[1] + df[2];
+        }
+    });
     // dA and dM over a and m, rows in parallel
-    a.par_chunks_mut(hw.max(1)).zip(m.par_chunks_mut(hw.max(1))).enumerate().for_each(|(r, (ar, mr))| {
-        let (i, ch) = (r / c.max(1), r % c.max(1));
+    let (ap, mp) = (SendPtr(a.as_mut_ptr()), SendPtr(m.as_mut_ptr()));
+    par_tasks(n * c / hw.max(1), &|r| {
+        let (i, ch) = (r / c, r % c);
+        // SAFETY: task r alone writes row r of a and m (n·c floats each, checked by features).
+        let (ar, mr) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(ap.get().add(r * hw), hw),
+                std::slice::from_raw_parts_mut(mp.get().add(r * hw), hw),
+            )
+        };
         let (dav, dmv, arg) = (&dav[i * hw..][..hw], &dmv[i * hw..][..hw], &arg[i * hw..][..hw]);
         for p in 0..hw {
             ar[p] = if ar[p] > 0.0 { dav[p] } else { 0.0 };
