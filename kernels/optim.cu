@@ -2,8 +2,10 @@
 //   (AdamW) p ← p·(1 − lr·wd);  (Adam) g ← g + wd·p
 //   m ← β1·m + (1 − β1)·g;  v ← β2·v + (1 − β2)·g²
 //   p ← p − (lr / bc1) · m / (√v / √bc2 + eps),  bc_i = 1 − β_i^step
-// Tensors are immutable in the engine (caches key on their identity), so the new p, m and v are
-// written to fresh buffers: one read of p, g, m, v and one write of each result.
+// The new p goes to a fresh buffer (tensors are immutable in the engine: caches key on their
+// identity); m_out and v_out are m and v themselves when the optimiser owns its moments alone
+// (optim::adam_update_owned), else fresh buffers. Each element is read before it is written, by
+// one thread: one read of p, g, m, v and one write of each result.
 #include "common.cuh"
 
 // p, g, m, v, p_out, m_out, v_out: [n]

@@ -91,6 +91,25 @@ pub(crate) fn rand_tensor(shape: &[usize], seed: u64, dev: &Device) -> Result<Te
     Tensor::from_vec(Rng::new(seed).vec(shape.iter().product(), -1.0, 1.0), shape, dev)
 }
 
+/// A validator: the output against `want()`, an f64 reference computed from the case's inputs
+/// when the output is first checked (so that no host copy lives while the case is timed), within
+/// `testing::mismatch`'s atol and rtol.
+pub(crate) fn check_with(
+    op: &'static str,
+    (atol, rtol): (f64, f64),
+    want: impl Fn() -> Result<Vec<f64>> + 'static,
+) -> Option<Validator> {
+    Some(Box::new(move |y| match crate::testing::mismatch(&y.to_vec()?, &want()?, atol, rtol) {
+        None => Ok(()),
+        Some(e) => Err(Error::Other(format!("{op}: {e}"))),
+    }))
+}
+
+/// A tensor's values in f64 (for the references).
+pub(crate) fn host(t: &Tensor) -> Result<Vec<f64>> {
+    Ok(t.to_vec()?.iter().map(|&v| v as f64).collect())
+}
+
 /// The GEMM algorithm the cases of GEMM-based ops time: the tf32 tensor cores on cuda/emu (the
 /// kernels a GPU run is for), the cpu's own choice there.
 pub(crate) fn gemm_algo(dev: &Device) -> GemmAlgo {

@@ -45,13 +45,20 @@ fn check_adam(dev: &Device, n: usize, steps: u64, decoupled: bool, wd: bool, see
 
 per_device!(check_adam, (n in dim(), steps in 1u64..4, decoupled in any::<bool>(), wd in any::<bool>(), seed in any::<u64>()));
 
-/// `Adam::step` on the cpu writes its moments in place, split over the rayon threads: checked
+/// `Adam::step` writes its moments in place (the cpu over the rayon threads, emu's kernel over
+/// its own buffers): checked
 /// against the f64 reference (bounds as in `check_adam`) at a size that spans several chunks and
 /// a tail; a moment another handle shares is not written; a bad gradient leaves the state as it
 /// was.
 #[test]
 fn adam_step_in_place_matches_the_reference() {
-    let d = Device::Cpu;
+    for kind in ["cpu", "emu"] {
+        adam_step_in_place_on(&device(kind));
+    }
+}
+
+fn adam_step_in_place_on(d: &Device) {
+    let d = d.clone();
     let n = 3 * (1 << 14) + 5;
     let c = AdamConfig { weight_decay: 0.01, decoupled: true, lr: 1e-2, ..AdamConfig::default() };
     let mut rng = reclmis::testing::Rng::new(5);

@@ -97,14 +97,22 @@ pub fn adam_update(
     }
     let out = |_| Tensor::empty(p.shape(), DType::F32, dev);
     let (pn, mn, vn) = (out(0)?, out(1)?, out(2)?);
+    launch(c, (bc1, bc2_sqrt), [p, g, m, v], [&pn, &mn, &vn])?;
+    Ok((pn, mn, vn))
+}
+
+/// The fused kernel over [p, g, m, v] into [p_out, m_out, v_out] (checked by `adam_check`; an
+/// output may be its own input's buffer: each element is read before it is written, by the same
+/// thread).
+fn launch(c: &AdamConfig, (bc1, bc2_sqrt): (f32, f32), [p, g, m, v]: [&Tensor; 4], out: [&Tensor; 3]) -> Result<()> {
     let a = AdamParams {
         p: p.dev_ptr(),
         g: g.dev_ptr(),
         m: m.dev_ptr(),
         v: v.dev_ptr(),
-        p_out: pn.dev_ptr(),
-        m_out: mn.dev_ptr(),
-        v_out: vn.dev_ptr(),
+        p_out: out[0].dev_ptr(),
+        m_out: out[1].dev_ptr(),
+        v_out: out[2].dev_ptr(),
         n: p.numel() as u64,
         lr: c.lr,
         beta1: c.beta1,
@@ -116,15 +124,17 @@ pub fn adam_update(
         decoupled: c.decoupled as u32,
     };
     if p.numel() > 0 {
-        // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
-        unsafe { dev.launch(Kernel::adam_fwd_f32, LaunchCfg::elementwise(p.numel()), &a) }?;
+        // SAFETY: the params hold pointers to live buffers of the sizes adam_check checked, for
+        // the kernel they were declared for; an output aliasing its input is read, then written,
+        // by one thread per element.
+        unsafe { p.device().launch(Kernel::adam_fwd_f32, LaunchCfg::elementwise(p.numel()), &a) }?;
     }
-    Ok((pn, mn, vn))
+    Ok(())
 }
 
-/// `adam_update` writing the moments in place where it can (cpu, moments no other handle
-/// shares: the optimiser's own), so that a step streams p, g, m and v once and allocates only
-/// the new parameter. The same arithmetic, bit for bit.
+/// `adam_update` writing the moments in place where it can (moments no other handle shares: the
+/// optimiser's own), so that a step streams p, g, m and v once and allocates only the new
+/// parameter, on every device. The same arithmetic, bit for bit.
 fn adam_update_owned(
     c: &AdamConfig,
     step: u64,
@@ -135,8 +145,15 @@ fn adam_update_owned(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let op = "adam";
     let (bc1, bc2_sqrt) = adam_check(c, step, p, g, &m, &v)?;
-    if !(matches!(p.device(), Device::Cpu) && m.is_sole() && v.is_sole()) {
+    if !(m.is_sole() && v.is_sole()) {
         return adam_update(c, step, p, g, &m, &v);
+    }
+    if !matches!(p.device(), Device::Cpu) {
+        // the kernel writes the moments over themselves: every device holds the same tensors
+        // (the memory accounting of the cpu is the GPU's)
+        let pn = Tensor::empty(p.shape(), DType::F32, p.device())?;
+        launch(c, (bc1, bc2_sqrt), [p, g, &m, &v], [&pn, &m, &v])?;
+        return Ok((pn, m, v));
     }
     let mut pn = p.cpu_f32(op)?.to_vec();
     match (m.sole_cpu_f32_mut(), v.sole_cpu_f32_mut()) {

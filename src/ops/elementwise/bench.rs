@@ -1,7 +1,7 @@
 //! Elementwise benchmark cases (ReLU and its backward, broadcast add, GELU, QuickGELU),
 //! `--shape DxDx...` for ReLU, and the unary and broadcast binary self-checks.
 
-use crate::bench::{cap, rand_tensor, Case, Group, Shaped};
+use crate::bench::{cap, check_with, host, rand_tensor, Case, Group, Shaped};
 use crate::device::Device;
 use crate::error::Result;
 use crate::ops::elementwise::{self, BinaryOp, UnaryOp};
@@ -32,8 +32,14 @@ fn cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
         flops: n,
         bytes: 12.0 * n,
         peer: None,
+        validate: {
+            let (x, dy) = (a5.clone(), g5.clone());
+            // dy where x > 0, else 0: exact
+            check_with("relu_bwd", (0.0, 0.0), move || {
+                Ok(elementwise::reference::unary_backward(UnaryOp::Relu, &host(&x)?, &host(&dy)?))
+            })
+        },
         run: Box::new(move || elementwise::unary_backward(UnaryOp::Relu, &a5, &y5, &g5)),
-        validate: None,
     });
     let a2 = act.clone();
     v.push(Case {
@@ -42,8 +48,14 @@ fn cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
         flops: n,
         bytes: 8.0 * n,
         peer: Some(format!("add_bcast {bt} {c} {hw} {hw}")),
+        validate: {
+            let (a, b) = (a2.clone(), bias.clone());
+            // one correctly rounded f32 add: half an ulp of the sum
+            check_with("add_bcast", (0.0, EPS32), move || {
+                Ok(elementwise::reference::binary(&host(&a)?, a.shape(), &host(&b)?, b.shape(), BinaryOp::Add))
+            })
+        },
         run: Box::new(move || elementwise::add(&a2, &bias)),
-        validate: None,
     });
     // the reconstruction transformers' GELU over 32 images x 196 tokens x 512 channels, and the
     // CLIP tower's QuickGELU on its 2048-wide MLP over 32 x 18 tokens
@@ -84,8 +96,11 @@ fn relu_case(x: Tensor) -> Case {
         flops: n,
         bytes: 8.0 * n,
         peer: Some(format!("relu {}", dims.join(" "))),
+        validate: {
+            let x = x.clone();
+            check_with("relu", (0.0, 0.0), move || Ok(elementwise::reference::unary(&host(&x)?, UnaryOp::Relu)))
+        },
         run: Box::new(move || elementwise::unary(&x, UnaryOp::Relu)),
-        validate: None,
     }
 }
 

@@ -1,6 +1,6 @@
 //! Embedding benchmark case: the CLIP token embedding lookup (49408 x 512 table).
 
-use crate::bench::{rand_tensor, Case, Group};
+use crate::bench::{check_with, host, rand_tensor, Case, Group};
 use crate::device::Device;
 use crate::error::Result;
 use crate::ops::embedding;
@@ -20,7 +20,12 @@ fn cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
         flops: 0.0,
         bytes: 8.0 * (toks * d) as f64,
         peer: Some(format!("embedding {toks} {vocab} {d}")),
-        validate: None,
+        validate: {
+            let (ids, table) = (ids.clone(), table.clone());
+            check_with("embedding", (0.0, 0.0), move || {
+                Ok(embedding::reference::forward(&ids.to_vec_i32()?, &host(&table)?, d))
+            })
+        },
         run: Box::new(move || embedding::embedding(&ids, &table)),
     });
     Ok(())

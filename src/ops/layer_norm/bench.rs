@@ -1,7 +1,7 @@
 //! Layer norm benchmark cases (forward and backward at the reconstruction transformers' sizes)
 //! and the layer norm self-check.
 
-use crate::bench::{rand_tensor, Case, Group};
+use crate::bench::{check_with, host, rand_tensor, Case, Group};
 use crate::device::Device;
 use crate::error::Result;
 use crate::ops::layer_norm;
@@ -27,7 +27,14 @@ fn cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
         flops: 8.0 * n,
         bytes: 8.0 * n,
         peer: Some(format!("layer_norm {rows} {c}")),
-        validate: None,
+        validate: {
+            let a = a.clone();
+            // unit-scale rows (values in [-1, 1), γ and β too): selfcheck's eps·(|x| / std)·√C
+            // bound, for a std of about 0.58
+            check_with("layer_norm", (2e-5, 0.0), move || {
+                Ok(layer_norm::reference::forward(&host(&a.0)?, Some(&host(&a.1)?), Some(&host(&a.2)?), c, 1e-5))
+            })
+        },
         run: Box::new(move || Ok(layer_norm::layer_norm(&a.0, Some(&a.1), Some(&a.2), 1e-5)?.y)),
     });
     let a = ln_in;

@@ -1,13 +1,13 @@
 //! Pooling benchmark cases (the U-Net's first max-pool and last upsampling, with backwards) and
 //! the max-pool self-check.
 
-use crate::bench::{rand_tensor, Case, Group};
+use crate::bench::{check_with, host, rand_tensor, Case, Group};
 use crate::device::Device;
 use crate::error::Result;
 use crate::ops::pool;
 use crate::selfcheck::Checks;
 use crate::tensor::Tensor;
-use crate::testing::{f64s, mismatch};
+use crate::testing::{f64s, mismatch, EPS32};
 
 pub const GROUP: Group = Group {
     names: &["max_pool2", "max_pool2_bwd", "upsample2", "upsample2_bwd"],
@@ -30,7 +30,10 @@ fn cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
         flops: 0.75 * n,
         bytes: 4.0 * n * 1.5,
         peer: Some(format!("maxpool {b} {c} {hw}")),
-        validate: None,
+        validate: {
+            let x = big.clone();
+            check_with("max_pool2", (0.0, 0.0), move || Ok(pool::reference::max_pool2(&host(&x)?, b * c, hw, hw).0))
+        },
         run: Box::new(move || Ok(pool::max_pool2(&x)?.0)),
     });
     let (g, i, full) = (pooled.clone(), idx, big.shape().to_vec());
@@ -50,7 +53,12 @@ fn cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
         flops: 0.0,
         bytes: 4.0 * n * 1.25,
         peer: Some(format!("upsample {b} {c} {}", hw / 2)),
-        validate: None,
+        validate: {
+            let x = x.clone();
+            check_with("upsample2", (0.0, 0.0), move || {
+                Ok(pool::reference::upsample2(&host(&x)?, b * c, hw / 2, hw / 2))
+            })
+        },
         run: Box::new(move || pool::upsample2(&x)),
     });
     v.push(Case {
@@ -59,7 +67,13 @@ fn cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
         flops: 0.75 * n,
         bytes: 4.0 * n * 1.25,
         peer: None,
-        validate: None,
+        validate: {
+            let dy = big.clone();
+            // sums of four values of magnitude < 1: two roundings
+            check_with("upsample2_bwd", (4.0 * EPS32, 0.0), move || {
+                Ok(pool::reference::upsample2_backward(&host(&dy)?, b * c, hw / 2, hw / 2))
+            })
+        },
         run: Box::new(move || pool::upsample2_backward(&big)),
     });
     Ok(())

@@ -1,7 +1,7 @@
 //! Reduction benchmark cases (sum over channels, max over pixels, the sum's backward on a U-Net
 //! activation) and the reduction self-check.
 
-use crate::bench::{rand_tensor, Case, Group};
+use crate::bench::{check_with, host, rand_tensor, Case, Group};
 use crate::device::Device;
 use crate::error::Result;
 use crate::ops::reduce;
@@ -24,8 +24,14 @@ fn cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
         flops: n,
         bytes: 4.0 * n + 4.0 * n / c as f64,
         peer: Some(format!("sum1 {bt} {c} {hw} {hw}")),
+        validate: {
+            let x = a3.clone();
+            // c values of magnitude < 1 summed in f32: c roundings of at most the sum of magnitudes
+            check_with("sum", (c as f64 * EPS32, 0.0), move || {
+                Ok(reduce::reference::reduce(&host(&x)?, bt, c, hw * hw, reduce::ReduceOp::Sum).0)
+            })
+        },
         run: Box::new(move || reduce::sum(&a3, 1)),
-        validate: None,
     });
     let a4 = act.clone();
     v.push(Case {
@@ -34,8 +40,13 @@ fn cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
         flops: n,
         bytes: 4.0 * n + 8.0 * n / (hw * hw) as f64,
         peer: None,
+        validate: {
+            let x = a4.clone();
+            check_with("max", (0.0, 0.0), move || {
+                Ok(reduce::reference::reduce(&host(&x)?, bt * c, hw * hw, 1, reduce::ReduceOp::Max).0)
+            })
+        },
         run: Box::new(move || Ok(reduce::max(&a4.reshape(&[bt, c, hw * hw])?, -1)?.0)),
-        validate: None,
     });
     let g6 = rand_tensor(&[bt, hw, hw], 9, dev)?;
     let shape6 = [bt, c, hw, hw];

@@ -1,6 +1,6 @@
 //! Softmax benchmark cases (attention-like rows), `--shape ROWSxCOLS`, and its self-check.
 
-use crate::bench::{cap, dims, rand_tensor, Case, Group, Shaped};
+use crate::bench::{cap, check_with, dims, host, rand_tensor, Case, Group, Shaped};
 use crate::device::Device;
 use crate::error::Result;
 use crate::ops::softmax;
@@ -44,8 +44,14 @@ fn softmax_case(x: Tensor) -> Case {
         flops: 5.0 * (rows * cols) as f64,
         bytes: 8.0 * (rows * cols) as f64,
         peer: Some(format!("softmax {rows} {cols}")),
+        // as selfcheck's bound: each output is exp(x − max) over a sum of `cols` such terms
+        validate: {
+            let x = x.clone();
+            check_with("softmax", (1e-7, 64.0 * EPS32), move || {
+                Ok(softmax::reference::forward(&host(&x)?, cols, false))
+            })
+        },
         run: Box::new(move || softmax::softmax(&x)),
-        validate: None,
     }
 }
 

@@ -1,7 +1,7 @@
 //! Layout benchmark cases (a batched transpose, the attention head split, a row narrow) and the
 //! transpose self-check.
 
-use crate::bench::{rand_tensor, Case, Group};
+use crate::bench::{check_with, host, rand_tensor, Case, Group};
 use crate::device::Device;
 use crate::error::Result;
 use crate::ops::transpose;
@@ -21,8 +21,13 @@ fn cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
         flops: 0.0,
         bytes: 8.0 * (tb * tr * tc) as f64,
         peer: Some(format!("transpose {tb} {tr} {tc}")),
+        validate: {
+            let t = t.clone();
+            check_with("transpose", (0.0, 0.0), move || {
+                Ok(transpose::reference::permute(&host(&t)?, &[tb, tr, tc], &[0, 2, 1]))
+            })
+        },
         run: Box::new(move || transpose::transpose(&t, 1, 2)),
-        validate: None,
     });
     // The attention head split: [B, T, H, D] -> [B, H, T, D] (a general permutation).
     let (pb, pt, ph, pd) = if small { (2, 17, 4, 16) } else { (32, 196, 4, 128) };
@@ -33,8 +38,13 @@ fn cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
         flops: 0.0,
         bytes: 8.0 * (pb * pt * ph * pd) as f64,
         peer: Some(format!("permute0213 {pb} {pt} {ph} {pd}")),
+        validate: {
+            let q = q.clone();
+            check_with("permute", (0.0, 0.0), move || {
+                Ok(transpose::reference::permute(&host(&q)?, &[pb, pt, ph, pd], &[0, 2, 1, 3]))
+            })
+        },
         run: Box::new(move || transpose::permute(&q, &[0, 2, 1, 3])),
-        validate: None,
     });
     // The model's packed attention weights: the k rows of in_proj [3d, d].
     let d = if small { 64 } else { 512 };
@@ -45,8 +55,11 @@ fn cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
         flops: 0.0,
         bytes: 8.0 * (d * d) as f64,
         peer: Some(format!("narrow {} {d} {d} {d}", 3 * d)),
+        validate: {
+            let w = w.clone();
+            check_with("narrow", (0.0, 0.0), move || Ok(transpose::reference::narrow(&host(&w)?, &[3 * d, d], 0, d, d)))
+        },
         run: Box::new(move || transpose::narrow(&w, 0, d, d)),
-        validate: None,
     });
     Ok(())
 }
