@@ -4,7 +4,7 @@
 
 use crate::bench::{cap, dims, gemm_algo, rand_tensor, Case, Group, Shaped};
 use crate::device::Device;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::ops::conv;
 use crate::ops::gemm::GemmAlgo;
 use crate::selfcheck::{gemm_algos, Checks};
@@ -112,9 +112,47 @@ fn conv_case(dev: &Device, op: &'static str, (b, ci, co, hw): (usize, usize, usi
         flops: s.flops(),
         bytes: 4.0 * (b * (ci + co) * hw * hw + co * ci * k * k) as f64,
         peer: Some(format!("conv {b} {ci} {co} {hw} {k}")),
-        validate: None,
+        validate: Some({
+            let (x, w, bias) = (x.clone(), w.clone(), bias.clone());
+            // tf32 operands (cuda/emu) round each product by up to 2·2^-11; on the cpu,
+            // Winograd's transforms and f32 sums stay far below 1e-4 of the magnitude (the op
+            // tests bound them exactly): an indexing error is of the order of the magnitude itself
+            let tol = if algo == GemmAlgo::TensorCore { 2e-3 } else { 1e-4 };
+            Box::new(move |y: &Tensor| sampled_conv_check(&x, &w, &bias, &s, &y.to_vec()?, tol))
+        }),
         run: Box::new(move || conv::conv2d(&x, &w, Some(&bias), algo)),
     })
+}
+
+/// 64 sampled outputs of a stride-1 convolution with "same" padding against their f64 sums,
+/// each within `tol` of the sum of its terms' magnitudes.
+fn sampled_conv_check(x: &Tensor, w: &Tensor, bias: &Tensor, s: &conv::ConvShape, y: &[f32], tol: f64) -> Result<()> {
+    let (x, w, bias) = (x.to_vec()?, w.to_vec()?, bias.to_vec()?);
+    let (pad_h, pad_w) = (s.kh / 2, s.kw / 2);
+    let mut r = crate::rng::Rng::new(98);
+    for _ in 0..64 {
+        let mut pick = |n: usize| (r.next_u64() % n as u64) as usize;
+        let (bi, o, oy, ox) = (pick(s.b), pick(s.co), pick(s.h), pick(s.w));
+        let (mut acc, mut mag) = (bias[o] as f64, (bias[o] as f64).abs());
+        for c in 0..s.ci {
+            for ky in 0..s.kh {
+                for kx in 0..s.kw {
+                    let (iy, ix) = ((oy + ky).wrapping_sub(pad_h), (ox + kx).wrapping_sub(pad_w));
+                    if iy < s.h && ix < s.w {
+                        let t = x[((bi * s.ci + c) * s.h + iy) * s.w + ix] as f64
+                            * w[((o * s.ci + c) * s.kh + ky) * s.kw + kx] as f64;
+                        acc += t;
+                        mag += t.abs();
+                    }
+                }
+            }
+        }
+        let got = y[((bi * s.co + o) * s.h + oy) * s.w + ox] as f64;
+        if (got - acc).abs() > tol * mag {
+            return Err(Error::Other(format!("conv is wrong at ({bi},{o},{oy},{ox}): {got} vs {acc}")));
+        }
+    }
+    Ok(())
 }
 
 fn shaped(dev: &Device, op: &'static str, d: &[usize]) -> Result<Case> {
