@@ -107,7 +107,7 @@ pub(crate) fn check_with(
 
 /// A tensor's values in f64 (for the references).
 pub(crate) fn host(t: &Tensor) -> Result<Vec<f64>> {
-    Ok(t.to_vec()?.iter().map(|&v| v as f64).collect())
+    Ok(crate::testing::f64s(&t.to_vec()?))
 }
 
 /// The GEMM algorithm the cases of GEMM-based ops time: the tf32 tensor cores on cuda/emu (the

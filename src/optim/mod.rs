@@ -134,17 +134,17 @@ fn launch(c: &AdamConfig, (bc1, bc2_sqrt): (f32, f32), [p, g, m, v]: [&Tensor; 4
 
 /// `adam_update` writing the moments in place where it can (moments no other handle shares: the
 /// optimiser's own), so that a step streams p, g, m and v once and allocates only the new
-/// parameter, on every device. The same arithmetic, bit for bit.
+/// parameter, on every device. The same arithmetic, bit for bit. The operands were checked by
+/// `adam_check`, which gave the bias corrections.
 fn adam_update_owned(
     c: &AdamConfig,
-    step: u64,
+    (step, bc1, bc2_sqrt): (u64, f32, f32),
     p: &Tensor,
     g: &Tensor,
     mut m: Tensor,
     mut v: Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let op = "adam";
-    let (bc1, bc2_sqrt) = adam_check(c, step, p, g, &m, &v)?;
     if !(m.is_sole() && v.is_sole()) {
         return adam_update(c, step, p, g, &m, &v);
     }
@@ -226,17 +226,20 @@ impl Adam {
                 continue;
             };
             let zero = || Tensor::zeros(p.shape(), p.device());
-            // taken out of the state, not cloned: the cpu then writes them in place
+            // taken out of the state, not cloned: the update then writes them in place
             let (m, v) = match (self.m[i].take(), self.v[i].take()) {
                 (Some(m), Some(v)) => (m, v),
                 _ => (zero()?, zero()?),
             };
-            if let Err(e) = adam_check(&self.cfg, self.step, p, g, &m, &v) {
-                // put back (zeros where there was no state yet: the same first step)
-                (self.m[i], self.v[i]) = (Some(m), Some(v));
-                return Err(e);
-            }
-            let (pn, mn, vn) = adam_update_owned(&self.cfg, self.step, p, g, m, v)?;
+            let (bc1, bc2_sqrt) = match adam_check(&self.cfg, self.step, p, g, &m, &v) {
+                Ok(bc) => bc,
+                Err(e) => {
+                    // put back (zeros where there was no state yet: the same first step)
+                    (self.m[i], self.v[i]) = (Some(m), Some(v));
+                    return Err(e);
+                }
+            };
+            let (pn, mn, vn) = adam_update_owned(&self.cfg, (self.step, bc1, bc2_sqrt), p, g, m, v)?;
             self.m[i] = Some(mn);
             self.v[i] = Some(vn);
             out.push(Some(pn));

@@ -24,6 +24,11 @@ impl Fc {
 /// (per channel a task reads 16 KB of a row).
 const PIX: usize = 4096;
 
+/// How many pixel ranges B maps of hw pixels make (the tasks of `range`).
+fn ranges(b: usize, hw: usize) -> usize {
+    b * hw.div_ceil(PIX)
+}
+
 /// The pixel ranges of one image's map: (image, first pixel, pixels) of task t.
 fn range(t: usize, hw: usize) -> (usize, usize, usize) {
     let per = hw.div_ceil(PIX).max(1);
@@ -38,7 +43,7 @@ fn features(a: &[f32], m: &[f32], b: usize, c: usize, hw: usize) -> (Vec<f32>, V
     assert!(a.len() == n * c && m.len() == n * c, "plam features: a and m must be [B, C, HW]");
     let (mut sa, mut mm, mut arg) = (vec![0.0f32; n], vec![f32::NEG_INFINITY; n], vec![0i32; n]);
     let (sp, mp, ap) = (SendPtr(sa.as_mut_ptr()), SendPtr(mm.as_mut_ptr()), SendPtr(arg.as_mut_ptr()));
-    par_tasks(b * hw.div_ceil(PIX), &|t| {
+    par_tasks(ranges(b, hw), &|t| {
         let (i, p0, np) = range(t, hw);
         // SAFETY: task t alone writes pixels [p0, p0 + np) of image i, inside the n elements of
         // each output (np <= hw − p0).
@@ -97,7 +102,7 @@ pub(crate) fn forward(
     let (fa, fm, arg) = features(a, m, b, c, hw);
     let mut g = vec![0.0f32; b * hw];
     let gp = SendPtr(g.as_mut_ptr());
-    par_tasks(b * hw.div_ceil(PIX), &|t| {
+    par_tasks(ranges(b, hw), &|t| {
         let (i, p0, np) = range(t, hw);
         for q in i * hw + p0..i * hw + p0 + np {
             // SAFETY: task t alone writes its pixels, inside g's b·hw floats.
@@ -142,7 +147,7 @@ pub(crate) fn backward(
     // per range of pixels: dg = Σ_ch dout·s (channels in order), then the gate's parameter
     // gradients (f64 sums per range, then over ranges) and the gradients reaching mean ReLU(A)
     // and max ReLU(M)
-    let tasks = b * hw.div_ceil(PIX);
+    let tasks = ranges(b, hw);
     let (mut dav, mut dmv) = (vec![0.0f32; n], vec![0.0f32; n]);
     let mut parts = vec![[0.0f64; 31]; tasks];
     let (dap, dmp, pp) = (SendPtr(dav.as_mut_ptr()), SendPtr(dmv.as_mut_ptr()), SendPtr(parts.as_mut_ptr()));
