@@ -147,6 +147,10 @@ enum Cmd {
         rounds: usize,
         #[arg(long, help = PRECISION_HELP)]
         precision: Option<String>,
+        /// With --scenario: add the mean wall time per model module (`profile_ms`; the device
+        /// is synchronised at each module's start, so a GPU's times are its own too)
+        #[arg(long)]
+        profile: bool,
     },
     /// Write a synthetic QaTa-style dataset in the LViT layout (images, masks, notes as xlsx and csv)
     Synth {
@@ -518,12 +522,25 @@ fn run(cli: Cli) -> reclmis::Result<()> {
                 println!("SASS check: ok");
             }
         }
-        Cmd::BenchModel { device, scenario: Some(scenario), precision: p, .. } => {
+        Cmd::BenchModel { device, scenario: Some(scenario), precision: p, profile, .. } => {
             let dev = Device::from_choice(device)?;
             let p = precision(p.as_deref(), &dev)?;
-            println!("{}", bench::model::run(&scenario, &dev, p)?);
+            println!("{}", bench::model::run(&scenario, &dev, p, profile)?);
         }
-        Cmd::BenchModel { device, scenario: None, scenarios, peer, peer_script, no_compile, rounds, precision: p } => {
+        Cmd::BenchModel { profile: true, scenario: None, .. } => {
+            return Err(reclmis::Error::Other("--profile times one scenario: give --scenario".into()));
+        }
+        Cmd::BenchModel {
+            device,
+            scenario: None,
+            scenarios,
+            peer,
+            peer_script,
+            no_compile,
+            rounds,
+            precision: p,
+            ..
+        } => {
             if let Some(p) = &p {
                 Precision::parse(p)?;
             }

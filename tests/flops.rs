@@ -59,3 +59,24 @@ fn cli_prints_the_table() {
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(s.contains("infer GMACs") && s.contains("down4") && s.contains("total"), "{s}");
 }
+
+/// `bench-model --profile`: every module of the inference gets its wall time, the modules'
+/// times add up to the whole call's (nothing is lost between labels), and the timer leaves no
+/// state behind.
+#[test]
+fn profile_times_every_module() {
+    use reclmis::autograd::count::timer;
+    let m = RecLmis::new(Config::preset("tiny").unwrap(), &Device::Cpu, 0).unwrap();
+    let b = summary::synthetic_batch(&m, 2).unwrap();
+    let t = std::time::Instant::now();
+    let (p, seconds) = timer::timed(&Device::Cpu, || m.infer(&b));
+    let whole = t.elapsed().as_secs_f64();
+    p.unwrap();
+    for name in ["clip", "inc", "down1", "down4", "interact", "up4", "up1", "outc"] {
+        assert!(seconds.get(name).is_some_and(|&s| s > 0.0), "{name}: {seconds:?}");
+    }
+    let sum: f64 = seconds.values().sum();
+    assert!(sum <= whole && sum > 0.9 * whole, "modules {sum} s of {whole} s: {seconds:?}");
+    let (_, again) = timer::timed(&Device::Cpu, || ());
+    assert!(again.values().sum::<f64>() < 0.01 * whole, "a fresh timer starts empty: {again:?}");
+}

@@ -44,11 +44,62 @@ pub fn measure<T>(f: impl FnOnce() -> T) -> (T, std::collections::BTreeMap<&'sta
 #[inline]
 pub fn at(_label: &'static str) {
     #[cfg(feature = "train")]
-    state::STATE.with(|s| {
-        if let Some(s) = s.borrow_mut().as_mut() {
-            s.label = _label;
-        }
-    });
+    {
+        state::STATE.with(|s| {
+            if let Some(s) = s.borrow_mut().as_mut() {
+                s.label = _label;
+            }
+        });
+        timer::at(_label);
+    }
+}
+
+/// Wall time per module for `reclmis bench-model --profile`: while `timed` runs, each `at`
+/// waits for the device (so a GPU's queued kernels count where they were launched) and adds the
+/// time since the previous `at` to the previous module. Ops before the first `at` count under
+/// "other"; what follows the last one (a loss, a backward) under the last module unless the
+/// caller names it with `at`.
+#[cfg(feature = "train")]
+pub mod timer {
+    use crate::device::Device;
+    use std::cell::RefCell;
+    use std::collections::BTreeMap;
+    use std::time::Instant;
+
+    struct Timer {
+        dev: Device,
+        label: &'static str,
+        since: Instant,
+        seconds: BTreeMap<&'static str, f64>,
+    }
+
+    thread_local! {
+        static TIMER: RefCell<Option<Timer>> = const { RefCell::new(None) };
+    }
+
+    pub(super) fn at(label: &'static str) {
+        TIMER.with(|t| {
+            if let Some(t) = t.borrow_mut().as_mut() {
+                // a failed synchronise shows again at the caller's own; the time is then moot
+                let _ = t.dev.synchronize();
+                let now = Instant::now();
+                *t.seconds.entry(t.label).or_default() += (now - t.since).as_secs_f64();
+                t.label = label;
+                t.since = now;
+            }
+        });
+    }
+
+    /// Runs `f` timing its modules on `dev`; returns its result and the seconds per module.
+    pub fn timed<T>(dev: &Device, f: impl FnOnce() -> T) -> (T, BTreeMap<&'static str, f64>) {
+        let fresh = Timer { dev: dev.clone(), label: "other", since: Instant::now(), seconds: BTreeMap::new() };
+        let saved = TIMER.with(|t| t.borrow_mut().replace(fresh));
+        let out = f();
+        at("other");
+        let seconds =
+            TIMER.with(|t| std::mem::replace(&mut *t.borrow_mut(), saved)).map(|t| t.seconds).unwrap_or_default();
+        (out, seconds)
+    }
 }
 
 /// The current module while counting (what a backward closure records under), else None.

@@ -42,7 +42,9 @@ fn peak_rss_mb() -> f64 {
 }
 
 /// Runs one scenario (infer_b1, infer_b8, train_b4) and returns its JSON line.
-pub fn run(scenario: &str, dev: &Device, precision: crate::autograd::Precision) -> Result<String> {
+/// With `profile`, the line also has `profile_ms`: the mean wall time per module of a timed
+/// repetition (`autograd::count::timer`; the device is synchronised at each module's start).
+pub fn run(scenario: &str, dev: &Device, precision: crate::autograd::Precision, profile: bool) -> Result<String> {
     let cfg = Config::preset("official")?;
     let mut model = RecLmis::new(cfg.clone(), dev, 0)?;
     model.precision = precision;
@@ -56,10 +58,26 @@ pub fn run(scenario: &str, dev: &Device, precision: crate::autograd::Precision) 
     let mut times = vec![];
     // median (forward, backward, optimiser) seconds of the training step
     let mut phases: Option<[f64; 3]> = None;
+    let mut modules = Modules::new();
+    let mut timed = |i: usize, f: &mut dyn FnMut() -> Result<()>| -> Result<()> {
+        if !profile || i < warm {
+            return f();
+        }
+        let (out, seconds) = profiled(dev, f);
+        for (k, v) in seconds {
+            *modules.entry(k).or_default() += v / reps as f64;
+        }
+        out
+    };
     if scenario.starts_with("infer") {
         for i in 0..warm + reps {
             let t = Instant::now();
-            let p = model.infer(&data)?;
+            let mut p = None;
+            timed(i, &mut || {
+                p = Some(model.infer(&data)?);
+                Ok(())
+            })?;
+            let p = p.ok_or_else(|| Error::Other("inference gave no output".into()))?;
             dev.synchronize()?;
             if !p.to_vec()?.iter().all(|x| x.is_finite()) {
                 return Err(Error::Other("inference gave non-finite probabilities".into()));
@@ -69,14 +87,20 @@ pub fn run(scenario: &str, dev: &Device, precision: crate::autograd::Precision) 
             }
         }
     } else {
-        phases = Some(train_times(model, &data, warm, reps, dev, &mut times)?);
+        phases = Some(train_times(model, &data, warm, reps, dev, &mut times, &mut timed)?);
     }
+    let profile = if profile {
+        let ms: Vec<String> = modules.iter().map(|(k, v)| format!("\"{k}\": {:.2}", v * 1e3)).collect();
+        format!(", \"profile_ms\": {{{}}}", ms.join(", "))
+    } else {
+        String::new()
+    };
     let m = super::Timing::of(times.clone()).median;
     let phase = phases.map_or(String::new(), |p| {
         format!(", \"forward_s\": {:.4}, \"backward_s\": {:.4}, \"optimizer_s\": {:.4}", p[0], p[1], p[2])
     });
     Ok(format!(
-        "{{\"scenario\": \"{scenario}\", \"engine\": \"reclmis\", \"device\": \"{}\", \"precision\": \"{precision}\", \"batch\": {b}, \"median_s\": {m:.4}, \"per_image_s\": {:.4}, \"min_s\": {:.4}, \"peak_rss_mb\": {:.0}, \"peak_tensor_mb\": {:.0}, \"reps\": {reps}{phase}}}",
+        "{{\"scenario\": \"{scenario}\", \"engine\": \"reclmis\", \"device\": \"{}\", \"precision\": \"{precision}\", \"batch\": {b}, \"median_s\": {m:.4}, \"per_image_s\": {:.4}, \"min_s\": {:.4}, \"peak_rss_mb\": {:.0}, \"peak_tensor_mb\": {:.0}, \"reps\": {reps}{phase}{profile}}}",
         dev.describe(),
         m / b as f64,
         times.iter().cloned().fold(f64::INFINITY, f64::min),
@@ -95,13 +119,18 @@ fn train_times(
     reps: usize,
     dev: &Device,
     times: &mut Vec<f64>,
+    timed: &mut Timed,
 ) -> Result<[f64; 3]> {
     let mut tr = Trainer::new(model, AdamConfig::default());
     let mut ph: [Vec<f64>; 3] = Default::default();
     let mut rng = Rng::new(3);
     for i in 0..warm + reps {
         let t = Instant::now();
-        let l = tr.step(data, None, &mut rng)?;
+        let mut l = Default::default();
+        timed(i, &mut || {
+            l = tr.step(data, None, &mut rng)?;
+            Ok(())
+        })?;
         dev.synchronize()?;
         if !l["total"].is_finite() {
             return Err(Error::Other("training step gave a non-finite loss".into()));
@@ -117,8 +146,32 @@ fn train_times(
 }
 
 #[cfg(not(feature = "train"))]
-fn train_times(_: RecLmis, _: &Batch, _: usize, _: usize, _: &Device, _: &mut Vec<f64>) -> Result<[f64; 3]> {
+fn train_times(
+    _: RecLmis,
+    _: &Batch,
+    _: usize,
+    _: usize,
+    _: &Device,
+    _: &mut Vec<f64>,
+    _: &mut Timed,
+) -> Result<[f64; 3]> {
     Err(Error::Other("this build has no training (built without the `train` feature)".into()))
+}
+
+/// Runs repetition i (the closure), timing its modules when profiling a timed repetition.
+type Timed<'a> = dyn FnMut(usize, &mut dyn FnMut() -> Result<()>) -> Result<()> + 'a;
+
+/// Seconds per model module.
+type Modules = std::collections::BTreeMap<&'static str, f64>;
+
+#[cfg(feature = "train")]
+fn profiled(dev: &Device, f: &mut dyn FnMut() -> Result<()>) -> (Result<()>, Modules) {
+    crate::autograd::count::timer::timed(dev, f)
+}
+
+#[cfg(not(feature = "train"))]
+fn profiled(_: &Device, _: &mut dyn FnMut() -> Result<()>) -> (Result<()>, Modules) {
+    (Err(Error::Other("--profile needs the `train` feature (the module labels)".into())), Default::default())
 }
 
 /// The scenarios, as ../shared/peer/bench_cpu.py names them.

@@ -118,6 +118,7 @@ impl Trainer {
             return Err(Error::NonFinite(format!("loss term {k} is {v}")));
         }
         let t1 = Instant::now();
+        crate::autograd::count::at("backward");
         let grads = g.backward(&total, self.model.params.len())?;
         drop(total);
         let pending = self.pending.as_mut().ok_or_else(|| Error::Other("no step being gathered".into()))?;
@@ -169,6 +170,7 @@ impl Trainer {
     pub fn apply(&mut self) -> Result<BTreeMap<&'static str, f32>> {
         let p = self.pending.as_ref().ok_or_else(|| Error::Other("apply: no micro-batch was accumulated".into()))?;
         let t2 = Instant::now();
+        crate::autograd::count::at("optimizer");
         let mut gs = p.grads.clone();
         let norm = crate::optim::grad_norm(&gs).inspect_err(|_| self.discard())?;
         if !norm.is_finite() {
