@@ -4,7 +4,7 @@
 pub mod params;
 
 use crate::autograd::{Attention, Graph, Var};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::rng::Rng;
 use params::{Kind, ParamId, Params};
 
@@ -226,12 +226,29 @@ impl Mha {
     pub fn forward(&self, g: &Graph, p: &Params, x: &Var, mem: &Var, o: &MhaOpts) -> Result<Var> {
         let d = self.d;
         let (w, b) = (g.param(p, self.in_w), g.param(p, self.in_b));
-        let proj = |i: usize, inp: &Var| -> Result<Var> {
-            let wi = g.narrow(&w, 0, i * d, d)?;
-            let bi = g.narrow(&b, 0, i * d, d)?;
-            g.linear(inp, &wi, Some(&bi))
+        // rows [i·d, (i + n)·d) of the packed projection on inp in one product, split after it:
+        // narrowing the weight would copy it on every call (the text tower's 12 layers copied
+        // 36 MB per note), the outputs are small
+        let proj = |i: usize, n: usize, inp: &Var| -> Result<Vec<Var>> {
+            let y = if n == 3 {
+                g.linear(inp, &w, Some(&b))?
+            } else {
+                g.linear(inp, &g.narrow(&w, 0, i * d, n * d)?, Some(&g.narrow(&b, 0, i * d, n * d)?))?
+            };
+            if n == 1 {
+                return Ok(vec![y]);
+            }
+            let last = y.shape().len() - 1;
+            (0..n).map(|j| g.narrow(&y, last, j * d, d)).collect()
         };
-        let (q, k, v) = (proj(0, x)?, proj(1, mem)?, proj(2, mem)?);
+        let qkv = if std::ptr::eq(x, mem) {
+            proj(0, 3, x)?
+        } else {
+            let mut q = proj(0, 1, x)?;
+            q.extend(proj(1, 2, mem)?);
+            q
+        };
+        let [q, k, v] = &qkv[..] else { return Err(Error::Other("Mha: three projections".into())) };
         let a = Attention {
             heads: self.heads,
             causal: o.causal,
@@ -239,7 +256,7 @@ impl Mha {
             condition: o.condition,
             condition_on_logits: o.condition_on_logits,
         };
-        let h = g.attention(&q, &k, &v, &a)?;
+        let h = g.attention(q, k, v, &a)?;
         self.out.forward(g, p, &h)
     }
 }

@@ -3,17 +3,32 @@
 
 use crate::simd::{dispatch, Kernel, Simd};
 
-/// yᵀ for a block of output features: yt[j][r] = ⟨x_r, w_j⟩ (+ bias_j), w rows contiguous,
-/// x [rows, k], w [yt.len() / rows, k]. Register tiles of F features × R rows with fixed bounds
-/// (a partial tile repeats its last row or feature), so that the tile is unrolled into registers.
-/// Measured on the 2-core AMD EPYC dev VM at the CLIP tower's shapes (18 rows; k, n of 512/1536,
-/// 512/512, 512/2048, 2048/512), per layer: 4 × 2 with variable bounds (the earlier kernel) 1.14
-/// ms, 4 × 2 fixed 1.08, 4 × 3 0.97, 3 × 6 1.07, 4 × 4 1.14, 2 × 6 1.11, 6 × 3 0.92 (kept: 18
-/// accumulators, 9 loads per 18 products). The products are rounded before they are added (no
-/// FMA) and each output's lanes, horizontal sum and tail are formed in the same order whatever
-/// the tile, so every CPU and tile gives the same bits.
-pub fn few_rows_block(x: &[f32], w: &[f32], bias: Option<&[f32]>, yt: &mut [f32], k: usize, rows: usize) {
-    dispatch(FewRows { x, w, bias, yt, k, rows })
+/// y[r][j] = ⟨x_r, w_j⟩ (+ bias_j) for a block of output features j < w.len() / k, written at
+/// `y + r·ldy + j`; x [rows, k], w [nf, k] with rows contiguous. Register tiles of F features × R
+/// rows with fixed bounds (a partial tile repeats its last row or feature), so that the tile is
+/// unrolled into registers, and raw-pointer loads in the inner loop (bounds checked once per
+/// tile: with slice indexing the loop was half index arithmetic and spills). Measured on the
+/// 2-core AMD EPYC dev VM at the CLIP tower's shapes (18 rows; k, n of 512/1536, 512/512,
+/// 512/2048, 2048/512), per layer: 4 × 2 with variable bounds (the earlier kernel) 1.14 ms,
+/// 4 × 2 fixed 1.08, 4 × 3 0.97, 3 × 6 1.07, 4 × 4 1.14, 2 × 6 1.11, 6 × 3 0.92 (kept: 18
+/// accumulators, 9 loads per 18 products). Each product is fused into its lane's sum (FMA; the
+/// scalar path's `f32::mul_add` rounds the same) and each output's lanes, horizontal sum and
+/// tail are formed in the same order whatever the tile, so every CPU and tile gives the same
+/// bits.
+///
+/// # Safety
+/// k > 0 (with k = 0 nothing is written); `y` must be valid for writes at `r·ldy + j` for every
+/// r < rows and j < w.len() / k, and no other thread may access those floats during the call.
+pub unsafe fn few_rows_block(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    y: *mut f32,
+    ldy: usize,
+    k: usize,
+    rows: usize,
+) {
+    dispatch(FewRows { x, w, bias, y, ldy, k, rows })
 }
 
 /// The register tile: F output features × R rows (F·R accumulators, F + R loads per F·R
@@ -25,7 +40,8 @@ struct FewRows<'a> {
     x: &'a [f32],
     w: &'a [f32],
     bias: Option<&'a [f32]>,
-    yt: &'a mut [f32],
+    y: *mut f32,
+    ldy: usize,
     k: usize,
     rows: usize,
 }
@@ -34,26 +50,34 @@ impl Kernel for FewRows<'_> {
     type Out = ();
     #[inline(always)]
     fn run<S: Simd>(self, s: S) {
-        let FewRows { x, w, bias, yt, k, rows } = self;
+        let FewRows { x, w, bias, y, ldy, k, rows } = self;
         const L: usize = 16;
-        let nf = yt.len() / rows.max(1);
+        if k == 0 || rows == 0 {
+            return;
+        }
+        let nf = w.len() / k;
+        assert!(x.len() >= rows * k && bias.is_none_or(|b| b.len() >= nf), "few-rows Linear: x [rows, k], bias [n]");
         let kv = k / L * L;
         let mut j = 0;
         while j < nf {
             let jn = (nf - j).min(F);
+            // each a whole row of k floats (sliced here: the bounds checks of the tile)
+            let wr: [&[f32]; F] = std::array::from_fn(|jj| &w[(j + jj.min(jn - 1)) * k..][..k]);
             let mut r = 0;
             while r < rows {
                 let rn = (rows - r).min(R);
                 // fixed tile bounds (fully unrolled, all in registers): a missing row or feature
                 // repeats the last one; its sums are computed and dropped
+                let xr: [&[f32]; R] = std::array::from_fn(|ri| &x[(r + ri.min(rn - 1)) * k..][..k]);
                 let mut acc = [s.zero(); F * R];
                 let mut c = 0;
                 while c < kv {
-                    let xs: [S::V; R] = std::array::from_fn(|ri| s.load(&x[(r + ri.min(rn - 1)) * k + c..]));
+                    // SAFETY: every row holds k >= kv >= c + 16 floats.
+                    let xs: [S::V; R] = std::array::from_fn(|ri| unsafe { s.load_ptr(xr[ri].as_ptr().add(c)) });
                     for jj in 0..F {
-                        let wv = s.load(&w[(j + jj.min(jn - 1)) * k + c..]);
+                        let wv = unsafe { s.load_ptr(wr[jj].as_ptr().add(c)) };
                         for ri in 0..R {
-                            acc[jj * R + ri] = s.add(acc[jj * R + ri], s.mul(xs[ri], wv));
+                            acc[jj * R + ri] = s.mul_add(xs[ri], wv, acc[jj * R + ri]);
                         }
                     }
                     c += L;
@@ -61,8 +85,10 @@ impl Kernel for FewRows<'_> {
                 for jj in 0..jn {
                     let b = bias.map_or(0.0, |b| b[j + jj]);
                     for ri in 0..rn {
-                        let tail: f32 = (kv..k).map(|cc| x[(r + ri) * k + cc] * w[(j + jj) * k + cc]).sum();
-                        yt[(j + jj) * rows + r + ri] = crate::math::hsum(s.to_array(acc[jj * R + ri])) + tail + b;
+                        let tail: f32 = (kv..k).map(|cc| xr[ri][cc] * wr[jj][cc]).sum();
+                        let v = crate::math::hsum(s.to_array(acc[jj * R + ri])) + tail + b;
+                        // SAFETY: r + ri < rows and j + jj < nf: the caller's contract.
+                        unsafe { *y.add((r + ri) * ldy + j + jj) = v };
                     }
                 }
                 r += rn;
@@ -92,7 +118,7 @@ mod tests {
                         let want: f64 =
                             bias[j] as f64 + (0..k).map(|c| x[r * k + c] as f64 * w[j * k + c] as f64).sum::<f64>();
                         let mag: f64 = (0..k).map(|c| (x[r * k + c] as f64 * w[j * k + c] as f64).abs()).sum::<f64>();
-                        let got = yt[j * rows + r] as f64;
+                        let got = yt[r * nf + j] as f64;
                         assert!((got - want).abs() <= 1e-6 * (mag + 1.0), "{name}: y[{r}][{j}] = {got}, want {want}");
                     }
                 }
@@ -115,9 +141,10 @@ mod tests {
         type Out = Vec<f32>;
         #[inline(always)]
         fn run<S: crate::simd::Simd>(self, s: S) -> Vec<f32> {
-            let mut yt = vec![f32::NAN; self.nf * self.rows];
-            FewRows { x: self.x, w: self.w, bias: Some(self.bias), yt: &mut yt, k: self.k, rows: self.rows }.run(s);
-            yt
+            let mut y = vec![f32::NAN; self.nf * self.rows];
+            let (x, w, bias, k, rows) = (self.x, self.w, Some(self.bias), self.k, self.rows);
+            FewRows { x, w, bias, y: y.as_mut_ptr(), ldy: self.nf, k, rows }.run(s);
+            y
         }
     }
 }

@@ -18,6 +18,9 @@ pub(crate) trait Simd: Copy {
     fn splat(self, x: f32) -> Self::V;
     /// The first 16 floats of s (panics if s is shorter).
     fn load(self, s: &[f32]) -> Self::V;
+    /// # Safety
+    /// 16 floats must be readable at p.
+    unsafe fn load_ptr(self, p: *const f32) -> Self::V;
     /// Into the first 16 floats of d (panics if d is shorter).
     fn store(self, d: &mut [f32], v: Self::V);
     /// # Safety
@@ -26,6 +29,9 @@ pub(crate) trait Simd: Copy {
     fn add(self, a: Self::V, b: Self::V) -> Self::V;
     fn sub(self, a: Self::V, b: Self::V) -> Self::V;
     fn mul(self, a: Self::V, b: Self::V) -> Self::V;
+    /// a·b + c rounded once (fused), the same bits on every path (the scalar one through
+    /// `f32::mul_add`, correctly rounded in software where the CPU has no FMA).
+    fn mul_add(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     /// The first n <= 16 floats of s, zeros after (panics if s is shorter than n).
     fn load_first(self, s: &[f32], n: usize) -> Self::V;
     /// The first n <= 16 lanes to p (one masked store: a copy of run-time length is a call).
@@ -108,6 +114,10 @@ impl Simd for Scalar {
         s[..16].try_into().expect("16 floats")
     }
     #[inline(always)]
+    unsafe fn load_ptr(self, p: *const f32) -> Self::V {
+        unsafe { std::ptr::read_unaligned(p as *const [f32; 16]) }
+    }
+    #[inline(always)]
     fn store(self, d: &mut [f32], v: Self::V) {
         d[..16].copy_from_slice(&v);
     }
@@ -127,6 +137,10 @@ impl Simd for Scalar {
     #[inline(always)]
     fn mul(self, a: Self::V, b: Self::V) -> Self::V {
         std::array::from_fn(|l| a[l] * b[l])
+    }
+    #[inline(always)]
+    fn mul_add(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V {
+        std::array::from_fn(|i| a[i].mul_add(b[i], c[i]))
     }
     #[inline(always)]
     fn load_first(self, s: &[f32], n: usize) -> Self::V {
@@ -184,6 +198,10 @@ impl Simd for V4 {
         unsafe { _mm512_loadu_ps(s[..16].as_ptr()) }
     }
     #[inline(always)]
+    unsafe fn load_ptr(self, p: *const f32) -> Self::V {
+        unsafe { _mm512_loadu_ps(p) }
+    }
+    #[inline(always)]
     fn store(self, d: &mut [f32], v: Self::V) {
         unsafe { _mm512_storeu_ps(d[..16].as_mut_ptr(), v) }
     }
@@ -202,6 +220,10 @@ impl Simd for V4 {
     #[inline(always)]
     fn mul(self, a: Self::V, b: Self::V) -> Self::V {
         unsafe { _mm512_mul_ps(a, b) }
+    }
+    #[inline(always)]
+    fn mul_add(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V {
+        unsafe { _mm512_fmadd_ps(a, b, c) }
     }
     #[inline(always)]
     fn load_first(self, s: &[f32], n: usize) -> Self::V {
@@ -264,6 +286,10 @@ impl Simd for V3 {
         unsafe { [_mm256_loadu_ps(s.as_ptr()), _mm256_loadu_ps(s[8..].as_ptr())] }
     }
     #[inline(always)]
+    unsafe fn load_ptr(self, p: *const f32) -> Self::V {
+        unsafe { [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))] }
+    }
+    #[inline(always)]
     fn store(self, d: &mut [f32], v: Self::V) {
         let d = &mut d[..16];
         unsafe {
@@ -289,6 +315,10 @@ impl Simd for V3 {
     #[inline(always)]
     fn mul(self, a: Self::V, b: Self::V) -> Self::V {
         unsafe { [_mm256_mul_ps(a[0], b[0]), _mm256_mul_ps(a[1], b[1])] }
+    }
+    #[inline(always)]
+    fn mul_add(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V {
+        unsafe { [_mm256_fmadd_ps(a[0], b[0], c[0]), _mm256_fmadd_ps(a[1], b[1], c[1])] }
     }
     #[inline(always)]
     fn load_first(self, s: &[f32], n: usize) -> Self::V {
@@ -408,6 +438,12 @@ mod tests {
             }
             out.extend(s.to_array(s.add(s.mul(p, q), s.splat(0.5))));
             out.extend(s.to_array(s.sub(s.mul(p, q), s.add(p, s.zero()))));
+            // (1 + 2⁻¹³)² - 1 = 2⁻¹² + 2⁻²⁶ fused; a rounded product would lose the 2⁻²⁶
+            let e = s.splat(1.0 + f32::powi(2.0, -13));
+            out.extend(s.to_array(s.mul_add(e, e, s.splat(-1.0))));
+            out.extend(s.to_array(s.mul_add(p, q, s.splat(0.5))));
+            // SAFETY: 16 floats of a from 3
+            out.extend(s.to_array(unsafe { s.load_ptr(a[3..].as_ptr()) }));
             let mut st = [0.0f32; 16];
             // SAFETY: 16 floats of st
             unsafe { s.store_ptr(st.as_mut_ptr(), p) };
@@ -425,6 +461,8 @@ mod tests {
         assert_eq!(&want[0..4], &[a(0), a(16), a(1), a(17)]);
         assert_eq!(&want[48..51], &[a(1), a(3), a(5)]);
         assert_eq!(&want[32..35], &[a(0), a(2), a(4)]);
+        assert_eq!(want[320], f32::powi(2.0, -12) + f32::powi(2.0, -26), "mul_add is fused");
+        assert_eq!(&want[352..354], &[a(3), a(4)]);
         for (name, got) in &outs {
             assert_eq!(got, want, "{name}");
         }

@@ -12,7 +12,10 @@ use crate::testing::{f64s, mismatch_scaled, EPS32};
 pub const GROUP: Group = Group {
     names: &["gemm", "gemm_tc", "gemm_bf16", "linear"],
     cases,
-    shaped: &[Shaped { op: "gemm", form: "MxNxK", make: shaped }],
+    shaped: &[
+        Shaped { op: "gemm", form: "MxNxK", make: shaped },
+        Shaped { op: "linear", form: "ROWSxINxOUT", make: shaped_linear },
+    ],
     check: Some(check),
 };
 
@@ -37,7 +40,43 @@ fn cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
         v.push(gemm_bf16_case(dev, (s, s, s))?);
     }
     v.push(linear_case(dev, small)?);
+    // the text tower's MLP input product at the official width (few rows: on the cpu the
+    // register-tiled dot products, not the packing GEMM)
+    let (rows, i, o) = if small { (5, 40, 70) } else { (18, 512, 2048) };
+    v.push(linear_rows_case(dev, rows, i, o)?);
     Ok(())
+}
+
+/// y [rows, out] = x [rows, in] · wᵀ + bias, w [out, in], validated on 64 sampled outputs
+/// against f64 dot products (bound: `in` roundings of the terms' magnitudes).
+fn linear_rows_case(dev: &Device, rows: usize, i: usize, o: usize) -> Result<Case> {
+    let x = rand_tensor(&[rows, i], 31, dev)?;
+    let w = rand_tensor(&[o, i], 36, dev)?;
+    let bias = rand_tensor(&[o], 37, dev)?;
+    let (hx, hw, hb) = (x.to_vec()?, w.to_vec()?, bias.to_vec()?);
+    Ok(Case {
+        op: "linear",
+        shape: format!("{rows}x{i} -> {o} +bias"),
+        flops: 2.0 * (rows * i * o) as f64,
+        bytes: 4.0 * (rows * i + i * o + rows * o + o) as f64,
+        peer: Some(format!("linear {rows} {i} {o}")),
+        validate: Some(Box::new(move |y| {
+            // w [o, i] is B [i, o] read transposed: check_gemm_mnk wants B [k, n]
+            let wt: Vec<f32> = (0..i * o).map(|e| hw[(e % o) * i + e / o]).collect();
+            let y: Vec<f32> = y.to_vec()?.iter().enumerate().map(|(e, v)| v - hb[e % o]).collect();
+            check_gemm_mnk(&hx, &wt, &y, (rows, o, i), (i + 2) as f64 * f32::EPSILON as f64)
+        })),
+        run: Box::new(move || gemm::linear::linear(&x, &w, Some(&bias), GemmAlgo::Auto)),
+    })
+}
+
+/// `--shape ROWSxINxOUT`: a Linear with bias on `rows` input rows.
+fn shaped_linear(dev: &Device, d: &[usize]) -> Result<Case> {
+    let [rows, i, o] = dims(d)?;
+    cap(rows.checked_mul(i))?;
+    cap(i.checked_mul(o))?;
+    cap(rows.checked_mul(o))?;
+    linear_rows_case(dev, rows, i, o)
 }
 
 /// C = A · B in bf16 (f32 accumulation), validated on sampled elements against the f64 product

@@ -74,27 +74,24 @@ pub const FEW_ROWS: usize = 32;
 pub fn linear_few_rows(x: &[f32], w: &[f32], bias: Option<&[f32]>, rows: usize, k: usize, n: usize) -> Vec<f32> {
     const BLOCK: usize = 64;
     assert!(x.len() == rows * k && w.len() == n * k, "few-rows Linear: x [rows, k], w [n, k]");
-    let mut yt = vec![0.0f32; n * rows];
-    let yp = crate::ops::cpu_math::SendPtr(yt.as_mut_ptr());
+    assert!(bias.is_none_or(|b| b.len() == n), "few-rows Linear: bias [n]");
+    let mut y = vec![0.0f32; rows * n];
+    let yp = crate::ops::cpu_math::SendPtr(y.as_mut_ptr());
     crate::ops::cpu_math::par_tasks(n.div_ceil(BLOCK), &|blk| {
         let (j0, nb) = (blk * BLOCK, BLOCK.min(n - blk * BLOCK));
-        // SAFETY: block blk alone writes features [j0, j0 + nb) of yt (n · rows floats).
-        let chunk = unsafe { std::slice::from_raw_parts_mut(yp.get().add(j0 * rows), nb * rows) };
-        reclmis_cpu_loops::gemm::few_rows_block(
-            x,
-            &w[j0 * k..(j0 + nb) * k],
-            bias.map(|b| &b[j0..j0 + nb]),
-            chunk,
-            k,
-            rows,
-        );
+        // SAFETY: block blk alone writes columns [j0, j0 + nb) of y's `rows` rows of n floats.
+        unsafe {
+            reclmis_cpu_loops::gemm::few_rows_block(
+                x,
+                &w[j0 * k..(j0 + nb) * k],
+                bias.map(|b| &b[j0..j0 + nb]),
+                yp.get().add(j0),
+                n,
+                k,
+                rows,
+            )
+        };
     });
-    let mut y = vec![0.0f32; rows * n];
-    for j in 0..n {
-        for r in 0..rows {
-            y[r * n + j] = yt[j * rows + r];
-        }
-    }
     y
 }
 
