@@ -34,6 +34,9 @@ fn check_plam(dev: &Device, b: usize, c: usize, h: usize, w: usize, seed: u64) -
     // a chain of f32 dot products over C channels and the 6-wide MLP, whose sums can cancel
     let tol = 64.0 * (c as f64 + 16.0) * EPS32;
     assert_none("out", mismatch(&f.out.to_vec().unwrap(), &want, tol * scale, 0.0))?;
+    // the inference path (the cpu's blocked products and gate; elsewhere the same kernels)
+    let inf = plam::plam_gate_infer(&st, &wts, algo).unwrap().to_vec().unwrap();
+    assert_none("inference out", mismatch(&inf, &want, tol * scale, 0.0))?;
     let dot = t(&dout, &[b, c, h, w]);
     let g = plam::plam_gate_backward(&st, &wts, f.clone(), &dot, algo).unwrap();
     // the backward writes dA and dM over a and m when it owns them, and copies a forward its
@@ -126,4 +129,27 @@ fn large_maps_split_over_threads_match() {
         let tol = 1e-4 * sc * (1.0 + ((b * hw) as f64).sqrt() / 4.0);
         assert_eq!(mismatch(got, &f64s(e), tol, 0.0), None, "{name}");
     }
+}
+
+/// The inference gate at a width whose pixel blocks (96 pixels at C 300) are smaller than the
+/// tasks' pixel ranges, with a partial last block and range, against the f64 forward (bound as
+/// `check_plam`'s; the forward is continuous, so no kink margin is needed).
+#[test]
+fn inference_gate_in_blocks_matches_the_reference() {
+    let (b, c, h, w) = (2usize, 300usize, 20usize, 23usize);
+    let hw = h * w;
+    let s = values(b * c * hw, 21, false);
+    let (wa, wm) = (values(c * c, 22, false), values(c * c, 23, false));
+    let (f1w, f1b, f2w, f2b) =
+        (values(18, 24, false), values(6, 25, false), values(6, 26, false), values(1, 27, false));
+    let dev = device("cpu");
+    let t = |v: &[f32], sh: &[usize]| tensor(v, sh, &dev);
+    let (wat, wmt) = (t(&wa, &[c, c, 1, 1]), t(&wm, &[c, c, 1, 1]));
+    let (f1wt, f1bt, f2wt, f2bt) = (t(&f1w, &[6, 3]), t(&f1b, &[6]), t(&f2w, &[1, 6]), t(&f2b, &[1]));
+    let wts = PlamWeights { w_avg: &wat, w_max: &wmt, fc1_w: &f1wt, fc1_b: &f1bt, fc2_w: &f2wt, fc2_b: &f2bt };
+    let got = plam::plam_gate_infer(&t(&s, &[b, c, h, w]), &wts, GemmAlgo::Auto).unwrap().to_vec().unwrap();
+    let all: Vec<Vec<f64>> = [&s, &wa, &wm, &f1w, &f1b, &f2w, &f2b].iter().map(|v| f64s(v)).collect();
+    let want = reference::plam(&all[0], &all[1], &all[2], &all[3], &all[4], &all[5], all[6][0], b, c, hw);
+    let scale = want.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
+    assert_eq!(mismatch(&got, &want, 64.0 * (c as f64 + 16.0) * EPS32 * scale, 0.0), None);
 }

@@ -656,6 +656,14 @@ impl Graph {
         // (no bf16 value without autocast: the weights as they are)
         #[cfg(not(feature = "autocast"))]
         let wt = w.map(|v| &v.t);
+        let ins = [s, w[0], w[1], w[2], w[3], w[4], w[5]];
+        // the gate's two 1×1 convolutions, [B, C, H, W] by [C, C] each (its per-pixel MLP is
+        // not counted)
+        let macs = 2 * (s.t.numel() as u64) * s.shape()[1] as u64;
+        if stores[0].is_none() && !self.tracks(&ins) {
+            count::forward(macs);
+            return Ok(Var::constant(plam::plam_gate_infer(&*s.wide()?, &pw(wt), algo)?));
+        }
         let f = match &stores {
             [Some(sa), Some(sm)] => {
                 // a first, then m
@@ -667,11 +675,7 @@ impl Graph {
         };
         #[cfg(feature = "autocast")]
         drop(wide);
-        // the gate's two 1×1 convolutions, [B, C, H, W] by [C, C] each (its per-pixel MLP is
-        // not counted)
-        let macs = 2 * (f.out.numel() as u64) * s.shape()[1] as u64;
         count::forward(macs);
-        let ins = [s, w[0], w[1], w[2], w[3], w[4], w[5]];
         if !self.tracks(&ins) {
             let (y, half) = self.stored(f.out)?;
             let mut v = Var::constant(y);

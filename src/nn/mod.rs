@@ -4,7 +4,7 @@
 pub mod params;
 
 use crate::autograd::{Attention, Graph, Var};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::rng::Rng;
 use params::{Kind, ParamId, Params};
 
@@ -229,26 +229,21 @@ impl Mha {
         // rows [i·d, (i + n)·d) of the packed projection on inp in one product, split after it:
         // narrowing the weight would copy it on every call (the text tower's 12 layers copied
         // 36 MB per note), the outputs are small
-        let proj = |i: usize, n: usize, inp: &Var| -> Result<Vec<Var>> {
-            let y = if n == 3 {
-                g.linear(inp, &w, Some(&b))?
-            } else {
-                g.linear(inp, &g.narrow(&w, 0, i * d, n * d)?, Some(&g.narrow(&b, 0, i * d, n * d)?))?
-            };
-            if n == 1 {
-                return Ok(vec![y]);
+        let proj = |i: usize, n: usize, inp: &Var| -> Result<Var> {
+            if n == 3 {
+                return g.linear(inp, &w, Some(&b));
             }
-            let last = y.shape().len() - 1;
-            (0..n).map(|j| g.narrow(&y, last, j * d, d)).collect()
+            g.linear(inp, &g.narrow(&w, 0, i * d, n * d)?, Some(&g.narrow(&b, 0, i * d, n * d)?))
         };
-        let qkv = if std::ptr::eq(x, mem) {
-            proj(0, 3, x)?
+        let last = x.shape().len() - 1;
+        // self-attention: q, k, v from one product; cross: q from x, k and v from one on mem
+        let (q, kv, k0) = if std::ptr::eq(x, mem) {
+            let qkv = proj(0, 3, x)?;
+            (g.narrow(&qkv, last, 0, d)?, qkv, d)
         } else {
-            let mut q = proj(0, 1, x)?;
-            q.extend(proj(1, 2, mem)?);
-            q
+            (proj(0, 1, x)?, proj(1, 2, mem)?, 0)
         };
-        let [q, k, v] = &qkv[..] else { return Err(Error::Other("Mha: three projections".into())) };
+        let (k, v) = (g.narrow(&kv, last, k0, d)?, g.narrow(&kv, last, k0 + d, d)?);
         let a = Attention {
             heads: self.heads,
             causal: o.causal,
@@ -256,7 +251,7 @@ impl Mha {
             condition: o.condition,
             condition_on_logits: o.condition_on_logits,
         };
-        let h = g.attention(q, k, v, &a)?;
+        let h = g.attention(&q, &k, &v, &a)?;
         self.out.forward(g, p, &h)
     }
 }

@@ -14,6 +14,9 @@ use std::arch::x86_64::*;
 /// Operations on 16 f32 lanes (`Self::V`), through a token that proves the CPU has them.
 pub(crate) trait Simd: Copy {
     type V: Copy;
+    /// The plain-code path (`Scalar`): a kernel may run a smaller loop of the same arithmetic
+    /// there instead of a register tile that only vector code needs.
+    const SCALAR: bool = false;
     fn zero(self) -> Self::V;
     fn splat(self, x: f32) -> Self::V;
     /// The first 16 floats of s (panics if s is shorter).
@@ -101,6 +104,7 @@ pub(crate) struct Scalar;
 
 impl Simd for Scalar {
     type V = [f32; 16];
+    const SCALAR: bool = true;
     #[inline(always)]
     fn zero(self) -> Self::V {
         [0.0; 16]

@@ -6,11 +6,12 @@ use crate::error::Result;
 use crate::ops::plam;
 use crate::tensor::Tensor;
 
-pub const GROUP: Group = Group { names: &["plam", "plam_bwd"], cases, shaped: &[], check: None };
+pub const GROUP: Group = Group { names: &["plam", "plam_infer", "plam_bwd"], cases, shaped: &[], check: None };
 
-/// The PLAM gate of the first and last decoder stages (512 channels at 28², 64 at 224²), batch 1.
+/// The PLAM gate of the four decoder stages (512 channels at 28² … 64 at 224²), batch 1: with
+/// its backward's state (`plam`), alone (`plam_infer`: inference), and its backward.
 fn cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
-    let shapes: &[(usize, usize)] = if small { &[(8, 8)] } else { &[(512, 28), (64, 224)] };
+    let shapes: &[(usize, usize)] = if small { &[(8, 8)] } else { &[(512, 28), (256, 56), (128, 112), (64, 224)] };
     for (i, &(c, hw)) in shapes.iter().enumerate() {
         let r = |shape: &[usize], k: u64| rand_tensor(shape, 100 + 10 * i as u64 + k, dev);
         let s = r(&[1, c, hw, hw], 0)?;
@@ -37,6 +38,17 @@ fn cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
                 let w = PlamRef(&w1).get();
                 Ok(plam::plam_gate(&s1, &w, algo)?.out)
             }),
+        });
+        let (s2, w2) = (s.clone(), ws.clone());
+        v.push(Case {
+            op: "plam_infer",
+            shape: format!("b1 C{c} {hw}x{hw}"),
+            flops,
+            // s read once, the output written (the products stay in cache)
+            bytes: 2.0 * 4.0 * (c * hw * hw) as f64,
+            peer: Some(format!("plam 1 {c} {hw}")),
+            validate: None,
+            run: Box::new(move || plam::plam_gate_infer(&s2, &PlamRef(&w2).get(), algo)),
         });
         let dout = r(&[1, c, hw, hw], 7)?;
         v.push(Case {

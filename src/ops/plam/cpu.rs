@@ -24,16 +24,16 @@ impl Fc {
 /// (per channel a task reads 16 KB of a row).
 const PIX: usize = 4096;
 
-/// How many pixel ranges B maps of hw pixels make (the tasks of `range`).
-fn ranges(b: usize, hw: usize) -> usize {
-    b * hw.div_ceil(PIX)
+/// How many pixel ranges of `pix` pixels B maps of hw pixels make (the tasks of `range`).
+fn ranges(b: usize, hw: usize, pix: usize) -> usize {
+    b * hw.div_ceil(pix)
 }
 
 /// The pixel ranges of one image's map: (image, first pixel, pixels) of task t.
-fn range(t: usize, hw: usize) -> (usize, usize, usize) {
-    let per = hw.div_ceil(PIX).max(1);
-    let (i, p0) = (t / per, (t % per) * PIX);
-    (i, p0, PIX.min(hw - p0.min(hw)))
+fn range(t: usize, hw: usize, pix: usize) -> (usize, usize, usize) {
+    let per = hw.div_ceil(pix).max(1);
+    let (i, p0) = (t / per, (t % per) * pix);
+    (i, p0, pix.min(hw - p0.min(hw)))
 }
 
 /// (mean_c ReLU(A), max_c ReLU(M), argmax) of every pixel of every image ([B, HW] each), in
@@ -43,8 +43,8 @@ fn features(a: &[f32], m: &[f32], b: usize, c: usize, hw: usize) -> (Vec<f32>, V
     assert!(a.len() == n * c && m.len() == n * c, "plam features: a and m must be [B, C, HW]");
     let (mut sa, mut mm, mut arg) = (vec![0.0f32; n], vec![f32::NEG_INFINITY; n], vec![0i32; n]);
     let (sp, mp, ap) = (SendPtr(sa.as_mut_ptr()), SendPtr(mm.as_mut_ptr()), SendPtr(arg.as_mut_ptr()));
-    par_tasks(ranges(b, hw), &|t| {
-        let (i, p0, np) = range(t, hw);
+    par_tasks(ranges(b, hw, PIX), &|t| {
+        let (i, p0, np) = range(t, hw, PIX);
         // SAFETY: task t alone writes pixels [p0, p0 + np) of image i, inside the n elements of
         // each output (np <= hw − p0).
         let (sa, mm, arg) = unsafe {
@@ -90,6 +90,7 @@ fn scale_rows(f: &[f32], x: &[f32], c: usize, hw: usize) -> Vec<f32> {
 }
 
 /// (out, g, arg)
+#[cfg(feature = "train")]
 pub(crate) fn forward(
     a: &[f32],
     m: &[f32],
@@ -102,14 +103,117 @@ pub(crate) fn forward(
     let (fa, fm, arg) = features(a, m, b, c, hw);
     let mut g = vec![0.0f32; b * hw];
     let gp = SendPtr(g.as_mut_ptr());
-    par_tasks(ranges(b, hw), &|t| {
-        let (i, p0, np) = range(t, hw);
+    par_tasks(ranges(b, hw, PIX), &|t| {
+        let (i, p0, np) = range(t, hw, PIX);
         for q in i * hw + p0..i * hw + p0 + np {
             // SAFETY: task t alone writes its pixels, inside g's b·hw floats.
             unsafe { *gp.get().add(q) = gate(fc, [fa[q], fm[q], fa[q] + fm[q]]).0 };
         }
     });
     (scale_rows(&g, s, c, hw), g, arg)
+}
+
+/// Floats of the two 1×1 products of one pixel block (2·C × pixels): the block stays in L2
+/// between the products and the channel reductions that read it.
+const BLOCK_FLOATS: usize = 1 << 16;
+
+/// The gate's output g·s without its backward's state (inference): per pixel block of each
+/// task's range, the two 1×1 products A, M [C, block] (GEMMs reading the block of s once),
+/// then the channel mean / max and the MLP, then g·s, all while the block is in cache. The
+/// separate path writes A and M for the whole map and reads them back (2 × 2 · C·HW floats of
+/// memory traffic, and at batch 8 the decoder's two largest tensors). The channels are visited
+/// in the same order as `features`, so the gate's arithmetic is the same; the products' sums
+/// may be blocked differently by the GEMM (within its tested bound).
+pub(crate) fn infer(s: &[f32], w_avg: &[f32], w_max: &[f32], fc: &Fc, b: usize, c: usize, hw: usize) -> Vec<f32> {
+    assert!(s.len() == b * c * hw && w_avg.len() == c * c && w_max.len() == c * c, "plam: s [B, C, HW], w [C, C]");
+    let blk = (BLOCK_FLOATS / (2 * c).max(1)).clamp(16, PIX) / 16 * 16;
+    let mut out = Unfilled::new(s.len());
+    let op = out.ptr();
+    // ranges of whole blocks, at least four per thread (the deep layers' small maps at batch
+    // 1 would otherwise be one task)
+    let threads = rayon::current_num_threads();
+    let pix = (b * hw).div_ceil(4 * threads).div_ceil(blk).max(1) * blk;
+    let pix = pix.min(PIX.div_ceil(blk) * blk);
+    let n_ranges = ranges(b, hw, pix);
+    // a task per scratch slot (A, M, the mean and the max), each taking every `slots`-th range:
+    // allocated once, not per range (a fresh scratch per range, freed between the decoder's
+    // large tensors, fragmented the heap: infer_b8's peak RSS +165 MB)
+    let slots = (4 * threads).min(n_ranges);
+    let per = 2 * c * blk + 2 * blk;
+    let mut scratch = vec![0.0f32; slots * per];
+    let sp = SendPtr(scratch.as_mut_ptr());
+    // range t of the map, with buf as its scratch
+    let range_block = |t: usize, buf: &mut [f32]| {
+        let (i, p0, np) = range(t, hw, pix);
+        let (am, rest) = buf.split_at_mut(2 * c * blk);
+        let (fa, fm) = rest.split_at_mut(blk);
+        let mut q = 0;
+        while q < np {
+            let n = blk.min(np - q);
+            let col0 = i * c * hw + p0 + q;
+            for (k, w) in [w_avg, w_max].into_iter().enumerate() {
+                // SAFETY: dst: [C, n] row-major in am (2·C·blk floats); lhs: w [C, C] row-major;
+                // rhs: s's channels of pixels [col0, col0 + n) of image i, row stride hw, inside s
+                // (p0 + q + n <= hw).
+                unsafe {
+                    gemm::gemm(
+                        c,
+                        n,
+                        c,
+                        am[k * c * n..].as_mut_ptr(),
+                        1,
+                        n as isize,
+                        false,
+                        w.as_ptr(),
+                        1,
+                        c as isize,
+                        s[col0..].as_ptr(),
+                        1,
+                        hw as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    )
+                }
+            }
+            let (fa, fm) = (&mut fa[..n], &mut fm[..n]);
+            fa.fill(0.0);
+            fm.fill(f32::NEG_INFINITY);
+            for ch in 0..c {
+                let (ar, mr) = (&am[ch * n..][..n], &am[(c + ch) * n..][..n]);
+                for p in 0..n {
+                    fa[p] += ar[p].max(0.0);
+                    fm[p] = fm[p].max(mr[p].max(0.0));
+                }
+            }
+            for p in 0..n {
+                let a = fa[p] / c as f32;
+                fa[p] = gate(fc, [a, fm[p], a + fm[p]]).0;
+            }
+            for ch in 0..c {
+                let off = col0 + ch * hw;
+                // SAFETY: range t (one task's) alone writes pixels [p0, p0 + np) of image i's
+                // rows, inside out.
+                let o = unsafe { std::slice::from_raw_parts_mut(op.get().add(off), n) };
+                for ((o, &g), &x) in o.iter_mut().zip(fa.iter()).zip(&s[off..off + n]) {
+                    *o = g * x;
+                }
+            }
+            q += n;
+        }
+    };
+    par_tasks(slots, &|k| {
+        // SAFETY: task k alone uses floats [k·per, (k + 1)·per) of scratch.
+        let buf = unsafe { std::slice::from_raw_parts_mut(sp.get().add(k * per), per) };
+        for t in (k..n_ranges).step_by(slots) {
+            range_block(t, buf);
+        }
+    });
+    // SAFETY: the tasks' ranges cover every pixel of every image, each for every channel.
+    unsafe { out.filled() }
 }
 
 /// (g, the six pre-activations)
@@ -147,12 +251,12 @@ pub(crate) fn backward(
     // per range of pixels: dg = Σ_ch dout·s (channels in order), then the gate's parameter
     // gradients (f64 sums per range, then over ranges) and the gradients reaching mean ReLU(A)
     // and max ReLU(M)
-    let tasks = ranges(b, hw);
+    let tasks = ranges(b, hw, PIX);
     let (mut dav, mut dmv) = (vec![0.0f32; n], vec![0.0f32; n]);
     let mut parts = vec![[0.0f64; 31]; tasks];
     let (dap, dmp, pp) = (SendPtr(dav.as_mut_ptr()), SendPtr(dmv.as_mut_ptr()), SendPtr(parts.as_mut_ptr()));
     par_tasks(tasks, &|t| {
-        let (i, p0, np) = range(t, hw);
+        let (i, p0, np) = range(t, hw, PIX);
         let mut dg = vec![0.0f32; np];
         for ch in 0..c {
             let off = (i * c + ch) * hw + p0;

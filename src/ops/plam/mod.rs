@@ -110,6 +110,21 @@ fn check(s: &Tensor, w: &PlamWeights) -> Result<(usize, usize, usize)> {
     Ok((s.shape()[0], c, s.shape()[2] * s.shape()[3]))
 }
 
+/// The gate's output alone (inference: nothing kept for a backward). On the cpu the 1×1
+/// products, the channel reductions and the scaling run block by block of pixels
+/// (`cpu::infer`), the products never stored whole; elsewhere `plam_gate`'s output.
+pub fn plam_gate_infer(s: &Tensor, w: &PlamWeights, algo: GemmAlgo) -> Result<Tensor> {
+    let dev = s.device();
+    if let Device::Cpu = dev {
+        let op = "plam_gate";
+        let (b, c, hw) = check(s, w)?;
+        let fc = cpu::Fc::read(w)?;
+        let (wa, wm) = (w.w_avg.cpu_f32(op)?, w.w_max.cpu_f32(op)?);
+        return Tensor::from_vec(cpu::infer(s.cpu_f32(op)?, wa, wm, &fc, b, c, hw), s.shape(), dev);
+    }
+    Ok(plam_gate(s, w, algo)?.out)
+}
+
 pub fn plam_gate(s: &Tensor, w: &PlamWeights, algo: GemmAlgo) -> Result<PlamForward> {
     plam_gate_stored(s, w, algo, Ok)
 }
@@ -128,6 +143,15 @@ pub fn plam_gate_stored(
     let m = store(conv::conv2d(s, w.w_max, None, algo)?)?;
     let gshape = [b, 1, s.shape()[2], s.shape()[3]];
     let dev = s.device();
+    // an inference-only build has no backward, and its graph runs `plam_gate_infer` on the cpu:
+    // the separate cpu forward (and its 3 KB) stays out of reclmis-infer
+    #[cfg(not(feature = "train"))]
+    if let Device::Cpu = dev {
+        return Err(Error::Other(format!(
+            "{op}: the backward's state needs the `train` feature; inference uses plam_gate_infer"
+        )));
+    }
+    #[cfg(feature = "train")]
     if let Device::Cpu = dev {
         let fc = cpu::Fc::read(w)?;
         let (out, g, arg) = cpu::forward(a.cpu_f32(op)?, m.cpu_f32(op)?, s.cpu_f32(op)?, &fc, b, c, hw);
