@@ -589,6 +589,25 @@ impl Graph {
         Ok(out)
     }
 
+    /// `batch_norm` of a value the caller gives up: in an evaluation graph that records nothing,
+    /// the output is written over x where no other handle shares it
+    /// (`norm::batch_norm_eval_owned`), so the input and output of each of the U-Net's batch norms
+    /// are never both alive.
+    pub fn batch_norm_owned(&self, params: &Params, x: Var, ids: [ParamId; 4], relu: bool) -> Result<Var> {
+        let [gp, bp, rm, rv] = ids;
+        let (gamma, beta) = (self.param(params, gp), self.param(params, bp));
+        if self.train || x.bf16 || self.tracks(&[&x, &gamma, &beta]) {
+            return self.batch_norm(params, &x, ids, relu);
+        }
+        let o = BnOpts { relu, train: false, ..BnOpts::default() };
+        let y = norm::batch_norm_eval_owned(x.t, &gamma.t, &beta.t, params.value(rm), params.value(rv), o)?;
+        // bf16 autocast: stored in bf16 as `batch_norm` stores it
+        let (y, half) = self.stored(y)?;
+        let mut v = Var::constant(y);
+        v.bf16 = half;
+        Ok(v)
+    }
+
     /// LayerNorm over the last dim (eps 1e-5).
     pub fn layer_norm(&self, x: &Var, gamma: &Var, beta: &Var) -> Result<Var> {
         // f32 in and out, as PyTorch's autocast (its output is a post-LN transformer's residual
@@ -686,13 +705,26 @@ impl Graph {
         // bf16 autocast: the gate's output is stored in bf16 (its math is f32)
         let (y, half) = self.stored(y)?;
         let ss = self.save(s)?;
-        // a and m hold bf16 values at bf16: kept packed, as the convolutions' outputs are
+        // The two 1×1 convolutions' outputs a and m (2·C·H·W floats per image: at the official
+        // size 193 MB of a batch-4 step's saved state) are computed again in the backward from
+        // the saved s and weights (the same call on the same values: the same bits), at f32,
+        // tf32 and bf16 (rounded again); only the bf16 error model (`with_bf16_perturbation`),
+        // whose perturbation would have to be kept instead, keeps them: packed in bf16, as the
+        // convolutions' outputs are.
+        #[cfg(feature = "autocast")]
+        let (recompute, round) = match &stores[0] {
+            None => (true, false),
+            Some(Store::Round) => (true, true),
+            Some(_) => (false, false),
+        };
+        #[cfg(not(feature = "autocast"))]
+        let (recompute, round) = (true, false);
         let keep = |t: &Tensor| {
             let mut v = Var::constant(t.clone());
             v.bf16 = stores[0].is_some();
             self.save(&v)
         };
-        let (sa, sm) = (keep(&f.a)?, keep(&f.m)?);
+        let kept = if recompute { None } else { Some((keep(&f.a)?, keep(&f.m)?)) };
         let empty = Tensor::from_vec(vec![], &[0], s.t.device())?;
         (f.a, f.m) = (empty.clone(), empty);
         let ws = w.iter().map(|v| self.save(v)).collect::<Result<Vec<Saved>>>()?;
@@ -702,8 +734,24 @@ impl Graph {
             count::backward(module, 2 * macs);
             let ws = ws.iter().map(Saved::get).collect::<Result<Vec<Tensor>>>()?;
             let mut f = f;
-            // taken, not copied: the backward writes dA and dM over them
-            (f.a, f.m) = (sa.take()?, sm.take()?);
+            // taken, not copied (or made here): the backward writes dA and dM over them
+            (f.a, f.m) = match kept {
+                Some((sa, sm)) => (sa.take()?, sm.take()?),
+                None => {
+                    let s = ss.get()?;
+                    let again = |w: &Tensor| -> Result<Tensor> {
+                        let t = conv::conv2d(&s, w, None, algo)?;
+                        #[cfg(feature = "autocast")]
+                        if round {
+                            return round_to_bf16(&t);
+                        }
+                        #[cfg(not(feature = "autocast"))]
+                        let _ = round;
+                        Ok(t)
+                    };
+                    (again(&ws[0])?, again(&ws[1])?)
+                }
+            };
             let g = plam::plam_gate_backward(&ss.get()?, &pw(std::array::from_fn(|i| &ws[i])), f, dy, algo)?;
             Ok(vec![
                 Some(g.ds),

@@ -262,25 +262,29 @@ impl RecLmis {
         let (gh, gw) = self.cfg.grid();
         let s = it.img.shape().to_vec();
         let dec_in = g.reshape(&g.transpose_last(&it.img)?, &[s[0], s[2], gh, gw])?;
-        count::at("up4");
-        let (u4, pl4) = self.unet.up[0].forward(g, p, &dec_in, &x4)?;
-        count::at("up3");
-        let (u3, pl3) = self.unet.up[1].forward(g, p, &u4, &x3)?;
-        count::at("up2");
         let Some(rec) = rec else {
-            // inference: free each skip connection and decoder output once consumed
-            drop((x4, dec_in, u4, pl4, pl3, tf));
-            let (u2, _) = self.unet.up[2].forward(g, p, &u3, &x2)?;
-            drop((u3, x2, x3));
+            // inference: each skip connection and decoder output is given up to the stage that
+            // consumes it, which frees it after its last use
+            drop(tf);
+            count::at("up4");
+            let u4 = self.unet.up[0].forward_infer(g, p, dec_in, x4)?;
+            count::at("up3");
+            let u3 = self.unet.up[1].forward_infer(g, p, u4, x3)?;
+            count::at("up2");
+            let u2 = self.unet.up[2].forward_infer(g, p, u3, x2)?;
             count::at("up1");
-            let (u1, _) = self.unet.up[3].forward(g, p, &u2, &x1)?;
-            drop((u2, x1));
+            let u1 = self.unet.up[3].forward_infer(g, p, u2, x1)?;
             count::at("outc");
             let logits = self.unet.outc.forward(g, p, &u1)?;
             drop(u1);
             let probs = g.sigmoid(&logits)?;
             return Ok(Trunk { hidden, text_feat, x5, img: it.img, logits, probs, w_poi, w_woi });
         };
+        count::at("up4");
+        let (u4, pl4) = self.unet.up[0].forward(g, p, &dec_in, &x4)?;
+        count::at("up3");
+        let (u3, pl3) = self.unet.up[1].forward(g, p, &u4, &x3)?;
+        count::at("up2");
         let (u2, _) = self.unet.up[2].forward(g, p, &u3, &x2)?;
         count::at("up1");
         let (u1, _) = self.unet.up[3].forward(g, p, &u2, &x1)?;

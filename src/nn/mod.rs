@@ -169,6 +169,10 @@ impl BatchNorm {
     pub fn forward(&self, g: &Graph, p: &Params, x: &Var, relu: bool) -> Result<Var> {
         g.batch_norm(p, x, self.ids, relu)
     }
+    /// On a value the caller gives up (evaluation writes the output over it where it can).
+    pub fn forward_owned(&self, g: &Graph, p: &Params, x: Var, relu: bool) -> Result<Var> {
+        g.batch_norm_owned(p, x, self.ids, relu)
+    }
 }
 
 pub struct LayerNorm {

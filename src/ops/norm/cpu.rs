@@ -71,6 +71,26 @@ pub fn forward(
     (y, mean, var, nrm, nrv)
 }
 
+/// Evaluation-mode (ReLU) x·scale + shift written over x: `forward`'s per-element arithmetic
+/// with the running statistics, plane by plane over the threads (one type-erased loop: no
+/// generic rayon loop in reclmis-infer).
+pub fn apply_eval_in_place(x: &mut [f32], gamma: &[f32], beta: &[f32], rm: &[f32], rv: &[f32], d: Dims, o: BnOpts) {
+    let (b, c, s) = d;
+    assert!(x.len() == b * c * s && [gamma, beta, rm, rv].iter().all(|p| p.len() == c), "batch norm: x [B, C, S]");
+    let xp = crate::ops::cpu_math::SendPtr(x.as_mut_ptr());
+    crate::ops::cpu_math::par_tasks(b * c, &|plane| {
+        let ch = plane % c;
+        let scale = gamma[ch] / (rv[ch] + o.eps).sqrt();
+        let shift = beta[ch] - rm[ch] * scale;
+        // SAFETY: task `plane` alone writes floats [plane·s, (plane + 1)·s) of x.
+        let p = unsafe { std::slice::from_raw_parts_mut(xp.get().add(plane * s), s) };
+        for v in p {
+            let r = *v * scale + shift;
+            *v = if o.relu && r < 0.0 { 0.0 } else { r };
+        }
+    });
+}
+
 multiversion! {
     /// (Σ g, Σ g·(x − mean)) over one plane, g = dy masked by y > 0 when the ReLU was fused.
     /// Zipped 16-lane chunks: no bounds checks in the loop, so it vectorises.

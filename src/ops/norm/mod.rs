@@ -207,6 +207,52 @@ pub fn batch_norm(
         (running_mean.clone(), running_var.clone(), running_mean.clone(), running_var.clone())
     };
     let y = Tensor::empty(x.shape(), DType::F32, dev)?;
+    apply(x, (&mean, &var), (gamma, beta), &y, (c, s), o)?;
+    Ok(BnForward { y, mean, var, running_mean: nrm, running_var: nrv })
+}
+
+/// Evaluation-mode batch norm of a tensor the caller gives up: when no other handle shares it
+/// (f32), the output is written over it — on the cpu by `cpu::apply_eval_in_place`, elsewhere by
+/// the apply kernel with y = x (each element read, then written, by one thread) — so that an
+/// evaluation holds one full-size map fewer at each of the U-Net's batch norms (at batch 8 the
+/// decoder's are 103 MB). Otherwise `batch_norm`'s output.
+pub fn batch_norm_eval_owned(
+    mut x: Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    o: BnOpts,
+) -> Result<Tensor> {
+    let op = "batch_norm";
+    if o.train || x.dtype() != DType::F32 || !x.is_sole() {
+        return Ok(batch_norm(&x, gamma, beta, running_mean, running_var, o)?.y);
+    }
+    let (b, c, s) = dims(op, &x, &[gamma, beta, running_mean, running_var])?;
+    if !matches!(x.device(), Device::Cpu) {
+        apply(&x, (running_mean, running_var), (gamma, beta), &x, (c, s), o)?;
+        return Ok(x);
+    }
+    let (g, be) = (gamma.cpu_f32(op)?, beta.cpu_f32(op)?);
+    let (m, v) = (running_mean.cpu_f32(op)?, running_var.cpu_f32(op)?);
+    match x.sole_cpu_f32_mut() {
+        Some(xs) => cpu::apply_eval_in_place(xs, g, be, m, v, (b, c, s), o),
+        // a memory-mapped input (not writable)
+        None => return Ok(batch_norm(&x, gamma, beta, running_mean, running_var, o)?.y),
+    }
+    Ok(x)
+}
+
+/// y = (ReLU) (x − mean)·γ/√(var + ε) + β by the apply kernel (y may be x).
+fn apply(
+    x: &Tensor,
+    (mean, var): (&Tensor, &Tensor),
+    (gamma, beta): (&Tensor, &Tensor),
+    y: &Tensor,
+    (c, s): (usize, usize),
+    o: BnOpts,
+) -> Result<()> {
+    let op = "batch_norm";
     let p = BnApplyParams {
         x: x.dev_ptr(),
         mean: mean.dev_ptr(),
@@ -221,10 +267,11 @@ pub fn batch_norm(
         relu: o.relu as u32,
     };
     if x.numel() > 0 {
-        // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
-        unsafe { dev.launch(Kernel::bn_apply_fwd_f32, LaunchCfg::elementwise(x.numel()), &p) }?;
+        // SAFETY: the params hold pointers to live buffers of the sizes the callers checked
+        // (`dims`), for the kernel they were declared for; y is x or a tensor of x's shape.
+        unsafe { x.device().launch(Kernel::bn_apply_fwd_f32, LaunchCfg::elementwise(x.numel()), &p) }?;
     }
-    Ok(BnForward { y, mean, var, running_mean: nrm, running_var: nrv })
+    Ok(())
 }
 
 /// A cpu tensor's elements as the backward reads them (bf16 or f32).
