@@ -151,9 +151,13 @@ impl Kernel for InputTransform<'_> {
         for ci in cis.0..cis.1 {
             let x = &xb[ci * dims.h * dims.w..(ci + 1) * dims.h * dims.w];
             for ty in 0..nty {
-                for r in 0..4 {
+                // patch row r of tile row ty lives in slot (2·ty + r) mod 4: tile rows overlap by
+                // two input rows, so after the first only rows 2 and 3 are new (each input row
+                // is split into its even and odd columns once, not twice)
+                for r in if ty == 0 { 0 } else { 2 }..4 {
                     let iy = 2 * (ty0 + ty) as isize - 1 + r as isize;
-                    let (e, o) = (&mut ev[r * m..(r + 1) * m], &mut od[r * m..(r + 1) * m]);
+                    let k = (2 * ty + r) % 4;
+                    let (e, o) = (&mut ev[k * m..(k + 1) * m], &mut od[k * m..(k + 1) * m]);
                     if iy < 0 || iy >= dims.h as isize {
                         e.fill(0.0);
                         o.fill(0.0);
@@ -178,7 +182,8 @@ impl Kernel for InputTransform<'_> {
                 while t0 < tw {
                     let n = 16.min(tw - t0);
                     let d: [[S::V; 4]; 4] = std::array::from_fn(|r| {
-                        let (e, o) = (&ev[r * m + t0..], &od[r * m + t0..]);
+                        let k = (2 * ty + r) % 4;
+                        let (e, o) = (&ev[k * m + t0..], &od[k * m + t0..]);
                         [load(s, e, n), load(s, o, n), load(s, &e[1..], n), load(s, &o[1..], n)]
                     });
                     // t = Bᵀ·d (rows), then V = t·B (columns)
