@@ -1,9 +1,9 @@
 //! PLAM gate benchmark cases: the gate of the first and last decoder stages, and its backward.
 
-use crate::bench::{gemm_algo, rand_tensor, Case, Group};
+use crate::bench::{gemm_algo, host, rand_tensor, Case, Group};
 use crate::device::Device;
 use crate::error::Result;
-use crate::ops::plam;
+use crate::ops::plam::{self, reference};
 use crate::tensor::Tensor;
 
 pub const GROUP: Group = Group { names: &["plam", "plam_infer", "plam_bwd"], cases, shaped: &[], check: None };
@@ -40,6 +40,25 @@ fn cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
             }),
         });
         let (s2, w2) = (s.clone(), ws.clone());
+        // on the cpu (exact f32 products) against the f64 forward, bound as tests/plam.rs's
+        // (a chain of C-term dot products and the 6-wide MLP); cuda/emu time tf32 products,
+        // whose operand rounding the gate's MLP amplifies past a useful bound: tests/plam.rs
+        // checks those kernels exactly
+        let validate: Option<crate::bench::Validator> = if dev.is_gpu_like() {
+            None
+        } else {
+            let (hs, hw_) = (host(&s)?, ws.iter().map(host).collect::<Result<Vec<_>>>()?);
+            let n = hw * hw;
+            Some(Box::new(move |y| {
+                let want = reference::plam(&hs, &hw_[0], &hw_[1], &hw_[2], &hw_[3], &hw_[4], hw_[5][0], 1, c, n);
+                let scale = want.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
+                let tol = 64.0 * (c as f64 + 16.0) * crate::testing::EPS32 * scale;
+                match crate::testing::mismatch(&y.to_vec()?, &want, tol, 0.0) {
+                    None => Ok(()),
+                    Some(e) => Err(crate::error::Error::Other(format!("plam_infer: {e}"))),
+                }
+            }))
+        };
         v.push(Case {
             op: "plam_infer",
             shape: format!("b1 C{c} {hw}x{hw}"),
@@ -47,7 +66,7 @@ fn cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
             // s read once, the output written (the products stay in cache)
             bytes: 2.0 * 4.0 * (c * hw * hw) as f64,
             peer: Some(format!("plam 1 {c} {hw}")),
-            validate: None,
+            validate,
             run: Box::new(move || plam::plam_gate_infer(&s2, &PlamRef(&w2).get(), algo)),
         });
         let dout = r(&[1, c, hw, hw], 7)?;
