@@ -53,6 +53,41 @@ fn tuning_chooses_caches_and_refuses_bad_caches() {
     assert!(path.starts_with(&dir));
     assert_eq!(tune::read_cache(&path).unwrap().get(key), Some(&chosen), "the cache round-trips");
 
+    // a Linear of few rows: the register tiles or the GEMM, whichever was faster; the result is
+    // the chosen candidate's bit for bit, and the two agree within k f32 roundings of the
+    // terms' magnitudes (|x|, |w| <= 1: at most k)
+    let (rows, k, n) = (40usize, 64usize, 48usize);
+    let xl: Vec<f32> = (0..rows * k).map(|_| rng.uniform(-1.0, 1.0)).collect();
+    let wl: Vec<f32> = (0..n * k).map(|_| rng.uniform(-1.0, 1.0)).collect();
+    let bl: Vec<f32> = (0..n).map(|_| rng.uniform(-1.0, 1.0)).collect();
+    let t = |v: &[f32], sh: &[usize]| Tensor::from_vec(v.to_vec(), sh, &Device::Cpu).unwrap();
+    let lin = || {
+        reclmis::ops::gemm::linear::linear(
+            &t(&xl, &[rows, k]),
+            &t(&wl, &[n, k]),
+            Some(&t(&bl, &[n])),
+            Default::default(),
+        )
+        .unwrap()
+        .to_vec()
+        .unwrap()
+    };
+    let yl = lin();
+    let chosen_l = tune::choice("linear rows40 k64 n48").expect("the first call tunes the Linear");
+    let few = reclmis::ops::gemm::cpu::linear_few_rows(&xl, &wl, Some(&bl), rows, k, n);
+    let (plan, _) = reclmis::ops::gemm::plan(&[rows, k], &[n, k], false, true).unwrap();
+    let packed = reclmis::ops::gemm::cpu::gemm(&xl, &wl, &plan, 1.0, Some(&bl));
+    let want_l = match chosen_l.as_str() {
+        "few_rows" => &few,
+        "gemm" => &packed,
+        other => panic!("unknown candidate {other}"),
+    };
+    assert_eq!(&yl, want_l, "the tuned Linear is the chosen candidate's, bit for bit");
+    for (a, c) in few.iter().zip(&packed) {
+        assert!((a - c).abs() <= k as f32 * f32::EPSILON * (k as f32 + 1.0), "{a} vs {c}");
+    }
+    assert_eq!(lin(), yl, "the second call reads the choice");
+
     // the reader refuses what it cannot use
     let bad = dir.join("bad.json");
     std::fs::write(&bad, b"{\"version\": 1, \"machine\":").unwrap();

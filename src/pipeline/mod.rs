@@ -168,7 +168,12 @@ pub fn text_cache<'a>(m: &RecLmis, tok: &NoteTokenizer, notes: impl Iterator<Ite
     uniq.sort_unstable();
     uniq.dedup();
     let mut cache = TextCache::new();
-    for chunk in uniq.chunks(64) {
+    // chunks of at most FEW_ROWS token rows: the tower's Linears then run on the cpu's register
+    // tiles, as for a training batch of up to that many rows, so a cached note's hidden states
+    // are those of an uncached batch bit for bit (the packing GEMM of larger batches rounds its
+    // sums in another order)
+    let per_chunk = (crate::ops::gemm::cpu::FEW_ROWS / m.cfg.token_len.max(1)).clamp(1, 64);
+    for chunk in uniq.chunks(per_chunk) {
         let (mut ids, mut valid) = (vec![], vec![]);
         for n in chunk {
             let (i, v) = tok.encode(n)?;

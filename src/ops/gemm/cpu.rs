@@ -65,9 +65,17 @@ pub fn gemm(a: &[f32], b: &[f32], s: &GemmShape, alpha: f32, bias: Option<&[f32]
     c
 }
 
-/// Below this many rows a Linear skips the GEMM library: packing the weights costs as much as the
-/// product (the text tower's 18-token rows read 151 MB of weights per note at the official size).
-pub const FEW_ROWS: usize = 32;
+/// Up to this many rows a Linear skips the GEMM library: packing the weights costs as much as
+/// the product (the text tower's 18-token rows read 151 MB of weights per note at the official
+/// size). AMD EPYC dev VM, `bench --op linear --shape`, min of 20, tiles / GEMM: 36x512->2048
+/// 0.26 / 0.68 ms, 72x512->2048 0.46 / 0.83, 72x2048->512 0.47 / 2.19, 144x512->2048 0.90 /
+/// 1.19, 160x512->2048 0.99 / 1.22, 160x512->512 0.51 / 0.45; `--tune exhaustive` chose the
+/// tiles for every text-tower shape at 72, 144 and 200 rows. 160 keeps a batch of eight notes
+/// (144 rows) on the tiles; autotuning decides up to `TUNED_ROWS`.
+pub const FEW_ROWS: usize = 160;
+
+/// Linears of at most this many rows are autotuned between the tiles and the GEMM.
+pub const TUNED_ROWS: usize = 256;
 
 /// y [rows, n] = x [rows, k] · wᵀ (+ bias), w [n, k], for few rows: each weight row is read once
 /// and dotted with every input row (which stay in cache); features are spread over the threads.

@@ -47,10 +47,18 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, algo: GemmAlgo) -> 
     let dev = x.device();
     if let Device::Cpu = dev {
         let b = bias.map(|b| b.cpu_f32(OP)).transpose()?;
-        let y = if rows <= cpu::FEW_ROWS && k > 0 {
-            cpu::linear_few_rows(x2.cpu_f32(OP)?, w.cpu_f32(OP)?, b, rows, k, n)
+        let (xv, wv) = (x2.cpu_f32(OP)?, w.cpu_f32(OP)?);
+        let y = if k == 0 || rows > cpu::TUNED_ROWS {
+            cpu::gemm(xv, wv, &s, 1.0, b)
         } else {
-            cpu::gemm(x2.cpu_f32(OP)?, w.cpu_f32(OP)?, &s, 1.0, b)
+            // register-tiled dot products or the packing GEMM: tuned per shape (`--tune`), the
+            // row threshold otherwise
+            crate::ops::tune::pick(
+                || format!("linear rows{rows} k{k} n{n}"),
+                &["few_rows", "gemm"],
+                if rows <= cpu::FEW_ROWS { 0 } else { 1 },
+                |i| if i == 0 { cpu::linear_few_rows(xv, wv, b, rows, k, n) } else { cpu::gemm(xv, wv, &s, 1.0, b) },
+            )
         };
         return Tensor::from_vec(y, &out_shape, dev);
     }
