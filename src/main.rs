@@ -17,9 +17,10 @@ struct Cli {
     /// Refuse images larger than this many megapixels (checked from the file's header)
     #[arg(long, global = true, default_value_t = 100.0)]
     max_megapixels: f64,
-    /// Autotuning: off (the fixed heuristics), on (the first call of each convolution shape times
-    /// its algorithms; the choice is cached per machine and build) or exhaustive (three timings
-    /// each) [default: RECLMIS_TUNE, else off]
+    /// Autotuning: off (the fixed heuristics), on (the first call of each convolution or
+    /// few-rows Linear shape times its algorithms, the faster of two timings each; the choice is
+    /// cached per machine and build) or exhaustive (three timings each) [default: RECLMIS_TUNE,
+    /// else off]
     #[arg(long, global = true)]
     tune: Option<String>,
 }
