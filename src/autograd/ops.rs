@@ -735,10 +735,10 @@ impl Graph {
             let ws = ws.iter().map(Saved::get).collect::<Result<Vec<Tensor>>>()?;
             let mut f = f;
             // taken, not copied (or made here): the backward writes dA and dM over them
+            let s = ss.get()?;
             (f.a, f.m) = match kept {
                 Some((sa, sm)) => (sa.take()?, sm.take()?),
                 None => {
-                    let s = ss.get()?;
                     let again = |w: &Tensor| -> Result<Tensor> {
                         let t = conv::conv2d(&s, w, None, algo)?;
                         #[cfg(feature = "autocast")]
@@ -752,7 +752,7 @@ impl Graph {
                     (again(&ws[0])?, again(&ws[1])?)
                 }
             };
-            let g = plam::plam_gate_backward(&ss.get()?, &pw(std::array::from_fn(|i| &ws[i])), f, dy, algo)?;
+            let g = plam::plam_gate_backward(&s, &pw(std::array::from_fn(|i| &ws[i])), f, dy, algo)?;
             Ok(vec![
                 Some(g.ds),
                 Some(g.dw_avg),

@@ -60,15 +60,34 @@ pub fn forward(
     };
     // one plane per chunk, written once (no zeroing pass)
     let y = crate::ops::cpu_math::par_new(x.len(), s, |plane, yp| {
-        let ch = plane % c;
-        let scale = gamma[ch] / (var[ch] + o.eps).sqrt();
-        let shift = beta[ch] - mean[ch] * scale;
+        let f = channel_apply((gamma, beta), (&mean, &var), plane % c, o);
         for (o_, &v) in yp.iter_mut().zip(&x[plane * s..(plane + 1) * s]) {
-            let r = v * scale + shift;
-            o_.write(if o.relu && r < 0.0 { 0.0 } else { r });
+            o_.write(f(v));
         }
     });
     (y, mean, var, nrm, nrv)
+}
+
+/// Channel ch's normalisation as a function of x: (ReLU) x·scale + shift with scale =
+/// γ/√(var + ε), shift = β − mean·scale. `forward` and the in-place evaluation share it, so
+/// both give the same bits.
+#[inline(always)]
+fn channel_apply(
+    (gamma, beta): (&[f32], &[f32]),
+    (mean, var): (&[f32], &[f32]),
+    ch: usize,
+    o: BnOpts,
+) -> impl Fn(f32) -> f32 {
+    let scale = gamma[ch] / (var[ch] + o.eps).sqrt();
+    let shift = beta[ch] - mean[ch] * scale;
+    move |v| {
+        let r = v * scale + shift;
+        if o.relu && r < 0.0 {
+            0.0
+        } else {
+            r
+        }
+    }
 }
 
 /// Evaluation-mode (ReLU) x·scale + shift written over x: `forward`'s per-element arithmetic
@@ -79,14 +98,11 @@ pub fn apply_eval_in_place(x: &mut [f32], gamma: &[f32], beta: &[f32], rm: &[f32
     assert!(x.len() == b * c * s && [gamma, beta, rm, rv].iter().all(|p| p.len() == c), "batch norm: x [B, C, S]");
     let xp = crate::ops::cpu_math::SendPtr(x.as_mut_ptr());
     crate::ops::cpu_math::par_tasks(b * c, &|plane| {
-        let ch = plane % c;
-        let scale = gamma[ch] / (rv[ch] + o.eps).sqrt();
-        let shift = beta[ch] - rm[ch] * scale;
+        let f = channel_apply((gamma, beta), (rm, rv), plane % c, o);
         // SAFETY: task `plane` alone writes floats [plane·s, (plane + 1)·s) of x.
         let p = unsafe { std::slice::from_raw_parts_mut(xp.get().add(plane * s), s) };
         for v in p {
-            let r = *v * scale + shift;
-            *v = if o.relu && r < 0.0 { 0.0 } else { r };
+            *v = f(*v);
         }
     });
 }
