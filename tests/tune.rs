@@ -46,6 +46,46 @@ fn tuning_chooses_caches_and_refuses_bad_caches() {
     for (a, c) in wino.iter().zip(&im2col) {
         assert!((a - c).abs() <= 1e-4 * (1.0 + c.abs()), "{a} vs {c}");
     }
+    // the split variants (timed by `exhaustive` only): Winograd's give its result bit for bit,
+    // im2col's within summation rounding, on a map where they change the number of bands (Winograd 2 -> 8 and 1, im2col 10 -> 64
+    // and 3)
+    let sb = ConvShape { b: 1, ci: 64, co: 64, h: 64, w: 64, kh: 3, kw: 3 };
+    let xb =
+        Tensor::from_vec((0..64 * 64 * 64).map(|_| rng.uniform(-1.0, 1.0)).collect(), &[1, 64, 64, 64], &Device::Cpu)
+            .unwrap();
+    let wb =
+        Tensor::from_vec((0..64 * 64 * 9).map(|_| rng.uniform(-0.2, 0.2)).collect(), &[64, 64, 3, 3], &Device::Cpu)
+            .unwrap();
+    let by = |name: &'static str| {
+        tune::with_candidate(name, || {
+            conv::conv2d(&xb, &wb, None, reclmis::ops::gemm::GemmAlgo::Auto).unwrap().to_vec().unwrap()
+        })
+    };
+    let base = [by("winograd"), by("im2col")];
+    assert!(base[0] != base[1], "the two algorithms round differently: forcing a candidate is seen");
+    for name in conv::CPU_FWD_NAMES {
+        let (algo, got) = (usize::from(name.starts_with("im2col")), by(name));
+        if algo == 0 {
+            assert!(got == base[0], "{name} is Winograd's result bit for bit ({sb:?})");
+        } else {
+            // the GEMM library blocks its sum by the band's width: the same terms, another order,
+            // so within f32 summation rounding of Σ|x||w| <= depth·0.2 (depth 576: γ_576 bound)
+            let bound = 576.0 * f32::EPSILON * 576.0 * 0.2;
+            for (a, c) in got.iter().zip(&base[1]) {
+                assert!((a - c).abs() <= bound, "{name}: {a} vs {c}");
+            }
+        }
+    }
+
+    // `exhaustive` times the variants too; the result is the chosen one's
+    tune::set_mode(Mode::Exhaustive);
+    let y_ex = conv::conv2d(&xb, &wb, None, reclmis::ops::gemm::GemmAlgo::Auto).unwrap().to_vec().unwrap();
+    let chosen_ex = tune::choice("conv2d b1 ci64 co64 64x64 k3x3").expect("tuned");
+    assert!(conv::CPU_FWD_NAMES.contains(&chosen_ex.as_str()), "{chosen_ex}");
+    let named: &'static str = conv::CPU_FWD_NAMES.iter().find(|n| **n == chosen_ex).unwrap();
+    assert!(y_ex == by(named), "the exhaustively tuned result is {chosen_ex}'s");
+    tune::set_mode(Mode::On);
+
     // the second call reads the choice
     let again = conv::conv2d(&x, &w, Some(&b), reclmis::ops::gemm::GemmAlgo::Auto).unwrap().to_vec().unwrap();
     assert_eq!(again, y);

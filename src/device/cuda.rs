@@ -13,6 +13,9 @@ pub struct CudaDevice {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     name: String,
+    /// cuDriverGetVersion's 1000·major + 10·minor
+    #[cfg_attr(not(feature = "tune"), allow(dead_code))]
+    driver_version: i32,
     /// Compute capability as 10 * major + minor (90 for an H100).
     arch: u32,
     modules: Mutex<HashMap<usize, Arc<CudaModule>>>,
@@ -46,10 +49,15 @@ impl CudaDevice {
             let stream = ctx.default_stream();
             let (major, minor) = ctx.compute_capability().map_err(drv)?;
             let name = ctx.name().map_err(drv)?;
+            let mut driver_version = 0;
+            // SAFETY: cuDriverGetVersion writes one int through the pointer; the driver is
+            // initialised above.
+            unsafe { driver::sys::cuDriverGetVersion(&mut driver_version) }.result().map_err(drv)?;
             Ok(CudaDevice {
                 ctx,
                 stream,
                 name,
+                driver_version,
                 arch: (major * 10 + minor) as u32,
                 modules: Mutex::new(HashMap::new()),
                 functions: Mutex::new(HashMap::new()),
@@ -60,6 +68,12 @@ impl CudaDevice {
 
     pub fn describe(&self) -> String {
         format!("cuda: {} (sm_{})", self.name, self.arch)
+    }
+
+    /// What a tuned choice holds for: the GPU, its compute capability and the driver.
+    #[cfg(feature = "tune")]
+    pub fn tune_identity(&self) -> String {
+        format!("cuda {} sm_{} driver {}", self.name, self.arch, self.driver_version)
     }
 
     pub fn arch(&self) -> u32 {

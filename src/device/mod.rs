@@ -235,6 +235,21 @@ impl Device {
         }
     }
 
+    /// What an autotuned choice on this device holds for (`ops::tune::pick_on`'s key prefix): the
+    /// GPU and driver on cuda; the emulator on emu (its timings time the emulation); the CPU
+    /// model and threads on the cpu.
+    #[cfg(feature = "tune")]
+    pub fn tune_identity(&self) -> String {
+        match self {
+            Device::Cpu => format!("cpu {}", crate::ops::tune::machine()),
+            Device::Emu => "emu".into(),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => d.tune_identity(),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(d) => match **d {},
+        }
+    }
+
     /// Allocates a buffer for `numel` elements. Poisoned with NaN bytes when [`set_poison`] is on,
     /// zeroed otherwise.
     pub(crate) fn alloc(&self, dtype: DType, numel: usize) -> Result<Storage> {

@@ -7,10 +7,18 @@
 //! timed. Every candidate is tested against the same f64 reference within its own bound, so the
 //! result is the same whichever wins, to that bound.
 //!
+//! On cuda and emu (`pick_on`) the candidates are kernels: where tf32 is allowed the tf32
+//! tensor-core or the exact FMA kernel (GEMM, convolution, weight gradient, the latter also at two
+//! split-K depths), and the bf16 GEMM's two pipelined block tiles; the key starts with the GPU's
+//! name, compute capability and driver.
+//!
 //! Mode: `--tune off|on|exhaustive` or `RECLMIS_TUNE`; off by default, because a tuned run's
 //! rounding follows the timings of the first process on the machine (a cached choice makes later
-//! runs repeat it, and `--resume` stays bit for bit on one machine either way). `exhaustive`
-//! times each candidate three times instead of once. Cache: `RECLMIS_TUNE_CACHE`, else
+//! runs repeat it, and `--resume` stays bit for bit on one machine either way). `on` times each
+//! algorithm twice at its default band or block split; `exhaustive` three times, and also each
+//! algorithm's split variants (candidates named `algorithm:variant`, e.g. Winograd's bands at a
+//! quarter and twice the default size: the same result bit for bit; im2col's bands change the
+//! order of its sums, within their rounding). Cache: `RECLMIS_TUNE_CACHE`, else
 //! `$XDG_CACHE_HOME/reclmis/`, else `~/.cache/reclmis/`, file `tune-<machine and build hash>.json`.
 //! A cache that cannot be read, is corrupt or was written for another machine or build is
 //! ignored with a warning and left untouched.
@@ -175,6 +183,19 @@ pub fn choice(key: &str) -> Option<String> {
     state().lock().unwrap_or_else(|e| e.into_inner()).choices.get(key).cloned()
 }
 
+thread_local! {
+    static FORCED: std::cell::RefCell<Option<&'static str>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` with candidate `name` chosen by every `pick` on this thread whose candidates include
+/// it, whatever the mode (tests compute each candidate's result through the op itself).
+pub fn with_candidate<R>(name: &'static str, f: impl FnOnce() -> R) -> R {
+    let old = FORCED.with(|c| c.replace(Some(name)));
+    let r = f();
+    FORCED.with(|c| *c.borrow_mut() = old);
+    r
+}
+
 /// Runs the op for `key` by one of `names` (`run(i)` computes it with candidate i): with tuning
 /// off, candidate `heuristic`; with a known choice, that one; else each candidate in turn
 /// (`heuristic` first), timed, and the fastest one's result is returned and its name kept.
@@ -184,6 +205,41 @@ pub fn pick<R>(
     heuristic: usize,
     mut run: impl FnMut(usize) -> R,
 ) -> R {
+    let picked = pick_timed(key, names, heuristic, |i| Ok::<R, std::convert::Infallible>(run(i)), || Ok(()), false);
+    match picked {
+        Ok(r) => r,
+        Err(never) => match never {},
+    }
+}
+
+/// `pick` for an op on `dev` whose candidates launch kernels (cuda, emu) and may fail: each
+/// timing waits for the device before and after (launches return before the kernels finish),
+/// the key starts with the device's identity (GPU name, compute capability and driver: a choice
+/// holds for one kind of GPU), and when the fastest candidate was not the last one timed it
+/// runs once more, so an op that writes into a buffer given to it leaves the winner's result
+/// there. A failed candidate's error is returned (a GPU fault is not a slow candidate).
+pub fn pick_on<R, E: From<crate::Error>>(
+    dev: &crate::Device,
+    key: impl FnOnce() -> String,
+    names: &[&'static str],
+    heuristic: usize,
+    run: impl FnMut(usize) -> Result<R, E>,
+) -> Result<R, E> {
+    let sync = || dev.synchronize().map_err(E::from);
+    pick_timed(|| format!("{} | {}", dev.tune_identity(), key()), names, heuristic, run, sync, true)
+}
+
+fn pick_timed<R, E>(
+    key: impl FnOnce() -> String,
+    names: &[&'static str],
+    heuristic: usize,
+    mut run: impl FnMut(usize) -> Result<R, E>,
+    sync: impl Fn() -> Result<(), E>,
+    rerun_winner: bool,
+) -> Result<R, E> {
+    if let Some(i) = FORCED.with(|c| *c.borrow()).and_then(|f| names.iter().position(|n| *n == f)) {
+        return run(i);
+    }
     let m = mode();
     if m == Mode::Off || names.len() < 2 {
         return run(heuristic);
@@ -199,14 +255,23 @@ pub fn pick<R>(
     // timing charged to it (AMD EPYC VM: `on` chose im2col for 512→512 at 14², 3.3 ms slower
     // in the model than Winograd)
     let reps = if m == Mode::Exhaustive { 3 } else { 2 };
-    let order = std::iter::once(heuristic).chain((0..names.len()).filter(|&i| i != heuristic));
+    // `on` times the algorithms at their default splits; `exhaustive` their split variants too
+    // (names `algorithm:variant`)
+    let timed = |i: usize| m == Mode::Exhaustive || !names[i].contains(':');
+    let order: Vec<usize> =
+        std::iter::once(heuristic).chain((0..names.len()).filter(|&i| i != heuristic && timed(i))).collect();
+    if order.len() < 2 {
+        return run(heuristic);
+    }
     let mut best: Option<(f64, usize, R)> = None;
-    for i in order {
+    for &i in &order {
         let mut fastest = f64::INFINITY;
         let mut out = None;
         for _ in 0..reps {
+            sync()?;
             let t = Instant::now();
-            let r = run(i);
+            let r = run(i)?;
+            sync()?;
             fastest = fastest.min(t.elapsed().as_secs_f64());
             out = Some(r);
         }
@@ -215,9 +280,12 @@ pub fn pick<R>(
             best = Some((fastest, i, out));
         }
     }
-    let (_, i, out) = best.expect("two or more candidates");
+    let (_, i, mut out) = best.expect("two or more candidates");
+    if rerun_winner && order.last() != Some(&i) {
+        out = run(i)?;
+    }
     let mut s = state().lock().unwrap_or_else(|e| e.into_inner());
     s.choices.insert(key, names[i].to_string());
     save(&s);
-    out
+    Ok(out)
 }

@@ -10,15 +10,15 @@ use rayon::prelude::*;
 /// At most this many floats of im2col per task (1 MB): the band's im2col stays in L2 while the
 /// GEMM streams it. Measured on the 2-core dev machine against bands of >= 1024 pixels (up to
 /// 16 MB of im2col): the L2-sized bands were 5-20% faster on every 3×3 shape of the model.
-const COL_FLOATS: usize = 1 << 18;
+pub const COL_FLOATS: usize = 1 << 18;
 /// The weight gradient is summed in this many fixed parts (then in order), so the result does not
 /// depend on the thread count or the schedule.
 const WGRAD_PARTS: usize = 4;
 
-/// Output rows per task.
-fn band_rows(s: &ConvShape) -> usize {
+/// Output rows per task: an im2col band of about `col_floats` floats.
+fn band_rows(s: &ConvShape, col_floats: usize) -> usize {
     let per_row = if is_pointwise(s) { s.w } else { s.depth() * s.w };
-    (COL_FLOATS / per_row.max(1)).clamp(1, s.h.max(1))
+    (col_floats / per_row.max(1)).clamp(1, s.h.max(1))
 }
 
 /// With fewer tasks than this, tasks run one after another and each GEMM uses every thread
@@ -97,10 +97,17 @@ pub fn conv2d(x: &[f32], w: &[f32], bias: Option<&[f32]>, s: &ConvShape) -> Vec<
 
 /// `conv2d` by im2col + GEMM whatever the shape (the autotuner's other candidate).
 pub fn conv2d_im2col(x: &[f32], w: &[f32], bias: Option<&[f32]>, s: &ConvShape) -> Vec<f32> {
+    conv2d_im2col_banded(x, w, bias, s, COL_FLOATS)
+}
+
+/// `conv2d_im2col` with im2col bands of about `col_floats` floats instead of the default (an
+/// autotuning candidate; the GEMM library blocks its sums by the band's width, so the order of
+/// each pixel's sum, not its terms, changes with the bands: within f32 summation rounding).
+pub fn conv2d_im2col_banded(x: &[f32], w: &[f32], bias: Option<&[f32]>, s: &ConvShape, col_floats: usize) -> Vec<f32> {
     check_slices("conv2d", x.len(), (w.len(), s.depth()), bias.map(|b| b.len()), None, s);
     let mut y = vec![0.0f32; s.b * s.co * s.h * s.w];
     if !y.is_empty() {
-        im2col_into(x, (w, s.depth()), bias, s, &mut y, false);
+        im2col_into(x, (w, s.depth()), bias, (s, col_floats), &mut y, false);
     }
     y
 }
@@ -122,7 +129,7 @@ pub fn conv2d_into(
     if super::winograd::applies(s) {
         return super::winograd::conv2d_into(&[x], (w, w_ld), bias, s, y, accumulate);
     }
-    im2col_into(x, (w, w_ld), bias, s, y, accumulate)
+    im2col_into(x, (w, w_ld), bias, (s, COL_FLOATS), y, accumulate)
 }
 
 /// conv2d_into by im2col + GEMM (slices checked by the caller, y not empty).
@@ -130,12 +137,12 @@ fn im2col_into(
     x: &[f32],
     (w, w_ld): (&[f32], usize),
     bias: Option<&[f32]>,
-    s: &ConvShape,
+    (s, col_floats): (&ConvShape, usize),
     y: &mut [f32],
     accumulate: bool,
 ) {
     let (hw, kk) = (s.h * s.w, s.depth());
-    let rows = band_rows(s);
+    let rows = band_rows(s, col_floats);
     let bands = s.h.div_ceil(rows);
     let yp = SendPtr(y.as_mut_ptr());
     let tasks = s.b * bands;
@@ -237,7 +244,7 @@ pub fn conv2d_wgrad(x: &[f32], dy: &[f32], s: &ConvShape) -> Vec<f32> {
 /// `conv2d_wgrad` by im2col + GEMM.
 pub fn wgrad_im2col(x: &[f32], dy: &[f32], s: &ConvShape) -> Vec<f32> {
     let (hw, kk) = (s.h * s.w, s.depth());
-    let rows = band_rows(s);
+    let rows = band_rows(s, COL_FLOATS);
     let bands = s.h.div_ceil(rows);
     let tasks = s.b * bands;
     let (parts_n, inner) =

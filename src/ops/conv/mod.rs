@@ -155,14 +155,44 @@ unsafe fn launch_fwd(dev: &Device, ptrs: [u64; 4], s: &ConvShape, wl_acc: (usize
     if grid.1 > 65535 {
         return Err(Error::Unsupported { op, detail: format!("{} output channels", s.co) });
     }
-    let (kernel, threads) = match algo {
-        GemmAlgo::TensorCore => (Kernel::conv2d_tc_fwd_f32, 128),
-        _ => (Kernel::conv2d_fwd_f32, 256),
+    let run = |i: usize| {
+        let (kernel, threads) = FWD_KERNELS[i];
+        // SAFETY: the caller guarantees the buffers (this function's contract); ConvParams
+        // mirrors the kernels' params struct (the same for both).
+        unsafe { dev.launch(kernel, LaunchCfg { grid, block: (threads, 1, 1), smem_bytes: 0 }, &p) }
     };
-    // SAFETY: the caller guarantees the buffers (this function's contract); ConvParams mirrors the
-    // kernels' params struct.
-    unsafe { dev.launch(kernel, LaunchCfg { grid, block: (threads, 1, 1), smem_bytes: 0 }, &p) }
+    match algo {
+        // tf32 allowed: the tensor cores or the exact FMA kernel, tuned per shape and GPU; not
+        // when y accumulates (a concatenation's later parts): timing runs it twice
+        GemmAlgo::TensorCore if !wl_acc.1 => crate::ops::tune::pick_on(
+            dev,
+            || format!("{} depth{} bias{}", tune_key("conv2d_f32", s), wl_acc.0, ptrs[2] != 0),
+            &crate::ops::gemm::F32_NAMES,
+            0,
+            run,
+        ),
+        GemmAlgo::TensorCore => run(0),
+        _ => run(1),
+    }
 }
+
+/// The implicit-GEMM forward kernels, in `gemm::F32_NAMES`' order: tf32 tensor cores, exact FMA.
+const FWD_KERNELS: [(Kernel, u32); 2] = [(Kernel::conv2d_tc_fwd_f32, 128), (Kernel::conv2d_fwd_f32, 256)];
+
+/// The cpu 3×3 forward's tuning candidates: (Winograd or im2col, band size in floats); the
+/// split variants (a quarter and twice Winograd's bands: on the AMD EPYC VM the best band
+/// differed by shape, within 5% of the default; a quarter and four times im2col's) are timed by
+/// `--tune exhaustive` only.
+const CPU_FWD: [(bool, usize); 6] = [
+    (true, winograd::BAND_FLOATS),
+    (false, cpu::COL_FLOATS),
+    (true, winograd::BAND_FLOATS / 4),
+    (true, winograd::BAND_FLOATS * 2),
+    (false, cpu::COL_FLOATS / 4),
+    (false, cpu::COL_FLOATS * 4),
+];
+pub const CPU_FWD_NAMES: [&str; 6] =
+    ["winograd", "im2col", "winograd:band/4", "winograd:band*2", "im2col:band/4", "im2col:band*4"];
 
 /// y [B,Co,H,W] = conv(x, w) + bias.
 pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, algo: GemmAlgo) -> Result<Tensor> {
@@ -181,14 +211,15 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, algo: GemmAlgo) -> 
         let heuristic = if winograd::applies(&s) { 0 } else { 1 };
         let y = crate::ops::tune::pick(
             || tune_key("conv2d", &s),
-            &["winograd", "im2col"],
+            &CPU_FWD_NAMES,
             heuristic,
             |i| {
-                if i == 0 {
+                let (winograd, floats) = CPU_FWD[i];
+                if winograd {
                     let u = winograd::cached_weights(w, (wv, s.depth()), &s);
-                    winograd::conv2d_new(&[xv], (wv, s.depth()), Some(&u), bv, &s)
+                    winograd::conv2d_new_banded(&[xv], (wv, s.depth()), Some(&u), bv, &s, floats)
                 } else {
-                    cpu::conv2d_im2col(xv, wv, bv, &s)
+                    cpu::conv2d_im2col_banded(xv, wv, bv, &s, floats)
                 }
             },
         );
@@ -266,18 +297,44 @@ fn bias_grad(dy: &Tensor, s: &ConvShape) -> Result<Tensor> {
 /// `parts` are the input's channel slices (one tensor for a plain convolution); `s` has the total
 /// channel count. Each slice writes its columns of the shared partial sums.
 fn wgrad(dev: &Device, parts: &[&Tensor], dy: &Tensor, s: &ConvShape, algo: GemmAlgo) -> Result<Tensor> {
-    let op = "conv2d_backward";
     let kk = s.depth();
-    let k2 = s.kh * s.kw;
     let pixels = s.b * s.h * s.w;
     let tiles_mn = kk.div_ceil(64) * s.co.div_ceil(64);
     // Enough blocks to fill a large GPU; each split keeps at least one 16-pixel tile.
-    let splits = 256usize.div_ceil(tiles_mn).clamp(1, pixels.div_ceil(16).clamp(1, 65535));
+    let splits_for = |blocks: usize| blocks.div_ceil(tiles_mn).clamp(1, pixels.div_ceil(16).clamp(1, 65535));
+    match algo {
+        // tf32 allowed: tensor cores or exact FMA, each at the heuristic split (256 blocks) or a
+        // 4x finer one (more blocks in flight, more partial sums to add), tuned per shape and
+        // GPU; the splits change the order of the f32 sum, within the kernels' tested bound
+        GemmAlgo::TensorCore => crate::ops::tune::pick_on(
+            dev,
+            || format!("{} parts{}", tune_key("conv2d_wgrad_f32", s), parts.len()),
+            &WGRAD_NAMES,
+            0,
+            |i| wgrad_with(dev, parts, dy, s, WGRAD_KERNELS[i / 2], splits_for(256 << (2 * (i % 2)))),
+        ),
+        _ => wgrad_with(dev, parts, dy, s, WGRAD_KERNELS[1], splits_for(256)),
+    }
+}
+
+/// The weight-gradient kernels, in `gemm::F32_NAMES`' order, and the tuning candidates: each
+/// kernel at the heuristic split and at a 4x finer one.
+const WGRAD_KERNELS: [(Kernel, u32); 2] = [(Kernel::conv2d_tc_wgrad_bwd_f32, 128), (Kernel::conv2d_wgrad_bwd_f32, 256)];
+pub const WGRAD_NAMES: [&str; 4] = ["tf32_mma", "tf32_mma_split4x", "f32_fma", "f32_fma_split4x"];
+
+/// `wgrad` by one kernel over `splits` partial sums.
+fn wgrad_with(
+    dev: &Device,
+    parts: &[&Tensor],
+    dy: &Tensor,
+    s: &ConvShape,
+    (kernel, threads): (Kernel, u32),
+    splits: usize,
+) -> Result<Tensor> {
+    let op = "conv2d_backward";
+    let kk = s.depth();
+    let k2 = s.kh * s.kw;
     let partial = Tensor::empty(&[splits, s.co, kk], DType::F32, dev)?;
-    let (kernel, threads) = match algo {
-        GemmAlgo::TensorCore => (Kernel::conv2d_tc_wgrad_bwd_f32, 128),
-        _ => (Kernel::conv2d_wgrad_bwd_f32, 256),
-    };
     let mut c_off = 0;
     for x in parts {
         let sp = ConvShape { ci: x.shape()[1], ..*s };

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 use reclmis_cpu_loops::winograd::{grad_transform, input_transform, output_transform, weight_rows, Chw};
 
 /// Transformed values per band, Ci and Co rows together (~4 MB): the band's V and M.
-const BAND_FLOATS: usize = 1 << 20;
+pub const BAND_FLOATS: usize = 1 << 20;
 /// Output channels per block when one band runs at a time: the block's transformed weights
 /// (16·32·Ci floats, 1 MB at Ci = 512) stay in L2 while its 16 GEMMs run.
 const CO_BLOCK: usize = 32;
@@ -73,7 +73,7 @@ pub fn conv2d_into(
 ) {
     assert_eq!(Some(y.len()), crate::ops::product(&[s.b, s.co, s.h, s.w]), "the output must be [B, Co, H, W]");
     // SAFETY: y holds B·Co·H·W initialised floats.
-    unsafe { conv2d_raw(xs, (w, w_ld, None), bias, s, (y.as_mut_ptr(), accumulate)) }
+    unsafe { conv2d_raw(xs, (w, w_ld, None), bias, (s, BAND_FLOATS), (y.as_mut_ptr(), accumulate)) }
 }
 
 /// A new output, written once (no zeroing pass: without accumulation every pixel of every
@@ -85,11 +85,25 @@ pub fn conv2d_new(
     bias: Option<&[f32]>,
     s: &ConvShape,
 ) -> Vec<f32> {
+    conv2d_new_banded(xs, (w, w_ld), u, bias, s, BAND_FLOATS)
+}
+
+/// `conv2d_new` with bands of tile rows sized for `band_floats` floats of transformed input and
+/// products instead of the default (an autotuning candidate; each output is computed by the
+/// same arithmetic whatever the bands, so the result is the same bit for bit).
+pub fn conv2d_new_banded(
+    xs: &[&[f32]],
+    (w, w_ld): (&[f32], usize),
+    u: Option<&[f32]>,
+    bias: Option<&[f32]>,
+    s: &ConvShape,
+    band_floats: usize,
+) -> Vec<f32> {
     let mut y = Unfilled::new(crate::ops::product(&[s.b, s.co, s.h, s.w]).expect("the output's size overflows"));
     // SAFETY: y has room for B·Co·H·W floats, and without accumulation the output transform
     // writes every one of them (and reads none).
     unsafe {
-        conv2d_raw(xs, (w, w_ld, u), bias, s, (y.ptr().get(), false));
+        conv2d_raw(xs, (w, w_ld, u), bias, (s, band_floats), (y.ptr().get(), false));
         y.filled()
     }
 }
@@ -113,7 +127,7 @@ unsafe fn conv2d_raw(
     xs: &[&[f32]],
     (w, w_ld, u_given): (&[f32], usize, Option<&[f32]>),
     bias: Option<&[f32]>,
-    s: &ConvShape,
+    (s, band_floats): (&ConvShape, usize),
     (y, accumulate): (*mut f32, bool),
 ) {
     assert!(s.kh == 3 && s.kw == 3, "Winograd F(2x2, 3x3) needs a 3x3 kernel");
@@ -141,8 +155,8 @@ unsafe fn conv2d_raw(
         return;
     }
     let (th, tw) = (s.h.div_ceil(2), s.w.div_ceil(2));
-    // tile rows per band: V and M of the band (16·(Ci + Co) floats per tile) near BAND_FLOATS
-    let band_rows = (BAND_FLOATS / (16 * (s.ci + s.co) * tw).max(1)).clamp(1, th.max(1));
+    // tile rows per band: V and M of the band (16·(Ci + Co) floats per tile) near band_floats
+    let band_rows = (band_floats / (16 * (s.ci + s.co) * tw).max(1)).clamp(1, th.max(1));
     let bands = th.div_ceil(band_rows);
     let tasks = s.b * bands;
     // Many tasks: bands in parallel, each GEMM single-threaded, the weights transformed once.

@@ -80,6 +80,11 @@ pub struct GemmShape {
 }
 
 impl GemmShape {
+    /// The shape as an autotuning key (sizes and both operands' strides).
+    pub fn key(&self) -> String {
+        format!("b{} m{} n{} k{} sa{:?} sb{:?}", self.batch, self.m, self.n, self.k, self.sa, self.sb)
+    }
+
     /// Elements an operand with `strides` (batch, row, col) must hold for `rows` × `cols`
     /// matrices over the batch: one past its largest index (None on overflow).
     pub(crate) fn span(&self, (sb, sr, sc): (usize, usize, usize), rows: usize, cols: usize) -> Option<usize> {
@@ -219,13 +224,27 @@ pub(crate) fn bf16_product(a: &Tensor, b: &Tensor, opts: GemmOpts, bias: Option<
         beta: 0.0,
         bias: bias.map_or(0, |b| b.dev_ptr()),
     };
-    let (kernel, tile, smem_bytes) = bf16_kernel(&s, [a.dev_ptr(), b.dev_ptr()]);
-    let grid = ((s.n as u32).div_ceil(tile), (s.m as u32).div_ceil(tile), s.batch as u32);
-    // SAFETY: `plan` derived `s` from a's and b's shapes (both bf16, checked by the callers), c is
-    // a new bf16 [batch, m, n] tensor, the bias (checked) [n] bf16, and the kernels read and
-    // write bf16 through them; the pipelined ones only where `bf16_kernel` found every
-    // 16-byte chunk whole and aligned.
-    unsafe { dev.launch(kernel, LaunchCfg { grid, block: (128, 1, 1), smem_bytes }, &p) }?;
+    let chosen = bf16_kernel(&s, [a.dev_ptr(), b.dev_ptr()]);
+    let run = |(kernel, tile, smem_bytes): (Kernel, u32, u32)| {
+        let grid = ((s.n as u32).div_ceil(tile), (s.m as u32).div_ceil(tile), s.batch as u32);
+        // SAFETY: `plan` derived `s` from a's and b's shapes (both bf16, checked by the callers),
+        // c is a new bf16 [batch, m, n] tensor, the bias (checked) [n] bf16, and the kernels read
+        // and write bf16 through them; the pipelined ones only where `bf16_kernel` found every
+        // 16-byte chunk whole and aligned (a tuned choice is one of them only then too).
+        unsafe { dev.launch(kernel, LaunchCfg { grid, block: (128, 1, 1), smem_bytes }, &p) }
+    };
+    match PIPE_KERNELS.iter().position(|k| *k == chosen) {
+        // the pipelined kernels apply: their tile tuned per shape and GPU (the fill heuristic
+        // first), unless a test fixed it
+        Some(heuristic) if PIPE_TILE.with(|t| t.get()).is_none() => crate::ops::tune::pick_on(
+            dev,
+            || format!("gemm_bf16 {} bias{}", s.key(), bias.is_some()),
+            &PIPE_NAMES,
+            heuristic,
+            |i| run(PIPE_KERNELS[i]),
+        )?,
+        _ => run(chosen)?,
+    }
     Ok(c)
 }
 
@@ -269,12 +288,16 @@ pub fn bf16_kernel(s: &GemmShape, [a, b]: [u64; 2]) -> (Kernel, u32, u32) {
     }
     let tiles128 = s.m.div_ceil(128) * s.n.div_ceil(128) * s.batch;
     let big = PIPE_TILE.with(|t| t.get()).map_or(tiles128 >= PIPE_FILL_BLOCKS, |t| t == 128);
-    if big {
-        (Kernel::gemm_pipe128_fwd_bf16, 128, PIPE128_SMEM)
-    } else {
-        (Kernel::gemm_pipe64_fwd_bf16, 64, PIPE64_SMEM)
-    }
+    PIPE_KERNELS[usize::from(!big)]
 }
+
+/// The pipelined bf16 kernels (one params struct): the 128- and the 64-square block tile, with
+/// their dynamic shared memory; the same arithmetic (each C element sums its k in the same
+/// order), only the tiling differs.
+const PIPE_KERNELS: [(Kernel, u32, u32); 2] =
+    [(Kernel::gemm_pipe128_fwd_bf16, 128, PIPE128_SMEM), (Kernel::gemm_pipe64_fwd_bf16, 64, PIPE64_SMEM)];
+/// Their candidate names for autotuning.
+pub const PIPE_NAMES: [&str; 2] = ["pipe128", "pipe64"];
 
 /// Launches one batched GEMM on cuda or emu; `beta != 0` accumulates into `c`; a nonzero `bias`
 /// pointer ([n] floats) is added to every row of C.
@@ -315,14 +338,27 @@ pub(crate) unsafe fn launch(
         bias,
     };
     let grid = ((s.n as u32).div_ceil(64), (s.m as u32).div_ceil(64), s.batch as u32);
-    let (kernel, threads) = match algo {
-        GemmAlgo::TensorCore => (Kernel::gemm_tc_fwd_f32, 128),
-        GemmAlgo::Tiled | GemmAlgo::Auto => (Kernel::gemm_fwd_f32, 256),
+    let run = |i: usize| {
+        let (kernel, threads) = F32_KERNELS[i];
+        // SAFETY: the caller guarantees the buffers (this function's contract); GemmParams
+        // mirrors the kernels' params struct (the same for both kernels).
+        unsafe { dev.launch(kernel, LaunchCfg { grid, block: (threads, 1, 1), smem_bytes: 0 }, &p) }
     };
-    // SAFETY: the caller guarantees the buffers (this function's contract); GemmParams mirrors the
-    // kernels' params struct.
-    unsafe { dev.launch(kernel, LaunchCfg { grid, block: (threads, 1, 1), smem_bytes: 0 }, &p) }
+    match algo {
+        // tf32 allowed: the tf32 tensor cores or the exact FMA kernel (within tf32's bound),
+        // tuned per shape and GPU. Not when C accumulates (beta != 0): timing runs it twice.
+        GemmAlgo::TensorCore if beta == 0.0 => {
+            crate::ops::tune::pick_on(dev, || format!("gemm_f32 {} bias{}", s.key(), bias != 0), &F32_NAMES, 0, run)
+        }
+        GemmAlgo::TensorCore => run(0),
+        GemmAlgo::Tiled | GemmAlgo::Auto => run(1),
+    }
 }
+
+/// The f32 GEMM kernels (one params struct): the tf32 tensor cores, the exact FMA tiles.
+const F32_KERNELS: [(Kernel, u32); 2] = [(Kernel::gemm_tc_fwd_f32, 128), (Kernel::gemm_fwd_f32, 256)];
+/// Their candidate names for autotuning (the convolutions' kernels use the same).
+pub const F32_NAMES: [&str; 2] = ["tf32_mma", "f32_fma"];
 
 /// (dA, dB) for C = alpha · op(A) · op(B), as GEMMs on the same device:
 /// d op(A) = alpha · dC · op(B)ᵀ and d op(B) = alpha · op(A)ᵀ · dC, transposed back when the
