@@ -321,6 +321,16 @@ impl Tensor {
         }
     }
 
+    /// The bf16 elements of a cpu tensor no other handle shares, to write in place; None
+    /// otherwise.
+    pub(crate) fn sole_cpu_bf16_mut(&mut self) -> Option<&mut [half::bf16]> {
+        match Arc::get_mut(&mut self.storage)? {
+            Storage::Cpu(CpuStorage::BF16(v)) => Some(v.as_mut_slice()),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        }
+    }
+
     /// Host f32 slice of a cpu tensor.
     pub(crate) fn cpu_f32(&self, op: &'static str) -> Result<&[f32]> {
         match &*self.storage {

@@ -135,3 +135,67 @@ fn precision_names_parse_and_bad_ones_are_refused() {
     let e = Precision::parse("fp8").unwrap_err().to_string();
     assert!(e.contains("fp8") && e.contains("bf16"), "{e}");
 }
+
+/// A bf16 step of conv2d (3×3, bias) then the PLAM gate over a batch of 4, loss = mean(y · c),
+/// with the chunked backwards' chunk size at `chunk` bytes (None: the default, far above these
+/// tensors: the whole batch at once): the gradients of x, the convolution's w and b, and the six
+/// PLAM weights.
+fn bf16_conv_plam_grads(dev: &Device, chunk: Option<usize>) -> Vec<Vec<f32>> {
+    let (b, ci, c, hw) = (4usize, 3usize, 8usize, 6usize);
+    let mut rng = Rng::new(21);
+    let mut p = Params::new(dev);
+    let train = Kind::Param { trainable: true };
+    let shapes: [&[usize]; 10] = [
+        &[b, ci, hw, hw],
+        &[c, ci, 3, 3],
+        &[c],
+        &[c, c, 1, 1],
+        &[c, c, 1, 1],
+        &[6, 3],
+        &[6],
+        &[1, 6],
+        &[1],
+        &[b, c, hw, hw],
+    ];
+    let ids: Vec<_> = shapes[..9]
+        .iter()
+        .enumerate()
+        .map(|(i, s)| p.add(&format!("p{i}"), s, values(s.iter().product(), &mut rng), train).unwrap())
+        .collect();
+    let cv = values(shapes[9].iter().product(), &mut rng);
+    let g = Graph::train().with_precision(Precision::Bf16).unwrap();
+    let v: Vec<Var> = ids.iter().map(|&id| g.param(&p, id)).collect();
+    let h = g.conv2d(&v[0], &v[1], Some(&v[2])).unwrap();
+    let y = g.plam(&h, [&v[3], &v[4], &v[5], &v[6], &v[7], &v[8]]).unwrap();
+    let loss = g.mean_all(&g.mul(&y, &Var::constant(t(&cv, shapes[9], dev))).unwrap()).unwrap();
+    let grads = match chunk {
+        Some(bytes) => reclmis::autograd::with_backward_chunk_bytes(bytes, || g.backward(&loss, p.len())),
+        None => g.backward(&loss, p.len()),
+    }
+    .unwrap();
+    ids.iter().map(|&id| grads.get(id).unwrap().to_vec().unwrap()).collect()
+}
+
+/// At bf16 a backward whose saved input is bf16 works through a large batch in chunks of images
+/// (the convolution's and the PLAM gate's): the gradients are the whole batch's. One image's f32
+/// PLAM input (8·6² floats) as the chunk size: the gate runs image by image, the convolution
+/// (3·6² floats per image) two images at a time.
+#[test]
+fn bf16_chunked_backward_matches_the_whole_batch() {
+    for kind in ["cpu", "emu"] {
+        let dev = device(kind);
+        let whole = bf16_conv_plam_grads(&dev, None);
+        let chunked = bf16_conv_plam_grads(&dev, Some(4 * 8 * 36));
+        for (i, (a, b)) in chunked.iter().zip(&whole).enumerate() {
+            // the same terms: each image's gradients by the same arithmetic, the weights'
+            // gradients summed over the chunks in another order (f32 roundings of sums of at most
+            // 4·36·8 terms of magnitude <= max|g|·O(1): far below 1e-5 of the largest), and a
+            // bf16-stored gradient that lands on the other side of a rounding boundary differs
+            // by one bf16 unit (2^-8 relative)
+            let big = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+            for (x, y) in a.iter().zip(b) {
+                assert!((x - y).abs() <= y.abs() / 128.0 + 1e-5 * big, "{kind}: parameter {i}: {x} vs {y}");
+            }
+        }
+    }
+}

@@ -22,6 +22,8 @@ use crate::ops::elementwise;
 use crate::tensor::Tensor;
 use std::cell::{Cell, RefCell};
 
+#[cfg(feature = "autocast")]
+pub use ops::with_backward_chunk_bytes;
 pub use ops::Attention;
 pub use precision::Precision;
 

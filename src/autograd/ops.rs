@@ -97,6 +97,51 @@ fn weighted_macs(y: &Tensor, w: &Tensor) -> u64 {
     (y.numel() * per_out) as u64
 }
 
+/// A bf16-autocast backward whose saved input is bf16 works through the batch in chunks of at
+/// most this many bytes of f32 input (widened) when the whole batch is larger: its f32
+/// temporaries (the widened input, the op's f32 gradient and recomputed values) then exist for
+/// one chunk, not the batch. At the official size a batch-8 step's bf16 peak was the decoder's
+/// last PLAM backward, five full-resolution f32 tensors above the saved state.
+#[cfg(feature = "autocast")]
+const CHUNK_BYTES: usize = 32 << 20;
+
+#[cfg(feature = "autocast")]
+thread_local! {
+    static CHUNK_OVERRIDE: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with the chunked backwards' chunk size at `bytes` on this thread (tests reach the
+/// chunked path with small tensors).
+#[cfg(feature = "autocast")]
+pub fn with_backward_chunk_bytes<R>(bytes: usize, f: impl FnOnce() -> R) -> R {
+    let old = CHUNK_OVERRIDE.with(|c| c.replace(Some(bytes)));
+    let r = f();
+    CHUNK_OVERRIDE.with(|c| c.set(old));
+    r
+}
+
+/// Images per chunk for a chunked backward over `x` [B, ...] (B: no chunks).
+#[cfg(feature = "autocast")]
+fn chunk_images(x: &Tensor) -> usize {
+    let b = x.shape().first().copied().unwrap_or(1).max(1);
+    let per_image = 4 * x.numel() / b;
+    let budget = CHUNK_OVERRIDE.with(|c| c.get()).unwrap_or(CHUNK_BYTES);
+    if per_image * b <= budget {
+        b
+    } else {
+        (budget / per_image.max(1)).clamp(1, b)
+    }
+}
+
+/// `acc` + `g` for per-chunk weight gradients (None: not given).
+#[cfg(feature = "autocast")]
+fn add_chunk(acc: Option<Tensor>, g: Option<Tensor>) -> Result<Option<Tensor>> {
+    Ok(match (acc, g) {
+        (Some(a), Some(g)) => Some(ew::add(&a, &g)?),
+        (a, g) => a.or(g),
+    })
+}
+
 /// dy · s for a scalar dy (device-resident, no host round trip).
 fn times_scalar(g: &Tensor, dy: &Tensor) -> Result<Tensor> {
     ew::mul(g, &dy.reshape(&[])?)
@@ -406,9 +451,36 @@ impl Graph {
         }
         let (xs, ws, has_b, algo) = (self.save(x)?, self.save(w)?, b.is_some(), self.algo());
         let module = count::label();
+        #[cfg(feature = "autocast")]
+        let chunked = self.perturb.borrow().is_none();
         Ok(self.record(&ins, y, move |dy| {
             // dx and dw: each as many multiply-adds as the forward
             count::backward(module, 2 * macs);
+            #[cfg(feature = "autocast")]
+            if chunked {
+                // a bf16 input: by chunks of images (the op is separable over the batch), dx
+                // assembled in bf16 (the tape stores a bf16 value's gradient so), dw and db
+                // summed over the chunks in f32
+                use crate::ops::cast::{cast_batch, cast_batch_into};
+                use crate::tensor::DType::{BF16, F32};
+                let x = xs.stored()?;
+                let (b, nb) = (x.shape()[0], chunk_images(&x));
+                if x.dtype() == BF16 && nb < b {
+                    let w = ws.get()?;
+                    let mut dx = Tensor::empty(x.shape(), BF16, x.device())?;
+                    let (mut dw, mut db) = (None, None);
+                    for b0 in (0..b).step_by(nb) {
+                        let n = nb.min(b - b0);
+                        let xc = cast_batch(&x, b0, n, F32)?;
+                        let (dxc, dwc, dbc) = backward(&xc, &w, &cast_batch(dy, b0, n, F32)?, has_b, algo)?;
+                        drop(xc);
+                        cast_batch_into(&dxc, &mut dx, b0)?;
+                        dw = add_chunk(dw, Some(dwc))?;
+                        db = add_chunk(db, dbc)?;
+                    }
+                    return Ok(vec![Some(dx), dw, db]);
+                }
+            }
             let (dx, dw, db) = backward(&xs.get()?, &ws.get()?, dy, has_b, algo)?;
             Ok(vec![Some(dx), Some(dw), db])
         }))
@@ -733,6 +805,37 @@ impl Graph {
             // input and weight gradients of both convolutions
             count::backward(module, 2 * macs);
             let ws = ws.iter().map(Saved::get).collect::<Result<Vec<Tensor>>>()?;
+            #[cfg(feature = "autocast")]
+            if recompute && round {
+                // bf16 autocast: by chunks of images when the batch is large (the gate is
+                // separable over the batch): each chunk's forward again from its bf16 s (the
+                // same values, so the same a, m, gate and argmax), its backward, ds assembled in
+                // bf16, the weight gradients summed over the chunks in f32
+                use crate::ops::cast::{cast_batch, cast_batch_into};
+                use crate::tensor::DType::{BF16, F32};
+                let s = ss.stored()?;
+                let (b, nb) = (s.shape()[0], chunk_images(&s));
+                if s.dtype() == BF16 && nb < b {
+                    let wr = pw(std::array::from_fn(|i| &ws[i]));
+                    let mut ds = Tensor::empty(s.shape(), BF16, s.device())?;
+                    let mut acc: [Option<Tensor>; 6] = Default::default();
+                    for b0 in (0..b).step_by(nb) {
+                        let n = nb.min(b - b0);
+                        let sc = cast_batch(&s, b0, n, F32)?;
+                        let (_, fc) = plam::plam_gate_stored(&sc, &wr, algo, |t| round_to_bf16(&t))?.split_output()?;
+                        let g = plam::plam_gate_backward(&sc, &wr, fc, &cast_batch(dy, b0, n, F32)?, algo)?;
+                        drop(sc);
+                        cast_batch_into(&g.ds, &mut ds, b0)?;
+                        let parts = [g.dw_avg, g.dw_max, g.dfc1_w, g.dfc1_b, g.dfc2_w, g.dfc2_b];
+                        for (a, p) in acc.iter_mut().zip(parts) {
+                            *a = add_chunk(a.take(), Some(p))?;
+                        }
+                    }
+                    let mut out = vec![Some(ds)];
+                    out.extend(acc);
+                    return Ok(out);
+                }
+            }
             let mut f = f;
             // taken, not copied (or made here): the backward writes dA and dM over them
             let s = ss.get()?;

@@ -67,3 +67,87 @@ pub fn cast(x: &Tensor, to: DType) -> Result<Tensor> {
 pub fn cast_backward(dy: &Tensor, input: DType) -> Result<Tensor> {
     cast(dy, input)
 }
+
+/// (elements per image, the range of images b0..b0 + nb as elements) of a tensor's axis 0.
+fn batch_range(op: &'static str, x: &Tensor, b0: usize, nb: usize) -> Result<(usize, std::ops::Range<usize>)> {
+    let b = x.shape().first().copied().unwrap_or(0);
+    if x.rank() == 0 || b0 + nb > b {
+        return Err(Error::shape(op, format!("images {b0}..{} of {:?}", b0 + nb, x.shape())));
+    }
+    let inner = x.numel() / b.max(1);
+    Ok((inner, b0 * inner..(b0 + nb) * inner))
+}
+
+/// Images b0..b0 + nb (axis 0) of `x` as `to`: a batch chunk of a bf16 activation widened for
+/// an f32 kernel (a backward in chunks holds one chunk in f32, not the batch).
+pub fn cast_batch(x: &Tensor, b0: usize, nb: usize, to: DType) -> Result<Tensor> {
+    let op = "cast_batch";
+    let (inner, r) = batch_range(op, x, b0, nb)?;
+    let mut shape = x.shape().to_vec();
+    shape[0] = nb;
+    let from = x.dtype();
+    if from == to && from == DType::F32 {
+        return crate::ops::transpose::narrow(x, 0, b0, nb);
+    }
+    let Some(k) = kernel(from, to) else {
+        return Err(Error::Unsupported { op, detail: format!("{from} to {to}") });
+    };
+    let dev = x.device();
+    #[allow(irrefutable_let_patterns)]
+    if let crate::tensor::Storage::Cpu(host) = x.storage() {
+        let part = match host {
+            crate::tensor::CpuStorage::BF16(v) => crate::tensor::CpuStorage::BF16(v[r].to_vec()),
+            crate::tensor::CpuStorage::F16(v) => crate::tensor::CpuStorage::F16(v[r].to_vec()),
+            crate::tensor::CpuStorage::F32(v) => crate::tensor::CpuStorage::F32(v[r].to_vec()),
+            other => return Err(Error::DType { op, expected: DType::BF16, got: other.dtype() }),
+        };
+        return Tensor::from_cpu(cpu::cast(&part, to)?, &shape, dev);
+    }
+    let y = Tensor::empty(&shape, to, dev)?;
+    if y.numel() > 0 {
+        let p = CastParams { x: x.dev_ptr() + (b0 * inner * from.size()) as u64, y: y.dev_ptr(), n: y.numel() as u64 };
+        // SAFETY: x holds its images b0..b0 + nb (checked by batch_range) as `from`, from the
+        // offset given, and y those nb images as `to`; the kernel reads and writes those types.
+        unsafe { dev.launch(k, LaunchCfg::elementwise(y.numel()), &p) }?;
+    }
+    Ok(y)
+}
+
+/// Writes `src` (nb images) converted to `dst`'s type over images b0..b0 + nb of `dst`, which no
+/// other handle may share: a backward in chunks assembles its bf16 gradient this way.
+pub fn cast_batch_into(src: &Tensor, dst: &mut Tensor, b0: usize) -> Result<()> {
+    let op = "cast_batch_into";
+    let nb = src.shape().first().copied().unwrap_or(0);
+    let (inner, r) = batch_range(op, dst, b0, nb)?;
+    if src.rank() != dst.rank() || src.shape()[1..] != dst.shape()[1..] {
+        return Err(Error::shape(op, format!("{:?} into {:?}", src.shape(), dst.shape())));
+    }
+    src.same_device(op, &[dst])?;
+    if !dst.is_sole() {
+        return Err(Error::Other(format!("{op}: the destination is shared")));
+    }
+    let (from, to) = (src.dtype(), dst.dtype());
+    let Some(k) = kernel(from, to) else {
+        return Err(Error::Unsupported { op, detail: format!("{from} to {to}") });
+    };
+    let dev = src.device();
+    if let crate::Device::Cpu = dev {
+        if (from, to) != (DType::F32, DType::BF16) {
+            return Err(Error::Unsupported { op, detail: format!("{from} to {to} on the cpu") });
+        }
+        let s = src.cpu_f32(op)?;
+        let d = dst.sole_cpu_bf16_mut().ok_or_else(|| Error::Other(format!("{op}: not a bf16 cpu tensor")))?;
+        for (o, &x) in d[r].iter_mut().zip(s) {
+            *o = half::bf16::from_bits(cpu::bf16_bits(x));
+        }
+        return Ok(());
+    }
+    if src.numel() > 0 {
+        let p =
+            CastParams { x: src.dev_ptr(), y: dst.dev_ptr() + (b0 * inner * to.size()) as u64, n: src.numel() as u64 };
+        // SAFETY: src holds nb·inner elements of `from`; dst (sole: nothing else reads it now)
+        // holds images b0..b0 + nb (checked) of `to` from the offset given.
+        unsafe { dev.launch(k, LaunchCfg::elementwise(src.numel()), &p) }?;
+    }
+    Ok(())
+}
