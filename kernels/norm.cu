@@ -100,6 +100,15 @@ __device__ __forceinline__ float bn_load(const void* v, uint64_t i) {
     return BF16 ? bf16_bits_to_f32(((const uint16_t*)v)[i]) : ((const float*)v)[i];
 }
 
+template <bool BF16>
+__device__ __forceinline__ void bn_store(void* v, uint64_t i, float x) {
+    if (BF16) {
+        ((uint16_t*)v)[i] = f32_to_bf16_bits(x);
+    } else {
+        ((float*)v)[i] = x;
+    }
+}
+
 // grid = C, block = 256
 template <bool BF16>
 __device__ __forceinline__ void bn_reduce_bwd(const BnReduceParams& p) {
@@ -135,7 +144,7 @@ struct BnApplyBwdParams {
     const float* gamma;
     const float* dgamma;
     const float* dbeta;
-    float* dx;
+    void* dx;  // f32, or bf16 bits with bf16 x and y: a bf16 value's gradient, as the tape keeps it
     uint64_t n;
     uint32_t c;
     uint32_t s;
@@ -155,9 +164,9 @@ __device__ __forceinline__ void bn_apply_bwd(const BnApplyBwdParams& p) {
         const float g = p.relu && bn_load<BF16>(p.y, i) <= 0.f ? 0.f : p.dy[i];
         if (p.train) {
             const float xh = (bn_load<BF16>(p.x, i) - p.mean[c]) * inv, cnt = (float)p.count;
-            p.dx[i] = p.gamma[c] * inv / cnt * (cnt * g - p.dbeta[c] - xh * p.dgamma[c]);
+            bn_store<BF16>(p.dx, i, p.gamma[c] * inv / cnt * (cnt * g - p.dbeta[c] - xh * p.dgamma[c]));
         } else {
-            p.dx[i] = p.gamma[c] * inv * g;
+            bn_store<BF16>(p.dx, i, p.gamma[c] * inv * g);
         }
     }
 }

@@ -281,8 +281,10 @@ fn plane<'a>(t: &'a Tensor, half: bool, op: &'static str) -> Result<cpu::Plane<'
 
 /// Gradients given the forward's input x, output y (for the fused ReLU's mask) and statistics.
 /// x and y are both f32 or both bf16 (as bf16 autocast keeps them: read widened, exactly, so
-/// the gradients are those of the f32 call on the widened tensors, bit for bit); dy and every
-/// output are f32.
+/// the gradients are those of the f32 call on the widened tensors, bit for bit); dy, dgamma and
+/// dbeta are f32, and dx is x's type: with bf16 x the f32 value rounded once (the tape keeps a
+/// bf16 value's gradient in bf16 anyway; a full-size f32 dx beside it was a bf16 training
+/// step's peak at the official size).
 pub fn batch_norm_backward(x: &Tensor, gamma: &Tensor, f: &BnForward, dy: &Tensor, o: BnOpts) -> Result<BnGrads> {
     let op = "batch_norm_backward";
     let half = x.dtype() == DType::BF16;
@@ -310,8 +312,11 @@ pub fn batch_norm_backward(x: &Tensor, gamma: &Tensor, f: &BnForward, dy: &Tenso
             (b, c, s),
             o,
         );
+        // (rounded from the host buffer: no f32 tensor, as the kernel writes bf16 directly)
+        let dx = crate::tensor::CpuStorage::F32(g.0);
+        let dx = if half { crate::ops::cast::cpu::cast(&dx, DType::BF16)? } else { dx };
         return Ok(BnGrads {
-            dx: Tensor::from_vec(g.0, x.shape(), dev)?,
+            dx: Tensor::from_cpu(dx, x.shape(), dev)?,
             dgamma: Tensor::from_vec(g.1, &[c], dev)?,
             dbeta: Tensor::from_vec(g.2, &[c], dev)?,
         });
@@ -343,7 +348,7 @@ pub fn batch_norm_backward(x: &Tensor, gamma: &Tensor, f: &BnForward, dy: &Tenso
             )
         }?;
     }
-    let dx = Tensor::empty(x.shape(), DType::F32, dev)?;
+    let dx = Tensor::empty(x.shape(), x.dtype(), dev)?;
     let ap = BnApplyBwdParams {
         x: x.dev_ptr(),
         y: f.y.dev_ptr(),
