@@ -67,11 +67,14 @@ fn live_and_peak_tensor_bytes() {
     // instead of keeping them (which saves f32 twice what it saves bf16: f32 −17.8 MB, bf16
     // −4.3 MB) 68.4 / 100.1 MB = 0.684; 0.72 leaves room for a working set moving by a few
     // percent, not for saved activations held in f32 again (tried: backwards keeping f32 copies
-    // peak at 154.7 MB, 1.31×). The bf16 peak itself is bounded too: a few percent over 68.4 MB.
+    // peak at 154.7 MB, 1.31×). Since the max pools find their indices again in the backward
+    // and batch norm's backward returns a bf16 dx: 66.2 / 97.8 MB = 0.677 (the official preset
+    // at batch 32, with the chunked bf16 backwards: 5.41 / 9.18 GB = 0.589). The bf16 peak itself
+    // is bounded too: a few percent over 66.2 MB.
     let small = Config::preset("small").unwrap();
     let f32 = summary::measure_memory(&small, 16, reclmis::autograd::Precision::F32, &Device::Cpu).unwrap();
     let half = summary::measure_memory(&small, 16, bf16, &Device::Cpu).unwrap();
     assert!(half.peak as f64 <= 0.72 * f32.peak as f64, "bf16 {half:?} vs f32 {f32:?}");
-    assert!(half.peak <= 71_000_000, "bf16 {half:?}");
+    assert!(half.peak <= 69_000_000, "bf16 {half:?}");
     assert_eq!(half.between_steps, f32.between_steps, "master weights and Adam's moments stay f32");
 }
