@@ -38,10 +38,20 @@ fn check_max_pool(dev: &Device, shape: Vec<usize>, seed: u64, ties: bool, nan: b
     prop_assert_eq!(idx.to_vec_i32().unwrap(), widx.clone());
     let dy = values(y.numel(), seed ^ 1, false);
     let dx = pool::max_pool2_backward(&tensor(&dy, y.shape(), dev), &idx, &shape).unwrap();
-    assert_none(
-        "backward",
-        mismatch(&dx.to_vec().unwrap(), &reference::max_pool2_backward(&f64s(&dy), &widx, planes, h, w), 0.0, 0.0),
-    )
+    let want = reference::max_pool2_backward(&f64s(&dy), &widx, planes, h, w);
+    assert_none("backward", mismatch(&dx.to_vec().unwrap(), &want, 0.0, 0.0))?;
+    // the backward from the input (a training graph keeps x, not the indices): the same maxima,
+    // ties and NaNs included, so the same gradient exactly; with x stored in bf16 (as bf16
+    // autocast keeps it) the indices of the rounded values
+    let dyt = tensor(&dy, y.shape(), dev);
+    let from_x = pool::max_pool2_backward_from_input(&dyt, &tensor(&x, &shape, dev)).unwrap();
+    assert_none("backward from x", mismatch(&from_x.to_vec().unwrap(), &want, 0.0, 0.0))?;
+    let xh = reclmis::ops::cast::cast(&tensor(&x, &shape, dev), reclmis::DType::BF16).unwrap();
+    let xr = xh.to_vec().unwrap();
+    let (_, ridx) = reference::max_pool2(&f64s(&xr), planes, h, w);
+    let from_h = pool::max_pool2_backward_from_input(&dyt, &xh).unwrap();
+    let want_h = reference::max_pool2_backward(&f64s(&dy), &ridx, planes, h, w);
+    assert_none("backward from bf16 x", mismatch(&from_h.to_vec().unwrap(), &want_h, 0.0, 0.0))
 }
 
 per_device!(check_max_pool, (shape in nchw(), seed in any::<u64>(), ties in any::<bool>(), nan in any::<bool>()));

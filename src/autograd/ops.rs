@@ -715,11 +715,8 @@ impl Graph {
         // indices cost 4 bytes per pooled element, twice a bf16 y: 0.77 GB of a batch-32
         // official step). The same call on the same values: the same indices.
         let xs = self.save(x)?;
-        let in_shape = x.shape().to_vec();
-        let mut y = self.record(&[x], y, move |dy| {
-            let (_, idx) = pool::max_pool2(&xs.get()?)?;
-            Ok(vec![Some(pool::max_pool2_backward(dy, &idx, &in_shape)?)])
-        });
+        let mut y =
+            self.record(&[x], y, move |dy| Ok(vec![Some(pool::max_pool2_backward_from_input(dy, &xs.stored()?)?)]));
         // the largest of bf16 values is one of them
         y.bf16 = x.bf16;
         Ok(y)

@@ -10,7 +10,7 @@ use crate::tensor::Tensor;
 use crate::testing::{f64s, mismatch, EPS32};
 
 pub const GROUP: Group = Group {
-    names: &["max_pool2", "max_pool2_bwd", "upsample2", "upsample2_bwd"],
+    names: &["max_pool2", "max_pool2_bwd", "max_pool2_bwd_x", "upsample2", "upsample2_bwd"],
     cases,
     shaped: &[],
     check: Some(check),
@@ -45,6 +45,17 @@ fn cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
         peer: None,
         validate: None,
         run: Box::new(move || pool::max_pool2_backward(&g, &i, &full)),
+    });
+    // the training graph's backward: the maxima found again from x (read: x, dy; written: dx)
+    let (g, xb) = (pooled.clone(), big.clone());
+    v.push(Case {
+        op: "max_pool2_bwd_x",
+        shape: shape.clone(),
+        flops: 0.0,
+        bytes: 4.0 * n * 2.25,
+        peer: None,
+        validate: None,
+        run: Box::new(move || pool::max_pool2_backward_from_input(&g, &xb)),
     });
     let x = pooled;
     v.push(Case {

@@ -67,6 +67,38 @@ pub fn max_pool2_backward(dy: &[f32], idx: &[i32], planes: usize, h: usize, w: u
     dx
 }
 
+/// `max_pool2_backward` with the window maxima found again from the input (f32, or bf16 widened
+/// two rows at a time) by the forward's own rule: the same indices, and no index array.
+pub fn max_pool2_backward_from_input(dy: &[f32], x: super::PoolInput, planes: usize, h: usize, w: usize) -> Vec<f32> {
+    let (oh, ow) = (h / 2, w / 2);
+    let mut dx = vec![0.0f32; planes * h * w];
+    if dx.is_empty() {
+        return dx;
+    }
+    dx.par_chunks_mut(h * w).enumerate().for_each(|(pl, dp)| {
+        let (mut rows, mut y, mut idx) = (vec![0.0f32; 2 * w], vec![0.0f32; ow], vec![0i32; ow]);
+        for r in 0..oh {
+            let at = pl * h * w + 2 * r * w;
+            let (r0, r1) = match x {
+                super::PoolInput::F32(v) => (&v[at..at + w], &v[at + w..at + 2 * w]),
+                super::PoolInput::Bf16(v) => {
+                    for (o, i) in rows.iter_mut().zip(&v[at..at + 2 * w]) {
+                        *o = i.to_f32();
+                    }
+                    let (a, b) = rows.split_at(w);
+                    (a, b)
+                }
+            };
+            pool_row(r0, r1, &mut y, &mut idx);
+            for (c, &k) in idx.iter().enumerate() {
+                let k = k as usize;
+                dp[(2 * r + k / 2) * w + 2 * c + k % 2] = dy[pl * oh * ow + r * ow + c];
+            }
+        }
+    });
+    dx
+}
+
 pub fn upsample2(x: &[f32], planes: usize, h: usize, w: usize) -> Vec<f32> {
     // one output plane per chunk, written once (no zeroing pass: 4x the input's size)
     crate::ops::cpu_math::par_new(planes * 4 * h * w, 4 * h * w, |pl, yp| {

@@ -54,6 +54,11 @@ crate::kernel_params! {
 /// (planes, h, w) of a [..., H, W] tensor.
 fn planes(op: &'static str, x: &Tensor) -> Result<(usize, usize, usize)> {
     x.expect_dtype(op, DType::F32)?;
+    plane_dims(op, x)
+}
+
+/// (planes, H, W) of x [..., H, W], whatever its type.
+fn plane_dims(op: &'static str, x: &Tensor) -> Result<(usize, usize, usize)> {
     if x.rank() < 2 {
         return Err(Error::shape(op, format!("{:?} has no H, W dims", x.shape())));
     }
@@ -101,6 +106,41 @@ pub fn max_pool2(x: &Tensor) -> Result<(Tensor, Tensor)> {
 }
 
 /// dx of the input's shape `in_shape` from dy and the forward's argmax.
+/// A cpu pooling input as the fused backward reads it.
+#[derive(Clone, Copy)]
+pub enum PoolInput<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [half::bf16]),
+}
+
+/// The gradient of `max_pool2(x)` from x itself (f32, or bf16 as bf16 autocast keeps it) instead
+/// of the forward's indices: the maxima are found again by the forward's rule (the same indices),
+/// so a training graph keeps x (the previous batch norm's output, which its backward keeps
+/// anyway) and no i32 index per pooled element. On the cpu one pass per row pair; on cuda and emu
+/// the forward's kernel again (its indices), then the indexed backward.
+pub fn max_pool2_backward_from_input(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
+    let op = "max_pool2_backward";
+    if x.dtype() != DType::BF16 {
+        x.expect_dtype(op, DType::F32)?;
+    }
+    let (np, h, w) = plane_dims(op, x)?;
+    dy.same_device(op, &[x])?;
+    dy.expect_dtype(op, DType::F32)?;
+    if dy.shape() != with_hw(x.shape(), h / 2, w / 2) {
+        return Err(Error::shape(op, format!("dy {:?} for input {:?}", dy.shape(), x.shape())));
+    }
+    let dev = dy.device();
+    if let Device::Cpu = dev {
+        let xi = match x.dtype() {
+            DType::BF16 => PoolInput::Bf16(x.cpu_bf16(op)?),
+            _ => PoolInput::F32(x.cpu_f32(op)?),
+        };
+        return Tensor::from_vec(cpu::max_pool2_backward_from_input(dy.cpu_f32(op)?, xi, np, h, w), x.shape(), dev);
+    }
+    let (_, idx) = max_pool2(&crate::ops::cast::cast(x, DType::F32)?)?;
+    max_pool2_backward(dy, &idx, x.shape())
+}
+
 pub fn max_pool2_backward(dy: &Tensor, idx: &Tensor, in_shape: &[usize]) -> Result<Tensor> {
     let op = "max_pool2_backward";
     idx.expect_dtype(op, DType::I32)?;
