@@ -79,7 +79,8 @@ fn batch_range(op: &'static str, x: &Tensor, b0: usize, nb: usize) -> Result<(us
 }
 
 /// Images b0..b0 + nb (axis 0) of `x` as `to`: a batch chunk of a bf16 activation widened for
-/// an f32 kernel (a backward in chunks holds one chunk in f32, not the batch).
+/// an f32 kernel (a backward in chunks holds one chunk in f32, not the batch). Any pair of float
+/// types `cast` converts, and f32 to f32 (a copy); other same-type pairs are refused.
 pub fn cast_batch(x: &Tensor, b0: usize, nb: usize, to: DType) -> Result<Tensor> {
     let op = "cast_batch";
     let (inner, r) = batch_range(op, x, b0, nb)?;
@@ -114,7 +115,8 @@ pub fn cast_batch(x: &Tensor, b0: usize, nb: usize, to: DType) -> Result<Tensor>
 }
 
 /// Writes `src` (nb images) converted to `dst`'s type over images b0..b0 + nb of `dst`, which no
-/// other handle may share: a backward in chunks assembles its bf16 gradient this way.
+/// other handle may share: a backward in chunks assembles its bf16 gradient this way. Any pair
+/// `cast` converts on cuda and emu; on the cpu f32 into bf16 (the one the backwards use).
 pub fn cast_batch_into(src: &Tensor, dst: &mut Tensor, b0: usize) -> Result<()> {
     let op = "cast_batch_into";
     let nb = src.shape().first().copied().unwrap_or(0);
