@@ -133,13 +133,37 @@ fn chunk_images(x: &Tensor) -> usize {
     }
 }
 
-/// `acc` + `g` for per-chunk weight gradients (None: not given).
+/// A backward over bf16 `x` [B, ...] (and f32 `dy` of the same batch) by chunks of `nb` images:
+/// `step` gets each chunk's x widened to f32 and its dy, and returns the chunk's input gradient
+/// and its other gradients; the input gradient is assembled in bf16 (as the tape keeps a bf16
+/// value's gradient), the others are summed over the chunks in f32. Returns [dx, others...].
 #[cfg(feature = "autocast")]
-fn add_chunk(acc: Option<Tensor>, g: Option<Tensor>) -> Result<Option<Tensor>> {
-    Ok(match (acc, g) {
-        (Some(a), Some(g)) => Some(ew::add(&a, &g)?),
-        (a, g) => a.or(g),
-    })
+fn by_chunks(
+    x: &Tensor,
+    dy: &Tensor,
+    nb: usize,
+    mut step: impl FnMut(&Tensor, &Tensor) -> Result<(Tensor, Vec<Option<Tensor>>)>,
+) -> Result<Vec<Option<Tensor>>> {
+    use crate::ops::cast::{cast_batch, cast_batch_into};
+    use crate::tensor::DType::{BF16, F32};
+    let b = x.shape()[0];
+    let mut dx = Tensor::empty(x.shape(), BF16, x.device())?;
+    let mut sums: Vec<Option<Tensor>> = Vec::new();
+    for b0 in (0..b).step_by(nb) {
+        let n = nb.min(b - b0);
+        let xc = cast_batch(x, b0, n, F32)?;
+        let (dxc, others) = step(&xc, &cast_batch(dy, b0, n, F32)?)?;
+        drop(xc);
+        cast_batch_into(&dxc, &mut dx, b0)?;
+        sums.resize(others.len(), None);
+        for (acc, g) in sums.iter_mut().zip(others) {
+            *acc = match (acc.take(), g) {
+                (Some(a), Some(g)) => Some(ew::add(&a, &g)?),
+                (a, g) => a.or(g),
+            };
+        }
+    }
+    Ok(std::iter::once(Some(dx)).chain(sums).collect())
 }
 
 /// dy · s for a scalar dy (device-resident, no host round trip).
@@ -458,27 +482,15 @@ impl Graph {
             count::backward(module, 2 * macs);
             #[cfg(feature = "autocast")]
             if chunked {
-                // a bf16 input: by chunks of images (the op is separable over the batch), dx
-                // assembled in bf16 (the tape stores a bf16 value's gradient so), dw and db
-                // summed over the chunks in f32
-                use crate::ops::cast::{cast_batch, cast_batch_into};
-                use crate::tensor::DType::{BF16, F32};
+                // a bf16 input: by chunks of images (the op is separable over the batch)
                 let x = xs.stored()?;
-                let (b, nb) = (x.shape()[0], chunk_images(&x));
-                if x.dtype() == BF16 && nb < b {
+                let nb = chunk_images(&x);
+                if x.dtype() == crate::tensor::DType::BF16 && nb < x.shape()[0] {
                     let w = ws.get()?;
-                    let mut dx = Tensor::empty(x.shape(), BF16, x.device())?;
-                    let (mut dw, mut db) = (None, None);
-                    for b0 in (0..b).step_by(nb) {
-                        let n = nb.min(b - b0);
-                        let xc = cast_batch(&x, b0, n, F32)?;
-                        let (dxc, dwc, dbc) = backward(&xc, &w, &cast_batch(dy, b0, n, F32)?, has_b, algo)?;
-                        drop(xc);
-                        cast_batch_into(&dxc, &mut dx, b0)?;
-                        dw = add_chunk(dw, Some(dwc))?;
-                        db = add_chunk(db, dbc)?;
-                    }
-                    return Ok(vec![Some(dx), dw, db]);
+                    return by_chunks(&x, dy, nb, |xc, dyc| {
+                        let (dxc, dwc, dbc) = backward(xc, &w, dyc, has_b, algo)?;
+                        Ok((dxc, vec![Some(dwc), dbc]))
+                    });
                 }
             }
             let (dx, dw, db) = backward(&xs.get()?, &ws.get()?, dy, has_b, algo)?;
@@ -712,8 +724,8 @@ impl Graph {
         // The backward finds the window maxima again from x instead of keeping their indices
         // (i32, as many as y's elements: in the U-Net, x is the previous block's batch-norm
         // output, which that backward keeps anyway, so keeping x costs nothing, while the
-        // indices cost 4 bytes per pooled element, twice a bf16 y: 0.77 GB of a batch-32
-        // official step). The same call on the same values: the same indices.
+        // indices cost 4 bytes per pooled element, twice a bf16 y: 0.19 GB of a batch-32
+        // official step). The forward's window rule again: the same indices.
         let xs = self.save(x)?;
         let mut y =
             self.record(&[x], y, move |dy| Ok(vec![Some(pool::max_pool2_backward_from_input(dy, &xs.stored()?)?)]));
@@ -821,31 +833,17 @@ impl Graph {
             if recompute && round {
                 // bf16 autocast: by chunks of images when the batch is large (the gate is
                 // separable over the batch): each chunk's forward again from its bf16 s (the
-                // same values, so the same a, m, gate and argmax), its backward, ds assembled in
-                // bf16, the weight gradients summed over the chunks in f32
-                use crate::ops::cast::{cast_batch, cast_batch_into};
-                use crate::tensor::DType::{BF16, F32};
+                // same values, so the same a, m, gate and argmax), then its backward
                 let s = ss.stored()?;
-                let (b, nb) = (s.shape()[0], chunk_images(&s));
-                if s.dtype() == BF16 && nb < b {
+                let nb = chunk_images(&s);
+                if s.dtype() == crate::tensor::DType::BF16 && nb < s.shape()[0] {
                     let wr = pw(std::array::from_fn(|i| &ws[i]));
-                    let mut ds = Tensor::empty(s.shape(), BF16, s.device())?;
-                    let mut acc: [Option<Tensor>; 6] = Default::default();
-                    for b0 in (0..b).step_by(nb) {
-                        let n = nb.min(b - b0);
-                        let sc = cast_batch(&s, b0, n, F32)?;
-                        let (_, fc) = plam::plam_gate_stored(&sc, &wr, algo, |t| round_to_bf16(&t))?.split_output()?;
-                        let g = plam::plam_gate_backward(&sc, &wr, fc, &cast_batch(dy, b0, n, F32)?, algo)?;
-                        drop(sc);
-                        cast_batch_into(&g.ds, &mut ds, b0)?;
+                    return by_chunks(&s, dy, nb, |sc, dyc| {
+                        let (_, fc) = plam::plam_gate_stored(sc, &wr, algo, |t| round_to_bf16(&t))?.split_output()?;
+                        let g = plam::plam_gate_backward(sc, &wr, fc, dyc, algo)?;
                         let parts = [g.dw_avg, g.dw_max, g.dfc1_w, g.dfc1_b, g.dfc2_w, g.dfc2_b];
-                        for (a, p) in acc.iter_mut().zip(parts) {
-                            *a = add_chunk(a.take(), Some(p))?;
-                        }
-                    }
-                    let mut out = vec![Some(ds)];
-                    out.extend(acc);
-                    return Ok(out);
+                        Ok((g.ds, parts.into_iter().map(Some).collect()))
+                    });
                 }
             }
             let mut f = f;

@@ -13,7 +13,7 @@ const PIECE: usize = 1 << 16;
 
 /// f32 → bf16 bits, round to nearest even; NaN stays NaN (quietened, as `half` does).
 #[inline(always)]
-pub(crate) fn bf16_bits(x: f32) -> u16 {
+fn bf16_bits(x: f32) -> u16 {
     let u = x.to_bits();
     // the carry of a round-up may run into the exponent: the right next value (or inf)
     let rounded = (u.wrapping_add(0x7fff + ((u >> 16) & 1)) >> 16) as u16;
@@ -26,23 +26,43 @@ pub(crate) fn bf16_bits(x: f32) -> u16 {
     }
 }
 
-/// The values of a float storage widened to f32 (exact).
-fn widened(x: &CpuStorage) -> Result<std::borrow::Cow<'_, [f32]>> {
+/// `src` rounded to bf16 over `dst` (the same length), in parallel pieces.
+pub(crate) fn round_into(dst: &mut [bf16], src: &[f32]) {
+    dst.par_chunks_mut(PIECE).zip(src.par_chunks(PIECE)).for_each(|(o, x)| {
+        for (o, &x) in o.iter_mut().zip(x) {
+            *o = bf16::from_bits(bf16_bits(x));
+        }
+    });
+}
+
+/// The values `r` of a float storage widened to f32 (exact).
+fn widened(x: &CpuStorage, r: std::ops::Range<usize>) -> Result<std::borrow::Cow<'_, [f32]>> {
     let widen = |n: usize, f: &(dyn Fn(&mut [f32], usize) + Sync)| {
         let mut out = vec![0f32; n];
         out.par_chunks_mut(PIECE).enumerate().for_each(|(i, o)| f(o, i * PIECE));
         out
     };
     Ok(match x {
-        CpuStorage::BF16(v) => widen(v.len(), &|o, at| v[at..at + o.len()].convert_to_f32_slice(o)).into(),
-        CpuStorage::F16(v) => widen(v.len(), &|o, at| v[at..at + o.len()].convert_to_f32_slice(o)).into(),
-        other => other.as_f32().ok_or(Error::DType { op: "cast", expected: DType::F32, got: other.dtype() })?.into(),
+        CpuStorage::BF16(v) => {
+            let v = &v[r];
+            widen(v.len(), &|o, at| v[at..at + o.len()].convert_to_f32_slice(o)).into()
+        }
+        CpuStorage::F16(v) => {
+            let v = &v[r];
+            widen(v.len(), &|o, at| v[at..at + o.len()].convert_to_f32_slice(o)).into()
+        }
+        other => other.as_f32().ok_or(Error::DType { op: "cast", expected: DType::F32, got: other.dtype() })?[r].into(),
     })
 }
 
 /// `x` converted to `to` (float types only).
 pub fn cast(x: &CpuStorage, to: DType) -> Result<CpuStorage> {
-    let v = widened(x)?;
+    cast_range(x, 0..x.as_bytes().len() / x.dtype().size(), to)
+}
+
+/// Elements `r` of `x` converted to `to` (float types only), read in place.
+pub fn cast_range(x: &CpuStorage, r: std::ops::Range<usize>, to: DType) -> Result<CpuStorage> {
+    let v = widened(x, r)?;
     Ok(match to {
         DType::F32 => CpuStorage::F32(v.into_owned()),
         // collected in place: no zero-filling pass over the output first

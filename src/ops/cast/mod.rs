@@ -96,13 +96,7 @@ pub fn cast_batch(x: &Tensor, b0: usize, nb: usize, to: DType) -> Result<Tensor>
     let dev = x.device();
     #[allow(irrefutable_let_patterns)]
     if let crate::tensor::Storage::Cpu(host) = x.storage() {
-        let part = match host {
-            crate::tensor::CpuStorage::BF16(v) => crate::tensor::CpuStorage::BF16(v[r].to_vec()),
-            crate::tensor::CpuStorage::F16(v) => crate::tensor::CpuStorage::F16(v[r].to_vec()),
-            crate::tensor::CpuStorage::F32(v) => crate::tensor::CpuStorage::F32(v[r].to_vec()),
-            other => return Err(Error::DType { op, expected: DType::BF16, got: other.dtype() }),
-        };
-        return Tensor::from_cpu(cpu::cast(&part, to)?, &shape, dev);
+        return Tensor::from_cpu(cpu::cast_range(host, r, to)?, &shape, dev);
     }
     let y = Tensor::empty(&shape, to, dev)?;
     if y.numel() > 0 {
@@ -139,9 +133,7 @@ pub fn cast_batch_into(src: &Tensor, dst: &mut Tensor, b0: usize) -> Result<()> 
         }
         let s = src.cpu_f32(op)?;
         let d = dst.sole_cpu_bf16_mut().ok_or_else(|| Error::Other(format!("{op}: not a bf16 cpu tensor")))?;
-        for (o, &x) in d[r].iter_mut().zip(s) {
-            *o = half::bf16::from_bits(cpu::bf16_bits(x));
-        }
+        cpu::round_into(&mut d[r], s);
         return Ok(());
     }
     if src.numel() > 0 {

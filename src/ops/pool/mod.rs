@@ -105,7 +105,6 @@ pub fn max_pool2(x: &Tensor) -> Result<(Tensor, Tensor)> {
     Ok((y, idx))
 }
 
-/// dx of the input's shape `in_shape` from dy and the forward's argmax.
 /// A cpu pooling input as the fused backward reads it.
 #[derive(Clone, Copy)]
 pub enum PoolInput<'a> {
@@ -141,6 +140,7 @@ pub fn max_pool2_backward_from_input(dy: &Tensor, x: &Tensor) -> Result<Tensor> 
     max_pool2_backward(dy, &idx, x.shape())
 }
 
+/// dx of the input's shape `in_shape` from dy and the forward's argmax.
 pub fn max_pool2_backward(dy: &Tensor, idx: &Tensor, in_shape: &[usize]) -> Result<Tensor> {
     let op = "max_pool2_backward";
     idx.expect_dtype(op, DType::I32)?;
