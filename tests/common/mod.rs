@@ -22,9 +22,11 @@ pub fn device(kind: &str) -> Device {
 }
 
 /// Fewer cases on the emulator: it runs every CUDA thread as a fiber and CI has two cores.
+/// `PROPTEST_CASES` overrides both (a stress run looking for rare failures before CI finds them).
 pub fn cases(kind: &str) -> ProptestConfig {
+    let default = if kind == "emu" { 48 } else { 64 };
     ProptestConfig {
-        cases: if kind == "emu" { 48 } else { 64 },
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(default),
         failure_persistence: None,
         ..ProptestConfig::default()
     }
