@@ -5,6 +5,7 @@
 mod common;
 use common::*;
 use proptest::prelude::*;
+use reclmis::ops::conv::winograd::Tiles;
 use reclmis::ops::conv::{self, reference, ConvShape};
 use reclmis::ops::gemm::GemmAlgo;
 use reclmis::testing::{fd_mismatch, mismatch_scaled, EPS32, EPS_TF32};
@@ -239,10 +240,17 @@ fn conv_cat_slices_must_agree() {
     assert!(e.contains("must be [Co, 4, kh, kw]"), "{e}");
 }
 
-/// Winograd F(2×2, 3×3) on cpu against the f64 reference, directly (any channel count, odd maps
-/// whose last tile hangs over, a weight slice with a longer row stride, accumulation) and
-/// through `conv2d` where the dispatch picks it.
-fn check_winograd(s: ConvShape, seed: u64, with_bias: bool, accumulate: bool) -> Result<(), TestCaseError> {
+/// Winograd F(2×2, 3×3) and F(4×4, 3×3) on cpu against the f64 reference, directly (any channel
+/// count, odd maps whose last tile hangs over, a weight slice with a longer row stride,
+/// accumulation) and through `conv2d` and `conv2d_cat` (as the tuner's candidates "winograd" and
+/// "winograd4").
+fn check_winograd(
+    s: ConvShape,
+    seed: u64,
+    with_bias: bool,
+    accumulate: bool,
+    tiles: Tiles,
+) -> Result<(), TestCaseError> {
     let (nx, k2) = (s.b * s.ci * s.h * s.w, 9);
     // the weights are a column slice of a wider tensor: rows of (ci + 2)·9 floats
     let w_ld = (s.ci + 2) * k2;
@@ -253,7 +261,8 @@ fn check_winograd(s: ConvShape, seed: u64, with_bias: bool, accumulate: bool) ->
     let y0 = values(s.b * s.co * s.h * s.w, seed ^ 3, false);
     let bref = f64s(&bias);
     let mut want = reference::conv2d(&f64s(&x), &f64s(&w), with_bias.then_some(&bref[..]), &s);
-    let mut mag = reference::winograd_magnitude(&f64s(&x), &f64s(&w), with_bias.then_some(&bref[..]), &s);
+    let mut mag = reference::winograd_magnitude_tiles(tiles, &f64s(&x), &f64s(&w), with_bias.then_some(&bref[..]), &s);
+    let tol = reference::winograd_tol_tiles(tiles, s.ci);
     let mut y = if accumulate { y0.clone() } else { vec![f32::NAN; y0.len()] };
     if accumulate {
         for ((wv, mv), &a) in want.iter_mut().zip(mag.iter_mut()).zip(&y0) {
@@ -272,32 +281,45 @@ fn check_winograd(s: ConvShape, seed: u64, with_bias: bool, accumulate: bool) ->
         (x.clone(), Vec::new())
     };
     let xs: Vec<&[f32]> = if k1 > 0 { vec![&x1, &x2] } else { vec![&x1] };
-    conv::winograd::conv2d_into(&xs, (&wfull, w_ld), with_bias.then_some(&bias[..]), &s, &mut y, accumulate);
-    assert_none("winograd", mismatch_scaled(&y, &want, &mag, reference::winograd_tol(s.ci), 0.0))?;
-    if conv::winograd::applies(&s) && !accumulate {
+    conv::winograd::conv2d_into_tiles(
+        tiles,
+        &xs,
+        (&wfull, w_ld),
+        with_bias.then_some(&bias[..]),
+        &s,
+        &mut y,
+        accumulate,
+    );
+    assert_none("winograd", mismatch_scaled(&y, &want, &mag, tol, 0.0))?;
+    let through_ops = match tiles {
+        Tiles::F2 => conv::winograd::applies(&s),
+        Tiles::F4 => true,
+    };
+    if through_ops && !accumulate {
         let dev = device("cpu");
         let bt = tensor(&bias, &[s.co], &dev);
-        let yt = conv::conv2d(
-            &tensor(&x, &[s.b, s.ci, s.h, s.w], &dev),
-            &tensor(&w, &[s.co, s.ci, 3, 3], &dev),
-            with_bias.then_some(&bt),
-            GemmAlgo::Auto,
-        )
-        .unwrap();
-        assert_none(
-            "conv2d (winograd)",
-            mismatch_scaled(&yt.to_vec().unwrap(), &want, &mag, reference::winograd_tol(s.ci), 0.0),
-        )?;
+        let forced = |f: &dyn Fn() -> reclmis::Tensor| match tiles {
+            Tiles::F2 => reclmis::ops::tune::with_candidate("winograd", f),
+            Tiles::F4 => reclmis::ops::tune::with_candidate("winograd4", f),
+        };
+        let yt = forced(&|| {
+            conv::conv2d(
+                &tensor(&x, &[s.b, s.ci, s.h, s.w], &dev),
+                &tensor(&w, &[s.co, s.ci, 3, 3], &dev),
+                with_bias.then_some(&bt),
+                GemmAlgo::Auto,
+            )
+            .unwrap()
+        });
+        assert_none("conv2d (winograd)", mismatch_scaled(&yt.to_vec().unwrap(), &want, &mag, tol, 0.0))?;
         let parts: Vec<reclmis::Tensor> =
             xs.iter().map(|p| tensor(p, &[s.b, p.len() / (s.b * hw), s.h, s.w], &dev)).collect();
         let refs: Vec<&reclmis::Tensor> = parts.iter().collect();
-        let yc =
+        let yc = forced(&|| {
             conv::conv2d_cat(&refs, &tensor(&w, &[s.co, s.ci, 3, 3], &dev), with_bias.then_some(&bt), GemmAlgo::Auto)
-                .unwrap();
-        assert_none(
-            "conv2d_cat (winograd)",
-            mismatch_scaled(&yc.to_vec().unwrap(), &want, &mag, reference::winograd_tol(s.ci), 0.0),
-        )?;
+                .unwrap()
+        });
+        assert_none("conv2d_cat (winograd)", mismatch_scaled(&yc.to_vec().unwrap(), &want, &mag, tol, 0.0))?;
     }
     Ok(())
 }
@@ -314,8 +336,10 @@ proptest! {
         seed in any::<u64>(),
         with_bias in any::<bool>(),
         accumulate in any::<bool>(),
+        f4 in any::<bool>(),
     ) {
-        check_winograd(ConvShape { b, ci, co, h, w, kh: 3, kw: 3 }, seed, with_bias, accumulate)?;
+        let tiles = if f4 { Tiles::F4 } else { Tiles::F2 };
+        check_winograd(ConvShape { b, ci, co, h, w, kh: 3, kw: 3 }, seed, with_bias, accumulate, tiles)?;
     }
 }
 
@@ -323,8 +347,12 @@ proptest! {
 /// take the one-band path): 2 images x 2 bands of 20 tile rows.
 #[test]
 fn winograd_parallel_bands() {
-    check_winograd(ConvShape { b: 2, ci: 32, co: 32, h: 60, w: 100, kh: 3, kw: 3 }, 7, true, false).unwrap();
-    check_winograd(ConvShape { b: 2, ci: 32, co: 33, h: 59, w: 99, kh: 3, kw: 3 }, 8, false, true).unwrap();
+    for tiles in [Tiles::F2, Tiles::F4] {
+        check_winograd(ConvShape { b: 2, ci: 32, co: 32, h: 60, w: 100, kh: 3, kw: 3 }, 7, true, false, tiles).unwrap();
+        check_winograd(ConvShape { b: 2, ci: 32, co: 33, h: 59, w: 99, kh: 3, kw: 3 }, 8, false, true, tiles).unwrap();
+    }
+    // F(4×4)'s tiles are twice as tall: 38 tile rows, 3 bands of 18 per image
+    check_winograd(ConvShape { b: 2, ci: 32, co: 32, h: 150, w: 99, kh: 3, kw: 3 }, 9, true, false, Tiles::F4).unwrap();
 }
 
 /// The Winograd weight gradient on cpu against the f64 reference's dw, directly (any channel

@@ -33,17 +33,21 @@ fn tuning_chooses_caches_and_refuses_bad_caches() {
     let y = conv::conv2d(&x, &w, Some(&b), reclmis::ops::gemm::GemmAlgo::Auto).unwrap().to_vec().unwrap();
     let key = "conv2d b1 ci32 co48 20x12 k3x3";
     let chosen = tune::choice(key).expect("the first call tunes the shape");
-    let wino = winograd::conv2d_new(&[&xv], (&wv, s.ci * 9), None, Some(&bv), &s);
+    let wino_with =
+        |tiles| winograd::conv2d_new_banded(tiles, &[&xv], (&wv, s.ci * 9), None, Some(&bv), &s, winograd::BAND_FLOATS);
+    let (wino, wino4) = (wino_with(winograd::Tiles::F2), wino_with(winograd::Tiles::F4));
     let im2col = cpu::conv2d_im2col(&xv, &wv, Some(&bv), &s);
     let want = match chosen.as_str() {
         "winograd" => &wino,
+        "winograd4" => &wino4,
         "im2col" => &im2col,
         other => panic!("unknown candidate {other}"),
     };
     assert_eq!(&y, want, "the tuned result is the chosen candidate's, bit for bit");
     // the candidates agree to Winograd's rounding: |y| is O(1) here and the transforms'
-    // magnitudes a few units, so 1e-4 is ~100 f32 roundings (the op's own tests bound each)
-    for (a, c) in wino.iter().zip(&im2col) {
+    // magnitudes a few units (F(4×4)'s up to a few tens), so 1e-4 is ~100 f32 roundings of
+    // F(2×2)'s magnitude (the op's own tests bound each against its own magnitude)
+    for (a, c) in wino.iter().chain(&wino4).zip(im2col.iter().chain(&im2col)) {
         assert!((a - c).abs() <= 1e-4 * (1.0 + c.abs()), "{a} vs {c}");
     }
     // the split variants (timed by `exhaustive` only): Winograd's give its result bit for bit,
@@ -63,7 +67,8 @@ fn tuning_chooses_caches_and_refuses_bad_caches() {
     };
     let base = [by("winograd"), by("im2col")];
     assert!(base[0] != base[1], "the two algorithms round differently: forcing a candidate is seen");
-    for name in conv::CPU_FWD_NAMES {
+    // (F(4×4, 3×3), "winograd4", is another algorithm, not a split: checked above)
+    for name in conv::CPU_FWD_NAMES.into_iter().filter(|n| *n != "winograd4") {
         let (algo, got) = (usize::from(name.starts_with("im2col")), by(name));
         if algo == 0 {
             assert!(got == base[0], "{name} is Winograd's result bit for bit ({sb:?})");

@@ -8,3 +8,4 @@ pub mod math;
 pub mod scan;
 mod simd;
 pub mod winograd;
+pub mod winograd4;

@@ -188,18 +188,22 @@ fn check(dev: &Device, c: &mut Checks) -> Result<()> {
         c.record(&format!("conv2d 3x3 {algo:?}"), mismatch_scaled(&y, &want, &mag, tol, 0.0));
     }
     if let Device::Cpu = dev {
-        // 32 channels in and out: the cpu takes Winograd F(2×2, 3×3), whose rounding is bounded
-        // through the transformed magnitudes
+        // 32 channels in and out: Winograd F(2×2, 3×3) and F(4×4, 3×3) (the tuner's candidates,
+        // forced), whose rounding is bounded through the transformed magnitudes
         let ws = conv::ConvShape { b: 1, ci: 32, co: 32, h: 9, w: 11, kh: 3, kw: 3 };
         let (xw, ww) = (c.rng.vec(32 * 99, -1.0, 1.0), c.rng.vec(32 * 32 * 9, -1.0, 1.0));
         let want = conv::reference::conv2d(&f64s(&xw), &f64s(&ww), None, &ws);
-        let mag = conv::reference::winograd_magnitude(&f64s(&xw), &f64s(&ww), None, &ws);
-        let (xt, wt) = (Tensor::from_vec(xw, &[1, 32, 9, 11], dev)?, Tensor::from_vec(ww, &[32, 32, 3, 3], dev)?);
-        let y = conv::conv2d(&xt, &wt, None, GemmAlgo::Auto)?.to_vec()?;
-        c.record(
-            "conv2d 3x3 32->32 (Winograd)",
-            mismatch_scaled(&y, &want, &mag, conv::reference::winograd_tol(32), 0.0),
-        );
+        let (xt, wt) =
+            (Tensor::from_vec(xw.clone(), &[1, 32, 9, 11], dev)?, Tensor::from_vec(ww.clone(), &[32, 32, 3, 3], dev)?);
+        for (name, tiles) in [("winograd", conv::winograd::Tiles::F2), ("winograd4", conv::winograd::Tiles::F4)] {
+            let mag = conv::reference::winograd_magnitude_tiles(tiles, &f64s(&xw), &f64s(&ww), None, &ws);
+            let y =
+                crate::ops::tune::with_candidate(name, || conv::conv2d(&xt, &wt, None, GemmAlgo::Auto))?.to_vec()?;
+            c.record(
+                &format!("conv2d 3x3 32->32 (Winograd {tiles:?})"),
+                mismatch_scaled(&y, &want, &mag, conv::reference::winograd_tol_tiles(tiles, 32), 0.0),
+            );
+        }
     }
     Ok(())
 }

@@ -90,7 +90,7 @@ pub(crate) fn check_slices(
 /// y [B,Co,H,W] = conv(x [B,Ci,H,W], w [Co,Ci,kh,kw]) + bias.
 pub fn conv2d(x: &[f32], w: &[f32], bias: Option<&[f32]>, s: &ConvShape) -> Vec<f32> {
     if super::winograd::applies(s) {
-        return super::winograd::conv2d_new(&[x], (w, s.depth()), None, bias, s);
+        return super::winograd::conv2d_new(&[x], (w, s.depth()), bias, s);
     }
     conv2d_im2col(x, w, bias, s)
 }

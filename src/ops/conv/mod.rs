@@ -179,20 +179,27 @@ unsafe fn launch_fwd(dev: &Device, ptrs: [u64; 4], s: &ConvShape, wl_acc: (usize
 /// The implicit-GEMM forward kernels, in `gemm::F32_NAMES`' order: tf32 tensor cores, exact FMA.
 const FWD_KERNELS: [(Kernel, u32); 2] = [(Kernel::conv2d_tc_fwd_f32, 128), (Kernel::conv2d_fwd_f32, 256)];
 
-/// The cpu 3×3 forward's tuning candidates: (Winograd or im2col, band size in floats); the
-/// split variants (a quarter and twice Winograd's bands: on the AMD EPYC VM the best band
-/// differed by shape, within 5% of the default; a quarter and four times im2col's) are timed by
-/// `--tune exhaustive` only.
-const CPU_FWD: [(bool, usize); 6] = [
-    (true, winograd::BAND_FLOATS),
-    (false, cpu::COL_FLOATS),
-    (true, winograd::BAND_FLOATS / 4),
-    (true, winograd::BAND_FLOATS * 2),
-    (false, cpu::COL_FLOATS / 4),
-    (false, cpu::COL_FLOATS * 4),
+/// The cpu 3×3 forward's tuning candidates: (algorithm, band size in floats); F(4×4, 3×3)
+/// Winograd beside F(2×2, 3×3) and im2col; the split variants (a quarter and twice F(2×2)'s bands:
+/// on the AMD EPYC VM the best band differed by shape, within 5% of the default; a quarter and four
+/// times im2col's) are timed by `--tune exhaustive` only.
+const CPU_FWD: [(CpuFwd, usize); 7] = [
+    (CpuFwd::Winograd(winograd::Tiles::F2), winograd::BAND_FLOATS),
+    (CpuFwd::Im2col, cpu::COL_FLOATS),
+    (CpuFwd::Winograd(winograd::Tiles::F4), winograd::BAND_FLOATS),
+    (CpuFwd::Winograd(winograd::Tiles::F2), winograd::BAND_FLOATS / 4),
+    (CpuFwd::Winograd(winograd::Tiles::F2), winograd::BAND_FLOATS * 2),
+    (CpuFwd::Im2col, cpu::COL_FLOATS / 4),
+    (CpuFwd::Im2col, cpu::COL_FLOATS * 4),
 ];
-pub const CPU_FWD_NAMES: [&str; 6] =
-    ["winograd", "im2col", "winograd:band/4", "winograd:band*2", "im2col:band/4", "im2col:band*4"];
+pub const CPU_FWD_NAMES: [&str; 7] =
+    ["winograd", "im2col", "winograd4", "winograd:band/4", "winograd:band*2", "im2col:band/4", "im2col:band*4"];
+
+#[derive(Clone, Copy)]
+enum CpuFwd {
+    Winograd(winograd::Tiles),
+    Im2col,
+}
 
 /// y [B,Co,H,W] = conv(x, w) + bias.
 pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, algo: GemmAlgo) -> Result<Tensor> {
@@ -208,19 +215,21 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, algo: GemmAlgo) -> 
         if s.kh != 3 || s.kw != 3 {
             return Tensor::from_vec(cpu::conv2d_im2col(xv, wv, bv, &s), &out, dev);
         }
-        let heuristic = if winograd::applies(&s) { 0 } else { 1 };
+        let heuristic = match (winograd::applies(&s), winograd::tiles_for(&s)) {
+            (false, _) => 1,
+            (true, winograd::Tiles::F2) => 0,
+            (true, winograd::Tiles::F4) => 2,
+        };
         let y = crate::ops::tune::pick(
             || tune_key("conv2d", &s),
             &CPU_FWD_NAMES,
             heuristic,
-            |i| {
-                let (winograd, floats) = CPU_FWD[i];
-                if winograd {
-                    let u = winograd::cached_weights(w, (wv, s.depth()), &s);
-                    winograd::conv2d_new_banded(&[xv], (wv, s.depth()), Some(&u), bv, &s, floats)
-                } else {
-                    cpu::conv2d_im2col_banded(xv, wv, bv, &s, floats)
+            |i| match CPU_FWD[i] {
+                (CpuFwd::Winograd(tiles), floats) => {
+                    let u = winograd::cached_weights(tiles, w, (wv, s.depth()), &s);
+                    winograd::conv2d_new_banded(tiles, &[xv], (wv, s.depth()), Some(&u), bv, &s, floats)
                 }
+                (CpuFwd::Im2col, floats) => cpu::conv2d_im2col_banded(xv, wv, bv, &s, floats),
             },
         );
         return Tensor::from_vec(y, &out, dev);
@@ -378,6 +387,10 @@ fn as_2d(x: &Tensor, w: &Tensor) -> Result<(Tensor, Tensor)> {
     Ok((x.reshape(&[xs[0], xs[1], 1, xs[2]])?, w.reshape(&[ws[0], ws[1], 1, ws[2]])?))
 }
 
+/// The cpu 3×3 `conv2d_cat`'s tuning candidates: one Winograd convolution over all slices
+/// (F(2×2, 3×3) or F(4×4, 3×3)), or each slice by its own choice, accumulated.
+pub const CPU_CAT_NAMES: [&str; 3] = ["winograd", "per-part", "winograd4"];
+
 /// Gradients of `conv2d_cat`: one dx per input slice, dw [Co, Ci_total, kh, kw], db [Co].
 pub struct ConvCatGrads {
     pub dxs: Vec<Tensor>,
@@ -452,19 +465,23 @@ pub fn conv2d_cat(parts: &[&Tensor], w: &Tensor, bias: Option<&Tensor>, algo: Ge
         if s.kh != 3 || s.kw != 3 {
             return Tensor::from_vec(per_part(), &out, dev);
         }
-        let heuristic = if winograd::applies(&s) { 0 } else { 1 };
+        let heuristic = match (winograd::applies(&s), winograd::tiles_for(&s)) {
+            (false, _) => 1,
+            (true, winograd::Tiles::F2) => 0,
+            (true, winograd::Tiles::F4) => 2,
+        };
         let y = crate::ops::tune::pick(
             || tune_key(op, &s),
-            &["winograd", "per-part"],
+            &CPU_CAT_NAMES,
             heuristic,
             |i| {
-                if i == 0 {
-                    // every slice straight into its rows of the transformed input: one convolution
-                    let u = winograd::cached_weights(w, (wv, s.depth()), &s);
-                    winograd::conv2d_new(&xs, (wv, s.depth()), Some(&u), bv, &s)
-                } else {
-                    per_part()
+                if i == 1 {
+                    return per_part();
                 }
+                // every slice straight into its rows of the transformed input: one convolution
+                let tiles = if i == 0 { winograd::Tiles::F2 } else { winograd::Tiles::F4 };
+                let u = winograd::cached_weights(tiles, w, (wv, s.depth()), &s);
+                winograd::conv2d_new_banded(tiles, &xs, (wv, s.depth()), Some(&u), bv, &s, winograd::BAND_FLOATS)
             },
         );
         return Tensor::from_vec(y, &out, dev);

@@ -1,6 +1,7 @@
 //! Naive 2-D convolution (kh x kw, padding (kh/2, kw/2), stride 1, NCHW) and its gradients in
 //! f64. Tests only.
 
+use super::winograd::Tiles;
 use super::ConvShape;
 
 fn at(x: &[f64], s: &ConvShape, c: usize, b: usize, ch: usize, y: isize, xx: isize) -> f64 {
@@ -70,28 +71,78 @@ pub fn conv2d_backward(x: &[f64], w: &[f64], dy: &[f64], s: &ConvShape) -> (Vec<
 /// of the module doc applied to |g| and |d| with every coefficient taken absolute, i.e.
 /// |Aᵀ| [Σ_ci (|G| |g| |G|ᵀ) ⊙ (|B|ᵀ |d| |B|)] |A|, plus |bias|.
 pub fn winograd_magnitude(x: &[f64], w: &[f64], bias: Option<&[f64]>, s: &ConvShape) -> Vec<f64> {
-    let g_abs = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, 0.5, 0.5], [0.0, 0.0, 1.0]];
-    let bt_abs = [[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0]];
-    let at_abs = [[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 1.0]];
+    winograd_magnitude_tiles(Tiles::F2, x, w, bias, s)
+}
+
+/// A matrix as its rows.
+type Rows = Vec<Vec<f64>>;
+
+/// |G|, |Bᵀ| and |Aᵀ| of a transform (rows of α, α and m values; α = m + 2).
+fn abs_matrices(tiles: Tiles) -> (Vec<[f64; 3]>, Rows, Rows) {
+    let rows = |r: &[&[f64]]| r.iter().map(|x| x.iter().map(|v| v.abs()).collect()).collect();
+    match tiles {
+        Tiles::F2 => (
+            vec![[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, 0.5, 0.5], [0.0, 0.0, 1.0]],
+            rows(&[&[1.0, 0.0, -1.0, 0.0], &[0.0, 1.0, 1.0, 0.0], &[0.0, -1.0, 1.0, 0.0], &[0.0, 1.0, 0.0, -1.0]]),
+            rows(&[&[1.0, 1.0, 1.0, 0.0], &[0.0, 1.0, -1.0, -1.0]]),
+        ),
+        Tiles::F4 => (
+            vec![
+                [0.25, 0.0, 0.0],
+                [1.0 / 6.0, 1.0 / 6.0, 1.0 / 6.0],
+                [1.0 / 6.0, 1.0 / 6.0, 1.0 / 6.0],
+                [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+                [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+                [0.0, 0.0, 1.0],
+            ],
+            rows(&[
+                &[4.0, 0.0, -5.0, 0.0, 1.0, 0.0],
+                &[0.0, -4.0, -4.0, 1.0, 1.0, 0.0],
+                &[0.0, 4.0, -4.0, -1.0, 1.0, 0.0],
+                &[0.0, -2.0, -1.0, 2.0, 1.0, 0.0],
+                &[0.0, 2.0, -1.0, -2.0, 1.0, 0.0],
+                &[0.0, 4.0, 0.0, -5.0, 0.0, 1.0],
+            ]),
+            rows(&[
+                &[1.0, 1.0, 1.0, 1.0, 1.0, 0.0],
+                &[0.0, 1.0, -1.0, 2.0, -2.0, 0.0],
+                &[0.0, 1.0, 1.0, 4.0, 4.0, 0.0],
+                &[0.0, 1.0, -1.0, 8.0, -8.0, 1.0],
+            ]),
+        ),
+    }
+}
+
+/// `winograd_magnitude` for either transform (F(4×4, 3×3): 6×6 patches at (4ty − 1, 4tx − 1),
+/// coefficients up to 8 in Aᵀ and 5 in Bᵀ, so a larger magnitude than F(2×2)'s for the same data).
+pub fn winograd_magnitude_tiles(tiles: Tiles, x: &[f64], w: &[f64], bias: Option<&[f64]>, s: &ConvShape) -> Vec<f64> {
+    let (g_abs, bt_abs, at_abs) = abs_matrices(tiles);
+    let (m, al) = (tiles.m(), tiles.m() + 2);
     let (h, wd) = (s.h as isize, s.w as isize);
     let mut out = vec![0.0f64; s.b * s.co * s.h * s.w];
-    for b in 0..s.b {
-        for co in 0..s.co {
-            for ty in 0..s.h.div_ceil(2) {
-                for tx in 0..s.w.div_ceil(2) {
-                    let mut m = [[0.0f64; 4]; 4];
-                    for ci in 0..s.ci {
-                        let g = &w[(co * s.ci + ci) * 9..][..9];
-                        let mut u = [[0.0f64; 4]; 4];
-                        for r in 0..4 {
-                            for c in 0..4 {
-                                for k in 0..3 {
-                                    for l in 0..3 {
-                                        u[r][c] += g_abs[r][k] * g[k * 3 + l].abs() * g_abs[c][l];
-                                    }
-                                }
-                            }
+    // |G| |g| |G|ᵀ per filter
+    let u: Vec<Vec<f64>> = (0..s.co * s.ci)
+        .map(|f| {
+            let g = &w[f * 9..][..9];
+            let mut u = vec![0.0; al * al];
+            for r in 0..al {
+                for c in 0..al {
+                    for k in 0..3 {
+                        for l in 0..3 {
+                            u[r * al + c] += g_abs[r][k] * g[k * 3 + l].abs() * g_abs[c][l];
                         }
+                    }
+                }
+            }
+            u
+        })
+        .collect();
+    for b in 0..s.b {
+        for ty in 0..s.h.div_ceil(m) {
+            for tx in 0..s.w.div_ceil(m) {
+                // |B|ᵀ |d| |B| per input channel
+                let v: Vec<Vec<f64>> = (0..s.ci)
+                    .map(|ci| {
                         let at = |r: isize, c: isize| {
                             if r >= 0 && r < h && c >= 0 && c < wd {
                                 x[((b * s.ci + ci) * s.h + r as usize) * s.w + c as usize].abs()
@@ -99,27 +150,35 @@ pub fn winograd_magnitude(x: &[f64], w: &[f64], bias: Option<&[f64]>, s: &ConvSh
                                 0.0
                             }
                         };
-                        for r in 0..4 {
-                            for c in 0..4 {
-                                let mut v = 0.0;
-                                for k in 0..4 {
-                                    for l in 0..4 {
-                                        let d = at(2 * ty as isize - 1 + k as isize, 2 * tx as isize - 1 + l as isize);
-                                        v += bt_abs[r][k] * d * bt_abs[c][l];
+                        let mut v = vec![0.0; al * al];
+                        for r in 0..al {
+                            for c in 0..al {
+                                for k in 0..al {
+                                    for l in 0..al {
+                                        let d = at((m * ty + k) as isize - 1, (m * tx + l) as isize - 1);
+                                        v[r * al + c] += bt_abs[r][k] * d * bt_abs[c][l];
                                     }
                                 }
-                                m[r][c] += u[r][c] * v;
                             }
                         }
+                        v
+                    })
+                    .collect();
+                for co in 0..s.co {
+                    let mut mm = vec![0.0f64; al * al];
+                    for (ci, vc) in v.iter().enumerate() {
+                        for (k, (mv, vv)) in mm.iter_mut().zip(vc).enumerate() {
+                            *mv += u[co * s.ci + ci][k] * vv;
+                        }
                     }
-                    for i in 0..2 {
-                        for j in 0..2 {
-                            let (yy, xx) = (2 * ty + i, 2 * tx + j);
+                    for i in 0..m {
+                        for j in 0..m {
+                            let (yy, xx) = (m * ty + i, m * tx + j);
                             if yy < s.h && xx < s.w {
                                 let mut y = bias.map_or(0.0, |bv| bv[co].abs());
-                                for r in 0..4 {
-                                    for c in 0..4 {
-                                        y += at_abs[i][r] * m[r][c] * at_abs[j][c];
+                                for r in 0..al {
+                                    for c in 0..al {
+                                        y += at_abs[i][r] * mm[r * al + c] * at_abs[j][c];
                                     }
                                 }
                                 out[((b * s.co + co) * s.h + yy) * s.w + xx] = y;
@@ -137,7 +196,19 @@ pub fn winograd_magnitude(x: &[f64], w: &[f64], bias: Option<&[f64]>, s: &ConvSh
 /// magnitudes above), each of the 16 GEMMs sums Ci products, the output transform rounds up to
 /// 4 times and the bias once: (Ci + 12)·eps, with a factor 2 of slack.
 pub fn winograd_tol(ci: usize) -> f64 {
-    2.0 * (ci + 12) as f64 * crate::testing::EPS32
+    winograd_tol_tiles(Tiles::F2, ci)
+}
+
+/// `winograd_tol` for either transform. F(4×4, 3×3) rounds more often per value: the weight
+/// transform up to 4 times per pass (two passes) and once more through 1/6's representation, the
+/// input transform 3 times per pass, the output transform 4 per pass and the bias once: (Ci + 24)
+/// ·eps, with the same factor 2 of slack.
+pub fn winograd_tol_tiles(tiles: Tiles, ci: usize) -> f64 {
+    let extra = match tiles {
+        Tiles::F2 => 12,
+        Tiles::F4 => 24,
+    };
+    2.0 * (ci + extra) as f64 * crate::testing::EPS32
 }
 
 /// The magnitude through which the Winograd weight gradient rounds, per weight: the transforms

@@ -14,8 +14,9 @@ const CAP_FLOATS: usize = 64 << 20;
 
 struct Entry {
     storage: Weak<Storage>,
-    /// (row stride, Co, Ci) of the weights, which start at the storage's first element
-    geom: (usize, usize, usize),
+    /// (row stride, Co, Ci) of the weights, which start at the storage's first element, and the
+    /// transform's planes (16 for F(2×2, 3×3), 36 for F(4×4, 3×3))
+    geom: (usize, usize, usize, usize),
     u: Arc<Vec<f32>>,
 }
 
@@ -37,7 +38,7 @@ pub fn set_enabled(on: bool) {
 /// The cached transform of these weights, or `make()`'s, stored for next time.
 pub(crate) fn get_or_make(
     storage: &Arc<Storage>,
-    geom: (usize, usize, usize),
+    geom: (usize, usize, usize, usize),
     make: impl FnOnce() -> Vec<f32>,
 ) -> Arc<Vec<f32>> {
     if !ENABLED.load(std::sync::atomic::Ordering::Relaxed) {

@@ -7,12 +7,97 @@
 //!
 //! Tiles are processed in bands of tile rows (the band's transformed input and products stay in
 //! cache); the 16 transformed weight matrices are built once per call.
+//!
+//! `Tiles::F4` runs F(4×4, 3×3) through the same bands and GEMMs instead: 6×6 patches, 36
+//! products per 4×4 output tile and channel pair (2.25 per output instead of 4: 1.78× fewer
+//! FLOPs than F(2×2, 3×3)), and 36·Ci transformed values per 16 outputs instead of 64·Ci, at the
+//! cost of larger transform coefficients (up to 8 and 1/6), so a larger rounding error relative
+//! to the output (bounded the same way, through the transformed magnitudes: see
+//! `reference::winograd_magnitude`). The autotuner chooses between the two per shape.
 
 use super::ConvShape;
 use crate::ops::cpu_math::{SendPtr, Unfilled};
 use gemm::Parallelism;
 use rayon::prelude::*;
 use reclmis_cpu_loops::winograd::{grad_transform, input_transform, output_transform, weight_rows, Chw};
+use reclmis_cpu_loops::winograd4;
+
+/// Which minimal filtering: F(2×2, 3×3) (4×4 patches, 16 planes) or F(4×4, 3×3) (6×6, 36).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tiles {
+    F2,
+    F4,
+}
+
+impl Tiles {
+    /// Output pixels per tile side.
+    pub fn m(self) -> usize {
+        match self {
+            Tiles::F2 => 2,
+            Tiles::F4 => winograd4::M,
+        }
+    }
+
+    /// Transformed values per tile and channel (the GEMMs per band).
+    pub fn planes(self) -> usize {
+        match self {
+            Tiles::F2 => 16,
+            Tiles::F4 => winograd4::PLANES,
+        }
+    }
+
+    /// # Safety
+    /// `weight_rows`' contract for this transform's planes.
+    unsafe fn weight_rows(self, wo: &[f32], oci: (usize, usize, usize), u: SendPtr) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            match self {
+                Tiles::F2 => weight_rows(wo, oci, u),
+                Tiles::F4 => winograd4::weight_rows(wo, oci, u),
+            }
+        }
+    }
+
+    /// # Safety
+    /// `input_transform`'s contract for this transform's planes.
+    unsafe fn input_transform(
+        self,
+        xb: &[f32],
+        s: Chw,
+        band: (usize, usize, usize),
+        cis: (usize, usize),
+        v: (SendPtr, usize),
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            match self {
+                Tiles::F2 => input_transform(xb, s, band, cis, v),
+                Tiles::F4 => winograd4::input_transform(xb, s, band, cis, v),
+            }
+        }
+    }
+
+    /// # Safety
+    /// `output_transform`'s contract for this transform's planes.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn output_transform(
+        self,
+        m: (&[f32], usize, usize),
+        s: Chw,
+        band: (usize, usize, usize),
+        cos: (usize, usize),
+        bias: Option<&[f32]>,
+        out: (SendPtr, bool),
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            match self {
+                Tiles::F2 => output_transform(m, s, band, cos, bias, out),
+                Tiles::F4 => winograd4::output_transform(m, s, band, cos, bias, out),
+            }
+        }
+    }
+}
 
 /// Transformed values per band, Ci and Co rows together (~4 MB): the band's V and M.
 pub const BAND_FLOATS: usize = 1 << 20;
@@ -24,6 +109,19 @@ const CO_BLOCK: usize = 32;
 /// the transforms (O(Ci + Co) per tile), dominate.
 pub fn applies(s: &ConvShape) -> bool {
     s.kh == 3 && s.kw == 3 && s.ci >= 32 && s.co >= 32 && std::env::var_os("NOWINO").is_none()
+}
+
+/// Which transform when Winograd applies: F(4×4, 3×3) on maps of 56² or more, where it measured
+/// 1.25–1.5x faster than F(2×2, 3×3) on the official shapes (AMD EPYC VM, 2 threads, batch 1:
+/// 64→64 at 224², 128→128 at 112², 256→256 and 512→128 at 56², 256→64 at 112², 128→64 at 224²);
+/// F(2×2, 3×3) below, where F(4×4)'s fewer tiles make its GEMMs too narrow (512→512 and 1024→256
+/// at 28²: 0.90–0.95x; 14²: even).
+pub fn tiles_for(s: &ConvShape) -> Tiles {
+    if s.h * s.w >= 56 * 56 {
+        Tiles::F4
+    } else {
+        Tiles::F2
+    }
 }
 
 /// When the Winograd weight gradient pays (measured on the 2-core dev machine, batch 1): with
@@ -42,15 +140,22 @@ fn channel_ranges(c: usize, parts: usize) -> Vec<(usize, usize)> {
 }
 
 /// U[ξ][co − co0][ci] = (G g Gᵀ)[ξ] for the filters g = w[co][ci] of output channels
-/// [co0, co1) (row stride w_ld per co), G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]];
-/// rows in parallel when `par`.
-fn weight_transform(w: &[f32], w_ld: usize, (co0, co1): (usize, usize), ci: usize, par: bool) -> Vec<f32> {
+/// [co0, co1) (row stride w_ld per co), for F(2×2, 3×3) G = [[1, 0, 0], [½, ½, ½], [½, −½, ½],
+/// [0, 0, 1]]; rows in parallel when `par`.
+fn weight_transform(
+    tiles: Tiles,
+    w: &[f32],
+    w_ld: usize,
+    (co0, co1): (usize, usize),
+    ci: usize,
+    par: bool,
+) -> Vec<f32> {
     let nco = co1 - co0;
-    let mut u = vec![0.0f32; 16 * nco * ci];
+    let mut u = vec![0.0f32; tiles.planes() * nco * ci];
     let up = SendPtr(u.as_mut_ptr());
-    // SAFETY: u holds 16 planes of nco x ci; row o − co0 of every plane is written by o's call
+    // SAFETY: u holds the planes of nco x ci; row o − co0 of every plane is written by o's call
     // alone.
-    let row = |o: usize| unsafe { weight_rows(&w[o * w_ld..], (o - co0, nco, ci), up) };
+    let row = |o: usize| unsafe { tiles.weight_rows(&w[o * w_ld..], (o - co0, nco, ci), up) };
     if par {
         (co0..co1).into_par_iter().for_each(row);
     } else {
@@ -72,26 +177,36 @@ pub fn conv2d_into(
     accumulate: bool,
 ) {
     assert_eq!(Some(y.len()), crate::ops::product(&[s.b, s.co, s.h, s.w]), "the output must be [B, Co, H, W]");
+    conv2d_into_tiles(tiles_for(s), xs, (w, w_ld), bias, s, y, accumulate)
+}
+
+/// `conv2d_into` by either transform.
+pub fn conv2d_into_tiles(
+    tiles: Tiles,
+    xs: &[&[f32]],
+    (w, w_ld): (&[f32], usize),
+    bias: Option<&[f32]>,
+    s: &ConvShape,
+    y: &mut [f32],
+    accumulate: bool,
+) {
+    assert_eq!(Some(y.len()), crate::ops::product(&[s.b, s.co, s.h, s.w]), "the output must be [B, Co, H, W]");
     // SAFETY: y holds B·Co·H·W initialised floats.
-    unsafe { conv2d_raw(xs, (w, w_ld, None), bias, (s, BAND_FLOATS), (y.as_mut_ptr(), accumulate)) }
+    unsafe { conv2d_raw(tiles, xs, (w, w_ld, None), bias, (s, BAND_FLOATS), (y.as_mut_ptr(), accumulate)) }
 }
 
 /// A new output, written once (no zeroing pass: without accumulation every pixel of every
-/// channel is written); NaN-poisoned under the tests' poison switch.
-pub fn conv2d_new(
-    xs: &[&[f32]],
-    (w, w_ld): (&[f32], usize),
-    u: Option<&[f32]>,
-    bias: Option<&[f32]>,
-    s: &ConvShape,
-) -> Vec<f32> {
-    conv2d_new_banded(xs, (w, w_ld), u, bias, s, BAND_FLOATS)
+/// channel is written); NaN-poisoned under the tests' poison switch. The transform is
+/// `tiles_for(s)`'s.
+pub fn conv2d_new(xs: &[&[f32]], (w, w_ld): (&[f32], usize), bias: Option<&[f32]>, s: &ConvShape) -> Vec<f32> {
+    conv2d_new_banded(tiles_for(s), xs, (w, w_ld), None, bias, s, BAND_FLOATS)
 }
 
 /// `conv2d_new` with bands of tile rows sized for `band_floats` floats of transformed input and
 /// products instead of the default (an autotuning candidate; each output is computed by the
 /// same arithmetic whatever the bands, so the result is the same bit for bit).
 pub fn conv2d_new_banded(
+    tiles: Tiles,
     xs: &[&[f32]],
     (w, w_ld): (&[f32], usize),
     u: Option<&[f32]>,
@@ -103,20 +218,21 @@ pub fn conv2d_new_banded(
     // SAFETY: y has room for B·Co·H·W floats, and without accumulation the output transform
     // writes every one of them (and reads none).
     unsafe {
-        conv2d_raw(xs, (w, w_ld, u), bias, (s, band_floats), (y.ptr().get(), false));
+        conv2d_raw(tiles, xs, (w, w_ld, u), bias, (s, band_floats), (y.ptr().get(), false));
         y.filled()
     }
 }
 
-/// The transformed weights of a weight tensor (all 16 planes of Co × Ci), from the cache of
-/// live weight tensors (`weight_cache`) or made now and kept there.
+/// The transformed weights of a weight tensor (all planes of Co × Ci), from the cache of live
+/// weight tensors (`weight_cache`) or made now and kept there.
 pub(crate) fn cached_weights(
+    tiles: Tiles,
     wt: &crate::Tensor,
     (w, w_ld): (&[f32], usize),
     s: &ConvShape,
 ) -> std::sync::Arc<Vec<f32>> {
-    super::weight_cache::get_or_make(wt.storage_arc(), (w_ld, s.co, s.ci), || {
-        weight_transform(w, w_ld, (0, s.co), s.ci, true)
+    super::weight_cache::get_or_make(wt.storage_arc(), (w_ld, s.co, s.ci, tiles.planes()), || {
+        weight_transform(tiles, w, w_ld, (0, s.co), s.ci, true)
     })
 }
 
@@ -124,13 +240,15 @@ pub(crate) fn cached_weights(
 ///
 /// SAFETY: y points to B·Co·H·W floats, initialised when `accumulate`.
 unsafe fn conv2d_raw(
+    tiles: Tiles,
     xs: &[&[f32]],
     (w, w_ld, u_given): (&[f32], usize, Option<&[f32]>),
     bias: Option<&[f32]>,
     (s, band_floats): (&ConvShape, usize),
     (y, accumulate): (*mut f32, bool),
 ) {
-    assert!(s.kh == 3 && s.kw == 3, "Winograd F(2x2, 3x3) needs a 3x3 kernel");
+    assert!(s.kh == 3 && s.kw == 3, "Winograd F(m x m, 3x3) needs a 3x3 kernel");
+    let (tm, planes) = (tiles.m(), tiles.planes());
     let hw = s.h * s.w;
     let plane = crate::ops::product(&[s.b, hw]).expect("the input's size overflows");
     // (slice, its channels, its first row of V)
@@ -145,7 +263,7 @@ unsafe fn conv2d_raw(
     assert_eq!(off, s.ci, "the slices' channels must add up to Ci");
     let x_len = crate::ops::product(&[s.b, s.ci, hw]).unwrap_or(usize::MAX);
     match u_given {
-        Some(u) => crate::ops::assert_len("winograd conv2d", "U", u.len(), crate::ops::product(&[16, s.co, s.ci])),
+        Some(u) => crate::ops::assert_len("winograd conv2d", "U", u.len(), crate::ops::product(&[planes, s.co, s.ci])),
         None => super::cpu::check_slices("winograd conv2d", x_len, (w.len(), w_ld), None, None, s),
     }
     if let Some(b) = bias {
@@ -154,9 +272,9 @@ unsafe fn conv2d_raw(
     if s.b * s.co * s.h * s.w == 0 {
         return;
     }
-    let (th, tw) = (s.h.div_ceil(2), s.w.div_ceil(2));
-    // tile rows per band: V and M of the band (16·(Ci + Co) floats per tile) near band_floats
-    let band_rows = (band_floats / (16 * (s.ci + s.co) * tw).max(1)).clamp(1, th.max(1));
+    let (th, tw) = (s.h.div_ceil(tm), s.w.div_ceil(tm));
+    // tile rows per band: V and M of the band (planes·(Ci + Co) floats per tile) near band_floats
+    let band_rows = (band_floats / (planes * (s.ci + s.co) * tw).max(1)).clamp(1, th.max(1));
     let bands = th.div_ceil(band_rows);
     let tasks = s.b * bands;
     // Many tasks: bands in parallel, each GEMM single-threaded, the weights transformed once.
@@ -165,16 +283,19 @@ unsafe fn conv2d_raw(
     // the 16·Co·Ci transformed weights are never all in memory at once: at 14² they cost more
     // than the products).
     let parallel_tasks = tasks >= 2 * rayon::current_num_threads();
-    let u_made =
-        if parallel_tasks && u_given.is_none() { weight_transform(w, w_ld, (0, s.co), s.ci, true) } else { Vec::new() };
-    // all 16 planes of Co x Ci, when given or made here
+    let u_made = if parallel_tasks && u_given.is_none() {
+        weight_transform(tiles, w, w_ld, (0, s.co), s.ci, true)
+    } else {
+        Vec::new()
+    };
+    // all planes of Co x Ci, when given or made here
     let u_all: Option<&[f32]> = u_given.or(if parallel_tasks { Some(&u_made[..]) } else { None });
     let yp = SendPtr(y);
     let (ci_hw, co_hw) = (Chw { c: s.ci, h: s.h, w: s.w }, Chw { c: s.co, h: s.h, w: s.w });
-    // the 16 GEMMs M[ξ] (rows of m: nco output channels x nt tiles) = U[ξ] (nco x ci) · V[ξ],
+    // the GEMMs M[ξ] (rows of m: nco output channels x nt tiles) = U[ξ] (nco x ci) · V[ξ],
     // u's planes u_plane floats apart
     let gemms = |(u, u_plane): (&[f32], usize), v: &[f32], m: &mut [f32], nco: usize, nt: usize| {
-        for xi in 0..16 {
+        for xi in 0..planes {
             // SAFETY: plane ξ of m (nco x nt, row stride nt), of u (nco x ci, row stride ci)
             // and of v (ci x nt, row stride nt), all inside their buffers.
             unsafe {
@@ -207,7 +328,7 @@ unsafe fn conv2d_raw(
         let (ty0, nty) = (band * band_rows, band_rows.min(th - band * band_rows));
         let nt = nty * tw;
         let (v, mm) = bufs;
-        crate::ops::cpu_math::grow(v, 16 * s.ci * nt);
+        crate::ops::cpu_math::grow(v, planes * s.ci * nt);
         // image b of slice k
         let xb = |k: usize| {
             let (x, c, _) = slices[k];
@@ -219,13 +340,13 @@ unsafe fn conv2d_raw(
         let band = (ty0, nty, tw);
         if parallel_tasks {
             for (k, &(_, c, off)) in slices.iter().enumerate() {
-                // SAFETY: v holds 16 planes of Ci·nt; slice k's rows start at its offset.
-                unsafe { input_transform(xb(k), ci_hw, band, (0, c), (vp, off)) };
+                // SAFETY: v holds the planes of Ci·nt; slice k's rows start at its offset.
+                unsafe { tiles.input_transform(xb(k), ci_hw, band, (0, c), (vp, off)) };
             }
-            crate::ops::cpu_math::grow(mm, 16 * s.co * nt);
+            crate::ops::cpu_math::grow(mm, planes * s.co * nt);
             gemms((u_all.expect("made or given in this mode"), s.co * s.ci), v, mm, s.co, nt);
             // SAFETY: see yb.
-            unsafe { output_transform((mm, 0, s.co), co_hw, band, (0, s.co), bias, (yb, accumulate)) };
+            unsafe { tiles.output_transform((mm, 0, s.co), co_hw, band, (0, s.co), bias, (yb, accumulate)) };
         } else {
             let jobs: Vec<(usize, (usize, usize))> = slices
                 .iter()
@@ -234,20 +355,20 @@ unsafe fn conv2d_raw(
                 .collect();
             // SAFETY: as above; each job's channel range is its own rows.
             jobs.into_par_iter()
-                .for_each(|(k, cis)| unsafe { input_transform(xb(k), ci_hw, band, cis, (vp, slices[k].2)) });
+                .for_each(|(k, cis)| unsafe { tiles.input_transform(xb(k), ci_hw, band, cis, (vp, slices[k].2)) });
             let v: &[f32] = v;
             channel_ranges(s.co, s.co.div_ceil(CO_BLOCK)).into_par_iter().for_each(|(c0, c1)| {
-                let mut m = vec![0.0f32; 16 * (c1 - c0) * nt];
+                let mut m = vec![0.0f32; planes * (c1 - c0) * nt];
                 match u_all {
                     // rows c0.. of every plane of the given transform
                     Some(u) => gemms((&u[c0 * s.ci..], s.co * s.ci), v, &mut m, c1 - c0, nt),
                     None => {
-                        let u = weight_transform(w, w_ld, (c0, c1), s.ci, false);
+                        let u = weight_transform(tiles, w, w_ld, (c0, c1), s.ci, false);
                         gemms((&u, (c1 - c0) * s.ci), v, &mut m, c1 - c0, nt)
                     }
                 }
                 // SAFETY: see yb; output channels [c0, c1) are this block's alone.
-                unsafe { output_transform((&m, c0, c1 - c0), co_hw, band, (c0, c1), bias, (yb, accumulate)) };
+                unsafe { tiles.output_transform((&m, c0, c1 - c0), co_hw, band, (c0, c1), bias, (yb, accumulate)) };
             });
         }
     };
