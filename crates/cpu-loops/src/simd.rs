@@ -56,6 +56,17 @@ pub(crate) trait Simd: Copy {
 pub(crate) trait Kernel {
     type Out;
     fn run<S: Simd>(self, s: S) -> Self::Out;
+    /// The path of a CPU without AVX2 (and of other architectures): `run` on `Scalar` unless the
+    /// kernel has a compact version of its own (the same operations in the same order per value,
+    /// so the same bits, checked against `run(Scalar)` by its tests). `run`'s 16-lane arrays
+    /// unrolled as plain code are large: the Winograd transforms' scalar paths were 96 KB of the
+    /// size-profile binary, their compact versions a few KB.
+    fn scalar(self) -> Self::Out
+    where
+        Self: Sized,
+    {
+        self.run(Scalar)
+    }
 }
 
 /// Runs `k` with the widest vectors the CPU has.
@@ -71,7 +82,7 @@ pub(crate) fn dispatch<K: Kernel>(k: K) -> K::Out {
             return unsafe { on_v3(k) };
         }
     }
-    k.run(Scalar)
+    k.scalar()
 }
 
 /// AVX2 and FMA: what on_v3 is compiled for.

@@ -30,16 +30,6 @@ unsafe fn store<S: Simd>(s: S, p: *mut f32, v: S::V, n: usize) {
     }
 }
 
-/// The first n (<= 16) floats of row, zeros after: one plain load when all 16 go.
-#[inline(always)]
-fn load<S: Simd>(s: S, row: &[f32], n: usize) -> S::V {
-    if n == 16 {
-        s.load(row)
-    } else {
-        s.load_first(row, n)
-    }
-}
-
 /// Row o of every plane of U = G g Gᵀ (16 planes of co x ci at u), the filters g = wo[ci][3×3]
 /// of output channel o, G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]]; 16 input channels
 /// at a time on lanes.
@@ -100,6 +90,24 @@ impl Kernel for WeightRows<'_> {
             i0 += 16;
         }
     }
+
+    /// One input channel at a time, the same operations as `run`'s lanes.
+    #[allow(clippy::needless_range_loop)] // the loop index picks a column of a transposed matrix
+    fn scalar(self) {
+        let (o, co, ci) = self.oci;
+        let plane = co * ci;
+        let g_col = |g0: f32, g1: f32, g2: f32| [g0, 0.5 * ((g0 + g1) + g2), 0.5 * ((g0 - g1) + g2), g2];
+        for i in 0..ci {
+            let g = &self.wo[i * 9..i * 9 + 9];
+            let t = [g_col(g[0], g[3], g[6]), g_col(g[1], g[4], g[7]), g_col(g[2], g[5], g[8])];
+            for r in 0..4 {
+                for (c, v) in g_col(t[0][r], t[1][r], t[2][r]).into_iter().enumerate() {
+                    // SAFETY: element i of row o of plane 4r + c (weight_rows' contract).
+                    unsafe { *self.u.get().add((4 * r + c) * plane + o * ci + i) = v };
+                }
+            }
+        }
+    }
 }
 
 /// V[ξ][ci][t] = (Bᵀ d B)[ξ] for the band's tiles t (tile rows ty0.., tw tiles per row) of
@@ -145,8 +153,10 @@ impl Kernel for InputTransform<'_> {
         let m = tw + 1;
         // per patch row r: even[t] = padded[2t], odd[t] = padded[2t + 1], t in 0..=tw, where
         // padded[j] = x[row][j − 1] (0 outside); 2·(tw + 1) >= W + 2 leaves room for the zeros
-        let mut ev = vec![0.0f32; 4 * m];
-        let mut od = vec![0.0f32; 4 * m];
+        // (16 floats of slack: every patch load below is a full 16-lane one; lanes past a row's
+        // last tile read the next slot or the slack and are never stored)
+        let mut ev = vec![0.0f32; 4 * m + 16];
+        let mut od = vec![0.0f32; 4 * m + 16];
         let mut padded = vec![0.0f32; 2 * m];
         for ci in cis.0..cis.1 {
             let x = &xb[ci * dims.h * dims.w..(ci + 1) * dims.h * dims.w];
@@ -184,7 +194,7 @@ impl Kernel for InputTransform<'_> {
                     let d: [[S::V; 4]; 4] = std::array::from_fn(|r| {
                         let k = (2 * ty + r) % 4;
                         let (e, o) = (&ev[k * m + t0..], &od[k * m + t0..]);
-                        [load(s, e, n), load(s, o, n), load(s, &e[1..], n), load(s, &o[1..], n)]
+                        [s.load(e), s.load(o), s.load(&e[1..]), s.load(&o[1..])]
                     });
                     // t = Bᵀ·d (rows), then V = t·B (columns)
                     let tt: [[S::V; 4]; 4] = [
@@ -206,13 +216,54 @@ impl Kernel for InputTransform<'_> {
             }
         }
     }
+
+    /// One tile at a time, read straight from the image, the same operations as `run`'s lanes.
+    #[allow(clippy::needless_range_loop)] // the loop index picks a column of a transposed matrix
+    fn scalar(self) {
+        let InputTransform { xb, s: dims, band, cis, vrows: (v, v_off) } = self;
+        let (ty0, nty, tw) = band;
+        let nt = nty * tw;
+        let plane = dims.c * nt;
+        for ci in cis.0..cis.1 {
+            let x = &xb[ci * dims.h * dims.w..(ci + 1) * dims.h * dims.w];
+            let at = |iy: isize, ix: isize| {
+                if iy < 0 || ix < 0 || iy >= dims.h as isize || ix >= dims.w as isize {
+                    0.0
+                } else {
+                    x[iy as usize * dims.w + ix as usize]
+                }
+            };
+            for ty in 0..nty {
+                for tx in 0..tw {
+                    let (y0, x0) = (2 * (ty0 + ty) as isize - 1, 2 * tx as isize - 1);
+                    let mut tt = [[0.0f32; 4]; 4];
+                    for c in 0..4 {
+                        let d: [f32; 4] = std::array::from_fn(|r| at(y0 + r as isize, x0 + c as isize));
+                        tt[0][c] = d[0] - d[2];
+                        tt[1][c] = d[1] + d[2];
+                        tt[2][c] = d[2] - d[1];
+                        tt[3][c] = d[1] - d[3];
+                    }
+                    let base = (v_off + ci) * nt + ty * tw + tx;
+                    for (r, tr) in tt.iter().enumerate() {
+                        let row = [tr[0] - tr[2], tr[1] + tr[2], tr[2] - tr[1], tr[1] - tr[3]];
+                        for (c, val) in row.into_iter().enumerate() {
+                            // SAFETY: channel ci's row of plane 4r + c (input_transform's contract)
+                            unsafe { *v.get().add((4 * r + c) * plane + base) = val };
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// y (+)= Aᵀ m A + bias for the band's tiles, m[ξ][co][t]; Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]].
 /// Writes only pixels inside the image (a last tile row or column may hang over). Runs on
 /// vectors of 16 tiles of a tile row (each plane's row is contiguous), interleaving each
 /// output row's even and odd pixels in registers. Only output channels [co0, co1); m holds the
-/// rows of output channels [m_co0, m_co0 + m_nco) of each plane. `s` is (Co, H, W) of the output.
+/// rows of output channels [m_co0, m_co0 + m_nco) of each plane and at least `SLACK` floats after
+/// the last (its loads are all 16 lanes wide; a shorter m panics). `s` is (Co, H, W) of the output.
 ///
 /// # Safety
 /// yb is one image's output [Co, H, W] (initialised when accumulating); the band's output rows
@@ -253,7 +304,9 @@ impl Kernel for OutputTransform<'_> {
                 let mut t0 = 0;
                 while t0 < tw {
                     let n = 16.min(tw - t0);
-                    let e: [S::V; 16] = std::array::from_fn(|k| load(s, &m[k * plane + base + t0..], n));
+                    // full 16-lane loads (m's slack, see the doc comment); lanes past the row's
+                    // last tile are never stored
+                    let e: [S::V; 16] = std::array::from_fn(|k| s.load(&m[k * plane + base + t0..]));
                     let a0: [S::V; 4] = std::array::from_fn(|c| s.add(s.add(e[c], e[4 + c]), e[8 + c]));
                     let a1: [S::V; 4] = std::array::from_fn(|c| s.sub(s.sub(e[4 + c], e[8 + c]), e[12 + c]));
                     let y = [
@@ -291,6 +344,44 @@ impl Kernel for OutputTransform<'_> {
                         }
                     }
                     t0 += 16;
+                }
+            }
+        }
+    }
+
+    /// One tile at a time, the same operations as `run`'s lanes.
+    fn scalar(self) {
+        let OutputTransform { mrows: (m, m_co0, m_nco), s: dims, band, cos, bias, out: (yb, accumulate) } = self;
+        let (ty0, nty, tw) = band;
+        let nt = nty * tw;
+        let plane = m_nco * nt;
+        for co in cos.0..cos.1 {
+            let bv = bias.map_or(0.0, |b| b[co]);
+            for ty in 0..nty {
+                for tx in 0..tw {
+                    let base = (co - m_co0) * nt + ty * tw + tx;
+                    let e: [f32; 16] = std::array::from_fn(|k| m[k * plane + base]);
+                    let a0: [f32; 4] = std::array::from_fn(|c| (e[c] + e[4 + c]) + e[8 + c]);
+                    let a1: [f32; 4] = std::array::from_fn(|c| (e[4 + c] - e[8 + c]) - e[12 + c]);
+                    let y = [
+                        [((a0[0] + a0[1]) + a0[2]) + bv, ((a0[1] - a0[2]) - a0[3]) + bv],
+                        [((a1[0] + a1[1]) + a1[2]) + bv, ((a1[1] - a1[2]) - a1[3]) + bv],
+                    ];
+                    for (i, yr) in y.iter().enumerate() {
+                        let yy = 2 * (ty0 + ty) + i;
+                        for (j, &val) in yr.iter().enumerate() {
+                            let xx = 2 * tx + j;
+                            if yy >= dims.h || xx >= dims.w {
+                                continue;
+                            }
+                            // SAFETY: pixel (yy, xx) of channel co, inside the image, in the band's
+                            // rows (output_transform's contract); read only when accumulating.
+                            unsafe {
+                                let p = yb.get().add((co * dims.h + yy) * dims.w + xx);
+                                *p = if accumulate { *p + val } else { val };
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -363,38 +454,59 @@ mod tests {
         h: usize,
         w: usize,
         accumulate: bool,
+        /// each transform's compact `scalar` instead of `run` on the path given
+        compact: bool,
     }
 
     impl Kernel for Probe {
         type Out = Vec<Vec<f32>>;
         #[inline(always)]
         fn run<S: Simd>(self, s: S) -> Vec<Vec<f32>> {
-            let Probe { ci, co, h, w, accumulate } = self;
+            let Probe { ci, co, h, w, accumulate, compact } = self;
             let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
             let nt = th * tw;
             let wts = values(co * ci * 9, 1);
             let mut u = vec![f32::NAN; 16 * co * ci];
             for o in 0..co {
-                WeightRows { wo: &wts[o * ci * 9..], oci: (o, co, ci), u: SendPtr(u.as_mut_ptr()) }.run(s);
+                let k = WeightRows { wo: &wts[o * ci * 9..], oci: (o, co, ci), u: SendPtr(u.as_mut_ptr()) };
+                if compact {
+                    k.scalar()
+                } else {
+                    k.run(s)
+                }
             }
             let x = values(ci * h * w, 2);
             let mut v = vec![f32::NAN; 16 * ci * nt];
             let dims = Chw { c: ci, h, w };
-            InputTransform { xb: &x, s: dims, band: (0, th, tw), cis: (0, ci), vrows: (SendPtr(v.as_mut_ptr()), 0) }
-                .run(s);
-            let m = values(16 * co * nt, 3);
+            let k = InputTransform {
+                xb: &x,
+                s: dims,
+                band: (0, th, tw),
+                cis: (0, ci),
+                vrows: (SendPtr(v.as_mut_ptr()), 0),
+            };
+            if compact {
+                k.scalar()
+            } else {
+                k.run(s)
+            }
+            let m = values(16 * co * nt + crate::winograd4::SLACK, 3);
             let bias = values(co, 4);
             let mut y = if accumulate { values(co * h * w, 5) } else { vec![f32::NAN; co * h * w] };
             let out = (SendPtr(y.as_mut_ptr()), accumulate);
-            OutputTransform {
+            let k = OutputTransform {
                 mrows: (&m, 0, co),
                 s: Chw { c: co, h, w },
                 band: (0, th, tw),
                 cos: (0, co),
                 bias: Some(&bias),
                 out,
+            };
+            if compact {
+                k.scalar()
+            } else {
+                k.run(s)
             }
-            .run(s);
             vec![u, v, y]
         }
     }
@@ -404,7 +516,11 @@ mod tests {
     fn every_path_gives_the_scalar_bits() {
         for (ci, co, h, w) in [(1, 1, 1, 1), (3, 2, 5, 7), (17, 5, 6, 33), (33, 3, 4, 64), (16, 16, 3, 100)] {
             for accumulate in [false, true] {
-                let outs = crate::simd::each_path(Probe { ci, co, h, w, accumulate });
+                let mut outs = crate::simd::each_path(Probe { ci, co, h, w, accumulate, compact: false });
+                outs.push((
+                    "compact scalar",
+                    Probe { ci, co, h, w, accumulate, compact: true }.run(crate::simd::Scalar),
+                ));
                 for (k, name) in ["weights", "input", "output"].iter().enumerate() {
                     let want = &outs[0].1[k];
                     assert!(want.iter().all(|x| !x.is_nan()), "scalar {name} transform left a value unwritten");

@@ -25,6 +25,8 @@ use crate::winograd::Chw;
 pub const M: usize = 4;
 const ALPHA: usize = 6;
 pub const PLANES: usize = ALPHA * ALPHA;
+/// Floats the output transform's m must hold past its last plane.
+pub const SLACK: usize = 16;
 
 #[inline(always)]
 unsafe fn store<S: Simd>(s: S, p: *mut f32, v: S::V, n: usize) {
@@ -35,15 +37,6 @@ unsafe fn store<S: Simd>(s: S, p: *mut f32, v: S::V, n: usize) {
         } else {
             s.store_first_ptr(p, v, n)
         }
-    }
-}
-
-#[inline(always)]
-fn load<S: Simd>(s: S, row: &[f32], n: usize) -> S::V {
-    if n == 16 {
-        s.load(row)
-    } else {
-        s.load_first(row, n)
     }
 }
 
@@ -95,6 +88,38 @@ fn g_col<S: Simd>(s: S, g: [S::V; 3]) -> [S::V; 6] {
         s.mul(s.splat(-1.0 / 6.0), s.sub(g02, g[1])),
         s.mul(sixth, s.mul_add(q, g[0], s.mul_add(h, g[1], g[2]))),
         s.mul(sixth, s.mul_add(q, g[0], s.mul_add(mh, g[1], g[2]))),
+        g[2],
+    ]
+}
+
+/// `bt` on plain floats: the same operations, so the same bits as each lane.
+fn bt1(d: [f32; 6]) -> [f32; 6] {
+    let (d42, d31) = (d[4] - d[2], d[3] - d[1]);
+    [
+        4.0f32.mul_add(d[0], (-5.0f32).mul_add(d[2], d[4])),
+        (-4.0f32).mul_add(d[1] + d[2], d[3] + d[4]),
+        4.0f32.mul_add(d[1] - d[2], d[4] - d[3]),
+        2.0f32.mul_add(d31, d42),
+        (-2.0f32).mul_add(d31, d42),
+        4.0f32.mul_add(d[1], (-5.0f32).mul_add(d[3], d[5])),
+    ]
+}
+
+/// `at` on plain floats.
+fn at1(m: [f32; 6]) -> [f32; 4] {
+    let (s12, d12, s34, d34) = (m[1] + m[2], m[1] - m[2], m[3] + m[4], m[3] - m[4]);
+    [(m[0] + s12) + s34, 2.0f32.mul_add(d34, d12), 4.0f32.mul_add(s34, s12), 8.0f32.mul_add(d34, d12) + m[5]]
+}
+
+/// `g_col` on plain floats.
+fn g_col1(g: [f32; 3]) -> [f32; 6] {
+    let g02 = g[0] + g[2];
+    [
+        0.25 * g[0],
+        (-1.0f32 / 6.0) * (g02 + g[1]),
+        (-1.0f32 / 6.0) * (g02 - g[1]),
+        (1.0f32 / 6.0) * 0.25f32.mul_add(g[0], 0.5f32.mul_add(g[1], g[2])),
+        (1.0f32 / 6.0) * 0.25f32.mul_add(g[0], (-0.5f32).mul_add(g[1], g[2])),
         g[2],
     ]
 }
@@ -151,6 +176,23 @@ impl Kernel for WeightRows<'_> {
             i0 += 16;
         }
     }
+
+    /// One input channel at a time, the same operations as `run`'s lanes.
+    #[allow(clippy::needless_range_loop)] // the loop index picks a column of a transposed matrix
+    fn scalar(self) {
+        let (o, co, ci) = self.oci;
+        let plane = co * ci;
+        for i in 0..ci {
+            let g = &self.wo[i * 9..i * 9 + 9];
+            let t: [[f32; 6]; 3] = std::array::from_fn(|c| g_col1([g[c], g[3 + c], g[6 + c]]));
+            for r in 0..ALPHA {
+                for (c, v) in g_col1([t[0][r], t[1][r], t[2][r]]).into_iter().enumerate() {
+                    // SAFETY: element i of row o of plane 6r + c (weight_rows' contract).
+                    unsafe { *self.u.get().add((ALPHA * r + c) * plane + o * ci + i) = v };
+                }
+            }
+        }
+    }
 }
 
 /// V[ξ][ci][t] = (Bᵀ d B)[ξ] for the band's tiles t (tile rows ty0.., tw tiles per row) of image
@@ -195,7 +237,10 @@ impl Kernel for InputTransform<'_> {
         let m = tw + 1;
         // 8 row slots (row 4·ty + r in slot (4·ty + r) mod 8: tile rows overlap by two input
         // rows, so after the first only rows 2..6 are new), 4 phases each
-        let mut ph = vec![0.0f32; 8 * 4 * m];
+        // (16 floats of slack at the end: every patch load below is a full 16-lane one, the lanes
+        // past a row's last tile read the next row or the slack and are never stored; one load
+        // form instead of two halves the code of this loop in the size profile)
+        let mut ph = vec![0.0f32; 8 * 4 * m + 16];
         let mut padded = vec![0.0f32; 4 * m + 64];
         // Bᵀ·d of 16 tiles, element (r, c) at 6r + c: explicit stores and loads (L1) rather than
         // arrays of 36 vectors, which do not fit the registers and cost a zeroing and copies
@@ -243,12 +288,12 @@ impl Kernel for InputTransform<'_> {
                     for c in 0..ALPHA {
                         let at_row = |r: usize| ((M * ty + r) % 8) * 4 * m + (c % 4) * m + t0 + c / 4;
                         let d = [
-                            load(s, &ph[at_row(0)..], n),
-                            load(s, &ph[at_row(1)..], n),
-                            load(s, &ph[at_row(2)..], n),
-                            load(s, &ph[at_row(3)..], n),
-                            load(s, &ph[at_row(4)..], n),
-                            load(s, &ph[at_row(5)..], n),
+                            s.load(&ph[at_row(0)..]),
+                            s.load(&ph[at_row(1)..]),
+                            s.load(&ph[at_row(2)..]),
+                            s.load(&ph[at_row(3)..]),
+                            s.load(&ph[at_row(4)..]),
+                            s.load(&ph[at_row(5)..]),
                         ];
                         for (r, v) in bt(s, d).into_iter().enumerate() {
                             s.store(&mut tb[ALPHA * r + c], v);
@@ -267,12 +312,47 @@ impl Kernel for InputTransform<'_> {
             }
         }
     }
+
+    /// One tile at a time, read straight from the image, the same operations as `run`'s lanes.
+    #[allow(clippy::needless_range_loop)] // the loop index picks a column of a transposed matrix
+    fn scalar(self) {
+        let InputTransform { xb, s: dims, band, cis, vrows: (v, v_off) } = self;
+        let (ty0, nty, tw) = band;
+        let nt = nty * tw;
+        let plane = dims.c * nt;
+        for ci in cis.0..cis.1 {
+            let x = &xb[ci * dims.h * dims.w..(ci + 1) * dims.h * dims.w];
+            let at = |iy: isize, ix: isize| {
+                if iy < 0 || ix < 0 || iy >= dims.h as isize || ix >= dims.w as isize {
+                    0.0
+                } else {
+                    x[iy as usize * dims.w + ix as usize]
+                }
+            };
+            for ty in 0..nty {
+                for tx in 0..tw {
+                    let (y0, x0) = ((M * (ty0 + ty)) as isize - 1, (M * tx) as isize - 1);
+                    let cols: [[f32; 6]; 6] =
+                        std::array::from_fn(|c| bt1(std::array::from_fn(|r| at(y0 + r as isize, x0 + c as isize))));
+                    let base = (v_off + ci) * nt + ty * tw + tx;
+                    for r in 0..ALPHA {
+                        for (c, val) in bt1(std::array::from_fn(|c| cols[c][r])).into_iter().enumerate() {
+                            // SAFETY: channel ci's row of plane 6r + c (input_transform's contract)
+                            unsafe { *v.get().add((ALPHA * r + c) * plane + base) = val };
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// y (+)= Aᵀ m A + bias for the band's tiles, m[ξ][co][t]. Writes only pixels inside the image
 /// (a last tile row or column may hang over). 16 tiles of a tile row at a time, each output
 /// row's four column phases interleaved in registers. Only output channels [co0, co1); m holds
-/// the rows of output channels [m_co0, m_co0 + m_nco) of each plane; `s` is (Co, H, W).
+/// the rows of output channels [m_co0, m_co0 + m_nco) of each plane, and at least 16 floats
+/// after its last plane (`SLACK`: the loads are all 16 lanes wide, one code form instead of two in
+/// the size-budgeted binary; a shorter m panics); `s` is (Co, H, W).
 ///
 /// # Safety
 /// yb is one image's output [Co, H, W] (initialised when accumulating); the band's output rows
@@ -317,13 +397,15 @@ impl Kernel for OutputTransform<'_> {
                     // a = Aᵀ·e per column into ab (4 x 6), then y = a·A per row (4 x 4)
                     for c in 0..ALPHA {
                         let at_row = |r: usize| (ALPHA * r + c) * plane + base + t0;
+                        // full 16-lane loads (see the slack in the doc comment): lanes past the
+                        // row's last tile are never stored
                         let e = [
-                            load(s, &m[at_row(0)..], n),
-                            load(s, &m[at_row(1)..], n),
-                            load(s, &m[at_row(2)..], n),
-                            load(s, &m[at_row(3)..], n),
-                            load(s, &m[at_row(4)..], n),
-                            load(s, &m[at_row(5)..], n),
+                            s.load(&m[at_row(0)..]),
+                            s.load(&m[at_row(1)..]),
+                            s.load(&m[at_row(2)..]),
+                            s.load(&m[at_row(3)..]),
+                            s.load(&m[at_row(4)..]),
+                            s.load(&m[at_row(5)..]),
                         ];
                         for (i, v) in at(s, e).into_iter().enumerate() {
                             s.store(&mut ab[ALPHA * i + c], v);
@@ -369,6 +451,44 @@ impl Kernel for OutputTransform<'_> {
             }
         }
     }
+
+    /// One tile at a time, the same operations as `run`'s lanes.
+    #[allow(clippy::needless_range_loop)] // the loop index picks a column of a transposed matrix
+    fn scalar(self) {
+        let OutputTransform { mrows: (m, m_co0, m_nco), s: dims, band, cos, bias, out: (yb, accumulate) } = self;
+        let (ty0, nty, tw) = band;
+        let nt = nty * tw;
+        let plane = m_nco * nt;
+        for co in cos.0..cos.1 {
+            let bv = bias.map_or(0.0, |b| b[co]);
+            for ty in 0..nty {
+                for tx in 0..tw {
+                    let base = (co - m_co0) * nt + ty * tw + tx;
+                    let cols: [[f32; 4]; 6] =
+                        std::array::from_fn(|c| at1(std::array::from_fn(|r| m[(ALPHA * r + c) * plane + base])));
+                    for i in 0..M {
+                        let yy = M * (ty0 + ty) + i;
+                        if yy >= dims.h {
+                            continue;
+                        }
+                        for (j, val) in at1(std::array::from_fn(|c| cols[c][i])).into_iter().enumerate() {
+                            let xx = M * tx + j;
+                            if xx >= dims.w {
+                                continue;
+                            }
+                            let val = val + bv;
+                            // SAFETY: pixel (yy, xx) of channel co, inside the image, in the band's
+                            // rows (output_transform's contract); read only when accumulating.
+                            unsafe {
+                                let p = yb.get().add((co * dims.h + yy) * dims.w + xx);
+                                *p = if accumulate { *p + val } else { val };
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -386,38 +506,59 @@ mod tests {
         h: usize,
         w: usize,
         accumulate: bool,
+        /// each transform's compact `scalar` instead of `run` on the path given
+        compact: bool,
     }
 
     impl Kernel for Probe {
         type Out = Vec<Vec<f32>>;
         #[inline(always)]
         fn run<S: Simd>(self, s: S) -> Vec<Vec<f32>> {
-            let Probe { ci, co, h, w, accumulate } = self;
+            let Probe { ci, co, h, w, accumulate, compact } = self;
             let (th, tw) = (h.div_ceil(M), w.div_ceil(M));
             let nt = th * tw;
             let wts = values(co * ci * 9, 1);
             let mut u = vec![f32::NAN; PLANES * co * ci];
             for o in 0..co {
-                WeightRows { wo: &wts[o * ci * 9..], oci: (o, co, ci), u: SendPtr(u.as_mut_ptr()) }.run(s);
+                let k = WeightRows { wo: &wts[o * ci * 9..], oci: (o, co, ci), u: SendPtr(u.as_mut_ptr()) };
+                if compact {
+                    k.scalar()
+                } else {
+                    k.run(s)
+                }
             }
             let x = values(ci * h * w, 2);
             let mut v = vec![f32::NAN; PLANES * ci * nt];
             let dims = Chw { c: ci, h, w };
-            InputTransform { xb: &x, s: dims, band: (0, th, tw), cis: (0, ci), vrows: (SendPtr(v.as_mut_ptr()), 0) }
-                .run(s);
-            let m = values(PLANES * co * nt, 3);
+            let k = InputTransform {
+                xb: &x,
+                s: dims,
+                band: (0, th, tw),
+                cis: (0, ci),
+                vrows: (SendPtr(v.as_mut_ptr()), 0),
+            };
+            if compact {
+                k.scalar()
+            } else {
+                k.run(s)
+            }
+            let m = values(PLANES * co * nt + SLACK, 3);
             let bias = values(co, 4);
             let mut y = if accumulate { values(co * h * w, 5) } else { vec![f32::NAN; co * h * w] };
             let out = (SendPtr(y.as_mut_ptr()), accumulate);
-            OutputTransform {
+            let k = OutputTransform {
                 mrows: (&m, 0, co),
                 s: Chw { c: co, h, w },
                 band: (0, th, tw),
                 cos: (0, co),
                 bias: Some(&bias),
                 out,
+            };
+            if compact {
+                k.scalar()
+            } else {
+                k.run(s)
             }
-            .run(s);
             vec![u, v, y]
         }
     }
@@ -429,7 +570,11 @@ mod tests {
             [(1, 1, 1, 1), (3, 2, 5, 7), (17, 5, 6, 33), (33, 3, 4, 64), (16, 16, 3, 100), (2, 2, 9, 130)]
         {
             for accumulate in [false, true] {
-                let outs = crate::simd::each_path(Probe { ci, co, h, w, accumulate });
+                let mut outs = crate::simd::each_path(Probe { ci, co, h, w, accumulate, compact: false });
+                outs.push((
+                    "compact scalar",
+                    Probe { ci, co, h, w, accumulate, compact: true }.run(crate::simd::Scalar),
+                ));
                 for (k, name) in ["weights", "input", "output"].iter().enumerate() {
                     let want = &outs[0].1[k];
                     assert!(want.iter().all(|x| !x.is_nan()), "scalar {name} transform left a value unwritten");

@@ -343,7 +343,8 @@ unsafe fn conv2d_raw(
                 // SAFETY: v holds the planes of Ci·nt; slice k's rows start at its offset.
                 unsafe { tiles.input_transform(xb(k), ci_hw, band, (0, c), (vp, off)) };
             }
-            crate::ops::cpu_math::grow(mm, planes * s.co * nt);
+            // (+ SLACK: F(4×4)'s output transform loads 16 lanes past a row's end)
+            crate::ops::cpu_math::grow(mm, planes * s.co * nt + winograd4::SLACK);
             gemms((u_all.expect("made or given in this mode"), s.co * s.ci), v, mm, s.co, nt);
             // SAFETY: see yb.
             unsafe { tiles.output_transform((mm, 0, s.co), co_hw, band, (0, s.co), bias, (yb, accumulate)) };
@@ -358,7 +359,7 @@ unsafe fn conv2d_raw(
                 .for_each(|(k, cis)| unsafe { tiles.input_transform(xb(k), ci_hw, band, cis, (vp, slices[k].2)) });
             let v: &[f32] = v;
             channel_ranges(s.co, s.co.div_ceil(CO_BLOCK)).into_par_iter().for_each(|(c0, c1)| {
-                let mut m = vec![0.0f32; planes * (c1 - c0) * nt];
+                let mut m = vec![0.0f32; planes * (c1 - c0) * nt + winograd4::SLACK];
                 match u_all {
                     // rows c0.. of every plane of the given transform
                     Some(u) => gemms((&u[c0 * s.ci..], s.co * s.ci), v, &mut m, c1 - c0, nt),
