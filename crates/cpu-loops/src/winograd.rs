@@ -262,8 +262,9 @@ impl Kernel for InputTransform<'_> {
 /// Writes only pixels inside the image (a last tile row or column may hang over). Runs on
 /// vectors of 16 tiles of a tile row (each plane's row is contiguous), interleaving each
 /// output row's even and odd pixels in registers. Only output channels [co0, co1); m holds the
-/// rows of output channels [m_co0, m_co0 + m_nco) of each plane and at least `SLACK` floats after
-/// the last (its loads are all 16 lanes wide; a shorter m panics). `s` is (Co, H, W) of the output.
+/// rows of output channels [m_co0, m_co0 + m_nco) of each plane and at least
+/// `winograd4::SLACK` floats after the last (its loads are all 16 lanes wide; a shorter m
+/// panics). `s` is (Co, H, W) of the output.
 ///
 /// # Safety
 /// yb is one image's output [Co, H, W] (initialised when accumulating); the band's output rows
