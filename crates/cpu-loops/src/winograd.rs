@@ -30,6 +30,21 @@ unsafe fn store<S: Simd>(s: S, p: *mut f32, v: S::V, n: usize) {
     }
 }
 
+/// Row r of a patch for 16 tiles: columns 0..4 from the even and odd splits (e, o at the tile).
+#[inline(always)]
+fn patch_row<S: Simd>(s: S, e: &[f32], o: &[f32]) -> [S::V; 4] {
+    [s.load(e), s.load(o), s.load(&e[1..]), s.load(&o[1..])]
+}
+
+/// Column c of Aᵀ·e for 16 tiles: (e[c] + e[4 + c]) + e[8 + c] and (e[4 + c] − e[8 + c]) −
+/// e[12 + c], where `at` indexes e[c] (row 0, column c) and element 4r + c is at at + 4r·plane.
+#[inline(always)]
+fn out_col<S: Simd>(s: S, m: &[f32], plane: usize, at: usize) -> (S::V, S::V) {
+    let (e0, e1) = (s.load(&m[at..]), s.load(&m[4 * plane + at..]));
+    let (e2, e3) = (s.load(&m[8 * plane + at..]), s.load(&m[12 * plane + at..]));
+    (s.add(s.add(e0, e1), e2), s.sub(s.sub(e1, e2), e3))
+}
+
 /// Row o of every plane of U = G g Gᵀ (16 planes of co x ci at u), the filters g = wo[ci][3×3]
 /// of output channel o, G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]]; 16 input channels
 /// at a time on lanes.
@@ -191,17 +206,23 @@ impl Kernel for InputTransform<'_> {
                 let mut t0 = 0;
                 while t0 < tw {
                     let n = 16.min(tw - t0);
-                    let d: [[S::V; 4]; 4] = std::array::from_fn(|r| {
-                        let k = (2 * ty + r) % 4;
-                        let (e, o) = (&ev[k * m + t0..], &od[k * m + t0..]);
-                        [s.load(e), s.load(o), s.load(&e[1..]), s.load(&o[1..])]
-                    });
+                    // (no `array::from_fn`: its closures do not inherit the path's target
+                    // features, and their arrays of vectors were copied through memmove: 7 % of
+                    // the batch-1 inference)
+                    let at = |r: usize| ((2 * ty + r) % 4) * m + t0;
+                    let d = [
+                        patch_row(s, &ev[at(0)..], &od[at(0)..]),
+                        patch_row(s, &ev[at(1)..], &od[at(1)..]),
+                        patch_row(s, &ev[at(2)..], &od[at(2)..]),
+                        patch_row(s, &ev[at(3)..], &od[at(3)..]),
+                    ];
                     // t = Bᵀ·d (rows), then V = t·B (columns)
+                    let (d0, d1, d2, d3) = (d[0], d[1], d[2], d[3]);
                     let tt: [[S::V; 4]; 4] = [
-                        std::array::from_fn(|c| s.sub(d[0][c], d[2][c])),
-                        std::array::from_fn(|c| s.add(d[1][c], d[2][c])),
-                        std::array::from_fn(|c| s.sub(d[2][c], d[1][c])),
-                        std::array::from_fn(|c| s.sub(d[1][c], d[3][c])),
+                        [s.sub(d0[0], d2[0]), s.sub(d0[1], d2[1]), s.sub(d0[2], d2[2]), s.sub(d0[3], d2[3])],
+                        [s.add(d1[0], d2[0]), s.add(d1[1], d2[1]), s.add(d1[2], d2[2]), s.add(d1[3], d2[3])],
+                        [s.sub(d2[0], d1[0]), s.sub(d2[1], d1[1]), s.sub(d2[2], d1[2]), s.sub(d2[3], d1[3])],
+                        [s.sub(d1[0], d3[0]), s.sub(d1[1], d3[1]), s.sub(d1[2], d3[2]), s.sub(d1[3], d3[3])],
                     ];
                     for (r, tr) in tt.iter().enumerate() {
                         let row = [s.sub(tr[0], tr[2]), s.add(tr[1], tr[2]), s.sub(tr[2], tr[1]), s.sub(tr[1], tr[3])];
@@ -307,9 +328,12 @@ impl Kernel for OutputTransform<'_> {
                     let n = 16.min(tw - t0);
                     // full 16-lane loads (m's slack, see the doc comment); lanes past the row's
                     // last tile are never stored
-                    let e: [S::V; 16] = std::array::from_fn(|k| s.load(&m[k * plane + base + t0..]));
-                    let a0: [S::V; 4] = std::array::from_fn(|c| s.add(s.add(e[c], e[4 + c]), e[8 + c]));
-                    let a1: [S::V; 4] = std::array::from_fn(|c| s.sub(s.sub(e[4 + c], e[8 + c]), e[12 + c]));
+                    // (no `array::from_fn`: see the input transform)
+                    let (a00, a10) = out_col(s, m, plane, base + t0);
+                    let (a01, a11) = out_col(s, m, plane, plane + base + t0);
+                    let (a02, a12) = out_col(s, m, plane, 2 * plane + base + t0);
+                    let (a03, a13) = out_col(s, m, plane, 3 * plane + base + t0);
+                    let (a0, a1) = ([a00, a01, a02, a03], [a10, a11, a12, a13]);
                     let y = [
                         s.add(s.add(s.add(a0[0], a0[1]), a0[2]), bv),
                         s.add(s.sub(s.sub(a0[1], a0[2]), a0[3]), bv),
