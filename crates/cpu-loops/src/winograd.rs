@@ -6,6 +6,16 @@
 use crate::math::SendPtr;
 use crate::simd::{dispatch, Kernel, Simd};
 
+/// x[iy][ix] of one channel's plane, 0 outside the image (the compact scalar input transforms'
+/// patch reads).
+pub(crate) fn pixel(x: &[f32], dims: Chw, iy: isize, ix: isize) -> f32 {
+    if iy < 0 || ix < 0 || iy >= dims.h as isize || ix >= dims.w as isize {
+        0.0
+    } else {
+        x[iy as usize * dims.w + ix as usize]
+    }
+}
+
 /// Channels, height and width of the image a transform reads or writes.
 #[derive(Clone, Copy, Debug)]
 pub struct Chw {
@@ -19,7 +29,7 @@ pub struct Chw {
 /// # Safety
 /// n floats writable at p.
 #[inline(always)]
-unsafe fn store<S: Simd>(s: S, p: *mut f32, v: S::V, n: usize) {
+pub(crate) unsafe fn store<S: Simd>(s: S, p: *mut f32, v: S::V, n: usize) {
     // SAFETY: the caller's contract.
     unsafe {
         if n == 16 {
@@ -247,13 +257,7 @@ impl Kernel for InputTransform<'_> {
         let plane = dims.c * nt;
         for ci in cis.0..cis.1 {
             let x = &xb[ci * dims.h * dims.w..(ci + 1) * dims.h * dims.w];
-            let at = |iy: isize, ix: isize| {
-                if iy < 0 || ix < 0 || iy >= dims.h as isize || ix >= dims.w as isize {
-                    0.0
-                } else {
-                    x[iy as usize * dims.w + ix as usize]
-                }
-            };
+            let at = |iy: isize, ix: isize| pixel(x, dims, iy, ix);
             for ty in 0..nty {
                 for tx in 0..tw {
                     let (y0, x0) = (2 * (ty0 + ty) as isize - 1, 2 * tx as isize - 1);

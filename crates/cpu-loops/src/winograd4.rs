@@ -18,7 +18,7 @@
 
 use crate::math::SendPtr;
 use crate::simd::{dispatch, Kernel, Simd};
-use crate::winograd::Chw;
+use crate::winograd::{pixel, store, Chw};
 
 /// Output pixels per tile side, input patch side, and planes of transformed values (one per
 /// patch element).
@@ -27,18 +27,6 @@ const ALPHA: usize = 6;
 pub const PLANES: usize = ALPHA * ALPHA;
 /// Floats the output transform's m must hold past its last plane.
 pub const SLACK: usize = 16;
-
-#[inline(always)]
-unsafe fn store<S: Simd>(s: S, p: *mut f32, v: S::V, n: usize) {
-    // SAFETY: n floats writable at p (the caller's contract).
-    unsafe {
-        if n == 16 {
-            s.store_ptr(p, v)
-        } else {
-            s.store_first_ptr(p, v, n)
-        }
-    }
-}
 
 /// Bᵀ·d for one column of a patch (d0..d5 down the column).
 #[inline(always)]
@@ -322,13 +310,7 @@ impl Kernel for InputTransform<'_> {
         let plane = dims.c * nt;
         for ci in cis.0..cis.1 {
             let x = &xb[ci * dims.h * dims.w..(ci + 1) * dims.h * dims.w];
-            let at = |iy: isize, ix: isize| {
-                if iy < 0 || ix < 0 || iy >= dims.h as isize || ix >= dims.w as isize {
-                    0.0
-                } else {
-                    x[iy as usize * dims.w + ix as usize]
-                }
-            };
+            let at = |iy: isize, ix: isize| pixel(x, dims, iy, ix);
             for ty in 0..nty {
                 for tx in 0..tw {
                     let (y0, x0) = ((M * (ty0 + ty)) as isize - 1, (M * tx) as isize - 1);

@@ -215,11 +215,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, algo: GemmAlgo) -> 
         if s.kh != 3 || s.kw != 3 {
             return Tensor::from_vec(cpu::conv2d_im2col(xv, wv, bv, &s), &out, dev);
         }
-        let heuristic = match (winograd::applies(&s), winograd::tiles_for(&s)) {
-            (false, _) => 1,
-            (true, winograd::Tiles::F2) => 0,
-            (true, winograd::Tiles::F4) => 2,
-        };
+        let heuristic = cpu_heuristic(&s);
         let y = crate::ops::tune::pick(
             || tune_key("conv2d", &s),
             &CPU_FWD_NAMES,
@@ -387,6 +383,16 @@ fn as_2d(x: &Tensor, w: &Tensor) -> Result<(Tensor, Tensor)> {
     Ok((x.reshape(&[xs[0], xs[1], 1, xs[2]])?, w.reshape(&[ws[0], ws[1], 1, ws[2]])?))
 }
 
+/// The heuristic's index in `CPU_FWD_NAMES` and `CPU_CAT_NAMES` (the same first three: F(2×2),
+/// the other algorithm, F(4×4)).
+fn cpu_heuristic(s: &ConvShape) -> usize {
+    match (winograd::applies(s), winograd::tiles_for(s)) {
+        (false, _) => 1,
+        (true, winograd::Tiles::F2) => 0,
+        (true, winograd::Tiles::F4) => 2,
+    }
+}
+
 /// The cpu 3×3 `conv2d_cat`'s tuning candidates: one Winograd convolution over all slices
 /// (F(2×2, 3×3) or F(4×4, 3×3)), or each slice by its own choice, accumulated.
 pub const CPU_CAT_NAMES: [&str; 3] = ["winograd", "per-part", "winograd4"];
@@ -465,11 +471,7 @@ pub fn conv2d_cat(parts: &[&Tensor], w: &Tensor, bias: Option<&Tensor>, algo: Ge
         if s.kh != 3 || s.kw != 3 {
             return Tensor::from_vec(per_part(), &out, dev);
         }
-        let heuristic = match (winograd::applies(&s), winograd::tiles_for(&s)) {
-            (false, _) => 1,
-            (true, winograd::Tiles::F2) => 0,
-            (true, winograd::Tiles::F4) => 2,
-        };
+        let heuristic = cpu_heuristic(&s);
         let y = crate::ops::tune::pick(
             || tune_key(op, &s),
             &CPU_CAT_NAMES,

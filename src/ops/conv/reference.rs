@@ -215,9 +215,7 @@ pub fn winograd_tol_tiles(tiles: Tiles, ci: usize) -> f64 {
 /// of `winograd::conv2d_wgrad` with every coefficient and value taken absolute,
 /// |G|ᵀ [Σ_images Σ_tiles (|A| |dY| |A|ᵀ) ⊙ (|B|ᵀ |d| |B|)] |G|.
 pub fn winograd_wgrad_magnitude(x: &[f64], dy: &[f64], s: &ConvShape) -> Vec<f64> {
-    let g_abs = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, 0.5, 0.5], [0.0, 0.0, 1.0]];
-    let bt_abs = [[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0]];
-    let a_abs = [[1.0, 0.0], [1.0, 1.0], [1.0, 1.0], [0.0, 1.0]];
+    let (g_abs, bt_abs, at_abs) = abs_matrices(Tiles::F2);
     let (h, w) = (s.h as isize, s.w as isize);
     let mut du = vec![[[0.0f64; 4]; 4]; s.co * s.ci];
     for b in 0..s.b {
@@ -255,9 +253,9 @@ pub fn winograd_wgrad_magnitude(x: &[f64], dy: &[f64], s: &ConvShape) -> Vec<f64
                                 for j in 0..2 {
                                     let (yy, xx) = (2 * ty + i, 2 * tx + j);
                                     if yy < s.h && xx < s.w {
-                                        *mv += a_abs[r][i]
+                                        *mv += at_abs[i][r]
                                             * dy[((b * s.co + co) * s.h + yy) * s.w + xx].abs()
-                                            * a_abs[c][j];
+                                            * at_abs[j][c];
                                     }
                                 }
                             }
