@@ -45,11 +45,11 @@ fn size_link_args() {
 /// Kernels only training launches: every backward, the optimiser, the losses. A build without
 /// the `train` feature (reclmis-infer) compiles and embeds the others only; tests/deploy.rs checks
 /// on emu that the inference path launches nothing outside them.
-/// bf16 products: only bf16 autocast gives a product bf16 operands, and the pipelined GEMMs are
-/// 1.7 MB of the deflated images. A build without `autocast` (reclmis-infer) does not embed them;
-/// the cuda device refuses such a launch by name.
+/// bf16 products and convolutions: only bf16 autocast gives them bf16 operands, and the pipelined
+/// GEMMs are 1.7 MB of the deflated images. A build without `autocast` (reclmis-infer) does not
+/// embed them; the cuda device refuses such a launch by name.
 fn autocast_only(module: &str, kernel: &str) -> bool {
-    module == "gemm" && kernel.ends_with("_bf16")
+    (module == "gemm" || module == "conv") && kernel.ends_with("_bf16")
 }
 
 fn training_only(module: &str, kernel: &str) -> bool {

@@ -138,3 +138,276 @@ extern "C" __global__ void conv_wflip_bwd_f32(WflipParams p) {
         p.wt[i] = p.w[(co * p.ci + ci) * k2 + (k2 - 1 - r)];
     }
 }
+
+// ---- bf16 implicit GEMMs on the pipelined tensor-core core (pipe_gemm.cuh): cp.async ring of
+// 16-byte copies with zero fill (the padding and the tile edges), ldmatrix from swizzled tiles,
+// mma.sync m16n8k16, f32 sums. The activations are read in NHWC (conv_nhwc_fwd_bf16 packs them),
+// so that 8 consecutive k of the reduction, k = (ky·kw + kx)·C + c, are 8 consecutive channels of
+// one input pixel: one whole, aligned 16-byte chunk when C is a multiple of 8 (the host checks).
+// The weights are packed [Co][kh·kw][Ci] to match (conv_wpack_fwd_bf16).
+//
+//   forward:        y[b,co,p] = bias[co] + Σ_k wp[co,k] · x(p shifted by tap(k))[c(k)]
+//                   M=Co, N=B·H·W, K=kh·kw·Ci; A = wp (k contiguous), B = implicit [N][K]
+//   input gradient: the same kernel over dy (NHWC) with the flipped weights packed [Ci][kh·kw][Co]
+//   weight grad.:   part[z,co,k] = Σ_(q in split z) dy[q,co] · x(q shifted by tap(k))[c(k)]
+//                   M=Co, N=kh·kw·Ci, K=B·H·W split over grid.z; A = dy NHWC (m contiguous),
+//                   B = implicit [K][N]; conv_wgrad_sum_bwd_bf16 sums the splits into dw.
+#include "pipe_gemm.cuh"
+
+// x: NHWC [B,H,W,Ci] bf16 (dy [B,H,W,Co] for the input gradient's forward)
+// w: forward: packed weights [Co, kh·kw, Ci] bf16 / weight gradient: dy NHWC [B,H,W,Co] bf16
+// bias: forward: [Co] bf16 or null
+// y: forward: NCHW [B,Co,H,W] bf16 / weight gradient: f32 partial sums [splits, Co, kh·kw·Ci]
+struct ConvPipeParams {
+    const uint16_t* x;
+    const uint16_t* w;
+    const uint16_t* bias;
+    void* y;
+    uint32_t b;
+    uint32_t ci;
+    uint32_t co;
+    uint32_t h;
+    uint32_t w_;
+    uint32_t kh;
+    uint32_t kw;
+    uint32_t splits;
+};
+RECLMIS_PARAMS_SIZE(ConvPipeParams, 64);
+
+// The element offset of pixel q's tap (dy, dx) in NHWC, where q = (b·H + y)·W + x; false when the
+// tap falls in the zero padding.
+__device__ __forceinline__ bool cp_tap(const ConvPipeParams& p, uint32_t yy, uint32_t xx, int dy, int dx) {
+    const int iy = (int)yy + dy, ix = (int)xx + dx;
+    return iy >= 0 && ix >= 0 && iy < (int)p.h && ix < (int)p.w_;
+}
+
+// Forward loader: A = packed weights (strided rows), B = the implicit im2col tile stored [BN][BK]
+// (pixels by k). Thread tid copies chunk column tid % 4 of NR pixel rows, fixed over k: their
+// coordinates are computed once.
+template <int BM, int BN, int NT>
+struct ConvFwdLoader {
+    using T = PgTiles<BM, BN, true, false>;
+    static constexpr int NR = BN * (PG_BK / 8) / NT;
+    static_assert(NR * NT == BN * (PG_BK / 8), "whole chunks per thread");
+    const ConvPipeParams* p;
+    uint32_t row0, ktot, n;
+    int tid;
+    uint32_t c;
+    uint32_t yy[NR], xx[NR];
+    uint64_t q[NR];
+    bool valid[NR];
+    __device__ __forceinline__ ConvFwdLoader(const ConvPipeParams& pp, uint32_t row0_, uint32_t col0, int tid_)
+        : p(&pp), row0(row0_), tid(tid_) {
+        ktot = pp.kh * pp.kw * pp.ci;
+        n = pp.b * pp.h * pp.w_;
+        c = tid % (PG_BK / 8);
+#pragma unroll
+        for (int i = 0; i < NR; ++i) {
+            const uint32_t r = tid / (PG_BK / 8) + i * (NT / (PG_BK / 8));
+            q[i] = (uint64_t)col0 + r;
+            valid[i] = q[i] < n;
+            xx[i] = (uint32_t)(q[i] % pp.w_);
+            yy[i] = (uint32_t)(q[i] / pp.w_ % pp.h);
+        }
+    }
+    __device__ __forceinline__ void load(unsigned char* sa, unsigned char* sb, uint64_t k0) const {
+        T::TA::load(sa, p->w, ktot, row0, k0, p->co, ktot, tid, NT);
+        const uint32_t k = (uint32_t)k0 + 8 * c, tap = k / p->ci, cc = k % p->ci;
+        const int dy = (int)(tap / p->kw) - (int)(p->kh / 2), dx = (int)(tap % p->kw) - (int)(p->kw / 2);
+        const int64_t shift = ((int64_t)dy * p->w_ + dx) * p->ci + cc;
+#pragma unroll
+        for (int i = 0; i < NR; ++i) {
+            const uint32_t r = tid / (PG_BK / 8) + i * (NT / (PG_BK / 8));
+            const bool ok = valid[i] && k < ktot && cp_tap(*p, yy[i], xx[i], dy, dx);
+            cp_async16(sb + pg_off<PG_BK / 8>(r, c), ok ? p->x + (int64_t)(q[i] * p->ci) + shift : p->x, ok);
+        }
+    }
+};
+
+// Forward epilogue: C[co][q] (+ bias) rounded once to bf16 into NCHW y.
+struct ConvFwdPipeProblem {
+    const ConvPipeParams* p;
+    uint32_t m, n;
+    uint64_t kbeg, kend;
+    __device__ __forceinline__ void store1(uint32_t i, uint32_t j, float v) const {
+        const uint64_t hw = (uint64_t)p->h * p->w_, b = j / hw;
+        const float r = v + (p->bias ? bf16_bits_to_f32(p->bias[i]) : 0.f);
+        ((uint16_t*)p->y)[(b * p->co + i) * hw + j % hw] = f32_to_bf16_bits(r);
+    }
+    __device__ __forceinline__ void store2(uint32_t i, uint32_t j, float v0, float v1, bool both) const {
+        const uint64_t hw = (uint64_t)p->h * p->w_, b = j / hw, px = j % hw;
+        uint16_t* dst = (uint16_t*)p->y + (b * p->co + i) * hw + px;
+        if (both && px + 1 < hw && (reinterpret_cast<uint64_t>(dst) & 3u) == 0) {
+            const float bias = p->bias ? bf16_bits_to_f32(p->bias[i]) : 0.f;
+            *reinterpret_cast<uint32_t*>(dst) =
+                (uint32_t)f32_to_bf16_bits(v0 + bias) | ((uint32_t)f32_to_bf16_bits(v1 + bias) << 16);
+            return;
+        }
+        store1(i, j, v0);
+        if (both) store1(i, j + 1, v1);
+    }
+};
+
+template <int BM, int BN, int WARPS_M, int WARPS_N>
+__device__ __forceinline__ void conv_pipe_fwd(const ConvPipeParams& p) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    const ConvFwdPipeProblem pr{&p, p.co, p.b * p.h * p.w_, 0, (uint64_t)p.kh * p.kw * p.ci};
+    const ConvFwdLoader<BM, BN, 32 * WARPS_M * WARPS_N> ld(p, blockIdx.y * BM, blockIdx.x * BN, threadIdx.x);
+    pg_body<BM, BN, WARPS_M, WARPS_N, true, false>(pr, ld, smem);
+}
+
+// grid = (ceil(B·H·W/128), ceil(Co/128)), block = 128, dynamic shared memory 48 KiB
+extern "C" __global__ void __launch_bounds__(128) conv2d_pipe128_fwd_bf16(ConvPipeParams p) {
+    conv_pipe_fwd<128, 128, 2, 2>(p);
+}
+// grid = (ceil(B·H·W/64), ceil(Co/64)), block = 128, dynamic shared memory 24 KiB
+extern "C" __global__ void __launch_bounds__(128) conv2d_pipe64_fwd_bf16(ConvPipeParams p) {
+    conv_pipe_fwd<64, 64, 2, 2>(p);
+}
+
+// Weight-gradient loader: A = dy NHWC stored [BK][BM] (pixels by output channels, strided rows
+// of Co), B = the implicit im2col stored [BK][BN] (pixels by k). Thread tid copies chunk column
+// tid % (BN/8) of B (a fixed tap and 8 channels) for NR pixel rows that move with k.
+template <int BM, int BN, int NT>
+struct ConvWgradLoader {
+    using T = PgTiles<BM, BN, false, true>;
+    static constexpr int CH = BN / 8;
+    static constexpr int NR = PG_BK * CH / NT;
+    static_assert(NR * NT == PG_BK * CH, "whole chunks per thread");
+    const ConvPipeParams* p;
+    uint32_t row0;
+    uint64_t kend;
+    int tid;
+    uint32_t c;
+    bool nvalid;
+    int dy, dx;
+    int64_t shift;
+    __device__ __forceinline__ ConvWgradLoader(const ConvPipeParams& pp, uint32_t row0_, uint32_t col0, uint64_t kend_,
+                                               int tid_)
+        : p(&pp), row0(row0_), kend(kend_), tid(tid_) {
+        c = tid % CH;
+        const uint32_t ncol = col0 + 8 * c, ntot = pp.kh * pp.kw * pp.ci;
+        nvalid = ncol < ntot;
+        const uint32_t tap = ncol / pp.ci, cc = ncol % pp.ci;
+        dy = (int)(tap / pp.kw) - (int)(pp.kh / 2);
+        dx = (int)(tap % pp.kw) - (int)(pp.kw / 2);
+        shift = ((int64_t)dy * pp.w_ + dx) * pp.ci + cc;
+    }
+    __device__ __forceinline__ void load(unsigned char* sa, unsigned char* sb, uint64_t k0) const {
+        T::TA::load(sa, p->w, p->co, k0, row0, kend, p->co, tid, NT);
+#pragma unroll
+        for (int i = 0; i < NR; ++i) {
+            const uint32_t r = tid / CH + i * (NT / CH);
+            const uint64_t q = k0 + r;
+            const uint32_t xx = (uint32_t)(q % p->w_), yy = (uint32_t)(q / p->w_ % p->h);
+            const bool ok = nvalid && q < kend && cp_tap(*p, yy, xx, dy, dx);
+            cp_async16(sb + pg_off<CH>(r, c), ok ? p->x + (int64_t)(q * p->ci) + shift : p->x, ok);
+        }
+    }
+};
+
+// Weight-gradient epilogue: split z's f32 partial sums [z][co][k].
+struct ConvWgradPipeProblem {
+    const ConvPipeParams* p;
+    uint32_t m, n;
+    uint64_t kbeg, kend;
+    __device__ __forceinline__ void store2(uint32_t i, uint32_t j, float v0, float v1, bool both) const {
+        float* dst = (float*)p->y + ((uint64_t)blockIdx.z * m + i) * n + j;
+        dst[0] = v0;
+        if (both) dst[1] = v1;
+    }
+};
+
+// grid = (ceil(kh·kw·Ci/64), ceil(Co/64), splits), block = 128, dynamic shared memory 24 KiB;
+// split z sums a whole number of k-tiles of the B·H·W pixels.
+extern "C" __global__ void __launch_bounds__(128) conv2d_pipe64_wgrad_bwd_bf16(ConvPipeParams p) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    const uint64_t total = (uint64_t)p.b * p.h * p.w_;
+    const uint64_t tiles = (total + PG_BK - 1) / PG_BK, per = (tiles + p.splits - 1) / p.splits;
+    const uint64_t kbeg = min((uint64_t)blockIdx.z * per * PG_BK, total), kend = min(kbeg + per * PG_BK, total);
+    const ConvWgradPipeProblem pr{&p, p.co, p.kh * p.kw * p.ci, kbeg, kend};
+    const ConvWgradLoader<64, 64, 128> ld(p, blockIdx.y * 64, blockIdx.x * 64, kend, threadIdx.x);
+    pg_body<64, 64, 2, 2, false, true>(pr, ld, smem);
+}
+
+// dw[co][ci][tap] = bf16(Σ_z part[z][co][tap·Ci + ci]), the splits summed in order in f32.
+struct WgradSumParams {
+    const float* part;
+    uint16_t* dw;
+    uint32_t co;
+    uint32_t ci;
+    uint32_t k2;
+    uint32_t splits;
+};
+RECLMIS_PARAMS_SIZE(WgradSumParams, 32);
+
+extern "C" __global__ void conv_wgrad_sum_bwd_bf16(WgradSumParams p) {
+    const uint64_t n = (uint64_t)p.co * p.ci * p.k2, plane = n;
+    const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
+    for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        // i indexes dw[co][ci][tap]
+        const uint32_t tap = (uint32_t)(i % p.k2), ci = (uint32_t)(i / p.k2 % p.ci);
+        const uint64_t co = i / p.k2 / p.ci, src = (co * p.k2 + tap) * p.ci + ci;
+        float s = 0.f;
+        for (uint32_t z = 0; z < p.splits; ++z) s += p.part[z * plane + src];
+        p.dw[i] = f32_to_bf16_bits(s);
+    }
+}
+
+// NCHW -> NHWC for bf16 activations, into channels [c_off, c_off + C) of a [B, H·W, c_total]
+// buffer (a concatenation's parts land side by side). A 32 x 32 tile through shared memory so
+// that both the reads (along pixels) and the writes (along channels) coalesce.
+// x: [B, C, HW] bf16; y: [B, HW, c_total] bf16
+struct NhwcParams {
+    const uint16_t* x;
+    uint16_t* y;
+    uint32_t b;
+    uint32_t c;
+    uint32_t hw;
+    uint32_t c_total;
+    uint32_t c_off;
+    uint32_t pad_;
+};
+RECLMIS_PARAMS_SIZE(NhwcParams, 40);
+
+// grid = (ceil(HW/32), ceil(C/32), B), block = (32, 8)
+extern "C" __global__ void conv_nhwc_fwd_bf16(NhwcParams p) {
+    __shared__ uint16_t t[32][33];
+    const uint32_t p0 = blockIdx.x * 32, c0 = blockIdx.y * 32, b = blockIdx.z;
+    for (uint32_t r = threadIdx.y; r < 32; r += 8) {
+        const uint32_t c = c0 + r, px = p0 + threadIdx.x;
+        if (c < p.c && px < p.hw) t[r][threadIdx.x] = p.x[((uint64_t)b * p.c + c) * p.hw + px];
+    }
+    __syncthreads();
+    for (uint32_t r = threadIdx.y; r < 32; r += 8) {
+        const uint32_t px = p0 + r, c = c0 + threadIdx.x;
+        if (c < p.c && px < p.hw) p.y[((uint64_t)b * p.hw + px) * p.c_total + p.c_off + c] = t[threadIdx.x][r];
+    }
+}
+
+// Packs bf16 weights w [Co, Ci, k2] for the pipelined kernels: flip = 0: wp[co][tap][ci] =
+// w[co][ci][tap] (the forward); flip = 1: wp[ci][tap][co] = w[co][ci][k2 - 1 - tap] (the input
+// gradient's weights: transposed, both kernel axes reversed).
+struct WpackParams {
+    const uint16_t* w;
+    uint16_t* wp;
+    uint32_t co;
+    uint32_t ci;
+    uint32_t k2;
+    uint32_t flip;
+};
+RECLMIS_PARAMS_SIZE(WpackParams, 32);
+
+extern "C" __global__ void conv_wpack_fwd_bf16(WpackParams p) {
+    const uint64_t n = (uint64_t)p.co * p.ci * p.k2;
+    const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
+    for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        // i indexes wp; (outer, tap, inner) = (co, tap, ci) or (ci, tap, co)
+        const uint32_t inner_n = p.flip ? p.co : p.ci;
+        const uint32_t inner = (uint32_t)(i % inner_n), tap = (uint32_t)(i / inner_n % p.k2);
+        const uint32_t outer = (uint32_t)(i / inner_n / p.k2);
+        const uint64_t src = p.flip ? ((uint64_t)inner * p.ci + outer) * p.k2 + (p.k2 - 1 - tap)
+                                    : ((uint64_t)outer * p.ci + inner) * p.k2 + tap;
+        p.wp[i] = p.w[src];
+    }
+}

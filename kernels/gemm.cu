@@ -130,7 +130,7 @@ struct GemmPipeProblem {
     int64_t a_ld, b_ld, sc_row;
     float alpha, beta;
     uint32_t m, n;
-    uint64_t k;
+    uint64_t kbeg, kend;
     __device__ float out(uint32_t i, uint32_t j, float v) const {
         const float r = bias ? fmaf(alpha, v, bf16_bits_to_f32(bias[j])) : alpha * v;
         return beta == 0.f ? r : r + beta * bf16_bits_to_f32(pc[(int64_t)i * sc_row + j]);
@@ -167,7 +167,7 @@ __device__ __forceinline__ void gemm_pipe(const GemmParams& p) {
     pr.b_ld = b_nf ? p.sb_row : p.sb_col;
     pr.sc_row = p.sc_row;
     pr.alpha = p.alpha, pr.beta = p.beta;
-    pr.m = p.m, pr.n = p.n, pr.k = p.k;
+    pr.m = p.m, pr.n = p.n, pr.kbeg = 0, pr.kend = p.k;
     pg_dispatch<BM, BN, WARPS_M, WARPS_N>(pr, a_kf, b_nf, smem);
 }
 

@@ -1,18 +1,19 @@
 // pipe_gemm.cuh: the pipelined bf16 tensor-core GEMM core (sm_80+), built as cuBLAS-class kernels
 // are: a STAGES-deep ring of shared-memory tiles filled by cp.async (16-byte copies, zero fill at
 // the edges), fragments read with ldmatrix from XOR-swizzled tiles (no bank conflicts: the emu
-// counts them, tests/gemm_pipe.rs requires zero), mma.sync m16n8k16 with f32 accumulation, and a
-// fused epilogue (alpha, bias, beta·C, bf16 rounding, two-element stores).
+// counts them, tests/gemm_bf16.rs requires zero), mma.sync m16n8k16 with f32 accumulation, and a
+// fused epilogue (the problem's store2: alpha, bias, beta·C, bf16 rounding, two-element stores).
 //
+// The core is shared by the GEMM (gemm.cu) and the implicit-GEMM convolutions (conv.cu): what
+// differs is where a tile's 16-byte chunks come from (a loader) and where C goes (the problem).
 // The problem struct P gives
-//   uint32_t m, n; uint64_t k;               C is m x n, the sum runs over k
-//   const uint16_t* pa, *pb;                 bf16 operands of this batch entry
-//   int64_t a_ld, b_ld;                      the stride of A's and B's non-contiguous index
+//   uint32_t m, n; uint64_t kbeg, kend;      C is m x n, the sum runs over k in [kbeg, kend)
 //   void store2(uint32_t i, uint32_t j, float v0, float v1, bool both);   C[i][j] (and C[i][j+1])
-// Layouts are template parameters: A_KF (A[i][k] at pa[i·a_ld + k], k contiguous) or not
-// (pa[k·a_ld + i], m contiguous); B_NF (B[k][j] at pb[k·b_ld + j]) or not (pb[j·b_ld + k]). The
-// host guarantees: the contiguous extent of each operand a multiple of 8, a_ld and b_ld multiples
-// of 8, 16-byte aligned bases (every 16-byte chunk of a row is whole and aligned).
+// and the loader L (built per thread: it may precompute addresses that stay fixed over k)
+//   void load(unsigned char* sa, unsigned char* sb, uint64_t k0);   the stage of k-tile k0..k0+BK
+// fills A's and B's tiles (PgTiles<...>::TA / TB, swizzled by pg_off) with cp.async, zero outside.
+// Layouts are template parameters: A_KF (A's tile stored [BM][BK], k contiguous) or not ([BK][BM],
+// m contiguous); B_NF (B's tile stored [BK][BN], n contiguous) or not ([BN][BK]).
 #pragma once
 #include "common.cuh"
 
@@ -53,6 +54,35 @@ struct PgTile {
     }
 };
 
+// The stage tiles of a BM x BN block tile: A's as stored ([BM][BK] when k is contiguous, else
+// [BK][BM]) and B's ([BK][BN] when n is contiguous, else [BN][BK]).
+template <int BM, int BN, bool A_KF, bool B_NF>
+struct PgTiles {
+    using TA = PgTile<A_KF ? BM : PG_BK, A_KF ? PG_BK : BM>;
+    using TB = PgTile<B_NF ? PG_BK : BN, B_NF ? BN : PG_BK>;
+    static constexpr uint32_t STAGE = TA::BYTES + TB::BYTES;
+};
+
+// The GEMM's loader: A and B strided matrices (the host guarantees: the contiguous extent of each
+// operand a multiple of 8, a_ld and b_ld multiples of 8, 16-byte aligned bases, so every 16-byte
+// chunk of a row is whole and aligned).
+template <int BM, int BN, bool A_KF, bool B_NF>
+struct PgStridedLoader {
+    using T = PgTiles<BM, BN, A_KF, B_NF>;
+    const uint16_t* pa;
+    const uint16_t* pb;
+    int64_t a_ld, b_ld;
+    uint32_t m, n, row0, col0;
+    uint64_t k;
+    int tid, nt;
+    __device__ __forceinline__ void load(unsigned char* sa, unsigned char* sb, uint64_t k0) const {
+        if (A_KF) T::TA::load(sa, pa, a_ld, row0, k0, m, k, tid, nt);
+        else T::TA::load(sa, pa, a_ld, k0, row0, k, m, tid, nt);
+        if (B_NF) T::TB::load(sb, pb, b_ld, k0, col0, k, n, tid, nt);
+        else T::TB::load(sb, pb, b_ld, col0, k0, n, k, tid, nt);
+    }
+};
+
 // BM x BN block tile, WARPS_M x WARPS_N warps, each WM x WN = BM/WARPS_M x BN/WARPS_N of C (MI m16
 // tiles x NI n8 tiles). Dynamic shared memory: pg_smem_bytes<BM, BN>().
 // grid = (ceil(n/BN), ceil(m/BM), batch), block = 32 · WARPS_M · WARPS_N.
@@ -61,28 +91,22 @@ constexpr uint32_t pg_smem_bytes() {
     return PG_STAGES * (BM * PG_BK * 2 + PG_BK * BN * 2);
 }
 
-template <int BM, int BN, int WARPS_M, int WARPS_N, bool A_KF, bool B_NF, class P>
-__device__ __forceinline__ void pg_body(const P& pr, unsigned char* smem) {
+template <int BM, int BN, int WARPS_M, int WARPS_N, bool A_KF, bool B_NF, class P, class L>
+__device__ __forceinline__ void pg_body(const P& pr, const L& loader, unsigned char* smem) {
     constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N, MI = WM / 16, NI = WN / 8;
     constexpr int NT = 32 * WARPS_M * WARPS_N;
     static_assert(NI % 2 == 0, "B fragments load two n8 tiles per ldmatrix.x4");
-    // A's stage as stored: [BM][BK] (k contiguous) or [BK][BM]; B's: [BK][BN] or [BN][BK]
-    using TA = PgTile<A_KF ? BM : PG_BK, A_KF ? PG_BK : BM>;
-    using TB = PgTile<B_NF ? PG_BK : BN, B_NF ? BN : PG_BK>;
-    constexpr uint32_t STAGE = TA::BYTES + TB::BYTES;
+    using TA = typename PgTiles<BM, BN, A_KF, B_NF>::TA;
+    using TB = typename PgTiles<BM, BN, A_KF, B_NF>::TB;
+    constexpr uint32_t STAGE = PgTiles<BM, BN, A_KF, B_NF>::STAGE;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = warp / WARPS_N, wn = warp % WARPS_N, g = lane >> 2, t = lane & 3;
     const uint32_t row0 = blockIdx.y * BM, col0 = blockIdx.x * BN;
-    const uint64_t ktiles = (pr.k + PG_BK - 1) / PG_BK;
+    const uint64_t ktiles = (pr.kend - pr.kbeg + PG_BK - 1) / PG_BK;
 
     auto load_stage = [&](uint64_t kt) {
         unsigned char* sa = smem + (kt % PG_STAGES) * STAGE;
-        unsigned char* sb = sa + TA::BYTES;
-        const uint64_t k0 = kt * PG_BK;
-        if (A_KF) TA::load(sa, pr.pa, pr.a_ld, row0, k0, pr.m, pr.k, tid, NT);
-        else TA::load(sa, pr.pa, pr.a_ld, k0, row0, pr.k, pr.m, tid, NT);
-        if (B_NF) TB::load(sb, pr.pb, pr.b_ld, k0, col0, pr.k, pr.n, tid, NT);
-        else TB::load(sb, pr.pb, pr.b_ld, col0, k0, pr.n, pr.k, tid, NT);
+        loader.load(sa, sa + TA::BYTES, pr.kbeg + kt * PG_BK);
     };
 
     float acc[MI][NI][4];
@@ -150,14 +174,23 @@ __device__ __forceinline__ void pg_body(const P& pr, unsigned char* smem) {
             }
 }
 
+// The GEMM of strided operands, one layout instantiation.
+template <int BM, int BN, int WARPS_M, int WARPS_N, bool A_KF, bool B_NF, class P>
+__device__ __forceinline__ void pg_strided(const P& pr, unsigned char* smem) {
+    const PgStridedLoader<BM, BN, A_KF, B_NF> ld{pr.pa, pr.pb, pr.a_ld, pr.b_ld, pr.m, pr.n, blockIdx.y * BM,
+                                                 blockIdx.x * BN, pr.kend, (int)threadIdx.x,
+                                                 32 * WARPS_M * WARPS_N};
+    pg_body<BM, BN, WARPS_M, WARPS_N, A_KF, B_NF>(pr, ld, smem);
+}
+
 // Picks the layout instantiation at run time (one kernel serves every transpose).
 template <int BM, int BN, int WARPS_M, int WARPS_N, class P>
 __device__ __forceinline__ void pg_dispatch(const P& pr, bool a_kf, bool b_nf, unsigned char* smem) {
     if (a_kf) {
-        if (b_nf) pg_body<BM, BN, WARPS_M, WARPS_N, true, true>(pr, smem);
-        else pg_body<BM, BN, WARPS_M, WARPS_N, true, false>(pr, smem);
+        if (b_nf) pg_strided<BM, BN, WARPS_M, WARPS_N, true, true>(pr, smem);
+        else pg_strided<BM, BN, WARPS_M, WARPS_N, true, false>(pr, smem);
     } else {
-        if (b_nf) pg_body<BM, BN, WARPS_M, WARPS_N, false, true>(pr, smem);
-        else pg_body<BM, BN, WARPS_M, WARPS_N, false, false>(pr, smem);
+        if (b_nf) pg_strided<BM, BN, WARPS_M, WARPS_N, false, true>(pr, smem);
+        else pg_strided<BM, BN, WARPS_M, WARPS_N, false, false>(pr, smem);
     }
 }

@@ -62,3 +62,25 @@ pub fn human(bytes: u64) -> String {
         format!("{:.1} MB", bytes as f64 / 1e6)
     }
 }
+
+/// The bytes of a temporary tensor the cuda/emu path of an op allocates and the cpu path does
+/// not need (it computes from plain buffers): counted on the cpu's gauge while it lives, so that
+/// the cpu's figures stay what a GPU would hold (tests/memory.rs requires the cpu and the emu
+/// to agree). Freed on drop.
+pub(crate) struct Mirrored {
+    kind: DeviceKind,
+    bytes: u64,
+}
+
+impl Mirrored {
+    pub(crate) fn new(kind: DeviceKind, bytes: u64) -> Mirrored {
+        allocated(kind, bytes);
+        Mirrored { kind, bytes }
+    }
+}
+
+impl Drop for Mirrored {
+    fn drop(&mut self) {
+        freed(self.kind, self.bytes);
+    }
+}

@@ -12,6 +12,8 @@
 /// Its `reclmis bench` cases and `selfcheck` (registered in `bench::registry`).
 #[cfg(feature = "cli")]
 pub mod bench;
+#[cfg(feature = "autocast")]
+pub mod bf16;
 pub mod cpu;
 #[cfg(feature = "refs")]
 pub mod reference;
@@ -91,9 +93,14 @@ pub struct Conv2dGrads {
 
 /// Checks x [B,Ci,H,W], w [Co,Ci,kh,kw] (both odd), bias [Co].
 pub fn shape(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<ConvShape> {
+    shape_of(x, w, bias, DType::F32)
+}
+
+/// `shape` for operands (and bias) of `dtype`.
+fn shape_of(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, dtype: DType) -> Result<ConvShape> {
     let op = "conv2d";
-    x.expect_dtype(op, DType::F32)?;
-    w.expect_dtype(op, DType::F32)?;
+    x.expect_dtype(op, dtype)?;
+    w.expect_dtype(op, dtype)?;
     if x.rank() != 4 || w.rank() != 4 {
         return Err(Error::shape(
             op,
@@ -108,7 +115,7 @@ pub fn shape(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<ConvShape>
         ));
     }
     if let Some(b) = bias {
-        b.expect_dtype(op, DType::F32)?;
+        b.expect_dtype(op, dtype)?;
         x.same_device(op, &[b])?;
         if b.shape() != [ws[0]] {
             return Err(Error::shape(op, format!("bias {:?} must be [{}]", b.shape(), ws[0])));
@@ -212,23 +219,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, algo: GemmAlgo) -> 
             None => None,
         };
         let (xv, wv) = (x.cpu_f32("conv2d")?, w.cpu_f32("conv2d")?);
-        if s.kh != 3 || s.kw != 3 {
-            return Tensor::from_vec(cpu::conv2d_im2col(xv, wv, bv, &s), &out, dev);
-        }
-        let heuristic = cpu_heuristic(&s);
-        let y = crate::ops::tune::pick(
-            || tune_key("conv2d", &s),
-            &CPU_FWD_NAMES,
-            heuristic,
-            |i| match CPU_FWD[i] {
-                (CpuFwd::Winograd(tiles), floats) => {
-                    let u = winograd::cached_weights(tiles, w, (wv, s.depth()), &s);
-                    winograd::conv2d_new_banded(tiles, &[xv], (wv, s.depth()), Some(&u), bv, &s, floats)
-                }
-                (CpuFwd::Im2col, floats) => cpu::conv2d_im2col_banded(xv, wv, bv, &s, floats),
-            },
-        );
-        return Tensor::from_vec(y, &out, dev);
+        return Tensor::from_vec(cpu_forward(xv, (wv, w), bv, &s), &out, dev);
     }
     let y = Tensor::empty(&out, DType::F32, dev)?;
     if y.numel() > 0 {
@@ -237,6 +228,27 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, algo: GemmAlgo) -> 
         unsafe { launch_fwd(dev, ptrs, &s, (s.depth(), false), algo) }?;
     }
     Ok(y)
+}
+
+/// The cpu forward of f32 values: im2col for kernels other than 3×3, else the tuned choice
+/// among Winograd F(2×2), F(4×4) and im2col (`wt`: the weights' tensor, the key of Winograd's
+/// transformed-weight cache).
+fn cpu_forward(xv: &[f32], (wv, wt): (&[f32], &Tensor), bv: Option<&[f32]>, s: &ConvShape) -> Vec<f32> {
+    if s.kh != 3 || s.kw != 3 {
+        return cpu::conv2d_im2col(xv, wv, bv, s);
+    }
+    crate::ops::tune::pick(
+        || tune_key("conv2d", s),
+        &CPU_FWD_NAMES,
+        cpu_heuristic(s),
+        |i| match CPU_FWD[i] {
+            (CpuFwd::Winograd(tiles), floats) => {
+                let u = winograd::cached_weights(tiles, wt, (wv, s.depth()), s);
+                winograd::conv2d_new_banded(tiles, &[xv], (wv, s.depth()), Some(&u), bv, s, floats)
+            }
+            (CpuFwd::Im2col, floats) => cpu::conv2d_im2col_banded(xv, wv, bv, s, floats),
+        },
+    )
 }
 
 /// Gradients of Σ dy · conv2d(x, w, bias): dx, dw [Co,Ci,kh,kw] and (with a bias) db [Co].

@@ -257,6 +257,12 @@ thread_local! {
     static PIPE_TILE: std::cell::Cell<Option<u32>> = const { std::cell::Cell::new(None) };
 }
 
+/// The block tile a test fixed with `with_bf16_tile` (the convolutions' pipelined kernels obey
+/// it too), or None.
+pub(crate) fn fixed_bf16_tile() -> Option<u32> {
+    PIPE_TILE.with(|t| t.get())
+}
+
 /// Runs `f` with the pipelined bf16 GEMM's block tile fixed at 64 or 128 for the products it
 /// launches on this thread (tests reach both tiles' edges with small problems).
 pub fn with_bf16_tile<R>(tile: u32, f: impl FnOnce() -> R) -> R {

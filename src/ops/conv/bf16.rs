@@ -1,0 +1,313 @@
+//! The convolution on bf16 operands (bf16 autocast): f32 sums of the exact products, one bf16
+//! rounding of each output (after the bias), as the GEMM's bf16 path.
+//!
+//! cuda / emu: implicit GEMMs on the pipelined tensor-core core (kernels/conv.cu over
+//! pipe_gemm.cuh: cp.async ring, ldmatrix, mma.sync m16n8k16) over NHWC copies of the
+//! activations and packed weights, so that each 16-byte copy is 8 channels of one input pixel.
+//! That needs the channel counts the kernels read along in multiples of 8 (Ci for the forward,
+//! Co for the input gradient, both for the weight gradient); other shapes (the first layer's 3
+//! input channels) run the f32 kernels on widened copies.
+//! cpu: the f32 convolutions on widened plain buffers (the same products; sums in another
+//! order), with the temporaries a GPU allocates counted on the cpu's gauge (`Mirrored`), so that
+//! both devices report the same memory.
+
+use super::{bias_grad, shape_of, Conv2dGrads, ConvShape};
+use crate::device::memory::Mirrored;
+use crate::device::{Device, LaunchCfg};
+use crate::error::{Error, Result};
+use crate::kernels::Kernel;
+use crate::ops::cast::cast;
+use crate::ops::check_u32;
+use crate::ops::gemm::{self, cpu::widened, GemmAlgo};
+use crate::tensor::{DType, Tensor};
+
+const OP: &str = "conv2d";
+
+crate::kernel_params! {
+    struct ConvPipeParams [64] {
+        x: u64,
+        w: u64,
+        bias: u64,
+        y: u64,
+        b: u32,
+        ci: u32,
+        co: u32,
+        h: u32,
+        w_: u32,
+        kh: u32,
+        kw: u32,
+        splits: u32,
+    }
+}
+
+crate::kernel_params! {
+    struct NhwcParams [40] {
+        x: u64,
+        y: u64,
+        b: u32,
+        c: u32,
+        hw: u32,
+        c_total: u32,
+        c_off: u32,
+        pad: u32,
+    }
+}
+
+crate::kernel_params! {
+    struct WpackParams [32] {
+        w: u64,
+        wp: u64,
+        co: u32,
+        ci: u32,
+        k2: u32,
+        flip: u32,
+    }
+}
+
+crate::kernel_params! {
+    struct WgradSumParams [32] {
+        part: u64,
+        dw: u64,
+        co: u32,
+        ci: u32,
+        k2: u32,
+        splits: u32,
+    }
+}
+
+/// The forward's pipelined kernels: the 128- and 64-square block tiles (the GEMM's tiles, the
+/// same dynamic shared memory), with their tuning names.
+const FWD_KERNELS: [(Kernel, u32, u32); 2] = [
+    (Kernel::conv2d_pipe128_fwd_bf16, 128, gemm::PIPE128_SMEM),
+    (Kernel::conv2d_pipe64_fwd_bf16, 64, gemm::PIPE64_SMEM),
+];
+pub const FWD_NAMES: [&str; 2] = ["pipe128", "pipe64"];
+
+/// A temporary of the cuda/emu path: a tensor there, its bytes counted on the cpu.
+enum Scratch {
+    Tensor(Tensor),
+    Mirrored(#[allow(dead_code)] Mirrored),
+}
+
+impl Scratch {
+    fn new(dev: &Device, numel: usize, dtype: DType) -> Result<Scratch> {
+        Ok(match dev {
+            Device::Cpu => Scratch::Mirrored(Mirrored::new(dev.kind(), (numel * dtype.size()) as u64)),
+            _ => Scratch::Tensor(Tensor::empty(&[numel], dtype, dev)?),
+        })
+    }
+    fn ptr(&self) -> u64 {
+        match self {
+            Scratch::Tensor(t) => t.dev_ptr(),
+            Scratch::Mirrored(_) => 0,
+        }
+    }
+}
+
+/// y [B,Co,H,W] bf16 = conv(x, w) + bias, all bf16.
+pub fn conv2d_bf16(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let s = shape_of(x, w, bias, DType::BF16)?;
+    let dev = x.device();
+    let out = [s.b, s.co, s.h, s.w];
+    if !s.ci.is_multiple_of(8) || crate::tensor::numel(&out) == 0 || s.ci == 0 {
+        let b = bias.map(|b| cast(b, DType::F32)).transpose()?;
+        let y = super::conv2d(&cast(x, DType::F32)?, &cast(w, DType::F32)?, b.as_ref(), GemmAlgo::TensorCore)?;
+        return cast(&y, DType::BF16);
+    }
+    let xn = Scratch::new(dev, x.numel(), DType::BF16)?;
+    let wp = Scratch::new(dev, w.numel(), DType::BF16)?;
+    if let Device::Cpu = dev {
+        let bv = bias.map(|b| widened(b, OP)).transpose()?;
+        let y = super::cpu_forward(&widened(x, OP)?, (&widened(w, OP)?, w), bv.as_deref(), &s);
+        return gemm::cpu::bf16_tensor(&y, &out, dev);
+    }
+    let y = Tensor::empty(&out, DType::BF16, dev)?;
+    // SAFETY: x is a bf16 [b, ci, h, w] tensor (checked by shape_of), xn holds as many elements.
+    unsafe { to_nhwc(dev, x.dev_ptr(), xn.ptr(), &s, s.ci) }?;
+    // SAFETY: w is a bf16 [co, ci, kh, kw] tensor (checked), wp holds as many elements.
+    unsafe { pack_weights(dev, w.dev_ptr(), wp.ptr(), &s, false) }?;
+    let ptrs = [xn.ptr(), wp.ptr(), bias.map_or(0, |b| b.dev_ptr()), y.dev_ptr()];
+    // SAFETY: xn is x in NHWC, wp the packed weights, the bias (checked) [co] bf16, y a new
+    // [b, co, h, w] bf16 tensor; ci is a multiple of 8 (checked above) and the scratch buffers
+    // are fresh allocations (16-byte aligned), so every 16-byte chunk the kernels copy is whole.
+    unsafe { launch_fwd(dev, ptrs, &s, "conv2d") }?;
+    Ok(y)
+}
+
+/// Gradients of Σ dy · conv2d_bf16(x, w, bias) from a bf16 dy: dx and dw in bf16 (f32 sums
+/// rounded once, as the tape stores the gradient of a bf16 value, which x and the weights' bf16
+/// copy both are) and db = Σ dy in f32.
+pub fn conv2d_backward_bf16(x: &Tensor, w: &Tensor, dy: &Tensor, with_bias: bool) -> Result<Conv2dGrads> {
+    let op = "conv2d_backward";
+    let s = shape_of(x, w, None, DType::BF16)?;
+    dy.expect_dtype(op, DType::BF16)?;
+    dy.same_device(op, &[x])?;
+    if dy.shape() != [s.b, s.co, s.h, s.w] {
+        return Err(Error::shape(
+            op,
+            format!("dy {:?} is not the output shape {:?}", dy.shape(), [s.b, s.co, s.h, s.w]),
+        ));
+    }
+    let dev = x.device();
+    let db = if with_bias { Some(bias_grad(&cast(dy, DType::F32)?, &s)?) } else { None };
+    if !(s.ci.is_multiple_of(8) && s.co.is_multiple_of(8)) || x.numel() == 0 || w.numel() == 0 {
+        let g = super::conv2d_backward(
+            &cast(x, DType::F32)?,
+            &cast(w, DType::F32)?,
+            &cast(dy, DType::F32)?,
+            false,
+            GemmAlgo::TensorCore,
+        )?;
+        return Ok(Conv2dGrads { dx: cast(&g.dx, DType::BF16)?, dw: cast(&g.dw, DType::BF16)?, db });
+    }
+    // The input gradient: the forward kernel over dy (NHWC) with the flipped packed weights.
+    let st = ConvShape { ci: s.co, co: s.ci, ..s };
+    let dyn_ = Scratch::new(dev, dy.numel(), DType::BF16)?;
+    let cpu_dy = if let Device::Cpu = dev { Some(widened(dy, op)?) } else { None };
+    let dx = {
+        let wf = Scratch::new(dev, w.numel(), DType::BF16)?;
+        if let Some(dyv) = &cpu_dy {
+            let wt = super::cpu::flip_weights(&widened(w, op)?, s.co, s.ci, s.kh * s.kw);
+            gemm::cpu::bf16_tensor(&super::cpu::conv2d(dyv, &wt, None, &st), x.shape(), dev)?
+        } else {
+            let dx = Tensor::empty(x.shape(), DType::BF16, dev)?;
+            // SAFETY: dy is a bf16 [b, co, h, w] tensor (checked), dyn_ holds as many elements.
+            unsafe { to_nhwc(dev, dy.dev_ptr(), dyn_.ptr(), &s, s.co) }?;
+            // SAFETY: w is a bf16 [co, ci, kh, kw] tensor (checked), wf holds as many elements.
+            unsafe { pack_weights(dev, w.dev_ptr(), wf.ptr(), &s, true) }?;
+            // SAFETY: dyn_ is dy in NHWC, wf the flipped weights packed [ci, kh·kw, co], dx a new
+            // [b, ci, h, w] bf16 tensor; co (this launch's input channels) a multiple of 8.
+            unsafe { launch_fwd(dev, [dyn_.ptr(), wf.ptr(), 0, dx.dev_ptr()], &st, op) }?;
+            dx
+        }
+    };
+    // The weight gradient: split-K partial sums over the pixels, summed in order.
+    let k = s.kh * s.kw * s.ci;
+    let splits = wgrad_splits(&s);
+    let xn = Scratch::new(dev, x.numel(), DType::BF16)?;
+    let part = Scratch::new(dev, splits * s.co * k, DType::F32)?;
+    let dw = if let Some(dyv) = &cpu_dy {
+        gemm::cpu::bf16_tensor(&super::cpu::conv2d_wgrad(&widened(x, op)?, dyv, &s), w.shape(), dev)?
+    } else {
+        let dw = Tensor::empty(w.shape(), DType::BF16, dev)?;
+        // SAFETY: x is a bf16 [b, ci, h, w] tensor (checked), xn holds as many elements.
+        unsafe { to_nhwc(dev, x.dev_ptr(), xn.ptr(), &s, s.ci) }?;
+        let p = pipe_params([xn.ptr(), dyn_.ptr(), 0, part.ptr()], &s, splits, op)?;
+        let grid = (check_u32(op, k.div_ceil(64))?, check_u32(op, s.co.div_ceil(64))?, splits as u32);
+        let cfg = LaunchCfg { grid, block: (128, 1, 1), smem_bytes: gemm::PIPE64_SMEM };
+        // SAFETY: xn is x and dyn_ dy in NHWC (ci and co multiples of 8, fresh 16-byte aligned
+        // buffers), part holds [splits, co, kh·kw·ci] f32, the grid covers exactly that.
+        unsafe { dev.launch(Kernel::conv2d_pipe64_wgrad_bwd_bf16, cfg, &p) }?;
+        let sp = WgradSumParams {
+            part: part.ptr(),
+            dw: dw.dev_ptr(),
+            co: check_u32(op, s.co)?,
+            ci: check_u32(op, s.ci)?,
+            k2: check_u32(op, s.kh * s.kw)?,
+            splits: splits as u32,
+        };
+        // SAFETY: part holds the splits' [co, kh·kw, ci] sums, dw is a new [co, ci, kh, kw] bf16.
+        unsafe { dev.launch(Kernel::conv_wgrad_sum_bwd_bf16, LaunchCfg::elementwise(w.numel()), &sp) }?;
+        dw
+    };
+    Ok(Conv2dGrads { dx, dw, db })
+}
+
+/// GPUs' multiprocessor count the weight gradient's blocks should cover about twice (an H100
+/// SXM has 132): the output is small (Co × kh·kw·Ci), the reduction long (B·H·W), so the pixels
+/// are split over grid.z. Each split keeps at least 8 of its 32-pixel k-tiles.
+fn wgrad_splits(s: &ConvShape) -> usize {
+    let tiles = s.co.div_ceil(64) * (s.kh * s.kw * s.ci).div_ceil(64);
+    let ktiles = (s.b * s.h * s.w).div_ceil(32);
+    (2 * 132usize).div_ceil(tiles).clamp(1, (ktiles / 8).max(1)).min(65535)
+}
+
+fn pipe_params(ptrs: [u64; 4], s: &ConvShape, splits: usize, op: &'static str) -> Result<ConvPipeParams> {
+    Ok(ConvPipeParams {
+        x: ptrs[0],
+        w: ptrs[1],
+        bias: ptrs[2],
+        y: ptrs[3],
+        b: check_u32(op, s.b)?,
+        ci: check_u32(op, s.ci)?,
+        co: check_u32(op, s.co)?,
+        h: check_u32(op, s.h)?,
+        w_: check_u32(op, s.w)?,
+        kh: check_u32(op, s.kh)?,
+        kw: check_u32(op, s.kw)?,
+        splits: check_u32(op, splits)?,
+    })
+}
+
+/// The pipelined forward over NHWC `x` and packed weights: its tile tuned per shape and GPU (the
+/// 128 tile first when it fills an H100's 132 SMs), unless a test fixed it.
+///
+/// # Safety
+/// `ptrs` (x, w, bias or 0, y) must be live bf16 buffers on `dev`: x NHWC [b, h, w, ci] with ci a
+/// multiple of 8 and 16-byte aligned, w packed [co, kh·kw, ci] 16-byte aligned, the bias [co], y
+/// [b, co, h, w] not overlapping the others.
+unsafe fn launch_fwd(dev: &Device, ptrs: [u64; 4], s: &ConvShape, op: &'static str) -> Result<()> {
+    let p = pipe_params(ptrs, s, 1, op)?;
+    let n = s.b * s.h * s.w;
+    let run = |i: usize| {
+        let (kernel, tile, smem_bytes) = FWD_KERNELS[i];
+        let grid = (check_u32(op, n.div_ceil(tile as usize))?, check_u32(op, s.co.div_ceil(tile as usize))?, 1);
+        if grid.1 > 65535 {
+            return Err(Error::Unsupported { op, detail: format!("{} output channels", s.co) });
+        }
+        // SAFETY: the caller guarantees the buffers (this function's contract); ConvPipeParams
+        // mirrors the kernels' params struct (the same for both tiles).
+        unsafe { dev.launch(kernel, LaunchCfg { grid, block: (128, 1, 1), smem_bytes }, &p) }
+    };
+    match gemm::fixed_bf16_tile() {
+        Some(t) => run(usize::from(t != 128)),
+        None => {
+            let big = n.div_ceil(128) * s.co.div_ceil(128) >= 132;
+            crate::ops::tune::pick_on(dev, || super::tune_key("conv2d_bf16", s), &FWD_NAMES, usize::from(!big), run)
+        }
+    }
+}
+
+/// Copies bf16 NCHW `x` [b, c, h, w] into NHWC `y` [b, h, w, c].
+///
+/// # Safety
+/// `x` and `y` must be live bf16 buffers on `dev` of b·c·h·w elements each.
+unsafe fn to_nhwc(dev: &Device, x: u64, y: u64, s: &ConvShape, c: usize) -> Result<()> {
+    let op = "conv2d";
+    let hw = s.h * s.w;
+    let p = NhwcParams {
+        x,
+        y,
+        b: check_u32(op, s.b)?,
+        c: check_u32(op, c)?,
+        hw: check_u32(op, hw)?,
+        c_total: check_u32(op, c)?,
+        c_off: 0,
+        pad: 0,
+    };
+    let grid = (check_u32(op, hw.div_ceil(32))?, check_u32(op, c.div_ceil(32))?, check_u32(op, s.b)?);
+    if grid.1 > 65535 || grid.2 > 65535 {
+        return Err(Error::Unsupported { op, detail: format!("{c} channels of {} images", s.b) });
+    }
+    // SAFETY: the caller guarantees both buffers; the grid covers [b, c, hw] in 32 x 32 tiles.
+    unsafe { dev.launch(Kernel::conv_nhwc_fwd_bf16, LaunchCfg { grid, block: (32, 8, 1), smem_bytes: 0 }, &p) }
+}
+
+/// Packs bf16 weights [co, ci, kh, kw] into [co, kh·kw, ci] (flip: [ci, kh·kw, co], both kernel
+/// axes reversed).
+///
+/// # Safety
+/// `w` and `wp` must be live bf16 buffers on `dev` of co·ci·kh·kw elements each.
+unsafe fn pack_weights(dev: &Device, w: u64, wp: u64, s: &ConvShape, flip: bool) -> Result<()> {
+    let op = "conv2d";
+    let p = WpackParams {
+        w,
+        wp,
+        co: check_u32(op, s.co)?,
+        ci: check_u32(op, s.ci)?,
+        k2: check_u32(op, s.kh * s.kw)?,
+        flip: flip as u32,
+    };
+    // SAFETY: the caller guarantees both buffers.
+    unsafe { dev.launch(Kernel::conv_wpack_fwd_bf16, LaunchCfg::elementwise(s.co * s.ci * s.kh * s.kw), &p) }
+}
