@@ -199,3 +199,46 @@ fn bf16_chunked_backward_matches_the_whole_batch() {
         }
     }
 }
+
+/// One bf16 training step of a 3×3 convolution on `dev`, loss = mean(y · c): y, then the
+/// gradients of x, w and b.
+fn bf16_conv_step(dev: &Device, (b, ci, co, h, w): (usize, usize, usize, usize, usize), seed: u64) -> [Vec<f32>; 4] {
+    let mut rng = Rng::new(seed);
+    let mut p = Params::new(dev);
+    let train = Kind::Param { trainable: true };
+    let x = p.add("x", &[b, ci, h, w], values(b * ci * h * w, &mut rng), train).unwrap();
+    let wt = p.add("w", &[co, ci, 3, 3], values(co * ci * 9, &mut rng), train).unwrap();
+    let bias = p.add("b", &[co], values(co, &mut rng), train).unwrap();
+    let c = t(&values(b * co * h * w, &mut rng), &[b, co, h, w], dev);
+    let g = Graph::train().with_precision(Precision::Bf16).unwrap();
+    let y = g.conv2d(&g.param(&p, x), &g.param(&p, wt), Some(&g.param(&p, bias))).unwrap();
+    let loss = g.mean_all(&g.mul(&y, &Var::constant(c)).unwrap()).unwrap();
+    let grads = g.backward(&loss, p.len()).unwrap();
+    let grad = |id| grads.get(id).unwrap().to_vec().unwrap();
+    [y.tensor().to_vec().unwrap(), grad(x), grad(wt), grad(bias)]
+}
+
+/// A convolution whose channel counts are multiples of 8 runs on the pipelined bf16 kernels on
+/// emu (the forward, the input gradient through the same kernel, the split-K weight gradient)
+/// and computes what the cpu does up to the order of the f32 sums (each value within one bf16
+/// rounding step of the cpu's, plus the sums' roundings); the cpu's own values are the f32
+/// convolution of the rounded operands rounded once (tests/conv_bf16.rs).
+#[test]
+fn bf16_conv_takes_the_pipelined_kernels() {
+    let dims = (2, 16, 24, 9, 7);
+    let (cpu, emu) = (bf16_conv_step(&device("cpu"), dims, 12), bf16_conv_step(&device("emu"), dims, 12));
+    let launched = reclmis::device::emu::launched_kernels();
+    use reclmis::kernels::Kernel;
+    for k in [Kernel::conv2d_pipe64_fwd_bf16, Kernel::conv2d_pipe64_wgrad_bwd_bf16] {
+        assert!(launched.contains(&k), "{k:?} not in {launched:?}");
+    }
+    for (name, (c, e)) in ["y", "dx", "dw", "db"].iter().zip(cpu.iter().zip(&emu)) {
+        let scale = c.iter().fold(0f32, |a, v| a.max(v.abs()));
+        for (i, (a, b)) in c.iter().zip(e).enumerate() {
+            // one bf16 step (2^-8 relative) of either value, plus f32 sums' k roundings of the
+            // scale (k up to 2·9·7 = 126 pixels for dw; Winograd's transforms on the cpu within that)
+            let allowed = a.abs().max(b.abs()) / 128.0 + 256.0 * f32::EPSILON * scale;
+            assert!((a - b).abs() <= allowed, "{name}[{i}]: cpu {a} vs emu {b}");
+        }
+    }
+}

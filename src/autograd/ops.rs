@@ -549,12 +549,45 @@ impl Graph {
         let ins: Vec<&Var> = [x, w].into_iter().chain(b).collect();
         self.autocast(&ins, |v| {
             let (x, w, b) = (v[0], v[1], v.get(2).copied());
+            #[cfg(feature = "autocast")]
+            if let Some(y) = self.conv2d_bf16(x, w, b)? {
+                return Ok(y);
+            }
             let y = conv::conv2d(&*x.wide()?, &*w.wide()?, f32_of(b)?.as_deref(), self.algo())?;
             self.weighted(x, w, b, y, |x, w, dy, hb, algo| {
                 let g = conv::conv2d_backward(x, w, dy, hb, algo)?;
                 Ok((g.dx, g.dw, g.db))
             })
         })
+    }
+
+    /// conv2d on bf16 operands as they are stored (bf16 tensors: autocast rounded them), through
+    /// `conv::bf16` (the pipelined tensor-core kernels on cuda/emu) instead of widened copies; the
+    /// backward reads x and the weight as kept and dy rounded back to bf16 (exact: the tape
+    /// stored it in bf16). None when an operand is not a bf16 tensor (the error model of
+    /// `with_bf16_perturbation` holds perturbed f32 values).
+    #[cfg(feature = "autocast")]
+    fn conv2d_bf16(&self, x: &Var, w: &Var, b: Option<&Var>) -> Result<Option<Var>> {
+        use crate::tensor::DType::BF16;
+        if !(x.t.dtype() == BF16 && w.t.dtype() == BF16 && b.is_none_or(|b| b.t.dtype() == BF16)) {
+            return Ok(None);
+        }
+        let y = conv::bf16::conv2d_bf16(&x.t, &w.t, b.map(|b| &b.t))?;
+        let macs = weighted_macs(&y, &w.t);
+        count::forward(macs);
+        let mut ins = vec![x, w];
+        ins.extend(b);
+        if !self.tracks(&ins) {
+            return Ok(Some(Var::constant(y)));
+        }
+        let (xs, ws, has_b) = (self.save(x)?, self.save(w)?, b.is_some());
+        let module = count::label();
+        Ok(Some(self.record(&ins, y, move |dy| {
+            count::backward(module, 2 * macs);
+            let dy = crate::ops::cast::cast(dy, BF16)?;
+            let g = conv::bf16::conv2d_backward_bf16(&xs.stored()?, &ws.stored()?, &dy, has_b)?;
+            Ok(vec![Some(g.dx), Some(g.dw), g.db])
+        })))
     }
 
     /// conv2d of the channel concatenation of `parts` without materialising it.
