@@ -5,7 +5,7 @@ SPEC is one of: "mm M N K", "mm_bf16 M N K", "softmax R C", "relu B C H W", "add
 "transpose B R C", "permute0213 B T H D", "narrow R C START LEN", "adam N", "cast_bf16 B C HW",
 "cast_f16 B C HW",
 "ccl B L N D", "ccl_fb B L N D", "dice_bce B HW", "mse B HW", "maxpool B C HW",
-"upsample B C HW", "conv B CI CO HW K", "conv_bwd B CI CO HW K", "conv_cat B C1 C2 CO HW", "unet B C HW",
+"upsample B C HW", "conv B CI CO HW K", "conv_bwd B CI CO HW K", "conv_bf16 B CI CO HW K", "conv_bwd_bf16 B CI CO HW K", "conv_cat B C1 C2 CO HW", "unet B C HW",
 "bn_relu B C HW", "plam B C HW",
 "attn B H TQ S DH CAUSAL COND KEYMASK", "attn_fb ..." (the official composition: matmul, mask, softmax,
 ·(w + 1e-10), renormalise, matmul; fb adds the backward to q, k, v and w),
@@ -87,12 +87,15 @@ def build(spec, dev):
         b, hw = d
         x, y = r(b, hw * hw), r(b, hw * hw)
         return lambda: torch.nn.functional.mse_loss(x, y)
-    if kind in ("conv", "conv_bwd"):
+    if kind in ("conv", "conv_bwd", "conv_bf16", "conv_bwd_bf16"):
         b, ci, co, hw, k = d
         x, w, bias = r(b, ci, hw, hw), r(co, ci, k, k), r(co)
+        if kind.endswith("_bf16"):  # bf16 operands, as reclmis' conv3x3_bf16 cases
+            x, w, bias = x.bfloat16(), w.bfloat16(), bias.bfloat16()
+            kind = kind[: -len("_bf16")]
         if kind == "conv":
             return lambda: torch.nn.functional.conv2d(x, w, bias, padding=k // 2)
-        g = r(b, co, hw, hw)
+        g = r(b, co, hw, hw).to(x.dtype)
 
         def bwd():  # input, weight and bias gradients, as reclmis' conv3x3_bwd case computes
             return torch.ops.aten.convolution_backward(g, x, w, [co], [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], 1,

@@ -550,7 +550,7 @@ impl Graph {
         self.autocast(&ins, |v| {
             let (x, w, b) = (v[0], v[1], v.get(2).copied());
             #[cfg(feature = "autocast")]
-            if let Some(y) = self.conv2d_bf16(x, w, b)? {
+            if let Some(y) = self.conv_bf16(x, w, b, false)? {
                 return Ok(y);
             }
             let y = conv::conv2d(&*x.wide()?, &*w.wide()?, f32_of(b)?.as_deref(), self.algo())?;
@@ -561,18 +561,20 @@ impl Graph {
         })
     }
 
-    /// conv2d on bf16 operands as they are stored (bf16 tensors: autocast rounded them), through
+    /// conv2d (or conv1d) on bf16 operands as they are stored (bf16 tensors: autocast rounded them), through
     /// `conv::bf16` (the pipelined tensor-core kernels on cuda/emu) instead of widened copies; the
     /// backward reads x and the weight as kept and dy rounded back to bf16 (exact: the tape
     /// stored it in bf16). None when an operand is not a bf16 tensor (the error model of
     /// `with_bf16_perturbation` holds perturbed f32 values).
+    /// `one_d`: conv1d's [B, C, L] operands (its 1×k case).
     #[cfg(feature = "autocast")]
-    fn conv2d_bf16(&self, x: &Var, w: &Var, b: Option<&Var>) -> Result<Option<Var>> {
+    fn conv_bf16(&self, x: &Var, w: &Var, b: Option<&Var>, one_d: bool) -> Result<Option<Var>> {
+        use crate::ops::conv::bf16 as cb;
         use crate::tensor::DType::BF16;
         if !(x.t.dtype() == BF16 && w.t.dtype() == BF16 && b.is_none_or(|b| b.t.dtype() == BF16)) {
             return Ok(None);
         }
-        let y = conv::bf16::conv2d_bf16(&x.t, &w.t, b.map(|b| &b.t))?;
+        let y = if one_d { cb::conv1d_bf16 } else { cb::conv2d_bf16 }(&x.t, &w.t, b.map(|b| &b.t))?;
         let macs = weighted_macs(&y, &w.t);
         count::forward(macs);
         let mut ins = vec![x, w];
@@ -585,7 +587,8 @@ impl Graph {
         Ok(Some(self.record(&ins, y, move |dy| {
             count::backward(module, 2 * macs);
             let dy = crate::ops::cast::cast(dy, BF16)?;
-            let g = conv::bf16::conv2d_backward_bf16(&xs.stored()?, &ws.stored()?, &dy, has_b)?;
+            let backward = if one_d { cb::conv1d_backward_bf16 } else { cb::conv2d_backward_bf16 };
+            let g = backward(&xs.stored()?, &ws.stored()?, &dy, has_b)?;
             Ok(vec![Some(g.dx), Some(g.dw), g.db])
         })))
     }
@@ -597,8 +600,48 @@ impl Graph {
         self.autocast(&ins, |v| self.conv2d_cat_exact(&v[..n], v[n], v.get(n + 1).copied()))
     }
 
+    /// conv2d_cat on bf16 slices, weights and bias as stored, through `conv::bf16` (on cuda/emu
+    /// one pipelined convolution over the slices packed side by side); the backward as
+    /// `conv2d_bf16`'s. None when an operand is not a bf16 tensor.
+    #[cfg(feature = "autocast")]
+    fn conv2d_cat_bf16(&self, parts: &[&Var], w: &Var, b: Option<&Var>) -> Result<Option<Var>> {
+        use crate::tensor::DType::BF16;
+        let half = |v: &Var| v.t.dtype() == BF16;
+        if !(parts.iter().all(|p| half(p)) && half(w) && b.is_none_or(half)) {
+            return Ok(None);
+        }
+        let pts: Vec<&Tensor> = parts.iter().map(|p| &p.t).collect();
+        let y = conv::bf16::conv2d_cat_bf16(&pts, &w.t, b.map(|b| &b.t))?;
+        let macs = weighted_macs(&y, &w.t);
+        count::forward(macs);
+        let mut ins: Vec<&Var> = parts.to_vec();
+        ins.push(w);
+        ins.extend(b);
+        if !self.tracks(&ins) {
+            return Ok(Some(Var::constant(y)));
+        }
+        let xs = parts.iter().map(|p| self.save(p)).collect::<Result<Vec<Saved>>>()?;
+        let (ws, has_b) = (self.save(w)?, b.is_some());
+        let module = count::label();
+        Ok(Some(self.record(&ins, y, move |dy| {
+            count::backward(module, 2 * macs);
+            let dy = crate::ops::cast::cast(dy, BF16)?;
+            let xs = xs.iter().map(Saved::stored).collect::<Result<Vec<Tensor>>>()?;
+            let refs: Vec<&Tensor> = xs.iter().collect();
+            let g = conv::bf16::conv2d_cat_backward_bf16(&refs, &ws.stored()?, &dy, has_b)?;
+            let mut out: Vec<Option<Tensor>> = g.dxs.into_iter().map(Some).collect();
+            out.push(Some(g.dw));
+            out.push(g.db);
+            Ok(out)
+        })))
+    }
+
     /// conv2d_cat at the graph's algorithm on operands already in their autocast type.
     fn conv2d_cat_exact(&self, parts: &[&Var], w: &Var, b: Option<&Var>) -> Result<Var> {
+        #[cfg(feature = "autocast")]
+        if let Some(y) = self.conv2d_cat_bf16(parts, w, b)? {
+            return Ok(y);
+        }
         let algo = self.algo();
         let wide = parts.iter().map(|p| p.wide()).collect::<Result<Vec<_>>>()?;
         let pts: Vec<&Tensor> = wide.iter().map(|t| &**t).collect();
@@ -664,6 +707,10 @@ impl Graph {
         let ins: Vec<&Var> = [x, w].into_iter().chain(b).collect();
         self.autocast(&ins, |v| {
             let (x, w, b) = (v[0], v[1], v.get(2).copied());
+            #[cfg(feature = "autocast")]
+            if let Some(y) = self.conv_bf16(x, w, b, true)? {
+                return Ok(y);
+            }
             let y = conv::conv1d(&*x.wide()?, &*w.wide()?, f32_of(b)?.as_deref(), self.algo())?;
             self.weighted(x, w, b, y, |x, w, dy, hb, algo| {
                 let g = conv::conv1d_backward(x, w, dy, hb, algo)?;

@@ -67,11 +67,13 @@ pub fn human(bytes: u64) -> String {
 /// not need (it computes from plain buffers): counted on the cpu's gauge while it lives, so that
 /// the cpu's figures stay what a GPU would hold (tests/memory.rs requires the cpu and the emu
 /// to agree). Freed on drop.
+#[cfg(feature = "autocast")]
 pub(crate) struct Mirrored {
     kind: DeviceKind,
     bytes: u64,
 }
 
+#[cfg(feature = "autocast")]
 impl Mirrored {
     pub(crate) fn new(kind: DeviceKind, bytes: u64) -> Mirrored {
         allocated(kind, bytes);
@@ -79,6 +81,7 @@ impl Mirrored {
     }
 }
 
+#[cfg(feature = "autocast")]
 impl Drop for Mirrored {
     fn drop(&mut self) {
         freed(self.kind, self.bytes);

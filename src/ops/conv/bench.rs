@@ -12,7 +12,7 @@ use crate::tensor::Tensor;
 use crate::testing::{f64s, mismatch_scaled};
 
 pub const GROUP: Group = Group {
-    names: &["conv3x3", "conv3x3_b8", "conv3x3_bwd", "conv1x1", "conv3x3_cat"],
+    names: &["conv3x3", "conv3x3_b8", "conv3x3_bwd", "conv1x1", "conv3x3_cat", "conv3x3_bf16", "conv3x3_bwd_bf16"],
     cases,
     shaped: &[
         Shaped { op: "conv3x3", form: "BxCIxCOxHW (square maps)", make: shaped3 },
@@ -33,6 +33,8 @@ fn cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
             ("conv3x3_bwd", 1, 8, 8, 16),
             ("conv1x1", 1, 16, 16, 16),
             ("conv3x3_cat", 1, 8, 8, 16),
+            ("conv3x3_bf16", 1, 8, 8, 16),
+            ("conv3x3_bwd_bf16", 1, 8, 8, 16),
         ]
     } else {
         &[
@@ -54,9 +56,19 @@ fn cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
             // the decoder's first convolution over concat[gated skip, upsampled], never built
             ("conv3x3_cat", 1, 1024, 256, 28),
             ("conv3x3_cat", 1, 128, 64, 224),
+            // bf16 autocast's convolutions (the pipelined kernels on cuda/emu)
+            ("conv3x3_bf16", 1, 64, 64, 224),
+            ("conv3x3_bf16", 1, 512, 512, 28),
+            ("conv3x3_bf16", 8, 64, 64, 224),
+            ("conv3x3_bwd_bf16", 1, 64, 64, 224),
+            ("conv3x3_bwd_bf16", 1, 512, 512, 28),
         ]
     };
     for (i, &(op, b, ci, co, hw)) in shapes.iter().enumerate() {
+        if op.ends_with("_bf16") {
+            v.push(conv_bf16_case(dev, op, (b, ci, co, hw), i as u64)?);
+            continue;
+        }
         if !matches!(op, "conv3x3_cat" | "conv3x3_bwd") {
             v.push(conv_case(dev, op, (b, ci, co, hw), i as u64)?);
             continue;
@@ -96,6 +108,53 @@ fn cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A 3×3 convolution with bias on bf16 operands ("conv3x3_bf16": the forward, validated on
+/// sampled outputs against the f64 sums of the bf16 values: one bf16 rounding, 2^-8 of the value,
+/// plus the f32 sums far below 1e-4 of the magnitude) or its backward ("conv3x3_bwd_bf16": dx,
+/// dw and db, bf16 dy).
+fn conv_bf16_case(
+    dev: &Device,
+    op: &'static str,
+    (b, ci, co, hw): (usize, usize, usize, usize),
+    seed: u64,
+) -> Result<Case> {
+    use crate::ops::cast::cast;
+    use crate::tensor::DType;
+    let k = 3;
+    let x = cast(&rand_tensor(&[b, ci, hw, hw], 20 + seed, dev)?, DType::BF16)?;
+    let w = cast(&rand_tensor(&[co, ci, k, k], 40 + seed, dev)?, DType::BF16)?;
+    let bias = cast(&rand_tensor(&[co], 60 + seed, dev)?, DType::BF16)?;
+    let s = conv::ConvShape { b, ci, co, h: hw, w: hw, kh: k, kw: k };
+    let bytes = 2.0 * (b * (ci + co) * hw * hw + co * ci * k * k) as f64;
+    let shape = format!("b{b} {ci}->{co} {hw}x{hw} k{k} bf16");
+    if op == "conv3x3_bwd_bf16" {
+        let dy = cast(&rand_tensor(&[b, co, hw, hw], 80 + seed, dev)?, DType::BF16)?;
+        return Ok(Case {
+            op,
+            shape,
+            flops: 2.0 * s.flops(),
+            bytes: 2.0 * bytes,
+            peer: Some(format!("conv_bwd_bf16 {b} {ci} {co} {hw} {k}")),
+            validate: None,
+            run: Box::new(move || Ok(conv::bf16::conv2d_backward_bf16(&x, &w, &dy, true)?.dw)),
+        });
+    }
+    Ok(Case {
+        op,
+        shape,
+        flops: s.flops(),
+        bytes,
+        peer: Some(format!("conv_bf16 {b} {ci} {co} {hw} {k}")),
+        validate: Some({
+            let (xf, wf, bf) = (cast(&x, DType::F32)?, cast(&w, DType::F32)?, cast(&bias, DType::F32)?);
+            Box::new(move |y: &Tensor| {
+                sampled_conv_check(&xf, &wf, &bf, &s, &cast(y, DType::F32)?.to_vec()?, 1.0 / 256.0 + 1e-4)
+            })
+        }),
+        run: Box::new(move || conv::bf16::conv2d_bf16(&x, &w, Some(&bias))),
+    })
 }
 
 /// A square-map convolution with bias ("conv3x3" or "conv1x1"); `seed` varies the data.

@@ -11,7 +11,7 @@
 //! order), with the temporaries a GPU allocates counted on the cpu's gauge (`Mirrored`), so that
 //! both devices report the same memory.
 
-use super::{bias_grad, shape_of, Conv2dGrads, ConvShape};
+use super::{bias_grad, cat_shape_of, shape_of, Conv2dGrads, ConvCatGrads, ConvShape};
 use crate::device::memory::Mirrored;
 use crate::device::{Device, LaunchCfg};
 use crate::error::{Error, Result};
@@ -123,7 +123,7 @@ pub fn conv2d_bf16(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     }
     let y = Tensor::empty(&out, DType::BF16, dev)?;
     // SAFETY: x is a bf16 [b, ci, h, w] tensor (checked by shape_of), xn holds as many elements.
-    unsafe { to_nhwc(dev, x.dev_ptr(), xn.ptr(), &s, s.ci) }?;
+    unsafe { to_nhwc(dev, x.dev_ptr(), xn.ptr(), &s, s.ci, (s.ci, 0)) }?;
     // SAFETY: w is a bf16 [co, ci, kh, kw] tensor (checked), wp holds as many elements.
     unsafe { pack_weights(dev, w.dev_ptr(), wp.ptr(), &s, false) }?;
     let ptrs = [xn.ptr(), wp.ptr(), bias.map_or(0, |b| b.dev_ptr()), y.dev_ptr()];
@@ -172,7 +172,7 @@ pub fn conv2d_backward_bf16(x: &Tensor, w: &Tensor, dy: &Tensor, with_bias: bool
         } else {
             let dx = Tensor::empty(x.shape(), DType::BF16, dev)?;
             // SAFETY: dy is a bf16 [b, co, h, w] tensor (checked), dyn_ holds as many elements.
-            unsafe { to_nhwc(dev, dy.dev_ptr(), dyn_.ptr(), &s, s.co) }?;
+            unsafe { to_nhwc(dev, dy.dev_ptr(), dyn_.ptr(), &s, s.co, (s.co, 0)) }?;
             // SAFETY: w is a bf16 [co, ci, kh, kw] tensor (checked), wf holds as many elements.
             unsafe { pack_weights(dev, w.dev_ptr(), wf.ptr(), &s, true) }?;
             // SAFETY: dyn_ is dy in NHWC, wf the flipped weights packed [ci, kh·kw, co], dx a new
@@ -182,32 +182,18 @@ pub fn conv2d_backward_bf16(x: &Tensor, w: &Tensor, dy: &Tensor, with_bias: bool
         }
     };
     // The weight gradient: split-K partial sums over the pixels, summed in order.
-    let k = s.kh * s.kw * s.ci;
     let splits = wgrad_splits(&s);
     let xn = Scratch::new(dev, x.numel(), DType::BF16)?;
-    let part = Scratch::new(dev, splits * s.co * k, DType::F32)?;
+    let part = Scratch::new(dev, splits * s.co * s.kh * s.kw * s.ci, DType::F32)?;
     let dw = if let Some(dyv) = &cpu_dy {
         gemm::cpu::bf16_tensor(&super::cpu::conv2d_wgrad(&widened(x, op)?, dyv, &s), w.shape(), dev)?
     } else {
         let dw = Tensor::empty(w.shape(), DType::BF16, dev)?;
         // SAFETY: x is a bf16 [b, ci, h, w] tensor (checked), xn holds as many elements.
-        unsafe { to_nhwc(dev, x.dev_ptr(), xn.ptr(), &s, s.ci) }?;
-        let p = pipe_params([xn.ptr(), dyn_.ptr(), 0, part.ptr()], &s, splits, op)?;
-        let grid = (check_u32(op, k.div_ceil(64))?, check_u32(op, s.co.div_ceil(64))?, splits as u32);
-        let cfg = LaunchCfg { grid, block: (128, 1, 1), smem_bytes: gemm::PIPE64_SMEM };
+        unsafe { to_nhwc(dev, x.dev_ptr(), xn.ptr(), &s, s.ci, (s.ci, 0)) }?;
         // SAFETY: xn is x and dyn_ dy in NHWC (ci and co multiples of 8, fresh 16-byte aligned
-        // buffers), part holds [splits, co, kh·kw·ci] f32, the grid covers exactly that.
-        unsafe { dev.launch(Kernel::conv2d_pipe64_wgrad_bwd_bf16, cfg, &p) }?;
-        let sp = WgradSumParams {
-            part: part.ptr(),
-            dw: dw.dev_ptr(),
-            co: check_u32(op, s.co)?,
-            ci: check_u32(op, s.ci)?,
-            k2: check_u32(op, s.kh * s.kw)?,
-            splits: splits as u32,
-        };
-        // SAFETY: part holds the splits' [co, kh·kw, ci] sums, dw is a new [co, ci, kh, kw] bf16.
-        unsafe { dev.launch(Kernel::conv_wgrad_sum_bwd_bf16, LaunchCfg::elementwise(w.numel()), &sp) }?;
+        // buffers), part holds [splits, co, kh·kw·ci] f32, dw is a new [co, ci, kh, kw] bf16.
+        unsafe { wgrad_into(dev, [xn.ptr(), dyn_.ptr(), part.ptr(), dw.dev_ptr()], &s, splits, op) }?;
         dw
     };
     Ok(Conv2dGrads { dx, dw, db })
@@ -268,21 +254,34 @@ unsafe fn launch_fwd(dev: &Device, ptrs: [u64; 4], s: &ConvShape, op: &'static s
     }
 }
 
-/// Copies bf16 NCHW `x` [b, c, h, w] into NHWC `y` [b, h, w, c].
+/// Copies bf16 NCHW `x` [b, c, h, w] into channels [c_off, c_off + c) of NHWC `y` [b, h, w,
+/// c_total].
 ///
 /// # Safety
-/// `x` and `y` must be live bf16 buffers on `dev` of b·c·h·w elements each.
-unsafe fn to_nhwc(dev: &Device, x: u64, y: u64, s: &ConvShape, c: usize) -> Result<()> {
+/// `x` must be a live bf16 buffer on `dev` of b·c·h·w elements and `y` one of b·h·w·c_total,
+/// with c_off + c <= c_total.
+unsafe fn to_nhwc(
+    dev: &Device,
+    x: u64,
+    y: u64,
+    s: &ConvShape,
+    c: usize,
+    (c_total, c_off): (usize, usize),
+) -> Result<()> {
     let op = "conv2d";
     let hw = s.h * s.w;
+    if c * hw * s.b == 0 {
+        // an empty slice of a concatenation: nothing to copy
+        return Ok(());
+    }
     let p = NhwcParams {
         x,
         y,
         b: check_u32(op, s.b)?,
         c: check_u32(op, c)?,
         hw: check_u32(op, hw)?,
-        c_total: check_u32(op, c)?,
-        c_off: 0,
+        c_total: check_u32(op, c_total)?,
+        c_off: check_u32(op, c_off)?,
         pad: 0,
     };
     let grid = (check_u32(op, hw.div_ceil(32))?, check_u32(op, c.div_ceil(32))?, check_u32(op, s.b)?);
@@ -310,4 +309,191 @@ unsafe fn pack_weights(dev: &Device, w: u64, wp: u64, s: &ConvShape, flip: bool)
     };
     // SAFETY: the caller guarantees both buffers.
     unsafe { dev.launch(Kernel::conv_wpack_fwd_bf16, LaunchCfg::elementwise(s.co * s.ci * s.kh * s.kw), &p) }
+}
+
+/// y [B,Co,H,W] bf16 = conv2d_bf16(concat(parts, channel axis), w) + bias: on cuda/emu the parts
+/// are packed side by side into one NHWC buffer (the concatenation costs nothing more than the
+/// layout change) and convolved once; this needs only the total channel count to be a multiple
+/// of 8. The cpu runs `conv2d_cat`'s f32 path on widened buffers and rounds once.
+pub fn conv2d_cat_bf16(parts: &[&Tensor], w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let s = cat_shape_of(parts, w, bias, DType::BF16)?;
+    let dev = w.device();
+    let out = [s.b, s.co, s.h, s.w];
+    if !s.ci.is_multiple_of(8) || crate::tensor::numel(&out) == 0 || s.ci == 0 {
+        let wide = parts.iter().map(|p| cast(p, DType::F32)).collect::<Result<Vec<_>>>()?;
+        let refs: Vec<&Tensor> = wide.iter().collect();
+        let b = bias.map(|b| cast(b, DType::F32)).transpose()?;
+        let y = super::conv2d_cat(&refs, &cast(w, DType::F32)?, b.as_ref(), GemmAlgo::TensorCore)?;
+        return cast(&y, DType::BF16);
+    }
+    let xn = Scratch::new(dev, s.b * s.h * s.w * s.ci, DType::BF16)?;
+    let wp = Scratch::new(dev, w.numel(), DType::BF16)?;
+    if let Device::Cpu = dev {
+        let xs = parts.iter().map(|p| widened(p, OP)).collect::<Result<Vec<_>>>()?;
+        let refs: Vec<&[f32]> = xs.iter().map(|v| &v[..]).collect();
+        let cis: Vec<usize> = parts.iter().map(|p| p.shape()[1]).collect();
+        let bv = bias.map(|b| widened(b, OP)).transpose()?;
+        let y = super::cpu_cat_forward(&refs, &cis, (&widened(w, OP)?, w), bv.as_deref(), &s);
+        return gemm::cpu::bf16_tensor(&y, &out, dev);
+    }
+    let y = Tensor::empty(&out, DType::BF16, dev)?;
+    let mut c_off = 0;
+    for p in parts {
+        let c = p.shape()[1];
+        // SAFETY: each part is a bf16 [b, c, h, w] tensor (checked by cat_shape_of, channels
+        // summing to s.ci); xn holds b·h·w·s.ci elements.
+        unsafe { to_nhwc(dev, p.dev_ptr(), xn.ptr(), &s, c, (s.ci, c_off)) }?;
+        c_off += c;
+    }
+    // SAFETY: w is a bf16 [co, ci, kh, kw] tensor (checked), wp holds as many elements.
+    unsafe { pack_weights(dev, w.dev_ptr(), wp.ptr(), &s, false) }?;
+    // SAFETY: as in conv2d_bf16: xn is the concatenation in NHWC (ci a multiple of 8), wp the
+    // packed weights, the bias [co] bf16, y a new [b, co, h, w] bf16 tensor.
+    unsafe { launch_fwd(dev, [xn.ptr(), wp.ptr(), bias.map_or(0, |b| b.dev_ptr()), y.dev_ptr()], &s, "conv2d_cat") }?;
+    Ok(y)
+}
+
+/// Gradients of `conv2d_cat_bf16` from a bf16 dy: each part's dx in bf16 (the input gradient's
+/// kernel once per part, over that part's rows of the flipped packed weights), dw in bf16 (one
+/// split-K weight gradient over the concatenation packed in NHWC), db in f32.
+pub fn conv2d_cat_backward_bf16(parts: &[&Tensor], w: &Tensor, dy: &Tensor, with_bias: bool) -> Result<ConvCatGrads> {
+    let op = "conv2d_cat_backward";
+    let s = cat_shape_of(parts, w, None, DType::BF16)?;
+    dy.expect_dtype(op, DType::BF16)?;
+    dy.same_device(op, &[w])?;
+    if dy.shape() != [s.b, s.co, s.h, s.w] {
+        return Err(Error::shape(
+            op,
+            format!("dy {:?} is not the output shape {:?}", dy.shape(), [s.b, s.co, s.h, s.w]),
+        ));
+    }
+    let dev = w.device();
+    let db = if with_bias { Some(bias_grad(&cast(dy, DType::F32)?, &s)?) } else { None };
+    let k2 = s.kh * s.kw;
+    if !(s.ci.is_multiple_of(8) && s.co.is_multiple_of(8)) || dy.numel() == 0 || w.numel() == 0 {
+        let wide = parts.iter().map(|p| cast(p, DType::F32)).collect::<Result<Vec<_>>>()?;
+        let refs: Vec<&Tensor> = wide.iter().collect();
+        let g = super::conv2d_cat_backward(
+            &refs,
+            &cast(w, DType::F32)?,
+            &cast(dy, DType::F32)?,
+            false,
+            GemmAlgo::TensorCore,
+        )?;
+        let dxs = g.dxs.iter().map(|d| cast(d, DType::BF16)).collect::<Result<Vec<_>>>()?;
+        return Ok(ConvCatGrads { dxs, dw: cast(&g.dw, DType::BF16)?, db });
+    }
+    let dyn_ = Scratch::new(dev, dy.numel(), DType::BF16)?;
+    let cpu = if let Device::Cpu = dev { Some((widened(dy, op)?, widened(w, op)?)) } else { None };
+    let mut dxs = Vec::with_capacity(parts.len());
+    {
+        let wf = Scratch::new(dev, w.numel(), DType::BF16)?;
+        if cpu.is_none() {
+            // SAFETY: dy is a bf16 [b, co, h, w] tensor (checked), dyn_ holds as many elements.
+            unsafe { to_nhwc(dev, dy.dev_ptr(), dyn_.ptr(), &s, s.co, (s.co, 0)) }?;
+            // SAFETY: w is a bf16 [co, ci, kh, kw] tensor (checked), wf holds as many elements.
+            unsafe { pack_weights(dev, w.dev_ptr(), wf.ptr(), &s, true) }?;
+        }
+        let mut c_off = 0;
+        for p in parts {
+            let c = p.shape()[1];
+            let st = ConvShape { ci: s.co, co: c, ..s };
+            dxs.push(if let Some((dyv, wv)) = &cpu {
+                // as conv2d_backward on the part's columns of w: dy convolved with their flip
+                let wk: Vec<f32> =
+                    (0..s.co * c * k2).map(|i| wv[(i / (c * k2)) * s.ci * k2 + c_off * k2 + i % (c * k2)]).collect();
+                let wt = super::cpu::flip_weights(&wk, s.co, c, k2);
+                gemm::cpu::bf16_tensor(&super::cpu::conv2d(dyv, &wt, None, &st), p.shape(), dev)?
+            } else {
+                let dx = Tensor::empty(p.shape(), DType::BF16, dev)?;
+                if dx.numel() > 0 {
+                    let wk = wf.ptr() + (c_off * k2 * s.co * 2) as u64;
+                    // SAFETY: wk starts at this part's rows of the flipped weights packed [ci,
+                    // kh·kw, co] (16-byte aligned: co is a multiple of 8), dyn_ is dy in NHWC, dx
+                    // a new [b, c, h, w] bf16 tensor.
+                    unsafe { launch_fwd(dev, [dyn_.ptr(), wk, 0, dx.dev_ptr()], &st, op) }?;
+                }
+                dx
+            });
+            c_off += c;
+        }
+    }
+    let splits = wgrad_splits(&s);
+    let xn = Scratch::new(dev, s.b * s.h * s.w * s.ci, DType::BF16)?;
+    let part = Scratch::new(dev, splits * s.co * s.ci * k2, DType::F32)?;
+    let dw = if let Some((dyv, _)) = &cpu {
+        // each part's weight gradient into its columns of dw
+        let mut dw = vec![0.0f32; s.co * s.ci * k2];
+        let mut c_off = 0;
+        for p in parts {
+            let sp = ConvShape { ci: p.shape()[1], ..s };
+            let dwp = super::cpu::conv2d_wgrad(&widened(p, op)?, dyv, &sp);
+            for o in 0..s.co {
+                dw[(o * s.ci + c_off) * k2..][..sp.ci * k2].copy_from_slice(&dwp[o * sp.ci * k2..][..sp.ci * k2]);
+            }
+            c_off += sp.ci;
+        }
+        gemm::cpu::bf16_tensor(&dw, w.shape(), dev)?
+    } else {
+        let mut c_off = 0;
+        for p in parts {
+            let c = p.shape()[1];
+            // SAFETY: as in conv2d_cat_bf16.
+            unsafe { to_nhwc(dev, p.dev_ptr(), xn.ptr(), &s, c, (s.ci, c_off)) }?;
+            c_off += c;
+        }
+        let dw = Tensor::empty(w.shape(), DType::BF16, dev)?;
+        // SAFETY: xn is the concatenation and dyn_ dy in NHWC (ci and co multiples of 8), part
+        // holds [splits, co, kh·kw·ci] f32, dw is a new [co, ci, kh, kw] bf16 tensor.
+        unsafe { wgrad_into(dev, [xn.ptr(), dyn_.ptr(), part.ptr(), dw.dev_ptr()], &s, splits, op) }?;
+        dw
+    };
+    Ok(ConvCatGrads { dxs, dw, db })
+}
+
+/// The split-K weight gradient and the sum of its splits into dw.
+///
+/// # Safety
+/// `[xn, dyn, part, dw]` must be live buffers on `dev`: x and dy in NHWC bf16 (ci and co
+/// multiples of 8, 16-byte aligned), f32 [splits, co, kh·kw·ci] and bf16 [co, ci, kh, kw].
+unsafe fn wgrad_into(
+    dev: &Device,
+    [xn, dyn_, part, dw]: [u64; 4],
+    s: &ConvShape,
+    splits: usize,
+    op: &'static str,
+) -> Result<()> {
+    let k = s.kh * s.kw * s.ci;
+    let p = pipe_params([xn, dyn_, 0, part], s, splits, op)?;
+    let grid = (check_u32(op, k.div_ceil(64))?, check_u32(op, s.co.div_ceil(64))?, splits as u32);
+    let cfg = LaunchCfg { grid, block: (128, 1, 1), smem_bytes: gemm::PIPE64_SMEM };
+    // SAFETY: the caller guarantees the buffers; the grid covers [splits, co, k] exactly.
+    unsafe { dev.launch(Kernel::conv2d_pipe64_wgrad_bwd_bf16, cfg, &p) }?;
+    let sp = WgradSumParams {
+        part,
+        dw,
+        co: check_u32(op, s.co)?,
+        ci: check_u32(op, s.ci)?,
+        k2: check_u32(op, s.kh * s.kw)?,
+        splits: splits as u32,
+    };
+    // SAFETY: part holds the splits' [co, kh·kw, ci] sums, dw [co, ci, kh, kw] bf16.
+    unsafe { dev.launch(Kernel::conv_wgrad_sum_bwd_bf16, LaunchCfg::elementwise(s.co * s.ci * s.kh * s.kw), &sp) }
+}
+
+/// conv1d on bf16 operands (x [B, Ci, L], w [Co, Ci, k]): `conv2d_bf16` of the 1×k case.
+pub fn conv1d_bf16(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (x4, w4) = super::as_2d(x, w)?;
+    conv2d_bf16(&x4, &w4, bias)?.reshape(&[x.shape()[0], w.shape()[0], x.shape()[2]])
+}
+
+/// Gradients of `conv1d_bf16` from a bf16 dy [B, Co, L].
+pub fn conv1d_backward_bf16(x: &Tensor, w: &Tensor, dy: &Tensor, with_bias: bool) -> Result<Conv2dGrads> {
+    let (x4, w4) = super::as_2d(x, w)?;
+    if dy.rank() != 3 {
+        return Err(Error::shape("conv1d_backward", format!("dy {:?} must be [B, Co, L]", dy.shape())));
+    }
+    let dy4 = dy.reshape(&[dy.shape()[0], dy.shape()[1], 1, dy.shape()[2]])?;
+    let g = conv2d_backward_bf16(&x4, &w4, &dy4, with_bias)?;
+    Ok(Conv2dGrads { dx: g.dx.reshape(x.shape())?, dw: g.dw.reshape(w.shape())?, db: g.db })
 }

@@ -419,12 +419,17 @@ pub struct ConvCatGrads {
 /// Checks the slices (same batch, height, width, device; channel counts summing to the weights'
 /// Ci) and returns the shape of the whole convolution.
 fn cat_shape(parts: &[&Tensor], w: &Tensor, bias: Option<&Tensor>) -> Result<ConvShape> {
+    cat_shape_of(parts, w, bias, DType::F32)
+}
+
+/// `cat_shape` for slices, weights (and bias) of `dtype`.
+fn cat_shape_of(parts: &[&Tensor], w: &Tensor, bias: Option<&Tensor>, dtype: DType) -> Result<ConvShape> {
     let op = "conv2d_cat";
     let first = parts.first().ok_or_else(|| Error::shape(op, "no input slices"))?;
     let mut ci = 0;
     for (i, x) in parts.iter().enumerate() {
         x.same_device(op, &[first, w])?;
-        x.expect_dtype(op, DType::F32)?;
+        x.expect_dtype(op, dtype)?;
         if x.rank() != 4 || x.shape()[0] != first.shape()[0] || x.shape()[2..] != first.shape()[2..] {
             return Err(Error::shape(
                 op,
@@ -433,9 +438,9 @@ fn cat_shape(parts: &[&Tensor], w: &Tensor, bias: Option<&Tensor>) -> Result<Con
         }
         ci += x.shape()[1];
     }
-    Tensor::expect_f32(op, &[w])?;
+    w.expect_dtype(op, dtype)?;
     if let Some(b) = bias {
-        b.expect_dtype(op, DType::F32)?;
+        b.expect_dtype(op, dtype)?;
     }
     let fs = first.shape();
     if w.rank() != 4 || w.shape()[1] != ci {
@@ -467,38 +472,9 @@ pub fn conv2d_cat(parts: &[&Tensor], w: &Tensor, bias: Option<&Tensor>, algo: Ge
     if let Device::Cpu = dev {
         let wv = w.cpu_f32(op)?;
         let xs = parts.iter().map(|x| x.cpu_f32(op)).collect::<Result<Vec<_>>>()?;
+        let cis: Vec<usize> = parts.iter().map(|x| x.shape()[1]).collect();
         let bv = bias.map(|b| b.cpu_f32(op)).transpose()?;
-        // each part convolved with its columns of w, accumulated (each part by its own choice)
-        let per_part = || {
-            let mut y = vec![0.0f32; s.b * s.co * s.h * s.w];
-            let mut c_off = 0;
-            for (i, x) in xs.iter().enumerate() {
-                let sp = ConvShape { ci: parts[i].shape()[1], ..s };
-                let b = if i == 0 { bv } else { None };
-                cpu::conv2d_into(x, (&wv[c_off * k2..], s.depth()), b, &sp, &mut y, i > 0);
-                c_off += sp.ci;
-            }
-            y
-        };
-        if s.kh != 3 || s.kw != 3 {
-            return Tensor::from_vec(per_part(), &out, dev);
-        }
-        let heuristic = cpu_heuristic(&s);
-        let y = crate::ops::tune::pick(
-            || tune_key(op, &s),
-            &CPU_CAT_NAMES,
-            heuristic,
-            |i| {
-                if i == 1 {
-                    return per_part();
-                }
-                // every slice straight into its rows of the transformed input: one convolution
-                let tiles = if i == 0 { winograd::Tiles::F2 } else { winograd::Tiles::F4 };
-                let u = winograd::cached_weights(tiles, w, (wv, s.depth()), &s);
-                winograd::conv2d_new_banded(tiles, &xs, (wv, s.depth()), Some(&u), bv, &s, winograd::BAND_FLOATS)
-            },
-        );
-        return Tensor::from_vec(y, &out, dev);
+        return Tensor::from_vec(cpu_cat_forward(&xs, &cis, (wv, w), bv, &s), &out, dev);
     }
     let y = Tensor::empty(&out, DType::F32, dev)?;
     if y.numel() == 0 {
@@ -523,6 +499,48 @@ pub fn conv2d_cat(parts: &[&Tensor], w: &Tensor, bias: Option<&Tensor>, algo: Ge
         };
     }
     Ok(y)
+}
+
+/// The cpu `conv2d_cat` of f32 slices `xs` (`cis` channels each): each part convolved with its
+/// columns of w and accumulated, or (3×3) every slice straight into its rows of Winograd's
+/// transformed input, as tuned (`wt`: the weights' tensor, the transformed weights' cache key).
+fn cpu_cat_forward(
+    xs: &[&[f32]],
+    cis: &[usize],
+    (wv, wt): (&[f32], &Tensor),
+    bv: Option<&[f32]>,
+    s: &ConvShape,
+) -> Vec<f32> {
+    let k2 = s.kh * s.kw;
+    // each part convolved with its columns of w, accumulated (each part by its own choice)
+    let per_part = || {
+        let mut y = vec![0.0f32; s.b * s.co * s.h * s.w];
+        let mut c_off = 0;
+        for (i, x) in xs.iter().enumerate() {
+            let sp = ConvShape { ci: cis[i], ..*s };
+            let b = if i == 0 { bv } else { None };
+            cpu::conv2d_into(x, (&wv[c_off * k2..], s.depth()), b, &sp, &mut y, i > 0);
+            c_off += sp.ci;
+        }
+        y
+    };
+    if s.kh != 3 || s.kw != 3 {
+        return per_part();
+    }
+    crate::ops::tune::pick(
+        || tune_key("conv2d_cat", s),
+        &CPU_CAT_NAMES,
+        cpu_heuristic(s),
+        |i| {
+            if i == 1 {
+                return per_part();
+            }
+            // every slice straight into its rows of the transformed input: one convolution
+            let tiles = if i == 0 { winograd::Tiles::F2 } else { winograd::Tiles::F4 };
+            let u = winograd::cached_weights(tiles, wt, (wv, s.depth()), s);
+            winograd::conv2d_new_banded(tiles, xs, (wv, s.depth()), Some(&u), bv, s, winograd::BAND_FLOATS)
+        },
+    )
 }
 
 /// Gradients of `conv2d_cat`: dx of each slice (its rows of the flipped weights), the weight

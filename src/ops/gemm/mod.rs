@@ -259,6 +259,7 @@ thread_local! {
 
 /// The block tile a test fixed with `with_bf16_tile` (the convolutions' pipelined kernels obey
 /// it too), or None.
+#[cfg(feature = "autocast")]
 pub(crate) fn fixed_bf16_tile() -> Option<u32> {
     PIPE_TILE.with(|t| t.get())
 }
