@@ -49,7 +49,7 @@ fn size_link_args() {
 /// GEMMs are 1.7 MB of the deflated images. A build without `autocast` (reclmis-infer) does not
 /// embed them; the cuda device refuses such a launch by name.
 fn autocast_only(module: &str, kernel: &str) -> bool {
-    (module == "gemm" || module == "conv") && kernel.ends_with("_bf16")
+    ["gemm", "conv", "attention"].contains(&module) && kernel.ends_with("_bf16")
 }
 
 fn training_only(module: &str, kernel: &str) -> bool {

@@ -478,3 +478,193 @@ extern "C" __global__ void attention_dq_bwd_f32(AttnParams p) {
     __shared__ float sm[ATTN_BWD_SMEM];
     attn_bwd_dispatch<Dq>(p, sm);
 }
+
+// ---------------------------------------------------------------------------------------------
+// bf16 forward on the pipelined building blocks (pipe_gemm.cuh): Q, K, V and O in bf16 (AttnParams'
+// q, k, v, o address bf16 here), the logits, the online softmax statistics and lse in f32, P
+// rounded to bf16 for the P·V product (as FlashAttention), f32 accumulation. Block = 64 query rows
+// of one (b, h), 4 warps of 16 rows; the Q tile is copied once, the K and V tiles of 32 keys are
+// double-buffered by cp.async (the next tile's copy overlaps this tile's products); fragments are
+// read with ldmatrix from XOR-swizzled tiles (K as the B operand of Q·Kᵀ, V through .trans as the
+// B operand of P·V), P goes from the accumulators straight into A fragments (no shared memory).
+// The host launches it when dh is 16, 32, 64 or 128 (= the tile width) and every row of q, k, v
+// is made of whole, aligned 16-byte chunks; attention_fwd_f32 on widened copies otherwise.
+#include "pipe_gemm.cuh"
+
+#define ATTN_PIPE_WARPS 4
+#define ATTN_PIPE_BC 32
+
+// Dynamic shared memory at head dim DP: the Q tile and two stages of K and V tiles, bf16.
+template <int DP>
+__host__ __device__ constexpr uint32_t attn_pipe_smem() {
+    return (16 * ATTN_PIPE_WARPS * DP + 2 * 2 * ATTN_PIPE_BC * DP) * 2;
+}
+
+// cp.async of rows r0..r0+R of head h of x [B,T,E] (bf16) into a swizzled [R][DP] tile, zero
+// rows past T.
+template <int DP, int R>
+__device__ __forceinline__ void attn_pipe_rows(unsigned char* dst, const uint16_t* x, const AttnParams& p,
+                                               uint32_t bb, uint32_t h, uint32_t T, uint32_t r0) {
+    constexpr int CH = DP / 8;
+    for (int e = threadIdx.x; e < R * CH; e += blockDim.x) {
+        const uint32_t r = e / CH, c = e % CH, row = r0 + r;
+        const bool ok = row < T;
+        const uint16_t* src = ok ? x + ((uint64_t)bb * T + row) * p.e + (uint64_t)h * p.dh + 8 * c : x;
+        cp_async16(dst + pg_off<CH>(r, c), src, ok);
+    }
+}
+
+__device__ __forceinline__ uint32_t attn_pack_bf16(float lo, float hi) {
+    return (uint32_t)f32_to_bf16_bits(lo) | ((uint32_t)f32_to_bf16_bits(hi) << 16);
+}
+
+template <int DP>
+__device__ __forceinline__ void attn_pipe_fwd(const AttnParams& p, unsigned char* smem) {
+    constexpr int BR = 16 * ATTN_PIPE_WARPS, BC = ATTN_PIPE_BC, CH = DP / 8, NT = DP / 8, KS = DP / 16;
+    constexpr uint32_t QB = BR * DP * 2, TB = BC * DP * 2;
+    const uint16_t* q = (const uint16_t*)p.q;
+    const uint16_t* k = (const uint16_t*)p.k;
+    const uint16_t* v = (const uint16_t*)p.v;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int q8 = lane >> 3, r8 = lane & 7;  // the ldmatrix matrix and row this lane addresses
+    const uint32_t bb = blockIdx.y / p.h, h = blockIdx.y % p.h;
+    const uint32_t i_blk = blockIdx.x * BR, i_w = i_blk + 16 * warp;
+    // Causal: no key beyond the block's last row is taken.
+    const uint32_t kend = p.causal ? min(p.s, i_blk + BR) : p.s;
+    const uint32_t ntiles = (kend + BC - 1) / BC;
+    unsigned char* qs = smem;
+    auto kst = [&](uint32_t st) { return smem + QB + st * 2 * TB; };
+    auto vst = [&](uint32_t st) { return smem + QB + st * 2 * TB + TB; };
+
+    // group 0: Q and the first K, V tiles
+    attn_pipe_rows<DP, BR>(qs, q, p, bb, h, p.tq, i_blk);
+    if (ntiles > 0) {
+        attn_pipe_rows<DP, BC>(kst(0), k, p, bb, h, p.s, 0);
+        attn_pipe_rows<DP, BC>(vst(0), v, p, bb, h, p.s, 0);
+    }
+    cp_async_commit();
+
+    float m[2] = {-RECLMIS_INF, -RECLMIS_INF}, l[2] = {0.f, 0.f};
+    float acc[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+    uint32_t qf[KS][4];
+    for (uint32_t tt = 0; tt < ntiles; ++tt) {
+        // tile tt has landed (the only group in flight) and every warp is done with tile tt - 1,
+        // whose stage the prefetch below overwrites
+        cp_async_wait<0>();
+        __syncthreads();
+        if (tt == 0) {
+#pragma unroll
+            for (int ks = 0; ks < KS; ++ks)
+                ldmatrix_x4(qf[ks], qs + pg_off<CH>(16 * warp + r8 + 8 * (q8 & 1), 2 * ks + (q8 >> 1)));
+        }
+        if (tt + 1 < ntiles) {
+            attn_pipe_rows<DP, BC>(kst((tt + 1) & 1), k, p, bb, h, p.s, (tt + 1) * BC);
+            attn_pipe_rows<DP, BC>(vst((tt + 1) & 1), v, p, bb, h, p.s, (tt + 1) * BC);
+        }
+        cp_async_commit();
+        const unsigned char* ks_ = kst(tt & 1);
+        const unsigned char* vs_ = vst(tt & 1);
+        const uint32_t j0 = tt * BC;
+
+        // S = Q·Kᵀ (16 x BC per warp): K's rows are the B operand's columns
+        float sc[BC / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < BC / 8; ++nt) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks)
+#pragma unroll
+            for (int nj = 0; nj < BC / 16; ++nj) {
+                uint32_t r[4];
+                ldmatrix_x4(r, ks_ + pg_off<CH>(16 * nj + r8 + 8 * (q8 >> 1), 2 * ks + (q8 & 1)));
+                const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+                mma_m16n8k16_bf16(sc[2 * nj], qf[ks], b0, sc[2 * nj]);
+                mma_m16n8k16_bf16(sc[2 * nj + 1], qf[ks], b1, sc[2 * nj + 1]);
+            }
+        // this lane's key columns: bias and multiplier (the same for both of its rows)
+        float kb[BC / 8][2], kw[BC / 8][2];
+#pragma unroll
+        for (int nt = 0; nt < BC / 8; ++nt)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) key_terms(p, bb, j0 + 8 * nt + 2 * t + c, kb[nt][c], kw[nt][c]);
+        // online softmax, f32; sc becomes the unnormalised probabilities
+#pragma unroll
+        for (int rh = 0; rh < 2; ++rh) {
+            const uint32_t i = i_w + g + 8 * rh;
+            float mx = -RECLMIS_INF;
+#pragma unroll
+            for (int nt = 0; nt < BC / 8; ++nt)
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    float z = sc[nt][2 * rh + c] * p.scale * kw[nt][c] + kb[nt][c];
+                    if (p.causal && j0 + 8 * nt + 2 * t + c > i) z = -RECLMIS_INF;
+                    sc[nt][2 * rh + c] = z;
+                    mx = fmaxf(mx, z);
+                }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float mnew = fmaxf(m[rh], mx);
+            // With no key so far (mnew = −inf) every term is 0 and acc stays 0.
+            const float alpha = m[rh] == -RECLMIS_INF ? 0.f : expf(m[rh] - mnew);
+            float sum = 0.f;
+#pragma unroll
+            for (int nt = 0; nt < BC / 8; ++nt)
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    const float z = sc[nt][2 * rh + c];
+                    const float e = z == -RECLMIS_INF ? 0.f : expf(z - mnew);
+                    sum += e;
+                    sc[nt][2 * rh + c] = e;
+                }
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            l[rh] = l[rh] * alpha + sum;
+            m[rh] = mnew;
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) acc[nt][2 * rh] *= alpha, acc[nt][2 * rh + 1] *= alpha;
+        }
+        // O += P·V: P (rounded to bf16) from the accumulator layout into A fragments: n8 tiles
+        // 2kk and 2kk+1 are the k16 block kk
+#pragma unroll
+        for (int kk = 0; kk < BC / 16; ++kk) {
+            const uint32_t pf[4] = {attn_pack_bf16(sc[2 * kk][0], sc[2 * kk][1]),
+                                    attn_pack_bf16(sc[2 * kk][2], sc[2 * kk][3]),
+                                    attn_pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
+                                    attn_pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
+#pragma unroll
+            for (int nj = 0; nj < NT / 2; ++nj) {
+                uint32_t r[4];
+                ldmatrix_x4_trans(r, vs_ + pg_off<CH>(16 * kk + r8 + 8 * (q8 & 1), 2 * nj + (q8 >> 1)));
+                const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+                mma_m16n8k16_bf16(acc[2 * nj], pf, b0, acc[2 * nj]);
+                mma_m16n8k16_bf16(acc[2 * nj + 1], pf, b1, acc[2 * nj + 1]);
+            }
+        }
+    }
+    cp_async_wait<0>();  // only an empty group (or, with no key tile, Q's) remains
+#pragma unroll
+    for (int rh = 0; rh < 2; ++rh) {
+        const uint32_t i = i_w + g + 8 * rh;
+        if (i >= p.tq) continue;
+        const float inv = l[rh] > 0.f ? 1.f / l[rh] : 0.f;
+        uint16_t* orow = (uint16_t*)p.o + ((uint64_t)bb * p.tq + i) * p.e + (uint64_t)h * p.dh;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            const uint32_t d = 8 * nt + 2 * t;  // even: the pair is 4-byte aligned (e, dh even)
+            *reinterpret_cast<uint32_t*>(orow + d) =
+                attn_pack_bf16(acc[nt][2 * rh] * inv, acc[nt][2 * rh + 1] * inv);
+        }
+        if (t == 0) p.lse[((uint64_t)bb * p.h + h) * p.tq + i] = l[rh] > 0.f ? m[rh] + logf(l[rh]) : -RECLMIS_INF;
+    }
+}
+
+// grid = (ceil(Tq/64), B·H), block = 128, dynamic shared memory attn_pipe_smem<dh>() (dh 16, 32,
+// 64 or 128: 6, 12, 24 or 48 KiB)
+extern "C" __global__ void __launch_bounds__(128) attention_pipe_fwd_bf16(AttnParams p) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    if (p.dh == 16) attn_pipe_fwd<16>(p, smem);
+    else if (p.dh == 32) attn_pipe_fwd<32>(p, smem);
+    else if (p.dh == 64) attn_pipe_fwd<64>(p, smem);
+    else attn_pipe_fwd<128>(p, smem);
+}

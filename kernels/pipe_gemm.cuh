@@ -24,10 +24,11 @@
 // makes the 8 consecutive rows an ldmatrix phase reads at one logical chunk land on 8 distinct
 // 16-byte bank groups: rows of >= 8 chunks (>= 128 bytes) XOR with r % 8; rows of 4 chunks (64
 // bytes, two rows per 128-byte line) with (r / 2) % 4, since r % 2 already picks the line half.
+// Rows of 2 chunks (32 bytes, four rows per line) XOR with (r / 4) % 2.
 template <int CHUNKS>
 __device__ __forceinline__ uint32_t pg_off(uint32_t r, uint32_t c) {
-    static_assert(CHUNKS == 4 || CHUNKS % 8 == 0, "tile rows of 4 or a multiple of 8 chunks");
-    const uint32_t s = CHUNKS >= 8 ? (c ^ (r & 7u)) : (c ^ ((r >> 1) & 3u));
+    static_assert(CHUNKS == 2 || CHUNKS == 4 || CHUNKS % 8 == 0, "tile rows of 2, 4 or a multiple of 8 chunks");
+    const uint32_t s = CHUNKS >= 8 ? (c ^ (r & 7u)) : CHUNKS == 4 ? (c ^ ((r >> 1) & 3u)) : (c ^ ((r >> 2) & 1u));
     return (r * CHUNKS + s) * 16u;
 }
 

@@ -76,6 +76,9 @@ pub fn dynamic_smem_bytes(kernel: &str) -> u32 {
         "gemm_pipe64_fwd_bf16" | "conv2d_pipe64_fwd_bf16" | "conv2d_pipe64_wgrad_bwd_bf16" => {
             crate::ops::gemm::PIPE64_SMEM
         }
+        // at the largest head dim (128)
+        #[cfg(feature = "autocast")]
+        "attention_pipe_fwd_bf16" => crate::ops::attention::bf16::pipe_smem(128),
         _ => 0,
     }
 }

@@ -510,3 +510,48 @@ fn tensor_core_attention_gpu_matches_emulator() {
         }
     }
 }
+
+/// bf16 unit roundoff: 8 significant bits, round to nearest even.
+const EPS_BF16: f64 = 1.0 / 256.0;
+
+/// The bf16 forward (`attention::bf16`: the pipelined kernel on emu/cuda at head dims 16, 32, 64
+/// and 128, the f32 kernel of widened copies at the others) on bf16 q, k, v, against the f64
+/// reference of the rounded values. Bound: the f32 path's with exact operand products (bf16 times
+/// bf16 is exact in f32: u_op = 0), plus P rounded to bf16 before P·V (at most u_bf16 of each
+/// term of o's magnitude) and the output's rounding (u_bf16 of |o| <= its magnitude), with the
+/// same factor 2 of slack. The logsumexp against the f32 kernel's on the same values: both sum
+/// the same exact products in f32 (in other orders), so they differ by the logit bound.
+fn check_fused_bf16(dev: &Device, mut c: Case) -> Result<(), TestCaseError> {
+    use reclmis::ops::cast::cast;
+    use reclmis::DType;
+    c.tc = false;
+    let mut d = data(&c);
+    let r = |v: &mut Vec<f32>| v.iter_mut().for_each(|x| *x = half::bf16::from_f32(*x).to_f32());
+    r(&mut d.q);
+    r(&mut d.k);
+    r(&mut d.v);
+    let p = problem(&c, &d);
+    let tol = tolerances(&c, &d, &p);
+    let t = tensors(&c, &d, dev);
+    let o = opts(&c, &t);
+    let b = |x: &Tensor| cast(x, DType::BF16).unwrap();
+    let f = attn::bf16::attention_bf16(&b(&t.q), &b(&t.k), &b(&t.v), &o).unwrap();
+    prop_assert_eq!(f.o.dtype(), DType::BF16);
+    #[cfg(feature = "emu")]
+    if matches!(dev, Device::Emu) && [16, 32, 64, 128].contains(&c.dh) && !c.probs && c.b * c.tq > 0 {
+        // the pipelined kernel ran last: its ldmatrix reads the swizzled tiles without conflicts
+        let st = reclmis::device::emu::last_smem_stats();
+        prop_assert!(st.phases > 0 && st.extra_wavefronts == 0, "ldmatrix phases {:?}", st);
+    }
+    let want = p.forward(&f64s(&d.q), &f64s(&d.k), &f64s(&d.v));
+    let o_tol = tol.o + 2.0 * 2.0 * EPS_BF16;
+    assert_none("o", mismatch_scaled(&cast(&f.o, DType::F32).unwrap().to_vec().unwrap(), &want.o, &want.o_mag, o_tol, 1e-30))?;
+    let f32_lse = attn::attention(&t.q, &t.k, &t.v, &o).unwrap().lse.to_vec().unwrap();
+    for (i, (a, e)) in f.lse.to_vec().unwrap().iter().zip(&f32_lse).enumerate() {
+        let ok = (a == e) || ((a - e).abs() as f64) <= tol.o * (1.0 + e.abs() as f64);
+        prop_assert!(ok, "lse[{}]: {} vs the f32 kernel's {}", i, a, e);
+    }
+    Ok(())
+}
+
+per_device!(check_fused_bf16, (c in case()));

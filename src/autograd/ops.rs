@@ -994,6 +994,20 @@ impl Graph {
             (Some(w), true) => Condition::Logits(w),
         };
         let o = AttnOpts { causal: a.causal, key_valid: a.key_valid, condition: cond, algo, ..AttnOpts::new(a.heads) };
+        // bf16 operands as stored, rounded output: the bf16 forward (the pipelined kernel on
+        // cuda/emu) writes the bf16 output itself
+        #[cfg(feature = "autocast")]
+        let native = matches!(store, Some(Store::Round))
+            && [q, k, v].iter().all(|x| x.t.dtype() == crate::tensor::DType::BF16);
+        #[cfg(not(feature = "autocast"))]
+        let native = false;
+        #[cfg(feature = "autocast")]
+        let f = if native {
+            attention::bf16::attention_bf16(&q.t, &k.t, &v.t, &o)?
+        } else {
+            attention::attention(&*q.wide()?, &*k.wide()?, &*v.wide()?, &o)?
+        };
+        #[cfg(not(feature = "autocast"))]
         let f = attention::attention(&*q.wide()?, &*k.wide()?, &*v.wide()?, &o)?;
         // one Q·Kᵀ-sized product: B·Tq·S·E over all heads
         let unit = (q.t.numel() * k.shape()[1]) as u64;
@@ -1001,8 +1015,8 @@ impl Graph {
         let mut ins = vec![q, k, v];
         ins.extend(a.condition);
         let y = match &store {
-            Some(s) => s.stored(&f.o)?,
-            None => f.o.clone(),
+            Some(s) if !native => s.stored(&f.o)?,
+            _ => f.o.clone(),
         };
         if !self.tracks(&ins) {
             return Ok(Var::constant(y));

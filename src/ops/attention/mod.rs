@@ -28,6 +28,8 @@
 /// Its `reclmis bench` cases and `selfcheck` (registered in `bench::registry`).
 #[cfg(feature = "cli")]
 pub mod bench;
+#[cfg(feature = "autocast")]
+pub mod bf16;
 pub mod composed;
 pub mod cpu;
 #[cfg(feature = "refs")]
@@ -170,9 +172,14 @@ const OP: &str = "attention";
 
 /// Checks shapes, dtypes and devices; returns the sizes.
 pub fn shape(q: &Tensor, k: &Tensor, v: &Tensor, o: &AttnOpts) -> Result<AttnShape> {
+    shape_of(q, k, v, o, DType::F32)
+}
+
+/// `shape` for q, k and v of `dtype` (the mask and the condition weights keep theirs).
+fn shape_of(q: &Tensor, k: &Tensor, v: &Tensor, o: &AttnOpts, dtype: DType) -> Result<AttnShape> {
     q.same_device(OP, &[k, v])?;
     for (name, t) in [("q", q), ("k", k), ("v", v)] {
-        t.expect_dtype(OP, DType::F32)?;
+        t.expect_dtype(OP, dtype)?;
         if t.rank() != 3 {
             return Err(Error::shape(OP, format!("{name} must be [B,T,E], got {:?}", t.shape())));
         }
