@@ -545,7 +545,10 @@ fn check_fused_bf16(dev: &Device, mut c: Case) -> Result<(), TestCaseError> {
     }
     let want = p.forward(&f64s(&d.q), &f64s(&d.k), &f64s(&d.v));
     let o_tol = tol.o + 2.0 * 2.0 * EPS_BF16;
-    assert_none("o", mismatch_scaled(&cast(&f.o, DType::F32).unwrap().to_vec().unwrap(), &want.o, &want.o_mag, o_tol, 1e-30))?;
+    assert_none(
+        "o",
+        mismatch_scaled(&cast(&f.o, DType::F32).unwrap().to_vec().unwrap(), &want.o, &want.o_mag, o_tol, 1e-30),
+    )?;
     let f32_lse = attn::attention(&t.q, &t.k, &t.v, &o).unwrap().lse.to_vec().unwrap();
     for (i, (a, e)) in f.lse.to_vec().unwrap().iter().zip(&f32_lse).enumerate() {
         let ok = (a == e) || ((a - e).abs() as f64) <= tol.o * (1.0 + e.abs() as f64);

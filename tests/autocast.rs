@@ -242,3 +242,47 @@ fn bf16_conv_takes_the_pipelined_kernels() {
         }
     }
 }
+
+/// One bf16 training step of the fused attention (4 heads of 16, the tiny preset's) on `dev`,
+/// loss = mean(o · c): o, then the gradients of q, k and v.
+fn bf16_attention_step(dev: &Device, seed: u64) -> [Vec<f32>; 4] {
+    let (b, tq, s, e) = (2, 21, 18, 64);
+    let mut rng = Rng::new(seed);
+    let mut p = Params::new(dev);
+    let train = Kind::Param { trainable: true };
+    let q = p.add("q", &[b, tq, e], values(b * tq * e, &mut rng), train).unwrap();
+    let k = p.add("k", &[b, s, e], values(b * s * e, &mut rng), train).unwrap();
+    let v = p.add("v", &[b, s, e], values(b * s * e, &mut rng), train).unwrap();
+    let c = t(&values(b * tq * e, &mut rng), &[b, tq, e], dev);
+    let g = Graph::train().with_precision(Precision::Bf16).unwrap();
+    let a = reclmis::autograd::Attention {
+        heads: 4,
+        causal: false,
+        key_valid: None,
+        condition: None,
+        condition_on_logits: false,
+    };
+    let o = g.attention(&g.param(&p, q), &g.param(&p, k), &g.param(&p, v), &a).unwrap();
+    let loss = g.mean_all(&g.mul(&o, &Var::constant(c)).unwrap()).unwrap();
+    let grads = g.backward(&loss, p.len()).unwrap();
+    let grad = |id| grads.get(id).unwrap().to_vec().unwrap();
+    [o.tensor().to_vec().unwrap(), grad(q), grad(k), grad(v)]
+}
+
+/// bf16 autocast's attention runs the pipelined bf16 forward on emu and computes what the cpu
+/// does up to P's bf16 rounding inside the kernel and the order of the f32 sums: each value
+/// within two bf16 steps of the cpu's plus the sums' roundings of the scale.
+#[test]
+fn bf16_attention_takes_the_pipelined_kernel() {
+    let (cpu, emu) = (bf16_attention_step(&device("cpu"), 13), bf16_attention_step(&device("emu"), 13));
+    let launched = reclmis::device::emu::launched_kernels();
+    let k = reclmis::kernels::Kernel::attention_pipe_fwd_bf16;
+    assert!(launched.contains(&k), "{k:?} not in {launched:?}");
+    for (name, (c, e)) in ["o", "dq", "dk", "dv"].iter().zip(cpu.iter().zip(&emu)) {
+        let scale = c.iter().fold(0f32, |a, v| a.max(v.abs()));
+        for (i, (a, b)) in c.iter().zip(e).enumerate() {
+            let allowed = a.abs().max(b.abs()) / 64.0 + scale / 128.0;
+            assert!((a - b).abs() <= allowed, "{name}[{i}]: cpu {a} vs emu {b}");
+        }
+    }
+}

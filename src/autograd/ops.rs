@@ -997,8 +997,8 @@ impl Graph {
         // bf16 operands as stored, rounded output: the bf16 forward (the pipelined kernel on
         // cuda/emu) writes the bf16 output itself
         #[cfg(feature = "autocast")]
-        let native = matches!(store, Some(Store::Round))
-            && [q, k, v].iter().all(|x| x.t.dtype() == crate::tensor::DType::BF16);
+        let native =
+            matches!(store, Some(Store::Round)) && [q, k, v].iter().all(|x| x.t.dtype() == crate::tensor::DType::BF16);
         #[cfg(not(feature = "autocast"))]
         let native = false;
         #[cfg(feature = "autocast")]

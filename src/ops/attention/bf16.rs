@@ -61,7 +61,8 @@ pub fn attention_bf16(q: &Tensor, k: &Tensor, v: &Tensor, o: &AttnOpts) -> Resul
             let p = params(&sh, o, ptrs)?;
             if sh.b * sh.h * sh.tq > 0 {
                 let dh = sh.dh as u32;
-                let cfg = LaunchCfg { grid: bh_grid(&sh, sh.tq, PIPE_ROWS)?, block: (128, 1, 1), smem_bytes: pipe_smem(dh) };
+                let cfg =
+                    LaunchCfg { grid: bh_grid(&sh, sh.tq, PIPE_ROWS)?, block: (128, 1, 1), smem_bytes: pipe_smem(dh) };
                 // SAFETY: shape_of checked q, k, v (bf16 [B,T,E] with E = H·dh), the mask and the
                 // condition weights against sh; out is a new bf16 [B,Tq,E] and lse a new f32
                 // [B,H,Tq]; dh is the kernel's tile width (16, 32, 64 or 128, so E is a multiple
