@@ -56,6 +56,24 @@ fn training_only(module: &str, kernel: &str) -> bool {
     kernel.contains("_bwd_") || ["optim", "loss", "ccl", "selftest"].contains(&module)
 }
 
+/// `src` without its regions from a `// @autocast-only begin` line to a `// @autocast-only end`
+/// line: the bf16 kernels' helpers (the pipelined core, the implicit-GEMM loaders), which a build
+/// without `autocast` neither compiles nor should embed as source (about 40 KB of reclmis-infer).
+fn strip_autocast_regions(src: &str) -> String {
+    let (begin, end) = ("// @autocast-only begin", "// @autocast-only end");
+    let mut out = String::with_capacity(src.len());
+    let mut rest = src;
+    while let Some(b) = rest.find(begin) {
+        out.push_str(&rest[..b]);
+        let e = rest[b..].find(end).unwrap_or_else(|| panic!("`{begin}` without `{end}`"));
+        out.push_str("/* bf16 autocast only: not in this build */");
+        rest = &rest[b + e + end.len()..];
+    }
+    assert!(!rest.contains(end), "`{end}` without `{begin}`");
+    out.push_str(rest);
+    out
+}
+
 /// `src` without the definitions of `drop` (from `extern "C"` to the body's closing brace).
 fn strip_kernels(src: &str, drop: &[&String]) -> String {
     let mut out = src.to_string();
@@ -157,7 +175,10 @@ fn main() {
             let (keep, drop): (Vec<&String>, Vec<&String>) = kernels.iter().partition(|k| {
                 (with_training || !training_only(&name, k)) && (with_autocast || !autocast_only(&name, k))
             });
-            let gpu = if keep.is_empty() { String::new() } else { strip_kernels(&expanded, &drop) };
+            let mut gpu = if keep.is_empty() { String::new() } else { strip_kernels(&expanded, &drop) };
+            if !with_autocast {
+                gpu = strip_autocast_regions(&gpu);
+            }
             let gpu_kernels = keep.into_iter().cloned().collect();
             Module { name, kernels, gpu, gpu_kernels }
         })

@@ -8,7 +8,9 @@ SPEC is one of: "mm M N K", "mm_bf16 M N K", "softmax R C", "relu B C H W", "add
 "upsample B C HW", "conv B CI CO HW K", "conv_bwd B CI CO HW K", "conv_bf16 B CI CO HW K", "conv_bwd_bf16 B CI CO HW K", "conv_cat B C1 C2 CO HW", "unet B C HW",
 "bn_relu B C HW", "plam B C HW",
 "attn B H TQ S DH CAUSAL COND KEYMASK", "attn_fb ..." (the official composition: matmul, mask, softmax,
-·(w + 1e-10), renormalise, matmul; fb adds the backward to q, k, v and w),
+·(w + 1e-10), renormalise, matmul; fb adds the backward to q, k, v and w), "attn_bf16 ..." (bf16 q, k, v:
+scaled_dot_product_attention with the mask as an additive bias when there is no condition, else the
+composition in bf16),
 "layer_norm R C", "layer_norm_bwd R C", "gelu R C", "quick_gelu R C", "linear R K N", "embedding T V D". Prints "SPEC<TAB>median seconds" per spec. cpu: 2 threads (the machine's cores),
 f32, TF32 off on cuda so that "gemm" compares like with like (gemm_tc is the TF32 figure).
 A peer, not a dependency: needs torch in a virtual environment outside the repository.
@@ -168,10 +170,13 @@ def build(spec, dev):
                 g = l2(torch.relu(l1(f))).permute(0, 3, 1, 2)
                 return g * s_
         return gate
-    if kind in ("attn", "attn_fb"):
+    if kind in ("attn", "attn_fb", "attn_bf16"):
         B, H, TQ, S, DH, causal, cond, keymask = d
         fb = kind == "attn_fb"
         q, k, v = r(B, H, TQ, DH), r(B, H, S, DH), r(B, H, S, DH)
+        half = kind == "attn_bf16"
+        if half:
+            q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
         w = torch.softmax(r(B, S), -1)
         for t in (q, k, v, w):
             t.requires_grad_(fb)
@@ -182,6 +187,15 @@ def build(spec, dev):
         if keymask:
             bias = bias.masked_fill(~valid[:, None, None, :], float("-inf"))
         go = r(B, H, TQ, DH)
+
+        if half:
+            bias = bias.bfloat16()
+            if not cond:
+                def sdpa():
+                    with torch.no_grad():
+                        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+                return sdpa
+            w = w.bfloat16()
 
         def attn():
             p = torch.softmax(q @ k.transpose(-1, -2) * DH ** -0.5 + bias, -1)

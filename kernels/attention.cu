@@ -479,6 +479,7 @@ extern "C" __global__ void attention_dq_bwd_f32(AttnParams p) {
     attn_bwd_dispatch<Dq>(p, sm);
 }
 
+// @autocast-only begin (build.rs leaves this region out of builds without bf16 autocast)
 // ---------------------------------------------------------------------------------------------
 // bf16 forward on the pipelined building blocks (pipe_gemm.cuh): Q, K, V and O in bf16 (AttnParams'
 // q, k, v, o address bf16 here), the logits, the online softmax statistics and lse in f32, P
@@ -668,3 +669,4 @@ extern "C" __global__ void __launch_bounds__(128) attention_pipe_fwd_bf16(AttnPa
     else if (p.dh == 64) attn_pipe_fwd<64>(p, smem);
     else attn_pipe_fwd<128>(p, smem);
 }
+// @autocast-only end

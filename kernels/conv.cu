@@ -139,6 +139,7 @@ extern "C" __global__ void conv_wflip_bwd_f32(WflipParams p) {
     }
 }
 
+// @autocast-only begin (build.rs leaves this region out of builds without bf16 autocast)
 // ---- bf16 implicit GEMMs on the pipelined tensor-core core (pipe_gemm.cuh): cp.async ring of
 // 16-byte copies with zero fill (the padding and the tile edges), ldmatrix from swizzled tiles,
 // mma.sync m16n8k16, f32 sums. The activations are read in NHWC (conv_nhwc_fwd_bf16 packs them),
@@ -411,3 +412,4 @@ extern "C" __global__ void conv_wpack_fwd_bf16(WpackParams p) {
         p.wp[i] = p.w[src];
     }
 }
+// @autocast-only end

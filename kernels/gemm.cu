@@ -75,6 +75,7 @@ extern "C" __global__ void __launch_bounds__(256) gemm_fwd_f32(GemmParams p) { t
 // grid = (ceil(n/64), ceil(m/64), batch), block = 128
 extern "C" __global__ void __launch_bounds__(128) gemm_tc_fwd_f32(GemmParams p) { tg_mma_body(gemm_problem(p)); }
 
+// @autocast-only begin (build.rs leaves this region out of builds without bf16 autocast)
 // The bf16 problem: a, b, c (and the bias, when given) hold bf16; the sum is f32 and C is rounded
 // to bf16 once, after alpha, the bias and beta·C.
 struct GemmBf16Problem {
@@ -183,3 +184,4 @@ extern "C" __global__ void __launch_bounds__(128) gemm_pipe128_fwd_bf16(GemmPara
 // 64 x 64 block tile (warps of 32 x 32), for smaller problems: four times the blocks.
 // grid = (ceil(n/64), ceil(m/64), batch), block = 128, dynamic shared memory 24 KiB
 extern "C" __global__ void __launch_bounds__(128) gemm_pipe64_fwd_bf16(GemmParams p) { gemm_pipe<64, 64, 2, 2>(p); }
+// @autocast-only end

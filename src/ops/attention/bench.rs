@@ -12,7 +12,7 @@ use crate::tensor::Tensor;
 use crate::testing::{f64s, mismatch_scaled, EPS32, EPS_TF32};
 
 pub const GROUP: Group = Group {
-    names: &["attention", "attention_composed", "attention_fwd_bwd", "attention_composed_fwd_bwd"],
+    names: &["attention", "attention_composed", "attention_fwd_bwd", "attention_composed_fwd_bwd", "attention_bf16"],
     cases,
     shaped: &[],
     check: Some(check),
@@ -87,6 +87,22 @@ fn cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
                 peer: spec("attn"),
                 validate: None,
                 run: Box::new(move || Ok(attn::attention(&x.0, &x.1, &x.2, &attn_opts(&x, cfg))?.o)),
+            });
+            // bf16 q, k, v (the pipelined forward on cuda/emu), bf16 output
+            let xb = {
+                use crate::ops::cast::cast;
+                use crate::tensor::DType::BF16;
+                let (q, k, val, ..) = &*inputs;
+                (cast(q, BF16)?, cast(k, BF16)?, cast(val, BF16)?, inputs.clone())
+            };
+            v.push(Case {
+                op: "attention_bf16",
+                shape: format!("{shape} bf16"),
+                flops,
+                bytes: bytes / 2.0,
+                peer: spec("attn_bf16"),
+                validate: None,
+                run: Box::new(move || Ok(attn::bf16::attention_bf16(&xb.0, &xb.1, &xb.2, &attn_opts(&xb.3, cfg))?.o)),
             });
             let x = inputs.clone();
             v.push(Case {
@@ -163,6 +179,29 @@ fn check(dev: &Device, c: &mut Checks) -> Result<()> {
         c.record(
             &format!("attention (causal, official condition) {algo:?}"),
             mismatch_scaled(&got, &want.o, &want.o_mag, tol, 1e-30),
+        );
+    }
+    // bf16 q, k, v at head dim 32 (the pipelined forward on cuda/emu) against the f64 reference
+    // of the rounded values: the exact-f32 bound (bf16 products are exact in f32) plus P's and
+    // the output's bf16 roundings, each at most 2^-8 of the output's magnitude
+    {
+        use crate::ops::cast::cast;
+        use crate::tensor::DType::{BF16, F32};
+        let dh = 32;
+        let e = heads * dh;
+        let r = |n: usize, c: &mut Checks| -> Vec<f32> {
+            c.rng.vec(n, -1.0, 1.0).iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect()
+        };
+        let (qv, kv, vv) = (r(bq * tq * e, c), r(bq * sk * e, c), r(bq * sk * e, c));
+        let b = |v: &[f32], sh: &[usize]| -> Result<Tensor> { cast(&t(v, sh)?, BF16) };
+        let (qb, kb, vb) = (b(&qv, &[bq, tq, e])?, b(&kv, &[bq, sk, e])?, b(&vv, &[bq, sk, e])?);
+        let o = AttnOpts { causal: true, condition: Condition::Probs(&wt), ..AttnOpts::new(heads) };
+        let got = cast(&attn::bf16::attention_bf16(&qb, &kb, &vb, &o)?.o, F32)?.to_vec()?;
+        let p = attn::reference::Problem { dh, scale: 1.0 / (dh as f64).sqrt(), ..problem };
+        let want = p.forward(&f64s(&qv), &f64s(&kv), &f64s(&vv));
+        c.record(
+            "attention bf16 (causal, official condition, dh 32)",
+            mismatch_scaled(&got, &want.o, &want.o_mag, 64.0 * EPS32 * 6.0 + 2.0 / 256.0, 1e-30),
         );
     }
     Ok(())

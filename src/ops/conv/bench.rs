@@ -9,7 +9,7 @@ use crate::ops::conv;
 use crate::ops::gemm::GemmAlgo;
 use crate::selfcheck::{gemm_algos, Checks};
 use crate::tensor::Tensor;
-use crate::testing::{f64s, mismatch_scaled};
+use crate::testing::{f64s, mismatch_scaled, EPS32};
 
 pub const GROUP: Group = Group {
     names: &["conv3x3", "conv3x3_b8", "conv3x3_bwd", "conv1x1", "conv3x3_cat", "conv3x3_bf16", "conv3x3_bwd_bf16"],
@@ -245,6 +245,33 @@ fn check(dev: &Device, c: &mut Checks) -> Result<()> {
     for (algo, tol) in gemm_algos(dev, 45) {
         let y = conv::conv2d(&xt, &wt, Some(&bt), algo)?.to_vec()?;
         c.record(&format!("conv2d 3x3 {algo:?}"), mismatch_scaled(&y, &want, &mag, tol, 0.0));
+    }
+    // bf16 operands (the pipelined kernels on cuda/emu: channel counts multiples of 8): the f64
+    // convolution of the rounded values, within one bf16 rounding (2^-8 of the value, at most of
+    // the magnitude) plus the f32 sums' (k + 2) roundings of the magnitude
+    {
+        use crate::ops::cast::cast;
+        use crate::tensor::DType::{BF16, F32};
+        let bs = conv::ConvShape { b: 2, ci: 16, co: 24, h: 9, w: 11, kh: 3, kw: 3 };
+        let r = |n: usize, c: &mut Checks| -> Vec<f32> {
+            c.rng.vec(n, -1.0, 1.0).iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect()
+        };
+        let (xv, wv, dyv) = (r(2 * 16 * 99, c), r(24 * 16 * 9, c), r(2 * 24 * 99, c));
+        let t =
+            |v: &[f32], shape: &[usize]| -> Result<Tensor> { cast(&Tensor::from_vec(v.to_vec(), shape, dev)?, BF16) };
+        let (xt, wt, dyt) = (t(&xv, &[2, 16, 9, 11])?, t(&wv, &[24, 16, 3, 3])?, t(&dyv, &[2, 24, 9, 11])?);
+        let y = cast(&conv::bf16::conv2d_bf16(&xt, &wt, None)?, F32)?.to_vec()?;
+        let want = conv::reference::conv2d(&f64s(&xv), &f64s(&wv), None, &bs);
+        let mag = conv::reference::conv2d(&abs(&xv), &abs(&wv), None, &bs);
+        let tol = |k: usize| 1.0 / 256.0 + (k + 2) as f64 * EPS32;
+        c.record("conv2d 3x3 16->24 bf16", mismatch_scaled(&y, &want, &mag, tol(16 * 9), 0.0));
+        let g = conv::bf16::conv2d_backward_bf16(&xt, &wt, &dyt, false)?;
+        let (dx, dw, _) = conv::reference::conv2d_backward(&f64s(&xv), &f64s(&wv), &f64s(&dyv), &bs);
+        let (mdx, mdw, _) = conv::reference::conv2d_backward(&abs(&xv), &abs(&wv), &abs(&dyv), &bs);
+        let dxv = cast(&g.dx, F32)?.to_vec()?;
+        c.record("conv2d 3x3 16->24 bf16 dx", mismatch_scaled(&dxv, &dx, &mdx, tol(24 * 9), 0.0));
+        let dwv = cast(&g.dw, F32)?.to_vec()?;
+        c.record("conv2d 3x3 16->24 bf16 dw", mismatch_scaled(&dwv, &dw, &mdw, tol(2 * 99), 0.0));
     }
     if let Device::Cpu = dev {
         // 32 channels in and out: Winograd F(2×2, 3×3) and F(4×4, 3×3) (the tuner's candidates,
