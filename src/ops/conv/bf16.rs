@@ -86,6 +86,7 @@ pub const FWD_NAMES: [&str; 2] = ["pipe128", "pipe64"];
 /// A temporary of the cuda/emu path: a tensor there, its bytes counted on the cpu.
 enum Scratch {
     Tensor(Tensor),
+    // held for its Drop (uncounting the bytes), never read
     Mirrored(#[allow(dead_code)] Mirrored),
 }
 
