@@ -230,6 +230,25 @@ struct ConvFwdPipeProblem {
     const ConvPipeParams* p;
     uint32_t m, n;
     uint64_t kbeg, kend;
+    static constexpr bool VEC_STORE = true;
+    __device__ __forceinline__ float epi(uint32_t i, uint32_t, float v) const {
+        return v + (p->bias ? bf16_bits_to_f32(p->bias[i]) : 0.f);
+    }
+    // y[b, co = i, pixels j..j+cnt): one 128-bit store when the 8 pixels are in one image and
+    // 16-byte aligned (H·W a multiple of 8: every map of the model but 14²), else element stores
+    __device__ __forceinline__ void store8(uint32_t i, uint32_t j, uint4 bits, uint32_t cnt) const {
+        const uint64_t hw = (uint64_t)p->h * p->w_;
+        const uint64_t b = j / hw, px = j % hw;
+        uint16_t* dst = (uint16_t*)p->y + (b * p->co + i) * hw + px;
+        if (cnt == 8 && px + 8 <= hw && (reinterpret_cast<uint64_t>(dst) & 15u) == 0) {
+            st128(dst, bits);
+            return;
+        }
+        for (uint32_t e = 0; e < cnt; ++e) {
+            const uint64_t q = j + e;
+            ((uint16_t*)p->y)[(q / hw * p->co + i) * hw + q % hw] = pg_u4_elem(bits, e);
+        }
+    }
     __device__ __forceinline__ void store1(uint32_t i, uint32_t j, float v) const {
         const uint64_t hw = (uint64_t)p->h * p->w_, b = j / hw;
         const float r = v + (p->bias ? bf16_bits_to_f32(p->bias[i]) : 0.f);
@@ -307,11 +326,14 @@ struct ConvWgradLoader {
     }
 };
 
-// Weight-gradient epilogue: split z's f32 partial sums [z][co][k].
+// Weight-gradient epilogue: split z's f32 partial sums [z][co][k] (f32: the pair stores).
 struct ConvWgradPipeProblem {
     const ConvPipeParams* p;
     uint32_t m, n;
     uint64_t kbeg, kend;
+    static constexpr bool VEC_STORE = false;
+    __device__ float epi(uint32_t, uint32_t, float v) const { return v; }
+    __device__ void store8(uint32_t, uint32_t, uint4, uint32_t) const {}
     __device__ __forceinline__ void store2(uint32_t i, uint32_t j, float v0, float v1, bool both) const {
         float* dst = (float*)p->y + ((uint64_t)blockIdx.z * m + i) * n + j;
         dst[0] = v0;

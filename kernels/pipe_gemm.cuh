@@ -9,6 +9,9 @@
 // The problem struct P gives
 //   uint32_t m, n; uint64_t kbeg, kend;      C is m x n, the sum runs over k in [kbeg, kend)
 //   void store2(uint32_t i, uint32_t j, float v0, float v1, bool both);   C[i][j] (and C[i][j+1])
+//   static constexpr bool VEC_STORE;         true: the vectorised epilogue below, with
+//   float epi(uint32_t i, uint32_t j, float acc);                 C[i][j]'s final f32 value
+//   void store8(uint32_t i, uint32_t j, uint4 bits, uint32_t cnt); bf16 C[i][j..j+cnt), cnt <= 8
 // and the loader L (built per thread: it may precompute addresses that stay fixed over k)
 //   void load(unsigned char* sa, unsigned char* sb, uint64_t k0);   the stage of k-tile k0..k0+BK
 // fills A's and B's tiles (PgTiles<...>::TA / TB, swizzled by pg_off) with cp.async, zero outside.
@@ -54,6 +57,13 @@ struct PgTile {
         return smem + pg_off<CHUNKS>(r, c);
     }
 };
+
+// Element e (< 8) of eight bf16 packed in a uint4, low half first; selects rather than an
+// indexed array, which would put `bits` in local memory.
+__device__ __forceinline__ uint16_t pg_u4_elem(uint4 bits, uint32_t e) {
+    const uint32_t w = e < 2 ? bits.x : e < 4 ? bits.y : e < 6 ? bits.z : bits.w;
+    return (uint16_t)(e & 1u ? w >> 16 : w & 0xffffu);
+}
 
 // The stage tiles of a BM x BN block tile: A's as stored ([BM][BK] when k is contiguous, else
 // [BK][BM]) and B's ([BK][BN] when n is contiguous, else [BN][BK]).
@@ -162,6 +172,37 @@ __device__ __forceinline__ void pg_body(const P& pr, const L& loader, unsigned c
     }
     cp_async_wait<0>();  // only empty groups remain; retire them before exit
 
+    if constexpr (P::VEC_STORE) {
+        // Vectorised epilogue: the block's C tile, finished (pr.epi: alpha, bias, beta·C) and
+        // rounded to bf16, is staged in shared memory (the pipeline's stages are free now), then
+        // written out in 16-byte row chunks (pr.store8: one 128-bit store where the chunk is whole
+        // and aligned in C, element stores otherwise). Rows padded by 8 elements: a warp's pair
+        // stores of 8 rows land in distinct banks.
+        constexpr int LDC = BN + 8;
+        static_assert(BM * LDC * 2 <= PG_STAGES * STAGE, "the C tile fits in the pipeline's shared memory");
+        uint16_t* ct = reinterpret_cast<uint16_t*>(smem);
+        __syncthreads();  // every warp is done with the last stage
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const uint32_t rl = wm * WM + mi * 16 + g + 8 * h, cl = wn * WN + ni * 8 + 2 * t;
+                    const uint32_t r = row0 + rl, c = col0 + cl;
+                    const float v0 = r < pr.m && c < pr.n ? pr.epi(r, c, acc[mi][ni][2 * h]) : 0.f;
+                    const float v1 = r < pr.m && c + 1 < pr.n ? pr.epi(r, c + 1, acc[mi][ni][2 * h + 1]) : 0.f;
+                    *reinterpret_cast<uint32_t*>(ct + rl * LDC + cl) =
+                        (uint32_t)f32_to_bf16_bits(v0) | ((uint32_t)f32_to_bf16_bits(v1) << 16);
+                }
+        __syncthreads();
+        for (int e = tid; e < BM * (BN / 8); e += NT) {
+            const uint32_t rl = e / (BN / 8), cl = 8 * (e % (BN / 8));
+            const uint32_t r = row0 + rl, c = col0 + cl;
+            if (r < pr.m && c < pr.n) pr.store8(r, c, ld128(ct + rl * LDC + cl), min(8u, pr.n - c));
+        }
+        return;
+    }
     // Epilogue: each lane holds C[g (+8)][2t, 2t+1] of every 16 x 8 tile: pairs of adjacent columns.
 #pragma unroll
     for (int mi = 0; mi < MI; ++mi)
