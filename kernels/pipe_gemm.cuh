@@ -2,7 +2,8 @@
 // are: a STAGES-deep ring of shared-memory tiles filled by cp.async (16-byte copies, zero fill at
 // the edges), fragments read with ldmatrix from XOR-swizzled tiles (no bank conflicts: the emu
 // counts them, tests/gemm_bf16.rs requires zero), mma.sync m16n8k16 with f32 accumulation, and a
-// fused epilogue (the problem's store2: alpha, bias, beta·C, bf16 rounding, two-element stores).
+// fused epilogue (alpha, bias, beta·C, bf16 rounding; staged in shared memory and written in
+// 16-byte row chunks where the problem allows it, two-element stores otherwise).
 //
 // The core is shared by the GEMM (gemm.cu) and the implicit-GEMM convolutions (conv.cu): what
 // differs is where a tile's 16-byte chunks come from (a loader) and where C goes (the problem).
