@@ -249,23 +249,6 @@ struct ConvFwdPipeProblem {
             ((uint16_t*)p->y)[(q / hw * p->co + i) * hw + q % hw] = pg_u4_elem(bits, e);
         }
     }
-    __device__ __forceinline__ void store1(uint32_t i, uint32_t j, float v) const {
-        const uint64_t hw = (uint64_t)p->h * p->w_, b = j / hw;
-        const float r = v + (p->bias ? bf16_bits_to_f32(p->bias[i]) : 0.f);
-        ((uint16_t*)p->y)[(b * p->co + i) * hw + j % hw] = f32_to_bf16_bits(r);
-    }
-    __device__ __forceinline__ void store2(uint32_t i, uint32_t j, float v0, float v1, bool both) const {
-        const uint64_t hw = (uint64_t)p->h * p->w_, b = j / hw, px = j % hw;
-        uint16_t* dst = (uint16_t*)p->y + (b * p->co + i) * hw + px;
-        if (both && px + 1 < hw && (reinterpret_cast<uint64_t>(dst) & 3u) == 0) {
-            const float bias = p->bias ? bf16_bits_to_f32(p->bias[i]) : 0.f;
-            *reinterpret_cast<uint32_t*>(dst) =
-                (uint32_t)f32_to_bf16_bits(v0 + bias) | ((uint32_t)f32_to_bf16_bits(v1 + bias) << 16);
-            return;
-        }
-        store1(i, j, v0);
-        if (both) store1(i, j + 1, v1);
-    }
 };
 
 template <int BM, int BN, int WARPS_M, int WARPS_N>
@@ -332,8 +315,6 @@ struct ConvWgradPipeProblem {
     uint32_t m, n;
     uint64_t kbeg, kend;
     static constexpr bool VEC_STORE = false;
-    __device__ float epi(uint32_t, uint32_t, float v) const { return v; }
-    __device__ void store8(uint32_t, uint32_t, uint4, uint32_t) const {}
     __device__ __forceinline__ void store2(uint32_t i, uint32_t j, float v0, float v1, bool both) const {
         float* dst = (float*)p->y + ((uint64_t)blockIdx.z * m + i) * n + j;
         dst[0] = v0;

@@ -137,7 +137,6 @@ struct GemmPipeProblem {
         const float r = bias ? fmaf(alpha, v, bf16_bits_to_f32(bias[j])) : alpha * v;
         return beta == 0.f ? r : r + beta * bf16_bits_to_f32(pc[(int64_t)i * sc_row + j]);
     }
-    __device__ float out(uint32_t i, uint32_t j, float v) const { return epi(i, j, v); }
     // C[i][j..j+cnt): one 128-bit store when the chunk is whole and 16-byte aligned
     __device__ void store8(uint32_t i, uint32_t j, uint4 bits, uint32_t cnt) const {
         uint16_t* dst = pc + (int64_t)i * sc_row + j;
@@ -146,22 +145,6 @@ struct GemmPipeProblem {
             return;
         }
         for (uint32_t e = 0; e < cnt; ++e) dst[e] = pg_u4_elem(bits, e);
-    }
-    // C[i][j] and, when `both`, C[i][j+1]: one 32-bit store when the pair is 4-byte aligned
-    __device__ void store2(uint32_t i, uint32_t j, float v0, float v1, bool both) const {
-        uint16_t* dst = pc + (int64_t)i * sc_row + j;
-        const uint16_t b0 = f32_to_bf16_bits(out(i, j, v0));
-        if (!both) {
-            *dst = b0;
-            return;
-        }
-        const uint16_t b1 = f32_to_bf16_bits(out(i, j + 1, v1));
-        if ((reinterpret_cast<uint64_t>(dst) & 3u) == 0) {
-            *reinterpret_cast<uint32_t*>(dst) = (uint32_t)b0 | ((uint32_t)b1 << 16);
-        } else {
-            dst[0] = b0;
-            dst[1] = b1;
-        }
     }
 };
 

@@ -9,10 +9,11 @@
 // differs is where a tile's 16-byte chunks come from (a loader) and where C goes (the problem).
 // The problem struct P gives
 //   uint32_t m, n; uint64_t kbeg, kend;      C is m x n, the sum runs over k in [kbeg, kend)
-//   void store2(uint32_t i, uint32_t j, float v0, float v1, bool both);   C[i][j] (and C[i][j+1])
 //   static constexpr bool VEC_STORE;         true: the vectorised epilogue below, with
 //   float epi(uint32_t i, uint32_t j, float acc);                 C[i][j]'s final f32 value
 //   void store8(uint32_t i, uint32_t j, uint4 bits, uint32_t cnt); bf16 C[i][j..j+cnt), cnt <= 8
+//   or false: pair stores of the f32 sums,
+//   void store2(uint32_t i, uint32_t j, float v0, float v1, bool both);   C[i][j] (and C[i][j+1])
 // and the loader L (built per thread: it may precompute addresses that stay fixed over k)
 //   void load(unsigned char* sa, unsigned char* sb, uint64_t k0);   the stage of k-tile k0..k0+BK
 // fills A's and B's tiles (PgTiles<...>::TA / TB, swizzled by pg_off) with cp.async, zero outside.
@@ -202,19 +203,19 @@ __device__ __forceinline__ void pg_body(const P& pr, const L& loader, unsigned c
             const uint32_t r = row0 + rl, c = col0 + cl;
             if (r < pr.m && c < pr.n) pr.store8(r, c, ld128(ct + rl * LDC + cl), min(8u, pr.n - c));
         }
-        return;
+    } else {
+        // Epilogue: each lane holds C[g (+8)][2t, 2t+1] of every 16 x 8 tile: pairs of adjacent columns.
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const uint32_t r = row0 + wm * WM + mi * 16 + g + 8 * h;
+                    const uint32_t c = col0 + wn * WN + ni * 8 + 2 * t;
+                    if (r < pr.m && c < pr.n) pr.store2(r, c, acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1], c + 1 < pr.n);
+                }
     }
-    // Epilogue: each lane holds C[g (+8)][2t, 2t+1] of every 16 x 8 tile: pairs of adjacent columns.
-#pragma unroll
-    for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < NI; ++ni)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const uint32_t r = row0 + wm * WM + mi * 16 + g + 8 * h;
-                const uint32_t c = col0 + wn * WN + ni * 8 + 2 * t;
-                if (r < pr.m && c < pr.n) pr.store2(r, c, acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1], c + 1 < pr.n);
-            }
 }
 
 // The GEMM of strided operands, one layout instantiation.

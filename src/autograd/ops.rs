@@ -89,6 +89,9 @@ fn round_to_bf16(t: &Tensor) -> Result<Tensor> {
 
 /// (x, w, dy, with_bias, algo) -> (dx, dw, db)
 type WeightedBackward = fn(&Tensor, &Tensor, &Tensor, bool, GemmAlgo) -> Result<(Tensor, Tensor, Option<Tensor>)>;
+/// The bf16 form: (x, w, dy, with_bias) -> (dx, dw, db).
+#[cfg(feature = "autocast")]
+type BackwardBf16 = fn(&Tensor, &Tensor, &Tensor, bool) -> Result<(Tensor, Tensor, Option<Tensor>)>;
 
 /// Multiply-adds of Linear and the convolutions: each output element is a dot product over
 /// one output channel's weights (w [Co, ...]).
@@ -522,11 +525,30 @@ impl Graph {
     /// `with_bf16_perturbation` holds perturbed f32 values).
     #[cfg(feature = "autocast")]
     fn linear_bf16(&self, x: &Var, w: &Var, b: Option<&Var>) -> Result<Option<Var>> {
+        self.weighted_bf16(x, w, b, linear::linear_bf16, |x, w, dy, hb| {
+            let g = linear::linear_backward_bf16(x, w, dy, hb)?;
+            Ok((g.dx, g.dw, g.db))
+        })
+    }
+
+    /// A weighted op (Linear, the convolutions) on bf16 operands as stored: `forward` of the bf16
+    /// tensors, recorded with `backward` of the kept x and weight and dy rounded back to bf16
+    /// (exact: the tape stored it in bf16). None when an operand is not a bf16 tensor (the error
+    /// model of `with_bf16_perturbation` holds perturbed f32 values).
+    #[cfg(feature = "autocast")]
+    fn weighted_bf16(
+        &self,
+        x: &Var,
+        w: &Var,
+        b: Option<&Var>,
+        forward: fn(&Tensor, &Tensor, Option<&Tensor>) -> Result<Tensor>,
+        backward: BackwardBf16,
+    ) -> Result<Option<Var>> {
         use crate::tensor::DType::BF16;
         if !(x.t.dtype() == BF16 && w.t.dtype() == BF16 && b.is_none_or(|b| b.t.dtype() == BF16)) {
             return Ok(None);
         }
-        let y = linear::linear_bf16(&x.t, &w.t, b.map(|b| &b.t))?;
+        let y = forward(&x.t, &w.t, b.map(|b| &b.t))?;
         let macs = weighted_macs(&y, &w.t);
         count::forward(macs);
         let mut ins = vec![x, w];
@@ -539,8 +561,8 @@ impl Graph {
         Ok(Some(self.record(&ins, y, move |dy| {
             count::backward(module, 2 * macs);
             let dy = crate::ops::cast::cast(dy, BF16)?;
-            let g = linear::linear_backward_bf16(&xs.stored()?, &ws.stored()?, &dy, has_b)?;
-            Ok(vec![Some(g.dx), Some(g.dw), g.db])
+            let (dx, dw, db) = backward(&xs.stored()?, &ws.stored()?, &dy, has_b)?;
+            Ok(vec![Some(dx), Some(dw), db])
         })))
     }
 
@@ -561,36 +583,24 @@ impl Graph {
         })
     }
 
-    /// conv2d (or conv1d) on bf16 operands as they are stored (bf16 tensors: autocast rounded them), through
-    /// `conv::bf16` (the pipelined tensor-core kernels on cuda/emu) instead of widened copies; the
-    /// backward reads x and the weight as kept and dy rounded back to bf16 (exact: the tape
-    /// stored it in bf16). None when an operand is not a bf16 tensor (the error model of
-    /// `with_bf16_perturbation` holds perturbed f32 values).
-    /// `one_d`: conv1d's [B, C, L] operands (its 1×k case).
+    /// conv2d (or conv1d, `one_d`: its [B, C, L] operands) on bf16 operands as stored, through
+    /// `conv::bf16` (the pipelined tensor-core kernels on cuda/emu) instead of widened copies.
     #[cfg(feature = "autocast")]
     fn conv_bf16(&self, x: &Var, w: &Var, b: Option<&Var>, one_d: bool) -> Result<Option<Var>> {
         use crate::ops::conv::bf16 as cb;
-        use crate::tensor::DType::BF16;
-        if !(x.t.dtype() == BF16 && w.t.dtype() == BF16 && b.is_none_or(|b| b.t.dtype() == BF16)) {
-            return Ok(None);
-        }
-        let y = if one_d { cb::conv1d_bf16 } else { cb::conv2d_bf16 }(&x.t, &w.t, b.map(|b| &b.t))?;
-        let macs = weighted_macs(&y, &w.t);
-        count::forward(macs);
-        let mut ins = vec![x, w];
-        ins.extend(b);
-        if !self.tracks(&ins) {
-            return Ok(Some(Var::constant(y)));
-        }
-        let (xs, ws, has_b) = (self.save(x)?, self.save(w)?, b.is_some());
-        let module = count::label();
-        Ok(Some(self.record(&ins, y, move |dy| {
-            count::backward(module, 2 * macs);
-            let dy = crate::ops::cast::cast(dy, BF16)?;
-            let backward = if one_d { cb::conv1d_backward_bf16 } else { cb::conv2d_backward_bf16 };
-            let g = backward(&xs.stored()?, &ws.stored()?, &dy, has_b)?;
-            Ok(vec![Some(g.dx), Some(g.dw), g.db])
-        })))
+        type Forward = fn(&Tensor, &Tensor, Option<&Tensor>) -> Result<Tensor>;
+        let (forward, backward): (Forward, BackwardBf16) = if one_d {
+            (cb::conv1d_bf16, |x, w, dy, hb| {
+                let g = cb::conv1d_backward_bf16(x, w, dy, hb)?;
+                Ok((g.dx, g.dw, g.db))
+            })
+        } else {
+            (cb::conv2d_bf16, |x, w, dy, hb| {
+                let g = cb::conv2d_backward_bf16(x, w, dy, hb)?;
+                Ok((g.dx, g.dw, g.db))
+            })
+        };
+        self.weighted_bf16(x, w, b, forward, backward)
     }
 
     /// conv2d of the channel concatenation of `parts` without materialising it.
