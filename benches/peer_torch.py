@@ -10,7 +10,7 @@ SPEC is one of: "mm M N K", "mm_bf16 M N K", "softmax R C", "relu B C H W", "add
 "attn B H TQ S DH CAUSAL COND KEYMASK", "attn_fb ..." (the official composition: matmul, mask, softmax,
 ·(w + 1e-10), renormalise, matmul; fb adds the backward to q, k, v and w), "attn_bf16 ..." (bf16 q, k, v:
 scaled_dot_product_attention with the mask as an additive bias when there is no condition, else the
-composition in bf16),
+composition in bf16), "attn_fb_bf16 ..." (the same, forward and backward),
 "layer_norm R C", "layer_norm_bwd R C", "gelu R C", "quick_gelu R C", "linear R K N", "embedding T V D". Prints "SPEC<TAB>median seconds" per spec. cpu: 2 threads (the machine's cores),
 f32, TF32 off on cuda so that "gemm" compares like with like (gemm_tc is the TF32 figure).
 A peer, not a dependency: needs torch in a virtual environment outside the repository.
@@ -170,11 +170,11 @@ def build(spec, dev):
                 g = l2(torch.relu(l1(f))).permute(0, 3, 1, 2)
                 return g * s_
         return gate
-    if kind in ("attn", "attn_fb", "attn_bf16"):
+    if kind in ("attn", "attn_fb", "attn_bf16", "attn_fb_bf16"):
         B, H, TQ, S, DH, causal, cond, keymask = d
-        fb = kind == "attn_fb"
+        fb = kind in ("attn_fb", "attn_fb_bf16")
         q, k, v = r(B, H, TQ, DH), r(B, H, S, DH), r(B, H, S, DH)
-        half = kind == "attn_bf16"
+        half = kind in ("attn_bf16", "attn_fb_bf16")
         if half:
             q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
         w = torch.softmax(r(B, S), -1)
@@ -189,7 +189,10 @@ def build(spec, dev):
         go = r(B, H, TQ, DH)
 
         if half:
-            bias = bias.bfloat16()
+            bias, go = bias.bfloat16(), go.bfloat16()
+            if not cond and fb:
+                return lambda: torch.autograd.grad(
+                    torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias), (q, k, v), go)
             if not cond:
                 def sdpa():
                     with torch.no_grad():

@@ -260,16 +260,22 @@ extern "C" __global__ void attention_probs_fwd_f32(AttnParams p) {
 
 // ---------------------------------------------------------------------------------------------
 // Backward. delta[b,h,i] = Σ_d dO·O (a warp per row; block (32, 8)).
-extern "C" __global__ void attention_delta_bwd_f32(AttnParams p) {
+// (ld(x, i) reads element i of dout or o as f32: the bf16 backward's are bf16)
+template <class Ld>
+__device__ __forceinline__ void attn_delta(const AttnParams& p, Ld ld) {
     const uint64_t row = (uint64_t)blockIdx.x * blockDim.y + threadIdx.y;
     const bool active = row < (uint64_t)p.b * p.h * p.tq;
     const uint32_t i = active ? row % p.tq : 0, h = active ? (row / p.tq) % p.h : 0;
     const uint32_t bb = active ? row / ((uint64_t)p.tq * p.h) : 0;
     const uint64_t off = ((uint64_t)bb * p.tq + i) * p.e + (uint64_t)h * p.dh;
     float s = 0.f;
-    for (uint32_t d = threadIdx.x; active && d < p.dh; d += 32) s = fmaf(p.dout[off + d], p.o[off + d], s);
+    for (uint32_t d = threadIdx.x; active && d < p.dh; d += 32) s = fmaf(ld(p.dout, off + d), ld(p.o, off + d), s);
     s = warp_sum(s);
     if (active && threadIdx.x == 0) p.delta[row] = s;
+}
+
+extern "C" __global__ void attention_delta_bwd_f32(AttnParams p) {
+    attn_delta(p, [](const float* x, uint64_t i) { return x[i]; });
 }
 
 // One (query, key) element of the backward: the probability pr and dS = pr·(dP − delta), from the
@@ -668,5 +674,285 @@ extern "C" __global__ void __launch_bounds__(128) attention_pipe_fwd_bf16(AttnPa
     else if (p.dh == 32) attn_pipe_fwd<32>(p, smem);
     else if (p.dh == 64) attn_pipe_fwd<64>(p, smem);
     else attn_pipe_fwd<128>(p, smem);
+}
+// ---------------------------------------------------------------------------------------------
+// bf16 backward on the same building blocks (FlashAttention-2's, without atomics): q, k, v, o and
+// dout bf16 (AttnParams' pointers address bf16), lse and delta f32, dq, dk, dv written in bf16
+// (f32 accumulators rounded once), the per-head partial dw in f32. P and dS are recomputed in f32
+// from the logsumexp and rounded to bf16 only as the A operands of dV += Pᵀ·dO, dK += dSᵀ·Q and
+// dQ += dS·K (as FlashAttention). Two kernels, as the f32 backward: one per 64 keys (dK, dV, dw)
+// streaming query tiles, one per 64 queries (dQ) streaming key tiles; the streamed tiles are
+// double-buffered by cp.async, the block's own 64 rows of two operands stay in shared memory and
+// every fragment is an ldmatrix of a swizzled tile. The streamed tile is 32 rows, 16 at head dim
+// 128, so that every instance fits in 48 KiB of dynamic shared memory.
+
+// delta = Σ_d dO·O from bf16 dout and o (a warp per row; block (32, 8)).
+extern "C" __global__ void attention_delta_bwd_bf16(AttnParams p) {
+    attn_delta(p, [](const float* x, uint64_t i) { return bf16_bits_to_f32(((const uint16_t*)x)[i]); });
+}
+
+#define ATTN_PIPE_BWD_ROWS 64
+
+template <int DP>
+__host__ __device__ constexpr int attn_pipe_bwd_bc() {
+    return DP == 128 ? 16 : 32;
+}
+// Dynamic shared memory of both backward kernels at head dim DP: the block's two 64-row tiles and
+// two stages of two streamed tiles, bf16.
+template <int DP>
+__host__ __device__ constexpr uint32_t attn_pipe_bwd_smem() {
+    return (2 * ATTN_PIPE_BWD_ROWS * DP + 2 * 2 * attn_pipe_bwd_bc<DP>() * DP) * 2;
+}
+static_assert(attn_pipe_bwd_smem<128>() <= 48 * 1024 && attn_pipe_bwd_smem<64>() <= 48 * 1024,
+              "the backward's tiles exceed 48 KiB of dynamic shared memory");
+
+// acc[2·nj + 0/1] += A · B for the warp, K = DP (KS k16 steps): A's 16 rows are rows a_r0.. of
+// the swizzled tile `a`, B's 8·(2·NJ) columns are rows 0.. of the swizzled tile `b` (B(k, n) =
+// b[n][k], the non-transposed ldmatrix: Q·Kᵀ, dO·Vᵀ, K·Qᵀ, V·dOᵀ).
+template <int DP, int NJ>
+__device__ __forceinline__ void attn_pipe_abt(float (*acc)[4], const unsigned char* a, uint32_t a_r0,
+                                              const unsigned char* b) {
+    constexpr int CH = DP / 8;
+    const int lane = threadIdx.x & 31, q8 = lane >> 3, r8 = lane & 7;
+#pragma unroll
+    for (int ks = 0; ks < DP / 16; ++ks) {
+        uint32_t af[4];
+        ldmatrix_x4(af, a + pg_off<CH>(a_r0 + r8 + 8 * (q8 & 1), 2 * ks + (q8 >> 1)));
+#pragma unroll
+        for (int nj = 0; nj < NJ; ++nj) {
+            uint32_t r[4];
+            ldmatrix_x4(r, b + pg_off<CH>(16 * nj + r8 + 8 * (q8 >> 1), 2 * ks + (q8 & 1)));
+            const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+            mma_m16n8k16_bf16(acc[2 * nj], af, b0, acc[2 * nj]);
+            mma_m16n8k16_bf16(acc[2 * nj + 1], af, b1, acc[2 * nj + 1]);
+        }
+    }
+}
+
+// acc[NT][4] (16 x DP) += X · B for the warp: X (16 x BC) is in the accumulator layout x[BC/8][4]
+// (f32, rounded to bf16 here: the register trick of the forward's P·V), B(k, n) = b[k][n] the
+// streamed or resident swizzled tile of BC rows (rows b_r0..), read with ldmatrix.trans.
+template <int DP, int BC>
+__device__ __forceinline__ void attn_pipe_xb(float (*acc)[4], const float (*x)[4], const unsigned char* b,
+                                             uint32_t b_r0) {
+    constexpr int CH = DP / 8;
+    const int lane = threadIdx.x & 31, q8 = lane >> 3, r8 = lane & 7;
+#pragma unroll
+    for (int kk = 0; kk < BC / 16; ++kk) {
+        const uint32_t xf[4] = {attn_pack_bf16(x[2 * kk][0], x[2 * kk][1]), attn_pack_bf16(x[2 * kk][2], x[2 * kk][3]),
+                                attn_pack_bf16(x[2 * kk + 1][0], x[2 * kk + 1][1]),
+                                attn_pack_bf16(x[2 * kk + 1][2], x[2 * kk + 1][3])};
+#pragma unroll
+        for (int nj = 0; nj < DP / 16; ++nj) {
+            uint32_t r[4];
+            ldmatrix_x4_trans(r, b + pg_off<CH>(b_r0 + 16 * kk + r8 + 8 * (q8 & 1), 2 * nj + (q8 >> 1)));
+            const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+            mma_m16n8k16_bf16(acc[2 * nj], xf, b0, acc[2 * nj]);
+            mma_m16n8k16_bf16(acc[2 * nj + 1], xf, b1, acc[2 * nj + 1]);
+        }
+    }
+}
+
+// Rows r0 + g, r0 + g + 8 (< T) of head h of x [B,T,E] (bf16) from the warp's accumulators.
+template <int DP>
+__device__ __forceinline__ void attn_pipe_store_rows(void* x, const float (*acc)[4], const AttnParams& p, uint32_t bb,
+                                                     uint32_t h, uint32_t T, uint32_t r0) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int rh = 0; rh < 2; ++rh) {
+        const uint32_t r = r0 + g + 8 * rh;
+        if (r >= T) continue;
+        uint16_t* row = (uint16_t*)x + ((uint64_t)bb * T + r) * p.e + (uint64_t)h * p.dh;
+#pragma unroll
+        for (int nt = 0; nt < DP / 8; ++nt)  // even d: the pair is 4-byte aligned (e, dh even)
+            *reinterpret_cast<uint32_t*>(row + 8 * nt + 2 * t) = attn_pack_bf16(acc[nt][2 * rh], acc[nt][2 * rh + 1]);
+    }
+}
+
+// dQ: block = 64 queries of one (b, h), warp w owns queries 16w..; key tiles of BC stream (K and V
+// double-buffered). Per tile and warp: S = Q·Kᵀ and dP = dO·Vᵀ (16 x BC), dS in f32, then
+// dQ += (dS·scale·kw)·K.
+template <int DP>
+__device__ __forceinline__ void attn_pipe_dq(const AttnParams& p, unsigned char* smem) {
+    constexpr int BR = ATTN_PIPE_BWD_ROWS, BC = attn_pipe_bwd_bc<DP>(), NT = DP / 8;
+    constexpr uint32_t RB = BR * DP * 2, TB = BC * DP * 2;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const uint32_t bb = blockIdx.y / p.h, h = blockIdx.y % p.h;
+    const uint32_t i_blk = blockIdx.x * BR, i_w = i_blk + 16 * warp;
+    const uint32_t kend = p.causal ? min(p.s, i_blk + BR) : p.s;
+    const uint32_t ntiles = (kend + BC - 1) / BC;
+    unsigned char *qs = smem, *dos = smem + RB;
+    auto kst = [&](uint32_t st) { return smem + 2 * RB + st * 2 * TB; };
+    auto vst = [&](uint32_t st) { return smem + 2 * RB + st * 2 * TB + TB; };
+
+    // group 0: Q, dO and the first K, V tiles
+    attn_pipe_rows<DP, BR>(qs, (const uint16_t*)p.q, p, bb, h, p.tq, i_blk);
+    attn_pipe_rows<DP, BR>(dos, (const uint16_t*)p.dout, p, bb, h, p.tq, i_blk);
+    if (ntiles > 0) {
+        attn_pipe_rows<DP, BC>(kst(0), (const uint16_t*)p.k, p, bb, h, p.s, 0);
+        attn_pipe_rows<DP, BC>(vst(0), (const uint16_t*)p.v, p, bb, h, p.s, 0);
+    }
+    cp_async_commit();
+    float lse[2], dl[2];
+#pragma unroll
+    for (int rh = 0; rh < 2; ++rh) {
+        const uint32_t i = i_w + g + 8 * rh;
+        const uint64_t r = ((uint64_t)bb * p.h + h) * p.tq + i;
+        lse[rh] = i < p.tq ? p.lse[r] : -RECLMIS_INF;
+        dl[rh] = i < p.tq ? p.delta[r] : 0.f;
+    }
+    float dq[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) dq[nt][0] = dq[nt][1] = dq[nt][2] = dq[nt][3] = 0.f;
+    for (uint32_t tt = 0; tt < ntiles; ++tt) {
+        // tile tt has landed (the only group in flight); every warp is done with tile tt - 1,
+        // whose stage the prefetch below overwrites
+        cp_async_wait<0>();
+        __syncthreads();
+        if (tt + 1 < ntiles) {
+            attn_pipe_rows<DP, BC>(kst((tt + 1) & 1), (const uint16_t*)p.k, p, bb, h, p.s, (tt + 1) * BC);
+            attn_pipe_rows<DP, BC>(vst((tt + 1) & 1), (const uint16_t*)p.v, p, bb, h, p.s, (tt + 1) * BC);
+        }
+        cp_async_commit();
+        const unsigned char *ks_ = kst(tt & 1), *vs_ = vst(tt & 1);
+        const uint32_t j0 = tt * BC;
+        float sc[BC / 8][4], dp[BC / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < BC / 8; ++nt)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) sc[nt][c] = dp[nt][c] = 0.f;
+        attn_pipe_abt<DP, BC / 16>(sc, qs, 16 * warp, ks_);
+        attn_pipe_abt<DP, BC / 16>(dp, dos, 16 * warp, vs_);
+        // sc becomes dS·scale·kw (this lane's key columns: the same terms for both of its rows)
+#pragma unroll
+        for (int nt = 0; nt < BC / 8; ++nt)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                const uint32_t j = j0 + 8 * nt + 2 * t + c;
+                float kb, kw;
+                key_terms(p, bb, j, kb, kw);
+#pragma unroll
+                for (int rh = 0; rh < 2; ++rh) {
+                    const uint32_t i = i_w + g + 8 * rh;
+                    const BwdElem e =
+                        bwd_elem(p, sc[nt][2 * rh + c], dp[nt][2 * rh + c], lse[rh], dl[rh], kb, kw, p.causal && j > i);
+                    sc[nt][2 * rh + c] = e.ds * p.scale * kw;
+                }
+            }
+        attn_pipe_xb<DP, BC>(dq, sc, ks_, 0);
+    }
+    cp_async_wait<0>();  // only an empty group (or, with no key tile, Q's and dO's) remains
+    attn_pipe_store_rows<DP>(p.dq, dq, p, bb, h, p.tq, i_w);
+}
+
+// dK, dV and dw: block = 64 keys of one (b, h), warp w owns keys 16w..; query tiles of BC stream
+// (Q and dO double-buffered). Per tile and warp the transposed products Sᵀ = K·Qᵀ and
+// dPᵀ = V·dOᵀ (16 keys x BC queries), so that Pᵀ and dSᵀ are A operands in registers:
+// dV += Pᵀ·dO, dK += (dSᵀ·scale·kw)·Q.
+template <int DP>
+__device__ __forceinline__ void attn_pipe_dkdv(const AttnParams& p, unsigned char* smem) {
+    constexpr int BK = ATTN_PIPE_BWD_ROWS, BC = attn_pipe_bwd_bc<DP>(), NT = DP / 8;
+    constexpr uint32_t RB = BK * DP * 2, TB = BC * DP * 2;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const uint32_t bb = blockIdx.y / p.h, h = blockIdx.y % p.h;
+    const uint32_t j_blk = blockIdx.x * BK, j_w = j_blk + 16 * warp;
+    // Causal: queries before the block's first key see none of its keys.
+    const uint32_t i_start = p.causal ? j_blk : 0;
+    const uint32_t ntiles = i_start < p.tq ? (p.tq - i_start + BC - 1) / BC : 0;
+    unsigned char *ks = smem, *vs = smem + RB;
+    auto qst = [&](uint32_t st) { return smem + 2 * RB + st * 2 * TB; };
+    auto dost = [&](uint32_t st) { return smem + 2 * RB + st * 2 * TB + TB; };
+
+    // group 0: K, V and the first Q, dO tiles
+    attn_pipe_rows<DP, BK>(ks, (const uint16_t*)p.k, p, bb, h, p.s, j_blk);
+    attn_pipe_rows<DP, BK>(vs, (const uint16_t*)p.v, p, bb, h, p.s, j_blk);
+    if (ntiles > 0) {
+        attn_pipe_rows<DP, BC>(qst(0), (const uint16_t*)p.q, p, bb, h, p.tq, i_start);
+        attn_pipe_rows<DP, BC>(dost(0), (const uint16_t*)p.dout, p, bb, h, p.tq, i_start);
+    }
+    cp_async_commit();
+    // this lane's keys (rows g, g + 8 of the warp's): bias and multiplier, fixed for the block
+    float kb[2], kw[2];
+#pragma unroll
+    for (int rh = 0; rh < 2; ++rh) key_terms(p, bb, j_w + g + 8 * rh, kb[rh], kw[rh]);
+    float dk[NT][4], dv[NT][4], dwacc[2] = {0.f, 0.f};
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) dk[nt][c] = dv[nt][c] = 0.f;
+    const uint64_t row0 = ((uint64_t)bb * p.h + h) * p.tq;
+    for (uint32_t tt = 0; tt < ntiles; ++tt) {
+        cp_async_wait<0>();
+        __syncthreads();
+        const uint32_t i0 = i_start + tt * BC;
+        if (tt + 1 < ntiles) {
+            attn_pipe_rows<DP, BC>(qst((tt + 1) & 1), (const uint16_t*)p.q, p, bb, h, p.tq, i0 + BC);
+            attn_pipe_rows<DP, BC>(dost((tt + 1) & 1), (const uint16_t*)p.dout, p, bb, h, p.tq, i0 + BC);
+        }
+        cp_async_commit();
+        const unsigned char *qs_ = qst(tt & 1), *dos_ = dost(tt & 1);
+        // this lane's query columns: their logsumexp and delta (rows past Tq are masked below)
+        float lse[BC / 8][2], dl[BC / 8][2];
+#pragma unroll
+        for (int nt = 0; nt < BC / 8; ++nt)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                const uint32_t i = i0 + 8 * nt + 2 * t + c;
+                lse[nt][c] = i < p.tq ? p.lse[row0 + i] : -RECLMIS_INF;
+                dl[nt][c] = i < p.tq ? p.delta[row0 + i] : 0.f;
+            }
+        float st[BC / 8][4], dpt[BC / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < BC / 8; ++nt)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) st[nt][c] = dpt[nt][c] = 0.f;
+        attn_pipe_abt<DP, BC / 16>(st, ks, 16 * warp, qs_);
+        attn_pipe_abt<DP, BC / 16>(dpt, vs, 16 * warp, dos_);
+        // st becomes Pᵀ, dpt dSᵀ·scale·kw
+#pragma unroll
+        for (int nt = 0; nt < BC / 8; ++nt)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const int rh = c / 2;
+                const uint32_t j = j_w + g + 8 * rh, i = i0 + 8 * nt + 2 * t + c % 2;
+                const BwdElem e = bwd_elem(p, st[nt][c], dpt[nt][c], lse[nt][c % 2], dl[nt][c % 2], kb[rh], kw[rh],
+                                           p.causal && j > i);
+                dwacc[rh] += e.dw_term;
+                st[nt][c] = e.pr;
+                dpt[nt][c] = e.ds * p.scale * kw[rh];
+            }
+        attn_pipe_xb<DP, BC>(dv, st, dos_, 0);
+        attn_pipe_xb<DP, BC>(dk, dpt, qs_, 0);
+    }
+    cp_async_wait<0>();
+    attn_pipe_store_rows<DP>(p.dk, dk, p, bb, h, p.s, j_w);
+    attn_pipe_store_rows<DP>(p.dv, dv, p, bb, h, p.s, j_w);
+#pragma unroll
+    for (int rh = 0; rh < 2; ++rh) {
+        float s = dwacc[rh];
+        s += __shfl_xor_sync(0xffffffffu, s, 1);
+        s += __shfl_xor_sync(0xffffffffu, s, 2);
+        const uint32_t j = j_w + g + 8 * rh;
+        if (p.dw && t == 0 && j < p.s) p.dw[((uint64_t)bb * p.h + h) * p.s + j] = s;
+    }
+}
+
+// grid = (ceil(Tq/64), B·H), block = 128, dynamic shared memory attn_pipe_bwd_smem<dh>() (dh 16,
+// 32, 64 or 128: 8, 16, 32 or 48 KiB); delta from attention_delta_bwd_bf16 first.
+extern "C" __global__ void __launch_bounds__(128) attention_pipe_dq_bwd_bf16(AttnParams p) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    if (p.dh == 16) attn_pipe_dq<16>(p, smem);
+    else if (p.dh == 32) attn_pipe_dq<32>(p, smem);
+    else if (p.dh == 64) attn_pipe_dq<64>(p, smem);
+    else attn_pipe_dq<128>(p, smem);
+}
+
+// grid = (ceil(S/64), B·H), block = 128, the same dynamic shared memory.
+extern "C" __global__ void __launch_bounds__(128) attention_pipe_dkdv_bwd_bf16(AttnParams p) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    if (p.dh == 16) attn_pipe_dkdv<16>(p, smem);
+    else if (p.dh == 32) attn_pipe_dkdv<32>(p, smem);
+    else if (p.dh == 64) attn_pipe_dkdv<64>(p, smem);
+    else attn_pipe_dkdv<128>(p, smem);
 }
 // @autocast-only end

@@ -79,6 +79,10 @@ pub fn dynamic_smem_bytes(kernel: &str) -> u32 {
         // at the largest head dim (128)
         #[cfg(feature = "autocast")]
         "attention_pipe_fwd_bf16" => crate::ops::attention::bf16::pipe_smem(128),
+        #[cfg(feature = "autocast")]
+        "attention_pipe_dq_bwd_bf16" | "attention_pipe_dkdv_bwd_bf16" => {
+            crate::ops::attention::bf16::pipe_bwd_smem(128)
+        }
         _ => 0,
     }
 }

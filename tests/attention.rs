@@ -520,7 +520,9 @@ const EPS_BF16: f64 = 1.0 / 256.0;
 /// bf16 is exact in f32: u_op = 0), plus P rounded to bf16 before P·V (at most u_bf16 of each
 /// term of o's magnitude) and the output's rounding (u_bf16 of |o| <= its magnitude), with the
 /// same factor 2 of slack. The logsumexp against the f32 kernel's on the same values: both sum
-/// the same exact products in f32 (in other orders), so they differ by the logit bound.
+/// the same exact products in f32 (in other orders), so they differ by the logit bound. Then the
+/// bf16 backward (`attention_backward_bf16`: the pipelined dQ and dK/dV kernels where the
+/// forward's are taken).
 fn check_fused_bf16(dev: &Device, mut c: Case) -> Result<(), TestCaseError> {
     use reclmis::ops::cast::cast;
     use reclmis::DType;
@@ -554,12 +556,45 @@ fn check_fused_bf16(dev: &Device, mut c: Case) -> Result<(), TestCaseError> {
         let ok = (a == e) || ((a - e).abs() as f64) <= tol.o * (1.0 + e.abs() as f64);
         prop_assert!(ok, "lse[{}]: {} vs the f32 kernel's {}", i, a, e);
     }
-    Ok(())
+
+    // The backward from this forward (its bf16 o and f32 lse) and a bf16 d_out, against the f64
+    // reference of the rounded values. Beyond the f32 path's bounds: o as stored carries up to
+    // 2·u_bf16 of its magnitude more (P's rounding in the forward, o's own), which delta =
+    // Σ dO·o passes on to dS (at most 2·u_bf16 of dq's and dk's magnitudes); P and dS are rounded
+    // to bf16 as the A operands of the products (u_bf16 of each term), and the outputs once
+    // more. dw is summed in f32 from unrounded terms: only delta's share. Factor 2 of slack.
+    r(&mut d.dout);
+    let dout = b(&tensor(&d.dout, &[c.b, c.tq, c.h * c.dh], dev));
+    let g = attn::bf16::attention_backward_bf16(&b(&t.q), &b(&t.k), &b(&t.v), &f, &dout, &o).unwrap();
+    for x in [&g.dq, &g.dk, &g.dv] {
+        prop_assert_eq!(x.dtype(), DType::BF16);
+    }
+    #[cfg(feature = "emu")]
+    if matches!(dev, Device::Emu) && [16, 32, 64, 128].contains(&c.dh) && c.cond == 0 && c.b * c.s > 0 {
+        // the dK/dV kernel ran last (the dQ one before it): conflict-free ldmatrix too
+        let st = reclmis::device::emu::last_smem_stats();
+        prop_assert!(st.phases > 0 && st.extra_wavefronts == 0, "backward ldmatrix phases {:?}", st);
+    }
+    let wg = p.backward(&f64s(&d.q), &f64s(&d.k), &f64s(&d.v), &f64s(&d.dout));
+    let wide = |x: &Tensor| cast(x, DType::F32).unwrap().to_vec().unwrap();
+    let tiny = 1e-30;
+    assert_none("dv", mismatch_scaled(&wide(&g.dv), &wg.dv, &wg.dv_mag, tol.dv + 2.0 * 2.0 * EPS_BF16, tiny))?;
+    let dqk_tol = tol.dqk + 2.0 * 4.0 * EPS_BF16;
+    assert_none("dq", mismatch_scaled(&wide(&g.dq), &wg.dq, &wg.dq_mag, dqk_tol, tiny))?;
+    assert_none("dk", mismatch_scaled(&wide(&g.dk), &wg.dk, &wg.dk_mag, dqk_tol, tiny))?;
+    match (&g.dw, c.cond) {
+        (None, 0) => Ok(()),
+        (Some(dw), 1 | 2) => assert_none(
+            "dw",
+            mismatch_scaled(&dw.to_vec().unwrap(), &wg.dw, &wg.dw_mag, tol.dqk + 2.0 * 2.0 * EPS_BF16, tiny),
+        ),
+        _ => Err(TestCaseError::fail("dw present exactly when there is a condition")),
+    }
 }
 
 per_device!(check_fused_bf16, (c in case()));
 
-/// The pipelined bf16 forward on the GPU against the emulator: the same bf16 operands and f32
+/// The pipelined bf16 forward and backward on the GPU against the emulator: the same bf16 operands and f32
 /// statistics, sums in another order, so the outputs are within two bf16 rounding steps plus the
 /// f32 bound; a wrong fragment layout (P from the accumulators into A fragments, V through
 /// ldmatrix.trans) or a missing pipeline wait is O(1) off.
@@ -577,10 +612,24 @@ fn bf16_attention_gpu_matches_emulator() {
         let run = |dev: &Device| {
             let t = tensors(&c, &d, dev);
             let bf = |x: &Tensor| cast(x, DType::BF16).unwrap();
-            let f = attn::bf16::attention_bf16(&bf(&t.q), &bf(&t.k), &bf(&t.v), &opts(&c, &t)).unwrap();
-            (cast(&f.o, DType::F32).unwrap().to_vec().unwrap(), f.lse.to_vec().unwrap())
+            let o = opts(&c, &t);
+            let f = attn::bf16::attention_bf16(&bf(&t.q), &bf(&t.k), &bf(&t.v), &o).unwrap();
+            let g = attn::bf16::attention_backward_bf16(&bf(&t.q), &bf(&t.k), &bf(&t.v), &f, &bf(&t.dout), &o).unwrap();
+            let wide = |x: &Tensor| cast(x, DType::F32).unwrap().to_vec().unwrap();
+            let grads = [wide(&g.dq), wide(&g.dk), wide(&g.dv), g.dw.unwrap().to_vec().unwrap()];
+            (wide(&f.o), f.lse.to_vec().unwrap(), grads)
         };
-        let ((go, gl), (eo, el)) = (run(&gpu), run(&emu));
+        let ((go, gl, gg), (eo, el, eg)) = (run(&gpu), run(&emu));
+        // the backward: the same f32 recomputation of P and dS, whose bf16 roundings (P, dS, the
+        // outputs) may tip by a step where expf differs in the last bit; a wrong fragment layout
+        // or pipeline stage is O(1) off
+        for (name, (x, y)) in ["dq", "dk", "dv", "dw"].iter().zip(gg.iter().zip(&eg)) {
+            let scale = y.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+            for (i, (a, e)) in x.iter().zip(y).enumerate() {
+                let allowed = 3.0 / 256.0 * a.abs().max(e.abs()) + 1e-3 * scale;
+                assert!((a - e).abs() <= allowed, "b{b} h{h} tq{tq} s{s} dh{dh} {name}[{i}]: gpu {a} vs emu {e}");
+            }
+        }
         for (i, (x, y)) in go.iter().zip(&eo).enumerate() {
             // the output's rounding (one bf16 step of either) and P's (expf may differ in the last
             // f32 bit, tipping P's bf16 rounding by a step: u_bf16 of Σ p·|v| / l <= 1, |v| <= 1)

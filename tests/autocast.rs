@@ -269,15 +269,19 @@ fn bf16_attention_step(dev: &Device, seed: u64) -> [Vec<f32>; 4] {
     [o.tensor().to_vec().unwrap(), grad(q), grad(k), grad(v)]
 }
 
-/// bf16 autocast's attention runs the pipelined bf16 forward on emu and computes what the cpu
-/// does up to P's bf16 rounding inside the kernel and the order of the f32 sums: each value
+/// bf16 autocast's attention runs the pipelined bf16 forward and backward on emu and computes what
+/// the cpu does up to P's and dS's bf16 roundings inside the kernels and the order of the f32
+/// sums: each value
 /// within two bf16 steps of the cpu's plus the sums' roundings of the scale.
 #[test]
 fn bf16_attention_takes_the_pipelined_kernel() {
     let (cpu, emu) = (bf16_attention_step(&device("cpu"), 13), bf16_attention_step(&device("emu"), 13));
     let launched = reclmis::device::emu::launched_kernels();
-    let k = reclmis::kernels::Kernel::attention_pipe_fwd_bf16;
-    assert!(launched.contains(&k), "{k:?} not in {launched:?}");
+    use reclmis::kernels::Kernel;
+    for k in [Kernel::attention_pipe_fwd_bf16, Kernel::attention_pipe_dq_bwd_bf16, Kernel::attention_pipe_dkdv_bwd_bf16]
+    {
+        assert!(launched.contains(&k), "{k:?} not in {launched:?}");
+    }
     for (name, (c, e)) in ["o", "dq", "dk", "dv"].iter().zip(cpu.iter().zip(&emu)) {
         let scale = c.iter().fold(0f32, |a, v| a.max(v.abs()));
         for (i, (a, b)) in c.iter().zip(e).enumerate() {

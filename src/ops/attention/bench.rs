@@ -12,7 +12,14 @@ use crate::tensor::Tensor;
 use crate::testing::{f64s, mismatch_scaled, EPS32, EPS_TF32};
 
 pub const GROUP: Group = Group {
-    names: &["attention", "attention_composed", "attention_fwd_bwd", "attention_composed_fwd_bwd", "attention_bf16"],
+    names: &[
+        "attention",
+        "attention_composed",
+        "attention_fwd_bwd",
+        "attention_composed_fwd_bwd",
+        "attention_bf16",
+        "attention_fwd_bwd_bf16",
+    ],
     cases,
     shaped: &[],
     check: Some(check),
@@ -103,6 +110,26 @@ fn cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
                 peer: spec("attn_bf16"),
                 validate: None,
                 run: Box::new(move || Ok(attn::bf16::attention_bf16(&xb.0, &xb.1, &xb.2, &attn_opts(&xb.3, cfg))?.o)),
+            });
+            // and its backward (the pipelined dQ and dK/dV kernels on cuda/emu) from a bf16 d_out
+            let xb = {
+                use crate::ops::cast::cast;
+                use crate::tensor::DType::BF16;
+                let (q, k, val, dout, ..) = &*inputs;
+                (cast(q, BF16)?, cast(k, BF16)?, cast(val, BF16)?, cast(dout, BF16)?, inputs.clone())
+            };
+            v.push(Case {
+                op: "attention_fwd_bwd_bf16",
+                shape: format!("{shape} bf16"),
+                flops: 3.5 * flops,
+                bytes,
+                peer: spec("attn_fb_bf16"),
+                validate: None,
+                run: Box::new(move || {
+                    let o = attn_opts(&xb.4, cfg);
+                    let f = attn::bf16::attention_bf16(&xb.0, &xb.1, &xb.2, &o)?;
+                    Ok(attn::bf16::attention_backward_bf16(&xb.0, &xb.1, &xb.2, &f, &xb.3, &o)?.dq)
+                }),
             });
             let x = inputs.clone();
             v.push(Case {
@@ -203,6 +230,22 @@ fn check(dev: &Device, c: &mut Checks) -> Result<()> {
             "attention bf16 (causal, official condition, dh 32)",
             mismatch_scaled(&got, &want.o, &want.o_mag, 64.0 * EPS32 * 6.0 + 2.0 / 256.0, 1e-30),
         );
+        // its backward (the pipelined dQ and dK/dV kernels on cuda/emu) from a bf16 d_out: o's
+        // two roundings through delta, P's and dS's as product operands and the outputs' own,
+        // each at most 2^-8 of the gradients' magnitudes (tests/attention.rs derives it)
+        let dov = r(bq * tq * e, c);
+        let f = attn::bf16::attention_bf16(&qb, &kb, &vb, &o)?;
+        let g = attn::bf16::attention_backward_bf16(&qb, &kb, &vb, &f, &b(&dov, &[bq, tq, e])?, &o)?;
+        let wg = p.backward(&f64s(&qv), &f64s(&kv), &f64s(&vv), &f64s(&dov));
+        let tol = 128.0 * EPS32 * 6.0 + 4.0 / 256.0;
+        for (name, got, want, mag) in
+            [("dq", &g.dq, &wg.dq, &wg.dq_mag), ("dk", &g.dk, &wg.dk, &wg.dk_mag), ("dv", &g.dv, &wg.dv, &wg.dv_mag)]
+        {
+            c.record(
+                &format!("attention bf16 backward {name} (causal, official condition, dh 32)"),
+                mismatch_scaled(&cast(got, F32)?.to_vec()?, want, mag, tol, 1e-30),
+            );
+        }
     }
     Ok(())
 }

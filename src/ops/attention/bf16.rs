@@ -6,15 +6,28 @@
 //! the P·V product as FlashAttention does) where the head dim is 16, 32, 64 or 128 and every row
 //! of q, k, v is whole, aligned 16-byte chunks; the f32 kernel on widened copies otherwise (and
 //! for the probabilities on request). cpu: the f32 forward of widened plain buffers, the output
-//! rounded once. The backward is the f32 one on widened copies (`attention_backward`): it needs
-//! only the logsumexp, which is f32 here too.
+//! rounded once.
+//!
+//! The backward (`attention_backward_bf16`) on bf16 q, k, v, o and dout: dq, dk, dv in bf16 (f32
+//! sums rounded once, as the tape stores the gradient of a bf16 value), dw in f32. cuda / emu:
+//! `attention_delta_bwd_bf16`, then `attention_pipe_dq_bwd_bf16` and
+//! `attention_pipe_dkdv_bwd_bf16` (the forward's building blocks; P and dS recomputed in f32 from
+//! the logsumexp and rounded to bf16 as the A operands of their products, as FlashAttention),
+//! under the forward's conditions; the f32 kernels on widened copies otherwise. cpu: the f32
+//! backward of widened plain buffers, rounded once.
 
-use super::{bh_grid, cpu, cpu_problem, params, shape_of, AttnForward, AttnOpts, OP};
+use super::{bh_grid, cpu, cpu_problem, params, shape_of, AttnForward, AttnGrads, AttnOpts, OP};
+use crate::device::memory::Mirrored;
 use crate::device::{Device, LaunchCfg};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::kernels::Kernel;
 use crate::ops::cast::cast;
-use crate::ops::gemm::{cpu::widened, GemmAlgo};
+use crate::ops::check_u32;
+use crate::ops::gemm::{
+    cpu::{bf16_tensor, widened},
+    GemmAlgo,
+};
+use crate::ops::reduce;
 use crate::tensor::{DType, Tensor};
 
 /// Query rows per block of the pipelined kernel (4 warps of 16).
@@ -26,20 +39,35 @@ pub const fn pipe_smem(dh: u32) -> u32 {
     (64 * dh + 2 * 2 * 32 * dh) * 2
 }
 
+/// Rows per block of the pipelined backward kernels (queries for dQ, keys for dK and dV).
+const PIPE_BWD_ROWS: u32 = 64;
+
+/// Their dynamic shared memory at head dim `dh`: the block's two 64-row tiles and two stages of
+/// two streamed tiles of 32 rows (16 at head dim 128), bf16 (attn_pipe_bwd_smem).
+pub const fn pipe_bwd_smem(dh: u32) -> u32 {
+    let bc = if dh == 128 { 16 } else { 32 };
+    (2 * 64 * dh + 2 * 2 * bc * dh) * 2
+}
+
+/// Whether the pipelined kernels take this problem (the cpu follows the same choice by shape,
+/// so that both hold the same tensors).
+fn pipelined(dh: usize, bh: usize, want_probs: bool) -> bool {
+    matches!(dh, 16 | 32 | 64 | 128) && !want_probs && bh <= 65535
+}
+
 /// The forward on bf16 q [B,Tq,E], k and v [B,S,E]: o [B,Tq,E] bf16, lse [B,H,Tq] f32 (and f32
 /// probabilities when asked for).
 pub fn attention_bf16(q: &Tensor, k: &Tensor, v: &Tensor, o: &AttnOpts) -> Result<AttnForward> {
     let sh = shape_of(q, k, v, o, DType::BF16)?;
     let dev = q.device();
     let aligned = [q, k, v].iter().all(|t| t.dev_ptr().is_multiple_of(16));
-    let pipelined = matches!(sh.dh, 16 | 32 | 64 | 128) && !o.want_probs && sh.b * sh.h <= 65535;
-    // (the cpu follows the GPU's choice by shape, so that both hold the same tensors)
+    let pipelined = pipelined(sh.dh, sh.b * sh.h, o.want_probs);
     match dev {
         Device::Cpu if pipelined => {
             let pr = cpu_problem(sh, o)?;
             let f = cpu::forward(&widened(q, OP)?, &widened(k, OP)?, &widened(v, OP)?, &pr, o.want_probs);
             Ok(AttnForward {
-                o: crate::ops::gemm::cpu::bf16_tensor(&f.o, q.shape(), dev)?,
+                o: bf16_tensor(&f.o, q.shape(), dev)?,
                 lse: Tensor::from_vec(f.lse, &[sh.b, sh.h, sh.tq], dev)?,
                 probs: f.probs.map(|p| Tensor::from_vec(p, &[sh.b, sh.h, sh.tq, sh.s], dev)).transpose()?,
             })
@@ -75,6 +103,123 @@ pub fn attention_bf16(q: &Tensor, k: &Tensor, v: &Tensor, o: &AttnOpts) -> Resul
             let wide = AttnOpts { algo: GemmAlgo::TensorCore, ..*o };
             let f = super::attention(&cast(q, DType::F32)?, &cast(k, DType::F32)?, &cast(v, DType::F32)?, &wide)?;
             Ok(AttnForward { o: cast(&f.o, DType::BF16)?, lse: f.lse, probs: f.probs })
+        }
+    }
+}
+
+/// Gradients of Σ d_out · attention_bf16(q, k, v) from the forward's bf16 output and f32
+/// logsumexp and a bf16 d_out [B,Tq,E]: dq, dk, dv bf16, dw [B,S] f32 under a condition.
+pub fn attention_backward_bf16(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    fwd: &AttnForward,
+    d_out: &Tensor,
+    o: &AttnOpts,
+) -> Result<AttnGrads> {
+    let sh = shape_of(q, k, v, o, DType::BF16)?;
+    q.same_device(OP, &[&fwd.o, &fwd.lse, d_out])?;
+    fwd.o.expect_dtype(OP, DType::BF16)?;
+    d_out.expect_dtype(OP, DType::BF16)?;
+    fwd.lse.expect_dtype(OP, DType::F32)?;
+    if d_out.shape() != q.shape() || fwd.o.shape() != q.shape() || fwd.lse.shape() != [sh.b, sh.h, sh.tq] {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "backward: d_out {:?} and o {:?} must be q's shape {:?}, lse {:?} must be [{}, {}, {}]",
+                d_out.shape(),
+                fwd.o.shape(),
+                q.shape(),
+                fwd.lse.shape(),
+                sh.b,
+                sh.h,
+                sh.tq
+            ),
+        ));
+    }
+    let dev = q.device();
+    let weights = o.condition.weights();
+    let aligned = [q, k, v, &fwd.o, d_out].iter().all(|t| t.dev_ptr().is_multiple_of(16));
+    let pipelined = pipelined(sh.dh, sh.b * sh.h, false);
+    let bf16 = |t: &Tensor| cast(t, DType::BF16);
+    match dev {
+        Device::Cpu if pipelined => {
+            // the GPU path's delta and per-head dw, counted
+            let _delta = Mirrored::new(dev.kind(), (sh.b * sh.h * sh.tq * 4) as u64);
+            let _dw_heads = weights.map(|_| Mirrored::new(dev.kind(), (sh.b * sh.h * sh.s * 4) as u64));
+            let pr = cpu_problem(sh, o)?;
+            let g = cpu::backward(
+                &widened(q, OP)?,
+                &widened(k, OP)?,
+                &widened(v, OP)?,
+                &widened(&fwd.o, OP)?,
+                fwd.lse.cpu_f32(OP)?,
+                &widened(d_out, OP)?,
+                &pr,
+            );
+            Ok(AttnGrads {
+                dq: bf16_tensor(&g.dq, q.shape(), dev)?,
+                dk: bf16_tensor(&g.dk, k.shape(), dev)?,
+                dv: bf16_tensor(&g.dv, v.shape(), dev)?,
+                dw: g.dw.map(|w| Tensor::from_vec(w, &[sh.b, sh.s], dev)).transpose()?,
+            })
+        }
+        _ if pipelined && aligned => {
+            let dq = Tensor::empty(q.shape(), DType::BF16, dev)?;
+            let dk = Tensor::empty(k.shape(), DType::BF16, dev)?;
+            let dv = Tensor::empty(v.shape(), DType::BF16, dev)?;
+            let delta = Tensor::empty(&[sh.b, sh.h, sh.tq], DType::F32, dev)?;
+            // per-head partial dw [B,H,S], summed over heads below (deterministic, no atomics)
+            let dw_heads = weights.map(|_| Tensor::empty(&[sh.b, sh.h, sh.s], DType::F32, dev)).transpose()?;
+            let ptr = |t: Option<&Tensor>| t.map_or(0, |t| t.dev_ptr());
+            let p = params(
+                &sh,
+                o,
+                [
+                    q.dev_ptr(),
+                    k.dev_ptr(),
+                    v.dev_ptr(),
+                    fwd.o.dev_ptr(),
+                    fwd.lse.dev_ptr(),
+                    ptr(weights),
+                    ptr(o.key_valid),
+                    d_out.dev_ptr(),
+                    delta.dev_ptr(),
+                    dq.dev_ptr(),
+                    dk.dev_ptr(),
+                    dv.dev_ptr(),
+                    ptr(dw_heads.as_ref()),
+                    0,
+                ],
+            )?;
+            let smem = pipe_bwd_smem(sh.dh as u32);
+            if sh.b * sh.h * sh.tq > 0 {
+                let rows = check_u32(OP, sh.b * sh.h * sh.tq)?;
+                let cfg = LaunchCfg { grid: (rows.div_ceil(8), 1, 1), block: (32, 8, 1), smem_bytes: 0 };
+                // SAFETY: shape_of and the checks above: q, k, v, o, d_out bf16 of the checked
+                // shapes, lse f32 [B,H,Tq], delta a new f32 [B,H,Tq].
+                unsafe { dev.launch(Kernel::attention_delta_bwd_bf16, cfg, &p) }?;
+                let cfg = LaunchCfg { grid: bh_grid(&sh, sh.tq, PIPE_BWD_ROWS)?, block: (128, 1, 1), smem_bytes: smem };
+                // SAFETY: as above, dq a new bf16 [B,Tq,E]; dh is the kernel's tile width (16,
+                // 32, 64 or 128, so E is a multiple of 8) and the bases are 16-byte aligned:
+                // every 16-byte chunk it copies is whole.
+                unsafe { dev.launch(Kernel::attention_pipe_dq_bwd_bf16, cfg, &p) }?;
+            }
+            if sh.b * sh.h * sh.s > 0 {
+                let cfg = LaunchCfg { grid: bh_grid(&sh, sh.s, PIPE_BWD_ROWS)?, block: (128, 1, 1), smem_bytes: smem };
+                // SAFETY: as above, dk and dv new bf16 [B,S,E], dw_heads a new f32 [B,H,S] when
+                // there are condition weights (checked [B,S] f32 by shape_of).
+                unsafe { dev.launch(Kernel::attention_pipe_dkdv_bwd_bf16, cfg, &p) }?;
+            }
+            let dw = dw_heads.map(|d| reduce::sum(&d, 1)).transpose()?;
+            Ok(AttnGrads { dq, dk, dv, dw })
+        }
+        _ => {
+            let wide = AttnOpts { algo: GemmAlgo::TensorCore, ..*o };
+            let f32 = |t: &Tensor| cast(t, DType::F32);
+            let wf = AttnForward { o: f32(&fwd.o)?, lse: fwd.lse.clone(), probs: None };
+            let g = super::attention_backward(&f32(q)?, &f32(k)?, &f32(v)?, &wf, &f32(d_out)?, &wide)?;
+            Ok(AttnGrads { dq: bf16(&g.dq)?, dk: bf16(&g.dk)?, dv: bf16(&g.dv)?, dw: g.dw })
         }
     }
 }
