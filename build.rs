@@ -45,11 +45,11 @@ fn size_link_args() {
 /// Kernels only training launches: every backward, the optimiser, the losses. A build without
 /// the `train` feature (reclmis-infer) compiles and embeds the others only; tests/deploy.rs checks
 /// on emu that the inference path launches nothing outside them.
-/// bf16 products and convolutions: only bf16 autocast gives them bf16 operands, and the pipelined
-/// GEMMs are 1.7 MB of the deflated images. A build without `autocast` (reclmis-infer) does not
+/// bf16 products, convolutions, attention and pooling: only bf16 autocast gives them bf16
+/// operands, and the pipelined GEMMs are 1.7 MB of the deflated images. A build without `autocast` (reclmis-infer) does not
 /// embed them; the cuda device refuses such a launch by name.
 fn autocast_only(module: &str, kernel: &str) -> bool {
-    ["gemm", "conv", "attention"].contains(&module) && kernel.ends_with("_bf16")
+    ["gemm", "conv", "attention", "pool"].contains(&module) && kernel.ends_with("_bf16")
 }
 
 fn training_only(module: &str, kernel: &str) -> bool {
@@ -580,8 +580,15 @@ fn write_table(out: &Path, modules: &[Module], res: &[Resources], nvrtc: Option<
         "/// Every CUDA kernel of the project; the variant names are the `extern \"C\"` kernel names.\n\
          #[allow(non_camel_case_types)]\n#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]\npub enum Kernel {\n",
     );
-    let all: Vec<(usize, &String)> =
-        modules.iter().enumerate().flat_map(|(i, m)| m.kernels.iter().map(move |k| (i, k))).collect();
+    // A build without `autocast` has no variant for the bf16 kernels it cannot launch (their
+    // names and table rows are about 100 bytes each of the cpu-only reclmis-infer).
+    let with_autocast = env::var_os("CARGO_FEATURE_AUTOCAST").is_some();
+    let all: Vec<(usize, &String)> = modules
+        .iter()
+        .enumerate()
+        .flat_map(|(i, m)| m.kernels.iter().map(move |k| (i, k)))
+        .filter(|(i, k)| with_autocast || !autocast_only(&modules[*i].name, k))
+        .collect();
     for (_, k) in &all {
         let _ = writeln!(s, "    {k},");
     }

@@ -4,8 +4,8 @@ usage: python peer_torch.py --device cpu|cuda --reps N SPEC...
 SPEC is one of: "mm M N K", "mm_bf16 M N K", "softmax R C", "relu B C H W", "add_bcast B C H W", "sum1 B C H W",
 "transpose B R C", "permute0213 B T H D", "narrow R C START LEN", "adam N", "cast_bf16 B C HW",
 "cast_f16 B C HW",
-"ccl B L N D", "ccl_fb B L N D", "dice_bce B HW", "mse B HW", "maxpool B C HW",
-"upsample B C HW", "conv B CI CO HW K", "conv_bwd B CI CO HW K", "conv_bf16 B CI CO HW K", "conv_bwd_bf16 B CI CO HW K", "conv_cat B C1 C2 CO HW", "unet B C HW",
+"ccl B L N D", "ccl_fb B L N D", "dice_bce B HW", "mse B HW", "maxpool B C HW", "maxpool_bf16 B C HW",
+"upsample B C HW", "upsample_bf16 B C HW", "conv B CI CO HW K", "conv_bwd B CI CO HW K", "conv_bf16 B CI CO HW K", "conv_bwd_bf16 B CI CO HW K", "conv_cat B C1 C2 CO HW", "unet B C HW",
 "bn_relu B C HW", "plam B C HW",
 "attn B H TQ S DH CAUSAL COND KEYMASK", "attn_fb ..." (the official composition: matmul, mask, softmax,
 ·(w + 1e-10), renormalise, matmul; fb adds the backward to q, k, v and w), "attn_bf16 ..." (bf16 q, k, v:
@@ -238,13 +238,17 @@ def build(spec, dev):
         table = r(vocab, dim)
         ids = torch.tensor([(i * 7919) % vocab for i in range(toks)], device=dev)
         return lambda: torch.nn.functional.embedding(ids, table)
-    if kind == "maxpool":
+    if kind in ("maxpool", "maxpool_bf16"):
         b, c, hw = d
         x = r(b, c, hw, hw)
+        if kind == "maxpool_bf16":
+            x = x.bfloat16()
         return lambda: torch.nn.functional.max_pool2d(x, 2)
-    if kind == "upsample":
+    if kind in ("upsample", "upsample_bf16"):
         b, c, hw = d
         x = r(b, c, hw, hw)
+        if kind == "upsample_bf16":
+            x = x.bfloat16()
         return lambda: torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")
     if kind == "transpose":
         x = r(*d)

@@ -218,6 +218,47 @@ fn bf16_conv_step(dev: &Device, (b, ci, co, h, w): (usize, usize, usize, usize, 
     [y.tensor().to_vec().unwrap(), grad(x), grad(wt), grad(bias)]
 }
 
+/// One bf16 training step of conv → 2×2 max pool → ×2 upsampling on `dev`, loss = mean(y · c):
+/// y (and its dtype), then the gradients of x and w.
+fn bf16_pool_step(dev: &Device, seed: u64) -> (reclmis::DType, [Vec<f32>; 3]) {
+    let (b, ci, co, h, w) = (2, 8, 8, 9, 6);
+    let mut rng = Rng::new(seed);
+    let mut p = Params::new(dev);
+    let train = Kind::Param { trainable: true };
+    let x = p.add("x", &[b, ci, h, w], values(b * ci * h * w, &mut rng), train).unwrap();
+    let wt = p.add("w", &[co, ci, 3, 3], values(co * ci * 9, &mut rng), train).unwrap();
+    let c = t(&values(b * co * (h / 2) * 2 * w, &mut rng), &[b, co, h / 2 * 2, w], dev);
+    let g = Graph::train().with_precision(Precision::Bf16).unwrap();
+    let y = g.conv2d(&g.param(&p, x), &g.param(&p, wt), None).unwrap();
+    let y = g.upsample2(&g.max_pool2(&y).unwrap()).unwrap();
+    let loss = g.mean_all(&g.mul(&y, &Var::constant(c)).unwrap()).unwrap();
+    let grads = g.backward(&loss, p.len()).unwrap();
+    let grad = |id| grads.get(id).unwrap().to_vec().unwrap();
+    (y.tensor().dtype(), [y.tensor().to_vec().unwrap(), grad(x), grad(wt)])
+}
+
+/// bf16 autocast pools and upsamples a bf16 value in bf16 (the bf16 kernels on emu, the pool's
+/// backward from the bf16 input) and computes what the cpu does: the pool and the copies are
+/// exact, so the devices differ only by the convolution's f32 sum order (one bf16 step, as in
+/// `bf16_conv_takes_the_pipelined_kernels`).
+#[test]
+fn bf16_pooling_stays_bf16() {
+    let ((tc, cpu), (te, emu)) = (bf16_pool_step(&device("cpu"), 14), bf16_pool_step(&device("emu"), 14));
+    assert_eq!((tc, te), (reclmis::DType::BF16, reclmis::DType::BF16));
+    let launched = reclmis::device::emu::launched_kernels();
+    use reclmis::kernels::Kernel;
+    for k in [Kernel::maxpool2_fwd_bf16, Kernel::upsample2_fwd_bf16, Kernel::maxpool2_input_bwd_bf16] {
+        assert!(launched.contains(&k), "{k:?} not in {launched:?}");
+    }
+    for (name, (c, e)) in ["y", "dx", "dw"].iter().zip(cpu.iter().zip(&emu)) {
+        let scale = c.iter().fold(0f32, |a, v| a.max(v.abs()));
+        for (i, (a, b)) in c.iter().zip(e).enumerate() {
+            let allowed = a.abs().max(b.abs()) / 128.0 + 256.0 * f32::EPSILON * scale;
+            assert!((a - b).abs() <= allowed, "{name}[{i}]: cpu {a} vs emu {b}");
+        }
+    }
+}
+
 /// A convolution whose channel counts are multiples of 8 runs on the pipelined bf16 kernels on
 /// emu (the forward, the input gradient through the same kernel, the split-K weight gradient)
 /// and computes what the cpu does up to the order of the f32 sums (each value within one bf16

@@ -73,6 +73,43 @@ fn check_upsample(dev: &Device, shape: Vec<usize>, seed: u64) -> Result<(), Test
 
 per_device!(check_upsample, (shape in nchw(), seed in any::<u64>()));
 
+/// The bf16 kernels (bf16 autocast's pooled and upsampled values): the same values as the f32
+/// ops on the widened input, bit for bit (a maximum or a copy of bf16 values is one of them),
+/// ties and NaNs included; the pool's backward from the bf16 input against the reference's
+/// indices of the rounded values.
+fn check_bf16(dev: &Device, shape: Vec<usize>, seed: u64, ties: bool, nan: bool) -> Result<(), TestCaseError> {
+    use reclmis::ops::cast::cast;
+    use reclmis::DType::{BF16, F32};
+    let n: usize = shape.iter().product();
+    let (h, w) = (shape[2], shape[3]);
+    let planes = n / (h * w);
+    let mut x = values(n, seed, false);
+    if ties {
+        x.iter_mut().for_each(|v| *v = (4.0 * *v).round());
+    }
+    if nan {
+        for i in (0..n).step_by(7) {
+            x[i] = f32::NAN;
+        }
+    }
+    let xh = cast(&tensor(&x, &shape, dev), BF16).unwrap();
+    let xr = cast(&xh, F32).unwrap();
+    let bits = |t: &reclmis::Tensor| -> Vec<u32> { t.to_vec().unwrap().iter().map(|v| v.to_bits()).collect() };
+    let y = pool::max_pool2_bf16(&xh).unwrap();
+    prop_assert_eq!(y.dtype(), BF16);
+    prop_assert_eq!(bits(&cast(&y, F32).unwrap()), bits(&pool::max_pool2(&xr).unwrap().0), "max_pool2_bf16");
+    let u = pool::upsample2_bf16(&xh).unwrap();
+    prop_assert_eq!(u.dtype(), BF16);
+    prop_assert_eq!(bits(&cast(&u, F32).unwrap()), bits(&pool::upsample2(&xr).unwrap()), "upsample2_bf16");
+    let dy = values(y.numel(), seed ^ 1, false);
+    let dx = pool::max_pool2_backward_from_input(&tensor(&dy, y.shape(), dev), &xh).unwrap();
+    let (_, ridx) = reference::max_pool2(&f64s(&xr.to_vec().unwrap()), planes, h, w);
+    let want = reference::max_pool2_backward(&f64s(&dy), &ridx, planes, h, w);
+    assert_none("backward from bf16 x", mismatch(&dx.to_vec().unwrap(), &want, 0.0, 0.0))
+}
+
+per_device!(check_bf16, (shape in nchw(), seed in any::<u64>(), ties in any::<bool>(), nan in any::<bool>()));
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, failure_persistence: None, ..ProptestConfig::default() })]
 

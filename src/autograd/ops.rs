@@ -802,10 +802,20 @@ impl Graph {
     }
 
     pub fn max_pool2(&self, x: &Var) -> Result<Var> {
-        let (y, idx) = pool::max_pool2(&*x.wide()?)?;
+        // a bf16 value as stored: the bf16 kernel (no widened copy, no indices)
         #[cfg(feature = "autocast")]
-        let y = if x.bf16 { self.keep_bf16(y)? } else { y };
-        drop(idx);
+        let y = if x.bf16 && x.t.dtype() == crate::tensor::DType::BF16 {
+            pool::max_pool2_bf16(&x.t)?
+        } else {
+            let y = pool::max_pool2(&*x.wide()?)?.0;
+            if x.bf16 {
+                self.keep_bf16(y)?
+            } else {
+                y
+            }
+        };
+        #[cfg(not(feature = "autocast"))]
+        let y = pool::max_pool2(&*x.wide()?)?.0;
         if !self.tracks(&[x]) {
             let mut v = Var::constant(y);
             v.bf16 = x.bf16;
@@ -825,9 +835,20 @@ impl Graph {
     }
 
     pub fn upsample2(&self, x: &Var) -> Result<Var> {
-        let y = pool::upsample2(&*x.wide()?)?;
+        // a bf16 value as stored: copied in bf16
         #[cfg(feature = "autocast")]
-        let y = if x.bf16 { self.keep_bf16(y)? } else { y };
+        let y = if x.bf16 && x.t.dtype() == crate::tensor::DType::BF16 {
+            pool::upsample2_bf16(&x.t)?
+        } else {
+            let y = pool::upsample2(&*x.wide()?)?;
+            if x.bf16 {
+                self.keep_bf16(y)?
+            } else {
+                y
+            }
+        };
+        #[cfg(not(feature = "autocast"))]
+        let y = pool::upsample2(&*x.wide()?)?;
         let mut y = self.record(&[x], y, move |dy| Ok(vec![Some(pool::upsample2_backward(dy)?)]));
         // copies of bf16 values (the backward sums gradients in f32)
         y.bf16 = x.bf16;

@@ -192,6 +192,26 @@ pub(crate) fn bf16_product(a: &Tensor, b: &Tensor, opts: GemmOpts, bias: Option<
         let c = cpu::gemm(&cpu::widened(a, "matmul")?, &cpu::widened(b, "matmul")?, &s, opts.alpha, bias.as_deref());
         return cpu::bf16_tensor(&c, &out_shape, dev);
     }
+    #[cfg(not(feature = "autocast"))]
+    return Err(Error::Unsupported {
+        op: "matmul",
+        detail: "bf16 products on a GPU need the `autocast` feature: this build embeds no bf16 kernel".into(),
+    });
+    #[cfg(feature = "autocast")]
+    bf16_launch(a, b, opts, bias, &s, &out_shape)
+}
+
+/// `bf16_product` on cuda or emu.
+#[cfg(feature = "autocast")]
+fn bf16_launch(
+    a: &Tensor,
+    b: &Tensor,
+    opts: GemmOpts,
+    bias: Option<&Tensor>,
+    s: &GemmShape,
+    out_shape: &[usize],
+) -> Result<Tensor> {
+    let (s, out_shape, dev) = (*s, out_shape.to_vec(), a.device());
     if s.k == 0 || crate::tensor::numel(&out_shape) == 0 {
         let zero = Tensor::zeros(&out_shape, dev)?;
         let y = match bias {
@@ -275,12 +295,14 @@ pub fn with_bf16_tile<R>(tile: u32, f: impl FnOnce() -> R) -> R {
 
 /// GPUs' multiprocessor count the 128 x 128 tile must fill (an H100 SXM has 132) before it is
 /// chosen over the 64 x 64 one: fewer, larger tiles leave multiprocessors idle.
+#[cfg(feature = "autocast")]
 const PIPE_FILL_BLOCKS: usize = 132;
 
 /// The bf16 kernel for a product, with its square block tile and dynamic shared memory: the
 /// pipelined kernels (cp.async copies 16-byte chunks) when every chunk of A and B is whole and
 /// aligned: each operand's contiguous extent (k or m for A, n or k for B) and its other strides
 /// multiples of 8 elements, and its base 16-byte aligned; gemm_tc_fwd_bf16 (element loads) else.
+#[cfg(feature = "autocast")]
 pub fn bf16_kernel(s: &GemmShape, [a, b]: [u64; 2]) -> (Kernel, u32, u32) {
     let chunked = |(sb, sr, sc): (usize, usize, usize), rows: usize, cols: usize, base: u64| {
         let (ld, contiguous) = match (sr, sc) {
@@ -301,6 +323,7 @@ pub fn bf16_kernel(s: &GemmShape, [a, b]: [u64; 2]) -> (Kernel, u32, u32) {
 /// The pipelined bf16 kernels (one params struct): the 128- and the 64-square block tile, with
 /// their dynamic shared memory; the same arithmetic (each C element sums its k in the same
 /// order), only the tiling differs.
+#[cfg(feature = "autocast")]
 const PIPE_KERNELS: [(Kernel, u32, u32); 2] =
     [(Kernel::gemm_pipe128_fwd_bf16, 128, PIPE128_SMEM), (Kernel::gemm_pipe64_fwd_bf16, 64, PIPE64_SMEM)];
 /// Their candidate names for autotuning.

@@ -10,7 +10,16 @@ use crate::tensor::Tensor;
 use crate::testing::{f64s, mismatch, EPS32};
 
 pub const GROUP: Group = Group {
-    names: &["max_pool2", "max_pool2_bwd", "max_pool2_bwd_x", "upsample2", "upsample2_bwd"],
+    names: &[
+        "max_pool2",
+        "max_pool2_bwd",
+        "max_pool2_bwd_x",
+        "upsample2",
+        "upsample2_bwd",
+        "max_pool2_bf16",
+        "max_pool2_bwd_x_bf16",
+        "upsample2_bf16",
+    ],
     cases,
     shaped: &[],
     check: Some(check),
@@ -57,6 +66,43 @@ fn cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
         validate: None,
         run: Box::new(move || pool::max_pool2_backward_from_input(&g, &xb)),
     });
+    // bf16 values as bf16 autocast keeps them: pooled and upsampled in bf16, the pool's backward
+    // from the bf16 input (read: x bf16, dy f32; written: dx f32)
+    {
+        use crate::ops::cast::cast;
+        use crate::tensor::DType::BF16;
+        let xh = cast(&big, BF16)?;
+        let x = xh.clone();
+        v.push(Case {
+            op: "max_pool2_bf16",
+            shape: format!("{shape} bf16"),
+            flops: 0.75 * n,
+            bytes: 2.0 * n * 1.25,
+            peer: Some(format!("maxpool_bf16 {b} {c} {hw}")),
+            validate: None,
+            run: Box::new(move || pool::max_pool2_bf16(&x)),
+        });
+        let g = pooled.clone();
+        v.push(Case {
+            op: "max_pool2_bwd_x_bf16",
+            shape: format!("{shape} bf16"),
+            flops: 0.0,
+            bytes: 2.0 * n + 4.0 * n * 1.25,
+            peer: None,
+            validate: None,
+            run: Box::new(move || pool::max_pool2_backward_from_input(&g, &xh)),
+        });
+        let ph = cast(&pooled, BF16)?;
+        v.push(Case {
+            op: "upsample2_bf16",
+            shape: format!("{shape} bf16"),
+            flops: 0.0,
+            bytes: 2.0 * n * 1.25,
+            peer: Some(format!("upsample_bf16 {b} {c} {}", hw / 2)),
+            validate: None,
+            run: Box::new(move || pool::upsample2_bf16(&ph)),
+        });
+    }
     let x = pooled;
     v.push(Case {
         op: "upsample2",
@@ -96,5 +142,16 @@ fn check(dev: &Device, c: &mut Checks) -> Result<()> {
     let (pooled, _) = pool::max_pool2(&Tensor::from_vec(x.clone(), &[2, 5, 9, 11], dev)?)?;
     let (want, _) = pool::reference::max_pool2(&f64s(&x), 10, 9, 11);
     c.record("max_pool2", mismatch(&pooled.to_vec()?, &want, 0.0, 0.0));
+    // the bf16 kernels on the rounded values: the same maxima and copies, exactly
+    {
+        use crate::ops::cast::cast;
+        use crate::tensor::DType::{BF16, F32};
+        let xh = cast(&Tensor::from_vec(x, &[2, 5, 9, 11], dev)?, BF16)?;
+        let xr = cast(&xh, F32)?.to_vec()?;
+        let (want, _) = pool::reference::max_pool2(&f64s(&xr), 10, 9, 11);
+        c.record("max_pool2 bf16", mismatch(&cast(&pool::max_pool2_bf16(&xh)?, F32)?.to_vec()?, &want, 0.0, 0.0));
+        let want = pool::reference::upsample2(&f64s(&xr), 10, 9, 11);
+        c.record("upsample2 bf16", mismatch(&cast(&pool::upsample2_bf16(&xh)?, F32)?.to_vec()?, &want, 0.0, 0.0));
+    }
     Ok(())
 }

@@ -99,6 +99,53 @@ pub fn max_pool2_backward_from_input(dy: &[f32], x: super::PoolInput, planes: us
     dx
 }
 
+/// `max_pool2`'s values on bf16 x (rows widened two at a time, the same rule), in bf16.
+#[cfg(feature = "autocast")]
+pub fn max_pool2_bf16(x: &[half::bf16], planes: usize, h: usize, w: usize) -> Vec<half::bf16> {
+    let (oh, ow) = (h / 2, w / 2);
+    let mut y = vec![half::bf16::ZERO; planes * oh * ow];
+    if y.is_empty() {
+        return y;
+    }
+    y.par_chunks_mut(oh * ow).enumerate().for_each(|(pl, yp)| {
+        let (mut rows, mut yr, mut idx) = (vec![0.0f32; 2 * w], vec![0.0f32; ow], vec![0i32; ow]);
+        for r in 0..oh {
+            let at = pl * h * w + 2 * r * w;
+            for (o, i) in rows.iter_mut().zip(&x[at..at + 2 * w]) {
+                *o = i.to_f32();
+            }
+            let (r0, r1) = rows.split_at(w);
+            pool_row(r0, r1, &mut yr, &mut idx);
+            // exact: each maximum is a widened bf16 value
+            for (o, &v) in yp[r * ow..(r + 1) * ow].iter_mut().zip(&yr) {
+                *o = half::bf16::from_f32(v);
+            }
+        }
+    });
+    y
+}
+
+/// `upsample2` of bf16 values, in bf16 (copies).
+#[cfg(feature = "autocast")]
+pub fn upsample2_bf16(x: &[half::bf16], planes: usize, h: usize, w: usize) -> Vec<half::bf16> {
+    let mut y = vec![half::bf16::ZERO; planes * 4 * h * w];
+    if y.is_empty() {
+        return y;
+    }
+    y.par_chunks_mut(4 * h * w).enumerate().for_each(|(pl, yp)| {
+        let xp = &x[pl * h * w..(pl + 1) * h * w];
+        for (r, pair) in yp.chunks_mut(4 * w).enumerate() {
+            let (top, bottom) = pair.split_at_mut(2 * w);
+            for (two, &v) in top.chunks_exact_mut(2).zip(&xp[r * w..(r + 1) * w]) {
+                two[0] = v;
+                two[1] = v;
+            }
+            bottom.copy_from_slice(top);
+        }
+    });
+    y
+}
+
 pub fn upsample2(x: &[f32], planes: usize, h: usize, w: usize) -> Vec<f32> {
     // one output plane per chunk, written once (no zeroing pass: 4x the input's size)
     crate::ops::cpu_math::par_new(planes * 4 * h * w, 4 * h * w, |pl, yp| {

@@ -5,6 +5,10 @@
 //! row or column is ignored and gets zero gradient. Inputs smaller than 2×2 are an error (PyTorch
 //! refuses them too). Within a window NaN wins and ties go to the first element in row-major
 //! order; the backward sends each output's gradient to that element.
+//!
+//! bf16 values (bf16 autocast): `max_pool2_bf16` and `upsample2_bf16` keep them in bf16 (a
+//! maximum or a copy is exact), and the pool's backward reads a bf16 input itself; gradients are
+//! f32.
 
 /// Its `reclmis bench` cases and `selfcheck` (registered in `bench::registry`).
 #[cfg(feature = "cli")]
@@ -34,6 +38,17 @@ crate::kernel_params! {
     struct Pool2BwdParams [40] {
         dy: u64,
         idx: u64,
+        dx: u64,
+        planes: u64,
+        h: u32,
+        w: u32,
+    }
+}
+
+crate::kernel_params! {
+    struct Pool2FromInputParams [40] {
+        x: u64,
+        dy: u64,
         dx: u64,
         planes: u64,
         h: u32,
@@ -136,8 +151,79 @@ pub fn max_pool2_backward_from_input(dy: &Tensor, x: &Tensor) -> Result<Tensor> 
         };
         return Tensor::from_vec(cpu::max_pool2_backward_from_input(dy.cpu_f32(op)?, xi, np, h, w), x.shape(), dev);
     }
+    #[cfg(feature = "autocast")]
+    if x.dtype() == DType::BF16 {
+        // one gather from the bf16 input: no f32 copy of x, no index array
+        let dx = Tensor::empty(x.shape(), DType::F32, dev)?;
+        let p = Pool2FromInputParams {
+            x: x.dev_ptr(),
+            dy: dy.dev_ptr(),
+            dx: dx.dev_ptr(),
+            planes: np as u64,
+            h: check_u32(op, h)?,
+            w: check_u32(op, w)?,
+        };
+        if dx.numel() > 0 {
+            // SAFETY: x is a bf16 [planes, h, w] tensor, dy f32 of its pooled shape (checked
+            // above), dx a new f32 tensor of x's shape.
+            unsafe { dev.launch(Kernel::maxpool2_input_bwd_bf16, LaunchCfg::elementwise(dx.numel()), &p) }?;
+        }
+        return Ok(dx);
+    }
     let (_, idx) = max_pool2(&crate::ops::cast::cast(x, DType::F32)?)?;
     max_pool2_backward(dy, &idx, x.shape())
+}
+
+/// `max_pool2`'s values on a bf16 x, in bf16 (a window's maximum is one of its values, exactly),
+/// without indices (the backward finds them again from x).
+#[cfg(feature = "autocast")]
+pub fn max_pool2_bf16(x: &Tensor) -> Result<Tensor> {
+    let op = "max_pool2";
+    x.expect_dtype(op, DType::BF16)?;
+    let (np, h, w) = plane_dims(op, x)?;
+    if h < 2 || w < 2 {
+        return Err(Error::shape(op, format!("input {:?} is smaller than one 2x2 window", x.shape())));
+    }
+    let out = with_hw(x.shape(), h / 2, w / 2);
+    let dev = x.device();
+    if let Device::Cpu = dev {
+        return Tensor::from_vec_bf16(cpu::max_pool2_bf16(x.cpu_bf16(op)?, np, h, w), &out, dev);
+    }
+    let y = Tensor::empty(&out, DType::BF16, dev)?;
+    let p = Pool2Params {
+        x: x.dev_ptr(),
+        y: y.dev_ptr(),
+        idx: 0,
+        planes: np as u64,
+        h: check_u32(op, h)?,
+        w: check_u32(op, w)?,
+    };
+    if y.numel() > 0 {
+        // SAFETY: x is a bf16 [planes, h, w] tensor (h, w >= 2), y a new bf16 tensor of its
+        // pooled shape; the bf16 kernel writes no indices.
+        unsafe { dev.launch(Kernel::maxpool2_fwd_bf16, LaunchCfg::elementwise(y.numel()), &p) }?;
+    }
+    Ok(y)
+}
+
+/// `upsample2` of a bf16 x, in bf16 (copies).
+#[cfg(feature = "autocast")]
+pub fn upsample2_bf16(x: &Tensor) -> Result<Tensor> {
+    let op = "upsample2";
+    x.expect_dtype(op, DType::BF16)?;
+    let (np, h, w) = plane_dims(op, x)?;
+    let out = with_hw(x.shape(), 2 * h, 2 * w);
+    let dev = x.device();
+    if let Device::Cpu = dev {
+        return Tensor::from_vec_bf16(cpu::upsample2_bf16(x.cpu_bf16(op)?, np, h, w), &out, dev);
+    }
+    let y = Tensor::empty(&out, DType::BF16, dev)?;
+    let p = Up2Params { x: x.dev_ptr(), y: y.dev_ptr(), planes: np as u64, h: check_u32(op, h)?, w: check_u32(op, w)? };
+    if y.numel() > 0 {
+        // SAFETY: x is a bf16 [planes, h, w] tensor, y a new bf16 tensor of the upsampled shape.
+        unsafe { dev.launch(Kernel::upsample2_fwd_bf16, LaunchCfg::elementwise(y.numel()), &p) }?;
+    }
+    Ok(y)
 }
 
 /// dx of the input's shape `in_shape` from dy and the forward's argmax.
