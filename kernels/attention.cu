@@ -706,7 +706,7 @@ __host__ __device__ constexpr uint32_t attn_pipe_bwd_smem() {
 static_assert(attn_pipe_bwd_smem<128>() <= 48 * 1024 && attn_pipe_bwd_smem<64>() <= 48 * 1024,
               "the backward's tiles exceed 48 KiB of dynamic shared memory");
 
-// acc[2·nj + 0/1] += A · B for the warp, K = DP (KS k16 steps): A's 16 rows are rows a_r0.. of
+// acc[2·nj + 0/1] = A · B for the warp, K = DP (KS k16 steps): A's 16 rows are rows a_r0.. of
 // the swizzled tile `a`, B's 8·(2·NJ) columns are rows 0.. of the swizzled tile `b` (B(k, n) =
 // b[n][k], the non-transposed ldmatrix: Q·Kᵀ, dO·Vᵀ, K·Qᵀ, V·dOᵀ).
 template <int DP, int NJ>
@@ -714,6 +714,8 @@ __device__ __forceinline__ void attn_pipe_abt(float (*acc)[4], const unsigned ch
                                               const unsigned char* b) {
     constexpr int CH = DP / 8;
     const int lane = threadIdx.x & 31, q8 = lane >> 3, r8 = lane & 7;
+#pragma unroll
+    for (int nt = 0; nt < 2 * NJ; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
 #pragma unroll
     for (int ks = 0; ks < DP / 16; ++ks) {
         uint32_t af[4];
@@ -817,10 +819,6 @@ __device__ __forceinline__ void attn_pipe_dq(const AttnParams& p, unsigned char*
         const unsigned char *ks_ = kst(tt & 1), *vs_ = vst(tt & 1);
         const uint32_t j0 = tt * BC;
         float sc[BC / 8][4], dp[BC / 8][4];
-#pragma unroll
-        for (int nt = 0; nt < BC / 8; ++nt)
-#pragma unroll
-            for (int c = 0; c < 4; ++c) sc[nt][c] = dp[nt][c] = 0.f;
         attn_pipe_abt<DP, BC / 16>(sc, qs, 16 * warp, ks_);
         attn_pipe_abt<DP, BC / 16>(dp, dos, 16 * warp, vs_);
         // sc becomes dS·scale·kw (this lane's key columns: the same terms for both of its rows)
@@ -902,10 +900,6 @@ __device__ __forceinline__ void attn_pipe_dkdv(const AttnParams& p, unsigned cha
                 dl[nt][c] = i < p.tq ? p.delta[row0 + i] : 0.f;
             }
         float st[BC / 8][4], dpt[BC / 8][4];
-#pragma unroll
-        for (int nt = 0; nt < BC / 8; ++nt)
-#pragma unroll
-            for (int c = 0; c < 4; ++c) st[nt][c] = dpt[nt][c] = 0.f;
         attn_pipe_abt<DP, BC / 16>(st, ks, 16 * warp, qs_);
         attn_pipe_abt<DP, BC / 16>(dpt, vs, 16 * warp, dos_);
         // st becomes Pᵀ, dpt dSᵀ·scale·kw

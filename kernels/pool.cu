@@ -56,20 +56,30 @@ struct Pool2BwdParams {
 };
 RECLMIS_PARAMS_SIZE(Pool2BwdParams, 40);
 
-extern "C" __global__ void maxpool2_bwd_f32(Pool2BwdParams p) {
-    const uint32_t oh = p.h / 2, ow = p.w / 2;
-    const uint64_t n = p.planes * p.h * p.w;
+// The gather both backward kernels share: dx[i] (x [planes, h, w]) is dy of its window where
+// argmax(o, first) — the window's index, given its output o and the offset of its top-left input
+// element — names element i, else 0.
+template <class Argmax>
+__device__ __forceinline__ void maxpool2_gather(const float* dy, float* dx, uint64_t planes, uint32_t h, uint32_t w,
+                                                Argmax argmax) {
+    const uint32_t oh = h / 2, ow = w / 2;
+    const uint64_t n = planes * h * w;
     const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
     for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        const uint64_t plane = i / ((uint64_t)p.h * p.w);
-        const uint32_t r = (uint32_t)(i / p.w % p.h), c = (uint32_t)(i % p.w);
+        const uint64_t plane = i / ((uint64_t)h * w);
+        const uint32_t r = (uint32_t)(i / w % h), c = (uint32_t)(i % w);
         float g = 0.f;
         if (r / 2 < oh && c / 2 < ow) {
             const uint64_t o = plane * oh * ow + (uint64_t)(r / 2) * ow + c / 2;
-            if (p.idx[o] == (int32_t)((r % 2) * 2 + c % 2)) g = p.dy[o];
+            const uint64_t first = plane * h * w + (uint64_t)(r & ~1u) * w + (c & ~1u);
+            if (argmax(o, first) == (int32_t)((r % 2) * 2 + c % 2)) g = dy[o];
         }
-        p.dx[i] = g;
+        dx[i] = g;
     }
+}
+
+extern "C" __global__ void maxpool2_bwd_f32(Pool2BwdParams p) {
+    maxpool2_gather(p.dy, p.dx, p.planes, p.h, p.w, [&](uint64_t o, uint64_t) { return p.idx[o]; });
 }
 
 // x: [planes, h, w] -> y: [planes, 2h, 2w], y[2r + a][2c + b] = x[r][c]
@@ -141,21 +151,10 @@ struct Pool2FromInputParams {
 RECLMIS_PARAMS_SIZE(Pool2FromInputParams, 40);
 
 extern "C" __global__ void maxpool2_input_bwd_bf16(Pool2FromInputParams p) {
-    const uint32_t oh = p.h / 2, ow = p.w / 2;
-    const uint64_t n = p.planes * p.h * p.w;
-    const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
-    for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        const uint64_t plane = i / ((uint64_t)p.h * p.w);
-        const uint32_t r = (uint32_t)(i / p.w % p.h), c = (uint32_t)(i % p.w);
-        float g = 0.f;
-        if (r / 2 < oh && c / 2 < ow) {
-            float best;
-            const int32_t bi = pool_window([&](uint64_t e) { return bf16_bits_to_f32(p.x[e]); },
-                                           plane * p.h * p.w + (uint64_t)(r & ~1u) * p.w + (c & ~1u), p.w, best);
-            if (bi == (int32_t)((r % 2) * 2 + c % 2)) g = p.dy[plane * oh * ow + (uint64_t)(r / 2) * ow + c / 2];
-        }
-        p.dx[i] = g;
-    }
+    maxpool2_gather(p.dy, p.dx, p.planes, p.h, p.w, [&](uint64_t, uint64_t first) {
+        float best;
+        return pool_window([&](uint64_t e) { return bf16_bits_to_f32(p.x[e]); }, first, p.w, best);
+    });
 }
 
 // y [planes, 2h, 2w] = copies of x [planes, h, w], both bf16.

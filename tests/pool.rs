@@ -18,20 +18,27 @@ fn nchw() -> impl Strategy<Value = Vec<usize>> {
         .prop_map(|(b, c, h, w)| vec![b, c, h, w])
 }
 
-/// `ties`: values rounded to integers so windows hold equal maxima; `nan`: a few NaNs.
-fn check_max_pool(dev: &Device, shape: Vec<usize>, seed: u64, ties: bool, nan: bool) -> Result<(), TestCaseError> {
-    let n: usize = shape.iter().product();
-    let (h, w) = (shape[2], shape[3]);
-    let planes = n / (h * w);
+/// Pooling input of n values: `ties = Some(s)` rounds s·x to integers, so that windows hold
+/// equal maxima; `nan` puts a NaN at every 7th element.
+fn pool_input(n: usize, seed: u64, ties: Option<f32>, nan: bool) -> Vec<f32> {
     let mut x = values(n, seed, false);
-    if ties {
-        x.iter_mut().for_each(|v| *v = v.round());
+    if let Some(s) = ties {
+        x.iter_mut().for_each(|v| *v = (s * *v).round());
     }
     if nan {
         for i in (0..n).step_by(7) {
             x[i] = f32::NAN;
         }
     }
+    x
+}
+
+/// `ties`: values rounded to integers so windows hold equal maxima; `nan`: a few NaNs.
+fn check_max_pool(dev: &Device, shape: Vec<usize>, seed: u64, ties: bool, nan: bool) -> Result<(), TestCaseError> {
+    let n: usize = shape.iter().product();
+    let (h, w) = (shape[2], shape[3]);
+    let planes = n / (h * w);
+    let x = pool_input(n, seed, ties.then_some(1.0), nan);
     let (y, idx) = pool::max_pool2(&tensor(&x, &shape, dev)).unwrap();
     let (wy, widx) = reference::max_pool2(&f64s(&x), planes, h, w);
     assert_none("values", mismatch(&y.to_vec().unwrap(), &wy, 0.0, 0.0))?;
@@ -83,15 +90,7 @@ fn check_bf16(dev: &Device, shape: Vec<usize>, seed: u64, ties: bool, nan: bool)
     let n: usize = shape.iter().product();
     let (h, w) = (shape[2], shape[3]);
     let planes = n / (h * w);
-    let mut x = values(n, seed, false);
-    if ties {
-        x.iter_mut().for_each(|v| *v = (4.0 * *v).round());
-    }
-    if nan {
-        for i in (0..n).step_by(7) {
-            x[i] = f32::NAN;
-        }
-    }
+    let x = pool_input(n, seed, ties.then_some(4.0), nan);
     let xh = cast(&tensor(&x, &shape, dev), BF16).unwrap();
     let xr = cast(&xh, F32).unwrap();
     let bits = |t: &reclmis::Tensor| -> Vec<u32> { t.to_vec().unwrap().iter().map(|v| v.to_bits()).collect() };

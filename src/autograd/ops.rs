@@ -1070,22 +1070,23 @@ impl Graph {
             };
             let o = AttnOpts { causal, key_valid: valid.as_ref(), condition: cond, algo, ..AttnOpts::new(heads) };
             let mut f = f;
-            // the bf16 backward (the pipelined kernels on cuda/emu) after the bf16 forward: the
+            // after the bf16 forward, the bf16 backward (the pipelined kernels on cuda/emu): the
             // operands and O as stored, dy rounded as the gradient of a bf16 value; bf16 grads
             #[cfg(feature = "autocast")]
-            if native {
+            let g = if native {
                 f.o = os.stored()?;
                 let dy = crate::ops::cast::cast(dy, crate::tensor::DType::BF16)?;
-                let g =
-                    attention::bf16::attention_backward_bf16(&qs.stored()?, &ks.stored()?, &vs.stored()?, &f, &dy, &o)?;
-                let mut out = vec![Some(g.dq), Some(g.dk), Some(g.dv)];
-                if w.is_some() {
-                    out.push(g.dw);
-                }
-                return Ok(out);
-            }
-            f.o = os.get()?;
-            let g = attention::attention_backward(&qs.get()?, &ks.get()?, &vs.get()?, &f, dy, &o)?;
+                let (q, k, v) = (qs.stored()?, ks.stored()?, vs.stored()?);
+                attention::bf16::attention_backward_bf16(&q, &k, &v, &f, &dy, &o)?
+            } else {
+                f.o = os.get()?;
+                attention::attention_backward(&qs.get()?, &ks.get()?, &vs.get()?, &f, dy, &o)?
+            };
+            #[cfg(not(feature = "autocast"))]
+            let g = {
+                f.o = os.get()?;
+                attention::attention_backward(&qs.get()?, &ks.get()?, &vs.get()?, &f, dy, &o)?
+            };
             let mut out = vec![Some(g.dq), Some(g.dk), Some(g.dv)];
             if w.is_some() {
                 out.push(g.dw);

@@ -95,13 +95,16 @@ fn cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
                 validate: None,
                 run: Box::new(move || Ok(attn::attention(&x.0, &x.1, &x.2, &attn_opts(&x, cfg))?.o)),
             });
-            // bf16 q, k, v (the pipelined forward on cuda/emu), bf16 output
+            // bf16 q, k, v and d_out (cast once for both bf16 cases; the mask and the weights
+            // from `inputs`)
             let xb = {
                 use crate::ops::cast::cast;
                 use crate::tensor::DType::BF16;
-                let (q, k, val, ..) = &*inputs;
-                (cast(q, BF16)?, cast(k, BF16)?, cast(val, BF16)?, inputs.clone())
+                let (q, k, val, dout, ..) = &*inputs;
+                std::rc::Rc::new((cast(q, BF16)?, cast(k, BF16)?, cast(val, BF16)?, cast(dout, BF16)?, inputs.clone()))
             };
+            // the pipelined forward on cuda/emu, bf16 output
+            let x = xb.clone();
             v.push(Case {
                 op: "attention_bf16",
                 shape: format!("{shape} bf16"),
@@ -109,15 +112,9 @@ fn cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
                 bytes: bytes / 2.0,
                 peer: spec("attn_bf16"),
                 validate: None,
-                run: Box::new(move || Ok(attn::bf16::attention_bf16(&xb.0, &xb.1, &xb.2, &attn_opts(&xb.3, cfg))?.o)),
+                run: Box::new(move || Ok(attn::bf16::attention_bf16(&x.0, &x.1, &x.2, &attn_opts(&x.4, cfg))?.o)),
             });
-            // and its backward (the pipelined dQ and dK/dV kernels on cuda/emu) from a bf16 d_out
-            let xb = {
-                use crate::ops::cast::cast;
-                use crate::tensor::DType::BF16;
-                let (q, k, val, dout, ..) = &*inputs;
-                (cast(q, BF16)?, cast(k, BF16)?, cast(val, BF16)?, cast(dout, BF16)?, inputs.clone())
-            };
+            // and its backward (the pipelined dQ and dK/dV kernels on cuda/emu) from the bf16 d_out
             v.push(Case {
                 op: "attention_fwd_bwd_bf16",
                 shape: format!("{shape} bf16"),
@@ -223,7 +220,8 @@ fn check(dev: &Device, c: &mut Checks) -> Result<()> {
         let b = |v: &[f32], sh: &[usize]| -> Result<Tensor> { cast(&t(v, sh)?, BF16) };
         let (qb, kb, vb) = (b(&qv, &[bq, tq, e])?, b(&kv, &[bq, sk, e])?, b(&vv, &[bq, sk, e])?);
         let o = AttnOpts { causal: true, condition: Condition::Probs(&wt), ..AttnOpts::new(heads) };
-        let got = cast(&attn::bf16::attention_bf16(&qb, &kb, &vb, &o)?.o, F32)?.to_vec()?;
+        let f = attn::bf16::attention_bf16(&qb, &kb, &vb, &o)?;
+        let got = cast(&f.o, F32)?.to_vec()?;
         let p = attn::reference::Problem { dh, scale: 1.0 / (dh as f64).sqrt(), ..problem };
         let want = p.forward(&f64s(&qv), &f64s(&kv), &f64s(&vv));
         c.record(
@@ -234,7 +232,6 @@ fn check(dev: &Device, c: &mut Checks) -> Result<()> {
         // two roundings through delta, P's and dS's as product operands and the outputs' own,
         // each at most 2^-8 of the gradients' magnitudes (tests/attention.rs derives it)
         let dov = r(bq * tq * e, c);
-        let f = attn::bf16::attention_bf16(&qb, &kb, &vb, &o)?;
         let g = attn::bf16::attention_backward_bf16(&qb, &kb, &vb, &f, &b(&dov, &[bq, tq, e])?, &o)?;
         let wg = p.backward(&f64s(&qv), &f64s(&kv), &f64s(&vv), &f64s(&dov));
         let tol = 128.0 * EPS32 * 6.0 + 4.0 / 256.0;

@@ -16,18 +16,19 @@
 //! under the forward's conditions; the f32 kernels on widened copies otherwise. cpu: the f32
 //! backward of widened plain buffers, rounded once.
 
-use super::{bh_grid, cpu, cpu_problem, params, shape_of, AttnForward, AttnGrads, AttnOpts, OP};
+use super::{
+    backward_on_device, bh_grid, check_backward_shapes, cpu, cpu_problem, params, shape_of, AttnForward, AttnGrads,
+    AttnOpts, BwdKernels, OP,
+};
 use crate::device::memory::Mirrored;
 use crate::device::{Device, LaunchCfg};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::kernels::Kernel;
 use crate::ops::cast::cast;
-use crate::ops::check_u32;
 use crate::ops::gemm::{
     cpu::{bf16_tensor, widened},
     GemmAlgo,
 };
-use crate::ops::reduce;
 use crate::tensor::{DType, Tensor};
 
 /// Query rows per block of the pipelined kernel (4 warps of 16).
@@ -122,26 +123,11 @@ pub fn attention_backward_bf16(
     fwd.o.expect_dtype(OP, DType::BF16)?;
     d_out.expect_dtype(OP, DType::BF16)?;
     fwd.lse.expect_dtype(OP, DType::F32)?;
-    if d_out.shape() != q.shape() || fwd.o.shape() != q.shape() || fwd.lse.shape() != [sh.b, sh.h, sh.tq] {
-        return Err(Error::shape(
-            OP,
-            format!(
-                "backward: d_out {:?} and o {:?} must be q's shape {:?}, lse {:?} must be [{}, {}, {}]",
-                d_out.shape(),
-                fwd.o.shape(),
-                q.shape(),
-                fwd.lse.shape(),
-                sh.b,
-                sh.h,
-                sh.tq
-            ),
-        ));
-    }
+    check_backward_shapes(q, fwd, d_out, &sh)?;
     let dev = q.device();
     let weights = o.condition.weights();
     let aligned = [q, k, v, &fwd.o, d_out].iter().all(|t| t.dev_ptr().is_multiple_of(16));
     let pipelined = pipelined(sh.dh, sh.b * sh.h, false);
-    let bf16 = |t: &Tensor| cast(t, DType::BF16);
     match dev {
         Device::Cpu if pipelined => {
             // the GPU path's delta and per-head dw, counted
@@ -165,60 +151,26 @@ pub fn attention_backward_bf16(
             })
         }
         _ if pipelined && aligned => {
-            let dq = Tensor::empty(q.shape(), DType::BF16, dev)?;
-            let dk = Tensor::empty(k.shape(), DType::BF16, dev)?;
-            let dv = Tensor::empty(v.shape(), DType::BF16, dev)?;
-            let delta = Tensor::empty(&[sh.b, sh.h, sh.tq], DType::F32, dev)?;
-            // per-head partial dw [B,H,S], summed over heads below (deterministic, no atomics)
-            let dw_heads = weights.map(|_| Tensor::empty(&[sh.b, sh.h, sh.s], DType::F32, dev)).transpose()?;
-            let ptr = |t: Option<&Tensor>| t.map_or(0, |t| t.dev_ptr());
-            let p = params(
-                &sh,
-                o,
-                [
-                    q.dev_ptr(),
-                    k.dev_ptr(),
-                    v.dev_ptr(),
-                    fwd.o.dev_ptr(),
-                    fwd.lse.dev_ptr(),
-                    ptr(weights),
-                    ptr(o.key_valid),
-                    d_out.dev_ptr(),
-                    delta.dev_ptr(),
-                    dq.dev_ptr(),
-                    dk.dev_ptr(),
-                    dv.dev_ptr(),
-                    ptr(dw_heads.as_ref()),
-                    0,
-                ],
-            )?;
-            let smem = pipe_bwd_smem(sh.dh as u32);
-            if sh.b * sh.h * sh.tq > 0 {
-                let rows = check_u32(OP, sh.b * sh.h * sh.tq)?;
-                let cfg = LaunchCfg { grid: (rows.div_ceil(8), 1, 1), block: (32, 8, 1), smem_bytes: 0 };
-                // SAFETY: shape_of and the checks above: q, k, v, o, d_out bf16 of the checked
-                // shapes, lse f32 [B,H,Tq], delta a new f32 [B,H,Tq].
-                unsafe { dev.launch(Kernel::attention_delta_bwd_bf16, cfg, &p) }?;
-                let cfg = LaunchCfg { grid: bh_grid(&sh, sh.tq, PIPE_BWD_ROWS)?, block: (128, 1, 1), smem_bytes: smem };
-                // SAFETY: as above, dq a new bf16 [B,Tq,E]; dh is the kernel's tile width (16,
-                // 32, 64 or 128, so E is a multiple of 8) and the bases are 16-byte aligned:
-                // every 16-byte chunk it copies is whole.
-                unsafe { dev.launch(Kernel::attention_pipe_dq_bwd_bf16, cfg, &p) }?;
-            }
-            if sh.b * sh.h * sh.s > 0 {
-                let cfg = LaunchCfg { grid: bh_grid(&sh, sh.s, PIPE_BWD_ROWS)?, block: (128, 1, 1), smem_bytes: smem };
-                // SAFETY: as above, dk and dv new bf16 [B,S,E], dw_heads a new f32 [B,H,S] when
-                // there are condition weights (checked [B,S] f32 by shape_of).
-                unsafe { dev.launch(Kernel::attention_pipe_dkdv_bwd_bf16, cfg, &p) }?;
-            }
-            let dw = dw_heads.map(|d| reduce::sum(&d, 1)).transpose()?;
-            Ok(AttnGrads { dq, dk, dv, dw })
+            let kernels = BwdKernels {
+                delta: Kernel::attention_delta_bwd_bf16,
+                dq: Kernel::attention_pipe_dq_bwd_bf16,
+                dkdv: Kernel::attention_pipe_dkdv_bwd_bf16,
+                rows: PIPE_BWD_ROWS,
+                threads: 128,
+                smem: pipe_bwd_smem(sh.dh as u32),
+                grad: DType::BF16,
+            };
+            // SAFETY: q, k, v, o and d_out are bf16 of the checked shapes, lse f32 [B,H,Tq]; dh
+            // is the pipelined kernels' tile width (16, 32, 64 or 128, so E is a multiple of 8)
+            // and the bases are 16-byte aligned: every 16-byte chunk they copy is whole.
+            unsafe { backward_on_device(q, k, v, fwd, d_out, o, &sh, kernels) }
         }
         _ => {
             let wide = AttnOpts { algo: GemmAlgo::TensorCore, ..*o };
             let f32 = |t: &Tensor| cast(t, DType::F32);
             let wf = AttnForward { o: f32(&fwd.o)?, lse: fwd.lse.clone(), probs: None };
             let g = super::attention_backward(&f32(q)?, &f32(k)?, &f32(v)?, &wf, &f32(d_out)?, &wide)?;
+            let bf16 = |t: &Tensor| cast(t, DType::BF16);
             Ok(AttnGrads { dq: bf16(&g.dq)?, dk: bf16(&g.dk)?, dv: bf16(&g.dv)?, dw: g.dw })
         }
     }

@@ -372,23 +372,8 @@ pub fn attention_backward(
     let sh = shape(q, k, v, o)?;
     q.same_device(OP, &[&fwd.o, &fwd.lse, d_out])?;
     Tensor::expect_f32(OP, &[&fwd.o, &fwd.lse, d_out])?;
-    if d_out.shape() != q.shape() || fwd.o.shape() != q.shape() || fwd.lse.shape() != [sh.b, sh.h, sh.tq] {
-        return Err(Error::shape(
-            OP,
-            format!(
-                "backward: d_out {:?} and o {:?} must be q's shape {:?}, lse {:?} must be [{}, {}, {}]",
-                d_out.shape(),
-                fwd.o.shape(),
-                q.shape(),
-                fwd.lse.shape(),
-                sh.b,
-                sh.h,
-                sh.tq
-            ),
-        ));
-    }
+    check_backward_shapes(q, fwd, d_out, &sh)?;
     let dev = q.device();
-    let weights = o.condition.weights();
     if let Device::Cpu = dev {
         let pr = cpu_problem(sh, o)?;
         let g = cpu::backward(
@@ -407,15 +392,83 @@ pub fn attention_backward(
             dw: g.dw.map(|w| Tensor::from_vec(w, &[sh.b, sh.s], dev)).transpose()?,
         });
     }
-    let dq = Tensor::empty(q.shape(), DType::F32, dev)?;
-    let dk = Tensor::empty(k.shape(), DType::F32, dev)?;
-    let dv = Tensor::empty(v.shape(), DType::F32, dev)?;
+    let dp = padded_dh(sh.dh);
+    let nw = bwd_warps(dp);
+    let kernels = BwdKernels {
+        delta: Kernel::attention_delta_bwd_f32,
+        dq: Kernel::attention_dq_bwd_f32,
+        dkdv: Kernel::attention_dkdv_bwd_f32,
+        rows: 16 * nw,
+        threads: 32 * nw,
+        smem: 0,
+        grad: DType::F32,
+    };
+    // SAFETY: the f32 kernels take any head dim up to 128 (shape checked it) and f32 operands
+    // (checked above) at any address.
+    unsafe { backward_on_device(q, k, v, fwd, d_out, o, &sh, kernels) }
+}
+
+/// d_out and o of q's shape and lse [B,H,Tq] (their devices and types: the caller's checks).
+fn check_backward_shapes(q: &Tensor, fwd: &AttnForward, d_out: &Tensor, sh: &AttnShape) -> Result<()> {
+    if d_out.shape() != q.shape() || fwd.o.shape() != q.shape() || fwd.lse.shape() != [sh.b, sh.h, sh.tq] {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "backward: d_out {:?} and o {:?} must be q's shape {:?}, lse {:?} must be [{}, {}, {}]",
+                d_out.shape(),
+                fwd.o.shape(),
+                q.shape(),
+                fwd.lse.shape(),
+                sh.b,
+                sh.h,
+                sh.tq
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The backward's kernels on cuda/emu, one set per operand type: delta, then dQ over query tiles
+/// and dK/dV (with the per-head dw) over key tiles, `rows` rows per block of `threads` threads
+/// with `smem` bytes of dynamic shared memory; dq, dk, dv of type `grad`.
+struct BwdKernels {
+    delta: Kernel,
+    dq: Kernel,
+    dkdv: Kernel,
+    rows: u32,
+    threads: u32,
+    smem: u32,
+    grad: DType,
+}
+
+/// Runs `kernels` on checked operands: dq, dk, dv new tensors of the kernels' type, dw the
+/// per-head partials summed over heads (deterministic, no atomics).
+///
+/// SAFETY: q, k, v, fwd and d_out passed the caller's checks against `sh` for the operand type
+/// `kernels` read, and meet the kernels' own conditions (the pipelined ones: a head dim of their
+/// tile width, 16-byte aligned bases).
+#[allow(clippy::too_many_arguments)]
+unsafe fn backward_on_device(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    fwd: &AttnForward,
+    d_out: &Tensor,
+    o: &AttnOpts,
+    sh: &AttnShape,
+    kernels: BwdKernels,
+) -> Result<AttnGrads> {
+    let dev = q.device();
+    let weights = o.condition.weights();
+    let dq = Tensor::empty(q.shape(), kernels.grad, dev)?;
+    let dk = Tensor::empty(k.shape(), kernels.grad, dev)?;
+    let dv = Tensor::empty(v.shape(), kernels.grad, dev)?;
     // Per-head partial dw [B,H,S], summed over heads below (deterministic, no atomics).
     let dw_heads = if weights.is_some() { Some(Tensor::empty(&[sh.b, sh.h, sh.s], DType::F32, dev)?) } else { None };
     let delta = Tensor::empty(&[sh.b, sh.h, sh.tq], DType::F32, dev)?;
     let ptr = |t: Option<&Tensor>| t.map_or(0, |t| t.dev_ptr());
     let p = params(
-        &sh,
+        sh,
         o,
         [
             q.dev_ptr(),
@@ -434,25 +487,22 @@ pub fn attention_backward(
             0,
         ],
     )?;
-    let dp = padded_dh(sh.dh);
-    let nw = bwd_warps(dp);
+    let (block, smem_bytes) = ((kernels.threads, 1, 1), kernels.smem);
     if sh.b * sh.h * sh.tq > 0 {
         let rows = check_u32(OP, sh.b * sh.h * sh.tq)?;
         let cfg = LaunchCfg { grid: (rows.div_ceil(8), 1, 1), block: (32, 8, 1), smem_bytes: 0 };
-        // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
-        unsafe { dev.launch(Kernel::attention_delta_bwd_f32, cfg, &p) }?;
-        let cfg = LaunchCfg { grid: bh_grid(&sh, sh.tq, 16 * nw)?, block: (32 * nw, 1, 1), smem_bytes: 0 };
-        // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
-        unsafe { dev.launch(Kernel::attention_dq_bwd_f32, cfg, &p) }?;
+        // SAFETY: the params hold pointers to live buffers of the sizes the caller checked
+        // (this function's contract) and the new ones above, for the kernels they were declared for.
+        unsafe { dev.launch(kernels.delta, cfg, &p) }?;
+        let cfg = LaunchCfg { grid: bh_grid(sh, sh.tq, kernels.rows)?, block, smem_bytes };
+        // SAFETY: as above.
+        unsafe { dev.launch(kernels.dq, cfg, &p) }?;
     }
     if sh.b * sh.h * sh.s > 0 {
-        let cfg = LaunchCfg { grid: bh_grid(&sh, sh.s, 16 * nw)?, block: (32 * nw, 1, 1), smem_bytes: 0 };
-        // SAFETY: the params hold pointers to live buffers of the sizes this op checked above, for the kernel they were declared for.
-        unsafe { dev.launch(Kernel::attention_dkdv_bwd_f32, cfg, &p) }?;
+        let cfg = LaunchCfg { grid: bh_grid(sh, sh.s, kernels.rows)?, block, smem_bytes };
+        // SAFETY: as above.
+        unsafe { dev.launch(kernels.dkdv, cfg, &p) }?;
     }
-    let dw = match dw_heads {
-        Some(dwh) => Some(reduce::sum(&dwh, 1)?),
-        None => None,
-    };
+    let dw = dw_heads.map(|d| reduce::sum(&d, 1)).transpose()?;
     Ok(AttnGrads { dq, dk, dv, dw })
 }

@@ -1,5 +1,6 @@
 //! cpu pooling and upsampling: rayon over planes, row pairs inside.
 
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::ops::cpu_math::multiversion;
@@ -82,9 +83,7 @@ pub fn max_pool2_backward_from_input(dy: &[f32], x: super::PoolInput, planes: us
             let (r0, r1) = match x {
                 super::PoolInput::F32(v) => (&v[at..at + w], &v[at + w..at + 2 * w]),
                 super::PoolInput::Bf16(v) => {
-                    for (o, i) in rows.iter_mut().zip(&v[at..at + 2 * w]) {
-                        *o = i.to_f32();
-                    }
+                    v[at..at + 2 * w].convert_to_f32_slice(&mut rows);
                     let (a, b) = rows.split_at(w);
                     (a, b)
                 }
@@ -111,15 +110,11 @@ pub fn max_pool2_bf16(x: &[half::bf16], planes: usize, h: usize, w: usize) -> Ve
         let (mut rows, mut yr, mut idx) = (vec![0.0f32; 2 * w], vec![0.0f32; ow], vec![0i32; ow]);
         for r in 0..oh {
             let at = pl * h * w + 2 * r * w;
-            for (o, i) in rows.iter_mut().zip(&x[at..at + 2 * w]) {
-                *o = i.to_f32();
-            }
+            x[at..at + 2 * w].convert_to_f32_slice(&mut rows);
             let (r0, r1) = rows.split_at(w);
             pool_row(r0, r1, &mut yr, &mut idx);
             // exact: each maximum is a widened bf16 value
-            for (o, &v) in yp[r * ow..(r + 1) * ow].iter_mut().zip(&yr) {
-                *o = half::bf16::from_f32(v);
-            }
+            yp[r * ow..(r + 1) * ow].convert_from_f32_slice(&yr);
         }
     });
     y
