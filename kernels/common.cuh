@@ -324,6 +324,18 @@ __device__ __forceinline__ void ldmatrix_x1_trans(uint32_t (&r)[1], const void* 
 #endif
 }
 
+// A 32-bit shared-memory load that all 32 lanes of a warp execute together (the tf32 pipelines
+// read fragments of m-/n-contiguous tiles this way: ldmatrix.trans moves 16-bit elements, not
+// 32-bit ones). LDS.32 on the GPU; under g++ a warp collective, so that the emu counts its bank
+// conflicts as it does ldmatrix's.
+__device__ __forceinline__ uint32_t lds32_warp(const void* smem) {
+#ifdef RECLMIS_EMU
+    return emu::lds32(smem, __LINE__);
+#else
+    return *reinterpret_cast<const uint32_t*>(smem);
+#endif
+}
+
 // 128-bit loads and stores (LDG.E.128 / LDS.128 / STG.E.128): the address must be 16-byte
 // aligned; the emulation traps where the GPU would raise a misaligned-address error.
 __device__ __forceinline__ uint4 ld128(const void* p) {

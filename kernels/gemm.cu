@@ -9,6 +9,7 @@
 // - gemm_fwd_f32: exact f32 FMA, 64x64 block tile, 16x16 threads with 4x4 outputs each;
 // - gemm_tc_fwd_f32: tensor cores through mma.sync m16n8k8 with tf32 operands (10-bit mantissa,
 //   the same trade as PyTorch's allow_tf32) and f32 accumulation; 64x64 block tile, 4 warps of 32x32.
+// and, in builds with autocast, the pipelined tf32 kernels gemm_pipe{128,64}_fwd_f32 (below).
 #include "tile_gemm.cuh"
 
 // a: [batch, m, k] (strided), b: [batch, k, n] (strided), c: [batch, m, n]
@@ -178,4 +179,60 @@ extern "C" __global__ void __launch_bounds__(128) gemm_pipe128_fwd_bf16(GemmPara
 // 64 x 64 block tile (warps of 32 x 32), for smaller problems: four times the blocks.
 // grid = (ceil(n/64), ceil(m/64), batch), block = 128, dynamic shared memory 24 KiB
 extern "C" __global__ void __launch_bounds__(128) gemm_pipe64_fwd_bf16(GemmParams p) { gemm_pipe<64, 64, 2, 2>(p); }
+
+// ---- The pipelined tf32 GEMM: the same core with the tf32 kind (f32 tiles, 16 k per stage,
+// m16n8k8, operands rounded with cvt.rna as gemm_tc_fwd_f32 rounds them, k summed in the same
+// order: the same C bit for bit). The host launches it where every 16-byte chunk of A and B is
+// whole and aligned (contiguous extents and strides multiples of 4 floats, 16-byte aligned bases).
+struct GemmPipeF32Problem {
+    const float* pa;
+    const float* pb;
+    float* pc;
+    const float* bias;
+    int64_t a_ld, b_ld, sc_row;
+    float alpha, beta;
+    uint32_t m, n;
+    uint64_t kbeg, kend;
+    static constexpr bool VEC_STORE = false;
+    __device__ __forceinline__ float fin(float v, uint32_t j, const float* dst) const {
+        const float r = bias ? fmaf(alpha, v, bias[j]) : alpha * v;
+        return beta == 0.f ? r : r + beta * *dst;
+    }
+    // C[i][j] (and C[i][j+1]): one 64-bit store when both are in range and the pair is aligned
+    __device__ __forceinline__ void store2(uint32_t i, uint32_t j, float v0, float v1, bool both) const {
+        float* dst = pc + (int64_t)i * sc_row + j;
+        const float r0 = fin(v0, j, dst);
+        if (both && (reinterpret_cast<uint64_t>(dst) & 7u) == 0) {
+            *reinterpret_cast<float2*>(dst) = float2{r0, fin(v1, j + 1, dst + 1)};
+            return;
+        }
+        dst[0] = r0;
+        if (both) dst[1] = fin(v1, j + 1, dst + 1);
+    }
+};
+
+template <int BM, int BN, int WARPS_M, int WARPS_N>
+__device__ __forceinline__ void gemm_pipe_f32(const GemmParams& p) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    const uint32_t z = blockIdx.z;
+    GemmPipeF32Problem pr;
+    pr.pa = p.a + (int64_t)z * p.sa_batch;
+    pr.pb = p.b + (int64_t)z * p.sb_batch;
+    pr.pc = p.c + (int64_t)z * p.sc_batch;
+    pr.bias = p.bias;
+    const bool a_kf = p.sa_col == 1, b_nf = p.sb_col == 1;
+    pr.a_ld = a_kf ? p.sa_row : p.sa_col;
+    pr.b_ld = b_nf ? p.sb_row : p.sb_col;
+    pr.sc_row = p.sc_row;
+    pr.alpha = p.alpha, pr.beta = p.beta;
+    pr.m = p.m, pr.n = p.n, pr.kbeg = 0, pr.kend = p.k;
+    pg_dispatch<BM, BN, WARPS_M, WARPS_N, PgTf32>(pr, a_kf, b_nf, smem);
+}
+
+// grid = (ceil(n/128), ceil(m/128), batch), block = 128, dynamic shared memory 48 KiB
+extern "C" __global__ void __launch_bounds__(128) gemm_pipe128_fwd_f32(GemmParams p) {
+    gemm_pipe_f32<128, 128, 2, 2>(p);
+}
+// grid = (ceil(n/64), ceil(m/64), batch), block = 128, dynamic shared memory 24 KiB
+extern "C" __global__ void __launch_bounds__(128) gemm_pipe64_fwd_f32(GemmParams p) { gemm_pipe_f32<64, 64, 2, 2>(p); }
 // @autocast-only end

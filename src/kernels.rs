@@ -72,8 +72,9 @@ pub fn is_pipelined(kernel: &str) -> bool {
 /// Dynamic shared memory a kernel is launched with (for the occupancy figure); 0 for the others.
 pub fn dynamic_smem_bytes(kernel: &str) -> u32 {
     match kernel {
-        "gemm_pipe128_fwd_bf16" | "conv2d_pipe128_fwd_bf16" => crate::ops::gemm::PIPE128_SMEM,
-        "gemm_pipe64_fwd_bf16" | "conv2d_pipe64_fwd_bf16" | "conv2d_pipe64_wgrad_bwd_bf16" => {
+        // the tf32 kernels' stages (16 f32 k) are the bf16 ones' bytes (32 bf16 k)
+        "gemm_pipe128_fwd_bf16" | "conv2d_pipe128_fwd_bf16" | "gemm_pipe128_fwd_f32" => crate::ops::gemm::PIPE128_SMEM,
+        "gemm_pipe64_fwd_bf16" | "conv2d_pipe64_fwd_bf16" | "conv2d_pipe64_wgrad_bwd_bf16" | "gemm_pipe64_fwd_f32" => {
             crate::ops::gemm::PIPE64_SMEM
         }
         // at the largest head dim (128)

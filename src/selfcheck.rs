@@ -54,7 +54,7 @@ pub fn run(dev: &Device) -> Result<Report> {
     if matches!(dev, Device::Emu) {
         for (k, s) in crate::device::emu::smem_report() {
             c.lines.push(format!(
-                "  smem  {}: {} ldmatrix phases, {} extra wavefronts from bank conflicts",
+                "  smem  {}: {} shared-memory phases (ldmatrix, lds32), {} extra wavefronts from bank conflicts",
                 k.name(),
                 s.phases,
                 s.extra_wavefronts

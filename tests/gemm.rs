@@ -69,7 +69,7 @@ proptest! {
     }
 }
 
-/// The tensor-core kernel on the GPU against the same kernel on the emulator. Both round the
+/// The tensor-core kernels on the GPU against the same kernels on the emulator. Both round the
 /// operands to tf32 identically, so they differ only by f32 accumulation order: a wrong fragment
 /// layout in the emulator or the kernel shows as O(1) errors, far beyond this tolerance.
 #[test]
@@ -77,25 +77,111 @@ proptest! {
 fn tensor_core_gemm_gpu_matches_emulator() {
     let gpu = device("cuda");
     let emu = device("emu");
-    for (batch, m, n, k) in [(1, 16, 8, 8), (1, 64, 64, 16), (2, 67, 45, 33), (3, 129, 97, 131)] {
-        let a = values(batch * m * k, 1, false);
-        let b = values(batch * k * n, 2, false);
-        let opts = GemmOpts { algo: GemmAlgo::TensorCore, ..Default::default() };
-        let run = |dev: &Device| {
-            gemm::matmul(&tensor(&a, &[batch, m, k], dev), &tensor(&b, &[batch, k, n], dev), opts)
+    // the element-loading kernel, and (builds with autocast, sizes multiples of 4) the pipelined
+    // ones in every layout: ldmatrix of k-contiguous tiles, 32-bit loads of the others
+    let mut cands = vec![("tf32_mma", false, false)];
+    if cfg!(feature = "autocast") {
+        for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+            cands.extend([("tf32_pipe64", ta, tb), ("tf32_pipe128", ta, tb)]);
+        }
+    }
+    for (batch, m, n, k) in [(1, 16, 8, 8), (1, 64, 64, 16), (2, 67, 45, 33), (3, 129, 97, 131), (2, 132, 68, 52)] {
+        for &(cand, trans_a, trans_b) in &cands {
+            let a = values(batch * m * k, 1, false);
+            let b = values(batch * k * n, 2, false);
+            let (sa, sb) = (
+                if trans_a { [batch, k, m] } else { [batch, m, k] },
+                if trans_b { [batch, n, k] } else { [batch, k, n] },
+            );
+            let opts = GemmOpts { algo: GemmAlgo::TensorCore, trans_a, trans_b, ..Default::default() };
+            let run = |dev: &Device| {
+                reclmis::ops::tune::with_candidate(cand, || {
+                    gemm::matmul(&tensor(&a, &sa, dev), &tensor(&b, &sb, dev), opts)
+                })
                 .unwrap()
                 .to_vec()
                 .unwrap()
-        };
-        let (g, e) = (run(&gpu), run(&emu));
-        let (plan, _) = gemm::plan(&[batch, m, k], &[batch, k, n], false, false).unwrap();
-        let (_, mag) = reference::gemm(&f64s(&a), &f64s(&b), &plan, 1.0);
-        let e64: Vec<f64> = e.iter().map(|&x| x as f64).collect();
-        if let Some(err) = mismatch_scaled(&g, &e64, &mag, 2.0 * (k as f64 + 2.0) * EPS32, 0.0) {
-            panic!("{batch}x{m}x{n}x{k}: GPU vs emulator: {err}");
+            };
+            let (g, e) = (run(&gpu), run(&emu));
+            let (plan, _) = gemm::plan(&sa, &sb, trans_a, trans_b).unwrap();
+            let (_, mag) = reference::gemm(&f64s(&a), &f64s(&b), &plan, 1.0);
+            let e64: Vec<f64> = e.iter().map(|&x| x as f64).collect();
+            if let Some(err) = mismatch_scaled(&g, &e64, &mag, 2.0 * (k as f64 + 2.0) * EPS32, 0.0) {
+                panic!("{cand} {batch}x{m}x{n}x{k} trans {trans_a}/{trans_b}: GPU vs emulator: {err}");
+            }
         }
     }
 }
+
+/// The pipelined tf32 kernels (cp.async ring; ldmatrix of k-contiguous tiles, warp-wide 32-bit
+/// loads of m-/n-contiguous ones) at both block tiles and every layout, on sizes that are
+/// multiples of 4 (whole 16-byte chunks) around the 64 and 128 tile edges and the 16-deep k tile,
+/// with and without the bias epilogue (Linear): the same C bit for bit as the unpipelined tf32
+/// kernel (the same cvt.rna rounding of each operand and the same k order of the mma steps, so
+/// any difference is a pipeline or layout bug, not rounding), within the tf32 bound of the f64
+/// reference, the pipelined kernel really launched, and its shared-memory reads free of bank
+/// conflicts (the emulator counts ldmatrix and the 32-bit loads). On the cpu: the f32 product.
+#[cfg(feature = "autocast")]
+fn check_gemm_pipe_tf32(dev: &Device, c: Case, tile: u32, bias: bool, seed: u64) -> Result<(), TestCaseError> {
+    use reclmis::ops::tune::with_candidate;
+    let (sa, sb) = c.shapes();
+    let a = values(sa.iter().product(), seed, false);
+    let b = values(sb.iter().product(), seed ^ 7, false);
+    let (at, bt) = (tensor(&a, &sa, dev), tensor(&b, &sb, dev));
+    let (plan, _) = gemm::plan(&sa, &sb, c.trans_a, c.trans_b).unwrap();
+    let (want, mag) = reference::gemm(&f64s(&a), &f64s(&b), &plan, c.alpha as f64);
+    let opts = c.opts(GemmAlgo::TensorCore);
+    let name = if tile == 128 { "tf32_pipe128" } else { "tf32_pipe64" };
+    let y = with_candidate(name, || gemm::matmul(&at, &bt, opts)).unwrap().to_vec().unwrap();
+    assert_none("C", mismatch_scaled(&y, &want, &mag, tolerance(GemmAlgo::TensorCore, c.k), 0.0))?;
+    if !dev.is_gpu_like() {
+        return Ok(());
+    }
+    let pipe = gemm::with_bf16_tile(tile, || gemm::tf32_pipe_kernel(&plan, [at.dev_ptr(), bt.dev_ptr()]));
+    prop_assert!(pipe.is_some_and(|p| p.1 == tile), "{:?}: the pipelined tf32 kernel must apply", pipe);
+    #[cfg(feature = "emu")]
+    if matches!(dev, Device::Emu) {
+        let launched = reclmis::device::emu::launched_kernels();
+        prop_assert!(launched.contains(&pipe.unwrap().0), "{:?} not in {:?}", pipe, launched);
+        let s = reclmis::device::emu::last_smem_stats();
+        prop_assert!(s.phases > 0 && s.extra_wavefronts == 0, "shared-memory phases {:?}", s);
+    }
+    let y0 = with_candidate("tf32_mma", || gemm::matmul(&at, &bt, opts)).unwrap().to_vec().unwrap();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    prop_assert!(bits(&y) == bits(&y0), "the pipelined tf32 kernel differs from gemm_tc_fwd_f32");
+    if bias {
+        // Linear: x [batch·m, k] · wᵀ (w [n, k]: both k-contiguous) + bias in the epilogue
+        use reclmis::ops::gemm::linear;
+        let rows = c.batch * c.m;
+        let x = tensor(&values(rows * c.k, seed ^ 1, false), &[rows, c.k], dev);
+        let w = tensor(&values(c.n * c.k, seed ^ 2, false), &[c.n, c.k], dev);
+        let bv = tensor(&values(c.n, seed ^ 3, false), &[c.n], dev);
+        let run = |cand| with_candidate(cand, || linear::linear(&x, &w, Some(&bv), GemmAlgo::TensorCore));
+        let (yp, y0) = (run(name).unwrap().to_vec().unwrap(), run("tf32_mma").unwrap().to_vec().unwrap());
+        prop_assert!(bits(&yp) == bits(&y0), "the pipelined tf32 Linear (bias epilogue) differs");
+    }
+    Ok(())
+}
+
+/// Sizes that are multiples of 4 (whole 16-byte chunks of f32) near the tile edges.
+#[cfg(feature = "autocast")]
+fn pipe_tf32_case() -> impl Strategy<Value = Case> {
+    let edge = || prop_oneof![1usize..=3, 15usize..=17, 31usize..=33].prop_map(|u| 4 * u);
+    (case(), edge(), edge(), prop_oneof![1usize..=5, 7usize..=9].prop_map(|u| 4 * u)).prop_map(|(c, m, n, k)| Case {
+        m,
+        n,
+        k,
+        ..c
+    })
+}
+
+#[cfg(feature = "autocast")]
+per_device!(check_gemm_pipe_tf32, (
+    c in pipe_tf32_case(),
+    tile in prop_oneof![Just(64u32), Just(128)],
+    bias in any::<bool>(),
+    seed in any::<u64>(),
+));
 
 #[test]
 fn shape_errors_are_typed() {

@@ -11,10 +11,10 @@
 // thread's cp.async.wait_group retires its group, so a missing or too-weak wait reads stale data
 // (dynamic shared memory starts as NaN bytes); a thread that exits with copies in flight is a
 // launch error. ldmatrix (x1/x2/x4, .trans) is a warp collective with exact fragment layouts; its
-// shared-memory bank conflicts are counted per launch (emu::LaunchStats, a report, not a failure).
+// shared-memory bank conflicts (and those of the warp-wide 32-bit loads, lds32) are counted per launch (emu::LaunchStats, a report, not a failure).
 //
 // Limits (write new kernels within them): no wgmma / TMA / cooperative groups, cp.async only into
-// dynamic shared memory, bank conflicts counted for ldmatrix only, no half arithmetic, warp collectives assume the full warp (masks are ignored), math runs at full
+// dynamic shared memory, bank conflicts counted for ldmatrix and lds32_warp only, no half arithmetic, warp collectives assume the full warp (masks are ignored), math runs at full
 // precision, __shared__ variables are per OS thread and keep the previous block's contents (dynamic
 // shared memory is refilled with NaN bytes per block).
 #pragma once
@@ -116,6 +116,27 @@ inline void ldmatrix(uint32_t (&r)[N], const void* row, int site) {
         }
     }
     sync_warp(site);  // every lane has read the slots before they are reused
+}
+
+// A 32-bit shared-memory load all 32 lanes execute together (the tf32 pipelines' scalar fragment
+// reads, lds32_warp): each lane reads its word when it reaches the instruction, and the warp's 32
+// addresses are one phase for the bank-conflict count.
+inline uint32_t lds32(const void* p, int site) {
+    if ((reinterpret_cast<uintptr_t>(p) & 3u) != 0) trap("32-bit shared load not 4-byte aligned", site);
+    uint64_t* s = warp_slots();
+    const unsigned me = lane();
+    uint32_t v;
+    std::memcpy(&v, p, 4);
+    s[me * 16] = reinterpret_cast<uintptr_t>(p);
+    sync_warp(site);
+    if (warp_live_mask() != 0xffffffffu) trap("lds32_warp needs all 32 lanes", site);
+    if (me == 0) {
+        uintptr_t a[32];
+        for (int j = 0; j < 32; ++j) a[j] = (uintptr_t)s[j * 16];
+        note_smem_phase(a, 32, 4);
+    }
+    sync_warp(site);  // lane 0 has read the slots before they are reused
+    return v;
 }
 
 template <class T>

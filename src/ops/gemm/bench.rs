@@ -10,7 +10,7 @@ use crate::tensor::{DType, Tensor};
 use crate::testing::{f64s, mismatch_scaled, EPS32};
 
 pub const GROUP: Group = Group {
-    names: &["gemm", "gemm_tc", "gemm_bf16", "linear"],
+    names: &["gemm", "gemm_tc", "gemm_tc_elem", "gemm_bf16", "linear"],
     cases,
     shaped: &[
         Shaped { op: "gemm", form: "MxNxK", make: shaped },
@@ -19,7 +19,9 @@ pub const GROUP: Group = Group {
     check: Some(check),
 };
 
-/// Square GEMMs (exact f32 and, on cuda/emu, the tf32 tensor-core kernel).
+/// Square GEMMs (exact f32 and, on cuda/emu, tf32 on the tensor cores: `gemm_tc` as the
+/// product runs it, the pipelined kernel in builds with autocast; `gemm_tc_elem` the
+/// element-loading kernel, for the pipeline's gain in the same run).
 fn cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
     let gemm_sizes: &[usize] = if small {
         &[64, 128]
@@ -30,7 +32,7 @@ fn cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
     };
     for &s in gemm_sizes {
         let algos: &[(&str, GemmAlgo)] = if dev.is_gpu_like() {
-            &[("gemm", GemmAlgo::Tiled), ("gemm_tc", GemmAlgo::TensorCore)]
+            &[("gemm", GemmAlgo::Tiled), ("gemm_tc", GemmAlgo::TensorCore), ("gemm_tc_elem", GemmAlgo::TensorCore)]
         } else {
             &[("gemm", GemmAlgo::Auto)]
         };
@@ -128,7 +130,14 @@ fn gemm_case(dev: &Device, name: &'static str, algo: GemmAlgo, (m, n, k): (usize
         flops: 2.0 * (m * n * k) as f64,
         bytes: 4.0 * (m * k + k * n + m * n) as f64,
         peer: Some(format!("mm {m} {n} {k}")),
-        run: Box::new(move || gemm::matmul(&a, &b, GemmOpts { algo, ..Default::default() })),
+        run: Box::new(move || {
+            let opts = GemmOpts { algo, ..Default::default() };
+            if name == "gemm_tc_elem" {
+                crate::ops::tune::with_candidate("tf32_mma", || gemm::matmul(&a, &b, opts))
+            } else {
+                gemm::matmul(&a, &b, opts)
+            }
+        }),
         validate: Some(Box::new(move |c| check_gemm_mnk(&ha, &hb, &c.to_vec()?, (m, n, k), tol))),
     })
 }
@@ -177,6 +186,17 @@ fn check(dev: &Device, c: &mut Checks) -> Result<()> {
     }
     // one bf16 rounding of C (2^-8 of |C| <= the magnitude) plus the f32 sum's k roundings
     let (m, k, n) = (136, 40, 72);
+    if dev.is_gpu_like() {
+        // tf32 on sizes multiples of 4 (the pipelined kernel in builds with autocast): the tf32
+        // bound of every tensor-core product
+        let (a, bb) = (c.rng.vec(m * k, -1.0, 1.0), c.rng.vec(k * n, -1.0, 1.0));
+        let (plan, _) = gemm::plan(&[m, k], &[k, n], false, false)?;
+        let (want, mag) = gemm::reference::gemm(&f64s(&a), &f64s(&bb), &plan, 1.0);
+        let (at, bt) = (Tensor::from_vec(a, &[m, k], dev)?, Tensor::from_vec(bb, &[k, n], dev)?);
+        let y = gemm::matmul(&at, &bt, GemmOpts { algo: GemmAlgo::TensorCore, ..Default::default() })?.to_vec()?;
+        let tol = 2.0 * crate::testing::EPS_TF32 + (k + 2) as f64 * EPS32;
+        c.record(&format!("gemm tf32 {m}x{k}x{n} (chunked)"), mismatch_scaled(&y, &want, &mag, tol, 0.0));
+    }
     let bf = |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect() };
     let (a, bb) = (bf(&c.rng.vec(m * k, -1.0, 1.0)), bf(&c.rng.vec(k * n, -1.0, 1.0)));
     let to_bf16 =

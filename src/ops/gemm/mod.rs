@@ -284,8 +284,8 @@ pub(crate) fn fixed_bf16_tile() -> Option<u32> {
     PIPE_TILE.with(|t| t.get())
 }
 
-/// Runs `f` with the pipelined bf16 GEMM's block tile fixed at 64 or 128 for the products it
-/// launches on this thread (tests reach both tiles' edges with small problems).
+/// Runs `f` with the pipelined (bf16 and tf32) GEMMs' block tile fixed at 64 or 128 for the
+/// products it launches on this thread (tests reach both tiles' edges with small problems).
 pub fn with_bf16_tile<R>(tile: u32, f: impl FnOnce() -> R) -> R {
     let old = PIPE_TILE.with(|t| t.replace(Some(tile)));
     let r = f();
@@ -304,21 +304,49 @@ const PIPE_FILL_BLOCKS: usize = 132;
 /// multiples of 8 elements, and its base 16-byte aligned; gemm_tc_fwd_bf16 (element loads) else.
 #[cfg(feature = "autocast")]
 pub fn bf16_kernel(s: &GemmShape, [a, b]: [u64; 2]) -> (Kernel, u32, u32) {
-    let chunked = |(sb, sr, sc): (usize, usize, usize), rows: usize, cols: usize, base: u64| {
+    if !chunked(s, [a, b], 8) {
+        return (Kernel::gemm_tc_fwd_bf16, 64, 0);
+    }
+    PIPE_KERNELS[usize::from(!big_tile(s))]
+}
+
+/// Whether every 16-byte chunk (`per` elements) of A and B is whole and aligned: each operand's
+/// contiguous extent (k or m for A, n or k for B) and its other strides multiples of `per`, and
+/// its base 16-byte aligned (what the pipelined kernels' cp.async copies need).
+#[cfg(feature = "autocast")]
+fn chunked(s: &GemmShape, [a, b]: [u64; 2], per: usize) -> bool {
+    let ok = |(sb, sr, sc): (usize, usize, usize), rows: usize, cols: usize, base: u64| {
         let (ld, contiguous) = match (sr, sc) {
             (_, 1) => (sr, cols),
             (1, _) => (sc, rows),
             _ => return false,
         };
-        base.is_multiple_of(16) && contiguous.is_multiple_of(8) && ld.is_multiple_of(8) && sb.is_multiple_of(8)
+        base.is_multiple_of(16) && contiguous.is_multiple_of(per) && ld.is_multiple_of(per) && sb.is_multiple_of(per)
     };
-    if !(chunked(s.sa, s.m, s.k, a) && chunked(s.sb, s.k, s.n, b)) {
-        return (Kernel::gemm_tc_fwd_bf16, 64, 0);
-    }
-    let tiles128 = s.m.div_ceil(128) * s.n.div_ceil(128) * s.batch;
-    let big = PIPE_TILE.with(|t| t.get()).map_or(tiles128 >= PIPE_FILL_BLOCKS, |t| t == 128);
-    PIPE_KERNELS[usize::from(!big)]
+    ok(s.sa, s.m, s.k, a) && ok(s.sb, s.k, s.n, b)
 }
+
+/// The 128-square block tile (else the 64 one): a test's fixed tile, or enough 128 tiles to fill
+/// the GPU.
+#[cfg(feature = "autocast")]
+fn big_tile(s: &GemmShape) -> bool {
+    let tiles128 = s.m.div_ceil(128) * s.n.div_ceil(128) * s.batch;
+    PIPE_TILE.with(|t| t.get()).map_or(tiles128 >= PIPE_FILL_BLOCKS, |t| t == 128)
+}
+
+/// The pipelined tf32 kernel for an f32 product at tf32 (same block tiles, same dynamic shared
+/// memory as the bf16 ones: 16 f32 k per stage are 64-byte rows as 32 bf16 are), where every
+/// 16-byte chunk of A and B (4 floats) is whole and aligned; None where not (the element-loading
+/// `gemm_tc_fwd_f32` runs then).
+#[cfg(feature = "autocast")]
+pub fn tf32_pipe_kernel(s: &GemmShape, [a, b]: [u64; 2]) -> Option<(Kernel, u32, u32)> {
+    chunked(s, [a, b], 4).then(|| TF32_PIPE_KERNELS[usize::from(!big_tile(s))])
+}
+
+/// The pipelined tf32 kernels, 128- and 64-square block tiles (as PIPE_KERNELS).
+#[cfg(feature = "autocast")]
+const TF32_PIPE_KERNELS: [(Kernel, u32, u32); 2] =
+    [(Kernel::gemm_pipe128_fwd_f32, 128, PIPE128_SMEM), (Kernel::gemm_pipe64_fwd_f32, 64, PIPE64_SMEM)];
 
 /// The pipelined bf16 kernels (one params struct): the 128- and the 64-square block tile, with
 /// their dynamic shared memory; the same arithmetic (each C element sums its k in the same
@@ -374,6 +402,29 @@ pub(crate) unsafe fn launch(
         // mirrors the kernels' params struct (the same for both kernels).
         unsafe { dev.launch(kernel, LaunchCfg { grid, block: (threads, 1, 1), smem_bytes: 0 }, &p) }
     };
+    #[cfg(feature = "autocast")]
+    if algo == GemmAlgo::TensorCore {
+        if let Some(pipe) = tf32_pipe_kernel(s, [a, b]) {
+            // the pipelined tf32 kernels apply: candidates pipe128, pipe64, then the two above
+            let heuristic = TF32_PIPE_KERNELS.iter().position(|k| *k == pipe).unwrap_or(0);
+            let run = |i: usize| {
+                if i >= 2 {
+                    return run(i - 2);
+                }
+                let (kernel, tile, smem_bytes) = TF32_PIPE_KERNELS[i];
+                let grid = ((s.n as u32).div_ceil(tile), (s.m as u32).div_ceil(tile), s.batch as u32);
+                // SAFETY: the caller guarantees the buffers (this function's contract), and
+                // `tf32_pipe_kernel` found every 16-byte chunk of A and B whole and aligned, which
+                // the pipelined kernels' cp.async copies need (the tuned key says so too).
+                unsafe { dev.launch(kernel, LaunchCfg { grid, block: (128, 1, 1), smem_bytes }, &p) }
+            };
+            if beta != 0.0 || PIPE_TILE.with(|t| t.get()).is_some() {
+                return run(heuristic);
+            }
+            let key = || format!("gemm_tf32_pipe {} bias{}", s.key(), bias != 0);
+            return crate::ops::tune::pick_on(dev, key, &TF32_PIPE_NAMES, heuristic, run);
+        }
+    }
     match algo {
         // tf32 allowed: the tf32 tensor cores or the exact FMA kernel (within tf32's bound),
         // tuned per shape and GPU. Not when C accumulates (beta != 0): timing runs it twice.
@@ -389,6 +440,8 @@ pub(crate) unsafe fn launch(
 const F32_KERNELS: [(Kernel, u32); 2] = [(Kernel::gemm_tc_fwd_f32, 128), (Kernel::gemm_fwd_f32, 256)];
 /// Their candidate names for autotuning (the convolutions' kernels use the same).
 pub const F32_NAMES: [&str; 2] = ["tf32_mma", "f32_fma"];
+/// The candidates of a tf32 product the pipelined kernels can run: those two, then F32_NAMES.
+pub const TF32_PIPE_NAMES: [&str; 4] = ["tf32_pipe128", "tf32_pipe64", "tf32_mma", "f32_fma"];
 
 /// (dA, dB) for C = alpha · op(A) · op(B), as GEMMs on the same device:
 /// d op(A) = alpha · dC · op(B)ᵀ and d op(B) = alpha · op(A)ᵀ · dC, transposed back when the
