@@ -23,6 +23,9 @@ const PTX_ARCH: u32 = 80;
 struct Module {
     name: String,
     kernels: Vec<String>,
+    /// The kernels a build without `autocast` leaves out: `autocast_only` by name, and every
+    /// kernel defined inside an `// @autocast-only` region.
+    autocast: Vec<String>,
     /// What NVRTC compiles and the binary embeds: the source with local #includes inlined, less
     /// the training-only kernels in a
     /// build without the `train` feature (empty when the module has only those).
@@ -173,15 +176,18 @@ fn main() {
             let name = p.file_stem().unwrap().to_string_lossy().into_owned();
             let expanded = expand_includes(p, &kdir, &mut Vec::new());
             let kernels = kernel_names(&expanded, p);
-            let (keep, drop): (Vec<&String>, Vec<&String>) = kernels.iter().partition(|k| {
-                (with_training || !training_only(&name, k)) && (with_autocast || !autocast_only(&name, k))
-            });
+            let outside = kernel_names(&strip_autocast_regions(&expanded), p);
+            let autocast: Vec<String> =
+                kernels.iter().filter(|k| autocast_only(&name, k) || !outside.contains(k)).cloned().collect();
+            let (keep, drop): (Vec<&String>, Vec<&String>) = kernels
+                .iter()
+                .partition(|k| (with_training || !training_only(&name, k)) && (with_autocast || !autocast.contains(k)));
             let mut gpu = if keep.is_empty() { String::new() } else { strip_kernels(&expanded, &drop) };
             if !with_autocast {
                 gpu = strip_autocast_regions(&gpu);
             }
             let gpu_kernels = keep.into_iter().cloned().collect();
-            Module { name, kernels, gpu, gpu_kernels }
+            Module { name, kernels, autocast, gpu, gpu_kernels }
         })
         .collect();
     check_unique(&modules);
@@ -588,7 +594,7 @@ fn write_table(out: &Path, modules: &[Module], res: &[Resources], nvrtc: Option<
         .iter()
         .enumerate()
         .flat_map(|(i, m)| m.kernels.iter().map(move |k| (i, k)))
-        .filter(|(i, k)| with_autocast || !autocast_only(&modules[*i].name, k))
+        .filter(|(i, k)| with_autocast || !modules[*i].autocast.contains(k))
         .collect();
     for (_, k) in &all {
         let _ = writeln!(s, "    {k},");

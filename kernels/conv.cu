@@ -185,11 +185,15 @@ __device__ __forceinline__ bool cp_tap(const ConvPipeParams& p, uint32_t yy, uin
 // Forward loader: A = packed weights (strided rows), B = the implicit im2col tile stored [BN][BK]
 // (pixels by k). Thread tid copies chunk column tid % 4 of NR pixel rows, fixed over k: their
 // coordinates are computed once.
-template <int BM, int BN, int NT>
+// K: the element kind (PgBf16, or PgTf32 over f32 NHWC x and packed weights: 4 channels per
+// chunk, 16 k per stage; either way 4 chunks per tile row).
+template <int BM, int BN, int NT, class K = PgBf16>
 struct ConvFwdLoader {
-    using T = PgTiles<BM, BN, true, false>;
-    static constexpr int NR = BN * (PG_BK / 8) / NT;
-    static_assert(NR * NT == BN * (PG_BK / 8), "whole chunks per thread");
+    using T = PgTiles<BM, BN, true, false, K>;
+    using E = typename K::E;
+    static constexpr int CPR = K::BK / K::PER_CHUNK;  // chunks per row of the [BN][BK] tile
+    static constexpr int NR = BN * CPR / NT;
+    static_assert(NR * NT == BN * CPR, "whole chunks per thread");
     const ConvPipeParams* p;
     uint32_t row0, ktot, n;
     int tid;
@@ -201,10 +205,10 @@ struct ConvFwdLoader {
         : p(&pp), row0(row0_), tid(tid_) {
         ktot = pp.kh * pp.kw * pp.ci;
         n = pp.b * pp.h * pp.w_;
-        c = tid % (PG_BK / 8);
+        c = tid % CPR;
 #pragma unroll
         for (int i = 0; i < NR; ++i) {
-            const uint32_t r = tid / (PG_BK / 8) + i * (NT / (PG_BK / 8));
+            const uint32_t r = tid / CPR + i * (NT / CPR);
             q[i] = (uint64_t)col0 + r;
             valid[i] = q[i] < n;
             xx[i] = (uint32_t)(q[i] % pp.w_);
@@ -212,15 +216,16 @@ struct ConvFwdLoader {
         }
     }
     __device__ __forceinline__ void load(unsigned char* sa, unsigned char* sb, uint64_t k0) const {
-        T::TA::load(sa, p->w, ktot, row0, k0, p->co, ktot, tid, NT);
-        const uint32_t k = (uint32_t)k0 + 8 * c, tap = k / p->ci, cc = k % p->ci;
+        const E* xp = reinterpret_cast<const E*>(p->x);
+        T::TA::load(sa, reinterpret_cast<const E*>(p->w), ktot, row0, k0, p->co, ktot, tid, NT);
+        const uint32_t k = (uint32_t)k0 + K::PER_CHUNK * c, tap = k / p->ci, cc = k % p->ci;
         const int dy = (int)(tap / p->kw) - (int)(p->kh / 2), dx = (int)(tap % p->kw) - (int)(p->kw / 2);
         const int64_t shift = ((int64_t)dy * p->w_ + dx) * p->ci + cc;
 #pragma unroll
         for (int i = 0; i < NR; ++i) {
-            const uint32_t r = tid / (PG_BK / 8) + i * (NT / (PG_BK / 8));
+            const uint32_t r = tid / CPR + i * (NT / CPR);
             const bool ok = valid[i] && k < ktot && cp_tap(*p, yy[i], xx[i], dy, dx);
-            cp_async16(sb + pg_off<PG_BK / 8>(r, c), ok ? p->x + (int64_t)(q[i] * p->ci) + shift : p->x, ok);
+            cp_async16(sb + T::TB::off(r, c), ok ? xp + (int64_t)(q[i] * p->ci) + shift : xp, ok);
         }
     }
 };
@@ -266,6 +271,51 @@ extern "C" __global__ void __launch_bounds__(128) conv2d_pipe128_fwd_bf16(ConvPi
 // grid = (ceil(B·H·W/64), ceil(Co/64)), block = 128, dynamic shared memory 24 KiB
 extern "C" __global__ void __launch_bounds__(128) conv2d_pipe64_fwd_bf16(ConvPipeParams p) {
     conv_pipe_fwd<64, 64, 2, 2>(p);
+}
+
+// ---- tf32: the same implicit GEMMs over f32 NHWC x (conv_nhwc_fwd_f32) and packed f32 weights
+// (conv_wpack_fwd_f32), the tf32 kind of the core (ldmatrix for both operands: the weights' and
+// the im2col tile are k-contiguous). The host needs Ci a multiple of 4.
+// Forward epilogue: C[co][q] + bias into NCHW f32 y, pairs of pixels as one 64-bit store where
+// both are in one image and aligned.
+struct ConvFwdPipeF32Problem {
+    const ConvPipeParams* p;
+    uint32_t m, n;
+    uint64_t kbeg, kend;
+    static constexpr bool VEC_STORE = false;
+    __device__ __forceinline__ void store2(uint32_t i, uint32_t j, float v0, float v1, bool both) const {
+        const uint64_t hw = (uint64_t)p->h * p->w_;
+        const float bias = p->bias ? reinterpret_cast<const float*>(p->bias)[i] : 0.f;
+        float* y = reinterpret_cast<float*>(p->y);
+        const uint64_t b = j / hw, px = j % hw;
+        float* dst = y + (b * p->co + i) * hw + px;
+        if (both && px + 1 < hw && (reinterpret_cast<uint64_t>(dst) & 7u) == 0) {
+            *reinterpret_cast<float2*>(dst) = float2{v0 + bias, v1 + bias};
+            return;
+        }
+        dst[0] = v0 + bias;
+        if (both) {
+            const uint64_t q = (uint64_t)j + 1;
+            y[(q / hw * p->co + i) * hw + q % hw] = v1 + bias;
+        }
+    }
+};
+
+template <int BM, int BN, int WARPS_M, int WARPS_N>
+__device__ __forceinline__ void conv_pipe_fwd_f32(const ConvPipeParams& p) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    const ConvFwdPipeF32Problem pr{&p, p.co, p.b * p.h * p.w_, 0, (uint64_t)p.kh * p.kw * p.ci};
+    const ConvFwdLoader<BM, BN, 32 * WARPS_M * WARPS_N, PgTf32> ld(p, blockIdx.y * BM, blockIdx.x * BN, threadIdx.x);
+    pg_body<BM, BN, WARPS_M, WARPS_N, true, false, PgTf32>(pr, ld, smem);
+}
+
+// grid = (ceil(B·H·W/128), ceil(Co/128)), block = 128, dynamic shared memory 48 KiB
+extern "C" __global__ void __launch_bounds__(128) conv2d_pipe128_fwd_f32(ConvPipeParams p) {
+    conv_pipe_fwd_f32<128, 128, 2, 2>(p);
+}
+// grid = (ceil(B·H·W/64), ceil(Co/64)), block = 128, dynamic shared memory 24 KiB
+extern "C" __global__ void __launch_bounds__(128) conv2d_pipe64_fwd_f32(ConvPipeParams p) {
+    conv_pipe_fwd_f32<64, 64, 2, 2>(p);
 }
 
 // Weight-gradient loader: A = dy NHWC stored [BK][BM] (pixels by output channels, strided rows
@@ -334,10 +384,73 @@ extern "C" __global__ void __launch_bounds__(128) conv2d_pipe64_wgrad_bwd_bf16(C
     pg_body<64, 64, 2, 2, false, true>(pr, ld, smem);
 }
 
+// tf32 weight gradient: A = dy read in NCHW ([BM][BK]: output channels by pixels, k-contiguous,
+// so ldmatrix reads it; a 16-byte chunk is 4 pixels of one image: the host needs H·W a multiple
+// of 4), B = the implicit im2col of f32 NHWC x ([BK][BN], channels contiguous, read by 32-bit
+// loads). The f32 partial sums and their order are the bf16 kernel's.
+template <int BM, int BN, int NT>
+struct ConvWgradF32Loader {
+    using T = PgTiles<BM, BN, true, true, PgTf32>;
+    static constexpr int CH = BN / 4;
+    static constexpr int NR = PgTf32::BK * CH / NT;
+    static_assert(NR * NT == PgTf32::BK * CH, "whole chunks per thread");
+    const ConvPipeParams* p;
+    uint32_t row0;
+    uint64_t kend;
+    int tid;
+    uint32_t c;
+    bool nvalid;
+    int dy, dx;
+    int64_t shift;
+    __device__ __forceinline__ ConvWgradF32Loader(const ConvPipeParams& pp, uint32_t row0_, uint32_t col0, uint64_t kend_,
+                                                  int tid_)
+        : p(&pp), row0(row0_), kend(kend_), tid(tid_) {
+        c = tid % CH;
+        const uint32_t ncol = col0 + 4 * c, ntot = pp.kh * pp.kw * pp.ci;
+        nvalid = ncol < ntot;
+        const uint32_t tap = ncol / pp.ci, cc = ncol % pp.ci;
+        dy = (int)(tap / pp.kw) - (int)(pp.kh / 2);
+        dx = (int)(tap % pp.kw) - (int)(pp.kw / 2);
+        shift = ((int64_t)dy * pp.w_ + dx) * pp.ci + cc;
+    }
+    __device__ __forceinline__ void load(unsigned char* sa, unsigned char* sb, uint64_t k0) const {
+        const float* dyp = reinterpret_cast<const float*>(p->w);
+        const float* xp = reinterpret_cast<const float*>(p->x);
+        const uint64_t hw = (uint64_t)p->h * p->w_;
+        for (int e = tid; e < BM * 4; e += NT) {
+            const uint32_t r = e / 4, cc = e % 4, co = row0 + r;
+            const uint64_t q = k0 + 4 * cc;
+            const bool ok = co < p->co && q < kend;
+            cp_async16(sa + T::TA::off(r, cc), ok ? dyp + ((q / hw) * p->co + co) * hw + q % hw : dyp, ok);
+        }
+#pragma unroll
+        for (int i = 0; i < NR; ++i) {
+            const uint32_t r = tid / CH + i * (NT / CH);
+            const uint64_t q = k0 + r;
+            const uint32_t xx = (uint32_t)(q % p->w_), yy = (uint32_t)(q / p->w_ % p->h);
+            const bool ok = nvalid && q < kend && cp_tap(*p, yy, xx, dy, dx);
+            cp_async16(sb + T::TB::off(r, c), ok ? xp + (int64_t)(q * p->ci) + shift : xp, ok);
+        }
+    }
+};
+
+// grid = (ceil(kh·kw·Ci/64), ceil(Co/64), splits), block = 128, dynamic shared memory 24 KiB;
+// x: f32 NHWC, w: dy f32 NCHW, y: f32 partial sums [splits, Co, kh·kw·Ci]
+extern "C" __global__ void __launch_bounds__(128) conv2d_pipe64_wgrad_bwd_f32(ConvPipeParams p) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    constexpr int BK = PgTf32::BK;
+    const uint64_t total = (uint64_t)p.b * p.h * p.w_;
+    const uint64_t tiles = (total + BK - 1) / BK, per = (tiles + p.splits - 1) / p.splits;
+    const uint64_t kbeg = min((uint64_t)blockIdx.z * per * BK, total), kend = min(kbeg + per * BK, total);
+    const ConvWgradPipeProblem pr{&p, p.co, p.kh * p.kw * p.ci, kbeg, kend};
+    const ConvWgradF32Loader<64, 64, 128> ld(p, blockIdx.y * 64, blockIdx.x * 64, kend, threadIdx.x);
+    pg_body<64, 64, 2, 2, true, true, PgTf32>(pr, ld, smem);
+}
+
 // dw[co][ci][tap] = bf16(Σ_z part[z][co][tap·Ci + ci]), the splits summed in order in f32.
 struct WgradSumParams {
     const float* part;
-    uint16_t* dw;
+    void* dw;
     uint32_t co;
     uint32_t ci;
     uint32_t k2;
@@ -345,7 +458,11 @@ struct WgradSumParams {
 };
 RECLMIS_PARAMS_SIZE(WgradSumParams, 32);
 
-extern "C" __global__ void conv_wgrad_sum_bwd_bf16(WgradSumParams p) {
+__device__ __forceinline__ void wgrad_store(uint16_t* dw, uint64_t i, float s) { dw[i] = f32_to_bf16_bits(s); }
+__device__ __forceinline__ void wgrad_store(float* dw, uint64_t i, float s) { dw[i] = s; }
+
+template <class T>
+__device__ __forceinline__ void wgrad_sum(const WgradSumParams& p) {
     const uint64_t n = (uint64_t)p.co * p.ci * p.k2, plane = n;
     const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
     for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
@@ -354,17 +471,21 @@ extern "C" __global__ void conv_wgrad_sum_bwd_bf16(WgradSumParams p) {
         const uint64_t co = i / p.k2 / p.ci, src = (co * p.k2 + tap) * p.ci + ci;
         float s = 0.f;
         for (uint32_t z = 0; z < p.splits; ++z) s += p.part[z * plane + src];
-        p.dw[i] = f32_to_bf16_bits(s);
+        wgrad_store(reinterpret_cast<T*>(p.dw), i, s);
     }
 }
+
+extern "C" __global__ void conv_wgrad_sum_bwd_bf16(WgradSumParams p) { wgrad_sum<uint16_t>(p); }
+// the same sum into f32 dw (the tf32 weight gradient)
+extern "C" __global__ void conv_wgrad_sum_bwd_f32(WgradSumParams p) { wgrad_sum<float>(p); }
 
 // NCHW -> NHWC for bf16 activations, into channels [c_off, c_off + C) of a [B, H·W, c_total]
 // buffer (a concatenation's parts land side by side). A 32 x 32 tile through shared memory so
 // that both the reads (along pixels) and the writes (along channels) coalesce.
 // x: [B, C, HW] bf16; y: [B, HW, c_total] bf16
 struct NhwcParams {
-    const uint16_t* x;
-    uint16_t* y;
+    const void* x;
+    void* y;
     uint32_t b;
     uint32_t c;
     uint32_t hw;
@@ -374,27 +495,39 @@ struct NhwcParams {
 };
 RECLMIS_PARAMS_SIZE(NhwcParams, 40);
 
-// grid = (ceil(HW/32), ceil(C/32), B), block = (32, 8)
-extern "C" __global__ void conv_nhwc_fwd_bf16(NhwcParams p) {
-    __shared__ uint16_t t[32][33];
+template <class T>
+__device__ __forceinline__ void nhwc_body(const NhwcParams& p, T (*t)[33]) {
+    const T* x = reinterpret_cast<const T*>(p.x);
+    T* y = reinterpret_cast<T*>(p.y);
     const uint32_t p0 = blockIdx.x * 32, c0 = blockIdx.y * 32, b = blockIdx.z;
     for (uint32_t r = threadIdx.y; r < 32; r += 8) {
         const uint32_t c = c0 + r, px = p0 + threadIdx.x;
-        if (c < p.c && px < p.hw) t[r][threadIdx.x] = p.x[((uint64_t)b * p.c + c) * p.hw + px];
+        if (c < p.c && px < p.hw) t[r][threadIdx.x] = x[((uint64_t)b * p.c + c) * p.hw + px];
     }
     __syncthreads();
     for (uint32_t r = threadIdx.y; r < 32; r += 8) {
         const uint32_t px = p0 + r, c = c0 + threadIdx.x;
-        if (c < p.c && px < p.hw) p.y[((uint64_t)b * p.hw + px) * p.c_total + p.c_off + c] = t[threadIdx.x][r];
+        if (c < p.c && px < p.hw) y[((uint64_t)b * p.hw + px) * p.c_total + p.c_off + c] = t[threadIdx.x][r];
     }
+}
+
+// grid = (ceil(HW/32), ceil(C/32), B), block = (32, 8)
+extern "C" __global__ void conv_nhwc_fwd_bf16(NhwcParams p) {
+    __shared__ uint16_t t[32][33];
+    nhwc_body(p, t);
+}
+// the same for f32 activations (the tf32 kernels)
+extern "C" __global__ void conv_nhwc_fwd_f32(NhwcParams p) {
+    __shared__ float t[32][33];
+    nhwc_body(p, t);
 }
 
 // Packs bf16 weights w [Co, Ci, k2] for the pipelined kernels: flip = 0: wp[co][tap][ci] =
 // w[co][ci][tap] (the forward); flip = 1: wp[ci][tap][co] = w[co][ci][k2 - 1 - tap] (the input
 // gradient's weights: transposed, both kernel axes reversed).
 struct WpackParams {
-    const uint16_t* w;
-    uint16_t* wp;
+    const void* w;
+    void* wp;
     uint32_t co;
     uint32_t ci;
     uint32_t k2;
@@ -402,7 +535,10 @@ struct WpackParams {
 };
 RECLMIS_PARAMS_SIZE(WpackParams, 32);
 
-extern "C" __global__ void conv_wpack_fwd_bf16(WpackParams p) {
+template <class T>
+__device__ __forceinline__ void wpack_body(const WpackParams& p) {
+    const T* w = reinterpret_cast<const T*>(p.w);
+    T* wp = reinterpret_cast<T*>(p.wp);
     const uint64_t n = (uint64_t)p.co * p.ci * p.k2;
     const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
     for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
@@ -412,7 +548,11 @@ extern "C" __global__ void conv_wpack_fwd_bf16(WpackParams p) {
         const uint32_t outer = (uint32_t)(i / inner_n / p.k2);
         const uint64_t src = p.flip ? ((uint64_t)inner * p.ci + outer) * p.k2 + (p.k2 - 1 - tap)
                                     : ((uint64_t)outer * p.ci + inner) * p.k2 + tap;
-        p.wp[i] = p.w[src];
+        wp[i] = w[src];
     }
 }
+
+extern "C" __global__ void conv_wpack_fwd_bf16(WpackParams p) { wpack_body<uint16_t>(p); }
+// the same for f32 weights (the tf32 kernels)
+extern "C" __global__ void conv_wpack_fwd_f32(WpackParams p) { wpack_body<float>(p); }
 // @autocast-only end

@@ -97,6 +97,89 @@ proptest! {
     }
 }
 
+/// The pipelined tf32 convolutions (cuda/emu, builds with autocast): the forward and the input
+/// gradient (the forward's kernel over dy) where the channels they read along are multiples of 4,
+/// the split-K weight gradient where Ci and H·W are (dy read in NCHW), at both block tiles, around
+/// the 64/128 pixel and channel tile edges and past the split threshold (512 pixels); other shapes
+/// take the element-loading kernels. Each result within the tf32 bound of the f64 reference (the
+/// pipelined sums run in tap-major order, so not bit for bit with `conv2d_tc_*`), and the
+/// pipelined kernels' shared-memory reads (ldmatrix, 32-bit loads) free of bank conflicts.
+#[cfg(feature = "autocast")]
+fn check_conv_pipe_tf32(
+    dev: &Device,
+    s: ConvShape,
+    tile: u32,
+    with_bias: bool,
+    seed: u64,
+) -> Result<(), TestCaseError> {
+    use reclmis::ops::gemm;
+    let x = values(s.b * s.ci * s.h * s.w, seed, false);
+    let w = values(s.co * s.ci * s.kh * s.kw, seed ^ 1, false);
+    let bias = values(s.co, seed ^ 2, false);
+    let dy = values(s.b * s.co * s.h * s.w, seed ^ 3, false);
+    let (xt, wt, bt) = (
+        tensor(&x, &[s.b, s.ci, s.h, s.w], dev),
+        tensor(&w, &[s.co, s.ci, s.kh, s.kw], dev),
+        tensor(&bias, &[s.co], dev),
+    );
+    let dyt = tensor(&dy, &[s.b, s.co, s.h, s.w], dev);
+    let algo = GemmAlgo::TensorCore;
+    let y = gemm::with_bf16_tile(tile, || conv::conv2d(&xt, &wt, with_bias.then_some(&bt), algo)).unwrap();
+    #[cfg(feature = "emu")]
+    if matches!(dev, Device::Emu) && s.ci.is_multiple_of(4) {
+        let st = reclmis::device::emu::last_smem_stats();
+        prop_assert!(st.phases > 0 && st.extra_wavefronts == 0, "forward shared-memory phases {:?}", st);
+    }
+    let g = gemm::with_bf16_tile(tile, || conv::conv2d_backward(&xt, &wt, &dyt, with_bias, algo)).unwrap();
+    #[cfg(feature = "emu")]
+    if matches!(dev, Device::Emu) {
+        use reclmis::kernels::Kernel;
+        let pipe = [Kernel::conv2d_pipe64_fwd_f32, Kernel::conv2d_pipe128_fwd_f32, Kernel::conv2d_pipe64_wgrad_bwd_f32];
+        for (k, st) in reclmis::device::emu::smem_report().into_iter().filter(|(k, _)| pipe.contains(k)) {
+            prop_assert!(st.extra_wavefronts == 0, "{:?}: bank conflicts {:?}", k, st);
+        }
+        let launched = reclmis::device::emu::launched_kernels();
+        if s.ci.is_multiple_of(4) && (s.h * s.w).is_multiple_of(4) {
+            prop_assert!(launched.contains(&Kernel::conv2d_pipe64_wgrad_bwd_f32), "{:?}", launched);
+        }
+    }
+    let abs = |v: &[f32]| -> Vec<f64> { v.iter().map(|a| a.abs() as f64).collect() };
+    let (bref, babs) = (f64s(&bias), abs(&bias));
+    let want = reference::conv2d(&f64s(&x), &f64s(&w), with_bias.then_some(&bref[..]), &s);
+    let mag = reference::conv2d(&abs(&x), &abs(&w), with_bias.then_some(&babs[..]), &s);
+    let (wdx, wdw, _) = reference::conv2d_backward(&f64s(&x), &f64s(&w), &f64s(&dy), &s);
+    let (mdx, mdw, _) = reference::conv2d_backward(&abs(&x), &abs(&w), &abs(&dy), &s);
+    let k2 = s.kh * s.kw;
+    assert_none("y", mismatch_scaled(&y.to_vec().unwrap(), &want, &mag, tol(algo, s.depth()), 0.0))?;
+    assert_none("dx", mismatch_scaled(&g.dx.to_vec().unwrap(), &wdx, &mdx, tol(algo, s.co * k2), 0.0))?;
+    assert_none("dw", mismatch_scaled(&g.dw.to_vec().unwrap(), &wdw, &mdw, tol(algo, s.b * s.h * s.w), 0.0))
+}
+
+/// Channel counts mostly multiples of 4 (sometimes 3 or 6: the element-loading fallback), maps
+/// whose H·W is or is not a multiple of 4, up to 3·16² = 768 pixels.
+#[cfg(feature = "autocast")]
+fn pipe_tf32_shape() -> impl Strategy<Value = ConvShape> {
+    let ch = || prop_oneof![6 => prop::sample::select(vec![4usize, 8, 12, 20, 36, 68]), 1 => prop::sample::select(vec![3usize, 6])];
+    let k = prop::sample::select(vec![(3usize, 3usize), (1, 1), (1, 3)]);
+    (1usize..=3, ch(), ch(), 1usize..=16, 1usize..=16, k).prop_map(|(b, ci, co, h, w, (kh, kw))| ConvShape {
+        b,
+        ci,
+        co,
+        h,
+        w,
+        kh,
+        kw,
+    })
+}
+
+#[cfg(feature = "autocast")]
+per_device!(check_conv_pipe_tf32, (
+    s in pipe_tf32_shape(),
+    tile in prop_oneof![Just(64u32), Just(128)],
+    with_bias in any::<bool>(),
+    seed in any::<u64>(),
+));
+
 #[test]
 fn even_kernels_and_channel_mismatches_are_errors() {
     let dev = Device::Cpu;

@@ -98,8 +98,9 @@ fn tuned_kernels(dev: &Device, prefix: &str) {
     let t = |v: &[f32], sh: &[usize]| Tensor::from_vec(v.to_vec(), sh, &dev).unwrap();
 
     // f32 GEMM where tf32 is allowed (GemmAlgo::TensorCore): k deep enough that the two
-    // kernels' results differ, so forcing a candidate is seen
-    let (m, k, n) = (40usize, 72usize, 56usize);
+    // kernels' results differ, so forcing a candidate is seen; m and n odd, so that the operands
+    // are not whole 16-byte chunks (the pipelined tf32 kernels' shapes come below)
+    let (m, k, n) = (41usize, 72usize, 57usize);
     let (av, bv) = (random(m * k, 1, 1.0), random(k * n, 2, 1.0));
     let (a, b) = (t(&av, &[m, k]), t(&bv, &[k, n]));
     let tc = GemmOpts { algo: GemmAlgo::TensorCore, ..Default::default() };
@@ -119,6 +120,20 @@ fn tuned_kernels(dev: &Device, prefix: &str) {
         }
     }
 
+    // tf32 GEMM on whole 16-byte chunks (builds with autocast): the pipelined kernels' two tiles
+    // and the element-loading tf32 kernel sum in the same order (the same C bit for bit)
+    if cfg!(feature = "autocast") {
+        let (m, k, n) = (40usize, 72usize, 56usize);
+        let (a, b) = (t(&random(m * k, 11, 1.0), &[m, k]), t(&random(k * n, 12, 1.0), &[k, n]));
+        let mm = || gemm::matmul(&a, &b, tc).unwrap().to_vec().unwrap();
+        let y = mm();
+        let pick = chosen("gemm_tf32_pipe");
+        let cands = each(&gemm::TF32_PIPE_NAMES, mm);
+        assert!(cands[0].1 == cands[1].1 && cands[1].1 == cands[2].1, "pipe128, pipe64 and tf32_mma agree");
+        assert!(cands[2].1 != cands[3].1, "tf32 and exact f32 differ at k = {k}");
+        assert_eq!(&y, &cands.iter().find(|c| c.0 == pick).unwrap().1, "the tuned GEMM is {pick}'s");
+    }
+
     // bf16 GEMM, sizes in whole 16-byte chunks: the 128 or the 64 tile of the pipelined kernel;
     // they sum each element's k in the same order, so they agree bit for bit
     let (m, k, n) = (136usize, 40usize, 72usize);
@@ -134,8 +149,9 @@ fn tuned_kernels(dev: &Device, prefix: &str) {
     assert!(cands[0].1 == cands[1].1, "the two tiles agree bit for bit");
     assert_eq!(y, cands[0].1, "the tuned bf16 GEMM ({pick}) is the kernels'");
 
-    // the convolution at tf32
-    let s = conv::ConvShape { b: 2, ci: 12, co: 20, h: 9, w: 7, kh: 3, kw: 3 };
+    // the convolution at tf32, 6 input channels: not whole 16-byte chunks, the element-loading
+    // kernels (the pipelined ones below)
+    let s = conv::ConvShape { b: 2, ci: 6, co: 20, h: 9, w: 7, kh: 3, kw: 3 };
     let (xv, wv) = (random(s.b * s.ci * s.h * s.w, 5, 1.0), random(s.co * s.ci * 9, 6, 1.0));
     let (x, w) = (t(&xv, &[s.b, s.ci, s.h, s.w]), t(&wv, &[s.co, s.ci, 3, 3]));
     let fwd = || conv::conv2d(&x, &w, None, GemmAlgo::TensorCore).unwrap().to_vec().unwrap();
@@ -149,9 +165,25 @@ fn tuned_kernels(dev: &Device, prefix: &str) {
         // |x|, |w| <= 1: Σ|x||w| <= depth
         assert!(((p - q).abs() as f64) <= tf32_bound(depth) * depth as f64, "{p} vs {q}");
     }
+    // 12 input channels (builds with autocast): the pipelined tf32 forward's two tiles, the same
+    // sums bit for bit
+    if cfg!(feature = "autocast") {
+        let s = conv::ConvShape { ci: 12, ..s };
+        let (x, w) = (
+            t(&random(s.b * s.ci * s.h * s.w, 13, 1.0), &[s.b, 12, 9, 7]),
+            t(&random(20 * 12 * 9, 14, 1.0), &[20, 12, 3, 3]),
+        );
+        let fwd = || conv::conv2d(&x, &w, None, GemmAlgo::TensorCore).unwrap().to_vec().unwrap();
+        let y = fwd();
+        let pick = chosen("conv2d_tf32_pipe");
+        let cands = each(&conv::bf16::FWD_NAMES, fwd);
+        assert!(cands[0].1 == cands[1].1, "the two tiles agree bit for bit");
+        assert_eq!(y, cands[0].1, "the tuned convolution ({pick}) is the kernels'");
+    }
     // the weight gradient on a map large enough that the finer split has more partial sums
-    // (2·72² pixels: 648 16-pixel tiles against the heuristic's 256 splits)
-    let s = conv::ConvShape { b: 2, ci: 4, co: 8, h: 72, w: 72, kh: 3, kw: 3 };
+    // (2·72² pixels: 648 16-pixel tiles against the heuristic's 256 splits); 3 input channels:
+    // the element-loading kernels (the pipelined tf32 one takes its heuristic split, untuned)
+    let s = conv::ConvShape { b: 2, ci: 3, co: 8, h: 72, w: 72, kh: 3, kw: 3 };
     let (xv, wv) = (random(s.b * s.ci * s.h * s.w, 8, 1.0), random(s.co * s.ci * 9, 9, 1.0));
     let dyv = random(s.b * s.co * s.h * s.w, 10, 1.0);
     let (x, w, dy) = (t(&xv, &[s.b, s.ci, s.h, s.w]), t(&wv, &[s.co, s.ci, 3, 3]), t(&dyv, &[s.b, s.co, s.h, s.w]));

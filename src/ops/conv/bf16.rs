@@ -75,12 +75,48 @@ crate::kernel_params! {
     }
 }
 
-/// The forward's pipelined kernels: the 128- and 64-square block tiles (the GEMM's tiles, the
-/// same dynamic shared memory), with their tuning names.
-const FWD_KERNELS: [(Kernel, u32, u32); 2] = [
-    (Kernel::conv2d_pipe128_fwd_bf16, 128, gemm::PIPE128_SMEM),
-    (Kernel::conv2d_pipe64_fwd_bf16, 64, gemm::PIPE64_SMEM),
-];
+/// The element type of the pipelined convolution kernels' operands: bf16 (autocast), or f32 read
+/// as tf32 (`conv::tf32`). The host code here serves both; the kernels differ.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Elem {
+    Bf16,
+    Tf32,
+}
+
+impl Elem {
+    /// The forward's pipelined kernels: the 128- and 64-square block tiles (the GEMM's tiles, the
+    /// same dynamic shared memory), in FWD_NAMES' order.
+    fn fwd_kernels(self) -> [(Kernel, u32, u32); 2] {
+        match self {
+            Elem::Bf16 => [
+                (Kernel::conv2d_pipe128_fwd_bf16, 128, gemm::PIPE128_SMEM),
+                (Kernel::conv2d_pipe64_fwd_bf16, 64, gemm::PIPE64_SMEM),
+            ],
+            Elem::Tf32 => [
+                (Kernel::conv2d_pipe128_fwd_f32, 128, gemm::PIPE128_SMEM),
+                (Kernel::conv2d_pipe64_fwd_f32, 64, gemm::PIPE64_SMEM),
+            ],
+        }
+    }
+    /// The NCHW -> NHWC copy, the weight packing, the weight gradient and the sum of its splits.
+    fn aux(self) -> [Kernel; 4] {
+        match self {
+            Elem::Bf16 => [
+                Kernel::conv_nhwc_fwd_bf16,
+                Kernel::conv_wpack_fwd_bf16,
+                Kernel::conv2d_pipe64_wgrad_bwd_bf16,
+                Kernel::conv_wgrad_sum_bwd_bf16,
+            ],
+            Elem::Tf32 => [
+                Kernel::conv_nhwc_fwd_f32,
+                Kernel::conv_wpack_fwd_f32,
+                Kernel::conv2d_pipe64_wgrad_bwd_f32,
+                Kernel::conv_wgrad_sum_bwd_f32,
+            ],
+        }
+    }
+}
+
 pub const FWD_NAMES: [&str; 2] = ["pipe128", "pipe64"];
 
 /// A temporary of the cuda/emu path: a tensor there, its bytes counted on the cpu.
@@ -124,14 +160,14 @@ pub fn conv2d_bf16(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     }
     let y = Tensor::empty(&out, DType::BF16, dev)?;
     // SAFETY: x is a bf16 [b, ci, h, w] tensor (checked by shape_of), xn holds as many elements.
-    unsafe { to_nhwc(dev, x.dev_ptr(), xn.ptr(), &s, s.ci, (s.ci, 0)) }?;
+    unsafe { to_nhwc(dev, Elem::Bf16, x.dev_ptr(), xn.ptr(), &s, s.ci, (s.ci, 0)) }?;
     // SAFETY: w is a bf16 [co, ci, kh, kw] tensor (checked), wp holds as many elements.
-    unsafe { pack_weights(dev, w.dev_ptr(), wp.ptr(), &s, false) }?;
+    unsafe { pack_weights(dev, Elem::Bf16, w.dev_ptr(), wp.ptr(), &s, false) }?;
     let ptrs = [xn.ptr(), wp.ptr(), bias.map_or(0, |b| b.dev_ptr()), y.dev_ptr()];
     // SAFETY: xn is x in NHWC, wp the packed weights, the bias (checked) [co] bf16, y a new
     // [b, co, h, w] bf16 tensor; ci is a multiple of 8 (checked above) and the scratch buffers
     // are fresh allocations (16-byte aligned), so every 16-byte chunk the kernels copy is whole.
-    unsafe { launch_fwd(dev, ptrs, &s, "conv2d") }?;
+    unsafe { launch_fwd(dev, Elem::Bf16, ptrs, &s, "conv2d") }?;
     Ok(y)
 }
 
@@ -173,12 +209,12 @@ pub fn conv2d_backward_bf16(x: &Tensor, w: &Tensor, dy: &Tensor, with_bias: bool
         } else {
             let dx = Tensor::empty(x.shape(), DType::BF16, dev)?;
             // SAFETY: dy is a bf16 [b, co, h, w] tensor (checked), dyn_ holds as many elements.
-            unsafe { to_nhwc(dev, dy.dev_ptr(), dyn_.ptr(), &s, s.co, (s.co, 0)) }?;
+            unsafe { to_nhwc(dev, Elem::Bf16, dy.dev_ptr(), dyn_.ptr(), &s, s.co, (s.co, 0)) }?;
             // SAFETY: w is a bf16 [co, ci, kh, kw] tensor (checked), wf holds as many elements.
-            unsafe { pack_weights(dev, w.dev_ptr(), wf.ptr(), &s, true) }?;
+            unsafe { pack_weights(dev, Elem::Bf16, w.dev_ptr(), wf.ptr(), &s, true) }?;
             // SAFETY: dyn_ is dy in NHWC, wf the flipped weights packed [ci, kh·kw, co], dx a new
             // [b, ci, h, w] bf16 tensor; co (this launch's input channels) a multiple of 8.
-            unsafe { launch_fwd(dev, [dyn_.ptr(), wf.ptr(), 0, dx.dev_ptr()], &st, op) }?;
+            unsafe { launch_fwd(dev, Elem::Bf16, [dyn_.ptr(), wf.ptr(), 0, dx.dev_ptr()], &st, op) }?;
             dx
         }
     };
@@ -191,10 +227,10 @@ pub fn conv2d_backward_bf16(x: &Tensor, w: &Tensor, dy: &Tensor, with_bias: bool
     } else {
         let dw = Tensor::empty(w.shape(), DType::BF16, dev)?;
         // SAFETY: x is a bf16 [b, ci, h, w] tensor (checked), xn holds as many elements.
-        unsafe { to_nhwc(dev, x.dev_ptr(), xn.ptr(), &s, s.ci, (s.ci, 0)) }?;
+        unsafe { to_nhwc(dev, Elem::Bf16, x.dev_ptr(), xn.ptr(), &s, s.ci, (s.ci, 0)) }?;
         // SAFETY: xn is x and dyn_ dy in NHWC (ci and co multiples of 8, fresh 16-byte aligned
         // buffers), part holds [splits, co, kh·kw·ci] f32, dw is a new [co, ci, kh, kw] bf16.
-        unsafe { wgrad_into(dev, [xn.ptr(), dyn_.ptr(), part.ptr(), dw.dev_ptr()], &s, splits, op) }?;
+        unsafe { wgrad_into(dev, Elem::Bf16, [xn.ptr(), dyn_.ptr(), part.ptr(), dw.dev_ptr()], &s, splits, op) }?;
         dw
     };
     Ok(Conv2dGrads { dx, dw, db })
@@ -203,7 +239,7 @@ pub fn conv2d_backward_bf16(x: &Tensor, w: &Tensor, dy: &Tensor, with_bias: bool
 /// GPUs' multiprocessor count the weight gradient's blocks should cover about twice (an H100
 /// SXM has 132): the output is small (Co × kh·kw·Ci), the reduction long (B·H·W), so the pixels
 /// are split over grid.z. Each split keeps at least 8 of its 32-pixel k-tiles.
-fn wgrad_splits(s: &ConvShape) -> usize {
+pub(super) fn wgrad_splits(s: &ConvShape) -> usize {
     let tiles = s.co.div_ceil(64) * (s.kh * s.kw * s.ci).div_ceil(64);
     let ktiles = (s.b * s.h * s.w).div_ceil(32);
     (2 * 132usize).div_ceil(tiles).clamp(1, (ktiles / 8).max(1)).min(65535)
@@ -230,14 +266,21 @@ fn pipe_params(ptrs: [u64; 4], s: &ConvShape, splits: usize, op: &'static str) -
 /// 128 tile first when it fills an H100's 132 SMs), unless a test fixed it.
 ///
 /// # Safety
-/// `ptrs` (x, w, bias or 0, y) must be live bf16 buffers on `dev`: x NHWC [b, h, w, ci] with ci a
-/// multiple of 8 and 16-byte aligned, w packed [co, kh·kw, ci] 16-byte aligned, the bias [co], y
-/// [b, co, h, w] not overlapping the others.
-unsafe fn launch_fwd(dev: &Device, ptrs: [u64; 4], s: &ConvShape, op: &'static str) -> Result<()> {
+/// `ptrs` (x, w, bias or 0, y) must be live buffers of `elem`'s type on `dev`: x NHWC [b, h, w, ci]
+/// with ci a multiple of a 16-byte chunk's elements (8 bf16, 4 f32) and 16-byte aligned, w packed
+/// [co, kh·kw, ci] 16-byte aligned, the bias [co], y [b, co, h, w] not overlapping the others.
+pub(super) unsafe fn launch_fwd(
+    dev: &Device,
+    elem: Elem,
+    ptrs: [u64; 4],
+    s: &ConvShape,
+    op: &'static str,
+) -> Result<()> {
     let p = pipe_params(ptrs, s, 1, op)?;
     let n = s.b * s.h * s.w;
+    let kernels = elem.fwd_kernels();
     let run = |i: usize| {
-        let (kernel, tile, smem_bytes) = FWD_KERNELS[i];
+        let (kernel, tile, smem_bytes) = kernels[i];
         let grid = (check_u32(op, n.div_ceil(tile as usize))?, check_u32(op, s.co.div_ceil(tile as usize))?, 1);
         if grid.1 > 65535 {
             return Err(Error::Unsupported { op, detail: format!("{} output channels", s.co) });
@@ -250,19 +293,21 @@ unsafe fn launch_fwd(dev: &Device, ptrs: [u64; 4], s: &ConvShape, op: &'static s
         Some(t) => run(usize::from(t != 128)),
         None => {
             let big = n.div_ceil(128) * s.co.div_ceil(128) >= 132;
-            crate::ops::tune::pick_on(dev, || super::tune_key("conv2d_bf16", s), &FWD_NAMES, usize::from(!big), run)
+            let key = || super::tune_key(if elem == Elem::Bf16 { "conv2d_bf16" } else { "conv2d_tf32_pipe" }, s);
+            crate::ops::tune::pick_on(dev, key, &FWD_NAMES, usize::from(!big), run)
         }
     }
 }
 
-/// Copies bf16 NCHW `x` [b, c, h, w] into channels [c_off, c_off + c) of NHWC `y` [b, h, w,
-/// c_total].
+/// Copies NCHW `x` [b, c, h, w] into channels [c_off, c_off + c) of NHWC `y` [b, h, w,
+/// c_total] (`elem`'s type: bf16 or f32).
 ///
 /// # Safety
-/// `x` must be a live bf16 buffer on `dev` of b·c·h·w elements and `y` one of b·h·w·c_total,
-/// with c_off + c <= c_total.
-unsafe fn to_nhwc(
+/// `x` must be a live buffer of `elem`'s type on `dev` of b·c·h·w elements and `y` one of
+/// b·h·w·c_total, with c_off + c <= c_total.
+pub(super) unsafe fn to_nhwc(
     dev: &Device,
+    elem: Elem,
     x: u64,
     y: u64,
     s: &ConvShape,
@@ -290,15 +335,15 @@ unsafe fn to_nhwc(
         return Err(Error::Unsupported { op, detail: format!("{c} channels of {} images", s.b) });
     }
     // SAFETY: the caller guarantees both buffers; the grid covers [b, c, hw] in 32 x 32 tiles.
-    unsafe { dev.launch(Kernel::conv_nhwc_fwd_bf16, LaunchCfg { grid, block: (32, 8, 1), smem_bytes: 0 }, &p) }
+    unsafe { dev.launch(elem.aux()[0], LaunchCfg { grid, block: (32, 8, 1), smem_bytes: 0 }, &p) }
 }
 
-/// Packs bf16 weights [co, ci, kh, kw] into [co, kh·kw, ci] (flip: [ci, kh·kw, co], both kernel
-/// axes reversed).
+/// Packs weights [co, ci, kh, kw] into [co, kh·kw, ci] (flip: [ci, kh·kw, co], both kernel axes
+/// reversed).
 ///
 /// # Safety
-/// `w` and `wp` must be live bf16 buffers on `dev` of co·ci·kh·kw elements each.
-unsafe fn pack_weights(dev: &Device, w: u64, wp: u64, s: &ConvShape, flip: bool) -> Result<()> {
+/// `w` and `wp` must be live buffers of `elem`'s type on `dev` of co·ci·kh·kw elements each.
+pub(super) unsafe fn pack_weights(dev: &Device, elem: Elem, w: u64, wp: u64, s: &ConvShape, flip: bool) -> Result<()> {
     let op = "conv2d";
     let p = WpackParams {
         w,
@@ -309,7 +354,7 @@ unsafe fn pack_weights(dev: &Device, w: u64, wp: u64, s: &ConvShape, flip: bool)
         flip: flip as u32,
     };
     // SAFETY: the caller guarantees both buffers.
-    unsafe { dev.launch(Kernel::conv_wpack_fwd_bf16, LaunchCfg::elementwise(s.co * s.ci * s.kh * s.kw), &p) }
+    unsafe { dev.launch(elem.aux()[1], LaunchCfg::elementwise(s.co * s.ci * s.kh * s.kw), &p) }
 }
 
 /// y [B,Co,H,W] bf16 = conv2d_bf16(concat(parts, channel axis), w) + bias: on cuda/emu the parts
@@ -343,14 +388,22 @@ pub fn conv2d_cat_bf16(parts: &[&Tensor], w: &Tensor, bias: Option<&Tensor>) -> 
         let c = p.shape()[1];
         // SAFETY: each part is a bf16 [b, c, h, w] tensor (checked by cat_shape_of, channels
         // summing to s.ci); xn holds b·h·w·s.ci elements.
-        unsafe { to_nhwc(dev, p.dev_ptr(), xn.ptr(), &s, c, (s.ci, c_off)) }?;
+        unsafe { to_nhwc(dev, Elem::Bf16, p.dev_ptr(), xn.ptr(), &s, c, (s.ci, c_off)) }?;
         c_off += c;
     }
     // SAFETY: w is a bf16 [co, ci, kh, kw] tensor (checked), wp holds as many elements.
-    unsafe { pack_weights(dev, w.dev_ptr(), wp.ptr(), &s, false) }?;
+    unsafe { pack_weights(dev, Elem::Bf16, w.dev_ptr(), wp.ptr(), &s, false) }?;
     // SAFETY: as in conv2d_bf16: xn is the concatenation in NHWC (ci a multiple of 8), wp the
     // packed weights, the bias [co] bf16, y a new [b, co, h, w] bf16 tensor.
-    unsafe { launch_fwd(dev, [xn.ptr(), wp.ptr(), bias.map_or(0, |b| b.dev_ptr()), y.dev_ptr()], &s, "conv2d_cat") }?;
+    unsafe {
+        launch_fwd(
+            dev,
+            Elem::Bf16,
+            [xn.ptr(), wp.ptr(), bias.map_or(0, |b| b.dev_ptr()), y.dev_ptr()],
+            &s,
+            "conv2d_cat",
+        )
+    }?;
     Ok(y)
 }
 
@@ -391,9 +444,9 @@ pub fn conv2d_cat_backward_bf16(parts: &[&Tensor], w: &Tensor, dy: &Tensor, with
         let wf = Scratch::new(dev, w.numel(), DType::BF16)?;
         if cpu.is_none() {
             // SAFETY: dy is a bf16 [b, co, h, w] tensor (checked), dyn_ holds as many elements.
-            unsafe { to_nhwc(dev, dy.dev_ptr(), dyn_.ptr(), &s, s.co, (s.co, 0)) }?;
+            unsafe { to_nhwc(dev, Elem::Bf16, dy.dev_ptr(), dyn_.ptr(), &s, s.co, (s.co, 0)) }?;
             // SAFETY: w is a bf16 [co, ci, kh, kw] tensor (checked), wf holds as many elements.
-            unsafe { pack_weights(dev, w.dev_ptr(), wf.ptr(), &s, true) }?;
+            unsafe { pack_weights(dev, Elem::Bf16, w.dev_ptr(), wf.ptr(), &s, true) }?;
         }
         let mut c_off = 0;
         for p in parts {
@@ -412,7 +465,7 @@ pub fn conv2d_cat_backward_bf16(parts: &[&Tensor], w: &Tensor, dy: &Tensor, with
                     // SAFETY: wk starts at this part's rows of the flipped weights packed [ci,
                     // kh·kw, co] (16-byte aligned: co is a multiple of 8), dyn_ is dy in NHWC, dx
                     // a new [b, c, h, w] bf16 tensor.
-                    unsafe { launch_fwd(dev, [dyn_.ptr(), wk, 0, dx.dev_ptr()], &st, op) }?;
+                    unsafe { launch_fwd(dev, Elem::Bf16, [dyn_.ptr(), wk, 0, dx.dev_ptr()], &st, op) }?;
                 }
                 dx
             });
@@ -440,13 +493,13 @@ pub fn conv2d_cat_backward_bf16(parts: &[&Tensor], w: &Tensor, dy: &Tensor, with
         for p in parts {
             let c = p.shape()[1];
             // SAFETY: as in conv2d_cat_bf16.
-            unsafe { to_nhwc(dev, p.dev_ptr(), xn.ptr(), &s, c, (s.ci, c_off)) }?;
+            unsafe { to_nhwc(dev, Elem::Bf16, p.dev_ptr(), xn.ptr(), &s, c, (s.ci, c_off)) }?;
             c_off += c;
         }
         let dw = Tensor::empty(w.shape(), DType::BF16, dev)?;
         // SAFETY: xn is the concatenation and dyn_ dy in NHWC (ci and co multiples of 8), part
         // holds [splits, co, kh·kw·ci] f32, dw is a new [co, ci, kh, kw] bf16 tensor.
-        unsafe { wgrad_into(dev, [xn.ptr(), dyn_.ptr(), part.ptr(), dw.dev_ptr()], &s, splits, op) }?;
+        unsafe { wgrad_into(dev, Elem::Bf16, [xn.ptr(), dyn_.ptr(), part.ptr(), dw.dev_ptr()], &s, splits, op) }?;
         dw
     };
     Ok(ConvCatGrads { dxs, dw, db })
@@ -455,10 +508,13 @@ pub fn conv2d_cat_backward_bf16(parts: &[&Tensor], w: &Tensor, dy: &Tensor, with
 /// The split-K weight gradient and the sum of its splits into dw.
 ///
 /// # Safety
-/// `[xn, dyn, part, dw]` must be live buffers on `dev`: x and dy in NHWC bf16 (ci and co
-/// multiples of 8, 16-byte aligned), f32 [splits, co, kh·kw·ci] and bf16 [co, ci, kh, kw].
-unsafe fn wgrad_into(
+/// `[xn, dyn, part, dw]` must be live buffers on `dev`: bf16: x and dy in NHWC bf16 (ci and co
+/// multiples of 8, 16-byte aligned), f32 [splits, co, kh·kw·ci] and bf16 [co, ci, kh, kw]; tf32: x
+/// in NHWC f32 (ci a multiple of 4, 16-byte aligned), dy in NCHW f32 (h·w a multiple of 4,
+/// 16-byte aligned), f32 [splits, co, kh·kw·ci] and f32 [co, ci, kh, kw].
+pub(super) unsafe fn wgrad_into(
     dev: &Device,
+    elem: Elem,
     [xn, dyn_, part, dw]: [u64; 4],
     s: &ConvShape,
     splits: usize,
@@ -469,7 +525,7 @@ unsafe fn wgrad_into(
     let grid = (check_u32(op, k.div_ceil(64))?, check_u32(op, s.co.div_ceil(64))?, splits as u32);
     let cfg = LaunchCfg { grid, block: (128, 1, 1), smem_bytes: gemm::PIPE64_SMEM };
     // SAFETY: the caller guarantees the buffers; the grid covers [splits, co, k] exactly.
-    unsafe { dev.launch(Kernel::conv2d_pipe64_wgrad_bwd_bf16, cfg, &p) }?;
+    unsafe { dev.launch(elem.aux()[2], cfg, &p) }?;
     let sp = WgradSumParams {
         part,
         dw,
@@ -479,7 +535,7 @@ unsafe fn wgrad_into(
         splits: splits as u32,
     };
     // SAFETY: part holds the splits' [co, kh·kw, ci] sums, dw [co, ci, kh, kw] bf16.
-    unsafe { dev.launch(Kernel::conv_wgrad_sum_bwd_bf16, LaunchCfg::elementwise(s.co * s.ci * s.kh * s.kw), &sp) }
+    unsafe { dev.launch(elem.aux()[3], LaunchCfg::elementwise(s.co * s.ci * s.kh * s.kw), &sp) }
 }
 
 /// conv1d on bf16 operands (x [B, Ci, L], w [Co, Ci, k]): `conv2d_bf16` of the 1×k case.

@@ -17,6 +17,8 @@ pub mod bf16;
 pub mod cpu;
 #[cfg(feature = "refs")]
 pub mod reference;
+#[cfg(feature = "autocast")]
+mod tf32;
 pub mod weight_cache;
 pub mod winograd;
 
@@ -221,6 +223,10 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, algo: GemmAlgo) -> 
         let (xv, wv) = (x.cpu_f32("conv2d")?, w.cpu_f32("conv2d")?);
         return Tensor::from_vec(cpu_forward(xv, (wv, w), bv, &s), &out, dev);
     }
+    #[cfg(feature = "autocast")]
+    if algo == GemmAlgo::TensorCore && tf32::forward_applies(&s) {
+        return tf32::forward(x, w, bias, &s);
+    }
     let y = Tensor::empty(&out, DType::F32, dev)?;
     if y.numel() > 0 {
         let ptrs = [x.dev_ptr(), w.dev_ptr(), bias.map_or(0, |b| b.dev_ptr()), y.dev_ptr()];
@@ -255,6 +261,7 @@ fn cpu_forward(xv: &[f32], (wv, wt): (&[f32], &Tensor), bv: Option<&[f32]>, s: &
 pub fn conv2d_backward(x: &Tensor, w: &Tensor, dy: &Tensor, with_bias: bool, algo: GemmAlgo) -> Result<Conv2dGrads> {
     let op = "conv2d_backward";
     let s = shape(x, w, None)?;
+    dy.expect_dtype(op, DType::F32)?;
     dy.same_device(op, &[x])?;
     if dy.shape() != [s.b, s.co, s.h, s.w] {
         return Err(Error::shape(
@@ -271,12 +278,34 @@ pub fn conv2d_backward(x: &Tensor, w: &Tensor, dy: &Tensor, with_bias: bool, alg
         let dw = cpu::conv2d_wgrad(x.cpu_f32(op)?, dy.cpu_f32(op)?, &s);
         (Tensor::from_vec(dx, x.shape(), dev)?, Tensor::from_vec(dw, w.shape(), dev)?)
     } else {
-        let wt = flipped_weights(w, &s)?;
-        let dx = Tensor::empty(x.shape(), DType::F32, dev)?;
-        if dx.numel() > 0 {
-            // SAFETY: dy is [b, co, h, w] (checked above), wt the flipped [ci, co, kh, kw]
-            // weights, dx a new tensor of x's shape.
-            unsafe { launch_fwd(dev, [dy.dev_ptr(), wt.dev_ptr(), 0, dx.dev_ptr()], &st, (st.depth(), false), algo) }?;
+        // tf32: the pipelined kernels where their 16-byte chunks are whole
+        #[cfg(feature = "autocast")]
+        let tc = algo == GemmAlgo::TensorCore;
+        #[cfg(feature = "autocast")]
+        let dx = if tc && tf32::input_grad_applies(&s) { Some(tf32::input_grad(dy, w, &s)?) } else { None };
+        #[cfg(not(feature = "autocast"))]
+        let dx: Option<Tensor> = None;
+        let dx = match dx {
+            Some(dx) => dx,
+            None => {
+                let wt = flipped_weights(w, &s)?;
+                let dx = Tensor::empty(x.shape(), DType::F32, dev)?;
+                if dx.numel() > 0 {
+                    // SAFETY: dy is [b, co, h, w] (checked above), wt the flipped [ci, co, kh, kw]
+                    // weights, dx a new tensor of x's shape.
+                    let ptrs = [dy.dev_ptr(), wt.dev_ptr(), 0, dx.dev_ptr()];
+                    unsafe { launch_fwd(dev, ptrs, &st, (st.depth(), false), algo) }?;
+                }
+                dx
+            }
+        };
+        #[cfg(feature = "autocast")]
+        if tc && tf32::weight_grad_applies(&s, dy) {
+            return Ok(Conv2dGrads {
+                dx,
+                dw: tf32::weight_grad(x, dy, &s)?,
+                db: if with_bias { Some(bias_grad(dy, &s)?) } else { None },
+            });
         }
         (dx, wgrad(dev, &[x], dy, &s, algo)?.reshape(w.shape())?)
     };
