@@ -514,3 +514,48 @@ fn winograd_weight_cache_follows_the_tensor() {
         check(&w, &tensor(&w, &[s.co, s.ci, 3, 3], &dev));
     }
 }
+
+/// The pipelined tf32 `conv2d_cat` (emu, builds with autocast): its parts packed side by side are
+/// the concatenation itself, so the forward, each part's input gradient and the weight gradient
+/// are the plain convolution's of the concatenated input bit for bit (the same NHWC buffer, the
+/// same kernels, the same sums), with a part of 0 channels and parts that are not multiples of 4.
+#[cfg(all(feature = "emu", feature = "autocast"))]
+#[test]
+fn tf32_cat_is_the_convolution_of_the_concatenation() {
+    let dev = Device::emu().unwrap();
+    let (b, h, w, co, cs) = (2usize, 6usize, 6usize, 8usize, [3usize, 0, 9]);
+    let ci: usize = cs.iter().sum();
+    let parts: Vec<Vec<f32>> =
+        cs.iter().enumerate().map(|(i, &c)| values(b * c * h * w, 40 + i as u64, false)).collect();
+    let mut cat = Vec::new();
+    for bi in 0..b {
+        for (p, &c) in parts.iter().zip(&cs) {
+            cat.extend_from_slice(&p[bi * c * h * w..(bi + 1) * c * h * w]);
+        }
+    }
+    let pts: Vec<_> = parts.iter().zip(&cs).map(|(p, &c)| tensor(p, &[b, c, h, w], &dev)).collect();
+    let refs: Vec<&reclmis::Tensor> = pts.iter().collect();
+    let xt = tensor(&cat, &[b, ci, h, w], &dev);
+    let wt = tensor(&values(co * ci * 9, 50, false), &[co, ci, 3, 3], &dev);
+    let bt = tensor(&values(co, 51, false), &[co], &dev);
+    let dy = tensor(&values(b * co * h * w, 52, false), &[b, co, h, w], &dev);
+    let tc = GemmAlgo::TensorCore;
+    let bits = |t: &reclmis::Tensor| t.to_vec().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    let y = conv::conv2d_cat(&refs, &wt, Some(&bt), tc).unwrap();
+    assert_eq!(bits(&y), bits(&conv::conv2d(&xt, &wt, Some(&bt), tc).unwrap()), "forward");
+    let launched = reclmis::device::emu::launched_kernels();
+    assert!(launched.contains(&reclmis::kernels::Kernel::conv2d_pipe64_fwd_f32), "{launched:?}");
+    let g = conv::conv2d_cat_backward(&refs, &wt, &dy, true, tc).unwrap();
+    let gc = conv::conv2d_backward(&xt, &wt, &dy, true, tc).unwrap();
+    assert_eq!(bits(&g.dw), bits(&gc.dw), "dw");
+    let dx = gc.dx.to_vec().unwrap();
+    let mut off = 0;
+    for (k, &c) in cs.iter().enumerate() {
+        let want: Vec<u32> = (0..b)
+            .flat_map(|bi| dx[(bi * ci + off) * h * w..(bi * ci + off + c) * h * w].to_vec())
+            .map(|v| v.to_bits())
+            .collect();
+        assert_eq!(bits(&g.dxs[k]), want, "dx of part {k}");
+        off += c;
+    }
+}

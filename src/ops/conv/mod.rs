@@ -225,7 +225,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, algo: GemmAlgo) -> 
     }
     #[cfg(feature = "autocast")]
     if algo == GemmAlgo::TensorCore && tf32::forward_applies(&s) {
-        return tf32::forward(x, w, bias, &s);
+        return tf32::forward(&[x], w, bias, &s);
     }
     let y = Tensor::empty(&out, DType::F32, dev)?;
     if y.numel() > 0 {
@@ -282,7 +282,7 @@ pub fn conv2d_backward(x: &Tensor, w: &Tensor, dy: &Tensor, with_bias: bool, alg
         #[cfg(feature = "autocast")]
         let tc = algo == GemmAlgo::TensorCore;
         #[cfg(feature = "autocast")]
-        let dx = if tc && tf32::input_grad_applies(&s) { Some(tf32::input_grad(dy, w, &s)?) } else { None };
+        let dx = if tc && tf32::input_grad_applies(&s) { tf32::input_grads(&[s.ci], dy, w, &s)?.pop() } else { None };
         #[cfg(not(feature = "autocast"))]
         let dx: Option<Tensor> = None;
         let dx = match dx {
@@ -303,7 +303,7 @@ pub fn conv2d_backward(x: &Tensor, w: &Tensor, dy: &Tensor, with_bias: bool, alg
         if tc && tf32::weight_grad_applies(&s, dy) {
             return Ok(Conv2dGrads {
                 dx,
-                dw: tf32::weight_grad(x, dy, &s)?,
+                dw: tf32::weight_grad(&[x], dy, &s)?,
                 db: if with_bias { Some(bias_grad(dy, &s)?) } else { None },
             });
         }
@@ -505,6 +505,12 @@ pub fn conv2d_cat(parts: &[&Tensor], w: &Tensor, bias: Option<&Tensor>, algo: Ge
         let bv = bias.map(|b| b.cpu_f32(op)).transpose()?;
         return Tensor::from_vec(cpu_cat_forward(&xs, &cis, (wv, w), bv, &s), &out, dev);
     }
+    // tf32: the pipelined kernels over the parts packed side by side, where the total channel
+    // count is a multiple of 4
+    #[cfg(feature = "autocast")]
+    if algo == GemmAlgo::TensorCore && tf32::forward_applies(&s) {
+        return tf32::forward(parts, w, bias, &s);
+    }
     let y = Tensor::empty(&out, DType::F32, dev)?;
     if y.numel() == 0 {
         return Ok(y);
@@ -613,19 +619,40 @@ pub fn conv2d_cat_backward(
         }
         Tensor::from_vec(dw, w.shape(), dev)?
     } else {
-        let wt = flipped_weights(w, &s)?;
-        let mut c_off = 0;
-        for x in parts {
-            let st = ConvShape { ci: s.co, co: x.shape()[1], ..s };
-            let dx = Tensor::empty(x.shape(), DType::F32, dev)?;
-            if dx.numel() > 0 {
-                let wp = wt.dev_ptr() + (c_off * s.co * k2 * 4) as u64;
-                // SAFETY: wp starts at this part's rows of the flipped weights [ci_total, co, kh, kw];
-                // dy was checked against s and dx is a new tensor of the part's shape.
-                unsafe { launch_fwd(dev, [dy.dev_ptr(), wp, 0, dx.dev_ptr()], &st, (st.depth(), false), algo) }?;
+        #[cfg(feature = "autocast")]
+        let tc = algo == GemmAlgo::TensorCore;
+        // tf32: the pipelined kernels where their 16-byte chunks are whole
+        #[cfg(feature = "autocast")]
+        let piped = tc && tf32::input_grad_applies(&s);
+        #[cfg(not(feature = "autocast"))]
+        let piped = false;
+        if piped {
+            #[cfg(feature = "autocast")]
+            {
+                let cis: Vec<usize> = parts.iter().map(|x| x.shape()[1]).collect();
+                dxs = tf32::input_grads(&cis, dy, w, &s)?;
             }
-            dxs.push(dx);
-            c_off += x.shape()[1];
+        } else {
+            let wt = flipped_weights(w, &s)?;
+            let mut c_off = 0;
+            for x in parts {
+                let st = ConvShape { ci: s.co, co: x.shape()[1], ..s };
+                let dx = Tensor::empty(x.shape(), DType::F32, dev)?;
+                if dx.numel() > 0 {
+                    let wp = wt.dev_ptr() + (c_off * s.co * k2 * 4) as u64;
+                    // SAFETY: wp starts at this part's rows of the flipped weights [ci_total, co,
+                    // kh, kw]; dy was checked against s and dx is a new tensor of the part's shape.
+                    let ptrs = [dy.dev_ptr(), wp, 0, dx.dev_ptr()];
+                    unsafe { launch_fwd(dev, ptrs, &st, (st.depth(), false), algo) }?;
+                }
+                dxs.push(dx);
+                c_off += x.shape()[1];
+            }
+        }
+        #[cfg(feature = "autocast")]
+        if tc && tf32::weight_grad_applies(&s, dy) {
+            let db = if with_bias { Some(bias_grad(dy, &s)?) } else { None };
+            return Ok(ConvCatGrads { dxs, dw: tf32::weight_grad(parts, dy, &s)?, db });
         }
         wgrad(dev, parts, dy, &s, algo)?.reshape(w.shape())?
     };
