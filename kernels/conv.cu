@@ -318,15 +318,19 @@ extern "C" __global__ void __launch_bounds__(128) conv2d_pipe64_fwd_f32(ConvPipe
     conv_pipe_fwd_f32<64, 64, 2, 2>(p);
 }
 
-// Weight-gradient loader: A = dy NHWC stored [BK][BM] (pixels by output channels, strided rows
-// of Co), B = the implicit im2col stored [BK][BN] (pixels by k). Thread tid copies chunk column
-// tid % (BN/8) of B (a fixed tap and 8 channels) for NR pixel rows that move with k.
-template <int BM, int BN, int NT>
+// Weight-gradient loader: B = the implicit im2col stored [BK][BN] (pixels by k); thread tid
+// copies chunk column tid % CH of B (a fixed tap and PER_CHUNK channels) for NR pixel rows that
+// move with k. A = dy: bf16 reads it in NHWC, stored [BK][BM] (pixels by output channels,
+// strided rows of Co); tf32 in NCHW, stored [BM][BK] (k-contiguous, so that ldmatrix reads it:
+// ldmatrix.trans cannot transpose 32-bit elements; a chunk is 4 pixels of one image, so the host
+// needs H·W a multiple of 4), its B tile then read by 32-bit loads.
+template <int BM, int BN, int NT, class K>
 struct ConvWgradLoader {
-    using T = PgTiles<BM, BN, false, true>;
-    static constexpr int CH = BN / 8;
-    static constexpr int NR = PG_BK * CH / NT;
-    static_assert(NR * NT == PG_BK * CH, "whole chunks per thread");
+    using T = PgTiles<BM, BN, K::TF32, true, K>;
+    using E = typename K::E;
+    static constexpr int CH = BN / K::PER_CHUNK;
+    static constexpr int NR = K::BK * CH / NT;
+    static_assert(NR * NT == K::BK * CH, "whole chunks per thread");
     const ConvPipeParams* p;
     uint32_t row0;
     uint64_t kend;
@@ -339,7 +343,7 @@ struct ConvWgradLoader {
                                                int tid_)
         : p(&pp), row0(row0_), kend(kend_), tid(tid_) {
         c = tid % CH;
-        const uint32_t ncol = col0 + 8 * c, ntot = pp.kh * pp.kw * pp.ci;
+        const uint32_t ncol = col0 + K::PER_CHUNK * c, ntot = pp.kh * pp.kw * pp.ci;
         nvalid = ncol < ntot;
         const uint32_t tap = ncol / pp.ci, cc = ncol % pp.ci;
         dy = (int)(tap / pp.kw) - (int)(pp.kh / 2);
@@ -347,14 +351,26 @@ struct ConvWgradLoader {
         shift = ((int64_t)dy * pp.w_ + dx) * pp.ci + cc;
     }
     __device__ __forceinline__ void load(unsigned char* sa, unsigned char* sb, uint64_t k0) const {
-        T::TA::load(sa, p->w, p->co, k0, row0, kend, p->co, tid, NT);
+        const E* dyp = reinterpret_cast<const E*>(p->w);
+        const E* xp = reinterpret_cast<const E*>(p->x);
+        if constexpr (K::TF32) {
+            const uint64_t hw = (uint64_t)p->h * p->w_;
+            for (int e = tid; e < BM * 4; e += NT) {
+                const uint32_t r = e / 4, cc = e % 4, co = row0 + r;
+                const uint64_t q = k0 + 4 * cc;
+                const bool ok = co < p->co && q < kend;
+                cp_async16(sa + T::TA::off(r, cc), ok ? dyp + ((q / hw) * p->co + co) * hw + q % hw : dyp, ok);
+            }
+        } else {
+            T::TA::load(sa, dyp, p->co, k0, row0, kend, p->co, tid, NT);
+        }
 #pragma unroll
         for (int i = 0; i < NR; ++i) {
             const uint32_t r = tid / CH + i * (NT / CH);
             const uint64_t q = k0 + r;
             const uint32_t xx = (uint32_t)(q % p->w_), yy = (uint32_t)(q / p->w_ % p->h);
             const bool ok = nvalid && q < kend && cp_tap(*p, yy, xx, dy, dx);
-            cp_async16(sb + pg_off<CH>(r, c), ok ? p->x + (int64_t)(q * p->ci) + shift : p->x, ok);
+            cp_async16(sb + T::TB::off(r, c), ok ? xp + (int64_t)(q * p->ci) + shift : xp, ok);
         }
     }
 };
@@ -372,79 +388,27 @@ struct ConvWgradPipeProblem {
     }
 };
 
-// grid = (ceil(kh·kw·Ci/64), ceil(Co/64), splits), block = 128, dynamic shared memory 24 KiB;
-// split z sums a whole number of k-tiles of the B·H·W pixels.
-extern "C" __global__ void __launch_bounds__(128) conv2d_pipe64_wgrad_bwd_bf16(ConvPipeParams p) {
+// The split-K weight gradient: split z sums a whole number of k-tiles of the B·H·W pixels.
+// x: NHWC; w: dy (bf16 NHWC, or f32 NCHW); y: f32 partial sums [splits, Co, kh·kw·Ci]
+template <class K>
+__device__ __forceinline__ void conv_pipe_wgrad(const ConvPipeParams& p) {
     extern __shared__ __align__(128) unsigned char smem[];
-    const uint64_t total = (uint64_t)p.b * p.h * p.w_;
-    const uint64_t tiles = (total + PG_BK - 1) / PG_BK, per = (tiles + p.splits - 1) / p.splits;
-    const uint64_t kbeg = min((uint64_t)blockIdx.z * per * PG_BK, total), kend = min(kbeg + per * PG_BK, total);
-    const ConvWgradPipeProblem pr{&p, p.co, p.kh * p.kw * p.ci, kbeg, kend};
-    const ConvWgradLoader<64, 64, 128> ld(p, blockIdx.y * 64, blockIdx.x * 64, kend, threadIdx.x);
-    pg_body<64, 64, 2, 2, false, true>(pr, ld, smem);
-}
-
-// tf32 weight gradient: A = dy read in NCHW ([BM][BK]: output channels by pixels, k-contiguous,
-// so ldmatrix reads it; a 16-byte chunk is 4 pixels of one image: the host needs H·W a multiple
-// of 4), B = the implicit im2col of f32 NHWC x ([BK][BN], channels contiguous, read by 32-bit
-// loads). The f32 partial sums and their order are the bf16 kernel's.
-template <int BM, int BN, int NT>
-struct ConvWgradF32Loader {
-    using T = PgTiles<BM, BN, true, true, PgTf32>;
-    static constexpr int CH = BN / 4;
-    static constexpr int NR = PgTf32::BK * CH / NT;
-    static_assert(NR * NT == PgTf32::BK * CH, "whole chunks per thread");
-    const ConvPipeParams* p;
-    uint32_t row0;
-    uint64_t kend;
-    int tid;
-    uint32_t c;
-    bool nvalid;
-    int dy, dx;
-    int64_t shift;
-    __device__ __forceinline__ ConvWgradF32Loader(const ConvPipeParams& pp, uint32_t row0_, uint32_t col0, uint64_t kend_,
-                                                  int tid_)
-        : p(&pp), row0(row0_), kend(kend_), tid(tid_) {
-        c = tid % CH;
-        const uint32_t ncol = col0 + 4 * c, ntot = pp.kh * pp.kw * pp.ci;
-        nvalid = ncol < ntot;
-        const uint32_t tap = ncol / pp.ci, cc = ncol % pp.ci;
-        dy = (int)(tap / pp.kw) - (int)(pp.kh / 2);
-        dx = (int)(tap % pp.kw) - (int)(pp.kw / 2);
-        shift = ((int64_t)dy * pp.w_ + dx) * pp.ci + cc;
-    }
-    __device__ __forceinline__ void load(unsigned char* sa, unsigned char* sb, uint64_t k0) const {
-        const float* dyp = reinterpret_cast<const float*>(p->w);
-        const float* xp = reinterpret_cast<const float*>(p->x);
-        const uint64_t hw = (uint64_t)p->h * p->w_;
-        for (int e = tid; e < BM * 4; e += NT) {
-            const uint32_t r = e / 4, cc = e % 4, co = row0 + r;
-            const uint64_t q = k0 + 4 * cc;
-            const bool ok = co < p->co && q < kend;
-            cp_async16(sa + T::TA::off(r, cc), ok ? dyp + ((q / hw) * p->co + co) * hw + q % hw : dyp, ok);
-        }
-#pragma unroll
-        for (int i = 0; i < NR; ++i) {
-            const uint32_t r = tid / CH + i * (NT / CH);
-            const uint64_t q = k0 + r;
-            const uint32_t xx = (uint32_t)(q % p->w_), yy = (uint32_t)(q / p->w_ % p->h);
-            const bool ok = nvalid && q < kend && cp_tap(*p, yy, xx, dy, dx);
-            cp_async16(sb + T::TB::off(r, c), ok ? xp + (int64_t)(q * p->ci) + shift : xp, ok);
-        }
-    }
-};
-
-// grid = (ceil(kh·kw·Ci/64), ceil(Co/64), splits), block = 128, dynamic shared memory 24 KiB;
-// x: f32 NHWC, w: dy f32 NCHW, y: f32 partial sums [splits, Co, kh·kw·Ci]
-extern "C" __global__ void __launch_bounds__(128) conv2d_pipe64_wgrad_bwd_f32(ConvPipeParams p) {
-    extern __shared__ __align__(128) unsigned char smem[];
-    constexpr int BK = PgTf32::BK;
+    constexpr int BK = K::BK;
     const uint64_t total = (uint64_t)p.b * p.h * p.w_;
     const uint64_t tiles = (total + BK - 1) / BK, per = (tiles + p.splits - 1) / p.splits;
     const uint64_t kbeg = min((uint64_t)blockIdx.z * per * BK, total), kend = min(kbeg + per * BK, total);
     const ConvWgradPipeProblem pr{&p, p.co, p.kh * p.kw * p.ci, kbeg, kend};
-    const ConvWgradF32Loader<64, 64, 128> ld(p, blockIdx.y * 64, blockIdx.x * 64, kend, threadIdx.x);
-    pg_body<64, 64, 2, 2, true, true, PgTf32>(pr, ld, smem);
+    const ConvWgradLoader<64, 64, 128, K> ld(p, blockIdx.y * 64, blockIdx.x * 64, kend, threadIdx.x);
+    pg_body<64, 64, 2, 2, K::TF32, true, K>(pr, ld, smem);
+}
+
+// grid = (ceil(kh·kw·Ci/64), ceil(Co/64), splits), block = 128, dynamic shared memory 24 KiB
+extern "C" __global__ void __launch_bounds__(128) conv2d_pipe64_wgrad_bwd_bf16(ConvPipeParams p) {
+    conv_pipe_wgrad<PgBf16>(p);
+}
+// the tf32 weight gradient (the same grid and shared memory)
+extern "C" __global__ void __launch_bounds__(128) conv2d_pipe64_wgrad_bwd_f32(ConvPipeParams p) {
+    conv_pipe_wgrad<PgTf32>(p);
 }
 
 // dw[co][ci][tap] = bf16(Σ_z part[z][co][tap·Ci + ci]), the splits summed in order in f32.

@@ -149,22 +149,25 @@ struct GemmPipeProblem {
     }
 };
 
-template <int BM, int BN, int WARPS_M, int WARPS_N>
+// The problem of one batch entry (bf16: GemmPipeProblem, tf32: GemmPipeF32Problem, the same
+// fields over the kind's element type), then the layout's instantiation.
+template <int BM, int BN, int WARPS_M, int WARPS_N, class K, class Prob>
 __device__ __forceinline__ void gemm_pipe(const GemmParams& p) {
+    using E = typename K::E;
     extern __shared__ __align__(128) unsigned char smem[];
     const uint32_t z = blockIdx.z;
-    GemmPipeProblem pr;
-    pr.pa = (const uint16_t*)p.a + (int64_t)z * p.sa_batch;
-    pr.pb = (const uint16_t*)p.b + (int64_t)z * p.sb_batch;
-    pr.pc = (uint16_t*)p.c + (int64_t)z * p.sc_batch;
-    pr.bias = (const uint16_t*)p.bias;
+    Prob pr;
+    pr.pa = (const E*)p.a + (int64_t)z * p.sa_batch;
+    pr.pb = (const E*)p.b + (int64_t)z * p.sb_batch;
+    pr.pc = (E*)p.c + (int64_t)z * p.sc_batch;
+    pr.bias = (const E*)p.bias;
     const bool a_kf = p.sa_col == 1, b_nf = p.sb_col == 1;
     pr.a_ld = a_kf ? p.sa_row : p.sa_col;
     pr.b_ld = b_nf ? p.sb_row : p.sb_col;
     pr.sc_row = p.sc_row;
     pr.alpha = p.alpha, pr.beta = p.beta;
     pr.m = p.m, pr.n = p.n, pr.kbeg = 0, pr.kend = p.k;
-    pg_dispatch<BM, BN, WARPS_M, WARPS_N>(pr, a_kf, b_nf, smem);
+    pg_dispatch<BM, BN, WARPS_M, WARPS_N, K>(pr, a_kf, b_nf, smem);
 }
 
 // 128 x 128 block tile, 4 warps of 64 x 64, for problems with enough tiles to fill the GPU.
@@ -173,12 +176,14 @@ __device__ __forceinline__ void gemm_pipe(const GemmParams& p) {
 // blocks spills on sm_90 (84 bytes: `reclmis kernels --check` refuses it).
 // grid = (ceil(n/128), ceil(m/128), batch), block = 128, dynamic shared memory 48 KiB
 extern "C" __global__ void __launch_bounds__(128) gemm_pipe128_fwd_bf16(GemmParams p) {
-    gemm_pipe<128, 128, 2, 2>(p);
+    gemm_pipe<128, 128, 2, 2, PgBf16, GemmPipeProblem>(p);
 }
 
 // 64 x 64 block tile (warps of 32 x 32), for smaller problems: four times the blocks.
 // grid = (ceil(n/64), ceil(m/64), batch), block = 128, dynamic shared memory 24 KiB
-extern "C" __global__ void __launch_bounds__(128) gemm_pipe64_fwd_bf16(GemmParams p) { gemm_pipe<64, 64, 2, 2>(p); }
+extern "C" __global__ void __launch_bounds__(128) gemm_pipe64_fwd_bf16(GemmParams p) {
+    gemm_pipe<64, 64, 2, 2, PgBf16, GemmPipeProblem>(p);
+}
 
 // ---- The pipelined tf32 GEMM: the same core with the tf32 kind (f32 tiles, 16 k per stage,
 // m16n8k8, operands rounded with cvt.rna as gemm_tc_fwd_f32 rounds them, k summed in the same
@@ -211,28 +216,12 @@ struct GemmPipeF32Problem {
     }
 };
 
-template <int BM, int BN, int WARPS_M, int WARPS_N>
-__device__ __forceinline__ void gemm_pipe_f32(const GemmParams& p) {
-    extern __shared__ __align__(128) unsigned char smem[];
-    const uint32_t z = blockIdx.z;
-    GemmPipeF32Problem pr;
-    pr.pa = p.a + (int64_t)z * p.sa_batch;
-    pr.pb = p.b + (int64_t)z * p.sb_batch;
-    pr.pc = p.c + (int64_t)z * p.sc_batch;
-    pr.bias = p.bias;
-    const bool a_kf = p.sa_col == 1, b_nf = p.sb_col == 1;
-    pr.a_ld = a_kf ? p.sa_row : p.sa_col;
-    pr.b_ld = b_nf ? p.sb_row : p.sb_col;
-    pr.sc_row = p.sc_row;
-    pr.alpha = p.alpha, pr.beta = p.beta;
-    pr.m = p.m, pr.n = p.n, pr.kbeg = 0, pr.kend = p.k;
-    pg_dispatch<BM, BN, WARPS_M, WARPS_N, PgTf32>(pr, a_kf, b_nf, smem);
-}
-
 // grid = (ceil(n/128), ceil(m/128), batch), block = 128, dynamic shared memory 48 KiB
 extern "C" __global__ void __launch_bounds__(128) gemm_pipe128_fwd_f32(GemmParams p) {
-    gemm_pipe_f32<128, 128, 2, 2>(p);
+    gemm_pipe<128, 128, 2, 2, PgTf32, GemmPipeF32Problem>(p);
 }
 // grid = (ceil(n/64), ceil(m/64), batch), block = 128, dynamic shared memory 24 KiB
-extern "C" __global__ void __launch_bounds__(128) gemm_pipe64_fwd_f32(GemmParams p) { gemm_pipe_f32<64, 64, 2, 2>(p); }
+extern "C" __global__ void __launch_bounds__(128) gemm_pipe64_fwd_f32(GemmParams p) {
+    gemm_pipe<64, 64, 2, 2, PgTf32, GemmPipeF32Problem>(p);
+}
 // @autocast-only end
