@@ -514,3 +514,16 @@ fn a_saturated_diagonal_keeps_its_gradient_accurate() {
         check_ccl_loss_grads(&device(kind), c.clone(), true).unwrap_or_else(|e| panic!("{kind}: {e}"));
     }
 }
+
+/// A case CI's proptest drew (seed pinned): at s = 10 with B = 2 both InfoNCE terms saturate
+/// (loss ~4e-8), and the f64 reference computed each term as lse − x_ii, two numbers near 10
+/// whose difference lost ~1e-15 absolute: over the ±1e-6 finite-difference step that is ~5e-10
+/// of noise on a gradient of 4e-8 (the f32 gradient was right; the reference was 0.2 % off).
+/// Fails with that formula, passes with the cancellation-free ln_1p form in `reference::info_nce`.
+#[test]
+fn a_saturated_loss_has_an_accurate_finite_difference_reference() {
+    let c = Case { b: 2, l: 1, n: 1, d: 2, kind: 0, seed: 17136725464457221574 };
+    for kind in ["cpu", "emu"] {
+        check_ccl_loss_grads(&device(kind), c.clone(), true).unwrap_or_else(|e| panic!("{kind}: {e}"));
+    }
+}

@@ -160,9 +160,14 @@ pub fn info_nce(logits: &[f64], b: usize, scale: f64) -> (f64, f64, f64) {
         (0..b)
             .map(|i| {
                 let row: Vec<f64> = (0..b).map(|j| scale * get(i, j)).collect();
-                let m = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                let lse = m + row.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
-                lse - row[i]
+                // −log_softmax(row)[i] = (m − row[i]) + ln(1 + Σ_{j≠k} exp(row[j] − m)), k the
+                // argmax: never lse − row[i], two numbers near m whose difference loses eps·|m|
+                // absolute when the loss is tiny (a saturated softmax; the finite differences of
+                // the gradient tests divide that by their step and read it as gradient).
+                let k = (0..b).fold(0, |k, j| if row[j] > row[k] { j } else { k });
+                let m = row[k];
+                let rest: f64 = (0..b).filter(|&j| j != k).map(|j| (row[j] - m).exp()).sum();
+                (m - row[i]) + rest.ln_1p()
             })
             .sum::<f64>()
             / b as f64
