@@ -487,37 +487,95 @@ extern "C" __global__ void attention_dq_bwd_f32(AttnParams p) {
 
 // @autocast-only begin (build.rs leaves this region out of builds without bf16 autocast)
 // ---------------------------------------------------------------------------------------------
-// bf16 forward on the pipelined building blocks (pipe_gemm.cuh): Q, K, V and O in bf16 (AttnParams'
-// q, k, v, o address bf16 here), the logits, the online softmax statistics and lse in f32, P
-// rounded to bf16 for the P·V product (as FlashAttention), f32 accumulation. Block = 64 query rows
-// of one (b, h), 4 warps of 16 rows; the Q tile is copied once, the K and V tiles of 32 keys are
-// double-buffered by cp.async (the next tile's copy overlaps this tile's products); fragments are
-// read with ldmatrix from XOR-swizzled tiles (K as the B operand of Q·Kᵀ, V through .trans as the
-// B operand of P·V), P goes from the accumulators straight into A fragments (no shared memory).
-// The host launches it when dh is 16, 32, 64 or 128 (= the tile width) and every row of q, k, v
-// is made of whole, aligned 16-byte chunks; attention_fwd_f32 on widened copies otherwise.
+// The pipelined attention (pipe_gemm.cuh's building blocks): the bf16 kernels (bf16 autocast)
+// and the tf32 ones (f32 operands at --precision tf32), one template over the element kind.
 #include "pipe_gemm.cuh"
 
-#define ATTN_PIPE_WARPS 4
-#define ATTN_PIPE_BC 32
+// The element kinds (pipe_gemm.cuh's): PgBf16, bf16 operands on mma.m16n8k16; PgTf32, f32
+// operands read as tf32 on mma.m16n8k8 (fragments rounded with cvt.rna after the load, as the
+// unpipelined tensor-core branch rounds its operands). An mma's k-step is two 16-byte chunks of a
+// k-contiguous row in both, so the products over the head dim (Q·Kᵀ, dO·Vᵀ, K·Qᵀ, V·dOᵀ) address
+// their ldmatrix reads alike. The products over keys or queries (P·V, dS·K, Pᵀ·dO, dSᵀ·Q) take
+// their A operand from the accumulators and B from a row-major tile: bf16 through ldmatrix.trans;
+// tf32, which .trans cannot transpose at 32 bits, by warp-wide 32-bit loads (lds32_warp), with the
+// accumulator columns 2t and 2t + 1 of an 8-key block as the k slots t and t + 4 (A's a[0]/a[2]
+// are then the pair a lane holds, and B's b[0]/b[1] rows 2t and 2t + 1: the same sum over the
+// block's keys in another order).
+template <class K, int DP>
+struct AttnTile {
+    static constexpr int CH = DP / K::PER_CHUNK;  // 16-byte chunks of a head's row
+    // tf32 rows of 4 chunks (head dim 16) are padded to 5: the 32-bit reads of rows 2t (t < 4)
+    // would otherwise find 16 banks only (two 64-byte rows share a 128-byte line, so every even
+    // row starts at bank 0); at a stride of 5 chunks both they and ldmatrix's 8 consecutive rows
+    // fall on distinct banks. Other rows: pg_off's XOR swizzle (for the 32-bit reads of rows 2t,
+    // chunks c ^ 2t: the four rows' chunk pairs on 8 distinct 16-byte bank groups).
+    static constexpr bool PAD = K::TF32 && CH == 4;
+    static constexpr uint32_t bytes(int rows) { return rows * (PAD ? 5 : CH) * 16; }
+    __device__ __forceinline__ static uint32_t off(uint32_t r, uint32_t c) {
+        if constexpr (PAD) return (r * 5 + c) * 16;
+        else return pg_off<CH>(r, c);
+    }
+    // element (r, col) of a tf32 tile as an mma operand
+    __device__ __forceinline__ static uint32_t tf32_at(const unsigned char* s, uint32_t r, uint32_t col) {
+        return f32_to_tf32(__uint_as_float(lds32_warp(s + off(r, col / 4) + 4 * (col % 4))));
+    }
+};
 
-// Dynamic shared memory at head dim DP: the Q tile and two stages of K and V tiles, bf16.
-template <int DP>
-__host__ __device__ constexpr uint32_t attn_pipe_smem() {
-    return (16 * ATTN_PIPE_WARPS * DP + 2 * 2 * ATTN_PIPE_BC * DP) * 2;
+// Tile shapes per kind and head dim: the streamed tiles' rows, and the most warps per block (16
+// query or key rows each) such that every instance fits in 48 KiB of dynamic shared memory (f32
+// tiles are twice bf16's bytes: fewer rows at head dims 64 and 128). The host launches 1, 2 or 4
+// warps up to that, per problem: as few as cover the block's rows (Tq for the forward and dQ, S
+// for dK/dV; e.g. 2 warps for the model's 18 text tokens, not 4 of which 46 rows are padding),
+// and the kernels read it from blockDim. Mirrored in src/ops/attention/pipe.rs.
+template <class K, int DP>
+__host__ __device__ constexpr int attn_pipe_fwd_warps() {
+    return K::TF32 && DP == 128 ? 2 : 4;
 }
+template <class K, int DP>
+__host__ __device__ constexpr int attn_pipe_fwd_bc() {
+    return K::TF32 && DP == 128 ? 16 : 32;
+}
+template <class K, int DP>
+__host__ __device__ constexpr int attn_pipe_bwd_warps() {
+    return !K::TF32 ? 4 : DP == 128 ? 1 : DP == 64 ? 2 : 4;
+}
+template <class K, int DP>
+__host__ __device__ constexpr int attn_pipe_bwd_bc() {
+    return DP == 128 ? 16 : 32;
+}
+// Dynamic shared memory of the forward at the most warps: the Q tile and two stages of K and V tiles.
+template <class K, int DP>
+__host__ __device__ constexpr uint32_t attn_pipe_smem() {
+    return AttnTile<K, DP>::bytes(16 * attn_pipe_fwd_warps<K, DP>()) + 4 * AttnTile<K, DP>::bytes(attn_pipe_fwd_bc<K, DP>());
+}
+// ... of both backward kernels: the block's two resident tiles and two stages of two streamed ones.
+template <class K, int DP>
+__host__ __device__ constexpr uint32_t attn_pipe_bwd_smem() {
+    return 2 * AttnTile<K, DP>::bytes(16 * attn_pipe_bwd_warps<K, DP>()) +
+           4 * AttnTile<K, DP>::bytes(attn_pipe_bwd_bc<K, DP>());
+}
+template <class K>
+__host__ __device__ constexpr bool attn_pipe_fits() {
+    return attn_pipe_smem<K, 16>() <= 48 * 1024 && attn_pipe_smem<K, 32>() <= 48 * 1024 &&
+           attn_pipe_smem<K, 64>() <= 48 * 1024 && attn_pipe_smem<K, 128>() <= 48 * 1024 &&
+           attn_pipe_bwd_smem<K, 16>() <= 48 * 1024 && attn_pipe_bwd_smem<K, 32>() <= 48 * 1024 &&
+           attn_pipe_bwd_smem<K, 64>() <= 48 * 1024 && attn_pipe_bwd_smem<K, 128>() <= 48 * 1024;
+}
+static_assert(attn_pipe_fits<PgBf16>() && attn_pipe_fits<PgTf32>(), "a pipelined attention tile set exceeds 48 KiB");
 
-// cp.async of rows r0..r0+R of head h of x [B,T,E] (bf16) into a swizzled [R][DP] tile, zero
-// rows past T.
-template <int DP, int R>
-__device__ __forceinline__ void attn_pipe_rows(unsigned char* dst, const uint16_t* x, const AttnParams& p,
-                                               uint32_t bb, uint32_t h, uint32_t T, uint32_t r0) {
-    constexpr int CH = DP / 8;
+// cp.async of rows r0..r0+R of head h of x [B,T,E] into a swizzled tile, zero rows past T.
+template <class K, int DP>
+__device__ __forceinline__ void attn_pipe_rows(unsigned char* dst, const void* xv, const AttnParams& p, uint32_t bb,
+                                               uint32_t h, uint32_t T, uint32_t r0, int R) {
+    using Tl = AttnTile<K, DP>;
+    constexpr int CH = Tl::CH;
+    const typename K::E* x = (const typename K::E*)xv;
     for (int e = threadIdx.x; e < R * CH; e += blockDim.x) {
         const uint32_t r = e / CH, c = e % CH, row = r0 + r;
         const bool ok = row < T;
-        const uint16_t* src = ok ? x + ((uint64_t)bb * T + row) * p.e + (uint64_t)h * p.dh + 8 * c : x;
-        cp_async16(dst + pg_off<CH>(r, c), src, ok);
+        const typename K::E* src =
+            ok ? x + ((uint64_t)bb * T + row) * p.e + (uint64_t)h * p.dh + K::PER_CHUNK * c : x;
+        cp_async16(dst + Tl::off(r, c), src, ok);
     }
 }
 
@@ -525,15 +583,133 @@ __device__ __forceinline__ uint32_t attn_pack_bf16(float lo, float hi) {
     return (uint32_t)f32_to_bf16_bits(lo) | ((uint32_t)f32_to_bf16_bits(hi) << 16);
 }
 
-template <int DP>
+// An ldmatrix'd fragment as the kind's mma operand (tf32: rounded).
+template <class K, int N>
+__device__ __forceinline__ void attn_operand(uint32_t (&r)[N]) {
+    if constexpr (K::TF32)
+#pragma unroll
+        for (int q = 0; q < N; ++q) r[q] = f32_to_tf32(__uint_as_float(r[q]));
+}
+template <class K>
+__device__ __forceinline__ void attn_mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    if constexpr (K::TF32) mma_m16n8k8_tf32(d, a, b, d);
+    else mma_m16n8k16_bf16(d, a, b, d);
+}
+
+// The A fragment of k-step ks for the warp's 16 rows from a0.. of the swizzled tile `a`.
+template <class K, int DP>
+__device__ __forceinline__ void attn_pipe_afrag(uint32_t (&af)[4], const unsigned char* a, uint32_t a_r0, int ks) {
+    const int lane = threadIdx.x & 31, q8 = lane >> 3, r8 = lane & 7;
+    ldmatrix_x4(af, a + AttnTile<K, DP>::off(a_r0 + r8 + 8 * (q8 & 1), 2 * ks + (q8 >> 1)));
+    attn_operand<K>(af);
+}
+
+// acc[2·nj + 0/1] = A · B for the warp, K = DP (CH/2 k-steps): A's 16 rows are rows a_r0.. of the
+// swizzled tile `a` (or, with AF, the fragments af[ks] already in registers), B's 8·(2·NJ)
+// columns are rows 0.. of the swizzled tile `b` (B(k, n) = b[n][k], the non-transposed ldmatrix:
+// Q·Kᵀ, dO·Vᵀ, K·Qᵀ, V·dOᵀ).
+template <class K, int DP, int NJ, bool AF = false>
+__device__ __forceinline__ void attn_pipe_abt(float (*acc)[4], const unsigned char* a, uint32_t a_r0,
+                                              const unsigned char* b, const uint32_t (*af_reg)[4] = nullptr) {
+    using Tl = AttnTile<K, DP>;
+    const int lane = threadIdx.x & 31, q8 = lane >> 3, r8 = lane & 7;
+#pragma unroll
+    for (int nt = 0; nt < 2 * NJ; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < Tl::CH / 2; ++ks) {
+        uint32_t af[4];
+        if constexpr (AF) af[0] = af_reg[ks][0], af[1] = af_reg[ks][1], af[2] = af_reg[ks][2], af[3] = af_reg[ks][3];
+        else attn_pipe_afrag<K, DP>(af, a, a_r0, ks);
+#pragma unroll
+        for (int nj = 0; nj < NJ; ++nj) {
+            uint32_t r[4];
+            ldmatrix_x4(r, b + Tl::off(16 * nj + r8 + 8 * (q8 >> 1), 2 * ks + (q8 & 1)));
+            attn_operand<K>(r);
+            const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+            attn_mma<K>(acc[2 * nj], af, b0);
+            attn_mma<K>(acc[2 * nj + 1], af, b1);
+        }
+    }
+}
+
+// acc[NT][4] (16 x DP) += X · B for the warp: X (16 x BC) is in the accumulator layout x[BC/8][4]
+// (f32, rounded to the operand kind here: no shared memory), B(k, n) = b[k][n] the streamed or
+// resident swizzled tile of BC rows (rows b_r0..): bf16 by ldmatrix.trans; tf32 by 32-bit loads
+// of rows 2t and 2t + 1 (the k-slot order of the file comment above).
+template <class K, int DP, int BC>
+__device__ __forceinline__ void attn_pipe_xb(float (*acc)[4], const float (*x)[4], const unsigned char* b,
+                                             uint32_t b_r0) {
+    using Tl = AttnTile<K, DP>;
+    const int lane = threadIdx.x & 31, q8 = lane >> 3, r8 = lane & 7, g = lane >> 2, t = lane & 3;
+    if constexpr (K::TF32) {
+#pragma unroll
+        for (int kk = 0; kk < BC / 8; ++kk) {
+            const uint32_t xf[4] = {f32_to_tf32(x[kk][0]), f32_to_tf32(x[kk][2]), f32_to_tf32(x[kk][1]),
+                                    f32_to_tf32(x[kk][3])};
+            const uint32_t r = b_r0 + 8 * kk + 2 * t;
+#pragma unroll
+            for (int nt = 0; nt < DP / 8; ++nt) {
+                const uint32_t bf[2] = {Tl::tf32_at(b, r, 8 * nt + g), Tl::tf32_at(b, r + 1, 8 * nt + g)};
+                attn_mma<K>(acc[nt], xf, bf);
+            }
+        }
+    } else {
+#pragma unroll
+        for (int kk = 0; kk < BC / 16; ++kk) {
+            const uint32_t xf[4] = {attn_pack_bf16(x[2 * kk][0], x[2 * kk][1]), attn_pack_bf16(x[2 * kk][2], x[2 * kk][3]),
+                                    attn_pack_bf16(x[2 * kk + 1][0], x[2 * kk + 1][1]),
+                                    attn_pack_bf16(x[2 * kk + 1][2], x[2 * kk + 1][3])};
+#pragma unroll
+            for (int nj = 0; nj < DP / 16; ++nj) {
+                uint32_t r[4];
+                ldmatrix_x4_trans(r, b + Tl::off(b_r0 + 16 * kk + r8 + 8 * (q8 & 1), 2 * nj + (q8 >> 1)));
+                const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+                attn_mma<K>(acc[2 * nj], xf, b0);
+                attn_mma<K>(acc[2 * nj + 1], xf, b1);
+            }
+        }
+    }
+}
+
+// Rows r0 + g, r0 + g + 8 (< T) of head h of x [B,T,E] from the warp's accumulators times
+// mul[0], mul[1]: bf16 pairs (4 bytes) or f32 pairs (8 bytes); d is even and so are e and dh
+// (multiples of the chunk), so every pair is aligned.
+template <class K, int DP>
+__device__ __forceinline__ void attn_pipe_store_rows(void* x, const float (*acc)[4], const AttnParams& p, uint32_t bb,
+                                                     uint32_t h, uint32_t T, uint32_t r0, const float (&mul)[2]) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int rh = 0; rh < 2; ++rh) {
+        const uint32_t r = r0 + g + 8 * rh;
+        if (r >= T) continue;
+        typename K::E* row = (typename K::E*)x + ((uint64_t)bb * T + r) * p.e + (uint64_t)h * p.dh;
+#pragma unroll
+        for (int nt = 0; nt < DP / 8; ++nt) {
+            const float v0 = acc[nt][2 * rh] * mul[rh], v1 = acc[nt][2 * rh + 1] * mul[rh];
+            if constexpr (K::TF32) *reinterpret_cast<float2*>(row + 8 * nt + 2 * t) = float2{v0, v1};
+            else *reinterpret_cast<uint32_t*>(row + 8 * nt + 2 * t) = attn_pack_bf16(v0, v1);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward on the pipelined building blocks: Q, K, V and O of the kind's type (AttnParams' q, k, v,
+// o address bf16 for PgBf16, f32 for PgTf32), the logits, the online softmax statistics and lse
+// in f32, P rounded to the operand type for the P·V product (as FlashAttention), f32
+// accumulation. Block = 16·NW query rows of one (b, h), warp w owns rows 16w..; the Q tile is
+// copied once (its fragments then stay in registers), the K and V tiles of BC keys are
+// double-buffered by cp.async (the next tile's copy overlaps this tile's products); fragments of
+// K are ldmatrix'd from XOR-swizzled tiles, V is the B operand of P·V (see attn_pipe_xb), P goes
+// from the accumulators straight into A fragments. The host launches it when dh is 16, 32, 64 or
+// 128 (= the tile width) and every row of q, k, v is made of whole, aligned 16-byte chunks.
+template <class K, int DP>
 __device__ __forceinline__ void attn_pipe_fwd(const AttnParams& p, unsigned char* smem) {
-    constexpr int BR = 16 * ATTN_PIPE_WARPS, BC = ATTN_PIPE_BC, CH = DP / 8, NT = DP / 8, KS = DP / 16;
-    constexpr uint32_t QB = BR * DP * 2, TB = BC * DP * 2;
-    const uint16_t* q = (const uint16_t*)p.q;
-    const uint16_t* k = (const uint16_t*)p.k;
-    const uint16_t* v = (const uint16_t*)p.v;
+    using Tl = AttnTile<K, DP>;
+    constexpr int BC = attn_pipe_fwd_bc<K, DP>(), NT = DP / 8, KS = Tl::CH / 2;
+    const int BR = 16 * (blockDim.x >> 5);  // the host's choice, up to 16·attn_pipe_fwd_warps
+    constexpr uint32_t TB = Tl::bytes(BC);
+    const uint32_t QB = Tl::bytes(BR);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const int q8 = lane >> 3, r8 = lane & 7;  // the ldmatrix matrix and row this lane addresses
     const uint32_t bb = blockIdx.y / p.h, h = blockIdx.y % p.h;
     const uint32_t i_blk = blockIdx.x * BR, i_w = i_blk + 16 * warp;
     // Causal: no key beyond the block's last row is taken.
@@ -544,10 +720,10 @@ __device__ __forceinline__ void attn_pipe_fwd(const AttnParams& p, unsigned char
     auto vst = [&](uint32_t st) { return smem + QB + st * 2 * TB + TB; };
 
     // group 0: Q and the first K, V tiles
-    attn_pipe_rows<DP, BR>(qs, q, p, bb, h, p.tq, i_blk);
+    attn_pipe_rows<K, DP>(qs, p.q, p, bb, h, p.tq, i_blk, BR);
     if (ntiles > 0) {
-        attn_pipe_rows<DP, BC>(kst(0), k, p, bb, h, p.s, 0);
-        attn_pipe_rows<DP, BC>(vst(0), v, p, bb, h, p.s, 0);
+        attn_pipe_rows<K, DP>(kst(0), p.k, p, bb, h, p.s, 0, BC);
+        attn_pipe_rows<K, DP>(vst(0), p.v, p, bb, h, p.s, 0, BC);
     }
     cp_async_commit();
 
@@ -563,12 +739,11 @@ __device__ __forceinline__ void attn_pipe_fwd(const AttnParams& p, unsigned char
         __syncthreads();
         if (tt == 0) {
 #pragma unroll
-            for (int ks = 0; ks < KS; ++ks)
-                ldmatrix_x4(qf[ks], qs + pg_off<CH>(16 * warp + r8 + 8 * (q8 & 1), 2 * ks + (q8 >> 1)));
+            for (int ks = 0; ks < KS; ++ks) attn_pipe_afrag<K, DP>(qf[ks], qs, 16 * warp, ks);
         }
         if (tt + 1 < ntiles) {
-            attn_pipe_rows<DP, BC>(kst((tt + 1) & 1), k, p, bb, h, p.s, (tt + 1) * BC);
-            attn_pipe_rows<DP, BC>(vst((tt + 1) & 1), v, p, bb, h, p.s, (tt + 1) * BC);
+            attn_pipe_rows<K, DP>(kst((tt + 1) & 1), p.k, p, bb, h, p.s, (tt + 1) * BC, BC);
+            attn_pipe_rows<K, DP>(vst((tt + 1) & 1), p.v, p, bb, h, p.s, (tt + 1) * BC, BC);
         }
         cp_async_commit();
         const unsigned char* ks_ = kst(tt & 1);
@@ -577,18 +752,7 @@ __device__ __forceinline__ void attn_pipe_fwd(const AttnParams& p, unsigned char
 
         // S = Q·Kᵀ (16 x BC per warp): K's rows are the B operand's columns
         float sc[BC / 8][4];
-#pragma unroll
-        for (int nt = 0; nt < BC / 8; ++nt) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
-#pragma unroll
-        for (int ks = 0; ks < KS; ++ks)
-#pragma unroll
-            for (int nj = 0; nj < BC / 16; ++nj) {
-                uint32_t r[4];
-                ldmatrix_x4(r, ks_ + pg_off<CH>(16 * nj + r8 + 8 * (q8 >> 1), 2 * ks + (q8 & 1)));
-                const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
-                mma_m16n8k16_bf16(sc[2 * nj], qf[ks], b0, sc[2 * nj]);
-                mma_m16n8k16_bf16(sc[2 * nj + 1], qf[ks], b1, sc[2 * nj + 1]);
-            }
+        attn_pipe_abt<K, DP, BC / 16, true>(sc, nullptr, 0, ks_, qf);
         // this lane's key columns: bias and multiplier (the same for both of its rows)
         float kb[BC / 8][2], kw[BC / 8][2];
 #pragma unroll
@@ -631,153 +795,64 @@ __device__ __forceinline__ void attn_pipe_fwd(const AttnParams& p, unsigned char
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) acc[nt][2 * rh] *= alpha, acc[nt][2 * rh + 1] *= alpha;
         }
-        // O += P·V: P (rounded to bf16) from the accumulator layout into A fragments: n8 tiles
-        // 2kk and 2kk+1 are the k16 block kk
-#pragma unroll
-        for (int kk = 0; kk < BC / 16; ++kk) {
-            const uint32_t pf[4] = {attn_pack_bf16(sc[2 * kk][0], sc[2 * kk][1]),
-                                    attn_pack_bf16(sc[2 * kk][2], sc[2 * kk][3]),
-                                    attn_pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
-                                    attn_pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
-#pragma unroll
-            for (int nj = 0; nj < NT / 2; ++nj) {
-                uint32_t r[4];
-                ldmatrix_x4_trans(r, vs_ + pg_off<CH>(16 * kk + r8 + 8 * (q8 & 1), 2 * nj + (q8 >> 1)));
-                const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
-                mma_m16n8k16_bf16(acc[2 * nj], pf, b0, acc[2 * nj]);
-                mma_m16n8k16_bf16(acc[2 * nj + 1], pf, b1, acc[2 * nj + 1]);
-            }
-        }
+        // O += P·V
+        attn_pipe_xb<K, DP, BC>(acc, sc, vs_, 0);
     }
     cp_async_wait<0>();  // only an empty group (or, with no key tile, Q's) remains
+    const float inv[2] = {l[0] > 0.f ? 1.f / l[0] : 0.f, l[1] > 0.f ? 1.f / l[1] : 0.f};
+    attn_pipe_store_rows<K, DP>(p.o, acc, p, bb, h, p.tq, i_w, inv);
 #pragma unroll
     for (int rh = 0; rh < 2; ++rh) {
         const uint32_t i = i_w + g + 8 * rh;
-        if (i >= p.tq) continue;
-        const float inv = l[rh] > 0.f ? 1.f / l[rh] : 0.f;
-        uint16_t* orow = (uint16_t*)p.o + ((uint64_t)bb * p.tq + i) * p.e + (uint64_t)h * p.dh;
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-            const uint32_t d = 8 * nt + 2 * t;  // even: the pair is 4-byte aligned (e, dh even)
-            *reinterpret_cast<uint32_t*>(orow + d) =
-                attn_pack_bf16(acc[nt][2 * rh] * inv, acc[nt][2 * rh + 1] * inv);
-        }
-        if (t == 0) p.lse[((uint64_t)bb * p.h + h) * p.tq + i] = l[rh] > 0.f ? m[rh] + logf(l[rh]) : -RECLMIS_INF;
+        if (i < p.tq && t == 0)
+            p.lse[((uint64_t)bb * p.h + h) * p.tq + i] = l[rh] > 0.f ? m[rh] + logf(l[rh]) : -RECLMIS_INF;
     }
 }
 
-// grid = (ceil(Tq/64), B·H), block = 128, dynamic shared memory attn_pipe_smem<dh>() (dh 16, 32,
-// 64 or 128: 6, 12, 24 or 48 KiB)
+// Runs Body<K, dh> for the head dim (16, 32, 64 or 128).
+#define ATTN_PIPE_DISPATCH(BODY, K)       \
+    if (p.dh == 16) BODY<K, 16>(p, smem);      \
+    else if (p.dh == 32) BODY<K, 32>(p, smem); \
+    else if (p.dh == 64) BODY<K, 64>(p, smem); \
+    else BODY<K, 128>(p, smem);
+
+// grid = (ceil(Tq / (16·warps)), B·H), block = 32·warps (warps <= attn_pipe_fwd_warps), dynamic
+// shared memory for them (at the most warps attn_pipe_smem: bf16 6, 12, 24 or 48 KiB at dh 16,
+// 32, 64, 128; tf32 15, 24, 48, 48 KiB)
 extern "C" __global__ void __launch_bounds__(128) attention_pipe_fwd_bf16(AttnParams p) {
     extern __shared__ __align__(128) unsigned char smem[];
-    if (p.dh == 16) attn_pipe_fwd<16>(p, smem);
-    else if (p.dh == 32) attn_pipe_fwd<32>(p, smem);
-    else if (p.dh == 64) attn_pipe_fwd<64>(p, smem);
-    else attn_pipe_fwd<128>(p, smem);
+    ATTN_PIPE_DISPATCH(attn_pipe_fwd, PgBf16)
+}
+extern "C" __global__ void __launch_bounds__(128) attention_pipe_fwd_f32(AttnParams p) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    ATTN_PIPE_DISPATCH(attn_pipe_fwd, PgTf32)
 }
 // ---------------------------------------------------------------------------------------------
-// bf16 backward on the same building blocks (FlashAttention-2's, without atomics): q, k, v, o and
-// dout bf16 (AttnParams' pointers address bf16), lse and delta f32, dq, dk, dv written in bf16
-// (f32 accumulators rounded once), the per-head partial dw in f32. P and dS are recomputed in f32
-// from the logsumexp and rounded to bf16 only as the A operands of dV += Pᵀ·dO, dK += dSᵀ·Q and
-// dQ += dS·K (as FlashAttention). Two kernels, as the f32 backward: one per 64 keys (dK, dV, dw)
-// streaming query tiles, one per 64 queries (dQ) streaming key tiles; the streamed tiles are
-// double-buffered by cp.async, the block's own 64 rows of two operands stay in shared memory and
-// every fragment is an ldmatrix of a swizzled tile. The streamed tile is 32 rows, 16 at head dim
-// 128, so that every instance fits in 48 KiB of dynamic shared memory.
+// Backward on the same building blocks (FlashAttention-2's, without atomics): q, k, v, o and dout
+// of the kind's type, lse and delta f32, dq, dk, dv written in the kind's type (f32 accumulators;
+// bf16: rounded once), the per-head partial dw in f32. P and dS are recomputed in f32 from the
+// logsumexp and rounded to the operand type only as the A operands of dV += Pᵀ·dO,
+// dK += dSᵀ·Q and dQ += dS·K (as FlashAttention). Two kernels, as the unpipelined backward: one
+// per 16·NW keys (dK, dV, dw) streaming query tiles, one per 16·NW queries (dQ) streaming key
+// tiles; the streamed tiles are double-buffered by cp.async, the block's own rows of two operands
+// stay in shared memory. Tile shapes: attn_pipe_bwd_warps / attn_pipe_bwd_bc.
 
-// delta = Σ_d dO·O from bf16 dout and o (a warp per row; block (32, 8)).
+// delta = Σ_d dO·O from bf16 dout and o (a warp per row; block (32, 8)); the tf32 kernels take
+// attention_delta_bwd_f32's.
 extern "C" __global__ void attention_delta_bwd_bf16(AttnParams p) {
     attn_delta(p, [](const float* x, uint64_t i) { return bf16_bits_to_f32(((const uint16_t*)x)[i]); });
 }
 
-#define ATTN_PIPE_BWD_ROWS 64
-
-template <int DP>
-__host__ __device__ constexpr int attn_pipe_bwd_bc() {
-    return DP == 128 ? 16 : 32;
-}
-// Dynamic shared memory of both backward kernels at head dim DP: the block's two 64-row tiles and
-// two stages of two streamed tiles, bf16.
-template <int DP>
-__host__ __device__ constexpr uint32_t attn_pipe_bwd_smem() {
-    return (2 * ATTN_PIPE_BWD_ROWS * DP + 2 * 2 * attn_pipe_bwd_bc<DP>() * DP) * 2;
-}
-static_assert(attn_pipe_bwd_smem<128>() <= 48 * 1024 && attn_pipe_bwd_smem<64>() <= 48 * 1024,
-              "the backward's tiles exceed 48 KiB of dynamic shared memory");
-
-// acc[2·nj + 0/1] = A · B for the warp, K = DP (KS k16 steps): A's 16 rows are rows a_r0.. of
-// the swizzled tile `a`, B's 8·(2·NJ) columns are rows 0.. of the swizzled tile `b` (B(k, n) =
-// b[n][k], the non-transposed ldmatrix: Q·Kᵀ, dO·Vᵀ, K·Qᵀ, V·dOᵀ).
-template <int DP, int NJ>
-__device__ __forceinline__ void attn_pipe_abt(float (*acc)[4], const unsigned char* a, uint32_t a_r0,
-                                              const unsigned char* b) {
-    constexpr int CH = DP / 8;
-    const int lane = threadIdx.x & 31, q8 = lane >> 3, r8 = lane & 7;
-#pragma unroll
-    for (int nt = 0; nt < 2 * NJ; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
-#pragma unroll
-    for (int ks = 0; ks < DP / 16; ++ks) {
-        uint32_t af[4];
-        ldmatrix_x4(af, a + pg_off<CH>(a_r0 + r8 + 8 * (q8 & 1), 2 * ks + (q8 >> 1)));
-#pragma unroll
-        for (int nj = 0; nj < NJ; ++nj) {
-            uint32_t r[4];
-            ldmatrix_x4(r, b + pg_off<CH>(16 * nj + r8 + 8 * (q8 >> 1), 2 * ks + (q8 & 1)));
-            const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
-            mma_m16n8k16_bf16(acc[2 * nj], af, b0, acc[2 * nj]);
-            mma_m16n8k16_bf16(acc[2 * nj + 1], af, b1, acc[2 * nj + 1]);
-        }
-    }
-}
-
-// acc[NT][4] (16 x DP) += X · B for the warp: X (16 x BC) is in the accumulator layout x[BC/8][4]
-// (f32, rounded to bf16 here: the register trick of the forward's P·V), B(k, n) = b[k][n] the
-// streamed or resident swizzled tile of BC rows (rows b_r0..), read with ldmatrix.trans.
-template <int DP, int BC>
-__device__ __forceinline__ void attn_pipe_xb(float (*acc)[4], const float (*x)[4], const unsigned char* b,
-                                             uint32_t b_r0) {
-    constexpr int CH = DP / 8;
-    const int lane = threadIdx.x & 31, q8 = lane >> 3, r8 = lane & 7;
-#pragma unroll
-    for (int kk = 0; kk < BC / 16; ++kk) {
-        const uint32_t xf[4] = {attn_pack_bf16(x[2 * kk][0], x[2 * kk][1]), attn_pack_bf16(x[2 * kk][2], x[2 * kk][3]),
-                                attn_pack_bf16(x[2 * kk + 1][0], x[2 * kk + 1][1]),
-                                attn_pack_bf16(x[2 * kk + 1][2], x[2 * kk + 1][3])};
-#pragma unroll
-        for (int nj = 0; nj < DP / 16; ++nj) {
-            uint32_t r[4];
-            ldmatrix_x4_trans(r, b + pg_off<CH>(b_r0 + 16 * kk + r8 + 8 * (q8 & 1), 2 * nj + (q8 >> 1)));
-            const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
-            mma_m16n8k16_bf16(acc[2 * nj], xf, b0, acc[2 * nj]);
-            mma_m16n8k16_bf16(acc[2 * nj + 1], xf, b1, acc[2 * nj + 1]);
-        }
-    }
-}
-
-// Rows r0 + g, r0 + g + 8 (< T) of head h of x [B,T,E] (bf16) from the warp's accumulators.
-template <int DP>
-__device__ __forceinline__ void attn_pipe_store_rows(void* x, const float (*acc)[4], const AttnParams& p, uint32_t bb,
-                                                     uint32_t h, uint32_t T, uint32_t r0) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-#pragma unroll
-    for (int rh = 0; rh < 2; ++rh) {
-        const uint32_t r = r0 + g + 8 * rh;
-        if (r >= T) continue;
-        uint16_t* row = (uint16_t*)x + ((uint64_t)bb * T + r) * p.e + (uint64_t)h * p.dh;
-#pragma unroll
-        for (int nt = 0; nt < DP / 8; ++nt)  // even d: the pair is 4-byte aligned (e, dh even)
-            *reinterpret_cast<uint32_t*>(row + 8 * nt + 2 * t) = attn_pack_bf16(acc[nt][2 * rh], acc[nt][2 * rh + 1]);
-    }
-}
-
-// dQ: block = 64 queries of one (b, h), warp w owns queries 16w..; key tiles of BC stream (K and V
-// double-buffered). Per tile and warp: S = Q·Kᵀ and dP = dO·Vᵀ (16 x BC), dS in f32, then
+// dQ: block = 16·NW queries of one (b, h), warp w owns queries 16w..; key tiles of BC stream (K
+// and V double-buffered). Per tile and warp: S = Q·Kᵀ and dP = dO·Vᵀ (16 x BC), dS in f32, then
 // dQ += (dS·scale·kw)·K.
-template <int DP>
+template <class K, int DP>
 __device__ __forceinline__ void attn_pipe_dq(const AttnParams& p, unsigned char* smem) {
-    constexpr int BR = ATTN_PIPE_BWD_ROWS, BC = attn_pipe_bwd_bc<DP>(), NT = DP / 8;
-    constexpr uint32_t RB = BR * DP * 2, TB = BC * DP * 2;
+    using Tl = AttnTile<K, DP>;
+    constexpr int BC = attn_pipe_bwd_bc<K, DP>(), NT = DP / 8;
+    const int BR = 16 * (blockDim.x >> 5);  // the host's choice, up to 16·attn_pipe_bwd_warps
+    constexpr uint32_t TB = Tl::bytes(BC);
+    const uint32_t RB = Tl::bytes(BR);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const uint32_t bb = blockIdx.y / p.h, h = blockIdx.y % p.h;
     const uint32_t i_blk = blockIdx.x * BR, i_w = i_blk + 16 * warp;
@@ -788,11 +863,11 @@ __device__ __forceinline__ void attn_pipe_dq(const AttnParams& p, unsigned char*
     auto vst = [&](uint32_t st) { return smem + 2 * RB + st * 2 * TB + TB; };
 
     // group 0: Q, dO and the first K, V tiles
-    attn_pipe_rows<DP, BR>(qs, (const uint16_t*)p.q, p, bb, h, p.tq, i_blk);
-    attn_pipe_rows<DP, BR>(dos, (const uint16_t*)p.dout, p, bb, h, p.tq, i_blk);
+    attn_pipe_rows<K, DP>(qs, p.q, p, bb, h, p.tq, i_blk, BR);
+    attn_pipe_rows<K, DP>(dos, p.dout, p, bb, h, p.tq, i_blk, BR);
     if (ntiles > 0) {
-        attn_pipe_rows<DP, BC>(kst(0), (const uint16_t*)p.k, p, bb, h, p.s, 0);
-        attn_pipe_rows<DP, BC>(vst(0), (const uint16_t*)p.v, p, bb, h, p.s, 0);
+        attn_pipe_rows<K, DP>(kst(0), p.k, p, bb, h, p.s, 0, BC);
+        attn_pipe_rows<K, DP>(vst(0), p.v, p, bb, h, p.s, 0, BC);
     }
     cp_async_commit();
     float lse[2], dl[2];
@@ -812,15 +887,15 @@ __device__ __forceinline__ void attn_pipe_dq(const AttnParams& p, unsigned char*
         cp_async_wait<0>();
         __syncthreads();
         if (tt + 1 < ntiles) {
-            attn_pipe_rows<DP, BC>(kst((tt + 1) & 1), (const uint16_t*)p.k, p, bb, h, p.s, (tt + 1) * BC);
-            attn_pipe_rows<DP, BC>(vst((tt + 1) & 1), (const uint16_t*)p.v, p, bb, h, p.s, (tt + 1) * BC);
+            attn_pipe_rows<K, DP>(kst((tt + 1) & 1), p.k, p, bb, h, p.s, (tt + 1) * BC, BC);
+            attn_pipe_rows<K, DP>(vst((tt + 1) & 1), p.v, p, bb, h, p.s, (tt + 1) * BC, BC);
         }
         cp_async_commit();
         const unsigned char *ks_ = kst(tt & 1), *vs_ = vst(tt & 1);
         const uint32_t j0 = tt * BC;
         float sc[BC / 8][4], dp[BC / 8][4];
-        attn_pipe_abt<DP, BC / 16>(sc, qs, 16 * warp, ks_);
-        attn_pipe_abt<DP, BC / 16>(dp, dos, 16 * warp, vs_);
+        attn_pipe_abt<K, DP, BC / 16>(sc, qs, 16 * warp, ks_);
+        attn_pipe_abt<K, DP, BC / 16>(dp, dos, 16 * warp, vs_);
         // sc becomes dS·scale·kw (this lane's key columns: the same terms for both of its rows)
 #pragma unroll
         for (int nt = 0; nt < BC / 8; ++nt)
@@ -837,20 +912,23 @@ __device__ __forceinline__ void attn_pipe_dq(const AttnParams& p, unsigned char*
                     sc[nt][2 * rh + c] = e.ds * p.scale * kw;
                 }
             }
-        attn_pipe_xb<DP, BC>(dq, sc, ks_, 0);
+        attn_pipe_xb<K, DP, BC>(dq, sc, ks_, 0);
     }
     cp_async_wait<0>();  // only an empty group (or, with no key tile, Q's and dO's) remains
-    attn_pipe_store_rows<DP>(p.dq, dq, p, bb, h, p.tq, i_w);
+    attn_pipe_store_rows<K, DP>(p.dq, dq, p, bb, h, p.tq, i_w, {1.f, 1.f});
 }
 
-// dK, dV and dw: block = 64 keys of one (b, h), warp w owns keys 16w..; query tiles of BC stream
-// (Q and dO double-buffered). Per tile and warp the transposed products Sᵀ = K·Qᵀ and
+// dK, dV and dw: block = 16·NW keys of one (b, h), warp w owns keys 16w..; query tiles of BC
+// stream (Q and dO double-buffered). Per tile and warp the transposed products Sᵀ = K·Qᵀ and
 // dPᵀ = V·dOᵀ (16 keys x BC queries), so that Pᵀ and dSᵀ are A operands in registers:
 // dV += Pᵀ·dO, dK += (dSᵀ·scale·kw)·Q.
-template <int DP>
+template <class K, int DP>
 __device__ __forceinline__ void attn_pipe_dkdv(const AttnParams& p, unsigned char* smem) {
-    constexpr int BK = ATTN_PIPE_BWD_ROWS, BC = attn_pipe_bwd_bc<DP>(), NT = DP / 8;
-    constexpr uint32_t RB = BK * DP * 2, TB = BC * DP * 2;
+    using Tl = AttnTile<K, DP>;
+    constexpr int BC = attn_pipe_bwd_bc<K, DP>(), NT = DP / 8;
+    const int BK = 16 * (blockDim.x >> 5);  // the host's choice, up to 16·attn_pipe_bwd_warps
+    constexpr uint32_t TB = Tl::bytes(BC);
+    const uint32_t RB = Tl::bytes(BK);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const uint32_t bb = blockIdx.y / p.h, h = blockIdx.y % p.h;
     const uint32_t j_blk = blockIdx.x * BK, j_w = j_blk + 16 * warp;
@@ -862,11 +940,11 @@ __device__ __forceinline__ void attn_pipe_dkdv(const AttnParams& p, unsigned cha
     auto dost = [&](uint32_t st) { return smem + 2 * RB + st * 2 * TB + TB; };
 
     // group 0: K, V and the first Q, dO tiles
-    attn_pipe_rows<DP, BK>(ks, (const uint16_t*)p.k, p, bb, h, p.s, j_blk);
-    attn_pipe_rows<DP, BK>(vs, (const uint16_t*)p.v, p, bb, h, p.s, j_blk);
+    attn_pipe_rows<K, DP>(ks, p.k, p, bb, h, p.s, j_blk, BK);
+    attn_pipe_rows<K, DP>(vs, p.v, p, bb, h, p.s, j_blk, BK);
     if (ntiles > 0) {
-        attn_pipe_rows<DP, BC>(qst(0), (const uint16_t*)p.q, p, bb, h, p.tq, i_start);
-        attn_pipe_rows<DP, BC>(dost(0), (const uint16_t*)p.dout, p, bb, h, p.tq, i_start);
+        attn_pipe_rows<K, DP>(qst(0), p.q, p, bb, h, p.tq, i_start, BC);
+        attn_pipe_rows<K, DP>(dost(0), p.dout, p, bb, h, p.tq, i_start, BC);
     }
     cp_async_commit();
     // this lane's keys (rows g, g + 8 of the warp's): bias and multiplier, fixed for the block
@@ -884,8 +962,8 @@ __device__ __forceinline__ void attn_pipe_dkdv(const AttnParams& p, unsigned cha
         __syncthreads();
         const uint32_t i0 = i_start + tt * BC;
         if (tt + 1 < ntiles) {
-            attn_pipe_rows<DP, BC>(qst((tt + 1) & 1), (const uint16_t*)p.q, p, bb, h, p.tq, i0 + BC);
-            attn_pipe_rows<DP, BC>(dost((tt + 1) & 1), (const uint16_t*)p.dout, p, bb, h, p.tq, i0 + BC);
+            attn_pipe_rows<K, DP>(qst((tt + 1) & 1), p.q, p, bb, h, p.tq, i0 + BC, BC);
+            attn_pipe_rows<K, DP>(dost((tt + 1) & 1), p.dout, p, bb, h, p.tq, i0 + BC, BC);
         }
         cp_async_commit();
         const unsigned char *qs_ = qst(tt & 1), *dos_ = dost(tt & 1);
@@ -900,8 +978,8 @@ __device__ __forceinline__ void attn_pipe_dkdv(const AttnParams& p, unsigned cha
                 dl[nt][c] = i < p.tq ? p.delta[row0 + i] : 0.f;
             }
         float st[BC / 8][4], dpt[BC / 8][4];
-        attn_pipe_abt<DP, BC / 16>(st, ks, 16 * warp, qs_);
-        attn_pipe_abt<DP, BC / 16>(dpt, vs, 16 * warp, dos_);
+        attn_pipe_abt<K, DP, BC / 16>(st, ks, 16 * warp, qs_);
+        attn_pipe_abt<K, DP, BC / 16>(dpt, vs, 16 * warp, dos_);
         // st becomes Pᵀ, dpt dSᵀ·scale·kw
 #pragma unroll
         for (int nt = 0; nt < BC / 8; ++nt)
@@ -915,12 +993,12 @@ __device__ __forceinline__ void attn_pipe_dkdv(const AttnParams& p, unsigned cha
                 st[nt][c] = e.pr;
                 dpt[nt][c] = e.ds * p.scale * kw[rh];
             }
-        attn_pipe_xb<DP, BC>(dv, st, dos_, 0);
-        attn_pipe_xb<DP, BC>(dk, dpt, qs_, 0);
+        attn_pipe_xb<K, DP, BC>(dv, st, dos_, 0);
+        attn_pipe_xb<K, DP, BC>(dk, dpt, qs_, 0);
     }
     cp_async_wait<0>();
-    attn_pipe_store_rows<DP>(p.dk, dk, p, bb, h, p.s, j_w);
-    attn_pipe_store_rows<DP>(p.dv, dv, p, bb, h, p.s, j_w);
+    attn_pipe_store_rows<K, DP>(p.dk, dk, p, bb, h, p.s, j_w, {1.f, 1.f});
+    attn_pipe_store_rows<K, DP>(p.dv, dv, p, bb, h, p.s, j_w, {1.f, 1.f});
 #pragma unroll
     for (int rh = 0; rh < 2; ++rh) {
         float s = dwacc[rh];
@@ -931,22 +1009,24 @@ __device__ __forceinline__ void attn_pipe_dkdv(const AttnParams& p, unsigned cha
     }
 }
 
-// grid = (ceil(Tq/64), B·H), block = 128, dynamic shared memory attn_pipe_bwd_smem<dh>() (dh 16,
-// 32, 64 or 128: 8, 16, 32 or 48 KiB); delta from attention_delta_bwd_bf16 first.
+// grid = (ceil(Tq / (16·warps)), B·H), block = 32·warps (warps <= attn_pipe_bwd_warps), dynamic
+// shared memory for them (at the most warps attn_pipe_bwd_smem: bf16 8, 16, 32 or 48 KiB at dh
+// 16, 32, 64, 128; tf32 20, 32, 48, 48 KiB); delta from attention_delta_bwd_bf16 / _f32 first.
 extern "C" __global__ void __launch_bounds__(128) attention_pipe_dq_bwd_bf16(AttnParams p) {
     extern __shared__ __align__(128) unsigned char smem[];
-    if (p.dh == 16) attn_pipe_dq<16>(p, smem);
-    else if (p.dh == 32) attn_pipe_dq<32>(p, smem);
-    else if (p.dh == 64) attn_pipe_dq<64>(p, smem);
-    else attn_pipe_dq<128>(p, smem);
+    ATTN_PIPE_DISPATCH(attn_pipe_dq, PgBf16)
 }
-
-// grid = (ceil(S/64), B·H), block = 128, the same dynamic shared memory.
+extern "C" __global__ void __launch_bounds__(128) attention_pipe_dq_bwd_f32(AttnParams p) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    ATTN_PIPE_DISPATCH(attn_pipe_dq, PgTf32)
+}
+// grid = (ceil(S / (16·warps)), B·H): as the dQ kernel, its warps chosen for S.
 extern "C" __global__ void __launch_bounds__(128) attention_pipe_dkdv_bwd_bf16(AttnParams p) {
     extern __shared__ __align__(128) unsigned char smem[];
-    if (p.dh == 16) attn_pipe_dkdv<16>(p, smem);
-    else if (p.dh == 32) attn_pipe_dkdv<32>(p, smem);
-    else if (p.dh == 64) attn_pipe_dkdv<64>(p, smem);
-    else attn_pipe_dkdv<128>(p, smem);
+    ATTN_PIPE_DISPATCH(attn_pipe_dkdv, PgBf16)
+}
+extern "C" __global__ void __launch_bounds__(128) attention_pipe_dkdv_bwd_f32(AttnParams p) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    ATTN_PIPE_DISPATCH(attn_pipe_dkdv, PgTf32)
 }
 // @autocast-only end

@@ -84,13 +84,35 @@ pub fn dynamic_smem_bytes(kernel: &str) -> u32 {
         | "conv2d_pipe64_wgrad_bwd_f32" => crate::ops::gemm::PIPE64_SMEM,
         // at the largest head dim (128)
         #[cfg(feature = "autocast")]
-        "attention_pipe_fwd_bf16" => crate::ops::attention::bf16::pipe_smem(128),
+        "attention_pipe_fwd_bf16" | "attention_pipe_fwd_f32" => attention_pipe(kernel, 128).2,
         #[cfg(feature = "autocast")]
-        "attention_pipe_dq_bwd_bf16" | "attention_pipe_dkdv_bwd_bf16" => {
-            crate::ops::attention::bf16::pipe_bwd_smem(128)
-        }
+        "attention_pipe_dq_bwd_bf16"
+        | "attention_pipe_dkdv_bwd_bf16"
+        | "attention_pipe_dq_bwd_f32"
+        | "attention_pipe_dkdv_bwd_f32" => attention_pipe(kernel, 128).2,
         _ => 0,
     }
+}
+
+/// The pipelined attention kernel's (rows, threads, dynamic shared memory) at head dim `dh` and
+/// the most warps it is launched with (long sequences).
+#[cfg(feature = "autocast")]
+fn attention_pipe(kernel: &str, dh: u32) -> (u32, u32, u32) {
+    use crate::ops::attention::pipe::{largest, Kind};
+    let g = largest(if kernel.ends_with("_bf16") { Kind::Bf16 } else { Kind::Tf32 }, dh);
+    let l = if kernel.contains("_fwd_") { g.fwd } else { g.dq };
+    (l.rows, l.threads, l.smem)
+}
+
+/// Threads per block a kernel is launched with (for the occupancy figure): the pipelined
+/// attention's at head dim 128 (its `__launch_bounds__` is the largest of its head dims), else
+/// `__launch_bounds__`'s.
+fn launch_threads(k: Kernel) -> Option<u32> {
+    #[cfg(feature = "autocast")]
+    if k.name().starts_with("attention_pipe_") {
+        return Some(attention_pipe(k.name(), 128).1);
+    }
+    block_threads(k)
 }
 
 /// Threads per block from `__launch_bounds__`, which the tensor-core and pipelined kernels declare.
@@ -221,7 +243,7 @@ fn sass_report() -> String {
     for c in SASS.iter().filter(|c| c.arch == 90) {
         let k = Kernel::ALL.iter().find(|k| k.name() == c.kernel);
         let res = RESOURCES.iter().find(|r| r.kernel == c.kernel && r.arch == 90);
-        let occ = match (k.and_then(|&k| block_threads(k)), res) {
+        let occ = match (k.and_then(|&k| launch_threads(k)), res) {
             (Some(t), Some(r)) => {
                 format!("{:.0}%", 100.0 * h100_occupancy(t, r.registers, r.smem_bytes + dynamic_smem_bytes(c.kernel)))
             }

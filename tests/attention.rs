@@ -226,6 +226,17 @@ fn check_fused(dev: &Device, c: Case) -> Result<(), TestCaseError> {
     let t = tensors(&c, &d, dev);
     let o = opts(&c, &t);
     let f = attn::attention(&t.q, &t.k, &t.v, &o).unwrap();
+    // At tf32 the pipelined kernels take head dims 16, 32, 64 and 128 (when no probabilities are
+    // asked for): they ran, and their ldmatrix and 32-bit shared-memory reads are conflict-free.
+    #[cfg(feature = "emu")]
+    let pipelined = c.tc && [16, 32, 64, 128].contains(&c.dh);
+    #[cfg(feature = "emu")]
+    if matches!(dev, Device::Emu) && pipelined && !c.probs && c.b * c.tq > 0 {
+        use reclmis::kernels::Kernel;
+        prop_assert!(reclmis::device::emu::launched_kernels().contains(&Kernel::attention_pipe_fwd_f32));
+        let st = reclmis::device::emu::last_smem_stats();
+        prop_assert!(st.phases > 0 && st.extra_wavefronts == 0, "forward shared-memory phases {:?}", st);
+    }
     let want = p.forward(&f64s(&d.q), &f64s(&d.k), &f64s(&d.v));
     let tiny = 1e-30;
     assert_none("o", mismatch_scaled(&f.o.to_vec().unwrap(), &want.o, &want.o_mag, tol.o, tiny))?;
@@ -234,6 +245,16 @@ fn check_fused(dev: &Device, c: Case) -> Result<(), TestCaseError> {
         assert_none("probs", mismatch_scaled(&pr.to_vec().unwrap(), &want.probs, &want.probs, tol.o, tiny))?;
     }
     let g = attn::attention_backward(&t.q, &t.k, &t.v, &f, &t.dout, &o).unwrap();
+    #[cfg(feature = "emu")]
+    if matches!(dev, Device::Emu) && pipelined && c.cond == 0 && c.b * c.s > 0 {
+        // the dK/dV kernel ran last (the dQ one before it)
+        use reclmis::kernels::Kernel;
+        let launched = reclmis::device::emu::launched_kernels();
+        prop_assert!(launched.contains(&Kernel::attention_pipe_dkdv_bwd_f32));
+        prop_assert!(launched.contains(&Kernel::attention_pipe_dq_bwd_f32));
+        let st = reclmis::device::emu::last_smem_stats();
+        prop_assert!(st.phases > 0 && st.extra_wavefronts == 0, "backward shared-memory phases {:?}", st);
+    }
     let wg = p.backward(&f64s(&d.q), &f64s(&d.k), &f64s(&d.v), &f64s(&d.dout));
     assert_none("dv", mismatch_scaled(&g.dv.to_vec().unwrap(), &wg.dv, &wg.dv_mag, tol.dv, tiny))?;
     assert_none("dq", mismatch_scaled(&g.dq.to_vec().unwrap(), &wg.dq, &wg.dq_mag, tol.dqk, tiny))?;

@@ -19,6 +19,8 @@ pub const GROUP: Group = Group {
         "attention_composed_fwd_bwd",
         "attention_bf16",
         "attention_fwd_bwd_bf16",
+        "attention_elem",
+        "attention_fwd_bwd_elem",
     ],
     cases,
     shaped: &[],
@@ -128,6 +130,39 @@ fn cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
                     Ok(attn::bf16::attention_backward_bf16(&xb.0, &xb.1, &xb.2, &f, &xb.3, &o)?.dq)
                 }),
             });
+            // the same at tf32 on the unpipelined kernels' tensor-core branch (element loads, no
+            // cp.async): the pipeline's gain in the same run
+            {
+                use crate::ops::attention::pipe::with_unpipelined;
+                let x = inputs.clone();
+                v.push(Case {
+                    op: "attention_elem",
+                    shape: shape.clone(),
+                    flops,
+                    bytes,
+                    peer: spec("attn"),
+                    validate: None,
+                    run: Box::new(move || {
+                        with_unpipelined(|| Ok(attn::attention(&x.0, &x.1, &x.2, &attn_opts(&x, cfg))?.o))
+                    }),
+                });
+                let x = inputs.clone();
+                v.push(Case {
+                    op: "attention_fwd_bwd_elem",
+                    shape: shape.clone(),
+                    flops: 3.5 * flops,
+                    bytes: 2.0 * bytes,
+                    peer: spec("attn_fb"),
+                    validate: None,
+                    run: Box::new(move || {
+                        with_unpipelined(|| {
+                            let o = attn_opts(&x, cfg);
+                            let f = attn::attention(&x.0, &x.1, &x.2, &o)?;
+                            Ok(attn::attention_backward(&x.0, &x.1, &x.2, &f, &x.3, &o)?.dq)
+                        })
+                    }),
+                });
+            }
             let x = inputs.clone();
             v.push(Case {
                 op: "attention_composed",
@@ -204,6 +239,46 @@ fn check(dev: &Device, c: &mut Checks) -> Result<()> {
             &format!("attention (causal, official condition) {algo:?}"),
             mismatch_scaled(&got, &want.o, &want.o_mag, tol, 1e-30),
         );
+    }
+    // f32 q, k, v at head dim 32 on tensor cores: the pipelined tf32 forward and backward on
+    // cuda/emu (the loop above, at head dim 24, ran the element-loading branch). Logits of
+    // |q||k| <= 32/√32 ≈ 5.7: the forward's bound as above; the backward's dS carries P's error
+    // and delta's (o's), summed over keys or queries: twice it. A wrong fragment layout or a
+    // missing pipeline wait is O(1) off.
+    if dev.is_gpu_like() {
+        let dh = 32;
+        let e = heads * dh;
+        let (qv, kv, vv, dov) = (
+            c.rng.vec(bq * tq * e, -1.0, 1.0),
+            c.rng.vec(bq * sk * e, -1.0, 1.0),
+            c.rng.vec(bq * sk * e, -1.0, 1.0),
+            c.rng.vec(bq * tq * e, -1.0, 1.0),
+        );
+        let (qt, kt, vt, dot) =
+            (t(&qv, &[bq, tq, e])?, t(&kv, &[bq, sk, e])?, t(&vv, &[bq, sk, e])?, t(&dov, &[bq, tq, e])?);
+        let o = AttnOpts {
+            causal: true,
+            condition: Condition::Probs(&wt),
+            algo: GemmAlgo::TensorCore,
+            ..AttnOpts::new(heads)
+        };
+        let f = attn::attention(&qt, &kt, &vt, &o)?;
+        let p = attn::reference::Problem { dh, scale: 1.0 / (dh as f64).sqrt(), ..problem.clone() };
+        let want = p.forward(&f64s(&qv), &f64s(&kv), &f64s(&vv));
+        c.record(
+            "attention tf32 pipelined (causal, official condition, dh 32)",
+            mismatch_scaled(&f.o.to_vec()?, &want.o, &want.o_mag, 16.0 * EPS_TF32 * 6.0, 1e-30),
+        );
+        let g = attn::attention_backward(&qt, &kt, &vt, &f, &dot, &o)?;
+        let wg = p.backward(&f64s(&qv), &f64s(&kv), &f64s(&vv), &f64s(&dov));
+        for (name, got, want, mag) in
+            [("dq", &g.dq, &wg.dq, &wg.dq_mag), ("dk", &g.dk, &wg.dk, &wg.dk_mag), ("dv", &g.dv, &wg.dv, &wg.dv_mag)]
+        {
+            c.record(
+                &format!("attention tf32 pipelined backward {name} (causal, official condition, dh 32)"),
+                mismatch_scaled(&got.to_vec()?, want, mag, 32.0 * EPS_TF32 * 6.0, 1e-30),
+            );
+        }
     }
     // bf16 q, k, v at head dim 32 (the pipelined forward on cuda/emu) against the f64 reference
     // of the rounded values: the exact-f32 bound (bf16 products are exact in f32) plus P's and

@@ -16,6 +16,7 @@
 //! under the forward's conditions; the f32 kernels on widened copies otherwise. cpu: the f32
 //! backward of widened plain buffers, rounded once.
 
+use super::pipe::{geometry, pipelined, Kind};
 use super::{
     backward_on_device, bh_grid, check_backward_shapes, cpu, cpu_problem, params, shape_of, AttnForward, AttnGrads,
     AttnOpts, BwdKernels, OP,
@@ -30,31 +31,6 @@ use crate::ops::gemm::{
     GemmAlgo,
 };
 use crate::tensor::{DType, Tensor};
-
-/// Query rows per block of the pipelined kernel (4 warps of 16).
-const PIPE_ROWS: u32 = 64;
-
-/// Its dynamic shared memory at head dim `dh`: the 64-row Q tile and two stages of 32-key K and
-/// V tiles, bf16 (attn_pipe_smem in kernels/attention.cu).
-pub const fn pipe_smem(dh: u32) -> u32 {
-    (64 * dh + 2 * 2 * 32 * dh) * 2
-}
-
-/// Rows per block of the pipelined backward kernels (queries for dQ, keys for dK and dV).
-const PIPE_BWD_ROWS: u32 = 64;
-
-/// Their dynamic shared memory at head dim `dh`: the block's two 64-row tiles and two stages of
-/// two streamed tiles of 32 rows (16 at head dim 128), bf16 (attn_pipe_bwd_smem).
-pub const fn pipe_bwd_smem(dh: u32) -> u32 {
-    let bc = if dh == 128 { 16 } else { 32 };
-    (2 * 64 * dh + 2 * 2 * bc * dh) * 2
-}
-
-/// Whether the pipelined kernels take this problem (the cpu follows the same choice by shape,
-/// so that both hold the same tensors).
-fn pipelined(dh: usize, bh: usize, want_probs: bool) -> bool {
-    matches!(dh, 16 | 32 | 64 | 128) && !want_probs && bh <= 65535
-}
 
 /// The forward on bf16 q [B,Tq,E], k and v [B,S,E]: o [B,Tq,E] bf16, lse [B,H,Tq] f32 (and f32
 /// probabilities when asked for).
@@ -89,9 +65,9 @@ pub fn attention_bf16(q: &Tensor, k: &Tensor, v: &Tensor, o: &AttnOpts) -> Resul
             ]);
             let p = params(&sh, o, ptrs)?;
             if sh.b * sh.h * sh.tq > 0 {
-                let dh = sh.dh as u32;
+                let g = geometry(Kind::Bf16, sh.dh as u32, sh.tq, sh.s).fwd;
                 let cfg =
-                    LaunchCfg { grid: bh_grid(&sh, sh.tq, PIPE_ROWS)?, block: (128, 1, 1), smem_bytes: pipe_smem(dh) };
+                    LaunchCfg { grid: bh_grid(&sh, sh.tq, g.rows)?, block: (g.threads, 1, 1), smem_bytes: g.smem };
                 // SAFETY: shape_of checked q, k, v (bf16 [B,T,E] with E = H·dh), the mask and the
                 // condition weights against sh; out is a new bf16 [B,Tq,E] and lse a new f32
                 // [B,H,Tq]; dh is the kernel's tile width (16, 32, 64 or 128, so E is a multiple
@@ -151,13 +127,11 @@ pub fn attention_backward_bf16(
             })
         }
         _ if pipelined && aligned => {
+            let g = geometry(Kind::Bf16, sh.dh as u32, sh.tq, sh.s);
             let kernels = BwdKernels {
                 delta: Kernel::attention_delta_bwd_bf16,
-                dq: Kernel::attention_pipe_dq_bwd_bf16,
-                dkdv: Kernel::attention_pipe_dkdv_bwd_bf16,
-                rows: PIPE_BWD_ROWS,
-                threads: 128,
-                smem: pipe_bwd_smem(sh.dh as u32),
+                dq: (Kernel::attention_pipe_dq_bwd_bf16, g.dq),
+                dkdv: (Kernel::attention_pipe_dkdv_bwd_bf16, g.dkdv),
                 grad: DType::BF16,
             };
             // SAFETY: q, k, v, o and d_out are bf16 of the checked shapes, lse f32 [B,H,Tq]; dh

@@ -20,7 +20,11 @@
 //! probabilities and zero gradients (PyTorch gives NaN there).
 //!
 //! cuda/emu: `GemmAlgo::TensorCore` takes the inner products on tensor cores (tf32 operands, f32
-//! accumulation; the softmax is always f32); `Auto`/`Tiled` are exact f32 FMA with the same tiling.
+//! accumulation; the softmax is always f32): on the pipelined kernels (`attention_pipe_*_f32`:
+//! cp.async double-buffered tiles, ldmatrix; tile shapes in `pipe`) where the head dim is 16, 32, 64 or
+//! 128, the operands 16-byte aligned and no probabilities are asked for, else (and in builds
+//! without `autocast`) the tensor-core branch of the kernels below; `Auto`/`Tiled` are exact f32
+//! FMA on the latter.
 //! The backward recomputes the probabilities from the saved logsumexp (FlashAttention-2): one
 //! kernel per key tile for dK, dV and dw, one per query tile for dQ, so no atomics and the sums
 //! are deterministic.
@@ -32,6 +36,8 @@ pub mod bench;
 pub mod bf16;
 pub mod composed;
 pub mod cpu;
+#[cfg(feature = "autocast")]
+pub mod pipe;
 #[cfg(feature = "refs")]
 pub mod reference;
 
@@ -282,6 +288,18 @@ fn params(sh: &AttnShape, o: &AttnOpts, ptrs: [u64; 14]) -> Result<AttnParams> {
     })
 }
 
+/// The pipelined tf32 kernels' launch shapes where they take the problem: tensor cores asked for
+/// (`GemmAlgo::TensorCore`), a head dim of their tile widths, no probabilities, and every operand
+/// 16-byte aligned. (Builds without `autocast` embed none of them: the unpipelined kernels' tf32
+/// branch serves every problem there.)
+#[cfg(feature = "autocast")]
+fn tf32_pipe(sh: &AttnShape, o: &AttnOpts, operands: &[&Tensor]) -> Option<pipe::Geometry> {
+    let aligned = operands.iter().all(|t| t.dev_ptr().is_multiple_of(16));
+    let take = o.algo == GemmAlgo::TensorCore && aligned && !pipe::unpipelined();
+    (take && pipe::pipelined(sh.dh, sh.b * sh.h, o.want_probs))
+        .then(|| pipe::geometry(pipe::Kind::Tf32, sh.dh as u32, sh.tq, sh.s))
+}
+
 /// grid = (row tiles, batch·heads): the kernels read (b, h) from blockIdx.y, whose range is 65535.
 fn bh_grid(sh: &AttnShape, rows: usize, per_block: u32) -> Result<(u32, u32, u32)> {
     let bh = check_u32(OP, sh.b * sh.h)?;
@@ -344,6 +362,19 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, o: &AttnOpts) -> Result<Att
             ptr(probs.as_ref()),
         ],
     )?;
+    #[cfg(feature = "autocast")]
+    if let Some(g) = tf32_pipe(&sh, o, &[q, k, v]) {
+        if sh.b * sh.h * sh.tq > 0 {
+            let g = g.fwd;
+            let cfg = LaunchCfg { grid: bh_grid(&sh, sh.tq, g.rows)?, block: (g.threads, 1, 1), smem_bytes: g.smem };
+            // SAFETY: the params hold pointers to live buffers of the sizes this op checked above
+            // (f32 q, k, v; out and lse new); dh is the kernel's tile width (16, 32, 64 or 128,
+            // so E is a multiple of 4 floats) and the bases are 16-byte aligned (tf32_pipe): every
+            // 16-byte chunk it copies is whole. No probabilities were asked for (tf32_pipe).
+            unsafe { dev.launch(Kernel::attention_pipe_fwd_f32, cfg, &p) }?;
+        }
+        return Ok(AttnForward { o: out, lse, probs });
+    }
     if sh.b * sh.h * sh.tq > 0 {
         let dp = padded_dh(sh.dh);
         let nw = fwd_warps(dp);
@@ -392,15 +423,26 @@ pub fn attention_backward(
             dw: g.dw.map(|w| Tensor::from_vec(w, &[sh.b, sh.s], dev)).transpose()?,
         });
     }
+    #[cfg(feature = "autocast")]
+    if let Some(g) = tf32_pipe(&sh, &AttnOpts { want_probs: false, ..*o }, &[q, k, v, &fwd.o, d_out]) {
+        let kernels = BwdKernels {
+            delta: Kernel::attention_delta_bwd_f32,
+            dq: (Kernel::attention_pipe_dq_bwd_f32, g.dq),
+            dkdv: (Kernel::attention_pipe_dkdv_bwd_f32, g.dkdv),
+            grad: DType::F32,
+        };
+        // SAFETY: q, k, v, o and d_out are f32 of the checked shapes, lse f32 [B,H,Tq]; dh is the
+        // pipelined kernels' tile width (16, 32, 64 or 128, so E is a multiple of 4 floats) and
+        // the bases are 16-byte aligned (tf32_pipe): every 16-byte chunk they copy is whole.
+        return unsafe { backward_on_device(q, k, v, fwd, d_out, o, &sh, kernels) };
+    }
     let dp = padded_dh(sh.dh);
     let nw = bwd_warps(dp);
+    let launch = Launch { rows: 16 * nw, threads: 32 * nw, smem: 0 };
     let kernels = BwdKernels {
         delta: Kernel::attention_delta_bwd_f32,
-        dq: Kernel::attention_dq_bwd_f32,
-        dkdv: Kernel::attention_dkdv_bwd_f32,
-        rows: 16 * nw,
-        threads: 32 * nw,
-        smem: 0,
+        dq: (Kernel::attention_dq_bwd_f32, launch),
+        dkdv: (Kernel::attention_dkdv_bwd_f32, launch),
         grad: DType::F32,
     };
     // SAFETY: the f32 kernels take any head dim up to 128 (shape checked it) and f32 operands
@@ -428,16 +470,21 @@ fn check_backward_shapes(q: &Tensor, fwd: &AttnForward, d_out: &Tensor, sh: &Att
     Ok(())
 }
 
+/// One kernel's launch shape: rows per block, threads, dynamic shared memory.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Launch {
+    pub rows: u32,
+    pub threads: u32,
+    pub smem: u32,
+}
+
 /// The backward's kernels on cuda/emu, one set per operand type: delta, then dQ over query tiles
-/// and dK/dV (with the per-head dw) over key tiles, `rows` rows per block of `threads` threads
-/// with `smem` bytes of dynamic shared memory; dq, dk, dv of type `grad`.
+/// and dK/dV (with the per-head dw) over key tiles, each with its launch shape; dq, dk, dv of
+/// type `grad`.
 struct BwdKernels {
     delta: Kernel,
-    dq: Kernel,
-    dkdv: Kernel,
-    rows: u32,
-    threads: u32,
-    smem: u32,
+    dq: (Kernel, Launch),
+    dkdv: (Kernel, Launch),
     grad: DType,
 }
 
@@ -487,21 +534,22 @@ unsafe fn backward_on_device(
             0,
         ],
     )?;
-    let (block, smem_bytes) = ((kernels.threads, 1, 1), kernels.smem);
     if sh.b * sh.h * sh.tq > 0 {
         let rows = check_u32(OP, sh.b * sh.h * sh.tq)?;
         let cfg = LaunchCfg { grid: (rows.div_ceil(8), 1, 1), block: (32, 8, 1), smem_bytes: 0 };
         // SAFETY: the params hold pointers to live buffers of the sizes the caller checked
         // (this function's contract) and the new ones above, for the kernels they were declared for.
         unsafe { dev.launch(kernels.delta, cfg, &p) }?;
-        let cfg = LaunchCfg { grid: bh_grid(sh, sh.tq, kernels.rows)?, block, smem_bytes };
+        let (k, l) = kernels.dq;
+        let cfg = LaunchCfg { grid: bh_grid(sh, sh.tq, l.rows)?, block: (l.threads, 1, 1), smem_bytes: l.smem };
         // SAFETY: as above.
-        unsafe { dev.launch(kernels.dq, cfg, &p) }?;
+        unsafe { dev.launch(k, cfg, &p) }?;
     }
     if sh.b * sh.h * sh.s > 0 {
-        let cfg = LaunchCfg { grid: bh_grid(sh, sh.s, kernels.rows)?, block, smem_bytes };
+        let (k, l) = kernels.dkdv;
+        let cfg = LaunchCfg { grid: bh_grid(sh, sh.s, l.rows)?, block: (l.threads, 1, 1), smem_bytes: l.smem };
         // SAFETY: as above.
-        unsafe { dev.launch(kernels.dkdv, cfg, &p) }?;
+        unsafe { dev.launch(k, cfg, &p) }?;
     }
     let dw = dw_heads.map(|d| reduce::sum(&d, 1)).transpose()?;
     Ok(AttnGrads { dq, dk, dv, dw })
