@@ -671,23 +671,45 @@ __device__ __forceinline__ void attn_pipe_xb(float (*acc)[4], const float (*x)[4
     }
 }
 
-// Rows r0 + g, r0 + g + 8 (< T) of head h of x [B,T,E] from the warp's accumulators times
-// mul[0], mul[1]: bf16 pairs (4 bytes) or f32 pairs (8 bytes); d is even and so are e and dh
-// (multiples of the chunk), so every pair is aligned.
+// Rows r0.. r0+15 (< T) of head h of x [B,T,E] from the warp's accumulators times mul[0] (rows
+// g) and mul[1] (rows g + 8), in the kind's type: staged through `stage`, the warp's own 16 rows
+// (from s_r0) of a resident swizzled tile that only this warp has read and that no copy is still
+// filling (the caller's cp_async_wait<0> and barrier), then written as 16-byte row chunks, each
+// one 128-bit store (a warp covers whole row segments instead of 4- or 8-byte pieces 8 rows
+// apart); element stores where a chunk's address is not 16-byte aligned (not for the host's
+// aligned operands, but an output tensor's base is not checked).
 template <class K, int DP>
 __device__ __forceinline__ void attn_pipe_store_rows(void* x, const float (*acc)[4], const AttnParams& p, uint32_t bb,
-                                                     uint32_t h, uint32_t T, uint32_t r0, const float (&mul)[2]) {
+                                                     uint32_t h, uint32_t T, uint32_t r0, const float (&mul)[2],
+                                                     unsigned char* stage, uint32_t s_r0) {
+    using Tl = AttnTile<K, DP>;
+    using E = typename K::E;
+    constexpr int CH = Tl::CH, PC = K::PER_CHUNK;
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 #pragma unroll
-    for (int rh = 0; rh < 2; ++rh) {
-        const uint32_t r = r0 + g + 8 * rh;
-        if (r >= T) continue;
-        typename K::E* row = (typename K::E*)x + ((uint64_t)bb * T + r) * p.e + (uint64_t)h * p.dh;
+    for (int rh = 0; rh < 2; ++rh)
 #pragma unroll
         for (int nt = 0; nt < DP / 8; ++nt) {
             const float v0 = acc[nt][2 * rh] * mul[rh], v1 = acc[nt][2 * rh + 1] * mul[rh];
-            if constexpr (K::TF32) *reinterpret_cast<float2*>(row + 8 * nt + 2 * t) = float2{v0, v1};
-            else *reinterpret_cast<uint32_t*>(row + 8 * nt + 2 * t) = attn_pack_bf16(v0, v1);
+            const uint32_t col = 8 * nt + 2 * t;  // even: the pair is 4- (bf16) or 8-byte (f32) aligned
+            unsigned char* at = stage + Tl::off(s_r0 + g + 8 * rh, col / PC) + sizeof(E) * (col % PC);
+            if constexpr (K::TF32) *reinterpret_cast<float2*>(at) = float2{v0, v1};
+            else *reinterpret_cast<uint32_t*>(at) = attn_pack_bf16(v0, v1);
+        }
+    __syncwarp();
+    for (int e = lane; e < 16 * CH; e += 32) {
+        const uint32_t r = e / CH, c = e % CH;
+        if (r0 + r >= T) continue;
+        E* dst = (E*)x + ((uint64_t)bb * T + r0 + r) * p.e + (uint64_t)h * p.dh + PC * c;
+        const uint4 v = ld128(stage + Tl::off(s_r0 + r, c));
+        if ((reinterpret_cast<uint64_t>(dst) & 15u) == 0) {
+            st128(dst, v);
+        } else if constexpr (K::TF32) {
+            dst[0] = __uint_as_float(v.x), dst[1] = __uint_as_float(v.y);
+            dst[2] = __uint_as_float(v.z), dst[3] = __uint_as_float(v.w);
+        } else {
+#pragma unroll
+            for (int q = 0; q < PC; ++q) dst[q] = pg_u4_elem(v, q);
         }
     }
 }
@@ -799,8 +821,9 @@ __device__ __forceinline__ void attn_pipe_fwd(const AttnParams& p, unsigned char
         attn_pipe_xb<K, DP, BC>(acc, sc, vs_, 0);
     }
     cp_async_wait<0>();  // only an empty group (or, with no key tile, Q's) remains
+    __syncthreads();     // every thread's copies into the Q tile have landed: it stages O
     const float inv[2] = {l[0] > 0.f ? 1.f / l[0] : 0.f, l[1] > 0.f ? 1.f / l[1] : 0.f};
-    attn_pipe_store_rows<K, DP>(p.o, acc, p, bb, h, p.tq, i_w, inv);
+    attn_pipe_store_rows<K, DP>(p.o, acc, p, bb, h, p.tq, i_w, inv, qs, 16 * warp);
 #pragma unroll
     for (int rh = 0; rh < 2; ++rh) {
         const uint32_t i = i_w + g + 8 * rh;
@@ -915,7 +938,8 @@ __device__ __forceinline__ void attn_pipe_dq(const AttnParams& p, unsigned char*
         attn_pipe_xb<K, DP, BC>(dq, sc, ks_, 0);
     }
     cp_async_wait<0>();  // only an empty group (or, with no key tile, Q's and dO's) remains
-    attn_pipe_store_rows<K, DP>(p.dq, dq, p, bb, h, p.tq, i_w, {1.f, 1.f});
+    __syncthreads();     // every thread's copies into the Q tile have landed: it stages dQ
+    attn_pipe_store_rows<K, DP>(p.dq, dq, p, bb, h, p.tq, i_w, {1.f, 1.f}, qs, 16 * warp);
 }
 
 // dK, dV and dw: block = 16·NW keys of one (b, h), warp w owns keys 16w..; query tiles of BC
@@ -997,8 +1021,9 @@ __device__ __forceinline__ void attn_pipe_dkdv(const AttnParams& p, unsigned cha
         attn_pipe_xb<K, DP, BC>(dk, dpt, qs_, 0);
     }
     cp_async_wait<0>();
-    attn_pipe_store_rows<K, DP>(p.dk, dk, p, bb, h, p.s, j_w, {1.f, 1.f});
-    attn_pipe_store_rows<K, DP>(p.dv, dv, p, bb, h, p.s, j_w, {1.f, 1.f});
+    __syncthreads();  // every thread's copies into the K and V tiles have landed: they stage dK, dV
+    attn_pipe_store_rows<K, DP>(p.dk, dk, p, bb, h, p.s, j_w, {1.f, 1.f}, ks, 16 * warp);
+    attn_pipe_store_rows<K, DP>(p.dv, dv, p, bb, h, p.s, j_w, {1.f, 1.f}, vs, 16 * warp);
 #pragma unroll
     for (int rh = 0; rh < 2; ++rh) {
         float s = dwacc[rh];
