@@ -84,12 +84,7 @@ pub fn dynamic_smem_bytes(kernel: &str) -> u32 {
         | "conv2d_pipe64_wgrad_bwd_f32" => crate::ops::gemm::PIPE64_SMEM,
         // at the largest head dim (128)
         #[cfg(feature = "autocast")]
-        "attention_pipe_fwd_bf16" | "attention_pipe_fwd_f32" => attention_pipe(kernel, 128).2,
-        #[cfg(feature = "autocast")]
-        "attention_pipe_dq_bwd_bf16"
-        | "attention_pipe_dkdv_bwd_bf16"
-        | "attention_pipe_dq_bwd_f32"
-        | "attention_pipe_dkdv_bwd_f32" => attention_pipe(kernel, 128).2,
+        k if k.starts_with("attention_pipe_") => attention_pipe(k, 128).2,
         _ => 0,
     }
 }

@@ -4,7 +4,7 @@
 use crate::bench::{rand_tensor, Case, Group};
 use crate::device::Device;
 use crate::error::Result;
-use crate::ops::attention::{self as attn, AttnOpts, Condition};
+use crate::ops::attention::{self as attn, pipe::with_unpipelined, AttnOpts, Condition};
 use crate::ops::gemm::GemmAlgo;
 use crate::ops::softmax;
 use crate::selfcheck::Checks;
@@ -52,6 +52,18 @@ fn attn_opts(x: &AttnInputs, c: AttnCfg) -> AttnOpts<'_> {
     }
 }
 
+/// The fused forward's output (`attention`, `attention_elem`).
+fn fused_forward(x: &AttnInputs, c: AttnCfg) -> Result<Tensor> {
+    Ok(attn::attention(&x.0, &x.1, &x.2, &attn_opts(x, c))?.o)
+}
+
+/// The fused forward and backward's dq (`attention_fwd_bwd`, `attention_fwd_bwd_elem`).
+fn fused_forward_backward(x: &AttnInputs, c: AttnCfg) -> Result<Tensor> {
+    let o = attn_opts(x, c);
+    let f = attn::attention(&x.0, &x.1, &x.2, &o)?;
+    Ok(attn::attention_backward(&x.0, &x.1, &x.2, &f, &x.3, &o)?.dq)
+}
+
 fn cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
     // (heads, dh, tq, s, causal, conditioned, key mask)
     let shapes: &[(usize, usize, usize, usize, bool, bool, bool)] = &[
@@ -95,7 +107,7 @@ fn cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
                 bytes,
                 peer: spec("attn"),
                 validate: None,
-                run: Box::new(move || Ok(attn::attention(&x.0, &x.1, &x.2, &attn_opts(&x, cfg))?.o)),
+                run: Box::new(move || fused_forward(&x, cfg)),
             });
             // bf16 q, k, v and d_out (cast once for both bf16 cases; the mask and the weights
             // from `inputs`)
@@ -132,37 +144,26 @@ fn cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
             });
             // the same at tf32 on the unpipelined kernels' tensor-core branch (element loads, no
             // cp.async): the pipeline's gain in the same run
-            {
-                use crate::ops::attention::pipe::with_unpipelined;
-                let x = inputs.clone();
-                v.push(Case {
-                    op: "attention_elem",
-                    shape: shape.clone(),
-                    flops,
-                    bytes,
-                    peer: spec("attn"),
-                    validate: None,
-                    run: Box::new(move || {
-                        with_unpipelined(|| Ok(attn::attention(&x.0, &x.1, &x.2, &attn_opts(&x, cfg))?.o))
-                    }),
-                });
-                let x = inputs.clone();
-                v.push(Case {
-                    op: "attention_fwd_bwd_elem",
-                    shape: shape.clone(),
-                    flops: 3.5 * flops,
-                    bytes: 2.0 * bytes,
-                    peer: spec("attn_fb"),
-                    validate: None,
-                    run: Box::new(move || {
-                        with_unpipelined(|| {
-                            let o = attn_opts(&x, cfg);
-                            let f = attn::attention(&x.0, &x.1, &x.2, &o)?;
-                            Ok(attn::attention_backward(&x.0, &x.1, &x.2, &f, &x.3, &o)?.dq)
-                        })
-                    }),
-                });
-            }
+            let x = inputs.clone();
+            v.push(Case {
+                op: "attention_elem",
+                shape: shape.clone(),
+                flops,
+                bytes,
+                peer: spec("attn"),
+                validate: None,
+                run: Box::new(move || with_unpipelined(|| fused_forward(&x, cfg))),
+            });
+            let x = inputs.clone();
+            v.push(Case {
+                op: "attention_fwd_bwd_elem",
+                shape: shape.clone(),
+                flops: 3.5 * flops,
+                bytes: 2.0 * bytes,
+                peer: spec("attn_fb"),
+                validate: None,
+                run: Box::new(move || with_unpipelined(|| fused_forward_backward(&x, cfg))),
+            });
             let x = inputs.clone();
             v.push(Case {
                 op: "attention_composed",
@@ -181,11 +182,7 @@ fn cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
                 bytes: 2.0 * bytes,
                 peer: spec("attn_fb"),
                 validate: None,
-                run: Box::new(move || {
-                    let o = attn_opts(&x, cfg);
-                    let f = attn::attention(&x.0, &x.1, &x.2, &o)?;
-                    Ok(attn::attention_backward(&x.0, &x.1, &x.2, &f, &x.3, &o)?.dq)
-                }),
+                run: Box::new(move || fused_forward_backward(&x, cfg)),
             });
             let x = inputs;
             v.push(Case {

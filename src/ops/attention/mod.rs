@@ -293,10 +293,10 @@ fn params(sh: &AttnShape, o: &AttnOpts, ptrs: [u64; 14]) -> Result<AttnParams> {
 /// 16-byte aligned. (Builds without `autocast` embed none of them: the unpipelined kernels' tf32
 /// branch serves every problem there.)
 #[cfg(feature = "autocast")]
-fn tf32_pipe(sh: &AttnShape, o: &AttnOpts, operands: &[&Tensor]) -> Option<pipe::Geometry> {
+fn tf32_pipe(sh: &AttnShape, algo: GemmAlgo, want_probs: bool, operands: &[&Tensor]) -> Option<pipe::Geometry> {
     let aligned = operands.iter().all(|t| t.dev_ptr().is_multiple_of(16));
-    let take = o.algo == GemmAlgo::TensorCore && aligned && !pipe::unpipelined();
-    (take && pipe::pipelined(sh.dh, sh.b * sh.h, o.want_probs))
+    let take = algo == GemmAlgo::TensorCore && aligned && !pipe::unpipelined();
+    (take && pipe::pipelined(sh.dh, sh.b * sh.h, want_probs))
         .then(|| pipe::geometry(pipe::Kind::Tf32, sh.dh as u32, sh.tq, sh.s))
 }
 
@@ -363,7 +363,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, o: &AttnOpts) -> Result<Att
         ],
     )?;
     #[cfg(feature = "autocast")]
-    if let Some(g) = tf32_pipe(&sh, o, &[q, k, v]) {
+    if let Some(g) = tf32_pipe(&sh, o.algo, o.want_probs, &[q, k, v]) {
         if sh.b * sh.h * sh.tq > 0 {
             let g = g.fwd;
             let cfg = LaunchCfg { grid: bh_grid(&sh, sh.tq, g.rows)?, block: (g.threads, 1, 1), smem_bytes: g.smem };
@@ -424,7 +424,7 @@ pub fn attention_backward(
         });
     }
     #[cfg(feature = "autocast")]
-    if let Some(g) = tf32_pipe(&sh, &AttnOpts { want_probs: false, ..*o }, &[q, k, v, &fwd.o, d_out]) {
+    if let Some(g) = tf32_pipe(&sh, o.algo, false, &[q, k, v, &fwd.o, d_out]) {
         let kernels = BwdKernels {
             delta: Kernel::attention_delta_bwd_f32,
             dq: (Kernel::attention_pipe_dq_bwd_f32, g.dq),
