@@ -11,7 +11,7 @@ SPEC is one of: "mm M N K", "mm_bf16 M N K", "softmax R C", "relu B C H W", "add
 ·(w + 1e-10), renormalise, matmul; fb adds the backward to q, k, v and w), "attn_bf16 ..." (bf16 q, k, v:
 scaled_dot_product_attention with the mask as an additive bias when there is no condition, else the
 composition in bf16), "attn_fb_bf16 ..." (the same, forward and backward),
-"layer_norm R C", "layer_norm_bwd R C", "gelu R C", "quick_gelu R C", "linear R K N", "embedding T V D". Prints "SPEC<TAB>median seconds" per spec. cpu: 2 threads (the machine's cores),
+"layer_norm R C", "layer_norm_bwd R C", "gelu R C", "quick_gelu R C", "linear R K N", "linear_relu R K N", "linear_relu_bf16 R K N", "embedding T V D". Prints "SPEC<TAB>median seconds" per spec. cpu: 2 threads (the machine's cores),
 f32, TF32 off on cuda so that "gemm" compares like with like (gemm_tc is the TF32 figure).
 A peer, not a dependency: needs torch in a virtual environment outside the repository.
 """
@@ -233,6 +233,13 @@ def build(spec, dev):
         rows, k, n = d
         x, w, b = r(rows, k), r(n, k), r(n)
         return lambda: torch.nn.functional.linear(x, w, b)
+    if kind in ("linear_relu", "linear_relu_bf16"):
+        # eager PyTorch (the model's fc1 then F.relu): two kernels, as the official layer runs them
+        rows, k, n = d
+        x, w, b = r(rows, k), r(n, k), r(n)
+        if kind == "linear_relu_bf16":
+            x, w, b = x.bfloat16(), w.bfloat16(), b.bfloat16()
+        return lambda: torch.relu(torch.nn.functional.linear(x, w, b))
     if kind == "embedding":
         toks, vocab, dim = d
         table = r(vocab, dim)

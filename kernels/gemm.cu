@@ -3,7 +3,8 @@
 // A[z][i][k] = a[z*sa_batch + i*sa_row + k*sa_col] and likewise for B[z][k][j], so A^T or B^T is
 // only a swap of two strides and a broadcast operand (shared weights) is sa_batch = 0. C is
 // row-major per batch with row stride sc_row. beta == 0 never reads C. An optional bias [n] is
-// added to every row in the store (C = alpha·AB + bias + beta·C), saving a pass over C.
+// added to every row in the store (C = alpha·AB + bias + beta·C), saving a pass over C, and an
+// optional ReLU after it (the Linear → ReLU of the model's feed-forward layers): one pass fewer.
 //
 // Two kernels over the shared tile core (tile_gemm.cuh):
 // - gemm_fwd_f32: exact f32 FMA, 64x64 block tile, 16x16 threads with 4x4 outputs each;
@@ -32,8 +33,15 @@ struct GemmParams {
     float alpha;
     float beta;
     const float* bias;  // [n] added to every row after alpha (the Linear epilogue), or null
+    uint32_t relu;      // nonzero: C = ReLU(alpha·AB + bias + beta·C) (Linear → ReLU fused)
+    uint32_t pad_;
 };
-RECLMIS_PARAMS_SIZE(GemmParams, 120);
+RECLMIS_PARAMS_SIZE(GemmParams, 128);
+
+// The fused activation, as the elementwise ReLU computes it (NaN and -0 give +0): applied to the
+// f32 value before any bf16 rounding, which commutes with it (rounding keeps the sign), so the
+// fused and the unfused Linear → ReLU agree bit for bit.
+__device__ __forceinline__ float gemm_act(float r, bool relu) { return relu ? (r > 0.f ? r : 0.f) : r; }
 
 // A, B, C of one batch entry as a tile_gemm problem.
 struct GemmProblem {
@@ -45,13 +53,13 @@ struct GemmProblem {
     float alpha, beta;
     uint32_t m, n;
     uint64_t k0, k1;
-    bool a_k_fast, b_n_fast;
+    bool a_k_fast, b_n_fast, relu;
     __device__ float a(uint32_t i, uint64_t k) const { return pa[(int64_t)i * sa_row + (int64_t)k * sa_col]; }
     __device__ float b(uint64_t k, uint32_t j) const { return pb[(int64_t)k * sb_row + (int64_t)j * sb_col]; }
     __device__ void store(uint32_t i, uint32_t j, float v) const {
         float* dst = pc + (int64_t)i * sc_row + j;
         const float r = bias ? fmaf(alpha, v, bias[j]) : alpha * v;
-        *dst = beta == 0.f ? r : r + beta * *dst;
+        *dst = gemm_act(beta == 0.f ? r : r + beta * *dst, relu);
     }
 };
 
@@ -67,6 +75,7 @@ __device__ __forceinline__ GemmProblem gemm_problem(const GemmParams& p) {
     pr.m = p.m, pr.n = p.n, pr.k0 = 0, pr.k1 = p.k;
     pr.a_k_fast = p.sa_col == 1;
     pr.b_n_fast = p.sb_col == 1;
+    pr.relu = p.relu != 0;
     return pr;
 }
 
@@ -88,7 +97,7 @@ struct GemmBf16Problem {
     float alpha, beta;
     uint32_t m, n;
     uint64_t k0, k1;
-    bool a_k_fast, b_n_fast;
+    bool a_k_fast, b_n_fast, relu;
     __device__ float a(uint32_t i, uint64_t k) const {
         return bf16_bits_to_f32(pa[(int64_t)i * sa_row + (int64_t)k * sa_col]);
     }
@@ -98,7 +107,7 @@ struct GemmBf16Problem {
     __device__ void store(uint32_t i, uint32_t j, float v) const {
         uint16_t* dst = pc + (int64_t)i * sc_row + j;
         const float r = bias ? fmaf(alpha, v, bf16_bits_to_f32(bias[j])) : alpha * v;
-        *dst = f32_to_bf16_bits(beta == 0.f ? r : r + beta * bf16_bits_to_f32(*dst));
+        *dst = f32_to_bf16_bits(gemm_act(beta == 0.f ? r : r + beta * bf16_bits_to_f32(*dst), relu));
     }
 };
 
@@ -115,6 +124,7 @@ extern "C" __global__ void __launch_bounds__(128) gemm_tc_fwd_bf16(GemmParams p)
     pr.m = p.m, pr.n = p.n, pr.k0 = 0, pr.k1 = p.k;
     pr.a_k_fast = p.sa_col == 1;
     pr.b_n_fast = p.sb_col == 1;
+    pr.relu = p.relu != 0;
     tg_mma_bf16_body(pr);
 }
 
@@ -133,10 +143,11 @@ struct GemmPipeProblem {
     float alpha, beta;
     uint32_t m, n;
     uint64_t kbeg, kend;
+    bool relu;
     static constexpr bool VEC_STORE = true;
     __device__ float epi(uint32_t i, uint32_t j, float v) const {
         const float r = bias ? fmaf(alpha, v, bf16_bits_to_f32(bias[j])) : alpha * v;
-        return beta == 0.f ? r : r + beta * bf16_bits_to_f32(pc[(int64_t)i * sc_row + j]);
+        return gemm_act(beta == 0.f ? r : r + beta * bf16_bits_to_f32(pc[(int64_t)i * sc_row + j]), relu);
     }
     // C[i][j..j+cnt): one 128-bit store when the chunk is whole and 16-byte aligned
     __device__ void store8(uint32_t i, uint32_t j, uint4 bits, uint32_t cnt) const {
@@ -167,6 +178,7 @@ __device__ __forceinline__ void gemm_pipe(const GemmParams& p) {
     pr.sc_row = p.sc_row;
     pr.alpha = p.alpha, pr.beta = p.beta;
     pr.m = p.m, pr.n = p.n, pr.kbeg = 0, pr.kend = p.k;
+    pr.relu = p.relu != 0;
     pg_dispatch<BM, BN, WARPS_M, WARPS_N, K>(pr, a_kf, b_nf, smem);
 }
 
@@ -198,10 +210,11 @@ struct GemmPipeF32Problem {
     float alpha, beta;
     uint32_t m, n;
     uint64_t kbeg, kend;
+    bool relu;
     static constexpr bool VEC_STORE = false;
     __device__ __forceinline__ float fin(float v, uint32_t j, const float* dst) const {
         const float r = bias ? fmaf(alpha, v, bias[j]) : alpha * v;
-        return beta == 0.f ? r : r + beta * *dst;
+        return gemm_act(beta == 0.f ? r : r + beta * *dst, relu);
     }
     // C[i][j] (and C[i][j+1]): one 64-bit store when both are in range and the pair is aligned
     __device__ __forceinline__ void store2(uint32_t i, uint32_t j, float v0, float v1, bool both) const {

@@ -14,7 +14,7 @@ use crate::ops::ccl;
 use crate::ops::conv;
 use crate::ops::elementwise::{self as ew, BinaryOp, UnaryOp};
 use crate::ops::embedding;
-use crate::ops::gemm::{linear, GemmAlgo};
+use crate::ops::gemm::{linear, Act, GemmAlgo};
 use crate::ops::layer_norm;
 use crate::ops::loss;
 use crate::ops::norm::{self, BnOpts};
@@ -92,6 +92,21 @@ type WeightedBackward = fn(&Tensor, &Tensor, &Tensor, bool, GemmAlgo) -> Result<
 /// The bf16 form: (x, w, dy, with_bias) -> (dx, dw, db).
 #[cfg(feature = "autocast")]
 type BackwardBf16 = fn(&Tensor, &Tensor, &Tensor, bool) -> Result<(Tensor, Tensor, Option<Tensor>)>;
+
+/// What the backward of an op with a fused activation keeps to mask dy by: its output (ReLU:
+/// y > 0 iff its input was), as the unfused ReLU keeps it.
+fn activation_mask(act: Act, y: &Tensor) -> Option<Saved> {
+    (act == Act::Relu).then(|| Saved::new(y.clone()))
+}
+
+/// dy masked by the kept output (None: no activation, dy as is), by the unfused ReLU's backward.
+fn masked_by(mask: Option<Saved>, dy: &Tensor) -> Result<Option<Tensor>> {
+    mask.map(|m| {
+        let y = m.get()?;
+        ew::unary_backward(UnaryOp::Relu, &y, &y, dy)
+    })
+    .transpose()
+}
 
 /// Multiply-adds of Linear and the convolutions: each output element is a dot product over
 /// one output channel's weights (w [Co, ...]).
@@ -468,7 +483,17 @@ impl Graph {
     // ---- layers -----------------------------------------------------------------------------
 
     /// Records y = f(x, w, b) whose backward gives (dx, dw, db): Linear and the convolutions.
-    fn weighted(&self, x: &Var, w: &Var, b: Option<&Var>, y: Tensor, backward: WeightedBackward) -> Result<Var> {
+    /// `act` is the activation the forward fused (its output y is then what the backward masks
+    /// dy by, as the unfused ReLU's backward would).
+    fn weighted(
+        &self,
+        x: &Var,
+        w: &Var,
+        b: Option<&Var>,
+        y: Tensor,
+        act: Act,
+        backward: WeightedBackward,
+    ) -> Result<Var> {
         let macs = weighted_macs(&y, &w.t);
         count::forward(macs);
         let mut ins = vec![x, w];
@@ -477,12 +502,15 @@ impl Graph {
             return Ok(Var::constant(y));
         }
         let (xs, ws, has_b, algo) = (self.save(x)?, self.save(w)?, b.is_some(), self.algo());
+        let mask = activation_mask(act, &y);
         let module = count::label();
         #[cfg(feature = "autocast")]
         let chunked = self.perturb.borrow().is_none();
         Ok(self.record(&ins, y, move |dy| {
             // dx and dw: each as many multiply-adds as the forward
             count::backward(module, 2 * macs);
+            let masked = masked_by(mask, dy)?;
+            let dy = masked.as_ref().unwrap_or(dy);
             #[cfg(feature = "autocast")]
             if chunked {
                 // a bf16 input: by chunks of images (the op is separable over the batch)
@@ -503,15 +531,25 @@ impl Graph {
 
     /// x [.., K] · wᵀ + b, w [N, K] (PyTorch's layout).
     pub fn linear(&self, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
+        self.linear_act(x, w, b, Act::None)
+    }
+
+    /// ReLU(x · wᵀ + b): `relu(linear(..))` with the ReLU in the GEMM's epilogue (no pass and no
+    /// tensor of its own), the same values and gradients bit for bit (tests/autocast.rs).
+    pub fn linear_relu(&self, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
+        self.linear_act(x, w, b, Act::Relu)
+    }
+
+    fn linear_act(&self, x: &Var, w: &Var, b: Option<&Var>, act: Act) -> Result<Var> {
         let ins: Vec<&Var> = [x, w].into_iter().chain(b).collect();
         self.autocast(&ins, |v| {
             let (x, w, b) = (v[0], v[1], v.get(2).copied());
             #[cfg(feature = "autocast")]
-            if let Some(y) = self.linear_bf16(x, w, b)? {
+            if let Some(y) = self.linear_bf16(x, w, b, act)? {
                 return Ok(y);
             }
-            let y = linear::linear(&*x.wide()?, &*w.wide()?, f32_of(b)?.as_deref(), self.algo())?;
-            self.weighted(x, w, b, y, |x, w, dy, hb, algo| {
+            let y = linear::linear_act(&*x.wide()?, &*w.wide()?, f32_of(b)?.as_deref(), act, self.algo())?;
+            self.weighted(x, w, b, y, act, |x, w, dy, hb, algo| {
                 let g = linear::linear_backward(x, w, dy, hb, algo)?;
                 Ok((g.dx, g.dw, g.db))
             })
@@ -524,8 +562,13 @@ impl Graph {
     /// stored it in bf16). None when an operand is not a bf16 tensor (the error model of
     /// `with_bf16_perturbation` holds perturbed f32 values).
     #[cfg(feature = "autocast")]
-    fn linear_bf16(&self, x: &Var, w: &Var, b: Option<&Var>) -> Result<Option<Var>> {
-        self.weighted_bf16(x, w, b, linear::linear_bf16, |x, w, dy, hb| {
+    fn linear_bf16(&self, x: &Var, w: &Var, b: Option<&Var>, act: Act) -> Result<Option<Var>> {
+        type Forward = fn(&Tensor, &Tensor, Option<&Tensor>) -> Result<Tensor>;
+        let forward: Forward = match act {
+            Act::None => linear::linear_bf16,
+            Act::Relu => |x, w, b| linear::linear_bf16_act(x, w, b, Act::Relu),
+        };
+        self.weighted_bf16(x, w, b, forward, act, |x, w, dy, hb| {
             let g = linear::linear_backward_bf16(x, w, dy, hb)?;
             Ok((g.dx, g.dw, g.db))
         })
@@ -542,6 +585,7 @@ impl Graph {
         w: &Var,
         b: Option<&Var>,
         forward: fn(&Tensor, &Tensor, Option<&Tensor>) -> Result<Tensor>,
+        act: Act,
         backward: BackwardBf16,
     ) -> Result<Option<Var>> {
         use crate::tensor::DType::BF16;
@@ -557,10 +601,12 @@ impl Graph {
             return Ok(Some(Var::constant(y)));
         }
         let (xs, ws, has_b) = (self.save(x)?, self.save(w)?, b.is_some());
+        let mask = activation_mask(act, &y);
         let module = count::label();
         Ok(Some(self.record(&ins, y, move |dy| {
             count::backward(module, 2 * macs);
-            let dy = crate::ops::cast::cast(dy, BF16)?;
+            let masked = masked_by(mask, dy)?;
+            let dy = crate::ops::cast::cast(masked.as_ref().unwrap_or(dy), BF16)?;
             let (dx, dw, db) = backward(&xs.stored()?, &ws.stored()?, &dy, has_b)?;
             Ok(vec![Some(dx), Some(dw), db])
         })))
@@ -576,7 +622,7 @@ impl Graph {
                 return Ok(y);
             }
             let y = conv::conv2d(&*x.wide()?, &*w.wide()?, f32_of(b)?.as_deref(), self.algo())?;
-            self.weighted(x, w, b, y, |x, w, dy, hb, algo| {
+            self.weighted(x, w, b, y, Act::None, |x, w, dy, hb, algo| {
                 let g = conv::conv2d_backward(x, w, dy, hb, algo)?;
                 Ok((g.dx, g.dw, g.db))
             })
@@ -600,7 +646,7 @@ impl Graph {
                 Ok((g.dx, g.dw, g.db))
             })
         };
-        self.weighted_bf16(x, w, b, forward, backward)
+        self.weighted_bf16(x, w, b, forward, Act::None, backward)
     }
 
     /// conv2d of the channel concatenation of `parts` without materialising it.
@@ -722,7 +768,7 @@ impl Graph {
                 return Ok(y);
             }
             let y = conv::conv1d(&*x.wide()?, &*w.wide()?, f32_of(b)?.as_deref(), self.algo())?;
-            self.weighted(x, w, b, y, |x, w, dy, hb, algo| {
+            self.weighted(x, w, b, y, Act::None, |x, w, dy, hb, algo| {
                 let g = conv::conv1d_backward(x, w, dy, hb, algo)?;
                 Ok((g.dx, g.dw, g.db))
             })

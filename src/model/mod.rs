@@ -43,7 +43,7 @@ impl ScoreMlp {
     }
     /// x [B,T,d] -> [B,T]
     fn forward(&self, g: &Graph, p: &Params, x: &Var) -> Result<Var> {
-        let s = self.l2.forward(g, p, &g.relu(&self.l0.forward(g, p, x)?)?)?;
+        let s = self.l2.forward(g, p, &self.l0.forward_relu(g, p, x)?)?;
         g.reshape(&s, &x.shape()[..2])
     }
 }

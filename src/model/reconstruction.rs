@@ -59,7 +59,7 @@ impl Layer {
             let h = g.dropout(&self.encoder_attn.forward(g, p, &x, e, &cross)?, t.dropout)?;
             x = self.encoder_attn_layer_norm.forward(g, p, &g.add(&x, &h)?)?;
         }
-        let h = g.dropout(&self.fc2.forward(g, p, &g.relu(&self.fc1.forward(g, p, &x)?)?)?, t.dropout)?;
+        let h = g.dropout(&self.fc2.forward(g, p, &self.fc1.forward_relu(g, p, &x)?)?, t.dropout)?;
         self.final_layer_norm.forward(g, p, &g.add(&x, &h)?)
     }
 }

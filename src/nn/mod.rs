@@ -103,6 +103,11 @@ impl Linear {
         let b = self.b.map(|b| g.param(p, b));
         g.linear(x, &g.param(p, self.w), b.as_ref())
     }
+    /// ReLU(forward(x)), the ReLU fused into the product's epilogue.
+    pub fn forward_relu(&self, g: &Graph, p: &Params, x: &Var) -> Result<Var> {
+        let b = self.b.map(|b| g.param(p, b));
+        g.linear_relu(x, &g.param(p, self.w), b.as_ref())
+    }
 }
 
 /// Conv2d (odd square kernel, "same" padding) or Conv1d (`k1d`).

@@ -10,7 +10,17 @@ use crate::tensor::{DType, Tensor};
 use crate::testing::{f64s, mismatch_scaled, EPS32};
 
 pub const GROUP: Group = Group {
-    names: &["gemm", "gemm_tc", "gemm_tc_elem", "gemm_bf16", "linear"],
+    names: &[
+        "gemm",
+        "gemm_tc",
+        "gemm_tc_elem",
+        "gemm_bf16",
+        "linear",
+        "linear_relu",
+        "linear_relu_unfused",
+        "linear_relu_bf16",
+        "linear_relu_unfused_bf16",
+    ],
     cases,
     shaped: &[
         Shaped { op: "gemm", form: "MxNxK", make: shaped },
@@ -42,6 +52,7 @@ fn cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
         v.push(gemm_bf16_case(dev, (s, s, s))?);
     }
     v.push(linear_case(dev, small)?);
+    v.extend(linear_relu_cases(dev, small)?);
     // the text tower's MLP input product at the official width (few rows: on the cpu the
     // register-tiled dot products, not the packing GEMM)
     let (rows, i, o) = if small { (5, 40, 70) } else { (18, 512, 2048) };
@@ -159,6 +170,80 @@ fn linear_case(dev: &Device, small: bool) -> Result<Case> {
         validate: None,
         run: Box::new(move || gemm::linear::linear(&x, &w, Some(&bias), GemmAlgo::TensorCore)),
     })
+}
+
+/// The reconstruction transformers' feed-forward input layer, Linear 512 -> 1024 then ReLU over
+/// 32 images x 196 tokens, as the model runs it (`linear_relu`: the ReLU in the GEMM's epilogue)
+/// and unfused (`linear_relu_unfused`: the Linear, then the elementwise ReLU: one more pass and
+/// tensor), exact f32 and with bf16 operands (`_bf16`: autocast's, the default on cuda). Each
+/// fused case is validated against the unfused result, bit for bit.
+fn linear_relu_cases(dev: &Device, small: bool) -> Result<Vec<Case>> {
+    let (rows, i, o) = if small { (64, 64, 128) } else { (32 * 196, 512, 1024) };
+    let mut v = Vec::new();
+    // the bf16 Linear exists in builds with autocast
+    let kinds: &[bool] = if cfg!(feature = "autocast") { &[false, true] } else { &[false] };
+    for &bf16 in kinds {
+        let t = |shape: &[usize], seed| {
+            let t = rand_tensor(shape, seed, dev)?;
+            if bf16 {
+                crate::ops::cast::cast(&t, DType::BF16)
+            } else {
+                Ok(t)
+            }
+        };
+        let (x, w, bias) = (t(&[rows, i], 41)?, t(&[o, i], 42)?, t(&[o], 43)?);
+        let linear = move |act| -> Result<Tensor> {
+            #[cfg(feature = "autocast")]
+            if bf16 {
+                return gemm::linear::linear_bf16_act(&x, &w, Some(&bias), act);
+            }
+            gemm::linear::linear_act(&x, &w, Some(&bias), act, GemmAlgo::Auto)
+        };
+        let linear = std::rc::Rc::new(linear);
+        let unfused = {
+            let linear = linear.clone();
+            move || {
+                // the elementwise ReLU reads f32: a bf16 Linear's output widened and rounded
+                // back (both exact), as the graph's unfused ReLU of a bf16 value runs it
+                use crate::ops::{cast::cast, elementwise::relu};
+                let y = linear(gemm::Act::None)?;
+                if bf16 {
+                    cast(&relu(&cast(&y, DType::F32)?)?, DType::BF16)
+                } else {
+                    relu(&y)
+                }
+            }
+        };
+        let want = unfused()?.to_vec()?;
+        let check: crate::bench::Validator = Box::new(move |y| {
+            let got = y.to_vec()?;
+            match got.iter().zip(&want).position(|(g, w)| g.to_bits() != w.to_bits()) {
+                None => Ok(()),
+                Some(e) => {
+                    Err(Error::Other(format!("linear_relu: element {e} fused {} vs unfused {}", got[e], want[e])))
+                }
+            }
+        });
+        let elem = if bf16 { 2.0 } else { 4.0 };
+        let (sfx, peer) = if bf16 { ("_bf16", "linear_relu_bf16") } else { ("", "linear_relu") };
+        let case = |op: &'static str, run: Box<dyn Fn() -> Result<Tensor>>, validate| Case {
+            op,
+            shape: format!("{rows}x{i} -> {o} +bias, relu{sfx}"),
+            flops: 2.0 * (rows * i * o) as f64,
+            bytes: elem * (rows * i + i * o + rows * o + o) as f64,
+            peer: Some(format!("{peer} {rows} {i} {o}")),
+            validate,
+            run,
+        };
+        let (f, u) = if bf16 {
+            ("linear_relu_bf16", "linear_relu_unfused_bf16")
+        } else {
+            ("linear_relu", "linear_relu_unfused")
+        };
+        v.push(case(f, Box::new(move || linear(gemm::Act::Relu)), Some(check)));
+        v.push(case(u, Box::new(unfused), None));
+    }
+    Ok(v)
 }
 
 /// `--shape MxNxK`: C [M,N] = A [M,K] · B [K,N] with the device's default algorithm.

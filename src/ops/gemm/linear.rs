@@ -1,9 +1,11 @@
 //! The Linear layer as torch.nn.Linear stores it: y = x·wᵀ + b with x [..., K], w [N, K],
 //! b [N]; y [..., N]. The bias is added in the GEMM's store (cuda/emu) or as C's starting value
-//! (cpu), so it costs no pass of its own. The backward: dx = dy·w, dw = dyᵀ·x over all rows,
-//! db = Σ_rows dy.
+//! (cpu), so it costs no pass of its own; so is a following ReLU (`linear_act`, the model's
+//! feed-forward layers: y = ReLU(x·wᵀ + b) in the GEMM's store on cuda/emu, over C while it is
+//! still in cache on the cpu). The backward: dx = dy·w, dw = dyᵀ·x over all rows, db = Σ_rows dy
+//! (dy masked by y > 0 first when the ReLU was fused: the autograd op does that).
 
-use super::{cpu, launch, matmul, plan, GemmAlgo, GemmOpts};
+use super::{cpu, launch, matmul, plan, Act, GemmAlgo, GemmOpts};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::ops::reduce;
@@ -39,6 +41,11 @@ fn dims_of(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, dtype: DType) -> Resul
 }
 
 pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, algo: GemmAlgo) -> Result<Tensor> {
+    linear_act(x, w, bias, Act::None, algo)
+}
+
+/// `act(linear(x, w, bias))` with the activation in the GEMM's epilogue.
+pub fn linear_act(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, act: Act, algo: GemmAlgo) -> Result<Tensor> {
     let (rows, k, n) = dims(x, w, bias)?;
     let mut out_shape = x.shape().to_vec();
     *out_shape.last_mut().expect("rank >= 1") = n;
@@ -48,7 +55,7 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, algo: GemmAlgo) -> 
     if let Device::Cpu = dev {
         let b = bias.map(|b| b.cpu_f32(OP)).transpose()?;
         let (xv, wv) = (x2.cpu_f32(OP)?, w.cpu_f32(OP)?);
-        let y = if k == 0 || rows > cpu::TUNED_ROWS {
+        let mut y = if k == 0 || rows > cpu::TUNED_ROWS {
             cpu::gemm(xv, wv, &s, 1.0, b)
         } else {
             // register-tiled dot products or the packing GEMM: tuned per shape (`--tune`), the
@@ -60,22 +67,22 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, algo: GemmAlgo) -> 
                 |i| if i == 0 { cpu::linear_few_rows(xv, wv, b, rows, k, n) } else { cpu::gemm(xv, wv, &s, 1.0, b) },
             )
         };
+        act.apply(&mut y);
         return Tensor::from_vec(y, &out_shape, dev);
     }
     if rows * n == 0 || k == 0 {
         // No products: y is the bias on every row (or zero).
         let zero = Tensor::zeros(&[rows, n], dev)?;
         let y = match bias {
-            Some(b) => crate::ops::elementwise::add(&zero, b)?,
+            Some(b) => act.of(crate::ops::elementwise::add(&zero, b)?)?,
             None => zero,
         };
         return y.reshape(&out_shape);
     }
     let y = Tensor::empty(&out_shape, DType::F32, dev)?;
+    let ptrs = [x2.dev_ptr(), w.dev_ptr(), y.dev_ptr(), bias.map_or(0, |b| b.dev_ptr())];
     // SAFETY: `dims` checked x [rows, k], w [n, k] and the bias [n]; y is a new [rows, n] tensor.
-    unsafe {
-        launch(dev, [x2.dev_ptr(), w.dev_ptr(), y.dev_ptr(), bias.map_or(0, |b| b.dev_ptr())], &s, 1.0, 0.0, algo)
-    }?;
+    unsafe { launch(dev, ptrs, &s, 1.0, 0.0, act, algo) }?;
     Ok(y)
 }
 
@@ -105,6 +112,13 @@ pub fn linear_backward(x: &Tensor, w: &Tensor, dy: &Tensor, with_bias: bool, alg
 /// epilogue: the pipelined tensor-core kernels on cuda/emu where the sizes allow).
 #[cfg(feature = "autocast")]
 pub fn linear_bf16(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    linear_bf16_act(x, w, bias, Act::None)
+}
+
+/// `act(linear_bf16(x, w, bias))` with the activation applied in f32 before the one rounding
+/// (the same bf16 values as ReLU after the Linear: rounding keeps the sign).
+#[cfg(feature = "autocast")]
+pub fn linear_bf16_act(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, act: Act) -> Result<Tensor> {
     let (rows, k, n) = dims_of(x, w, bias, DType::BF16)?;
     let mut out_shape = x.shape().to_vec();
     *out_shape.last_mut().expect("rank >= 1") = n;
@@ -114,11 +128,12 @@ pub fn linear_bf16(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tens
         if rows <= cpu::FEW_ROWS && k > 0 {
             // the register-tiled dot products, as the f32 Linear
             let b = bias.map(|b| cpu::widened(b, OP)).transpose()?;
-            let y = cpu::linear_few_rows(&cpu::widened(&x2, OP)?, &cpu::widened(w, OP)?, b.as_deref(), rows, k, n);
+            let mut y = cpu::linear_few_rows(&cpu::widened(&x2, OP)?, &cpu::widened(w, OP)?, b.as_deref(), rows, k, n);
+            act.apply(&mut y);
             return cpu::bf16_tensor(&y, &out_shape, x.device());
         }
     }
-    super::bf16_product(&x2, w, opts, bias)?.reshape(&out_shape)
+    super::bf16_product(&x2, w, opts, bias, act)?.reshape(&out_shape)
 }
 
 /// linear_bf16's backward from a bf16 dy: dx = dy·w and dw = dyᵀ·x in bf16 (f32 sums rounded
@@ -135,8 +150,8 @@ pub fn linear_backward_bf16(x: &Tensor, w: &Tensor, dy: &Tensor, with_bias: bool
     dy.expect_dtype(OP, DType::BF16)?;
     let dy2 = dy.reshape(&[rows, n])?;
     let go = |ta: bool| GemmOpts { trans_a: ta, ..GemmOpts::default() };
-    let dx = super::bf16_product(&dy2, w, go(false), None)?.reshape(x.shape())?;
-    let dw = super::bf16_product(&dy2, &x.reshape(&[rows, k])?, go(true), None)?;
+    let dx = super::bf16_product(&dy2, w, go(false), None, Act::None)?.reshape(x.shape())?;
+    let dw = super::bf16_product(&dy2, &x.reshape(&[rows, k])?, go(true), None, Act::None)?;
     let db = if with_bias { Some(reduce::sum(&crate::ops::cast::cast(&dy2, DType::F32)?, 0)?) } else { None };
     Ok(LinearGrads { dx, dw, db })
 }

@@ -45,7 +45,7 @@ impl Default for GemmOpts {
 }
 
 crate::kernel_params! {
-    pub(crate) struct GemmParams [120] {
+    pub(crate) struct GemmParams [128] {
         a: u64,
         b: u64,
         c: u64,
@@ -64,6 +64,37 @@ crate::kernel_params! {
         alpha: f32,
         beta: f32,
         bias: u64,
+        relu: u32,
+        pad: u32,
+    }
+}
+
+/// The activation a product's epilogue applies after alpha, the bias and beta·C (f32, before any
+/// bf16 rounding; rounding keeps the sign, so the fused and the unfused ReLU agree bit for bit).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Act {
+    #[default]
+    None,
+    /// max(v, 0) as the elementwise ReLU computes it
+    Relu,
+}
+
+impl Act {
+    /// The activation of a tensor (the products without a GEMM to fuse it into: k = 0).
+    pub(crate) fn of(self, y: Tensor) -> Result<Tensor> {
+        match self {
+            Act::None => Ok(y),
+            Act::Relu => crate::ops::elementwise::relu(&y),
+        }
+    }
+    /// Applies the activation to a product's f32 result in place (the cpu's epilogue).
+    pub(crate) fn apply(self, c: &mut [f32]) {
+        if self == Act::Relu {
+            // the cpu ReLU's own formula (elementwise::cpu), over both cores: a pass of its own
+            // here, but over C while the GEMM's last blocks of it are still in cache
+            use rayon::prelude::*;
+            c.par_chunks_mut(1 << 14).for_each(|ch| ch.iter_mut().for_each(|v| *v = v.max(0.0)));
+        }
     }
 }
 
@@ -162,23 +193,23 @@ pub fn matmul(a: &Tensor, b: &Tensor, opts: GemmOpts) -> Result<Tensor> {
         return Tensor::zeros(&out_shape, dev);
     }
     // SAFETY: `plan` derived `s` from a's and b's shapes and strides, and c is a new [batch, m, n] tensor.
-    unsafe { launch(dev, [a.dev_ptr(), b.dev_ptr(), c.dev_ptr(), 0], &s, opts.alpha, 0.0, opts.algo) }?;
+    unsafe { launch(dev, [a.dev_ptr(), b.dev_ptr(), c.dev_ptr(), 0], &s, opts.alpha, 0.0, Act::None, opts.algo) }?;
     Ok(c)
 }
 
 /// C = alpha · op(A) · op(B) with bf16 A, B and C: the products are exact in f32, the sum is f32
 /// and C is rounded to bf16 once (`algo` is ignored: bf16 always runs on the tensor cores).
 fn matmul_bf16(a: &Tensor, b: &Tensor, opts: GemmOpts) -> Result<Tensor> {
-    bf16_product(a, b, opts, None)
+    bf16_product(a, b, opts, None, Act::None)
 }
 
-/// The bf16 product in bf16 (one rounding after alpha and the bias), with an optional bf16 bias
-/// [n] added to every row. On cuda/emu the pipelined kernels
+/// The bf16 product in bf16 (one rounding after alpha, the bias and the activation), with an
+/// optional bf16 bias [n] added to every row. On cuda/emu the pipelined kernels
 /// where every 16-byte chunk is whole and aligned, the element-loading tensor-core kernels
 /// otherwise. The cpu widens A and B into plain buffers (not tensors: the device's memory
 /// accounting counts what a GPU would hold, and a GPU widens nothing), runs its f32 GEMM (the same
 /// arithmetic up to the order of the sum) and rounds C.
-pub(crate) fn bf16_product(a: &Tensor, b: &Tensor, opts: GemmOpts, bias: Option<&Tensor>) -> Result<Tensor> {
+pub(crate) fn bf16_product(a: &Tensor, b: &Tensor, opts: GemmOpts, bias: Option<&Tensor>, act: Act) -> Result<Tensor> {
     let (s, out_shape) = plan(a.shape(), b.shape(), opts.trans_a, opts.trans_b)?;
     if let Some(bias) = bias {
         bias.expect_dtype("matmul", DType::BF16)?;
@@ -189,7 +220,9 @@ pub(crate) fn bf16_product(a: &Tensor, b: &Tensor, opts: GemmOpts, bias: Option<
     let dev = a.device();
     if let Device::Cpu = dev {
         let bias = bias.map(|b| cpu::widened(b, "matmul")).transpose()?;
-        let c = cpu::gemm(&cpu::widened(a, "matmul")?, &cpu::widened(b, "matmul")?, &s, opts.alpha, bias.as_deref());
+        let mut c =
+            cpu::gemm(&cpu::widened(a, "matmul")?, &cpu::widened(b, "matmul")?, &s, opts.alpha, bias.as_deref());
+        act.apply(&mut c);
         return cpu::bf16_tensor(&c, &out_shape, dev);
     }
     #[cfg(not(feature = "autocast"))]
@@ -198,7 +231,7 @@ pub(crate) fn bf16_product(a: &Tensor, b: &Tensor, opts: GemmOpts, bias: Option<
         detail: "bf16 products on a GPU need the `autocast` feature: this build embeds no bf16 kernel".into(),
     });
     #[cfg(feature = "autocast")]
-    bf16_launch(a, b, opts, bias, &s, &out_shape)
+    bf16_launch(a, b, opts, bias, act, &s, &out_shape)
 }
 
 /// `bf16_product` on cuda or emu.
@@ -208,6 +241,7 @@ fn bf16_launch(
     b: &Tensor,
     opts: GemmOpts,
     bias: Option<&Tensor>,
+    act: Act,
     s: &GemmShape,
     out_shape: &[usize],
 ) -> Result<Tensor> {
@@ -216,7 +250,7 @@ fn bf16_launch(
         let zero = Tensor::zeros(&out_shape, dev)?;
         let y = match bias {
             None => zero,
-            Some(bias) => crate::ops::elementwise::add(&zero, &crate::ops::cast::cast(bias, DType::F32)?)?,
+            Some(bias) => act.of(crate::ops::elementwise::add(&zero, &crate::ops::cast::cast(bias, DType::F32)?)?)?,
         };
         return crate::ops::cast::cast(&y, DType::BF16);
     }
@@ -243,6 +277,8 @@ fn bf16_launch(
         alpha: opts.alpha,
         beta: 0.0,
         bias: bias.map_or(0, |b| b.dev_ptr()),
+        relu: u32::from(act == Act::Relu),
+        pad: 0,
     };
     let chosen = bf16_kernel(&s, [a.dev_ptr(), b.dev_ptr()]);
     let run = |(kernel, tile, smem_bytes): (Kernel, u32, u32)| {
@@ -358,7 +394,7 @@ const PIPE_KERNELS: [(Kernel, u32, u32); 2] =
 pub const PIPE_NAMES: [&str; 2] = ["pipe128", "pipe64"];
 
 /// Launches one batched GEMM on cuda or emu; `beta != 0` accumulates into `c`; a nonzero `bias`
-/// pointer ([n] floats) is added to every row of C.
+/// pointer ([n] floats) is added to every row of C; `act` is applied last.
 ///
 /// # Safety
 /// `a`, `b`, `c` (and `bias` when nonzero) must be live f32 buffers on `dev` that hold every element
@@ -370,6 +406,7 @@ pub(crate) unsafe fn launch(
     s: &GemmShape,
     alpha: f32,
     beta: f32,
+    act: Act,
     algo: GemmAlgo,
 ) -> Result<()> {
     if s.batch > 65535 {
@@ -394,6 +431,8 @@ pub(crate) unsafe fn launch(
         alpha,
         beta,
         bias,
+        relu: u32::from(act == Act::Relu),
+        pad: 0,
     };
     let grid = ((s.n as u32).div_ceil(64), (s.m as u32).div_ceil(64), s.batch as u32);
     let run = |i: usize| {
