@@ -390,7 +390,8 @@ struct ConvWgradPipeProblem {
 
 // The split-K weight gradient: split z sums a whole number of k-tiles of the B·H·W pixels.
 // x: NHWC; w: dy (bf16 NHWC, or f32 NCHW); y: f32 partial sums [splits, Co, kh·kw·Ci]
-template <class K>
+// BM x BM block tile, 4 warps (2 x 2) of BM/2 x BM/2, as the GEMM's pipelined tiles.
+template <int BM, class K>
 __device__ __forceinline__ void conv_pipe_wgrad(const ConvPipeParams& p) {
     extern __shared__ __align__(128) unsigned char smem[];
     constexpr int BK = K::BK;
@@ -398,17 +399,26 @@ __device__ __forceinline__ void conv_pipe_wgrad(const ConvPipeParams& p) {
     const uint64_t tiles = (total + BK - 1) / BK, per = (tiles + p.splits - 1) / p.splits;
     const uint64_t kbeg = min((uint64_t)blockIdx.z * per * BK, total), kend = min(kbeg + per * BK, total);
     const ConvWgradPipeProblem pr{&p, p.co, p.kh * p.kw * p.ci, kbeg, kend};
-    const ConvWgradLoader<64, 64, 128, K> ld(p, blockIdx.y * 64, blockIdx.x * 64, kend, threadIdx.x);
-    pg_body<64, 64, 2, 2, K::TF32, true, K>(pr, ld, smem);
+    const ConvWgradLoader<BM, BM, 128, K> ld(p, blockIdx.y * BM, blockIdx.x * BM, kend, threadIdx.x);
+    pg_body<BM, BM, 2, 2, K::TF32, true, K>(pr, ld, smem);
 }
 
 // grid = (ceil(kh·kw·Ci/64), ceil(Co/64), splits), block = 128, dynamic shared memory 24 KiB
 extern "C" __global__ void __launch_bounds__(128) conv2d_pipe64_wgrad_bwd_bf16(ConvPipeParams p) {
-    conv_pipe_wgrad<PgBf16>(p);
+    conv_pipe_wgrad<64, PgBf16>(p);
 }
 // the tf32 weight gradient (the same grid and shared memory)
 extern "C" __global__ void __launch_bounds__(128) conv2d_pipe64_wgrad_bwd_f32(ConvPipeParams p) {
-    conv_pipe_wgrad<PgTf32>(p);
+    conv_pipe_wgrad<64, PgTf32>(p);
+}
+// The 128-square tile, for weight gradients with enough output tiles to fill the GPU with few
+// or no splits (the decoder's wide layers): half the shared-memory traffic per mma.
+// grid = (ceil(kh·kw·Ci/128), ceil(Co/128), splits), block = 128, dynamic shared memory 48 KiB
+extern "C" __global__ void __launch_bounds__(128) conv2d_pipe128_wgrad_bwd_bf16(ConvPipeParams p) {
+    conv_pipe_wgrad<128, PgBf16>(p);
+}
+extern "C" __global__ void __launch_bounds__(128) conv2d_pipe128_wgrad_bwd_f32(ConvPipeParams p) {
+    conv_pipe_wgrad<128, PgTf32>(p);
 }
 
 // dw[co][ci][tap] = bf16(Σ_z part[z][co][tap·Ci + ci]), the splits summed in order in f32.

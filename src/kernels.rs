@@ -73,9 +73,12 @@ pub fn is_pipelined(kernel: &str) -> bool {
 pub fn dynamic_smem_bytes(kernel: &str) -> u32 {
     match kernel {
         // the tf32 kernels' stages (16 f32 k) are the bf16 ones' bytes (32 bf16 k)
-        "gemm_pipe128_fwd_bf16" | "conv2d_pipe128_fwd_bf16" | "gemm_pipe128_fwd_f32" | "conv2d_pipe128_fwd_f32" => {
-            crate::ops::gemm::PIPE128_SMEM
-        }
+        "gemm_pipe128_fwd_bf16"
+        | "conv2d_pipe128_fwd_bf16"
+        | "conv2d_pipe128_wgrad_bwd_bf16"
+        | "gemm_pipe128_fwd_f32"
+        | "conv2d_pipe128_fwd_f32"
+        | "conv2d_pipe128_wgrad_bwd_f32" => crate::ops::gemm::PIPE128_SMEM,
         "gemm_pipe64_fwd_bf16"
         | "conv2d_pipe64_fwd_bf16"
         | "conv2d_pipe64_wgrad_bwd_bf16"

@@ -134,13 +134,15 @@ fn check_conv_pipe_tf32(
     #[cfg(feature = "emu")]
     if matches!(dev, Device::Emu) {
         use reclmis::kernels::Kernel;
-        let pipe = [Kernel::conv2d_pipe64_fwd_f32, Kernel::conv2d_pipe128_fwd_f32, Kernel::conv2d_pipe64_wgrad_bwd_f32];
+        let wgrad =
+            if tile == 128 { Kernel::conv2d_pipe128_wgrad_bwd_f32 } else { Kernel::conv2d_pipe64_wgrad_bwd_f32 };
+        let pipe = [Kernel::conv2d_pipe64_fwd_f32, Kernel::conv2d_pipe128_fwd_f32, wgrad];
         for (k, st) in reclmis::device::emu::smem_report().into_iter().filter(|(k, _)| pipe.contains(k)) {
             prop_assert!(st.extra_wavefronts == 0, "{:?}: bank conflicts {:?}", k, st);
         }
         let launched = reclmis::device::emu::launched_kernels();
         if s.ci.is_multiple_of(4) && (s.h * s.w).is_multiple_of(4) {
-            prop_assert!(launched.contains(&Kernel::conv2d_pipe64_wgrad_bwd_f32), "{:?}", launched);
+            prop_assert!(launched.contains(&wgrad), "{:?}", launched);
         }
     }
     let abs = |v: &[f32]| -> Vec<f64> { v.iter().map(|a| a.abs() as f64).collect() };

@@ -68,8 +68,19 @@ fn check_conv_bf16(dev: &Device, s: ConvShape, tile: u32, with_bias: bool, seed:
         let st = reclmis::device::emu::last_smem_stats();
         prop_assert!(st.phases > 0 && st.extra_wavefronts == 0, "ldmatrix phases {:?}", st);
     }
-    let g = cb::conv2d_backward_bf16(&x, &w, &dy, with_bias).unwrap();
+    let g = gemm::with_bf16_tile(tile, || cb::conv2d_backward_bf16(&x, &w, &dy, with_bias)).unwrap();
     prop_assert_eq!((g.dx.dtype(), g.dw.dtype()), (DType::BF16, DType::BF16));
+    #[cfg(feature = "emu")]
+    if matches!(dev, Device::Emu) && s.ci.is_multiple_of(8) && s.co.is_multiple_of(8) && y.numel() > 0 {
+        // the weight gradient's kernel of the fixed tile ran, without bank conflicts
+        use reclmis::kernels::Kernel;
+        let wgrad =
+            if tile == 128 { Kernel::conv2d_pipe128_wgrad_bwd_bf16 } else { Kernel::conv2d_pipe64_wgrad_bwd_bf16 };
+        prop_assert!(reclmis::device::emu::launched_kernels().contains(&wgrad), "{:?} not launched", wgrad);
+        for (k, st) in reclmis::device::emu::smem_report().into_iter().filter(|(k, _)| *k == wgrad) {
+            prop_assert!(st.phases > 0 && st.extra_wavefronts == 0, "{:?}: ldmatrix phases {:?}", k, st);
+        }
+    }
     if let Device::Cpu = dev {
         // the f32 convolution of the same values, rounded once: bit for bit
         let bf = bias.map(f32_of);

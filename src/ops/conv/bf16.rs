@@ -98,21 +98,25 @@ impl Elem {
             ],
         }
     }
-    /// The NCHW -> NHWC copy, the weight packing, the weight gradient and the sum of its splits.
-    fn aux(self) -> [Kernel; 4] {
+    /// The weight gradient's pipelined kernels: the 128- and 64-square block tiles, in
+    /// FWD_NAMES' order.
+    fn wgrad_kernels(self) -> [(Kernel, u32, u32); 2] {
         match self {
             Elem::Bf16 => [
-                Kernel::conv_nhwc_fwd_bf16,
-                Kernel::conv_wpack_fwd_bf16,
-                Kernel::conv2d_pipe64_wgrad_bwd_bf16,
-                Kernel::conv_wgrad_sum_bwd_bf16,
+                (Kernel::conv2d_pipe128_wgrad_bwd_bf16, 128, gemm::PIPE128_SMEM),
+                (Kernel::conv2d_pipe64_wgrad_bwd_bf16, 64, gemm::PIPE64_SMEM),
             ],
             Elem::Tf32 => [
-                Kernel::conv_nhwc_fwd_f32,
-                Kernel::conv_wpack_fwd_f32,
-                Kernel::conv2d_pipe64_wgrad_bwd_f32,
-                Kernel::conv_wgrad_sum_bwd_f32,
+                (Kernel::conv2d_pipe128_wgrad_bwd_f32, 128, gemm::PIPE128_SMEM),
+                (Kernel::conv2d_pipe64_wgrad_bwd_f32, 64, gemm::PIPE64_SMEM),
             ],
+        }
+    }
+    /// The NCHW -> NHWC copy, the weight packing and the sum of the weight gradient's splits.
+    fn aux(self) -> [Kernel; 3] {
+        match self {
+            Elem::Bf16 => [Kernel::conv_nhwc_fwd_bf16, Kernel::conv_wpack_fwd_bf16, Kernel::conv_wgrad_sum_bwd_bf16],
+            Elem::Tf32 => [Kernel::conv_nhwc_fwd_f32, Kernel::conv_wpack_fwd_f32, Kernel::conv_wgrad_sum_bwd_f32],
         }
     }
 }
@@ -236,13 +240,27 @@ pub fn conv2d_backward_bf16(x: &Tensor, w: &Tensor, dy: &Tensor, with_bias: bool
     Ok(Conv2dGrads { dx, dw, db })
 }
 
-/// GPUs' multiprocessor count the weight gradient's blocks should cover about twice (an H100
-/// SXM has 132): the output is small (Co × kh·kw·Ci), the reduction long (B·H·W), so the pixels
-/// are split over grid.z. Each split keeps at least 8 of its 32-pixel k-tiles.
+/// The splits of the 64-square tile's weight gradient, which the partial sums' buffer
+/// ([splits, Co, kh·kw·Ci] f32) is sized for: its blocks should cover a GPU's multiprocessors
+/// about twice (an H100 SXM has 132): the output is small (Co × kh·kw·Ci), the reduction long
+/// (B·H·W), so the pixels are split over grid.z. Each split keeps at least 8 of its 32-pixel
+/// k-tiles.
 pub(super) fn wgrad_splits(s: &ConvShape) -> usize {
-    let tiles = s.co.div_ceil(64) * (s.kh * s.kw * s.ci).div_ceil(64);
+    tile_splits(s, 64)
+}
+
+fn tile_splits(s: &ConvShape, tile: usize) -> usize {
+    let tiles = s.co.div_ceil(tile) * (s.kh * s.kw * s.ci).div_ceil(tile);
     let ktiles = (s.b * s.h * s.w).div_ceil(32);
     (2 * 132usize).div_ceil(tiles).clamp(1, (ktiles / 8).max(1)).min(65535)
+}
+
+/// The weight gradient's block tile (FWD_NAMES' index: 0 the 128-square, 1 the 64-square) and
+/// splits. The 128 tile takes at most the 64 tile's splits (the buffer is sized for those): the
+/// heuristic picks it only where its own tiles fill the GPU (132 or more), which needs no split.
+fn wgrad_plan(s: &ConvShape, i: usize) -> (usize, usize) {
+    let splits64 = wgrad_splits(s);
+    (i, if i == 0 { tile_splits(s, 128).min(splits64) } else { splits64 })
 }
 
 fn pipe_params(ptrs: [u64; 4], s: &ConvShape, splits: usize, op: &'static str) -> Result<ConvPipeParams> {
@@ -521,21 +539,40 @@ pub(super) unsafe fn wgrad_into(
     op: &'static str,
 ) -> Result<()> {
     let k = s.kh * s.kw * s.ci;
-    let p = pipe_params([xn, dyn_, 0, part], s, splits, op)?;
-    let grid = (check_u32(op, k.div_ceil(64))?, check_u32(op, s.co.div_ceil(64))?, splits as u32);
-    let cfg = LaunchCfg { grid, block: (128, 1, 1), smem_bytes: gemm::PIPE64_SMEM };
-    // SAFETY: the caller guarantees the buffers; the grid covers [splits, co, k] exactly.
-    unsafe { dev.launch(elem.aux()[2], cfg, &p) }?;
-    let sp = WgradSumParams {
-        part,
-        dw,
-        co: check_u32(op, s.co)?,
-        ci: check_u32(op, s.ci)?,
-        k2: check_u32(op, s.kh * s.kw)?,
-        splits: splits as u32,
+    debug_assert_eq!(splits, wgrad_splits(s), "the partial sums' buffer is sized by wgrad_splits");
+    let run = |i: usize| {
+        let (i, splits) = wgrad_plan(s, i);
+        let (kernel, tile, smem_bytes) = elem.wgrad_kernels()[i];
+        let p = pipe_params([xn, dyn_, 0, part], s, splits, op)?;
+        let t = tile as usize;
+        let grid = (check_u32(op, k.div_ceil(t))?, check_u32(op, s.co.div_ceil(t))?, splits as u32);
+        if grid.1 > 65535 {
+            return Err(Error::Unsupported { op, detail: format!("{} output channels", s.co) });
+        }
+        // SAFETY: the caller guarantees the buffers; the grid covers [splits, co, k] exactly,
+        // splits at most `wgrad_splits` (what part holds).
+        unsafe { dev.launch(kernel, LaunchCfg { grid, block: (128, 1, 1), smem_bytes }, &p) }?;
+        let sp = WgradSumParams {
+            part,
+            dw,
+            co: check_u32(op, s.co)?,
+            ci: check_u32(op, s.ci)?,
+            k2: check_u32(op, s.kh * s.kw)?,
+            splits: splits as u32,
+        };
+        // SAFETY: part holds the splits' [co, kh·kw, ci] sums, dw [co, ci, kh, kw] bf16.
+        unsafe { dev.launch(elem.aux()[2], LaunchCfg::elementwise(s.co * s.ci * s.kh * s.kw), &sp) }
     };
-    // SAFETY: part holds the splits' [co, kh·kw, ci] sums, dw [co, ci, kh, kw] bf16.
-    unsafe { dev.launch(elem.aux()[3], LaunchCfg::elementwise(s.co * s.ci * s.kh * s.kw), &sp) }
+    match gemm::fixed_bf16_tile() {
+        Some(t) => run(usize::from(t != 128)),
+        None => {
+            // the 128 tile where its own tiles fill the GPU, tuned per shape and GPU
+            let big = s.co.div_ceil(128) * k.div_ceil(128) >= 132;
+            let key =
+                || super::tune_key(if elem == Elem::Bf16 { "conv2d_wgrad_bf16" } else { "conv2d_wgrad_tf32_pipe" }, s);
+            crate::ops::tune::pick_on(dev, key, &FWD_NAMES, usize::from(!big), run)
+        }
+    }
 }
 
 /// conv1d on bf16 operands (x [B, Ci, L], w [Co, Ci, k]): `conv2d_bf16` of the 1×k case.

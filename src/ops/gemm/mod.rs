@@ -90,10 +90,9 @@ impl Act {
     /// Applies the activation to a product's f32 result in place (the cpu's epilogue).
     pub(crate) fn apply(self, c: &mut [f32]) {
         if self == Act::Relu {
-            // the cpu ReLU's own formula (elementwise::cpu), over both cores: a pass of its own
-            // here, but over C while the GEMM's last blocks of it are still in cache
-            use rayon::prelude::*;
-            c.par_chunks_mut(1 << 14).for_each(|ch| ch.iter_mut().for_each(|v| *v = v.max(0.0)));
+            // the cpu ReLU's own formula (elementwise::cpu), in place: a pass of its own here
+            // (the `gemm` crate has no epilogue hook), but no second tensor
+            c.iter_mut().for_each(|v| *v = v.max(0.0));
         }
     }
 }
