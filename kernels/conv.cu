@@ -375,7 +375,8 @@ struct ConvWgradLoader {
     }
 };
 
-// Weight-gradient epilogue: split z's f32 partial sums [z][co][k] (f32: the pair stores).
+// Weight-gradient epilogue: split z's f32 partial sums [z][co][k] (f32: the pair stores, one
+// 64-bit store where the pair is whole and aligned: always when kh·kw·Ci is even, as j is).
 struct ConvWgradPipeProblem {
     const ConvPipeParams* p;
     uint32_t m, n;
@@ -383,6 +384,10 @@ struct ConvWgradPipeProblem {
     static constexpr bool VEC_STORE = false;
     __device__ __forceinline__ void store2(uint32_t i, uint32_t j, float v0, float v1, bool both) const {
         float* dst = (float*)p->y + ((uint64_t)blockIdx.z * m + i) * n + j;
+        if (both && (reinterpret_cast<uint64_t>(dst) & 7u) == 0) {
+            *reinterpret_cast<float2*>(dst) = float2{v0, v1};
+            return;
+        }
         dst[0] = v0;
         if (both) dst[1] = v1;
     }

@@ -240,7 +240,19 @@ pub fn measure(dev: &Device, case: &Case, warmup: usize, reps: usize) -> Result<
 /// Runs the peer script once for all cases that have a PyTorch form; returns median seconds by
 /// peer spec.
 fn run_peer(python: &str, specs: &[String], device: &str, reps: usize) -> Result<Vec<(String, f64)>> {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/peer_torch.py");
+    // RECLMIS_PEER_SCRIPT, else the repository's copy from the working directory, else the one
+    // this binary was built beside (a binary copied to another machine runs from its tree)
+    let script = std::env::var_os("RECLMIS_PEER_SCRIPT").map(std::path::PathBuf::from).unwrap_or_else(|| {
+        let here = std::path::PathBuf::from("benches/peer_torch.py");
+        if here.is_file() {
+            here
+        } else {
+            concat!(env!("CARGO_MANIFEST_DIR"), "/benches/peer_torch.py").into()
+        }
+    });
+    if !script.is_file() {
+        return Err(Error::Other(format!("the peer script {} is missing (set RECLMIS_PEER_SCRIPT)", script.display())));
+    }
     let out = std::process::Command::new(python)
         .arg(script)
         .arg("--device")
