@@ -15,13 +15,14 @@
 #
 #   1. the GPU tests: every test binary's ignored tests (the ones marked "needs a CUDA GPU": the
 #      cuda proptests, the GPU-vs-emu cross-checks of every fragment layout, the golden model at
-#      f32, tf32 and bf16), 4 threads                                        T_TESTS=240
+#      f32, tf32 and bf16), 4 threads                                        T_TESTS=210
 #   2. compute-sanitizer memcheck and racecheck over the kernel tests' cuda cases (gemm, gemm_bf16,
-#      conv, conv_bf16, attention, linear_relu), when the machine has it     T_SANITIZER=120
+#      conv, conv_bf16, attention, linear_relu), when the machine has it     T_SANITIZER=90
 #   3. `reclmis bench --device cuda`: every kernel case at every precision, with PyTorch on the
 #      same card as the peer when its python has torch with CUDA             T_BENCH=150
-#   4. `reclmis bench-model --device cuda --precision bf16` (no peer: the shared peer script is
-#      cpu-only)                                                             T_MODEL=60
+#   4. `reclmis bench-model --device cuda --precision bf16` against the official model in PyTorch
+#      on the card with bf16 autocast (benches/peer_model_gpu.py; eager only: torch.compile takes
+#      minutes per scenario, MODEL_COMPILE=1 adds it)                        T_MODEL=120
 #
 # and writes $OUT/summary.txt (what ran, what failed, how long each step took), the logs, and
 # $OUT/bench.md: the kernel table in BENCHMARKS.md's form (median, PyTorch's median and the ratio,
@@ -31,7 +32,9 @@ set -euo pipefail
 root=$(git rev-parse --show-toplevel)
 cd "$root"
 bash ../shared/gpu/bundle.sh
-# the fixtures and the peer script travel with the working tree (tests/fixtures, benches/)
+# the fixtures and the kernel peer travel with the working tree (tests/fixtures, benches/); the
+# whole-model peer needs the shared PyTorch model beside it
+cp benches/peer_model_gpu.py ../shared/peer/reclmis_torch.py .gpu/
 echo "packing .gpu/bundle.tar.xz ..."
 tar -C .gpu -cf - tests bin | xz -T1 -6 --lzma2=preset=6,dict=256MiB > .gpu/bundle.tar.xz
 rm -rf .gpu/tests .gpu/bin .gpu/fixtures .gpu/run.sh
@@ -62,7 +65,7 @@ step() { # step NAME LIMIT CMD...: runs CMD under LIMIT seconds, logs to $OUT/NA
 }
 
 # 1. the GPU tests (each binary's ignored tests)
-deadline=$((SECONDS + ${T_TESTS:-240}))
+deadline=$((SECONDS + ${T_TESTS:-210}))
 for t in .gpu/tests/*; do
   left=$((deadline - SECONDS))
   if ((left <= 0)); then echo "tests: out of time before $(basename "$t")" | tee -a "$sum"; status=1; break; fi
@@ -73,7 +76,7 @@ done
 # 2. compute-sanitizer over the kernels' cuda proptests (few cases: it runs each launch slowly)
 san=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
 if [[ -n $san ]]; then
-  deadline=$((SECONDS + ${T_SANITIZER:-120}))
+  deadline=$((SECONDS + ${T_SANITIZER:-90}))
   for name in gemm gemm_bf16 conv conv_bf16 attention linear_relu; do
     exe=$(ls .gpu/tests/"$name"-* 2>/dev/null | head -1)
     [[ -n $exe ]] || continue
@@ -113,8 +116,13 @@ for r in d["results"]:
     print(f"| {r['op']} | {r['shape']} | {us(med)} | {us(peer)} | {ratio} | {us(h)} | {frac} |")
 PY
 
-# 4. the whole model at bf16 (autocast), ours only
-step bench-model "${T_MODEL:-60}" reclmis bench-model --device cuda --precision bf16 --rounds 1
+# 4. the whole model at bf16 (autocast), against PyTorch's on the card when it is there
+mpeer=()
+if ((${#peer[@]})); then
+  mpeer=(--peer python3 --peer-script "$PWD/.gpu/peer_model_gpu.py")
+  [[ ${MODEL_COMPILE:-0} == 1 ]] || mpeer+=(--no-compile)
+fi
+step bench-model "${T_MODEL:-120}" reclmis bench-model --device cuda --precision bf16 --rounds 1 "${mpeer[@]}"
 
 cat "$sum"
 exit $status
