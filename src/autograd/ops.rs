@@ -535,7 +535,7 @@ impl Graph {
     }
 
     /// ReLU(x · wᵀ + b): `relu(linear(..))` with the ReLU in the GEMM's epilogue (no pass and no
-    /// tensor of its own), the same values and gradients bit for bit (tests/autocast.rs).
+    /// tensor of its own), the same values and gradients bit for bit (tests/linear_relu.rs).
     pub fn linear_relu(&self, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
         self.linear_act(x, w, b, Act::Relu)
     }

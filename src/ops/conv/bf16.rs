@@ -234,7 +234,7 @@ pub fn conv2d_backward_bf16(x: &Tensor, w: &Tensor, dy: &Tensor, with_bias: bool
         unsafe { to_nhwc(dev, Elem::Bf16, x.dev_ptr(), xn.ptr(), &s, s.ci, (s.ci, 0)) }?;
         // SAFETY: xn is x and dyn_ dy in NHWC (ci and co multiples of 8, fresh 16-byte aligned
         // buffers), part holds [splits, co, kh·kw·ci] f32, dw is a new [co, ci, kh, kw] bf16.
-        unsafe { wgrad_into(dev, Elem::Bf16, [xn.ptr(), dyn_.ptr(), part.ptr(), dw.dev_ptr()], &s, splits, op) }?;
+        unsafe { wgrad_into(dev, Elem::Bf16, [xn.ptr(), dyn_.ptr(), part.ptr(), dw.dev_ptr()], &s, op) }?;
         dw
     };
     Ok(Conv2dGrads { dx, dw, db })
@@ -255,12 +255,17 @@ fn tile_splits(s: &ConvShape, tile: usize) -> usize {
     (2 * 132usize).div_ceil(tiles).clamp(1, (ktiles / 8).max(1)).min(65535)
 }
 
-/// The weight gradient's block tile (FWD_NAMES' index: 0 the 128-square, 1 the 64-square) and
-/// splits. The 128 tile takes at most the 64 tile's splits (the buffer is sized for those): the
-/// heuristic picks it only where its own tiles fill the GPU (132 or more), which needs no split.
-fn wgrad_plan(s: &ConvShape, i: usize) -> (usize, usize) {
+/// The splits of the weight gradient's block tile `i` (FWD_NAMES' index: 0 the 128-square, 1 the
+/// 64-square). The 128 tile takes at most the 64 tile's splits (the buffer is sized for those):
+/// the heuristic picks it only where its own tiles fill the GPU (132 or more), which needs no
+/// split.
+fn tile_splits_capped(s: &ConvShape, i: usize) -> usize {
     let splits64 = wgrad_splits(s);
-    (i, if i == 0 { tile_splits(s, 128).min(splits64) } else { splits64 })
+    if i == 0 {
+        tile_splits(s, 128).min(splits64)
+    } else {
+        splits64
+    }
 }
 
 fn pipe_params(ptrs: [u64; 4], s: &ConvShape, splits: usize, op: &'static str) -> Result<ConvPipeParams> {
@@ -517,7 +522,7 @@ pub fn conv2d_cat_backward_bf16(parts: &[&Tensor], w: &Tensor, dy: &Tensor, with
         let dw = Tensor::empty(w.shape(), DType::BF16, dev)?;
         // SAFETY: xn is the concatenation and dyn_ dy in NHWC (ci and co multiples of 8), part
         // holds [splits, co, kh·kw·ci] f32, dw is a new [co, ci, kh, kw] bf16 tensor.
-        unsafe { wgrad_into(dev, Elem::Bf16, [xn.ptr(), dyn_.ptr(), part.ptr(), dw.dev_ptr()], &s, splits, op) }?;
+        unsafe { wgrad_into(dev, Elem::Bf16, [xn.ptr(), dyn_.ptr(), part.ptr(), dw.dev_ptr()], &s, op) }?;
         dw
     };
     Ok(ConvCatGrads { dxs, dw, db })
@@ -529,19 +534,18 @@ pub fn conv2d_cat_backward_bf16(parts: &[&Tensor], w: &Tensor, dy: &Tensor, with
 /// `[xn, dyn, part, dw]` must be live buffers on `dev`: bf16: x and dy in NHWC bf16 (ci and co
 /// multiples of 8, 16-byte aligned), f32 [splits, co, kh·kw·ci] and bf16 [co, ci, kh, kw]; tf32: x
 /// in NHWC f32 (ci a multiple of 4, 16-byte aligned), dy in NCHW f32 (h·w a multiple of 4,
-/// 16-byte aligned), f32 [splits, co, kh·kw·ci] and f32 [co, ci, kh, kw].
+/// 16-byte aligned), f32 [splits, co, kh·kw·ci] and f32 [co, ci, kh, kw]; splits =
+/// `wgrad_splits(s)` (the most either tile uses).
 pub(super) unsafe fn wgrad_into(
     dev: &Device,
     elem: Elem,
     [xn, dyn_, part, dw]: [u64; 4],
     s: &ConvShape,
-    splits: usize,
     op: &'static str,
 ) -> Result<()> {
     let k = s.kh * s.kw * s.ci;
-    debug_assert_eq!(splits, wgrad_splits(s), "the partial sums' buffer is sized by wgrad_splits");
     let run = |i: usize| {
-        let (i, splits) = wgrad_plan(s, i);
+        let splits = tile_splits_capped(s, i);
         let (kernel, tile, smem_bytes) = elem.wgrad_kernels()[i];
         let p = pipe_params([xn, dyn_, 0, part], s, splits, op)?;
         let t = tile as usize;

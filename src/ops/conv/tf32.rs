@@ -107,6 +107,6 @@ pub(super) fn weight_grad(parts: &[&Tensor], dy: &Tensor, s: &ConvShape) -> Resu
     // SAFETY: xn is the input in NHWC (ci a multiple of 4, a fresh allocation), dy the caller's
     // f32 [b, co, h, w] tensor (h·w a multiple of 4, its base 16-byte aligned: checked), part
     // holds [splits, co, kh·kw·ci] f32, dw is a new [co, ci, kh, kw] f32 tensor.
-    unsafe { wgrad_into(dev, Elem::Tf32, [xn.dev_ptr(), dy.dev_ptr(), part.dev_ptr(), dw.dev_ptr()], s, splits, op) }?;
+    unsafe { wgrad_into(dev, Elem::Tf32, [xn.dev_ptr(), dy.dev_ptr(), part.dev_ptr(), dw.dev_ptr()], s, op) }?;
     Ok(dw)
 }

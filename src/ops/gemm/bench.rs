@@ -225,20 +225,21 @@ fn linear_relu_cases(dev: &Device, small: bool) -> Result<Vec<Case>> {
             }
         });
         let elem = if bf16 { 2.0 } else { 4.0 };
-        let (sfx, peer) = if bf16 { ("_bf16", "linear_relu_bf16") } else { ("", "linear_relu") };
+        // the fused case's name is also the peer's spec
+        let (f, u) = if bf16 {
+            ("linear_relu_bf16", "linear_relu_unfused_bf16")
+        } else {
+            ("linear_relu", "linear_relu_unfused")
+        };
+        let sfx = if bf16 { "_bf16" } else { "" };
         let case = |op: &'static str, run: Box<dyn Fn() -> Result<Tensor>>, validate| Case {
             op,
             shape: format!("{rows}x{i} -> {o} +bias, relu{sfx}"),
             flops: 2.0 * (rows * i * o) as f64,
             bytes: elem * (rows * i + i * o + rows * o + o) as f64,
-            peer: Some(format!("{peer} {rows} {i} {o}")),
+            peer: Some(format!("{f} {rows} {i} {o}")),
             validate,
             run,
-        };
-        let (f, u) = if bf16 {
-            ("linear_relu_bf16", "linear_relu_unfused_bf16")
-        } else {
-            ("linear_relu", "linear_relu_unfused")
         };
         v.push(case(f, Box::new(move || linear(gemm::Act::Relu)), Some(check)));
         v.push(case(u, Box::new(unfused), None));

@@ -1,8 +1,8 @@
 //! The Linear layer as torch.nn.Linear stores it: y = x·wᵀ + b with x [..., K], w [N, K],
 //! b [N]; y [..., N]. The bias is added in the GEMM's store (cuda/emu) or as C's starting value
-//! (cpu), so it costs no pass of its own; so is a following ReLU (`linear_act`, the model's
-//! feed-forward layers: y = ReLU(x·wᵀ + b) in the GEMM's store on cuda/emu, over C while it is
-//! still in cache on the cpu). The backward: dx = dy·w, dw = dyᵀ·x over all rows, db = Σ_rows dy
+//! (cpu), so it costs no pass of its own; so is a following ReLU on cuda/emu (`linear_act`, the
+//! model's feed-forward layers: y = ReLU(x·wᵀ + b) in the GEMM's store; the cpu applies it over C
+//! in place, a pass but no second tensor). The backward: dx = dy·w, dw = dyᵀ·x over all rows, db = Σ_rows dy
 //! (dy masked by y > 0 first when the ReLU was fused: the autograd op does that).
 
 use super::{cpu, launch, matmul, plan, Act, GemmAlgo, GemmOpts};
