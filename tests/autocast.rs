@@ -10,7 +10,7 @@ use reclmis::autograd::{Graph, Precision, Var};
 use reclmis::nn::params::{Kind, Params};
 use reclmis::ops::gemm::{linear, GemmAlgo};
 use reclmis::testing::Rng;
-use reclmis::{Device, Tensor};
+use reclmis::{DType, Device, Tensor};
 
 fn r(v: &[f32]) -> Vec<f32> {
     v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect()
@@ -56,17 +56,27 @@ fn bf16_linear_rounds_operands_output_and_gradients() {
         let [xv, wv, bv, cv] = &vals;
         let [y, dx, dw, db] = bf16_linear_step(&dev, (m, k, n), &vals);
 
-        // by hand: the same kernel (the graph's algorithm at bf16) on the rounded operands
-        let algo = Precision::Bf16.algo();
-        let (xr, wr, br) = (t(&r(xv), &[m, k], &dev), t(&r(wv), &[n, k], &dev), t(&r(bv), &[n], &dev));
-        let want_y = r(&linear::linear(&xr, &wr, Some(&br), algo).unwrap().to_vec().unwrap());
+        // by hand: the bf16 Linear's kernels (bf16 in, f32 sums, bf16 out) on the rounded
+        // operands (cpu: AVX512_BF16 dot products where the CPU has them, f32 GEMM otherwise;
+        // emu: the tensor-core kernels)
+        let h = |v: &[f32], shape: &[usize]| reclmis::ops::cast::cast(&t(&r(v), shape, &dev), DType::BF16).unwrap();
+        let (xr, wr, br) = (h(xv, &[m, k]), h(wv, &[n, k]), h(bv, &[n]));
+        let want_y = linear::linear_bf16(&xr, &wr, Some(&br)).unwrap().to_vec().unwrap();
         assert_eq!(y, want_y, "{kind}: y = bf16(linear(bf16 operands))");
         // d loss / dy = c / (m n), stored in bf16 as the gradient of a bf16 output
-        let dy: Vec<f32> = r(&cv.iter().map(|&v| v / (m * n) as f32).collect::<Vec<_>>());
-        let gw = linear::linear_backward(&xr, &wr, &t(&dy, &[m, n], &dev), true, algo).unwrap();
-        for (name, got, want) in [("dx", dx, &gw.dx), ("dw", dw, &gw.dw), ("db", db, gw.db.as_ref().unwrap())] {
+        let dy: Vec<f32> = cv.iter().map(|&v| v / (m * n) as f32).collect();
+        let gw = linear::linear_backward_bf16(&xr, &wr, &h(&dy, &[m, n]), true).unwrap();
+        // the same backward in f32 (the graph's f32 algorithm on the rounded operands, unrounded)
+        let f = |v: &[f32], shape: &[usize]| t(&r(v), shape, &dev);
+        let g32 =
+            linear::linear_backward(&f(xv, &[m, k]), &f(wv, &[n, k]), &f(&dy, &[m, n]), true, Precision::Bf16.algo())
+                .unwrap();
+        let grads = [("dx", dx, &gw.dx, &g32.dx), ("dw", dw, &gw.dw, &g32.dw)];
+        for (name, got, want, unrounded) in
+            grads.into_iter().chain([("db", db, gw.db.as_ref().unwrap(), g32.db.as_ref().unwrap())])
+        {
             assert_eq!(got, r(&want.to_vec().unwrap()), "{kind}: {name} = bf16(backward on bf16 dy)");
-            assert_ne!(got, want.to_vec().unwrap(), "{kind}: {name}: the rounding shows in these values");
+            assert_ne!(got, unrounded.to_vec().unwrap(), "{kind}: {name}: the rounding shows in these values");
         }
     }
 }

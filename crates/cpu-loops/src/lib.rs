@@ -3,6 +3,7 @@
 //! them at opt-level 3 (see Cargo.toml); the engine's ops call them and the engine's tests check
 //! them (against f64 references, through the ops).
 
+pub mod bf16dot;
 pub mod gemm;
 pub mod math;
 pub mod scan;

@@ -126,3 +126,75 @@ pub(crate) fn bf16_tensor(
     crate::ops::cast::cpu::round_into(&mut out, v);
     crate::tensor::Tensor::from_vec_bf16(out, shape, dev)
 }
+
+/// Rows per task of the bf16 dot GEMM: each task packs its rows of A once per k block and
+/// passes them over its B panels (8 register tiles of rows per B panel held in L1).
+#[cfg(feature = "autocast")]
+const DOT_ROWS: usize = 8 * reclmis_cpu_loops::bf16dot::MR;
+/// Row tasks from which each task takes every column (A packed once per k block).
+#[cfg(feature = "autocast")]
+const DOT_ROW_TASKS: usize = 16;
+/// B panels (of 32 columns) per task when there are fewer row tasks.
+#[cfg(feature = "autocast")]
+const DOT_PANELS: usize = 8;
+
+/// C = act(alpha·A·B (+ bias)) in bf16 from bf16 A and B on AVX512_BF16
+/// (`reclmis_cpu_loops::bf16dot`: the products exact, f32 sums, the bias and the ReLU in f32,
+/// one rounding), without widening either operand or passing over an f32 C; B packed once per
+/// matrix of the batch, tasks of rows × columns spread over the threads. Callers check
+/// `bf16dot::available()`.
+#[cfg(feature = "autocast")]
+pub(crate) fn gemm_bf16_dot(
+    a: &crate::tensor::Tensor,
+    b: &crate::tensor::Tensor,
+    s: &GemmShape,
+    alpha: f32,
+    bias: Option<&[f32]>,
+    relu: bool,
+) -> crate::error::Result<Vec<half::bf16>> {
+    use reclmis_cpu_loops::bf16dot::{self, Dst, PackedB, Strided};
+    let (m, n, k) = (s.m, s.n, s.k);
+    let (av, bv): (&[u16], &[u16]) =
+        (bytemuck::cast_slice(a.cpu_bf16("matmul")?), bytemuck::cast_slice(b.cpu_bf16("matmul")?));
+    crate::ops::assert_len("gemm", "A", av.len(), s.span(s.sa, m, k));
+    crate::ops::assert_len("gemm", "B", bv.len(), s.span(s.sb, k, n));
+    let len = crate::ops::product(&[s.batch, m, n]).expect("the output's size overflows");
+    if len == 0 || k == 0 {
+        // no pairs to sum: the epilogue alone (alpha · 0 + bias, the activation, the rounding)
+        let mut c = vec![0.0f32; len];
+        if let (Some(bias), true) = (bias, n > 0) {
+            c.chunks_mut(n).for_each(|row| row.copy_from_slice(bias));
+        }
+        if relu {
+            super::Act::Relu.apply(&mut c);
+        }
+        let mut out = vec![half::bf16::ZERO; len];
+        crate::ops::cast::cpu::round_into(&mut out, &c);
+        return Ok(out);
+    }
+    // every element is written by exactly one task (k > 0): no zeroing pass (NaN under the
+    // tests' poison switch, so a missed element shows)
+    let mut c: Vec<u16> =
+        if crate::device::poison_enabled() { vec![half::bf16::NAN.to_bits(); len] } else { Vec::with_capacity(len) };
+    let cp = crate::ops::cpu_math::SendPtr(c.as_mut_ptr());
+    for z in 0..s.batch {
+        let a = Strided { data: &av[z * s.sa.0..], rs: s.sa.1, cs: s.sa.2 };
+        let packed = PackedB::new(Strided { data: &bv[z * s.sb.0..], rs: s.sb.1, cs: s.sb.2 }, k, n);
+        // enough row tasks: each takes every column (A packed once); otherwise columns split too
+        let row_tasks = m.div_ceil(DOT_ROWS);
+        let per_task = if row_tasks >= DOT_ROW_TASKS { packed.panels() } else { DOT_PANELS };
+        let col_tasks = packed.panels().div_ceil(per_task);
+        crate::ops::cpu_math::par_tasks(row_tasks * col_tasks, &|t| {
+            let (r0, q0) = (t / col_tasks * DOT_ROWS, t % col_tasks * per_task);
+            let (rows, panels) = (r0..m.min(r0 + DOT_ROWS), q0..packed.panels().min(q0 + per_task));
+            let dst = Dst::Bf16 { ptr: cp.get().wrapping_add(z * m * n), ld: n, relu };
+            // SAFETY: the caller checked the CPU's features; task t alone writes its rows × the
+            // columns of its panels of matrix z of c, which holds batch × m rows of n values.
+            unsafe { bf16dot::block(a, &packed, rows, panels, dst, alpha, bias) };
+        });
+    }
+    // SAFETY: the tasks wrote every row of every matrix, all n columns (k > 0: `block` stores
+    // each tile whole), within the capacity of len values.
+    unsafe { c.set_len(len) };
+    Ok(bytemuck::cast_vec(c))
+}

@@ -219,6 +219,11 @@ pub(crate) fn bf16_product(a: &Tensor, b: &Tensor, opts: GemmOpts, bias: Option<
     let dev = a.device();
     if let Device::Cpu = dev {
         let bias = bias.map(|b| cpu::widened(b, "matmul")).transpose()?;
+        #[cfg(feature = "autocast")]
+        if reclmis_cpu_loops::bf16dot::available() {
+            let c = cpu::gemm_bf16_dot(a, b, &s, opts.alpha, bias.as_deref(), act == Act::Relu)?;
+            return Tensor::from_vec_bf16(c, &out_shape, dev);
+        }
         let mut c =
             cpu::gemm(&cpu::widened(a, "matmul")?, &cpu::widened(b, "matmul")?, &s, opts.alpha, bias.as_deref());
         act.apply(&mut c);
