@@ -319,6 +319,91 @@ mod x86 {
         }
     }
 
+    /// `super::few_rows_block`'s tile: F features × R rows.
+    const F: usize = 6;
+    const R: usize = 3;
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn few_rows(
+        x: &[u16],
+        w: &[u16],
+        bias: Option<&[f32]>,
+        y: *mut u16,
+        ldy: usize,
+        k: usize,
+        rows: usize,
+        relu: bool,
+    ) {
+        const L: usize = 32;
+        let nf = w.len() / k;
+        let (kv, tail) = (k / L * L, k % L);
+        let tail_mask: __mmask32 = if tail == 0 { 0 } else { (1u32 << tail) - 1 };
+        let mut j = 0;
+        while j < nf {
+            let jn = (nf - j).min(F);
+            // fixed tile bounds: a missing row or feature repeats the last one (sums dropped)
+            let wr: [*const u16; F] = std::array::from_fn(|jj| w[(j + jj.min(jn - 1)) * k..][..k].as_ptr());
+            let mut r = 0;
+            while r < rows {
+                let rn = (rows - r).min(R);
+                let xr: [*const u16; R] = std::array::from_fn(|ri| x[(r + ri.min(rn - 1)) * k..][..k].as_ptr());
+                let mut acc = [_mm512_setzero_ps(); F * R];
+                let mut c = 0;
+                // SAFETY (loads): every row holds k values; c + 32 <= kv <= k, and the tail's
+                // masked lanes stay below k.
+                while c < kv {
+                    let xs: [__m512bh; R] = std::array::from_fn(|ri| unsafe { load(xr[ri].add(c)) });
+                    for jj in 0..F {
+                        let wv = unsafe { load(wr[jj].add(c)) };
+                        for ri in 0..R {
+                            acc[jj * R + ri] = _mm512_dpbf16_ps(acc[jj * R + ri], xs[ri], wv);
+                        }
+                    }
+                    c += L;
+                }
+                if tail > 0 {
+                    let xs: [__m512bh; R] = std::array::from_fn(|ri| unsafe { load_first(xr[ri].add(kv), tail_mask) });
+                    for jj in 0..F {
+                        let wv = unsafe { load_first(wr[jj].add(kv), tail_mask) };
+                        for ri in 0..R {
+                            acc[jj * R + ri] = _mm512_dpbf16_ps(acc[jj * R + ri], xs[ri], wv);
+                        }
+                    }
+                }
+                for jj in 0..jn {
+                    let b = bias.map_or(0.0, |b| b[j + jj]);
+                    for ri in 0..rn {
+                        // SAFETY: __m512 and [f32; 16] are the same 64 bytes.
+                        let lanes: [f32; 16] = unsafe { std::mem::transmute(acc[jj * R + ri]) };
+                        let v = crate::math::hsum(lanes) + b;
+                        let v = if relu && v.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) { 0.0 } else { v };
+                        // SAFETY: r + ri < rows and j + jj < nf: the caller's contract.
+                        unsafe { *y.add((r + ri) * ldy + j + jj) = super::round_bf16_model(v) };
+                    }
+                }
+                r += rn;
+            }
+            j += jn;
+        }
+    }
+
+    /// 32 bf16 at p.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn load(p: *const u16) -> __m512bh {
+        // SAFETY: the caller's (64 readable bytes); __m512i and __m512bh are plain bits.
+        unsafe { std::mem::transmute(_mm512_loadu_si512(p as *const _)) }
+    }
+
+    /// The first lanes of `mask` at p, zeros after (nothing past them is read).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn load_first(p: *const u16, mask: __mmask32) -> __m512bh {
+        // SAFETY: the caller's (the masked lanes readable); plain bits.
+        unsafe { std::mem::transmute(_mm512_maskz_loadu_epi16(mask, p as *const i16)) }
+    }
+
     /// 16 f32 (after the ReLU if asked) rounded to bf16 bits: to nearest even, a NaN kept and
     /// quietened (the engine's `cast` to bf16, lane by lane).
     #[inline]
@@ -336,6 +421,44 @@ mod x86 {
         let quiet = _mm512_or_si512(_mm512_srli_epi32::<16>(u), _mm512_set1_epi32(0x0040));
         _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet))
     }
+}
+
+/// The few-rows bf16 Linear (the text tower's 18-token rows): y[r][j] = act(⟨x_r, w_j⟩ + bias_j)
+/// rounded to bf16, for output features j < w.len() / k, written at `y + r·ldy + j`; x [rows, k]
+/// and w [nf, k] bf16 with rows contiguous. No packing (the weights are read once, as they are
+/// stored: half the bytes of the widened f32 copy the f32 kernel would need): lane l of a
+/// feature-row accumulator sums the pairs k = 32c + 2l, 2l + 1 in c order (`vdpbf16ps`, the tail
+/// through masked loads, both operands zero past k), then the lanes by halving
+/// (`math::hsum`), + bias, the ReLU, one rounding. Register tile F features × R rows as the f32
+/// kernel's (`gemm::few_rows_block`).
+///
+/// # Safety
+/// `available()` must be true; `y` must be valid for writes at `r·ldy + j` for every r < rows
+/// and j < w.len() / k, and no other thread may access those values during the call. Panics if
+/// x holds fewer than rows × k values or the bias fewer than the features.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn few_rows_block(
+    x: &[u16],
+    w: &[u16],
+    bias: Option<&[f32]>,
+    y: *mut u16,
+    ldy: usize,
+    k: usize,
+    rows: usize,
+    relu: bool,
+) {
+    if k == 0 || rows == 0 {
+        return;
+    }
+    let nf = w.len() / k;
+    assert!(x.len() >= rows * k && bias.is_none_or(|b| b.len() >= nf), "few-rows bf16 Linear: x [rows, k], bias [n]");
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the caller's contract; x, w (whole rows of k) and the bias checked above.
+    unsafe {
+        x86::few_rows(x, &w[..nf * k], bias, y, ldy, k, rows, relu)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("bf16 dot GEMM: `available()` is false off x86_64");
 }
 
 /// f32 → bf16 bits as `Dst::Bf16` rounds (the tests' model).
@@ -457,6 +580,54 @@ mod tests {
                         let bound = (k as f64 + 2.0) * 2f64.powi(-24) * (alpha as f64 * mag + bj.abs() as f64) + 1e-37;
                         assert!((got as f64 - exact).abs() <= bound, "C[{i}][{j}] = {got}, f64 {exact}, bound {bound}");
                     }
+                }
+            }
+        }
+    }
+
+    /// The few-rows kernel: every tile edge (rows around R, features around F, k around 32),
+    /// bit for bit the model (each lane's chain of pairs, the halving sum, bias, ReLU, one
+    /// rounding) and within the sum bound of the f64 product.
+    #[test]
+    fn few_rows_matches_the_model() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX512_BF16");
+            return;
+        }
+        for (ci, &(rows, k, nf)) in
+            [(1usize, 1usize, 1usize), (2, 31, 5), (3, 32, 6), (4, 33, 7), (7, 100, 13), (18, 512, 20)]
+                .iter()
+                .enumerate()
+        {
+            let x = draw(rows * k, 3 + ci as u64);
+            let w = draw(nf * k, 300 + ci as u64);
+            let bias: Vec<f32> = (0..nf).map(|j| j as f32 * 0.25 - 1.5).collect();
+            let relu = ci % 2 == 1;
+            let mut y = vec![0x7fc1u16; rows * nf];
+            // SAFETY: available(); y holds rows × nf.
+            unsafe { few_rows_block(&x, &w, Some(&bias), y.as_mut_ptr(), nf, k, rows, relu) };
+            let f = |h: u16| f32::from_bits(u32::from(h) << 16);
+            for r in 0..rows {
+                for j in 0..nf {
+                    let mut lanes = [0f32; 16];
+                    for (l, lane) in lanes.iter_mut().enumerate() {
+                        let mut c = 2 * l;
+                        while c < k {
+                            let at = |v: &[u16], row: usize, cc: usize| if cc < k { v[row * k + cc] } else { 0 };
+                            *lane =
+                                dot2_model(*lane, [at(&x, r, c), at(&x, r, c + 1)], [at(&w, j, c), at(&w, j, c + 1)]);
+                            c += 32;
+                        }
+                    }
+                    let v = crate::math::hsum(lanes) + bias[j];
+                    let act = if relu && v.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) { 0.0 } else { v };
+                    assert_eq!(y[r * nf + j], round_bf16_model(act), "rows {rows} k {k}: y[{r}][{j}]");
+                    let (exact, mag) = (0..k)
+                        .map(|c| f(x[r * k + c]) as f64 * f(w[j * k + c]) as f64)
+                        .fold((bias[j] as f64, bias[j].abs() as f64), |(s, m), p| (s + p, m + p.abs()));
+                    let bound = (k as f64 + 20.0) * 2f64.powi(-24) * mag + 2f64.powi(-8) * exact.abs() + 1e-37;
+                    let exact = if relu { exact.max(0.0) } else { exact };
+                    assert!((f(y[r * nf + j]) as f64 - exact).abs() <= bound, "y[{r}][{j}] vs f64 {exact}");
                 }
             }
         }

@@ -103,6 +103,46 @@ pub fn linear_few_rows(x: &[f32], w: &[f32], bias: Option<&[f32]>, rows: usize, 
     y
 }
 
+/// `linear_few_rows` on bf16 x [rows, k] and w [n, k] as stored, on AVX512_BF16
+/// (`bf16dot::few_rows_block`): y = act(x·wᵀ + bias) rounded once to bf16. Callers check
+/// `bf16dot::available()`.
+#[cfg(feature = "autocast")]
+pub(crate) fn linear_few_rows_bf16(
+    x: &crate::tensor::Tensor,
+    w: &crate::tensor::Tensor,
+    bias: Option<&[f32]>,
+    rows: usize,
+    k: usize,
+    n: usize,
+    relu: bool,
+) -> crate::error::Result<Vec<half::bf16>> {
+    const BLOCK: usize = 64;
+    let (xv, wv): (&[u16], &[u16]) =
+        (bytemuck::cast_slice(x.cpu_bf16("linear")?), bytemuck::cast_slice(w.cpu_bf16("linear")?));
+    assert!(xv.len() == rows * k && wv.len() == n * k, "few-rows Linear: x [rows, k], w [n, k]");
+    assert!(bias.is_none_or(|b| b.len() == n), "few-rows Linear: bias [n]");
+    let mut y = vec![0u16; rows * n];
+    let yp = crate::ops::cpu_math::SendPtr(y.as_mut_ptr());
+    crate::ops::cpu_math::par_tasks(n.div_ceil(BLOCK), &|blk| {
+        let (j0, nb) = (blk * BLOCK, BLOCK.min(n - blk * BLOCK));
+        // SAFETY: the caller checked the CPU's features; block blk alone writes columns
+        // [j0, j0 + nb) of y's `rows` rows of n values.
+        unsafe {
+            reclmis_cpu_loops::bf16dot::few_rows_block(
+                xv,
+                &wv[j0 * k..(j0 + nb) * k],
+                bias.map(|b| &b[j0..j0 + nb]),
+                yp.get().add(j0),
+                n,
+                k,
+                rows,
+                relu,
+            )
+        };
+    });
+    Ok(bytemuck::cast_vec(y))
+}
+
 /// A bf16 tensor's values widened into a plain buffer (not a tensor: the device's memory
 /// accounting counts what a GPU would hold, and a GPU widens nothing).
 /// In parallel pieces (`half`'s slice conversion): the activations widened here are megabytes,

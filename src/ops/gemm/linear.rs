@@ -125,6 +125,12 @@ pub fn linear_bf16_act(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, act: Act) 
     let opts = GemmOpts { trans_b: true, ..GemmOpts::default() };
     let x2 = x.reshape(&[rows, k])?;
     if let Device::Cpu = x.device() {
+        if rows <= cpu::FEW_ROWS && k > 0 && reclmis_cpu_loops::bf16dot::available() {
+            // the register-tiled dot products on the bf16 values as stored (AVX512_BF16)
+            let b = bias.map(|b| cpu::widened(b, OP)).transpose()?;
+            let y = cpu::linear_few_rows_bf16(&x2, w, b.as_deref(), rows, k, n, act == Act::Relu)?;
+            return Tensor::from_vec_bf16(y, &out_shape, x.device());
+        }
         if rows <= cpu::FEW_ROWS && k > 0 {
             // the register-tiled dot products, as the f32 Linear
             let b = bias.map(|b| cpu::widened(b, OP)).transpose()?;
