@@ -341,3 +341,38 @@ fn bf16_attention_takes_the_pipelined_kernel() {
         }
     }
 }
+
+/// An evaluation graph at bf16 reads its parameters' bf16 copies kept by `Params` (made once):
+/// the same values as a training graph's rounding of the f32 value, and a replaced value
+/// (`Params::set`, as the optimiser and checkpoint loading do) is rounded anew, never served
+/// from a stale copy.
+#[test]
+fn bf16_eval_reads_kept_weight_copies_and_refreshes_them() {
+    let (m, k, n) = (6, 40, 5);
+    for kind in ["cpu", "emu"] {
+        let dev = device(kind);
+        let [xv, wv, bv, _] = linear_values((m, k, n), 21);
+        let mut p = Params::new(&dev);
+        let train = Kind::Param { trainable: true };
+        let x = p.add("x", &[m, k], xv, Kind::Buffer).unwrap();
+        let w = p.add("w", &[n, k], wv.clone(), train).unwrap();
+        let b = p.add("b", &[n], bv, train).unwrap();
+        let run = |g: Graph, p: &Params| {
+            let g = g.with_precision(Precision::Bf16).unwrap();
+            g.linear(&g.param(p, x), &g.param(p, w), Some(&g.param(p, b))).unwrap().tensor().to_vec().unwrap()
+        };
+        let first = run(Graph::eval(), &p);
+        assert_eq!(first, run(Graph::eval(), &p), "{kind}: the kept copies give the same output again");
+        assert_eq!(first, run(Graph::train(), &p), "{kind}: kept copies = rounding on every read");
+        let kept = p.bf16_copy(w).unwrap().to_vec().unwrap();
+        assert_eq!(kept, r(&wv), "{kind}: the copy is the value rounded");
+
+        // a new value: the next evaluation rounds it, not the old copy
+        let wv2: Vec<f32> = wv.iter().map(|v| -0.5 * v).collect();
+        p.set(w, t(&wv2, &[n, k], &dev)).unwrap();
+        let second = run(Graph::eval(), &p);
+        assert_eq!(p.bf16_copy(w).unwrap().to_vec().unwrap(), r(&wv2), "{kind}: the copy follows set");
+        assert_eq!(second, run(Graph::train(), &p), "{kind}: after set");
+        assert_ne!(second, first, "{kind}: the output changed with the weights");
+    }
+}

@@ -48,6 +48,10 @@ pub struct Var {
     /// as the optimiser's master weight, so a backward re-rounds it instead of keeping a copy.
     #[cfg(feature = "autocast")]
     master: Option<Tensor>,
+    /// A parameter's bf16 copy kept by its `Params` (`Params::bf16_copy`), read by bf16
+    /// autocast instead of rounding the value again (evaluation graphs only).
+    #[cfg(feature = "autocast")]
+    kept_bf16: Option<Tensor>,
 }
 
 impl Var {
@@ -59,6 +63,8 @@ impl Var {
             bf16: false,
             #[cfg(feature = "autocast")]
             master: None,
+            #[cfg(feature = "autocast")]
+            kept_bf16: None,
         }
     }
     pub fn constant(t: Tensor) -> Var {
@@ -255,7 +261,14 @@ impl Graph {
             None
         };
         #[cfg(feature = "autocast")]
-        return Var { master: Some(t.clone()), ..Var::new(t, id) };
+        {
+            // an evaluation graph at bf16 reads the params' kept copy; if making it fails, the
+            // autocast read rounds the value itself and reports the error there
+            let kept = (!self.record && self.precision == Precision::Bf16 && self.perturb.borrow().is_none())
+                .then(|| params.bf16_copy(p).ok())
+                .flatten();
+            Var { master: Some(t.clone()), kept_bf16: kept, ..Var::new(t, id) }
+        }
         #[cfg(not(feature = "autocast"))]
         Var::new(t, id)
     }

@@ -226,6 +226,9 @@ impl Graph {
     fn autocast_read(&self, x: &Var) -> Result<Var> {
         if x.bf16 {
             Ok(x.clone())
+        } else if let Some(kept) = &x.kept_bf16 {
+            // a parameter's copy kept by its Params (evaluation graphs: nothing to record)
+            Ok(Var { t: kept.clone(), bf16: true, kept_bf16: None, ..x.clone() })
         } else {
             let mut y = self.round_bf16(x)?;
             // a weight's copy: a backward rounds the master again instead of keeping it

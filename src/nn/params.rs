@@ -27,6 +27,10 @@ pub struct Params {
     index: HashMap<String, ParamId>,
     /// Batch norms' `num_batches_tracked` (int64 in checkpoints), by key.
     counters: Vec<(String, i64)>,
+    /// Each value's bf16 copy, made the first time an evaluation graph at bf16 reads it and
+    /// dropped when the value is replaced (`bf16_copy`).
+    #[cfg(feature = "autocast")]
+    bf16: Vec<std::sync::OnceLock<Tensor>>,
 }
 
 impl Params {
@@ -39,6 +43,8 @@ impl Params {
             kinds: Vec::new(),
             index: HashMap::new(),
             counters: Vec::new(),
+            #[cfg(feature = "autocast")]
+            bf16: Vec::new(),
         }
     }
 
@@ -76,6 +82,8 @@ impl Params {
         }
         let id = ParamId(self.values.len());
         self.values.push(t);
+        #[cfg(feature = "autocast")]
+        self.bf16.push(std::sync::OnceLock::new());
         self.shapes.push(shape.to_vec());
         self.names.push(name.to_string());
         self.kinds.push(kind);
@@ -143,7 +151,27 @@ impl Params {
             ));
         }
         self.values[p.0] = t.to_device(&self.device)?;
+        #[cfg(feature = "autocast")]
+        {
+            self.bf16[p.0] = std::sync::OnceLock::new();
+        }
         Ok(())
+    }
+
+    /// The value rounded to bf16, made once and kept until the value is replaced: an
+    /// evaluation graph at bf16 reads its weights' copies as PyTorch's autocast caches the casts
+    /// of its weights, instead of rounding every weight on every call (and, on the cpu, the
+    /// Winograd transform of a convolution's weights, cached per weight tensor, is then made once
+    /// too). Costs half the f32 values' memory while the params live. A training graph does not
+    /// use it: the optimiser replaces every value each step.
+    #[cfg(feature = "autocast")]
+    pub fn bf16_copy(&self, p: ParamId) -> Result<Tensor> {
+        if let Some(t) = self.bf16[p.0].get() {
+            return Ok(t.clone());
+        }
+        let t = crate::ops::cast::cast(&self.values[p.0], crate::tensor::DType::BF16)?;
+        // another thread may have made it meanwhile: the same values, either copy will do
+        Ok(self.bf16[p.0].get_or_init(|| t).clone())
     }
 
     /// Freezes or unfreezes every parameter whose name starts with `prefix`.
