@@ -5,7 +5,7 @@ SPEC is one of: "mm M N K", "mm_bf16 M N K", "softmax R C", "relu B C H W", "add
 "transpose B R C", "permute0213 B T H D", "narrow R C START LEN", "adam N", "cast_bf16 B C HW",
 "cast_f16 B C HW",
 "ccl B L N D", "ccl_fb B L N D", "dice_bce B HW", "mse B HW", "maxpool B C HW", "maxpool_bf16 B C HW",
-"upsample B C HW", "upsample_bf16 B C HW", "conv B CI CO HW K", "conv_bwd B CI CO HW K", "conv_bf16 B CI CO HW K", "conv_bwd_bf16 B CI CO HW K", "conv_cat B C1 C2 CO HW", "unet B C HW",
+"upsample B C HW", "upsample_bf16 B C HW", "conv B CI CO HW K", "conv_bwd B CI CO HW K", "conv_bf16 B CI CO HW K", "conv_bwd_bf16 B CI CO HW K", "conv1x1_bf16 B CI CO HW" (no bias), "conv_cat B C1 C2 CO HW", "unet B C HW",
 "bn_relu B C HW", "plam B C HW",
 "attn B H TQ S DH CAUSAL COND KEYMASK", "attn_fb ..." (the official composition: matmul, mask, softmax,
 ·(w + 1e-10), renormalise, matmul; fb adds the backward to q, k, v and w), "attn_bf16 ..." (bf16 q, k, v:
@@ -89,6 +89,10 @@ def build(spec, dev):
         b, hw = d
         x, y = r(b, hw * hw), r(b, hw * hw)
         return lambda: torch.nn.functional.mse_loss(x, y)
+    if kind == "conv1x1_bf16":  # the PLAM gate's 1x1 convolution, bf16 operands, no bias
+        b, ci, co, hw = d
+        x, w = r(b, ci, hw, hw).bfloat16(), r(co, ci, 1, 1).bfloat16()
+        return lambda: torch.nn.functional.conv2d(x, w, None)
     if kind in ("conv", "conv_bwd", "conv_bf16", "conv_bwd_bf16"):
         b, ci, co, hw, k = d
         x, w, bias = r(b, ci, hw, hw), r(co, ci, k, k), r(co)

@@ -940,6 +940,12 @@ impl Graph {
             return Ok(Var::constant(plam::plam_gate_infer(&*s.wide()?, &pw(wt), algo)?));
         }
         let f = match &stores {
+            #[cfg(feature = "autocast")]
+            [Some(Store::Round), Some(Store::Round)] => {
+                // the 1×1 convolutions on the bf16 operands as stored (autocast read s and the
+                // weights: bf16 tensors), their outputs bf16 values
+                plam::plam_gate_with(&*s.wide()?, &pw(wt), |w| plam::conv1x1_bf16(&s.t, w))?
+            }
             [Some(sa), Some(sm)] => {
                 // a first, then m
                 let second = std::cell::Cell::new(false);
@@ -999,7 +1005,7 @@ impl Graph {
                 if s.dtype() == crate::tensor::DType::BF16 && nb < s.shape()[0] {
                     let wr = pw(std::array::from_fn(|i| &ws[i]));
                     return by_chunks(&s, dy, nb, |sc, dyc| {
-                        let (_, fc) = plam::plam_gate_stored(sc, &wr, algo, |t| round_to_bf16(&t))?.split_output()?;
+                        let (_, fc) = plam::plam_gate_with(sc, &wr, |w| plam::conv1x1_bf16(sc, w))?.split_output()?;
                         let g = plam::plam_gate_backward(sc, &wr, fc, dyc, algo)?;
                         let parts = [g.dw_avg, g.dw_max, g.dfc1_w, g.dfc1_b, g.dfc2_w, g.dfc2_b];
                         Ok((g.ds, parts.into_iter().map(Some).collect()))
@@ -1013,14 +1019,14 @@ impl Graph {
                 Some((sa, sm)) => (sa.take()?, sm.take()?),
                 None => {
                     let again = |w: &Tensor| -> Result<Tensor> {
-                        let t = conv::conv2d(&s, w, None, algo)?;
+                        // the forward's call on the same values (the same bits)
                         #[cfg(feature = "autocast")]
                         if round {
-                            return round_to_bf16(&t);
+                            return plam::conv1x1_bf16(&s, w);
                         }
                         #[cfg(not(feature = "autocast"))]
                         let _ = round;
-                        Ok(t)
+                        conv::conv2d(&s, w, None, algo)
                     };
                     (again(&ws[0])?, again(&ws[1])?)
                 }

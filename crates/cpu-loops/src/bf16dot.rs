@@ -70,28 +70,73 @@ pub struct PackedB {
 }
 
 impl PackedB {
-    /// Packs B [k, n]; panics if `b` does not hold every element.
+    /// Packs B [k, n] on this thread; panics if `b` does not hold every element.
     pub fn new(b: Strided<'_>, k: usize, n: usize) -> PackedB {
+        PackedB::new_in(b, k, n, &|groups, pack| (0..groups).for_each(pack))
+    }
+
+    /// Packs B [k, n] in groups of [`PACK_PANELS`] column panels, `run(groups, pack)` calling
+    /// `pack(g)` once for every g < groups, on any threads (the engine's thread pool: B is an
+    /// activation of megabytes when it is a 1×1 convolution's input). Panics if `b` does not hold
+    /// every element.
+    pub fn new_in(b: Strided<'_>, k: usize, n: usize, run: Runner<'_>) -> PackedB {
         assert!(b.covers(k, n), "bf16 dot GEMM: B [{k}, {n}] does not fit its buffer");
         let kp = k.div_ceil(2);
         let panels = n.div_ceil(NR);
         let mut data = vec![0u32; panels * kp * NR];
-        let at = |r: usize, c: usize| if r < k { u32::from(b.data[r * b.rs + c * b.cs]) } else { 0 };
-        for (q, panel) in data.chunks_mut(kp * NR).enumerate() {
-            let cols = NR.min(n - q * NR);
-            for (p, row) in panel.chunks_mut(NR).enumerate() {
-                for (jj, v) in row[..cols].iter_mut().enumerate() {
-                    let j = q * NR + jj;
-                    *v = at(2 * p, j) | at(2 * p + 1, j) << 16;
-                }
-            }
-        }
+        let out = crate::math::SendPtr(data.as_mut_ptr());
+        run(panels.div_ceil(PACK_PANELS), &|g| {
+            let qs = g * PACK_PANELS..panels.min((g + 1) * PACK_PANELS);
+            // SAFETY: group g alone writes panels qs, floats [qs.start·kp·NR, qs.end·kp·NR) of data.
+            let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(qs.start * kp * NR), qs.len() * kp * NR) };
+            pack_panels(b, k, n, qs, dst);
+        });
         PackedB { data, k, n, kp }
     }
 
     /// Column panels: a task covers a range of them.
     pub fn panels(&self) -> usize {
         self.n.div_ceil(NR)
+    }
+}
+
+/// Runs `pack(g)` for every g < groups (`PackedB::new_in`).
+pub type Runner<'a> = &'a dyn Fn(usize, &(dyn Fn(usize) + Sync));
+
+/// Column panels per packing task.
+pub const PACK_PANELS: usize = 16;
+
+/// Panels `qs` of B [k, n] into `dst` (their kp · NR u32 each, zeros included). Where B's rows
+/// are contiguous (`cs == 1`) each pair of rows is read in order and interleaved 32 columns at a
+/// time; otherwise element by element.
+fn pack_panels(b: Strided<'_>, k: usize, n: usize, qs: std::ops::Range<usize>, dst: &mut [u32]) {
+    let kp = k.div_ceil(2);
+    let q0 = qs.start;
+    for p in 0..kp {
+        let (r0, r1) = (2 * p, 2 * p + 1);
+        for q in qs.clone() {
+            let j0 = q * NR;
+            let cols = NR.min(n - j0);
+            let out = &mut dst[((q - q0) * kp + p) * NR..][..NR];
+            if b.cs == 1 {
+                let lo = &b.data[r0 * b.rs + j0..][..cols];
+                if r1 < k {
+                    let hi = &b.data[r1 * b.rs + j0..][..cols];
+                    for ((o, &l), &h) in out.iter_mut().zip(lo).zip(hi) {
+                        *o = u32::from(l) | u32::from(h) << 16;
+                    }
+                } else {
+                    for (o, &l) in out.iter_mut().zip(lo) {
+                        *o = u32::from(l);
+                    }
+                }
+            } else {
+                let at = |r: usize, c: usize| if r < k { u32::from(b.data[r * b.rs + c * b.cs]) } else { 0 };
+                for (jj, o) in out[..cols].iter_mut().enumerate() {
+                    *o = at(r0, j0 + jj) | at(r1, j0 + jj) << 16;
+                }
+            }
+        }
     }
 }
 
@@ -531,8 +576,16 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX512_BF16");
             return;
         }
-        let cases =
-            [(1, 1, 1), (3, 5, 2), (12, 32, 16), (13, 33, 17), (25, 70, 511), (7, 31, 2 * KP + 3), (40, 64, 1024)];
+        let cases = [
+            (1, 1, 1),
+            (3, 5, 2),
+            (12, 32, 16),
+            (13, 33, 17),
+            (25, 70, 511),
+            (7, 31, 2 * KP + 3),
+            (40, 64, 1024),
+            (5, 1100, 33),
+        ];
         for (ci, &(m, n, k)) in cases.iter().enumerate() {
             for trans in [false, true] {
                 let av = draw(m * k, 11 + ci as u64);

@@ -12,7 +12,16 @@ use crate::tensor::Tensor;
 use crate::testing::{f64s, mismatch_scaled, EPS32};
 
 pub const GROUP: Group = Group {
-    names: &["conv3x3", "conv3x3_b8", "conv3x3_bwd", "conv1x1", "conv3x3_cat", "conv3x3_bf16", "conv3x3_bwd_bf16"],
+    names: &[
+        "conv3x3",
+        "conv3x3_b8",
+        "conv3x3_bwd",
+        "conv1x1",
+        "conv3x3_cat",
+        "conv3x3_bf16",
+        "conv3x3_bwd_bf16",
+        "conv1x1_bf16",
+    ],
     cases,
     shaped: &[
         Shaped { op: "conv3x3", form: "BxCIxCOxHW (square maps)", make: shaped3 },
@@ -35,6 +44,7 @@ fn cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
             ("conv3x3_cat", 1, 8, 8, 16),
             ("conv3x3_bf16", 1, 8, 8, 16),
             ("conv3x3_bwd_bf16", 1, 8, 8, 16),
+            ("conv1x1_bf16", 1, 16, 16, 16),
         ]
     } else {
         &[
@@ -62,6 +72,9 @@ fn cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
             ("conv3x3_bf16", 8, 64, 64, 224),
             ("conv3x3_bwd_bf16", 1, 64, 64, 224),
             ("conv3x3_bwd_bf16", 1, 512, 512, 28),
+            // the PLAM gate's 1×1 convolutions at bf16 (no bias)
+            ("conv1x1_bf16", 1, 64, 64, 224),
+            ("conv1x1_bf16", 1, 512, 512, 28),
         ]
     };
     for (i, &(op, b, ci, co, hw)) in shapes.iter().enumerate() {
@@ -113,7 +126,7 @@ fn cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
 /// A 3×3 convolution with bias on bf16 operands ("conv3x3_bf16": the forward, validated on
 /// sampled outputs against the f64 sums of the bf16 values: one bf16 rounding, 2^-8 of the value,
 /// plus the f32 sums far below 1e-4 of the magnitude) or its backward ("conv3x3_bwd_bf16": dx,
-/// dw and db, bf16 dy).
+/// dw and db, bf16 dy); "conv1x1_bf16": the PLAM gate's 1×1 forward, no bias.
 fn conv_bf16_case(
     dev: &Device,
     op: &'static str,
@@ -122,10 +135,12 @@ fn conv_bf16_case(
 ) -> Result<Case> {
     use crate::ops::cast::cast;
     use crate::tensor::DType;
-    let k = 3;
+    let one = op == "conv1x1_bf16";
+    let k = if one { 1 } else { 3 };
     let x = cast(&rand_tensor(&[b, ci, hw, hw], 20 + seed, dev)?, DType::BF16)?;
     let w = cast(&rand_tensor(&[co, ci, k, k], 40 + seed, dev)?, DType::BF16)?;
-    let bias = cast(&rand_tensor(&[co], 60 + seed, dev)?, DType::BF16)?;
+    let bias = if one { Tensor::zeros(&[co], dev)? } else { rand_tensor(&[co], 60 + seed, dev)? };
+    let bias = cast(&bias, DType::BF16)?;
     let s = conv::ConvShape { b, ci, co, h: hw, w: hw, kh: k, kw: k };
     let bytes = 2.0 * (b * (ci + co) * hw * hw + co * ci * k * k) as f64;
     let shape = format!("b{b} {ci}->{co} {hw}x{hw} k{k} bf16");
@@ -146,14 +161,18 @@ fn conv_bf16_case(
         shape,
         flops: s.flops(),
         bytes,
-        peer: Some(format!("conv_bf16 {b} {ci} {co} {hw} {k}")),
+        peer: Some(if one {
+            format!("conv1x1_bf16 {b} {ci} {co} {hw}")
+        } else {
+            format!("conv_bf16 {b} {ci} {co} {hw} {k}")
+        }),
         validate: Some({
             let (xf, wf, bf) = (cast(&x, DType::F32)?, cast(&w, DType::F32)?, cast(&bias, DType::F32)?);
             Box::new(move |y: &Tensor| {
                 sampled_conv_check(&xf, &wf, &bf, &s, &cast(y, DType::F32)?.to_vec()?, 1.0 / 256.0 + 1e-4)
             })
         }),
-        run: Box::new(move || conv::bf16::conv2d_bf16(&x, &w, Some(&bias))),
+        run: Box::new(move || conv::bf16::conv2d_bf16(&x, &w, (!one).then_some(&bias))),
     })
 }
 

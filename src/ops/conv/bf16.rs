@@ -158,6 +158,13 @@ pub fn conv2d_bf16(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     let xn = Scratch::new(dev, x.numel(), DType::BF16)?;
     let wp = Scratch::new(dev, w.numel(), DType::BF16)?;
     if let Device::Cpu = dev {
+        if s.kh == 1 && s.kw == 1 && bias.is_none() && reclmis_cpu_loops::bf16dot::available() {
+            // a 1×1 convolution is a product per image: y_b [Co, HW] = w [Co, Ci] · x_b [Ci, HW],
+            // on the bf16 values as stored (AVX512_BF16 dot products, f32 sums, one rounding)
+            let hw = s.h * s.w;
+            let gs = gemm::GemmShape { batch: s.b, m: s.co, n: hw, k: s.ci, sa: (0, s.ci, 1), sb: (s.ci * hw, hw, 1) };
+            return Tensor::from_vec_bf16(gemm::cpu::gemm_bf16_dot(w, x, &gs, 1.0, None, false)?, &out, dev);
+        }
         let bv = bias.map(|b| widened(b, OP)).transpose()?;
         let y = super::cpu_forward(&widened(x, OP)?, (&widened(w, OP)?, w), bv.as_deref(), &s);
         return gemm::cpu::bf16_tensor(&y, &out, dev);

@@ -219,7 +219,8 @@ pub(crate) fn gemm_bf16_dot(
     let cp = crate::ops::cpu_math::SendPtr(c.as_mut_ptr());
     for z in 0..s.batch {
         let a = Strided { data: &av[z * s.sa.0..], rs: s.sa.1, cs: s.sa.2 };
-        let packed = PackedB::new(Strided { data: &bv[z * s.sb.0..], rs: s.sb.1, cs: s.sb.2 }, k, n);
+        let b = Strided { data: &bv[z * s.sb.0..], rs: s.sb.1, cs: s.sb.2 };
+        let packed = PackedB::new_in(b, k, n, &|groups, pack| crate::ops::cpu_math::par_tasks(groups, pack));
         // enough row tasks: each takes every column (A packed once); otherwise columns split too
         let row_tasks = m.div_ceil(DOT_ROWS);
         let per_task = if row_tasks >= DOT_ROW_TASKS { packed.panels() } else { DOT_PANELS };

@@ -137,10 +137,33 @@ pub fn plam_gate_stored(
     algo: GemmAlgo,
     store: impl Fn(Tensor) -> Result<Tensor>,
 ) -> Result<PlamForward> {
+    plam_gate_with(s, w, |wt| store(conv::conv2d(s, wt, None, algo)?))
+}
+
+/// The two 1×1 convolutions at bf16 autocast: the bf16 convolution (`conv2d_bf16`: the
+/// pipelined kernels on cuda/emu, AVX512_BF16 dot products on the cpu) of s and w, both holding
+/// bf16 values (f32 tensors of such values are cast back, exactly), its bf16 output widened for
+/// the gate's f32 math. The forward and the backward's recomputation both make a and m here: the
+/// same values in, the same bits out, so the gate and the channel argmax agree.
+#[cfg(feature = "autocast")]
+pub fn conv1x1_bf16(s: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let half =
+        |t: &Tensor| if t.dtype() == DType::BF16 { Ok(t.clone()) } else { crate::ops::cast::cast(t, DType::BF16) };
+    crate::ops::cast::cast(&conv::bf16::conv2d_bf16(&half(s)?, &half(w)?, None)?, DType::F32)
+}
+
+/// `plam_gate` with a and m made by `conv(w_avg)` and `conv(w_max)` (each [B, C, H, W] f32).
+pub fn plam_gate_with(s: &Tensor, w: &PlamWeights, conv: impl Fn(&Tensor) -> Result<Tensor>) -> Result<PlamForward> {
     let op = "plam_gate";
     let (b, c, hw) = check(s, w)?;
-    let a = store(conv::conv2d(s, w.w_avg, None, algo)?)?;
-    let m = store(conv::conv2d(s, w.w_max, None, algo)?)?;
+    let a = conv(w.w_avg)?;
+    let m = conv(w.w_max)?;
+    for t in [&a, &m] {
+        t.expect_dtype(op, DType::F32)?;
+        if t.shape() != s.shape() {
+            return Err(Error::shape(op, format!("a 1×1 convolution gave {:?}, expected {:?}", t.shape(), s.shape())));
+        }
+    }
     let gshape = [b, 1, s.shape()[2], s.shape()[3]];
     let dev = s.device();
     // an inference-only build has no backward, and its graph runs `plam_gate_infer` on the cpu:
