@@ -267,6 +267,9 @@ impl Graph {
             let kept = (!self.record && self.precision == Precision::Bf16 && self.perturb.borrow().is_none())
                 .then(|| params.bf16_copy(p).ok())
                 .flatten();
+            if self.record {
+                params.drop_bf16_copy(p);
+            }
             Var { master: Some(t.clone()), kept_bf16: kept, ..Var::new(t, id) }
         }
         #[cfg(not(feature = "autocast"))]

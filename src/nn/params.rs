@@ -28,9 +28,9 @@ pub struct Params {
     /// Batch norms' `num_batches_tracked` (int64 in checkpoints), by key.
     counters: Vec<(String, i64)>,
     /// Each value's bf16 copy, made the first time an evaluation graph at bf16 reads it and
-    /// dropped when the value is replaced (`bf16_copy`).
+    /// dropped when the value is replaced or a training graph reads it (`bf16_copy`).
     #[cfg(feature = "autocast")]
-    bf16: Vec<std::sync::OnceLock<Tensor>>,
+    bf16: Vec<std::sync::Mutex<Option<Tensor>>>,
 }
 
 impl Params {
@@ -83,7 +83,7 @@ impl Params {
         let id = ParamId(self.values.len());
         self.values.push(t);
         #[cfg(feature = "autocast")]
-        self.bf16.push(std::sync::OnceLock::new());
+        self.bf16.push(std::sync::Mutex::new(None));
         self.shapes.push(shape.to_vec());
         self.names.push(name.to_string());
         self.kinds.push(kind);
@@ -153,7 +153,7 @@ impl Params {
         self.values[p.0] = t.to_device(&self.device)?;
         #[cfg(feature = "autocast")]
         {
-            self.bf16[p.0] = std::sync::OnceLock::new();
+            self.bf16[p.0] = std::sync::Mutex::new(None);
         }
         Ok(())
     }
@@ -162,16 +162,25 @@ impl Params {
     /// evaluation graph at bf16 reads its weights' copies as PyTorch's autocast caches the casts
     /// of its weights, instead of rounding every weight on every call (and, on the cpu, the
     /// Winograd transform of a convolution's weights, cached per weight tensor, is then made once
-    /// too). Costs half the f32 values' memory while the params live. A training graph does not
-    /// use it: the optimiser replaces every value each step.
+    /// too). Costs half the f32 values' memory while kept. A training graph does not use it (the
+    /// optimiser replaces every value each step) and lets it go (`drop_bf16_copy`), so that the
+    /// copies an evaluation made do not sit through the next training step.
     #[cfg(feature = "autocast")]
     pub fn bf16_copy(&self, p: ParamId) -> Result<Tensor> {
-        if let Some(t) = self.bf16[p.0].get() {
+        // a poisoned lock only means another thread panicked mid-update: the slot is still valid
+        let mut slot = self.bf16[p.0].lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = &*slot {
             return Ok(t.clone());
         }
         let t = crate::ops::cast::cast(&self.values[p.0], crate::tensor::DType::BF16)?;
-        // another thread may have made it meanwhile: the same values, either copy will do
-        Ok(self.bf16[p.0].get_or_init(|| t).clone())
+        *slot = Some(t.clone());
+        Ok(t)
+    }
+
+    /// Lets the kept bf16 copy of a value go (a training graph reads the value).
+    #[cfg(feature = "autocast")]
+    pub(crate) fn drop_bf16_copy(&self, p: ParamId) {
+        self.bf16[p.0].lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 
     /// Freezes or unfreezes every parameter whose name starts with `prefix`.
