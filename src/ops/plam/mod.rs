@@ -153,16 +153,21 @@ pub fn conv1x1_bf16(s: &Tensor, w: &Tensor) -> Result<Tensor> {
 }
 
 /// `plam_gate` with a and m made by `conv(w_avg)` and `conv(w_max)` (each [B, C, H, W] f32).
-pub fn plam_gate_with(s: &Tensor, w: &PlamWeights, conv: impl Fn(&Tensor) -> Result<Tensor>) -> Result<PlamForward> {
+pub(crate) fn plam_gate_with(
+    s: &Tensor,
+    w: &PlamWeights,
+    conv: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<PlamForward> {
     let op = "plam_gate";
     let (b, c, hw) = check(s, w)?;
     let a = conv(w.w_avg)?;
     let m = conv(w.w_max)?;
-    for t in [&a, &m] {
-        t.expect_dtype(op, DType::F32)?;
-        if t.shape() != s.shape() {
-            return Err(Error::shape(op, format!("a 1×1 convolution gave {:?}, expected {:?}", t.shape(), s.shape())));
-        }
+    // the kernels read a and m as [B, C, H, W] f32: conv2d's output is (w is [C, C, 1, 1],
+    // checked); the bf16 convolutions' callers are checked here (a build without autocast has
+    // only conv2d's, and not these 336 bytes)
+    #[cfg(feature = "autocast")]
+    if [&a, &m].iter().any(|t| t.dtype() != DType::F32 || t.shape() != s.shape()) {
+        return Err(Error::Other(format!("{op}: a 1×1 convolution's output is not [B, C, H, W] f32")));
     }
     let gshape = [b, 1, s.shape()[2], s.shape()[3]];
     let dev = s.device();
