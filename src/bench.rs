@@ -319,7 +319,10 @@ pub fn run(dev: &Device, opts: &BenchOpts) -> Result<Vec<Measurement>> {
             gflops: c.flops / t.median / 1e9,
             gbs: c.bytes / t.median / 1e9,
             peer_median_s: None,
-            roofline_pct: opts.ceilings.as_ref().and_then(|cl| ceilings::roofline_pct(cl, c.flops, c.bytes, t.median)),
+            roofline_pct: opts
+                .ceilings
+                .as_ref()
+                .and_then(|cl| ceilings::roofline_pct(cl, c.flops, c.bytes, t.median, c.op.contains("bf16"))),
             h100_min_s: h100::min_seconds(c.op, c.flops, c.bytes),
         });
     }

@@ -495,8 +495,9 @@ fn run(cli: Cli) -> reclmis::Result<()> {
                 "csv" => print!("{}", report::to_csv(&run, compared.as_deref())?),
                 _ => {
                     if let Some(c) = ceilings {
+                        let bf16 = c.bf16_gflops.map_or(String::new(), |g| format!(", {g:.1} GFLOP/s bf16 dot"));
                         println!(
-                            "ceilings measured here: {:.1} GFLOP/s f32 FMA, {:.1} GB/s copy ({} threads)",
+                            "ceilings measured here: {:.1} GFLOP/s f32 FMA{bf16}, {:.1} GB/s copy ({} threads)",
                             c.peak_gflops,
                             c.copy_gbs,
                             rayon::current_num_threads()

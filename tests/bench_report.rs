@@ -32,6 +32,7 @@ fn run(results: Vec<Measurement>, cpu: &str) -> Run {
         unix_time: 0,
         peak_gflops: Some(100.0),
         copy_gbs: Some(20.0),
+        bf16_gflops: None,
     };
     Run { machine, results }
 }
@@ -72,12 +73,17 @@ fn only_non_overlapping_ranges_count_as_changes() {
 #[test]
 fn roofline_is_the_slower_of_compute_and_memory() {
     use reclmis::bench::ceilings::{roofline_pct, Ceilings};
-    let c = Ceilings { peak_gflops: 100.0, copy_gbs: 10.0 };
+    let c = Ceilings { peak_gflops: 100.0, copy_gbs: 10.0, bf16_gflops: Some(400.0) };
     // 1 GFLOP needs 10 ms at peak; 10 MB needs 1 ms: compute-bound, 20 ms taken = 50 %
-    assert!((roofline_pct(&c, 1e9, 1e7, 0.02).unwrap() - 50.0).abs() < 1e-9);
+    assert!((roofline_pct(&c, 1e9, 1e7, 0.02, false).unwrap() - 50.0).abs() < 1e-9);
+    // a bf16 case against the bf16 dot products' ceiling: 2.5 ms at peak, 20 ms taken = 12.5 %
+    assert!((roofline_pct(&c, 1e9, 1e7, 0.02, true).unwrap() - 12.5).abs() < 1e-9);
+    // without bf16 dot products a bf16 case is held to the f32 ceiling
+    let no_dot = Ceilings { bf16_gflops: None, ..c };
+    assert!((roofline_pct(&no_dot, 1e9, 1e7, 0.02, true).unwrap() - 50.0).abs() < 1e-9);
     // 1 MFLOP over 100 MB: memory-bound (10 ms), 40 ms taken = 25 %
-    assert!((roofline_pct(&c, 1e6, 1e8, 0.04).unwrap() - 25.0).abs() < 1e-9);
-    assert_eq!(roofline_pct(&c, 0.0, 0.0, 1.0), None);
+    assert!((roofline_pct(&c, 1e6, 1e8, 0.04, false).unwrap() - 25.0).abs() < 1e-9);
+    assert_eq!(roofline_pct(&c, 0.0, 0.0, 1.0, false), None);
 }
 
 #[test]

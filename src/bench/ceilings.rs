@@ -16,6 +16,10 @@ pub struct Ceilings {
     pub peak_gflops: f64,
     /// GB/s of a large parallel copy (bytes read + bytes written)
     pub copy_gbs: f64,
+    /// bf16 GFLOP/s of AVX512_BF16 dot products (`vdpbf16ps`: 32 multiply-adds per 512-bit
+    /// instruction), every rayon thread at once; None on a CPU without them. The ceiling of the
+    /// cases that compute on bf16 operands (their names say `bf16`).
+    pub bf16_gflops: Option<f64>,
 }
 
 /// Lanes of the widest f32 FMA this CPU has, and `iters` rounds of CHAINS of them: returns a value
@@ -101,14 +105,60 @@ fn copy_gbs() -> f64 {
     best
 }
 
-/// Measures both (about half a second).
-pub fn measure() -> Ceilings {
-    Ceilings { peak_gflops: peak_gflops(), copy_gbs: copy_gbs() }
+/// `iters` rounds of CHAINS bf16 dot products (16 lanes × 2 pairs each) where the CPU has
+/// AVX512_BF16: a value that depends on every one.
+fn dot_rounds(iters: usize) -> Option<f32> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        #[target_feature(enable = "avx512f,avx512bf16")]
+        unsafe fn v512(iters: usize) -> f32 {
+            // pairs of tiny products: the sums stay finite and far from overflow
+            let a: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi32(0x3000_3000)) };
+            let mut acc = [_mm512_set1_ps(1.0); CHAINS];
+            for _ in 0..iters {
+                for x in acc.iter_mut() {
+                    *x = _mm512_dpbf16_ps(*x, a, a);
+                }
+            }
+            let s = acc.iter().fold(_mm512_setzero_ps(), |s, x| _mm512_add_ps(s, *x));
+            _mm512_reduce_add_ps(s)
+        }
+        if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bf16") {
+            // SAFETY: the CPU has AVX-512F and AVX512_BF16, which v512 was compiled for.
+            return Some(unsafe { v512(iters) });
+        }
+    }
+    let _ = iters;
+    None
 }
 
-/// The share of the roofline a case reaches: the time its FLOPs need at peak or its bytes need
-/// at copy bandwidth, whichever is longer, over the time it took (100 = at the ceiling).
-pub fn roofline_pct(c: &Ceilings, flops: f64, bytes: f64, seconds: f64) -> Option<f64> {
-    let bound = (flops / (c.peak_gflops * 1e9)).max(bytes / (c.copy_gbs * 1e9));
+fn bf16_gflops() -> Option<f64> {
+    let threads = rayon::current_num_threads();
+    dot_rounds(1)?;
+    let iters = 4_000_000;
+    let mut best = 0f64;
+    for _ in 0..6 {
+        let t0 = Instant::now();
+        let r: Vec<Option<f32>> = (0..threads).into_par_iter().map(|_| dot_rounds(iters)).collect();
+        let dt = t0.elapsed().as_secs_f64();
+        std::hint::black_box(r.iter().flatten().sum::<f32>());
+        // 16 lanes × 2 products × 2 FLOPs per instruction
+        best = best.max((threads * iters * CHAINS * 64) as f64 / dt / 1e9);
+    }
+    Some(best)
+}
+
+/// Measures them (under a second).
+pub fn measure() -> Ceilings {
+    Ceilings { peak_gflops: peak_gflops(), copy_gbs: copy_gbs(), bf16_gflops: bf16_gflops() }
+}
+
+/// The share of the roofline a case reaches: the time its FLOPs need at peak (the bf16 dot
+/// products' for a `bf16` case where the CPU has them, else f32 FMA's) or its bytes need at
+/// copy bandwidth, whichever is longer, over the time it took (100 = at the ceiling).
+pub fn roofline_pct(c: &Ceilings, flops: f64, bytes: f64, seconds: f64, bf16: bool) -> Option<f64> {
+    let peak = if bf16 { c.bf16_gflops.unwrap_or(c.peak_gflops) } else { c.peak_gflops };
+    let bound = (flops / (peak * 1e9)).max(bytes / (c.copy_gbs * 1e9));
     (bound > 0.0 && seconds > 0.0).then(|| 100.0 * bound / seconds)
 }

@@ -28,6 +28,9 @@ pub struct Machine {
     pub peak_gflops: Option<f64>,
     #[serde(default)]
     pub copy_gbs: Option<f64>,
+    /// bf16 GFLOP/s of AVX512_BF16 dot products (the `bf16` cases' ceiling), where the CPU has them
+    #[serde(default)]
+    pub bf16_gflops: Option<f64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -48,6 +51,7 @@ impl Machine {
             unix_time: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
             peak_gflops: ceilings.map(|c| c.peak_gflops),
             copy_gbs: ceilings.map(|c| c.copy_gbs),
+            bf16_gflops: ceilings.and_then(|c| c.bf16_gflops),
         }
     }
 }

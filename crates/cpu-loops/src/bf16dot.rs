@@ -11,7 +11,10 @@
 //! over k in pairs from 0 (the chain continues through C between k blocks: f32 stores are exact),
 //! then `alpha · sum + bias` in the last block. This is the cuda path's arithmetic (exact products,
 //! f32 sums, one rounding of C later) up to the order of the sum and the flushed denormals (values
-//! below 1.2e-38, far below what a bf16 result can resolve next to normal ones).
+//! below 1.2e-38, far below what a bf16 result can resolve next to normal ones). A CPU without
+//! AVX512_BF16 runs the engine's f32 GEMM of widened operands instead: the same function up to
+//! the order of the sums, so other bits (the f32 kernels' "same bits on every CPU" does not
+//! extend to bf16 products).
 //!
 //! Layout: B is packed once per product into panels of [`NR`] columns, each pair of k rows
 //! interleaved into one u32 per column (the instruction's operand); each task packs its rows of A
