@@ -35,6 +35,7 @@ pub fn available() -> bool {
     {
         std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
             && std::arch::is_x86_feature_detected!("avx512bf16")
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -197,7 +198,7 @@ mod x86 {
         dst: Dst,
     }
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     pub(super) unsafe fn block(
         a: Strided<'_>,
         b: &PackedB,
@@ -282,7 +283,7 @@ mod x86 {
     /// first block or at the chain's sums, takes np pairs, and goes back to the chain, or in the
     /// last block as alpha · acc + bias to the destination.
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     unsafe fn tile(
         ap: &[u32],
         bp: &[u32],
@@ -372,7 +373,7 @@ mod x86 {
     const R: usize = 3;
 
     #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     pub(super) unsafe fn few_rows(
         x: &[u16],
         w: &[u16],
@@ -438,7 +439,7 @@ mod x86 {
 
     /// 32 bf16 at p.
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     unsafe fn load(p: *const u16) -> __m512bh {
         // SAFETY: the caller's (64 readable bytes); __m512i and __m512bh are plain bits.
         unsafe { std::mem::transmute(_mm512_loadu_si512(p as *const _)) }
@@ -446,7 +447,7 @@ mod x86 {
 
     /// The first lanes of `mask` at p, zeros after (nothing past them is read).
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     unsafe fn load_first(p: *const u16, mask: __mmask32) -> __m512bh {
         // SAFETY: the caller's (the masked lanes readable); plain bits.
         unsafe { std::mem::transmute(_mm512_maskz_loadu_epi16(mask, p as *const i16)) }
@@ -455,7 +456,7 @@ mod x86 {
     /// 16 f32 (after the ReLU if asked) rounded to bf16 bits: to nearest even, a NaN kept and
     /// quietened (the engine's `cast` to bf16, lane by lane).
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     pub(super) fn round_bf16(v: __m512, relu: bool) -> __m256i {
         // max(v, +0) returns its second operand for NaN and for ±0: `v > 0 ? v : 0`
         let v = if relu { _mm512_max_ps(v, _mm512_setzero_ps()) } else { v };
@@ -773,7 +774,7 @@ mod tests {
     }
 
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     unsafe fn rounded(v: [f32; 16], relu: bool) -> [u16; 16] {
         use std::arch::x86_64::*;
         // SAFETY: 16 floats in, 16 u16 out; both plain bits.
