@@ -181,7 +181,8 @@ const DOT_PANELS: usize = 8;
 /// C = act(alpha·A·B (+ bias)) in bf16 from bf16 A and B on AVX512_BF16
 /// (`reclmis_cpu_loops::bf16dot`: the products exact, f32 sums, the bias and the ReLU in f32,
 /// one rounding), without widening either operand or passing over an f32 C; B packed once per
-/// matrix of the batch, tasks of rows × columns spread over the threads. Callers check
+/// matrix of the batch (once in all when the batch shares it), tasks of rows × columns spread
+/// over the threads. Callers check
 /// `bf16dot::available()`.
 #[cfg(feature = "autocast")]
 pub(crate) fn gemm_bf16_dot(
@@ -217,10 +218,22 @@ pub(crate) fn gemm_bf16_dot(
     let mut c: Vec<u16> =
         if crate::device::poison_enabled() { vec![half::bf16::NAN.to_bits(); len] } else { Vec::with_capacity(len) };
     let cp = crate::ops::cpu_math::SendPtr(c.as_mut_ptr());
+    let pack = |z: usize| {
+        let b = Strided { data: &bv[z * s.sb.0..], rs: s.sb.1, cs: s.sb.2 };
+        PackedB::new_in(b, k, n, &|groups, pack| crate::ops::cpu_math::par_tasks(groups, pack))
+    };
+    // a B shared by the batch (batch stride 0) is packed once
+    let shared = (s.sb.0 == 0).then(|| pack(0));
     for z in 0..s.batch {
         let a = Strided { data: &av[z * s.sa.0..], rs: s.sa.1, cs: s.sa.2 };
-        let b = Strided { data: &bv[z * s.sb.0..], rs: s.sb.1, cs: s.sb.2 };
-        let packed = PackedB::new_in(b, k, n, &|groups, pack| crate::ops::cpu_math::par_tasks(groups, pack));
+        let own;
+        let packed = match &shared {
+            Some(p) => p,
+            None => {
+                own = pack(z);
+                &own
+            }
+        };
         // enough row tasks: each takes every column (A packed once); otherwise columns split too
         let row_tasks = m.div_ceil(DOT_ROWS);
         let per_task = if row_tasks >= DOT_ROW_TASKS { packed.panels() } else { DOT_PANELS };
@@ -231,7 +244,7 @@ pub(crate) fn gemm_bf16_dot(
             let dst = Dst::Bf16 { ptr: cp.get().wrapping_add(z * m * n), ld: n, relu };
             // SAFETY: the caller checked the CPU's features; task t alone writes its rows × the
             // columns of its panels of matrix z of c, which holds batch × m rows of n values.
-            unsafe { bf16dot::block(a, &packed, rows, panels, dst, alpha, bias) };
+            unsafe { bf16dot::block(a, packed, rows, panels, dst, alpha, bias) };
         });
     }
     // SAFETY: the tasks wrote every row of every matrix, all n columns (k > 0: `block` stores
