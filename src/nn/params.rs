@@ -152,9 +152,7 @@ impl Params {
         }
         self.values[p.0] = t.to_device(&self.device)?;
         #[cfg(feature = "autocast")]
-        {
-            self.bf16[p.0] = std::sync::Mutex::new(None);
-        }
+        self.drop_bf16_copy(p);
         Ok(())
     }
 

@@ -80,14 +80,12 @@ pub const TUNED_ROWS: usize = 256;
 /// y [rows, n] = x [rows, k] · wᵀ (+ bias), w [n, k], for few rows: each weight row is read once
 /// and dotted with every input row (which stay in cache); features are spread over the threads.
 pub fn linear_few_rows(x: &[f32], w: &[f32], bias: Option<&[f32]>, rows: usize, k: usize, n: usize) -> Vec<f32> {
-    const BLOCK: usize = 64;
     assert!(x.len() == rows * k && w.len() == n * k, "few-rows Linear: x [rows, k], w [n, k]");
     assert!(bias.is_none_or(|b| b.len() == n), "few-rows Linear: bias [n]");
     let mut y = vec![0.0f32; rows * n];
     let yp = crate::ops::cpu_math::SendPtr(y.as_mut_ptr());
-    crate::ops::cpu_math::par_tasks(n.div_ceil(BLOCK), &|blk| {
-        let (j0, nb) = (blk * BLOCK, BLOCK.min(n - blk * BLOCK));
-        // SAFETY: block blk alone writes columns [j0, j0 + nb) of y's `rows` rows of n floats.
+    feature_blocks(n, &|j0, nb| {
+        // SAFETY: this block alone writes columns [j0, j0 + nb) of y's `rows` rows of n floats.
         unsafe {
             reclmis_cpu_loops::gemm::few_rows_block(
                 x,
@@ -103,6 +101,13 @@ pub fn linear_few_rows(x: &[f32], w: &[f32], bias: Option<&[f32]>, rows: usize, 
     y
 }
 
+/// `block(j0, nb)` for each block of at most 64 output features [j0, j0 + nb) of n, spread over
+/// the threads (the few-rows Linears' tasks).
+fn feature_blocks(n: usize, block: &(dyn Fn(usize, usize) + Sync)) {
+    const BLOCK: usize = 64;
+    crate::ops::cpu_math::par_tasks(n.div_ceil(BLOCK), &|blk| block(blk * BLOCK, BLOCK.min(n - blk * BLOCK)));
+}
+
 /// `linear_few_rows` on bf16 x [rows, k] and w [n, k] as stored, on AVX512_BF16
 /// (`bf16dot::few_rows_block`): y = act(x·wᵀ + bias) rounded once to bf16. Callers check
 /// `bf16dot::available()`.
@@ -116,16 +121,14 @@ pub(crate) fn linear_few_rows_bf16(
     n: usize,
     relu: bool,
 ) -> crate::error::Result<Vec<half::bf16>> {
-    const BLOCK: usize = 64;
     let (xv, wv): (&[u16], &[u16]) =
         (bytemuck::cast_slice(x.cpu_bf16("linear")?), bytemuck::cast_slice(w.cpu_bf16("linear")?));
     assert!(xv.len() == rows * k && wv.len() == n * k, "few-rows Linear: x [rows, k], w [n, k]");
     assert!(bias.is_none_or(|b| b.len() == n), "few-rows Linear: bias [n]");
     let mut y = vec![0u16; rows * n];
     let yp = crate::ops::cpu_math::SendPtr(y.as_mut_ptr());
-    crate::ops::cpu_math::par_tasks(n.div_ceil(BLOCK), &|blk| {
-        let (j0, nb) = (blk * BLOCK, BLOCK.min(n - blk * BLOCK));
-        // SAFETY: the caller checked the CPU's features; block blk alone writes columns
+    feature_blocks(n, &|j0, nb| {
+        // SAFETY: the caller checked the CPU's features; this block alone writes columns
         // [j0, j0 + nb) of y's `rows` rows of n values.
         unsafe {
             reclmis_cpu_loops::bf16dot::few_rows_block(
@@ -182,8 +185,8 @@ const DOT_PANELS: usize = 8;
 /// (`reclmis_cpu_loops::bf16dot`: the products exact, f32 sums, the bias and the ReLU in f32,
 /// one rounding), without widening either operand or passing over an f32 C; B packed once per
 /// matrix of the batch (once in all when the batch shares it), tasks of rows × columns spread
-/// over the threads. Callers check
-/// `bf16dot::available()`.
+/// over the threads. Callers check `bf16dot::available()` and that the product is not empty
+/// (k > 0 and some output).
 #[cfg(feature = "autocast")]
 pub(crate) fn gemm_bf16_dot(
     a: &crate::tensor::Tensor,
@@ -200,19 +203,9 @@ pub(crate) fn gemm_bf16_dot(
     crate::ops::assert_len("gemm", "A", av.len(), s.span(s.sa, m, k));
     crate::ops::assert_len("gemm", "B", bv.len(), s.span(s.sb, k, n));
     let len = crate::ops::product(&[s.batch, m, n]).expect("the output's size overflows");
-    if len == 0 || k == 0 {
-        // no pairs to sum: the epilogue alone (alpha · 0 + bias, the activation, the rounding)
-        let mut c = vec![0.0f32; len];
-        if let (Some(bias), true) = (bias, n > 0) {
-            c.chunks_mut(n).for_each(|row| row.copy_from_slice(bias));
-        }
-        if relu {
-            super::Act::Relu.apply(&mut c);
-        }
-        let mut out = vec![half::bf16::ZERO; len];
-        crate::ops::cast::cpu::round_into(&mut out, &c);
-        return Ok(out);
-    }
+    // with k = 0 no tile would be stored and C would stay unwritten: the callers take that case
+    // (and empty products) elsewhere
+    assert!(k > 0 && len > 0, "bf16 dot GEMM: an empty product ({m}×{n}, k {k}, batch {})", s.batch);
     // every element is written by exactly one task (k > 0): no zeroing pass (NaN under the
     // tests' poison switch, so a missed element shows)
     let mut c: Vec<u16> =

@@ -220,7 +220,7 @@ pub(crate) fn bf16_product(a: &Tensor, b: &Tensor, opts: GemmOpts, bias: Option<
     if let Device::Cpu = dev {
         let bias = bias.map(|b| cpu::widened(b, "matmul")).transpose()?;
         #[cfg(feature = "autocast")]
-        if reclmis_cpu_loops::bf16dot::available() {
+        if s.k > 0 && crate::tensor::numel(&out_shape) > 0 && reclmis_cpu_loops::bf16dot::available() {
             let c = cpu::gemm_bf16_dot(a, b, &s, opts.alpha, bias.as_deref(), act == Act::Relu)?;
             return Tensor::from_vec_bf16(c, &out_shape, dev);
         }

@@ -147,9 +147,9 @@ pub fn plam_gate_stored(
 /// same values in, the same bits out, so the gate and the channel argmax agree.
 #[cfg(feature = "autocast")]
 pub fn conv1x1_bf16(s: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let half =
-        |t: &Tensor| if t.dtype() == DType::BF16 { Ok(t.clone()) } else { crate::ops::cast::cast(t, DType::BF16) };
-    crate::ops::cast::cast(&conv::bf16::conv2d_bf16(&half(s)?, &half(w)?, None)?, DType::F32)
+    // (a bf16 tensor is cast to itself, no copy)
+    use crate::ops::cast::cast;
+    cast(&conv::bf16::conv2d_bf16(&cast(s, DType::BF16)?, &cast(w, DType::BF16)?, None)?, DType::F32)
 }
 
 /// `plam_gate` with a and m made by `conv(w_avg)` and `conv(w_max)` (each [B, C, H, W] f32).
