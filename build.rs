@@ -48,12 +48,12 @@ fn size_link_args() {
 /// Kernels only training launches: every backward, the optimiser, the losses. A build without
 /// the `train` feature (reclmis-infer) compiles and embeds the others only; tests/deploy.rs checks
 /// on emu that the inference path launches nothing outside them.
-/// bf16 products, convolutions, attention and pooling: only bf16 autocast gives them bf16
-/// operands, and the pipelined GEMMs are 1.7 MB of the deflated images. A build without `autocast` (reclmis-infer) does not
+/// bf16 products, convolutions, attention, pooling and the PLAM gate: only bf16 autocast gives
+/// them bf16 operands, and the pipelined GEMMs are 1.7 MB of the deflated images. A build without `autocast` (reclmis-infer) does not
 /// embed them (nor the pipelined tf32 kernels, which share their core: such a build runs tf32 on
 /// the element-loading `_tc_` kernels); the cuda device refuses such a launch by name.
 fn autocast_only(module: &str, kernel: &str) -> bool {
-    ["gemm", "conv", "attention", "pool"].contains(&module) && (kernel.ends_with("_bf16") || kernel.contains("_pipe"))
+    ["gemm", "conv", "attention", "pool", "plam"].contains(&module) && (kernel.ends_with("_bf16") || kernel.contains("_pipe"))
 }
 
 fn training_only(module: &str, kernel: &str) -> bool {

@@ -6,7 +6,8 @@ SPEC is one of: "mm M N K", "mm_bf16 M N K", "softmax R C", "relu B C H W", "add
 "cast_f16 B C HW",
 "ccl B L N D", "ccl_fb B L N D", "dice_bce B HW", "mse B HW", "maxpool B C HW", "maxpool_bf16 B C HW",
 "upsample B C HW", "upsample_bf16 B C HW", "conv B CI CO HW K", "conv_bwd B CI CO HW K", "conv_bf16 B CI CO HW K", "conv_bwd_bf16 B CI CO HW K", "conv1x1_bf16 B CI CO HW" (no bias), "conv_cat B C1 C2 CO HW", "unet B C HW",
-"bn_relu B C HW", "plam B C HW",
+"bn_relu B C HW", "plam B C HW", "plam_bf16 B C HW" and "plam_fb_bf16 B C HW" (the gate under bf16 autocast on a bf16 s;
+fb adds the backward to s and every weight),
 "attn B H TQ S DH CAUSAL COND KEYMASK", "attn_fb ..." (the official composition: matmul, mask, softmax,
 ·(w + 1e-10), renormalise, matmul; fb adds the backward to q, k, v and w), "attn_bf16 ..." (bf16 q, k, v:
 scaled_dot_product_attention with the mask as an additive bias when there is no condition, else the
@@ -174,6 +175,28 @@ def build(spec, dev):
                 g = l2(torch.relu(l1(f))).permute(0, 3, 1, 2)
                 return g * s_
         return gate
+    if kind in ("plam_bf16", "plam_fb_bf16"):
+        b, c, hw = d
+        fb = kind == "plam_fb_bf16"
+        # s as the previous autocast op stores it (bf16); the weights are f32 masters
+        s_, wa, wm = r(b, c, hw, hw).bfloat16(), r(c, c, 1, 1), r(c, c, 1, 1)
+        l1, l2 = torch.nn.Linear(3, 6).to(dev), torch.nn.Linear(6, 1).to(dev)
+        ins = [s_, wa, wm, *l1.parameters(), *l2.parameters()]
+        for t in ins:
+            t.requires_grad_(fb)
+        go = r(b, c, hw, hw).bfloat16()
+
+        def gate_bf16():
+            with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16), torch.set_grad_enabled(fb):
+                a = torch.relu(torch.nn.functional.conv2d(s_, wa)).mean(1, keepdim=True)
+                m = torch.relu(torch.nn.functional.conv2d(s_, wm)).amax(1, keepdim=True)
+                f = torch.cat([a, m, a + m], 1).permute(0, 2, 3, 1)
+                g = l2(torch.relu(l1(f))).permute(0, 3, 1, 2)
+                out = g * s_
+            if fb:
+                return torch.autograd.grad(out, ins, go)
+            return out
+        return gate_bf16
     if kind in ("attn", "attn_fb", "attn_bf16", "attn_fb_bf16"):
         B, H, TQ, S, DH, causal, cond, keymask = d
         fb = kind in ("attn_fb", "attn_fb_bf16")

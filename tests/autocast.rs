@@ -186,10 +186,11 @@ fn bf16_conv_plam_grads(dev: &Device, chunk: Option<usize>) -> Vec<Vec<f32>> {
     ids.iter().map(|&id| grads.get(id).unwrap().to_vec().unwrap()).collect()
 }
 
-/// At bf16 a backward whose saved input is bf16 works through a large batch in chunks of images
-/// (the convolution's and the PLAM gate's): the gradients are the whole batch's. One image's f32
-/// PLAM input (8·6² floats) as the chunk size: the gate runs image by image, the convolution
-/// (3·6² floats per image) two images at a time.
+/// At bf16 a backward on widened operands whose saved input is bf16 works through a large batch
+/// in chunks of images (the 3-channel convolution's; the PLAM gate after it is bf16 throughout
+/// and takes the batch whole at any chunk size): the gradients are the whole batch's. With
+/// 8·6² floats as the chunk size the convolution (3·6² floats per image) runs two images at a
+/// time.
 #[test]
 fn bf16_chunked_backward_matches_the_whole_batch() {
     for kind in ["cpu", "emu"] {

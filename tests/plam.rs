@@ -153,3 +153,248 @@ fn inference_gate_in_blocks_matches_the_reference() {
     let scale = want.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
     assert_eq!(mismatch(&got, &want, 64.0 * (c as f64 + 16.0) * EPS32 * scale, 0.0), None);
 }
+
+/// bf16 unit roundoff: 8 significant bits, round to nearest even.
+const EPS_BF16: f64 = 1.0 / 256.0;
+
+/// Random values rounded to bf16, as a bf16 tensor and the exact values it holds.
+fn bf16_operand(n: usize, shape: &[usize], seed: u64, dev: &Device) -> (reclmis::Tensor, Vec<f64>) {
+    let t = reclmis::ops::cast::cast(&tensor(&values(n, seed, false), shape, dev), reclmis::DType::BF16).unwrap();
+    let exact = t.to_vec().unwrap().iter().map(|&v| v as f64).collect();
+    (t, exact)
+}
+
+/// out = Σ_o w[o][i]·x[o] per pixel (the 1×1 convolution's input gradient), |w| and |x| when
+/// `abs`; x [B, C, HW], w [C, C].
+fn conv_t(w: &[f64], x: &[f64], b: usize, c: usize, hw: usize, abs: bool) -> Vec<f64> {
+    let f = |v: f64| if abs { v.abs() } else { v };
+    let mut out = vec![0.0; x.len()];
+    for i in 0..b {
+        for ci in 0..c {
+            for o in 0..c {
+                for p in 0..hw {
+                    out[(i * c + ci) * hw + p] += f(w[o * c + ci]) * f(x[(i * c + o) * hw + p]);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// dw[o][i] = Σ_pixels dy[o]·x[i] (the 1×1 convolution's weight gradient), of |dy| and |x| when
+/// `abs`.
+fn conv_w(dy: &[f64], x: &[f64], b: usize, c: usize, hw: usize, abs: bool) -> Vec<f64> {
+    let f = |v: f64| if abs { v.abs() } else { v };
+    let mut out = vec![0.0; c * c];
+    for i in 0..b {
+        for o in 0..c {
+            for ci in 0..c {
+                for p in 0..hw {
+                    out[o * c + ci] += f(dy[(i * c + o) * hw + p]) * f(x[(i * c + ci) * hw + p]);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// |got − want| ≤ bound per element (and no NaN).
+fn within(what: &str, got: &[f32], want: &[f64], bound: &[f64]) -> Result<(), TestCaseError> {
+    prop_assert_eq!(got.len(), want.len(), "{}: length", what);
+    for (i, ((&g, &w), &b)) in got.iter().zip(want).zip(bound).enumerate() {
+        prop_assert!(
+            (g as f64 - w).abs() <= b && !g.is_nan(),
+            "{}: element {} = {} vs {} (allowed {:e})",
+            what,
+            i,
+            g,
+            w,
+            b
+        );
+    }
+    Ok(())
+}
+
+/// The gate at bf16 autocast (`plam::bf16`: bf16 s, weights, a, m, output and gradients, f32
+/// math) against the f64 gate of the same bf16 values. The reference starts from the kernels'
+/// own a and m (`conv2d_bf16` of s, tested in tests/conv_bf16.rs; the same call gives the same
+/// bits), so what is checked is the gate, its backward and how they use the convolutions.
+/// Bounds, derived (u = 2⁻⁸ bf16's unit roundoff, tol32 = 64·(C + 16)·u32 the f32 test's bound
+/// for the C-term channel sums and the 6-wide MLP):
+/// * out = bf16(g·s), g in f32: u·|g s| + tol32·G·|s| with G the pixel's MLP magnitude.
+/// * ds = bf16((g·dout + bf16(Waᵀ dA)) + bf16(Wmᵀ dM)), dA and dM rounded to bf16: each of the
+///   three roundings at most u of its value, the dA / dM roundings at most u·(|Wa|ᵀ|dA| +
+///   |Wm|ᵀ|dM|), second-order terms within the factor 1 + 4u; plus tol32 of the largest
+///   magnitude (the f32 math before the roundings, as the f32 test's scaled bound).
+/// * dw = bf16(Σ_pixels bf16(dA)·s): u·|dw| + u·Σ|dA||s|, times 1 + 4u, plus the f32 sum of
+///   B·HW terms, (B·HW + C + 16)·8·u32 of the largest Σ|dA||s|.
+/// * the MLP's parameter gradients (f32 sums over B·HW pixels of f32 terms of exact bf16 inputs):
+///   64·(B·HW + C + 16)·u32 of each one's sum of absolute terms.
+///
+/// Draws with an MLP pre-activation within 1e-4 of its ReLU's kink are skipped: there f32 and
+/// f64 may take different branches (the channel max and ReLU(A), ReLU(M) see the same bf16
+/// values in both, so they need no margin).
+fn check_plam_bf16(dev: &Device, b: usize, c: usize, h: usize, w: usize, seed: u64) -> Result<(), TestCaseError> {
+    use reclmis::ops::conv::bf16::conv2d_bf16;
+    let hw = h * w;
+    let sh = [b, c, h, w];
+    let (st, s) = bf16_operand(b * c * hw, &sh, seed, dev);
+    let (wat, wa) = bf16_operand(c * c, &[c, c, 1, 1], seed ^ 1, dev);
+    let (wmt, wm) = bf16_operand(c * c, &[c, c, 1, 1], seed ^ 2, dev);
+    let (dot, dout) = bf16_operand(b * c * hw, &sh, seed ^ 7, dev);
+    let (f1w, f1b, f2w, f2b) = (
+        values(18, seed ^ 3, false),
+        values(6, seed ^ 4, false),
+        values(6, seed ^ 5, false),
+        values(1, seed ^ 6, false),
+    );
+    let t = |v: &[f32], shape: &[usize]| tensor(v, shape, dev);
+    let (f1wt, f1bt, f2wt, f2bt) = (t(&f1w, &[6, 3]), t(&f1b, &[6]), t(&f2w, &[1, 6]), t(&f2b, &[1]));
+    let wts = PlamWeights { w_avg: &wat, w_max: &wmt, fc1_w: &f1wt, fc1_b: &f1bt, fc2_w: &f2wt, fc2_b: &f2bt };
+    let (fc1w, fc1b, fc2w, fc2b) = (f64s(&f1w), f64s(&f1b), f64s(&f2w), f2b[0] as f64);
+    let a: Vec<f64> = f64s(&conv2d_bf16(&st, &wat, None).unwrap().to_vec().unwrap());
+    let m: Vec<f64> = f64s(&conv2d_bf16(&st, &wmt, None).unwrap().to_vec().unwrap());
+    let px = reference::gate(&a, &m, &fc1w, &fc1b, &fc2w, fc2b, b, c, hw);
+    prop_assume!(px.iter().all(|(_, _, z)| z.iter().all(|z| z.abs() > 1e-4)));
+    let tol32 = 64.0 * (c as f64 + 16.0) * EPS32;
+
+    let f = plam::bf16::plam_gate_bf16(&st, &wts).unwrap();
+    prop_assert_eq!(f.out.dtype(), reclmis::DType::BF16);
+    let (mut want, mut bound) = (vec![0.0; s.len()], vec![0.0; s.len()]);
+    for (q, (g, _, z)) in px.iter().enumerate() {
+        let (i, p) = (q / hw, q % hw);
+        let f0 = (0..c).map(|ch| a[(i * c + ch) * hw + p].max(0.0)).sum::<f64>() / c as f64;
+        let f1 = (0..c).map(|ch| m[(i * c + ch) * hw + p].max(0.0)).fold(0.0, f64::max);
+        let fmag = [f0.abs(), f1.abs(), f0.abs() + f1.abs()];
+        let gmag = fc2b.abs()
+            + (0..6)
+                .map(|j| fc2w[j].abs() * ((0..3).map(|k| fc1w[j * 3 + k].abs() * fmag[k]).sum::<f64>() + fc1b[j].abs()))
+                .sum::<f64>();
+        debug_assert!(z.len() == 6);
+        for ch in 0..c {
+            let e = (i * c + ch) * hw + p;
+            want[e] = g * s[e];
+            bound[e] = EPS_BF16 * want[e].abs() + tol32 * gmag * s[e].abs();
+        }
+    }
+    within("out", &f.out.to_vec().unwrap(), &want, &bound)?;
+
+    // the backward, twice from a shared forward (a copy is written, not the shared a and m) and
+    // once owning it: the same bits
+    let grads = |g: &plam::PlamGrads| [&g.ds, &g.dw_avg, &g.dw_max, &g.dfc1_w].map(|t| t.to_vec().unwrap());
+    let g = plam::bf16::plam_gate_backward_bf16(&st, &wts, f.clone(), &dot).unwrap();
+    let again = plam::bf16::plam_gate_backward_bf16(&st, &wts, f.clone(), &dot).unwrap();
+    prop_assert_eq!(grads(&g), grads(&again), "a second backward of a shared forward");
+    let owned = plam::bf16::plam_gate_backward_bf16(&st, &wts, f, &dot).unwrap();
+    prop_assert_eq!(grads(&g), grads(&owned), "the backward that owns its forward");
+    for (name, t) in [("ds", &g.ds), ("dw_avg", &g.dw_avg), ("dw_max", &g.dw_max)] {
+        prop_assert_eq!(t.dtype(), reclmis::DType::BF16, "{} is a bf16 value's gradient", name);
+    }
+
+    let (da, dm, fcg, fcmag) = reference::gate_backward(&a, &m, &s, &dout, &fc1w, &fc1b, &fc2w, fc2b, b, c, hw);
+    let (dxa, dxm) = (conv_t(&wa, &da, b, c, hw, false), conv_t(&wm, &dm, b, c, hw, false));
+    let (dxa_mag, dxm_mag) = (conv_t(&wa, &da, b, c, hw, true), conv_t(&wm, &dm, b, c, hw, true));
+    let ds: Vec<f64> = (0..s.len()).map(|e| px[e / (c * hw) * hw + e % hw].0 * dout[e] + dxa[e] + dxm[e]).collect();
+    let mag: Vec<f64> =
+        (0..s.len()).map(|e| (px[e / (c * hw) * hw + e % hw].0 * dout[e]).abs() + dxa_mag[e] + dxm_mag[e]).collect();
+    let scale = mag.iter().fold(1e-30f64, |x, &v| x.max(v));
+    let bound: Vec<f64> = (0..s.len())
+        .map(|e| {
+            let rounding = ds[e].abs() + dxa[e].abs() + dxm[e].abs() + dxa_mag[e] + dxm_mag[e];
+            EPS_BF16 * rounding * (1.0 + 4.0 * EPS_BF16) + tol32 * scale
+        })
+        .collect();
+    within("ds", &g.ds.to_vec().unwrap(), &ds, &bound)?;
+    let terms = (b * hw) as f64 + c as f64 + 16.0;
+    for (name, got, d) in [("dw_avg", &g.dw_avg, &da), ("dw_max", &g.dw_max, &dm)] {
+        let (want, mag) = (conv_w(d, &s, b, c, hw, false), conv_w(d, &s, b, c, hw, true));
+        let scale = mag.iter().fold(1e-30f64, |x, &v| x.max(v));
+        let bound: Vec<f64> = want
+            .iter()
+            .zip(&mag)
+            .map(|(w, m)| EPS_BF16 * (w.abs() + m) * (1.0 + 4.0 * EPS_BF16) + (tol32 + 8.0 * terms * EPS32) * scale)
+            .collect();
+        within(name, &got.to_vec().unwrap(), &want, &bound)?;
+    }
+    let got_fc: Vec<f32> =
+        [&g.dfc1_w, &g.dfc1_b, &g.dfc2_w, &g.dfc2_b].iter().flat_map(|t| t.to_vec().unwrap()).collect();
+    let fc_bound: Vec<f64> = fcmag.iter().map(|m| 64.0 * terms * EPS32 * m + 1e-30).collect();
+    within("the MLP's gradients", &got_fc, &fcg, &fc_bound)?;
+    Ok(())
+}
+
+per_device!(check_plam_bf16, (b in 1usize..3, c in prop::sample::select(vec![1usize, 3, 8, 16]), h in prop::sample::select(vec![1usize, 3, 5]), w in prop::sample::select(vec![1usize, 2, 4]), seed in any::<u64>()));
+
+/// The f64 gate backward the bf16 test builds its reference from (`reference::gate_backward`
+/// and the 1×1 convolutions' gradients assembled as `check_plam_bf16` does) against central
+/// differences of the f64 forward `reference::plam` (with the exact convolutions): the same
+/// gradients to 1e-6 of their scale. Draws near a kink are skipped, as in `check_plam`.
+#[test]
+fn reference_gate_backward_matches_finite_differences() {
+    let (b, c, hw) = (2usize, 3usize, 5usize);
+    let mut checked = 0;
+    for seed in 0..20u64 {
+        let s = f64s(&values(b * c * hw, seed, false));
+        let (wa, wm) = (f64s(&values(c * c, seed ^ 1, false)), f64s(&values(c * c, seed ^ 2, false)));
+        let (fc1w, fc1b, fc2w) =
+            (f64s(&values(18, seed ^ 3, false)), f64s(&values(6, seed ^ 4, false)), f64s(&values(6, seed ^ 5, false)));
+        let fc2b = values(1, seed ^ 6, false)[0] as f64;
+        let dout = f64s(&values(b * c * hw, seed ^ 7, false));
+        if reference::kink_margin(&s, &wa, &wm, &fc1w, &fc1b, b, c, hw) < 1e-3 {
+            continue;
+        }
+        checked += 1;
+        let conv = |w: &[f64]| {
+            let mut y = vec![0.0; s.len()];
+            for i in 0..b {
+                for o in 0..c {
+                    for ci in 0..c {
+                        for p in 0..hw {
+                            y[(i * c + o) * hw + p] += w[o * c + ci] * s[(i * c + ci) * hw + p];
+                        }
+                    }
+                }
+            }
+            y
+        };
+        let (a, m) = (conv(&wa), conv(&wm));
+        let px = reference::gate(&a, &m, &fc1w, &fc1b, &fc2w, fc2b, b, c, hw);
+        let (da, dm, fcg, _) = reference::gate_backward(&a, &m, &s, &dout, &fc1w, &fc1b, &fc2w, fc2b, b, c, hw);
+        let (dxa, dxm) = (conv_t(&wa, &da, b, c, hw, false), conv_t(&wm, &dm, b, c, hw, false));
+        let ds: Vec<f64> = (0..s.len()).map(|e| px[e / (c * hw) * hw + e % hw].0 * dout[e] + dxa[e] + dxm[e]).collect();
+        let mut all = vec![s.clone(), wa.clone(), wm.clone(), fc1w.clone(), fc1b.clone(), fc2w.clone(), vec![fc2b]];
+        let loss = |p: &[Vec<f64>]| -> f64 {
+            let out = reference::plam(&p[0], &p[1], &p[2], &p[3], &p[4], &p[5], p[6][0], b, c, hw);
+            out.iter().zip(&dout).map(|(o, d)| o * d).sum()
+        };
+        let analytic = [
+            ds,
+            conv_w(&da, &s, b, c, hw, false),
+            conv_w(&dm, &s, b, c, hw, false),
+            fcg[0..18].to_vec(),
+            fcg[18..24].to_vec(),
+            fcg[24..30].to_vec(),
+            fcg[30..31].to_vec(),
+        ];
+        for (k, want) in analytic.iter().enumerate() {
+            let fd: Vec<f64> = (0..all[k].len())
+                .map(|j| {
+                    let h = 1e-6;
+                    all[k][j] += h;
+                    let up = loss(&all);
+                    all[k][j] -= 2.0 * h;
+                    let down = loss(&all);
+                    all[k][j] += h;
+                    (up - down) / (2.0 * h)
+                })
+                .collect();
+            let sc = fd.iter().fold(1e-6f64, |x, v| x.max(v.abs()));
+            assert_eq!(
+                mismatch(&want.iter().map(|&v| v as f32).collect::<Vec<_>>(), &fd, 1e-6 * sc + 1e-7 * sc.max(1.0), 0.0),
+                None,
+                "seed {seed} input {k}"
+            );
+        }
+    }
+    assert!(checked >= 10, "only {checked} of 20 draws away from the kinks");
+}

@@ -115,11 +115,12 @@ fn weighted_macs(y: &Tensor, w: &Tensor) -> u64 {
     (y.numel() * per_out) as u64
 }
 
-/// A bf16-autocast backward whose saved input is bf16 works through the batch in chunks of at
-/// most this many bytes of f32 input (widened) when the whole batch is larger: its f32
-/// temporaries (the widened input, the op's f32 gradient and recomputed values) then exist for
-/// one chunk, not the batch. At the official size a batch-8 step's bf16 peak was the decoder's
-/// last PLAM backward, five full-resolution f32 tensors above the saved state.
+/// A bf16-autocast backward on widened operands whose saved input is bf16 works through the
+/// batch in chunks of at most this many bytes of f32 input (widened) when the whole batch is
+/// larger: its f32 temporaries (the widened input, the op's f32 gradient) then exist for one
+/// chunk, not the batch. (At the official size a batch-8 step's bf16 peak was once the
+/// decoder's last PLAM backward on widened copies, five full-resolution f32 tensors above the
+/// saved state; that backward is bf16 throughout now, `ops::plam::bf16`.)
 #[cfg(feature = "autocast")]
 const CHUNK_BYTES: usize = 32 << 20;
 
@@ -909,7 +910,8 @@ impl Graph {
         #[cfg(feature = "autocast")]
         if self.precision == super::Precision::Bf16 {
             // bf16 autocast: the two 1×1 convolutions read bf16 operands and store bf16 outputs
-            // (a, m); the gate's per-pixel math and its output stay f32
+            // (a, m); the gate reads them, computes in f32 and stores its output in bf16
+            // (ops::plam::bf16)
             let (s, w0, w1) = (self.autocast_read(s)?, self.autocast_read(w[0])?, self.autocast_read(w[1])?);
             let shape = [s.shape()[0], w0.shape()[0], s.shape()[2], s.shape()[3]];
             let stores = [self.bf16_store(&shape, s.t.device())?, self.bf16_store(&shape, s.t.device())?];
@@ -939,12 +941,15 @@ impl Graph {
             count::forward(macs);
             return Ok(Var::constant(plam::plam_gate_infer(&*s.wide()?, &pw(wt), algo)?));
         }
+        #[cfg(feature = "autocast")]
+        let half_w = |t: &Tensor| crate::ops::cast::cast(t, crate::tensor::DType::BF16);
         let f = match &stores {
             #[cfg(feature = "autocast")]
             [Some(Store::Round), Some(Store::Round)] => {
-                // the 1×1 convolutions on the bf16 operands as stored (autocast read s and the
-                // weights: bf16 tensors), their outputs bf16 values
-                plam::plam_gate_with(&*s.wide()?, &pw(wt), |w| plam::conv1x1_bf16(&s.t, w))?
+                // s and the two weights as stored (autocast read them: bf16 tensors, cast to
+                // themselves), the MLP's parameters f32
+                let (sh, w0, w1) = (half_w(&s.t)?, half_w(&w[0].t)?, half_w(&w[1].t)?);
+                plam::bf16::plam_gate_bf16(&sh, &pw([&w0, &w1, wt[2], wt[3], wt[4], wt[5]]))?
             }
             [Some(sa), Some(sm)] => {
                 // a first, then m
@@ -970,9 +975,9 @@ impl Graph {
         // The two 1×1 convolutions' outputs a and m (2·C·H·W floats per image: at the official
         // size 193 MB of a batch-4 step's saved state) are computed again in the backward from
         // the saved s and weights (the same call on the same values: the same bits), at f32,
-        // tf32 and bf16 (rounded again); only the bf16 error model (`with_bf16_perturbation`),
-        // whose perturbation would have to be kept instead, keeps them: packed in bf16, as the
-        // convolutions' outputs are.
+        // tf32 and bf16 (at bf16 by `plam::bf16`'s forward again); only the bf16 error model
+        // (`with_bf16_perturbation`), whose perturbation would have to be kept instead, keeps
+        // them.
         #[cfg(feature = "autocast")]
         let (recompute, round) = match &stores[0] {
             None => (true, false),
@@ -980,58 +985,76 @@ impl Graph {
             Some(_) => (false, false),
         };
         #[cfg(not(feature = "autocast"))]
-        let (recompute, round) = (true, false);
+        let recompute = true;
         let keep = |t: &Tensor| {
             let mut v = Var::constant(t.clone());
             v.bf16 = stores[0].is_some();
             self.save(&v)
         };
         let kept = if recompute { None } else { Some((keep(&f.a)?, keep(&f.m)?)) };
+        // the error model: the bf16 backward's roundings (dA, dM, the convolutions' input
+        // gradients) as perturbations, drawn now (the backward has no graph)
+        #[cfg(feature = "autocast")]
+        let perturb_bwd = match &stores[0] {
+            Some(Store::Perturb(_)) => {
+                let draw = || -> Result<Tensor> {
+                    self.perturbation(s.shape(), s.t.device())?
+                        .ok_or_else(|| crate::error::Error::Other("plam: the error model has no perturbation".into()))
+                };
+                Some([draw()?, draw()?, draw()?, draw()?])
+            }
+            _ => None,
+        };
         let empty = Tensor::from_vec(vec![], &[0], s.t.device())?;
         (f.a, f.m) = (empty.clone(), empty);
-        let ws = w.iter().map(|v| self.save(v)).collect::<Result<Vec<Saved>>>()?;
+        let saved_w = w.iter().map(|v| self.save(v)).collect::<Result<Vec<Saved>>>()?;
         let module = count::label();
         let mut v = self.record(&ins, y, move |dy| {
             // input and weight gradients of both convolutions
             count::backward(module, 2 * macs);
-            let ws = ws.iter().map(Saved::get).collect::<Result<Vec<Tensor>>>()?;
+            // the MLP's parameters (f32); the 1×1 weights below as each path reads them
+            let mlp = saved_w[2..].iter().map(Saved::get).collect::<Result<Vec<Tensor>>>()?;
             #[cfg(feature = "autocast")]
             if recompute && round {
-                // bf16 autocast: by chunks of images when the batch is large (the gate is
-                // separable over the batch): each chunk's forward again from its bf16 s (the
-                // same values, so the same a, m, gate and argmax), then its backward
+                // bf16 autocast: the forward again from the bf16 s (the same call: the same a,
+                // m, gate and argmax), then the bf16 backward, whole batch at once (its
+                // temporaries are bf16, as the bf16 convolutions')
+                use crate::ops::cast::cast;
+                use crate::tensor::DType::BF16;
                 let s = ss.stored()?;
-                let nb = chunk_images(&s);
-                if s.dtype() == crate::tensor::DType::BF16 && nb < s.shape()[0] {
-                    let wr = pw(std::array::from_fn(|i| &ws[i]));
-                    return by_chunks(&s, dy, nb, |sc, dyc| {
-                        let (_, fc) = plam::plam_gate_with(sc, &wr, |w| plam::conv1x1_bf16(sc, w))?.split_output()?;
-                        let g = plam::plam_gate_backward(sc, &wr, fc, dyc, algo)?;
-                        let parts = [g.dw_avg, g.dw_max, g.dfc1_w, g.dfc1_b, g.dfc2_w, g.dfc2_b];
-                        Ok((g.ds, parts.into_iter().map(Some).collect()))
-                    });
-                }
+                // the weights' bf16 copies (rounded again from the masters)
+                let (w0, w1) = (cast(&saved_w[0].stored()?, BF16)?, cast(&saved_w[1].stored()?, BF16)?);
+                let wr = pw([&w0, &w1, &mlp[0], &mlp[1], &mlp[2], &mlp[3]]);
+                let run = |sc: &Tensor, dyc: &Tensor| -> Result<plam::PlamGrads> {
+                    let (_, fc) = plam::bf16::plam_gate_bf16(sc, &wr)?.split_output()?;
+                    plam::bf16::plam_gate_backward_bf16(sc, &wr, fc, &cast(dyc, BF16)?)
+                };
+                let g = run(&cast(&s, BF16)?, dy)?;
+                return Ok([g.ds, g.dw_avg, g.dw_max, g.dfc1_w, g.dfc1_b, g.dfc2_w, g.dfc2_b]
+                    .into_iter()
+                    .map(Some)
+                    .collect());
             }
             let mut f = f;
             // taken, not copied (or made here): the backward writes dA and dM over them
             let s = ss.get()?;
+            let (w0, w1) = (saved_w[0].get()?, saved_w[1].get()?);
             (f.a, f.m) = match kept {
                 Some((sa, sm)) => (sa.take()?, sm.take()?),
-                None => {
-                    let again = |w: &Tensor| -> Result<Tensor> {
-                        // the forward's call on the same values (the same bits)
-                        #[cfg(feature = "autocast")]
-                        if round {
-                            return plam::conv1x1_bf16(&s, w);
-                        }
-                        #[cfg(not(feature = "autocast"))]
-                        let _ = round;
-                        conv::conv2d(&s, w, None, algo)
-                    };
-                    (again(&ws[0])?, again(&ws[1])?)
-                }
+                // the forward's call on the same values (the same bits)
+                None => (conv::conv2d(&s, &w0, None, algo)?, conv::conv2d(&s, &w1, None, algo)?),
             };
-            let g = plam::plam_gate_backward(&s, &pw(std::array::from_fn(|i| &ws[i])), f, dy, algo)?;
+            let wr = pw([&w0, &w1, &mlp[0], &mlp[1], &mlp[2], &mlp[3]]);
+            #[cfg(feature = "autocast")]
+            if let Some(p) = &perturb_bwd {
+                let round = |k: usize, t: Tensor| ew::mul(&t, &p[k]);
+                let g = plam::plam_gate_backward_rounded(&s, &wr, f, dy, algo, &round)?;
+                return Ok([g.ds, g.dw_avg, g.dw_max, g.dfc1_w, g.dfc1_b, g.dfc2_w, g.dfc2_b]
+                    .into_iter()
+                    .map(Some)
+                    .collect());
+            }
+            let g = plam::plam_gate_backward(&s, &wr, f, dy, algo)?;
             Ok(vec![
                 Some(g.ds),
                 Some(g.dw_avg),

@@ -10,7 +10,8 @@
 //!   bf16 tensor stores them) and store bf16 outputs; their products are exact in f32 and summed
 //!   in f32 (the tensor-core kernels on cuda/emu, f32 GEMMs on cpu), so every device computes
 //!   the same function up to the order of f32 sums. Batch norm and the PLAM gate compute in f32
-//!   (statistics included) and store bf16 outputs; ReLU, pooling and upsampling of a bf16 value
+//!   (statistics included) and store bf16 outputs (the gate's backward also bf16 dA and dM, the
+//!   gradients of its bf16 convolution outputs); ReLU, pooling and upsampling of a bf16 value
 //!   store bf16 too (exact). A stored bf16 value is a bf16 tensor: an f32 op widens it as it
 //!   reads it, a backward keeps it as is. The gradients flowing into and out of bf16 values are
 //!   bf16 tensors too (rounded where the tape stores them). Everything else stays f32, as in

@@ -13,7 +13,7 @@ const PIECE: usize = 1 << 16;
 
 /// f32 → bf16 bits, round to nearest even; NaN stays NaN (quietened, as `half` does).
 #[inline(always)]
-fn bf16_bits(x: f32) -> u16 {
+pub(crate) fn bf16_bits(x: f32) -> u16 {
     let u = x.to_bits();
     // the carry of a round-up may run into the exponent: the right next value (or inf)
     let rounded = (u.wrapping_add(0x7fff + ((u >> 16) & 1)) >> 16) as u16;

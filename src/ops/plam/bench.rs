@@ -6,10 +6,13 @@ use crate::error::Result;
 use crate::ops::plam::{self, reference};
 use crate::tensor::Tensor;
 
-pub const GROUP: Group = Group { names: &["plam", "plam_infer", "plam_bwd"], cases, shaped: &[], check: None };
+pub const GROUP: Group =
+    Group { names: &["plam", "plam_infer", "plam_bwd", "plam_bf16", "plam_bwd_bf16"], cases, shaped: &[], check: None };
 
 /// The PLAM gate of the four decoder stages (512 channels at 28² … 64 at 224²), batch 1: with
-/// its backward's state (`plam`), alone (`plam_infer`: inference), and its backward.
+/// its backward's state (`plam`), alone (`plam_infer`: inference), and its backward; at bf16
+/// autocast (`plam_bf16`, `plam_bwd_bf16`: bf16 s and 1×1 weights, the forward then the
+/// backward, as the peer's autocast forward and backward).
 fn cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
     let shapes: &[(usize, usize)] = if small { &[(8, 8)] } else { &[(512, 28), (256, 56), (128, 112), (64, 224)] };
     for (i, &(c, hw)) in shapes.iter().enumerate() {
@@ -70,6 +73,43 @@ fn cases(dev: &Device, small: bool, v: &mut Vec<Case>) -> Result<()> {
             run: Box::new(move || plam::plam_gate_infer(&s2, &PlamRef(&w2).get(), algo)),
         });
         let dout = r(&[1, c, hw, hw], 7)?;
+        #[cfg(feature = "autocast")]
+        {
+            use crate::ops::cast::cast;
+            use crate::tensor::DType::BF16;
+            let (sb, db) = (cast(&s, BF16)?, cast(&dout, BF16)?);
+            let wb = std::rc::Rc::new([
+                cast(&ws[0], BF16)?,
+                cast(&ws[1], BF16)?,
+                ws[2].clone(),
+                ws[3].clone(),
+                ws[4].clone(),
+                ws[5].clone(),
+            ]);
+            let (s3, w3) = (sb.clone(), wb.clone());
+            v.push(Case {
+                op: "plam_bf16",
+                shape: format!("b1 C{c} {hw}x{hw}"),
+                flops,
+                bytes: bytes / 2.0,
+                peer: Some(format!("plam_bf16 1 {c} {hw}")),
+                validate: None,
+                run: Box::new(move || Ok(plam::bf16::plam_gate_bf16(&s3, &PlamRef(&w3).get())?.out)),
+            });
+            v.push(Case {
+                op: "plam_bwd_bf16",
+                shape: format!("b1 C{c} {hw}x{hw}"),
+                flops: 3.0 * flops,
+                bytes: 3.0 * bytes / 2.0,
+                peer: Some(format!("plam_fb_bf16 1 {c} {hw}")),
+                validate: None,
+                run: Box::new(move || {
+                    let w = PlamRef(&wb).get();
+                    let f = plam::bf16::plam_gate_bf16(&sb, &w)?;
+                    Ok(plam::bf16::plam_gate_backward_bf16(&sb, &w, f, &db)?.ds)
+                }),
+            });
+        }
         v.push(Case {
             op: "plam_bwd",
             shape: format!("b1 C{c} {hw}x{hw}"),

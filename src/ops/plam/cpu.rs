@@ -1,10 +1,41 @@
 //! cpu PLAM gate after the 1×1 convolutions: channel-outer loops over contiguous ranges of
 //! pixels (vectorisable), then the 3→6→1 MLP per pixel, each phase split over the threads by
-//! pixel ranges or rows (not by image: at batch 1 that left one thread idle).
+//! pixel ranges or rows (not by image: at batch 1 that left one thread idle). The gate's
+//! tensors are f32 or, at bf16 autocast, bf16 (`Val`): read widened (exact), math in f32, each
+//! bf16 store rounded once, as kernels/plam.cu's `_bf16` kernels.
 
 use super::PlamWeights;
 use crate::error::Result;
 use crate::ops::cpu_math::{par_tasks, SendPtr, Unfilled};
+
+/// An element of the gate's tensors: f32, or bf16 at bf16 autocast.
+pub(crate) trait Val: Copy + Send + Sync {
+    fn get(self) -> f32;
+    /// `x` stored (bf16: rounded to nearest even, as the engine's cast)
+    fn put(x: f32) -> Self;
+}
+
+impl Val for f32 {
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn put(x: f32) -> f32 {
+        x
+    }
+}
+
+impl Val for half::bf16 {
+    #[inline(always)]
+    fn get(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+    #[inline(always)]
+    fn put(x: f32) -> half::bf16 {
+        half::bf16::from_bits(crate::ops::cast::cpu::bf16_bits(x))
+    }
+}
 
 /// The gate MLP's 31 parameters on the host.
 pub struct Fc {
@@ -38,7 +69,7 @@ fn range(t: usize, hw: usize, pix: usize) -> (usize, usize, usize) {
 
 /// (mean_c ReLU(A), max_c ReLU(M), argmax) of every pixel of every image ([B, HW] each), in
 /// parallel over ranges of pixels; each pixel visits its channels in order.
-fn features(a: &[f32], m: &[f32], b: usize, c: usize, hw: usize) -> (Vec<f32>, Vec<f32>, Vec<i32>) {
+fn features<T: Val>(a: &[T], m: &[T], b: usize, c: usize, hw: usize) -> (Vec<f32>, Vec<f32>, Vec<i32>) {
     let n = b * hw;
     assert!(a.len() == n * c && m.len() == n * c, "plam features: a and m must be [B, C, HW]");
     let (mut sa, mut mm, mut arg) = (vec![0.0f32; n], vec![f32::NEG_INFINITY; n], vec![0i32; n]);
@@ -58,8 +89,8 @@ fn features(a: &[f32], m: &[f32], b: usize, c: usize, hw: usize) -> (Vec<f32>, V
             let off = (i * c + ch) * hw + p0;
             let (ar, mr) = (&a[off..off + np], &m[off..off + np]);
             for p in 0..np {
-                sa[p] += ar[p].max(0.0);
-                let v = mr[p].max(0.0);
+                sa[p] += ar[p].get().max(0.0);
+                let v = mr[p].get().max(0.0);
                 if v > mm[p] {
                     mm[p] = v;
                     arg[p] = ch as i32;
@@ -72,34 +103,39 @@ fn features(a: &[f32], m: &[f32], b: usize, c: usize, hw: usize) -> (Vec<f32>, V
 }
 
 /// out[i, ch, p] = f[i, p] · x[i, ch, p] over every row of x [B, C, HW], rows in parallel.
-fn scale_rows(f: &[f32], x: &[f32], c: usize, hw: usize) -> Vec<f32> {
+fn scale_rows<T: Val>(f: &[f32], x: &[T], c: usize, hw: usize) -> Vec<T> {
     let rows = x.len() / hw.max(1);
     assert!(rows * hw == x.len() && f.len() * c == x.len(), "plam: f must be [B, HW] for x [B, C, HW]");
-    let mut out = Unfilled::new(x.len());
-    let op = out.ptr();
+    // written whole below (under the tests' poison switch NaN first, as `Unfilled`)
+    let mut out: Vec<T> =
+        if crate::device::poison_enabled() { vec![T::put(f32::NAN); x.len()] } else { Vec::with_capacity(x.len()) };
+    let op = SendPtr(out.as_mut_ptr());
     par_tasks(rows, &|r| {
         let (fi, xr) = (&f[(r / c) * hw..][..hw], &x[r * hw..][..hw]);
-        // SAFETY: task r alone writes row r, inside the x.len() floats of out.
-        let o = unsafe { std::slice::from_raw_parts_mut(op.get().add(r * hw), hw) };
+        // SAFETY: task r alone writes row r, inside the x.len() elements out has room for
+        // (written through the pointer only: they may be uninitialised).
+        let o = unsafe { op.get().add(r * hw) };
         for p in 0..hw {
-            o[p] = fi[p] * xr[p];
+            // SAFETY: element p of row r, inside out's room (above).
+            unsafe { o.add(p).write(T::put(fi[p] * xr[p].get())) };
         }
     });
-    // SAFETY: the rows cover every element.
-    unsafe { out.filled() }
+    // SAFETY: the rows cover every element (rows · hw = x.len(), asserted).
+    unsafe { out.set_len(x.len()) };
+    out
 }
 
 /// (out, g, arg)
 #[cfg(feature = "train")]
-pub(crate) fn forward(
-    a: &[f32],
-    m: &[f32],
-    s: &[f32],
+pub(crate) fn forward<T: Val>(
+    a: &[T],
+    m: &[T],
+    s: &[T],
     fc: &Fc,
     b: usize,
     c: usize,
     hw: usize,
-) -> (Vec<f32>, Vec<f32>, Vec<i32>) {
+) -> (Vec<T>, Vec<f32>, Vec<i32>) {
     let (fa, fm, arg) = features(a, m, b, c, hw);
     let mut g = vec![0.0f32; b * hw];
     let gp = SendPtr(g.as_mut_ptr());
@@ -227,27 +263,49 @@ fn gate(fc: &Fc, f: [f32; 3]) -> (f32, [f32; 6]) {
     (g, z)
 }
 
-/// (ds direct, the 31 gate-parameter gradients); dA and dM are written over `a` and `m` (each
-/// element of a and m is read before its own gradient replaces it: the backward's working set
-/// at the decoder's full resolution is two tensors smaller).
+/// The direct path of the input gradient, g·dout (f32).
+pub(crate) fn ds_direct(g: &[f32], dout: &[f32], c: usize, hw: usize) -> Vec<f32> {
+    scale_rows(g, dout, c, hw)
+}
+
+#[cfg(feature = "autocast")]
+/// The bf16 backward's input gradient (kernels/plam.cu's plam_gate_ds_bwd_bf16): (g·dout + dxa) +
+/// dxm in f32, rounded once, written over dxa. Rows in parallel.
+pub(crate) fn ds_bf16(g: &[f32], dout: &[half::bf16], dxa: &mut [half::bf16], dxm: &[half::bf16], c: usize, hw: usize) {
+    let rows = dout.len() / hw.max(1);
+    assert!(dxa.len() == dout.len() && dxm.len() == dout.len() && g.len() * c == dout.len(), "plam ds: shapes");
+    let dp = SendPtr(dxa.as_mut_ptr());
+    par_tasks(rows, &|r| {
+        let (gi, dr, mr) = (&g[(r / c) * hw..][..hw], &dout[r * hw..][..hw], &dxm[r * hw..][..hw]);
+        // SAFETY: task r alone reads and writes row r of dxa (rows · hw elements).
+        let o = unsafe { std::slice::from_raw_parts_mut(dp.get().add(r * hw), hw) };
+        for p in 0..hw {
+            // two roundings of f32 (no fused multiply-add), as the kernel
+            o[p] = Val::put(gi[p] * dr[p].get() + o[p].get() + mr[p].get());
+        }
+    });
+}
+
+/// The 31 gate-parameter gradients; dA and dM are written over `a` and `m` (each element of a
+/// and m is read before its own gradient replaces it: the backward's working set at the
+/// decoder's full resolution is two tensors smaller). The direct path g·dout is `ds_direct`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn backward(
-    a: &mut [f32],
-    m: &mut [f32],
-    s: &[f32],
-    dout: &[f32],
+pub(crate) fn backward<T: Val>(
+    a: &mut [T],
+    m: &mut [T],
+    s: &[T],
+    dout: &[T],
     g: &[f32],
     fc: &Fc,
     b: usize,
     c: usize,
     hw: usize,
-) -> (Vec<f32>, Vec<f32>) {
+) -> Vec<f32> {
     let n = b * hw;
     assert!(s.len() == n * c && dout.len() == n * c && g.len() == n, "plam backward: shapes");
     // every phase runs over all the threads at any batch (the gate is per pixel, its products
     // per row): the features before a and m are overwritten
     let (fa, fm, arg) = features(a, m, b, c, hw);
-    let ds = scale_rows(g, dout, c, hw);
     // per range of pixels: dg = Σ_ch dout·s (channels in order), then the gate's parameter
     // gradients (f64 sums per range, then over ranges) and the gradients reaching mean ReLU(A)
     // and max ReLU(M)
@@ -262,7 +320,7 @@ pub(crate) fn backward(
             let off = (i * c + ch) * hw + p0;
             let (dr, sr) = (&dout[off..off + np], &s[off..off + np]);
             for p in 0..np {
-                dg[p] += dr[p] * sr[p];
+                dg[p] += dr[p].get() * sr[p].get();
             }
         }
         // SAFETY: task t alone writes its pixels of dav and dmv and its own entry of parts.
@@ -305,10 +363,9 @@ pub(crate) fn backward(
         };
         let (dav, dmv, arg) = (&dav[i * hw..][..hw], &dmv[i * hw..][..hw], &arg[i * hw..][..hw]);
         for p in 0..hw {
-            ar[p] = if ar[p] > 0.0 { dav[p] } else { 0.0 };
-            mr[p] = if arg[p] == ch as i32 && mr[p] > 0.0 { dmv[p] } else { 0.0 };
+            ar[p] = T::put(if ar[p].get() > 0.0 { dav[p] } else { 0.0 });
+            mr[p] = T::put(if arg[p] == ch as i32 && mr[p].get() > 0.0 { dmv[p] } else { 0.0 });
         }
     });
-    let fcg = (0..31).map(|k| parts.iter().map(|p| p[k]).sum::<f64>() as f32).collect();
-    (ds, fcg)
+    (0..31).map(|k| parts.iter().map(|p| p[k]).sum::<f64>() as f32).collect()
 }

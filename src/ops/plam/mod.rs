@@ -7,6 +7,9 @@
 /// Its `reclmis bench` cases and `selfcheck` (registered in `bench::registry`).
 #[cfg(feature = "cli")]
 pub mod bench;
+/// The gate at bf16 autocast: bf16 s, a, m, output and gradients, f32 math (`_bf16` kernels).
+#[cfg(feature = "autocast")]
+pub mod bf16;
 pub mod cpu;
 #[cfg(feature = "refs")]
 pub mod reference;
@@ -87,21 +90,24 @@ pub struct PlamGrads {
     pub dfc2_b: Tensor,
 }
 
-fn check(s: &Tensor, w: &PlamWeights) -> Result<(usize, usize, usize)> {
+/// (B, C, H·W) of a valid call: s [B, C, H, W] and the 1×1 convolutions' weights of type
+/// `dt` (f32, or bf16 at bf16 autocast), the MLP's parameters f32, all on s's device.
+fn check(s: &Tensor, w: &PlamWeights, dt: DType) -> Result<(usize, usize, usize)> {
     let op = "plam_gate";
     if s.rank() != 4 {
         return Err(Error::shape(op, format!("skip input {:?} must be [B,C,H,W]", s.shape())));
     }
+    s.expect_dtype(op, dt)?;
     let c = s.shape()[1];
-    for (name, t, shape) in [
-        ("conv_avg", w.w_avg, vec![c, c, 1, 1]),
-        ("conv_max", w.w_max, vec![c, c, 1, 1]),
-        ("bottleneck.0.weight", w.fc1_w, vec![6, 3]),
-        ("bottleneck.0.bias", w.fc1_b, vec![6]),
-        ("bottleneck.2.weight", w.fc2_w, vec![1, 6]),
-        ("bottleneck.2.bias", w.fc2_b, vec![1]),
+    for (name, t, shape, tdt) in [
+        ("conv_avg", w.w_avg, vec![c, c, 1, 1], dt),
+        ("conv_max", w.w_max, vec![c, c, 1, 1], dt),
+        ("bottleneck.0.weight", w.fc1_w, vec![6, 3], DType::F32),
+        ("bottleneck.0.bias", w.fc1_b, vec![6], DType::F32),
+        ("bottleneck.2.weight", w.fc2_w, vec![1, 6], DType::F32),
+        ("bottleneck.2.bias", w.fc2_b, vec![1], DType::F32),
     ] {
-        t.expect_dtype(op, DType::F32)?;
+        t.expect_dtype(op, tdt)?;
         if t.shape() != shape.as_slice() {
             return Err(Error::shape(op, format!("{name} is {:?}, expected {shape:?}", t.shape())));
         }
@@ -117,7 +123,7 @@ pub fn plam_gate_infer(s: &Tensor, w: &PlamWeights, algo: GemmAlgo) -> Result<Te
     let dev = s.device();
     if let Device::Cpu = dev {
         let op = "plam_gate";
-        let (b, c, hw) = check(s, w)?;
+        let (b, c, hw) = check(s, w, DType::F32)?;
         let fc = cpu::Fc::read(w)?;
         let (wa, wm) = (w.w_avg.cpu_f32(op)?, w.w_max.cpu_f32(op)?);
         return Tensor::from_vec(cpu::infer(s.cpu_f32(op)?, wa, wm, &fc, b, c, hw), s.shape(), dev);
@@ -140,31 +146,15 @@ pub fn plam_gate_stored(
     plam_gate_with(s, w, |wt| store(conv::conv2d(s, wt, None, algo)?))
 }
 
-/// The two 1×1 convolutions at bf16 autocast: the bf16 convolution (`conv2d_bf16`: the
-/// pipelined kernels on cuda/emu, AVX512_BF16 dot products on the cpu) of s and w, both holding
-/// bf16 values (f32 tensors of such values are cast back, exactly), its bf16 output widened for
-/// the gate's f32 math. The forward and the backward's recomputation both make a and m here: the
-/// same values in, the same bits out, so the gate and the channel argmax agree.
-#[cfg(feature = "autocast")]
-pub fn conv1x1_bf16(s: &Tensor, w: &Tensor) -> Result<Tensor> {
-    // (a bf16 tensor is cast to itself, no copy)
-    use crate::ops::cast::cast;
-    cast(&conv::bf16::conv2d_bf16(&cast(s, DType::BF16)?, &cast(w, DType::BF16)?, None)?, DType::F32)
-}
-
 /// `plam_gate` with a and m made by `conv(w_avg)` and `conv(w_max)` (each [B, C, H, W] f32).
-pub(crate) fn plam_gate_with(
-    s: &Tensor,
-    w: &PlamWeights,
-    conv: impl Fn(&Tensor) -> Result<Tensor>,
-) -> Result<PlamForward> {
+fn plam_gate_with(s: &Tensor, w: &PlamWeights, conv: impl Fn(&Tensor) -> Result<Tensor>) -> Result<PlamForward> {
     let op = "plam_gate";
-    let (b, c, hw) = check(s, w)?;
+    let (b, c, hw) = check(s, w, DType::F32)?;
     let a = conv(w.w_avg)?;
     let m = conv(w.w_max)?;
     // the kernels read a and m as [B, C, H, W] f32: conv2d's output is (w is [C, C, 1, 1],
-    // checked); the bf16 convolutions' callers are checked here (a build without autocast has
-    // only conv2d's, and not these 336 bytes)
+    // checked); what autocast's stores make of it is checked here (a build without autocast
+    // has only conv2d's, and not these 336 bytes)
     #[cfg(feature = "autocast")]
     if [&a, &m].iter().any(|t| t.dtype() != DType::F32 || t.shape() != s.shape()) {
         return Err(Error::Other(format!("{op}: a 1×1 convolution's output is not [B, C, H, W] f32")));
@@ -206,8 +196,12 @@ pub(crate) fn plam_gate_with(
 fn sole(t: Tensor) -> Result<Tensor> {
     if t.is_sole() {
         Ok(t)
-    } else {
+    } else if t.dtype() == DType::F32 {
         elementwise::scale(&t, 1.0)
+    } else {
+        // (bf16: a shared forward, the tests' case; widened and rounded back, exact)
+        let wide = crate::ops::cast::cast(&t, DType::F32)?;
+        crate::ops::cast::cast(&wide, t.dtype())
     }
 }
 
@@ -251,8 +245,42 @@ pub fn plam_gate_backward(
     dout: &Tensor,
     algo: GemmAlgo,
 ) -> Result<PlamGrads> {
+    backward_rounded(s, w, f, dout, algo, None)
+}
+
+/// `plam_gate_backward` with the bf16 backward's roundings (`bf16::plam_gate_backward_bf16`:
+/// dA, dM and the two 1×1 convolutions' input gradients, each stored in bf16) made by `round`:
+/// the error model of bf16 autocast (`Graph::with_bf16_perturbation`) multiplies each by 1 ± u.
+/// The sums are in the bf16 backward's order.
+#[cfg(feature = "autocast")]
+pub(crate) fn plam_gate_backward_rounded(
+    s: &Tensor,
+    w: &PlamWeights,
+    f: PlamForward,
+    dout: &Tensor,
+    algo: GemmAlgo,
+    round: &dyn Fn(usize, Tensor) -> Result<Tensor>,
+) -> Result<PlamGrads> {
+    backward_rounded(s, w, f, dout, algo, Some(round))
+}
+
+/// `round(k, t)`, k = 0..4: dA, dM, the input gradients through conv_avg and conv_max.
+type Rounding<'a> = Option<&'a dyn Fn(usize, Tensor) -> Result<Tensor>>;
+
+fn backward_rounded(
+    s: &Tensor,
+    w: &PlamWeights,
+    f: PlamForward,
+    dout: &Tensor,
+    algo: GemmAlgo,
+    round: Rounding,
+) -> Result<PlamGrads> {
     let op = "plam_gate_backward";
-    let (b, c, hw) = check(s, w)?;
+    let round = |k: usize, t: Tensor| match round {
+        Some(r) => r(k, t),
+        None => Ok(t),
+    };
+    let (b, c, hw) = check(s, w, DType::F32)?;
     if dout.shape() != s.shape() {
         return Err(Error::shape(op, format!("dout {:?} vs skip input {:?}", dout.shape(), s.shape())));
     }
@@ -283,8 +311,8 @@ pub fn plam_gate_backward(
         let (Some(av), Some(mv)) = (a.sole_cpu_f32_mut(), m.sole_cpu_f32_mut()) else {
             return Err(Error::Other(format!("{op}: a and m must be cpu f32 tensors of their own")));
         };
-        let r = cpu::backward(av, mv, sv, dv, gv, &fc, b, c, hw);
-        (Tensor::from_vec(r.0, s.shape(), dev)?, Tensor::from_vec(r.1, &[31], dev)?)
+        let fcg = cpu::backward(av, mv, sv, dv, gv, &fc, b, c, hw);
+        (Tensor::from_vec(cpu::ds_direct(gv, dv, c, hw), s.shape(), dev)?, Tensor::from_vec(fcg, &[31], dev)?)
     } else {
         let ds = Tensor::empty(s.shape(), DType::F32, dev)?;
         let cfg = LaunchCfg::elementwise((b * hw).max(1));
@@ -305,16 +333,16 @@ pub fn plam_gate_backward(
         (ds, reduce::sum(&fcgrad, 0)?)
     };
     drop((g, arg));
-    let (da, dm) = (a, m);
+    let (da, dm) = (round(0, a)?, round(1, m)?);
     // each [B, C, H, W] gradient is freed as soon as it is summed: at the decoder's full
     // resolution this backward is a training step's largest working set
     let ga = conv::conv2d_backward(s, w.w_avg, &da, false, algo)?;
     drop(da);
-    let ds = elementwise::add(&ds_direct, &ga.dx)?;
-    drop((ds_direct, ga.dx));
+    let ds = elementwise::add(&ds_direct, &round(2, ga.dx)?)?;
+    drop(ds_direct);
     let gm = conv::conv2d_backward(s, w.w_max, &dm, false, algo)?;
     drop(dm);
-    let ds = elementwise::add(&ds, &gm.dx)?;
+    let ds = elementwise::add(&ds, &round(3, gm.dx)?)?;
     let fcv = fcg.to_vec()?;
     Ok(PlamGrads {
         ds,

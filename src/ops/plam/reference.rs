@@ -77,3 +77,93 @@ pub fn kink_margin(
     }
     margin
 }
+
+/// The gate after its two 1×1 convolutions, in f64: from A and M [B, C, HW], per pixel
+/// (g, the argmax of ReLU(M) over channels with ties to the lowest, the MLP's six
+/// pre-activations). The kernels' `plam_features` and MLP.
+#[allow(clippy::too_many_arguments)]
+pub fn gate(
+    a: &[f64],
+    m: &[f64],
+    fc1w: &[f64],
+    fc1b: &[f64],
+    fc2w: &[f64],
+    fc2b: f64,
+    b: usize,
+    c: usize,
+    hw: usize,
+) -> Vec<(f64, usize, [f64; 6])> {
+    let mut out = Vec::with_capacity(b * hw);
+    for i in 0..b {
+        for p in 0..hw {
+            let at = |t: &[f64], ch: usize| t[(i * c + ch) * hw + p];
+            let av = (0..c).map(|ch| at(a, ch).max(0.0)).sum::<f64>() / c as f64;
+            let (mut mv, mut arg) = (f64::NEG_INFINITY, 0);
+            for ch in 0..c {
+                if at(m, ch).max(0.0) > mv {
+                    (mv, arg) = (at(m, ch).max(0.0), ch);
+                }
+            }
+            let f = [av, mv, av + mv];
+            let z: [f64; 6] =
+                std::array::from_fn(|j| fc1w[j * 3] * f[0] + fc1w[j * 3 + 1] * f[1] + fc1w[j * 3 + 2] * f[2] + fc1b[j]);
+            let g = fc2b + (0..6).map(|j| fc2w[j] * z[j].max(0.0)).sum::<f64>();
+            out.push((g, arg, z));
+        }
+    }
+    out
+}
+
+/// The gate's backward after its convolutions, in f64: for out = g·s and the output gradient
+/// dout, (dA, dM [B, C, HW], the MLP's 31 parameter gradients in the kernels' order dfc1w (18),
+/// dfc1b (6), dfc2w (6), dfc2b (1), and their sums of absolute terms (for rounding bounds)).
+/// The input gradient's direct path is g·dout; the convolutions' gradients follow from dA, dM.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+pub fn gate_backward(
+    a: &[f64],
+    m: &[f64],
+    s: &[f64],
+    dout: &[f64],
+    fc1w: &[f64],
+    fc1b: &[f64],
+    fc2w: &[f64],
+    fc2b: f64,
+    b: usize,
+    c: usize,
+    hw: usize,
+) -> (Vec<f64>, Vec<f64>, [f64; 31], [f64; 31]) {
+    let px = gate(a, m, fc1w, fc1b, fc2w, fc2b, b, c, hw);
+    let (mut da, mut dm) = (vec![0.0; a.len()], vec![0.0; m.len()]);
+    let (mut fcg, mut mag) = ([0.0f64; 31], [0.0f64; 31]);
+    let mut add = |k: usize, v: f64| {
+        fcg[k] += v;
+        mag[k] += v.abs();
+    };
+    for i in 0..b {
+        for p in 0..hw {
+            let e = |ch: usize| (i * c + ch) * hw + p;
+            let (_, arg, z) = px[i * hw + p];
+            let av = (0..c).map(|ch| a[e(ch)].max(0.0)).sum::<f64>() / c as f64;
+            let mv = m[e(arg)].max(0.0);
+            let f = [av, mv, av + mv];
+            let dg = (0..c).map(|ch| dout[e(ch)] * s[e(ch)]).sum::<f64>();
+            let mut df = [0.0; 3];
+            for j in 0..6 {
+                add(24 + j, dg * z[j].max(0.0));
+                let dz = if z[j] > 0.0 { dg * fc2w[j] } else { 0.0 };
+                for (k, fk) in f.iter().enumerate() {
+                    add(j * 3 + k, dz * fk);
+                    df[k] += dz * fc1w[j * 3 + k];
+                }
+                add(18 + j, dz);
+            }
+            add(30, dg);
+            let (dav, dmv) = ((df[0] + df[2]) / c as f64, df[1] + df[2]);
+            for ch in 0..c {
+                da[e(ch)] = if a[e(ch)] > 0.0 { dav } else { 0.0 };
+                dm[e(ch)] = if ch == arg && m[e(ch)] > 0.0 { dmv } else { 0.0 };
+            }
+        }
+    }
+    (da, dm, fcg, mag)
+}
