@@ -53,7 +53,8 @@ fn size_link_args() {
 /// embed them (nor the pipelined tf32 kernels, which share their core: such a build runs tf32 on
 /// the element-loading `_tc_` kernels); the cuda device refuses such a launch by name.
 fn autocast_only(module: &str, kernel: &str) -> bool {
-    ["gemm", "conv", "attention", "pool", "plam"].contains(&module) && (kernel.ends_with("_bf16") || kernel.contains("_pipe"))
+    ["gemm", "conv", "attention", "pool", "plam"].contains(&module)
+        && (kernel.ends_with("_bf16") || kernel.contains("_pipe"))
 }
 
 fn training_only(module: &str, kernel: &str) -> bool {

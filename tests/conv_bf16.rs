@@ -82,23 +82,26 @@ fn check_conv_bf16(dev: &Device, s: ConvShape, tile: u32, with_bias: bool, seed:
         }
     }
     if let Device::Cpu = dev {
-        // the f32 convolution of the same values, rounded once: bit for bit, except a 1×1
-        // forward without bias on AVX512_BF16 (the bf16 dot-product GEMM: other sum order, so
-        // the f64 reference within the bf16 bound, as on emu)
-        let dot = s.kh == 1 && s.kw == 1 && !with_bias && reclmis_cpu_loops::bf16dot::available();
+        // the f32 convolution of the same values, rounded once: bit for bit, except where a 1×1
+        // convolution takes the bf16 dot-product GEMM on AVX512_BF16 (other sum orders: the
+        // f64 reference within the bf16 bound below, as on emu): the forward without bias, and
+        // the backward when both channel counts are multiples of 8
+        let one = s.kh == 1 && s.kw == 1 && reclmis_cpu_loops::bf16dot::available();
+        let (dot_fwd, dot_bwd) = (one && !with_bias, one && s.ci.is_multiple_of(8) && s.co.is_multiple_of(8));
         let bf = bias.map(f32_of);
         let want = conv::conv2d(&f32_of(&x), &f32_of(&w), bf.as_ref(), GemmAlgo::Auto).unwrap();
-        if dot {
-            let mag = reference::conv2d(&abs(&xv), &abs(&wv), None, &s);
-            check("y", &y.to_vec().unwrap(), &reference::conv2d(&xv, &wv, None, &s), &mag, s.ci + 1, true)?;
-        } else {
+        if !dot_fwd {
             prop_assert_eq!(y.to_vec().unwrap(), cast(&want, DType::BF16).unwrap().to_vec().unwrap());
         }
         let gf = conv::conv2d_backward(&f32_of(&x), &f32_of(&w), &f32_of(&dy), with_bias, GemmAlgo::Auto).unwrap();
-        prop_assert_eq!(g.dx.to_vec().unwrap(), cast(&gf.dx, DType::BF16).unwrap().to_vec().unwrap());
-        prop_assert_eq!(g.dw.to_vec().unwrap(), cast(&gf.dw, DType::BF16).unwrap().to_vec().unwrap());
-        prop_assert_eq!(g.db.map(|d| d.to_vec().unwrap()), gf.db.map(|d| d.to_vec().unwrap()));
-        return Ok(());
+        if !dot_bwd {
+            prop_assert_eq!(g.dx.to_vec().unwrap(), cast(&gf.dx, DType::BF16).unwrap().to_vec().unwrap());
+            prop_assert_eq!(g.dw.to_vec().unwrap(), cast(&gf.dw, DType::BF16).unwrap().to_vec().unwrap());
+        }
+        prop_assert_eq!(g.db.as_ref().map(|d| d.to_vec().unwrap()), gf.db.map(|d| d.to_vec().unwrap()));
+        if !(dot_fwd || dot_bwd) {
+            return Ok(());
+        }
     }
     let bref = with_bias.then_some(&bv[..]);
     let want = reference::conv2d(&xv, &wv, bref, &s);

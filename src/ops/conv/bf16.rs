@@ -211,6 +211,14 @@ pub fn conv2d_backward_bf16(x: &Tensor, w: &Tensor, dy: &Tensor, with_bias: bool
     // The input gradient: the forward kernel over dy (NHWC) with the flipped packed weights.
     let st = ConvShape { ci: s.co, co: s.ci, ..s };
     let dyn_ = Scratch::new(dev, dy.numel(), DType::BF16)?;
+    if let Device::Cpu = dev {
+        if s.kh == 1 && s.kw == 1 && reclmis_cpu_loops::bf16dot::available() {
+            // (the scratch a GPU allocates, counted as the forward's 1×1 path counts it)
+            let (_wf, _xn) = (Scratch::new(dev, w.numel(), DType::BF16)?, Scratch::new(dev, x.numel(), DType::BF16)?);
+            let _part = Scratch::new(dev, wgrad_splits(&s) * s.co * s.ci, DType::F32)?;
+            return backward_1x1_dot(x, w, dy, &s, db);
+        }
+    }
     let cpu_dy = if let Device::Cpu = dev { Some(widened(dy, op)?) } else { None };
     let dx = {
         let wf = Scratch::new(dev, w.numel(), DType::BF16)?;
@@ -245,6 +253,24 @@ pub fn conv2d_backward_bf16(x: &Tensor, w: &Tensor, dy: &Tensor, with_bias: bool
         dw
     };
     Ok(Conv2dGrads { dx, dw, db })
+}
+
+/// A 1×1 convolution's gradients on the cpu's AVX512_BF16 dot products, from the bf16 values
+/// as stored: per image dx [Ci, HW] = wᵀ [Ci, Co] · dy [Co, HW] (one rounding), and
+/// dw [Co, Ci] = Σ_images dy [Co, HW] · xᵀ [HW, Ci], each image's product in f32, summed over
+/// the images in order and rounded once. Callers check the CPU and that the shapes are not empty.
+fn backward_1x1_dot(x: &Tensor, w: &Tensor, dy: &Tensor, s: &ConvShape, db: Option<Tensor>) -> Result<Conv2dGrads> {
+    let dev = x.device();
+    let hw = s.h * s.w;
+    let gx = gemm::GemmShape { batch: s.b, m: s.ci, n: hw, k: s.co, sa: (0, 1, s.ci), sb: (s.co * hw, hw, 1) };
+    let dx = Tensor::from_vec_bf16(gemm::cpu::gemm_bf16_dot(w, dy, &gx, 1.0, None, false)?, x.shape(), dev)?;
+    let gw = gemm::GemmShape { batch: s.b, m: s.co, n: s.ci, k: hw, sa: (s.co * hw, hw, 1), sb: (s.ci * hw, 1, hw) };
+    let per = gemm::cpu::gemm_bf16_dot_f32(dy, x, &gw)?;
+    let mut dw = per[..s.co * s.ci].to_vec();
+    for img in per.chunks_exact(s.co * s.ci).skip(1) {
+        dw.iter_mut().zip(img).for_each(|(d, v)| *d += v);
+    }
+    Ok(Conv2dGrads { dx, dw: gemm::cpu::bf16_tensor(&dw, w.shape(), dev)?, db })
 }
 
 /// The splits of the 64-square tile's weight gradient, which the partial sums' buffer

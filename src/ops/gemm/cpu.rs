@@ -196,7 +196,56 @@ pub(crate) fn gemm_bf16_dot(
     bias: Option<&[f32]>,
     relu: bool,
 ) -> crate::error::Result<Vec<half::bf16>> {
-    use reclmis_cpu_loops::bf16dot::{self, Dst, PackedB, Strided};
+    let len = crate::ops::product(&[s.batch, s.m, s.n]).expect("the output's size overflows");
+    // every element is written by exactly one task (k > 0): no zeroing pass (NaN under the
+    // tests' poison switch, so a missed element shows)
+    let mut c: Vec<u16> =
+        if crate::device::poison_enabled() { vec![half::bf16::NAN.to_bits(); len] } else { Vec::with_capacity(len) };
+    let cp = crate::ops::cpu_math::SendPtr(c.as_mut_ptr());
+    let mn = s.m * s.n;
+    dot_batch(a, b, s, alpha, bias, &|z| reclmis_cpu_loops::bf16dot::Dst::Bf16 {
+        ptr: cp.get().wrapping_add(z * mn),
+        ld: s.n,
+        relu,
+    })?;
+    // SAFETY: the tasks wrote every row of every matrix, all n columns (k > 0: `block` stores
+    // each tile whole), within the capacity of len values.
+    unsafe { c.set_len(len) };
+    Ok(bytemuck::cast_vec(c))
+}
+
+/// `gemm_bf16_dot` (alpha 1, no bias) with its f32 sums stored unrounded: [batch, m, n] f32,
+/// for a caller that adds the batch's products before its one rounding.
+#[cfg(feature = "autocast")]
+pub(crate) fn gemm_bf16_dot_f32(
+    a: &crate::tensor::Tensor,
+    b: &crate::tensor::Tensor,
+    s: &GemmShape,
+) -> crate::error::Result<Vec<f32>> {
+    let len = crate::ops::product(&[s.batch, s.m, s.n]).expect("the output's size overflows");
+    let mut c = crate::ops::cpu_math::Unfilled::new(len);
+    let cp = c.ptr();
+    let mn = s.m * s.n;
+    dot_batch(a, b, s, 1.0, None, &|z| reclmis_cpu_loops::bf16dot::Dst::F32 {
+        ptr: cp.get().wrapping_add(z * mn),
+        ld: s.n,
+    })?;
+    // SAFETY: as gemm_bf16_dot's: every element of every matrix written once.
+    Ok(unsafe { c.filled() })
+}
+
+/// The batch of products of `gemm_bf16_dot`, matrix z stored through `dst(z)` (which must
+/// address an [m, n] row-major matrix, ld n, of its own).
+#[cfg(feature = "autocast")]
+fn dot_batch(
+    a: &crate::tensor::Tensor,
+    b: &crate::tensor::Tensor,
+    s: &GemmShape,
+    alpha: f32,
+    bias: Option<&[f32]>,
+    dst: &(dyn Fn(usize) -> reclmis_cpu_loops::bf16dot::Dst + Sync),
+) -> crate::error::Result<()> {
+    use reclmis_cpu_loops::bf16dot::{self, PackedB, Strided};
     let (m, n, k) = (s.m, s.n, s.k);
     let (av, bv): (&[u16], &[u16]) =
         (bytemuck::cast_slice(a.cpu_bf16("matmul")?), bytemuck::cast_slice(b.cpu_bf16("matmul")?));
@@ -206,11 +255,6 @@ pub(crate) fn gemm_bf16_dot(
     // with k = 0 no tile would be stored and C would stay unwritten: the callers take that case
     // (and empty products) elsewhere
     assert!(k > 0 && len > 0, "bf16 dot GEMM: an empty product ({m}×{n}, k {k}, batch {})", s.batch);
-    // every element is written by exactly one task (k > 0): no zeroing pass (NaN under the
-    // tests' poison switch, so a missed element shows)
-    let mut c: Vec<u16> =
-        if crate::device::poison_enabled() { vec![half::bf16::NAN.to_bits(); len] } else { Vec::with_capacity(len) };
-    let cp = crate::ops::cpu_math::SendPtr(c.as_mut_ptr());
     let pack = |z: usize| {
         let b = Strided { data: &bv[z * s.sb.0..], rs: s.sb.1, cs: s.sb.2 };
         PackedB::new_in(b, k, n, &|groups, pack| crate::ops::cpu_math::par_tasks(groups, pack))
@@ -234,14 +278,11 @@ pub(crate) fn gemm_bf16_dot(
         crate::ops::cpu_math::par_tasks(row_tasks * col_tasks, &|t| {
             let (r0, q0) = (t / col_tasks * DOT_ROWS, t % col_tasks * per_task);
             let (rows, panels) = (r0..m.min(r0 + DOT_ROWS), q0..packed.panels().min(q0 + per_task));
-            let dst = Dst::Bf16 { ptr: cp.get().wrapping_add(z * m * n), ld: n, relu };
             // SAFETY: the caller checked the CPU's features; task t alone writes its rows × the
-            // columns of its panels of matrix z of c, which holds batch × m rows of n values.
-            unsafe { bf16dot::block(a, packed, rows, panels, dst, alpha, bias) };
+            // columns of its panels of matrix z, which `dst(z)` addresses as [m, n] (ld n) of
+            // its own.
+            unsafe { bf16dot::block(a, packed, rows, panels, dst(z), alpha, bias) };
         });
     }
-    // SAFETY: the tasks wrote every row of every matrix, all n columns (k > 0: `block` stores
-    // each tile whole), within the capacity of len values.
-    unsafe { c.set_len(len) };
-    Ok(bytemuck::cast_vec(c))
+    Ok(())
 }
