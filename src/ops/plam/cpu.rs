@@ -88,13 +88,15 @@ fn features<T: Val>(a: &[T], m: &[T], b: usize, c: usize, hw: usize) -> (Vec<f32
         for ch in 0..c {
             let off = (i * c + ch) * hw + p0;
             let (ar, mr) = (&a[off..off + np], &m[off..off + np]);
+            // selects, not branches or `f32::max`, so that the loop vectorises (ReLU of NaN is 0
+            // either way, as the kernels' fmaxf)
             for p in 0..np {
-                sa[p] += ar[p].get().max(0.0);
-                let v = mr[p].get().max(0.0);
-                if v > mm[p] {
-                    mm[p] = v;
-                    arg[p] = ch as i32;
-                }
+                let (av, mv) = (ar[p].get(), mr[p].get());
+                sa[p] += if av > 0.0 { av } else { 0.0 };
+                let v = if mv > 0.0 { mv } else { 0.0 };
+                let better = v > mm[p];
+                mm[p] = if better { v } else { mm[p] };
+                arg[p] = if better { ch as i32 } else { arg[p] };
             }
         }
         sa.iter_mut().for_each(|v| *v /= c as f32);
@@ -363,8 +365,9 @@ pub(crate) fn backward<T: Val>(
         };
         let (dav, dmv, arg) = (&dav[i * hw..][..hw], &dmv[i * hw..][..hw], &arg[i * hw..][..hw]);
         for p in 0..hw {
-            ar[p] = T::put(if ar[p].get() > 0.0 { dav[p] } else { 0.0 });
-            mr[p] = T::put(if arg[p] == ch as i32 && mr[p].get() > 0.0 { dmv[p] } else { 0.0 });
+            let (a_pos, m_hit) = (ar[p].get() > 0.0, (arg[p] == ch as i32) & (mr[p].get() > 0.0));
+            ar[p] = T::put(if a_pos { dav[p] } else { 0.0 });
+            mr[p] = T::put(if m_hit { dmv[p] } else { 0.0 });
         }
     });
     (0..31).map(|k| parts.iter().map(|p| p[k]).sum::<f64>() as f32).collect()

@@ -116,7 +116,8 @@ pub fn gate(
 
 /// The gate's backward after its convolutions, in f64: for out = g·s and the output gradient
 /// dout, (dA, dM [B, C, HW], the MLP's 31 parameter gradients in the kernels' order dfc1w (18),
-/// dfc1b (6), dfc2w (6), dfc2b (1), and their sums of absolute terms (for rounding bounds)).
+/// dfc1b (6), dfc2w (6), dfc2b (1), and the magnitudes their rounding errors scale with: sums
+/// of absolute terms, for dfc2w the ReLU's input's terms (for rounding bounds)).
 /// The input gradient's direct path is g·dout; the convolutions' gradients follow from dA, dM.
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
 pub fn gate_backward(
@@ -135,9 +136,10 @@ pub fn gate_backward(
     let px = gate(a, m, fc1w, fc1b, fc2w, fc2b, b, c, hw);
     let (mut da, mut dm) = (vec![0.0; a.len()], vec![0.0; m.len()]);
     let (mut fcg, mut mag) = ([0.0f64; 31], [0.0f64; 31]);
-    let mut add = |k: usize, v: f64| {
+    // a term v of gradient k, and the magnitude its f32 rounding error scales with
+    let mut add = |k: usize, v: f64, m: f64| {
         fcg[k] += v;
-        mag[k] += v.abs();
+        mag[k] += m;
     };
     for i in 0..b {
         for p in 0..hw {
@@ -149,15 +151,17 @@ pub fn gate_backward(
             let dg = (0..c).map(|ch| dout[e(ch)] * s[e(ch)]).sum::<f64>();
             let mut df = [0.0; 3];
             for j in 0..6 {
-                add(24 + j, dg * z[j].max(0.0));
+                // ReLU(z) of a z whose terms cancel carries their rounding, not its own
+                let zmag = (0..3).map(|k| (fc1w[j * 3 + k] * f[k]).abs()).sum::<f64>() + fc1b[j].abs();
+                add(24 + j, dg * z[j].max(0.0), if z[j] > 0.0 { (dg * zmag).abs() } else { 0.0 });
                 let dz = if z[j] > 0.0 { dg * fc2w[j] } else { 0.0 };
                 for (k, fk) in f.iter().enumerate() {
-                    add(j * 3 + k, dz * fk);
+                    add(j * 3 + k, dz * fk, (dz * fk).abs());
                     df[k] += dz * fc1w[j * 3 + k];
                 }
-                add(18 + j, dz);
+                add(18 + j, dz, dz.abs());
             }
-            add(30, dg);
+            add(30, dg, dg.abs());
             let (dav, dmv) = ((df[0] + df[2]) / c as f64, df[1] + df[2]);
             for ch in 0..c {
                 da[e(ch)] = if a[e(ch)] > 0.0 { dav } else { 0.0 };
