@@ -82,50 +82,16 @@ fn check_plam(dev: &Device, b: usize, c: usize, h: usize, w: usize, seed: u64) -
 /// fc2b.
 fn magnitudes(p: &[Vec<f64>], dout: &[f64], b: usize, c: usize, hw: usize) -> Vec<Vec<f64>> {
     let (s, wa, wm, fc1w, fc1b, fc2w, fc2b) = (&p[0], &p[1], &p[2], &p[3], &p[4], &p[5], p[6][0]);
-    let conv = |w: &[f64]| {
-        let mut y = vec![0.0; s.len()];
-        for i in 0..b {
-            for o in 0..c {
-                for ci in 0..c {
-                    for q in 0..hw {
-                        y[(i * c + o) * hw + q] += w[o * c + ci] * s[(i * c + ci) * hw + q];
-                    }
-                }
-            }
-        }
-        y
-    };
-    let (a, m) = (conv(wa), conv(wm));
+    let (a, m) = (conv_1x1(wa, s, b, c, hw, false), conv_1x1(wm, s, b, c, hw, false));
     let px = reference::gate(&a, &m, fc1w, fc1b, fc2w, fc2b, b, c, hw);
-    let absw = |w: &[f64]| w.iter().map(|v| v.abs()).collect::<Vec<f64>>();
-    let conv_abs = |w: &[f64], x: &[f64]| {
-        let (w, x) = (absw(w), absw(x));
-        let mut y = vec![0.0; s.len()];
-        for i in 0..b {
-            for o in 0..c {
-                for ci in 0..c {
-                    for q in 0..hw {
-                        y[(i * c + o) * hw + q] += w[o * c + ci] * x[(i * c + ci) * hw + q];
-                    }
-                }
-            }
-        }
-        y
-    };
     // |features| from |A| and |M|, then the MLP's magnitude per pixel
-    let (aa, ma) = (conv_abs(wa, s), conv_abs(wm, s));
+    let (aa, ma) = (conv_1x1(wa, s, b, c, hw, true), conv_1x1(wm, s, b, c, hw, true));
     let gmag: Vec<f64> = (0..b * hw)
         .map(|q| {
             let (i, p) = (q / hw, q % hw);
             let f0 = (0..c).map(|ch| aa[(i * c + ch) * hw + p]).sum::<f64>() / c as f64;
             let f1 = (0..c).map(|ch| ma[(i * c + ch) * hw + p]).fold(0.0, f64::max);
-            let f = [f0, f1, f0 + f1];
-            fc2b.abs()
-                + (0..6)
-                    .map(|j| {
-                        fc2w[j].abs() * ((0..3).map(|k| fc1w[j * 3 + k].abs() * f[k]).sum::<f64>() + fc1b[j].abs())
-                    })
-                    .sum::<f64>()
+            mlp_magnitude([f0, f1, f0 + f1], fc1w, fc1b, fc2w, fc2b)
         })
         .collect();
     let out: Vec<f64> = (0..s.len()).map(|e| gmag[e / (c * hw) * hw + e % hw] * s[e].abs()).collect();
@@ -253,6 +219,32 @@ fn bf16_operand(n: usize, shape: &[usize], seed: u64, dev: &Device) -> (reclmis:
     (t, exact)
 }
 
+/// y[o] = Σ_i w[o][i]·x[i] per pixel (the 1×1 convolution), of |w| and |x| when `abs`; x
+/// [B, C, HW], w [C, C].
+fn conv_1x1(w: &[f64], x: &[f64], b: usize, c: usize, hw: usize, abs: bool) -> Vec<f64> {
+    let f = |v: f64| if abs { v.abs() } else { v };
+    let mut y = vec![0.0; x.len()];
+    for i in 0..b {
+        for o in 0..c {
+            for ci in 0..c {
+                for p in 0..hw {
+                    y[(i * c + o) * hw + p] += f(w[o * c + ci]) * f(x[(i * c + ci) * hw + p]);
+                }
+            }
+        }
+    }
+    y
+}
+
+/// The magnitude of the gate's MLP output at a pixel whose features are at most `f` in size:
+/// |fc2b| + Σ_j |fc2w_j|·(Σ_k |fc1w_jk|·f_k + |fc1b_j|), what g's f32 rounding scales with.
+fn mlp_magnitude(f: [f64; 3], fc1w: &[f64], fc1b: &[f64], fc2w: &[f64], fc2b: f64) -> f64 {
+    fc2b.abs()
+        + (0..6)
+            .map(|j| fc2w[j].abs() * ((0..3).map(|k| fc1w[j * 3 + k].abs() * f[k]).sum::<f64>() + fc1b[j].abs()))
+            .sum::<f64>()
+}
+
 /// out = Σ_o w[o][i]·x[o] per pixel (the 1×1 convolution's input gradient), |w| and |x| when
 /// `abs`; x [B, C, HW], w [C, C].
 fn conv_t(w: &[f64], x: &[f64], b: usize, c: usize, hw: usize, abs: bool) -> Vec<f64> {
@@ -350,16 +342,11 @@ fn check_plam_bf16(dev: &Device, b: usize, c: usize, h: usize, w: usize, seed: u
     let f = plam::bf16::plam_gate_bf16(&st, &wts).unwrap();
     prop_assert_eq!(f.out.dtype(), reclmis::DType::BF16);
     let (mut want, mut bound) = (vec![0.0; s.len()], vec![0.0; s.len()]);
-    for (q, (g, _, z)) in px.iter().enumerate() {
+    for (q, (g, _, _)) in px.iter().enumerate() {
         let (i, p) = (q / hw, q % hw);
         let f0 = (0..c).map(|ch| a[(i * c + ch) * hw + p].max(0.0)).sum::<f64>() / c as f64;
         let f1 = (0..c).map(|ch| m[(i * c + ch) * hw + p].max(0.0)).fold(0.0, f64::max);
-        let fmag = [f0.abs(), f1.abs(), f0.abs() + f1.abs()];
-        let gmag = fc2b.abs()
-            + (0..6)
-                .map(|j| fc2w[j].abs() * ((0..3).map(|k| fc1w[j * 3 + k].abs() * fmag[k]).sum::<f64>() + fc1b[j].abs()))
-                .sum::<f64>();
-        debug_assert!(z.len() == 6);
+        let gmag = mlp_magnitude([f0.abs(), f1.abs(), f0.abs() + f1.abs()], &fc1w, &fc1b, &fc2w, fc2b);
         for ch in 0..c {
             let e = (i * c + ch) * hw + p;
             want[e] = g * s[e];
@@ -433,20 +420,7 @@ fn reference_gate_backward_matches_finite_differences() {
             continue;
         }
         checked += 1;
-        let conv = |w: &[f64]| {
-            let mut y = vec![0.0; s.len()];
-            for i in 0..b {
-                for o in 0..c {
-                    for ci in 0..c {
-                        for p in 0..hw {
-                            y[(i * c + o) * hw + p] += w[o * c + ci] * s[(i * c + ci) * hw + p];
-                        }
-                    }
-                }
-            }
-            y
-        };
-        let (a, m) = (conv(&wa), conv(&wm));
+        let (a, m) = (conv_1x1(&wa, &s, b, c, hw, false), conv_1x1(&wm, &s, b, c, hw, false));
         let px = reference::gate(&a, &m, &fc1w, &fc1b, &fc2w, fc2b, b, c, hw);
         let (da, dm, fcg, _) = reference::gate_backward(&a, &m, &s, &dout, &fc1w, &fc1b, &fc2w, fc2b, b, c, hw);
         let (dxa, dxm) = (conv_t(&wa, &da, b, c, hw, false), conv_t(&wm, &dm, b, c, hw, false));

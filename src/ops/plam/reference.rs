@@ -14,27 +14,20 @@ pub fn plam(
     c: usize,
     hw: usize,
 ) -> Vec<f64> {
-    let mut out = vec![0.0; s.len()];
-    for i in 0..b {
-        for p in 0..hw {
-            let at = |ch: usize| s[(i * c + ch) * hw + p];
-            let conv = |w: &[f64], o: usize| (0..c).map(|ch| w[o * c + ch] * at(ch)).sum::<f64>();
-            let a = (0..c).map(|o| conv(w_avg, o).max(0.0)).sum::<f64>() / c as f64;
-            let m = (0..c).map(|o| conv(w_max, o).max(0.0)).fold(f64::NEG_INFINITY, f64::max);
-            let f = [a, m, a + m];
-            let g = fc2b
-                + (0..6)
-                    .map(|j| {
-                        fc2w[j]
-                            * (fc1w[j * 3] * f[0] + fc1w[j * 3 + 1] * f[1] + fc1w[j * 3 + 2] * f[2] + fc1b[j]).max(0.0)
-                    })
-                    .sum::<f64>();
-            for ch in 0..c {
-                out[(i * c + ch) * hw + p] = g * at(ch);
+    // the two 1×1 convolutions, then the gate (`gate`) and the scaling
+    let conv = |w: &[f64]| {
+        let mut y = vec![0.0; s.len()];
+        for i in 0..b {
+            for p in 0..hw {
+                for o in 0..c {
+                    y[(i * c + o) * hw + p] = (0..c).map(|ch| w[o * c + ch] * s[(i * c + ch) * hw + p]).sum::<f64>();
+                }
             }
         }
-    }
-    out
+        y
+    };
+    let px = gate(&conv(w_avg), &conv(w_max), fc1w, fc1b, fc2w, fc2b, b, c, hw);
+    (0..s.len()).map(|e| px[e / (c * hw) * hw + e % hw].0 * s[e]).collect()
 }
 
 /// The smallest distance of any kink input to its kink over all pixels: the ReLUs' arguments
