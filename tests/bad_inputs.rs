@@ -38,6 +38,7 @@ fn opts(data: &Path, out: &Path) -> TrainOpts {
         accumulate: 1,
         precision: reclmis::autograd::Precision::F32,
         lr: 1e-3,
+        clip_grad_norm: None,
         seed: 5,
         out: out.to_path_buf(),
         patience: 100,
@@ -179,6 +180,11 @@ fn resume_is_consistent_or_refuses() {
         ("other lr", TrainOpts { lr: 2e-3, ..opts(&data, &run) }, "lr: the run has 1e-3, now 2e-3"),
         ("augmentation switched", TrainOpts { augment: true, ..opts(&data, &run) }, "augment"),
         ("accumulation switched", TrainOpts { accumulate: 2, ..opts(&data, &run) }, "accumulate: the run has 1, now 2"),
+        (
+            "clipping switched",
+            TrainOpts { clip_grad_norm: Some(1.0), ..opts(&data, &run) },
+            "clip_grad_norm: the run has none, now 1e0",
+        ),
         (
             "precision switched",
             TrainOpts { precision: reclmis::autograd::Precision::Bf16, ..opts(&data, &run) },

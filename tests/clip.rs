@@ -180,6 +180,7 @@ fn clip_text_weights_train_frozen_and_resume() {
         accumulate: 1,
         precision: reclmis::autograd::Precision::F32,
         lr: 1e-3,
+        clip_grad_norm: None,
         seed: 3,
         out: run.clone(),
         patience: 10,

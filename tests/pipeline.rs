@@ -32,6 +32,7 @@ fn opts(data: &Path, out: &Path, epochs: usize) -> TrainOpts {
         accumulate: 1,
         precision: reclmis::autograd::Precision::F32,
         lr: 1e-3,
+        clip_grad_norm: None,
         seed: 5,
         out: out.to_path_buf(),
         patience: 100,
@@ -202,6 +203,41 @@ fn cli_rejects_bad_arguments() {
     assert!(!ok && msg.contains("/nonexistent/Train_Folder") && msg.contains("missing folder"), "{msg}");
     let (ok, msg) = cli(&["train", "--data", "/nonexistent", "--epochs", "many"]);
     assert!(!ok && msg.contains("--epochs"), "{msg}");
+    // refused before the data is read
+    for bad in ["0", "-1", "NaN", "inf"] {
+        let flag = format!("--clip-grad-norm={bad}");
+        let (ok, msg) = cli(&["train", "--data", "/nonexistent", "--device", "cpu", &flag]);
+        assert!(!ok && msg.contains("--clip-grad-norm") && !msg.contains("Train_Folder"), "{bad}: {msg}");
+    }
+}
+
+/// `clip_grad_norm`: a bound above every step's norm changes nothing (bit for bit), a bound
+/// below them changes the run (the gradients reach Adam scaled); the log has each epoch's mean
+/// and largest norm before clipping.
+#[test]
+fn gradient_clipping_reaches_the_optimiser() {
+    let dir = tmp("clip");
+    let data = dir.join("data");
+    tiny_set(&data);
+    let dev = Device::Cpu;
+    let run = |name: &str, clip: Option<f32>| {
+        let out = dir.join(name);
+        pipeline::train::train(&TrainOpts { clip_grad_norm: clip, ..opts(&data, &out, 2) }, &dev).unwrap();
+        let (m, _) = pipeline::load_run(&out.join("last.safetensors"), None, &dev).unwrap();
+        let w: Vec<Vec<f32>> = m.params.ids().map(|id| m.params.value(id).to_vec().unwrap()).collect();
+        (w, logged(&out, "grad_norm"), logged(&out, "grad_norm_max"), logged(&out, "total"))
+    };
+    let (free, norm, norm_max, loss) = run("free", None);
+    assert!(norm.iter().zip(&norm_max).all(|(m, x)| *m > 0.0 && x >= m), "mean {norm:?}, max {norm_max:?}");
+    let (high, high_norm, _, high_loss) = run("high", Some(1e30));
+    assert!(high == free && high_norm == norm && high_loss == loss, "a bound no step reaches changed the run");
+    // a tenth of the smallest epoch mean: most steps are scaled
+    let low_bound = norm.iter().cloned().fold(f64::INFINITY, f64::min) as f32 / 10.0;
+    let (low, low_norm, _, _) = run("low", Some(low_bound));
+    assert!(low != free, "clipping to {low_bound} left every weight as without it");
+    // the logged norms are the ones before clipping (after it none would exceed the bound)
+    assert!(low_norm.iter().all(|&n| n > low_bound as f64), "logged {low_norm:?} with the bound {low_bound}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// A frozen text tower's cached output gives the same training losses as running the tower (the

@@ -64,6 +64,8 @@ pub struct AblateOpts {
     pub epochs: usize,
     pub batch: usize,
     pub lr: Option<f32>,
+    /// As `train --clip-grad-norm` (None: no clipping).
+    pub clip_grad_norm: Option<f32>,
     pub seed: u64,
     pub patience: usize,
     pub counterfactual_rate: f64,
@@ -113,6 +115,7 @@ pub fn ablate(o: &AblateOpts, dev: &Device) -> Result<Vec<Row>> {
             accumulate: 1,
             precision: crate::autograd::Precision::F32,
             lr,
+            clip_grad_norm: o.clip_grad_norm,
             seed: o.seed,
             out: run.clone(),
             patience: o.patience,

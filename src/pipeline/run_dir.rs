@@ -42,7 +42,8 @@ pub struct EpochLog {
     /// Optimiser steps done at the end of this epoch.
     pub step: u64,
     pub lr: f64,
-    /// Mean of each loss term over the epoch's steps (`total`, `criterion`, `ccl`, ...).
+    /// Mean of each loss term over the epoch's steps (`total`, `criterion`, `ccl`, ...), and of
+    /// the global gradient norm before clipping (`grad_norm`; its largest: `grad_norm_max`).
     #[serde(flatten)]
     pub losses: BTreeMap<String, f64>,
     pub val_dice: f64,

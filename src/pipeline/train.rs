@@ -42,6 +42,9 @@ pub struct TrainOpts {
     /// Autocast precision of the training and validation graphs (`autograd::Precision`).
     pub precision: crate::autograd::Precision,
     pub lr: f32,
+    /// Scale each step's gradients so that their global L2 norm is at most this (torch's
+    /// clip_grad_norm_); None: no clipping (the official recipes).
+    pub clip_grad_norm: Option<f32>,
     pub seed: u64,
     pub out: PathBuf,
     /// Stop after this many epochs without a better validation Dice.
@@ -81,6 +84,11 @@ impl TrainOpts {
         if !(self.lr.is_finite() && self.lr > 0.0 && self.lr <= 1.0) {
             // Adam moves each weight by about lr per step: above 1 every weight is noise
             return bad(format!("--lr {}: must be a number in (0, 1]", self.lr));
+        }
+        if let Some(c) = self.clip_grad_norm {
+            if !(c.is_finite() && c > 0.0) {
+                return bad(format!("--clip-grad-norm {c}: must be a number > 0"));
+            }
         }
         if self.batch == 0 {
             return bad("--batch 0: must be at least 1".into());
@@ -148,6 +156,7 @@ fn settings(
         ("accumulate", o.accumulate.to_string()),
         ("precision", o.precision.to_string()),
         ("lr", format!("{:e}", o.lr)),
+        ("clip_grad_norm", o.clip_grad_norm.map_or("none".into(), |c| format!("{c:e}"))),
         ("augment", o.augment.to_string()),
         ("official_flips", o.official_flips.to_string()),
         ("train_data", train.fingerprint()),
@@ -162,6 +171,7 @@ fn unrecorded(key: &str) -> &'static str {
     match key {
         "accumulate" => "1",
         "precision" => "f32",
+        "clip_grad_norm" => "none",
         _ => "(not recorded)",
     }
 }
@@ -304,7 +314,8 @@ impl Run {
             }
         };
         let settings = settings(o, &train, &val, &tok_meta.0, &text_hash, &cfg);
-        let tr = Trainer::new(model, AdamConfig { lr: o.lr, ..AdamConfig::default() });
+        let mut tr = Trainer::new(model, AdamConfig { lr: o.lr, ..AdamConfig::default() });
+        tr.clip = o.clip_grad_norm;
         let mut run = Run {
             id: run_id(&settings),
             dir,
@@ -564,6 +575,8 @@ struct EpochStats {
     compute_s: f64,
     first: f32,
     last: f32,
+    /// The largest global gradient norm of the epoch's steps.
+    grad_norm_max: f64,
 }
 
 fn progress_bar(o: &TrainOpts, steps: usize, epoch: usize) -> indicatif::ProgressBar {
@@ -593,7 +606,14 @@ fn run_epoch(run: &mut Run, o: &TrainOpts, epoch: usize) -> Result<EpochStats> {
     run.tr.adam.cfg.lr = o.schedule.lr(o.lr as f64, epoch, o.epochs) as f32;
     let mut rng = Rng::new(o.seed ^ 0xA5A5 ^ epoch as u64);
     let mut sums = BTreeMap::<String, f64>::new();
-    let mut st = EpochStats { means: BTreeMap::new(), images: 0, compute_s: 0.0, first: f32::NAN, last: f32::NAN };
+    let mut st = EpochStats {
+        means: BTreeMap::new(),
+        images: 0,
+        compute_s: 0.0,
+        first: f32::NAN,
+        last: f32::NAN,
+        grad_norm_max: 0.0,
+    };
     let (mut steps, mut in_step, mut seen) = (0, 0, 0usize);
     let stopped = |e: Error, steps: usize| match e {
         Error::NonFinite(what) => Error::NonFinite(format!(
@@ -629,6 +649,11 @@ fn run_epoch(run: &mut Run, o: &TrainOpts, epoch: usize) -> Result<EpochStats> {
         for (k, v) in &l {
             *sums.entry(k.to_string()).or_default() += *v as f64;
         }
+        // the global gradient norm before any clipping: its mean and largest value per epoch
+        // show a loss spike's cause in the log (grad_norm, grad_norm_max)
+        let norm = run.tr.last_grad_norm as f64;
+        *sums.entry("grad_norm".into()).or_default() += norm;
+        st.grad_norm_max = st.grad_norm_max.max(norm);
         steps += 1;
         bar.set_message(format!(
             "loss {:.3} (seg {:.3} ccl {:.3} rec {:.3}/{:.3}) {:.1} img/s",
@@ -646,6 +671,7 @@ fn run_epoch(run: &mut Run, o: &TrainOpts, epoch: usize) -> Result<EpochStats> {
     run.tr.discard();
     bar.finish_and_clear();
     st.means = sums.into_iter().map(|(k, s)| (k, s / steps.max(1) as f64)).collect();
+    st.means.insert("grad_norm_max".into(), st.grad_norm_max);
     Ok(st)
 }
 
