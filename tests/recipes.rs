@@ -311,6 +311,10 @@ fn ablate_trains_each_variant_and_writes_the_table() {
     let (full, base) = (cfg("full"), cfg("base"));
     assert!(!full.no_condition && full.loss_weights == [5.0, 0.2, 1.0, 1.0]);
     assert!(base.no_condition && base.loss_weights == [5.0, 0.2, 0.0, 0.0]);
+    // every variant with the quickstart's gradient clipping
+    for v in ["full", "base"] {
+        assert_eq!(meta(&out.join(v).join("train_state.safetensors"))["setting.clip_grad_norm"], "5e0", "{v}");
+    }
     assert!(String::from_utf8_lossy(&o.stdout).contains("counterfactual"));
     // the folder now holds the table: a second run is refused and leaves it as it was
     let again = run(&["--variants", "full"]);
