@@ -77,9 +77,9 @@ impl OneImage {
 const QUICKSTART_COUNTERFACTUAL_RATE: f64 = 0.7;
 
 /// The quickstart's gradient clipping (see `train --clip-grad-norm`; also `ablate`'s default):
-/// about twice the typical step's norm on its data (1.2 to 4 per epoch's mean), so only the
-/// rare steps of 40 to 160 are scaled. Without it one such step (epoch 18 of seed 1, norm 72)
-/// undid what the model had learnt of the notes for the rest of the run (BENCHMARKS.md).
+/// above the epoch means of the norm on its data (1.2 to 4), so it cuts the outliers, spikes of
+/// 40 to 160 among them. Without it one such step (epoch 18 of seed 1, norm 72) undid what the
+/// model had learnt of the notes for the rest of the run (BENCHMARKS.md).
 #[cfg(feature = "train")]
 const QUICKSTART_CLIP_GRAD_NORM: f32 = 5.0;
 
