@@ -26,7 +26,8 @@ extern "C" __global__ void l2norm_fwd_f32(L2NormParams p) {
     for (uint32_t j = threadIdx.x; active && j < p.d; j += 32) s += x[j] * x[j];
     s = warp_sum(s);
     if (!active) return;
-    const float inv = 1.f / sqrtf(s);
+    // a zero (or underflowing) row stays 0 and gets no gradient (src/ops/ccl/mod.rs)
+    const float inv = s == 0.f ? 0.f : 1.f / sqrtf(s);
     for (uint32_t j = threadIdx.x; j < p.d; j += 32) p.y[(uint64_t)row * p.d + j] = x[j] * inv;
     if (threadIdx.x == 0) p.inv[row] = inv;
 }

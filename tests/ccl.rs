@@ -15,7 +15,8 @@ struct Case {
     l: usize,
     n: usize,
     d: usize,
-    /// 0: all words valid, 1: random padding at the end of each text, 2: duplicated tokens (ties)
+    /// 0: all words valid, 1: random padding at the end of each text, 2: duplicated tokens (ties),
+    /// 3: zero tokens (a ReLU'd bottleneck position): similarity 0, no gradient
     kind: u8,
     seed: u64,
 }
@@ -26,7 +27,7 @@ fn case() -> impl Strategy<Value = Case> {
         prop::sample::select(vec![1usize, 3, 18, 33]),
         prop::sample::select(vec![1usize, 7, 16, 65, 70]),
         prop::sample::select(vec![1usize, 5, 33, 64]),
-        0u8..3,
+        0u8..4,
         any::<u64>(),
     )
         .prop_map(|(b, l, n, d, kind, seed)| Case { b, l, n, d, kind, seed })
@@ -71,6 +72,14 @@ fn data(c: &Case) -> Data {
                     let (src, dst) = ((a * c.l + i) * c.d, (a * c.l + j) * c.d);
                     t.copy_within(src..src + c.d, dst);
                 }
+            }
+        }
+    }
+    if c.kind == 3 {
+        // a third of the tokens of both kinds zeroed: the duplicates among them tie at 0
+        for row in t.chunks_mut(c.d).chain(v.chunks_mut(c.d)) {
+            if rng.next_u64().is_multiple_of(3) {
+                row.fill(0.0);
             }
         }
     }
@@ -122,8 +131,12 @@ fn error_scales(c: &Case, x: &Data, av: &[usize], at: &[usize]) -> ErrorScales {
         av,
         at,
     );
+    // zero rows have no gradient (and no 1/‖x‖)
     let inv_max = |v: &[f32]| {
-        v.chunks(c.d).map(|r| 1.0 / r.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt()).fold(0.0, f64::max)
+        v.chunks(c.d)
+            .map(|r| r.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt())
+            .map(|n| if n == 0.0 { 0.0 } else { 1.0 / n })
+            .fold(0.0, f64::max)
     };
     ErrorScales {
         dt: inf_norm(&dth) * inv_max(&x.t),
@@ -421,6 +434,35 @@ fn a_nan_in_a_padded_word_propagates() {
         assert!(f.v2t.to_vec().unwrap()[0].is_nan(), "{kind}: v2t {:?}", f.v2t.to_vec().unwrap());
         assert!(f.t2v.to_vec().unwrap()[0].is_nan(), "{kind}: t2v {:?}", f.t2v.to_vec().unwrap());
         assert_eq!(f.saved.max_v.to_vec().unwrap()[0], 1.0, "{kind}: the valid word's max over v");
+    }
+}
+
+/// A zero token (every channel ReLU'd to 0) has similarity 0 with everything and gets no
+/// gradient; the loss stays finite (the official code's plain normalisation gives NaN: a bf16
+/// training run stopped on it).
+#[test]
+fn a_zero_token_has_similarity_zero_and_no_gradient() {
+    for kind in ["cpu", "emu"] {
+        let dev = device(kind);
+        // text 0: word 1 zero; text 1: both words valid. image 0: token 0 zero; image 1: none zero
+        let t = tensor(&[1.0, 0.5, 0.0, 0.0, -0.3, 1.0, 0.7, 0.2], &[2, 2, 2], &dev);
+        let v = tensor(&[0.0, 0.0, -1.0, 0.2, 0.4, 0.9, -0.6, 0.8], &[2, 2, 2], &dev);
+        let mask = tensor(&[1.0; 4], &[2, 2], &dev);
+        let w = tensor(&[0.5; 4], &[2, 2], &dev);
+        let f = ccl::ccl_similarity(&t, &v, &mask, &w, &w).unwrap();
+        let (t2v, v2t) = (f.t2v.to_vec().unwrap(), f.v2t.to_vec().unwrap());
+        assert!(t2v.iter().chain(&v2t).all(|x| x.is_finite()), "{kind}: t2v {t2v:?}, v2t {v2t:?}");
+        let s = Sizes { b: 2, l: 2, n: 2, d: 2 };
+        let (tf, vf) = (f64s(&t.to_vec().unwrap()), f64s(&v.to_vec().unwrap()));
+        let (rt2v, rv2t, _, _, _) = reference::ccl(&tf, &vf, &[1.0; 4], &[0.5; 4], &[0.5; 4], &s);
+        assert_none("t2v", mismatch(&t2v, &rt2v, 1e-6, 0.0)).unwrap();
+        assert_none("v2t", mismatch(&v2t, &rv2t, 1e-6, 0.0)).unwrap();
+        let dy = tensor(&[1.0, -0.5, 0.25, 0.75], &[2, 2], &dev);
+        let g = ccl::ccl_similarity_backward(&f, &mask, &w, &w, &dy, &dy).unwrap();
+        let (dt, dv) = (g.dt.to_vec().unwrap(), g.dv.to_vec().unwrap());
+        assert!(dt.iter().chain(&dv).all(|x| x.is_finite()), "{kind}: dt {dt:?}, dv {dv:?}");
+        assert_eq!((dt[2], dt[3], dv[0], dv[1]), (0.0, 0.0, 0.0, 0.0), "{kind}: the zero tokens' gradients");
+        assert!(dt[0] != 0.0 && dv[2] != 0.0, "{kind}: the other tokens' gradients: {dt:?} {dv:?}");
     }
 }
 

@@ -24,7 +24,18 @@ pub fn l2_normalize(x: &[f32], d: usize) -> (Vec<f32>, Vec<f32>) {
     if d == 0 {
         return (Vec::new(), Vec::new());
     }
-    let inv: Vec<f32> = x.par_chunks(d).map(|row| 1.0 / row_dot(row, row).sqrt()).collect();
+    // a zero (or underflowing) row: inverse norm 0, so the row stays 0 and gets no gradient
+    let inv: Vec<f32> = x
+        .par_chunks(d)
+        .map(|row| {
+            let s = row_dot(row, row);
+            if s == 0.0 {
+                0.0
+            } else {
+                1.0 / s.sqrt()
+            }
+        })
+        .collect();
     // 64 rows per task, written without a zeroing pass
     let y = cpu_math::par_new(x.len(), 64 * d, |i, out| {
         for (j, (orow, xrow)) in out.chunks_mut(d).zip(x[i * 64 * d..].chunks(d)).enumerate() {

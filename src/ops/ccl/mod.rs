@@ -10,7 +10,12 @@
 //!
 //! Argmax rule (forward and backward): the max is taken over the f32 values as computed; NaN wins;
 //! among equal values the lowest index wins, and the whole gradient of that max goes to it.
-//! Zero vectors have no direction: their normalisation gives NaN, as in the official code.
+//! Zero vectors have no direction. The official code divides by the plain norm, so a zero token
+//! (a bottleneck position whose every channel the ReLU zeroed) makes the loss NaN: a bf16
+//! quickstart-recipe run stopped on it at epoch 36 (BENCHMARKS.md, 2026-12-07). Here a row whose
+//! squared norm is 0 (or underflows to 0) normalises to 0, so its similarities are 0 (the forward
+//! of PyTorch's `F.normalize`), and it receives no gradient (its output is constant there).
+//! Every other row is divided by its plain norm as officially; a NaN row still gives NaN.
 //!
 //! Memory: the normalised inputs (B(L+N)D), the argmaxes and maxima ([B,B,L] and [B,B,N], which is
 //! below B(L+N)D whenever B <= D) and the [B,B] outputs; never the B×B×L×N alignment tensor.
@@ -174,7 +179,7 @@ pub fn sizes(t: &Tensor, v: &Tensor, mask: &Tensor, tw: &Tensor, vw: &Tensor) ->
     Ok(CclSizes { b, l, n, d })
 }
 
-/// L2-normalises the rows of the last axis: (x / ‖x‖, 1 / ‖x‖).
+/// L2-normalises the rows of the last axis: (x / ‖x‖, 1 / ‖x‖); a row of norm 0 gives (0, 0).
 pub fn l2_normalize(x: &Tensor) -> Result<(Tensor, Tensor)> {
     let op = "l2_normalize";
     x.expect_dtype(op, DType::F32)?;
@@ -247,8 +252,9 @@ pub fn ccl_similarity(t: &Tensor, v: &Tensor, mask: &Tensor, tw: &Tensor, vw: &T
     let (b, l, n) = (s.b, s.l, s.n);
     if let Device::Cpu = dev {
         let op = "ccl";
-        // 1/‖x‖ finite and > 0 for every row <=> every normalised element is finite (a NaN row
-        // gives NaN, an infinite one 0, a zero or underflowing one +inf)
+        // 1/‖x‖ finite and > 0 for every row => every normalised element is finite (a NaN row
+        // gives NaN, an infinite one 0; a zero or underflowing one 0 too, with finite zeros: the
+        // general path, slower but the same values)
         let ok = |inv: &[f32]| inv.iter().all(|&x| x.is_finite() && x > 0.0);
         let finite = ok(inv_t.cpu_f32(op)?) && ok(inv_v.cpu_f32(op)?);
         let f = cpu::forward(

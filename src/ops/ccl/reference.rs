@@ -3,12 +3,13 @@
 //! Shapes: t [B,L,D], v [B,N,D], mask [B,L] (0/1), tw [B,L], vw [B,N]; outputs [B,B] with rows a
 //! (text) and columns b (image).
 
-/// Row-wise L2 normalisation (plain norm, no epsilon, as the official code).
+/// Row-wise L2 normalisation by the plain norm (no epsilon, as the official code), except that a
+/// row of norm 0 stays 0 (the official code's 0/0 gives NaN; see the module doc of ops::ccl).
 pub fn l2_normalize(x: &[f64], d: usize) -> Vec<f64> {
     x.chunks(d)
         .flat_map(|r| {
             let n = r.iter().map(|v| v * v).sum::<f64>().sqrt();
-            r.iter().map(move |v| v / n)
+            r.iter().map(move |v| if n == 0.0 { 0.0 } else { v / n })
         })
         .collect()
 }
@@ -145,6 +146,10 @@ pub fn l2_normalize_backward(x: &[f64], dy: &[f64], d: usize) -> Vec<f64> {
     let mut dx = vec![0.0; x.len()];
     for ((xr, gr), out) in x.chunks(d).zip(dy.chunks(d)).zip(dx.chunks_mut(d)) {
         let n = xr.iter().map(|v| v * v).sum::<f64>().sqrt();
+        // a zero row: its output is constant 0, so it receives no gradient
+        if n == 0.0 {
+            continue;
+        }
         let dot: f64 = xr.iter().zip(gr).map(|(a, b)| a / n * b).sum();
         for ((o, &xv), &g) in out.iter_mut().zip(xr).zip(gr) {
             *o = (g - xv / n * dot) / n;
