@@ -246,20 +246,10 @@ fn mlp_magnitude(f: [f64; 3], fc1w: &[f64], fc1b: &[f64], fc2w: &[f64], fc2b: f6
 }
 
 /// out = Σ_o w[o][i]·x[o] per pixel (the 1×1 convolution's input gradient), |w| and |x| when
-/// `abs`; x [B, C, HW], w [C, C].
+/// `abs`; x [B, C, HW], w [C, C]: `conv_1x1` with wᵀ (the same terms in the same order).
 fn conv_t(w: &[f64], x: &[f64], b: usize, c: usize, hw: usize, abs: bool) -> Vec<f64> {
-    let f = |v: f64| if abs { v.abs() } else { v };
-    let mut out = vec![0.0; x.len()];
-    for i in 0..b {
-        for ci in 0..c {
-            for o in 0..c {
-                for p in 0..hw {
-                    out[(i * c + ci) * hw + p] += f(w[o * c + ci]) * f(x[(i * c + o) * hw + p]);
-                }
-            }
-        }
-    }
-    out
+    let wt: Vec<f64> = (0..c * c).map(|k| w[(k % c) * c + k / c]).collect();
+    conv_1x1(&wt, x, b, c, hw, abs)
 }
 
 /// dw[o][i] = Σ_pixels dy[o]·x[i] (the 1×1 convolution's weight gradient), of |dy| and |x| when

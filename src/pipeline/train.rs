@@ -575,8 +575,6 @@ struct EpochStats {
     compute_s: f64,
     first: f32,
     last: f32,
-    /// The largest global gradient norm of the epoch's steps.
-    grad_norm_max: f64,
 }
 
 fn progress_bar(o: &TrainOpts, steps: usize, epoch: usize) -> indicatif::ProgressBar {
@@ -606,14 +604,8 @@ fn run_epoch(run: &mut Run, o: &TrainOpts, epoch: usize) -> Result<EpochStats> {
     run.tr.adam.cfg.lr = o.schedule.lr(o.lr as f64, epoch, o.epochs) as f32;
     let mut rng = Rng::new(o.seed ^ 0xA5A5 ^ epoch as u64);
     let mut sums = BTreeMap::<String, f64>::new();
-    let mut st = EpochStats {
-        means: BTreeMap::new(),
-        images: 0,
-        compute_s: 0.0,
-        first: f32::NAN,
-        last: f32::NAN,
-        grad_norm_max: 0.0,
-    };
+    let mut st = EpochStats { means: BTreeMap::new(), images: 0, compute_s: 0.0, first: f32::NAN, last: f32::NAN };
+    let mut grad_norm_max = 0.0f64;
     let (mut steps, mut in_step, mut seen) = (0, 0, 0usize);
     let stopped = |e: Error, steps: usize| match e {
         Error::NonFinite(what) => Error::NonFinite(format!(
@@ -653,7 +645,7 @@ fn run_epoch(run: &mut Run, o: &TrainOpts, epoch: usize) -> Result<EpochStats> {
         // show a loss spike's cause in the log (grad_norm, grad_norm_max)
         let norm = run.tr.last_grad_norm as f64;
         *sums.entry("grad_norm".into()).or_default() += norm;
-        st.grad_norm_max = st.grad_norm_max.max(norm);
+        grad_norm_max = grad_norm_max.max(norm);
         steps += 1;
         bar.set_message(format!(
             "loss {:.3} (seg {:.3} ccl {:.3} rec {:.3}/{:.3}) {:.1} img/s",
@@ -671,7 +663,7 @@ fn run_epoch(run: &mut Run, o: &TrainOpts, epoch: usize) -> Result<EpochStats> {
     run.tr.discard();
     bar.finish_and_clear();
     st.means = sums.into_iter().map(|(k, s)| (k, s / steps.max(1) as f64)).collect();
-    st.means.insert("grad_norm_max".into(), st.grad_norm_max);
+    st.means.insert("grad_norm_max".into(), grad_norm_max);
     Ok(st)
 }
 
