@@ -776,11 +776,22 @@ fn run(cli: Cli) -> reclmis::Result<()> {
                 official_flips: false,
                 progress: true,
             };
-            let s = pipeline::train::train(&o, &dev)?;
-            println!(
-                "best validation Dice {:.4} at epoch {} ({:.1} images/s)",
-                s.best_dice, s.best_epoch, s.images_per_s
-            );
+            // training stopped by a NaN or infinity keeps the files of the epochs before it: the
+            // best checkpoint so far is still evaluated, and the error is returned after that
+            let stopped = match pipeline::train::train(&o, &dev) {
+                Ok(s) => {
+                    println!(
+                        "best validation Dice {:.4} at epoch {} ({:.1} images/s)",
+                        s.best_dice, s.best_epoch, s.images_per_s
+                    );
+                    None
+                }
+                Err(e @ reclmis::Error::NonFinite(_)) if o.out.join("best.safetensors").exists() => {
+                    eprintln!("reclmis: {e}\nevaluating the best checkpoint written before it");
+                    Some(e)
+                }
+                Err(e) => return Err(e),
+            };
             let (mut m, tok) = pipeline::load_run(&o.out.join("best.safetensors"), None, &dev)?;
             m.precision = p;
             let (h, w) = m.cfg.img_size;
@@ -800,6 +811,9 @@ fn run(cli: Cli) -> reclmis::Result<()> {
                 );
             }
             println!("total {:.0} s", t0.elapsed().as_secs_f64());
+            if let Some(e) = stopped {
+                return Err(e);
+            }
         }
         #[cfg(feature = "train")]
         Cmd::Ablate {

@@ -225,16 +225,22 @@ fn gradient_clipping_reaches_the_optimiser() {
         pipeline::train::train(&TrainOpts { clip_grad_norm: clip, ..opts(&data, &out, 2) }, &dev).unwrap();
         let (m, _) = pipeline::load_run(&out.join("last.safetensors"), None, &dev).unwrap();
         let w: Vec<Vec<f32>> = m.params.ids().map(|id| m.params.value(id).to_vec().unwrap()).collect();
-        (w, logged(&out, "grad_norm"), logged(&out, "grad_norm_max"), logged(&out, "total"))
+        let log = std::fs::read_to_string(out.join("log.jsonl")).unwrap();
+        let clipped = log.contains("clipped_fraction").then(|| logged(&out, "clipped_fraction"));
+        (w, logged(&out, "grad_norm"), logged(&out, "grad_norm_max"), logged(&out, "total"), clipped)
     };
-    let (free, norm, norm_max, loss) = run("free", None);
+    let (free, norm, norm_max, loss, free_clipped) = run("free", None);
     assert!(norm.iter().zip(&norm_max).all(|(m, x)| *m > 0.0 && x >= m), "mean {norm:?}, max {norm_max:?}");
-    let (high, high_norm, _, high_loss) = run("high", Some(1e30));
+    assert_eq!(free_clipped, None, "a run without a bound logs no clipped share");
+    let (high, high_norm, _, high_loss, high_clipped) = run("high", Some(1e30));
     assert!(high == free && high_norm == norm && high_loss == loss, "a bound no step reaches changed the run");
-    // a tenth of the smallest epoch mean: most steps are scaled
-    let low_bound = norm.iter().cloned().fold(f64::INFINITY, f64::min) as f32 / 10.0;
-    let (low, low_norm, _, _) = run("low", Some(low_bound));
+    assert_eq!(high_clipped, Some(vec![0.0; norm.len()]), "a bound no step reaches clipped steps");
+    // a ten-thousandth of the smallest epoch mean, far below every step's norm (a mean is not a
+    // bound on the steps': its smallest step could be below a tenth of it): every step is scaled
+    let low_bound = norm.iter().cloned().fold(f64::INFINITY, f64::min) as f32 / 1e4;
+    let (low, low_norm, _, _, low_clipped) = run("low", Some(low_bound));
     assert!(low != free, "clipping to {low_bound} left every weight as without it");
+    assert_eq!(low_clipped, Some(vec![1.0; norm.len()]), "the bound {low_bound} is below every step's norm");
     // the logged norms are the ones before clipping (after it none would exceed the bound)
     assert!(low_norm.iter().all(|&n| n > low_bound as f64), "logged {low_norm:?} with the bound {low_bound}");
     std::fs::remove_dir_all(&dir).unwrap();

@@ -13,7 +13,7 @@ use super::{Batch, MaskIndices, RecLmis};
 use crate::error::{Error, Result};
 use crate::nn::params::ParamId;
 use crate::ops::elementwise;
-use crate::optim::{clip_grad_norm, Adam, AdamConfig};
+use crate::optim::{clip_to, Adam, AdamConfig};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 use std::collections::BTreeMap;
@@ -30,6 +30,8 @@ pub struct Trainer {
     pub last_times: [f64; 3],
     /// Global L2 norm of the last step's gradients (before clipping).
     pub last_grad_norm: f32,
+    /// Whether the last step's gradients were scaled down by `clip`.
+    pub last_clipped: bool,
     /// The step being gathered (None between steps).
     pending: Option<Pending>,
 }
@@ -52,7 +54,16 @@ impl Trainer {
     pub fn new(model: RecLmis, cfg: AdamConfig) -> Trainer {
         let trainable: Vec<ParamId> = model.params.ids().filter(|&id| model.params.trainable(id)).collect();
         let adam = Adam::new(cfg, trainable.len());
-        Trainer { model, adam, trainable, clip: None, last_times: [0.0; 3], last_grad_norm: 0.0, pending: None }
+        Trainer {
+            model,
+            adam,
+            trainable,
+            clip: None,
+            last_times: [0.0; 3],
+            last_grad_norm: 0.0,
+            last_clipped: false,
+            pending: None,
+        }
     }
 
     /// One step on one batch; returns the loss terms (before the update).
@@ -178,9 +189,11 @@ impl Trainer {
             return Err(Error::NonFinite(format!("gradient norm is {norm}")));
         }
         self.last_grad_norm = norm;
-        if let Some(c) = self.clip {
-            clip_grad_norm(&mut gs, c)?;
-        }
+        // the norm just measured: clipping does not sum the squares a second time
+        self.last_clipped = match self.clip {
+            Some(c) => clip_to(&mut gs, norm, c)?,
+            None => false,
+        };
         let values: Vec<_> = self.trainable.iter().map(|&id| self.model.params.value(id)).collect();
         let updated = self.adam.step(&values, &gs)?;
         for (&id, t) in self.trainable.iter().zip(updated) {

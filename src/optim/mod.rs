@@ -263,11 +263,18 @@ pub fn grad_norm(grads: &[Option<Tensor>]) -> Result<f32> {
 /// clip_grad_norm_: factor max_norm / (norm + 1e-6) when it is below 1). Returns the norm before.
 pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f32) -> Result<f32> {
     let norm = grad_norm(grads)?;
+    clip_to(grads, norm, max_norm)?;
+    Ok(norm)
+}
+
+/// `clip_grad_norm` for gradients whose global norm is already known (`norm`, from `grad_norm`):
+/// scales them by max_norm / (norm + 1e-6) when that is below 1 and says whether it did.
+pub fn clip_to(grads: &mut [Option<Tensor>], norm: f32, max_norm: f32) -> Result<bool> {
     let factor = max_norm / (norm + 1e-6);
     if factor < 1.0 {
         for g in grads.iter_mut().flatten() {
             *g = elementwise::scale(g, factor)?;
         }
     }
-    Ok(norm)
+    Ok(factor < 1.0)
 }
