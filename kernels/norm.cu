@@ -94,21 +94,6 @@ struct BnReduceParams {
 };
 RECLMIS_PARAMS_SIZE(BnReduceParams, 80);
 
-// x[i] or y[i] as f32, from f32 or bf16 storage
-template <bool BF16>
-__device__ __forceinline__ float bn_load(const void* v, uint64_t i) {
-    return BF16 ? bf16_bits_to_f32(((const uint16_t*)v)[i]) : ((const float*)v)[i];
-}
-
-template <bool BF16>
-__device__ __forceinline__ void bn_store(void* v, uint64_t i, float x) {
-    if (BF16) {
-        ((uint16_t*)v)[i] = f32_to_bf16_bits(x);
-    } else {
-        ((float*)v)[i] = x;
-    }
-}
-
 // grid = C, block = 256
 template <bool BF16>
 __device__ __forceinline__ void bn_reduce_bwd(const BnReduceParams& p) {
@@ -119,9 +104,9 @@ __device__ __forceinline__ void bn_reduce_bwd(const BnReduceParams& p) {
     float sg = 0.f, sgx = 0.f;
     for (uint64_t i = threadIdx.x; i < n; i += blockDim.x) {
         const uint64_t e = ((i / p.s) * p.c + c) * p.s + i % p.s;
-        const float g = p.relu && bn_load<BF16>(p.y, e) <= 0.f ? 0.f : p.dy[e];
+        const float g = p.relu && load_f32<BF16>(p.y, e) <= 0.f ? 0.f : p.dy[e];
         sg += g;
-        sgx += g * (bn_load<BF16>(p.x, e) - mean) * inv;
+        sgx += g * (load_f32<BF16>(p.x, e) - mean) * inv;
     }
     sg = block_sum(sg, red);
     sgx = block_sum(sgx, red);
@@ -161,12 +146,12 @@ __device__ __forceinline__ void bn_apply_bwd(const BnApplyBwdParams& p) {
     for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < p.n; i += stride) {
         const uint32_t c = (uint32_t)(i / p.s % p.c);
         const float inv = 1.f / sqrtf(p.var[c] + p.eps);
-        const float g = p.relu && bn_load<BF16>(p.y, i) <= 0.f ? 0.f : p.dy[i];
+        const float g = p.relu && load_f32<BF16>(p.y, i) <= 0.f ? 0.f : p.dy[i];
         if (p.train) {
-            const float xh = (bn_load<BF16>(p.x, i) - p.mean[c]) * inv, cnt = (float)p.count;
-            bn_store<BF16>(p.dx, i, p.gamma[c] * inv / cnt * (cnt * g - p.dbeta[c] - xh * p.dgamma[c]));
+            const float xh = (load_f32<BF16>(p.x, i) - p.mean[c]) * inv, cnt = (float)p.count;
+            store_f32<BF16>(p.dx, i, p.gamma[c] * inv / cnt * (cnt * g - p.dbeta[c] - xh * p.dgamma[c]));
         } else {
-            bn_store<BF16>(p.dx, i, p.gamma[c] * inv * g);
+            store_f32<BF16>(p.dx, i, p.gamma[c] * inv * g);
         }
     }
 }

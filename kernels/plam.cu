@@ -36,22 +36,6 @@ struct PlamParams {
 };
 RECLMIS_PARAMS_SIZE(PlamParams, 136);
 
-// element i of an f32 or bf16 tensor, as f32 (exact)
-template <bool BF16>
-__device__ __forceinline__ float plam_load(const void* v, uint64_t i) {
-    return BF16 ? bf16_bits_to_f32(((const uint16_t*)v)[i]) : ((const float*)v)[i];
-}
-
-// stores x (rounded once to bf16 in the bf16 kernels)
-template <bool BF16>
-__device__ __forceinline__ void plam_store(void* v, uint64_t i, float x) {
-    if (BF16) {
-        ((uint16_t*)v)[i] = f32_to_bf16_bits(x);
-    } else {
-        ((float*)v)[i] = x;
-    }
-}
-
 // Gate features of one pixel: a, m and the argmax channel of M.
 template <bool BF16>
 __device__ __forceinline__ void plam_features(const PlamParams& p, uint64_t base, float& a, float& m, int32_t& arg) {
@@ -60,8 +44,8 @@ __device__ __forceinline__ void plam_features(const PlamParams& p, uint64_t base
     arg = 0x7fffffff;
     for (uint32_t c = 0; c < p.c; ++c) {
         const uint64_t e = base + (uint64_t)c * p.hw;
-        a += fmaxf(plam_load<BF16>(p.a_, e), 0.f);
-        const float v = fmaxf(plam_load<BF16>(p.m_, e), 0.f);
+        a += fmaxf(load_f32<BF16>(p.a_, e), 0.f);
+        const float v = fmaxf(load_f32<BF16>(p.m_, e), 0.f);
         if (max_better(v, (int32_t)c, m, arg)) m = v, arg = (int32_t)c;
     }
     a /= (float)p.c;
@@ -87,7 +71,7 @@ __device__ __forceinline__ void plam_gate_fwd(const PlamParams& p) {
         p.arg[q] = arg;
         for (uint32_t c = 0; c < p.c; ++c) {
             const uint64_t e = base + (uint64_t)c * p.hw;
-            plam_store<BF16>(p.out, e, g * plam_load<BF16>(p.s, e));
+            store_f32<BF16>(p.out, e, g * load_f32<BF16>(p.s, e));
         }
     }
 }
@@ -114,8 +98,8 @@ __device__ __forceinline__ void plam_gate_bwd(const PlamParams& p) {
         float dg = 0.f;
         for (uint32_t c = 0; c < p.c; ++c) {
             const uint64_t e = base + (uint64_t)c * p.hw;
-            const float d = plam_load<BF16>(p.dout, e);
-            dg += d * plam_load<BF16>(p.s, e);
+            const float d = load_f32<BF16>(p.dout, e);
+            dg += d * load_f32<BF16>(p.s, e);
             if (!BF16) p.ds[e] = g * d;
         }
         float df[3] = {0.f, 0.f, 0.f};
@@ -134,9 +118,9 @@ __device__ __forceinline__ void plam_gate_bwd(const PlamParams& p) {
         const float da = (df[0] + df[2]) / (float)p.c, dmv = df[1] + df[2];
         for (uint32_t c = 0; c < p.c; ++c) {
             const uint64_t e = base + (uint64_t)c * p.hw;
-            const float av = plam_load<BF16>(p.a_, e), mv = plam_load<BF16>(p.m_, e);
-            plam_store<BF16>(p.da, e, av > 0.f ? da : 0.f);
-            plam_store<BF16>(p.dm, e, ((int32_t)c == arg && mv > 0.f) ? dmv : 0.f);
+            const float av = load_f32<BF16>(p.a_, e), mv = load_f32<BF16>(p.m_, e);
+            store_f32<BF16>(p.da, e, av > 0.f ? da : 0.f);
+            store_f32<BF16>(p.dm, e, ((int32_t)c == arg && mv > 0.f) ? dmv : 0.f);
         }
     }
     for (int k = 0; k < 31; ++k) {
