@@ -156,23 +156,6 @@ __device__ __forceinline__ uint16_t f32_to_bf16_bits(float x) {
 // bf16 bits -> f32: the 16 bits are f32's upper half (exact).
 __device__ __forceinline__ float bf16_bits_to_f32(uint16_t b) { return __uint_as_float((uint32_t)b << 16); }
 
-// Element i of a tensor stored as f32 or as bf16 bits (BF16), as f32 (exact): the kernels that
-// serve both storages from one template body (batch norm, the PLAM gate) read through this.
-template <bool BF16>
-__device__ __forceinline__ float load_f32(const void* v, uint64_t i) {
-    return BF16 ? bf16_bits_to_f32(((const uint16_t*)v)[i]) : ((const float*)v)[i];
-}
-
-// Stores x as element i: as is in f32 storage, rounded once to bf16 in bf16 storage (BF16).
-template <bool BF16>
-__device__ __forceinline__ void store_f32(void* v, uint64_t i, float x) {
-    if (BF16) {
-        ((uint16_t*)v)[i] = f32_to_bf16_bits(x);
-    } else {
-        ((float*)v)[i] = x;
-    }
-}
-
 // f32 -> IEEE half bits (cvt.rn.f16.f32): overflow to inf, gradual underflow to subnormals.
 __device__ __forceinline__ uint16_t f32_to_f16_bits(float x) {
 #ifdef RECLMIS_EMU

@@ -6,6 +6,7 @@
 // deviation) so that a large mean does not cancel the variance. The running statistics follow
 // PyTorch: rm ← (1 − m)·rm + m·mean, rv ← (1 − m)·rv + m·var·n/(n − 1) (unbiased).
 #include "common.cuh"
+#include "storage.cuh"
 
 // x: [B, C, S]; mean, var: [C] (biased batch variance); rm, rv: [C] running stats, read and
 // written back updated (new_rm, new_rv)

@@ -8,6 +8,7 @@
 // and write out, dA and dM as bf16 bits (widened exactly, math in f32, each store rounded once);
 // g, the argmax and the parameter gradients stay f32 / i32 in both.
 #include "common.cuh"
+#include "storage.cuh"
 
 // a_, m_, s, out, d*: [B, C, HW] (f32 or bf16 bits: the kernel's suffix; ds f32); g: [B, HW]; arg: [B, HW] (argmax of M over channels;
 // ties to the lowest channel); fc1w [6,3], fc1b [6], fc2w [1,6], fc2b [1]. The backward's da and
