@@ -13,7 +13,7 @@ use super::{Batch, MaskIndices, RecLmis};
 use crate::error::{Error, Result};
 use crate::nn::params::ParamId;
 use crate::ops::elementwise;
-use crate::optim::{clip_to, Adam, AdamConfig};
+use crate::optim::{clip_factor, clip_to, Adam, AdamConfig};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 use std::collections::BTreeMap;
@@ -30,8 +30,6 @@ pub struct Trainer {
     pub last_times: [f64; 3],
     /// Global L2 norm of the last step's gradients (before clipping).
     pub last_grad_norm: f32,
-    /// Whether the last step's gradients were scaled down by `clip`.
-    pub last_clipped: bool,
     /// The step being gathered (None between steps).
     pending: Option<Pending>,
 }
@@ -54,16 +52,12 @@ impl Trainer {
     pub fn new(model: RecLmis, cfg: AdamConfig) -> Trainer {
         let trainable: Vec<ParamId> = model.params.ids().filter(|&id| model.params.trainable(id)).collect();
         let adam = Adam::new(cfg, trainable.len());
-        Trainer {
-            model,
-            adam,
-            trainable,
-            clip: None,
-            last_times: [0.0; 3],
-            last_grad_norm: 0.0,
-            last_clipped: false,
-            pending: None,
-        }
+        Trainer { model, adam, trainable, clip: None, last_times: [0.0; 3], last_grad_norm: 0.0, pending: None }
+    }
+
+    /// Whether `clip` scaled the last step's gradients down.
+    pub fn last_clipped(&self) -> bool {
+        self.clip.is_some_and(|c| clip_factor(self.last_grad_norm, c).is_some())
     }
 
     /// One step on one batch; returns the loss terms (before the update).
@@ -190,10 +184,9 @@ impl Trainer {
         }
         self.last_grad_norm = norm;
         // the norm just measured: clipping does not sum the squares a second time
-        self.last_clipped = match self.clip {
-            Some(c) => clip_to(&mut gs, norm, c)?,
-            None => false,
-        };
+        if let Some(c) = self.clip {
+            clip_to(&mut gs, norm, c)?;
+        }
         let values: Vec<_> = self.trainable.iter().map(|&id| self.model.params.value(id)).collect();
         let updated = self.adam.step(&values, &gs)?;
         for (&id, t) in self.trainable.iter().zip(updated) {

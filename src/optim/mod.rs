@@ -267,14 +267,18 @@ pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f32) -> Result<f32
     Ok(norm)
 }
 
-/// `clip_grad_norm` for gradients whose global norm is already known (`norm`, from `grad_norm`):
-/// scales them by max_norm / (norm + 1e-6) when that is below 1 and says whether it did.
-pub fn clip_to(grads: &mut [Option<Tensor>], norm: f32, max_norm: f32) -> Result<bool> {
-    let factor = max_norm / (norm + 1e-6);
-    if factor < 1.0 {
+/// The factor clipping to `max_norm` scales gradients of global norm `norm` by: max_norm /
+/// (norm + 1e-6) when that is below 1, else None (left as they are).
+pub fn clip_factor(norm: f32, max_norm: f32) -> Option<f32> {
+    Some(max_norm / (norm + 1e-6)).filter(|&f| f < 1.0)
+}
+
+/// `clip_grad_norm` for gradients whose global norm is already known (`norm`, from `grad_norm`).
+pub fn clip_to(grads: &mut [Option<Tensor>], norm: f32, max_norm: f32) -> Result<()> {
+    if let Some(factor) = clip_factor(norm, max_norm) {
         for g in grads.iter_mut().flatten() {
             *g = elementwise::scale(g, factor)?;
         }
     }
-    Ok(factor < 1.0)
+    Ok(())
 }

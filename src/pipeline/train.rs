@@ -646,9 +646,9 @@ fn run_epoch(run: &mut Run, o: &TrainOpts, epoch: usize) -> Result<EpochStats> {
         let norm = run.tr.last_grad_norm as f64;
         *sums.entry("grad_norm".into()).or_default() += norm;
         grad_norm_max = grad_norm_max.max(norm);
-        if o.clip_grad_norm.is_some() {
+        if run.tr.clip.is_some() {
             // the share of the epoch's steps that the bound scaled down (clipped_fraction)
-            *sums.entry("clipped_fraction".into()).or_default() += run.tr.last_clipped as u8 as f64;
+            *sums.entry("clipped_fraction".into()).or_default() += run.tr.last_clipped() as u8 as f64;
         }
         steps += 1;
         bar.set_message(format!(
