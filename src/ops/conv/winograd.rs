@@ -106,9 +106,18 @@ pub const BAND_FLOATS: usize = 1 << 20;
 const CO_BLOCK: usize = 32;
 
 /// When Winograd pays: 3×3 kernels with enough channels on both sides that the 16 GEMMs, not
-/// the transforms (O(Ci + Co) per tile), dominate.
+/// the transforms (O(Ci + Co) per tile), dominate. `RECLMIS_NO_WINOGRAD=1` turns it off (every
+/// convolution by im2col + GEMM): the same f32 arithmetic in another order, which is how
+/// BENCHMARKS.md measured what a rounding-level change does to a training run.
 pub fn applies(s: &ConvShape) -> bool {
-    s.kh == 3 && s.kw == 3 && s.ci >= 32 && s.co >= 32 && std::env::var_os("NOWINO").is_none()
+    s.kh == 3 && s.kw == 3 && s.ci >= 32 && s.co >= 32 && !winograd_off()
+}
+
+/// `RECLMIS_NO_WINOGRAD` set to anything but empty or `0`. Read on every 3×3 dispatch: one
+/// getenv is nothing beside a convolution, and a cached flag cost reclmis-infer 400 bytes of
+/// its last 432 under the size budget.
+fn winograd_off() -> bool {
+    std::env::var_os("RECLMIS_NO_WINOGRAD").is_some_and(|v| !v.is_empty() && v != "0")
 }
 
 /// Which transform when Winograd applies: F(4×4, 3×3) on maps of 56² or more, where it measured
